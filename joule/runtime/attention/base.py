@@ -1,0 +1,137 @@
+"""The seam between model code and attention implementations.
+
+A model never knows how attention is computed: each attention layer hands its
+new query/key/value rows to ``ForwardContext.attend``. The backend writes the
+new keys and values into the paged cache (by slot) and attends each query row
+over its sequence's cached context plus the new rows (causal).
+
+One step runs a *flattened* batch: ``T`` token rows from ``S`` sequences laid
+end to end. Sequence ``i`` owns rows ``query_start_locations[i] ..
+query_start_locations[i + 1]``; those rows sit at positions
+``context_lengths[i] .. sequence_lengths[i] - 1`` of the sequence. A decode is
+a sequence with one query row; a prompt chunk (possibly starting mid-prompt
+after a prefix-cache hit or an earlier chunk) has several.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class KVCache:
+    """Paged key/value storage: one pair of tensors per layer.
+
+    Each tensor is ``[num_blocks, block_size, num_kv_heads, head_dim]``. The
+    cache slot of a token is ``block_id * block_size + offset_in_block``.
+    """
+
+    key_caches: list[torch.Tensor]
+    value_caches: list[torch.Tensor]
+    block_size: int
+
+    @classmethod
+    def allocate(
+        cls,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> "KVCache":
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        return cls(keys, values, block_size)
+
+    @staticmethod
+    def bytes_per_block(
+        num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
+        element_size = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * element_size
+
+    @property
+    def num_blocks(self) -> int:
+        return self.key_caches[0].shape[0]
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each sequence's rows are and which cache blocks hold its context.
+
+    Host-side lists are kept beside device tensors so a portable backend can
+    loop over sequences without a device->host sync.
+    """
+
+    query_start_locations: torch.Tensor  # int64 [S + 1], device
+    slot_mapping: torch.Tensor  # int64 [T], device: cache slot each new row writes
+    block_tables: torch.Tensor  # int32 [S, max_blocks_per_sequence], device, padded with 0
+    query_lengths: list[int]  # [S] new rows per sequence this step
+    context_lengths: list[int]  # [S] tokens already in the cache before this step
+    sequence_lengths: list[int]  # [S] context + new rows
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.query_lengths)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(sum(self.query_lengths))
+
+    @property
+    def max_query_length(self) -> int:
+        return max(self.query_lengths, default=0)
+
+    @property
+    def max_sequence_length(self) -> int:
+        return max(self.sequence_lengths, default=0)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return all(length == 1 for length in self.query_lengths)
+
+
+class AttentionBackend(ABC):
+    """Computes attention for one layer of a flattened batch over the paged cache."""
+
+    name: str = "abstract"
+
+    @abstractmethod
+    def forward(
+        self,
+        layer_index: int,
+        query: torch.Tensor,  # [T, num_heads, head_dim]
+        key: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        value: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        kv_cache: KVCache,
+        metadata: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [T, num_heads, head_dim]
+        """Write ``key``/``value`` into the cache at ``metadata.slot_mapping``, then attend."""
+
+
+@dataclass
+class ForwardContext:
+    """Everything a model's attention layers need for one step, passed down the forward call."""
+
+    backend: AttentionBackend
+    kv_cache: KVCache
+    metadata: AttentionMetadata
+
+    def attend(
+        self,
+        layer_index: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        return self.backend.forward(
+            layer_index, query, key, value, self.kv_cache, self.metadata, scale
+        )
