@@ -1,0 +1,70 @@
+"""EngineCore: the loop of schedule -> execute -> update, with no torch in sight."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from joule.engine.kv_blocks import KVBlockManager
+from joule.engine.plan import Executor, StepPlan, StepResult
+from joule.engine.request import Request, RequestStatus
+from joule.engine.scheduler import Scheduler, SchedulerConfig
+
+
+@dataclass
+class StepStats:
+    """Bookkeeping for one step, for metrics and the energy ledger."""
+
+    num_sequences: int = 0
+    num_prefill_tokens: int = 0
+    num_decode_tokens: int = 0
+    elapsed_seconds: float = 0.0
+    energy_joules: float | None = None
+    preempted_request_ids: list[str] = field(default_factory=list)
+
+
+class EngineCore:
+    def __init__(
+        self,
+        scheduler_config: SchedulerConfig,
+        block_manager: KVBlockManager,
+        executor: Executor,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.block_manager = block_manager
+        self.scheduler = Scheduler(scheduler_config, block_manager)
+        self.executor = executor
+        self.clock = clock
+        self.last_step = StepStats()
+
+    def add_request(self, request: Request) -> None:
+        self.scheduler.add_request(request)
+
+    def abort_request(self, request_id: str) -> Request | None:
+        return self.scheduler.abort_request(request_id)
+
+    def finish_request(self, request_id: str, stop_reason: int | str | None = None) -> None:
+        """End a request early (a stop string was found after detokenizing)."""
+        request = self.scheduler.requests.get(request_id)
+        if request is not None:
+            self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED, stop_reason)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[Request]:
+        plan: StepPlan = self.scheduler.schedule(now=self.clock())
+        if plan.is_empty:
+            self.last_step = StepStats(preempted_request_ids=plan.preempted_request_ids)
+            return []
+        result: StepResult = self.executor.execute(plan)
+        self.last_step = StepStats(
+            num_sequences=len(plan.sequences),
+            num_prefill_tokens=plan.num_prefill_tokens,
+            num_decode_tokens=plan.num_decode_tokens,
+            elapsed_seconds=result.elapsed_seconds,
+            energy_joules=result.energy_joules,
+            preempted_request_ids=plan.preempted_request_ids,
+        )
+        return self.scheduler.update(plan, result)

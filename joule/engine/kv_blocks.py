@@ -1,0 +1,223 @@
+"""Paged KV block manager with reference counts and automatic prefix caching.
+
+Each full block of a request's tokens is named by a chained hash: the hash of
+its parent block's hash and its own token ids (the chain starts from the
+request's cache salt). A block whose hash is registered can be reused by any
+later request with the same prefix; a hit is confirmed by comparing token ids
+and the parent hash, so a hash collision can never serve wrong KV.
+
+Freed blocks that carry a hash stay reusable in LRU order and are evicted only
+when no never-cached free block is left. Pure Python: the simulator drives it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from joule.engine.request import Request
+
+
+@dataclass
+class KVBlock:
+    block_id: int
+    ref_count: int = 0
+    block_hash: bytes | None = None
+    parent_hash: bytes | None = None
+    token_ids: tuple[int, ...] | None = None
+
+
+def _root_hash(cache_salt: str | None) -> bytes:
+    return hashlib.blake2b((cache_salt or "").encode(), digest_size=16).digest()
+
+
+def chain_hash(parent_hash: bytes, token_ids: list[int]) -> bytes:
+    digest = hashlib.blake2b(parent_hash, digest_size=16)
+    digest.update(array("q", token_ids).tobytes())
+    return digest.digest()
+
+
+class KVBlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be at least 1, got {num_blocks}.")
+        if block_size < 1:
+            raise ValueError(f"block_size must be at least 1, got {block_size}.")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [KVBlock(block_id) for block_id in range(num_blocks)]
+        self._free_uncached: list[int] = list(reversed(range(num_blocks)))
+        self._free_cached: OrderedDict[int, None] = OrderedDict()  # least recently freed first
+        self._cached: dict[bytes, int] = {}
+        self._num_registered: dict[str, int] = {}
+        self.prefix_cache_queries = 0  # prompt tokens looked up
+        self.prefix_cache_hits = 0  # of which found cached
+
+    # -- capacity -----------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free_uncached) + len(self._free_cached)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - self.num_free_blocks
+
+    @property
+    def usage(self) -> float:
+        return self.num_used_blocks / self.num_blocks
+
+    def blocks_for_tokens(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # -- prefix cache ------------------------------------------------------------
+    def _extend_hashes(self, request: Request, num_full_blocks: int) -> list[bytes]:
+        hashes = request.block_hashes
+        size = self.block_size
+        while len(hashes) < num_full_blocks:
+            index = len(hashes)
+            parent = hashes[-1] if hashes else _root_hash(request.cache_salt)
+            hashes.append(chain_hash(parent, request.token_ids_between(index * size, (index + 1) * size)))
+        return hashes
+
+    def find_cached_prefix(self, request: Request) -> list[int]:
+        """Block ids of the longest cached prefix, always leaving one token to compute."""
+        if not self.enable_prefix_caching:
+            return []
+        size = self.block_size
+        max_blocks = (request.num_tokens - 1) // size
+        hashes = self._extend_hashes(request, max_blocks)
+        hits: list[int] = []
+        parent = _root_hash(request.cache_salt)
+        for index in range(max_blocks):
+            block_id = self._cached.get(hashes[index])
+            if block_id is None:
+                break
+            block = self.blocks[block_id]
+            tokens = tuple(request.token_ids_between(index * size, (index + 1) * size))
+            if block.token_ids != tokens or block.parent_hash != parent:
+                break
+            hits.append(block_id)
+            parent = hashes[index]
+        self.prefix_cache_queries += request.num_tokens
+        self.prefix_cache_hits += len(hits) * size
+        return hits
+
+    def cache_full_blocks(self, request: Request) -> None:
+        """Register every block whose tokens are all computed, so later requests can reuse it."""
+        if not self.enable_prefix_caching:
+            return
+        size = self.block_size
+        num_full = min(request.num_computed_tokens // size, len(request.block_ids))
+        start = self._num_registered.get(request.request_id, 0)
+        if num_full <= start:
+            return
+        hashes = self._extend_hashes(request, num_full)
+        for index in range(start, num_full):
+            block = self.blocks[request.block_ids[index]]
+            if block.block_hash is not None:
+                continue  # a prefix-cache hit, already registered
+            block_hash = hashes[index]
+            if block_hash in self._cached:
+                continue  # same content computed twice; keep the first copy
+            block.block_hash = block_hash
+            block.parent_hash = hashes[index - 1] if index else _root_hash(request.cache_salt)
+            block.token_ids = tuple(request.token_ids_between(index * size, (index + 1) * size))
+            self._cached[block_hash] = block.block_id
+        self._num_registered[request.request_id] = num_full
+
+    # -- allocation ----------------------------------------------------------------
+    def can_allocate(self, request: Request, num_new_tokens: int, cached_block_ids: list[int] = ()) -> bool:
+        return self._blocks_needed(request, num_new_tokens, cached_block_ids) is not None
+
+    def _blocks_needed(self, request: Request, num_new_tokens: int, cached_block_ids) -> int | None:
+        computed = len(cached_block_ids) * self.block_size if cached_block_ids else request.num_computed_tokens
+        total_blocks = self.blocks_for_tokens(computed + num_new_tokens)
+        needed = max(0, total_blocks - len(request.block_ids) - len(cached_block_ids))
+        free_hits = sum(1 for block_id in cached_block_ids if self.blocks[block_id].ref_count == 0)
+        if needed > self.num_free_blocks - free_hits:
+            return None
+        return needed
+
+    def allocate(self, request: Request, num_new_tokens: int, cached_block_ids: list[int] = ()) -> bool:
+        """Reserve blocks for ``num_new_tokens`` more tokens (after any cached prefix).
+
+        Returns False, changing nothing, when there are not enough free blocks.
+        """
+        needed = self._blocks_needed(request, num_new_tokens, cached_block_ids)
+        if needed is None:
+            return False
+        for block_id in cached_block_ids:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self._free_cached[block_id]
+            block.ref_count += 1
+            request.block_ids.append(block_id)
+        if cached_block_ids:
+            self._num_registered[request.request_id] = len(request.block_ids)
+        for _ in range(needed):
+            request.block_ids.append(self._take_free_block())
+        return True
+
+    def _take_free_block(self) -> int:
+        if self._free_uncached:
+            block_id = self._free_uncached.pop()
+        else:
+            block_id, _ = self._free_cached.popitem(last=False)
+            self._evict(self.blocks[block_id])
+        self.blocks[block_id].ref_count = 1
+        return block_id
+
+    def _evict(self, block: KVBlock) -> None:
+        if block.block_hash is not None and self._cached.get(block.block_hash) == block.block_id:
+            del self._cached[block.block_hash]
+        block.block_hash = block.parent_hash = block.token_ids = None
+
+    def free(self, request: Request) -> None:
+        """Drop the request's references; the tail is freed first so it is evicted first."""
+        for block_id in reversed(request.block_ids):
+            block = self.blocks[block_id]
+            if block.ref_count <= 0:
+                raise RuntimeError(f"block {block_id} freed more often than it was allocated")
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                if block.block_hash is not None:
+                    self._free_cached[block_id] = None
+                else:
+                    self._free_uncached.append(block_id)
+        request.block_ids = []
+        self._num_registered.pop(request.request_id, None)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached-free block (e.g. after weights change)."""
+        while self._free_cached:
+            block_id, _ = self._free_cached.popitem(last=False)
+            self._evict(self.blocks[block_id])
+            self._free_uncached.append(block_id)
+
+    # -- checks ----------------------------------------------------------------------
+    def check_invariants(self, owners: list[Request]) -> None:
+        """Raise if ref counts, free lists or the hash table disagree (for tests and debugging)."""
+        expected = [0] * self.num_blocks
+        for request in owners:
+            for block_id in request.block_ids:
+                expected[block_id] += 1
+        free_uncached = set(self._free_uncached)
+        free_cached = set(self._free_cached)
+        if len(free_uncached) != len(self._free_uncached) or free_uncached & free_cached:
+            raise RuntimeError("a block is listed free twice")
+        for block in self.blocks:
+            if block.ref_count != expected[block.block_id]:
+                raise RuntimeError(
+                    f"block {block.block_id} has ref_count {block.ref_count}, owners {expected[block.block_id]}"
+                )
+            is_free = block.block_id in free_uncached or block.block_id in free_cached
+            if is_free != (block.ref_count == 0):
+                raise RuntimeError(f"block {block.block_id} free-list state disagrees with its ref count")
+            if block.block_id in free_cached and block.block_hash is None:
+                raise RuntimeError(f"block {block.block_id} is cached-free without a hash")
+        for block_hash, block_id in self._cached.items():
+            if self.blocks[block_id].block_hash != block_hash:
+                raise RuntimeError(f"hash table points at block {block_id} with another hash")

@@ -1,0 +1,68 @@
+"""The data that crosses the one seam between deciding (scheduler) and executing (executor)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from joule.engine.request import Request, SampledToken
+
+
+@dataclass
+class ScheduledSequence:
+    """One request's share of a step: ``token_ids`` at positions ``start_position`` onward."""
+
+    request: Request
+    token_ids: list[int]
+    start_position: int
+    block_ids: list[int]
+    samples: bool  # True when this step completes the request's known tokens: a token comes out
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def context_length(self) -> int:
+        return self.start_position + len(self.token_ids)
+
+
+@dataclass
+class StepPlan:
+    sequences: list[ScheduledSequence] = field(default_factory=list)
+    preempted_request_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(sequence.num_tokens for sequence in self.sequences)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.sequences
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return sum(1 for sequence in self.sequences if sequence.num_tokens == 1)
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(sequence.num_tokens for sequence in self.sequences if sequence.num_tokens > 1)
+
+
+@dataclass
+class StepResult:
+    """What executing a plan produced: a token per sampling sequence, and what it cost."""
+
+    sampled: dict[str, SampledToken] = field(default_factory=dict)
+    elapsed_seconds: float = 0.0
+    energy_joules: float | None = None
+
+
+class Executor(Protocol):
+    """Runs a StepPlan. The model executor computes; the simulator's executor predicts."""
+
+    def execute(self, plan: StepPlan) -> StepResult: ...

@@ -1,0 +1,99 @@
+"""A request as the scheduler sees it: token ids, progress, blocks and status.
+
+Pure Python (no torch) so the simulator drives the very same objects.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from joule.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def is_finished(self) -> bool:
+        return self in (
+            RequestStatus.FINISHED_STOPPED,
+            RequestStatus.FINISHED_LENGTH,
+            RequestStatus.FINISHED_ABORTED,
+        )
+
+
+@dataclass
+class SampledToken:
+    """One generated token with its raw-distribution logprob (when asked for)."""
+
+    token_id: int
+    logprob: float | None = None
+    rank: int | None = None
+    top: list[tuple[int, float]] | None = None
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    max_tokens: int
+    eos_token_ids: frozenset[int] = frozenset()
+    arrival_time: float = 0.0
+    priority: int = 0
+    cache_salt: str | None = None
+    # Siblings of an n > 1 request share a group; later siblings wait for the
+    # first one's prompt so they reuse its cached blocks.
+    group_id: str | None = None
+    status: RequestStatus = RequestStatus.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[SampledToken] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = -1  # prefix-cache hit at first schedule; -1 until then
+    block_ids: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_preemptions: int = 0
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    first_scheduled_time: float | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    def token_id_at(self, position: int) -> int:
+        prompt_length = len(self.prompt_token_ids)
+        if position < prompt_length:
+            return self.prompt_token_ids[position]
+        return self.output_token_ids[position - prompt_length]
+
+    def token_ids_between(self, start: int, end: int) -> list[int]:
+        prompt_length = len(self.prompt_token_ids)
+        if end <= prompt_length:
+            return self.prompt_token_ids[start:end]
+        if start >= prompt_length:
+            return self.output_token_ids[start - prompt_length : end - prompt_length]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - prompt_length]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    @property
+    def is_prefilling(self) -> bool:
+        """Still computing prompt (or recomputing after preemption): no token comes out yet."""
+        return self.num_tokens - self.num_computed_tokens > 1

@@ -1,0 +1,220 @@
+"""Token-budget scheduler with stall-free chunked prefill (Sarathi-Serve style).
+
+There are no prefill or decode phases. Each step hands out a budget of
+``max_num_batched_tokens``: running decodes first, then the next chunks of
+prompts already in progress, then new requests from the waiting queue. A
+running decode is never left out to make room for a prefill. When KV blocks
+run out, the most recently admitted running request is preempted: its blocks
+are freed and it is recomputed later from its prompt plus what it generated.
+
+Pure Python: the simulator drives this same class with a simulated executor.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from joule.engine.kv_blocks import KVBlockManager
+from joule.engine.plan import ScheduledSequence, StepPlan, StepResult
+from joule.engine.request import Request, RequestStatus
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: KVBlockManager):
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # -- queue management -----------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in use.")
+        if request.num_prompt_tokens == 0:
+            raise ValueError("prompt must contain at least one token.")
+        if request.num_tokens >= self.config.max_model_len:
+            raise ValueError(
+                f"prompt has {request.num_tokens} tokens, which leaves no room to generate within "
+                f"max_model_len={self.config.max_model_len}."
+            )
+        request.status = RequestStatus.WAITING
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def abort_request(self, request_id: str) -> Request | None:
+        """Remove a request wherever it is and free its blocks at once."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        self.finish_request(request, RequestStatus.FINISHED_ABORTED)
+        return request
+
+    def finish_request(
+        self, request: Request, status: RequestStatus, stop_reason: int | str | None = None
+    ) -> None:
+        if not status.is_finished:
+            raise ValueError(f"{status} is not a finished status.")
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        request.status = status
+        request.finish_reason = status.value
+        request.stop_reason = stop_reason
+        self.block_manager.free(request)
+        self.requests.pop(request.request_id, None)
+
+    # -- one step ----------------------------------------------------------------------
+    def schedule(self, now: float = 0.0) -> StepPlan:
+        plan = StepPlan()
+        scheduled: dict[str, ScheduledSequence] = {}
+        budget = self.config.max_num_batched_tokens
+        decodes = [request for request in self.running if not request.is_prefilling]
+        prefills = [request for request in self.running if request.is_prefilling]
+        for request in decodes + prefills:
+            if budget == 0:
+                break
+            if request.status != RequestStatus.RUNNING:
+                continue  # preempted earlier in this step
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.block_manager.allocate(request, num_new):
+                victim = self.running[-1]
+                budget += self._preempt(victim, plan, scheduled)
+                if victim is request:
+                    break
+            else:
+                budget -= num_new
+                self._add_to_plan(request, num_new, plan, scheduled)
+
+        if not plan.preempted_request_ids:
+            budget = self._admit_waiting(budget, plan, scheduled, now)
+        return plan
+
+    def _admit_waiting(self, budget: int, plan: StepPlan, scheduled: dict, now: float) -> int:
+        size = self.block_manager.block_size
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            if self._waits_for_sibling(request):
+                break
+            cached_blocks = self.block_manager.find_cached_prefix(request)
+            num_computed = len(cached_blocks) * size
+            num_new = min(request.num_tokens - num_computed, budget)
+            if not self.block_manager.allocate(request, num_new, cached_blocks):
+                break
+            self.waiting.popleft()
+            request.num_computed_tokens = num_computed
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_computed
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = now
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            budget -= num_new
+            self._add_to_plan(request, num_new, plan, scheduled)
+        return budget
+
+    def _waits_for_sibling(self, request: Request) -> bool:
+        """A later sample of an n > 1 request waits until a sibling's prompt is cached."""
+        if request.group_id is None or not self.block_manager.enable_prefix_caching:
+            return False
+        return any(
+            other.group_id == request.group_id and other.num_computed_tokens < other.num_prompt_tokens
+            for other in self.running
+        )
+
+    def _add_to_plan(self, request: Request, num_new: int, plan: StepPlan, scheduled: dict) -> None:
+        start = request.num_computed_tokens
+        sequence = ScheduledSequence(
+            request=request,
+            token_ids=request.token_ids_between(start, start + num_new),
+            start_position=start,
+            block_ids=request.block_ids,
+            samples=start + num_new == request.num_tokens,
+        )
+        plan.sequences.append(sequence)
+        scheduled[request.request_id] = sequence
+
+    def _preempt(self, victim: Request, plan: StepPlan, scheduled: dict) -> int:
+        """Preempt ``victim``; returns the budget it gives back if it was already planned."""
+        refund = 0
+        sequence = scheduled.pop(victim.request_id, None)
+        if sequence is not None:
+            plan.sequences.remove(sequence)
+            refund = sequence.num_tokens
+        self.running.remove(victim)
+        self.block_manager.free(victim)
+        victim.num_computed_tokens = 0
+        victim.status = RequestStatus.PREEMPTED
+        victim.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(victim)
+        plan.preempted_request_ids.append(victim.request_id)
+        return refund
+
+    def update(self, plan: StepPlan, result: StepResult) -> list[Request]:
+        """Apply a step's result; returns the requests that progressed (finished ones included)."""
+        progressed: list[Request] = []
+        for sequence in plan.sequences:
+            request = sequence.request
+            if request.is_finished:
+                continue
+            request.num_computed_tokens += sequence.num_tokens
+            if sequence.samples:
+                sampled = result.sampled[request.request_id]
+                request.output_token_ids.append(sampled.token_id)
+                if request.sampling_params.logprobs is not None:
+                    request.output_logprobs.append(sampled)
+                self._check_stop(request, sampled.token_id)
+            if request.is_finished:
+                self._release(request)
+            else:
+                self.block_manager.cache_full_blocks(request)
+            progressed.append(request)
+        return progressed
+
+    def _check_stop(self, request: Request, token_id: int) -> None:
+        params = request.sampling_params
+        if request.num_output_tokens > params.min_tokens:  # the sampler bans stops before that
+            if not params.ignore_eos and token_id in request.eos_token_ids:
+                request.status = RequestStatus.FINISHED_STOPPED
+                return
+            if token_id in params.stop_token_ids:
+                request.status = RequestStatus.FINISHED_STOPPED
+                request.stop_reason = token_id
+                return
+        if request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.config.max_model_len:
+            request.status = RequestStatus.FINISHED_LENGTH
+
+    def _release(self, request: Request) -> None:
+        self.block_manager.cache_full_blocks(request)
+        self.running.remove(request)
+        request.finish_reason = request.status.value
+        self.block_manager.free(request)
+        self.requests.pop(request.request_id, None)
