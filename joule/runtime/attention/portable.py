@@ -1,0 +1,140 @@
+"""Attention over the paged KV cache in plain PyTorch (CPU and CUDA).
+
+Decode-only steps (one query row per sequence) gather every sequence's
+context into one padded batch and run a single attention call, which is what
+keeps CPU decoding fast at large batch sizes. Steps with prompt chunks loop
+over sequences, each with its own causal mask.
+
+GQA is handled without copying KV heads: the query heads that share a KV head
+are folded into the query-row dimension, ``[Hkv, group * rows, D]``, so one
+batched matmul covers the whole group. ``scaled_dot_product_attention``
+accumulates the softmax in float32 for half-precision inputs on both devices.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from joule.runtime.attention.base import AttentionBackend, AttentionMetadata, KVCache
+
+
+class PortableAttentionBackend(AttentionBackend):
+    name = "portable"
+
+    def forward(
+        self,
+        layer_index: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: KVCache,
+        metadata: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        key_cache = kv_cache.key_caches[layer_index]
+        value_cache = kv_cache.value_caches[layer_index]
+        num_kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
+        if query.shape[0] != metadata.num_tokens or key.shape[1:] != (num_kv_heads, head_dim):
+            raise ValueError(
+                f"attention inputs do not match metadata/cache: query {tuple(query.shape)}, "
+                f"key {tuple(key.shape)}, metadata tokens {metadata.num_tokens}, "
+                f"cache heads x dim {num_kv_heads} x {head_dim}"
+            )
+        if query.shape[1] % num_kv_heads != 0:
+            raise ValueError(f"{query.shape[1]} query heads are not a multiple of {num_kv_heads} KV heads")
+        slots = metadata.slot_mapping
+        key_cache.view(-1, num_kv_heads, head_dim)[slots] = key.to(key_cache.dtype)
+        value_cache.view(-1, num_kv_heads, head_dim)[slots] = value.to(value_cache.dtype)
+
+        if metadata.num_sequences == 0:
+            return query.new_empty(query.shape)
+        if metadata.is_decode_only:
+            return _decode(query, key_cache, value_cache, metadata, scale)
+        return _prefill(query, key, value, key_cache, value_cache, metadata, scale)
+
+
+def _decode(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """One padded batched attention call for S sequences with one query row each."""
+    num_sequences, num_heads, head_dim = query.shape
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    group = num_heads // num_kv_heads
+    max_length = metadata.max_sequence_length
+    num_blocks = -(-max_length // block_size)
+    block_tables = metadata.block_tables[:, :num_blocks].long()
+    if block_tables.shape[1] < num_blocks:
+        raise ValueError(f"block_tables has {block_tables.shape[1]} columns; {num_blocks} needed for {max_length} tokens")
+
+    # [S, blocks, block_size, Hkv, D] -> [S, Hkv, padded_length, D]
+    keys = key_cache[block_tables].flatten(1, 2).transpose(1, 2).to(query.dtype)
+    values = value_cache[block_tables].flatten(1, 2).transpose(1, 2).to(query.dtype)
+    lengths = torch.tensor(metadata.sequence_lengths, device=query.device)
+    key_positions = torch.arange(keys.shape[2], device=query.device)
+    mask = (key_positions[None, :] < lengths[:, None])[:, None, None, :]  # [S, 1, 1, padded_length]
+
+    grouped_query = query.view(num_sequences, num_kv_heads, group, head_dim)
+    output = F.scaled_dot_product_attention(grouped_query, keys, values, attn_mask=mask, scale=scale)
+    return output.reshape(num_sequences, num_heads, head_dim)
+
+
+def _prefill(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Per-sequence causal attention over cached context plus the new rows."""
+    block_size = key_cache.shape[1]
+    output = torch.empty_like(query)
+    start = 0
+    for index, (query_length, context_length) in enumerate(zip(metadata.query_lengths, metadata.context_lengths)):
+        end = start + query_length
+        total_length = context_length + query_length
+        if context_length == 0 and key_cache.dtype == key.dtype:
+            # Fresh prompt: the new rows are the whole context; skip the cache gather.
+            keys, values = key[start:end], value[start:end]
+        else:
+            num_blocks = -(-total_length // block_size)
+            blocks = metadata.block_tables[index, :num_blocks].long()
+            if blocks.shape[0] < num_blocks:
+                raise ValueError(
+                    f"block table of sequence {index} has {blocks.shape[0]} columns; "
+                    f"{num_blocks} needed for {total_length} tokens"
+                )
+            keys = key_cache[blocks].flatten(0, 1)[:total_length].to(query.dtype)
+            values = value_cache[blocks].flatten(0, 1)[:total_length].to(query.dtype)
+        output[start:end] = _causal_attention(query[start:end], keys, values, context_length, scale)
+        start = end
+    return output
+
+
+def _causal_attention(
+    query: torch.Tensor,  # [Q, Hq, D], rows at positions context_length .. context_length + Q - 1
+    keys: torch.Tensor,  # [L, Hkv, D], L = context_length + Q
+    values: torch.Tensor,
+    context_length: int,
+    scale: float,
+) -> torch.Tensor:
+    query_length, num_heads, head_dim = query.shape
+    num_kv_heads = keys.shape[1]
+    group = num_heads // num_kv_heads
+    # Fold each KV head's query heads into rows: [Hkv, group * Q, D], row = g * Q + j.
+    grouped = query.view(query_length, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
+    grouped = grouped.reshape(num_kv_heads, group * query_length, head_dim)
+    query_positions = torch.arange(context_length, context_length + query_length, device=query.device)
+    key_positions = torch.arange(keys.shape[0], device=query.device)
+    mask = (key_positions[None, :] <= query_positions[:, None]).repeat(group, 1)  # [group * Q, L]
+    attended = F.scaled_dot_product_attention(
+        grouped, keys.transpose(0, 1), values.transpose(0, 1), attn_mask=mask, scale=scale
+    )
+    attended = attended.view(num_kv_heads, group, query_length, head_dim).permute(2, 0, 1, 3)
+    return attended.reshape(query_length, num_heads, head_dim)

@@ -1,0 +1,165 @@
+"""PortableAttentionBackend against dense per-sequence causal attention (no paging)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from joule.runtime.attention.base import AttentionMetadata, KVCache
+from joule.runtime.attention.portable import PortableAttentionBackend
+
+
+def reference_attention(query, keys, values, context_length, scale):
+    """Dense attention for rows at positions context_length.. over keys 0..position (HF head grouping)."""
+    query_length, num_heads, _ = query.shape
+    group = num_heads // keys.shape[1]
+    keys = keys.repeat_interleave(group, dim=1).double()
+    values = values.repeat_interleave(group, dim=1).double()
+    scores = torch.einsum("qhd,khd->hqk", query.double(), keys) * scale
+    positions = torch.arange(context_length, context_length + query_length)
+    allowed = torch.arange(keys.shape[0])[None, :] <= positions[:, None]
+    scores = scores.masked_fill(~allowed, -math.inf)
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), values)
+
+
+def run_step(sequences, steps, num_heads, num_kv_heads, head_dim, block_size, dtype=torch.float32):
+    """Write each sequence's context into a shuffled paged cache, then attend its new rows in one step.
+
+    ``steps`` is a list of (context_length, query_length), one per sequence; ``sequences``
+    holds each sequence's full (query, key, value) histories.
+    """
+    generator = random.Random(len(steps) * 1000 + block_size)
+    num_blocks = sum(-(-(c + q) // block_size) for c, q in steps) + 3  # a few never-used blocks
+    cache = KVCache.allocate(1, num_blocks, block_size, num_kv_heads, head_dim, dtype, "cpu")
+    free_blocks = list(range(num_blocks))
+    generator.shuffle(free_blocks)
+    tables = []
+    for (context_length, query_length) in steps:
+        needed = -(-(context_length + query_length) // block_size)
+        tables.append([free_blocks.pop() for _ in range(needed)])
+
+    def slot(table, position):
+        return table[position // block_size] * block_size + position % block_size
+
+    flat_keys = cache.key_caches[0].view(-1, num_kv_heads, head_dim)
+    flat_values = cache.value_caches[0].view(-1, num_kv_heads, head_dim)
+    queries, keys, values, slots = [], [], [], []
+    for (query, key, value), table, (context_length, query_length) in zip(sequences, tables, steps):
+        for position in range(context_length):
+            flat_keys[slot(table, position)] = key[position].to(dtype)
+            flat_values[slot(table, position)] = value[position].to(dtype)
+        rows = slice(context_length, context_length + query_length)
+        queries.append(query[rows])
+        keys.append(key[rows])
+        values.append(value[rows])
+        slots += [slot(table, position) for position in range(context_length, context_length + query_length)]
+
+    width = max(len(table) for table in tables) + 1  # one spare column: padding must be ignored
+    block_tables = torch.zeros(len(tables), width, dtype=torch.int32)
+    for index, table in enumerate(tables):
+        block_tables[index, : len(table)] = torch.tensor(table, dtype=torch.int32)
+    query_lengths = [query_length for _, query_length in steps]
+    context_lengths = [context_length for context_length, _ in steps]
+    metadata = AttentionMetadata(
+        query_start_locations=torch.tensor([0] + list(torch.tensor(query_lengths).cumsum(0).tolist())),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64),
+        block_tables=block_tables,
+        query_lengths=query_lengths,
+        context_lengths=context_lengths,
+        sequence_lengths=[c + q for c, q in zip(context_lengths, query_lengths)],
+    )
+    scale = head_dim**-0.5
+    output = PortableAttentionBackend().forward(
+        0, torch.cat(queries).to(dtype), torch.cat(keys).to(dtype), torch.cat(values).to(dtype),
+        cache, metadata, scale,
+    )
+    expected = torch.cat([
+        reference_attention(query[c : c + q], key[: c + q], value[: c + q], c, scale)
+        for (query, key, value), (c, q) in zip(sequences, steps)
+    ])
+    return output, expected, cache, slots, torch.cat(keys)
+
+
+def random_sequences(steps, num_heads, num_kv_heads, head_dim, seed):
+    generator = torch.Generator().manual_seed(seed)
+    sequences = []
+    for context_length, query_length in steps:
+        length = context_length + query_length
+        sequences.append((
+            torch.randn(length, num_heads, head_dim, generator=generator),
+            torch.randn(length, num_kv_heads, head_dim, generator=generator),
+            torch.randn(length, num_kv_heads, head_dim, generator=generator) + 0.5,
+        ))
+    return sequences
+
+
+HEAD_LAYOUTS = [(4, 4), (4, 2), (8, 2), (6, 1)]  # (query heads, kv heads): GQA ratios 1, 2, 4, 6
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads", HEAD_LAYOUTS)
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_decode_batch_matches_reference(num_heads, num_kv_heads, block_size):
+    steps = [(0, 1), (3, 1), (4, 1), (15, 1), (16, 1), (37, 1)]
+    sequences = random_sequences(steps, num_heads, num_kv_heads, 8, seed=block_size)
+    output, expected, *_ = run_step(sequences, steps, num_heads, num_kv_heads, 8, block_size)
+    torch.testing.assert_close(output.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads", HEAD_LAYOUTS)
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_mixed_prefill_and_decode_matches_reference(num_heads, num_kv_heads, block_size):
+    # Fresh prompts, chunks continuing mid-block and at block edges, and decode rows together.
+    steps = [(0, 7), (5, 1), (3, 6), (8, 8), (0, 1), (17, 13), (30, 1)]
+    sequences = random_sequences(steps, num_heads, num_kv_heads, 16, seed=100 + block_size)
+    output, expected, *_ = run_step(sequences, steps, num_heads, num_kv_heads, 16, block_size)
+    torch.testing.assert_close(output.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_new_keys_and_values_are_written_at_their_slots():
+    steps = [(2, 3), (6, 1)]
+    sequences = random_sequences(steps, 4, 2, 8, seed=7)
+    _, _, cache, slots, new_keys = run_step(sequences, steps, 4, 2, 8, block_size=4)
+    written = cache.key_caches[0].view(-1, 2, 8)[torch.tensor(slots)]
+    torch.testing.assert_close(written, new_keys)
+
+
+def test_low_precision_cache_stays_close_to_reference():
+    steps = [(0, 9), (12, 5), (20, 1)]
+    sequences = random_sequences(steps, 8, 2, 32, seed=3)
+    output, expected, *_ = run_step(sequences, steps, 8, 2, 32, 4, dtype=torch.bfloat16)
+    assert output.dtype == torch.bfloat16
+    torch.testing.assert_close(output.double(), expected, atol=3e-2, rtol=3e-2)
+
+
+def test_decode_only_batch_uses_one_attention_call(monkeypatch):
+    import joule.runtime.attention.portable as portable
+
+    calls = []
+    original = portable.F.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(portable.F, "scaled_dot_product_attention", counting)
+    steps = [(length, 1) for length in range(0, 64, 3)]
+    sequences = random_sequences(steps, 4, 2, 8, seed=11)
+    output, expected, *_ = run_step(sequences, steps, 4, 2, 8, 4)
+    assert len(calls) == 1
+    torch.testing.assert_close(output.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_mismatched_shapes_raise_clear_error():
+    cache = KVCache.allocate(1, 4, 4, 2, 8, torch.float32, "cpu")
+    metadata = AttentionMetadata(
+        query_start_locations=torch.tensor([0, 3]), slot_mapping=torch.arange(3),
+        block_tables=torch.zeros(1, 1, dtype=torch.int32), query_lengths=[3], context_lengths=[0],
+        sequence_lengths=[3],
+    )
+    with pytest.raises(ValueError, match="do not match"):
+        PortableAttentionBackend().forward(
+            0, torch.randn(3, 4, 8), torch.randn(3, 4, 8), torch.randn(3, 4, 8), cache, metadata, 1.0
+        )
