@@ -1,0 +1,176 @@
+"""LLM: the offline facade with vLLM's signature, so switching is a one-line import change."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Sequence
+
+from tqdm.auto import tqdm
+
+from joule.config import EngineConfig
+from joule.llm_engine import LLMEngine, PromptType
+from joule.outputs import RequestMetrics, RequestOutput
+from joule.sampling_params import RequestOutputKind, SamplingParams
+
+logger = logging.getLogger("joule")
+
+# vLLM options that have no meaning here yet; accepted so scripts written for vLLM run.
+_IGNORED_VLLM_OPTIONS = {"trust_remote_code", "enforce_eager", "tensor_parallel_size", "disable_log_stats"}
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        tokenizer: str | None = None,
+        dtype: str = "auto",
+        device: str = "auto",
+        max_model_len: int | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int | None = None,
+        enable_prefix_caching: bool = True,
+        block_size: int = 16,
+        kv_cache_memory_bytes: int | None = None,
+        gpu_memory_utilization: float = 0.9,
+        seed: int = 0,
+        load_format: str = "auto",
+        **kwargs,
+    ):
+        unknown = sorted(set(kwargs) - _IGNORED_VLLM_OPTIONS)
+        if unknown:
+            raise TypeError(f"LLM() got unknown option(s): {', '.join(unknown)}")
+        config = EngineConfig(
+            model=model,
+            tokenizer=tokenizer,
+            dtype=dtype,
+            device=device,
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            enable_prefix_caching=enable_prefix_caching,
+            block_size=block_size,
+            kv_cache_memory_bytes=kv_cache_memory_bytes,
+            gpu_memory_utilization=gpu_memory_utilization,
+            seed=seed,
+            load_format=load_format,
+        )
+        self.llm_engine = LLMEngine(config)
+        self._request_counter = itertools.count()
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in prompt order.
+
+        A prompt that is invalid (empty, too long, bad token ids) gets an output
+        whose ``error`` holds the ValueError; the other prompts run normally.
+        """
+        prompt_list = _as_prompt_list(prompts)
+        params_list = _as_params_list(sampling_params, len(prompt_list))
+        return self._run(prompt_list, params_list, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict | None = None,
+    ) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of them, with the model's chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        tokenizer = self.llm_engine._require_tokenizer()
+        prompts = []
+        for conversation in conversations:
+            text = tokenizer.apply_chat_template(
+                conversation, add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {})
+            )
+            prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
+        return self._run(prompts, _as_params_list(sampling_params, len(prompts)), use_tqdm)
+
+    def _run(self, prompts: list, params_list: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        results: list[RequestOutput | None] = [None] * len(prompts)
+        index_of: dict[str, int] = {}
+        for index, (prompt, params) in enumerate(zip(prompts, params_list)):
+            request_id = str(next(self._request_counter))
+            final_params = params if params.output_kind == RequestOutputKind.FINAL_ONLY else params.clone(
+                output_kind=RequestOutputKind.FINAL_ONLY
+            )
+            try:
+                engine.add_request(request_id, prompt, final_params)
+            except ValueError as error:
+                results[index] = _error_output(request_id, prompt, error)
+                continue
+            index_of[request_id] = index
+
+        progress = tqdm(total=len(index_of), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
+        started = time.perf_counter()
+        prompt_tokens = output_tokens = 0
+        try:
+            while engine.has_unfinished_requests():
+                for output in engine.step():
+                    if not output.finished:
+                        continue
+                    results[index_of[output.request_id]] = output
+                    prompt_tokens += len(output.prompt_token_ids)
+                    output_tokens += sum(len(completion.token_ids) for completion in output.outputs)
+                    elapsed = max(time.perf_counter() - started, 1e-9)
+                    progress.set_postfix_str(
+                        f"input: {prompt_tokens / elapsed:.1f} tok/s, output: {output_tokens / elapsed:.1f} tok/s",
+                        refresh=False,
+                    )
+                    progress.update(1)
+        except BaseException:
+            for request_id in index_of:
+                engine.abort_request(request_id)
+            raise
+        finally:
+            progress.close()
+        return results  # type: ignore[return-value]
+
+
+def _as_prompt_list(prompts) -> list:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)):
+        if prompts and all(isinstance(item, int) and not isinstance(item, bool) for item in prompts):
+            return [list(prompts)]  # a single prompt given as token ids
+        return list(prompts)
+    raise ValueError(f"prompts must be a string, a dict or a list of them, got {type(prompts).__name__}.")
+
+
+def _as_params_list(sampling_params, count: int) -> list[SamplingParams]:
+    if sampling_params is None:
+        return [SamplingParams()] * count
+    if isinstance(sampling_params, SamplingParams):
+        return [sampling_params] * count
+    params_list = list(sampling_params)
+    if len(params_list) != count:
+        raise ValueError(
+            f"sampling_params has {len(params_list)} entries but there are {count} prompts; "
+            "pass one SamplingParams or one per prompt."
+        )
+    return params_list
+
+
+def _error_output(request_id: str, prompt, error: ValueError) -> RequestOutput:
+    logger.warning("request %s rejected: %s", request_id, error)
+    return RequestOutput(
+        request_id=request_id,
+        prompt=prompt if isinstance(prompt, str) else None,
+        prompt_token_ids=[],
+        outputs=[],
+        finished=True,
+        metrics=RequestMetrics(arrival_time=time.time()),
+        error=error,
+    )

@@ -1,0 +1,350 @@
+"""LLMEngine: text in, incremental RequestOutputs out.
+
+Owns the tokenizer and the detokenizers; below it, EngineCore schedules and
+the ModelExecutor computes. The server and ``LLM`` both drive this class.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from joule.config import EngineConfig
+from joule.detokenizer import IncrementalDetokenizer
+from joule.engine.core import EngineCore
+from joule.engine.kv_blocks import KVBlockManager
+from joule.engine.request import Request
+from joule.engine.scheduler import SchedulerConfig
+from joule.model.loader import load_model
+from joule.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from joule.runtime.attention.base import KVCache
+from joule.runtime.attention.portable import PortableAttentionBackend
+from joule.runtime.device import default_kv_cache_bytes, resolve_device, resolve_dtype
+from joule.runtime.executor import ModelExecutor
+from joule.runtime.sampler import Sampler
+from joule.sampling_params import RequestOutputKind, SamplingParams
+from joule.tokenizer import Tokenizer
+
+logger = logging.getLogger("joule")
+
+_DEFAULT_BATCHED_TOKENS = {"cpu": 2048, "cuda": 8192}
+PromptType = str | list[int] | dict
+
+
+@dataclass
+class _Sample:
+    """One of the n samples of a request, as the user will see it."""
+
+    request: Request
+    detokenizer: IncrementalDetokenizer | None
+    text: str = ""
+    num_tokens_seen: int = 0
+    num_tokens_sent: int = 0
+    num_chars_sent: int = 0
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class _RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    metrics: RequestMetrics
+    samples: list[_Sample] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(sample.finish_reason is not None for sample in self.samples)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        loaded = load_model(config.model, self.dtype, self.device, config.load_format)
+        self.model, self.model_config, self.model_path = loaded.model, loaded.config, loaded.path
+        self.tokenizer = _load_tokenizer(config.tokenizer or self.model_path, config.load_format)
+
+        layers = self.model_config.num_hidden_layers
+        kv_heads, head_dim = self.model_config.num_key_value_heads, self.model_config.head_dim
+        bytes_per_block = KVCache.bytes_per_block(layers, config.block_size, kv_heads, head_dim, self.dtype)
+        budget = config.kv_cache_memory_bytes or default_kv_cache_bytes(self.device, config.gpu_memory_utilization)
+        num_blocks = budget // bytes_per_block
+        if num_blocks < 1:
+            raise ValueError(
+                f"kv_cache_memory_bytes={budget} is smaller than one KV block ({bytes_per_block} bytes)."
+            )
+        self.kv_capacity_tokens = num_blocks * config.block_size
+        self.max_model_len = self._choose_max_model_len()
+        batched_tokens = config.max_num_batched_tokens or _DEFAULT_BATCHED_TOKENS[self.device.type]
+
+        self.kv_cache = KVCache.allocate(layers, num_blocks, config.block_size, kv_heads, head_dim, self.dtype, self.device)
+        executor = ModelExecutor(
+            self.model, self.kv_cache, PortableAttentionBackend(), Sampler(config.seed, self.device), self.device
+        )
+        self.block_manager = KVBlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        scheduler_config = SchedulerConfig(
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=batched_tokens,
+            max_model_len=self.max_model_len,
+        )
+        self.core = EngineCore(scheduler_config, self.block_manager, executor)
+        self.eos_token_ids = _eos_ids(self.tokenizer, self.model_config)
+        self._states: dict[str, _RequestState] = {}
+        self._sample_owner: dict[str, tuple[_RequestState, int]] = {}
+        logger.info(
+            "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB, %s), max_model_len %d",
+            num_blocks, config.block_size, self.kv_capacity_tokens, num_blocks * bytes_per_block / 2**20,
+            str(self.dtype).removeprefix("torch."), self.max_model_len,
+        )
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "LLMEngine":
+        return cls(EngineConfig.from_kwargs(**kwargs))
+
+    def _choose_max_model_len(self) -> int:
+        model_limit = self.model_config.max_position_embeddings
+        wanted = self.config.max_model_len
+        if wanted is None:
+            return min(model_limit, self.kv_capacity_tokens)
+        if wanted > model_limit:
+            raise ValueError(f"max_model_len={wanted} exceeds the model's max_position_embeddings={model_limit}.")
+        if wanted > self.kv_capacity_tokens:
+            raise ValueError(
+                f"max_model_len={wanted} does not fit the KV cache ({self.kv_capacity_tokens} tokens); "
+                f"raise kv_cache_memory_bytes or lower max_model_len."
+            )
+        return wanted
+
+    # -- requests ---------------------------------------------------------------------
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self._require_tokenizer().encode(prompt)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), _check_token_ids(prompt["prompt_token_ids"], self.model_config.vocab_size)
+            if "prompt" in prompt and isinstance(prompt["prompt"], str):
+                return prompt["prompt"], self._require_tokenizer().encode(prompt["prompt"])
+            raise ValueError("prompt dict must have 'prompt' (a string) or 'prompt_token_ids' (a list of ints).")
+        if isinstance(prompt, list):
+            return None, _check_token_ids(prompt, self.model_config.vocab_size)
+        raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}.")
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        sampling_params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+        priority: int = 0,
+    ) -> None:
+        """Queue a request; raises ValueError naming the bad field, touching nothing else."""
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}.")
+        if request_id in self._states:
+            raise ValueError(f"request_id {request_id!r} is already in use.")
+        prompt_text, prompt_ids = self.tokenize_prompt(prompt)
+        if not prompt_ids:
+            raise ValueError("prompt is empty: it must contain at least one token.")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt is {len(prompt_ids)} tokens long, which leaves no room to generate within "
+                f"max_model_len={self.max_model_len}."
+            )
+        room = self.max_model_len - len(prompt_ids)
+        max_tokens = min(params.max_tokens or room, room)
+        arrival = time.time() if arrival_time is None else arrival_time
+        state = _RequestState(request_id, prompt_text, prompt_ids, params, RequestMetrics(arrival_time=arrival))
+        for index in range(params.n):
+            child_id = request_id if params.n == 1 else f"{index}_{request_id}"
+            child_params = params
+            if params.n > 1 and params.seed is not None:
+                child_params = params.clone(seed=params.seed + index)
+            request = Request(
+                request_id=child_id,
+                prompt_token_ids=prompt_ids,
+                sampling_params=child_params,
+                max_tokens=max_tokens,
+                eos_token_ids=self.eos_token_ids,
+                arrival_time=arrival,
+                priority=priority,
+                group_id=request_id if params.n > 1 else None,
+            )
+            state.samples.append(_Sample(request, self._detokenizer(prompt_ids, params)))
+        for index, sample in enumerate(state.samples):
+            self.core.add_request(sample.request)
+            self._sample_owner[sample.request.request_id] = (state, index)
+        self._states[request_id] = state
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now; its KV blocks are free before the next step."""
+        state = self._states.pop(request_id, None)
+        if state is None:
+            return
+        for sample in state.samples:
+            self.core.abort_request(sample.request.request_id)
+            self._sample_owner.pop(sample.request.request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._states)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._states)
+
+    # -- stepping ---------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        progressed = self.core.step()
+        now = time.time()
+        changed: dict[str, _RequestState] = {}
+        for request in progressed:
+            owner = self._sample_owner.get(request.request_id)
+            if owner is None:
+                continue
+            state, index = owner
+            self._advance_sample(state, state.samples[index], now)
+            changed[state.request_id] = state
+        outputs = []
+        for state in changed.values():
+            output = self._make_output(state)
+            if output is not None:
+                outputs.append(output)
+            if state.finished:
+                state.metrics.finished_time = now
+                self._states.pop(state.request_id, None)
+                for sample in state.samples:
+                    self._sample_owner.pop(sample.request.request_id, None)
+        return outputs
+
+    def _advance_sample(self, state: _RequestState, sample: _Sample, now: float) -> None:
+        request = sample.request
+        metrics = state.metrics
+        if metrics.first_scheduled_time is None and request.first_scheduled_time is not None:
+            metrics.first_scheduled_time = request.first_scheduled_time
+            metrics.time_in_queue = request.first_scheduled_time - metrics.arrival_time
+        new_ids = request.output_token_ids[sample.num_tokens_seen :]
+        sample.num_tokens_seen = len(request.output_token_ids)
+        if new_ids:
+            if metrics.first_token_time is None:
+                metrics.first_token_time = now
+            metrics.last_token_time = now
+        metrics.num_preemptions = max(metrics.num_preemptions, request.num_preemptions)
+        stop_string = None
+        if sample.detokenizer is not None and new_ids:
+            update = sample.detokenizer.push(new_ids)
+            sample.text += update.text_delta
+            stop_string = update.stop_string
+        if stop_string is not None:
+            if not request.is_finished:
+                self.core.finish_request(request.request_id, stop_reason=stop_string)
+            sample.finish_reason, sample.stop_reason = "stop", stop_string
+        elif request.is_finished:
+            sample.finish_reason, sample.stop_reason = request.finish_reason, request.stop_reason
+        if sample.finish_reason is not None and sample.detokenizer is not None:
+            sample.text += sample.detokenizer.flush()
+
+    def _make_output(self, state: _RequestState) -> RequestOutput | None:
+        kind = state.params.output_kind
+        finished = state.finished
+        if kind == RequestOutputKind.FINAL_ONLY and not finished:
+            return None
+        delta = kind == RequestOutputKind.DELTA
+        completions = []
+        for index, sample in enumerate(state.samples):
+            token_ids = sample.request.output_token_ids[: sample.num_tokens_seen]
+            token_start = sample.num_tokens_sent if delta else 0
+            char_start = sample.num_chars_sent if delta else 0
+            if delta and token_start == len(token_ids) and char_start == len(sample.text) and not sample.finish_reason:
+                continue
+            completions.append(
+                CompletionOutput(
+                    index=index,
+                    text=sample.text[char_start:],
+                    token_ids=list(token_ids[token_start:]),
+                    cumulative_logprob=self._cumulative_logprob(sample),
+                    logprobs=self._logprobs(sample, token_start),
+                    finish_reason=sample.finish_reason,
+                    stop_reason=sample.stop_reason,
+                )
+            )
+            sample.num_tokens_sent, sample.num_chars_sent = len(token_ids), len(sample.text)
+        return RequestOutput(
+            request_id=state.request_id,
+            prompt=state.prompt,
+            prompt_token_ids=state.prompt_token_ids,
+            outputs=completions,
+            finished=finished,
+            metrics=state.metrics,
+            num_cached_tokens=max(state.samples[0].request.num_cached_tokens, 0),
+        )
+
+    @staticmethod
+    def _cumulative_logprob(sample: _Sample) -> float | None:
+        if sample.request.sampling_params.logprobs is None:
+            return None
+        return float(sum(token.logprob for token in sample.request.output_logprobs[: sample.num_tokens_seen]))
+
+    def _logprobs(self, sample: _Sample, start: int) -> list[dict[int, Logprob]] | None:
+        if sample.request.sampling_params.logprobs is None:
+            return None
+        result = []
+        for token in sample.request.output_logprobs[start : sample.num_tokens_seen]:
+            entry = {token.token_id: Logprob(token.logprob, token.rank, self._decode_one(token.token_id))}
+            for rank, (token_id, logprob) in enumerate(token.top or [], start=1):
+                entry.setdefault(token_id, Logprob(logprob, rank, self._decode_one(token_id)))
+            result.append(entry)
+        return result
+
+    def _decode_one(self, token_id: int) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode([token_id])
+
+    def _detokenizer(self, prompt_ids: list[int], params: SamplingParams) -> IncrementalDetokenizer | None:
+        if self.tokenizer is None:
+            return None
+        return IncrementalDetokenizer(
+            self.tokenizer,
+            prompt_ids,
+            skip_special_tokens=params.skip_special_tokens,
+            stop=params.stop_strings,
+            include_stop_str_in_output=params.include_stop_str_in_output,
+        )
+
+    def _require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer; pass prompts as {'prompt_token_ids': [...]}.")
+        return self.tokenizer
+
+
+def _load_tokenizer(path, load_format: str) -> Tokenizer | None:
+    try:
+        return Tokenizer.from_pretrained(path)
+    except (FileNotFoundError, ValueError, OSError):
+        if load_format == "dummy":
+            return None  # random weights from a bare config: token ids only
+        raise
+
+
+def _eos_ids(tokenizer: Tokenizer | None, model_config) -> frozenset[int]:
+    ids: set[int] = set(tokenizer.eos_token_ids) if tokenizer is not None else set()
+    configured = model_config.eos_token_id
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif isinstance(configured, (list, tuple)):
+        ids.update(configured)
+    return frozenset(ids)
+
+
+def _check_token_ids(token_ids, vocab_size: int) -> list[int]:
+    if not isinstance(token_ids, (list, tuple)):
+        raise ValueError(f"prompt_token_ids must be a list of integers, got {type(token_ids).__name__}.")
+    for token_id in token_ids:
+        if isinstance(token_id, bool) or not isinstance(token_id, int):
+            raise ValueError(f"prompt_token_ids must contain integers, got {token_id!r}.")
+        if not 0 <= token_id < vocab_size:
+            raise ValueError(f"prompt_token_ids contains {token_id}, outside the vocabulary [0, {vocab_size}).")
+    return list(token_ids)
+

@@ -1,0 +1,126 @@
+"""ModelExecutor: turns a StepPlan into tensors, runs the model, samples.
+
+This is the computing side of the one seam (``joule.engine.plan.Executor``);
+the simulator has a predicting side with the same signature.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from joule.engine.plan import StepPlan, StepResult
+from joule.engine.request import Request, SampledToken
+from joule.runtime.attention.base import AttentionBackend, AttentionMetadata, ForwardContext, KVCache
+from joule.runtime.sampler import Sampler, SamplingRow
+
+
+class ModelExecutor:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_cache: KVCache,
+        backend: AttentionBackend,
+        sampler: Sampler,
+        device: torch.device,
+    ):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.backend = backend
+        self.sampler = sampler
+        self.device = device
+        self.block_size = kv_cache.block_size
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        started = time.perf_counter()
+        input_ids, positions, metadata, sample_rows = self._prepare(plan)
+        context = ForwardContext(self.backend, self.kv_cache, metadata)
+        hidden = self.model(input_ids, positions, context)
+        sampled: dict[str, SampledToken] = {}
+        if sample_rows:
+            row_indices = torch.tensor([row for row, _ in sample_rows], device=self.device)
+            logits = self.model.compute_logits(hidden.index_select(0, row_indices))
+            requests = [sequence.request for _, sequence in sample_rows]
+            output = self.sampler.sample(logits, [_sampling_row(request) for request in requests])
+            for index, request in enumerate(requests):
+                token_logprobs = output.logprobs[index]
+                if token_logprobs is None:
+                    sampled[request.request_id] = SampledToken(output.token_ids[index])
+                else:
+                    sampled[request.request_id] = SampledToken(
+                        token_logprobs.token_id, token_logprobs.logprob, token_logprobs.rank, token_logprobs.top
+                    )
+        return StepResult(sampled=sampled, elapsed_seconds=time.perf_counter() - started)
+
+    def _prepare(self, plan: StepPlan):
+        size = self.block_size
+        sequences = plan.sequences
+        total = plan.num_tokens
+        input_ids = np.empty(total, dtype=np.int64)
+        positions = np.empty(total, dtype=np.int64)
+        slots = np.empty(total, dtype=np.int64)
+        max_blocks = max(len(sequence.block_ids) for sequence in sequences)
+        block_tables = np.zeros((len(sequences), max_blocks), dtype=np.int32)
+        query_starts = [0]
+        query_lengths, context_lengths, sequence_lengths = [], [], []
+        sample_rows = []
+        offset = 0
+        for index, sequence in enumerate(sequences):
+            count = sequence.num_tokens
+            start = sequence.start_position
+            blocks = np.asarray(sequence.block_ids, dtype=np.int64)
+            block_tables[index, : len(blocks)] = blocks
+            seq_positions = np.arange(start, start + count, dtype=np.int64)
+            input_ids[offset : offset + count] = sequence.token_ids
+            positions[offset : offset + count] = seq_positions
+            slots[offset : offset + count] = blocks[seq_positions // size] * size + seq_positions % size
+            offset += count
+            query_starts.append(offset)
+            query_lengths.append(count)
+            context_lengths.append(start)
+            sequence_lengths.append(start + count)
+            if sequence.samples:
+                sample_rows.append((offset - 1, sequence))
+        device = self.device
+        metadata = AttentionMetadata(
+            query_start_locations=_to_device(np.asarray(query_starts, dtype=np.int64), device),
+            slot_mapping=_to_device(slots, device),
+            block_tables=_to_device(block_tables, device),
+            query_lengths=query_lengths,
+            context_lengths=context_lengths,
+            sequence_lengths=sequence_lengths,
+        )
+        return _to_device(input_ids, device), _to_device(positions, device), metadata, sample_rows
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    tensor = torch.from_numpy(array)
+    if device.type == "cpu":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def _sampling_row(request: Request) -> SamplingRow:
+    params = request.sampling_params
+    banned: list[int] = []
+    if request.num_output_tokens < params.min_tokens:
+        banned = list(params.stop_token_ids)
+        if not params.ignore_eos:
+            banned.extend(request.eos_token_ids)
+    return SamplingRow(
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        min_p=params.min_p,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+        repetition_penalty=params.repetition_penalty,
+        seed=params.seed,
+        prompt_token_ids=request.prompt_token_ids,
+        output_token_ids=request.output_token_ids,
+        num_logprobs=params.logprobs,
+        banned_token_ids=banned,
+    )
