@@ -67,7 +67,7 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.dtype, self.device)
         loaded = load_model(config.model, self.dtype, self.device, config.load_format)
         self.model, self.model_config, self.model_path = loaded.model, loaded.config, loaded.path
-        self.tokenizer = _load_tokenizer(config.tokenizer or self.model_path, config.load_format)
+        self.tokenizer = _load_tokenizer(config.tokenizer or self.model_path)
 
         layers = self.model_config.num_hidden_layers
         kv_heads, head_dim = self.model_config.num_key_value_heads, self.model_config.head_dim
@@ -319,13 +319,14 @@ class LLMEngine:
         return self.tokenizer
 
 
-def _load_tokenizer(path, load_format: str) -> Tokenizer | None:
-    try:
-        return Tokenizer.from_pretrained(path)
-    except (FileNotFoundError, ValueError, OSError):
-        if load_format == "dummy":
-            return None  # random weights from a bare config: token ids only
-        raise
+def _load_tokenizer(path) -> Tokenizer | None:
+    """The model's tokenizer; a bare checkpoint without one serves token ids only."""
+    from pathlib import Path
+
+    if not (Path(path) / "tokenizer.json").exists():
+        logger.warning("no tokenizer.json in %s: prompts must be given as token ids", path)
+        return None
+    return Tokenizer.from_pretrained(path)
 
 
 def _eos_ids(tokenizer: Tokenizer | None, model_config) -> frozenset[int]:

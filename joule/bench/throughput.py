@@ -1,0 +1,93 @@
+"""`joule bench throughput`: offline output tokens per second, optionally beside transformers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+
+def add_throughput_arguments(parser: argparse.ArgumentParser) -> None:
+    from joule.cli_args import add_engine_arguments
+
+    add_engine_arguments(parser)
+    parser.add_argument("--num-prompts", type=int, default=32)
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--workload-seed", type=int, default=0)
+    parser.add_argument("--compare", choices=["hf"], default=None, help="also run transformers generate")
+    parser.add_argument("--hf-batch-size", type=int, default=None, help="transformers batch (default: all prompts)")
+    parser.add_argument("--output-json", default=None, help="write raw results here")
+
+
+def run_throughput(args: argparse.Namespace) -> int:
+    import torch
+
+    from joule.bench.workload import fixed_length_workload
+    from joule.cli_args import engine_config_from_args
+    from joule.llm_engine import LLMEngine
+
+    engine = LLMEngine(engine_config_from_args(args))
+    special = set(engine.tokenizer.all_special_ids) if engine.tokenizer is not None else set()
+    requests = fixed_length_workload(
+        args.num_prompts, args.input_len, args.output_len, engine.model_config.vocab_size, args.workload_seed, special
+    )
+    results = [_run_joule(engine, requests)]
+    if args.compare == "hf":
+        from joule.bench.hf_baseline import run_transformers_generate
+
+        model_path, dtype, device = engine.model_path, engine.dtype, engine.device
+        del engine
+        results.append(run_transformers_generate(model_path, requests, dtype, device, args.hf_batch_size or len(requests)))
+    info = {
+        "model": args.model or "smollm2-135m",
+        "dtype": results[0]["dtype"],
+        "num_prompts": args.num_prompts,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+    print(f"\n{'engine':<24}{'output tok/s':>14}{'elapsed s':>12}{'tokens':>10}")
+    for result in results:
+        print(f"{result['engine']:<24}{result['output_tok_per_s']:>14.1f}{result['elapsed_s']:>12.2f}{result['output_tokens']:>10}")
+    if len(results) == 2:
+        ratio = results[0]["output_tok_per_s"] / results[1]["output_tok_per_s"]
+        print(f"Joule / transformers: {ratio:.2f}x")
+        info["ratio"] = ratio
+    if args.output_json:
+        with open(args.output_json, "w") as handle:
+            json.dump({"info": info, "results": results}, handle, indent=2)
+    return 0
+
+
+def _run_joule(engine, requests) -> dict:
+    from tqdm.auto import tqdm
+
+    from joule.sampling_params import RequestOutputKind, SamplingParams
+
+    # A short warm-up so one-time costs (allocator, first kernels) are not timed.
+    warm = SamplingParams(max_tokens=2, ignore_eos=True, temperature=0.0, output_kind=RequestOutputKind.FINAL_ONLY)
+    engine.add_request("warmup", {"prompt_token_ids": requests[0].prompt_token_ids[:16]}, warm)
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.block_manager.reset_prefix_cache()
+
+    started = time.perf_counter()
+    for index, request in enumerate(requests):
+        params = SamplingParams(
+            max_tokens=request.output_len, ignore_eos=True, temperature=0.0, output_kind=RequestOutputKind.FINAL_ONLY
+        )
+        engine.add_request(f"bench-{index}", {"prompt_token_ids": request.prompt_token_ids}, params)
+    output_tokens = 0
+    with tqdm(total=len(requests), desc="joule", dynamic_ncols=True) as progress:
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                if output.finished:
+                    output_tokens += len(output.outputs[0].token_ids)
+                    progress.update(1)
+    elapsed = time.perf_counter() - started
+    return {"engine": "joule", "elapsed_s": elapsed, "output_tokens": output_tokens,
+            "output_tok_per_s": output_tokens / elapsed, "dtype": str(engine.dtype)}

@@ -1,0 +1,177 @@
+"""The `joule` command: generate, chat, info, bench."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from joule.cli_args import add_engine_arguments
+
+    parser = argparse.ArgumentParser(prog="joule", description="Joule LLM inference engine")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="complete prompts offline")
+    add_engine_arguments(generate)
+    source = generate.add_mutually_exclusive_group()
+    source.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    source.add_argument("--prompts-file", help="a text file with one prompt per line")
+    _add_sampling_arguments(generate)
+    generate.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+
+    chat = commands.add_parser("chat", help="interactive streaming chat that keeps history")
+    add_engine_arguments(chat)
+    _add_sampling_arguments(chat, default_max_tokens=256)
+    chat.add_argument("--system", default=None, help="system prompt")
+
+    info = commands.add_parser("info", help="architecture, parameters, dtype and KV capacity")
+    add_engine_arguments(info)
+
+    bench = commands.add_parser("bench", help="benchmarks")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True)
+    from joule.bench.throughput import add_throughput_arguments
+
+    add_throughput_arguments(bench_commands.add_parser("throughput", help="offline throughput"))
+    return parser
+
+
+def _add_sampling_arguments(parser: argparse.ArgumentParser, default_max_tokens: int = 64) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-tokens", type=int, default=default_max_tokens)
+    group.add_argument("--temperature", type=float, default=0.0)
+    group.add_argument("--top-p", type=float, default=1.0)
+    group.add_argument("--top-k", type=int, default=0)
+    group.add_argument("--sampling-seed", type=int, default=None, help="per-request sampling seed")
+
+
+def _sampling_params(args):
+    from joule import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.sampling_seed,
+    )
+
+
+def _make_llm(args):
+    from joule.cli_args import engine_config_from_args
+    from joule.llm import LLM
+
+    config = engine_config_from_args(args)
+    return LLM(**{name: getattr(config, name) for name in config.__dataclass_fields__})
+
+
+def _run_generate(args) -> int:
+    if args.prompts_file:
+        with open(args.prompts_file, encoding="utf-8") as handle:
+            prompts = [line.rstrip("\n") for line in handle if line.strip()]
+    else:
+        prompts = args.prompt or ["The three most useful things to know about energy-efficient computing are"]
+    llm = _make_llm(args)
+    params = _sampling_params(args)
+    started = time.perf_counter()
+    if args.chat:
+        outputs = llm.chat([[{"role": "user", "content": prompt}] for prompt in prompts], params)
+    else:
+        outputs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - started
+    generated = 0
+    for prompt, output in zip(prompts, outputs):
+        print(f"\n### Prompt: {prompt!r}")
+        if output.error is not None:
+            print(f"error: {output.error}")
+            continue
+        completion = output.outputs[0]
+        generated += len(completion.token_ids)
+        print(f"### Output ({len(completion.token_ids)} tokens, finish: {completion.finish_reason}):")
+        print(completion.text)
+    print(f"\n{len(prompts)} prompts, {generated} output tokens in {elapsed:.2f} s: {generated / elapsed:.1f} tok/s")
+    return 0
+
+
+def _run_chat(args) -> int:
+    from joule.sampling_params import RequestOutputKind
+
+    llm = _make_llm(args)
+    engine = llm.llm_engine
+    tokenizer = engine._require_tokenizer()
+    params = _sampling_params(args).clone(output_kind=RequestOutputKind.DELTA)
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    print("Chat with the model. Empty line or Ctrl-D quits.", flush=True)
+    turn = 0
+    while True:
+        try:
+            user_text = input("\nyou> ")
+        except EOFError:
+            break
+        if not user_text.strip():
+            break
+        history.append({"role": "user", "content": user_text})
+        prompt = tokenizer.apply_chat_template(history, add_generation_prompt=True)
+        request_id = f"chat-{turn}"
+        turn += 1
+        engine.add_request(request_id, {"prompt_token_ids": tokenizer.encode(prompt, add_special_tokens=False)}, params)
+        print("assistant> ", end="", flush=True)
+        reply = []
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                for completion in output.outputs:
+                    reply.append(completion.text)
+                    print(completion.text, end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": "".join(reply)})
+    return 0
+
+
+def _run_info(args) -> int:
+    llm = _make_llm(args)
+    engine = llm.llm_engine
+    config = engine.model_config
+    parameters = sum(parameter.numel() for parameter in engine.model.parameters())
+    rows = [
+        ("model path", str(engine.model_path)),
+        ("architecture", config.architecture),
+        ("parameters", f"{parameters:,}"),
+        ("layers / hidden / heads / kv heads / head dim",
+         f"{config.num_hidden_layers} / {config.hidden_size} / {config.num_attention_heads} / "
+         f"{config.num_key_value_heads} / {config.head_dim}"),
+        ("vocab", f"{config.vocab_size:,}"),
+        ("dtype", str(engine.dtype).removeprefix("torch.")),
+        ("device", str(engine.device)),
+        ("KV cache capacity", f"{engine.kv_capacity_tokens:,} tokens in {engine.block_manager.num_blocks:,} blocks"),
+        ("max_model_len", f"{engine.max_model_len:,}"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = _build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            return _run_generate(args)
+        if args.command == "chat":
+            return _run_chat(args)
+        if args.command == "info":
+            return _run_info(args)
+        if args.command == "bench":
+            from joule.bench.throughput import run_throughput
+
+            return run_throughput(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Engine options as command-line flags, shared by every subcommand that builds an engine."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+
+from joule.config import EngineConfig
+
+_HELP = {
+    "model": "HF directory, .gguf file, hub id (org/name) or 'smollm2-135m' (default)",
+    "dtype": "auto (bf16 where the CPU/GPU supports it), float32, bfloat16, float16",
+    "device": "auto, cpu or cuda[:N]",
+    "max_model_len": "longest prompt + output in tokens (default: model limit, capped by KV capacity)",
+    "max_num_seqs": "most sequences in one step",
+    "max_num_batched_tokens": "token budget per step (default 2048 on CPU, 8192 on GPU)",
+    "enable_prefix_caching": "reuse KV blocks of shared prefixes",
+    "block_size": "tokens per KV block",
+    "kv_cache_memory_bytes": "bytes for the KV cache (default: a share of free memory)",
+    "gpu_memory_utilization": "share of GPU memory the engine may use",
+    "seed": "engine seed for unseeded sampling",
+    "load_format": "auto, or dummy for random weights from config.json",
+    "tokenizer": "tokenizer directory if not the model's",
+}
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    for field in fields(EngineConfig):
+        flag = "--" + field.name.replace("_", "-")
+        default = field.default
+        if isinstance(default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=_HELP.get(field.name))
+        elif field.name in ("max_model_len", "max_num_batched_tokens", "kv_cache_memory_bytes", "max_num_seqs", "block_size", "seed"):
+            group.add_argument(flag, type=int, default=default, help=_HELP.get(field.name))
+        elif field.name == "gpu_memory_utilization":
+            group.add_argument(flag, type=float, default=default, help=_HELP.get(field.name))
+        else:
+            group.add_argument(flag, type=str, default=default, help=_HELP.get(field.name))
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(**{field.name: getattr(args, field.name) for field in fields(EngineConfig)})
