@@ -1,0 +1,108 @@
+"""Building blocks shared by the decoder architectures.
+
+The arithmetic follows the Hugging Face reference operation by operation
+(norm in float32, rope tables in float32 cast to the activation dtype) so a
+float32 model matches it to rounding error.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from joule.model.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 whatever the activation dtype."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden.dtype
+        hidden = hidden.float()
+        variance = hidden.pow(2).mean(-1, keepdim=True)
+        hidden = hidden * torch.rsqrt(variance + self.eps)
+        return self.weight * hidden.to(input_dtype)
+
+
+def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
+    """Per-pair rotation speeds ``[head_dim // 2]`` (float32, CPU), with rope scaling applied."""
+    dim = config.head_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
+    inverse_frequencies = 1.0 / (config.rope_theta**exponents)
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inverse_frequencies
+    rope_type = scaling["rope_type"]
+    if rope_type == "linear":
+        return inverse_frequencies / float(scaling["factor"])
+    if rope_type == "llama3":
+        return _llama3_scaled(inverse_frequencies, scaling)
+    raise ValueError(f"unsupported rope_type {rope_type!r}")
+
+
+def _llama3_scaled(inverse_frequencies: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3.1 scaling: slow the low frequencies by ``factor``, keep the high ones, blend between."""
+    factor = float(scaling["factor"])
+    low_freq_factor = float(scaling["low_freq_factor"])
+    high_freq_factor = float(scaling["high_freq_factor"])
+    original_context = float(scaling["original_max_position_embeddings"])
+    low_freq_wavelength = original_context / low_freq_factor
+    high_freq_wavelength = original_context / high_freq_factor
+
+    wavelengths = 2 * math.pi / inverse_frequencies
+    scaled = torch.where(wavelengths > low_freq_wavelength, inverse_frequencies / factor, inverse_frequencies)
+    smooth = (original_context / wavelengths - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelengths >= high_freq_wavelength) & (wavelengths <= low_freq_wavelength)
+    return torch.where(is_medium, blended, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding with cos/sin tables precomputed for every position.
+
+    Tables hold half a head (``[max_positions, head_dim // 2]``): the two halves of
+    a head rotate as pairs ``(x[i], x[i + head_dim/2])``, the Hugging Face layout.
+    They are built on the CPU even when the model is constructed on the meta device,
+    and are non-persistent so checkpoints never carry them.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        inverse_frequencies = rope_inverse_frequencies(config)
+        positions = torch.arange(config.max_position_embeddings, dtype=torch.int64, device="cpu").float()
+        angles = positions[:, None] * inverse_frequencies[None, :]
+        self.register_buffer("cos_table", angles.cos(), persistent=False)
+        self.register_buffer("sin_table", angles.sin(), persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin ``[T, head_dim // 2]`` for the given positions (must be < max_position_embeddings)."""
+        return self.cos_table[positions], self.sin_table[positions]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``[T, heads, head_dim]`` by per-row angles ``cos``/``sin`` ``[T, head_dim // 2]``."""
+    cos = cos.to(x.dtype).unsqueeze(1)
+    sin = sin.to(x.dtype).unsqueeze(1)
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(hidden)) * self.up_proj(hidden))
