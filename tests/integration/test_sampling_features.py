@@ -1,0 +1,151 @@
+"""Sampling features end to end on a tiny model: seeds, stop ids, n > 1, logprobs, bad input, aborts."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from helpers.tiny_models import build_tiny_checkpoint
+
+from joule import LLM, SamplingParams
+from joule.llm_engine import LLMEngine
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("llama-sampling")
+    model = build_tiny_checkpoint("llama-gqa4-tied", directory)
+    return directory, model
+
+
+@pytest.fixture(scope="module")
+def llm(checkpoint):
+    directory, _ = checkpoint
+    return LLM(model=str(directory), dtype="float32", device="cpu", block_size=4, max_model_len=256,
+               kv_cache_memory_bytes=4 << 20, max_num_batched_tokens=64)
+
+
+def _prompt(seed: int, length: int = 9) -> dict:
+    generator = random.Random(seed)
+    return {"prompt_token_ids": [generator.randrange(3, 211) for _ in range(length)]}
+
+
+def test_seeded_sampling_is_independent_of_batch(llm):
+    params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=1234, max_tokens=16, ignore_eos=True)
+    alone = llm.generate([_prompt(0)], params, use_tqdm=False)[0].outputs[0].token_ids
+    neighbours = [_prompt(seed) for seed in range(1, 12)]
+    unseeded = SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True)
+    mixed = llm.generate(neighbours[:5] + [_prompt(0)] + neighbours[5:], [unseeded] * 5 + [params] + [unseeded] * 6,
+                         use_tqdm=False)
+    assert mixed[5].outputs[0].token_ids == alone
+    other_seed = llm.generate([_prompt(0)], params.clone(seed=99), use_tqdm=False)[0].outputs[0].token_ids
+    assert other_seed != alone
+
+
+def test_stop_token_ids_end_generation(llm):
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    reference = llm.generate([_prompt(3)], greedy, use_tqdm=False)[0].outputs[0].token_ids
+    stop_token = reference[4]
+    first = reference.index(stop_token)
+    output = llm.generate([_prompt(3)], greedy.clone(stop_token_ids=[stop_token]), use_tqdm=False)[0].outputs[0]
+    assert output.token_ids == reference[: first + 1]
+    assert output.finish_reason == "stop" and output.stop_reason == stop_token
+
+
+def test_min_tokens_delays_stop_ids(llm):
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    reference = llm.generate([_prompt(3)], greedy, use_tqdm=False)[0].outputs[0].token_ids
+    stop_token = reference[0]
+    output = llm.generate([_prompt(3)], greedy.clone(stop_token_ids=[stop_token], min_tokens=3), use_tqdm=False)
+    tokens = output[0].outputs[0].token_ids
+    assert len(tokens) >= 4 and stop_token not in tokens[:3]
+
+
+def test_n_samples_share_prompt_blocks(llm):
+    engine = llm.llm_engine
+    hits_before = engine.block_manager.prefix_cache_hits
+    prompt = _prompt(5, length=33)
+    output = llm.generate([prompt], SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=10, ignore_eos=True),
+                          use_tqdm=False)[0]
+    assert [completion.index for completion in output.outputs] == [0, 1, 2, 3]
+    assert all(len(completion.token_ids) == 10 for completion in output.outputs)
+    assert len({tuple(completion.token_ids) for completion in output.outputs}) > 1
+    # Three later samples reuse the first one's 8 full prompt blocks (32 tokens).
+    assert engine.block_manager.prefix_cache_hits - hits_before >= 3 * 32
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_logprobs_equal_transformers_log_softmax(llm, checkpoint):
+    _, model = checkpoint
+    prompt = _prompt(8)
+    output = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=6, logprobs=5, ignore_eos=True),
+                          use_tqdm=False)[0].outputs[0]
+    sequence = prompt["prompt_token_ids"] + output.token_ids
+    with torch.no_grad():
+        logits = model(torch.tensor([sequence])).logits[0].float()
+    reference = torch.log_softmax(logits, dim=-1)
+    start = len(prompt["prompt_token_ids"]) - 1
+    total = 0.0
+    for step, (token_id, entry) in enumerate(zip(output.token_ids, output.logprobs)):
+        row = reference[start + step]
+        assert token_id in entry
+        assert abs(entry[token_id].logprob - row[token_id].item()) < 1e-4
+        top_ids = torch.topk(row, 5).indices.tolist()
+        by_rank = sorted(entry.items(), key=lambda item: item[1].rank)
+        assert [token for token, _ in by_rank][:5] == top_ids
+        for token in top_ids:
+            assert abs(entry[token].logprob - row[token].item()) < 1e-4
+        total += row[token_id].item()
+    assert abs(output.cumulative_logprob - total) < 1e-3
+
+
+def test_bad_prompts_fail_alone(llm):
+    good = _prompt(1)
+    outputs = llm.generate(
+        [good, {"prompt_token_ids": []}, {"prompt_token_ids": [5] * 300}, {"prompt_token_ids": [10_000]}, good],
+        SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
+        use_tqdm=False,
+    )
+    assert outputs[0].error is None and len(outputs[0].outputs[0].token_ids) == 4
+    assert outputs[4].outputs[0].token_ids == outputs[0].outputs[0].token_ids
+    assert isinstance(outputs[1].error, ValueError) and "prompt" in str(outputs[1].error)
+    assert isinstance(outputs[2].error, ValueError) and "max_model_len" in str(outputs[2].error)
+    assert isinstance(outputs[3].error, ValueError) and "prompt_token_ids" in str(outputs[3].error)
+
+
+def test_abort_frees_blocks_at_once(checkpoint):
+    directory, _ = checkpoint
+    engine = LLMEngine.from_kwargs(model=str(directory), dtype="float32", device="cpu", block_size=4,
+                                   kv_cache_memory_bytes=1 << 20, max_model_len=128)
+    params = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
+    for index in range(3):
+        engine.add_request(f"r{index}", _prompt(index, length=20), params)
+    for _ in range(3):
+        engine.step()
+    used = engine.block_manager.num_used_blocks
+    assert used > 0
+    engine.abort_request("r1")
+    assert engine.block_manager.num_used_blocks < used
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_streaming_delta_outputs_concatenate_to_final(checkpoint):
+    directory, _ = checkpoint
+    from joule.sampling_params import RequestOutputKind
+
+    engine = LLMEngine.from_kwargs(model=str(directory), dtype="float32", device="cpu", block_size=4,
+                                   kv_cache_memory_bytes=1 << 20, max_model_len=128)
+    engine.add_request("d", _prompt(2), SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True,
+                                                       output_kind=RequestOutputKind.DELTA))
+    engine.add_request("c", _prompt(2), SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True))
+    pieces, final = [], None
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.request_id == "d":
+                pieces.extend(output.outputs[0].token_ids)
+            elif output.finished:
+                final = output.outputs[0].token_ids
+    assert pieces == final and len(final) == 9
