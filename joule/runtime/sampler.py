@@ -1,0 +1,392 @@
+"""Batched token sampler with vLLM v1 semantics, run on the logits' device.
+
+Per call, the rows' parameters are packed into small tensors once; everything
+after that is batched tensor work, and results come back to the host only at
+the end. Order of processing (vLLM v1): banned tokens, repetition penalty,
+frequency/presence penalties; greedy rows then take the argmax, sampled rows
+are divided by temperature, filtered by min_p, top_k and top_p, and sampled.
+
+Sampling is the exponential race (Gumbel-max): ``argmax(probs / E)`` with
+``E ~ Exponential(1)`` per token, computed as ``argmax(logits - log(E))``. Each
+row owns an independent ``[V]`` noise vector, so a seeded row keys its noise on
+``(seed, len(output_token_ids))`` alone and samples the same token whatever else
+is in the batch, wherever it sits, and after the engine recomputes it.
+
+Logprobs are of the raw model distribution (``log_softmax(logits)`` before any
+processing), matching vLLM's default ``logprobs_mode="raw_logprobs"``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+GREEDY_TEMPERATURE_EPSILON = 1e-5  # same threshold as SamplingParams.is_greedy
+
+# On CPU, top-p looks for each row's nucleus among its best 512 tokens, then its
+# best 4096, and sorts the whole vocabulary only for rows whose nucleus is wider
+# still (for 64 x 49k rows on two cores: topk(512) ~15 ms, topk(4096) ~30 ms,
+# a full sort ~150 ms). On accelerators the full sort is cheap and the coverage
+# check would cost a device sync, so they always sort.
+_CPU_TOP_P_CANDIDATE_WIDTHS = (512, 4096)
+
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass
+class SamplingRow:
+    """Sampling parameters and token history for one row of logits."""
+
+    temperature: float  # < 1e-5 means greedy
+    top_p: float = 1.0  # (0, 1]; 1 = off
+    top_k: int = -1  # -1 or 0 = off
+    min_p: float = 0.0  # 0 = off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    prompt_token_ids: Sequence[int] = ()
+    output_token_ids: Sequence[int] = ()
+    num_logprobs: int | None = None  # None: no logprobs; k >= 0: sampled token + top-k
+    banned_token_ids: Sequence[int] = ()  # e.g. EOS/stop ids before min_tokens is reached
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < GREEDY_TEMPERATURE_EPSILON
+
+    @property
+    def has_penalties(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0
+            or self.frequency_penalty != 0.0
+            or self.presence_penalty != 0.0
+        )
+
+
+@dataclass
+class TokenLogprobs:
+    """Raw-distribution logprob of the sampled token, its rank and the top-k alternatives."""
+
+    token_id: int
+    logprob: float
+    rank: int  # 1 = most likely; tied tokens share the better rank
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
+
+
+def mix_seed(seed: int, step: int) -> int:
+    """A 64-bit generator seed for ``(request seed, generation step)``.
+
+    Stateless on purpose: the noise for step ``n`` of a request depends on
+    nothing but its seed and ``n``, so preemption and recompute replay it.
+    """
+    return _splitmix64(_splitmix64(seed & _MASK64) ^ (step & _MASK64))
+
+
+def _splitmix64(value: int) -> int:
+    value = (value + 0x9E3779B97F4A7C15) & _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
+
+
+class Sampler:
+    """Samples one token per row of a ``[S, V]`` logits batch.
+
+    Rows without a seed draw noise from this sampler's own generator (one per
+    device, all seeded from ``seed``), so a whole run is reproducible for a
+    given engine seed and batch schedule.
+    """
+
+    def __init__(self, seed: int = 0, device: torch.device | str | None = None) -> None:
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+        if device is not None:
+            self._generator_for(torch.device(device))
+
+    def _generator_for(self, device: torch.device) -> torch.Generator:
+        if device.type != "cpu" and device.index is None:
+            device = torch.device(device.type, torch.get_device_module(device.type).current_device())
+        generator = self._generators.get(device)
+        if generator is None:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(self.seed & _MASK64)
+            self._generators[device] = generator
+        return generator
+
+    @torch.no_grad()
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+        if logits.dim() != 2:
+            raise ValueError(f"logits must be [num_rows, vocab_size], got shape {tuple(logits.shape)}.")
+        num_rows, vocab_size = logits.shape
+        if len(rows) != num_rows:
+            raise ValueError(f"got {len(rows)} sampling rows for {num_rows} rows of logits.")
+        if num_rows == 0:
+            return SamplerOutput(token_ids=[], logprobs=[])
+        device = logits.device
+
+        processed = apply_bans_and_penalties(logits, rows)
+        greedy = [i for i, row in enumerate(rows) if row.is_greedy]
+        # Unseeded rows first so their noise is one contiguous draw.
+        sampled = [i for i, row in enumerate(rows) if not row.is_greedy and row.seed is None]
+        sampled += [i for i, row in enumerate(rows) if not row.is_greedy and row.seed is not None]
+
+        if not sampled:
+            token_ids = processed.argmax(dim=-1)
+        else:
+            token_ids = torch.empty(num_rows, dtype=torch.int64, device=device)
+            if greedy:
+                greedy_index = _index_tensor(greedy, device)
+                token_ids[greedy_index] = processed.index_select(0, greedy_index).argmax(dim=-1)
+            sampled_index = _index_tensor(sampled, device)
+            in_order = sampled == list(range(num_rows))
+            sampled_logits = processed if in_order else processed.index_select(0, sampled_index)
+            token_ids[sampled_index] = self._sample_rows(sampled_logits, [rows[i] for i in sampled])
+
+        logprobs = _gather_logprobs(logits, token_ids, rows)
+        return SamplerOutput(token_ids=token_ids.tolist(), logprobs=logprobs)
+
+    def _sample_rows(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """Temperature, filters and the exponential race for non-greedy rows."""
+        device = logits.device
+        temperatures = torch.tensor([row.temperature for row in rows], dtype=torch.float32, device=device)
+        scaled = logits / temperatures.unsqueeze(1)
+        cutoffs = filter_cutoffs(scaled, rows)
+        if cutoffs is not None:
+            scaled.masked_fill_(scaled < cutoffs.unsqueeze(1), -math.inf)
+
+        # Uniform noise, turned into Exponential(1) and then into log space.
+        noise = torch.empty_like(scaled)
+        num_unseeded = sum(1 for row in rows if row.seed is None)
+        if num_unseeded:
+            noise[:num_unseeded].uniform_(generator=self._generator_for(device))
+        for position in range(num_unseeded, len(rows)):
+            row = rows[position]
+            generator = torch.Generator(device=device)
+            generator.manual_seed(mix_seed(row.seed, len(row.output_token_ids)))
+            noise[position].uniform_(generator=generator)
+        tiny = torch.finfo(noise.dtype).tiny
+        noise.clamp_(min=tiny).log_().neg_().clamp_(min=tiny).log_()
+        return scaled.sub_(noise).argmax(dim=-1)
+
+
+def apply_bans_and_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Banned tokens, repetition, frequency and presence penalties as float32 logits.
+
+    Returns ``logits`` itself (as float32) when no row needs any of them, else a
+    new tensor; the caller's logits are never modified, so raw logprobs stay raw.
+    """
+    num_rows, vocab_size = logits.shape
+    banned = [row.banned_token_ids for row in rows]
+    penalized = [i for i, row in enumerate(rows) if row.has_penalties]
+    if not penalized and not any(len(ids) for ids in banned):
+        return logits.float()
+    device = logits.device
+    result = logits.to(torch.float32, copy=True)
+
+    banned_index = _flat_token_index(banned, vocab_size, device)
+    if banned_index is not None:
+        result.view(-1).index_fill_(0, banned_index, -math.inf)
+    if not penalized:
+        return result
+
+    penalized_rows = [rows[i] for i in penalized]
+    all_rows = len(penalized) == num_rows
+    row_index = None if all_rows else _index_tensor(penalized, device)
+    subset = result if all_rows else result.index_select(0, row_index)
+    params = torch.tensor(
+        [[r.repetition_penalty, r.frequency_penalty, r.presence_penalty] for r in penalized_rows],
+        dtype=torch.float32,
+        device=device,
+    )
+    counts = torch.zeros_like(subset)
+    output_index = _flat_token_index([r.output_token_ids for r in penalized_rows], vocab_size, device)
+    if output_index is not None:
+        counts.view(-1).scatter_add_(
+            0, output_index, torch.ones(output_index.shape, dtype=counts.dtype, device=device)
+        )
+    occurred = counts > 0
+
+    if any(r.repetition_penalty != 1.0 for r in penalized_rows):
+        prompt_index = _flat_token_index(
+            [r.prompt_token_ids if r.repetition_penalty != 1.0 else () for r in penalized_rows],
+            vocab_size,
+            device,
+        )
+        seen = occurred.clone()
+        if prompt_index is not None:
+            seen.view(-1).index_fill_(0, prompt_index, True)
+        repetition = params[:, 0:1]
+        repeated = torch.where(subset > 0, subset / repetition, subset * repetition)
+        subset = torch.where(seen, repeated, subset)
+    if any(r.frequency_penalty != 0.0 or r.presence_penalty != 0.0 for r in penalized_rows):
+        subset = subset - (params[:, 1:2] * counts + params[:, 2:3] * occurred)
+
+    if all_rows:
+        return subset
+    result.index_copy_(0, row_index, subset)
+    return result
+
+
+def filter_cutoffs(scaled: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor | None:
+    """Per-row logit cutoff (keep ``scaled >= cutoff``) combining min_p, top_k and top_p.
+
+    Every filter keeps a prefix of the row sorted by logit, so their combination
+    is one threshold. Thresholds are compared by value, so tokens tied at the
+    boundary are all kept, the same way whichever code path found the threshold.
+    Returns None when no row filters.
+    """
+    num_rows, vocab_size = scaled.shape
+    device = scaled.device
+    top_ks = [row.top_k if 0 < row.top_k < vocab_size else 0 for row in rows]
+    use_min_p = any(row.min_p > 0.0 for row in rows)
+    use_top_k = any(top_ks)
+    top_p_rows = [i for i, row in enumerate(rows) if row.top_p < 1.0]
+    if not (use_min_p or use_top_k or top_p_rows):
+        return None
+
+    row_max = scaled.amax(dim=-1)
+    if use_min_p:
+        log_min_p = [math.log(row.min_p) if row.min_p > 0.0 else -math.inf for row in rows]
+        cutoffs = row_max + torch.tensor(log_min_p, dtype=torch.float32, device=device)
+    else:
+        cutoffs = torch.full((num_rows,), -math.inf, dtype=torch.float32, device=device)
+
+    if use_top_k:
+        k_rows = [i for i, k in enumerate(top_ks) if k]
+        k_index = _index_tensor(k_rows, device)
+        k_logits = scaled if len(k_rows) == num_rows else scaled.index_select(0, k_index)
+        ks = torch.tensor([top_ks[i] for i in k_rows], dtype=torch.int64, device=device)
+        best = k_logits.topk(max(top_ks), dim=-1).values
+        kth = best.gather(1, (ks - 1).unsqueeze(1)).squeeze(1)
+        cutoffs[k_index] = torch.maximum(cutoffs[k_index], kth)
+
+    if top_p_rows:
+        p_index = _index_tensor(top_p_rows, device)
+        p_logits = scaled if len(top_p_rows) == num_rows else scaled.index_select(0, p_index)
+        top_ps = torch.tensor([rows[i].top_p for i in top_p_rows], dtype=torch.float32, device=device)
+        lower = cutoffs[p_index]
+        nucleus = _top_p_cutoffs(p_logits, row_max[p_index], lower, top_ps)
+        cutoffs[p_index] = torch.maximum(lower, nucleus)
+    return cutoffs
+
+
+def _top_p_cutoffs(
+    logits: torch.Tensor, row_max: torch.Tensor, lower: torch.Tensor, top_ps: torch.Tensor
+) -> torch.Tensor:
+    """Logit of the last token in each row's nucleus, among tokens >= ``lower``.
+
+    The nucleus is the shortest most-likely-first prefix whose probability
+    (renormalised over the tokens that survived min_p and top_k) reaches top_p.
+    """
+    vocab_size = logits.shape[1]
+    unnormalised = (logits - row_max.unsqueeze(1)).exp_()
+    unnormalised.masked_fill_(logits < lower.unsqueeze(1), 0.0)
+    targets = top_ps * unnormalised.sum(dim=-1)
+
+    if logits.device.type != "cpu":
+        ordered = logits.sort(dim=-1, descending=True).values
+        return _nucleus_end(ordered, row_max, lower, targets)[0]
+
+    # CPU: widen the candidate set only for rows whose nucleus was not found yet.
+    # Checking coverage on the host is free here, as there is no device to wait for.
+    cutoffs = torch.empty_like(row_max)
+    pending = torch.arange(logits.shape[0])
+    widths = [w for w in _CPU_TOP_P_CANDIDATE_WIDTHS if w < vocab_size] + [vocab_size]
+    for width in widths:
+        candidates = logits if len(pending) == logits.shape[0] else logits.index_select(0, pending)
+        if width == vocab_size:
+            ordered = candidates.sort(dim=-1, descending=True).values
+        else:
+            ordered = candidates.topk(width, dim=-1).values
+        found, covered = _nucleus_end(ordered, row_max[pending], lower[pending], targets[pending])
+        if width == vocab_size:
+            cutoffs[pending] = found
+            break
+        cutoffs[pending[covered]] = found[covered]
+        pending = pending[~covered]
+        if not len(pending):
+            break
+    return cutoffs
+
+
+def _nucleus_end(
+    ordered: torch.Tensor, row_max: torch.Tensor, lower: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nucleus cutoff within descending ``ordered`` logits, and whether it was reached there."""
+    width = ordered.shape[1]
+    weights = (ordered - row_max.unsqueeze(1)).exp_()
+    weights.masked_fill_(ordered < lower.unsqueeze(1), 0.0)
+    cumulative = weights.cumsum(dim=-1)
+    # Tokens before the one whose cumulative mass reaches the target, plus that one.
+    keep = ((cumulative < targets.unsqueeze(1)).sum(dim=-1) + 1).clamp_(max=width)
+    cutoffs = ordered.gather(1, (keep - 1).unsqueeze(1)).squeeze(1)
+    return cutoffs, cumulative[:, -1] >= targets
+
+
+def _gather_logprobs(
+    logits: torch.Tensor, token_ids: torch.Tensor, rows: list[SamplingRow]
+) -> list[TokenLogprobs | None]:
+    """Raw logprob, rank and top-k alternatives for the rows that asked for them."""
+    wanted = [i for i, row in enumerate(rows) if row.num_logprobs is not None]
+    if not wanted:
+        return [None] * len(rows)
+    device = logits.device
+    vocab_size = logits.shape[1]
+    index = _index_tensor(wanted, device)
+    subset = logits if len(wanted) == len(rows) else logits.index_select(0, index)
+    logprobs = torch.log_softmax(subset.float(), dim=-1)
+    chosen = token_ids[index]
+    chosen_logprobs = logprobs.gather(1, chosen.unsqueeze(1))
+    ranks = (logprobs > chosen_logprobs).sum(dim=-1) + 1
+
+    top_count = min(max(rows[i].num_logprobs for i in wanted), vocab_size)
+    top_values: list[list[float]] = [[] for _ in wanted]
+    top_ids: list[list[int]] = [[] for _ in wanted]
+    if top_count > 0:
+        top = logprobs.topk(top_count, dim=-1)
+        top_values, top_ids = top.values.tolist(), top.indices.tolist()
+
+    result: list[TokenLogprobs | None] = [None] * len(rows)
+    for position, (row_id, token, logprob, rank) in enumerate(
+        zip(wanted, chosen.tolist(), chosen_logprobs.squeeze(1).tolist(), ranks.tolist())
+    ):
+        count = min(rows[row_id].num_logprobs, vocab_size)
+        top_pairs = list(zip(top_ids[position][:count], top_values[position][:count]))
+        result[row_id] = TokenLogprobs(token_id=token, logprob=logprob, rank=rank, top=top_pairs)
+    return result
+
+
+def _index_tensor(indices: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(indices, dtype=torch.int64, device=device)
+
+
+def _flat_token_index(
+    per_row_ids: list[Sequence[int]], vocab_size: int, device: torch.device
+) -> torch.Tensor | None:
+    """``row * vocab_size + token`` for every token of every row, or None if there are none.
+
+    Ids are checked on the host before upload: an out-of-range id would
+    otherwise silently land in a neighbouring row.
+    """
+    lengths = [len(ids) for ids in per_row_ids]
+    if not any(lengths):
+        return None
+    tokens = torch.cat(
+        [torch.as_tensor(ids, dtype=torch.int64).reshape(-1) for ids in per_row_ids if len(ids)]
+    ).cpu()
+    lowest, highest = int(tokens.min()), int(tokens.max())
+    if lowest < 0 or highest >= vocab_size:
+        bad = lowest if lowest < 0 else highest
+        raise ValueError(f"token id {bad} is outside the vocabulary of size {vocab_size}.")
+    offsets = torch.arange(len(per_row_ids), dtype=torch.int64) * vocab_size
+    tokens += torch.repeat_interleave(offsets, torch.tensor(lengths, dtype=torch.int64))
+    return tokens.to(device)
