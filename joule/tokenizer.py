@@ -1,0 +1,462 @@
+"""Tokenizer loading, encoding/decoding and chat templates, compatible with Hugging Face files.
+
+Joule serves a vLLM-compatible API, so prompts must tokenize to exactly the ids that
+``transformers.AutoTokenizer`` gives for the same directory, and chat templates must render to the
+identical string. We wrap the Rust ``tokenizers`` backend directly (fast, no transformers import at
+serving time) and reproduce the few places where transformers adds behaviour: which tokens count
+as special, and how the Jinja chat template is rendered.
+
+BOS/EOS: when ``tokenizer.json`` exists, transformers (v5) ignores ``add_bos_token`` and
+``add_eos_token`` in ``tokenizer_config.json``; the file's post-processor alone decides. So do we.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+import jinja2.utils
+import tokenizers
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+CHAT_TEMPLATE_DIR = "additional_chat_templates"
+
+# The named special tokens transformers exposes to chat templates, in its order.
+NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# Message fields that carry reasoning; transformers fills the first two from whichever is set.
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+class MissingChatTemplateError(ValueError):
+    """The model ships no chat template, so chat requests cannot be turned into a prompt."""
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+
+
+def _token_content(value: Any) -> str | None:
+    """A special token given as a string or as a serialized ``AddedToken`` dict."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
+        return value["content"]
+    raise ValueError(f"special token must be a string or a dict with 'content', got {value!r}")
+
+
+def _added_token(value: Any) -> tokenizers.AddedToken:
+    """An ``AddedToken`` for a special token from the config; plain strings are special and unnormalized."""
+    if isinstance(value, str):
+        return tokenizers.AddedToken(value, special=True, normalized=False)
+    options = {key: value[key] for key in ("lstrip", "rstrip", "single_word", "normalized") if key in value}
+    return tokenizers.AddedToken(value["content"], special=True, **options)
+
+
+def _chat_templates(directory: Path, config: Mapping) -> dict[str, str]:
+    """Named chat templates; template files take precedence over the config, as in transformers."""
+    from_files: dict[str, str] = {}
+    default_file = directory / CHAT_TEMPLATE_FILE
+    if default_file.is_file():
+        from_files["default"] = default_file.read_text(encoding="utf-8")
+    extra_dir = directory / CHAT_TEMPLATE_DIR
+    if extra_dir.is_dir():
+        for path in sorted(extra_dir.glob("*.jinja")):
+            from_files[path.name.removesuffix(".jinja")] = path.read_text(encoding="utf-8")
+    if from_files:
+        return from_files
+    template = config.get("chat_template")
+    if template is None:
+        return {}
+    if isinstance(template, str):
+        return {"default": template}
+    if isinstance(template, list):
+        return {entry["name"]: entry["template"] for entry in template}
+    raise ValueError(f"chat_template in {directory / TOKENIZER_CONFIG_FILE} must be a string or a list of templates")
+
+
+def _eos_ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, list) and all(isinstance(item, int) for item in value):
+        return list(value)
+    raise ValueError(f"eos_token_id in {GENERATION_CONFIG_FILE} must be an int or a list of ints, got {value!r}")
+
+
+def _clean_up_tokenization(text: str) -> str:
+    """transformers' optional space clean-up for WordPiece-style output (" ." -> ".")."""
+    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                          (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(before, after)
+    return text
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """Accepts ``{% generation %}...{% endgeneration %}`` (assistant-mask markers) and renders the body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_render_body"), [], [], body).set_lineno(lineno)
+
+    def _render_body(self, caller):
+        return caller()
+
+
+class _TemplateDict:
+    """``dict(...)`` for templates without exposing the ``dict`` type itself to the sandbox."""
+
+    def __call__(self, *args, **kwargs):
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args, **kwargs):
+        return dict.fromkeys(*args, **kwargs)
+
+
+class _TemplateNamespace(jinja2.utils.Namespace):
+    """A Jinja namespace that refuses underscore attributes, which could reach Python internals."""
+
+    def __init__(*args, **kwargs):
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _TemplateNamespace._check_name(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name, value):
+        _TemplateNamespace._check_name(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check_name(name):
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"chat templates cannot set underscore attribute {name!r}")
+
+
+def _raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # Jinja's own tojson HTML-escapes; chat templates expect plain JSON.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt):
+    return datetime.now().strftime(fmt)
+
+
+def make_chat_template_environment() -> ImmutableSandboxedEnvironment:
+    """The sandboxed Jinja environment chat templates expect (same options and helpers as transformers)."""
+    environment = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
+    )
+    environment.filters["tojson"] = _tojson
+    environment.globals.update(
+        raise_exception=_raise_exception,
+        strftime_now=_strftime_now,
+        dict=_TemplateDict(),
+        namespace=_TemplateNamespace,
+    )
+    return environment
+
+
+def _plain(value: Any) -> Any:
+    """Rebuild template inputs from plain JSON types so the sandbox never sees arbitrary objects."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    for base in (bool, str, int, float):
+        if isinstance(value, base):
+            return base(value)
+    if isinstance(value, Mapping):
+        return {_plain(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(item) for item in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {item.name: _plain(getattr(value, item.name)) for item in dataclasses.fields(value)}
+    if callable(getattr(value, "model_dump", None)):
+        return _plain(value.model_dump())
+    raise TypeError(f"chat template inputs must be JSON-like data, got {type(value).__name__}")
+
+
+def _join_text_parts(content: Any) -> Any:
+    """Content given as OpenAI-style parts becomes one string (text parts joined by newlines, as vLLM does)."""
+    if not isinstance(content, list):
+        return content
+    texts = []
+    for part in content:
+        if isinstance(part, str):
+            texts.append(part)
+        elif isinstance(part, Mapping) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        else:
+            raise ValueError(f"only text content parts are supported in chat messages, got {part!r}")
+    return "\n".join(texts)
+
+
+def _normalize_messages(conversation: Any) -> list[dict]:
+    if hasattr(conversation, "messages"):
+        conversation = conversation.messages
+    if isinstance(conversation, (str, bytes)) or not isinstance(conversation, Sequence):
+        raise TypeError("messages must be a list of message dicts")
+    if not conversation:
+        raise ValueError("cannot apply a chat template to an empty conversation")
+    messages = []
+    for raw in conversation:
+        message = _plain(raw)
+        if not isinstance(message, dict):
+            raise TypeError(f"each chat message must be a dict, got {raw!r}")
+        # OpenAI-style clients send null fields; templates handle a missing key but not a None.
+        message = {key: value for key, value in message.items() if value is not None}
+        if "content" in message:
+            message["content"] = _join_text_parts(message["content"])
+        reasoning = next((message[key] for key in _REASONING_FIELDS if message.get(key) is not None), None)
+        if reasoning is not None:
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+        messages.append(message)
+    return messages
+
+
+class Tokenizer:
+    """A Hugging Face fast tokenizer plus the config that changes how it behaves.
+
+    Build with :meth:`from_pretrained`; results match ``transformers.AutoTokenizer`` for the same files.
+    """
+
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        special_tokens: Mapping[str, str | None] | None = None,
+        chat_templates: Mapping[str, str] | None = None,
+        generation_eos_token_ids: Iterable[int] = (),
+        clean_up_tokenization_spaces: bool = False,
+        name_or_path: str = "",
+    ) -> None:
+        self.backend = backend
+        self.special_tokens = {name: (special_tokens or {}).get(name) for name in NAMED_SPECIAL_TOKENS}
+        self.chat_templates = dict(chat_templates or {})
+        self.name_or_path = name_or_path
+        self._generation_eos_ids = tuple(generation_eos_token_ids)
+        # transformers skips this clean-up for BPE models because it corrupts their output.
+        self._clean_up = clean_up_tokenization_spaces and type(backend.model).__name__ != "BPE"
+        self._environment = make_chat_template_environment()
+        self._compiled: dict[str, jinja2.Template] = {}
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> Tokenizer:
+        """Load ``tokenizer.json`` with its ``tokenizer_config.json`` and ``generation_config.json``."""
+        directory = Path(path)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"tokenizer directory {directory} does not exist")
+        tokenizer_file = directory / TOKENIZER_FILE
+        if not tokenizer_file.is_file():
+            raise FileNotFoundError(
+                f"tokenizer directory {directory} has no {TOKENIZER_FILE} (expected {tokenizer_file}); "
+                "Joule needs a Hugging Face fast-tokenizer file"
+            )
+        backend = tokenizers.Tokenizer.from_file(str(tokenizer_file))
+        # transformers only pads/truncates when a call asks for it; a bare encode does neither.
+        backend.no_truncation()
+        backend.no_padding()
+        config = _read_json(directory / TOKENIZER_CONFIG_FILE)
+        if "added_tokens_decoder" not in config:
+            # Older repos keep special tokens in a separate file.
+            config = {**_read_json(directory / SPECIAL_TOKENS_MAP_FILE), **config}
+        _add_configured_tokens(backend, config)
+        special = {name: _token_content(config.get(name)) for name in NAMED_SPECIAL_TOKENS}
+        generation = _read_json(directory / GENERATION_CONFIG_FILE)
+        return cls(
+            backend,
+            special_tokens=special,
+            chat_templates=_chat_templates(directory, config),
+            generation_eos_token_ids=_eos_ids(generation.get("eos_token_id")),
+            clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
+            name_or_path=str(directory),
+        )
+
+    # -- encoding -------------------------------------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids for ``text``; ``add_special_tokens`` adds BOS/EOS as the model's config asks."""
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Text for ``ids``; bytes of an incomplete UTF-8 character come out as U+FFFD."""
+        text = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return _clean_up_tokenization(text) if self._clean_up else text
+
+    def convert_ids_to_tokens(self, ids: int | Iterable[int]) -> str | None | list[str | None]:
+        """Vocabulary strings of ids (byte-level tokens stay in their byte alphabet, e.g. ``Ġ``)."""
+        if isinstance(ids, int):
+            return self.backend.id_to_token(ids)
+        return [self.backend.id_to_token(token_id) for token_id in ids]
+
+    def convert_tokens_to_ids(self, tokens: str | Iterable[str]) -> int | None | list[int | None]:
+        if isinstance(tokens, str):
+            return self.backend.token_to_id(tokens)
+        return [self.backend.token_to_id(token) for token in tokens]
+
+    # -- vocabulary and special tokens -----------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added tokens included (``len()`` of a transformers tokenizer)."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def _special_id(self, name: str) -> int | None:
+        token = self.special_tokens.get(name)
+        return None if token is None else self.backend.token_to_id(token)
+
+    @property
+    def bos_token(self) -> str | None:
+        return self.special_tokens["bos_token"]
+
+    @property
+    def eos_token(self) -> str | None:
+        return self.special_tokens["eos_token"]
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._special_id("bos_token")
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._special_id("eos_token")
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._special_id("pad_token")
+
+    @property
+    def unk_token_id(self) -> int | None:
+        return self._special_id("unk_token")
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """Every id that ends generation: the tokenizer's EOS plus generation_config's eos ids."""
+        ids = set(self._generation_eos_ids)
+        if self.eos_token_id is not None:
+            ids.add(self.eos_token_id)
+        return frozenset(ids)
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        """Ids that ``decode(..., skip_special_tokens=True)`` drops (all special added tokens)."""
+        return sorted(token_id for token_id, token in self.backend.get_added_tokens_decoder().items() if token.special)
+
+    # -- chat templates --------------------------------------------------------------------------
+    def get_chat_template(self, chat_template: str | None = None, tools: list | None = None) -> str:
+        """The template text: a name among the model's templates, a literal template, or the default."""
+        if chat_template is not None:
+            return self.chat_templates.get(chat_template, chat_template)
+        if not self.chat_templates:
+            raise MissingChatTemplateError(
+                f"the model at {self.name_or_path or '<in memory>'} has no chat template "
+                "(no chat_template in tokenizer_config.json and no chat_template.jinja); "
+                "pass a template explicitly or use the completions API"
+            )
+        if tools is not None and "tool_use" in self.chat_templates:
+            return self.chat_templates["tool_use"]
+        if "default" in self.chat_templates:
+            return self.chat_templates["default"]
+        if len(self.chat_templates) == 1:
+            return next(iter(self.chat_templates.values()))
+        raise MissingChatTemplateError(
+            f"the model has several chat templates and none named 'default': {sorted(self.chat_templates)}"
+        )
+
+    def apply_chat_template(
+        self,
+        messages: Any,
+        add_generation_prompt: bool = True,
+        tokenize: bool = False,
+        tools: list[dict] | None = None,
+        *,
+        chat_template: str | None = None,
+        documents: list[dict] | None = None,
+        continue_final_message: bool = False,
+        **kwargs: Any,
+    ) -> str | list[int]:
+        """Render a conversation into the prompt string (or its ids, encoded without added BOS/EOS)."""
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be set")
+        template = self.get_chat_template(chat_template, tools)
+        compiled = self._compiled.get(template)
+        if compiled is None:
+            compiled = self._compiled[template] = self._environment.from_string(template)
+        chat = _normalize_messages(messages)
+        final_text = None
+        if continue_final_message:
+            final_text = chat[-1].get("content")
+            if not isinstance(final_text, str):
+                raise ValueError("continue_final_message needs a final message with text content")
+            chat[-1]["content"] = final_text + _CONTINUE_TAG
+        named = {name: token for name, token in self.special_tokens.items() if token is not None}
+        rendered = compiled.render(
+            messages=chat,
+            tools=_plain(list(tools)) if tools is not None else None,
+            documents=_plain(documents),
+            add_generation_prompt=add_generation_prompt,
+            **{**named, **_plain(kwargs)},
+        )
+        if final_text is not None:
+            rendered = _cut_at_continue_tag(rendered, final_text)
+        return self.encode(rendered, add_special_tokens=False) if tokenize else rendered
+
+
+def _cut_at_continue_tag(rendered: str, final_text: str) -> str:
+    """Drop what the template wrote after the final message so the model continues it."""
+    tag = _CONTINUE_TAG.strip()
+    if final_text.strip() not in rendered or tag not in rendered:
+        raise ValueError("continue_final_message is set but the chat template dropped the final message text")
+    location = rendered.rindex(tag)
+    if rendered[location : location + len(_CONTINUE_TAG)] == _CONTINUE_TAG:
+        return rendered[:location]
+    return rendered[:location].rstrip()
+
+
+def _add_configured_tokens(backend: tokenizers.Tokenizer, config: Mapping) -> None:
+    """Register the config's added and special tokens with the backend, as transformers does on load."""
+    present = {(token.content, token.special) for token in backend.get_added_tokens_decoder().values()}
+    decoder = config.get("added_tokens_decoder") or {}
+    missing = []
+    for _, entry in sorted(decoder.items(), key=lambda item: int(item[0])):
+        options = {key: entry[key] for key in ("lstrip", "rstrip", "single_word", "normalized", "special") if key in entry}
+        if (entry["content"], bool(entry.get("special", False))) not in present:
+            missing.append(tokenizers.AddedToken(entry["content"], **options))
+    if missing:
+        backend.add_tokens(missing)
+    named = [config[name] for name in NAMED_SPECIAL_TOKENS if config.get(name) is not None]
+    extra = config.get("extra_special_tokens", config.get("additional_special_tokens")) or []
+    if isinstance(extra, Mapping):  # model-specific named tokens, e.g. {"image_token": "<image>"}
+        extra = list(extra.values())
+    special = [_added_token(value) for value in [*named, *extra]]
+    present = {(token.content, token.special) for token in backend.get_added_tokens_decoder().values()}
+    special = [token for token in special if (token.content, True) not in present]
+    if special:
+        backend.add_special_tokens(special)
