@@ -62,7 +62,7 @@ def resolve_model_path(model: str | None) -> Path:
             from joule.model.gguf_loader import convert_gguf
 
             return convert_gguf(gguf_files[0])
-        raise ModelLoadError(f"no config.json in model directory {path.resolve()} (looked for {path / 'config.json'})")
+        raise ModelLoadError(f"no config.json in model directory {path.resolve()} (looked for {path.resolve() / 'config.json'})")
     if _HUB_ID_PATTERN.match(model) and not model.startswith((".", "~")):
         return _download_from_hub(model)
     raise ModelLoadError(
@@ -217,7 +217,7 @@ def _download_from_hub(repo_id: str) -> Path:
                 f"{repo_id!r} is not a local path, and the Hugging Face hub refused it: {error}"
             ) from None
         except Exception as error:  # connection failures surface as several httpx/hub error types
-            reason = f"the hub could not be reached ({type(error).__name__})"
+            reason = f"the hub could not be reached: {type(error).__name__}"
     try:
         return Path(snapshot_download(
             repo_id, allow_patterns=HUB_ALLOW_PATTERNS, cache_dir=cache_dir, local_files_only=True
