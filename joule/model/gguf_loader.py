@@ -78,7 +78,8 @@ def convert_gguf(gguf_path: str | Path) -> Path:
         return target
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    _remove_abandoned_staging(target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", dir=target.parent))
     try:
         logger.info("converting %s into %s", gguf_path, target)
         write_hf_directory(gguf_path, staging)
@@ -92,6 +93,25 @@ def convert_gguf(gguf_path: str | Path) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def _remove_abandoned_staging(target: Path) -> None:
+    """Delete staging directories left by conversions whose process died (killed mid-write)."""
+    prefix = f".{target.name}."
+    for staging in target.parent.glob(f"{prefix}*"):
+        pid_text = staging.name[len(prefix):].split(".", 1)[0]
+        if pid_text.isdigit() and not _process_alive(int(pid_text)):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_hf_directory(gguf_path: Path, out_dir: Path) -> None:

@@ -223,3 +223,21 @@ def test_corrupt_gguf_names_the_file(tmp_path, monkeypatch):
     with pytest.raises(ModelLoadError, match=r"broken\.gguf"):
         resolve_model_path(str(path))
     assert os.listdir(tmp_path / "cache" / "models") == []
+
+
+def test_abandoned_staging_directory_is_cleaned_up(tmp_path, monkeypatch):
+    monkeypatch.setenv("JOULE_CACHE_DIR", str(tmp_path / "cache"))
+    config = transformers.LlamaConfig(**TINY, num_key_value_heads=2)
+    torch.manual_seed(0)
+    gguf_path = tmp_path / "tiny.gguf"
+    write_gguf(gguf_path, "llama", transformers.LlamaForCausalLM(config), config)
+    from joule.model.gguf_loader import converted_directory
+
+    target = converted_directory(gguf_path)
+    target.parent.mkdir(parents=True)
+    dead_pid = 2**22 + 12345  # above the default pid_max, so no live process has it
+    abandoned = target.parent / f".{target.name}.{dead_pid}.abc123"
+    abandoned.mkdir()
+    (abandoned / "model.safetensors").write_bytes(b"half written")
+    assert resolve_model_path(str(gguf_path)) == target
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name]
