@@ -157,25 +157,32 @@ class Sampler:
     def _sample_rows(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """Temperature, filters and the exponential race for non-greedy rows."""
         device = logits.device
-        temperatures = torch.tensor([row.temperature for row in rows], dtype=torch.float32, device=device)
+        temperatures = _row_values([row.temperature for row in rows], device)
         scaled = logits / temperatures.unsqueeze(1)
         cutoffs = filter_cutoffs(scaled, rows)
         if cutoffs is not None:
             scaled.masked_fill_(scaled < cutoffs.unsqueeze(1), -math.inf)
 
-        # Uniform noise, turned into Exponential(1) and then into log space.
+        # argmax(probs / E) == argmax(scaled - log E) for E ~ Exponential(1).
         noise = torch.empty_like(scaled)
         num_unseeded = sum(1 for row in rows if row.seed is None)
         if num_unseeded:
-            noise[:num_unseeded].uniform_(generator=self._generator_for(device))
+            _log_exponential_(noise[:num_unseeded].uniform_(generator=self._generator_for(device)))
         for position in range(num_unseeded, len(rows)):
+            # Transformed row by row too: a vectorised loop may round its tail
+            # elements differently, and where the tail falls must not depend
+            # on the batch.
             row = rows[position]
             generator = torch.Generator(device=device)
             generator.manual_seed(mix_seed(row.seed, len(row.output_token_ids)))
-            noise[position].uniform_(generator=generator)
-        tiny = torch.finfo(noise.dtype).tiny
-        noise.clamp_(min=tiny).log_().neg_().clamp_(min=tiny).log_()
+            _log_exponential_(noise[position].uniform_(generator=generator))
         return scaled.sub_(noise).argmax(dim=-1)
+
+
+def _log_exponential_(uniform: torch.Tensor) -> None:
+    """In place: U(0, 1) samples -> log of Exponential(1) samples, never +-inf or NaN."""
+    tiny = torch.finfo(uniform.dtype).tiny
+    uniform.clamp_(min=tiny).log_().neg_().clamp_(min=tiny).log_()
 
 
 def apply_bans_and_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -183,56 +190,52 @@ def apply_bans_and_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> t
 
     Returns ``logits`` itself (as float32) when no row needs any of them, else a
     new tensor; the caller's logits are never modified, so raw logprobs stay raw.
+    Work is proportional to the token histories, not to rows x vocabulary: only
+    the (row, token) positions that occurred are gathered and updated.
     """
-    num_rows, vocab_size = logits.shape
+    vocab_size = logits.shape[1]
     banned = [row.banned_token_ids for row in rows]
-    penalized = [i for i, row in enumerate(rows) if row.has_penalties]
-    if not penalized and not any(len(ids) for ids in banned):
+    if not any(row.has_penalties for row in rows) and not any(len(ids) for ids in banned):
         return logits.float()
     device = logits.device
     result = logits.to(torch.float32, copy=True)
+    flat = result.view(-1)
 
-    banned_index = _flat_token_index(banned, vocab_size, device)
+    banned_index = _flat_token_index(banned, vocab_size, device, skip_out_of_range=True)
     if banned_index is not None:
-        result.view(-1).index_fill_(0, banned_index, -math.inf)
-    if not penalized:
-        return result
+        flat.index_fill_(0, banned_index, -math.inf)
 
-    penalized_rows = [rows[i] for i in penalized]
-    all_rows = len(penalized) == num_rows
-    row_index = None if all_rows else _index_tensor(penalized, device)
-    subset = result if all_rows else result.index_select(0, row_index)
-    params = torch.tensor(
-        [[r.repetition_penalty, r.frequency_penalty, r.presence_penalty] for r in penalized_rows],
-        dtype=torch.float32,
-        device=device,
-    )
-    counts = torch.zeros_like(subset)
-    output_index = _flat_token_index([r.output_token_ids for r in penalized_rows], vocab_size, device)
-    if output_index is not None:
-        counts.view(-1).scatter_add_(
-            0, output_index, torch.ones(output_index.shape, dtype=counts.dtype, device=device)
-        )
-    occurred = counts > 0
+    repeating = [row.repetition_penalty != 1.0 for row in rows]
+    if any(repeating):
+        # Every occurrence in prompt or output; duplicates all write the same value.
+        occurred = [
+            index
+            for field in ("prompt_token_ids", "output_token_ids")
+            if (index := _history_index(rows, field, repeating, vocab_size, device)) is not None
+        ]
+        if occurred:
+            seen = torch.cat(occurred)
+            penalties = _row_values([row.repetition_penalty for row in rows], device)[seen // vocab_size]
+            values = flat[seen]
+            flat[seen] = torch.where(values > 0, values / penalties, values * penalties)
 
-    if any(r.repetition_penalty != 1.0 for r in penalized_rows):
-        prompt_index = _flat_token_index(
-            [r.prompt_token_ids if r.repetition_penalty != 1.0 else () for r in penalized_rows],
-            vocab_size,
-            device,
-        )
-        seen = occurred.clone()
-        if prompt_index is not None:
-            seen.view(-1).index_fill_(0, prompt_index, True)
-        repetition = params[:, 0:1]
-        repeated = torch.where(subset > 0, subset / repetition, subset * repetition)
-        subset = torch.where(seen, repeated, subset)
-    if any(r.frequency_penalty != 0.0 or r.presence_penalty != 0.0 for r in penalized_rows):
-        subset = subset - (params[:, 1:2] * counts + params[:, 2:3] * occurred)
-
-    if all_rows:
-        return subset
-    result.index_copy_(0, row_index, subset)
+    additive = [row.frequency_penalty != 0.0 or row.presence_penalty != 0.0 for row in rows]
+    if any(additive):
+        outputs = _history_index(rows, "output_token_ids", additive, vocab_size, device)
+        if outputs is not None:
+            # Sorted, each (row, token) is one run: its first element carries
+            # frequency * count + presence, the rest add exact zeros, so the
+            # result does not depend on the order duplicates are added in.
+            ordered = outputs.sort().values
+            run_ends = torch.searchsorted(ordered, ordered, right=True)
+            counts = run_ends - torch.searchsorted(ordered, ordered)
+            first = torch.ones_like(ordered, dtype=torch.bool)
+            first[1:] = ordered[1:] != ordered[:-1]
+            owners = ordered // vocab_size
+            frequency = _row_values([row.frequency_penalty for row in rows], device)[owners]
+            presence = _row_values([row.presence_penalty for row in rows], device)[owners]
+            deltas = torch.where(first, frequency * counts + presence, 0.0)
+            flat.index_add_(0, ordered, -deltas)
     return result
 
 
@@ -256,7 +259,7 @@ def filter_cutoffs(scaled: torch.Tensor, rows: list[SamplingRow]) -> torch.Tenso
     row_max = scaled.amax(dim=-1)
     if use_min_p:
         log_min_p = [math.log(row.min_p) if row.min_p > 0.0 else -math.inf for row in rows]
-        cutoffs = row_max + torch.tensor(log_min_p, dtype=torch.float32, device=device)
+        cutoffs = row_max + _row_values(log_min_p, device)
     else:
         cutoffs = torch.full((num_rows,), -math.inf, dtype=torch.float32, device=device)
 
@@ -272,7 +275,7 @@ def filter_cutoffs(scaled: torch.Tensor, rows: list[SamplingRow]) -> torch.Tenso
     if top_p_rows:
         p_index = _index_tensor(top_p_rows, device)
         p_logits = scaled if len(top_p_rows) == num_rows else scaled.index_select(0, p_index)
-        top_ps = torch.tensor([rows[i].top_p for i in top_p_rows], dtype=torch.float32, device=device)
+        top_ps = _row_values([rows[i].top_p for i in top_p_rows], device)
         lower = cutoffs[p_index]
         nucleus = _top_p_cutoffs(p_logits, row_max[p_index], lower, top_ps)
         cutoffs[p_index] = torch.maximum(lower, nucleus)
@@ -288,9 +291,11 @@ def _top_p_cutoffs(
     (renormalised over the tokens that survived min_p and top_k) reaches top_p.
     """
     vocab_size = logits.shape[1]
-    unnormalised = (logits - row_max.unsqueeze(1)).exp_()
+    # Float64, so that a seeded row's nucleus cannot change with the rounding
+    # of a batch-shaped reduction: the boundary would have to fall within 1e-16.
+    unnormalised = (logits.double() - row_max.double().unsqueeze(1)).exp_()
     unnormalised.masked_fill_(logits < lower.unsqueeze(1), 0.0)
-    targets = top_ps * unnormalised.sum(dim=-1)
+    targets = top_ps.double() * unnormalised.sum(dim=-1)
 
     if logits.device.type != "cpu":
         ordered = logits.sort(dim=-1, descending=True).values
@@ -323,7 +328,7 @@ def _nucleus_end(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Nucleus cutoff within descending ``ordered`` logits, and whether it was reached there."""
     width = ordered.shape[1]
-    weights = (ordered - row_max.unsqueeze(1)).exp_()
+    weights = (ordered.double() - row_max.double().unsqueeze(1)).exp_()
     weights.masked_fill_(ordered < lower.unsqueeze(1), 0.0)
     cumulative = weights.cumsum(dim=-1)
     # Tokens before the one whose cumulative mass reaches the target, plus that one.
@@ -369,13 +374,30 @@ def _index_tensor(indices: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(indices, dtype=torch.int64, device=device)
 
 
+def _row_values(values: list[float], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def _history_index(
+    rows: list[SamplingRow], field: str, selected: list[bool], vocab_size: int, device: torch.device
+) -> torch.Tensor | None:
+    """Flat indices of one token-history field, for the selected rows only."""
+    per_row = [getattr(row, field) if chosen else () for row, chosen in zip(rows, selected)]
+    return _flat_token_index(per_row, vocab_size, device)
+
+
 def _flat_token_index(
-    per_row_ids: list[Sequence[int]], vocab_size: int, device: torch.device
+    per_row_ids: list[Sequence[int]],
+    vocab_size: int,
+    device: torch.device,
+    *,
+    skip_out_of_range: bool = False,
 ) -> torch.Tensor | None:
     """``row * vocab_size + token`` for every token of every row, or None if there are none.
 
     Ids are checked on the host before upload: an out-of-range id would
-    otherwise silently land in a neighbouring row.
+    otherwise silently land in a neighbouring row. With ``skip_out_of_range``
+    they are dropped instead (a banned id the model cannot produce needs no ban).
     """
     lengths = [len(ids) for ids in per_row_ids]
     if not any(lengths):
@@ -383,10 +405,14 @@ def _flat_token_index(
     tokens = torch.cat(
         [torch.as_tensor(ids, dtype=torch.int64).reshape(-1) for ids in per_row_ids if len(ids)]
     ).cpu()
-    lowest, highest = int(tokens.min()), int(tokens.max())
-    if lowest < 0 or highest >= vocab_size:
-        bad = lowest if lowest < 0 else highest
-        raise ValueError(f"token id {bad} is outside the vocabulary of size {vocab_size}.")
     offsets = torch.arange(len(per_row_ids), dtype=torch.int64) * vocab_size
-    tokens += torch.repeat_interleave(offsets, torch.tensor(lengths, dtype=torch.int64))
-    return tokens.to(device)
+    offsets = torch.repeat_interleave(offsets, torch.tensor(lengths, dtype=torch.int64))
+    in_range = (tokens >= 0) & (tokens < vocab_size)
+    if not bool(in_range.all()):
+        if not skip_out_of_range:
+            bad = int(tokens[~in_range][0])
+            raise ValueError(f"token id {bad} is outside the vocabulary of size {vocab_size}.")
+        tokens, offsets = tokens[in_range], offsets[in_range]
+        if not tokens.numel():
+            return None
+    return (tokens + offsets).to(device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 import time
 
 import pytest
@@ -77,6 +78,15 @@ def test_banned_tokens_never_chosen():
     assert set(tokens) == {5, 6, 7, 8, 9}
 
 
+def test_out_of_range_banned_ids_are_ignored():
+    # A stop id the model cannot produce needs no ban; it must not hit a neighbouring row.
+    logits = torch.tensor([[0.0, 1.0, 5.0], [9.0, 0.0, 0.0]])
+    rows = [SamplingRow(temperature=0.0, banned_token_ids=[3, 2, -1]), SamplingRow(temperature=0.0)]
+    assert Sampler().sample(logits, rows).token_ids == [1, 0]
+    rows = [SamplingRow(temperature=0.0, banned_token_ids=[3]), SamplingRow(temperature=0.0)]
+    assert Sampler().sample(logits, rows).token_ids == [2, 0]
+
+
 def test_empty_batch():
     output = Sampler().sample(torch.zeros(0, 10), [])
     assert output.token_ids == [] and output.logprobs == []
@@ -88,8 +98,6 @@ def test_invalid_inputs_raise_value_error():
         sampler.sample(torch.zeros(3, 10), [SamplingRow(temperature=0.0)] * 2)
     with pytest.raises(ValueError, match="vocab_size"):
         sampler.sample(torch.zeros(10), [SamplingRow(temperature=0.0)])
-    with pytest.raises(ValueError, match="outside the vocabulary"):
-        sampler.sample(torch.zeros(1, 10), [SamplingRow(temperature=0.0, banned_token_ids=[10])])
     with pytest.raises(ValueError, match="outside the vocabulary"):
         sampler.sample(
             torch.zeros(1, 10), [SamplingRow(temperature=0.0, presence_penalty=1.0, output_token_ids=[-1])]
@@ -313,6 +321,33 @@ def test_seeded_rows_independent_of_batch_composition():
             assert chosen == solo[target_index], (trial, target_index)
 
 
+def test_many_seeded_rows_match_solo_runs_when_shuffled():
+    chooser = random.Random(0)
+    vocab = 5000
+    logits = _random_logits(48, vocab, seed=13, scale=1.5)
+    rows = [
+        SamplingRow(
+            temperature=chooser.choice([0.0, 0.5, 1.0, 1.7]),
+            top_p=chooser.choice([1.0, 0.3, 0.9, 0.995]),
+            top_k=chooser.choice([-1, 0, 1, 40, 2000]),
+            min_p=chooser.choice([0.0, 0.0, 0.1]),
+            repetition_penalty=chooser.choice([1.0, 1.3]),
+            frequency_penalty=chooser.choice([0.0, 0.5]),
+            presence_penalty=chooser.choice([0.0, -0.4]),
+            seed=chooser.randrange(1 << 40),
+            prompt_token_ids=[chooser.randrange(vocab) for _ in range(30)],
+            output_token_ids=[chooser.randrange(vocab) for _ in range(chooser.randrange(20))],
+        )
+        for _ in range(48)
+    ]
+    solo = [Sampler().sample(logits[i : i + 1], [row]).token_ids[0] for i, row in enumerate(rows)]
+    assert Sampler().sample(logits, rows).token_ids == solo
+    order = list(range(48))
+    chooser.shuffle(order)
+    shuffled = Sampler().sample(logits[order], [rows[i] for i in order]).token_ids
+    assert shuffled == [solo[i] for i in order]
+
+
 def test_seeded_noise_depends_on_seed_and_step():
     logits = torch.zeros(1, 1000)
     sampler = Sampler()
@@ -396,9 +431,14 @@ def test_large_batch_is_fast_on_cpu():
     ]
     sampler = Sampler()
     sampler.sample(logits, rows)  # warm-up
-    start = time.perf_counter()
-    sampler.sample(logits, rows)
-    assert time.perf_counter() - start < 2.0  # ~0.1 s on 2 idle cores; loose for shared machines
+    # CPU time rather than wall time, best of three: other work on a shared machine
+    # must not fail this. About 0.1-0.2 s of CPU on two idle cores.
+    costs = []
+    for _ in range(3):
+        start = time.process_time()
+        sampler.sample(logits, rows)
+        costs.append(time.process_time() - start)
+    assert min(costs) < 1.5
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
