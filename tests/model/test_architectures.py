@@ -50,7 +50,7 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """name -> (transformers model, our loaded model); built lazily, once per module."""
+    """name -> (transformers model, our loaded model, checkpoint directory); built lazily, once per module."""
     built = {}
 
     def get(name):
@@ -62,7 +62,7 @@ def checkpoints(tmp_path_factory):
             randomize(reference, seed=len(built) + 1)
             directory = tmp_path_factory.mktemp(name)
             reference.save_pretrained(directory)
-            built[name] = (reference, load_model(str(directory), torch.float32, "cpu").model)
+            built[name] = (reference, load_model(str(directory), torch.float32, "cpu").model, directory)
         return built[name]
 
     return get
@@ -74,9 +74,10 @@ class PagedRunner:
     def __init__(self, model, num_blocks: int = 48, seed: int = 0):
         config = model.config
         self.model = model
+        self.device = next(model.parameters()).device
         self.cache = KVCache.allocate(
             config.num_hidden_layers, num_blocks, BLOCK_SIZE, config.num_key_value_heads,
-            config.head_dim, torch.float32, "cpu",
+            config.head_dim, next(model.parameters()).dtype, self.device,
         )
         self.free_blocks = list(range(num_blocks))
         random.Random(seed).shuffle(self.free_blocks)
@@ -102,18 +103,19 @@ class PagedRunner:
             block_tables[row, : len(table)] = torch.tensor(table)
         query_lengths = [len(tokens) for _, tokens, _ in chunks]
         context_lengths = [start for _, _, start in chunks]
+        device = self.device
         metadata = AttentionMetadata(
-            query_start_locations=torch.tensor([0] + torch.tensor(query_lengths).cumsum(0).tolist()),
-            slot_mapping=torch.tensor(slots),
-            block_tables=block_tables,
+            query_start_locations=torch.tensor([0] + torch.tensor(query_lengths).cumsum(0).tolist(), device=device),
+            slot_mapping=torch.tensor(slots, device=device),
+            block_tables=block_tables.to(device),
             query_lengths=query_lengths,
             context_lengths=context_lengths,
             sequence_lengths=[c + q for c, q in zip(context_lengths, query_lengths)],
         )
         context = ForwardContext(self.backend, self.cache, metadata)
         with torch.no_grad():
-            hidden = self.model(torch.tensor(input_ids), torch.tensor(positions), context)
-            logits = self.model.compute_logits(hidden)
+            hidden = self.model(torch.tensor(input_ids, device=device), torch.tensor(positions, device=device), context)
+            logits = self.model.compute_logits(hidden).cpu()
         return list(logits.split(query_lengths))
 
 
@@ -133,7 +135,7 @@ def assert_logits_close(ours: torch.Tensor, expected: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_single_prefill_matches_transformers(checkpoints, name):
-    reference, model = checkpoints(name)
+    reference, model, _ = checkpoints(name)
     tokens = prompt(1, 19)
     (logits,) = PagedRunner(model).step([(0, tokens, 0)])
     assert logits.dtype == torch.float32
@@ -142,7 +144,7 @@ def test_single_prefill_matches_transformers(checkpoints, name):
 
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_chunked_prefill_matches_transformers(checkpoints, name):
-    reference, model = checkpoints(name)
+    reference, model, _ = checkpoints(name)
     tokens = prompt(2, 23)
     expected = reference_logits(reference, tokens)
     runner = PagedRunner(model, seed=1)
@@ -156,7 +158,7 @@ def test_chunked_prefill_matches_transformers(checkpoints, name):
 
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_mixed_decode_and_chunks_batch_matches_transformers(checkpoints, name):
-    reference, model = checkpoints(name)
+    reference, model, _ = checkpoints(name)
     sequences = {0: prompt(3, 14), 1: prompt(4, 17), 2: prompt(5, 11)}
     expected = {sid: reference_logits(reference, tokens) for sid, tokens in sequences.items()}
     # Each step: (sequence, start, length). Sequence 0 decodes while others prefill in chunks.
@@ -182,6 +184,31 @@ def test_mixed_decode_and_chunks_batch_matches_transformers(checkpoints, name):
 
 def test_parameter_count_matches_transformers(checkpoints):
     for name in ARCHITECTURES:
-        reference, model = checkpoints(name)
+        reference, model, _ = checkpoints(name)
         expected = sum(p.numel() for p in reference.parameters())  # tied weights counted once
         assert model.config.num_parameters == expected == sum(p.numel() for p in model.parameters()), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+@pytest.mark.parametrize("name", ["llama3-rope-scaling", "qwen3-qknorm-headdim32-gqa4", "qwen2-bias-tied"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_mixed_batch_is_as_accurate_as_transformers(checkpoints, name, dtype):
+    """On CUDA our error against float32 CPU logits is no worse than transformers' own in ``dtype``."""
+    reference, _, directory = checkpoints(name)
+    model = load_model(str(directory), dtype, "cuda").model
+    sequences = {0: prompt(6, 13), 1: prompt(7, 9)}
+    expected = {sid: reference_logits(reference, tokens) for sid, tokens in sequences.items()}
+    reference_on_device = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).cuda().eval()
+    with torch.no_grad():
+        theirs = {sid: reference_on_device(torch.tensor([tokens], device="cuda")).logits[0].float().cpu()
+                  for sid, tokens in sequences.items()}
+    runner = PagedRunner(model, seed=3)
+    ours = {0: [], 1: []}
+    for step in ([(0, 0, 7), (1, 0, 4)], [(0, 7, 1), (1, 4, 5)], [(0, 8, 5)]):
+        chunks = [(sid, sequences[sid][start : start + length], start) for sid, start, length in step]
+        for (sid, _, _), logits in zip(step, runner.step(chunks)):
+            ours[sid].append(logits)
+    for sid in sequences:
+        our_error = (torch.cat(ours[sid]) - expected[sid]).abs().max().item()
+        their_error = (theirs[sid] - expected[sid]).abs().max().item()
+        assert our_error <= 2 * their_error + 1e-3, (sid, our_error, their_error)

@@ -25,7 +25,10 @@ def reference_attention(query, keys, values, context_length, scale):
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), values)
 
 
-def run_step(sequences, steps, num_heads, num_kv_heads, head_dim, block_size, dtype=torch.float32):
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+def run_step(sequences, steps, num_heads, num_kv_heads, head_dim, block_size, dtype=torch.float32, device="cpu"):
     """Write each sequence's context into a shuffled paged cache, then attend its new rows in one step.
 
     ``steps`` is a list of (context_length, query_length), one per sequence; ``sequences``
@@ -33,7 +36,7 @@ def run_step(sequences, steps, num_heads, num_kv_heads, head_dim, block_size, dt
     """
     generator = random.Random(len(steps) * 1000 + block_size)
     num_blocks = sum(-(-(c + q) // block_size) for c, q in steps) + 3  # a few never-used blocks
-    cache = KVCache.allocate(1, num_blocks, block_size, num_kv_heads, head_dim, dtype, "cpu")
+    cache = KVCache.allocate(1, num_blocks, block_size, num_kv_heads, head_dim, dtype, device)
     free_blocks = list(range(num_blocks))
     generator.shuffle(free_blocks)
     tables = []
@@ -49,8 +52,8 @@ def run_step(sequences, steps, num_heads, num_kv_heads, head_dim, block_size, dt
     queries, keys, values, slots = [], [], [], []
     for (query, key, value), table, (context_length, query_length) in zip(sequences, tables, steps):
         for position in range(context_length):
-            flat_keys[slot(table, position)] = key[position].to(dtype)
-            flat_values[slot(table, position)] = value[position].to(dtype)
+            flat_keys[slot(table, position)] = key[position].to(device, dtype)
+            flat_values[slot(table, position)] = value[position].to(device, dtype)
         rows = slice(context_length, context_length + query_length)
         queries.append(query[rows])
         keys.append(key[rows])
@@ -64,23 +67,23 @@ def run_step(sequences, steps, num_heads, num_kv_heads, head_dim, block_size, dt
     query_lengths = [query_length for _, query_length in steps]
     context_lengths = [context_length for context_length, _ in steps]
     metadata = AttentionMetadata(
-        query_start_locations=torch.tensor([0] + list(torch.tensor(query_lengths).cumsum(0).tolist())),
-        slot_mapping=torch.tensor(slots, dtype=torch.int64),
-        block_tables=block_tables,
+        query_start_locations=torch.tensor([0] + list(torch.tensor(query_lengths).cumsum(0).tolist()), device=device),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        block_tables=block_tables.to(device),
         query_lengths=query_lengths,
         context_lengths=context_lengths,
         sequence_lengths=[c + q for c, q in zip(context_lengths, query_lengths)],
     )
     scale = head_dim**-0.5
     output = PortableAttentionBackend().forward(
-        0, torch.cat(queries).to(dtype), torch.cat(keys).to(dtype), torch.cat(values).to(dtype),
-        cache, metadata, scale,
-    )
+        0, torch.cat(queries).to(device, dtype), torch.cat(keys).to(device, dtype),
+        torch.cat(values).to(device, dtype), cache, metadata, scale,
+    ).cpu()
     expected = torch.cat([
         reference_attention(query[c : c + q], key[: c + q], value[: c + q], c, scale)
         for (query, key, value), (c, q) in zip(sequences, steps)
     ])
-    return output, expected, cache, slots, torch.cat(keys)
+    return output, expected, cache, slots, torch.cat(keys).to(device)
 
 
 def random_sequences(steps, num_heads, num_kv_heads, head_dim, seed):
@@ -99,22 +102,24 @@ def random_sequences(steps, num_heads, num_kv_heads, head_dim, seed):
 HEAD_LAYOUTS = [(4, 4), (4, 2), (8, 2), (6, 1)]  # (query heads, kv heads): GQA ratios 1, 2, 4, 6
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("num_heads,num_kv_heads", HEAD_LAYOUTS)
 @pytest.mark.parametrize("block_size", [1, 4, 16])
-def test_decode_batch_matches_reference(num_heads, num_kv_heads, block_size):
+def test_decode_batch_matches_reference(num_heads, num_kv_heads, block_size, device):
     steps = [(0, 1), (3, 1), (4, 1), (15, 1), (16, 1), (37, 1)]
     sequences = random_sequences(steps, num_heads, num_kv_heads, 8, seed=block_size)
-    output, expected, *_ = run_step(sequences, steps, num_heads, num_kv_heads, 8, block_size)
+    output, expected, *_ = run_step(sequences, steps, num_heads, num_kv_heads, 8, block_size, device=device)
     torch.testing.assert_close(output.double(), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("num_heads,num_kv_heads", HEAD_LAYOUTS)
 @pytest.mark.parametrize("block_size", [1, 4, 16])
-def test_mixed_prefill_and_decode_matches_reference(num_heads, num_kv_heads, block_size):
+def test_mixed_prefill_and_decode_matches_reference(num_heads, num_kv_heads, block_size, device):
     # Fresh prompts, chunks continuing mid-block and at block edges, and decode rows together.
     steps = [(0, 7), (5, 1), (3, 6), (8, 8), (0, 1), (17, 13), (30, 1)]
     sequences = random_sequences(steps, num_heads, num_kv_heads, 16, seed=100 + block_size)
-    output, expected, *_ = run_step(sequences, steps, num_heads, num_kv_heads, 16, block_size)
+    output, expected, *_ = run_step(sequences, steps, num_heads, num_kv_heads, 16, block_size, device=device)
     torch.testing.assert_close(output.double(), expected, atol=1e-5, rtol=1e-5)
 
 
@@ -126,10 +131,11 @@ def test_new_keys_and_values_are_written_at_their_slots():
     torch.testing.assert_close(written, new_keys)
 
 
-def test_low_precision_cache_stays_close_to_reference():
+@pytest.mark.parametrize("device", DEVICES)
+def test_low_precision_cache_stays_close_to_reference(device):
     steps = [(0, 9), (12, 5), (20, 1)]
     sequences = random_sequences(steps, 8, 2, 32, seed=3)
-    output, expected, *_ = run_step(sequences, steps, 8, 2, 32, 4, dtype=torch.bfloat16)
+    output, expected, *_ = run_step(sequences, steps, 8, 2, 32, 4, dtype=torch.bfloat16, device=device)
     assert output.dtype == torch.bfloat16
     torch.testing.assert_close(output.double(), expected, atol=3e-2, rtol=3e-2)
 
