@@ -34,7 +34,12 @@ ARCHITECTURES: dict[str, ArchitectureTraits] = {
 }
 _ARCHITECTURE_BY_MODEL_TYPE = {traits.model_type: name for name, traits in ARCHITECTURES.items()}
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# rope_scaling types we implement, with the keys each one needs.
+ROPE_SCALING_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+SUPPORTED_ROPE_TYPES = ("default", *ROPE_SCALING_KEYS)
 
 
 def supported_architectures() -> list[str]:
@@ -96,10 +101,13 @@ class ModelConfig:
             raise ModelLoadError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.rope_scaling is not None:
             rope_type = self.rope_scaling.get("rope_type")
-            if rope_type not in SUPPORTED_ROPE_TYPES:
+            if rope_type not in ROPE_SCALING_KEYS:
                 raise ModelLoadError(
                     f"unsupported rope_scaling type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
                 )
+            missing = [key for key in ROPE_SCALING_KEYS[rope_type] if key not in self.rope_scaling]
+            if missing:
+                raise ModelLoadError(f"rope_scaling of type {rope_type!r} is missing {', '.join(missing)}")
 
     @classmethod
     def from_hf_config(cls, hf_config: dict) -> "ModelConfig":

@@ -201,7 +201,7 @@ def hf_config_from_gguf(reader, gguf_path: Path) -> dict:
 
 
 def hf_tensor_name(gguf_name: str) -> str:
-    """Hugging Face parameter name of a GGUF tensor (``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``)."""
+    """Hugging Face name of a GGUF tensor: ``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``."""
     stem, _, suffix = gguf_name.rpartition(".")
     if stem in _GLOBAL_TENSOR_NAMES and suffix == "weight":
         return f"{_GLOBAL_TENSOR_NAMES[stem]}.weight"

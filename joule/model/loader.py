@@ -62,7 +62,8 @@ def resolve_model_path(model: str | None) -> Path:
             from joule.model.gguf_loader import convert_gguf
 
             return convert_gguf(gguf_files[0])
-        raise ModelLoadError(f"no config.json in model directory {path.resolve()} (looked for {path.resolve() / 'config.json'})")
+        looked_for = path.resolve() / "config.json"
+        raise ModelLoadError(f"no config.json in model directory {path.resolve()} (looked for {looked_for})")
     if _HUB_ID_PATTERN.match(model) and not model.startswith((".", "~")):
         return _download_from_hub(model)
     raise ModelLoadError(
@@ -140,7 +141,9 @@ def read_safetensors(files: list[Path], dtype: torch.dtype, device: torch.device
     return weights
 
 
-def dummy_weights(module: nn.Module, dtype: torch.dtype, device: torch.device, seed: int = DUMMY_SEED) -> dict[str, torch.Tensor]:
+def dummy_weights(
+    module: nn.Module, dtype: torch.dtype, device: torch.device, seed: int = DUMMY_SEED
+) -> dict[str, torch.Tensor]:
     """Deterministic random weights shaped like ``module``'s parameters."""
     generator = torch.Generator(device=device).manual_seed(seed)
     weights = {}

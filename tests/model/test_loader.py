@@ -128,6 +128,8 @@ def test_inconsistent_config_is_rejected():
         ModelConfig.from_hf_config({**TINY_LLAMA, "num_key_value_heads": 3})
     with pytest.raises(ValueError, match="rope_scaling type 'yarn'"):
         ModelConfig.from_hf_config({**TINY_LLAMA, "rope_scaling": {"type": "yarn", "factor": 4.0}})
+    with pytest.raises(ValueError, match="'llama3' is missing low_freq_factor"):
+        ModelConfig.from_hf_config({**TINY_LLAMA, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
     with pytest.raises(ValueError, match="missing required field 'hidden_size'"):
         ModelConfig.from_hf_config({k: v for k, v in TINY_LLAMA.items() if k != "hidden_size"})
 

@@ -73,7 +73,6 @@ def _decode(
         )
     flat_blocks = metadata.block_tables[:, :num_blocks].reshape(-1).long()
     padded_shape = (num_sequences, num_blocks * block_size, num_kv_heads, head_dim)
-    # index_select on whole flattened blocks is a plain row copy, much faster than fancy indexing.
     keys = _gather_blocks(key_cache, flat_blocks).view(padded_shape).transpose(1, 2).to(query.dtype)
     values = _gather_blocks(value_cache, flat_blocks).view(padded_shape).transpose(1, 2).to(query.dtype)
     lengths = torch.tensor(metadata.sequence_lengths, device=query.device)
@@ -112,16 +111,20 @@ def _prefill(
                     f"block table of sequence {index} has {blocks.shape[0]} columns; "
                     f"{num_blocks} needed for {total_length} tokens"
                 )
-            keys = _gather_blocks(key_cache, blocks).view(-1, *key_cache.shape[2:])[:total_length].to(query.dtype)
-            values = _gather_blocks(value_cache, blocks).view(-1, *value_cache.shape[2:])[:total_length].to(query.dtype)
+            keys = _gather_blocks(key_cache, blocks)[:total_length].to(query.dtype)
+            values = _gather_blocks(value_cache, blocks)[:total_length].to(query.dtype)
         output[start:end] = _causal_attention(query[start:end], keys, values, context_length, scale)
         start = end
     return output
 
 
 def _gather_blocks(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """Rows of whole cache blocks, ``[len(blocks), block_size * Hkv * D]``."""
-    return cache.view(cache.shape[0], -1).index_select(0, blocks)
+    """The tokens of ``blocks`` in order, ``[len(blocks) * block_size, Hkv, D]``.
+
+    index_select over whole flattened blocks is a plain row copy, much faster on
+    CPU than fancy indexing the 4-D cache.
+    """
+    return cache.view(cache.shape[0], -1).index_select(0, blocks).view(-1, *cache.shape[2:])
 
 
 def _causal_attention(
