@@ -14,7 +14,7 @@ from joule.config import EngineConfig
 from joule.detokenizer import IncrementalDetokenizer
 from joule.engine.core import EngineCore
 from joule.engine.kv_blocks import KVBlockManager
-from joule.engine.request import Request
+from joule.engine.request import Request, RequestStatus
 from joule.engine.scheduler import SchedulerConfig
 from joule.model.loader import load_model
 from joule.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
@@ -235,7 +235,12 @@ class LLMEngine:
         metrics.num_preemptions = max(metrics.num_preemptions, request.num_preemptions)
         stop_string = None
         if sample.detokenizer is not None and new_ids:
-            update = sample.detokenizer.push(new_ids)
+            # vLLM leaves the text of a final EOS / stop-id token out of the output.
+            stop_terminated = (
+                request.status == RequestStatus.FINISHED_STOPPED
+                and not request.sampling_params.include_stop_str_in_output
+            )
+            update = sample.detokenizer.push(new_ids, stop_terminated=stop_terminated)
             sample.text += update.text_delta
             stop_string = update.stop_string
         if stop_string is not None:
