@@ -1,36 +1,33 @@
 """Batched token sampler with vLLM v1 semantics, run on the logits' device.
 
-Per call, the rows' parameters are packed into small tensors once; everything
-after that is batched tensor work, and results come back to the host only at
-the end. Order of processing (vLLM v1): banned tokens, repetition penalty,
-frequency/presence penalties; greedy rows then take the argmax, sampled rows
-are divided by temperature, filtered by min_p, top_k and top_p, and sampled.
+Per call, row parameters become small tensors once; the rest is batched tensor
+work, and results reach the host at the end. Order (vLLM v1): banned tokens,
+repetition, frequency/presence penalties; greedy rows take the argmax; sampled
+rows are divided by temperature, filtered by min_p, top_k, top_p and sampled.
 
-Sampling is the exponential race (Gumbel-max): ``argmax(probs / E)`` with
-``E ~ Exponential(1)`` per token, computed as ``argmax(logits - log(E))``. Each
-row owns an independent ``[V]`` noise vector, so a seeded row keys its noise on
-``(seed, len(output_token_ids))`` alone and samples the same token whatever else
-is in the batch, wherever it sits, and after the engine recomputes it.
-
-Logprobs are of the raw model distribution (``log_softmax(logits)`` before any
-processing), matching vLLM's default ``logprobs_mode="raw_logprobs"``.
+Sampling is the exponential race (Gumbel-max), ``argmax(logits - log(E))`` with
+``E ~ Exponential(1)``: each row owns a ``[V]`` noise vector, so a seeded row keys
+it on ``(seed, len(output_token_ids))`` alone and samples the same token whatever
+else is in the batch, wherever it sits, and after the engine recomputes it.
+Logprobs are of the raw model distribution (vLLM's default ``raw_logprobs``).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import chain
 from typing import Sequence
 
+import numpy as np
 import torch
 
 GREEDY_TEMPERATURE_EPSILON = 1e-5  # same threshold as SamplingParams.is_greedy
 
-# On CPU, top-p looks for each row's nucleus among its best 512 tokens, then its
-# best 4096, and sorts the whole vocabulary only for rows whose nucleus is wider
-# still (for 64 x 49k rows on two cores: topk(512) ~15 ms, topk(4096) ~30 ms,
-# a full sort ~150 ms). On accelerators the full sort is cheap and the coverage
-# check would cost a device sync, so they always sort.
+# On CPU, top-p seeks each row's nucleus among its best 512, then 4096 tokens and
+# sorts the whole vocabulary only for rows whose nucleus is wider still (64 x 49k
+# on two cores: topk(512) ~15 ms, a full sort ~150 ms). Accelerators always sort:
+# it is cheap there, and the coverage check would cost a device sync.
 _CPU_TOP_P_CANDIDATE_WIDTHS = (512, 4096)
 
 _MASK64 = (1 << 64) - 1
@@ -59,11 +56,7 @@ class SamplingRow:
 
     @property
     def has_penalties(self) -> bool:
-        return (
-            self.repetition_penalty != 1.0
-            or self.frequency_penalty != 0.0
-            or self.presence_penalty != 0.0
-        )
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
 
 @dataclass
@@ -124,6 +117,7 @@ class Sampler:
 
     @torch.no_grad()
     def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+        """One token per row of ``logits`` [S, V]; ``rows[i]`` says how to sample row ``i``."""
         if logits.dim() != 2:
             raise ValueError(f"logits must be [num_rows, vocab_size], got shape {tuple(logits.shape)}.")
         num_rows, vocab_size = logits.shape
@@ -151,8 +145,8 @@ class Sampler:
             sampled_logits = processed if in_order else processed.index_select(0, sampled_index)
             token_ids[sampled_index] = self._sample_rows(sampled_logits, [rows[i] for i in sampled])
 
-        logprobs = _gather_logprobs(logits, token_ids, rows)
-        return SamplerOutput(token_ids=token_ids.tolist(), logprobs=logprobs)
+        token_list = token_ids.tolist()
+        return SamplerOutput(token_list, _gather_logprobs(logits, token_ids, token_list, rows))
 
     def _sample_rows(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """Temperature, filters and the exponential race for non-greedy rows."""
@@ -167,15 +161,19 @@ class Sampler:
         noise = torch.empty_like(scaled)
         num_unseeded = sum(1 for row in rows if row.seed is None)
         if num_unseeded:
-            _log_exponential_(noise[:num_unseeded].uniform_(generator=self._generator_for(device)))
+            noise[:num_unseeded].uniform_(generator=self._generator_for(device))
+        # A CPU loop rounds its vectorised body and scalar tail differently, and
+        # where the tail falls must not depend on the batch: there, seeded rows
+        # are transformed one by one. GPU kernels treat every element alike.
+        per_row_transform = device.type == "cpu"
         for position in range(num_unseeded, len(rows)):
-            # Transformed row by row too: a vectorised loop may round its tail
-            # elements differently, and where the tail falls must not depend
-            # on the batch.
             row = rows[position]
             generator = torch.Generator(device=device)
             generator.manual_seed(mix_seed(row.seed, len(row.output_token_ids)))
-            _log_exponential_(noise[position].uniform_(generator=generator))
+            noise[position].uniform_(generator=generator)
+            if per_row_transform:
+                _log_exponential_(noise[position])
+        _log_exponential_(noise[:num_unseeded] if per_row_transform else noise)
         return scaled.sub_(noise).argmax(dim=-1)
 
 
@@ -240,12 +238,11 @@ def apply_bans_and_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> t
 
 
 def filter_cutoffs(scaled: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor | None:
-    """Per-row logit cutoff (keep ``scaled >= cutoff``) combining min_p, top_k and top_p.
+    """Per-row logit cutoff (keep ``scaled >= cutoff``) for min_p, top_k and top_p, or None.
 
-    Every filter keeps a prefix of the row sorted by logit, so their combination
-    is one threshold. Thresholds are compared by value, so tokens tied at the
-    boundary are all kept, the same way whichever code path found the threshold.
-    Returns None when no row filters.
+    Each filter keeps a prefix of the row sorted by logit, so together they are
+    one threshold, compared by value: ties at the boundary are all kept, alike
+    whichever code path found it.
     """
     num_rows, vocab_size = scaled.shape
     device = scaled.device
@@ -267,7 +264,7 @@ def filter_cutoffs(scaled: torch.Tensor, rows: list[SamplingRow]) -> torch.Tenso
         k_rows = [i for i, k in enumerate(top_ks) if k]
         k_index = _index_tensor(k_rows, device)
         k_logits = scaled if len(k_rows) == num_rows else scaled.index_select(0, k_index)
-        ks = torch.tensor([top_ks[i] for i in k_rows], dtype=torch.int64, device=device)
+        ks = _index_tensor([top_ks[i] for i in k_rows], device)
         best = k_logits.topk(max(top_ks), dim=-1).values
         kth = best.gather(1, (ks - 1).unsqueeze(1)).squeeze(1)
         cutoffs[k_index] = torch.maximum(cutoffs[k_index], kth)
@@ -305,17 +302,12 @@ def _top_p_cutoffs(
     # Checking coverage on the host is free here, as there is no device to wait for.
     cutoffs = torch.empty_like(row_max)
     pending = torch.arange(logits.shape[0])
-    widths = [w for w in _CPU_TOP_P_CANDIDATE_WIDTHS if w < vocab_size] + [vocab_size]
-    for width in widths:
+    for width in [w for w in _CPU_TOP_P_CANDIDATE_WIDTHS if w < vocab_size] + [vocab_size]:
         candidates = logits if len(pending) == logits.shape[0] else logits.index_select(0, pending)
-        if width == vocab_size:
-            ordered = candidates.sort(dim=-1, descending=True).values
-        else:
-            ordered = candidates.topk(width, dim=-1).values
+        ordered = candidates.topk(width, dim=-1).values  # a full sort when width == vocab_size
         found, covered = _nucleus_end(ordered, row_max[pending], lower[pending], targets[pending])
         if width == vocab_size:
-            cutoffs[pending] = found
-            break
+            covered.fill_(True)
         cutoffs[pending[covered]] = found[covered]
         pending = pending[~covered]
         if not len(pending):
@@ -338,7 +330,7 @@ def _nucleus_end(
 
 
 def _gather_logprobs(
-    logits: torch.Tensor, token_ids: torch.Tensor, rows: list[SamplingRow]
+    logits: torch.Tensor, token_ids: torch.Tensor, token_list: list[int], rows: list[SamplingRow]
 ) -> list[TokenLogprobs | None]:
     """Raw logprob, rank and top-k alternatives for the rows that asked for them."""
     wanted = [i for i, row in enumerate(rows) if row.num_logprobs is not None]
@@ -361,37 +353,37 @@ def _gather_logprobs(
         top_values, top_ids = top.values.tolist(), top.indices.tolist()
 
     result: list[TokenLogprobs | None] = [None] * len(rows)
-    for position, (row_id, token, logprob, rank) in enumerate(
-        zip(wanted, chosen.tolist(), chosen_logprobs.squeeze(1).tolist(), ranks.tolist())
-    ):
+    values = zip(chosen_logprobs.squeeze(1).tolist(), ranks.tolist())
+    for position, (row_id, (logprob, rank)) in enumerate(zip(wanted, values)):
         count = min(rows[row_id].num_logprobs, vocab_size)
         top_pairs = list(zip(top_ids[position][:count], top_values[position][:count]))
-        result[row_id] = TokenLogprobs(token_id=token, logprob=logprob, rank=rank, top=top_pairs)
+        result[row_id] = TokenLogprobs(token_list[row_id], logprob, rank, top_pairs)
     return result
 
 
+def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor to ``device`` without a stream sync (a plain copy would wait for the GPU)."""
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def _index_tensor(indices: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(indices, dtype=torch.int64, device=device)
+    return _upload(torch.tensor(indices, dtype=torch.int64), device)
 
 
 def _row_values(values: list[float], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=device)
+    return _upload(torch.tensor(values, dtype=torch.float32), device)
 
 
-def _history_index(
-    rows: list[SamplingRow], field: str, selected: list[bool], vocab_size: int, device: torch.device
-) -> torch.Tensor | None:
+def _history_index(rows, field: str, selected: list[bool], vocab_size: int, device) -> torch.Tensor | None:
     """Flat indices of one token-history field, for the selected rows only."""
     per_row = [getattr(row, field) if chosen else () for row, chosen in zip(rows, selected)]
     return _flat_token_index(per_row, vocab_size, device)
 
 
 def _flat_token_index(
-    per_row_ids: list[Sequence[int]],
-    vocab_size: int,
-    device: torch.device,
-    *,
-    skip_out_of_range: bool = False,
+    per_row_ids: list[Sequence[int]], vocab_size: int, device: torch.device, skip_out_of_range: bool = False
 ) -> torch.Tensor | None:
     """``row * vocab_size + token`` for every token of every row, or None if there are none.
 
@@ -402,9 +394,12 @@ def _flat_token_index(
     lengths = [len(ids) for ids in per_row_ids]
     if not any(lengths):
         return None
-    tokens = torch.cat(
-        [torch.as_tensor(ids, dtype=torch.int64).reshape(-1) for ids in per_row_ids if len(ids)]
-    ).cpu()
+    if any(isinstance(ids, (torch.Tensor, np.ndarray)) for ids in per_row_ids):
+        parts = [torch.as_tensor(ids, dtype=torch.int64).reshape(-1).cpu() for ids in per_row_ids]
+        tokens = torch.cat(parts)
+    else:  # plain lists: one pass through numpy is ~4x faster than torch.tensor(list)
+        flat_ids = np.fromiter(chain.from_iterable(per_row_ids), dtype=np.int64, count=sum(lengths))
+        tokens = torch.from_numpy(flat_ids)
     offsets = torch.arange(len(per_row_ids), dtype=torch.int64) * vocab_size
     offsets = torch.repeat_interleave(offsets, torch.tensor(lengths, dtype=torch.int64))
     in_range = (tokens >= 0) & (tokens < vocab_size)
@@ -415,4 +410,4 @@ def _flat_token_index(
         tokens, offsets = tokens[in_range], offsets[in_range]
         if not tokens.numel():
             return None
-    return (tokens + offsets).to(device)
+    return _upload(tokens + offsets, device)

@@ -21,9 +21,20 @@ from joule.runtime.sampler import (
 )
 
 
-def _random_logits(rows: int, vocab: int, seed: int = 0, scale: float = 3.0) -> torch.Tensor:
+_HAS_CUDA = torch.cuda.is_available()
+
+
+_NEEDS_CUDA = pytest.mark.skipif(not _HAS_CUDA, reason="needs CUDA")
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=_NEEDS_CUDA)])
+def device(request) -> torch.device:
+    return torch.device(request.param)
+
+
+def _random_logits(rows: int, vocab: int, seed: int = 0, scale: float = 3.0, device="cpu") -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(rows, vocab, generator=generator) * scale
+    return (torch.randn(rows, vocab, generator=generator) * scale).to(device)
 
 
 def _draw(logits_row: torch.Tensor, count: int, first_seed: int = 0, **params) -> list[int]:
@@ -49,8 +60,8 @@ _CHI2_CRITICAL = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 7: 24.32}
 # ---------------------------------------------------------------- greedy & bans
 
 
-def test_greedy_equals_argmax():
-    logits = _random_logits(16, 300)
+def test_greedy_equals_argmax(device):
+    logits = _random_logits(16, 300, device=device)
     rows = [SamplingRow(temperature=0.0) for _ in range(16)]
     output = Sampler().sample(logits, rows)
     assert output.token_ids == logits.argmax(dim=-1).tolist()
@@ -63,8 +74,8 @@ def test_tiny_temperature_is_greedy():
     assert Sampler().sample(logits, rows).token_ids == logits.argmax(dim=-1).tolist()
 
 
-def test_banned_tokens_never_chosen():
-    logits = _random_logits(4, 50, seed=2)
+def test_banned_tokens_never_chosen(device):
+    logits = _random_logits(4, 50, seed=2, device=device)
     best = logits.argmax(dim=-1).tolist()
     rows = [SamplingRow(temperature=0.0, banned_token_ids=[best[i]]) for i in range(4)]
     chosen = Sampler().sample(logits, rows).token_ids
@@ -72,15 +83,15 @@ def test_banned_tokens_never_chosen():
     assert chosen == second
 
     banned = [0, 1, 2, 3, 4]
-    flat = torch.zeros(10)
+    flat = torch.zeros(10, device=device)
     tokens = _draw(flat, 2000, temperature=2.0, banned_token_ids=banned)
     assert not set(tokens) & set(banned)
     assert set(tokens) == {5, 6, 7, 8, 9}
 
 
-def test_out_of_range_banned_ids_are_ignored():
+def test_out_of_range_banned_ids_are_ignored(device):
     # A stop id the model cannot produce needs no ban; it must not hit a neighbouring row.
-    logits = torch.tensor([[0.0, 1.0, 5.0], [9.0, 0.0, 0.0]])
+    logits = torch.tensor([[0.0, 1.0, 5.0], [9.0, 0.0, 0.0]], device=device)
     rows = [SamplingRow(temperature=0.0, banned_token_ids=[3, 2, -1]), SamplingRow(temperature=0.0)]
     assert Sampler().sample(logits, rows).token_ids == [1, 0]
     rows = [SamplingRow(temperature=0.0, banned_token_ids=[3]), SamplingRow(temperature=0.0)]
@@ -104,8 +115,8 @@ def test_invalid_inputs_raise_value_error():
         )
 
 
-def test_caller_logits_not_modified():
-    logits = _random_logits(3, 40, seed=3)
+def test_caller_logits_not_modified(device):
+    logits = _random_logits(3, 40, seed=3, device=device)
     original = logits.clone()
     rows = [
         SamplingRow(temperature=0.7, top_p=0.5, min_p=0.1, seed=1, banned_token_ids=[1], num_logprobs=2),
@@ -147,8 +158,8 @@ def test_penalties_apply_repetition_first():
     assert combined == pytest.approx([1.0, -2.75, 0.5, 0.25, -2.0])
 
 
-def test_penalties_only_touch_their_row_and_change_greedy_choice():
-    logits = _PENALTY_LOGITS.repeat(3, 1)
+def test_penalties_only_touch_their_row_and_change_greedy_choice(device):
+    logits = _PENALTY_LOGITS.repeat(3, 1).to(device)
     rows = [
         SamplingRow(temperature=0.0, output_token_ids=_OUTPUT),
         SamplingRow(temperature=0.0, output_token_ids=_OUTPUT, frequency_penalty=0.8),
@@ -197,22 +208,22 @@ def test_tiny_top_p_keeps_only_the_argmax():
         ({"top_k": 3, "top_p": 0.6}, {0, 1}),  # 0.5 / 0.95 < 0.6 <= 0.8 / 0.95
     ],
 )
-def test_filters_keep_expected_support(params, support):
-    tokens = _draw(_FOUR, 3000, temperature=1.0, **params)
+def test_filters_keep_expected_support(params, support, device):
+    tokens = _draw(_FOUR.to(device), 3000, temperature=1.0, **params)
     assert set(tokens) == support
 
 
-def test_top_p_renormalises_after_top_k():
-    logits = torch.tensor([0.4, 0.3, 0.2, 0.1]).log()
+def test_top_p_renormalises_after_top_k(device):
+    logits = torch.tensor([0.4, 0.3, 0.2, 0.1], device=device).log()
     assert set(_draw(logits, 2000, temperature=1.0, top_p=0.75)) == {0, 1, 2}
     # Within the top 3, 0.4/0.9 + 0.3/0.9 = 0.78 >= 0.75.
     assert set(_draw(logits, 2000, temperature=1.0, top_p=0.75, top_k=3)) == {0, 1}
 
 
-def test_temperature_sampling_follows_softmax():
+def test_temperature_sampling_follows_softmax(device):
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
     temperature = 0.8
-    tokens = _draw(logits, 8000, temperature=temperature)
+    tokens = _draw(logits.to(device), 8000, temperature=temperature)
     assert _chi_square(tokens, torch.softmax(logits / temperature, dim=-1)) < _CHI2_CRITICAL[5]
 
 
@@ -224,9 +235,9 @@ def test_filtered_sampling_follows_renormalised_softmax():
     assert _chi_square(tokens, expected / expected.sum()) < _CHI2_CRITICAL[3]
 
 
-def test_unseeded_sampling_follows_softmax():
+def test_unseeded_sampling_follows_softmax(device):
     logits = torch.tensor([1.0, 0.0, -0.5, 0.5, 2.0, -2.0])
-    batch = logits.unsqueeze(0).expand(6000, -1).contiguous()
+    batch = logits.unsqueeze(0).expand(6000, -1).contiguous().to(device)
     tokens = Sampler(seed=11).sample(batch, [SamplingRow(temperature=1.3)] * 6000).token_ids
     assert _chi_square(tokens, torch.softmax(logits / 1.3, dim=-1)) < _CHI2_CRITICAL[5]
 
@@ -302,10 +313,10 @@ def _neighbour(index: int) -> SamplingRow:
     return kinds[index % len(kinds)]
 
 
-def test_seeded_rows_independent_of_batch_composition():
+def test_seeded_rows_independent_of_batch_composition(device):
     vocab = 3000
     targets = _target_rows()
-    target_logits = _random_logits(len(targets), vocab, seed=8, scale=1.0)
+    target_logits = _random_logits(len(targets), vocab, seed=8, scale=1.0, device=device)
     solo = [
         Sampler(seed=0).sample(target_logits[i : i + 1], [row]).token_ids[0]
         for i, row in enumerate(targets)
@@ -313,7 +324,7 @@ def test_seeded_rows_independent_of_batch_composition():
     for trial, batch_size in enumerate([2, 7, 19]):
         for target_index, target in enumerate(targets):
             position = (trial * 5 + target_index) % batch_size
-            logits = _random_logits(batch_size, vocab, seed=100 + trial, scale=2.0)
+            logits = _random_logits(batch_size, vocab, seed=100 + trial, scale=2.0, device=device)
             logits[position] = target_logits[target_index]
             rows = [_neighbour(i + trial) for i in range(batch_size)]
             rows[position] = target
@@ -321,10 +332,10 @@ def test_seeded_rows_independent_of_batch_composition():
             assert chosen == solo[target_index], (trial, target_index)
 
 
-def test_many_seeded_rows_match_solo_runs_when_shuffled():
+def test_many_seeded_rows_match_solo_runs_when_shuffled(device):
     chooser = random.Random(0)
     vocab = 5000
-    logits = _random_logits(48, vocab, seed=13, scale=1.5)
+    logits = _random_logits(48, vocab, seed=13, scale=1.5, device=device)
     rows = [
         SamplingRow(
             temperature=chooser.choice([0.0, 0.5, 1.0, 1.7]),
@@ -361,8 +372,8 @@ def test_seeded_noise_depends_on_seed_and_step():
     assert len({mix_seed(seed, step) for seed in range(50) for step in range(50)}) == 2500
 
 
-def test_unseeded_reproducible_for_sampler_seed():
-    logits = _random_logits(64, 500, seed=9, scale=0.5)
+def test_unseeded_reproducible_for_sampler_seed(device):
+    logits = _random_logits(64, 500, seed=9, scale=0.5, device=device)
     rows = [SamplingRow(temperature=1.0, top_p=0.9) for _ in range(64)]
 
     def run(seed: int) -> list[list[int]]:
@@ -378,17 +389,19 @@ def test_unseeded_reproducible_for_sampler_seed():
 # ---------------------------------------------------------------- logprobs
 
 
-def test_logprobs_are_raw_with_rank_and_sorted_top():
-    logits = _random_logits(5, 200, seed=10)
+def test_logprobs_are_raw_with_rank_and_sorted_top(device):
+    logits = _random_logits(5, 200, seed=10, device=device)
     rows = [
         SamplingRow(temperature=0.0, num_logprobs=5),
-        SamplingRow(temperature=1.5, seed=1, num_logprobs=3, top_k=20, repetition_penalty=1.5, output_token_ids=[3]),
+        SamplingRow(
+            temperature=1.5, seed=1, num_logprobs=3, top_k=20, repetition_penalty=1.5, output_token_ids=[3]
+        ),
         SamplingRow(temperature=0.8, num_logprobs=0, banned_token_ids=[int(logits[2].argmax())]),
         SamplingRow(temperature=1.0, seed=2),
         SamplingRow(temperature=2.0, seed=3, num_logprobs=500, frequency_penalty=1.0, output_token_ids=[1, 1]),
     ]
     output = Sampler().sample(logits, rows)
-    reference = torch.log_softmax(logits, dim=-1)
+    reference = torch.log_softmax(logits, dim=-1).cpu()
     assert output.logprobs[3] is None
     for i, (token, entry) in enumerate(zip(output.token_ids, output.logprobs)):
         if entry is None:
@@ -431,23 +444,30 @@ def test_large_batch_is_fast_on_cpu():
     ]
     sampler = Sampler()
     sampler.sample(logits, rows)  # warm-up
-    # CPU time rather than wall time, best of three: other work on a shared machine
-    # must not fail this. About 0.1-0.2 s of CPU on two idle cores.
-    costs = []
-    for _ in range(3):
-        start = time.process_time()
-        sampler.sample(logits, rows)
-        costs.append(time.process_time() - start)
-    assert min(costs) < 1.5
+    # ~0.1 s on two idle cores. The bound only catches gross regressions (a
+    # per-row or per-token Python loop): a busy shared machine is slow too.
+    start = time.perf_counter()
+    sampler.sample(logits, rows)
+    assert time.perf_counter() - start < 10.0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_matches_semantics():
-    logits = _random_logits(8, 1000, seed=12).cuda()
-    greedy = [SamplingRow(temperature=0.0, num_logprobs=2) for _ in range(8)]
-    output = Sampler(device="cuda").sample(logits, greedy)
-    assert output.token_ids == logits.argmax(dim=-1).tolist()
-    targets = _target_rows()
-    solo = [Sampler().sample(logits[i : i + 1], [row]).token_ids[0] for i, row in enumerate(targets)]
-    batched = Sampler().sample(logits[: len(targets)], targets).token_ids
-    assert batched == solo
+@_NEEDS_CUDA
+def test_cuda_sampling_never_waits_for_the_gpu():
+    logits = _random_logits(16, 5000, seed=12, device="cuda")
+    rows = _target_rows() + [_neighbour(i) for i in range(11)]
+    sampler = Sampler(seed=3, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:  # everything up to the final transfer of results stays asynchronous
+        processed = apply_bans_and_penalties(logits, rows)
+        sampled = sorted((row for row in rows if not row.is_greedy), key=lambda row: row.seed is not None)
+        sampler._sample_rows(processed[: len(sampled)], sampled)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@_NEEDS_CUDA
+def test_cuda_filters_match_cpu():
+    scaled = torch.cat([_random_logits(4, 8192, seed=6, scale=scale) for scale in (6.0, 1.5, 0.3)])
+    rows = [SamplingRow(temperature=1.0, top_p=p, top_k=k, min_p=m)
+            for p, k, m in [(0.9, -1, 0.0), (0.5, 100, 0.0), (0.99, 0, 0.01), (0.7, 1000, 0.0)] * 3]
+    assert torch.equal(filter_cutoffs(scaled, rows), filter_cutoffs(scaled.cuda(), rows).cpu())
