@@ -3,8 +3,10 @@
 Each full block of a request's tokens is named by a chained hash: the hash of
 its parent block's hash and its own token ids (the chain starts from the
 request's cache salt). A block whose hash is registered can be reused by any
-later request with the same prefix; a hit is confirmed by comparing token ids
-and the parent hash, so a hash collision can never serve wrong KV.
+later request with the same prefix; a hit is confirmed by comparing token ids,
+the parent hash and the parent's registration serial (serials are never
+reused), so a hash collision can never splice a block onto a prefix its KV was
+not computed from.
 
 Freed blocks that carry a hash stay reusable in LRU order and are evicted only
 when no never-cached free block is left. Pure Python: the simulator drives it.
@@ -27,6 +29,11 @@ class KVBlock:
     block_hash: bytes | None = None
     parent_hash: bytes | None = None
     token_ids: tuple[int, ...] | None = None
+    # Registration serial of this block, and of the cached block its KV follows (0: the
+    # chain's root). Matching hashes alone cannot prove the parent: under a collision a
+    # different block may hold the parent's hash.
+    cache_serial: int = 0
+    parent_serial: int = 0
 
 
 def _root_hash(cache_salt: str | None) -> bytes:
@@ -52,7 +59,10 @@ class KVBlockManager:
         self._free_uncached: list[int] = list(reversed(range(num_blocks)))
         self._free_cached: OrderedDict[int, None] = OrderedDict()  # least recently freed first
         self._cached: dict[bytes, int] = {}
-        self._num_registered: dict[str, int] = {}
+        # request id -> (blocks already considered for registration, serial of the cached block
+        # equal to the last of them; -1 after a hash collision, which ends registration).
+        self._num_registered: dict[str, tuple[int, int]] = {}
+        self._last_serial = 0
         self.prefix_cache_queries = 0  # prompt tokens looked up
         self.prefix_cache_hits = 0  # of which found cached
 
@@ -91,16 +101,18 @@ class KVBlockManager:
         hashes = self._extend_hashes(request, max_blocks)
         hits: list[int] = []
         parent = _root_hash(request.cache_salt)
+        parent_serial = 0
         for index in range(max_blocks):
             block_id = self._cached.get(hashes[index])
             if block_id is None:
                 break
             block = self.blocks[block_id]
             tokens = tuple(request.token_ids_between(index * size, (index + 1) * size))
-            if block.token_ids != tokens or block.parent_hash != parent:
+            if block.token_ids != tokens or block.parent_hash != parent or block.parent_serial != parent_serial:
                 break
             hits.append(block_id)
             parent = hashes[index]
+            parent_serial = block.cache_serial
         self.prefix_cache_queries += request.num_tokens
         self.prefix_cache_hits += len(hits) * size
         return hits
@@ -111,22 +123,31 @@ class KVBlockManager:
             return
         size = self.block_size
         num_full = min(request.num_computed_tokens // size, len(request.block_ids))
-        start = self._num_registered.get(request.request_id, 0)
-        if num_full <= start:
+        start, parent_serial = self._num_registered.get(request.request_id, (0, 0))
+        if num_full <= start or parent_serial < 0:
             return
         hashes = self._extend_hashes(request, num_full)
         for index in range(start, num_full):
-            block = self.blocks[request.block_ids[index]]
-            if block.block_hash is not None:
-                continue  # a prefix-cache hit, already registered
             block_hash = hashes[index]
-            if block_hash in self._cached:
-                continue  # same content computed twice; keep the first copy
-            block.block_hash = block_hash
-            block.parent_hash = hashes[index - 1] if index else _root_hash(request.cache_salt)
-            block.token_ids = tuple(request.token_ids_between(index * size, (index + 1) * size))
-            self._cached[block_hash] = block.block_id
-        self._num_registered[request.request_id] = num_full
+            parent = hashes[index - 1] if index else _root_hash(request.cache_salt)
+            tokens = tuple(request.token_ids_between(index * size, (index + 1) * size))
+            holder_id = self._cached.get(block_hash)
+            if holder_id is None:
+                block = self.blocks[request.block_ids[index]]
+                self._last_serial += 1
+                block.block_hash, block.parent_hash, block.token_ids = block_hash, parent, tokens
+                block.cache_serial, block.parent_serial = self._last_serial, parent_serial
+                self._cached[block_hash] = block.block_id
+                parent_serial = block.cache_serial
+                continue
+            holder = self.blocks[holder_id]
+            if holder.token_ids != tokens or holder.parent_hash != parent or holder.parent_serial != parent_serial:
+                # A hash collision: no cached block equals this one, so nothing after it can be chained.
+                parent_serial = -1
+                break
+            # This very block (a hit) or an identical copy computed concurrently; keep the first copy.
+            parent_serial = holder.cache_serial
+        self._num_registered[request.request_id] = (num_full, parent_serial)
 
     # -- allocation ----------------------------------------------------------------
     def can_allocate(self, request: Request, num_new_tokens: int, cached_block_ids: list[int] = ()) -> bool:
@@ -156,7 +177,8 @@ class KVBlockManager:
             block.ref_count += 1
             request.block_ids.append(block_id)
         if cached_block_ids:
-            self._num_registered[request.request_id] = len(request.block_ids)
+            last_hit = self.blocks[cached_block_ids[-1]]
+            self._num_registered[request.request_id] = (len(request.block_ids), last_hit.cache_serial)
         for _ in range(needed):
             request.block_ids.append(self._take_free_block())
         return True
@@ -174,6 +196,7 @@ class KVBlockManager:
         if block.block_hash is not None and self._cached.get(block.block_hash) == block.block_id:
             del self._cached[block.block_hash]
         block.block_hash = block.parent_hash = block.token_ids = None
+        block.cache_serial = block.parent_serial = 0
 
     def free(self, request: Request) -> None:
         """Drop the request's references; the tail is freed first so it is evicted first."""
