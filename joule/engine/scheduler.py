@@ -53,6 +53,15 @@ class Scheduler:
                 f"prompt has {request.num_tokens} tokens, which leaves no room to generate within "
                 f"max_model_len={self.config.max_model_len}."
             )
+        # A request whose KV cannot fit even with the cache to itself would preempt itself and
+        # never be re-admitted, stalling every step and everything queued behind it.
+        worst_case_kv_tokens = min(request.num_prompt_tokens + request.max_tokens, self.config.max_model_len) - 1
+        capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        if worst_case_kv_tokens > capacity:
+            raise ValueError(
+                f"prompt ({request.num_prompt_tokens} tokens) plus max_tokens={request.max_tokens} needs KV "
+                f"for {worst_case_kv_tokens} tokens, but the KV cache holds only {capacity}."
+            )
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
         self.waiting.append(request)
