@@ -71,6 +71,8 @@ class TokenLogprobs:
 
 @dataclass
 class SamplerOutput:
+    """One sampled token id per row, and per row its logprobs or None if not asked for."""
+
     token_ids: list[int]
     logprobs: list[TokenLogprobs | None]
 

@@ -6,6 +6,7 @@ import math
 import random
 import time
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -170,6 +171,18 @@ def test_penalties_only_touch_their_row_and_change_greedy_choice(device):
     assert processed[1].tolist() == pytest.approx([2.0, -1.8, 0.5, 1.4, -2.0])
     assert processed[2].tolist() == pytest.approx([2.0, -1.0, 0.5, 0.75, -2.0])
     assert Sampler().sample(logits, rows).token_ids == [3, 0, 0]
+
+
+def test_histories_accept_lists_arrays_and_tensors():
+    logits = _random_logits(2, 30, seed=14)
+    params = dict(temperature=0.0, repetition_penalty=1.7, frequency_penalty=0.3, presence_penalty=0.1)
+    as_lists = [SamplingRow(prompt_token_ids=[1, 2, 2], output_token_ids=[5, 5, 29], **params)] * 2
+    as_arrays = [
+        SamplingRow(prompt_token_ids=np.array([1, 2, 2]), output_token_ids=torch.tensor([5, 5, 29]), **params),
+        SamplingRow(prompt_token_ids=(1, 2, 2), output_token_ids=np.array([5, 5, 29], np.int32), **params),
+    ]
+    expected = apply_bans_and_penalties(logits, as_lists)
+    assert torch.equal(apply_bans_and_penalties(logits, as_arrays), expected)
 
 
 def test_bans_survive_penalties():
