@@ -113,9 +113,13 @@ class KVBlockManager:
             hits.append(block_id)
             parent = hashes[index]
             parent_serial = block.cache_serial
-        self.prefix_cache_queries += request.num_tokens
-        self.prefix_cache_hits += len(hits) * size
         return hits
+
+    def record_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
+        """Count one admitted request's prefix lookup (not retries of a request still waiting)."""
+        if self.enable_prefix_caching:
+            self.prefix_cache_queries += num_tokens
+            self.prefix_cache_hits += num_hit_tokens
 
     def cache_full_blocks(self, request: Request) -> None:
         """Register every block whose tokens are all computed, so later requests can reuse it."""

@@ -138,6 +138,7 @@ class Scheduler:
             if not self.block_manager.allocate(request, num_new, cached_blocks):
                 break
             self.waiting.popleft()
+            self.block_manager.record_lookup(request.num_tokens, num_computed)
             request.num_computed_tokens = num_computed
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_computed
