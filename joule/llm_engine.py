@@ -67,6 +67,7 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.dtype, self.device)
         loaded = load_model(config.model, self.dtype, self.device, config.load_format)
         self.model, self.model_config, self.model_path = loaded.model, loaded.config, loaded.path
+        self.model.merge_projections(transpose_weight=self.device.type == "cpu")
         self.tokenizer = _load_tokenizer(config.tokenizer or self.model_path)
 
         layers = self.model_config.num_hidden_layers

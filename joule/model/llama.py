@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from joule.model.config import ModelConfig
-from joule.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary
+from joule.model.layers import GatedMLP, MergedLinear, RMSNorm, RotaryEmbedding, apply_rotary
 from joule.runtime.attention.base import ForwardContext
 
 
@@ -39,14 +39,27 @@ class Attention(nn.Module):
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.qkv_proj: MergedLinear | None = None
+
+    def merge_projections(self, transpose_weight: bool) -> None:
+        """Replace q/k/v by one GEMM (after the checkpoint is loaded by its names)."""
+        self.qkv_proj = MergedLinear([self.q_proj, self.k_proj, self.v_proj], transpose_weight)
+        self.o_proj = MergedLinear([self.o_proj], transpose_weight)
+        del self.q_proj, self.k_proj, self.v_proj
+
+    def _project(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.qkv_proj is None:
+            return self.q_proj(hidden), self.k_proj(hidden), self.v_proj(hidden)
+        return self.qkv_proj.split(self.qkv_proj(hidden))
 
     def forward(
         self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, context: ForwardContext
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        query = self.q_proj(hidden).view(num_tokens, self.num_heads, self.head_dim)
-        key = self.k_proj(hidden).view(num_tokens, self.num_kv_heads, self.head_dim)
-        value = self.v_proj(hidden).view(num_tokens, self.num_kv_heads, self.head_dim)
+        query, key, value = self._project(hidden)
+        query = query.reshape(num_tokens, self.num_heads, self.head_dim)
+        key = key.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        value = value.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         if self.uses_qk_norm:
             query = self.q_norm(query)
             key = self.k_norm(key)
@@ -98,8 +111,18 @@ class LlamaForCausalLM(nn.Module):
         self.model = DecoderModel(config)
         # Tied models reuse the embedding matrix and own no lm_head parameter.
         self.lm_head = None
+        self.output_projection: MergedLinear | None = None
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def merge_projections(self, transpose_weight: bool = False) -> None:
+        """Run q/k/v and gate/up as single GEMMs; call once after loading weights by name."""
+        for layer in self.model.layers:
+            layer.self_attn.merge_projections(transpose_weight)
+            layer.mlp.merge_projections(transpose_weight)
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        self.output_projection = MergedLinear([_as_linear(weight)], transpose_weight)
+        self.lm_head = None  # the merged copy replaces it
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, context: ForwardContext) -> torch.Tensor:
         """Final-normed hidden states ``[T, hidden_size]`` for ``input_ids``/``positions`` ``[T]``."""
@@ -107,5 +130,13 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits ``[N, vocab_size]`` for the rows of ``hidden`` that need sampling."""
+        if self.output_projection is not None:
+            return self.output_projection(hidden).float()
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, weight).float()
+
+
+def _as_linear(weight: torch.Tensor) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    linear.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    return linear

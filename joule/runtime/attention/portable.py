@@ -137,6 +137,17 @@ def _causal_attention(
     query_length, num_heads, head_dim = query.shape
     num_kv_heads = keys.shape[1]
     group = num_heads // num_kv_heads
+    if context_length == 0:
+        # Whole prompt in one chunk: the fused causal kernel needs no mask. It does not
+        # take grouped KV heads on CPU (it falls back to a slow path), so expand them.
+        if group > 1:
+            keys = keys.repeat_interleave(group, dim=1)
+            values = values.repeat_interleave(group, dim=1)
+        attended = F.scaled_dot_product_attention(  # 4-D inputs reach the fused CPU kernel; 3-D do not
+            query.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
+            is_causal=True, scale=scale,
+        )
+        return attended[0].transpose(0, 1)
     # Fold each KV head's query heads into rows: [Hkv, group * Q, D], row = g * Q + j.
     grouped = query.view(query_length, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
     grouped = grouped.reshape(num_kv_heads, group * query_length, head_dim)
@@ -144,7 +155,7 @@ def _causal_attention(
     key_positions = torch.arange(keys.shape[0], device=query.device)
     mask = (key_positions[None, :] <= query_positions[:, None]).repeat(group, 1)  # [group * Q, L]
     attended = F.scaled_dot_product_attention(
-        grouped, keys.transpose(0, 1), values.transpose(0, 1), attn_mask=mask, scale=scale
-    )
+        grouped[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None], attn_mask=mask, scale=scale
+    )[0]
     attended = attended.view(num_kv_heads, group, query_length, head_dim).permute(2, 0, 1, 3)
     return attended.reshape(query_length, num_heads, head_dim)
