@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 
@@ -133,7 +132,7 @@ def _run_info(args) -> int:
     llm = _make_llm(args)
     engine = llm.llm_engine
     config = engine.model_config
-    parameters = sum(parameter.numel() for parameter in engine.model.parameters())
+    parameters = config.num_parameters
     rows = [
         ("model path", str(engine.model_path)),
         ("architecture", config.architecture),
@@ -154,7 +153,6 @@ def _run_info(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = _build_parser().parse_args(argv)
     try:
         if args.command == "generate":

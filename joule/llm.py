@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import itertools
-import logging
 import time
 from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
 from joule.config import EngineConfig
+from joule.logger import get_logger
 from joule.llm_engine import LLMEngine, PromptType
 from joule.outputs import RequestMetrics, RequestOutput
 from joule.sampling_params import RequestOutputKind, SamplingParams
 
-logger = logging.getLogger("joule")
+logger = get_logger()
 
 # vLLM options that have no meaning here yet; accepted so scripts written for vLLM run.
 _IGNORED_VLLM_OPTIONS = {"trust_remote_code", "enforce_eager", "tensor_parallel_size", "disable_log_stats"}

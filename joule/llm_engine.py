@@ -6,11 +6,11 @@ the ModelExecutor computes. The server and ``LLM`` both drive this class.
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
 
 from joule.config import EngineConfig
+from joule.logger import get_logger
 from joule.detokenizer import IncrementalDetokenizer
 from joule.engine.core import EngineCore
 from joule.engine.kv_blocks import KVBlockManager
@@ -26,7 +26,7 @@ from joule.runtime.sampler import Sampler
 from joule.sampling_params import RequestOutputKind, SamplingParams
 from joule.tokenizer import Tokenizer
 
-logger = logging.getLogger("joule")
+logger = get_logger()
 
 _DEFAULT_BATCHED_TOKENS = {"cpu": 2048, "cuda": 8192}
 PromptType = str | list[int] | dict
