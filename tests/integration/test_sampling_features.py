@@ -149,3 +149,13 @@ def test_streaming_delta_outputs_concatenate_to_final(checkpoint):
             elif output.finished:
                 final = output.outputs[0].token_ids
     assert pieces == final and len(final) == 9
+
+
+def test_request_metrics_are_ordered(llm):
+    output = llm.generate([_prompt(4)], SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True),
+                          use_tqdm=False)[0]
+    metrics = output.metrics
+    assert metrics.arrival_time <= metrics.first_scheduled_time <= metrics.first_token_time
+    assert metrics.first_token_time <= metrics.last_token_time <= metrics.finished_time
+    assert metrics.time_in_queue >= 0
+    assert metrics.time_to_first_token > 0 and metrics.end_to_end_latency >= metrics.time_to_first_token
