@@ -1,0 +1,182 @@
+"""Decode attention over the paged KV cache: one query row per sequence.
+
+Design (flash-decoding):
+- one program per (sequence, KV head, split): it loads the query rows of all
+  ``group`` query heads sharing that KV head (padded to 16 rows for ``tl.dot``),
+  so every K/V byte is read once per group, not once per query head;
+- the context is cut into ``num_splits`` ranges of ``split_length`` tokens so a
+  small batch with long contexts still fills the GPU; each program runs an
+  online softmax (float32, base 2) over its range and writes a normalised
+  partial output plus its log-sum-exp;
+- a second kernel merges the splits per (sequence, query head). With a single
+  split the first kernel writes the final output directly and no merge runs.
+Tokens are gathered position by position through the block table, so any
+cache block size works.
+"""
+
+from __future__ import annotations
+
+
+import torch
+import triton
+import triton.language as tl
+
+from joule.kernels.common import LOG2_E, dot_precision, interpreting, tile_dot
+
+MIN_SPLIT_TOKENS = 256  # below this, another split costs more in merging than it gains
+MAX_SPLITS = 64
+
+
+@triton.jit
+def _decode_partial_kernel(
+    query_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, sequence_lengths_ptr,
+    output_ptr, partial_output_ptr, partial_lse_ptr,
+    scale_log2, split_length, num_splits,
+    stride_query_token, stride_query_head, stride_output_token, stride_output_head,
+    stride_cache_block, stride_cache_offset, stride_cache_head, stride_table_sequence,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT_OUTPUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    sequence = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    sequence_length = tl.load(sequence_lengths_ptr + sequence)
+    split_start = split * split_length
+    split_end = tl.minimum(sequence_length, split_start + split_length)
+
+    rows = tl.arange(0, GROUP_PAD)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    row_mask = rows < GROUP
+    dim_mask = dims < HEAD_DIM
+    heads = kv_head * GROUP + rows
+    query = tl.load(
+        query_ptr + sequence.to(tl.int64) * stride_query_token + heads[:, None] * stride_query_head + dims[None, :],
+        mask=row_mask[:, None] & dim_mask[None, :], other=0.0,
+    )
+    table_row = block_tables_ptr + sequence.to(tl.int64) * stride_table_sequence
+    running_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    running_sum = tl.zeros([GROUP_PAD], tl.float32)
+    accumulator = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
+    for start in range(split_start, split_end, BLOCK_N):
+        positions = start + tl.arange(0, BLOCK_N)
+        valid = positions < split_end
+        block_ids = tl.load(table_row + positions // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        token_offsets = (block_ids * stride_cache_block + (positions % BLOCK_SIZE) * stride_cache_offset
+                         + kv_head * stride_cache_head)
+        kv_mask = valid[:, None] & dim_mask[None, :]
+        keys = tl.load(key_cache_ptr + token_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        scores = tile_dot(query, tl.trans(keys.to(query.dtype)), DOT_PRECISION, UPCAST_DOT) * scale_log2
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, 1))
+        correction = tl.exp2(running_max - new_max)
+        probabilities = tl.exp2(scores - new_max[:, None])
+        running_sum = running_sum * correction + tl.sum(probabilities, 1)
+        values = tl.load(value_cache_ptr + token_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        values = values.to(query.dtype)
+        attended = tile_dot(probabilities.to(values.dtype), values, DOT_PRECISION, UPCAST_DOT)
+        accumulator = accumulator * correction[:, None] + attended
+        running_max = new_max
+
+    if DIRECT_OUTPUT:
+        output = accumulator / running_sum[:, None]
+        out_offsets = (sequence.to(tl.int64) * stride_output_token + heads[:, None] * stride_output_head
+                       + dims[None, :])
+        tl.store(output_ptr + out_offsets, output.to(output_ptr.dtype.element_ty),
+                 mask=row_mask[:, None] & dim_mask[None, :])
+    elif split_start < sequence_length:
+        # partial layout: [S, Hq, num_splits, HEAD_DIM_PAD] and [S, Hq, num_splits]
+        head_index = sequence.to(tl.int64) * (tl.num_programs(1) * GROUP) + heads
+        lse_offsets = head_index * num_splits + split
+        tl.store(partial_lse_ptr + lse_offsets, running_max + tl.log2(running_sum), mask=row_mask)
+        output = accumulator / running_sum[:, None]
+        tl.store(partial_output_ptr + lse_offsets[:, None] * HEAD_DIM_PAD + dims[None, :], output,
+                 mask=row_mask[:, None])
+
+
+@triton.jit
+def _decode_merge_kernel(
+    output_ptr, partial_output_ptr, partial_lse_ptr, sequence_lengths_ptr,
+    split_length, num_splits, stride_output_token, stride_output_head,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+):
+    sequence = tl.program_id(0)
+    head = tl.program_id(1)
+    sequence_length = tl.load(sequence_lengths_ptr + sequence)
+    used_splits = tl.cdiv(sequence_length, split_length)
+    splits = tl.arange(0, SPLITS_PAD)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    split_mask = splits < used_splits
+    base = (sequence.to(tl.int64) * tl.num_programs(1) + head) * num_splits
+    lse = tl.load(partial_lse_ptr + base + splits, mask=split_mask, other=float("-inf"))
+    weights = tl.exp2(lse - tl.max(lse, 0))
+    weights = weights / tl.sum(weights, 0)
+    partial = tl.load(partial_output_ptr + (base + splits)[:, None] * HEAD_DIM_PAD + dims[None, :],
+                      mask=split_mask[:, None], other=0.0)
+    output = tl.sum(partial * weights[:, None], 0)
+    tl.store(output_ptr + sequence.to(tl.int64) * stride_output_token + head * stride_output_head + dims,
+             output.to(output_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
+
+
+def choose_num_splits(num_sequences: int, num_kv_heads: int, max_sequence_length: int, num_processors: int) -> int:
+    """Enough splits to give the GPU about two programs per processor, each over >= MIN_SPLIT_TOKENS."""
+    wanted = -(-2 * num_processors // max(1, num_sequences * num_kv_heads))
+    by_length = max(1, max_sequence_length // MIN_SPLIT_TOKENS)
+    return max(1, min(wanted, by_length, MAX_SPLITS))
+
+
+def paged_decode_attention(
+    query: torch.Tensor,  # [S, Hq, D], one row per sequence
+    key_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [S, max_blocks] int32
+    sequence_lengths: torch.Tensor,  # [S] int32, device
+    max_sequence_length: int,  # host value: sizes the split grid without a device sync
+    scale: float,
+    num_splits: int = 1,
+    output: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of each sequence's single new row over its first ``sequence_length`` cached tokens."""
+    num_sequences, num_heads, head_dim = query.shape
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    if num_heads % num_kv_heads != 0 or key_cache.shape[3] != head_dim:
+        raise ValueError(f"paged_decode_attention: query {tuple(query.shape)} does not fit cache "
+                         f"{tuple(key_cache.shape)} (query heads must be a multiple of KV heads)")
+    if query.stride(2) != 1 or key_cache.stride(3) != 1 or value_cache.stride() != key_cache.stride():
+        raise ValueError("paged_decode_attention: head dims must be contiguous; K and V caches alike")
+    if output is None:
+        output = torch.empty_like(query)
+    if num_sequences == 0:
+        return output
+    group = num_heads // num_kv_heads
+    head_dim_pad = max(16, triton.next_power_of_2(head_dim))
+    block_n = 64 if head_dim_pad <= 128 else 32
+    num_splits = max(1, min(int(num_splits), -(-max_sequence_length // block_n)))
+    split_length = -(-max(1, max_sequence_length) // num_splits)
+    split_length = -(-split_length // block_n) * block_n
+    num_splits = -(-max(1, max_sequence_length) // split_length)
+    direct = num_splits == 1
+    if direct:
+        partial_output = partial_lse = output  # unused
+    else:
+        partial_output = torch.empty((num_sequences, num_heads, num_splits, head_dim_pad),
+                                     dtype=torch.float32, device=query.device)
+        partial_lse = torch.empty((num_sequences, num_heads, num_splits), dtype=torch.float32, device=query.device)
+    _decode_partial_kernel[(num_sequences, num_kv_heads, num_splits)](
+        query, key_cache, value_cache, block_tables, sequence_lengths,
+        output, partial_output, partial_lse,
+        scale * LOG2_E, split_length, num_splits,
+        query.stride(0), query.stride(1), output.stride(0), output.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size, BLOCK_N=block_n, DIRECT_OUTPUT=direct,
+        DOT_PRECISION=dot_precision(query.dtype), UPCAST_DOT=interpreting(), num_warps=4, num_stages=2,
+    )
+    if not direct:
+        _decode_merge_kernel[(num_sequences, num_heads)](
+            output, partial_output, partial_lse, sequence_lengths,
+            split_length, num_splits, output.stride(0), output.stride(1),
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, SPLITS_PAD=triton.next_power_of_2(num_splits),
+            num_warps=1 if head_dim_pad <= 64 else 2,
+        )
+    return output
