@@ -1,0 +1,134 @@
+"""The FastAPI app: routes, API-key check, and the engine thread's lifetime tied to the app's."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from joule.server.async_engine import AsyncEngine
+from joule.server.serving_tokenize import detokenize, tokenize
+from joule.server.errors import APIError, install_error_handlers
+from joule.server.metrics import ServerMetrics
+from joule.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+)
+from joule.server.serving_chat import create_chat_completion
+from joule.server.serving_common import ServingContext
+from joule.server.serving_completions import create_completion
+
+_PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+
+
+@dataclass
+class ServerConfig:
+    """Options of ``joule serve`` beyond the engine's."""
+
+    served_model_names: list[str] = field(default_factory=lambda: ["smollm2-135m"])
+    api_key: str | None = None
+    max_queue: int | None = None
+    retry_after_seconds: int = 1
+    shutdown_timeout_seconds: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.served_model_names or not all(isinstance(n, str) and n for n in self.served_model_names):
+            raise ValueError(f"served_model_names must be non-empty strings, got {self.served_model_names!r}.")
+        if self.max_queue is not None and (isinstance(self.max_queue, bool) or self.max_queue < 1):
+            raise ValueError(f"max_queue must be a positive integer or None, got {self.max_queue!r}.")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key must not be empty.")
+
+
+class APIKeyMiddleware:
+    """Bearer-token check for the API routes; /health and /metrics stay open for probes and scrapes."""
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self._expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(_PROTECTED_PREFIXES):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        given = headers.get(b"authorization", b"")
+        if not secrets.compare_digest(given, self._expected):
+            reason = "missing" if not given else "invalid"
+            error = APIError(401, f"{reason} API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+            await error.response()(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def build_app(engine, config: ServerConfig) -> FastAPI:
+    """An app serving ``engine`` (an LLMEngine); the engine thread starts and stops with the app."""
+    metrics = ServerMetrics(config.served_model_names[0])
+    async_engine = AsyncEngine(engine, metrics=metrics, max_queue=config.max_queue)
+    context = ServingContext(
+        engine=async_engine,
+        tokenizer=engine.tokenizer,
+        served_model_names=list(config.served_model_names),
+        max_model_len=engine.max_model_len,
+        vocab_size=engine.model_config.vocab_size,
+        retry_after_seconds=config.retry_after_seconds,
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        async_engine.start(asyncio.get_running_loop())
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(async_engine.shutdown, config.shutdown_timeout_seconds)
+
+    app = FastAPI(title="Joule", lifespan=lifespan)
+    app.state.async_engine = async_engine
+    app.state.metrics = metrics
+    app.state.context = context
+    install_error_handlers(app)
+    if config.api_key is not None:
+        app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not async_engine.is_running:
+            return APIError(503, "the engine is not running").response()
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        root = str(getattr(engine, "model_path", "")) or None
+        cards = [ModelCard(id=name, root=root, max_model_len=context.max_model_len)
+                 for name in context.served_model_names]
+        return JSONResponse(ModelList(data=cards).model_dump())
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await create_completion(context, body, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await create_chat_completion(context, body, request)
+
+    @app.post("/tokenize")
+    async def tokenize_route(body: TokenizeRequest) -> JSONResponse:
+        return JSONResponse(tokenize(context, body).model_dump())
+
+    @app.post("/detokenize")
+    async def detokenize_route(body: DetokenizeRequest) -> JSONResponse:
+        return JSONResponse(detokenize(context, body).model_dump())
+
+    return app

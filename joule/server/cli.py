@@ -1,0 +1,83 @@
+"""`joule serve`: flags and the entry point (wired into ``joule.cli`` by the lead).
+
+Also runnable as ``python -m joule.server.cli`` so tests need nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from joule.logger import get_logger
+
+logger = get_logger()
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    from joule.cli_args import add_engine_arguments
+
+    add_engine_arguments(parser)
+    group = parser.add_argument_group("server")
+    group.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    group.add_argument("--port", type=int, default=8000, help="port to listen on")
+    group.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on the API routes")
+    group.add_argument("--served-model-name", nargs="+", default=None,
+                       help="name(s) clients use for the model (default: --model, or smollm2-135m)")
+    group.add_argument("--max-queue", type=int, default=None,
+                       help="most waiting requests before new ones get 429 (default: unbounded)")
+    group.add_argument("--shutdown-timeout", type=float, default=10.0,
+                       help="seconds to let in-flight requests finish after SIGTERM before aborting them")
+    group.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                       help="uvicorn log level")
+
+
+def _ready_message(host: str, port: int, model_name: str, api_key: str | None) -> str:
+    auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
+    return (
+        f"\nJoule is serving {model_name!r} at http://{host}:{port}/v1\n"
+        f"  curl http://{host}:{port}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\\n"
+        f"    -d '{{\"model\": \"{model_name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n"
+        f"  python -c \"from openai import OpenAI; c = OpenAI(base_url='http://{host}:{port}/v1', "
+        f"api_key='{api_key or 'EMPTY'}'); print(c.chat.completions.create(model='{model_name}', "
+        f"messages=[{{'role': 'user', 'content': 'Hello!'}}]).choices[0].message.content)\"\n"
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Load the engine, serve until SIGTERM/SIGINT, and return 0 after a graceful shutdown."""
+    import uvicorn
+
+    from joule.cli_args import engine_config_from_args
+    from joule.llm_engine import LLMEngine
+    from joule.server.app import ServerConfig, build_app
+
+    names = args.served_model_name or [args.model or "smollm2-135m"]
+    server_config = ServerConfig(
+        served_model_names=names, api_key=args.api_key, max_queue=args.max_queue,
+        shutdown_timeout_seconds=args.shutdown_timeout,
+    )
+    engine = LLMEngine(engine_config_from_args(args))
+    app = build_app(engine, server_config)
+    uvicorn_config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.log_level,
+        timeout_graceful_shutdown=max(1, int(args.shutdown_timeout)), access_log=False,
+    )
+    server = uvicorn.Server(uvicorn_config)
+    print(_ready_message(args.host, args.port, names[0], args.api_key), flush=True)
+    server.run()
+    return 0 if server.started else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="joule serve", description="OpenAI-compatible server")
+    add_serve_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_serve(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

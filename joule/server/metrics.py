@@ -1,0 +1,111 @@
+"""Prometheus metrics with vLLM's names under the ``joule:`` prefix, on a per-app registry.
+
+A per-app ``CollectorRegistry`` (not prometheus-client's global one) lets several servers live in
+one process (tests) without clashing. Latency bookkeeping is updated only from the engine thread;
+prometheus-client's metric objects are themselves thread-safe for the scrape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from joule.outputs import RequestOutput
+
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                    10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+_REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+                    120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+
+@dataclass
+class _RequestTiming:
+    arrival_time: float
+    last_token_time: float | None = None
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str):
+        self.registry = CollectorRegistry(auto_describe=True)
+        labels = ["model_name"]
+        self._model_name = model_name
+        self._timings: dict[str, _RequestTiming] = {}
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, labels, registry=self.registry).labels(model_name)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, labels, registry=self.registry).labels(model_name)
+
+        def histogram(name: str, doc: str, buckets) -> Histogram:
+            return Histogram(name, doc, labels, buckets=buckets, registry=self.registry).labels(model_name)
+
+        self.num_running = gauge("joule:num_requests_running", "Sequences running on the engine.")
+        self.num_waiting = gauge("joule:num_requests_waiting", "Sequences waiting to be scheduled.")
+        self.kv_usage = gauge("joule:kv_cache_usage_perc", "KV cache usage; 1 means 100 percent.")
+        self.kv_blocks_used = gauge("joule:kv_cache_blocks_used", "KV cache blocks owned by requests.")
+        self.kv_blocks_total = gauge("joule:kv_cache_blocks_total", "KV cache blocks in all.")
+        self.prompt_tokens = counter("joule:prompt_tokens", "Prompt tokens of requests that started generating.")
+        self.generation_tokens = counter("joule:generation_tokens", "Generated tokens.")
+        self.prefix_queries = counter("joule:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+        self.prefix_hits = counter("joule:prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        self.preemptions = counter("joule:num_preemptions", "Preemptions of running requests.")
+        self._finished = Counter(
+            "joule:request_success", "Finished requests by finish reason.", ["model_name", "finished_reason"],
+            registry=self.registry,
+        )
+        self.ttft = histogram("joule:time_to_first_token_seconds", "Time to first token.", _LATENCY_BUCKETS)
+        self.itl = histogram("joule:inter_token_latency_seconds", "Time between output tokens.", _LATENCY_BUCKETS)
+        self.e2e = histogram("joule:e2e_request_latency_seconds", "Arrival to finish.", _REQUEST_BUCKETS)
+        self.queue_time = histogram("joule:request_queue_time_seconds", "Arrival to first scheduled.", _REQUEST_BUCKETS)
+
+    # -- engine thread -----------------------------------------------------------------------
+    def set_engine_stats(self, stats) -> None:
+        self.num_running.set(stats.num_running)
+        self.num_waiting.set(stats.num_waiting)
+        self.kv_usage.set(stats.kv_cache_usage)
+        self.kv_blocks_used.set(stats.num_used_blocks)
+        self.kv_blocks_total.set(stats.num_blocks)
+
+    def add_prefix_cache(self, queries: int, hits: int) -> None:
+        if queries > 0:
+            self.prefix_queries.inc(queries)
+        if hits > 0:
+            self.prefix_hits.inc(hits)
+
+    def add_preemptions(self, count: int) -> None:
+        if count > 0:
+            self.preemptions.inc(count)
+
+    def on_output(self, output: RequestOutput, now: float) -> None:
+        """One delta output of a request: new tokens, first-token and per-token latencies, the end."""
+        timing = self._timings.get(output.request_id)
+        if timing is None:
+            arrival = output.metrics.arrival_time if output.metrics is not None else now
+            timing = self._timings[output.request_id] = _RequestTiming(arrival)
+        new_tokens = sum(len(completion.token_ids) for completion in output.outputs)
+        if new_tokens:
+            self.generation_tokens.inc(new_tokens)
+            if timing.last_token_time is None:
+                self.ttft.observe(now - timing.arrival_time)
+                self.prompt_tokens.inc(len(output.prompt_token_ids))
+            else:
+                self.itl.observe(now - timing.last_token_time)
+            timing.last_token_time = now
+        if output.finished:
+            del self._timings[output.request_id]
+            self.e2e.observe(now - timing.arrival_time)
+            if output.metrics is not None and output.metrics.time_in_queue is not None:
+                self.queue_time.observe(output.metrics.time_in_queue)
+            for completion in output.outputs:
+                if completion.finish_reason is not None:
+                    self._finished.labels(self._model_name, completion.finish_reason).inc()
+
+    def on_abort(self, request_id: str, reason: str) -> None:
+        self._timings.pop(request_id, None)
+        self._finished.labels(self._model_name, reason).inc()
+
+    # -- scrape ------------------------------------------------------------------------------
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

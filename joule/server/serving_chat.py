@@ -1,0 +1,181 @@
+"""POST /v1/chat/completions: messages through the model's chat template, replies in OpenAI's shape."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import jinja2
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from joule.outputs import CompletionOutput, Logprob
+from joule.server.errors import bad_request
+from joule.server.protocol import (
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobs,
+    ChatMessage,
+    ChatResponseMessage,
+    ChatStreamChoice,
+    ChatTokenLogprob,
+    TopLogprob,
+    UsageInfo,
+    random_id,
+)
+from joule.server.serving_common import (
+    SSE_DONE,
+    EventStreamResponse,
+    ServingContext,
+    build_sampling_params,
+    ranked_entries,
+    sse,
+    stream_error,
+    unless_disconnected,
+)
+
+
+def render_chat_prompt(
+    context: ServingContext, messages: list[ChatMessage], add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+) -> list[int]:
+    """The conversation as token ids via the model's own chat template; template errors are 400s."""
+    tokenizer = context.require_tokenizer()
+    conversation = [{"role": message.role, "content": message.text()} for message in messages]
+    try:
+        text = tokenizer.apply_chat_template(
+            conversation, add_generation_prompt=add_generation_prompt and not continue_final_message,
+            continue_final_message=continue_final_message,
+        )
+    except (ValueError, TypeError, jinja2.TemplateError) as error:
+        raise bad_request(f"cannot apply the chat template: {error}", param="messages") from None
+    return context.check_token_ids(tokenizer.encode(text, add_special_tokens=False), param="messages")
+
+
+def _token_logprobs(entries: list[dict[int, Logprob]], top: int) -> list[ChatTokenLogprob]:
+    def described(token_id: int, logprob: Logprob) -> dict:
+        token = logprob.decoded_token if logprob.decoded_token is not None else str(token_id)
+        return {"token": token, "logprob": logprob.logprob, "bytes": list(token.encode("utf-8"))}
+
+    result = []
+    for entry in entries:
+        token_id, sampled = next(iter(entry.items()))
+        alternatives = [TopLogprob(**described(tid, lp)) for tid, lp in ranked_entries(entry, top)]
+        result.append(ChatTokenLogprob(**described(token_id, sampled), top_logprobs=alternatives))
+    return result
+
+
+@dataclass
+class _ChatChoiceState:
+    text: str = ""
+    num_tokens: int = 0
+    logprobs: list[ChatTokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    done: bool = False
+    sent_role: bool = False
+
+
+async def create_chat_completion(
+    context: ServingContext, body: ChatCompletionRequest, http_request: Request
+) -> Response:
+    model = context.check_model(body.model)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
+    prompt_ids = render_chat_prompt(context, body.messages, body.add_generation_prompt, body.continue_final_message)
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    context.check_context(len(prompt_ids), max_tokens, param=param)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    params = build_sampling_params(body, max_tokens, logprobs)
+    request_id = random_id("chatcmpl")
+    stream = await context.submit([prompt_ids], params, request_id, body.priority)
+    handler = _Chat(body, model, request_id, len(prompt_ids), stream)
+    if body.stream:
+        return EventStreamResponse(handler.stream())
+    return await unless_disconnected(http_request, handler.collect())
+
+
+class _Chat:
+    """One chat call in flight: folds engine deltas into choices or chunks."""
+
+    def __init__(self, body: ChatCompletionRequest, model: str, request_id: str, prompt_len: int, stream):
+        self.body, self.model, self.request_id, self.prompt_len = body, model, request_id, prompt_len
+        self.engine_stream = stream
+        self.created = int(time.time())
+        self.choices = [_ChatChoiceState() for _ in range(body.n)]
+        self.top = body.top_logprobs or 0
+
+    def _update(self, completion: CompletionOutput) -> list[ChatTokenLogprob] | None:
+        """Fold one delta in; None when the choice had already ended (a repeated final delta)."""
+        choice = self.choices[completion.index]
+        if choice.done:
+            return None
+        choice.text += completion.text
+        choice.num_tokens += len(completion.token_ids)
+        new_logprobs = _token_logprobs(completion.logprobs or [], self.top) if self.body.logprobs else []
+        choice.logprobs += new_logprobs
+        if completion.finish_reason is not None:
+            choice.finish_reason, choice.stop_reason, choice.done = (
+                completion.finish_reason, completion.stop_reason, True
+            )
+        return new_logprobs
+
+    def _usage(self) -> UsageInfo:
+        return UsageInfo.of(self.prompt_len, sum(choice.num_tokens for choice in self.choices))
+
+    async def collect(self) -> Response:
+        try:
+            async for _, output in self.engine_stream:
+                for completion in output.outputs:
+                    self._update(completion)
+        except Exception as error:
+            return stream_error(error).response()
+        finally:
+            self.engine_stream.abort()
+        choices = [
+            ChatChoice(
+                index=index, message=ChatResponseMessage(content=choice.text),
+                logprobs=ChatLogprobs(content=choice.logprobs) if self.body.logprobs else None,
+                finish_reason=choice.finish_reason, stop_reason=choice.stop_reason,
+            )
+            for index, choice in enumerate(self.choices)
+        ]
+        response = ChatCompletionResponse(
+            id=self.request_id, model=self.model, created=self.created, choices=choices, usage=self._usage()
+        )
+        return JSONResponse(response.model_dump())
+
+    def _chunk(self, choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
+        return sse(ChatCompletionChunk(id=self.request_id, model=self.model, created=self.created,
+                                       choices=choices, usage=usage))
+
+    async def stream(self) -> AsyncIterator[str]:
+        include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
+        try:
+            for index in range(self.body.n):  # OpenAI opens every choice with the role
+                yield self._chunk([ChatStreamChoice(index=index, delta=ChatDelta(role="assistant", content=""))])
+            async for _, output in self.engine_stream:
+                for completion in output.outputs:
+                    new_logprobs = self._update(completion)
+                    if new_logprobs is None:
+                        continue
+                    if not completion.text and not completion.finish_reason and not new_logprobs:
+                        continue
+                    choice = ChatStreamChoice(
+                        index=completion.index, delta=ChatDelta(content=completion.text),
+                        logprobs=ChatLogprobs(content=new_logprobs) if self.body.logprobs else None,
+                        finish_reason=completion.finish_reason, stop_reason=completion.stop_reason,
+                    )
+                    yield self._chunk([choice])
+            if include_usage:
+                yield self._chunk([], usage=self._usage())
+        except Exception as error:
+            yield stream_error(error).sse_payload()
+        finally:
+            self.engine_stream.abort()
+        yield SSE_DONE

@@ -1,0 +1,170 @@
+"""What completions and chat share: the model check, prompt limits, sampling params, SSE plumbing."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel
+
+from joule.outputs import Logprob
+from joule.sampling_params import RequestOutputKind, SamplingParams
+from joule.server.async_engine import AsyncEngine, EngineStepError, EngineStoppedError, QueueFullError
+from joule.server.errors import APIError, bad_request, from_value_error
+
+_SAMPLING_FIELDS = {
+    "n", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "presence_penalty",
+    "frequency_penalty", "repetition_penalty", "ignore_eos", "min_tokens", "max_tokens", "logprobs",
+    "max_completion_tokens", "top_logprobs", "prompt", "prompt_token_ids", "messages", "priority",
+}
+
+
+@dataclass
+class ServingContext:
+    """Everything a handler needs, built once per app."""
+
+    engine: AsyncEngine
+    tokenizer: object | None
+    served_model_names: list[str]
+    max_model_len: int
+    vocab_size: int
+    retry_after_seconds: int = 1
+
+    def check_model(self, requested: str | None) -> str:
+        """The name to echo back; 404 for a model this server does not serve."""
+        if requested is None:
+            return self.served_model_names[0]
+        if requested not in self.served_model_names:
+            raise APIError(
+                404, f"The model `{requested}` does not exist. Served: {', '.join(self.served_model_names)}.",
+                param="model", code="model_not_found",
+            )
+        return requested
+
+    def require_tokenizer(self):
+        if self.tokenizer is None:
+            raise bad_request("this model has no tokenizer: send prompts as token ids", param="prompt")
+        return self.tokenizer
+
+    def check_token_ids(self, token_ids: list[int], param: str = "prompt") -> list[int]:
+        if not token_ids:
+            raise bad_request(f"{param} is empty: it must contain at least one token", param=param)
+        for token_id in token_ids:
+            if not 0 <= token_id < self.vocab_size:
+                raise bad_request(
+                    f"{param} contains token id {token_id}, outside the vocabulary [0, {self.vocab_size})", param=param
+                )
+        return token_ids
+
+    def check_context(self, prompt_len: int, max_tokens: int | None, param: str = "max_tokens") -> None:
+        """Reject prompt + max_tokens beyond the context, naming both numbers as OpenAI does."""
+        if prompt_len >= self.max_model_len:
+            raise bad_request(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt is "
+                f"{prompt_len} tokens, which leaves no room for a completion.", param="prompt",
+            )
+        if max_tokens is not None and prompt_len + max_tokens > self.max_model_len:
+            raise bad_request(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} in the completion). "
+                f"Please reduce the prompt or {param}.", param=param,
+            )
+
+    async def submit(self, prompts: list[list[int]], params: SamplingParams, request_id: str, priority: int):
+        try:
+            return await self.engine.submit(prompts, params, request_id, priority)
+        except QueueFullError as error:
+            raise APIError(429, str(error), code="queue_full",
+                           headers={"Retry-After": str(self.retry_after_seconds)}) from None
+        except EngineStoppedError as error:
+            raise APIError(503, str(error)) from None
+        except ValueError as error:
+            raise from_value_error(error, _SAMPLING_FIELDS) from None
+
+
+def build_sampling_params(request, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    """The request's sampling fields as SamplingParams (DELTA outputs: the server accumulates)."""
+    values = dict(
+        n=request.n, presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
+        seed=request.seed, stop=request.stop, stop_token_ids=request.stop_token_ids, ignore_eos=request.ignore_eos,
+        min_tokens=request.min_tokens, max_tokens=max_tokens, logprobs=logprobs,
+        skip_special_tokens=request.skip_special_tokens,
+        include_stop_str_in_output=request.include_stop_str_in_output, output_kind=RequestOutputKind.DELTA,
+    )
+    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+        value = getattr(request, name)
+        if value is not None:
+            values[name] = value
+    if max_tokens is not None and request.min_tokens > max_tokens:
+        raise bad_request(f"min_tokens ({request.min_tokens}) must not exceed max_tokens ({max_tokens})", "min_tokens")
+    try:
+        return SamplingParams(**values)
+    except ValueError as error:
+        raise from_value_error(error, _SAMPLING_FIELDS) from None
+
+
+def ranked_entries(entry: dict[int, Logprob], limit: int) -> list[tuple[int, Logprob]]:
+    """The ``limit`` best alternatives of one position, best first."""
+    ranked = sorted(entry.items(), key=lambda item: (item[1].rank if item[1].rank is not None else 1 << 30))
+    return ranked[:limit]
+
+
+def sse(payload: BaseModel | dict) -> str:
+    body = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
+    return f"data: {body}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def stream_error(error: BaseException) -> APIError:
+    if isinstance(error, APIError):
+        return error
+    if isinstance(error, EngineStoppedError):
+        return APIError(503, str(error))
+    if isinstance(error, EngineStepError):
+        return APIError(500, str(error))
+    return APIError(500, "internal server error")
+
+
+class EventStreamResponse(StreamingResponse):
+    """SSE response that always closes its generator, so a gone client's requests are aborted at once."""
+
+    def __init__(self, content: AsyncIterator[str]):
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with contextlib.suppress(Exception):
+                await self.body_iterator.aclose()
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def unless_disconnected(request: Request, work: Awaitable[Response]) -> Response:
+    """Run a non-streaming handler, cancelling it (and so aborting its requests) if the client leaves."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task in done:
+        return task.result()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    return Response(status_code=499)
