@@ -1,0 +1,144 @@
+"""DeviceProfile: what a device achieves in practice, as opposed to its datasheet peaks.
+
+A profile holds the efficiency factors the step model multiplies the roofline
+with. ``DeviceProfile.from_hardware`` gives defaults derived from the catalog
+(documented below); ``joule perf calibrate`` measures and fits them on the
+current device and saves them as JSON, which the simulator and planner load.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from joule.perf.hardware import HardwareSpec, get_hardware
+
+OPERATOR_CLASSES = ("linear", "attention_prefill", "attention_decode", "elementwise", "sampling")
+PROFILE_DIR = Path(__file__).with_name("profiles")
+
+# Defaults for an uncalibrated device, as fractions of the datasheet peaks. The GEMM fraction
+# is anchors.md's 783 of 989 TFLOP/s on an H100; the bandwidth fraction its 3.0 of 3.35 TB/s.
+_GEMM_FRACTION = {"gpu": 0.79, "cpu": 1.0}  # CPU peaks in the catalog are already measured GEMM rates
+_ATTENTION_FRACTION = 0.5
+_BANDWIDTH_FRACTION = {"gpu": 0.85, "cpu": 0.9}
+_GEMM_M_HALF = {"gpu": 48.0, "cpu": 32.0}  # rows at which a GEMM reaches half its large-M rate
+# Python-side costs of the current engine (scheduler, input preparation, per-layer launches),
+# before calibration replaces them; GPU per-layer ~ a dozen launches at ~8 us (anchors.md).
+_OVERHEADS = {
+    "gpu": dict(step_overhead_s=1.5e-3, sequence_overhead_s=1.5e-5, layer_overhead_s=1.0e-4,
+                prefill_sequence_layer_overhead_s=2.5e-5),
+    "cpu": dict(step_overhead_s=2.0e-3, sequence_overhead_s=2.0e-5, layer_overhead_s=5.0e-5,
+                prefill_sequence_layer_overhead_s=3.0e-5),
+}
+# Share of the dynamic power range (max - idle) that a device at full FLOP rate, or at full
+# bandwidth, draws. Used to derive per-FLOP and per-byte energies from the board power.
+_FLOP_POWER_SHARE = 0.6
+_BYTE_POWER_SHARE = 0.4
+
+
+@dataclass
+class DeviceProfile:
+    """Achievable rates, per-class scale factors, fixed overheads and energy coefficients."""
+
+    hardware: str
+    dtype: str
+    gemm_flops: float  # FLOP/s a large-M GEMM reaches
+    gemm_m_half: float  # GEMM rate at M rows = gemm_flops * M / (M + gemm_m_half)
+    attention_flops: float  # FLOP/s of attention math (QK^T, softmax, PV)
+    memory_bandwidth: float  # bytes/s a streaming kernel reaches
+    scales: dict[str, float] = field(default_factory=lambda: {name: 1.0 for name in OPERATOR_CLASSES})
+    step_overhead_s: float = 0.0
+    sequence_overhead_s: float = 0.0
+    layer_overhead_s: float = 0.0
+    # The portable attention backend loops over sequences in steps that carry a prompt chunk.
+    prefill_sequence_layer_overhead_s: float = 0.0
+    # The portable backend's decode path gathers every sequence's KV padded to the longest one,
+    # copying it (read + write + read: 3 passes); a paged kernel reads it once, unpadded.
+    decode_attention_padded: bool = True
+    kv_passes: float = 3.0
+    idle_watts: float = 0.0
+    max_watts: float = 0.0
+    energy_per_flop: float = 0.0  # joules
+    energy_per_byte: float = 0.0  # joules
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("gemm_flops", "attention_flops", "memory_bandwidth"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"profile {self.hardware}: {name} must be positive, got {getattr(self, name)!r}")
+        if self.gemm_m_half < 0:
+            raise ValueError(f"profile {self.hardware}: gemm_m_half must be non-negative")
+        unknown = set(self.scales) - set(OPERATOR_CLASSES)
+        if unknown:
+            raise ValueError(f"profile {self.hardware}: unknown operator classes {sorted(unknown)}")
+        self.scales = {name: float(self.scales.get(name, 1.0)) for name in OPERATOR_CLASSES}
+
+    @property
+    def element_bytes(self) -> int:
+        return 4 if self.dtype in ("float32", "fp32", "float") else 2
+
+    def gemm_rate(self, rows: float) -> float:
+        """FLOP/s of a GEMM with ``rows`` rows: the small-M efficiency curve."""
+        return self.gemm_flops * rows / (rows + self.gemm_m_half)
+
+    @classmethod
+    def from_hardware(cls, spec: HardwareSpec, dtype: str | None = None) -> "DeviceProfile":
+        """Uncalibrated defaults from the catalog's peaks (fractions documented in this module)."""
+        dtype = dtype or spec.default_dtype()
+        peak = spec.peak_flops(dtype)
+        dynamic_watts = spec.max_watts - spec.idle_watts
+        return cls(
+            hardware=spec.name,
+            dtype=dtype,
+            gemm_flops=peak * _GEMM_FRACTION[spec.kind],
+            gemm_m_half=_GEMM_M_HALF[spec.kind],
+            attention_flops=peak * _ATTENTION_FRACTION,
+            memory_bandwidth=spec.memory_bandwidth * _BANDWIDTH_FRACTION[spec.kind],
+            idle_watts=spec.idle_watts,
+            max_watts=spec.max_watts,
+            energy_per_flop=_FLOP_POWER_SHARE * dynamic_watts / peak,
+            energy_per_byte=_BYTE_POWER_SHARE * dynamic_watts / spec.memory_bandwidth,
+            source=f"defaults from the catalog entry for {spec.name} (uncalibrated)",
+            **_OVERHEADS[spec.kind],
+        )
+
+    # -- files ---------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DeviceProfile":
+        known = {item.name for item in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"profile has unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "DeviceProfile":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"could not read profile {path}: {error}") from None
+        return cls.from_dict(data)
+
+
+def shipped_profile_path(hardware: str, dtype: str) -> Path:
+    return PROFILE_DIR / f"{hardware.lower()}-{dtype}.json"
+
+
+def resolve_profile(hardware: str, dtype: str | None = None, profile_path: str | Path | None = None) -> DeviceProfile:
+    """An explicit profile file, else the shipped calibrated profile, else catalog defaults."""
+    if profile_path is not None:
+        return DeviceProfile.load(profile_path)
+    spec = get_hardware(hardware)
+    dtype = dtype or spec.default_dtype()
+    shipped = shipped_profile_path(spec.name, dtype)
+    if shipped.is_file():
+        return DeviceProfile.load(shipped)
+    return DeviceProfile.from_hardware(spec, dtype)

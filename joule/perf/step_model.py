@@ -1,0 +1,251 @@
+"""The step model: FLOPs and bytes of one engine step, and its predicted time and energy.
+
+A step is one flattened batch (see ``joule.engine.plan.StepPlan``): every
+sequence brings ``num_new_tokens`` rows at positions after ``context_length``
+cached ones, and sequences that complete their known tokens are sampled. Counts
+are per operator class so a profile can scale each class on its own:
+
+- linear: the q/k/v, o, gate/up and down projections of every layer over all
+  rows, plus lm_head over the sampled rows only;
+- attention_prefill / attention_decode: QK^T and PV for rows of chunks (q > 1)
+  and of single-token decodes, plus reading the cached K/V;
+- elementwise: embedding gather, RMSNorms, rope, SiLU-and-mul, residual adds,
+  KV-cache writes;
+- sampling: passes over the sampled rows' fp32 logits.
+
+Time per class is a roofline ``max(FLOPs / rate, bytes / bandwidth)`` times the
+profile's scale for the class; fixed overheads (per step, sequence, layer) are
+added. Energy is idle power x time plus per-FLOP and per-byte energies, capped
+at the board's maximum power.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from joule.engine.plan import StepPlan
+from joule.model.config import ModelConfig
+from joule.perf.profile import OPERATOR_CLASSES, DeviceProfile
+
+_LOGITS_BYTES = 4  # the sampler works on fp32 logits
+_SAMPLING_PASSES = 4  # cast, softmax/log-softmax, argmax or top-k, penalties: ~4 reads of V floats
+_SAMPLING_FLOPS_PER_LOGIT = 8
+
+
+@dataclass(frozen=True)
+class SequenceWork:
+    """One sequence's share of a step."""
+
+    num_new_tokens: int
+    context_length: int  # tokens already in the KV cache before this step
+    samples: bool
+
+
+@dataclass
+class BatchShape:
+    """A step's batch, independent of token values: what the step model needs from a StepPlan."""
+
+    sequences: list[SequenceWork] = field(default_factory=list)
+
+    @classmethod
+    def from_plan(cls, plan: StepPlan) -> "BatchShape":
+        return cls([SequenceWork(s.num_tokens, s.start_position, s.samples) for s in plan.sequences])
+
+    @classmethod
+    def decode(cls, batch_size: int, context_length: int) -> "BatchShape":
+        return cls([SequenceWork(1, context_length, True) for _ in range(batch_size)])
+
+    @classmethod
+    def prefill(cls, prompt_lengths: list[int]) -> "BatchShape":
+        return cls([SequenceWork(length, 0, True) for length in prompt_lengths])
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.sequences)
+
+    @property
+    def num_sampled(self) -> int:
+        return sum(1 for s in self.sequences if s.samples)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return all(s.num_new_tokens == 1 for s in self.sequences)
+
+
+@dataclass
+class OperatorCount:
+    flops: float = 0.0
+    bytes: float = 0.0
+
+
+@dataclass
+class StepCost:
+    """Predicted time per class (seconds), counts, total time and energy of one step."""
+
+    counts: dict[str, OperatorCount]
+    seconds: dict[str, float]
+    overhead_seconds: float
+    elapsed_seconds: float
+    energy_joules: float
+
+    @property
+    def flops(self) -> float:
+        return sum(count.flops for count in self.counts.values())
+
+    @property
+    def bytes(self) -> float:
+        return sum(count.bytes for count in self.counts.values())
+
+
+def layer_gemm_shapes(config: ModelConfig) -> list[tuple[str, int, int]]:
+    """(name, K, N) of each decoder-layer GEMM, q/k/v and gate/up merged as the engine runs them."""
+    hidden, head_dim = config.hidden_size, config.head_dim
+    q_width = config.num_attention_heads * head_dim
+    kv_width = config.num_key_value_heads * head_dim
+    return [
+        ("qkv_proj", hidden, q_width + 2 * kv_width),
+        ("o_proj", q_width, hidden),
+        ("gate_up_proj", hidden, 2 * config.intermediate_size),
+        ("down_proj", config.intermediate_size, hidden),
+    ]
+
+
+def gemm_count(rows: int, k: int, n: int, element_bytes: int) -> OperatorCount:
+    """A [rows, k] x [k, n] product: 2*rows*k*n FLOPs; reads weights and input, writes output."""
+    return OperatorCount(2.0 * rows * k * n, float(element_bytes) * (k * n + rows * k + rows * n))
+
+
+def count_linear(config: ModelConfig, batch: BatchShape, element_bytes: int) -> list[tuple[int, OperatorCount]]:
+    """(rows, count) of every GEMM in the step: the layers' over all rows, lm_head over sampled rows."""
+    rows = batch.num_tokens
+    gemms = [(rows, gemm_count(rows, k, n, element_bytes)) for _, k, n in layer_gemm_shapes(config)]
+    gemms = [(m, OperatorCount(c.flops * config.num_hidden_layers, c.bytes * config.num_hidden_layers)) for m, c in gemms]
+    sampled = batch.num_sampled
+    if sampled:
+        gemms.append((sampled, gemm_count(sampled, config.hidden_size, config.vocab_size, element_bytes)))
+    return gemms
+
+
+def count_attention(
+    config: ModelConfig, batch: BatchShape, element_bytes: int, profile: DeviceProfile | None = None
+) -> tuple[OperatorCount, OperatorCount]:
+    """(prefill, decode) attention counts over all layers.
+
+    Causal QK^T and PV cost 4*heads*head_dim FLOPs per (query row, visible key) pair. Bytes: Q read,
+    output written, and cached K/V read ``kv_passes`` times (a fresh prompt's K/V come straight from
+    the projection, read once). A decode-only step of a padding backend reads every sequence's KV
+    padded to the longest context.
+    """
+    layers, heads, kv_heads, head_dim = (
+        config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    )
+    kv_token_bytes = 2.0 * kv_heads * head_dim * element_bytes
+    q_token_bytes = 2.0 * heads * head_dim * element_bytes  # read q, write output
+    kv_passes = profile.kv_passes if profile is not None else 1.0
+    padded = profile is not None and profile.decode_attention_padded and batch.is_decode_only
+    longest = max((s.context_length + 1 for s in batch.sequences), default=0)
+    prefill, decode = OperatorCount(), OperatorCount()
+    for sequence in batch.sequences:
+        q, context = sequence.num_new_tokens, sequence.context_length
+        pairs = q * context + q * (q + 1) / 2.0
+        flops = 4.0 * heads * head_dim * pairs
+        if q > 1:
+            passes = kv_passes if context > 0 else 1.0
+            prefill.flops += flops
+            prefill.bytes += q * q_token_bytes + (context + q) * kv_token_bytes * passes
+        else:
+            visible = longest if padded else context + 1
+            decode.flops += 4.0 * heads * head_dim * visible
+            decode.bytes += q_token_bytes + visible * kv_token_bytes * kv_passes
+    for count in (prefill, decode):
+        count.flops *= layers
+        count.bytes *= layers
+    return prefill, decode
+
+
+def count_elementwise(config: ModelConfig, batch: BatchShape, element_bytes: int) -> OperatorCount:
+    """Norms, rope, activation, residuals and KV writes: streaming passes over activations."""
+    rows = batch.num_tokens
+    hidden, inter = config.hidden_size, config.intermediate_size
+    q_width = config.num_attention_heads * config.head_dim
+    kv_width = config.num_key_value_heads * config.head_dim
+    per_row_layer = (
+        2 * 2 * hidden  # two RMSNorms: read + write
+        + 2 * (q_width + kv_width)  # rope on q and k
+        + 3 * inter  # SiLU(gate) * up: read 2, write 1
+        + 2 * 3 * hidden  # two residual adds: read 2, write 1
+        + 2 * kv_width  # K and V written to the cache
+    )
+    elements = rows * per_row_layer * config.num_hidden_layers + rows * 3 * hidden  # + embedding, final norm
+    return OperatorCount(flops=2.0 * elements, bytes=float(elements * element_bytes))
+
+
+def count_sampling(config: ModelConfig, batch: BatchShape) -> OperatorCount:
+    logits = batch.num_sampled * config.vocab_size
+    return OperatorCount(_SAMPLING_FLOPS_PER_LOGIT * logits, float(_SAMPLING_PASSES * _LOGITS_BYTES * logits))
+
+
+class StepModel:
+    """Predicts one step's time and energy for a model on a device profile."""
+
+    def __init__(self, config: ModelConfig, profile: DeviceProfile):
+        self.config = config
+        self.profile = profile
+        self.element_bytes = profile.element_bytes
+
+    def class_seconds(self, batch: BatchShape) -> tuple[dict[str, OperatorCount], dict[str, float]]:
+        """Unscaled roofline seconds per operator class (calibration fits the scales on these)."""
+        profile, element_bytes = self.profile, self.element_bytes
+        bandwidth = profile.memory_bandwidth
+        counts: dict[str, OperatorCount] = {}
+        seconds: dict[str, float] = {}
+        linear = OperatorCount()
+        linear_seconds = 0.0
+        for rows, count in count_linear(self.config, batch, element_bytes):
+            linear.flops += count.flops
+            linear.bytes += count.bytes
+            linear_seconds += max(count.flops / profile.gemm_rate(rows), count.bytes / bandwidth)
+        counts["linear"], seconds["linear"] = linear, linear_seconds
+        prefill, decode = count_attention(self.config, batch, element_bytes, profile)
+        for name, count in (("attention_prefill", prefill), ("attention_decode", decode)):
+            counts[name] = count
+            seconds[name] = max(count.flops / profile.attention_flops, count.bytes / bandwidth)
+        counts["elementwise"] = count_elementwise(self.config, batch, element_bytes)
+        counts["sampling"] = count_sampling(self.config, batch)
+        for name in ("elementwise", "sampling"):
+            seconds[name] = counts[name].bytes / bandwidth
+        return counts, seconds
+
+    def overhead_seconds(self, batch: BatchShape) -> float:
+        profile = self.profile
+        num_sequences = len(batch.sequences)
+        seconds = (
+            profile.step_overhead_s
+            + profile.sequence_overhead_s * num_sequences
+            + profile.layer_overhead_s * self.config.num_hidden_layers
+        )
+        if not batch.is_decode_only:
+            seconds += profile.prefill_sequence_layer_overhead_s * num_sequences * self.config.num_hidden_layers
+        return seconds
+
+    def predict(self, batch: BatchShape) -> StepCost:
+        if not batch.sequences:
+            return StepCost({}, {}, 0.0, 0.0, 0.0)
+        counts, raw = self.class_seconds(batch)
+        seconds = {name: raw[name] * self.profile.scales[name] for name in OPERATOR_CLASSES}
+        overhead = self.overhead_seconds(batch)
+        elapsed = sum(seconds.values()) + overhead
+        return StepCost(counts, seconds, overhead, elapsed, self.energy(counts, elapsed))
+
+    def predict_plan(self, plan: StepPlan) -> StepCost:
+        return self.predict(BatchShape.from_plan(plan))
+
+    def energy(self, counts: dict[str, OperatorCount], elapsed: float) -> float:
+        """Idle power for the whole step plus dynamic energy, never above max power x time."""
+        profile = self.profile
+        flops = sum(count.flops for count in counts.values())
+        moved = sum(count.bytes for count in counts.values())
+        joules = profile.idle_watts * elapsed + profile.energy_per_flop * flops + profile.energy_per_byte * moved
+        if profile.max_watts > 0:
+            joules = min(joules, profile.max_watts * elapsed)
+        return joules
