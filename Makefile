@@ -23,7 +23,7 @@ endif
 	@touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/joule generate --max-tokens 64 \
+	$(VENV)/bin/joule generate --chat --max-tokens 64 \
 		--prompt "The three most useful things to know about energy-efficient computing are" \
 		--prompt "Write a haiku about a GPU that runs on sunlight." \
 		--prompt "Explain paged attention to a new engineer in two sentences."
