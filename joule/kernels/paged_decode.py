@@ -135,6 +135,7 @@ def paged_decode_attention(
     scale: float,
     num_splits: int = 1,
     output: torch.Tensor | None = None,
+    launch: dict | None = None,  # overrides of block_n / num_warps / num_stages (tuning sweeps)
 ) -> torch.Tensor:
     """Attention of each sequence's single new row over its first ``sequence_length`` cached tokens."""
     num_sequences, num_heads, head_dim = query.shape
@@ -150,7 +151,8 @@ def paged_decode_attention(
         return output
     group = num_heads // num_kv_heads
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
-    block_n = 64 if head_dim_pad <= 128 else 32
+    launch = {"block_n": 64 if head_dim_pad <= 128 else 32, "num_warps": 4, "num_stages": 2, **(launch or {})}
+    block_n = launch["block_n"]
     num_splits = max(1, min(int(num_splits), -(-max_sequence_length // block_n)))
     split_length = -(-max(1, max_sequence_length) // num_splits)
     split_length = -(-split_length // block_n) * block_n
@@ -170,7 +172,8 @@ def paged_decode_attention(
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size, BLOCK_N=block_n, DIRECT_OUTPUT=direct,
-        DOT_PRECISION=dot_precision(query.dtype), UPCAST_DOT=interpreting(), num_warps=4, num_stages=2,
+        DOT_PRECISION=dot_precision(query.dtype), UPCAST_DOT=interpreting(),
+        num_warps=launch["num_warps"], num_stages=launch["num_stages"],
     )
     if not direct:
         _decode_merge_kernel[(num_sequences, num_heads)](

@@ -157,6 +157,7 @@ def paged_prefill_attention(
     query_lengths: list[int] | None = None,  # host lists, needed only when tiles is None
     host_sequence_lengths: list[int] | None = None,
     output: torch.Tensor | None = None,
+    launch: dict | None = None,  # overrides of block_m / block_n / num_warps / num_stages (tuning sweeps)
 ) -> torch.Tensor:
     """Causal attention of every sequence's new rows over its cached tokens up to each row's position."""
     num_tokens, num_heads, head_dim = query.shape
@@ -168,6 +169,10 @@ def paged_prefill_attention(
         raise ValueError("paged_prefill_attention: head dims must be contiguous; K and V caches alike")
     group = num_heads // num_kv_heads
     block_m, block_n, num_warps = prefill_config(group, head_dim, query.dtype)
+    launch = {"block_m": block_m, "block_n": block_n, "num_warps": num_warps, "num_stages": 2, **(launch or {})}
+    block_m, block_n = max(launch["block_m"], triton.next_power_of_2(group)), launch["block_n"]
+    if tiles is not None and launch["block_m"] != prefill_config(group, head_dim, query.dtype)[0]:
+        raise ValueError("paged_prefill_attention: a block_m override needs tiles built here (tiles=None)")
     if tiles is None:
         if query_lengths is None or host_sequence_lengths is None:
             raise ValueError("paged_prefill_attention: pass tiles, or the host query/sequence lengths")
@@ -185,7 +190,7 @@ def paged_prefill_attention(
         GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION=dot_precision(query.dtype),
         UPCAST_DOT=interpreting(),
-        num_warps=num_warps, num_stages=2,
+        num_warps=launch["num_warps"], num_stages=launch["num_stages"],
     )
     return output
 
