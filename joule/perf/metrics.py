@@ -1,0 +1,162 @@
+"""Serving metrics: per-request latencies, percentiles, goodput against an SLO, energy and cost.
+
+Definitions follow vLLM's benchmark: TTFT = first token - arrival; TPOT = (last
+token - first token) / (output tokens - 1); ITL = gaps between consecutive
+tokens of a request; e2e = last token - arrival. Goodput (DistServe) counts
+requests that meet every SLO; an SLO also names the share of requests that
+must meet it (attainment) for a configuration to count as serving the load.
+"""
+
+from __future__ import annotations
+
+import math
+from array import array
+from dataclasses import dataclass, field
+
+import numpy as np
+
+PERCENTILES = (50, 90, 99)
+
+
+@dataclass(frozen=True)
+class SLO:
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+    attainment: float = 0.9
+
+    def __post_init__(self) -> None:
+        for name in ("ttft_s", "tpot_s"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"SLO {name} must be positive, got {value}")
+        if not 0 < self.attainment <= 1:
+            raise ValueError(f"SLO attainment must be in (0, 1], got {self.attainment}")
+
+    @classmethod
+    def parse(cls, text: str) -> "SLO":
+        """``"ttft=0.5,tpot=0.05[,attainment=0.9]"`` (seconds; ``ms`` suffix allowed)."""
+        values: dict[str, float] = {}
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            key, sep, value = item.partition("=")
+            if not sep or key not in ("ttft", "tpot", "attainment"):
+                raise ValueError(f"bad SLO item {item!r}: expected ttft=SECONDS, tpot=SECONDS or attainment=FRACTION")
+            scale = 1e-3 if value.endswith("ms") else 1.0
+            try:
+                number = float(value.removesuffix("ms").removesuffix("s")) * scale
+            except ValueError:
+                raise ValueError(f"bad SLO value in {item!r}") from None
+            values["attainment" if key == "attainment" else f"{key}_s"] = number
+        return cls(**values)
+
+    def met(self, ttft: float, tpot: float) -> bool:
+        return (self.ttft_s is None or ttft <= self.ttft_s) and (self.tpot_s is None or tpot <= self.tpot_s)
+
+
+@dataclass
+class RequestRecord:
+    request_id: str
+    arrival_time: float
+    prompt_len: int
+    replica: int = 0
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    num_output_tokens: int = 0
+    finish_time: float | None = None
+
+    @property
+    def ttft(self) -> float:
+        return self.first_token_time - self.arrival_time
+
+    @property
+    def tpot(self) -> float:
+        if self.num_output_tokens < 2:
+            return 0.0
+        return (self.last_token_time - self.first_token_time) / (self.num_output_tokens - 1)
+
+    @property
+    def e2e(self) -> float:
+        return self.finish_time - self.arrival_time
+
+
+@dataclass
+class ReplicaTotals:
+    hardware: str
+    hourly_usd: float
+    idle_watts: float
+    busy_seconds: float = 0.0
+    busy_joules: float = 0.0
+    num_steps: int = 0
+    num_preemptions: int = 0
+
+
+def percentiles(values, points=PERCENTILES) -> dict[str, float]:
+    data = np.asarray(values, dtype=float)
+    if data.size == 0:
+        return {f"p{p}": math.nan for p in points} | {"mean": math.nan}
+    result = {f"p{p}": float(np.percentile(data, p)) for p in points}
+    result["mean"] = float(data.mean())
+    return result
+
+
+@dataclass
+class SimulationResult:
+    records: list[RequestRecord]
+    replicas: list[ReplicaTotals]
+    itl: array = field(default_factory=lambda: array("d"))
+
+    @property
+    def finished(self) -> list[RequestRecord]:
+        return [record for record in self.records if record.finish_time is not None]
+
+    @property
+    def makespan(self) -> float:
+        """Seconds from the first arrival to the last finish."""
+        finished = self.finished
+        if not finished:
+            return 0.0
+        return max(r.finish_time for r in finished) - min(r.arrival_time for r in self.records)
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(record.num_output_tokens for record in self.records)
+
+    def energy_joules(self) -> float:
+        """Busy energy from the step model plus idle power for each replica's idle time in the run."""
+        span = self.makespan
+        return sum(r.busy_joules + r.idle_watts * max(span - r.busy_seconds, 0.0) for r in self.replicas)
+
+    def cost_usd(self) -> float:
+        return sum(r.hourly_usd for r in self.replicas) * self.makespan / 3600.0
+
+    def summary(self, slo: SLO | None = None) -> dict:
+        finished = self.finished
+        span = self.makespan or math.nan
+        tokens = self.output_tokens
+        result = {
+            "num_requests": len(self.records),
+            "num_finished": len(finished),
+            "num_replicas": len(self.replicas),
+            "hardware": [r.hardware for r in self.replicas],
+            "makespan_s": span,
+            "request_throughput": len(finished) / span,
+            "output_throughput": tokens / span,
+            "total_token_throughput": (tokens + sum(r.prompt_len for r in finished)) / span,
+            "ttft_s": percentiles([r.ttft for r in finished]),
+            "tpot_s": percentiles([r.tpot for r in finished if r.num_output_tokens > 1]),
+            "itl_s": percentiles(self.itl),
+            "e2e_s": percentiles([r.e2e for r in finished]),
+            "num_steps": sum(r.num_steps for r in self.replicas),
+            "num_preemptions": sum(r.num_preemptions for r in self.replicas),
+            "energy_j": self.energy_joules(),
+            "joules_per_output_token": self.energy_joules() / tokens if tokens else math.nan,
+            "cost_usd": self.cost_usd(),
+            "usd_per_million_output_tokens": self.cost_usd() / tokens * 1e6 if tokens else math.nan,
+        }
+        if slo is not None:
+            good = [r for r in finished if slo.met(r.ttft, r.tpot)]
+            result["slo"] = {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s, "attainment": slo.attainment}
+            result["slo_attainment"] = len(good) / len(self.records)
+            result["goodput_requests_per_s"] = len(good) / span
+            result["goodput_output_tokens_per_s"] = sum(r.num_output_tokens for r in good) / span
+            result["meets_slo"] = result["slo_attainment"] >= slo.attainment
+        return result
