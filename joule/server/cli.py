@@ -6,7 +6,10 @@ Also runnable as ``python -m joule.server.cli`` so tests need nothing else.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 
 from joule.logger import get_logger
 
@@ -43,6 +46,27 @@ def _ready_message(host: str, port: int, model_name: str, api_key: str | None) -
     )
 
 
+def _graceful_server_class():
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn re-raises SIGTERM after draining (exit -15); a clean drain should exit 0."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            originals = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in originals.items():
+                    signal.signal(sig, handler)
+
+    return GracefulServer
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Load the engine, serve until SIGTERM/SIGINT, and return 0 after a graceful shutdown."""
     import uvicorn
@@ -62,7 +86,7 @@ def run_serve(args: argparse.Namespace) -> int:
         app, host=args.host, port=args.port, log_level=args.log_level,
         timeout_graceful_shutdown=max(1, int(args.shutdown_timeout)), access_log=False,
     )
-    server = uvicorn.Server(uvicorn_config)
+    server = _graceful_server_class()(uvicorn_config)
     print(_ready_message(args.host, args.port, names[0], args.api_key), flush=True)
     server.run()
     return 0 if server.started else 1
