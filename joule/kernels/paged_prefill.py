@@ -67,7 +67,7 @@ def _prefill_kernel(
     stride_query_token, stride_query_head, stride_output_token, stride_output_head,
     stride_cache_block, stride_cache_offset, stride_cache_head, stride_table_sequence,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS_PER_TILE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
 ):
     tile = tl.program_id(0)
@@ -78,7 +78,6 @@ def _prefill_kernel(
     query_length = (tl.load(query_start_locations_ptr + sequence + 1) - query_start).to(tl.int32)
     sequence_length = tl.load(sequence_lengths_ptr + sequence)
     context_length = sequence_length - query_length
-    ROWS_PER_TILE: tl.constexpr = BLOCK_M // GROUP
 
     rows = tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM_PAD)
@@ -188,7 +187,8 @@ def paged_prefill_attention(
         query.stride(0), query.stride(1), output.stride(0), output.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION=dot_precision(query.dtype),
+        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
+        ROWS_PER_TILE=block_m // group, DOT_PRECISION=dot_precision(query.dtype),
         UPCAST_DOT=interpreting(),
         num_warps=launch["num_warps"], num_stages=launch["num_stages"],
     )

@@ -1,0 +1,317 @@
+"""One GPU run: every Triton kernel against its torch reference, then timings.
+
+    PYTHONPATH=. python benchmarks/gpu/check_kernels.py           # on the GPU machine
+    TRITON_INTERPRET=1 python benchmarks/gpu/check_kernels.py --smoke   # tiny sizes on CPU, to test the script
+
+Prints a correctness table (max abs error, ||out - ref|| / ||ref|| against float64
+references; outputs poisoned with NaN first), a small launch-config sweep, then
+timings against the portable backend with achieved bandwidth for decode. Raw
+numbers go to $OUT/check_kernels.json when OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from joule.kernels.kv_write import write_kv_cache  # noqa: E402
+from joule.kernels.paged_decode import choose_num_splits, paged_decode_attention  # noqa: E402
+from joule.kernels.paged_prefill import paged_prefill_attention  # noqa: E402
+from joule.kernels.reference import (  # noqa: E402
+    paged_attention_reference, rms_norm_reference, write_kv_cache_reference,
+)
+from joule.kernels.rms_norm import rms_norm  # noqa: E402
+from joule.runtime.attention.base import AttentionMetadata, KVCache  # noqa: E402
+from joule.runtime.attention.portable import PortableAttentionBackend  # noqa: E402
+from joule.runtime.attention.triton_backend import TritonAttentionBackend  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+LIMITS = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 2e-3}  # on ||err|| / ||ref||
+SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def make_batch(steps, heads, kv_heads, head_dim, block_size, dtype, seed):
+    """Random paged batch (noise cache, shuffled blocks, one padded table column) for (context, new) steps."""
+    generator = torch.Generator(device=DEVICE).manual_seed(seed)
+    contexts = np.array([c for c, _ in steps]); news = np.array([q for _, q in steps])
+    blocks_per_sequence = -(-(contexts + news) // block_size)
+    num_blocks = int(blocks_per_sequence.sum()) + 8
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    key_cache = torch.randn(shape, generator=generator, device=DEVICE, dtype=dtype)
+    value_cache = torch.randn(shape, generator=generator, device=DEVICE, dtype=dtype)
+    order = np.random.default_rng(seed).permutation(num_blocks)
+    tables = np.zeros((len(steps), int(blocks_per_sequence.max()) + 1), dtype=np.int32)
+    slots, used = [], 0
+    for index, (context, new) in enumerate(steps):
+        table = order[used: used + blocks_per_sequence[index]]
+        used += blocks_per_sequence[index]
+        tables[index, : len(table)] = table
+        positions = np.arange(context, context + new)
+        slots.append(table[positions // block_size] * block_size + positions % block_size)
+    num_tokens = int(news.sum())
+    metadata = AttentionMetadata(
+        query_start_locations=torch.tensor(np.concatenate([[0], np.cumsum(news)]), device=DEVICE),
+        slot_mapping=torch.tensor(np.concatenate(slots), dtype=torch.int64, device=DEVICE),
+        block_tables=torch.tensor(tables, device=DEVICE),
+        query_lengths=news.tolist(), context_lengths=contexts.tolist(), sequence_lengths=(contexts + news).tolist(),
+    )
+
+    def rows(count):
+        return torch.randn(num_tokens, count, head_dim, generator=generator, device=DEVICE, dtype=dtype) + 0.25
+
+    return dict(query=rows(heads), key=rows(kv_heads), value=rows(kv_heads),
+                cache=KVCache([key_cache], [value_cache], block_size), metadata=metadata)
+
+
+def reference(batch, scale, chunk=1024):
+    """float64 attention; long prompts are split into row chunks (same block table) to bound memory."""
+    metadata = batch["metadata"]
+    query_lengths, sequence_lengths, table_rows = [], [], []
+    for index, (new, length) in enumerate(zip(metadata.query_lengths, metadata.sequence_lengths)):
+        for start in range(0, new, chunk):
+            rows = min(chunk, new - start)
+            query_lengths.append(rows)
+            sequence_lengths.append(length - new + start + rows)
+            table_rows.append(index)
+    cache = batch["cache"]
+    tables = metadata.block_tables[torch.tensor(table_rows, device=DEVICE)]
+    return paged_attention_reference(batch["query"], cache.key_caches[0], cache.value_caches[0], tables,
+                                     query_lengths, sequence_lengths, scale)
+
+
+def compare(rows, kernel, dtype, case, actual, expected, exact=False):
+    actual, expected = actual.double(), expected.double()
+    finite = bool(torch.isfinite(actual).all())
+    max_abs = (actual - expected).abs().max().item() if finite else float("nan")
+    relative = ((actual - expected).norm() / expected.norm()).item() if finite else float("nan")
+    passed = finite and (max_abs == 0 if exact else relative < LIMITS[dtype])
+    rows.append(dict(kernel=kernel, dtype=SHORT[dtype], case=case, max_abs=max_abs, rel=relative, ok=passed))
+    print(f"  {kernel:8} {SHORT[dtype]} {case:44} max|err| {max_abs:9.2e}  rel {relative:9.2e}  "
+          f"{'PASS' if passed else 'FAIL'}", flush=True)
+
+
+def poisoned(query):
+    return torch.full_like(query, float("nan"))
+
+
+def correctness(scale_down):
+    rows = []
+    heads, kv_heads, dim = (32, 8, 64) if not scale_down else (8, 2, 32)
+    scale = dim**-0.5
+    processors = torch.cuda.get_device_properties(DEVICE).multi_processor_count if DEVICE.type == "cuda" else 4
+    rng = np.random.default_rng(0)
+    top, low = (8192, 127) if not scale_down else (300, 5)
+    decode_cases = [
+        ("B=1 ctx=8192 auto splits", [(top - 1, 1)], 16, None),
+        ("B=1 ctx=8192 one split", [(top - 1, 1)], 16, 1),
+        ("B=16 ctx 128..8192", [(int(c), 1) for c in rng.integers(low, top, 16)], 16, None),
+        ("B=64 ctx 128..8192 bs=32", [(int(c), 1) for c in rng.integers(low, top, 64)], 32, None),
+        ("B=256 ctx 128..2048", [(int(c), 1) for c in rng.integers(low, top // 4, 256 if not scale_down else 8)],
+         16, None),
+    ]
+    prefill_cases = [
+        ("1 x 8192 fresh prompt", [(0, top)], 16),
+        ("4 chunks mid-seq + 32 decodes", [(1000, 512), (0, 1024), (top // 2, 256), (130, 77)]
+         + [(int(c), 1) for c in rng.integers(low, top // 2, 32)], 16),
+        ("prefix-hit tails bs=32", [(2048, 300), (512, 1500), (96, 33)], 32),
+    ]
+    if scale_down:
+        prefill_cases = [(name, [(min(c, 200), min(q, 150)) for c, q in steps[:6]], bs)
+                         for name, steps, bs in prefill_cases]
+    for dtype in (torch.bfloat16, torch.float32):
+        for index, (name, steps, block_size, splits) in enumerate(decode_cases):
+            batch = make_batch(steps, heads, kv_heads, dim, block_size, dtype, seed=index)
+            expected = reference(batch, scale)
+            cache, metadata = batch["cache"], batch["metadata"]
+            if splits is None:
+                splits = choose_num_splits(len(steps), kv_heads, metadata.max_sequence_length, processors)
+            lengths = torch.tensor(metadata.sequence_lengths, dtype=torch.int32, device=DEVICE)
+            output = paged_decode_attention(batch["query"], cache.key_caches[0], cache.value_caches[0],
+                                            metadata.block_tables, lengths, metadata.max_sequence_length, scale,
+                                            num_splits=splits, output=poisoned(batch["query"]))
+            compare(rows, "decode", dtype, f"{name} ({splits} splits)", output, expected)
+        for index, (name, steps, block_size) in enumerate(prefill_cases):
+            batch = make_batch(steps, heads, kv_heads, dim, block_size, dtype, seed=10 + index)
+            expected = reference(batch, scale)
+            cache, metadata = batch["cache"], batch["metadata"]
+            lengths = torch.tensor(metadata.sequence_lengths, dtype=torch.int32, device=DEVICE)
+            output = paged_prefill_attention(
+                batch["query"], cache.key_caches[0], cache.value_caches[0], metadata.block_tables,
+                metadata.query_start_locations, lengths, scale, query_lengths=metadata.query_lengths,
+                host_sequence_lengths=metadata.sequence_lengths, output=poisoned(batch["query"]))
+            compare(rows, "prefill", dtype, name, output, expected)
+        # KV write: exact copy, strided inputs split from one merged tensor, one padding slot
+        batch = make_batch([(100, 8192 if not scale_down else 64)], heads, kv_heads, dim, 16, dtype, seed=20)
+        cache, slots = batch["cache"], batch["metadata"].slot_mapping.clone()
+        slots[5] = -1
+        merged = torch.cat([batch["key"], batch["value"]], dim=1)
+        key, value = merged[:, :kv_heads], merged[:, kv_heads:]
+        keys, values = cache.key_caches[0].clone(), cache.value_caches[0].clone()
+        write_kv_cache_reference(key, value, keys, values, slots)
+        write_kv_cache(key, value, cache.key_caches[0], cache.value_caches[0], slots)
+        compare(rows, "kv_write", dtype, "8192 rows, strided, 1 padding slot",
+                torch.cat([cache.key_caches[0], cache.value_caches[0]]), torch.cat([keys, values]), exact=True)
+        # fused RMSNorm (+ residual), Llama-3.2-1B width
+        width = 2048 if not scale_down else 128
+        generator = torch.Generator(device=DEVICE).manual_seed(30)
+        hidden, residual = (torch.randn(2, 8192 if not scale_down else 16, width, generator=generator,
+                                        device=DEVICE, dtype=dtype) * 2)
+        weight = 1 + 0.1 * torch.randn(width, generator=generator, device=DEVICE, dtype=dtype)
+        output, new_residual = rms_norm(hidden, weight, 1e-5, residual)
+        want, want_residual = rms_norm_reference(hidden.double(), weight.double(), 1e-5, residual.double())
+        compare(rows, "rms_norm", dtype, "8192 x 2048 + residual", torch.cat([output, new_residual]),
+                torch.cat([want, want_residual]))
+        # whole backend against the portable one on a mixed batch
+        steps = [(int(c), 1) for c in rng.integers(1, top // 2, 48)] + [(0, 700), (1500, 300), (33, 64)]
+        outputs = []
+        for backend in (PortableAttentionBackend(), TritonAttentionBackend()):
+            batch = make_batch(steps, heads, kv_heads, dim, 16, dtype, seed=40)
+            outputs.append(backend.forward(0, batch["query"], batch["key"], batch["value"], batch["cache"],
+                                           batch["metadata"], scale))
+        compare(rows, "backend", dtype, "triton vs portable: 48 decodes + 3 chunks", outputs[1], outputs[0])
+    return rows
+
+
+def bench(function):
+    import triton.testing
+
+    return triton.testing.do_bench(function, warmup=10, rep=50, return_mode="median")  # ms
+
+
+def copy_bandwidth():
+    source = torch.randn(256 << 20, device=DEVICE, dtype=torch.float32)  # 1 GiB
+    target = torch.empty_like(source)
+    milliseconds = bench(lambda: target.copy_(source))
+    return 2 * source.numel() * 4 / milliseconds / 1e6  # GB/s, read + write
+
+
+def decode_bytes(batch):
+    cache, metadata = batch["cache"], batch["metadata"]
+    per_token = 2 * cache.key_caches[0][0, 0].numel() * cache.key_caches[0].element_size()
+    return sum(metadata.sequence_lengths) * per_token + 2 * batch["query"].numel() * batch["query"].element_size()
+
+
+def sweep(results):
+    """Launch configs for the two attention kernels at one decode and one prefill size (bf16)."""
+    scale = 0.125
+    batch = make_batch([(4095, 1)] * 64, 32, 8, 64, 16, torch.bfloat16, seed=50)
+    cache, metadata = batch["cache"], batch["metadata"]
+    lengths = torch.tensor(metadata.sequence_lengths, dtype=torch.int32, device=DEVICE)
+    timings = []
+    for block_n in (32, 64, 128):
+        for warps in (2, 4, 8):
+            for stages in (1, 2, 3):
+                launch = dict(block_n=block_n, num_warps=warps, num_stages=stages)
+                milliseconds = bench(lambda: paged_decode_attention(
+                    batch["query"], cache.key_caches[0], cache.value_caches[0], metadata.block_tables, lengths,
+                    metadata.max_sequence_length, scale, num_splits=1, launch=launch))
+                timings.append((milliseconds, launch))
+    timings.sort(key=lambda item: item[0])
+    gigabytes = decode_bytes(batch) / 1e9
+    print("decode B=64 ctx=4096 bf16, best configs:", [(f"{t:.3f}ms {gigabytes / t * 1e3:.0f}GB/s", c)
+                                                       for t, c in timings[:4]], flush=True)
+    results["decode_sweep"] = [(t, c) for t, c in timings]
+    batch = make_batch([(0, 8192)], 32, 8, 64, 16, torch.bfloat16, seed=51)
+    cache, metadata = batch["cache"], batch["metadata"]
+    lengths = torch.tensor(metadata.sequence_lengths, dtype=torch.int32, device=DEVICE)
+    timings = []
+    for block_m in (64, 128):
+        for block_n in (32, 64, 128):
+            for warps in (4, 8):
+                for stages in (2, 3):
+                    launch = dict(block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages)
+                    try:
+                        milliseconds = bench(lambda: paged_prefill_attention(
+                            batch["query"], cache.key_caches[0], cache.value_caches[0], metadata.block_tables,
+                            metadata.query_start_locations, lengths, scale, query_lengths=metadata.query_lengths,
+                            host_sequence_lengths=metadata.sequence_lengths, launch=launch))
+                    except Exception as error:  # e.g. out of shared memory
+                        print("  prefill config failed", launch, type(error).__name__)
+                        continue
+                    timings.append((milliseconds, launch))
+    timings.sort(key=lambda item: item[0])
+    flops = 4 * 8192 * 8192 / 2 * 32 * 64
+    print("prefill 1x8192 bf16, best configs:", [(f"{t:.3f}ms {flops / t / 1e9:.0f}TFLOP/s", c)
+                                               for t, c in timings[:4]], flush=True)
+    results["prefill_sweep"] = [(t, c) for t, c in timings]
+
+
+def timings(results, bandwidth):
+    rows = []
+    scale = 0.125
+    for batch_size, context in ((64, 1024), (64, 4096), (256, 1024), (256, 4096), (1, 8192)):
+        batch = make_batch([(context - 1, 1)] * batch_size, 32, 8, 64, 16, torch.bfloat16, seed=60)
+        args = (batch["query"], batch["key"], batch["value"], batch["cache"], batch["metadata"], scale)
+        triton_backend, portable = TritonAttentionBackend(), PortableAttentionBackend()
+        triton_ms = bench(lambda: triton_backend.forward(0, *args))
+        portable_ms = bench(lambda: portable.forward(0, *args))
+        achieved = decode_bytes(batch) / triton_ms / 1e6
+        rows.append(dict(what=f"decode B={batch_size} ctx={context}", triton_ms=triton_ms, portable_ms=portable_ms,
+                         rate=f"{achieved:.0f} GB/s ({100 * achieved / bandwidth:.0f}% of copy)"))
+    for count, length in ((1, 8192), (8, 1024)):
+        batch = make_batch([(0, length)] * count, 32, 8, 64, 16, torch.bfloat16, seed=61)
+        args = (batch["query"], batch["key"], batch["value"], batch["cache"], batch["metadata"], scale)
+        triton_backend, portable = TritonAttentionBackend(), PortableAttentionBackend()
+        triton_ms = bench(lambda: triton_backend.forward(0, *args))
+        portable_ms = bench(lambda: portable.forward(0, *args))
+        flops = count * 4 * length * length / 2 * 32 * 64
+        rows.append(dict(what=f"prefill {count}x{length}", triton_ms=triton_ms, portable_ms=portable_ms,
+                         rate=f"{flops / triton_ms / 1e9:.0f} TFLOP/s (causal)"))
+    hidden, residual = torch.randn(2, 8192, 2048, device=DEVICE, dtype=torch.bfloat16)
+    weight = torch.randn(2048, device=DEVICE, dtype=torch.bfloat16)
+    fused_ms = bench(lambda: rms_norm(hidden, weight, 1e-5, residual))
+    torch_ms = bench(lambda: rms_norm_reference(hidden, weight, 1e-5, residual))
+    moved = 5 * hidden.numel() * 2
+    rows.append(dict(what="rms_norm+residual 8192x2048", triton_ms=fused_ms, portable_ms=torch_ms,
+                     rate=f"{moved / fused_ms / 1e6:.0f} GB/s"))
+    results["timings"] = rows
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, no timings (CPU interpreter)")
+    parser.add_argument("--no-sweep", action="store_true")
+    options = parser.parse_args()
+    import triton
+
+    name = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu (interpreter)"
+    print(f"device {name}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
+    results = {"device": name, "torch": torch.__version__, "triton": triton.__version__}
+    print("correctness (Llama-3.2-1B attention shape: 32 q heads, 8 kv heads, head_dim 64):", flush=True)
+    results["correctness"] = correctness(options.smoke)
+    table = []
+    if not options.smoke:
+        bandwidth = copy_bandwidth()
+        results["copy_GBps"] = bandwidth
+        print(f"device-to-device copy: {bandwidth:.0f} GB/s (read + write)", flush=True)
+        if not options.no_sweep:
+            sweep(results)
+        table = timings(results, bandwidth)
+    if os.environ.get("OUT"):
+        pathlib.Path(os.environ["OUT"], "check_kernels.json").write_text(json.dumps(results, indent=1, default=str))
+    print(f"\n=== {name}: correctness vs float64 reference (rel = ||out-ref||/||ref||) ===")
+    for row in results["correctness"]:
+        print(f"{row['kernel']:8} {row['dtype']} {row['case']:48} max|err| {row['max_abs']:9.2e} "
+              f"rel {row['rel']:9.2e} {'PASS' if row['ok'] else 'FAIL'}")
+    if table:
+        print(f"\n=== timings, bf16, one layer (copy bandwidth {results['copy_GBps']:.0f} GB/s) ===")
+        print(f"{'what':30} {'triton ms':>10} {'portable ms':>12} {'speedup':>8}  rate")
+        for row in table:
+            print(f"{row['what']:30} {row['triton_ms']:10.3f} {row['portable_ms']:12.3f} "
+                  f"{row['portable_ms'] / row['triton_ms']:7.1f}x  {row['rate']}")
+    failures = [row for row in results["correctness"] if not row["ok"]]
+    print(f"\n{len(results['correctness']) - len(failures)} passed, {len(failures)} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
