@@ -1,0 +1,121 @@
+"""Serving-benchmark metrics as vLLM's ``bench serve`` defines them, kept pure so they are easy to test.
+
+- TTFT: send to the first streamed chunk carrying a choice.
+- ITL: every gap between consecutive such chunks, pooled over requests.
+- TPOT: per request with more than one output token, (latency - TTFT) / (output tokens - 1).
+- E2EL: send to the end of the stream.
+- Throughputs divide by the benchmark's wall time (first send to last completion).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class RequestResult:
+    """What one streamed request saw; times in seconds."""
+
+    success: bool = False
+    prompt_len: int = 0
+    output_tokens: int = 0
+    ttft: float = 0.0
+    latency: float = 0.0
+    itl: list[float] = field(default_factory=list)
+    generated_text: str = ""
+    error: str = ""
+
+
+@dataclass
+class LatencyStats:
+    """Milliseconds."""
+
+    mean: float
+    median: float
+    std: float
+    percentiles: dict[str, float]
+
+    @classmethod
+    def of(cls, seconds: list[float], percentiles: list[float]) -> "LatencyStats":
+        values = np.asarray(seconds or [0.0], dtype=np.float64) * 1000.0
+        return cls(
+            mean=float(values.mean()),
+            median=float(np.median(values)),
+            std=float(values.std()),
+            percentiles={f"p{p:g}": float(np.percentile(values, p)) for p in percentiles},
+        )
+
+
+@dataclass
+class BenchmarkMetrics:
+    completed: int
+    failed: int
+    duration_s: float
+    total_input_tokens: int
+    total_output_tokens: int
+    request_throughput: float
+    output_throughput: float
+    total_token_throughput: float
+    ttft_ms: LatencyStats
+    tpot_ms: LatencyStats
+    itl_ms: LatencyStats
+    e2el_ms: LatencyStats
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def compute_metrics(results: list[RequestResult], duration_s: float, percentiles: list[float]) -> BenchmarkMetrics:
+    if duration_s <= 0:
+        raise ValueError(f"duration_s must be positive, got {duration_s}.")
+    done = [result for result in results if result.success]
+    input_tokens = sum(result.prompt_len for result in done)
+    output_tokens = sum(result.output_tokens for result in done)
+    tpots = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in done if r.output_tokens > 1]
+    return BenchmarkMetrics(
+        completed=len(done),
+        failed=len(results) - len(done),
+        duration_s=duration_s,
+        total_input_tokens=input_tokens,
+        total_output_tokens=output_tokens,
+        request_throughput=len(done) / duration_s,
+        output_throughput=output_tokens / duration_s,
+        total_token_throughput=(input_tokens + output_tokens) / duration_s,
+        ttft_ms=LatencyStats.of([r.ttft for r in done], percentiles),
+        tpot_ms=LatencyStats.of(tpots, percentiles),
+        itl_ms=LatencyStats.of([gap for r in done for gap in r.itl], percentiles),
+        e2el_ms=LatencyStats.of([r.latency for r in done], percentiles),
+    )
+
+
+def format_table(metrics: BenchmarkMetrics, request_rate: float, max_concurrency: int | None) -> str:
+    """A human-readable summary in the layout of vLLM's ``bench serve``."""
+    rows: list[tuple[str, str]] = [
+        ("Request rate (req/s)", "inf" if request_rate == float("inf") else f"{request_rate:g}"),
+        ("Max concurrency", str(max_concurrency) if max_concurrency else "unbounded"),
+        ("Successful requests", str(metrics.completed)),
+        ("Failed requests", str(metrics.failed)),
+        ("Benchmark duration (s)", f"{metrics.duration_s:.2f}"),
+        ("Total input tokens", str(metrics.total_input_tokens)),
+        ("Total generated tokens", str(metrics.total_output_tokens)),
+        ("Request throughput (req/s)", f"{metrics.request_throughput:.2f}"),
+        ("Output token throughput (tok/s)", f"{metrics.output_throughput:.2f}"),
+        ("Total token throughput (tok/s)", f"{metrics.total_token_throughput:.2f}"),
+    ]
+    lines = ["{:=^60}".format(" Serving Benchmark Result ")]
+    lines += [f"{name:<44}{value:>16}" for name, value in rows]
+    for title, stats in (("Time to First Token", metrics.ttft_ms), ("Time per Output Token (excl. 1st token)",
+                         metrics.tpot_ms), ("Inter-token Latency", metrics.itl_ms), ("End-to-end Latency",
+                         metrics.e2el_ms)):
+        lines.append("{:-^60}".format(f" {title} "))
+        short = {"Time to First Token": "TTFT", "Inter-token Latency": "ITL", "End-to-end Latency": "E2EL"}
+        label = short.get(title, "TPOT")
+        lines.append(f"{'Mean ' + label + ' (ms)':<44}{stats.mean:>16.2f}")
+        if "p50" not in stats.percentiles:
+            lines.append(f"{'Median ' + label + ' (ms)':<44}{stats.median:>16.2f}")
+        for name, value in stats.percentiles.items():
+            lines.append(f"{name.upper() + ' ' + label + ' (ms)':<44}{value:>16.2f}")
+    lines.append("=" * 60)
+    return "\n".join(lines)
