@@ -1,0 +1,290 @@
+"""`joule perf calibrate`: measure this device, fit a DeviceProfile, save it as JSON.
+
+Three kinds of measurement, about two minutes on the 2-core CPU machine:
+1. micro-benchmarks: copy bandwidth, GEMMs of the model's own shapes at
+   several row counts (the small-M curve), causal attention;
+2. real engine steps: a few workloads run through ``LLMEngine`` (default model,
+   or ``--load-format dummy`` with any config), each step's wall time recorded
+   with the batch its plan carried;
+3. a fit: the per-class scales and overheads of the step model, by
+   non-negative least squares on relative error (ridge-pulled toward scale 1).
+
+Only this module (and ``validate``) touches torch and the runtime, lazily.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from joule.perf.fitting import fit_gemm_curve, nonnegative_least_squares
+from joule.perf.hardware import get_hardware
+from joule.perf.profile import DeviceProfile
+from joule.perf.step_model import BatchShape, StepModel, gemm_count, layer_gemm_shapes
+
+GEMM_ROWS = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048)
+_RIDGE = 0.05  # pull of each class scale toward 1 (relative-error units)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """Requests to run through the engine: ``prompts`` at once, ``late_prompts`` after some steps."""
+
+    name: str
+    prompts: tuple[int, ...]
+    max_tokens: int
+    late_prompts: tuple[int, ...] = ()
+    late_after_steps: int = 0
+
+
+# Compositions used to fit. Validation (validate.py) uses different ones.
+CALIBRATION_SCENARIOS = (
+    Scenario("prefill 1x48", (48,), 2),
+    Scenario("prefill 1x700", (700,), 2),
+    Scenario("prefill 3x200", (200, 200, 200), 2),
+    Scenario("chunked 1x2600", (2600,), 2),
+    Scenario("decode 1 @ 400", (400,), 8),
+    Scenario("decode 6 @ 40", (40,) * 6, 8),
+    Scenario("decode 24 @ 160", (160,) * 24, 6),
+    Scenario("decode 48 @ 24", (24,) * 48, 6),
+    Scenario("mixed 12 decodes + 300", (96,) * 12, 6, (300,), 3),
+)
+
+
+@dataclass
+class StepSample:
+    scenario: str
+    shape: BatchShape
+    seconds: float  # wall time of LLMEngine.step()
+    executor_seconds: float  # the model executor's own time for the step
+
+
+@dataclass
+class Measurements:
+    hardware: str
+    dtype: str
+    bandwidth: float
+    gemms: list[tuple[int, int, int, float]] = field(default_factory=list)  # (M, K, N, seconds)
+    attention_flops: float = 0.0
+    steps: list[StepSample] = field(default_factory=list)
+
+
+class RecordingExecutor:
+    """Wraps the engine's executor to remember the batch shape of the last plan."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.last_shape: BatchShape | None = None
+
+    def execute(self, plan):
+        self.last_shape = BatchShape.from_plan(plan)
+        return self.inner.execute(plan)
+
+
+def detect_hardware() -> str:
+    """Catalog name for the current device (CUDA device name, else the CPU by core count)."""
+    import torch
+
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name().upper()
+        for key in ("H200", "H100", "A100", "L40S", "L4", "A10G"):
+            if key in name:
+                return get_hardware(key).name
+        raise ValueError(f"GPU {name!r} is not in the catalog; pass --hardware")
+    return "CPU-2core" if (os.cpu_count() or 1) <= 2 else "CPU"
+
+
+def _timed(function, repeats: int, synchronize) -> float:
+    function()
+    synchronize()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        synchronize()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def measure_micro(model_config, dtype_name: str, device_name: str, hardware: str, repeats: int = 5) -> Measurements:
+    """Copy bandwidth, GEMMs of the model's shapes over GEMM_ROWS, and causal attention FLOP/s."""
+    import torch
+    import torch.nn.functional as F
+
+    from joule.runtime.device import resolve_device, resolve_dtype
+
+    device = resolve_device(device_name)
+    dtype = resolve_dtype(dtype_name, device)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    numel = (256 << 20) // 4 if device.type == "cuda" else (64 << 20) // 4
+    source = torch.ones(numel, dtype=torch.float32, device=device)
+    target = torch.empty_like(source)
+    copy_seconds = _timed(lambda: target.copy_(source), repeats, synchronize)
+    measured = Measurements(hardware, str(dtype).removeprefix("torch."), bandwidth=2 * source.nbytes / copy_seconds)
+    del source, target
+    shapes = {(k, n) for _, k, n in layer_gemm_shapes(model_config)}
+    shapes.add((model_config.hidden_size, model_config.vocab_size))
+    for k, n in sorted(shapes):
+        weight = torch.randn(k, n, dtype=dtype, device=device) * 0.02
+        for rows in GEMM_ROWS:
+            if n == model_config.vocab_size and rows > 256:
+                continue  # lm_head only ever sees sampled rows
+            inputs = torch.randn(rows, k, dtype=dtype, device=device)
+            measured.gemms.append((rows, k, n, _timed(lambda: inputs @ weight, repeats, synchronize)))
+    heads, head_dim, length = model_config.num_attention_heads, model_config.head_dim, 1024
+    query = torch.randn(1, heads, length, head_dim, dtype=dtype, device=device)
+    attention_seconds = _timed(
+        lambda: F.scaled_dot_product_attention(query, query, query, is_causal=True), repeats, synchronize
+    )
+    measured.attention_flops = 4.0 * heads * head_dim * length * (length + 1) / 2 / attention_seconds
+    return measured
+
+
+def build_engine(model: str | None, dtype: str, load_format: str, device: str = "auto",
+                 max_num_batched_tokens: int = 2048, kv_cache_memory_bytes: int = 512 << 20):
+    """An LLMEngine whose executor records each plan's batch shape."""
+    from joule.config import EngineConfig
+    from joule.llm_engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig(
+        model=model, dtype=dtype, device=device, load_format=load_format,
+        max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory_bytes=kv_cache_memory_bytes,
+    ))
+    engine.core.executor = RecordingExecutor(engine.core.executor)
+    return engine
+
+
+def run_scenario(engine, scenario: Scenario, seed: int = 0) -> list[StepSample]:
+    """Run one scenario to completion; every step's batch shape and wall time."""
+    from joule.sampling_params import RequestOutputKind, SamplingParams
+
+    rng = np.random.default_rng(seed)
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(max_tokens=scenario.max_tokens, ignore_eos=True, temperature=0.0,
+                            output_kind=RequestOutputKind.FINAL_ONLY)
+    tag = f"{scenario.name}-{seed}-{time.monotonic_ns()}"
+
+    def add(lengths, prefix):
+        for index, length in enumerate(lengths):
+            ids = rng.integers(3, vocab, size=length).tolist()
+            engine.add_request(f"{tag}-{prefix}{index}", {"prompt_token_ids": ids}, params)
+
+    add(scenario.prompts, "p")
+    samples: list[StepSample] = []
+    while engine.has_unfinished_requests():
+        if scenario.late_prompts and len(samples) == scenario.late_after_steps:
+            add(scenario.late_prompts, "late")
+        started = time.perf_counter()
+        engine.step()
+        elapsed = time.perf_counter() - started
+        shape = engine.core.executor.last_shape
+        if engine.core.last_step.num_sequences:
+            samples.append(StepSample(scenario.name, shape, elapsed, engine.core.last_step.elapsed_seconds))
+    engine.block_manager.reset_prefix_cache()
+    return samples
+
+
+def measure_steps(engine, scenarios, repeats: int = 3) -> list[StepSample]:
+    """Each scenario ``repeats`` times; per step index, the median time (shapes are deterministic)."""
+    run_scenario(engine, Scenario("warm-up", (64, 16), 3))
+    result: list[StepSample] = []
+    for scenario in scenarios:
+        runs = [run_scenario(engine, scenario, seed) for seed in range(repeats)]
+        for index, sample in enumerate(runs[0]):
+            same = [run[index] for run in runs if index < len(run) and run[index].shape == sample.shape]
+            result.append(StepSample(
+                scenario.name, sample.shape,
+                statistics.median(s.seconds for s in same), statistics.median(s.executor_seconds for s in same),
+            ))
+    return result
+
+
+def base_profile(measured: Measurements) -> DeviceProfile:
+    """Rates from the micro-benchmarks, unit scales, no overheads, energy from the catalog."""
+    spec = get_hardware(measured.hardware)
+    catalog = DeviceProfile.from_hardware(spec, measured.dtype)
+    rows, flops, nbytes, seconds = [], [], [], []
+    element_bytes = catalog.element_bytes
+    for m, k, n, secs in measured.gemms:
+        count = gemm_count(m, k, n, element_bytes)
+        rows.append(m), flops.append(count.flops), nbytes.append(count.bytes), seconds.append(secs)
+    gemm_flops, m_half = fit_gemm_curve(np.array(rows), np.array(flops), np.array(nbytes), np.array(seconds),
+                                        measured.bandwidth)
+    return DeviceProfile(
+        hardware=spec.name, dtype=measured.dtype, gemm_flops=gemm_flops, gemm_m_half=m_half,
+        attention_flops=measured.attention_flops, memory_bandwidth=measured.bandwidth,
+        step_overhead_s=0.0, sequence_overhead_s=0.0, layer_overhead_s=0.0,
+        prefill_sequence_layer_overhead_s=0.0, idle_watts=catalog.idle_watts, max_watts=catalog.max_watts,
+        energy_per_flop=catalog.energy_per_flop, energy_per_byte=catalog.energy_per_byte,
+    )
+
+
+FIT_FEATURES = ("linear", "attention_prefill", "attention_decode", "elementwise", "layer", "sequence",
+                "prefill_sequence_layer")
+
+
+def step_features(model_config, profile: DeviceProfile, shape: BatchShape) -> np.ndarray:
+    """One row of the fit: unscaled class seconds and overhead multipliers for a step."""
+    _, seconds = StepModel(model_config, profile).class_seconds(shape)
+    layers, sequences = model_config.num_hidden_layers, len(shape.sequences)
+    return np.array([
+        seconds["linear"], seconds["attention_prefill"], seconds["attention_decode"],
+        seconds["elementwise"] + seconds["sampling"], layers, sequences,
+        0.0 if shape.is_decode_only else sequences * layers,
+    ])
+
+
+def fit_profile(model_config, measured: Measurements, samples: list[StepSample] | None = None) -> DeviceProfile:
+    """Fit class scales and overheads to measured engine steps (minimising relative error)."""
+    profile = base_profile(measured)
+    samples = samples if samples is not None else measured.steps
+    if not samples:
+        return profile
+    step_overhead = max(statistics.median(s.seconds - s.executor_seconds for s in samples), 0.0)
+    features = np.array([step_features(model_config, profile, s.shape) for s in samples])
+    targets = np.array([max(s.seconds - step_overhead, 1e-6) for s in samples])
+    weights = 1.0 / np.array([s.seconds for s in samples])
+    matrix = features * weights[:, None]
+    target = targets * weights
+    ridge_rows = np.zeros((4, len(FIT_FEATURES)))
+    ridge_rows[np.arange(4), np.arange(4)] = _RIDGE * np.sqrt(len(samples))
+    matrix = np.vstack([matrix, ridge_rows])
+    target = np.concatenate([target, np.full(4, _RIDGE * np.sqrt(len(samples)))])
+    coefficients = nonnegative_least_squares(matrix, target)
+    scales = dict(profile.scales)
+    scales["linear"], scales["attention_prefill"], scales["attention_decode"] = coefficients[:3]
+    scales["elementwise"] = scales["sampling"] = coefficients[3]
+    profile.scales = {name: float(max(value, 1e-3)) for name, value in scales.items()}
+    profile.step_overhead_s = float(step_overhead)
+    profile.layer_overhead_s = float(coefficients[4])
+    profile.sequence_overhead_s = float(coefficients[5])
+    profile.prefill_sequence_layer_overhead_s = float(coefficients[6])
+    return profile
+
+
+def calibrate(model: str | None = None, dtype: str = "auto", device: str = "auto", load_format: str = "auto",
+              hardware: str | None = None, repeats: int = 3, scenarios=CALIBRATION_SCENARIOS,
+              log=print) -> tuple[DeviceProfile, Measurements]:
+    """Measure and fit; returns the profile and the raw measurements."""
+    import torch
+
+    hardware = get_hardware(hardware).name if hardware else detect_hardware()
+    started = time.perf_counter()
+    engine = build_engine(model, dtype, load_format, device)
+    dtype_name = str(engine.dtype).removeprefix("torch.")
+    log(f"calibrating {hardware} ({dtype_name}, {torch.get_num_threads()} threads) on {engine.model_path}")
+    measured = measure_micro(engine.model_config, dtype_name, str(engine.device), hardware)
+    log(f"  copy {measured.bandwidth / 1e9:.1f} GB/s, attention {measured.attention_flops / 1e9:.1f} GFLOP/s, "
+        f"{len(measured.gemms)} GEMMs ({time.perf_counter() - started:.0f} s)")
+    measured.steps = measure_steps(engine, scenarios, repeats)
+    log(f"  {len(measured.steps)} engine steps measured ({time.perf_counter() - started:.0f} s)")
+    profile = fit_profile(engine.model_config, measured)
+    profile.source = (
+        f"joule perf calibrate on {hardware}, {dtype_name}, model {engine.model_path.name}, "
+        f"{len(measured.steps)} steps, {time.strftime('%Y-%m-%d')}"
+    )
+    return profile, measured

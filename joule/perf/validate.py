@@ -1,0 +1,167 @@
+"""Check a profile against the real engine: per-step latency and whole runs, simulated vs measured.
+
+``validate_steps`` runs batch compositions that calibration never saw and
+compares each step's wall time with the step model. ``compare_run`` replays
+one workload (offline, or with timed arrivals) on the real ``LLMEngine`` and in
+the simulator, with the same prompts, KV capacity and scheduler settings, and
+compares throughput, TTFT and TPOT. Imports the runtime lazily (torch).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from joule.perf.arrivals import TimedRequest
+from joule.perf.calibrate import Scenario, measure_steps
+from joule.perf.hardware import get_hardware
+from joule.perf.metrics import percentiles
+from joule.perf.profile import DeviceProfile
+from joule.perf.simulator import ClusterSimulator, ReplicaConfig
+from joule.perf.step_model import StepModel
+
+VALIDATION_SCENARIOS = (
+    Scenario("prefill 1x100", (100,), 2),
+    Scenario("prefill 1x450", (450,), 2),
+    Scenario("prefill 1x1500", (1500,), 2),
+    Scenario("prefill 5x90", (90,) * 5, 2),
+    Scenario("decode 2 @ 250", (250,) * 2, 6),
+    Scenario("decode 12 @ 600", (600,) * 12, 5),
+    Scenario("decode 32 @ 64", (64,) * 32, 6),
+    Scenario("decode 64 @ 120", (120,) * 64, 5),
+    Scenario("mixed 4 decodes + 128", (200,) * 4, 6, (128,), 3),
+    Scenario("mixed 30 decodes + 500", (50,) * 30, 5, (500,), 3),
+)
+
+
+@dataclass
+class StepCheck:
+    scenario: str
+    kind: str  # prefill, decode or mixed
+    num_sequences: int
+    num_tokens: int
+    measured_s: float
+    predicted_s: float
+
+    @property
+    def error(self) -> float:
+        return (self.predicted_s - self.measured_s) / self.measured_s
+
+
+def _kind(shape) -> str:
+    if shape.is_decode_only:
+        return "decode"
+    if all(s.num_new_tokens > 1 for s in shape.sequences):
+        return "prefill"
+    return "mixed"
+
+
+def validate_steps(engine, profile: DeviceProfile, scenarios=VALIDATION_SCENARIOS, repeats: int = 3) -> list[StepCheck]:
+    model = StepModel(engine.model_config, profile)
+    checks = []
+    for sample in measure_steps(engine, scenarios, repeats):
+        predicted = model.predict(sample.shape).elapsed_seconds
+        checks.append(StepCheck(sample.scenario, _kind(sample.shape), len(sample.shape.sequences),
+                                sample.shape.num_tokens, sample.seconds, predicted))
+    return checks
+
+
+def summarize_checks(checks: list[StepCheck]) -> dict:
+    by_kind = {}
+    for kind in ("prefill", "decode", "mixed"):
+        errors = [abs(c.error) for c in checks if c.kind == kind]
+        if errors:
+            by_kind[kind] = {"steps": len(errors), "median_abs_error": statistics.median(errors)}
+    by_scenario = {}
+    for check in checks:
+        by_scenario.setdefault(check.scenario, []).append(check)
+    return {
+        "steps": len(checks),
+        "median_abs_error": statistics.median(abs(c.error) for c in checks),
+        "by_kind": by_kind,
+        "by_scenario": {
+            name: {"steps": len(group), "median_measured_s": statistics.median(c.measured_s for c in group),
+                   "median_predicted_s": statistics.median(c.predicted_s for c in group),
+                   "median_error": statistics.median(c.error for c in group)}
+            for name, group in by_scenario.items()
+        },
+    }
+
+
+def measure_run(engine, requests: list[TimedRequest]) -> dict:
+    """Serve timed requests on the real engine in wall-clock time; vLLM-style latency metrics."""
+    from joule.sampling_params import RequestOutputKind, SamplingParams
+
+    pending = sorted(requests, key=lambda r: r.arrival_time)
+    records: dict[str, dict] = {}
+    started = time.time()
+    next_index = 0
+    while next_index < len(pending) or engine.has_unfinished_requests():
+        now = time.time() - started
+        while next_index < len(pending) and pending[next_index].arrival_time <= now:
+            timed = pending[next_index]
+            next_index += 1
+            params = SamplingParams(max_tokens=timed.request.output_len, ignore_eos=True, temperature=0.0,
+                                    output_kind=RequestOutputKind.DELTA)
+            engine.add_request(timed.request_id, {"prompt_token_ids": timed.request.prompt_token_ids}, params,
+                               arrival_time=started + timed.arrival_time)
+            records[timed.request_id] = {"arrival": started + timed.arrival_time, "tokens": 0}
+        if not engine.has_unfinished_requests():
+            time.sleep(max(0.0, pending[next_index].arrival_time - (time.time() - started)))
+            continue
+        for output in engine.step():
+            record = records[output.request_id]
+            produced = sum(len(completion.token_ids) for completion in output.outputs)
+            if produced:
+                record.setdefault("first", output.metrics.first_token_time)
+                record["last"] = output.metrics.last_token_time
+                record["tokens"] += produced
+    elapsed = time.time() - started
+    done = list(records.values())
+    tokens = sum(r["tokens"] for r in done)
+    return {
+        "makespan_s": elapsed,
+        "output_throughput": tokens / elapsed,
+        "ttft_s": percentiles([r["first"] - r["arrival"] for r in done]),
+        "tpot_s": percentiles([(r["last"] - r["first"]) / (r["tokens"] - 1) for r in done if r["tokens"] > 1]),
+        "output_tokens": tokens,
+    }
+
+
+def simulate_like_engine(engine, profile: DeviceProfile, requests: list[TimedRequest]) -> dict:
+    """The same requests in the simulator, with the engine's KV capacity and scheduler settings."""
+    config = engine.core.scheduler.config
+    replica = ReplicaConfig(
+        hardware=get_hardware(profile.hardware), profile=profile, max_num_seqs=config.max_num_seqs,
+        max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=config.max_model_len,
+        block_size=engine.block_manager.block_size, num_kv_blocks=engine.block_manager.num_blocks,
+        enable_prefix_caching=engine.block_manager.enable_prefix_caching,
+    )
+    return ClusterSimulator(engine.model_config, [replica]).run(requests).summary()
+
+
+def compare_run(engine, profile: DeviceProfile, requests: list[TimedRequest], repeats: int = 3) -> dict:
+    """Measured (median of ``repeats`` runs by throughput) vs simulated for one workload."""
+    runs = []
+    for _ in range(repeats):
+        runs.append(measure_run(engine, requests))
+        engine.block_manager.reset_prefix_cache()
+    runs.sort(key=lambda run: run["output_throughput"])
+    measured = runs[len(runs) // 2]
+    simulated = simulate_like_engine(engine, profile, requests)
+    comparison = {}
+    for key in ("output_throughput", "makespan_s"):
+        comparison[key] = {"measured": measured[key], "simulated": simulated[key],
+                           "error": (simulated[key] - measured[key]) / measured[key]}
+    for key in ("ttft_s", "tpot_s"):
+        m, s = measured[key]["p50"], simulated[key]["p50"]
+        comparison[f"{key}_p50"] = {"measured": m, "simulated": s, "error": (s - m) / m}
+    comparison["all_measured_throughputs"] = [run["output_throughput"] for run in runs]
+    return comparison
+
+
+def median_abs(values) -> float:
+    return float(np.median(np.abs(np.asarray(values, dtype=float))))
