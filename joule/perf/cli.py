@@ -1,0 +1,291 @@
+"""Commands `joule simulate`, `joule plan` and `joule perf calibrate|validate`.
+
+``joule/cli.py`` wires them in with ``add_perf_commands(subparsers)`` and
+dispatches to ``run_perf_command(args)`` (each parser sets ``perf_handler``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from joule.model.config import ModelConfig
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "configs"
+
+
+def load_model_config(text: str) -> ModelConfig:
+    """A config.json path, a directory holding one, or a name from benchmarks/configs (e.g. llama-3.2-1b)."""
+    path = Path(text)
+    if path.exists():
+        return ModelConfig.from_file(path)
+    named = CONFIG_DIR / f"{text.lower()}.json"
+    if named.is_file():
+        return ModelConfig.from_file(named)
+    known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.json"))) or "none"
+    raise ValueError(f"model config {text!r} not found: give a config.json path or directory, or one of: {known}")
+
+
+def _csv(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="config.json, a directory with one, or a benchmarks/configs name")
+    parser.add_argument("--workload", default="sharegpt,rate=10,num=300",
+                        help="preset and/or keys: sharegpt|fixed|uniform, rate=REQ_PER_S|inf, num=N, "
+                             "arrival=poisson|gamma|fixed, cv=X, input=DIST, output=DIST, seed=S "
+                             "(DIST: fixed:N, uniform:LO:HI, lognormal:MEDIAN:SIGMA[:MAX])")
+    parser.add_argument("--slo", default=None, help="ttft=SECONDS,tpot=SECONDS[,attainment=0.9] ('ms' suffix ok)")
+    parser.add_argument("--price", default=None, help="hourly price overrides, e.g. H100=2.1,L4=0.55")
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--output-json", default=None)
+
+
+def add_perf_commands(subparsers) -> None:
+    """Register `simulate`, `plan` and `perf` on the top-level `joule` subparsers."""
+    simulate = subparsers.add_parser("simulate", help="simulate serving a workload on modelled hardware")
+    _add_workload_arguments(simulate)
+    simulate.add_argument("--hardware", default="H100",
+                          help="a catalog kind, or a mix like H100=2,L4=4 (counts per kind)")
+    simulate.add_argument("--replicas", type=int, default=1, help="data-parallel replicas (single kind)")
+    simulate.add_argument("--profile", default=None, help="DeviceProfile JSON (default: shipped or catalog)")
+    simulate.add_argument("--dtype", default=None)
+    simulate.add_argument("--router", default="least_loaded", choices=["least_loaded", "round_robin"])
+    simulate.add_argument("--max-num-seqs", type=int, default=256)
+    simulate.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    simulate.add_argument("--block-size", type=int, default=16)
+    simulate.add_argument("--num-kv-blocks", type=int, default=None)
+    simulate.add_argument("--no-prefix-caching", action="store_true")
+    simulate.add_argument("--sweep-rates", default=None, help="comma-separated request rates to sweep")
+    simulate.add_argument("--plot-dir", default=None, help="write PNG plots here")
+    simulate.set_defaults(perf_handler=run_simulate)
+
+    plan = subparsers.add_parser("plan", help="cheapest / most efficient hardware plan meeting an SLO")
+    _add_workload_arguments(plan)
+    plan.add_argument("--objective", default="cost", choices=["cost", "energy"])
+    plan.add_argument("--hardware", default=None, help="kinds to consider (default: every GPU in the catalog)")
+    plan.add_argument("--batched-tokens", default="2048,8192", help="max_num_batched_tokens values to try")
+    plan.add_argument("--max-seqs", default="256", help="max_num_seqs values to try")
+    plan.add_argument("--no-mixed", action="store_true", help="only plans of one hardware kind")
+    plan.add_argument("--search-requests", type=int, default=150, help="requests per capacity probe")
+    plan.add_argument("--top", type=int, default=5)
+    plan.set_defaults(perf_handler=run_plan)
+
+    perf = subparsers.add_parser("perf", help="performance model tools")
+    perf_commands = perf.add_subparsers(dest="perf_command", required=True)
+    calibrate = perf_commands.add_parser("calibrate", help="measure this device and fit a profile")
+    validate = perf_commands.add_parser("validate", help="compare a profile with real engine steps and runs")
+    for parser in (calibrate, validate):
+        parser.add_argument("--model", default=None, help="engine model (default: SmolLM2-135M)")
+        parser.add_argument("--dtype", default="auto")
+        parser.add_argument("--device", default="auto")
+        parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+        parser.add_argument("--repeats", type=int, default=3)
+    calibrate.add_argument("--hardware", default=None, help="catalog kind (default: detected)")
+    calibrate.add_argument("--output", default=None, help="profile path (default: joule/perf/profiles/KIND-DTYPE.json)")
+    calibrate.add_argument("--measurements", default=None, help="also save raw measurements (JSON)")
+    calibrate.set_defaults(perf_handler=run_calibrate)
+    validate.add_argument("--profile", required=True)
+    validate.add_argument("--offline", default="32,128,64", help="NUM_PROMPTS,INPUT_LEN,OUTPUT_LEN ('' to skip)")
+    validate.add_argument("--serving", default="", help="WORKLOAD spec served in real time ('' to skip)")
+    validate.add_argument("--skip-steps", action="store_true")
+    validate.add_argument("--output-json", default=None)
+    validate.set_defaults(perf_handler=run_validate)
+
+
+def run_perf_command(args: argparse.Namespace) -> int:
+    return args.perf_handler(args)
+
+
+# -- simulate ----------------------------------------------------------------------------------
+def _replica_list(args, model: ModelConfig):
+    from joule.perf.hardware import parse_price_overrides, with_price
+    from joule.perf.simulator import ReplicaConfig
+
+    prices = parse_price_overrides(args.price)
+    if "=" in args.hardware:
+        counts = {name: int(count) for name, count in (item.split("=") for item in _csv(args.hardware))}
+    else:
+        counts = {args.hardware: args.replicas}
+    replicas = []
+    for name, count in counts.items():
+        replica = ReplicaConfig.for_hardware(
+            name, args.profile, args.dtype, max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+            block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
+            enable_prefix_caching=not args.no_prefix_caching,
+        )
+        if replica.hardware.name in prices:
+            replica.hardware = with_price(replica.hardware, prices[replica.hardware.name])
+        replicas += [replica] * count
+    return replicas
+
+
+def _print_summary(summary: dict) -> None:
+    print(f"{summary['num_finished']}/{summary['num_requests']} requests on {summary['num_replicas']} replica(s) "
+          f"in {summary['makespan_s']:.2f} simulated s, {summary['num_steps']} steps, "
+          f"{summary['num_preemptions']} preemptions")
+    print(f"  throughput  {summary['request_throughput']:.2f} req/s, {summary['output_throughput']:.1f} output tok/s")
+    for key, label in (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("itl_s", "ITL"), ("e2e_s", "e2e")):
+        values = summary[key]
+        print(f"  {label:<5} ms   p50 {values['p50'] * 1e3:9.2f}   p90 {values['p90'] * 1e3:9.2f}   "
+              f"p99 {values['p99'] * 1e3:9.2f}")
+    print(f"  energy      {summary['joules_per_output_token']:.4f} J/output token; "
+          f"cost ${summary['usd_per_million_output_tokens']:.3f} per million output tokens")
+    if "slo_attainment" in summary:
+        print(f"  SLO         attainment {summary['slo_attainment']:.1%}, goodput "
+              f"{summary['goodput_requests_per_s']:.2f} req/s ({'meets' if summary['meets_slo'] else 'misses'} SLO)")
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    from joule.perf.arrivals import WorkloadSpec, generate
+    from joule.perf.metrics import SLO
+    from joule.perf.simulator import ClusterSimulator
+
+    model = load_model_config(args.model)
+    workload = WorkloadSpec.parse(args.workload)
+    slo = SLO.parse(args.slo) if args.slo else None
+    replicas = _replica_list(args, model)
+    rates = [float(rate) for rate in _csv(args.sweep_rates)] if args.sweep_rates else [workload.rate]
+    rows, last = [], None
+    for rate in rates:
+        started = time.perf_counter()
+        requests = generate(workload.with_rate(rate), model.vocab_size, args.max_model_len)
+        last = ClusterSimulator(model, replicas, args.router).run(requests)
+        summary = last.summary(slo)
+        summary["offered_rate"] = rate
+        summary["wall_s"] = time.perf_counter() - started
+        rows.append(summary)
+        print(f"\n== offered load {rate} req/s (simulated in {summary['wall_s']:.1f} s wall)")
+        _print_summary(summary)
+    if args.plot_dir:
+        from joule.perf.plots import plot_run, plot_sweep
+
+        directory = Path(args.plot_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        title = f"{Path(args.model).stem} on {args.hardware}"
+        print(f"plot: {plot_run(last, directory / 'latency_cdf.png', title, slo)}")
+        if len(rows) > 1:
+            print(f"plot: {plot_sweep(rows, directory / 'sweep.png', title)}")
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps(rows, indent=2, default=str) + "\n")
+    return 0
+
+
+# -- plan --------------------------------------------------------------------------------------
+def run_plan(args: argparse.Namespace) -> int:
+    from joule.perf.arrivals import WorkloadSpec
+    from joule.perf.hardware import parse_price_overrides
+    from joule.perf.metrics import SLO
+    from joule.perf.planner import Planner, PlannerConfig
+
+    if not args.slo:
+        raise ValueError("joule plan needs --slo ttft=SECONDS,tpot=SECONDS")
+    model = load_model_config(args.model)
+    workload = WorkloadSpec.parse(args.workload)
+    if math.isinf(workload.rate):
+        raise ValueError("joule plan needs a target rate in --workload (rate=REQ_PER_S)")
+    config = PlannerConfig(
+        objective=args.objective, allow_mixed=not args.no_mixed, search_requests=args.search_requests,
+        batched_tokens=tuple(int(v) for v in _csv(args.batched_tokens)),
+        max_seqs=tuple(int(v) for v in _csv(args.max_seqs)), prices=parse_price_overrides(args.price),
+        max_model_len=args.max_model_len,
+    )
+    if args.hardware:
+        config.hardware = tuple(_csv(args.hardware))
+    started = time.perf_counter()
+    planner = Planner(model, workload, SLO.parse(args.slo), config, log=lambda message: print(message, flush=True))
+    print(f"planning for {workload.rate} req/s, mean output {planner.mean_output_tokens:.0f} tokens, "
+          f"objective {args.objective}")
+    plans = planner.run()
+    print(f"\nsearched in {time.perf_counter() - started:.0f} s; top plans:")
+    print(f"{'plan':<52}{'$/h':>8}{'$/M tok':>9}{'J/tok':>8}{'goodput r/s':>12}{'SLO':>6}")
+    for plan in plans[: args.top]:
+        goodput = plan.verified.get("goodput_requests_per_s")
+        status = ("ok" if plan.meets_slo else "miss") if plan.verified else "est"
+        print(f"{plan.label:<52}{plan.hourly_usd:>8.2f}{plan.usd_per_million_tokens:>9.3f}"
+              f"{plan.joules_per_token:>8.3f}{(f'{goodput:.2f}' if goodput is not None else '-'):>12}{status:>6}")
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps([p.to_dict() for p in plans[: args.top]], indent=2, default=str))
+    return 0
+
+
+# -- perf calibrate / validate -----------------------------------------------------------------
+def run_calibrate(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from joule.perf.calibrate import calibrate
+    from joule.perf.profile import PROFILE_DIR, shipped_profile_path
+
+    started = time.perf_counter()
+    profile, measured = calibrate(args.model, args.dtype, args.device, args.load_format, args.hardware, args.repeats)
+    output = Path(args.output) if args.output else shipped_profile_path(profile.hardware, profile.dtype)
+    if not args.output:
+        PROFILE_DIR.mkdir(exist_ok=True)
+    profile.save(output)
+    print(f"profile written to {output} ({time.perf_counter() - started:.0f} s)")
+    print(json.dumps(profile.to_dict(), indent=2))
+    if args.measurements:
+        Path(args.measurements).write_text(json.dumps(asdict(measured), indent=1, default=str))
+    return 0
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    from joule.bench.workload import fixed_length_workload
+    from joule.perf.arrivals import TimedRequest, WorkloadSpec, generate
+    from joule.perf.calibrate import build_engine
+    from joule.perf.profile import DeviceProfile
+    from joule.perf.validate import compare_run, summarize_checks, validate_steps
+
+    profile = DeviceProfile.load(args.profile)
+    engine = build_engine(args.model, args.dtype, args.load_format, args.device)
+    report: dict = {"profile": args.profile}
+    if not args.skip_steps:
+        checks = validate_steps(engine, profile, repeats=args.repeats)
+        report["steps"] = summarize_checks(checks)
+        print(f"step latency: median |error| {report['steps']['median_abs_error']:.1%} over {len(checks)} steps")
+        for name, row in report["steps"]["by_scenario"].items():
+            print(f"  {name:<26} measured {row['median_measured_s'] * 1e3:8.1f} ms  predicted "
+                  f"{row['median_predicted_s'] * 1e3:8.1f} ms  error {row['median_error']:+.1%}")
+    if args.offline:
+        num, input_len, output_len = (int(v) for v in _csv(args.offline))
+        prompts = fixed_length_workload(num, input_len, output_len, engine.model_config.vocab_size, seed=0)
+        requests = [TimedRequest(f"offline-{i}", 0.0, request) for i, request in enumerate(prompts)]
+        report["offline"] = compare_run(engine, profile, requests, args.repeats)
+        _print_comparison(f"offline {num} x ({input_len} -> {output_len})", report["offline"])
+    if args.serving:
+        requests = generate(WorkloadSpec.parse(args.serving), engine.model_config.vocab_size, engine.max_model_len)
+        report["serving"] = compare_run(engine, profile, requests, args.repeats)
+        _print_comparison(f"serving {args.serving}", report["serving"])
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return 0
+
+
+def _print_comparison(title: str, comparison: dict) -> None:
+    print(title)
+    for key in ("output_throughput", "ttft_s_p50", "tpot_s_p50"):
+        row = comparison[key]
+        print(f"  {key:<18} measured {row['measured']:10.4g}  simulated {row['simulated']:10.4g}  "
+              f"error {row['error']:+.1%}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (python -m joule.perf.cli ...) until joule/cli.py wires the commands in."""
+    parser = argparse.ArgumentParser(prog="joule")
+    add_perf_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return run_perf_command(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

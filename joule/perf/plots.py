@@ -1,0 +1,79 @@
+"""Plots for simulated runs: latency CDFs of one run, and goodput/latency/energy against load for a sweep.
+
+matplotlib is imported lazily (Agg backend) so the simulator itself does not need it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from joule.perf.metrics import SLO, SimulationResult
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError("plots need matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as pyplot
+
+    return pyplot
+
+
+def plot_run(result: SimulationResult, path: str | Path, title: str = "", slo: SLO | None = None) -> Path:
+    """CDFs of TTFT, TPOT and e2e latency, with the SLO marked."""
+    pyplot = _pyplot()
+    finished = result.finished
+    series = {
+        "TTFT (s)": ([r.ttft for r in finished], slo.ttft_s if slo else None),
+        "TPOT (s)": ([r.tpot for r in finished if r.num_output_tokens > 1], slo.tpot_s if slo else None),
+        "end-to-end latency (s)": ([r.e2e for r in finished], None),
+    }
+    figure, axes = pyplot.subplots(1, 3, figsize=(13, 3.8))
+    for axis, (label, (values, limit)) in zip(axes, series.items()):
+        data = np.sort(np.asarray(values))
+        if data.size:
+            axis.plot(data, np.arange(1, data.size + 1) / data.size)
+        if limit is not None:
+            axis.axvline(limit, color="red", linestyle="--", label="SLO")
+            axis.legend()
+        axis.set_xlabel(label)
+        axis.set_ylabel("fraction of requests")
+        axis.grid(alpha=0.3)
+    figure.suptitle(title)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=110)
+    pyplot.close(figure)
+    return path
+
+
+def plot_sweep(rows: list[dict], path: str | Path, title: str = "") -> Path:
+    """Throughput, goodput, p90 latencies and J/token against the offered request rate."""
+    pyplot = _pyplot()
+    rates = [row["offered_rate"] for row in rows]
+    figure, axes = pyplot.subplots(1, 3, figsize=(13, 3.8))
+    axes[0].plot(rates, [row["request_throughput"] for row in rows], marker="o", label="throughput")
+    if "goodput_requests_per_s" in rows[0]:
+        axes[0].plot(rates, [row["goodput_requests_per_s"] for row in rows], marker="s", label="goodput")
+    axes[0].set_ylabel("requests/s")
+    axes[0].legend()
+    axes[1].plot(rates, [row["ttft_s"]["p90"] for row in rows], marker="o", label="TTFT p90")
+    axes[1].plot(rates, [row["tpot_s"]["p90"] for row in rows], marker="s", label="TPOT p90")
+    axes[1].set_yscale("log")
+    axes[1].set_ylabel("seconds")
+    axes[1].legend()
+    axes[2].plot(rates, [row["joules_per_output_token"] for row in rows], marker="o")
+    axes[2].set_ylabel("J / output token")
+    for axis in axes:
+        axis.set_xlabel("offered load (requests/s)")
+        axis.grid(alpha=0.3)
+    figure.suptitle(title)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=110)
+    pyplot.close(figure)
+    return path

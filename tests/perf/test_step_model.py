@@ -1,0 +1,142 @@
+"""Step model: FLOP and byte counts against hand-computed values, roofline behaviour, profiles."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from joule.model.config import ModelConfig
+from joule.perf.hardware import CATALOG, get_hardware, parse_price_overrides
+from joule.perf.profile import DeviceProfile, resolve_profile
+from joule.perf.step_model import (
+    BatchShape, SequenceWork, StepModel, count_attention, count_elementwise, count_linear, count_sampling,
+)
+
+
+def one_layer_config(**overrides) -> ModelConfig:
+    values = dict(architecture="LlamaForCausalLM", vocab_size=1000, hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    values.update(overrides)
+    return ModelConfig(**values)
+
+
+def flat_profile(**overrides) -> DeviceProfile:
+    """A profile with round numbers: 1 TFLOP/s GEMMs (no small-M penalty), 100 GB/s, no overheads."""
+    values = dict(hardware="H100", dtype="bfloat16", gemm_flops=1e12, gemm_m_half=0.0, attention_flops=1e12,
+                  memory_bandwidth=1e11, decode_attention_padded=False, kv_passes=1.0)
+    values.update(overrides)
+    return DeviceProfile(**values)
+
+
+def test_linear_counts_for_one_layer_match_hand_computation():
+    config = one_layer_config()
+    batch = BatchShape([SequenceWork(3, 0, True), SequenceWork(1, 10, True), SequenceWork(4, 2, False)])
+    gemms = count_linear(config, batch, element_bytes=2)
+    # rows = 3 + 1 + 4 = 8; qkv: 64 -> 4*16 + 2*2*16 = 128; o: 64 -> 64; gate_up: 64 -> 256; down: 128 -> 64
+    expected_flops = [2 * 8 * 64 * 128, 2 * 8 * 64 * 64, 2 * 8 * 64 * 256, 2 * 8 * 128 * 64]
+    expected_bytes = [2 * (64 * 128 + 8 * 64 + 8 * 128), 2 * (64 * 64 + 8 * 64 + 8 * 64),
+                      2 * (64 * 256 + 8 * 64 + 8 * 256), 2 * (128 * 64 + 8 * 128 + 8 * 64)]
+    assert [rows for rows, _ in gemms] == [8, 8, 8, 8, 2]  # lm_head only over the 2 sampled rows
+    assert [count.flops for _, count in gemms[:4]] == expected_flops
+    assert [count.bytes for _, count in gemms[:4]] == expected_bytes
+    lm_head = gemms[4][1]
+    assert lm_head.flops == 2 * 2 * 64 * 1000
+    assert lm_head.bytes == 2 * (64 * 1000 + 2 * 64 + 2 * 1000)
+
+
+def test_layer_counts_scale_with_layers_but_lm_head_does_not():
+    batch = BatchShape.decode(2, 5)
+    one = count_linear(one_layer_config(), batch, 2)
+    three = count_linear(one_layer_config(num_hidden_layers=3), batch, 2)
+    assert [c.flops for _, c in three[:4]] == [3 * c.flops for _, c in one[:4]]
+    assert three[4][1].flops == one[4][1].flops
+
+
+def test_attention_counts_for_one_layer_match_hand_computation():
+    config = one_layer_config()
+    # A chunk of 3 new rows after 2 cached ones sees 2*3 cached pairs + 3*4/2 causal pairs = 12 pairs.
+    # A decode at context 10 sees 11 keys. 4 heads x 16 dims x 4 FLOPs (QK^T and PV) per pair.
+    batch = BatchShape([SequenceWork(3, 2, True), SequenceWork(1, 10, True)])
+    prefill, decode = count_attention(config, batch, element_bytes=2)
+    assert prefill.flops == 4 * 4 * 16 * 12
+    assert decode.flops == 4 * 4 * 16 * 11
+    kv_token = 2 * 2 * 16 * 2  # K and V, 2 KV heads x 16 dims, bf16
+    q_token = 2 * 4 * 16 * 2  # read q, write output
+    assert prefill.bytes == 3 * q_token + 5 * kv_token
+    assert decode.bytes == q_token + 11 * kv_token
+
+
+def test_padded_decode_reads_every_sequence_at_the_longest_context():
+    config = one_layer_config()
+    profile = flat_profile(decode_attention_padded=True, kv_passes=3.0)
+    batch = BatchShape([SequenceWork(1, 9, True), SequenceWork(1, 99, True)])
+    _, decode = count_attention(config, batch, 2, profile)
+    kv_token, q_token = 2 * 2 * 16 * 2, 2 * 4 * 16 * 2
+    assert decode.bytes == 2 * (q_token + 100 * kv_token * 3)
+    assert decode.flops == 2 * 4 * 4 * 16 * 100
+
+
+def test_elementwise_and_sampling_counts():
+    config = one_layer_config()
+    batch = BatchShape([SequenceWork(2, 0, True)])
+    per_row = 2 * 2 * 64 + 2 * (64 + 32) + 3 * 128 + 2 * 3 * 64 + 2 * 32
+    assert count_elementwise(config, batch, 2).bytes == 2 * (2 * per_row + 2 * 3 * 64)
+    assert count_sampling(config, batch).bytes == 4 * 4 * 1000
+
+
+def test_roofline_picks_memory_for_decode_and_compute_for_prefill():
+    config = one_layer_config(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
+                              num_key_value_heads=16, head_dim=64, vocab_size=32000)
+    model = StepModel(config, flat_profile())
+    decode = model.predict(BatchShape.decode(1, 10))
+    weight_bytes = 2 * (1024 * 3072 + 1024 * 1024 + 1024 * 8192 + 4096 * 1024 + 1024 * 32000)
+    assert decode.seconds["linear"] == pytest.approx(weight_bytes / 1e11, rel=0.01)
+    prefill = model.predict(BatchShape.prefill([4096]))
+    assert prefill.seconds["linear"] == pytest.approx(prefill.counts["linear"].flops / 1e12, rel=0.05)
+
+
+def test_small_m_gemm_curve_and_scales_and_overheads():
+    profile = flat_profile(gemm_flops=250e9, gemm_m_half=32.0)
+    assert profile.gemm_rate(32) == pytest.approx(125e9)
+    assert profile.gemm_rate(2048) == pytest.approx(250e9 * 2048 / 2080)
+    config = one_layer_config(num_hidden_layers=2)
+    batch = BatchShape([SequenceWork(5, 0, True), SequenceWork(1, 3, True)])
+    base = StepModel(config, flat_profile()).predict(batch)
+    scaled = StepModel(config, flat_profile(
+        scales={"linear": 2.0}, step_overhead_s=1e-3, sequence_overhead_s=1e-4, layer_overhead_s=1e-5,
+        prefill_sequence_layer_overhead_s=1e-6)).predict(batch)
+    overhead = 1e-3 + 2 * 1e-4 + 2 * 1e-5 + 2 * 2 * 1e-6
+    assert scaled.overhead_seconds == pytest.approx(overhead)
+    assert scaled.elapsed_seconds == pytest.approx(base.elapsed_seconds + base.seconds["linear"] + overhead)
+
+
+def test_energy_is_idle_plus_dynamic_and_capped_at_max_power():
+    config = one_layer_config()
+    profile = flat_profile(idle_watts=50.0, max_watts=1000.0, energy_per_flop=1e-12, energy_per_byte=1e-11)
+    cost = StepModel(config, profile).predict(BatchShape.decode(4, 20))
+    expected = 50.0 * cost.elapsed_seconds + 1e-12 * cost.flops + 1e-11 * cost.bytes
+    assert cost.energy_joules == pytest.approx(expected)
+    capped = StepModel(config, flat_profile(idle_watts=50.0, max_watts=60.0, energy_per_flop=1e-9)).predict(
+        BatchShape.decode(4, 20))
+    assert capped.energy_joules == pytest.approx(60.0 * capped.elapsed_seconds)
+
+
+def test_catalog_and_profiles(tmp_path):
+    assert {"H100", "H200", "A100-80GB", "L40S", "L4", "A10G", "CPU", "CPU-2core"} <= set(CATALOG)
+    for spec in CATALOG.values():
+        assert spec.source and spec.idle_watts < spec.max_watts
+    assert get_hardware("h100").peak_flops("bfloat16") == 989e12
+    assert get_hardware("cpu-dev").default_dtype() == "float32"
+    with pytest.raises(ValueError, match="known: H100"):
+        get_hardware("TPU")
+    assert parse_price_overrides("h100=2.5,L4=0.5") == {"H100": 2.5, "L4": 0.5}
+    profile = DeviceProfile.from_hardware(get_hardware("H100"))
+    assert profile.gemm_flops == pytest.approx(0.79 * 989e12)
+    path = tmp_path / "p.json"
+    profile.save(path)
+    assert DeviceProfile.load(path) == profile
+    assert resolve_profile("H100", profile_path=path) == profile
+    path.write_text(json.dumps({**profile.to_dict(), "bogus": 1}))
+    with pytest.raises(ValueError, match="bogus"):
+        DeviceProfile.load(path)
