@@ -101,7 +101,7 @@ DECODE_STEPS = [(0, 1), (15, 1), (16, 1), (33, 1), (130, 1), (200, 1)]
 
 
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (4, 2), (8, 2)])
-@pytest.mark.parametrize("block_size,head_dim", [(16, 64), (32, 32), (4, 16)])
+@pytest.mark.parametrize("block_size,head_dim", [(16, 64), (32, 32), (4, 16), (8, 48)])  # 48: padded dims
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_decode_matches_reference(num_heads, num_kv_heads, block_size, head_dim, num_splits):
     batch = make_batch(DECODE_STEPS, num_heads, num_kv_heads, head_dim, block_size, seed=num_heads + block_size)
@@ -132,7 +132,7 @@ PREFILL_STEPS = [(0, 7), (5, 1), (3, 20), (16, 16), (0, 1), (37, 13), (70, 45)]
 
 
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (4, 2), (8, 2), (6, 2)])
-@pytest.mark.parametrize("block_size,head_dim", [(16, 64), (32, 32), (2, 16)])
+@pytest.mark.parametrize("block_size,head_dim", [(16, 64), (32, 32), (2, 16), (64, 48)])
 def test_prefill_chunks_match_reference(num_heads, num_kv_heads, block_size, head_dim):
     batch = make_batch(PREFILL_STEPS, num_heads, num_kv_heads, head_dim, block_size, seed=block_size + num_heads)
     scale = head_dim**-0.5
