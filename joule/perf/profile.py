@@ -12,6 +12,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import numpy as np
+
 from joule.perf.hardware import HardwareSpec, get_hardware
 
 OPERATOR_CLASSES = ("linear", "attention_prefill", "attention_decode", "elementwise", "sampling")
@@ -57,6 +59,10 @@ class DeviceProfile:
     # copying it (read + write + read: 3 passes); a paged kernel reads it once, unpadded.
     decode_attention_padded: bool = True
     kv_passes: float = 3.0
+    # Measured [rows, FLOP/s] of the decoder-layer GEMMs and of lm_head (calibration); when present
+    # they replace the parametric curve, interpolated log-log in rows and clamped at the ends.
+    gemm_curve: list[list[float]] = field(default_factory=list)
+    lm_head_curve: list[list[float]] = field(default_factory=list)
     idle_watts: float = 0.0
     max_watts: float = 0.0
     energy_per_flop: float = 0.0  # joules
@@ -78,9 +84,17 @@ class DeviceProfile:
     def element_bytes(self) -> int:
         return 4 if self.dtype in ("float32", "fp32", "float") else 2
 
-    def gemm_rate(self, rows: float) -> float:
-        """FLOP/s of a GEMM with ``rows`` rows: the small-M efficiency curve."""
+    def gemm_rate(self, rows: float, lm_head: bool = False) -> float:
+        """FLOP/s of a GEMM with ``rows`` rows: the measured curve if any, else the parametric one."""
+        curve = self.lm_head_curve if lm_head and self.lm_head_curve else self.gemm_curve
+        if curve:
+            points = np.asarray(curve, dtype=float)
+            return float(np.exp(np.interp(np.log(rows), np.log(points[:, 0]), np.log(points[:, 1]))))
         return self.gemm_flops * rows / (rows + self.gemm_m_half)
+
+    @property
+    def has_measured_gemms(self) -> bool:
+        return bool(self.gemm_curve)
 
     @classmethod
     def from_hardware(cls, spec: HardwareSpec, dtype: str | None = None) -> "DeviceProfile":

@@ -70,6 +70,16 @@ class ReplicaConfig:
             )
         return blocks
 
+    def simulated_kv_blocks(self, model: ModelConfig) -> int:
+        """``kv_blocks``, capped where more could never be owned at once (max_num_seqs full-length
+        sequences, twice over for prefix-cache room): a small model on a big GPU would otherwise
+        build millions of block objects. Only how long freed prefixes stay cached can differ."""
+        blocks = self.kv_blocks(model)
+        if self.num_kv_blocks is not None:
+            return blocks
+        per_sequence = -(-min(self.max_model_len, model.max_position_embeddings) // self.block_size)
+        return min(blocks, 2 * self.max_num_seqs * per_sequence)
+
     def label(self) -> str:
         return f"{self.hardware.name}(seqs={self.max_num_seqs},tokens={self.max_num_batched_tokens})"
 
@@ -78,15 +88,16 @@ class _Replica:
     """An EngineCore on simulated time, with its ledger."""
 
     def __init__(self, index: int, config: ReplicaConfig, model: ModelConfig, record_plans: bool,
-                 eos_token_id: int | None, eos_probability: float):
+                 eos_token_id: int | None, eos_probability: float, fixed_step_seconds: float | None):
         self.index = index
         self.now = 0.0
         self.busy = False
-        num_blocks = config.kv_blocks(model)
+        num_blocks = config.simulated_kv_blocks(model)
         max_model_len = min(config.max_model_len, num_blocks * config.block_size, model.max_position_embeddings)
         scheduler_config = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_model_len)
         self.executor = SimulatedExecutor(
-            StepModel(model, config.profile), model.vocab_size, eos_token_id, eos_probability, record_plans=record_plans
+            StepModel(model, config.profile), model.vocab_size, eos_token_id, eos_probability,
+            fixed_step_seconds=fixed_step_seconds, record_plans=record_plans,
         )
         self.core = EngineCore(
             scheduler_config, KVBlockManager(num_blocks, config.block_size, config.enable_prefix_caching),
@@ -128,12 +139,13 @@ class ClusterSimulator:
         eos_token_id: int | None = None,
         eos_probability: float = 0.0,
         ignore_eos: bool = True,
+        fixed_step_seconds: float | None = None,
     ):
         if not replicas:
             raise ValueError("a simulation needs at least one replica")
         self.model = model
         self.replicas = [
-            _Replica(index, config, model, record_plans, eos_token_id, eos_probability)
+            _Replica(index, config, model, record_plans, eos_token_id, eos_probability, fixed_step_seconds)
             for index, config in enumerate(replicas)
         ]
         weights = router_weights or [1.0] * len(replicas)

@@ -201,10 +201,14 @@ class StepModel:
         seconds: dict[str, float] = {}
         linear = OperatorCount()
         linear_seconds = 0.0
-        for rows, count in count_linear(self.config, batch, element_bytes):
+        gemms = count_linear(self.config, batch, element_bytes)
+        for index, (rows, count) in enumerate(gemms):
             linear.flops += count.flops
             linear.bytes += count.bytes
-            linear_seconds += max(count.flops / profile.gemm_rate(rows), count.bytes / bandwidth)
+            is_lm_head = index == len(gemms) - 1 and batch.num_sampled > 0
+            compute = count.flops / profile.gemm_rate(rows, lm_head=is_lm_head)
+            # A measured curve already includes the GEMM's own memory traffic.
+            linear_seconds += compute if profile.has_measured_gemms else max(compute, count.bytes / bandwidth)
         counts["linear"], seconds["linear"] = linear, linear_seconds
         prefill, decode = count_attention(self.config, batch, element_bytes, profile)
         for name, count in (("attention_prefill", prefill), ("attention_decode", decode)):

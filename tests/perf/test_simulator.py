@@ -1,0 +1,167 @@
+"""Simulator: determinism, same scheduling decisions as a real EngineCore loop, metrics, workloads."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from joule.engine.core import EngineCore
+from joule.engine.kv_blocks import KVBlockManager
+from joule.engine.plan import StepPlan, StepResult
+from joule.engine.request import Request, SampledToken
+from joule.engine.scheduler import SchedulerConfig
+from joule.model.config import ModelConfig
+from joule.perf.arrivals import LengthDistribution, WorkloadSpec, generate
+from joule.perf.metrics import SLO
+from joule.perf.simulated_executor import PlannedSequence, SimulatedExecutor
+from joule.perf.simulator import ClusterSimulator, ReplicaConfig
+from joule.sampling_params import SamplingParams
+
+STEP_SECONDS = 0.05
+
+
+def small_model() -> ModelConfig:
+    return ModelConfig(architecture="LlamaForCausalLM", vocab_size=5000, hidden_size=256, intermediate_size=512,
+                       num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                       max_position_embeddings=4096)
+
+
+def replica(num_kv_blocks=None, **settings) -> ReplicaConfig:
+    return ReplicaConfig.for_hardware("L4", num_kv_blocks=num_kv_blocks, **settings)
+
+
+class FixedTimeExecutor:
+    """The real side's stand-in for the model: fixed step time, records each plan."""
+
+    def __init__(self):
+        self.plans: list[list[PlannedSequence]] = []
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        self.plans.append([PlannedSequence(s.request_id, s.num_tokens, s.start_position, s.samples)
+                           for s in plan.sequences])
+        sampled = {s.request_id: SampledToken(7) for s in plan.sequences if s.samples}
+        return StepResult(sampled=sampled, elapsed_seconds=STEP_SECONDS)
+
+
+def run_real_engine(requests, num_blocks, block_size, settings) -> tuple[list, dict]:
+    """EngineCore driven the way a server drives it: add what has arrived, step, repeat."""
+    executor = FixedTimeExecutor()
+    now = 0.0
+    core = EngineCore(SchedulerConfig(**settings), KVBlockManager(num_blocks, block_size), executor, clock=lambda: now)
+    pending = sorted(requests, key=lambda r: r.arrival_time)
+    first_token: dict[str, float] = {}
+    index = 0
+    while index < len(pending) or core.has_unfinished_requests():
+        while index < len(pending) and pending[index].arrival_time <= now:
+            timed = pending[index]
+            index += 1
+            params = SamplingParams(max_tokens=timed.request.output_len, ignore_eos=True, temperature=0.0)
+            core.add_request(Request(timed.request_id, timed.request.prompt_token_ids, params,
+                                     timed.request.output_len, arrival_time=timed.arrival_time))
+        if not core.has_unfinished_requests():
+            now = pending[index].arrival_time
+            continue
+        progressed = core.step()
+        now += STEP_SECONDS
+        for request in progressed:
+            if request.num_output_tokens == 1 and request.request_id not in first_token:
+                first_token[request.request_id] = now
+    return executor.plans, first_token
+
+
+@pytest.mark.parametrize("num_blocks,budget", [(400, 256), (24, 64)])  # roomy; tight: chunking and preemption
+def test_simulator_makes_the_same_scheduling_decisions_as_the_real_engine(num_blocks, budget):
+    model = small_model()
+    workload = WorkloadSpec(40, rate=15.0, input_len=LengthDistribution("uniform", 8, 150),
+                            output_len=LengthDistribution("uniform", 1, 40), seed=3)
+    requests = generate(workload, model.vocab_size)
+    settings = dict(max_num_seqs=8, max_num_batched_tokens=budget, max_model_len=512)
+    real_plans, real_first = run_real_engine(requests, num_blocks, 16, settings)
+
+    simulator = ClusterSimulator(
+        model, [replica(num_blocks, max_num_seqs=8, max_num_batched_tokens=budget, max_model_len=512)],
+        record_plans=True, fixed_step_seconds=STEP_SECONDS,
+    )
+    result = simulator.run(requests)
+    assert simulator.plans(0) == real_plans
+    assert {r.request_id: r.first_token_time for r in result.records} == pytest.approx(real_first)
+    if num_blocks == 24:
+        assert result.summary()["num_preemptions"] > 0
+
+
+def test_simulation_is_deterministic_for_a_seed():
+    model = small_model()
+    spec = WorkloadSpec.parse("sharegpt,rate=30,num=50,seed=5")
+    first = ClusterSimulator(model, [replica()] * 2).run(generate(spec, model.vocab_size, 2048)).summary()
+    second = ClusterSimulator(model, [replica()] * 2).run(generate(spec, model.vocab_size, 2048)).summary()
+    assert first == second
+    other = WorkloadSpec.parse("sharegpt,rate=30,num=50,seed=6")
+    third = ClusterSimulator(model, [replica()] * 2).run(generate(other, model.vocab_size, 2048)).summary()
+    assert third["ttft_s"] != first["ttft_s"]
+
+
+def test_metrics_of_an_offline_run_with_fixed_steps():
+    """Two requests admitted together, 1 s steps: TTFT 1 s, one token per step after that."""
+    model = small_model()
+    spec = WorkloadSpec(2, input_len=LengthDistribution("fixed", 10), output_len=LengthDistribution("fixed", 5))
+    result = ClusterSimulator(model, [replica()], fixed_step_seconds=1.0).run(generate(spec, model.vocab_size))
+    summary = result.summary(SLO(ttft_s=1.5, tpot_s=0.5))
+    assert summary["ttft_s"]["p50"] == pytest.approx(1.0)
+    assert summary["tpot_s"]["p50"] == pytest.approx(1.0)
+    assert summary["e2e_s"]["p50"] == pytest.approx(5.0)
+    assert summary["output_throughput"] == pytest.approx(10 / 5.0)
+    assert summary["num_steps"] == 5
+    assert summary["slo_attainment"] == 0.0 and not summary["meets_slo"]
+
+
+def test_energy_counts_idle_time_between_requests():
+    model = small_model()
+    spec = WorkloadSpec(2, rate=0.1, arrival="fixed", input_len=LengthDistribution("fixed", 10),
+                        output_len=LengthDistribution("fixed", 2))
+    result = ClusterSimulator(model, [replica()]).run(generate(spec, model.vocab_size))
+    totals = result.replicas[0]
+    idle = result.makespan - totals.busy_seconds
+    assert idle > 9.0  # a 10 s gap between the two requests
+    assert result.energy_joules() == pytest.approx(totals.busy_joules + totals.idle_watts * idle)
+
+
+def test_synthetic_tokens_never_eos_unless_asked():
+    executor = SimulatedExecutor(None, vocab_size=3, eos_token_id=1, fixed_step_seconds=0.1)
+    assert all(executor.token_for(f"r{i}", p) != 1 for i in range(20) for p in range(20))
+    stopping = SimulatedExecutor(None, vocab_size=3, eos_token_id=1, eos_probability=0.5, fixed_step_seconds=0.1)
+    tokens = [stopping.token_for(f"r{i}", p) for i in range(20) for p in range(20)]
+    assert 0.35 < tokens.count(1) / len(tokens) < 0.65
+    with pytest.raises(ValueError, match="eos_token_id"):
+        SimulatedExecutor(None, vocab_size=3, eos_probability=0.5, fixed_step_seconds=0.1)
+
+
+def test_workload_parsing_and_arrival_processes():
+    spec = WorkloadSpec.parse("input=fixed:100,output=uniform:5:9,rate=50,num=2000,arrival=gamma,cv=3,seed=1")
+    requests = generate(spec, 1000)
+    gaps = [b.arrival_time - a.arrival_time for a, b in zip(requests, requests[1:])]
+    mean = sum(gaps) / len(gaps)
+    assert mean == pytest.approx(1 / 50, rel=0.15)
+    cv = math.sqrt(sum((g - mean) ** 2 for g in gaps) / len(gaps)) / mean
+    assert 2.0 < cv < 4.0
+    assert {len(r.request.prompt_token_ids) for r in requests} == {100}
+    assert {r.request.output_len for r in requests} <= set(range(5, 10))
+    offline = generate(WorkloadSpec.parse("sharegpt,num=500"), 1000, max_model_len=1024)
+    assert all(r.arrival_time == 0 for r in offline)
+    assert all(len(r.request.prompt_token_ids) + r.request.output_len <= 1024 for r in offline)
+    with pytest.raises(ValueError, match="unknown workload key"):
+        WorkloadSpec.parse("sharegpt,speed=3")
+    with pytest.raises(ValueError, match="lognormal"):
+        LengthDistribution.parse("normal:3:4")
+    assert SLO.parse("ttft=200ms,tpot=0.05,attainment=0.95") == SLO(0.2, 0.05, 0.95)
+
+
+def test_kv_capacity_follows_memory_and_rejects_models_that_do_not_fit():
+    big = ModelConfig(architecture="LlamaForCausalLM", vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+                      num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, head_dim=128)
+    with pytest.raises(ValueError, match="no room for a KV cache on L4"):
+        replica().kv_blocks(big)
+    small = small_model()
+    blocks = ReplicaConfig.for_hardware("H100").kv_blocks(small)
+    per_block = small.kv_cache_bytes_per_token(2) * 16
+    assert blocks == int((80 * 2**30 * 0.9 - small.num_parameters * 2 - 2 * 2**30) // per_block)
