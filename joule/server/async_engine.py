@@ -67,6 +67,7 @@ class _Abort:
 class _Route:
     stream: "GenerationStream"
     index: int
+    num_samples: int = 1
 
 
 class GenerationStream:
@@ -240,7 +241,7 @@ class AsyncEngine:
         except ValueError as error:
             self._resolve(command.accepted, error)
             return
-        self._state.routes[command.request_id] = _Route(command.stream, command.index)
+        self._state.routes[command.request_id] = _Route(command.stream, command.index, command.params.n)
         self._resolve(command.accepted, None)
 
     def _abort(self, request_id: str, reason: str) -> None:
@@ -249,7 +250,7 @@ class AsyncEngine:
             return
         self.engine.abort_request(request_id)
         if self.metrics is not None:
-            self.metrics.on_abort(request_id, reason)
+            self.metrics.on_abort(request_id, reason, route.num_samples)
 
     def _step(self) -> None:
         try:

@@ -102,9 +102,10 @@ class ServerMetrics:
                 if completion.finish_reason is not None:
                     self._finished.labels(self._model_name, completion.finish_reason).inc()
 
-    def on_abort(self, request_id: str, reason: str) -> None:
+    def on_abort(self, request_id: str, reason: str, num_samples: int = 1) -> None:
+        """Counted per sample, like finishes, so n>1 requests weigh the same either way."""
         self._timings.pop(request_id, None)
-        self._finished.labels(self._model_name, reason).inc()
+        self._finished.labels(self._model_name, reason).inc(num_samples)
 
     # -- scrape ------------------------------------------------------------------------------
     def render(self) -> bytes:

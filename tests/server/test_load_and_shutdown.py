@@ -127,3 +127,23 @@ def test_sigterm_aborts_what_outlives_the_grace_period_and_exits_zero(tiny_model
     assert server.process.wait(timeout=30) == 0
     assert time.monotonic() - started < 20
     assert any(isinstance(outcome, BaseException) or outcome < 401 for outcome in outcomes)
+
+
+def _aborted_count(base_url: str) -> float:
+    for family in text_string_to_metric_families(httpx.get(base_url + "/metrics").text):
+        if family.name == "joule:request_success":
+            return sum(s.value for s in family.samples
+                       if s.name.endswith("_total") and s.labels.get("finished_reason") == "abort")
+    return 0.0
+
+
+def test_a_non_streaming_client_that_gives_up_aborts_its_request(live_server):
+    aborted_before = _aborted_count(live_server.base_url)
+    body = {"prompt": "Patience", "max_tokens": 480, "n": 4, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(live_server.base_url + "/v1/completions", json=body, timeout=0.5)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(engine_gauges(live_server.base_url).values()):
+        time.sleep(0.05)
+    assert not any(engine_gauges(live_server.base_url).values())
+    assert _aborted_count(live_server.base_url) == aborted_before + 4
