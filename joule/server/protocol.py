@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
@@ -53,6 +53,17 @@ class _SamplingFields(_Request):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Accepted so that using them gives a clear 400 rather than being silently ignored.
+    logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
+    prompt_logprobs: int | None = None
+
+    def unsupported_fields(self) -> list[str]:
+        """Fields set to something this server cannot honour."""
+        names = [name for name in ("logit_bias", "prompt_logprobs") if getattr(self, name)]
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            names.append("response_format")
+        return names
 
 
 PromptField = StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
@@ -64,6 +75,13 @@ class CompletionRequest(_SamplingFields):
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
+    best_of: int | None = None
+
+    def unsupported_fields(self) -> list[str]:
+        names = super().unsupported_fields() + [name for name in ("echo", "suffix") if getattr(self, name)]
+        if self.best_of is not None and self.best_of != self.n:
+            names.append("best_of")
+        return names
 
 
 class ChatContentPart(_Request):
@@ -92,6 +110,16 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+
+    def unsupported_fields(self) -> list[str]:
+        names = super().unsupported_fields()
+        if self.tools:
+            names.append("tools")
+        if self.tool_choice not in (None, "none"):
+            names.append("tool_choice")
+        return names
 
 
 class TokenizeRequest(_Request):

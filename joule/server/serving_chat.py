@@ -32,6 +32,7 @@ from joule.server.serving_common import (
     EventStreamResponse,
     ServingContext,
     build_sampling_params,
+    check_request,
     ranked_entries,
     sse,
     stream_error,
@@ -84,6 +85,7 @@ async def create_chat_completion(
     context: ServingContext, body: ChatCompletionRequest, http_request: Request
 ) -> Response:
     model = context.check_model(body.model)
+    check_request(body)
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
     prompt_ids = render_chat_prompt(context, body.messages, body.add_generation_prompt, body.continue_final_message)

@@ -87,6 +87,15 @@ class ServingContext:
             raise from_value_error(error, _SAMPLING_FIELDS) from None
 
 
+def check_request(request) -> None:
+    """400 for features this server does not implement, and stream_options without stream."""
+    unsupported = request.unsupported_fields()
+    if unsupported:
+        raise bad_request(f"{unsupported[0]} is not supported by this server", param=unsupported[0])
+    if request.stream_options is not None and not request.stream:
+        raise bad_request("stream_options can only be set when stream is true", param="stream_options")
+
+
 def build_sampling_params(request, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
     """The request's sampling fields as SamplingParams (DELTA outputs: the server accumulates)."""
     values = dict(

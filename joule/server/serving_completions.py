@@ -24,6 +24,7 @@ from joule.server.serving_common import (
     EventStreamResponse,
     ServingContext,
     build_sampling_params,
+    check_request,
     ranked_entries,
     sse,
     stream_error,
@@ -89,10 +90,7 @@ def _merge_logprobs(into: CompletionLogprobs | None, new: CompletionLogprobs) ->
 
 async def create_completion(context: ServingContext, body: CompletionRequest, http_request: Request) -> Response:
     model = context.check_model(body.model)
-    if body.suffix is not None:
-        raise bad_request("suffix is not supported", param="suffix")
-    if body.echo:
-        raise bad_request("echo is not supported", param="echo")
+    check_request(body)
     prompts = _prompts(context, body.prompt)
     for ids in prompts:
         context.check_context(len(ids), body.max_tokens)

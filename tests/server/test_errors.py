@@ -120,3 +120,16 @@ def test_full_queue_is_429_with_retry_after(guarded_server):
     rejected = next(response for response in responses if response.status_code == 429)
     assert int(rejected.headers["Retry-After"]) >= 1
     assert "max_queue=1" in _error(rejected, 429)["message"]
+
+
+@pytest.mark.parametrize("path, extra", [
+    ("/v1/completions", {"echo": True}), ("/v1/completions", {"suffix": "end"}),
+    ("/v1/completions", {"best_of": 3}), ("/v1/completions", {"logit_bias": {"5": 10}}),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}),
+    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}),
+    ("/v1/chat/completions", {"stream_options": {"include_usage": True}}),
+])
+def test_unsupported_features_are_400_not_silently_ignored(live_server, path, extra):
+    body = {"prompt": "hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]}
+    error = _error(_post(live_server, path, json={**body, **extra}), 400)
+    assert error["param"] == next(iter(extra))
