@@ -28,19 +28,33 @@ MAX_SPLITS = 64
 
 
 @triton.jit
+def _sequence_and_row(item, sequence_ids_ptr, query_start_locations_ptr, HAS_SEQUENCE_IDS: tl.constexpr):
+    """Which sequence a program serves and its query/output row: identity for decode-only steps,
+    looked up for the decode sequences of a mixed step."""
+    if HAS_SEQUENCE_IDS:
+        sequence = tl.load(sequence_ids_ptr + item)
+        row = tl.load(query_start_locations_ptr + sequence).to(tl.int64)
+    else:
+        sequence = item
+        row = item.to(tl.int64)
+    return sequence, row
+
+
+@triton.jit
 def _decode_partial_kernel(
     query_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, sequence_lengths_ptr,
-    output_ptr, partial_output_ptr, partial_lse_ptr,
+    sequence_ids_ptr, query_start_locations_ptr, output_ptr, partial_output_ptr, partial_lse_ptr,
     scale_log2, split_length, num_splits,
     stride_query_token, stride_query_head, stride_output_token, stride_output_head,
     stride_cache_block, stride_cache_offset, stride_cache_head, stride_table_sequence,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT_OUTPUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    HAS_SEQUENCE_IDS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
-    sequence = tl.program_id(0)
+    item = tl.program_id(0)  # index among the decode sequences of this launch
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    sequence, row = _sequence_and_row(item, sequence_ids_ptr, query_start_locations_ptr, HAS_SEQUENCE_IDS)
     sequence_length = tl.load(sequence_lengths_ptr + sequence)
     split_start = split * split_length
     split_end = tl.minimum(sequence_length, split_start + split_length)
@@ -51,7 +65,7 @@ def _decode_partial_kernel(
     dim_mask = dims < HEAD_DIM
     heads = kv_head * GROUP + rows
     query = tl.load(
-        query_ptr + sequence.to(tl.int64) * stride_query_token + heads[:, None] * stride_query_head + dims[None, :],
+        query_ptr + row * stride_query_token + heads[:, None] * stride_query_head + dims[None, :],
         mask=row_mask[:, None] & dim_mask[None, :], other=0.0,
     )
     table_row = block_tables_ptr + sequence.to(tl.int64) * stride_table_sequence
@@ -78,43 +92,47 @@ def _decode_partial_kernel(
         accumulator = accumulator * correction[:, None] + attended
         running_max = new_max
 
+    denominator = tl.where(running_sum > 0, running_sum, 1.0)  # a length-0 (padding) row writes zeros
     if DIRECT_OUTPUT:
-        output = accumulator / running_sum[:, None]
-        out_offsets = (sequence.to(tl.int64) * stride_output_token + heads[:, None] * stride_output_head
+        output = accumulator / denominator[:, None]
+        out_offsets = (row * stride_output_token + heads[:, None] * stride_output_head
                        + dims[None, :])
         tl.store(output_ptr + out_offsets, output.to(output_ptr.dtype.element_ty),
                  mask=row_mask[:, None] & dim_mask[None, :])
     elif split_start < sequence_length:
-        # partial layout: [S, Hq, num_splits, HEAD_DIM_PAD] and [S, Hq, num_splits]
-        head_index = sequence.to(tl.int64) * (tl.num_programs(1) * GROUP) + heads
+        # partial layout: [items, Hq, num_splits, HEAD_DIM_PAD] and [items, Hq, num_splits]
+        head_index = item.to(tl.int64) * (tl.num_programs(1) * GROUP) + heads
         lse_offsets = head_index * num_splits + split
         tl.store(partial_lse_ptr + lse_offsets, running_max + tl.log2(running_sum), mask=row_mask)
-        output = accumulator / running_sum[:, None]
+        output = accumulator / denominator[:, None]
         tl.store(partial_output_ptr + lse_offsets[:, None] * HEAD_DIM_PAD + dims[None, :], output,
                  mask=row_mask[:, None])
 
 
 @triton.jit
 def _decode_merge_kernel(
-    output_ptr, partial_output_ptr, partial_lse_ptr, sequence_lengths_ptr,
-    split_length, num_splits, stride_output_token, stride_output_head,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    output_ptr, partial_output_ptr, partial_lse_ptr, sequence_lengths_ptr, sequence_ids_ptr,
+    query_start_locations_ptr, split_length, num_splits, stride_output_token, stride_output_head,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, HAS_SEQUENCE_IDS: tl.constexpr,
 ):
-    sequence = tl.program_id(0)
+    item = tl.program_id(0)
     head = tl.program_id(1)
+    sequence, row = _sequence_and_row(item, sequence_ids_ptr, query_start_locations_ptr, HAS_SEQUENCE_IDS)
     sequence_length = tl.load(sequence_lengths_ptr + sequence)
     used_splits = tl.cdiv(sequence_length, split_length)
     splits = tl.arange(0, SPLITS_PAD)
     dims = tl.arange(0, HEAD_DIM_PAD)
     split_mask = splits < used_splits
-    base = (sequence.to(tl.int64) * tl.num_programs(1) + head) * num_splits
+    base = (item.to(tl.int64) * tl.num_programs(1) + head) * num_splits
     lse = tl.load(partial_lse_ptr + base + splits, mask=split_mask, other=float("-inf"))
-    weights = tl.exp2(lse - tl.max(lse, 0))
-    weights = weights / tl.sum(weights, 0)
+    largest = tl.max(lse, 0)
+    largest = tl.where(largest == float("-inf"), 0.0, largest)  # no splits at all: a padding row
+    weights = tl.exp2(lse - largest)
+    weights = weights / tl.maximum(tl.sum(weights, 0), 1e-30)  # no splits (padding row): zeros
     partial = tl.load(partial_output_ptr + (base + splits)[:, None] * HEAD_DIM_PAD + dims[None, :],
                       mask=split_mask[:, None], other=0.0)
     output = tl.sum(partial * weights[:, None], 0)
-    tl.store(output_ptr + sequence.to(tl.int64) * stride_output_token + head * stride_output_head + dims,
+    tl.store(output_ptr + row * stride_output_token + head * stride_output_head + dims,
              output.to(output_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
 
 
@@ -136,9 +154,19 @@ def paged_decode_attention(
     num_splits: int = 1,
     output: torch.Tensor | None = None,
     launch: dict | None = None,  # overrides of block_n / num_warps / num_stages (tuning sweeps)
+    sequence_ids: torch.Tensor | None = None,  # int32 [N]: only these sequences, rows from query_start_locations
+    query_start_locations: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention of each sequence's single new row over its first ``sequence_length`` cached tokens."""
-    num_sequences, num_heads, head_dim = query.shape
+    """Attention of each sequence's single new row over its first ``sequence_length`` cached tokens.
+
+    Without ``sequence_ids`` row ``i`` of ``query`` belongs to sequence ``i``. With them (the decodes
+    of a mixed step) sequence ``sequence_ids[j]`` reads and writes row ``query_start_locations[seq]``.
+    A sequence of length 0 (a padding row) gets zeros.
+    """
+    num_rows, num_heads, head_dim = query.shape
+    num_sequences = num_rows if sequence_ids is None else sequence_ids.shape[0]
+    if sequence_ids is not None and query_start_locations is None:
+        raise ValueError("paged_decode_attention: sequence_ids need query_start_locations")
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
     if num_heads % num_kv_heads != 0 or key_cache.shape[3] != head_dim:
         raise ValueError(f"paged_decode_attention: query {tuple(query.shape)} does not fit cache "
@@ -168,20 +196,25 @@ def paged_decode_attention(
         partial_lse = torch.empty((num_sequences, num_heads, num_splits), dtype=torch.float32, device=query.device)
     _decode_partial_kernel[(num_sequences, num_kv_heads, num_splits)](
         query, key_cache, value_cache, block_tables, sequence_lengths,
+        sequence_ids if sequence_ids is not None else sequence_lengths,
+        query_start_locations if query_start_locations is not None else sequence_lengths,
         output, partial_output, partial_lse,
         scale * LOG2_E, split_length, num_splits,
         query.stride(0), query.stride(1), output.stride(0), output.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size, BLOCK_N=block_n, DIRECT_OUTPUT=direct,
-        DOT_PRECISION=dot_precision(query.dtype), UPCAST_DOT=interpreting(),
+        HAS_SEQUENCE_IDS=sequence_ids is not None, DOT_PRECISION=dot_precision(query.dtype), UPCAST_DOT=interpreting(),
         num_warps=launch["num_warps"], num_stages=launch["num_stages"],
     )
     if not direct:
         _decode_merge_kernel[(num_sequences, num_heads)](
             output, partial_output, partial_lse, sequence_lengths,
+            sequence_ids if sequence_ids is not None else sequence_lengths,
+            query_start_locations if query_start_locations is not None else sequence_lengths,
             split_length, num_splits, output.stride(0), output.stride(1),
             HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, SPLITS_PAD=triton.next_power_of_2(num_splits),
+            HAS_SEQUENCE_IDS=sequence_ids is not None,
             num_warps=1 if head_dim_pad <= 64 else 2,
         )
     return output

@@ -161,7 +161,7 @@ def test_prefill_half_precision_long_prompt(dtype):
 
 BACKEND_CASES = [
     ("decode only", [(0, 1), (31, 1), (32, 1), (100, 1)]),
-    ("mixed decodes and chunks", [(9, 1), (0, 12), (20, 1), (16, 17), (48, 5), (3, 1)]),
+    ("mixed decodes and chunks", [(9, 1), (0, 12), (20, 1), (16, 17), (48, 5), (3, 1), (0, 1), (150, 1)]),
     ("prefix hit tail", [(64, 3), (32, 40)]),
 ]
 
@@ -182,6 +182,21 @@ def test_backend_matches_portable(case, dtype):
     assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
     assert output.dtype == dtype and output.shape == expected.shape
     assert_close(output, expected, dtype)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_decode_padding_row_of_length_zero_gets_zeros(num_splits):
+    """A padded batch (CUDA graphs) carries rows of length 0: they must come out finite (zeros)."""
+    batch = make_batch([(40, 1), (130, 1)], 4, 2, 16, 16, seed=5)
+    expected = reference_output(batch, 0.25)
+    cache, metadata = batch["cache"], batch["metadata"]
+    query = torch.cat([batch["query"], batch["query"][:1]])
+    tables = torch.cat([metadata.block_tables, torch.zeros_like(metadata.block_tables[:1])])
+    lengths = torch.tensor(metadata.sequence_lengths + [0], dtype=torch.int32, device=DEVICE)
+    output = paged_decode_attention(query, cache.key_caches[0], cache.value_caches[0], tables, lengths,
+                                    metadata.max_sequence_length, 0.25, num_splits=num_splits)
+    assert_close(output[:2], expected, torch.float32)
+    assert torch.equal(output[2], torch.zeros_like(output[2]))
 
 
 def test_split_choice_fills_the_gpu_only_when_needed():

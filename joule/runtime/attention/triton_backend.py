@@ -1,10 +1,13 @@
 """Attention over the paged KV cache with the Triton kernels of ``joule.kernels``.
 
-Per layer: one launch writes the new K/V rows into the cache, then one
-attention launch (plus a small merge launch for split decode). Decode-only
-steps use the flash-decoding kernel; steps with prompt chunks use the
-prefill/extend kernel for every sequence (decode rows included), which reads
-all keys - earlier chunks, prefix-cache hits and the new rows - from the cache.
+Per layer: one launch writes the new K/V rows into the cache, then the
+attention launches. Sequences with one new row (decodes) go to the
+flash-decoding kernel (plus a small merge launch when it splits the context);
+sequences with several (prompt chunks) go to the prefill/extend kernel, which
+reads all keys - earlier chunks, prefix-cache hits and the new rows - from the
+cache. A mixed step runs both, each writing its own rows of the output: a
+decode in the prefill kernel would fill 1 of its 32 query rows and cost ~8x
+the tensor-core work of the decode kernel.
 
 Nothing here syncs with the device: grids are sized from the metadata's host
 lists, and the few per-step device tensors (sequence lengths, prefill tiles)
@@ -26,18 +29,27 @@ class _StepTensors:
 
     def __init__(self, metadata: AttentionMetadata, device: torch.device):
         self.metadata = metadata
-        lengths = torch.tensor(metadata.sequence_lengths, dtype=torch.int32)
-        if device.type == "cuda":
-            lengths = lengths.pin_memory()
-        self.sequence_lengths = lengths.to(device, non_blocking=True)
+        self.sequence_lengths = _upload(torch.tensor(metadata.sequence_lengths, dtype=torch.int32), device)
         self.tiles: dict[int, torch.Tensor] = {}  # by rows per tile
+        decodes = [index for index, length in enumerate(metadata.query_lengths) if length == 1]
+        self.decode_max_length = max((metadata.sequence_lengths[index] for index in decodes), default=0)
+        self.num_decodes = len(decodes)
+        self.decode_sequence_ids = None
+        if 0 < len(decodes) < metadata.num_sequences:
+            self.decode_sequence_ids = _upload(torch.tensor(decodes, dtype=torch.int32), device)
 
     def prefill_tiles(self, rows: int, device: torch.device) -> torch.Tensor:
+        """Tiles over the sequences with several new rows (decodes have their own kernel)."""
         if rows not in self.tiles:
-            self.tiles[rows] = build_tiles(
-                self.metadata.query_lengths, self.metadata.sequence_lengths, rows, device
-            )
+            lengths = [0 if length == 1 else length for length in self.metadata.query_lengths]
+            self.tiles[rows] = build_tiles(lengths, self.metadata.sequence_lengths, rows, device)
         return self.tiles[rows]
+
+
+def _upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -80,23 +92,25 @@ class TritonAttentionBackend(AttentionBackend):
         if metadata.num_sequences == 0:
             return output
         step = self._step_tensors(metadata, query.device)
-        if metadata.is_decode_only:
+        if step.num_decodes > 0:
             num_splits = self.decode_num_splits
             if num_splits is None:
                 num_splits = choose_num_splits(
-                    metadata.num_sequences, num_kv_heads, metadata.max_sequence_length,
-                    self._processors(query.device),
+                    step.num_decodes, num_kv_heads, step.decode_max_length, self._processors(query.device)
                 )
-            return paged_decode_attention(
+            paged_decode_attention(
                 query, key_cache, value_cache, metadata.block_tables, step.sequence_lengths,
-                metadata.max_sequence_length, scale, num_splits=num_splits, output=output,
+                step.decode_max_length, scale, num_splits=num_splits, output=output,
+                sequence_ids=step.decode_sequence_ids, query_start_locations=metadata.query_start_locations,
             )
-        group = query.shape[1] // num_kv_heads
-        tiles = step.prefill_tiles(rows_per_tile(group, head_dim, query.dtype), query.device)
-        return paged_prefill_attention(
-            query, key_cache, value_cache, metadata.block_tables, metadata.query_start_locations,
-            step.sequence_lengths, scale, tiles=tiles, output=output,
-        )
+        if step.num_decodes < metadata.num_sequences:
+            group = query.shape[1] // num_kv_heads
+            tiles = step.prefill_tiles(rows_per_tile(group, head_dim, query.dtype), query.device)
+            paged_prefill_attention(
+                query, key_cache, value_cache, metadata.block_tables, metadata.query_start_locations,
+                step.sequence_lengths, scale, tiles=tiles, output=output,
+            )
+        return output
 
     def _step_tensors(self, metadata: AttentionMetadata, device: torch.device) -> _StepTensors:
         if self._step is None or self._step.metadata is not metadata:
