@@ -106,7 +106,7 @@ def correctness(scale_down):
     rows = []
     heads, kv_heads, dim = (32, 8, 64) if not scale_down else (8, 2, 32)
     scale = dim**-0.5
-    processors = torch.cuda.get_device_properties(DEVICE).multi_processor_count if DEVICE.type == "cuda" else 4
+    processors = processor_count()
     rng = np.random.default_rng(0)
     top, low = (8192, 127) if not scale_down else (300, 5)
     decode_cases = [
@@ -180,14 +180,32 @@ def correctness(scale_down):
     return rows
 
 
+SMOKE = {"on": False}  # --smoke: tiny sizes, plain timers, no graphs (checks the script itself on CPU)
+
+
+def small(count, divisor=32, least=1):
+    """A size, shrunk in smoke runs."""
+    return max(least, count // divisor) if SMOKE["on"] else count
+
+
+def processor_count():
+    return torch.cuda.get_device_properties(DEVICE).multi_processor_count if DEVICE.type == "cuda" else 4
+
+
 def bench(function):
+    if DEVICE.type != "cuda":
+        import time
+
+        started = time.perf_counter()
+        function()
+        return (time.perf_counter() - started) * 1e3
     import triton.testing
 
     return triton.testing.do_bench(function, warmup=10, rep=50, return_mode="median")  # ms
 
 
 def copy_bandwidth():
-    source = torch.randn(256 << 20, device=DEVICE, dtype=torch.float32)  # 1 GiB
+    source = torch.randn(small(256 << 20, 4096), device=DEVICE, dtype=torch.float32)  # 1 GiB
     target = torch.empty_like(source)
     milliseconds = bench(lambda: target.copy_(source))
     return 2 * source.numel() * 4 / milliseconds / 1e6  # GB/s, read + write
@@ -199,103 +217,127 @@ def decode_bytes(batch):
     return sum(metadata.sequence_lengths) * per_token + 2 * batch["query"].numel() * batch["query"].element_size()
 
 
+def graph_ms(function, repeats=10):
+    """Median GPU time of one call, from a CUDA graph of ``repeats`` calls (no Python launch cost)."""
+    if DEVICE.type != "cuda":
+        return bench(function)
+    function()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        function()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeats):
+            function()
+    return bench(graph.replay) / repeats
+
+
+def decode_inputs(batch_size, context, seed):
+    batch = make_batch([(small(context) - 1, 1)] * small(batch_size, 16), 32, 8, 64, 16, torch.bfloat16, seed=seed)
+    lengths = torch.tensor(batch["metadata"].sequence_lengths, dtype=torch.int32, device=DEVICE)
+    return batch, lengths
+
+
 def sweep(results):
-    """Launch configs for the two attention kernels at one decode and one prefill size (bf16)."""
-    scale = 0.125
-    batch = make_batch([(4095, 1)] * 64, 32, 8, 64, 16, torch.bfloat16, seed=50)
+    """Decode split factors (graph-timed) and a few prefill launch configs, bf16."""
+    scale, rows = 0.125, []
+    processors = processor_count()
+    for batch_size, context in ((1, 8192), (16, 4096), (64, 1024), (256, 1024)):
+        batch, lengths = decode_inputs(batch_size, context, seed=50)
+        cache, metadata = batch["cache"], batch["metadata"]
+        chosen = choose_num_splits(batch_size, 8, context, processors)
+        line = []
+        for splits in (1, 2, 4, 8, 16, 32):
+            milliseconds = graph_ms(lambda: paged_decode_attention(
+                batch["query"], cache.key_caches[0], cache.value_caches[0], metadata.block_tables, lengths,
+                metadata.max_sequence_length, scale, num_splits=splits))
+            line.append(f"{splits}:{milliseconds * 1e3:.1f}us")
+            rows.append(dict(batch=batch_size, context=context, splits=splits, ms=milliseconds))
+        print(f"decode B={batch_size} ctx={context} (heuristic {chosen} splits):", " ".join(line), flush=True)
+        del batch, cache
+    results["decode_split_sweep"] = rows
+    batch = make_batch([(0, small(8192))], 32, 8, 64, 16, torch.bfloat16, seed=51)
     cache, metadata = batch["cache"], batch["metadata"]
     lengths = torch.tensor(metadata.sequence_lengths, dtype=torch.int32, device=DEVICE)
     timings = []
-    for block_n in (32, 64, 128):
-        for warps in (2, 4, 8):
-            for stages in (1, 2, 3):
-                launch = dict(block_n=block_n, num_warps=warps, num_stages=stages)
-                milliseconds = bench(lambda: paged_decode_attention(
-                    batch["query"], cache.key_caches[0], cache.value_caches[0], metadata.block_tables, lengths,
-                    metadata.max_sequence_length, scale, num_splits=1, launch=launch))
-                timings.append((milliseconds, launch))
-    timings.sort(key=lambda item: item[0])
-    gigabytes = decode_bytes(batch) / 1e9
-    print("decode B=64 ctx=4096 bf16, best configs:", [(f"{t:.3f}ms {gigabytes / t * 1e3:.0f}GB/s", c)
-                                                       for t, c in timings[:4]], flush=True)
-    results["decode_sweep"] = [(t, c) for t, c in timings]
-    batch = make_batch([(0, 8192)], 32, 8, 64, 16, torch.bfloat16, seed=51)
-    cache, metadata = batch["cache"], batch["metadata"]
-    lengths = torch.tensor(metadata.sequence_lengths, dtype=torch.int32, device=DEVICE)
-    timings = []
-    for block_m in (64, 128):
-        for block_n in (32, 64, 128):
-            for warps in (4, 8):
-                for stages in (2, 3):
-                    launch = dict(block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages)
-                    try:
-                        milliseconds = bench(lambda: paged_prefill_attention(
-                            batch["query"], cache.key_caches[0], cache.value_caches[0], metadata.block_tables,
-                            metadata.query_start_locations, lengths, scale, query_lengths=metadata.query_lengths,
-                            host_sequence_lengths=metadata.sequence_lengths, launch=launch))
-                    except Exception as error:  # e.g. out of shared memory
-                        print("  prefill config failed", launch, type(error).__name__)
-                        continue
-                    timings.append((milliseconds, launch))
+    for block_m, block_n, warps, stages in ((128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 3), (128, 128, 4, 3),
+                                            (64, 64, 4, 3), (128, 32, 4, 3)):
+        launch = dict(block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages)
+        try:
+            milliseconds = bench(lambda: paged_prefill_attention(
+                batch["query"], cache.key_caches[0], cache.value_caches[0], metadata.block_tables,
+                metadata.query_start_locations, lengths, scale, query_lengths=metadata.query_lengths,
+                host_sequence_lengths=metadata.sequence_lengths, launch=launch))
+        except Exception as error:  # e.g. out of shared memory
+            print("  prefill config failed", launch, type(error).__name__)
+            continue
+        timings.append((milliseconds, launch))
     timings.sort(key=lambda item: item[0])
     flops = 4 * 8192 * 8192 / 2 * 32 * 64
-    print("prefill 1x8192 bf16, best configs:", [(f"{t:.3f}ms {flops / t / 1e9:.0f}TFLOP/s", c)
-                                               for t, c in timings[:4]], flush=True)
-    results["prefill_sweep"] = [(t, c) for t, c in timings]
+    print("prefill 1x8192 bf16 configs:", [(f"{t:.3f}ms {flops / t / 1e9:.0f}TFLOP/s", c) for t, c in timings],
+          flush=True)
+    results["prefill_sweep"] = timings
 
 
 def timings(results, bandwidth):
-    rows = []
-    scale = 0.125
-    for batch_size, context in ((64, 1024), (64, 4096), (256, 1024), (256, 4096), (1, 8192)):
-        batch = make_batch([(context - 1, 1)] * batch_size, 32, 8, 64, 16, torch.bfloat16, seed=60)
+    """One layer's attention through each backend, bf16; graph = the Triton backend replayed in a CUDA graph."""
+    rows, scale = [], 0.125
+    cases = [(f"decode B={b} ctx={c}", [(c - 1, 1)] * b) for b, c in
+             ((1, 8192), (64, 1024), (64, 4096), (256, 1024), (256, 4096))]
+    cases += [("mixed 64 dec ctx4k + 2048 chunk", [(4095, 1)] * 64 + [(0, 2048)]),
+              ("prefill 1x8192", [(0, 8192)]), ("prefill 8x1024", [(0, 1024)] * 8),
+              ("extend 2048 rows after 6144 cached", [(6144, 2048)])]
+    for what, steps in cases:
+        steps = [(small(c), small(q)) for c, q in steps[: small(len(steps), 16)]]
+        batch = make_batch(steps, 32, 8, 64, 16, torch.bfloat16, seed=60)
         args = (batch["query"], batch["key"], batch["value"], batch["cache"], batch["metadata"], scale)
         triton_backend, portable = TritonAttentionBackend(), PortableAttentionBackend()
         triton_ms = bench(lambda: triton_backend.forward(0, *args))
+        graph = graph_ms(lambda: triton_backend.forward(0, *args))
         portable_ms = bench(lambda: portable.forward(0, *args))
-        achieved = decode_bytes(batch) / triton_ms / 1e6
-        rows.append(dict(what=f"decode B={batch_size} ctx={context}", triton_ms=triton_ms, portable_ms=portable_ms,
-                         rate=f"{achieved:.0f} GB/s ({100 * achieved / bandwidth:.0f}% of copy)"))
-    for count, length in ((1, 8192), (8, 1024)):
-        batch = make_batch([(0, length)] * count, 32, 8, 64, 16, torch.bfloat16, seed=61)
-        args = (batch["query"], batch["key"], batch["value"], batch["cache"], batch["metadata"], scale)
-        triton_backend, portable = TritonAttentionBackend(), PortableAttentionBackend()
-        triton_ms = bench(lambda: triton_backend.forward(0, *args))
-        portable_ms = bench(lambda: portable.forward(0, *args))
-        flops = count * 4 * length * length / 2 * 32 * 64
-        rows.append(dict(what=f"prefill {count}x{length}", triton_ms=triton_ms, portable_ms=portable_ms,
-                         rate=f"{flops / triton_ms / 1e9:.0f} TFLOP/s (causal)"))
-    hidden, residual = torch.randn(2, 8192, 2048, device=DEVICE, dtype=torch.bfloat16)
+        if what.startswith("decode"):
+            achieved = decode_bytes(batch) / graph / 1e6
+            rate = f"{achieved:.0f} GB/s in graph ({100 * achieved / bandwidth:.0f}% of copy)"
+        else:
+            flops = sum(4 * q * (c + (q + 1) / 2) * 32 * 64 for c, q in steps)
+            rate = f"{flops / graph / 1e9:.0f} TFLOP/s in graph (causal)"
+        rows.append(dict(what=what, triton_ms=triton_ms, graph_ms=graph, portable_ms=portable_ms, rate=rate))
+        print(rows[-1], flush=True)
+        del batch, args
+    hidden, residual = torch.randn(2, small(8192), 2048, device=DEVICE, dtype=torch.bfloat16)
     weight = torch.randn(2048, device=DEVICE, dtype=torch.bfloat16)
     fused_ms = bench(lambda: rms_norm(hidden, weight, 1e-5, residual))
     torch_ms = bench(lambda: rms_norm_reference(hidden, weight, 1e-5, residual))
     moved = 5 * hidden.numel() * 2
-    rows.append(dict(what="rms_norm+residual 8192x2048", triton_ms=fused_ms, portable_ms=torch_ms,
-                     rate=f"{moved / fused_ms / 1e6:.0f} GB/s"))
+    rows.append(dict(what="rms_norm+residual 8192x2048", triton_ms=fused_ms, graph_ms=graph_ms(
+        lambda: rms_norm(hidden, weight, 1e-5, residual)), portable_ms=torch_ms,
+        rate=f"{moved / fused_ms / 1e6:.0f} GB/s eager"))
     results["timings"] = rows
     return rows
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, no timings (CPU interpreter)")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, plain timers (CPU interpreter)")
     parser.add_argument("--no-sweep", action="store_true")
     options = parser.parse_args()
     import triton
 
+    SMOKE["on"] = options.smoke
     name = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu (interpreter)"
     print(f"device {name}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
     results = {"device": name, "torch": torch.__version__, "triton": triton.__version__}
     print("correctness (Llama-3.2-1B attention shape: 32 q heads, 8 kv heads, head_dim 64):", flush=True)
     results["correctness"] = correctness(options.smoke)
     table = []
-    if not options.smoke:
-        bandwidth = copy_bandwidth()
-        results["copy_GBps"] = bandwidth
-        print(f"device-to-device copy: {bandwidth:.0f} GB/s (read + write)", flush=True)
-        if not options.no_sweep:
-            sweep(results)
-        table = timings(results, bandwidth)
+    bandwidth = copy_bandwidth()
+    results["copy_GBps"] = bandwidth
+    print(f"device-to-device copy: {bandwidth:.0f} GB/s (read + write)", flush=True)
+    if not options.no_sweep:
+        sweep(results)
+    table = timings(results, bandwidth)
     if os.environ.get("OUT"):
         pathlib.Path(os.environ["OUT"], "check_kernels.json").write_text(json.dumps(results, indent=1, default=str))
     print(f"\n=== {name}: correctness vs float64 reference (rel = ||out-ref||/||ref||) ===")
@@ -304,10 +346,11 @@ def main():
               f"rel {row['rel']:9.2e} {'PASS' if row['ok'] else 'FAIL'}")
     if table:
         print(f"\n=== timings, bf16, one layer (copy bandwidth {results['copy_GBps']:.0f} GB/s) ===")
-        print(f"{'what':30} {'triton ms':>10} {'portable ms':>12} {'speedup':>8}  rate")
+        print(f"{'what':36} {'triton ms':>9} {'graph ms':>9} {'portable ms':>11} {'speedup':>7}  rate")
         for row in table:
-            print(f"{row['what']:30} {row['triton_ms']:10.3f} {row['portable_ms']:12.3f} "
-                  f"{row['portable_ms'] / row['triton_ms']:7.1f}x  {row['rate']}")
+            print(f"{row['what']:36} {row['triton_ms']:9.3f} {row['graph_ms']:9.3f} {row['portable_ms']:11.3f} "
+                  f"{row['portable_ms'] / row['triton_ms']:6.1f}x  {row['rate']}")
+        print("speedup = portable / triton, both eager; graph = Triton backend replayed in a CUDA graph")
     failures = [row for row in results["correctness"] if not row["ok"]]
     print(f"\n{len(results['correctness']) - len(failures)} passed, {len(failures)} failed")
     return 1 if failures else 0
