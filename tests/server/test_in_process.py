@@ -123,3 +123,38 @@ def test_shutdown_fails_requests_still_in_flight(engine):
 
     asyncio.run(scenario())
 
+
+
+def _samples(metrics_text: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            reason = sample.labels.get("finished_reason")
+            values[sample.name + (f"[{reason}]" if reason else "")] = sample.value
+    return values
+
+
+def test_metrics_count_exactly_what_was_served_per_app(engine):
+    first, second = (build_app(engine, ServerConfig(served_model_names=["tiny"])) for _ in range(2))
+    with TestClient(first) as http:
+        prompt_len = len(http.post("/tokenize", json={"prompt": "count me"}).json()["tokens"])
+        body = {"prompt": "count me", "max_tokens": 5, "ignore_eos": True}
+        assert http.post("/v1/completions", json=body).status_code == 200
+        values = _samples(http.get("/metrics").text)
+        assert http.post("/v1/completions", json={**body, "n": 2}).status_code == 200
+        after_n2 = _samples(http.get("/metrics").text)
+    assert after_n2["joule:generation_tokens_total"] == 15
+    assert after_n2["joule:request_success_total[length]"] == 3  # one per sample
+    assert values["joule:generation_tokens_total"] == 5
+    assert values["joule:prompt_tokens_total"] == prompt_len
+    assert values["joule:time_to_first_token_seconds_count"] == 1
+    assert values["joule:inter_token_latency_seconds_count"] == 4
+    assert values["joule:e2e_request_latency_seconds_count"] == 1
+    assert values["joule:request_queue_time_seconds_count"] == 1
+    assert values["joule:request_success_total[length]"] == 1
+    assert values["joule:num_requests_running"] == 0 and values["joule:kv_cache_blocks_used"] == 0
+    assert values["joule:kv_cache_blocks_total"] == engine.block_manager.num_blocks
+    with TestClient(second) as http:  # a second app has its own registry, untouched by the first
+        assert _samples(http.get("/metrics").text)["joule:generation_tokens_total"] == 0
