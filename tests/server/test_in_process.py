@@ -90,7 +90,7 @@ def test_closing_a_stream_aborts_its_requests_and_frees_blocks(engine):
             params = SamplingParams(max_tokens=200, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
             stream = await async_engine.submit([[1, 2, 3], [4, 5, 6]], params, "req")
             seen = 0
-            async for _, output in stream:
+            async for _ in stream:
                 seen += 1
                 if seen == 3:
                     break
