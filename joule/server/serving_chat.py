@@ -157,7 +157,9 @@ class _Chat:
                                        choices=choices, usage=usage))
 
     async def stream(self) -> AsyncIterator[str]:
-        include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
+        options = self.body.stream_options
+        include_usage = bool(options and options.include_usage)
+        continuous = include_usage and options.continuous_usage_stats
         try:
             for index in range(self.body.n):  # OpenAI opens every choice with the role
                 yield self._chunk([ChatStreamChoice(index=index, delta=ChatDelta(role="assistant", content=""))])
@@ -173,7 +175,7 @@ class _Chat:
                         logprobs=ChatLogprobs(content=new_logprobs) if self.body.logprobs else None,
                         finish_reason=completion.finish_reason, stop_reason=completion.stop_reason,
                     )
-                    yield self._chunk([choice])
+                    yield self._chunk([choice], usage=self._usage() if continuous else None)
             if include_usage:
                 yield self._chunk([], usage=self._usage())
         except Exception as error:

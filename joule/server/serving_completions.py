@@ -156,7 +156,9 @@ class _Completion:
         return JSONResponse(response.model_dump())
 
     async def stream(self) -> AsyncIterator[str]:
-        include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
+        options = self.body.stream_options
+        include_usage = bool(options and options.include_usage)
+        continuous = include_usage and options.continuous_usage_stats
         try:
             async for prompt_index, output in self.engine_stream:
                 for completion in output.outputs:
@@ -169,6 +171,7 @@ class _Completion:
                             index=index, text=completion.text, logprobs=choice.last_logprobs,
                             finish_reason=completion.finish_reason, stop_reason=completion.stop_reason,
                         )],
+                        usage=self._usage() if continuous else None,
                     )
                     yield sse(chunk)
             if include_usage:

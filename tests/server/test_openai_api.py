@@ -170,3 +170,13 @@ def test_health_and_metrics_endpoints(live_server, client):
                  "joule:prefix_cache_queries_total", "joule:prefix_cache_hits_total", "joule:num_preemptions_total",
                  'joule:request_success_total{finished_reason="length",model_name="tiny"}'):
         assert name in text, name
+
+
+def test_continuous_usage_stats_count_up_in_every_chunk(client):
+    chunks = list(client.completions.create(
+        model="tiny", prompt="Tick", max_tokens=6, stream=True, extra_body={"ignore_eos": True},
+        stream_options={"include_usage": True, "continuous_usage_stats": True},
+    ))
+    counts = [chunk.usage.completion_tokens for chunk in chunks if chunk.choices]
+    assert counts == sorted(counts) and counts[-1] == 6
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
