@@ -1,0 +1,46 @@
+"""The flags `joule serve` and `joule bench serve` expose, as the main CLI will wire them."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from joule.bench.serve import add_serve_bench_arguments
+from joule.cli_args import engine_config_from_args
+from joule.server.cli import add_serve_arguments
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="joule")
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_serve_arguments(commands.add_parser("serve"))
+    bench = commands.add_parser("bench").add_subparsers(dest="bench_command", required=True)
+    add_serve_bench_arguments(bench.add_parser("serve"))
+    return parser
+
+
+def test_serve_takes_server_and_engine_flags():
+    args = _parser().parse_args(["serve", "--model", "m", "--port", "9001", "--api-key", "k", "--served-model-name",
+                                 "a", "b", "--max-queue", "8", "--max-model-len", "256", "--no-enable-prefix-caching"])
+    assert (args.host, args.port, args.api_key, args.served_model_name, args.max_queue) == (
+        "127.0.0.1", 9001, "k", ["a", "b"], 8)
+    config = engine_config_from_args(args)
+    assert (config.model, config.max_model_len, config.enable_prefix_caching) == ("m", 256, False)
+
+
+def test_bench_serve_defaults_and_rates():
+    args = _parser().parse_args(["bench", "serve", "--request-rate", "inf", "--num-prompts", "4"])
+    assert args.request_rate == float("inf") and args.num_prompts == 4
+    assert (args.input_len, args.output_len, args.base_url) == (128, 64, "http://127.0.0.1:8000")
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["bench", "serve", "--request-rate", "fast"])
+
+
+def test_invalid_server_options_name_the_field():
+    from joule.server.app import ServerConfig
+
+    with pytest.raises(ValueError, match="max_queue"):
+        ServerConfig(max_queue=0)
+    with pytest.raises(ValueError, match="served_model_names"):
+        ServerConfig(served_model_names=[])
