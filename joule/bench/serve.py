@@ -187,7 +187,7 @@ def run_serve_bench(args: argparse.Namespace) -> int:
     for error in report["errors"]:
         print(f"error: {error}", file=sys.stderr)
     if args.output_json:
-        serializable = {**report, "metrics": metrics.to_dict()}
+        serializable = {**report, "metrics": metrics.to_dict(), "vllm_keys": metrics.to_vllm_keys()}
         serializable["config"]["request_rate"] = str(args.request_rate)
         with open(args.output_json, "w") as handle:
             json.dump(serializable, handle, indent=2)

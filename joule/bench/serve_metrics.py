@@ -66,6 +66,21 @@ class BenchmarkMetrics:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def to_vllm_keys(self) -> dict:
+        """The flat keys vLLM's ``bench serve --save-result`` writes, so results compare side by side."""
+        flat = {
+            "completed": self.completed, "duration": self.duration_s, "total_input_tokens": self.total_input_tokens,
+            "total_output_tokens": self.total_output_tokens, "request_throughput": self.request_throughput,
+            "output_throughput": self.output_throughput, "total_token_throughput": self.total_token_throughput,
+        }
+        for name, stats in (("ttft", self.ttft_ms), ("tpot", self.tpot_ms), ("itl", self.itl_ms),
+                            ("e2el", self.e2el_ms)):
+            flat[f"mean_{name}_ms"], flat[f"median_{name}_ms"], flat[f"std_{name}_ms"] = (
+                stats.mean, stats.median, stats.std)
+            for label, value in stats.percentiles.items():
+                flat[f"{label}_{name}_ms"] = value
+        return flat
+
 
 def compute_metrics(results: list[RequestResult], duration_s: float, percentiles: list[float]) -> BenchmarkMetrics:
     if duration_s <= 0:

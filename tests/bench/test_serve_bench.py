@@ -37,6 +37,9 @@ def test_metrics_follow_vllm_definitions():
     assert metrics.itl_ms.mean == pytest.approx(1000 * statistics.mean([0.2, 0.2, 0.1, 0.1, 0.1, 0.1]))
     assert metrics.e2el_ms.percentiles["p50"] == pytest.approx(600.0)
     table = format_table(metrics, float("inf"), None)
+    flat = metrics.to_vllm_keys()
+    assert flat["mean_tpot_ms"] == pytest.approx(150.0) and flat["p99_e2el_ms"] == metrics.e2el_ms.percentiles["p99"]
+    assert flat["completed"] == 2 and flat["duration"] == 2.0
     assert "Mean TTFT (ms)" in table and "P99 ITL (ms)" in table and "inf" in table
 
 
@@ -68,6 +71,7 @@ def test_against_a_live_server(live_server, tmp_path, capsys, rate, kind):  # no
     assert "Serving Benchmark Result" in capsys.readouterr().out
     report = json.loads(output.read_text())
     metrics = report["metrics"]
+    assert report["vllm_keys"]["mean_ttft_ms"] == metrics["ttft_ms"]["mean"]
     assert report["config"]["model"] == "tiny"
     assert metrics["completed"] == 6 and metrics["failed"] == 0
     assert metrics["total_output_tokens"] == 30  # ignore_eos: exactly output_len each
