@@ -35,6 +35,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _ready_message(host: str, port: int, model_name: str, api_key: str | None) -> str:
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # a wildcard bind is reached via loopback
     auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
     return (
         f"\nJoule is serving {model_name!r} at http://{host}:{port}/v1\n"
@@ -46,11 +47,16 @@ def _ready_message(host: str, port: int, model_name: str, api_key: str | None) -
     )
 
 
-def _graceful_server_class():
+def _graceful_server_class(ready_message: str):
     import uvicorn
 
     class GracefulServer(uvicorn.Server):
-        """uvicorn re-raises SIGTERM after draining (exit -15); a clean drain should exit 0."""
+        """Prints how to call the server once it listens; exits 0 after a SIGTERM drain (uvicorn re-raises)."""
+
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:
+                print(ready_message, flush=True)
 
         @contextlib.contextmanager
         def capture_signals(self):
@@ -86,8 +92,7 @@ def run_serve(args: argparse.Namespace) -> int:
         app, host=args.host, port=args.port, log_level=args.log_level,
         timeout_graceful_shutdown=max(1, int(args.shutdown_timeout)), access_log=False,
     )
-    server = _graceful_server_class()(uvicorn_config)
-    print(_ready_message(args.host, args.port, names[0], args.api_key), flush=True)
+    server = _graceful_server_class(_ready_message(args.host, args.port, names[0], args.api_key))(uvicorn_config)
     server.run()
     return 0 if server.started else 1
 

@@ -95,6 +95,7 @@ def test_sigterm_lets_in_flight_requests_finish_and_exits_zero(tiny_model_dir, t
 
     lines = asyncio.run(stream_while_stopping())
     assert server.process.wait(timeout=30) == 0
+    assert f"curl {server.base_url}/v1/chat/completions" in server.log()  # the ready-to-paste example
     assert lines[-1] == "data: [DONE]"
     finishes = [json.loads(line[6:])["choices"][0]["finish_reason"] for line in lines[:-1]]
     assert finishes[-1] == "length"
