@@ -158,3 +158,32 @@ def test_metrics_count_exactly_what_was_served_per_app(engine):
     assert values["joule:kv_cache_blocks_total"] == engine.block_manager.num_blocks
     with TestClient(second) as http:  # a second app has its own registry, untouched by the first
         assert _samples(http.get("/metrics").text)["joule:generation_tokens_total"] == 0
+
+
+def test_concurrent_requests_share_engine_steps(engine, monkeypatch):
+    batch_sizes = []
+    real_step = engine.step
+
+    def recording_step():
+        batch_sizes.append(engine.core.scheduler.num_running + engine.core.scheduler.num_waiting)
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", recording_step)
+
+    async def scenario():
+        async_engine = AsyncEngine(engine)
+        async_engine.start()
+        try:
+            params = SamplingParams(max_tokens=20, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+
+            async def one(index: int) -> int:
+                stream = await async_engine.submit([[10 + index, 20, 30]], params, f"c{index}")
+                return sum([len(out.outputs[0].token_ids) async for _, out in stream])
+
+            return await asyncio.gather(*(one(index) for index in range(8)))
+        finally:
+            async_engine.shutdown()
+
+    assert asyncio.run(scenario()) == [20] * 8
+    assert max(batch_sizes) == 8
+    assert len(batch_sizes) < 8 * 20 / 2  # far fewer steps than running them one by one
