@@ -33,6 +33,7 @@ from joule.server.serving_common import (
     ServingContext,
     build_sampling_params,
     check_request,
+    off_loop_if_large,
     ranked_entries,
     sse,
     stream_error,
@@ -88,7 +89,9 @@ async def create_chat_completion(
     check_request(body)
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
-    prompt_ids = render_chat_prompt(context, body.messages, body.add_generation_prompt, body.continue_final_message)
+    text_size = sum(len(message.text()) for message in body.messages)
+    prompt_ids = await off_loop_if_large(text_size, render_chat_prompt, context, body.messages,
+                                         body.add_generation_prompt, body.continue_final_message)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     context.check_context(len(prompt_ids), max_tokens, param=param)

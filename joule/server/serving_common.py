@@ -24,6 +24,17 @@ _SAMPLING_FIELDS = {
 }
 
 
+# Inputs longer than this are tokenized on a worker thread so the event loop keeps serving streams.
+_OFFLOAD_CHARS = 8192
+
+
+async def off_loop_if_large(size: int, function, *args):
+    """Run CPU-heavy request preparation (tokenizing, chat templates) off the event loop when it is big."""
+    if size < _OFFLOAD_CHARS:
+        return function(*args)
+    return await asyncio.to_thread(function, *args)
+
+
 @dataclass
 class ServingContext:
     """Everything a handler needs, built once per app."""

@@ -25,6 +25,7 @@ from joule.server.serving_common import (
     ServingContext,
     build_sampling_params,
     check_request,
+    off_loop_if_large,
     ranked_entries,
     sse,
     stream_error,
@@ -91,7 +92,9 @@ def _merge_logprobs(into: CompletionLogprobs | None, new: CompletionLogprobs) ->
 async def create_completion(context: ServingContext, body: CompletionRequest, http_request: Request) -> Response:
     model = context.check_model(body.model)
     check_request(body)
-    prompts = _prompts(context, body.prompt)
+    text_size = sum(len(item) for item in ([body.prompt] if isinstance(body.prompt, str) else body.prompt)
+                    if isinstance(item, str))
+    prompts = await off_loop_if_large(text_size, _prompts, context, body.prompt)
     for ids in prompts:
         context.check_context(len(ids), body.max_tokens)
     params = build_sampling_params(body, body.max_tokens, body.logprobs)

@@ -180,3 +180,15 @@ def test_continuous_usage_stats_count_up_in_every_chunk(client):
     counts = [chunk.usage.completion_tokens for chunk in chunks if chunk.choices]
     assert counts == sorted(counts) and counts[-1] == 6
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+
+
+def test_long_prompts_tokenized_off_the_loop_give_the_same_answer(client):
+    long_text = "-" * 9000  # over the off-loop threshold in characters, well under the context in tokens
+    tokens = client_tokenize(client, long_text)
+    assert len(tokens) < 512
+    result = client.completions.create(model="tiny", prompt=long_text, max_tokens=2, temperature=0.0,
+                                       extra_body={"ignore_eos": True})
+    assert result.usage.prompt_tokens == len(tokens)
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": long_text}],
+                                          max_tokens=2, temperature=0.0)
+    assert chat.usage.prompt_tokens > len(tokens)
