@@ -104,6 +104,12 @@ def build_app(engine, config: ServerConfig) -> FastAPI:
             return APIError(503, "the engine is not running").response()
         return Response(status_code=200)
 
+    @app.get("/version")
+    async def version() -> JSONResponse:
+        from joule import __version__
+
+        return JSONResponse({"version": __version__})
+
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -161,6 +161,7 @@ def test_sampling_extras_are_accepted(client):
 
 def test_health_and_metrics_endpoints(live_server, client):
     assert httpx.get(live_server.base_url + "/health").status_code == 200
+    assert httpx.get(live_server.base_url + "/version").json()["version"]
     client.completions.create(model="tiny", prompt="metrics", max_tokens=3, extra_body={"ignore_eos": True})
     text = httpx.get(live_server.base_url + "/metrics").text
     for name in ("joule:time_to_first_token_seconds_bucket", "joule:inter_token_latency_seconds_count",
