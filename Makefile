@@ -6,7 +6,7 @@ STAMP := $(VENV)/.joule-installed
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
 PYTEST_ARGS ?=
 
-.PHONY: run test setup clean
+.PHONY: run demo test setup clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,9 @@ endif
 	@touch $(STAMP)
 
 run: $(STAMP)
+	$(VENV)/bin/joule serve --host 127.0.0.1 --port 8000
+
+demo: $(STAMP)
 	$(VENV)/bin/joule generate --chat --max-tokens 64 \
 		--prompt "The three most useful things to know about energy-efficient computing are" \
 		--prompt "Write a haiku about a GPU that runs on sunlight." \

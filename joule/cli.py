@@ -1,4 +1,4 @@
-"""The `joule` command: generate, chat, info, bench."""
+"""The `joule` command: generate, chat, info, serve, bench."""
 
 from __future__ import annotations
 
@@ -29,11 +29,17 @@ def _build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="architecture, parameters, dtype and KV capacity")
     add_engine_arguments(info)
 
+    from joule.server.cli import add_serve_arguments
+
+    add_serve_arguments(commands.add_parser("serve", help="OpenAI-compatible HTTP server"))
+
     bench = commands.add_parser("bench", help="benchmarks")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True)
+    from joule.bench.serve import add_serve_bench_arguments
     from joule.bench.throughput import add_throughput_arguments
 
     add_throughput_arguments(bench_commands.add_parser("throughput", help="offline throughput"))
+    add_serve_bench_arguments(bench_commands.add_parser("serve", help="load an OpenAI-compatible server"))
     return parser
 
 
@@ -161,6 +167,14 @@ def main(argv: list[str] | None = None) -> int:
             return _run_chat(args)
         if args.command == "info":
             return _run_info(args)
+        if args.command == "serve":
+            from joule.server.cli import run_serve
+
+            return run_serve(args)
+        if args.command == "bench" and args.bench_command == "serve":
+            from joule.bench.serve import run_serve_bench
+
+            return run_serve_bench(args)
         if args.command == "bench":
             from joule.bench.throughput import run_throughput
 
