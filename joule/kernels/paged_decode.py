@@ -137,7 +137,12 @@ def _decode_merge_kernel(
 
 
 def choose_num_splits(num_sequences: int, num_kv_heads: int, max_sequence_length: int, num_processors: int) -> int:
-    """Enough splits to give the GPU about two programs per processor, each over >= MIN_SPLIT_TOKENS."""
+    """Enough splits to give the GPU about two programs per processor, each over >= MIN_SPLIT_TOKENS.
+
+    Graph-timed on an H200 (8 KV heads, head_dim 64, bf16), the best of 1..32 splits vs this choice:
+    B=1 x 8k: 32 best (9.4 us; 88 us unsplit), chosen 32; B=16 x 4k: 4 best (39 us), chosen 3;
+    B=64 x 1k and B=256 x 1k: 1 best, chosen 1.
+    """
     wanted = -(-2 * num_processors // max(1, num_sequences * num_kv_heads))
     by_length = max(1, max_sequence_length // MIN_SPLIT_TOKENS)
     return max(1, min(wanted, by_length, MAX_SPLITS))
