@@ -19,7 +19,7 @@ from joule.engine.scheduler import SchedulerConfig
 from joule.model.loader import load_model
 from joule.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from joule.runtime.attention.base import KVCache
-from joule.runtime.attention.portable import PortableAttentionBackend
+from joule.runtime.attention.select import select_attention_backend
 from joule.runtime.device import default_kv_cache_bytes, resolve_device, resolve_dtype
 from joule.runtime.executor import ModelExecutor
 from joule.runtime.sampler import Sampler
@@ -85,7 +85,7 @@ class LLMEngine:
 
         self.kv_cache = KVCache.allocate(layers, num_blocks, config.block_size, kv_heads, head_dim, self.dtype, self.device)
         executor = ModelExecutor(
-            self.model, self.kv_cache, PortableAttentionBackend(), Sampler(config.seed, self.device), self.device
+            self.model, self.kv_cache, select_attention_backend(self.device), Sampler(config.seed, self.device), self.device
         )
         self.block_manager = KVBlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         scheduler_config = SchedulerConfig(
