@@ -34,7 +34,7 @@ def run(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> tuple[l
 
 
 def main() -> None:
-    config = sys.argv[1] if len(sys.argv) > 1 else "benchmarks/configs/llama-3.2-1b.json"
+    config = sys.argv[1] if len(sys.argv) > 1 else "benchmarks/configs/llama-3.2-1b"
     print(torch.cuda.get_device_name(), torch.__version__)
     generator = random.Random(0)
 
