@@ -1,11 +1,15 @@
 """ModelExecutor: turns a StepPlan into tensors, runs the model, samples.
 
 This is the computing side of the one seam (``joule.engine.plan.Executor``);
-the simulator has a predicting side with the same signature.
+the simulator has a predicting side with the same signature. On CUDA with the
+Triton backend, decode-only steps replay captured CUDA graphs
+(``joule.runtime.cuda_graphs``); every other step, and every step on the CPU,
+runs eagerly.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -14,7 +18,10 @@ import torch
 from joule.engine.plan import StepPlan, StepResult
 from joule.engine.request import Request, SampledToken
 from joule.runtime.attention.base import AttentionBackend, AttentionMetadata, ForwardContext, KVCache
+from joule.runtime.cuda_graphs import DecodeGraphRunner, graphs_disabled_reason
 from joule.runtime.sampler import Sampler, SamplingRow
+
+logger = logging.getLogger(__name__)
 
 
 class ModelExecutor:
@@ -25,24 +32,51 @@ class ModelExecutor:
         backend: AttentionBackend,
         sampler: Sampler,
         device: torch.device,
+        max_model_len: int | None = None,
+        max_num_seqs: int | None = None,
+        enforce_eager: bool = False,
     ):
+        """With ``max_model_len`` and ``max_num_seqs`` given, decode graphs are captured when
+        the device, backend, ``enforce_eager`` and ``JOULE_ENFORCE_EAGER`` allow it."""
         self.model = model
         self.kv_cache = kv_cache
         self.backend = backend
         self.sampler = sampler
         self.device = device
         self.block_size = kv_cache.block_size
+        self.graph_runner: DecodeGraphRunner | None = None
+        self.use_cuda_graphs = False  # False sends decode steps down the eager path (comparisons)
+        if max_model_len is not None and max_num_seqs is not None:
+            self.enable_cuda_graphs(max_model_len, max_num_seqs, enforce_eager)
+
+    def enable_cuda_graphs(self, max_model_len: int, max_num_seqs: int, enforce_eager: bool = False) -> bool:
+        """Capture decode graphs for batch sizes up to ``max_num_seqs``; False (and eager) when not possible."""
+        reason = graphs_disabled_reason(self.device, self.backend, enforce_eager)
+        if reason is not None:
+            logger.info("CUDA graphs off: %s", reason)
+            return False
+        runner = DecodeGraphRunner(self.model, self.kv_cache, self.backend, self.device, max_num_seqs, max_model_len)
+        runner.capture()
+        self.graph_runner, self.use_cuda_graphs = runner, True
+        return True
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
         started = time.perf_counter()
-        input_ids, positions, metadata, sample_rows = self._prepare(plan)
-        context = ForwardContext(self.backend, self.kv_cache, metadata)
-        hidden = self.model(input_ids, positions, context)
+        runner = self.graph_runner
+        if self.use_cuda_graphs and runner is not None and runner.backend is self.backend and runner.can_run(plan):
+            hidden = runner.run(plan)
+            sample_rows = [(row, sequence) for row, sequence in enumerate(plan.sequences) if sequence.samples]
+        else:
+            input_ids, positions, metadata, sample_rows = self._prepare(plan)
+            context = ForwardContext(self.backend, self.kv_cache, metadata)
+            hidden = self.model(input_ids, positions, context)
         sampled: dict[str, SampledToken] = {}
         if sample_rows:
-            row_indices = torch.tensor([row for row, _ in sample_rows], device=self.device)
-            logits = self.model.compute_logits(hidden.index_select(0, row_indices))
+            rows = [row for row, _ in sample_rows]
+            if rows != list(range(hidden.shape[0])):  # decode-only steps sample every row: no gather
+                hidden = hidden.index_select(0, torch.tensor(rows, device=self.device))
+            logits = self.model.compute_logits(hidden)
             requests = [sequence.request for _, sequence in sample_rows]
             output = self.sampler.sample(logits, [_sampling_row(request) for request in requests])
             for index, request in enumerate(requests):

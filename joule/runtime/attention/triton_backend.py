@@ -16,6 +16,8 @@ are built once per step and reused by every layer.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from joule.kernels.kv_write import write_kv_cache
@@ -24,13 +26,38 @@ from joule.kernels.paged_prefill import build_tiles, paged_prefill_attention, ro
 from joule.runtime.attention.base import AttentionBackend, AttentionMetadata, KVCache
 
 
+@dataclass
+class StaticDecodeMetadata(AttentionMetadata):
+    """Decode-only metadata whose device tensors are static buffers (CUDA graph capture and replay).
+
+    A captured graph cannot re-upload host lists or resize grids, so the sequence
+    lengths live in a device buffer refilled before each replay, the decode grid
+    is sized from ``max_length_bound`` (max_model_len) and the split count is fixed.
+    Host ``sequence_lengths`` are unused by the Triton backend here.
+    """
+
+    sequence_lengths_device: torch.Tensor | None = None  # int32 [S], device; 0 marks a padding row
+    max_length_bound: int = 0
+    num_splits: int = 1
+
+
 class _StepTensors:
     """Device tensors derived from one step's metadata, shared by all layers."""
 
     def __init__(self, metadata: AttentionMetadata, device: torch.device):
         self.metadata = metadata
-        self.sequence_lengths = _upload(torch.tensor(metadata.sequence_lengths, dtype=torch.int32), device)
         self.tiles: dict[int, torch.Tensor] = {}  # by rows per tile
+        self.fixed_num_splits: int | None = None
+        if isinstance(metadata, StaticDecodeMetadata):
+            if not metadata.is_decode_only or metadata.sequence_lengths_device is None:
+                raise ValueError("StaticDecodeMetadata needs a decode-only batch and device sequence lengths")
+            self.sequence_lengths = metadata.sequence_lengths_device
+            self.decode_max_length = metadata.max_length_bound
+            self.num_decodes = metadata.num_sequences
+            self.decode_sequence_ids = None
+            self.fixed_num_splits = metadata.num_splits
+            return
+        self.sequence_lengths = _upload(torch.tensor(metadata.sequence_lengths, dtype=torch.int32), device)
         decodes = [index for index, length in enumerate(metadata.query_lengths) if length == 1]
         self.decode_max_length = max((metadata.sequence_lengths[index] for index in decodes), default=0)
         self.num_decodes = len(decodes)
@@ -93,7 +120,7 @@ class TritonAttentionBackend(AttentionBackend):
             return output
         step = self._step_tensors(metadata, query.device)
         if step.num_decodes > 0:
-            num_splits = self.decode_num_splits
+            num_splits = step.fixed_num_splits or self.decode_num_splits
             if num_splits is None:
                 num_splits = choose_num_splits(
                     step.num_decodes, num_kv_heads, step.decode_max_length, self._processors(query.device)
@@ -116,6 +143,13 @@ class TritonAttentionBackend(AttentionBackend):
         if self._step is None or self._step.metadata is not metadata:
             self._step = _StepTensors(metadata, device)
         return self._step
+
+    def graph_num_splits(self, batch_size: int, num_kv_heads: int, max_length_bound: int,
+                         device: torch.device) -> int:
+        """The fixed split-K factor a captured decode graph of ``batch_size`` rows uses."""
+        if self.decode_num_splits is not None:
+            return self.decode_num_splits
+        return choose_num_splits(batch_size, num_kv_heads, max_length_bound, self._processors(device))
 
     def _processors(self, device: torch.device) -> int:
         if device not in self._num_processors:

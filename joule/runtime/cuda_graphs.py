@@ -1,0 +1,205 @@
+"""CUDA graphs for decode-only steps: one captured forward per batch size of a ladder.
+
+Why: a decode step of a small model is a few hundred short kernel launches; on
+a GPU their launch cost, not the memory traffic, sets the step time. Replaying a
+captured graph issues them all at once.
+
+How:
+- ``graph_batch_sizes`` is the ladder of captured sizes (1, 2, 4, 8, 16, 24, 32,
+  48, 64, 96, 128, 192, 256, ... and ``max_num_seqs`` itself); a step of ``n``
+  decodes runs the graph of the next size up. Padding rows carry slot -1 (the KV
+  write skips them) and sequence length 0 (decode attention writes zeros).
+- Graphs read static device buffers (token ids, positions, slots, block tables
+  of ``max_model_len / block_size`` columns, sequence lengths); each step fills
+  pinned host mirrors and copies them over with non-blocking copies.
+- Attention sees a ``StaticDecodeMetadata``: the decode grid is sized from
+  ``max_model_len`` with a fixed split count per batch size, so no host value of
+  the step enters the graph.
+- Prefill and mixed steps never come here; the executor runs them eagerly.
+The graphs return final hidden states; logits and sampling stay eager.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+
+from joule.engine.plan import StepPlan
+from joule.runtime.attention.base import AttentionBackend, AttentionMetadata, ForwardContext, KVCache
+
+logger = logging.getLogger(__name__)
+
+DISABLE_ENV = "JOULE_ENFORCE_EAGER"  # "1" turns CUDA graphs off
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """Captured batch sizes: dense where small batches are common, ~1.5x apart above 32, capped."""
+    if max_num_seqs < 1:
+        raise ValueError(f"max_num_seqs must be positive, got {max_num_seqs}")
+    sizes = [1, 2, 4, 8, 16, 24, 32]
+    while sizes[-1] < max_num_seqs:
+        sizes.extend([sizes[-1] * 3 // 2, sizes[-1] * 2])
+    kept = sorted({size for size in sizes if size < max_num_seqs} | {max_num_seqs})
+    return kept
+
+
+def padded_batch_size(num_sequences: int, sizes: list[int]) -> int | None:
+    """The smallest captured size holding ``num_sequences`` rows, or None when none does."""
+    for size in sizes:
+        if size >= num_sequences:
+            return size
+    return None
+
+
+def graphs_disabled_reason(device: torch.device, backend, enforce_eager: bool) -> str | None:
+    """Why decode steps must run eagerly here, or None when graphs can be used."""
+    if enforce_eager:
+        return "enforce_eager"
+    if os.environ.get(DISABLE_ENV, "0") not in ("", "0"):
+        return f"{DISABLE_ENV} is set"
+    if device.type != "cuda":
+        return f"device is {device.type}, not cuda"
+    if getattr(backend, "name", None) != "triton":
+        return f"attention backend {getattr(backend, 'name', backend)!r} is not triton"
+    return None
+
+
+class DecodeGraphRunner:
+    """Static buffers, padding and (on CUDA) captured graphs for decode-only steps.
+
+    ``capture=False`` runs the same padded static-buffer forward eagerly: that is
+    how CPU tests check the padding and metadata without a GPU.
+    """
+
+    def __init__(self, model: torch.nn.Module, kv_cache: KVCache, backend: AttentionBackend,
+                 device: torch.device, max_num_seqs: int, max_model_len: int):
+        # Imported here: triton is optional, and its kernels must be defined after tests set TRITON_INTERPRET.
+        from joule.runtime.attention.triton_backend import StaticDecodeMetadata
+
+        self.model = model
+        self.kv_cache = kv_cache
+        self.backend = backend
+        self.device = device
+        self.block_size = kv_cache.block_size
+        self.max_model_len = max_model_len
+        self.batch_sizes = graph_batch_sizes(max_num_seqs)
+        rows = self.batch_sizes[-1]
+        self.max_blocks = -(-max_model_len // self.block_size)
+        pin = device.type == "cuda"
+
+        def host(shape, dtype, fill=0):
+            return torch.full(shape, fill, dtype=dtype, pin_memory=pin)
+
+        # Pinned host mirrors, filled through numpy views, and their device twins.
+        self.host_input_ids = host((rows,), torch.int64)
+        self.host_positions = host((rows,), torch.int64)
+        self.host_slots = host((rows,), torch.int64, -1)
+        self.host_block_tables = host((rows, self.max_blocks), torch.int32)
+        self.host_sequence_lengths = host((rows,), torch.int32)
+        self._host_views = [self.host_input_ids, self.host_positions, self.host_slots,
+                            self.host_block_tables, self.host_sequence_lengths]
+        self.input_ids, self.positions, self.slots, self.block_tables, self.sequence_lengths = [
+            tensor.to(device) for tensor in self._host_views
+        ]
+        self.query_start_locations = torch.arange(rows + 1, dtype=torch.int64, device=device)
+        self._copied = torch.cuda.Event() if pin else None
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.metadata: dict[int, AttentionMetadata] = {}
+        num_kv_heads = kv_cache.key_caches[0].shape[2]
+        for size in self.batch_sizes:
+            self.metadata[size] = StaticDecodeMetadata(
+                query_start_locations=self.query_start_locations[: size + 1],
+                slot_mapping=self.slots[:size],
+                block_tables=self.block_tables[:size],
+                query_lengths=[1] * size,
+                context_lengths=[0] * size,
+                sequence_lengths=[0] * size,
+                sequence_lengths_device=self.sequence_lengths[:size],
+                max_length_bound=max_model_len,
+                num_splits=backend.graph_num_splits(size, num_kv_heads, max_model_len, device),
+            )
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.batch_sizes[-1]
+
+    def can_run(self, plan: StepPlan) -> bool:
+        """Decode-only, few enough sequences, and every block table fits the static buffer."""
+        sequences = plan.sequences
+        if not sequences or len(sequences) > self.max_batch_size:
+            return False
+        return all(s.num_tokens == 1 and len(s.block_ids) <= self.max_blocks for s in sequences)
+
+    def _forward(self, size: int) -> torch.Tensor:
+        context = ForwardContext(self.backend, self.kv_cache, self.metadata[size])
+        return self.model(self.input_ids[:size], self.positions[:size], context)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Warm up then capture each ladder size, largest first, into one shared memory pool."""
+        started = time.perf_counter()
+        self._fill_padding(0, self.max_batch_size)
+        self._upload(self.max_batch_size)
+        pool = None
+        for size in reversed(self.batch_sizes):
+            self._forward(size)  # compiles Triton kernels, settles cuBLAS workspaces
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[size] = self._forward(size)
+            pool = graph.pool()
+            self.graphs[size] = graph
+        torch.cuda.synchronize(self.device)
+        logger.info("captured %d decode CUDA graphs (batch sizes %s) in %.1f s",
+                    len(self.graphs), self.batch_sizes, time.perf_counter() - started)
+
+    def run(self, plan: StepPlan) -> torch.Tensor:
+        """Hidden states ``[len(plan.sequences), hidden]`` of a decode-only step (graph replay on CUDA)."""
+        count = len(plan.sequences)
+        size = padded_batch_size(count, self.batch_sizes)
+        if size is None or not self.can_run(plan):
+            raise ValueError(f"step of {count} sequences cannot run as a decode graph "
+                             f"(sizes {self.batch_sizes}, {self.max_blocks} blocks per sequence)")
+        if self._copied is not None:
+            self._copied.synchronize()  # the last step's copies have left the pinned buffers
+        self._fill(plan)
+        self._fill_padding(count, size)
+        self._upload(size)
+        if size in self.graphs:
+            self.graphs[size].replay()
+            return self.outputs[size][:count]
+        return self._forward(size)[:count]
+
+    def _fill(self, plan: StepPlan) -> None:
+        block_size = self.block_size
+        input_ids = self.host_input_ids.numpy()
+        positions = self.host_positions.numpy()
+        slots = self.host_slots.numpy()
+        tables = self.host_block_tables.numpy()
+        lengths = self.host_sequence_lengths.numpy()
+        for row, sequence in enumerate(plan.sequences):
+            position = sequence.start_position
+            blocks = sequence.block_ids
+            input_ids[row] = sequence.token_ids[0]
+            positions[row] = position
+            slots[row] = blocks[position // block_size] * block_size + position % block_size
+            tables[row, : len(blocks)] = blocks
+            lengths[row] = position + 1
+
+    def _fill_padding(self, start: int, stop: int) -> None:
+        """Padding rows: token 0 at position 0, no cache write (slot -1), empty context (length 0)."""
+        self.host_input_ids[start:stop] = 0
+        self.host_positions[start:stop] = 0
+        self.host_slots[start:stop] = -1
+        self.host_sequence_lengths[start:stop] = 0
+
+    def _upload(self, size: int) -> None:
+        for host, device in zip(self._host_views, (self.input_ids, self.positions, self.slots,
+                                                   self.block_tables, self.sequence_lengths)):
+            device[:size].copy_(host[:size], non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()

@@ -1,0 +1,116 @@
+"""Decode CUDA graphs, the CPU-checkable parts: the batch-size ladder, padding, when graphs are off,
+and that the padded static-buffer decode path (what a graph captures) gives the eager path's tokens.
+
+On the CPU the runner's forward runs without capture, through the Triton backend under
+TRITON_INTERPRET=1; the GPU script ``benchmarks/gpu/engine_bench.py`` checks real replays.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
+
+from helpers.tiny_models import build_tiny_checkpoint  # noqa: E402
+
+from joule.llm_engine import LLMEngine  # noqa: E402
+from joule.runtime.cuda_graphs import (  # noqa: E402
+    DISABLE_ENV, DecodeGraphRunner, graph_batch_sizes, graphs_disabled_reason, padded_batch_size,
+)
+from joule.sampling_params import RequestOutputKind, SamplingParams  # noqa: E402
+
+
+def test_ladder_follows_the_documented_sizes_and_ends_at_max_num_seqs():
+    assert graph_batch_sizes(256) == [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256]
+    assert graph_batch_sizes(100) == [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 100]
+    assert graph_batch_sizes(1) == [1]
+    assert graph_batch_sizes(5) == [1, 2, 4, 5]
+    with pytest.raises(ValueError):
+        graph_batch_sizes(0)
+
+
+def test_padding_picks_the_next_size_up():
+    sizes = graph_batch_sizes(128)
+    assert [padded_batch_size(n, sizes) for n in (1, 3, 9, 24, 25, 100, 128)] == [1, 4, 16, 24, 32, 128, 128]
+    assert padded_batch_size(129, sizes) is None
+
+
+def test_graphs_are_off_on_cpu_with_portable_backend_or_when_disabled(monkeypatch):
+    class Triton:
+        name = "triton"
+
+    class Portable:
+        name = "portable"
+
+    cuda = torch.device("cuda")
+    assert graphs_disabled_reason(cuda, Triton(), enforce_eager=False) is None
+    assert "enforce_eager" in graphs_disabled_reason(cuda, Triton(), enforce_eager=True)
+    assert "cpu" in graphs_disabled_reason(torch.device("cpu"), Triton(), enforce_eager=False)
+    assert "portable" in graphs_disabled_reason(cuda, Portable(), enforce_eager=False)
+    monkeypatch.setenv(DISABLE_ENV, "1")
+    assert DISABLE_ENV in graphs_disabled_reason(cuda, Triton(), enforce_eager=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("graph-llama")
+    build_tiny_checkpoint("llama-gqa4-tied", directory)
+    return directory
+
+
+def _generate(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
+                            output_kind=RequestOutputKind.FINAL_ONLY)
+    for index, prompt in enumerate(prompts):
+        engine.add_request(f"req-{index}", {"prompt_token_ids": prompt}, params)
+    results = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            results[output.request_id] = list(output.outputs[0].token_ids)
+    return [results[f"req-{index}"] for index in range(len(prompts))]
+
+
+def test_cpu_engine_builds_no_graph_runner(tiny_dir):
+    engine = LLMEngine.from_kwargs(model=str(tiny_dir), device="cpu", dtype="float32",
+                                   kv_cache_memory_bytes=1 << 22)
+    executor = engine.core.executor
+    assert executor.graph_runner is None and not executor.use_cuda_graphs
+    assert not executor.enable_cuda_graphs(max_model_len=256, max_num_seqs=8)  # cpu: refused, stays eager
+
+
+def test_padded_static_decode_matches_eager_tokens(tiny_dir):
+    from joule.runtime.attention.triton_backend import TritonAttentionBackend
+
+    engine = LLMEngine.from_kwargs(model=str(tiny_dir), device="cpu", dtype="float32",
+                                   kv_cache_memory_bytes=1 << 22, max_model_len=256, max_num_seqs=5)
+    executor = engine.core.executor
+    executor.backend = TritonAttentionBackend()
+    generator = torch.Generator().manual_seed(7)
+    # 5 requests step down to 4, 3, ... decodes as they finish: padded to 4 and 5 rows; 17+ tokens cross blocks
+    prompts = [torch.randint(3, 200, (length,), generator=generator).tolist() for length in (5, 17, 3, 30, 9)]
+    lengths = [6, 4, 8, 5, 7]
+    eager = [_generate(engine, [prompt], length)[0] for prompt, length in zip(prompts, lengths)]
+
+    engine.block_manager.reset_prefix_cache()
+    runner = DecodeGraphRunner(executor.model, executor.kv_cache, executor.backend, executor.device,
+                               max_num_seqs=5, max_model_len=256)
+    assert runner.batch_sizes == [1, 2, 4, 5]
+    executor.graph_runner, executor.use_cuda_graphs = runner, True
+    calls = []
+    original_run = runner.run
+    runner.run = lambda plan: calls.append(len(plan.sequences)) or original_run(plan)
+    params = [SamplingParams(temperature=0.0, max_tokens=length, ignore_eos=True,
+                             output_kind=RequestOutputKind.FINAL_ONLY) for length in lengths]
+    for index, (prompt, param) in enumerate(zip(prompts, params)):
+        engine.add_request(f"g-{index}", {"prompt_token_ids": prompt}, param)
+    padded = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            padded[output.request_id] = list(output.outputs[0].token_ids)
+    assert calls, "no decode step went through the static-buffer path"
+    assert 3 in calls  # a padded step (3 rows run as 4)
+    assert [padded[f"g-{index}"] for index in range(len(prompts))] == eager
