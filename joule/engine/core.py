@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable, Protocol
 
 from joule.engine.kv_blocks import KVBlockManager
 from joule.engine.plan import Executor, StepPlan, StepResult
@@ -24,6 +24,17 @@ class StepStats:
     preempted_request_ids: list[str] = field(default_factory=list)
 
 
+class StepObserver(Protocol):
+    """Told when each step begins and ends, so an energy ledger (``joule.energy``) can meter it.
+
+    Injected rather than imported so this package stays free of meters and torch.
+    """
+
+    def step_began(self, now: float, requests: Iterable[Request]) -> None: ...
+
+    def step_ended(self, plan: StepPlan, now: float) -> float | None: ...
+
+
 class EngineCore:
     def __init__(
         self,
@@ -31,11 +42,13 @@ class EngineCore:
         block_manager: KVBlockManager,
         executor: Executor,
         clock: Callable[[], float] = time.time,
+        step_observer: StepObserver | None = None,
     ):
         self.block_manager = block_manager
         self.scheduler = Scheduler(scheduler_config, block_manager)
         self.executor = executor
         self.clock = clock
+        self.step_observer = step_observer
         self.last_step = StepStats()
 
     def add_request(self, request: Request) -> None:
@@ -54,9 +67,14 @@ class EngineCore:
         return self.scheduler.has_unfinished_requests()
 
     def step(self) -> list[Request]:
-        plan: StepPlan = self.scheduler.schedule(now=self.clock())
+        now = self.clock()
+        if self.step_observer is not None:
+            self.step_observer.step_began(now, self.scheduler.requests.values())
+        plan: StepPlan = self.scheduler.schedule(now=now)
         if plan.is_empty:
             self.last_step = StepStats(preempted_request_ids=plan.preempted_request_ids)
+            if self.step_observer is not None:
+                self.last_step.energy_joules = self.step_observer.step_ended(plan, self.clock())
             return []
         result: StepResult = self.executor.execute(plan)
         self.last_step = StepStats(
@@ -67,4 +85,9 @@ class EngineCore:
             energy_joules=result.energy_joules,
             preempted_request_ids=plan.preempted_request_ids,
         )
-        return self.scheduler.update(plan, result)
+        progressed = self.scheduler.update(plan, result)
+        if self.step_observer is not None:
+            metered = self.step_observer.step_ended(plan, self.clock())
+            if metered is not None:
+                self.last_step.energy_joules = metered
+        return progressed
