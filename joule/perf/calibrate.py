@@ -27,6 +27,7 @@ from joule.perf.profile import DeviceProfile
 from joule.perf.step_model import BatchShape, SequenceWork, StepModel, gemm_count, layer_gemm_shapes
 
 GEMM_ROWS = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048)
+_CACHE_RESIDENT_ROWS = 256  # from here on GEMMs are compute-bound: one weight copy is timed
 # Pull of each class scale toward 1 (relative-error units): strong for linear, whose rates were
 # measured on the model's own GEMMs; weak for attention, which the micro-benchmarks model least.
 _RIDGE = {"linear": 0.3, "attention_prefill": 0.05, "attention_decode": 0.02, "elementwise": 0.1}
@@ -55,6 +56,27 @@ CALIBRATION_SCENARIOS = (
     Scenario("decode 48 @ 24", (24,) * 48, 6),
     Scenario("mixed 12 decodes + 300", (96,) * 12, 6, (300,), 3),
 )
+
+# On a GPU the same shapes are too small to leave the launch-bound regime: larger batches.
+GPU_CALIBRATION_SCENARIOS = (
+    Scenario("prefill 1x64", (64,), 1),
+    Scenario("prefill 1x1500", (1500,), 1),
+    Scenario("prefill 6x700", (700,) * 6, 1),
+    Scenario("chunked 1x12000", (12000,), 1),
+    Scenario("decode 1 @ 900", (900,), 8),
+    Scenario("decode 16 @ 300", (300,) * 16, 8),
+    Scenario("decode 96 @ 200", (200,) * 96, 8),
+    Scenario("decode 192 @ 1000", (1000,) * 192, 8),
+    Scenario("mixed 64 decodes + 1000", (300,) * 64, 8, (1000,), 3),
+)
+
+
+def default_scenarios(engine, validation: bool = False):
+    from joule.perf.validate import GPU_VALIDATION_SCENARIOS, VALIDATION_SCENARIOS
+
+    if engine.device.type == "cuda":
+        return GPU_VALIDATION_SCENARIOS if validation else GPU_CALIBRATION_SCENARIOS
+    return VALIDATION_SCENARIOS if validation else CALIBRATION_SCENARIOS
 
 
 @dataclass
@@ -168,17 +190,30 @@ def measure_micro(model_config, dtype_name: str, device_name: str, hardware: str
     copy_seconds = _timed(lambda: target.copy_(source), repeats, synchronize)
     measured = Measurements(hardware, str(dtype).removeprefix("torch."), bandwidth=2 * source.nbytes / copy_seconds)
     del source, target
-    layer_weights = [torch.randn(k, n, dtype=dtype, device=device) * 0.02 for _, k, n in layer_gemm_shapes(model_config)]
+    # One weight per layer, as in the model: at small M a single reused weight would sit in cache,
+    # while the model streams every layer's weights from memory each step.
+    layers = model_config.num_hidden_layers
+    layer_weights = []
+    for _, k, n in layer_gemm_shapes(model_config):
+        first = torch.randn(k, n, dtype=dtype, device=device) * 0.02
+        layer_weights.append([first] + [first.clone() for _ in range(layers - 1)])
     head = torch.randn(model_config.hidden_size, model_config.vocab_size, dtype=dtype, device=device) * 0.02
     for rows in GEMM_ROWS:
         wait_for_quiet(5.0)
-        for weight in layer_weights:
-            inputs = torch.randn(rows, weight.shape[0], dtype=dtype, device=device)
-            measured.gemms.append((rows, weight.shape[0], weight.shape[1],
-                                   _timed(lambda: inputs @ weight, repeats, synchronize)))
+        for copies in layer_weights:
+            inputs = torch.randn(rows, copies[0].shape[0], dtype=dtype, device=device)
+            used = copies if rows < _CACHE_RESIDENT_ROWS else copies[:1]
+
+            def run_layers(inputs=inputs, used=used):
+                for weight in used:
+                    inputs @ weight
+
+            seconds = _timed(run_layers, repeats, synchronize) / len(used)
+            measured.gemms.append((rows, copies[0].shape[0], copies[0].shape[1], seconds))
         if rows <= 256:  # lm_head only ever sees sampled rows
             inputs = torch.randn(rows, head.shape[0], dtype=dtype, device=device)
             measured.gemms.append((rows, head.shape[0], head.shape[1], _timed(lambda: inputs @ head, repeats, synchronize)))
+    del layer_weights
     heads, head_dim, length = model_config.num_attention_heads, model_config.head_dim, 1024
     query = torch.randn(1, heads, length, head_dim, dtype=dtype, device=device)
     attention_seconds = _timed(
@@ -205,10 +240,15 @@ def gemm_curves(model_config, measured: Measurements) -> tuple[list[list[float]]
 
 
 def build_engine(model: str | None, dtype: str, load_format: str, device: str = "auto",
-                 max_num_batched_tokens: int = 2048, kv_cache_memory_bytes: int = 512 << 20):
-    """An LLMEngine whose executor records each plan's batch shape."""
+                 max_num_batched_tokens: int | None = None, kv_cache_memory_bytes: int | None = None):
+    """An LLMEngine whose executor records each plan's batch shape (CPU: 2048-token steps, 512 MiB KV)."""
     from joule.config import EngineConfig
     from joule.llm_engine import LLMEngine
+    from joule.runtime.device import resolve_device
+
+    if resolve_device(device).type == "cpu":
+        max_num_batched_tokens = max_num_batched_tokens or 2048
+        kv_cache_memory_bytes = kv_cache_memory_bytes or 512 << 20
 
     engine = LLMEngine(EngineConfig(
         model=model, dtype=dtype, device=device, load_format=load_format,
@@ -248,9 +288,16 @@ def run_scenario(engine, scenario: Scenario, seed: int = 0) -> list[StepSample]:
     return samples
 
 
-def measure_steps(engine, scenarios, repeats: int = 3, reduce=min) -> list[StepSample]:
+def default_reduce(engine):
+    """How repeats of a step combine: the minimum on a CPU (other jobs sharing its cores only ever add
+    time), the median on a GPU (host-side jitter goes both ways around what a run will see)."""
+    return statistics.median if engine.device.type == "cuda" else min
+
+
+def measure_steps(engine, scenarios, repeats: int = 3, reduce=None) -> list[StepSample]:
     """Each scenario ``repeats`` times (after waiting for a quiet CPU); per step index, ``reduce`` of the
-    times (the minimum by default: contention from other jobs only ever adds time)."""
+    times (``default_reduce`` unless given)."""
+    reduce = reduce or default_reduce(engine)
     run_scenario(engine, Scenario("warm-up", (64, 16), 3))
     result: list[StepSample] = []
     for scenario in scenarios:
@@ -303,10 +350,30 @@ def step_features(model_config, profile: DeviceProfile, shape: BatchShape) -> np
     ])
 
 
-def fit_profile(model_config, measured: Measurements, samples: list[StepSample] | None = None) -> DeviceProfile:
-    """Fit class scales and overheads to measured engine steps (minimising relative error)."""
+def fit_profile(model_config, measured: Measurements, samples: list[StepSample] | None = None,
+                rounds: int = 3) -> DeviceProfile:
+    """Fit class scales and overheads to measured engine steps (minimising relative error).
+
+    Contention from other jobs only slows steps down, so after each round the steps measured far
+    slower than the fit predicts (by more than ``OUTLIER_SLOWDOWN``) are dropped and the fit repeated.
+    """
+    samples = list(samples if samples is not None else measured.steps)
+    profile = _fit_once(model_config, measured, samples)
+    for _ in range(rounds - 1):
+        model = StepModel(model_config, profile)
+        kept = [s for s in samples if model.predict(s.shape).elapsed_seconds >= s.seconds * (1 - OUTLIER_SLOWDOWN)]
+        if len(kept) == len(samples) or len(kept) < len(FIT_FEATURES) * 2:
+            break
+        samples = kept
+        profile = _fit_once(model_config, measured, samples)
+    return profile
+
+
+OUTLIER_SLOWDOWN = 0.3
+
+
+def _fit_once(model_config, measured: Measurements, samples: list[StepSample]) -> DeviceProfile:
     profile = base_profile(model_config, measured)
-    samples = samples if samples is not None else measured.steps
     if not samples:
         return profile
     step_overhead = max(statistics.median(s.seconds - s.executor_seconds for s in samples), 0.0)
@@ -333,7 +400,7 @@ def fit_profile(model_config, measured: Measurements, samples: list[StepSample] 
 
 
 def calibrate(model: str | None = None, dtype: str = "auto", device: str = "auto", load_format: str = "auto",
-              hardware: str | None = None, repeats: int = 3, scenarios=CALIBRATION_SCENARIOS,
+              hardware: str | None = None, repeats: int = 3, scenarios=None,
               log=print) -> tuple[DeviceProfile, Measurements]:
     """Measure and fit; returns the profile and the raw measurements."""
     import torch
@@ -346,7 +413,7 @@ def calibrate(model: str | None = None, dtype: str = "auto", device: str = "auto
     measured = measure_micro(engine.model_config, dtype_name, str(engine.device), hardware)
     log(f"  copy {measured.bandwidth / 1e9:.1f} GB/s, attention {measured.attention_flops / 1e9:.1f} GFLOP/s, "
         f"{len(measured.gemms)} GEMMs ({time.perf_counter() - started:.0f} s)")
-    measured.steps = measure_steps(engine, scenarios, repeats)
+    measured.steps = measure_steps(engine, scenarios or default_scenarios(engine), repeats)
     log(f"  {len(measured.steps)} engine steps measured ({time.perf_counter() - started:.0f} s)")
     profile = fit_profile(engine.model_config, measured)
     profile.source = (

@@ -23,10 +23,10 @@ def load_model_config(text: str) -> ModelConfig:
     path = Path(text)
     if path.exists():
         return ModelConfig.from_file(path)
-    named = CONFIG_DIR / f"{text.lower()}.json"
-    if named.is_file():
+    named = CONFIG_DIR / text.lower()
+    if (named / "config.json").is_file():
         return ModelConfig.from_file(named)
-    known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.json"))) or "none"
+    known = ", ".join(sorted(p.parent.name for p in CONFIG_DIR.glob("*/config.json"))) or "none"
     raise ValueError(f"model config {text!r} not found: give a config.json path or directory, or one of: {known}")
 
 
@@ -273,6 +273,11 @@ def _print_comparison(title: str, comparison: dict) -> None:
         row = comparison[key]
         print(f"  {key:<18} measured {row['measured']:10.4g}  simulated {row['simulated']:10.4g}  "
               f"error {row['error']:+.1%}")
+    steps = comparison.get("run_steps")
+    if steps:
+        kinds = ", ".join(f"{kind} {row['median_abs_error']:.1%} ({row['steps']})" for kind, row in steps["by_kind"].items())
+        print(f"  steps of the measured run: median |error| {steps['median_abs_error']:.1%} [{kinds}]; "
+              f"total measured {steps['measured_total_s']:.2f} s vs predicted {steps['predicted_total_s']:.2f} s")
 
 
 def main(argv: list[str] | None = None) -> int:

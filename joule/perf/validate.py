@@ -36,6 +36,18 @@ VALIDATION_SCENARIOS = (
     Scenario("mixed 30 decodes + 500", (50,) * 30, 5, (500,), 3),
 )
 
+GPU_VALIDATION_SCENARIOS = (
+    Scenario("prefill 1x300", (300,), 1),
+    Scenario("prefill 1x4000", (4000,), 1),
+    Scenario("prefill 12x400", (400,) * 12, 1),
+    Scenario("decode 4 @ 2000", (2000,) * 4, 8),
+    Scenario("decode 48 @ 600", (600,) * 48, 8),
+    Scenario("decode 128 @ 120", (120,) * 128, 8),
+    Scenario("decode 256 @ 500", (500,) * 256, 6),
+    Scenario("mixed 24 decodes + 2000", (400,) * 24, 8, (2000,), 3),
+    Scenario("mixed 160 decodes + 600", (150,) * 160, 8, (600,), 3),
+)
+
 
 @dataclass
 class StepCheck:
@@ -59,10 +71,13 @@ def _kind(shape) -> str:
     return "mixed"
 
 
-def validate_steps(engine, profile: DeviceProfile, scenarios=VALIDATION_SCENARIOS, repeats: int = 3) -> list[StepCheck]:
+def validate_steps(engine, profile: DeviceProfile, scenarios=None, repeats: int = 3, reduce=None) -> list[StepCheck]:
+    """Predicted vs measured (``reduce`` over repeats, as calibration) for every step of the scenarios."""
+    from joule.perf.calibrate import default_scenarios
+
     model = StepModel(engine.model_config, profile)
     checks = []
-    for sample in measure_steps(engine, scenarios, repeats):
+    for sample in measure_steps(engine, scenarios or default_scenarios(engine, validation=True), repeats, reduce):
         predicted = model.predict(sample.shape).elapsed_seconds
         checks.append(StepCheck(sample.scenario, _kind(sample.shape), len(sample.shape.sequences),
                                 sample.shape.num_tokens, sample.seconds, predicted))
@@ -97,6 +112,7 @@ def measure_run(engine, requests: list[TimedRequest]) -> dict:
 
     pending = sorted(requests, key=lambda r: r.arrival_time)
     records: dict[str, dict] = {}
+    steps: list = []  # (batch shape, wall seconds) of every step, when the executor records shapes
     started = time.time()
     next_index = 0
     while next_index < len(pending) or engine.has_unfinished_requests():
@@ -112,7 +128,12 @@ def measure_run(engine, requests: list[TimedRequest]) -> dict:
         if not engine.has_unfinished_requests():
             time.sleep(max(0.0, pending[next_index].arrival_time - (time.time() - started)))
             continue
-        for output in engine.step():
+        step_started = time.perf_counter()
+        outputs = engine.step()
+        shape = getattr(engine.core.executor, "last_shape", None)
+        if shape is not None and engine.core.last_step.num_sequences:
+            steps.append((shape, time.perf_counter() - step_started))
+        for output in outputs:
             record = records[output.request_id]
             produced = sum(len(completion.token_ids) for completion in output.outputs)
             if produced:
@@ -128,6 +149,7 @@ def measure_run(engine, requests: list[TimedRequest]) -> dict:
         "ttft_s": percentiles([r["first"] - r["arrival"] for r in done]),
         "tpot_s": percentiles([(r["last"] - r["first"]) / (r["tokens"] - 1) for r in done if r["tokens"] > 1]),
         "output_tokens": tokens,
+        "steps": steps,
     }
 
 
@@ -145,8 +167,11 @@ def simulate_like_engine(engine, profile: DeviceProfile, requests: list[TimedReq
 
 def compare_run(engine, profile: DeviceProfile, requests: list[TimedRequest], repeats: int = 3) -> dict:
     """Measured (median of ``repeats`` runs by throughput) vs simulated for one workload."""
+    from joule.perf.calibrate import wait_for_quiet
+
     runs = []
     for _ in range(repeats):
+        wait_for_quiet()
         runs.append(measure_run(engine, requests))
         engine.block_manager.reset_prefix_cache()
     runs.sort(key=lambda run: run["output_throughput"])
@@ -160,6 +185,13 @@ def compare_run(engine, profile: DeviceProfile, requests: list[TimedRequest], re
         m, s = measured[key]["p50"], simulated[key]["p50"]
         comparison[f"{key}_p50"] = {"measured": m, "simulated": s, "error": (s - m) / m}
     comparison["all_measured_throughputs"] = [run["output_throughput"] for run in runs]
+    if measured["steps"]:
+        model = StepModel(engine.model_config, profile)
+        checks = [StepCheck("run", _kind(shape), len(shape.sequences), shape.num_tokens, seconds,
+                            model.predict(shape).elapsed_seconds) for shape, seconds in measured["steps"]]
+        comparison["run_steps"] = {key: value for key, value in summarize_checks(checks).items() if key != "by_scenario"}
+        comparison["run_steps"]["measured_total_s"] = sum(c.measured_s for c in checks)
+        comparison["run_steps"]["predicted_total_s"] = sum(c.predicted_s for c in checks)
     return comparison
 
 

@@ -1,0 +1,91 @@
+"""Calibration fitting without torch: recover a known profile from synthetic measurements."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from joule.model.config import ModelConfig
+from joule.perf.calibrate import Measurements, StepSample, fit_profile, gemm_curves
+from joule.perf.fitting import fit_gemm_curve, nonnegative_least_squares
+from joule.perf.step_model import BatchShape, SequenceWork, StepModel, gemm_count, layer_gemm_shapes
+
+
+def model_config() -> ModelConfig:
+    return ModelConfig(architecture="LlamaForCausalLM", vocab_size=8000, hidden_size=256, intermediate_size=768,
+                       num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+
+
+def test_nonnegative_least_squares_drops_negative_coefficients():
+    matrix = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    assert nonnegative_least_squares(matrix, np.array([2.0, 3.0, 5.0])) == pytest.approx([2.0, 3.0])
+    assert nonnegative_least_squares(matrix, np.array([2.0, -3.0, -1.0])) == pytest.approx([0.5, 0.0])
+
+
+def test_gemm_curve_fit_recovers_peak_and_half_point():
+    rows = np.array([1, 4, 16, 32, 64, 256, 1024, 2048], dtype=float)
+    flops = 2.0 * rows * 512 * 512
+    nbytes = 4.0 * (512 * 512 + 2 * rows * 512)
+    seconds = np.maximum(flops / (250e9 * rows / (rows + 32)), nbytes / 20e9)
+    peak, half = fit_gemm_curve(rows, flops, nbytes, seconds, 20e9)
+    assert peak == pytest.approx(250e9, rel=0.05)
+    assert half == pytest.approx(32, rel=0.15)
+
+
+def synthetic_measurements(config: ModelConfig, true_model: StepModel) -> Measurements:
+    gemms = []
+    for rows in (1, 4, 16, 64, 256, 1024):
+        for _, k, n in layer_gemm_shapes(config):
+            gemms.append((rows, k, n, gemm_count(rows, k, n, 4).flops / (200e9 * rows / (rows + 16))))
+        gemms.append((rows, config.hidden_size, config.vocab_size, 2.0 * rows * 256 * 8000 / 50e9))
+    shapes = [BatchShape.prefill([n]) for n in (32, 300, 900, 2000)]
+    shapes += [BatchShape.prefill([200] * 3), BatchShape.prefill([100] * 8)]
+    shapes += [BatchShape.decode(b, c) for b in (1, 4, 16, 48) for c in (30, 400, 1500)]
+    shapes += [BatchShape([SequenceWork(1, 100, True)] * b + [SequenceWork(p, 0, True)]) for b in (4, 20) for p in (64, 500)]
+    steps = []
+    for index, shape in enumerate(shapes):
+        seconds = true_model.predict(shape).elapsed_seconds
+        if index == 3:
+            seconds *= 3.0  # one step slowed by another job: the fit must shrug it off
+        steps.append(StepSample("synthetic", shape, seconds, seconds - 0.002))
+    return Measurements("CPU-2core", "float32", bandwidth=20e9, gemms=gemms, attention_flops=80e9, steps=steps)
+
+
+def test_fit_recovers_scales_and_overheads_from_engine_steps():
+    config = model_config()
+    measured = synthetic_measurements(config, StepModel(config, _true_profile(config)))
+    fitted = fit_profile(config, measured)
+    truth = _true_profile(config)
+    assert fitted.step_overhead_s == pytest.approx(0.002)
+    assert fitted.scales["linear"] == pytest.approx(1.0, rel=0.1)
+    assert fitted.scales["attention_decode"] == pytest.approx(truth.scales["attention_decode"], rel=0.15)
+    assert fitted.prefill_sequence_layer_overhead_s == pytest.approx(truth.prefill_sequence_layer_overhead_s, rel=0.2)
+    model = StepModel(config, fitted)
+    errors = [abs(model.predict(s.shape).elapsed_seconds / s.seconds - 1) for i, s in enumerate(measured.steps) if i != 3]
+    assert np.median(errors) < 0.02
+    # Measurements survive a JSON round trip (refits need no torch).
+    again = Measurements.from_dict(json.loads(json.dumps(dataclasses.asdict(measured))))
+    assert again.steps[5].shape == measured.steps[5].shape
+    assert fit_profile(config, again).scales == pytest.approx(fitted.scales)
+
+
+def _true_profile(config: ModelConfig):
+    measured = Measurements("CPU-2core", "float32", bandwidth=20e9, attention_flops=80e9, gemms=[])
+    for rows in (1, 4, 16, 64, 256, 1024):
+        for _, k, n in layer_gemm_shapes(config):
+            measured.gemms.append((rows, k, n, gemm_count(rows, k, n, 4).flops / (200e9 * rows / (rows + 16))))
+        measured.gemms.append((rows, config.hidden_size, config.vocab_size, 2.0 * rows * 256 * 8000 / 50e9))
+    layer_curve, head_curve = gemm_curves(config, measured)
+    from joule.perf.calibrate import base_profile
+
+    profile = base_profile(config, measured)
+    assert profile.gemm_curve == layer_curve and profile.lm_head_curve == head_curve
+    profile.scales = {**profile.scales, "attention_decode": 1.6, "attention_prefill": 0.8}
+    profile.step_overhead_s = 0.002
+    profile.layer_overhead_s = 3e-4
+    profile.sequence_overhead_s = 1e-4
+    profile.prefill_sequence_layer_overhead_s = 2e-4
+    return profile
