@@ -20,6 +20,7 @@ class EngineConfig:
     seed: int = 0
     load_format: str = "auto"
     tokenizer: str | None = None
+    scheduling_policy: str = "fcfs"
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "max_num_batched_tokens", "kv_cache_memory_bytes"):
@@ -32,6 +33,10 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
+        from joule.engine.policies import POLICIES
+
+        if self.scheduling_policy not in POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {', '.join(POLICIES)}, got {self.scheduling_policy!r}.")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}.")
 

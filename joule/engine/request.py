@@ -47,6 +47,7 @@ class Request:
     eos_token_ids: frozenset[int] = frozenset()
     arrival_time: float = 0.0
     priority: int = 0
+    tenant: str | None = None  # who is billed for fairness (the API's ``user``)
     cache_salt: str | None = None
     # Siblings of an n > 1 request share a group; later siblings wait for the
     # first one's prompt so they reuse its cached blocks.

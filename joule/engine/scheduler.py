@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from joule.engine.kv_blocks import KVBlockManager
 from joule.engine.plan import ScheduledSequence, StepPlan, StepResult
+from joule.engine.policies import POLICIES, make_policy
 from joule.engine.request import Request, RequestStatus
 
 
@@ -25,12 +26,15 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_model_len: int = 2048
+    policy: str = "fcfs"
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}.")
 
 
 class Scheduler:
@@ -41,6 +45,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.policy = make_policy(config.policy)
 
     # -- queue management -----------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -65,6 +70,7 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        self.policy.on_added(request, self.waiting, self.running)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -114,7 +120,7 @@ class Scheduler:
                 continue  # preempted earlier in this step
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             while not self.block_manager.allocate(request, num_new):
-                victim = self.running[-1]
+                victim = self.policy.choose_victim(self.running)
                 budget += self._preempt(victim, plan, scheduled)
                 if victim is request:
                     break
@@ -128,16 +134,26 @@ class Scheduler:
 
     def _admit_waiting(self, budget: int, plan: StepPlan, scheduled: dict, now: float) -> int:
         size = self.block_manager.block_size
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[0]
+        while self.waiting and budget > 0:
+            request = self.policy.next_waiting(self.waiting)
             if self._waits_for_sibling(request):
                 break
+            if len(self.running) >= self.config.max_num_seqs:
+                refund = self._preempt_for(request, plan, scheduled)
+                if refund is None:
+                    break
+                budget += refund
+                continue
             cached_blocks = self.block_manager.find_cached_prefix(request)
             num_computed = len(cached_blocks) * size
             num_new = min(request.num_tokens - num_computed, budget)
             if not self.block_manager.allocate(request, num_new, cached_blocks):
-                break
-            self.waiting.popleft()
+                refund = self._preempt_for(request, plan, scheduled)
+                if refund is None:
+                    break
+                budget += refund
+                continue
+            self.waiting.remove(request)
             self.block_manager.record_lookup(request.num_tokens, num_computed)
             request.num_computed_tokens = num_computed
             if request.num_cached_tokens < 0:
@@ -149,6 +165,15 @@ class Scheduler:
             budget -= num_new
             self._add_to_plan(request, num_new, plan, scheduled)
         return budget
+
+    def _preempt_for(self, candidate: Request, plan: StepPlan, scheduled: dict) -> int | None:
+        """Preempt a running request the policy ranks below ``candidate``; None if there is none."""
+        if not self.running:
+            return None
+        victim = self.policy.choose_victim(self.running)
+        if not self.policy.may_preempt_for(candidate, victim):
+            return None
+        return self._preempt(victim, plan, scheduled)
 
     def _waits_for_sibling(self, request: Request) -> bool:
         """A later sample of an n > 1 request waits until a sibling's prompt is cached."""
@@ -170,6 +195,7 @@ class Scheduler:
         )
         plan.sequences.append(sequence)
         scheduled[request.request_id] = sequence
+        self.policy.on_scheduled(request, num_new, is_decode=num_new == 1 and start >= request.num_prompt_tokens)
 
     def _preempt(self, victim: Request, plan: StepPlan, scheduled: dict) -> int:
         """Preempt ``victim``; returns the budget it gives back if it was already planned."""

@@ -1,0 +1,137 @@
+"""Scheduling policies: priority preemption and per-tenant fairness, on the real scheduler."""
+
+from __future__ import annotations
+
+import pytest
+
+from joule.engine.core import EngineCore
+from joule.engine.kv_blocks import KVBlockManager
+from joule.engine.plan import StepResult
+from joule.engine.policies import make_policy
+from joule.engine.request import Request, RequestStatus, SampledToken
+from joule.engine.scheduler import SchedulerConfig
+from joule.sampling_params import SamplingParams
+
+
+class TokenPerRequestExecutor:
+    """A token that depends only on the request's own history, so scheduling never changes outputs."""
+
+    def execute(self, plan):
+        sampled = {}
+        for sequence in plan.sequences:
+            if sequence.samples:
+                request = sequence.request
+                sampled[request.request_id] = SampledToken(10 + hash((request.request_id, request.num_tokens)) % 90)
+        return StepResult(sampled=sampled)
+
+
+def _engine(policy: str, max_num_seqs: int = 2, num_blocks: int = 64) -> EngineCore:
+    config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=64, max_model_len=256, policy=policy)
+    return EngineCore(config, KVBlockManager(num_blocks, 4), TokenPerRequestExecutor(), clock=lambda: 0.0)
+
+
+def _request(request_id: str, priority: int = 0, tenant: str | None = None, max_tokens: int = 6) -> Request:
+    return Request(request_id, [1, 2, 3, 4, 5], SamplingParams(max_tokens=max_tokens, ignore_eos=True), max_tokens,
+                   priority=priority, tenant=tenant, arrival_time=0.0)
+
+
+def _run(engine: EngineCore, max_steps: int = 500) -> list[str]:
+    """Step to the end; returns request ids in the order they finished."""
+    finished = []
+    for _ in range(max_steps):
+        if not engine.has_unfinished_requests():
+            return finished
+        finished.extend(r.request_id for r in engine.step() if r.is_finished)
+    raise AssertionError("engine did not finish")
+
+
+def test_unknown_policy_names_the_choices():
+    with pytest.raises(ValueError, match="fcfs"):
+        SchedulerConfig(policy="random")
+    with pytest.raises(ValueError, match="priority"):
+        make_policy("lifo")
+
+
+def test_priority_admits_the_most_urgent_first():
+    engine = _engine("priority", max_num_seqs=1)
+    for request_id, priority in [("low", 5), ("mid", 1), ("high", 0)]:
+        engine.add_request(_request(request_id, priority))
+    assert _run(engine) == ["high", "mid", "low"]
+
+
+def test_priority_preempts_a_running_lower_priority_request_and_outputs_do_not_change():
+    solo = _engine("fcfs", max_num_seqs=1)
+    background, urgent = _request("background", priority=3, max_tokens=20), _request("urgent", priority=0)
+    solo.add_request(background)
+    _run(solo)
+    solo_tokens = list(background.output_token_ids)
+
+    engine = _engine("priority", max_num_seqs=1)
+    background = _request("background", priority=3, max_tokens=20)
+    engine.add_request(background)
+    for _ in range(4):
+        engine.step()
+    assert background.status == RequestStatus.RUNNING and background.num_output_tokens > 0
+    engine.add_request(urgent)
+    engine.step()
+    assert urgent.status == RequestStatus.RUNNING
+    assert background.status == RequestStatus.PREEMPTED and background.num_preemptions == 1
+    assert _run(engine) == ["urgent", "background"]
+    assert background.output_token_ids == solo_tokens
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_equal_priority_never_preempts():
+    engine = _engine("priority", max_num_seqs=1)
+    first = _request("first", priority=1, max_tokens=10)
+    engine.add_request(first)
+    engine.step()
+    engine.add_request(_request("second", priority=1))
+    engine.step()
+    assert first.status == RequestStatus.RUNNING and first.num_preemptions == 0
+
+
+def _first_token_steps(policy: str) -> dict[str, int]:
+    engine = _engine(policy, max_num_seqs=2, num_blocks=256)
+    for index in range(12):
+        engine.add_request(_request(f"heavy-{index}", tenant="heavy", max_tokens=8))
+    engine.step()
+    for index in range(2):
+        engine.add_request(_request(f"light-{index}", tenant="light", max_tokens=8))
+    first_token: dict[str, int] = {}
+    step = 1
+    while engine.has_unfinished_requests():
+        for request in engine.step():
+            if request.num_output_tokens and request.request_id not in first_token:
+                first_token[request.request_id] = step
+        step += 1
+    return first_token
+
+
+def test_fair_policy_serves_a_light_tenant_while_a_heavy_one_floods():
+    fair = _first_token_steps("fair")
+    fcfs = _first_token_steps("fcfs")
+    light_fair = max(fair["light-0"], fair["light-1"])
+    light_fcfs = max(fcfs["light-0"], fcfs["light-1"])
+    assert light_fair < light_fcfs / 3
+    # The light tenant is not starved, and the heavy tenant still finishes everything.
+    assert all(f"heavy-{index}" in fair for index in range(12))
+
+
+def test_fair_counters_charge_decode_tokens_double():
+    policy = make_policy("fair")
+    request = _request("a", tenant="t")
+    policy.on_scheduled(request, 5, is_decode=False)
+    policy.on_scheduled(request, 1, is_decode=True)
+    assert policy.counters["t"] == 5 + 2
+
+
+def test_returning_tenant_does_not_bank_credit_while_idle():
+    engine = _engine("fair", max_num_seqs=1, num_blocks=256)
+    for index in range(4):
+        engine.add_request(_request(f"busy-{index}", tenant="busy"))
+    for _ in range(20):
+        engine.step()
+    engine.add_request(_request("late", tenant="late"))
+    counters = engine.scheduler.policy.counters
+    assert counters["late"] == pytest.approx(counters["busy"])
