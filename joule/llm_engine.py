@@ -16,6 +16,7 @@ from joule.engine.core import EngineCore
 from joule.engine.kv_blocks import KVBlockManager
 from joule.engine.request import Request, RequestStatus
 from joule.engine.scheduler import SchedulerConfig
+from joule.energy import AttributionWeights, EnergyLedger, EnergyMeter, select_energy_meter
 from joule.model.loader import load_model
 from joule.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from joule.runtime.attention.base import KVCache
@@ -61,7 +62,8 @@ class _RequestState:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, energy_meter: EnergyMeter | None = None):
+        """``energy_meter`` overrides the meter chosen for the device (tests inject a fake one)."""
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
@@ -92,8 +94,13 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=batched_tokens,
             max_model_len=self.max_model_len,
+            policy=config.scheduling_policy,
         )
-        self.core = EngineCore(scheduler_config, self.block_manager, executor)
+        self.energy_meter = energy_meter if energy_meter is not None else select_energy_meter(self.device)
+        self.energy_ledger = EnergyLedger(
+            self.energy_meter, AttributionWeights.for_hidden_size(self.model_config.hidden_size), clock=time.time
+        )
+        self.core = EngineCore(scheduler_config, self.block_manager, executor, step_observer=self.energy_ledger)
         self.eos_token_ids = _eos_ids(self.tokenizer, self.model_config)
         self._states: dict[str, _RequestState] = {}
         self._sample_owner: dict[str, tuple[_RequestState, int]] = {}
@@ -104,8 +111,8 @@ class LLMEngine:
         )
 
     @classmethod
-    def from_kwargs(cls, **kwargs) -> "LLMEngine":
-        return cls(EngineConfig.from_kwargs(**kwargs))
+    def from_kwargs(cls, energy_meter: EnergyMeter | None = None, **kwargs) -> "LLMEngine":
+        return cls(EngineConfig.from_kwargs(**kwargs), energy_meter=energy_meter)
 
     def _choose_max_model_len(self) -> int:
         model_limit = self.model_config.max_position_embeddings
@@ -190,6 +197,7 @@ class LLMEngine:
         for sample in state.samples:
             self.core.abort_request(sample.request.request_id)
             self._sample_owner.pop(sample.request.request_id, None)
+            self.energy_ledger.release(sample.request.request_id)  # its joules stay in the attributed total
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._states)
@@ -219,6 +227,7 @@ class LLMEngine:
                 self._states.pop(state.request_id, None)
                 for sample in state.samples:
                     self._sample_owner.pop(sample.request.request_id, None)
+                    self.energy_ledger.release(sample.request.request_id)
         return outputs
 
     def _advance_sample(self, state: _RequestState, sample: _Sample, now: float) -> None:
@@ -259,6 +268,8 @@ class LLMEngine:
         if kind == RequestOutputKind.FINAL_ONLY and not finished:
             return None
         delta = kind == RequestOutputKind.DELTA
+        state.metrics.energy_joules = sum(self.energy_ledger.joules_of(s.request.request_id) for s in state.samples)
+        state.metrics.energy_source = self.energy_ledger.source
         completions = []
         for index, sample in enumerate(state.samples):
             token_ids = sample.request.output_token_ids[: sample.num_tokens_seen]
