@@ -89,6 +89,8 @@ def add_perf_commands(subparsers) -> None:
     calibrate.add_argument("--hardware", default=None, help="catalog kind (default: detected)")
     calibrate.add_argument("--output", default=None, help="profile path (default: joule/perf/profiles/KIND-DTYPE.json)")
     calibrate.add_argument("--measurements", default=None, help="also save raw measurements (JSON)")
+    calibrate.add_argument("--refit", default=None,
+                           help="comma-separated saved measurement files: merge (fastest of each) and fit, no measuring")
     calibrate.set_defaults(perf_handler=run_calibrate)
     validate.add_argument("--profile", required=True)
     validate.add_argument("--offline", default="32,128,64", help="NUM_PROMPTS,INPUT_LEN,OUTPUT_LEN ('' to skip)")
@@ -223,7 +225,13 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from joule.perf.profile import PROFILE_DIR, shipped_profile_path
 
     started = time.perf_counter()
-    profile, measured = calibrate(args.model, args.dtype, args.device, args.load_format, args.hardware, args.repeats)
+    if args.refit:
+        from joule.perf.calibrate import refit
+
+        profile, measured = refit(_csv(args.refit), args.model)
+    else:
+        profile, measured = calibrate(args.model, args.dtype, args.device, args.load_format, args.hardware,
+                                      args.repeats)
     output = Path(args.output) if args.output else shipped_profile_path(profile.hardware, profile.dtype)
     if not args.output:
         PROFILE_DIR.mkdir(exist_ok=True)

@@ -206,9 +206,10 @@ class StepModel:
             linear.flops += count.flops
             linear.bytes += count.bytes
             is_lm_head = index == len(gemms) - 1 and batch.num_sampled > 0
+            # Measured curves come from one cache-resident weight: the roofline's bytes term adds
+            # what streaming every layer's weights from memory costs at small M.
             compute = count.flops / profile.gemm_rate(rows, lm_head=is_lm_head)
-            # A measured curve already includes the GEMM's own memory traffic.
-            linear_seconds += compute if profile.has_measured_gemms else max(compute, count.bytes / bandwidth)
+            linear_seconds += max(compute, count.bytes / bandwidth)
         counts["linear"], seconds["linear"] = linear, linear_seconds
         prefill, decode = count_attention(self.config, batch, element_bytes, profile)
         for name, count in (("attention_prefill", prefill), ("attention_decode", decode)):

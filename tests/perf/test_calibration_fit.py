@@ -89,3 +89,21 @@ def _true_profile(config: ModelConfig):
     profile.sequence_overhead_s = 1e-4
     profile.prefill_sequence_layer_overhead_s = 2e-4
     return profile
+
+
+def test_merging_runs_keeps_the_fastest_of_each_measurement():
+    from joule.perf.calibrate import merge_measurements
+
+    config = model_config()
+    base = synthetic_measurements(config, StepModel(config, _true_profile(config)))
+    slowed = dataclasses.replace(
+        base, bandwidth=10e9, attention_flops=40e9,
+        gemms=[(m, k, n, seconds * 2) for m, k, n, seconds in base.gemms],
+        steps=[dataclasses.replace(step, seconds=step.seconds * (1.5 if i % 2 else 1.0)) for i, step in enumerate(base.steps)],
+    )
+    merged = merge_measurements([slowed, base])
+    assert merged.bandwidth == 20e9 and merged.attention_flops == 80e9
+    assert sorted(merged.gemms) == sorted(base.gemms)
+    assert [s.seconds for s in merged.steps] == [s.seconds for s in base.steps]
+    with pytest.raises(ValueError, match="one hardware"):
+        merge_measurements([base, dataclasses.replace(base, dtype="bfloat16")])
