@@ -203,3 +203,16 @@ class DecodeGraphRunner:
             device[:size].copy_(host[:size], non_blocking=True)
         if self._copied is not None:
             self._copied.record()
+
+
+def enable_engine_cuda_graphs(engine, enforce_eager: bool = False) -> bool:
+    """Capture decode graphs for an ``LLMEngine`` whose executor was built without them.
+
+    Until the engine passes ``max_model_len``/``max_num_seqs`` to its executor itself, benchmarks
+    call this; it is a no-op (True) when graphs are already captured.
+    """
+    executor = engine.core.executor
+    if executor.graph_runner is not None:
+        return executor.use_cuda_graphs
+    enforce_eager = enforce_eager or bool(getattr(engine.config, "enforce_eager", False))
+    return executor.enable_cuda_graphs(engine.max_model_len, engine.config.max_num_seqs, enforce_eager)

@@ -1,0 +1,153 @@
+"""One GPU call: decode CUDA graphs checked against eager, then the issue-3 workloads timed.
+
+Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/engine_bench.py [out.json]
+(a) float32 greedy tokens, graphs vs eager, Llama-3.2-1B shape, 32 mixed prompts;
+(b) workload 1: Llama-3.2-1B bf16, batch 1, 128 -> 256: decode tok/s and % of the copy-bandwidth roofline;
+(c) workload 2: Qwen3-0.6B bf16, 256 requests, input/output lengths uniform in [100, 1024], ignore_eos;
+(d) 256 x (512 -> 128), Llama-3.2-1B bf16; (e) Llama-3.1-8B on workload 2 when time is left.
+Weights are random (``load_format="dummy"``); every workload has a fixed seed.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import random
+import sys
+import time
+import traceback
+
+import torch
+
+from joule.bench.latency import measure_latency, print_latency_table
+from joule.bench.workload import fixed_length_workload, uniform_length_workload
+from joule.llm_engine import LLMEngine
+from joule.runtime.cuda_graphs import enable_engine_cuda_graphs
+from joule.sampling_params import RequestOutputKind, SamplingParams
+
+LLAMA_1B, QWEN3_06B, LLAMA_8B = ("benchmarks/configs/llama-3.2-1b", "benchmarks/configs/qwen3-0.6b",
+                                 "benchmarks/configs/llama-3.1-8b")
+STARTED = time.perf_counter()
+
+
+def generate(engine: LLMEngine, prompts: list[list[int]], output_lens: list[int]) -> tuple[list[list[int]], float]:
+    """Greedy, ignore_eos; returns tokens in prompt order and wall seconds."""
+    engine.block_manager.reset_prefix_cache()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    tag = time.monotonic_ns()
+    for index, (prompt, length) in enumerate(zip(prompts, output_lens)):
+        params = SamplingParams(temperature=0.0, max_tokens=length, ignore_eos=True,
+                                output_kind=RequestOutputKind.FINAL_ONLY)
+        engine.add_request(f"{tag}-{index}", {"prompt_token_ids": prompt}, params)
+    results = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            results[output.request_id] = list(output.outputs[0].token_ids)
+    torch.cuda.synchronize()
+    return [results[f"{tag}-{index}"] for index in range(len(prompts))], time.perf_counter() - started
+
+
+def build(model: str, **kwargs) -> tuple[LLMEngine, bool, float]:
+    engine = LLMEngine.from_kwargs(model=model, load_format="dummy", **kwargs)
+    started = time.perf_counter()
+    try:
+        graphs = enable_engine_cuda_graphs(engine)
+    except Exception:  # report and carry on eagerly, so the other numbers still come back
+        traceback.print_exc()
+        graphs = False
+    return engine, graphs, time.perf_counter() - started
+
+
+def release(engine: LLMEngine) -> None:
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def throughput(engine: LLMEngine, requests) -> dict:
+    generate(engine, [requests[0].prompt_token_ids[:32]] * 4, [4] * 4)  # warm-up
+    _, seconds = generate(engine, [r.prompt_token_ids for r in requests], [r.output_len for r in requests])
+    output_tokens = sum(r.output_len for r in requests)
+    return {"output_tok_per_s": output_tokens / seconds, "seconds": seconds, "output_tokens": output_tokens}
+
+
+def main() -> None:
+    out_path = sys.argv[1] if len(sys.argv) > 1 else "engine_bench.json"
+    device = torch.cuda.get_device_name()
+    print(device, torch.__version__, flush=True)
+    rows: list[tuple[str, str]] = []
+    raw: dict = {"device": device, "torch": torch.__version__}
+
+    # (a) graphs == eager, float32, chunked prefill so decode batch sizes vary step to step.
+    engine, graphs, capture_s = build(LLAMA_1B, dtype="float32", max_model_len=2048, max_num_seqs=32,
+                                      max_num_batched_tokens=512, kv_cache_memory_bytes=8 << 30)
+    generator = random.Random(0)
+    prompts = [[generator.randrange(100, 30000) for _ in range(generator.randint(1, 700))] for _ in range(32)]
+    lengths = [generator.randint(8, 40) for _ in prompts]
+    runner = engine.core.executor.graph_runner
+    replays = []
+    if runner is not None:
+        original = runner.run
+        runner.run = lambda plan: replays.append(len(plan.sequences)) or original(plan)
+    with_graphs, _ = generate(engine, prompts, lengths)
+    engine.core.executor.use_cuda_graphs = False
+    eager, _ = generate(engine, prompts, lengths)
+    same = sum(a == b for a, b in zip(with_graphs, eager))
+    rows.append(("(a) fp32 greedy graphs == eager", f"{same}/{len(prompts)} (graphs {graphs}, "
+                 f"{len(replays)} replays, {len(set(replays))} batch sizes, capture {capture_s:.1f}s)"))
+    raw["a"] = {"same": same, "total": len(prompts), "graphs": graphs, "replays": len(replays)}
+    print(rows[-1], flush=True)
+    release(engine)
+
+    # (b) + (d): Llama-3.2-1B bf16.
+    engine, graphs, capture_s = build(LLAMA_1B, dtype="bfloat16", max_model_len=4096)
+    print("capture s", capture_s, "KV tokens", engine.kv_capacity_tokens, flush=True)
+    vocab = engine.model_config.vocab_size
+    prompt = fixed_length_workload(1, 128, 256, vocab, seed=1)[0].prompt_token_ids
+    latency = []
+    for use_graphs in (graphs, False) if graphs else (False,):
+        engine.core.executor.use_cuda_graphs = use_graphs
+        result = measure_latency(engine, [prompt], 256, num_iters=2)
+        result.update(model="llama-3.2-1b bf16", cuda_graphs=use_graphs)
+        latency.append(result)
+    print_latency_table(latency)
+    for result in latency:
+        rows.append((f"(b) 1B bs1 128->256 decode tok/s, graphs={result['cuda_graphs']}",
+                     f"{result['decode_tok_per_s']:.1f} ({result['ms_per_step']:.3f} ms/step, "
+                     f"{100 * result['roofline_fraction']:.1f}% of {result['roofline_ms_per_step']:.3f} ms roofline)"))
+        rows.append((f"(b) end-to-end tok/s incl. prefill, graphs={result['cuda_graphs']}",
+                     f"{result['end_to_end_tok_per_s']:.1f}"))
+    raw["b"] = latency
+    engine.core.executor.use_cuda_graphs = graphs
+    result = throughput(engine, fixed_length_workload(256, 512, 128, vocab, seed=2))
+    rows.append(("(d) 1B 256x(512->128) output tok/s", f"{result['output_tok_per_s']:.0f} ({result['seconds']:.2f}s)"))
+    raw["d"] = result
+    print(rows[-1], flush=True)
+    release(engine)
+
+    # (c) workload 2 on Qwen3-0.6B, then (e) on Llama-3.1-8B when time is left.
+    for label, model, budget_s in (("(c) qwen3-0.6b", QWEN3_06B, None), ("(e) llama-3.1-8b", LLAMA_8B, 230)):
+        if budget_s is not None and time.perf_counter() - STARTED > budget_s:
+            rows.append((f"{label} workload 2", "skipped (time)"))
+            continue
+        engine, graphs, capture_s = build(model, dtype="bfloat16", max_model_len=4096)
+        print(label, "capture s", capture_s, "KV tokens", engine.kv_capacity_tokens, flush=True)
+        requests = uniform_length_workload(256, 100, 1024, engine.model_config.vocab_size, seed=0)
+        result = throughput(engine, requests)
+        result["graphs"] = graphs
+        rows.append((f"{label} workload 2 output tok/s", f"{result['output_tok_per_s']:.0f} "
+                     f"({result['output_tokens']} tokens, {result['seconds']:.2f}s, graphs {graphs})"))
+        raw[label[:3]] = result
+        print(rows[-1], flush=True)
+        release(engine)
+
+    print(f"\n{device}, torch {torch.__version__}, total {time.perf_counter() - STARTED:.0f}s")
+    for name, value in rows:
+        print(f"{name:<52}{value}")
+    with open(out_path, "w") as handle:
+        json.dump(raw, handle, indent=2, default=str)
+
+
+if __name__ == "__main__":
+    main()
