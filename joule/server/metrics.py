@@ -7,6 +7,7 @@ prometheus-client's metric objects are themselves thread-safe for the scrape.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -15,6 +16,9 @@ from joule.outputs import RequestOutput
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                     10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+_JOULES_PER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0,
+                             50.0, 100.0)
+_POWER_WINDOW_SECONDS = 60.0
 _REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                     120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 
@@ -23,6 +27,28 @@ _REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30
 class _RequestTiming:
     arrival_time: float
     last_token_time: float | None = None
+    num_tokens: int = 0
+    energy_counted: float = 0.0
+
+
+class _PowerWindow:
+    """Joules counted over the last ``window`` seconds, for an average power that follows the load."""
+
+    def __init__(self, window: float = _POWER_WINDOW_SECONDS):
+        self.window = window
+        self.total = 0.0
+        self._points: deque[tuple[float, float]] = deque()
+
+    def add(self, now: float, joules: float) -> float | None:
+        """Count ``joules`` at ``now``; returns the average watts over the window once it spans some time."""
+        self.total += joules
+        self._points.append((now, self.total))
+        while len(self._points) > 2 and now - self._points[1][0] >= self.window:
+            self._points.popleft()
+        (first_time, first_total), (last_time, last_total) = self._points[0], self._points[-1]
+        if last_time <= first_time:
+            return None
+        return (last_total - first_total) / (last_time - first_time)
 
 
 class ServerMetrics:
@@ -59,6 +85,20 @@ class ServerMetrics:
         self.itl = histogram("joule:inter_token_latency_seconds", "Time between output tokens.", _LATENCY_BUCKETS)
         self.e2e = histogram("joule:e2e_request_latency_seconds", "Arrival to finish.", _REQUEST_BUCKETS)
         self.queue_time = histogram("joule:request_queue_time_seconds", "Arrival to first scheduled.", _REQUEST_BUCKETS)
+        energy_labels = ["model_name", "source"]  # source: measured (a hardware counter) or estimated
+        self.energy_total = Counter(
+            "joule:energy_joules", "Joules charged to requests (step energy plus their share of idle energy).",
+            energy_labels, registry=self.registry,
+        )
+        self.energy_per_token = Histogram(
+            "joule:energy_joules_per_output_token", "A finished request's joules divided by its output tokens.",
+            energy_labels, buckets=_JOULES_PER_TOKEN_BUCKETS, registry=self.registry,
+        )
+        self.average_power = Gauge(
+            "joule:average_power_watts", f"Joules charged to requests per second over the last "
+            f"{_POWER_WINDOW_SECONDS:.0f} s.", energy_labels, registry=self.registry,
+        )
+        self._power_windows: dict[str, _PowerWindow] = {}
 
     # -- engine thread -----------------------------------------------------------------------
     def set_engine_stats(self, stats) -> None:
@@ -85,6 +125,8 @@ class ServerMetrics:
             arrival = output.metrics.arrival_time if output.metrics is not None else now
             timing = self._timings[output.request_id] = _RequestTiming(arrival)
         new_tokens = sum(len(completion.token_ids) for completion in output.outputs)
+        timing.num_tokens += new_tokens
+        self._count_energy(output, timing, now)
         if new_tokens:
             self.generation_tokens.inc(new_tokens)
             if timing.last_token_time is None:
@@ -101,6 +143,23 @@ class ServerMetrics:
             for completion in output.outputs:
                 if completion.finish_reason is not None:
                     self._finished.labels(self._model_name, completion.finish_reason).inc()
+
+    def _count_energy(self, output: RequestOutput, timing: _RequestTiming, now: float) -> None:
+        """Outputs carry a request's joules so far; count what is new, and per token at the end."""
+        metrics = output.metrics
+        if metrics is None or metrics.energy_joules is None:
+            return
+        source = metrics.energy_source or "unknown"
+        new_joules = max(0.0, metrics.energy_joules - timing.energy_counted)
+        timing.energy_counted = max(timing.energy_counted, metrics.energy_joules)
+        if new_joules > 0:
+            self.energy_total.labels(self._model_name, source).inc(new_joules)
+        window = self._power_windows.setdefault(source, _PowerWindow())
+        watts = window.add(now, new_joules)
+        if watts is not None:
+            self.average_power.labels(self._model_name, source).set(watts)
+        if output.finished and timing.num_tokens > 0:
+            self.energy_per_token.labels(self._model_name, source).observe(timing.energy_counted / timing.num_tokens)
 
     def on_abort(self, request_id: str, reason: str, num_samples: int = 1) -> None:
         """Counted per sample, like finishes, so n>1 requests weigh the same either way."""

@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_serializer
 
 MAX_LOGPROBS = 20
 
@@ -140,14 +140,58 @@ class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    # Joule's extra: what the request cost, and whether a meter measured it or it is an estimate.
+    energy_joules: float | None = None
+    energy_source: str | None = None
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int) -> "UsageInfo":
+    def of(cls, prompt_tokens: int, completion_tokens: int, energy: "EnergyTally | None" = None) -> "UsageInfo":
         return cls(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
+            energy_joules=energy.joules if energy is not None else None,
+            energy_source=energy.source if energy is not None else None,
         )
+
+
+class EnergyTally:
+    """The joules of the engine requests behind one API call (one per prompt), from their latest outputs."""
+
+    def __init__(self) -> None:
+        self._by_prompt: dict[int, float] = {}
+        self.source: str | None = None
+
+    def update(self, prompt_index: int, output) -> None:
+        metrics = output.metrics
+        if metrics is not None and metrics.energy_joules is not None:
+            self._by_prompt[prompt_index] = metrics.energy_joules
+            self.source = metrics.energy_source
+
+    @property
+    def joules(self) -> float | None:
+        return sum(self._by_prompt.values()) if self._by_prompt else None
+
+    def header(self) -> dict[str, str]:
+        """``X-Joule-Energy`` (joules) and ``X-Joule-Energy-Source`` for a non-streaming response."""
+        if self.joules is None:
+            return {}
+        return {"X-Joule-Energy": f"{self.joules:.6g}", "X-Joule-Energy-Source": self.source or "unknown"}
+
+
+class _EnergyTrailer(BaseModel):
+    """Top-level ``energy_joules`` set on a stream's final content chunk only; absent from the JSON elsewhere."""
+
+    energy_joules: float | None = None
+    energy_source: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_absent_energy(self, handler):
+        data = handler(self)
+        if isinstance(data, dict) and data.get("energy_joules") is None:
+            data.pop("energy_joules", None)
+            data.pop("energy_source", None)
+        return data
 
 
 class CompletionLogprobs(BaseModel):
@@ -165,7 +209,7 @@ class CompletionChoice(BaseModel):
     stop_reason: int | str | None = None
 
 
-class CompletionResponse(BaseModel):
+class CompletionResponse(_EnergyTrailer):
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -223,7 +267,7 @@ class ChatStreamChoice(BaseModel):
     stop_reason: int | str | None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(_EnergyTrailer):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int

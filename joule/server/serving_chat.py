@@ -23,6 +23,7 @@ from joule.server.protocol import (
     ChatResponseMessage,
     ChatStreamChoice,
     ChatTokenLogprob,
+    EnergyTally,
     TopLogprob,
     UsageInfo,
     random_id,
@@ -114,6 +115,7 @@ class _Chat:
         self.created = int(time.time())
         self.choices = [_ChatChoiceState() for _ in range(body.n)]
         self.top = body.top_logprobs or 0
+        self.energy = EnergyTally()
 
     def _update(self, completion: CompletionOutput) -> list[ChatTokenLogprob] | None:
         """Fold one delta in; None when the choice had already ended (a repeated final delta)."""
@@ -131,11 +133,12 @@ class _Chat:
         return new_logprobs
 
     def _usage(self) -> UsageInfo:
-        return UsageInfo.of(self.prompt_len, sum(choice.num_tokens for choice in self.choices))
+        return UsageInfo.of(self.prompt_len, sum(choice.num_tokens for choice in self.choices), self.energy)
 
     async def collect(self) -> Response:
         try:
             async for _, output in self.engine_stream:
+                self.energy.update(0, output)
                 for completion in output.outputs:
                     self._update(completion)
         except Exception as error:
@@ -153,11 +156,14 @@ class _Chat:
         response = ChatCompletionResponse(
             id=self.request_id, model=self.model, created=self.created, choices=choices, usage=self._usage()
         )
-        return JSONResponse(response.model_dump())
+        return JSONResponse(response.model_dump(), headers=self.energy.header())
 
-    def _chunk(self, choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
-        return sse(ChatCompletionChunk(id=self.request_id, model=self.model, created=self.created,
-                                       choices=choices, usage=usage))
+    def _chunk(self, choices: list[ChatStreamChoice], usage: UsageInfo | None = None, final: bool = False) -> str:
+        """``final``: the last content chunk, which carries the request's joules as a trailing field."""
+        return sse(ChatCompletionChunk(
+            id=self.request_id, model=self.model, created=self.created, choices=choices, usage=usage,
+            energy_joules=self.energy.joules if final else None, energy_source=self.energy.source if final else None,
+        ))
 
     async def stream(self) -> AsyncIterator[str]:
         options = self.body.stream_options
@@ -167,6 +173,7 @@ class _Chat:
             for index in range(self.body.n):  # OpenAI opens every choice with the role
                 yield self._chunk([ChatStreamChoice(index=index, delta=ChatDelta(role="assistant", content=""))])
             async for _, output in self.engine_stream:
+                self.energy.update(0, output)
                 for completion in output.outputs:
                     new_logprobs = self._update(completion)
                     if new_logprobs is None:
@@ -178,7 +185,8 @@ class _Chat:
                         logprobs=ChatLogprobs(content=new_logprobs) if self.body.logprobs else None,
                         finish_reason=completion.finish_reason, stop_reason=completion.stop_reason,
                     )
-                    yield self._chunk([choice], usage=self._usage() if continuous else None)
+                    final = all(c.done for c in self.choices)
+                    yield self._chunk([choice], usage=self._usage() if continuous else None, final=final)
             if include_usage:
                 yield self._chunk([], usage=self._usage())
         except Exception as error:

@@ -16,6 +16,7 @@ from joule.server.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    EnergyTally,
     UsageInfo,
     random_id,
 )
@@ -114,6 +115,7 @@ class _Completion:
         self.prompts, self.engine_stream = prompts, stream
         self.created = int(time.time())
         self.choices = [_ChoiceState() for _ in range(len(prompts) * body.n)]
+        self.energy = EnergyTally()
 
     def _update(self, prompt_index: int, completion: CompletionOutput) -> tuple[int, _ChoiceState, bool]:
         """Fold one delta in; returns the choice index, its state and whether anything new arrived."""
@@ -136,11 +138,13 @@ class _Completion:
         return index, choice, True
 
     def _usage(self) -> UsageInfo:
-        return UsageInfo.of(sum(len(ids) for ids in self.prompts), sum(c.num_tokens for c in self.choices))
+        return UsageInfo.of(sum(len(ids) for ids in self.prompts), sum(c.num_tokens for c in self.choices),
+                            self.energy)
 
     async def collect(self) -> Response:
         try:
             async for prompt_index, output in self.engine_stream:
+                self.energy.update(prompt_index, output)
                 for completion in output.outputs:
                     self._update(prompt_index, completion)
         except Exception as error:
@@ -156,7 +160,7 @@ class _Completion:
         ]
         response = CompletionResponse(id=self.request_id, model=self.model, created=self.created, choices=choices,
                                       usage=self._usage())
-        return JSONResponse(response.model_dump())
+        return JSONResponse(response.model_dump(), headers=self.energy.header())
 
     async def stream(self) -> AsyncIterator[str]:
         options = self.body.stream_options
@@ -164,10 +168,12 @@ class _Completion:
         continuous = include_usage and options.continuous_usage_stats
         try:
             async for prompt_index, output in self.engine_stream:
+                self.energy.update(prompt_index, output)
                 for completion in output.outputs:
                     index, choice, changed = self._update(prompt_index, completion)
                     if not changed:
                         continue
+                    final = all(c.done for c in self.choices)  # the last content chunk carries the joules
                     chunk = CompletionResponse(
                         id=self.request_id, model=self.model, created=self.created,
                         choices=[CompletionChoice(
@@ -175,6 +181,8 @@ class _Completion:
                             finish_reason=completion.finish_reason, stop_reason=completion.stop_reason,
                         )],
                         usage=self._usage() if continuous else None,
+                        energy_joules=self.energy.joules if final else None,
+                        energy_source=self.energy.source if final else None,
                     )
                     yield sse(chunk)
             if include_usage:
