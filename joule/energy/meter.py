@@ -189,6 +189,13 @@ def cpu_model_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     return ""
 
 
+def _usable_cores() -> int:
+    """Cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def lookup_cpu_power(model_name: str) -> CpuPowerSpec:
     for key, spec in CPU_POWER_TABLE.items():
         if key.lower() in model_name.lower():
@@ -208,7 +215,7 @@ class CpuTimeEnergyEstimate:
     """
 
     spec: CpuPowerSpec = field(default_factory=lambda: lookup_cpu_power(cpu_model_name()))
-    num_cores: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
+    num_cores: int = field(default_factory=lambda: _usable_cores())
     idle_share: float = IDLE_SHARE_OF_TDP
     cpu_clock: Callable[[], float] = time.process_time
     wall_clock: Callable[[], float] = time.monotonic

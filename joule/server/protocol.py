@@ -188,9 +188,11 @@ class _EnergyTrailer(BaseModel):
     @model_serializer(mode="wrap")
     def _without_absent_energy(self, handler):
         data = handler(self)
-        if isinstance(data, dict) and data.get("energy_joules") is None:
-            data.pop("energy_joules", None)
-            data.pop("energy_source", None)
+        if not isinstance(data, dict):
+            return data
+        joules, source = data.pop("energy_joules", None), data.pop("energy_source", None)
+        if joules is not None:  # re-added last: a trailing field
+            data["energy_joules"], data["energy_source"] = joules, source
         return data
 
 
