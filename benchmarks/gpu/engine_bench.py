@@ -59,10 +59,26 @@ def build(model: str, **kwargs) -> tuple[LLMEngine, bool, float]:
     return engine, graphs, time.perf_counter() - started
 
 
-def release(engine: LLMEngine) -> None:
-    del engine
+def release() -> None:
+    """Free the last engine's KV cache and graph pools (the caller drops its reference first)."""
     gc.collect()
     torch.cuda.empty_cache()
+
+
+def timed_execute(engine: LLMEngine) -> list[float]:
+    """Wrap the executor so each step's execute() wall time (incl. the sampler's sync) is recorded."""
+    executor, times = engine.core.executor, []
+    original = executor.execute
+
+    def execute(plan):
+        started = time.perf_counter()
+        result = original(plan)
+        times.append(time.perf_counter() - started)
+        return result
+
+    executor.execute = execute
+    engine.core.executor = executor
+    return times
 
 
 def throughput(engine: LLMEngine, requests) -> dict:
@@ -98,7 +114,8 @@ def main() -> None:
                  f"{len(replays)} replays, {len(set(replays))} batch sizes, capture {capture_s:.1f}s)"))
     raw["a"] = {"same": same, "total": len(prompts), "graphs": graphs, "replays": len(replays)}
     print(rows[-1], flush=True)
-    release(engine)
+    engine = runner = None
+    release()
 
     # (b) + (d): Llama-3.2-1B bf16.
     engine, graphs, capture_s = build(LLAMA_1B, dtype="bfloat16", max_model_len=4096)
@@ -106,17 +123,25 @@ def main() -> None:
     vocab = engine.model_config.vocab_size
     prompt = fixed_length_workload(1, 128, 256, vocab, seed=1)[0].prompt_token_ids
     latency = []
-    for use_graphs in (graphs, False) if graphs else (False,):
+    observer = engine.core.step_observer  # the energy ledger reads NVML twice a step
+    step_times = timed_execute(engine)
+    for use_graphs, metered in ((graphs, True), (graphs, False), (False, False)):
         engine.core.executor.use_cuda_graphs = use_graphs
+        engine.core.step_observer = observer if metered else None
+        step_times.clear()
         result = measure_latency(engine, [prompt], 256, num_iters=2)
-        result.update(model="llama-3.2-1b bf16", cuda_graphs=use_graphs)
+        decode_steps = sorted(step_times)[: len(step_times) * 9 // 10]  # drop prefills
+        result.update(model=f"1b bf16 {'nvml-metered' if metered else 'unmetered'}", cuda_graphs=use_graphs,
+                      execute_ms=1e3 * sum(decode_steps) / max(1, len(decode_steps)))
         latency.append(result)
+    engine.core.step_observer = None  # throughput numbers below: no per-step NVML reads
     print_latency_table(latency)
     for result in latency:
-        rows.append((f"(b) 1B bs1 128->256 decode tok/s, graphs={result['cuda_graphs']}",
+        rows.append((f"(b) 1B bs1 decode tok/s, graphs={result['cuda_graphs']}, {result['model'][8:]}",
                      f"{result['decode_tok_per_s']:.1f} ({result['ms_per_step']:.3f} ms/step, "
-                     f"{100 * result['roofline_fraction']:.1f}% of {result['roofline_ms_per_step']:.3f} ms roofline)"))
-        rows.append((f"(b) end-to-end tok/s incl. prefill, graphs={result['cuda_graphs']}",
+                     f"{100 * result['roofline_fraction']:.1f}% of {result['roofline_ms_per_step']:.3f} ms roofline, "
+                     f"execute() {result['execute_ms']:.3f} ms)"))
+        rows.append((f"(b) e2e tok/s incl. prefill, graphs={result['cuda_graphs']}, {result['model'][8:]}",
                      f"{result['end_to_end_tok_per_s']:.1f}"))
     raw["b"] = latency
     engine.core.executor.use_cuda_graphs = graphs
@@ -124,14 +149,16 @@ def main() -> None:
     rows.append(("(d) 1B 256x(512->128) output tok/s", f"{result['output_tok_per_s']:.0f} ({result['seconds']:.2f}s)"))
     raw["d"] = result
     print(rows[-1], flush=True)
-    release(engine)
+    engine = None
+    release()
 
     # (c) workload 2 on Qwen3-0.6B, then (e) on Llama-3.1-8B when time is left.
-    for label, model, budget_s in (("(c) qwen3-0.6b", QWEN3_06B, None), ("(e) llama-3.1-8b", LLAMA_8B, 230)):
+    for label, model, budget_s in (("(c) qwen3-0.6b", QWEN3_06B, None), ("(e) llama-3.1-8b", LLAMA_8B, 150)):
         if budget_s is not None and time.perf_counter() - STARTED > budget_s:
             rows.append((f"{label} workload 2", "skipped (time)"))
             continue
         engine, graphs, capture_s = build(model, dtype="bfloat16", max_model_len=4096)
+        engine.core.step_observer = None
         print(label, "capture s", capture_s, "KV tokens", engine.kv_capacity_tokens, flush=True)
         requests = uniform_length_workload(256, 100, 1024, engine.model_config.vocab_size, seed=0)
         result = throughput(engine, requests)
@@ -140,11 +167,12 @@ def main() -> None:
                      f"({result['output_tokens']} tokens, {result['seconds']:.2f}s, graphs {graphs})"))
         raw[label[:3]] = result
         print(rows[-1], flush=True)
-        release(engine)
+        engine = None
+        release()
 
     print(f"\n{device}, torch {torch.__version__}, total {time.perf_counter() - STARTED:.0f}s")
     for name, value in rows:
-        print(f"{name:<52}{value}")
+        print(f"{name:<58}{value}")
     with open(out_path, "w") as handle:
         json.dump(raw, handle, indent=2, default=str)
 
