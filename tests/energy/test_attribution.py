@@ -8,6 +8,8 @@ import random
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from joule.energy import AttributionWeights, EnergyLedger, FakeEnergyMeter
 from joule.engine.core import EngineCore
@@ -151,3 +153,25 @@ def test_engine_core_run_conserves_metered_energy(seed):
     assert totals.step_joules + totals.idle_joules == pytest.approx(totals.metered_joules)
     finished = [request_id for request_id in admitted if request_id not in aborted]
     assert all(ledger.joules_of(request_id) > 0 for request_id in finished)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    gap=st.floats(0.0, 100.0),
+    joules=st.floats(0.0, 1e4),
+    arrivals=st.lists(st.floats(-50.0, 150.0), max_size=12),
+)
+def test_idle_gap_conserves_and_never_charges_beyond_presence(gap, joules, arrivals):
+    meter = FakeEnergyMeter()
+    ledger = EnergyLedger(meter, clock=lambda: 0.0)
+    requests = [make_request(f"r{i}", arrival) for i, arrival in enumerate(arrivals)]
+    meter.add(joules)
+    ledger.step_began(gap, requests)
+    totals = ledger.totals()
+    charged = [ledger.joules_of(request.request_id) for request in requests]
+    assert sum(charged) + totals.unattributed_joules == pytest.approx(joules, rel=1e-9, abs=1e-9)
+    assert all(share >= 0 for share in charged)
+    if gap > 0:
+        for request, share in zip(requests, charged):  # at most the full power over its time present
+            present = gap - min(max(request.arrival_time, 0.0), gap)
+            assert share <= joules * present / gap + 1e-9 * max(1.0, joules)
