@@ -22,6 +22,8 @@ from typing import Callable
 
 from joule.energy.meter import EnergyMeter
 
+_INSTANT_SECONDS = 1e-9  # gaps shorter than this are treated as instants
+
 
 @dataclass(frozen=True)
 class AttributionWeights:
@@ -162,19 +164,19 @@ class EnergyLedger:
             self._unattributed_joules += joules
             return
         length = end - start
-        if length <= 0:
+        if length <= _INSTANT_SECONDS:  # no measurable gap: an equal split, free of float underflow
             for request_id, _ in present:
                 self._charge(request_id, joules / len(present))
             return
         arrivals = sorted((min(max(arrival, start), end), request_id) for request_id, arrival in present)
-        self._unattributed_joules += joules * (arrivals[0][0] - start) / length
+        self._unattributed_joules += joules * ((arrivals[0][0] - start) / length)
         # Segment j runs from the j-th arrival to the next and is shared by the j + 1 arrived so far;
         # a request's share is the sum over the segments from its arrival on (a suffix sum).
         share_from_here = 0.0
         shares = [0.0] * len(arrivals)
         for index in range(len(arrivals) - 1, -1, -1):
             segment_end = arrivals[index + 1][0] if index + 1 < len(arrivals) else end
-            share_from_here += joules * (segment_end - arrivals[index][0]) / length / (index + 1)
+            share_from_here += joules * ((segment_end - arrivals[index][0]) / length) / (index + 1)
             shares[index] = share_from_here
         for (_, request_id), share in zip(arrivals, shares):
             self._charge(request_id, share)
