@@ -123,7 +123,7 @@ def print_latency_table(results: list[dict]) -> None:
               f"{'roofline ms':>12}{'% roofline':>11}{'GB/s copy':>10}")
     print(header)
     for r in results:
-        print(f"{str(r.get('model'))[-34:]:<34}{str(r.get('cuda_graphs')):>7}{r['batch_size']:>4}"
+        print(f"{str(r.get('model'))[-34:]:<34}{r.get('cuda_graphs')!s:>7}{r['batch_size']:>4}"
               f"{str(r['input_len']) + '->' + str(r['output_len']):>11}{r['decode_tok_per_s']:>10.1f}"
               f"{r['ms_per_step']:>9.3f}{r['roofline_ms_per_step']:>12.3f}{100 * r['roofline_fraction']:>10.1f}%"
               f"{r['copy_bandwidth_gb_per_s']:>10.0f}")

@@ -28,7 +28,12 @@ import time
 import torch
 
 from joule.engine.plan import StepPlan
-from joule.runtime.attention.base import AttentionBackend, AttentionMetadata, ForwardContext, KVCache
+from joule.runtime.attention.base import (
+    AttentionBackend,
+    AttentionMetadata,
+    ForwardContext,
+    KVCache,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,12 @@ import torch
 
 from joule.engine.plan import StepPlan, StepResult
 from joule.engine.request import Request, SampledToken
-from joule.runtime.attention.base import AttentionBackend, AttentionMetadata, ForwardContext, KVCache
+from joule.runtime.attention.base import (
+    AttentionBackend,
+    AttentionMetadata,
+    ForwardContext,
+    KVCache,
+)
 from joule.runtime.cuda_graphs import DecodeGraphRunner, graphs_disabled_reason
 from joule.runtime.sampler import Sampler, SamplingRow
 

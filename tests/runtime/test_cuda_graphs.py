@@ -15,13 +15,17 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
 
-from helpers.tiny_models import build_tiny_checkpoint  # noqa: E402
+from helpers.tiny_models import build_tiny_checkpoint
 
-from joule.llm_engine import LLMEngine  # noqa: E402
-from joule.runtime.cuda_graphs import (  # noqa: E402
-    DISABLE_ENV, DecodeGraphRunner, graph_batch_sizes, graphs_disabled_reason, padded_batch_size,
+from joule.llm_engine import LLMEngine
+from joule.runtime.cuda_graphs import (
+    DISABLE_ENV,
+    DecodeGraphRunner,
+    graph_batch_sizes,
+    graphs_disabled_reason,
+    padded_batch_size,
 )
-from joule.sampling_params import RequestOutputKind, SamplingParams  # noqa: E402
+from joule.sampling_params import RequestOutputKind, SamplingParams
 
 
 def test_ladder_follows_the_documented_sizes_and_ends_at_max_num_seqs():

@@ -22,7 +22,11 @@ import torch
 
 from joule.kernels.kv_write import write_kv_cache
 from joule.kernels.paged_decode import choose_num_splits, paged_decode_attention
-from joule.kernels.paged_prefill import build_tiles, paged_prefill_attention, rows_per_tile
+from joule.kernels.paged_prefill import (
+    build_tiles,
+    paged_prefill_attention,
+    rows_per_tile,
+)
 from joule.runtime.attention.base import AttentionBackend, AttentionMetadata, KVCache
 
 
