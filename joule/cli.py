@@ -39,6 +39,9 @@ def _build_parser() -> argparse.ArgumentParser:
     from joule.bench.throughput import add_throughput_arguments
 
     add_throughput_arguments(bench_commands.add_parser("throughput", help="offline throughput"))
+    from joule.bench.latency import add_latency_arguments
+
+    add_latency_arguments(bench_commands.add_parser("latency", help="single-stream decode vs the memory roofline"))
     add_serve_bench_arguments(bench_commands.add_parser("serve", help="load an OpenAI-compatible server"))
     return parser
 
@@ -171,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
             from joule.server.cli import run_serve
 
             return run_serve(args)
+        if args.command == "bench" and args.bench_command == "latency":
+            from joule.bench.latency import run_latency
+
+            return run_latency(args)
         if args.command == "bench" and args.bench_command == "serve":
             from joule.bench.serve import run_serve_bench
 

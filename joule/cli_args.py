@@ -21,6 +21,7 @@ _HELP = {
     "seed": "engine seed for unseeded sampling",
     "load_format": "auto, or dummy for random weights from config.json",
     "tokenizer": "tokenizer directory if not the model's",
+    "enforce_eager": "never capture CUDA graphs (decode steps replay graphs on CUDA by default)",
     "scheduling_policy": "fcfs, priority (lower value first, may preempt) or fair (per-tenant token counters)",
 }
 

@@ -21,6 +21,7 @@ class EngineConfig:
     load_format: str = "auto"
     tokenizer: str | None = None
     scheduling_policy: str = "fcfs"
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "max_num_batched_tokens", "kv_cache_memory_bytes"):

@@ -17,7 +17,7 @@ from joule.sampling_params import RequestOutputKind, SamplingParams
 logger = get_logger()
 
 # vLLM options that have no meaning here yet; accepted so scripts written for vLLM run.
-_IGNORED_VLLM_OPTIONS = {"trust_remote_code", "enforce_eager", "tensor_parallel_size", "disable_log_stats"}
+_IGNORED_VLLM_OPTIONS = {"trust_remote_code", "tensor_parallel_size", "disable_log_stats"}
 
 
 class LLM:
@@ -37,6 +37,8 @@ class LLM:
         gpu_memory_utilization: float = 0.9,
         seed: int = 0,
         load_format: str = "auto",
+        enforce_eager: bool = False,
+        scheduling_policy: str = "fcfs",
         **kwargs,
     ):
         unknown = sorted(set(kwargs) - _IGNORED_VLLM_OPTIONS)
@@ -56,6 +58,8 @@ class LLM:
             gpu_memory_utilization=gpu_memory_utilization,
             seed=seed,
             load_format=load_format,
+            enforce_eager=enforce_eager,
+            scheduling_policy=scheduling_policy,
         )
         self.llm_engine = LLMEngine(config)
         self._request_counter = itertools.count()

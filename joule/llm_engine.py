@@ -87,7 +87,9 @@ class LLMEngine:
 
         self.kv_cache = KVCache.allocate(layers, num_blocks, config.block_size, kv_heads, head_dim, self.dtype, self.device)
         executor = ModelExecutor(
-            self.model, self.kv_cache, select_attention_backend(self.device), Sampler(config.seed, self.device), self.device
+            self.model, self.kv_cache, select_attention_backend(self.device), Sampler(config.seed, self.device),
+            self.device, max_model_len=self.max_model_len, max_num_seqs=config.max_num_seqs,
+            enforce_eager=config.enforce_eager,
         )
         self.block_manager = KVBlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         scheduler_config = SchedulerConfig(
