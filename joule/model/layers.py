@@ -105,7 +105,11 @@ class MergedLinear(nn.Module):
 
     def __init__(self, linears: list[nn.Linear], transpose_weight: bool) -> None:
         super().__init__()
-        weight = torch.cat([linear.weight.detach() for linear in linears], dim=0)
+        # A single layer keeps its own storage (a tied embedding must not be duplicated).
+        if len(linears) == 1:
+            weight = linears[0].weight.detach()
+        else:
+            weight = torch.cat([linear.weight.detach() for linear in linears], dim=0)
         biases = [linear.bias for linear in linears]
         self.split_sizes = [linear.out_features for linear in linears]
         self.transposed = transpose_weight
