@@ -275,7 +275,10 @@ def select_energy_meter(device="cpu", powercap_root: Path = DEFAULT_POWERCAP_ROO
         if index is None and ":" in str(device):
             index = int(str(device).split(":")[1])
         try:
-            meter: EnergyMeter = NvmlEnergyMeter(index or 0)
+            from joule.energy.sampled import BackgroundSampledMeter
+
+            # NVML reads cost milliseconds: sample off the step path.
+            meter: EnergyMeter = BackgroundSampledMeter(NvmlEnergyMeter(index or 0))
             logger.info("energy: measured by %s", meter.name)
             return meter
         except Exception as error:  # no pynvml, no driver, no permission
