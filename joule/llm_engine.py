@@ -151,6 +151,7 @@ class LLMEngine:
         sampling_params: SamplingParams | None = None,
         arrival_time: float | None = None,
         priority: int = 0,
+        tenant: str | None = None,
     ) -> None:
         """Queue a request; raises ValueError naming the bad field, touching nothing else."""
         params = sampling_params if sampling_params is not None else SamplingParams()
@@ -183,6 +184,7 @@ class LLMEngine:
                 eos_token_ids=self.eos_token_ids,
                 arrival_time=arrival,
                 priority=priority,
+                tenant=tenant,
                 group_id=request_id if params.n > 1 else None,
             )
             state.samples.append(_Sample(request, self._detokenizer(prompt_ids, params)))

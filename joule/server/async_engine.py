@@ -52,6 +52,7 @@ class _Add:
     prompt_token_ids: list[int]
     params: SamplingParams
     priority: int
+    tenant: str | None
     arrival_time: float
     stream: "GenerationStream"
     index: int
@@ -160,7 +161,12 @@ class AsyncEngine:
 
     # -- called on the event loop ------------------------------------------------------------
     async def submit(
-        self, prompts: list[list[int]], params: SamplingParams, request_id: str, priority: int = 0
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        request_id: str,
+        priority: int = 0,
+        tenant: str | None = None,
     ) -> GenerationStream:
         """Queue one engine request per prompt; raises ValueError (bad request) or QueueFullError."""
         if not self.is_running:
@@ -179,7 +185,7 @@ class AsyncEngine:
         for index, (child_id, prompt_ids) in enumerate(zip(request_ids, prompts)):
             future = loop.create_future()
             accepted.append(future)
-            self._commands.put(_Add(child_id, prompt_ids, params, priority, arrival, stream, index, future))
+            self._commands.put(_Add(child_id, prompt_ids, params, priority, tenant, arrival, stream, index, future))
         added = len(prompts) * params.n
         self._pending_adds += added
         try:
@@ -237,6 +243,7 @@ class AsyncEngine:
                 command.params,
                 arrival_time=command.arrival_time,
                 priority=command.priority,
+                tenant=command.tenant,
             )
         except ValueError as error:
             self._resolve(command.accepted, error)

@@ -99,7 +99,7 @@ async def create_chat_completion(
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = build_sampling_params(body, max_tokens, logprobs)
     request_id = random_id("chatcmpl")
-    stream = await context.submit([prompt_ids], params, request_id, body.priority)
+    stream = await context.submit([prompt_ids], params, request_id, body.priority, body.user)
     handler = _Chat(body, model, request_id, len(prompt_ids), stream)
     if body.stream:
         return EventStreamResponse(handler.stream())

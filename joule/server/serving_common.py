@@ -86,9 +86,11 @@ class ServingContext:
                 f"Please reduce the prompt or {param}.", param=param,
             )
 
-    async def submit(self, prompts: list[list[int]], params: SamplingParams, request_id: str, priority: int):
+    async def submit(
+        self, prompts: list[list[int]], params: SamplingParams, request_id: str, priority: int, tenant: str | None
+    ):
         try:
-            return await self.engine.submit(prompts, params, request_id, priority)
+            return await self.engine.submit(prompts, params, request_id, priority, tenant)
         except QueueFullError as error:
             raise APIError(429, str(error), code="queue_full",
                            headers={"Retry-After": str(self.retry_after_seconds)}) from None

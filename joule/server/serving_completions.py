@@ -100,7 +100,7 @@ async def create_completion(context: ServingContext, body: CompletionRequest, ht
         context.check_context(len(ids), body.max_tokens)
     params = build_sampling_params(body, body.max_tokens, body.logprobs)
     request_id = random_id("cmpl")
-    stream = await context.submit(prompts, params, request_id, body.priority)
+    stream = await context.submit(prompts, params, request_id, body.priority, body.user)
     handler = _Completion(context, body, model, request_id, prompts, stream)
     if body.stream:
         return EventStreamResponse(handler.stream())
