@@ -246,7 +246,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
 def run_validate(args: argparse.Namespace) -> int:
     from joule.bench.workload import fixed_length_workload
     from joule.perf.arrivals import TimedRequest, WorkloadSpec, generate
-    from joule.perf.calibrate import build_engine
+    from joule.perf.measure import build_engine
     from joule.perf.profile import DeviceProfile
     from joule.perf.validate import compare_run, summarize_checks, validate_steps
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from joule.perf.arrivals import TimedRequest
-from joule.perf.calibrate import Scenario, measure_steps
+from joule.perf.measure import Scenario, measure_steps
 from joule.perf.hardware import get_hardware
 from joule.perf.metrics import percentiles
 from joule.perf.profile import DeviceProfile
@@ -73,7 +73,7 @@ def _kind(shape) -> str:
 
 def validate_steps(engine, profile: DeviceProfile, scenarios=None, repeats: int = 3, reduce=None) -> list[StepCheck]:
     """Predicted vs measured (``reduce`` over repeats, as calibration) for every step of the scenarios."""
-    from joule.perf.calibrate import default_scenarios
+    from joule.perf.measure import default_scenarios
 
     model = StepModel(engine.model_config, profile)
     checks = []
@@ -167,7 +167,7 @@ def simulate_like_engine(engine, profile: DeviceProfile, requests: list[TimedReq
 
 def compare_run(engine, profile: DeviceProfile, requests: list[TimedRequest], repeats: int = 3) -> dict:
     """Measured (median of ``repeats`` runs by throughput) vs simulated for one workload."""
-    from joule.perf.calibrate import wait_for_quiet
+    from joule.perf.measure import wait_for_quiet
 
     runs = []
     for _ in range(repeats):

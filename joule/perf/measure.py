@@ -1,0 +1,210 @@
+"""Running the real engine for measurements: scenarios, a recording executor, quiet-window timing.
+
+Shared by calibration (fit) and validation (check). Imports torch and the runtime lazily.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from joule.perf.hardware import get_hardware
+from joule.perf.step_model import BatchShape
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """Requests to run through the engine: ``prompts`` at once, ``late_prompts`` after some steps."""
+
+    name: str
+    prompts: tuple[int, ...]
+    max_tokens: int
+    late_prompts: tuple[int, ...] = ()
+    late_after_steps: int = 0
+
+
+# Compositions used to fit. Validation (validate.py) uses different ones.
+CALIBRATION_SCENARIOS = (
+    Scenario("prefill 1x48", (48,), 1),
+    Scenario("prefill 1x700", (700,), 1),
+    Scenario("prefill 3x200", (200, 200, 200), 1),
+    Scenario("chunked 1x2300", (2300,), 1),
+    Scenario("decode 1 @ 400", (400,), 6),
+    Scenario("decode 6 @ 40", (40,) * 6, 6),
+    Scenario("decode 20 @ 160", (160,) * 20, 6),
+    Scenario("decode 48 @ 24", (24,) * 48, 6),
+    Scenario("mixed 12 decodes + 300", (96,) * 12, 6, (300,), 3),
+)
+
+# On a GPU the same shapes are too small to leave the launch-bound regime: larger batches.
+GPU_CALIBRATION_SCENARIOS = (
+    Scenario("prefill 1x64", (64,), 1),
+    Scenario("prefill 1x1500", (1500,), 1),
+    Scenario("prefill 6x700", (700,) * 6, 1),
+    Scenario("chunked 1x12000", (12000,), 1),
+    Scenario("decode 1 @ 900", (900,), 8),
+    Scenario("decode 16 @ 300", (300,) * 16, 8),
+    Scenario("decode 96 @ 200", (200,) * 96, 8),
+    Scenario("decode 192 @ 1000", (1000,) * 192, 8),
+    Scenario("mixed 64 decodes + 1000", (300,) * 64, 8, (1000,), 3),
+)
+
+
+def default_scenarios(engine, validation: bool = False):
+    from joule.perf.validate import GPU_VALIDATION_SCENARIOS, VALIDATION_SCENARIOS
+
+    if engine.device.type == "cuda":
+        return GPU_VALIDATION_SCENARIOS if validation else GPU_CALIBRATION_SCENARIOS
+    return VALIDATION_SCENARIOS if validation else CALIBRATION_SCENARIOS
+
+
+@dataclass
+class StepSample:
+    scenario: str
+    shape: BatchShape
+    seconds: float  # wall time of LLMEngine.step()
+    executor_seconds: float  # the model executor's own time for the step
+
+
+class RecordingExecutor:
+    """Wraps the engine's executor to remember the batch shape of the last plan."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.last_shape: BatchShape | None = None
+
+    def execute(self, plan):
+        self.last_shape = BatchShape.from_plan(plan)
+        return self.inner.execute(plan)
+
+
+def detect_hardware() -> str:
+    """Catalog name for the current device (CUDA device name, else the CPU by core count)."""
+    import torch
+
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name().upper()
+        for key in ("H200", "H100", "A100", "L40S", "L4", "A10G"):
+            if key in name:
+                return get_hardware(key).name
+        raise ValueError(f"GPU {name!r} is not in the catalog; pass --hardware")
+    return "CPU-2core" if (os.cpu_count() or 1) <= 2 else "CPU"
+
+
+def _timed(function, repeats: int, synchronize) -> float:
+    """Fastest of ``repeats`` runs after a warm-up: other jobs on the machine only ever add time."""
+    function()
+    synchronize()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        synchronize()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def _cpu_busy_fraction(interval: float = 0.25) -> float:
+    """Share of all cores busy over ``interval`` (Linux /proc/stat); 0 where unavailable."""
+    def read():
+        with open("/proc/stat") as stat:
+            values = [int(v) for v in stat.readline().split()[1:]]
+        return sum(values), values[3] + values[4]
+
+    try:
+        total_before, idle_before = read()
+        time.sleep(interval)
+        total_after, idle_after = read()
+    except OSError:
+        return 0.0
+    total = total_after - total_before
+    return 1.0 - (idle_after - idle_before) / total if total else 0.0
+
+
+def wait_for_quiet(max_wait_s: float = 30.0, threshold: float = 0.3) -> float:
+    """Wait (up to ``max_wait_s``) until other jobs leave the CPU mostly idle; returns the busy share seen."""
+    deadline = time.monotonic() + max_wait_s
+    busy = _cpu_busy_fraction()
+    while busy > threshold and time.monotonic() < deadline:
+        time.sleep(0.5)
+        busy = _cpu_busy_fraction()
+    return busy
+
+
+def build_engine(model: str | None, dtype: str, load_format: str, device: str = "auto",
+                 max_num_batched_tokens: int | None = None, kv_cache_memory_bytes: int | None = None):
+    """An LLMEngine whose executor records each plan's batch shape (CPU: 2048-token steps, 512 MiB KV)."""
+    from joule.config import EngineConfig
+    from joule.llm_engine import LLMEngine
+    from joule.runtime.device import resolve_device
+
+    if resolve_device(device).type == "cpu":
+        max_num_batched_tokens = max_num_batched_tokens or 2048
+        kv_cache_memory_bytes = kv_cache_memory_bytes or 512 << 20
+
+    engine = LLMEngine(EngineConfig(
+        model=model, dtype=dtype, device=device, load_format=load_format,
+        max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory_bytes=kv_cache_memory_bytes,
+    ))
+    engine.core.executor = RecordingExecutor(engine.core.executor)
+    return engine
+
+
+def run_scenario(engine, scenario: Scenario, seed: int = 0) -> list[StepSample]:
+    """Run one scenario to completion; every step's batch shape and wall time."""
+    from joule.sampling_params import RequestOutputKind, SamplingParams
+
+    rng = np.random.default_rng(seed)
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(max_tokens=scenario.max_tokens, ignore_eos=True, temperature=0.0,
+                            output_kind=RequestOutputKind.FINAL_ONLY)
+    tag = f"{scenario.name}-{seed}-{time.monotonic_ns()}"
+
+    def add(lengths, prefix):
+        for index, length in enumerate(lengths):
+            ids = rng.integers(3, vocab, size=length).tolist()
+            engine.add_request(f"{tag}-{prefix}{index}", {"prompt_token_ids": ids}, params)
+
+    add(scenario.prompts, "p")
+    samples: list[StepSample] = []
+    while engine.has_unfinished_requests():
+        if scenario.late_prompts and len(samples) == scenario.late_after_steps:
+            add(scenario.late_prompts, "late")
+        started = time.perf_counter()
+        engine.step()
+        elapsed = time.perf_counter() - started
+        shape = engine.core.executor.last_shape
+        if engine.core.last_step.num_sequences:
+            samples.append(StepSample(scenario.name, shape, elapsed, engine.core.last_step.elapsed_seconds))
+    engine.block_manager.reset_prefix_cache()
+    return samples
+
+
+def default_reduce(engine):
+    """How repeats of a step combine: the minimum on a CPU (other jobs sharing its cores only ever add
+    time), the median on a GPU (host-side jitter goes both ways around what a run will see)."""
+    return statistics.median if engine.device.type == "cuda" else min
+
+
+def measure_steps(engine, scenarios, repeats: int = 3, reduce=None) -> list[StepSample]:
+    """Each scenario ``repeats`` times (after waiting for a quiet CPU); per step index, ``reduce`` of the
+    times (``default_reduce`` unless given)."""
+    reduce = reduce or default_reduce(engine)
+    run_scenario(engine, Scenario("warm-up", (64, 16), 3))
+    result: list[StepSample] = []
+    for scenario in scenarios:
+        runs = []
+        for seed in range(repeats):
+            wait_for_quiet()
+            runs.append(run_scenario(engine, scenario, seed))
+        for index, sample in enumerate(runs[0]):
+            same = [run[index] for run in runs if index < len(run) and run[index].shape == sample.shape]
+            result.append(StepSample(
+                scenario.name, sample.shape,
+                reduce(s.seconds for s in same), reduce(s.executor_seconds for s in same),
+            ))
+    return result

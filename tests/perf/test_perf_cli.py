@@ -1,0 +1,65 @@
+"""`joule simulate` / `joule plan` through the perf CLI entry point (no torch needed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from joule.perf.cli import load_model_config, main
+
+
+def test_simulate_writes_metrics_and_plots(tmp_path, capsys):
+    output = tmp_path / "run.json"
+    code = main([
+        "simulate", "--model", "qwen3-0.6b", "--hardware", "L4=1,A10G=1",
+        "--workload", "input=fixed:64,output=fixed:16,num=30", "--sweep-rates", "5,20",
+        "--slo", "ttft=500ms,tpot=0.05", "--max-model-len", "1024", "--output-json", str(output),
+        "--plot-dir", str(tmp_path), "--price", "L4=0.5",
+    ])
+    assert code == 0
+    rows = json.loads(output.read_text())
+    assert [row["offered_rate"] for row in rows] == [5.0, 20.0]
+    assert rows[0]["num_finished"] == 30 and rows[0]["hardware"] == ["L4", "A10G"]
+    assert rows[0]["output_throughput"] == pytest.approx(30 * 16 / rows[0]["makespan_s"])
+    assert (tmp_path / "latency_cdf.png").stat().st_size > 0 and (tmp_path / "sweep.png").stat().st_size > 0
+    assert "goodput" in capsys.readouterr().out
+
+
+def test_plan_prints_plans_and_errors_are_clear(tmp_path, capsys):
+    code = main([
+        "plan", "--model", "qwen3-0.6b", "--hardware", "L4", "--workload", "input=fixed:64,output=fixed:16,rate=4,num=40",
+        "--slo", "ttft=1,tpot=0.1", "--batched-tokens", "2048", "--max-seqs", "32", "--search-requests", "30",
+        "--max-model-len", "1024", "--no-mixed", "--output-json", str(tmp_path / "plans.json"),
+    ])
+    assert code == 0
+    plans = json.loads((tmp_path / "plans.json").read_text())
+    assert plans[0]["meets_slo"] and plans[0]["counts"]["L4"] >= 1
+    assert main(["plan", "--model", "qwen3-0.6b", "--workload", "fixed,num=5", "--slo", "ttft=1"]) == 2
+    assert "rate" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="llama-3.2-1b"):
+        load_model_config("no-such-model")
+
+
+def test_perf_modules_import_only_torch_free_joule_modules_at_top_level():
+    """joule/perf may import joule.engine, joule.model.config, joule.sampling_params, joule.bench.workload,
+    itself, the standard library, numpy and matplotlib; torch and the runtime only inside functions."""
+    import ast
+    import sys
+    from pathlib import Path
+
+    allowed_joule = ("joule.engine", "joule.model.config", "joule.sampling_params", "joule.bench.workload", "joule.perf")
+    allowed_other = set(sys.stdlib_module_names) | {"numpy", "matplotlib"}
+    package = Path(__file__).resolve().parents[2] / "joule" / "perf"
+    for path in sorted(package.glob("*.py")):
+        for node in ast.parse(path.read_text()).body:  # module level only
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            for name in names:
+                if name.startswith("joule"):
+                    assert name.startswith(allowed_joule), f"{path.name} imports {name}"
+                else:
+                    assert name.split(".")[0] in allowed_other, f"{path.name} imports {name}"
