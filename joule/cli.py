@@ -1,4 +1,4 @@
-"""The `joule` command: generate, chat, info, serve, bench."""
+"""The `joule` command: generate, chat, info, serve, bench, simulate, plan, perf."""
 
 from __future__ import annotations
 
@@ -32,6 +32,10 @@ def _build_parser() -> argparse.ArgumentParser:
     from joule.server.cli import add_serve_arguments
 
     add_serve_arguments(commands.add_parser("serve", help="OpenAI-compatible HTTP server"))
+
+    from joule.perf.cli import add_perf_commands
+
+    add_perf_commands(commands)  # simulate, plan, perf calibrate/validate
 
     bench = commands.add_parser("bench", help="benchmarks")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True)
@@ -170,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
             return _run_chat(args)
         if args.command == "info":
             return _run_info(args)
+        if args.command in ("simulate", "plan", "perf"):
+            from joule.perf.cli import run_perf_command
+
+            return run_perf_command(args)
         if args.command == "serve":
             from joule.server.cli import run_serve
 
