@@ -74,6 +74,8 @@ def add_perf_commands(subparsers) -> None:
     plan.add_argument("--no-mixed", action="store_true", help="only plans of one hardware kind")
     plan.add_argument("--search-requests", type=int, default=150, help="requests per capacity probe")
     plan.add_argument("--top", type=int, default=5)
+    plan.add_argument("--catalog-only", action="store_true",
+                      help="catalog-default profiles for every kind, ignoring shipped calibrated ones")
     plan.set_defaults(perf_handler=run_plan)
 
     perf = subparsers.add_parser("perf", help="performance model tools")
@@ -196,7 +198,7 @@ def run_plan(args: argparse.Namespace) -> int:
         objective=args.objective, allow_mixed=not args.no_mixed, search_requests=args.search_requests,
         batched_tokens=tuple(int(v) for v in _csv(args.batched_tokens)),
         max_seqs=tuple(int(v) for v in _csv(args.max_seqs)), prices=parse_price_overrides(args.price),
-        max_model_len=args.max_model_len,
+        max_model_len=args.max_model_len, use_calibrated_profiles=not args.catalog_only,
     )
     if args.hardware:
         config.hardware = tuple(_csv(args.hardware))
@@ -206,9 +208,11 @@ def run_plan(args: argparse.Namespace) -> int:
           f"objective {args.objective}")
     plans = planner.run()
     print(f"\nsearched in {time.perf_counter() - started:.0f} s; top plans:")
+    # Goodput at the offered load: attainment x rate (a finite run's makespan includes its drain tail).
     print(f"{'plan':<52}{'$/h':>8}{'$/M tok':>9}{'J/tok':>8}{'goodput r/s':>12}{'SLO':>6}")
     for plan in plans[: args.top]:
-        goodput = plan.verified.get("goodput_requests_per_s")
+        attainment = plan.verified.get("slo_attainment")
+        goodput = attainment * workload.rate if attainment is not None else None
         status = ("ok" if plan.meets_slo else "miss") if plan.verified else "est"
         print(f"{plan.label:<52}{plan.hourly_usd:>8.2f}{plan.usd_per_million_tokens:>9.3f}"
               f"{plan.joules_per_token:>8.3f}{(f'{goodput:.2f}' if goodput is not None else '-'):>12}{status:>6}")

@@ -83,6 +83,9 @@ class PlannerConfig:
     prices: dict[str, float] = field(default_factory=dict)
     profile_paths: dict[str, str] = field(default_factory=dict)
     max_model_len: int = 4096
+    # Shipped calibrated profiles measure Joule's own host overheads on that device; kinds without
+    # one get catalog defaults. False gives every kind the defaults (like-for-like hardware).
+    use_calibrated_profiles: bool = True
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -107,7 +110,8 @@ class Planner:
 
     def replica_config(self, hardware: str, settings: EngineSettings) -> ReplicaConfig:
         replica = ReplicaConfig.for_hardware(
-            hardware, self.config.profile_paths.get(hardware), max_num_seqs=settings.max_num_seqs,
+            hardware, self.config.profile_paths.get(hardware), calibrated=self.config.use_calibrated_profiles,
+            max_num_seqs=settings.max_num_seqs,
             max_num_batched_tokens=settings.max_num_batched_tokens, max_model_len=self.config.max_model_len,
         )
         price = self.config.prices.get(replica.hardware.name)

@@ -146,13 +146,15 @@ def shipped_profile_path(hardware: str, dtype: str) -> Path:
     return PROFILE_DIR / f"{hardware.lower()}-{dtype}.json"
 
 
-def resolve_profile(hardware: str, dtype: str | None = None, profile_path: str | Path | None = None) -> DeviceProfile:
-    """An explicit profile file, else the shipped calibrated profile, else catalog defaults."""
+def resolve_profile(hardware: str, dtype: str | None = None, profile_path: str | Path | None = None,
+                    calibrated: bool = True) -> DeviceProfile:
+    """An explicit profile file, else the shipped calibrated profile (unless ``calibrated`` is False:
+    then every kind gets catalog defaults, for like-for-like comparisons), else catalog defaults."""
     if profile_path is not None:
         return DeviceProfile.load(profile_path)
     spec = get_hardware(hardware)
     dtype = dtype or spec.default_dtype()
     shipped = shipped_profile_path(spec.name, dtype)
-    if shipped.is_file():
+    if calibrated and shipped.is_file():
         return DeviceProfile.load(shipped)
     return DeviceProfile.from_hardware(spec, dtype)

@@ -48,9 +48,10 @@ class ReplicaConfig:
     gpu_memory_utilization: float = 0.9
 
     @classmethod
-    def for_hardware(cls, name: str, profile_path=None, dtype: str | None = None, **settings) -> "ReplicaConfig":
+    def for_hardware(cls, name: str, profile_path=None, dtype: str | None = None, calibrated: bool = True,
+                     **settings) -> "ReplicaConfig":
         spec = get_hardware(name)
-        return cls(spec, resolve_profile(spec.name, dtype, profile_path), **settings)
+        return cls(spec, resolve_profile(spec.name, dtype, profile_path, calibrated), **settings)
 
     def kv_blocks(self, model: ModelConfig) -> int:
         """KV blocks that fit: explicit, else memory x utilization - weights (- reserve on GPUs)."""
