@@ -125,7 +125,7 @@ def _cpu_busy_fraction(interval: float = 0.25) -> float:
     return 1.0 - (idle_after - idle_before) / total if total else 0.0
 
 
-def wait_for_quiet(max_wait_s: float = 30.0, threshold: float = 0.3) -> float:
+def wait_for_quiet(max_wait_s: float = 10.0, threshold: float = 0.3) -> float:
     """Wait (up to ``max_wait_s``) until other jobs leave the CPU mostly idle; returns the busy share seen."""
     deadline = time.monotonic() + max_wait_s
     busy = _cpu_busy_fraction()
