@@ -97,6 +97,21 @@ class AttentionMetadata:
         return all(length == 1 for length in self.query_lengths)
 
 
+def check_attention_inputs(
+    query: torch.Tensor, key: torch.Tensor, key_cache: torch.Tensor, metadata: AttentionMetadata
+) -> None:
+    """Shapes every backend relies on: rows match the metadata, heads and head size match the cache."""
+    num_kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
+    if query.shape[0] != metadata.num_tokens or key.shape[1:] != (num_kv_heads, head_dim):
+        raise ValueError(
+            f"attention inputs do not match metadata/cache: query {tuple(query.shape)}, "
+            f"key {tuple(key.shape)}, metadata tokens {metadata.num_tokens}, "
+            f"cache heads x dim {num_kv_heads} x {head_dim}"
+        )
+    if query.shape[1] % num_kv_heads != 0:
+        raise ValueError(f"{query.shape[1]} query heads are not a multiple of {num_kv_heads} KV heads")
+
+
 class AttentionBackend(ABC):
     """Computes attention for one layer of a flattened batch over the paged cache."""
 

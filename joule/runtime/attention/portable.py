@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from joule.runtime.attention.base import AttentionBackend, AttentionMetadata, KVCache
+from joule.runtime.attention.base import AttentionBackend, AttentionMetadata, KVCache, check_attention_inputs
 
 
 class PortableAttentionBackend(AttentionBackend):
@@ -35,14 +35,7 @@ class PortableAttentionBackend(AttentionBackend):
         key_cache = kv_cache.key_caches[layer_index]
         value_cache = kv_cache.value_caches[layer_index]
         num_kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
-        if query.shape[0] != metadata.num_tokens or key.shape[1:] != (num_kv_heads, head_dim):
-            raise ValueError(
-                f"attention inputs do not match metadata/cache: query {tuple(query.shape)}, "
-                f"key {tuple(key.shape)}, metadata tokens {metadata.num_tokens}, "
-                f"cache heads x dim {num_kv_heads} x {head_dim}"
-            )
-        if query.shape[1] % num_kv_heads != 0:
-            raise ValueError(f"{query.shape[1]} query heads are not a multiple of {num_kv_heads} KV heads")
+        check_attention_inputs(query, key, key_cache, metadata)
         slots = metadata.slot_mapping
         key_cache.view(-1, num_kv_heads, head_dim)[slots] = key.to(key_cache.dtype)
         value_cache.view(-1, num_kv_heads, head_dim)[slots] = value.to(value_cache.dtype)

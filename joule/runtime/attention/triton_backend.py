@@ -27,7 +27,7 @@ from joule.kernels.paged_prefill import (
     paged_prefill_attention,
     rows_per_tile,
 )
-from joule.runtime.attention.base import AttentionBackend, AttentionMetadata, KVCache
+from joule.runtime.attention.base import AttentionBackend, AttentionMetadata, KVCache, check_attention_inputs
 
 
 @dataclass
@@ -109,15 +109,8 @@ class TritonAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         key_cache = kv_cache.key_caches[layer_index]
         value_cache = kv_cache.value_caches[layer_index]
-        num_kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
-        if query.shape[0] != metadata.num_tokens or key.shape[1:] != (num_kv_heads, head_dim):
-            raise ValueError(
-                f"attention inputs do not match metadata/cache: query {tuple(query.shape)}, "
-                f"key {tuple(key.shape)}, metadata tokens {metadata.num_tokens}, "
-                f"cache heads x dim {num_kv_heads} x {head_dim}"
-            )
-        if query.shape[1] % num_kv_heads != 0:
-            raise ValueError(f"{query.shape[1]} query heads are not a multiple of {num_kv_heads} KV heads")
+        num_kv_heads = key_cache.shape[2]
+        check_attention_inputs(query, key, key_cache, metadata)
         write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping)
         output = torch.empty(query.shape, dtype=query.dtype, device=query.device)
         if metadata.num_sequences == 0:
