@@ -109,7 +109,7 @@ class TritonAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         key_cache = kv_cache.key_caches[layer_index]
         value_cache = kv_cache.value_caches[layer_index]
-        num_kv_heads = key_cache.shape[2]
+        num_kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
         check_attention_inputs(query, key, key_cache, metadata)
         write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping)
         output = torch.empty(query.shape, dtype=query.dtype, device=query.device)
