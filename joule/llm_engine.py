@@ -14,7 +14,7 @@ from joule.logger import get_logger
 from joule.detokenizer import IncrementalDetokenizer
 from joule.engine.core import EngineCore
 from joule.engine.kv_blocks import KVBlockManager
-from joule.engine.request import Request, RequestStatus
+from joule.engine.request import Request, RequestSLO, RequestStatus
 from joule.engine.scheduler import SchedulerConfig
 from joule.energy import AttributionWeights, EnergyLedger, EnergyMeter, select_energy_meter
 from joule.model.loader import load_model
@@ -152,8 +152,11 @@ class LLMEngine:
         arrival_time: float | None = None,
         priority: int = 0,
         tenant: str | None = None,
+        slo: RequestSLO | None = None,
     ) -> None:
         """Queue a request; raises ValueError naming the bad field, touching nothing else."""
+        if slo is not None and not isinstance(slo, RequestSLO):
+            raise ValueError(f"slo must be a RequestSLO, got {type(slo).__name__}.")
         params = sampling_params if sampling_params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}.")
@@ -185,6 +188,7 @@ class LLMEngine:
                 arrival_time=arrival,
                 priority=priority,
                 tenant=tenant,
+                slo=slo,
                 group_id=request_id if params.n > 1 else None,
             )
             state.samples.append(_Sample(request, self._detokenizer(prompt_ids, params)))

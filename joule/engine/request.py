@@ -38,6 +38,20 @@ class SampledToken:
     top: list[tuple[int, float]] | None = None
 
 
+@dataclass(frozen=True)
+class RequestSLO:
+    """Latency targets a request may carry; the ``deadline`` policy schedules against them."""
+
+    ttft_seconds: float | None = None  # time to first token
+    tpot_seconds: float | None = None  # time per output token after the first
+
+    def __post_init__(self) -> None:
+        for name in ("ttft_seconds", "tpot_seconds"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}.")
+
+
 @dataclass(eq=False)
 class Request:
     request_id: str
@@ -49,6 +63,7 @@ class Request:
     priority: int = 0
     tenant: str | None = None  # who is billed for fairness (the API's ``user``)
     cache_salt: str | None = None
+    slo: RequestSLO | None = None
     # Siblings of an n > 1 request share a group; later siblings wait for the
     # first one's prompt so they reuse its cached blocks.
     group_id: str | None = None
