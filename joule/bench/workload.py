@@ -1,9 +1,28 @@
-"""Synthetic workloads with fixed seeds, so every engine sees the very same prompts."""
+"""Workloads shared by every benchmark and the simulator: seeded prompts, arrival processes, length distributions.
+
+One generator serves ``joule bench serve`` (HTTP load), ``joule bench throughput`` and ``joule simulate``, so a
+measured and a simulated run can see the very same requests.
+
+Arrivals: ``poisson`` (exponential gaps), ``gamma`` (gaps with a chosen coefficient of variation, the
+*burstiness*: cv > 1 is burstier than Poisson, cv < 1 smoother), ``fixed`` (equal gaps), or every request at
+t = 0 when the rate is infinite (an offline batch).
+
+Lengths: ``N`` or ``fixed:N``, ``uniform:LO:HI`` (inclusive) or ``lognormal:MEDIAN:SIGMA[:MAX]``. The
+``sharegpt`` preset is a heavy-tailed ShareGPT-like shape, chosen rather than fitted to the dataset: prompts
+lognormal with median 256 tokens and sigma 1.0 (p90 ~ 925), outputs lognormal with median 192 and sigma 0.9
+(p90 ~ 610), both clipped to [4, 2048].
+"""
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
+
+import numpy as np
+
+ARRIVAL_KINDS = ("poisson", "gamma", "fixed")
+LENGTH_KINDS = ("fixed", "uniform", "lognormal")
 
 
 @dataclass
@@ -17,8 +36,7 @@ def fixed_length_workload(
 ) -> list[SyntheticRequest]:
     """Random token prompts of one length; ids in ``avoid_ids`` (special tokens) are skipped."""
     generator = random.Random(seed)
-    low = 0
-    candidates = [token for token in range(low, vocab_size) if token not in avoid_ids] if avoid_ids else None
+    candidates = [token for token in range(vocab_size) if token not in avoid_ids] if avoid_ids else None
     requests = []
     for _ in range(num_prompts):
         if candidates is not None:
@@ -40,3 +58,143 @@ def uniform_length_workload(
         output_len = generator.randint(min_len, max_len)
         requests.append(SyntheticRequest([generator.randrange(vocab_size) for _ in range(input_len)], output_len))
     return requests
+
+
+@dataclass(frozen=True)
+class LengthDistribution:
+    kind: str
+    low: float  # fixed: the length; uniform: lowest; lognormal: median
+    high: float = 0.0  # uniform: highest; lognormal: sigma
+    maximum: int = 2048  # lognormal: clip
+    minimum: int = 4  # lognormal: clip
+
+    def __post_init__(self) -> None:
+        if self.kind not in LENGTH_KINDS:
+            raise ValueError(f"length distribution must be one of {', '.join(LENGTH_KINDS)}, got {self.kind!r}")
+        if self.low < 1:
+            raise ValueError(f"{self.kind} length needs a first parameter >= 1, got {self.low}")
+        if self.kind == "uniform" and self.high < self.low:
+            raise ValueError(f"uniform lengths need LO <= HI, got {self.low}:{self.high}")
+        if self.kind == "lognormal" and self.high < 0:
+            raise ValueError(f"lognormal sigma must be non-negative, got {self.high}")
+
+    @classmethod
+    def parse(cls, text: str, role: str = "input") -> "LengthDistribution":
+        """``"128"``, ``"fixed:128"``, ``"uniform:32:512"``, ``"lognormal:256:1.0[:4096]"`` or ``"sharegpt"``.
+
+        ``role`` (input or output) picks which side of the ``sharegpt`` preset a bare preset name means.
+        """
+        parts = text.strip().split(":")
+        if len(parts) == 1 and parts[0] in LENGTH_PRESETS:
+            if role not in ("input", "output"):
+                raise ValueError(f"role must be 'input' or 'output', got {role!r}")
+            return LENGTH_PRESETS[parts[0]][0 if role == "input" else 1]
+        try:
+            if len(parts) == 1:
+                return cls("fixed", float(parts[0]))
+            kind, numbers = parts[0], [float(part) for part in parts[1:]]
+        except ValueError:
+            raise ValueError(
+                f"cannot parse length distribution {text!r}: expected N, fixed:N, uniform:LO:HI, "
+                f"lognormal:MEDIAN:SIGMA[:MAX] or {', '.join(LENGTH_PRESETS)}"
+            ) from None
+        if kind == "fixed" and len(numbers) == 1:
+            return cls("fixed", numbers[0])
+        if kind == "uniform" and len(numbers) == 2:
+            return cls("uniform", numbers[0], numbers[1])
+        if kind == "lognormal" and len(numbers) in (2, 3):
+            maximum = int(numbers[2]) if len(numbers) == 3 else 2048
+            return cls("lognormal", numbers[0], numbers[1], maximum=maximum)
+        raise ValueError(
+            f"cannot parse length distribution {text!r}: expected N, fixed:N, uniform:LO:HI, "
+            f"lognormal:MEDIAN:SIGMA[:MAX] or {', '.join(LENGTH_PRESETS)}"
+        )
+
+    def sample(self, rng: np.random.Generator, count: int) -> np.ndarray:
+        if self.kind == "fixed":
+            return np.full(count, int(self.low), dtype=np.int64)
+        if self.kind == "uniform":
+            return rng.integers(int(self.low), int(self.high) + 1, size=count)
+        values = rng.lognormal(math.log(self.low), self.high, size=count)
+        return np.clip(np.rint(values), self.minimum, self.maximum).astype(np.int64)
+
+    def mean(self) -> float:
+        """Expected length (ignoring lognormal clipping), for quick capacity estimates."""
+        if self.kind == "fixed":
+            return self.low
+        if self.kind == "uniform":
+            return (self.low + self.high) / 2.0
+        return min(self.low * math.exp(self.high**2 / 2.0), float(self.maximum))
+
+    def describe(self) -> str:
+        if self.kind == "fixed":
+            return f"{int(self.low)}"
+        if self.kind == "uniform":
+            return f"uniform:{int(self.low)}:{int(self.high)}"
+        return f"lognormal:{self.low:g}:{self.high:g}:{self.maximum}"
+
+
+# (input, output) pairs
+LENGTH_PRESETS = {
+    "sharegpt": (LengthDistribution("lognormal", 256, 1.0), LengthDistribution("lognormal", 192, 0.9)),
+}
+PRESETS = {
+    **LENGTH_PRESETS,
+    "fixed": (LengthDistribution("fixed", 128), LengthDistribution("fixed", 64)),
+    "uniform": (LengthDistribution("uniform", 100, 1024), LengthDistribution("uniform", 100, 1024)),
+}
+
+
+def validate_arrival(arrival: str, cv: float) -> None:
+    if arrival not in ARRIVAL_KINDS:
+        raise ValueError(f"arrival must be one of {', '.join(ARRIVAL_KINDS)}, got {arrival!r}")
+    if not cv > 0:
+        raise ValueError(f"burstiness (cv) must be positive, got {cv}")
+
+
+def arrival_times(count: int, rate: float, arrival: str, cv: float, rng: np.random.Generator) -> np.ndarray:
+    """Seconds from the start at which each of ``count`` requests arrives; the first opens the run at 0.
+
+    Gamma gaps have mean 1/rate and coefficient of variation ``cv`` (cv = 1 is Poisson). For one seed the
+    times at two rates differ only by a scale, so a sweep loads the server with the same pattern.
+    """
+    validate_arrival(arrival, cv)
+    if not rate > 0:
+        raise ValueError(f"rate must be positive (inf for all at once), got {rate}")
+    if count < 1:
+        return np.zeros(0)
+    if math.isinf(rate):
+        return np.zeros(count)
+    mean_gap = 1.0 / rate
+    if arrival == "fixed":
+        gaps = np.full(count, mean_gap)
+    elif arrival == "poisson":
+        gaps = rng.exponential(mean_gap, size=count)
+    else:
+        shape = 1.0 / cv**2
+        gaps = rng.gamma(shape, mean_gap / shape, size=count)
+    gaps[0] = 0.0
+    return np.cumsum(gaps)
+
+
+def random_token_prompts(lengths, low: int, high: int, rng: np.random.Generator) -> list[list[int]]:
+    """One prompt of random token ids in [low, high) per length (no shared prefixes)."""
+    if not 0 <= low < high:
+        raise ValueError(f"token id range must satisfy 0 <= LOW < HIGH, got {low} {high}")
+    tokens = rng.integers(low, high, size=int(np.sum(lengths))).tolist()
+    prompts, offset = [], 0
+    for length in lengths:
+        prompts.append(tokens[offset : offset + int(length)])
+        offset += int(length)
+    return prompts
+
+
+def fit_lengths(inputs: np.ndarray, outputs: np.ndarray, max_model_len: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Trim so every prompt + output fits ``max_model_len`` (prompt first, at least one output token)."""
+    if max_model_len is None:
+        return inputs, outputs
+    if max_model_len < 2:
+        raise ValueError(f"max_model_len must be at least 2, got {max_model_len}")
+    inputs = np.minimum(inputs, max_model_len - 1)
+    outputs = np.maximum(np.minimum(outputs, max_model_len - inputs), 1)
+    return inputs, outputs
