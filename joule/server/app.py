@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from joule.server.abuse_guard import AbuseGuard, AbuseGuardConfig
 from joule.server.async_engine import AsyncEngine
 from joule.server.serving_tokenize import detokenize, tokenize
 from joule.server.errors import APIError, install_error_handlers
@@ -38,6 +41,8 @@ class ServerConfig:
     max_queue: int | None = None
     retry_after_seconds: int = 1
     shutdown_timeout_seconds: float = 10.0
+    # Per-tenant token and joule budgets and the max_tokens cap (on by default: 4096).
+    abuse_guard: AbuseGuardConfig = field(default_factory=AbuseGuardConfig)
 
     def __post_init__(self) -> None:
         if not self.served_model_names or not all(isinstance(n, str) and n for n in self.served_model_names):
@@ -46,6 +51,8 @@ class ServerConfig:
             raise ValueError(f"max_queue must be a positive integer or None, got {self.max_queue!r}.")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty.")
+        if not isinstance(self.abuse_guard, AbuseGuardConfig):
+            raise ValueError(f"abuse_guard must be an AbuseGuardConfig, got {type(self.abuse_guard).__name__}.")
 
 
 class APIKeyMiddleware:
@@ -69,10 +76,14 @@ class APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-def build_app(engine, config: ServerConfig) -> FastAPI:
-    """An app serving ``engine`` (an LLMEngine); the engine thread starts and stops with the app."""
+def build_app(engine, config: ServerConfig, clock: Callable[[], float] = time.monotonic) -> FastAPI:
+    """An app serving ``engine`` (an LLMEngine); the engine thread starts and stops with the app.
+
+    ``clock`` times the abuse guard's budget windows (tests pass one they move by hand).
+    """
     metrics = ServerMetrics(config.served_model_names[0])
-    async_engine = AsyncEngine(engine, metrics=metrics, max_queue=config.max_queue)
+    abuse_guard = AbuseGuard(config.abuse_guard, clock=clock)
+    async_engine = AsyncEngine(engine, metrics=metrics, max_queue=config.max_queue, abuse_guard=abuse_guard)
     context = ServingContext(
         engine=async_engine,
         tokenizer=engine.tokenizer,
@@ -80,6 +91,8 @@ def build_app(engine, config: ServerConfig) -> FastAPI:
         max_model_len=engine.max_model_len,
         vocab_size=engine.model_config.vocab_size,
         retry_after_seconds=config.retry_after_seconds,
+        abuse_guard=abuse_guard,
+        metrics=metrics,
     )
 
     @asynccontextmanager
@@ -93,6 +106,7 @@ def build_app(engine, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="Joule", lifespan=lifespan)
     app.state.async_engine = async_engine
     app.state.metrics = metrics
+    app.state.abuse_guard = abuse_guard
     app.state.context = context
     install_error_handlers(app)
     if config.api_key is not None:

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from joule.logger import get_logger
+from joule.engine.request import RequestSLO
 from joule.outputs import RequestOutput
 from joule.sampling_params import SamplingParams
 
@@ -53,6 +54,7 @@ class _Add:
     params: SamplingParams
     priority: int
     tenant: str | None
+    slo: RequestSLO | None
     arrival_time: float
     stream: "GenerationStream"
     index: int
@@ -69,6 +71,15 @@ class _Route:
     stream: "GenerationStream"
     index: int
     num_samples: int = 1
+    tenant: str | None = None
+    prompt_tokens: int = 0
+    generated_tokens: int = 0  # summed over the (DELTA) outputs seen so far
+    energy_joules: float = 0.0  # the latest output's figure: joules so far
+
+    def observe(self, output: RequestOutput) -> None:
+        self.generated_tokens += sum(len(completion.token_ids) for completion in output.outputs)
+        if output.metrics is not None and output.metrics.energy_joules is not None:
+            self.energy_joules = max(self.energy_joules, output.metrics.energy_joules)
 
 
 class GenerationStream:
@@ -122,11 +133,14 @@ class _EngineThreadState:
 class AsyncEngine:
     """Runs ``engine`` (an LLMEngine or anything with its add/abort/step surface) on a thread."""
 
-    def __init__(self, engine, metrics=None, max_queue: int | None = None, idle_poll_seconds: float = 0.5):
+    def __init__(self, engine, metrics=None, max_queue: int | None = None, idle_poll_seconds: float = 0.5,
+                 abuse_guard=None):
+        """``abuse_guard`` (an AbuseGuard) is charged each request's tokens and joules as it ends."""
         if max_queue is not None and max_queue < 1:
             raise ValueError(f"max_queue must be a positive integer or None, got {max_queue}.")
         self.engine = engine
         self.metrics = metrics
+        self.abuse_guard = abuse_guard
         self.max_queue = max_queue
         self._idle_poll_seconds = idle_poll_seconds
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -167,8 +181,13 @@ class AsyncEngine:
         request_id: str,
         priority: int = 0,
         tenant: str | None = None,
+        slo: RequestSLO | None = None,
     ) -> GenerationStream:
-        """Queue one engine request per prompt; raises ValueError (bad request) or QueueFullError."""
+        """Queue one engine request per prompt; raises ValueError (bad request) or QueueFullError.
+
+        ``tenant`` is the API's ``user`` as the engine's scheduler sees it (None allowed); the abuse
+        guard bills requests without one to its anonymous tenant.
+        """
         if not self.is_running:
             raise EngineStoppedError("the engine is not running")
         if self.max_queue is not None:
@@ -185,7 +204,9 @@ class AsyncEngine:
         for index, (child_id, prompt_ids) in enumerate(zip(request_ids, prompts)):
             future = loop.create_future()
             accepted.append(future)
-            self._commands.put(_Add(child_id, prompt_ids, params, priority, tenant, arrival, stream, index, future))
+            self._commands.put(
+                _Add(child_id, prompt_ids, params, priority, tenant, slo, arrival, stream, index, future)
+            )
         added = len(prompts) * params.n
         self._pending_adds += added
         try:
@@ -244,11 +265,15 @@ class AsyncEngine:
                 arrival_time=command.arrival_time,
                 priority=command.priority,
                 tenant=command.tenant,
+                slo=command.slo,
             )
         except ValueError as error:
             self._resolve(command.accepted, error)
             return
-        self._state.routes[command.request_id] = _Route(command.stream, command.index, command.params.n)
+        self._state.routes[command.request_id] = _Route(
+            command.stream, command.index, command.params.n, tenant=command.tenant,
+            prompt_tokens=len(command.prompt_token_ids),
+        )
         self._resolve(command.accepted, None)
 
     def _abort(self, request_id: str, reason: str) -> None:
@@ -258,6 +283,13 @@ class AsyncEngine:
         self.engine.abort_request(request_id)
         if self.metrics is not None:
             self.metrics.on_abort(request_id, reason, route.num_samples)
+        self._charge(route)
+
+    def _charge(self, route: _Route) -> None:
+        """Bill a request that ended (finished or aborted) for what it used: prompt + generated, joules."""
+        if self.abuse_guard is not None:
+            self.abuse_guard.charge(self.abuse_guard.tenant_of(route.tenant),
+                                    route.prompt_tokens + route.generated_tokens, route.energy_joules)
 
     def _step(self) -> None:
         try:
@@ -274,8 +306,10 @@ class AsyncEngine:
                 continue
             if self.metrics is not None:
                 self.metrics.on_output(output, now)
+            route.observe(output)
             if output.finished:
                 del self._state.routes[output.request_id]
+                self._charge(route)
             deliveries.append((route.stream, route.index, output))
         if deliveries:
             self._loop.call_soon_threadsafe(self._dispatch, deliveries)
@@ -323,3 +357,6 @@ class AsyncEngine:
         self.metrics.add_preemptions(scheduler.num_preemptions - state.preemptions)
         state.prefix_queries, state.prefix_hits = blocks.prefix_cache_queries, blocks.prefix_cache_hits
         state.preemptions = scheduler.num_preemptions
+        ledger = getattr(self.engine, "energy_ledger", None)
+        if ledger is not None:  # read here, on the engine thread: the ledger is not thread-safe
+            self.metrics.set_energy_totals(ledger.totals(), time.time())

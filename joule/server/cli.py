@@ -12,6 +12,7 @@ import sys
 import threading
 
 from joule.logger import get_logger
+from joule.server.abuse_guard import DEFAULT_MAX_TOKENS_CAP, AbuseGuardConfig
 
 logger = get_logger()
 
@@ -28,6 +29,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                        help="name(s) clients use for the model (default: --model, or smollm2-135m)")
     group.add_argument("--max-queue", type=int, default=None,
                        help="most waiting requests before new ones get 429 (default: unbounded)")
+    group.add_argument("--tenant-token-budget", type=int, default=None, metavar="N",
+                       help="tokens (prompt + generated) per tenant per sliding minute; a tenant over it gets 429 "
+                            "(tenant = the API's user field; requests without one share 'anonymous'; default: none)")
+    group.add_argument("--tenant-energy-budget", type=float, default=None, metavar="J",
+                       help="joules per tenant per sliding minute, as the engine attributes them (default: none)")
+    group.add_argument("--max-tokens-cap", type=int, default=DEFAULT_MAX_TOKENS_CAP, metavar="N",
+                       help=f"max_tokens for requests that omit it, and the most one may ask for (400 above it); "
+                            f"0 = no cap (default: {DEFAULT_MAX_TOKENS_CAP})")
     group.add_argument("--shutdown-timeout", type=float, default=10.0,
                        help="seconds to let in-flight requests finish after SIGTERM before aborting them")
     group.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
@@ -73,6 +82,17 @@ def _graceful_server_class(ready_message: str):
     return GracefulServer
 
 
+def abuse_guard_config_from_args(args: argparse.Namespace) -> AbuseGuardConfig:
+    """The guard's budgets from ``joule serve`` flags (``--max-tokens-cap 0`` turns the cap off)."""
+    if args.max_tokens_cap is not None and args.max_tokens_cap < 0:
+        raise ValueError(f"max_tokens_cap must be 0 (no cap) or a positive integer, got {args.max_tokens_cap}.")
+    return AbuseGuardConfig(
+        tenant_token_budget=args.tenant_token_budget,
+        tenant_energy_budget=args.tenant_energy_budget,
+        max_tokens_cap=args.max_tokens_cap or None,
+    )
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Load the engine, serve until SIGTERM/SIGINT, and return 0 after a graceful shutdown."""
     import uvicorn
@@ -84,7 +104,7 @@ def run_serve(args: argparse.Namespace) -> int:
     names = args.served_model_name or [args.model or "smollm2-135m"]
     server_config = ServerConfig(
         served_model_names=names, api_key=args.api_key, max_queue=args.max_queue,
-        shutdown_timeout_seconds=args.shutdown_timeout,
+        shutdown_timeout_seconds=args.shutdown_timeout, abuse_guard=abuse_guard_config_from_args(args),
     )
     engine = LLMEngine(engine_config_from_args(args))
     app = build_app(engine, server_config)

@@ -87,18 +87,27 @@ class ServerMetrics:
         self.queue_time = histogram("joule:request_queue_time_seconds", "Arrival to first scheduled.", _REQUEST_BUCKETS)
         energy_labels = ["model_name", "source"]  # source: measured (a hardware counter) or estimated
         self.energy_total = Counter(
-            "joule:energy_joules", "Joules charged to requests (step energy plus their share of idle energy).",
-            energy_labels, registry=self.registry,
+            "joule:energy_joules", "Joules the engine's meter counted: charged to requests (finished or aborted) "
+            "plus idle energy no request was present for.", energy_labels, registry=self.registry,
+        )
+        self.energy_unattributed = Counter(
+            "joule:energy_unattributed_joules", "The part of joule:energy_joules counted while no request was "
+            "present.", energy_labels, registry=self.registry,
         )
         self.energy_per_token = Histogram(
             "joule:energy_joules_per_output_token", "A finished request's joules divided by its output tokens.",
             energy_labels, buckets=_JOULES_PER_TOKEN_BUCKETS, registry=self.registry,
         )
         self.average_power = Gauge(
-            "joule:average_power_watts", f"Joules charged to requests per second over the last "
-            f"{_POWER_WINDOW_SECONDS:.0f} s.", energy_labels, registry=self.registry,
+            "joule:average_power_watts", f"Metered joules per second over the last {_POWER_WINDOW_SECONDS:.0f} s.",
+            energy_labels, registry=self.registry,
+        )
+        self.rejected = Counter(
+            "joule_requests_rejected", "Requests refused with HTTP 429, by reason (tenant_token_budget, "
+            "tenant_energy_budget, queue_full).", ["model_name", "reason"], registry=self.registry,
         )
         self._power_windows: dict[str, _PowerWindow] = {}
+        self._energy_seen: tuple[float, float] | None = None  # (metered, unattributed) already counted
 
     # -- engine thread -----------------------------------------------------------------------
     def set_engine_stats(self, stats) -> None:
@@ -126,7 +135,7 @@ class ServerMetrics:
             timing = self._timings[output.request_id] = _RequestTiming(arrival)
         new_tokens = sum(len(completion.token_ids) for completion in output.outputs)
         timing.num_tokens += new_tokens
-        self._count_energy(output, timing, now)
+        self._count_energy(output, timing)
         if new_tokens:
             self.generation_tokens.inc(new_tokens)
             if timing.last_token_time is None:
@@ -144,27 +153,48 @@ class ServerMetrics:
                 if completion.finish_reason is not None:
                     self._finished.labels(self._model_name, completion.finish_reason).inc()
 
-    def _count_energy(self, output: RequestOutput, timing: _RequestTiming, now: float) -> None:
-        """Outputs carry a request's joules so far; count what is new, and per token at the end."""
+    def _count_energy(self, output: RequestOutput, timing: _RequestTiming) -> None:
+        """Outputs carry a request's joules so far; a finished one adds its joules per output token."""
         metrics = output.metrics
         if metrics is None or metrics.energy_joules is None:
             return
-        source = metrics.energy_source or "unknown"
-        new_joules = max(0.0, metrics.energy_joules - timing.energy_counted)
         timing.energy_counted = max(timing.energy_counted, metrics.energy_joules)
+        if output.finished and timing.num_tokens > 0:
+            source = metrics.energy_source or "unknown"
+            self.energy_per_token.labels(self._model_name, source).observe(timing.energy_counted / timing.num_tokens)
+
+    def set_energy_totals(self, totals, now: float) -> None:
+        """The ledger's books (an ``EnergyTotals``): count what the meter added since the last call.
+
+        The first call sets the baseline, so a server counts the energy metered while it ran, all of
+        it: finished and aborted requests' joules and the unattributed idle energy alike.
+        """
+        seen = (totals.metered_joules, totals.unattributed_joules)
+        if self._energy_seen is None:
+            self._energy_seen = seen
+            return
+        new_joules = max(0.0, seen[0] - self._energy_seen[0])
+        new_unattributed = max(0.0, seen[1] - self._energy_seen[1])
+        self._energy_seen = (max(seen[0], self._energy_seen[0]), max(seen[1], self._energy_seen[1]))
+        source = totals.source or "unknown"
         if new_joules > 0:
             self.energy_total.labels(self._model_name, source).inc(new_joules)
-        window = self._power_windows.setdefault(source, _PowerWindow())
-        watts = window.add(now, new_joules)
-        if watts is not None:
-            self.average_power.labels(self._model_name, source).set(watts)
-        if output.finished and timing.num_tokens > 0:
-            self.energy_per_token.labels(self._model_name, source).observe(timing.energy_counted / timing.num_tokens)
+        if new_unattributed > 0:
+            self.energy_unattributed.labels(self._model_name, source).inc(new_unattributed)
+        if new_joules > 0 or source in self._power_windows:
+            window = self._power_windows.setdefault(source, _PowerWindow())
+            watts = window.add(now, new_joules)
+            if watts is not None:
+                self.average_power.labels(self._model_name, source).set(watts)
 
     def on_abort(self, request_id: str, reason: str, num_samples: int = 1) -> None:
         """Counted per sample, like finishes, so n>1 requests weigh the same either way."""
         self._timings.pop(request_id, None)
         self._finished.labels(self._model_name, reason).inc(num_samples)
+
+    # -- event loop -------------------------------------------------------------------------
+    def on_rejected(self, reason: str) -> None:
+        self.rejected.labels(self._model_name, reason).inc()
 
     # -- scrape ------------------------------------------------------------------------------
     def render(self) -> bytes:

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_serializer
 
+from joule.engine.request import RequestSLO
+
 MAX_LOGPROBS = 20
+
+# A latency target in milliseconds: a JSON number (not a string or a boolean), positive and finite.
+SLOMilliseconds = Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)]
 
 
 def random_id(prefix: str) -> str:
@@ -50,6 +55,9 @@ class _SamplingFields(_Request):
     ignore_eos: bool = False
     min_tokens: int = 0
     priority: int = 0
+    # Joule's extras: latency targets the scheduler's ``deadline`` policy plans against.
+    ttft_slo_ms: SLOMilliseconds | None = None  # time to first token
+    tpot_slo_ms: SLOMilliseconds | None = None  # time per output token after the first
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -57,6 +65,15 @@ class _SamplingFields(_Request):
     logit_bias: dict[str, float] | None = None
     response_format: dict[str, Any] | None = None
     prompt_logprobs: int | None = None
+
+    def slo(self) -> RequestSLO | None:
+        """The latency targets as the engine takes them (seconds), or None when the request sets none."""
+        if self.ttft_slo_ms is None and self.tpot_slo_ms is None:
+            return None
+        return RequestSLO(
+            ttft_seconds=self.ttft_slo_ms / 1000.0 if self.ttft_slo_ms is not None else None,
+            tpot_seconds=self.tpot_slo_ms / 1000.0 if self.tpot_slo_ms is not None else None,
+        )
 
     def unsupported_fields(self) -> list[str]:
         """Fields set to something this server cannot honour."""

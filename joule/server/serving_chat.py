@@ -88,6 +88,7 @@ async def create_chat_completion(
 ) -> Response:
     model = context.check_model(body.model)
     check_request(body)
+    context.check_tenant(body.user)
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
     text_size = sum(len(message.text()) for message in body.messages)
@@ -96,10 +97,11 @@ async def create_chat_completion(
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     context.check_context(len(prompt_ids), max_tokens, param=param)
+    max_tokens = context.limit_max_tokens(max_tokens, param=param)  # omitted: the server's cap
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = build_sampling_params(body, max_tokens, logprobs)
     request_id = random_id("chatcmpl")
-    stream = await context.submit([prompt_ids], params, request_id, body.priority, body.user)
+    stream = await context.submit([prompt_ids], params, request_id, body.priority, body.user, body.slo())
     handler = _Chat(body, model, request_id, len(prompt_ids), stream)
     if body.stream:
         return EventStreamResponse(handler.stream())

@@ -14,6 +14,8 @@ from pydantic import BaseModel
 
 from joule.outputs import Logprob
 from joule.sampling_params import RequestOutputKind, SamplingParams
+from joule.engine.request import RequestSLO
+from joule.server.abuse_guard import AbuseGuard, OverBudgetError
 from joule.server.async_engine import AsyncEngine, EngineStepError, EngineStoppedError, QueueFullError
 from joule.server.errors import APIError, bad_request, from_value_error
 
@@ -45,6 +47,31 @@ class ServingContext:
     max_model_len: int
     vocab_size: int
     retry_after_seconds: int = 1
+    abuse_guard: AbuseGuard | None = None
+    metrics: object | None = None  # a ServerMetrics, counting rejections
+
+    def limit_max_tokens(self, requested: int | None, param: str = "max_tokens", explicit: bool = True) -> int | None:
+        """The max_tokens to generate with: ``requested`` if within the cap (else 400), the cap if omitted."""
+        if self.abuse_guard is None:
+            return requested
+        try:
+            return self.abuse_guard.limit_max_tokens(requested, param, explicit)
+        except ValueError as error:
+            raise bad_request(str(error), param=param) from None
+
+    def check_tenant(self, user: str | None) -> None:
+        """429 with Retry-After while the request's tenant is over a budget (checked before any work)."""
+        if self.abuse_guard is None:
+            return
+        try:
+            self.abuse_guard.check(self.abuse_guard.tenant_of(user))
+        except OverBudgetError as error:
+            raise self._reject(error.reason, str(error), error.retry_after_seconds) from None
+
+    def _reject(self, reason: str, message: str, retry_after_seconds: int) -> APIError:
+        if self.metrics is not None:
+            self.metrics.on_rejected(reason)
+        return APIError(429, message, code=reason, headers={"Retry-After": str(retry_after_seconds)})
 
     def check_model(self, requested: str | None) -> str:
         """The name to echo back; 404 for a model this server does not serve."""
@@ -87,13 +114,14 @@ class ServingContext:
             )
 
     async def submit(
-        self, prompts: list[list[int]], params: SamplingParams, request_id: str, priority: int, tenant: str | None
+        self, prompts: list[list[int]], params: SamplingParams, request_id: str, priority: int, tenant: str | None,
+        slo: RequestSLO | None = None,
     ):
+        """Hand the request to the engine; 429 with Retry-After when the waiting queue is full."""
         try:
-            return await self.engine.submit(prompts, params, request_id, priority, tenant)
+            return await self.engine.submit(prompts, params, request_id, priority, tenant, slo)
         except QueueFullError as error:
-            raise APIError(429, str(error), code="queue_full",
-                           headers={"Retry-After": str(self.retry_after_seconds)}) from None
+            raise self._reject("queue_full", str(error), self.retry_after_seconds) from None
         except EngineStoppedError as error:
             raise APIError(503, str(error)) from None
         except ValueError as error:

@@ -93,14 +93,16 @@ def _merge_logprobs(into: CompletionLogprobs | None, new: CompletionLogprobs) ->
 async def create_completion(context: ServingContext, body: CompletionRequest, http_request: Request) -> Response:
     model = context.check_model(body.model)
     check_request(body)
+    context.check_tenant(body.user)
+    max_tokens = context.limit_max_tokens(body.max_tokens, explicit="max_tokens" in body.model_fields_set)
     text_size = sum(len(item) for item in ([body.prompt] if isinstance(body.prompt, str) else body.prompt)
                     if isinstance(item, str))
     prompts = await off_loop_if_large(text_size, _prompts, context, body.prompt)
     for ids in prompts:
         context.check_context(len(ids), body.max_tokens)
-    params = build_sampling_params(body, body.max_tokens, body.logprobs)
+    params = build_sampling_params(body, max_tokens, body.logprobs)
     request_id = random_id("cmpl")
-    stream = await context.submit(prompts, params, request_id, body.priority, body.user)
+    stream = await context.submit(prompts, params, request_id, body.priority, body.user, body.slo())
     handler = _Completion(context, body, model, request_id, prompts, stream)
     if body.stream:
         return EventStreamResponse(handler.stream())
