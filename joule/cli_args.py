@@ -22,7 +22,13 @@ _HELP = {
     "load_format": "auto, or dummy for random weights from config.json",
     "tokenizer": "tokenizer directory if not the model's",
     "enforce_eager": "never capture CUDA graphs (decode steps replay graphs on CUDA by default)",
-    "scheduling_policy": "fcfs, priority (lower value first, may preempt) or fair (per-tenant token counters)",
+    "scheduling_policy": "fcfs, priority (lower value first, may preempt), fair (per-tenant token counters) or "
+    "deadline (earliest TTFT deadline first; chunks cut to keep running decodes within their TPOT SLO)",
+    "admission_policy": "greedy (admit while blocks last, preempt when they run out) or predicted (admit while the "
+    "predicted peak KV use of the running set fits: Past-Future)",
+    "enable_chunked_prefill": "stall-free chunked prefill (default); --no-enable-chunked-prefill is the prefill-first "
+    "baseline: whole prompts whenever one can be admitted, decodes wait (max_num_batched_tokens defaults to "
+    "max_model_len or more)",
 }
 
 

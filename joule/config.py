@@ -21,6 +21,8 @@ class EngineConfig:
     load_format: str = "auto"
     tokenizer: str | None = None
     scheduling_policy: str = "fcfs"
+    admission_policy: str = "greedy"
+    enable_chunked_prefill: bool = True
     enforce_eager: bool = False
 
     def __post_init__(self) -> None:
@@ -38,6 +40,24 @@ class EngineConfig:
 
         if self.scheduling_policy not in POLICIES:
             raise ValueError(f"scheduling_policy must be one of {', '.join(POLICIES)}, got {self.scheduling_policy!r}.")
+        from joule.engine.admission import ADMISSION_POLICIES
+
+        if self.admission_policy not in ADMISSION_POLICIES:
+            raise ValueError(
+                f"admission_policy must be one of {', '.join(ADMISSION_POLICIES)}, got {self.admission_policy!r}."
+            )
+        if not isinstance(self.enable_chunked_prefill, bool):
+            raise ValueError(f"enable_chunked_prefill must be True or False, got {self.enable_chunked_prefill!r}.")
+        if (
+            not self.enable_chunked_prefill
+            and self.max_num_batched_tokens is not None
+            and self.max_model_len is not None
+            and self.max_num_batched_tokens < self.max_model_len
+        ):
+            raise ValueError(
+                f"max_num_batched_tokens={self.max_num_batched_tokens} is smaller than max_model_len="
+                f"{self.max_model_len}: without chunked prefill every prompt must fit one step."
+            )
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}.")
 

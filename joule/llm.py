@@ -39,6 +39,8 @@ class LLM:
         load_format: str = "auto",
         enforce_eager: bool = False,
         scheduling_policy: str = "fcfs",
+        admission_policy: str = "greedy",
+        enable_chunked_prefill: bool = True,
         **kwargs,
     ):
         unknown = sorted(set(kwargs) - _IGNORED_VLLM_OPTIONS)
@@ -60,6 +62,8 @@ class LLM:
             load_format=load_format,
             enforce_eager=enforce_eager,
             scheduling_policy=scheduling_policy,
+            admission_policy=admission_policy,
+            enable_chunked_prefill=enable_chunked_prefill,
         )
         self.llm_engine = LLMEngine(config)
         self._request_counter = itertools.count()

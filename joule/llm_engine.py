@@ -84,6 +84,8 @@ class LLMEngine:
         self.kv_capacity_tokens = num_blocks * config.block_size
         self.max_model_len = self._choose_max_model_len()
         batched_tokens = config.max_num_batched_tokens or _DEFAULT_BATCHED_TOKENS[self.device.type]
+        if config.max_num_batched_tokens is None and not config.enable_chunked_prefill:
+            batched_tokens = max(batched_tokens, self.max_model_len)  # any prompt fits one step, as in vLLM
 
         self.kv_cache = KVCache.allocate(layers, num_blocks, config.block_size, kv_heads, head_dim, self.dtype, self.device)
         executor = ModelExecutor(
@@ -97,6 +99,8 @@ class LLMEngine:
             max_num_batched_tokens=batched_tokens,
             max_model_len=self.max_model_len,
             policy=config.scheduling_policy,
+            admission=config.admission_policy,
+            enable_chunked_prefill=config.enable_chunked_prefill,
         )
         self.energy_meter = energy_meter if energy_meter is not None else select_energy_meter(self.device)
         self.energy_ledger = EnergyLedger(

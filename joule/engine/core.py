@@ -85,6 +85,7 @@ class EngineCore:
             energy_joules=result.energy_joules,
             preempted_request_ids=plan.preempted_request_ids,
         )
+        self.scheduler.observe_step(plan, result.elapsed_seconds)
         progressed = self.scheduler.update(plan, result)
         if self.step_observer is not None:
             metered = self.step_observer.step_ended(plan, self.clock())

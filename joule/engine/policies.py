@@ -9,6 +9,12 @@ stay the same under every policy; a policy only orders. Pure Python.
 - ``fair``: virtual token counters per tenant (VTC): the tenant that has been
   served the fewest weighted tokens goes next, so one heavy tenant cannot
   starve the others. Prompt tokens weigh 1, generated tokens 2.
+- ``deadline``: earliest deadline first. A request's deadline is its arrival
+  plus its TTFT SLO; requests without one rank after all that have one, by
+  arrival. The running request with the latest deadline yields first. The step's
+  token budget follows Sarathi-Serve's rule: while running decodes carry TPOT
+  SLOs, prompt tokens are cut so the predicted step time stays within the
+  tightest of them (never below a floor, so prompts still progress).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from collections import deque
 from typing import Protocol
 
 from joule.engine.request import Request
+from joule.engine.step_time import StepTimeEstimator
 
 DECODE_TOKEN_WEIGHT = 2
 PROMPT_TOKEN_WEIGHT = 1
@@ -34,6 +41,9 @@ class SchedulingPolicy(Protocol):
     def on_added(self, request: Request, waiting: deque[Request], running: list[Request]) -> None: ...
 
     def on_scheduled(self, request: Request, num_tokens: int, is_decode: bool) -> None: ...
+
+    def token_budget(self, decodes: list[Request], max_tokens: int, step_time: StepTimeEstimator,
+                     min_prefill_tokens: int) -> int: ...
 
 
 class FirstComeFirstServed:
@@ -53,6 +63,11 @@ class FirstComeFirstServed:
 
     def on_scheduled(self, request: Request, num_tokens: int, is_decode: bool) -> None:
         pass
+
+    def token_budget(self, decodes: list[Request], max_tokens: int, step_time: StepTimeEstimator,
+                     min_prefill_tokens: int) -> int:
+        """Tokens this step may carry; every policy but ``deadline`` uses the whole budget."""
+        return max_tokens
 
 
 class PriorityFirst(FirstComeFirstServed):
@@ -95,7 +110,43 @@ class VirtualTokenCounterFairness(FirstComeFirstServed):
         self.counters[request.tenant] = self.counters.get(request.tenant, 0.0) + weight * num_tokens
 
 
-POLICIES = {"fcfs": FirstComeFirstServed, "priority": PriorityFirst, "fair": VirtualTokenCounterFairness}
+def deadline_key(request: Request) -> tuple:
+    """Sort key: requests with a TTFT SLO by deadline (arrival + TTFT), then the rest by arrival."""
+    ttft = request.slo.ttft_seconds if request.slo is not None else None
+    if ttft is None:
+        return (1, request.arrival_time)
+    return (0, request.arrival_time + ttft)
+
+
+class EarliestDeadlineFirst(FirstComeFirstServed):
+    name = "deadline"
+
+    def next_waiting(self, waiting: deque[Request]) -> Request:
+        return min(waiting, key=deadline_key)
+
+    def choose_victim(self, running: list[Request]) -> Request:
+        # Latest deadline (no SLO counts as latest); among equals the most recently admitted.
+        return max(reversed(running), key=deadline_key)
+
+    def token_budget(self, decodes: list[Request], max_tokens: int, step_time: StepTimeEstimator,
+                     min_prefill_tokens: int) -> int:
+        """Cut prompt tokens so the step fits the tightest running TPOT; decodes themselves are never cut."""
+        tpots = [r.slo.tpot_seconds for r in decodes if r.slo is not None and r.slo.tpot_seconds is not None]
+        coefficients = step_time.coefficients() if tpots else None
+        if coefficients is None:
+            return max_tokens  # no TPOT to protect, or no estimate yet: nothing to cut on
+        prefill_room = coefficients.max_prefill_tokens(len(decodes), min(tpots))
+        if prefill_room is None:
+            return max_tokens
+        return min(max_tokens, len(decodes) + max(prefill_room, min_prefill_tokens))
+
+
+POLICIES = {
+    "fcfs": FirstComeFirstServed,
+    "priority": PriorityFirst,
+    "fair": VirtualTokenCounterFairness,
+    "deadline": EarliestDeadlineFirst,
+}
 
 
 def make_policy(name: str) -> SchedulingPolicy:

@@ -4,8 +4,17 @@ There are no prefill or decode phases. Each step hands out a budget of
 ``max_num_batched_tokens``: running decodes first, then the next chunks of
 prompts already in progress, then new requests from the waiting queue. A
 running decode is never left out to make room for a prefill. When KV blocks
-run out, the most recently admitted running request is preempted: its blocks
-are freed and it is recomputed later from its prompt plus what it generated.
+run out, the running request the policy picks (by default the most recently
+admitted) is preempted: its blocks are freed and it is recomputed later from
+its prompt plus what it generated.
+
+The policy (``policies.py``) orders the queues and may cut the step's budget;
+the admission policy (``admission.py``) may hold a request back although
+blocks are free. With ``enable_chunked_prefill=False`` the scheduler is the
+prefill-first baseline instead (vLLM's old scheduler): whenever a waiting
+request can be admitted, the step runs only whole prompts (decodes wait);
+otherwise it is a decode-only step. That mode needs
+``max_num_batched_tokens >= max_model_len`` so any prompt fits one step.
 
 Pure Python: the simulator drives this same class with a simulated executor.
 """
@@ -15,10 +24,12 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from joule.engine.admission import ADMISSION_POLICIES, make_admission_policy
 from joule.engine.kv_blocks import KVBlockManager
 from joule.engine.plan import ScheduledSequence, StepPlan, StepResult
 from joule.engine.policies import POLICIES, make_policy
 from joule.engine.request import Request, RequestStatus
+from joule.engine.step_time import StepTimeEstimator
 
 
 @dataclass
@@ -27,6 +38,8 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int = 2048
     policy: str = "fcfs"
+    admission: str = "greedy"
+    enable_chunked_prefill: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
@@ -35,10 +48,21 @@ class SchedulerConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}.")
+        if self.admission not in ADMISSION_POLICIES:
+            raise ValueError(f"admission must be one of {', '.join(ADMISSION_POLICIES)}, got {self.admission!r}.")
+        if not isinstance(self.enable_chunked_prefill, bool):
+            raise ValueError(f"enable_chunked_prefill must be True or False, got {self.enable_chunked_prefill!r}.")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens={self.max_num_batched_tokens} is smaller than max_model_len="
+                f"{self.max_model_len}: without chunked prefill every prompt must fit one step; raise "
+                "max_num_batched_tokens, lower max_model_len or enable chunked prefill."
+            )
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: KVBlockManager):
+    def __init__(self, config: SchedulerConfig, block_manager: KVBlockManager,
+                 step_time: StepTimeEstimator | None = None):
         self.config = config
         self.block_manager = block_manager
         self.waiting: deque[Request] = deque()
@@ -46,6 +70,10 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
         self.policy = make_policy(config.policy)
+        self.admission = make_admission_policy(
+            config.admission, block_manager.num_blocks, block_manager.block_size, config.max_model_len
+        )
+        self.step_time = step_time if step_time is not None else StepTimeEstimator()
 
     # -- queue management -----------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -105,14 +133,24 @@ class Scheduler:
         request.stop_reason = stop_reason
         self.block_manager.free(request)
         self.requests.pop(request.request_id, None)
+        if status != RequestStatus.FINISHED_ABORTED:
+            self.admission.on_finished(request)
+
+    def observe_step(self, plan: StepPlan, elapsed_seconds: float) -> None:
+        """Teach the step-time estimator how long an executed plan took (EngineCore calls this)."""
+        self.step_time.observe(plan.num_prefill_tokens, plan.num_decode_tokens, elapsed_seconds)
 
     # -- one step ----------------------------------------------------------------------
     def schedule(self, now: float = 0.0) -> StepPlan:
+        if not self.config.enable_chunked_prefill:
+            return self._schedule_prefill_first(now)
         plan = StepPlan()
         scheduled: dict[str, ScheduledSequence] = {}
-        budget = self.config.max_num_batched_tokens
         decodes = [request for request in self.running if not request.is_prefilling]
         prefills = [request for request in self.running if request.is_prefilling]
+        budget = self.policy.token_budget(
+            decodes, self.config.max_num_batched_tokens, self.step_time, self.block_manager.block_size
+        )
         for request in decodes + prefills:
             if budget == 0:
                 break
@@ -132,11 +170,34 @@ class Scheduler:
             budget = self._admit_waiting(budget, plan, scheduled, now)
         return plan
 
-    def _admit_waiting(self, budget: int, plan: StepPlan, scheduled: dict, now: float) -> int:
+    def _schedule_prefill_first(self, now: float) -> StepPlan:
+        """The baseline: whole prompts whenever one can be admitted, else a decode-only step."""
+        plan = StepPlan()
+        scheduled: dict[str, ScheduledSequence] = {}
+        self._admit_waiting(self.config.max_num_batched_tokens, plan, scheduled, now, whole_prompts=True)
+        if plan.sequences:
+            return plan
+        for request in list(self.running):
+            if request.status != RequestStatus.RUNNING:
+                continue  # preempted earlier in this step
+            while not self.block_manager.allocate(request, 1):
+                victim = self.policy.choose_victim(self.running)
+                self._preempt(victim, plan, scheduled)
+                if victim is request:
+                    break
+            else:
+                self._add_to_plan(request, 1, plan, scheduled)
+        return plan
+
+    def _admit_waiting(self, budget: int, plan: StepPlan, scheduled: dict, now: float,
+                       whole_prompts: bool = False) -> int:
+        """Admit waiting requests in policy order; ``whole_prompts``: only if all of it fits this step."""
         size = self.block_manager.block_size
         while self.waiting and budget > 0:
             request = self.policy.next_waiting(self.waiting)
             if self._waits_for_sibling(request):
+                break
+            if not self.admission.may_admit(request, self.running):
                 break
             if len(self.running) >= self.config.max_num_seqs:
                 refund = self._preempt_for(request, plan, scheduled)
@@ -147,6 +208,8 @@ class Scheduler:
             cached_blocks = self.block_manager.find_cached_prefix(request)
             num_computed = len(cached_blocks) * size
             num_new = min(request.num_tokens - num_computed, budget)
+            if whole_prompts and num_new < request.num_tokens - num_computed:
+                break  # does not fit what is left of this step; it goes first next step
             if not self.block_manager.allocate(request, num_new, cached_blocks):
                 refund = self._preempt_for(request, plan, scheduled)
                 if refund is None:
@@ -254,3 +317,4 @@ class Scheduler:
         request.finish_reason = request.status.value
         self.block_manager.free(request)
         self.requests.pop(request.request_id, None)
+        self.admission.on_finished(request)

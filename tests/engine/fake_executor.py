@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from joule.engine.core import EngineCore
 from joule.engine.kv_blocks import KVBlockManager
 from joule.engine.plan import StepPlan, StepResult
-from joule.engine.request import Request, RequestStatus, SampledToken
+from joule.engine.request import Request, RequestSLO, RequestStatus, SampledToken
 from joule.engine.scheduler import SchedulerConfig
 from joule.sampling_params import SamplingParams
 
@@ -106,6 +106,8 @@ class RequestSpec:
     with_eos: bool = True
     group_id: str | None = None
     cache_salt: str | None = None
+    arrival_time: float = 0.0
+    slo: RequestSLO | None = None
 
     def build(self) -> Request:
         params = SamplingParams(
@@ -122,6 +124,8 @@ class RequestSpec:
             eos_token_ids=frozenset({EOS_TOKEN_ID}) if self.with_eos else frozenset(),
             group_id=self.group_id,
             cache_salt=self.cache_salt,
+            arrival_time=self.arrival_time,
+            slo=self.slo,
         )
 
 
@@ -149,15 +153,23 @@ class CheckedEngine:
         enable_prefix_caching: bool = True,
         always_eos: bool = False,
         sampler=None,
+        policy: str = "fcfs",
+        admission: str = "greedy",
+        enable_chunked_prefill: bool = True,
+        clock=lambda: 0.0,
     ):
         self.config = SchedulerConfig(
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
             max_model_len=max_model_len,
+            policy=policy,
+            admission=admission,
+            enable_chunked_prefill=enable_chunked_prefill,
         )
         self.block_manager = KVBlockManager(num_blocks, block_size, enable_prefix_caching)
         self.executor = SimulatedExecutor(block_size, always_eos, before_execute=self._check_plan, sampler=sampler)
-        self.core = EngineCore(self.config, self.block_manager, self.executor, clock=lambda: 0.0)
+        self.core = EngineCore(self.config, self.block_manager, self.executor, clock=clock)
+        self.plans: list[list[tuple[str, int, int]]] = []  # (request id, tokens, start) of every executed step
         self.scheduler = self.core.scheduler
         self.requests: dict[str, Request] = {}
         self.aborted: set[str] = set()
@@ -252,9 +264,12 @@ class CheckedEngine:
             if not sequence.samples:
                 self.stats.num_chunked_prefills += 1
 
+        self.plans.append([(s.request_id, s.num_tokens, s.start_position) for s in plan.sequences])
         running_before = [r.request_id for r in self._running_before]
         preempted = plan.preempted_request_ids
-        assert preempted == running_before[::-1][: len(preempted)], "preempted someone but the newest"
+        first_come_first_served = self.config.policy == "fcfs"
+        if first_come_first_served:
+            assert preempted == running_before[::-1][: len(preempted)], "preempted someone but the newest"
         assert not set(preempted) & set(planned)
         for request_id in preempted:
             victim = self.requests[request_id]
@@ -263,7 +278,8 @@ class CheckedEngine:
 
         admitted = [request_id for request_id in planned if request_id not in running_before]
         waiting_before = [r.request_id for r in self._waiting_before]
-        assert admitted == waiting_before[: len(admitted)], "admission skipped the queue order"
+        if first_come_first_served:
+            assert admitted == waiting_before[: len(admitted)], "admission skipped the queue order"
         if preempted:
             assert not admitted, "admitted a request in a step that had to preempt"
         if self.block_manager.enable_prefix_caching:  # n > 1 siblings wait for the prompt to be cached
@@ -281,9 +297,23 @@ class CheckedEngine:
 
         # Stall-free: a request that was decoding is in the plan unless it was preempted. (Admission
         # needs budget left after every running request, so running never outnumbers the budget.)
-        skipped = self._decoding_before - set(planned) - set(preempted)
-        assert not skipped, f"decodes {sorted(skipped)} were left out of the step"
+        if self.config.enable_chunked_prefill:
+            skipped = self._decoding_before - set(planned) - set(preempted)
+            assert not skipped, f"decodes {sorted(skipped)} were left out of the step"
+        else:
+            self._check_prefill_first(plan, admitted)
         self.block_manager.check_invariants(self.scheduler.running)
+
+    def _check_prefill_first(self, plan: StepPlan, admitted: list[str]) -> None:
+        """Prefill-first: a step is whole newly admitted prompts only, or every running decode only."""
+        if admitted:
+            assert len(admitted) == len(plan.sequences), "a prefill step also ran decodes"
+            for sequence in plan.sequences:
+                assert sequence.samples, "a prompt was chunked"
+            return
+        running_now = {r.request_id for r in self.scheduler.running}
+        assert {s.request_id for s in plan.sequences} == running_now, "a decode step left out a running request"
+        assert all(s.num_tokens == 1 and s.request_id in self._decoding_before for s in plan.sequences)
 
     def check_blocks(self) -> None:
         manager = self.block_manager
