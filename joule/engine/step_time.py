@@ -36,7 +36,7 @@ class StepTimeCoefficients:
         if self.per_prefill_token <= 0:
             return None
         room = step_seconds - self.predict(0, num_decode_tokens)
-        return max(0, int(room / self.per_prefill_token))
+        return max(0, int(room / self.per_prefill_token + 1e-9))  # 1e-9: 31.999... tokens is 32
 
 
 class StepTimeEstimator:
