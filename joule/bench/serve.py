@@ -1,8 +1,11 @@
 """`joule bench serve`: open-loop load against any OpenAI-compatible server (Joule, vLLM, ...).
 
-Requests arrive as a Poisson process at ``--request-rate`` (``inf`` sends all at once), each a
-streaming completion with ``ignore_eos`` so every request generates ``--output-len`` tokens. The
-client only speaks HTTP, so the same command measures a vLLM server elsewhere.
+Each run sends requests at one rate (``--request-rate 1,2,4,inf`` sweeps: one run per rate) as Poisson or
+gamma arrivals (``--burstiness`` is the gaps' coefficient of variation), with lengths drawn from a
+distribution or taken from a ShareGPT file, from one or several tenants with their own traffic and SLOs
+(see ``joule.bench.serve_workload``). Every request is a streaming completion with ``ignore_eos``. Results per
+run and per tenant: TTFT/TPOT/ITL/E2E percentiles, throughput, goodput (DistServe: requests/s meeting all their
+SLOs), SLO attainment and the joules the server reported; JSON, plots, and a table printed last.
 """
 
 from __future__ import annotations
@@ -12,23 +15,98 @@ import asyncio
 import json
 import os
 import platform
-import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
-from joule.bench.serve_metrics import RequestResult, compute_metrics, format_table
-
-_WORDS = ("time person year way day thing man world life hand part child eye woman place work week case point "
-          "government company number group problem fact energy power light river stone cloud music garden "
-          "market window letter engine signal forest winter summer city story answer").split()
+from joule.bench.serve_client import first_model, request_payload, scrape_energy, send_request, token_counter
+from joule.bench.serve_metrics import (
+    BenchmarkMetrics, RequestResult, compute_metrics, format_rate, format_sweep_table, format_table,
+)
+from joule.bench.serve_workload import (
+    LatencySLO, PlannedRequest, TenantSpec, WorkloadOptions, dataset_entries, parse_rates, plan_run, read_sharegpt,
+    word_count,
+)
+from joule.bench.workload import ARRIVAL_KINDS, LengthDistribution
 
 
 @dataclass
-class BenchRequest:
-    prompt: str | list[int]
-    prompt_len: int
-    output_len: int
+class ServeBenchConfig:
+    base_url: str = "http://127.0.0.1:8000"
+    endpoint: str = "/v1/completions"
+    model: str | None = None
+    api_key: str | None = None
+    rates: list[float] = field(default_factory=lambda: [float("inf")])
+    workload: WorkloadOptions = field(default_factory=WorkloadOptions)
+    tenants: list[TenantSpec] = field(default_factory=list)
+    slo: LatencySLO = field(default_factory=LatencySLO)
+    send_slo: bool | None = None  # None: send the SLO fields when any SLO is set
+    dataset: str | None = None
+    max_concurrency: int | None = None
+    percentiles: list[float] = field(default_factory=lambda: [50.0, 90.0, 99.0])
+    warmup: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.rates:
+            raise ValueError("rates needs at least one request rate")
+        if self.max_concurrency is not None and self.max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be at least 1, got {self.max_concurrency}")
+        if self.dataset and any(t.input_len or t.output_len for t in self.tenants):
+            raise ValueError("tenant input=/output= lengths cannot be combined with --dataset (lengths come from it)")
+        self.percentiles = sorted(set(self.percentiles) | {50.0, 99.0})
+
+    @property
+    def sends_slo(self) -> bool:
+        any_slo = self.slo.is_set or any(t.slo.is_set for t in self.tenants)
+        return any_slo if self.send_slo is None else self.send_slo
+
+
+@dataclass
+class RunResult:
+    """One run of a sweep: the rate, what every request saw and the metrics over all and per tenant."""
+
+    rate: float
+    metrics: BenchmarkMetrics
+    tenant_metrics: dict[str, BenchmarkMetrics]
+    results: list[RequestResult]
+    server_energy: dict | None
+    errors: list[str]
+
+    def to_dict(self) -> dict:
+        return {
+            "request_rate": format_rate(self.rate),
+            "metrics": self.metrics.to_dict(),
+            "vllm_keys": self.metrics.to_vllm_keys(),
+            "tenants": {name: metrics.to_dict() for name, metrics in self.tenant_metrics.items()},
+            "server_energy": self.server_energy,
+            "errors": self.errors,
+            "requests": [
+                {"tenant": r.tenant, "success": r.success, "prompt_len": r.prompt_len, "output_tokens": r.output_tokens,
+                 "ttft_s": r.ttft, "tpot_s": r.tpot, "e2el_s": r.latency, "energy_joules": r.energy_joules,
+                 "met_slo": r.meets_slo() if r.has_slo else None}
+                for r in self.results
+            ],
+        }
+
+
+@dataclass
+class SweepReport:
+    config: dict
+    runs: list[RunResult]
+
+    def to_dict(self) -> dict:
+        return {"config": self.config, "runs": [run.to_dict() for run in self.runs]}
+
+    def table(self, label: str = "") -> str:
+        rows = []
+        for run in self.runs:
+            rows.append((label or "all", run.rate, run.metrics))
+            rows += [(f"{label + '/' if label else ''}{name}", run.rate, m) for name, m in run.tenant_metrics.items()]
+        return format_sweep_table(rows)
+
+    @property
+    def failed(self) -> int:
+        return sum(run.metrics.failed for run in self.runs)
 
 
 def add_serve_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,162 +114,166 @@ def add_serve_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--endpoint", default="/v1/completions", help="completions endpoint path")
     parser.add_argument("--model", default=None, help="model name to send (default: the server's first model)")
     parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="Bearer key, if required")
-    parser.add_argument("--num-prompts", type=int, default=32)
-    parser.add_argument("--request-rate", type=float, default=float("inf"),
-                        help="requests per second, Poisson arrivals; inf sends all at once")
+    parser.add_argument("--num-prompts", type=int, default=32, help="requests per run (split over tenants)")
+    parser.add_argument("--request-rate", default="inf",
+                        help="requests/s, or a comma-separated sweep (1,2,4,inf): one run per rate")
+    parser.add_argument("--duration", type=float, default=None,
+                        help="seconds of traffic per run: finite-rate tenants send rate x duration requests")
+    parser.add_argument("--arrival", choices=ARRIVAL_KINDS, default="poisson", help="arrival process")
+    parser.add_argument("--burstiness", type=float, default=1.0,
+                        help="gamma arrivals: coefficient of variation of the gaps (1 = Poisson, >1 burstier)")
+    parser.add_argument("--input-len", default="128",
+                        help="prompt tokens: N, uniform:LO:HI, lognormal:MEDIAN:SIGMA[:MAX] or sharegpt")
+    parser.add_argument("--output-len", default="64", help="tokens to generate (same forms), sent with ignore_eos")
+    parser.add_argument("--dataset", default=None,
+                        help="ShareGPT JSON: first human turn as prompt, first gpt turn's length as output length")
+    parser.add_argument("--tenant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                        help="a tenant (repeatable): rate=, share=, num=, input=, output=, ttft=, tpot=")
+    parser.add_argument("--slo", default="", help="SLOs for every request, e.g. ttft=1.0,tpot=50ms")
+    parser.add_argument("--send-slo", action=argparse.BooleanOptionalAction, default=None,
+                        help="send ttft_slo_ms / tpot_slo_ms with each request (default: when SLOs are set)")
     parser.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight")
-    parser.add_argument("--input-len", type=int, default=128, help="prompt tokens (words for random-text)")
-    parser.add_argument("--output-len", type=int, default=64, help="tokens to generate (sent with ignore_eos)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for prompts and arrival times")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="the server's limit: lengths are trimmed so prompt + output fit")
+    parser.add_argument("--seed", type=int, default=0, help="seed for prompts, lengths and arrival times")
     parser.add_argument("--prompt-kind", choices=["token-ids", "random-text"], default="token-ids")
     parser.add_argument("--token-id-range", type=int, nargs=2, default=[1000, 10000], metavar=("LOW", "HIGH"),
                         help="token ids are drawn uniformly from [LOW, HIGH): valid for any vocab above HIGH")
     parser.add_argument("--percentiles", default="50,90,99", help="comma-separated latency percentiles")
     parser.add_argument("--no-warmup", action="store_true", help="skip the single warm-up request")
     parser.add_argument("--output-json", default=None, help="write the results here")
+    parser.add_argument("--plot-dir", default=None, help="write latency, goodput, CDF and energy plots here")
 
 
-def build_workload(args: argparse.Namespace) -> list[BenchRequest]:
-    """Seeded prompts: random token ids (exact length on any server) or random words."""
-    rng = random.Random(args.seed)
-    low, high = args.token_id_range
-    if not 0 <= low < high:
-        raise ValueError(f"token_id_range must satisfy 0 <= LOW < HIGH, got {low} {high}.")
-    requests = []
-    for _ in range(args.num_prompts):
-        if args.prompt_kind == "token-ids":
-            prompt: str | list[int] = [rng.randrange(low, high) for _ in range(args.input_len)]
-        else:
-            prompt = " ".join(rng.choice(_WORDS) for _ in range(args.input_len))
-        requests.append(BenchRequest(prompt, args.input_len, args.output_len))
-    return requests
-
-
-def arrival_delays(num_requests: int, request_rate: float, seed: int) -> list[float]:
-    """Seconds from the start at which each request is sent: Poisson, or all at 0 for an infinite rate."""
-    if request_rate <= 0:
-        raise ValueError(f"request_rate must be positive, got {request_rate}.")
-    if request_rate == float("inf"):
-        return [0.0] * num_requests
-    rng = random.Random(seed + 1)
-    times, now = [], 0.0
-    for _ in range(num_requests):
-        times.append(now)
-        now += rng.expovariate(request_rate)
-    return times
-
-
-async def _send(session, url: str, headers: dict, payload: dict, request: BenchRequest) -> RequestResult:
-    result = RequestResult(prompt_len=request.prompt_len)
-    started = time.perf_counter()
-    last = started
+def config_from_args(args: argparse.Namespace) -> ServeBenchConfig:
+    workload = WorkloadOptions(
+        num_prompts=args.num_prompts, input_len=LengthDistribution.parse(args.input_len, "input"),
+        output_len=LengthDistribution.parse(args.output_len, "output"), arrival=args.arrival,
+        burstiness=args.burstiness, duration_s=args.duration, max_model_len=args.max_model_len,
+        prompt_kind=args.prompt_kind, token_id_range=tuple(args.token_id_range), seed=args.seed,
+    )
     try:
-        async with session.post(url, json=payload, headers=headers) as response:
-            if response.status != 200:
-                result.error = f"HTTP {response.status}: {(await response.text())[:200]}"
-                return result
-            chunks = 0
-            async for raw in response.content:
-                line = raw.decode("utf-8").strip()
-                if not line.startswith("data:"):
-                    continue
-                data = line.removeprefix("data:").strip()
-                if data == "[DONE]":
-                    break
-                event = json.loads(data)
-                if "error" in event:
-                    result.error = str(event["error"].get("message"))
-                    return result
-                now = time.perf_counter()
-                if event.get("choices"):
-                    if chunks == 0:
-                        result.ttft = now - started
-                    else:
-                        result.itl.append(now - last)
-                    last = now
-                    chunks += 1
-                    result.generated_text += event["choices"][0].get("text") or ""
-                if event.get("usage"):
-                    result.output_tokens = event["usage"].get("completion_tokens") or 0
-                    result.prompt_len = event["usage"].get("prompt_tokens") or result.prompt_len
-            result.latency = time.perf_counter() - started
-            result.output_tokens = result.output_tokens or chunks
-            result.success = chunks > 0
-            if not result.success:
-                result.error = "the stream carried no tokens"
-    except Exception as error:  # a benchmark records failures and goes on
-        result.error = f"{type(error).__name__}: {error}"
-    return result
+        percentiles = [float(value) for value in args.percentiles.split(",") if value.strip()]
+    except ValueError:
+        raise ValueError(f"percentiles must be comma-separated numbers, got {args.percentiles!r}") from None
+    return ServeBenchConfig(
+        base_url=args.base_url, endpoint=args.endpoint, model=args.model, api_key=args.api_key,
+        rates=parse_rates(args.request_rate), workload=workload,
+        tenants=[TenantSpec.parse(text) for text in args.tenant], slo=LatencySLO.parse(args.slo),
+        send_slo=args.send_slo, dataset=args.dataset, max_concurrency=args.max_concurrency,
+        percentiles=percentiles, warmup=not args.no_warmup,
+    )
 
 
-async def _first_model(session, base_url: str, headers: dict) -> str:
-    async with session.get(base_url + "/v1/models", headers=headers) as response:
-        response.raise_for_status()
-        return (await response.json())["data"][0]["id"]
+async def _run_one(session, config: ServeBenchConfig, url: str, headers: dict, model: str,
+                   planned: list[PlannedRequest], rate: float) -> RunResult:
+    base_url = config.base_url.rstrip("/")
+    energy_before = await scrape_energy(session, base_url, headers)
+    limit = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else None
+    sends_slo = config.sends_slo
+
+    async def scheduled(request: PlannedRequest) -> RequestResult:
+        await asyncio.sleep(max(0.0, start + request.send_at - time.perf_counter()))
+        payload = request_payload(model, request, sends_slo)
+        if limit is None:
+            return await send_request(session, url, headers, payload, request)
+        async with limit:
+            return await send_request(session, url, headers, payload, request)
+
+    start = time.perf_counter()
+    results = list(await asyncio.gather(*(scheduled(request) for request in planned)))
+    duration = time.perf_counter() - start
+    energy_after = await scrape_energy(session, base_url, headers)
+    server_energy = None
+    if energy_before is not None and energy_after is not None:
+        server_energy = {"before": energy_before, "after": energy_after, "delta_joules":
+                         energy_after["energy_joules_total"] - energy_before["energy_joules_total"]}
+    tenants = sorted({r.tenant for r in results if r.tenant is not None})
+    tenant_metrics = {name: compute_metrics([r for r in results if r.tenant == name], duration, config.percentiles)
+                      for name in tenants}
+    errors = sorted({result.error for result in results if not result.success})[:5]
+    return RunResult(rate, compute_metrics(results, duration, config.percentiles), tenant_metrics, results,
+                     server_energy, errors)
 
 
-async def run_benchmark(args: argparse.Namespace) -> dict:
+async def run_sweep_async(config: ServeBenchConfig, progress=None) -> SweepReport:
     import aiohttp
 
-    base_url = args.base_url.rstrip("/")
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    workload = build_workload(args)
-    delays = arrival_delays(len(workload), args.request_rate, args.seed)
-    percentiles = [float(value) for value in args.percentiles.split(",") if value.strip()]
+    base_url = config.base_url.rstrip("/")
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
     timeout = aiohttp.ClientTimeout(total=6 * 3600)
-    connector = aiohttp.TCPConnector(limit=args.max_concurrency or 0)
+    connector = aiohttp.TCPConnector(limit=config.max_concurrency or 0)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-        model = args.model or await _first_model(session, base_url, headers)
-        url = base_url + args.endpoint
-
-        def payload(request: BenchRequest) -> dict:
-            return {"model": model, "prompt": request.prompt, "max_tokens": request.output_len, "temperature": 0.0,
-                    "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-
-        if not args.no_warmup:
-            warm = await _send(session, url, headers, payload(workload[0]), workload[0])
+        model = config.model or await first_model(session, base_url, headers)
+        dataset, length_unit = None, None
+        if config.dataset:
+            pairs = read_sharegpt(config.dataset)
+            count = await token_counter(session, base_url, headers, model)
+            if count is None:
+                length_unit = "words (the server has no /tokenize)"
+                dataset = dataset_entries(pairs, word_count, config.workload.max_model_len)
+            else:
+                length_unit = "tokens (server /tokenize)"
+                lengths = {text: await count(text) for pair in pairs for text in pair}
+                dataset = dataset_entries(pairs, lengths.__getitem__, config.workload.max_model_len)
+        url = base_url + config.endpoint
+        plans = [plan_run(config.workload, config.tenants, rate, config.slo, dataset) for rate in config.rates]
+        if config.warmup:
+            first = plans[0][0]
+            warm = await send_request(session, url, headers, request_payload(model, first, False), first)
             if not warm.success:
                 raise RuntimeError(f"warm-up request failed: {warm.error}")
-        limit = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
-
-        async def scheduled(request: BenchRequest, delay: float) -> RequestResult:
-            await asyncio.sleep(max(0.0, start + delay - time.perf_counter()))
-            if limit is None:
-                return await _send(session, url, headers, payload(request), request)
-            async with limit:
-                return await _send(session, url, headers, payload(request), request)
-
-        start = time.perf_counter()
-        results = await asyncio.gather(*(scheduled(r, d) for r, d in zip(workload, delays)))
-        duration = time.perf_counter() - start
-    metrics = compute_metrics(list(results), duration, percentiles)
-    errors = sorted({result.error for result in results if not result.success})[:5]
-    return {
-        "config": {"base_url": base_url, "endpoint": args.endpoint, "model": model, "num_prompts": args.num_prompts,
-                   "request_rate": args.request_rate, "max_concurrency": args.max_concurrency,
-                   "input_len": args.input_len, "output_len": args.output_len, "seed": args.seed,
-                   "prompt_kind": args.prompt_kind, "client_machine": platform.machine()},
-        "metrics": metrics,
-        "errors": errors,
+        runs = []
+        for rate, planned in zip(config.rates, plans):
+            if progress:
+                progress(f"rate {format_rate(rate)}: {len(planned)} requests")
+            runs.append(await _run_one(session, config, url, headers, model, planned, rate))
+    described = {
+        "base_url": base_url, "endpoint": config.endpoint, "model": model,
+        "request_rates": [format_rate(rate) for rate in config.rates],
+        "workload": {**asdict(config.workload), "input_len": config.workload.input_len.describe(),
+                     "output_len": config.workload.output_len.describe()},
+        "tenants": [{"name": t.name, "rate": None if t.rate is None else format_rate(t.rate), "share": t.share,
+                     "num": t.num, "input_len": t.input_len and t.input_len.describe(),
+                     "output_len": t.output_len and t.output_len.describe(), "slo": asdict(t.slo)}
+                    for t in config.tenants],
+        "slo": asdict(config.slo), "send_slo": config.sends_slo, "dataset": config.dataset,
+        "dataset_lengths": length_unit, "max_concurrency": config.max_concurrency,
+        "client_machine": platform.machine(),
     }
+    return SweepReport(described, runs)
+
+
+def run_sweep(config: ServeBenchConfig, progress=None) -> SweepReport:
+    return asyncio.run(run_sweep_async(config, progress))
+
+
+def write_report(report: SweepReport, output_json: str | None, plot_dir: str | None, title: str = "") -> list[str]:
+    """JSON of everything and the plots; returns the paths written."""
+    written = []
+    if output_json:
+        with open(output_json, "w") as handle:
+            json.dump(report.to_dict(), handle, indent=2)
+        written.append(output_json)
+    if plot_dir:
+        from joule.bench.serve_plots import plot_report
+
+        written += [str(path) for path in plot_report(report, plot_dir, title)]
+    return written
 
 
 def run_serve_bench(args: argparse.Namespace) -> int:
-    """Run the benchmark, print vLLM's table, write JSON; nonzero when any request failed."""
-    for name in ("num_prompts", "input_len", "output_len"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"{name} must be at least 1, got {getattr(args, name)}.")
-    report = asyncio.run(run_benchmark(args))
-    metrics = report["metrics"]
-    print(format_table(metrics, args.request_rate, args.max_concurrency))
-    for error in report["errors"]:
-        print(f"error: {error}", file=sys.stderr)
-    if args.output_json:
-        serializable = {**report, "metrics": metrics.to_dict(), "vllm_keys": metrics.to_vllm_keys()}
-        serializable["config"]["request_rate"] = str(args.request_rate)
-        with open(args.output_json, "w") as handle:
-            json.dump(serializable, handle, indent=2)
-    return 0 if metrics.failed == 0 else 1
+    """Run the sweep, write JSON and plots, print each run's table then the sweep table; nonzero on failures."""
+    config = config_from_args(args)
+    report = run_sweep(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    for run in report.runs:
+        print(format_table(run.metrics, run.rate, config.max_concurrency))
+        for error in run.errors:
+            print(f"error: {error}", file=sys.stderr)
+    for path in write_report(report, args.output_json, args.plot_dir):
+        print(f"wrote {path}", file=sys.stderr)
+    print(report.table())
+    return 0 if report.failed == 0 else 1
 
 
 def main(argv: list[str] | None = None) -> int:

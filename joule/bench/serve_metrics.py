@@ -5,6 +5,10 @@
 - TPOT: per request with more than one output token, (latency - TTFT) / (output tokens - 1).
 - E2EL: send to the end of the stream.
 - Throughputs divide by the benchmark's wall time (first send to last completion).
+- Goodput (DistServe): completed requests per second that meet ALL their SLOs (TTFT and TPOT as above);
+  SLO attainment: the share of all sent requests (failed ones miss) that met them.
+- Energy: the joules the server reported per request (``usage.energy_joules``); never estimated here. Joules
+  per output token divide the reported joules by the output tokens of the requests that reported them.
 """
 
 from __future__ import annotations
@@ -26,6 +30,25 @@ class RequestResult:
     itl: list[float] = field(default_factory=list)
     generated_text: str = ""
     error: str = ""
+    tenant: str | None = None
+    ttft_slo: float | None = None  # seconds
+    tpot_slo: float | None = None
+    energy_joules: float | None = None  # as reported by the server
+    energy_source: str | None = None
+
+    @property
+    def tpot(self) -> float:
+        """(latency - TTFT) / (output tokens - 1); 0 with a single token."""
+        return (self.latency - self.ttft) / (self.output_tokens - 1) if self.output_tokens > 1 else 0.0
+
+    @property
+    def has_slo(self) -> bool:
+        return self.ttft_slo is not None or self.tpot_slo is not None
+
+    def meets_slo(self) -> bool:
+        """Completed, and within every SLO it carries."""
+        return self.success and (self.ttft_slo is None or self.ttft <= self.ttft_slo) and (
+            self.tpot_slo is None or self.tpot <= self.tpot_slo)
 
 
 @dataclass
@@ -62,6 +85,13 @@ class BenchmarkMetrics:
     tpot_ms: LatencyStats
     itl_ms: LatencyStats
     e2el_ms: LatencyStats
+    goodput: float | None = None  # requests/s meeting all their SLOs; None when no request had an SLO
+    slo_attainment: float | None = None  # share of sent requests meeting all their SLOs
+    energy_joules: float | None = None  # sum of the joules the server reported; None when none did
+    joules_per_request: float | None = None
+    joules_per_output_token: float | None = None
+    energy_source: str | None = None
+    requests_with_energy: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,6 +109,8 @@ class BenchmarkMetrics:
                 stats.mean, stats.median, stats.std)
             for label, value in stats.percentiles.items():
                 flat[f"{label}_{name}_ms"] = value
+        if self.goodput is not None:
+            flat["request_goodput"] = self.goodput
         return flat
 
 
@@ -88,7 +120,13 @@ def compute_metrics(results: list[RequestResult], duration_s: float, percentiles
     done = [result for result in results if result.success]
     input_tokens = sum(result.prompt_len for result in done)
     output_tokens = sum(result.output_tokens for result in done)
-    tpots = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in done if r.output_tokens > 1]
+    tpots = [r.tpot for r in done if r.output_tokens > 1]
+    with_slo = any(result.has_slo for result in results)
+    good = sum(1 for result in results if result.meets_slo())
+    metered = [r for r in done if r.energy_joules is not None]
+    joules = sum(r.energy_joules for r in metered) if metered else None
+    metered_tokens = sum(r.output_tokens for r in metered)
+    sources = sorted({r.energy_source for r in metered if r.energy_source})
     return BenchmarkMetrics(
         completed=len(done),
         failed=len(results) - len(done),
@@ -102,6 +140,13 @@ def compute_metrics(results: list[RequestResult], duration_s: float, percentiles
         tpot_ms=LatencyStats.of(tpots, percentiles),
         itl_ms=LatencyStats.of([gap for r in done for gap in r.itl], percentiles),
         e2el_ms=LatencyStats.of([r.latency for r in done], percentiles),
+        goodput=good / duration_s if with_slo else None,
+        slo_attainment=good / len(results) if with_slo and results else None,
+        energy_joules=joules,
+        joules_per_request=joules / len(metered) if metered else None,
+        joules_per_output_token=joules / metered_tokens if metered and metered_tokens else None,
+        energy_source=",".join(sources) or None,
+        requests_with_energy=len(metered),
     )
 
 
@@ -119,6 +164,11 @@ def format_table(metrics: BenchmarkMetrics, request_rate: float, max_concurrency
         ("Output token throughput (tok/s)", f"{metrics.output_throughput:.2f}"),
         ("Total token throughput (tok/s)", f"{metrics.total_token_throughput:.2f}"),
     ]
+    if metrics.goodput is not None:
+        rows += [("Request goodput (req/s)", f"{metrics.goodput:.2f}"),
+                 ("SLO attainment (%)", f"{100 * metrics.slo_attainment:.1f}")]
+    rows.append(("Joules per output token", _or_none(metrics.joules_per_output_token, ".4f")))
+    rows.append(("Joules per request", _or_none(metrics.joules_per_request, ".3f")))
     lines = ["{:=^60}".format(" Serving Benchmark Result ")]
     lines += [f"{name:<44}{value:>16}" for name, value in rows]
     for title, stats in (("Time to First Token", metrics.ttft_ms), ("Time per Output Token (excl. 1st token)",
@@ -134,3 +184,33 @@ def format_table(metrics: BenchmarkMetrics, request_rate: float, max_concurrency
             lines.append(f"{name.upper() + ' ' + label + ' (ms)':<44}{value:>16.2f}")
     lines.append("=" * 60)
     return "\n".join(lines)
+
+
+def _or_none(value: float | None, spec: str) -> str:
+    return "none reported" if value is None else format(value, spec)
+
+
+def format_rate(rate: float) -> str:
+    return "inf" if rate == float("inf") else f"{rate:g}"
+
+
+def format_sweep_table(rows: list[tuple[str, float, BenchmarkMetrics]]) -> str:
+    """One line per (label, rate): throughput, goodput, attainment, p50/p99 TTFT and TPOT, J per token."""
+    header = (f"{'run':<16}{'rate':>7}{'done':>6}{'fail':>5}{'req/s':>8}{'good/s':>8}{'SLO%':>7}"
+              f"{'TTFT p50':>10}{'p99':>9}{'TPOT p50':>10}{'p99':>8}{'J/tok':>9}")
+    lines = [header, "-" * len(header)]
+    for label, rate, m in rows:
+        p99_ttft = m.ttft_ms.percentiles.get("p99", float("nan"))
+        p99_tpot = m.tpot_ms.percentiles.get("p99", float("nan"))
+        lines.append(
+            f"{label[:15]:<16}{format_rate(rate):>7}{m.completed:>6}{m.failed:>5}{m.request_throughput:>8.2f}"
+            f"{_or_dash(m.goodput, '.2f'):>8}{_or_dash(m.slo_attainment and 100 * m.slo_attainment, '.1f'):>7}"
+            f"{m.ttft_ms.median:>10.1f}{p99_ttft:>9.1f}{m.tpot_ms.median:>10.2f}{p99_tpot:>8.2f}"
+            f"{_or_dash(m.joules_per_output_token, '.4f'):>9}"
+        )
+    lines.append("(latencies in ms; good/s: requests/s meeting all their SLOs; J/tok: server-reported joules)")
+    return "\n".join(lines)
+
+
+def _or_dash(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)

@@ -90,9 +90,8 @@ class LengthDistribution:
                 raise ValueError(f"role must be 'input' or 'output', got {role!r}")
             return LENGTH_PRESETS[parts[0]][0 if role == "input" else 1]
         try:
-            if len(parts) == 1:
-                return cls("fixed", float(parts[0]))
-            kind, numbers = parts[0], [float(part) for part in parts[1:]]
+            kind, numbers = (("fixed", [float(parts[0])]) if len(parts) == 1
+                             else (parts[0], [float(part) for part in parts[1:]]))
         except ValueError:
             raise ValueError(
                 f"cannot parse length distribution {text!r}: expected N, fixed:N, uniform:LO:HI, "

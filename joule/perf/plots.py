@@ -1,4 +1,5 @@
-"""Plots for simulated runs: latency CDFs of one run, and goodput/latency/energy against load for a sweep.
+"""Plots for simulated runs (latency CDFs of one run; goodput/latency/energy against load for a sweep) and the
+helpers the serving benchmark's plots share with them (``joule.bench.serve_plots``).
 
 matplotlib is imported lazily (Agg backend) so the simulator itself does not need it.
 """
@@ -12,7 +13,8 @@ import numpy as np
 from joule.perf.metrics import SLO, SimulationResult
 
 
-def _pyplot():
+def pyplot_module():
+    """matplotlib.pyplot on the Agg backend (files only, no display)."""
     try:
         import matplotlib
     except ImportError:
@@ -25,7 +27,7 @@ def _pyplot():
 
 def plot_run(result: SimulationResult, path: str | Path, title: str = "", slo: SLO | None = None) -> Path:
     """CDFs of TTFT, TPOT and e2e latency, with the SLO marked."""
-    pyplot = _pyplot()
+    pyplot = pyplot_module()
     finished = result.finished
     series = {
         "TTFT (s)": ([r.ttft for r in finished], slo.ttft_s if slo else None),
@@ -34,18 +36,30 @@ def plot_run(result: SimulationResult, path: str | Path, title: str = "", slo: S
     }
     figure, axes = pyplot.subplots(1, 3, figsize=(13, 3.8))
     for axis, (label, (values, limit)) in zip(axes, series.items()):
-        data = np.sort(np.asarray(values))
-        if data.size:
-            axis.plot(data, np.arange(1, data.size + 1) / data.size)
-        if limit is not None:
-            axis.axvline(limit, color="red", linestyle="--", label="SLO")
-            axis.legend()
-        axis.set_xlabel(label)
-        axis.set_ylabel("fraction of requests")
-        axis.grid(alpha=0.3)
-    figure.suptitle(title)
+        plot_cdf(axis, values, label, limit=limit)
+    return save_figure(pyplot, figure, path, title)
+
+
+def plot_cdf(axis, values, xlabel: str, line_label: str | None = None, limit: float | None = None) -> None:
+    """Empirical CDF of ``values`` on ``axis``, with an SLO line at ``limit``."""
+    data = np.sort(np.asarray(values, dtype=float))
+    if data.size:
+        axis.plot(data, np.arange(1, data.size + 1) / data.size, label=line_label)
+    if limit is not None:
+        axis.axvline(limit, color="red", linestyle="--", label="SLO")
+    if limit is not None or line_label is not None:
+        axis.legend(fontsize=8)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel("fraction of requests")
+    axis.grid(alpha=0.3)
+
+
+def save_figure(pyplot, figure, path: str | Path, title: str = "") -> Path:
+    if title:
+        figure.suptitle(title)
     figure.tight_layout()
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     pyplot.close(figure)
     return path
@@ -53,7 +67,7 @@ def plot_run(result: SimulationResult, path: str | Path, title: str = "", slo: S
 
 def plot_sweep(rows: list[dict], path: str | Path, title: str = "") -> Path:
     """Throughput, goodput, p90 latencies and J/token against the offered request rate."""
-    pyplot = _pyplot()
+    pyplot = pyplot_module()
     rates = [row["offered_rate"] for row in rows]
     figure, axes = pyplot.subplots(1, 3, figsize=(13, 3.8))
     axes[0].plot(rates, [row["request_throughput"] for row in rows], marker="o", label="throughput")
@@ -71,9 +85,4 @@ def plot_sweep(rows: list[dict], path: str | Path, title: str = "") -> Path:
     for axis in axes:
         axis.set_xlabel("offered load (requests/s)")
         axis.grid(alpha=0.3)
-    figure.suptitle(title)
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=110)
-    pyplot.close(figure)
-    return path
+    return save_figure(pyplot, figure, path, title)

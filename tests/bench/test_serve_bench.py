@@ -1,4 +1,4 @@
-"""`joule bench serve`: vLLM's metric definitions, Poisson arrivals, and a run against a live tiny server."""
+"""`joule bench serve`: vLLM's metric definitions, goodput, energy, plots, and sweeps against a live tiny server."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ import statistics
 
 import pytest
 
-from joule.bench.serve import add_serve_bench_arguments, arrival_delays, build_workload, run_serve_bench
+from joule.bench.serve import RunResult, SweepReport, add_serve_bench_arguments, config_from_args, run_serve_bench
+from joule.bench.serve_client import parse_energy_metrics, request_payload
 from joule.bench.serve_metrics import RequestResult, compute_metrics, format_table
+from joule.bench.serve_plots import plot_sweeps
+from joule.bench.serve_workload import LatencySLO, PlannedRequest
 from server.conftest import live_server, tiny_model_dir  # noqa: F401  (fixtures)
 
 
@@ -17,6 +20,13 @@ def _args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_serve_bench_arguments(parser)
     return parser.parse_args(list(argv))
+
+
+def _done(ttft, latency, tokens, tenant=None, ttft_slo=None, tpot_slo=None, joules=None) -> RequestResult:
+    return RequestResult(success=True, prompt_len=10, output_tokens=tokens, ttft=ttft, latency=latency,
+                         itl=[(latency - ttft) / max(tokens - 1, 1)] * (tokens - 1), tenant=tenant,
+                         ttft_slo=ttft_slo, tpot_slo=tpot_slo, energy_joules=joules,
+                         energy_source=None if joules is None else "estimated")
 
 
 def test_metrics_follow_vllm_definitions():
@@ -32,54 +42,121 @@ def test_metrics_follow_vllm_definitions():
     assert metrics.output_throughput == pytest.approx(4.0)
     assert metrics.total_token_throughput == pytest.approx(14.0)
     assert metrics.ttft_ms.mean == pytest.approx(200.0)
-    # TPOT = (latency - ttft) / (tokens - 1): 200 ms and 100 ms
-    assert metrics.tpot_ms.mean == pytest.approx(150.0)
+    assert metrics.tpot_ms.mean == pytest.approx(150.0)  # (latency - ttft) / (tokens - 1): 200 ms and 100 ms
     assert metrics.itl_ms.mean == pytest.approx(1000 * statistics.mean([0.2, 0.2, 0.1, 0.1, 0.1, 0.1]))
     assert metrics.e2el_ms.percentiles["p50"] == pytest.approx(600.0)
+    assert metrics.goodput is None and metrics.slo_attainment is None  # no SLOs: no goodput
+    assert metrics.energy_joules is None and metrics.joules_per_output_token is None  # none reported: none invented
     table = format_table(metrics, float("inf"), None)
     flat = metrics.to_vllm_keys()
     assert flat["mean_tpot_ms"] == pytest.approx(150.0) and flat["p99_e2el_ms"] == metrics.e2el_ms.percentiles["p99"]
     assert flat["completed"] == 2 and flat["duration"] == 2.0
-    assert "Mean TTFT (ms)" in table and "P99 ITL (ms)" in table and "inf" in table
+    assert "Mean TTFT (ms)" in table and "P99 ITL (ms)" in table and "none reported" in table
 
 
-def test_poisson_arrivals_have_the_requested_rate_and_inf_sends_at_once():
-    delays = arrival_delays(4000, request_rate=5.0, seed=3)
-    gaps = [b - a for a, b in zip(delays, delays[1:])]
-    assert delays[0] == 0.0 and all(gap >= 0 for gap in gaps)
-    assert statistics.mean(gaps) == pytest.approx(0.2, rel=0.08)
-    assert statistics.stdev(gaps) == pytest.approx(0.2, rel=0.1)  # exponential: std equals mean
-    assert arrival_delays(5, float("inf"), 0) == [0.0] * 5
-    assert arrival_delays(10, 2.0, 1) == arrival_delays(10, 2.0, 1)
+def test_goodput_counts_completed_requests_meeting_all_their_slos():
+    results = [
+        _done(0.2, 1.2, 11, ttft_slo=0.5, tpot_slo=0.15, joules=2.0),  # TPOT 0.1: good
+        _done(0.9, 1.9, 11, ttft_slo=0.5, tpot_slo=0.15, joules=3.0),  # TTFT misses
+        _done(0.1, 2.1, 11, ttft_slo=0.5, tpot_slo=0.15),  # TPOT 0.2 misses; no energy reported
+        _done(0.1, 0.1, 1, ttft_slo=0.5, tpot_slo=0.15, joules=1.0),  # one token: TPOT trivially met
+        _done(5.0, 9.0, 5),  # carries no SLO: good once completed
+        RequestResult(success=False, ttft_slo=0.5, error="HTTP 429"),  # failed: never good
+    ]
+    metrics = compute_metrics(results, duration_s=4.0, percentiles=[50])
+    assert metrics.goodput == pytest.approx(3 / 4.0)
+    assert metrics.slo_attainment == pytest.approx(3 / 6)
+    assert metrics.energy_joules == pytest.approx(6.0) and metrics.requests_with_energy == 3
+    assert metrics.joules_per_request == pytest.approx(2.0)
+    assert metrics.joules_per_output_token == pytest.approx(6.0 / 23)  # only requests that reported joules
+    assert metrics.energy_source == "estimated" and metrics.to_vllm_keys()["request_goodput"] == 0.75
 
 
-def test_workload_is_seeded_with_exact_lengths():
-    ids = build_workload(_args("--num-prompts", "3", "--input-len", "7", "--seed", "5"))
-    assert [len(request.prompt) for request in ids] == [7, 7, 7]
-    assert all(1000 <= token < 10000 for request in ids for token in request.prompt)
-    assert ids[0].prompt == build_workload(_args("--num-prompts", "3", "--input-len", "7", "--seed", "5"))[0].prompt
-    text = build_workload(_args("--num-prompts", "2", "--input-len", "9", "--prompt-kind", "random-text"))
-    assert all(isinstance(request.prompt, str) and len(request.prompt.split()) == 9 for request in text)
+def test_payload_carries_tenant_and_slo_fields_only_when_asked():
+    planned = PlannedRequest("light", 0.0, [5, 6], 2, 3, LatencySLO(0.5, 0.04))
+    payload = request_payload("m", planned, send_slo=True)
+    assert payload["user"] == "light" and payload["ttft_slo_ms"] == 500.0 and payload["tpot_slo_ms"] == 40.0
+    assert payload["stream_options"] == {"include_usage": True} and payload["max_tokens"] == 3
+    quiet = request_payload("m", PlannedRequest(None, 0.0, "hi", 1, 3, LatencySLO(0.5)), send_slo=False)
+    assert not {"user", "ttft_slo_ms", "tpot_slo_ms"} & set(quiet)
 
 
-@pytest.mark.parametrize("rate, kind", [("inf", "token-ids"), ("20", "random-text")])
-def test_against_a_live_server(live_server, tmp_path, capsys, rate, kind):  # noqa: F811
+def test_energy_counters_are_read_from_prometheus_text():
+    text = ('# HELP joule:energy_joules Joules.\n# TYPE joule:energy_joules counter\n'
+            'joule:energy_joules_total{model_name="m",source="measured"} 12.5\n'
+            'joule:energy_joules_total{model_name="m",source="estimated"} 0.5\n'
+            '# HELP joule:average_power_watts W.\n# TYPE joule:average_power_watts gauge\n'
+            'joule:average_power_watts{model_name="m",source="measured"} 150.0\n')
+    assert parse_energy_metrics(text) == {"energy_joules_total": 13.0, "average_power_watts": 150.0}
+    assert parse_energy_metrics("# TYPE other counter\nother_total 3\n") is None
+
+
+def test_plots_are_written_for_one_or_several_sweeps(tmp_path):
+    def sweep(scale: float, joules: float | None) -> SweepReport:
+        runs = []
+        for rate in (1.0, 4.0, float("inf")):
+            results = [_done(0.05 * scale * i, 0.5 * scale * i, 8, ttft_slo=0.3, tpot_slo=0.07, joules=joules)
+                       for i in range(1, 6)]
+            runs.append(RunResult(rate, compute_metrics(results, 3.0, [50, 99]), {}, results, None, []))
+        return SweepReport({}, runs)
+
+    paths = plot_sweeps({"chunked": sweep(1.0, 0.4), "prefill-first": sweep(2.0, None)}, tmp_path / "plots", "t")
+    assert sorted(p.name for p in paths) == ["energy_vs_rate.png", "goodput_vs_rate.png", "latency_cdfs.png",
+                                             "latency_vs_rate.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" and p.stat().st_size > 5000 for p in paths)
+
+
+def test_bad_options_raise_clear_errors():
+    with pytest.raises(ValueError, match="input=/output="):
+        config_from_args(_args("--dataset", "x.json", "--tenant", "a:input=64"))
+    with pytest.raises(ValueError, match="request rate"):
+        config_from_args(_args("--request-rate", "1,fast"))
+    with pytest.raises(ValueError, match="burstiness"):
+        config_from_args(_args("--arrival", "gamma", "--burstiness", "0"))
+
+
+def test_a_sweep_with_tenants_slos_and_plots_against_a_live_server(live_server, tmp_path, capsys):  # noqa: F811
     output = tmp_path / "bench.json"
-    args = _args("--base-url", live_server.base_url, "--num-prompts", "6", "--request-rate", rate,
-                 "--input-len", "16", "--output-len", "5", "--prompt-kind", kind, "--output-json", str(output))
+    args = _args("--base-url", live_server.base_url, "--num-prompts", "6", "--request-rate", "20,inf",
+                 "--arrival", "gamma", "--burstiness", "2", "--input-len", "uniform:8:24", "--output-len", "5",
+                 "--tenant", "light:rate=10,ttft=30,tpot=10", "--tenant", "heavy:share=1,input=32,num=4",
+                 "--slo", "tpot=20", "--output-json", str(output), "--plot-dir", str(tmp_path / "plots"))
     assert run_serve_bench(args) == 0
-    assert "Serving Benchmark Result" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Serving Benchmark Result" in printed and printed.rstrip().splitlines()[-1].startswith("(latencies")
     report = json.loads(output.read_text())
-    metrics = report["metrics"]
-    assert report["vllm_keys"]["mean_ttft_ms"] == metrics["ttft_ms"]["mean"]
-    assert report["config"]["model"] == "tiny"
-    assert metrics["completed"] == 6 and metrics["failed"] == 0
-    assert metrics["total_output_tokens"] == 30  # ignore_eos: exactly output_len each
-    if kind == "token-ids":
-        assert metrics["total_input_tokens"] == 96
-    assert 0 < metrics["ttft_ms"]["mean"] <= metrics["e2el_ms"]["mean"]
-    assert metrics["itl_ms"]["mean"] > 0 and metrics["tpot_ms"]["mean"] > 0
-    assert metrics["output_throughput"] == pytest.approx(30 / metrics["duration_s"])
+    assert report["config"]["model"] == "tiny" and report["config"]["send_slo"] is True
+    assert [run["request_rate"] for run in report["runs"]] == ["20", "inf"]
+    for run in report["runs"]:
+        metrics, tenants = run["metrics"], run["tenants"]
+        assert metrics["failed"] == 0 and metrics["completed"] == sum(t["completed"] for t in tenants.values())
+        assert tenants["heavy"]["completed"] == 4 and tenants["heavy"]["total_input_tokens"] == 4 * 32
+        assert metrics["total_output_tokens"] == 5 * metrics["completed"]  # ignore_eos: exactly output_len each
+        assert 0 < metrics["ttft_ms"]["mean"] <= metrics["e2el_ms"]["mean"]
+        assert metrics["goodput"] == pytest.approx(metrics["completed"] / metrics["duration_s"])  # generous SLOs
+        assert metrics["slo_attainment"] == 1.0
+        # the tiny CPU server estimates joules and reports them per request and in /metrics
+        assert metrics["requests_with_energy"] == metrics["completed"] and metrics["joules_per_output_token"] > 0
+        assert metrics["energy_source"] == "estimated"
+        assert run["server_energy"]["delta_joules"] > 0
+        assert {r["tenant"] for r in run["requests"]} == {"light", "heavy"}
+    assert len(list((tmp_path / "plots").glob("*.png"))) == 4
+
+
+def test_sharegpt_dataset_is_tokenized_by_the_server(live_server, tmp_path):  # noqa: F811
+    dataset = tmp_path / "sharegpt.json"
+    dataset.write_text(json.dumps([{"conversations": [{"from": "human", "value": f"Tell me about rivers {i}."},
+                                                      {"from": "gpt", "value": "Rivers flow to the sea."}]}
+                                   for i in range(3)]))
+    output = tmp_path / "b.json"
+    args = _args("--base-url", live_server.base_url, "--num-prompts", "3", "--dataset", str(dataset),
+                 "--no-warmup", "--output-json", str(output))
+    assert run_serve_bench(args) == 0
+    report = json.loads(output.read_text())
+    assert report["config"]["dataset_lengths"].startswith("tokens")
+    metrics = report["runs"][0]["metrics"]
+    assert metrics["completed"] == 3
+    assert 3 < metrics["total_output_tokens"] / 3 < 12  # the reply's token count, not a default length
 
 
 def test_failures_are_counted_and_the_exit_code_says_so(live_server, tmp_path):  # noqa: F811
@@ -87,4 +164,4 @@ def test_failures_are_counted_and_the_exit_code_says_so(live_server, tmp_path): 
                  "--output-len", "5", "--no-warmup", "--output-json", str(tmp_path / "b.json"))
     assert run_serve_bench(args) == 1
     report = json.loads((tmp_path / "b.json").read_text())
-    assert report["metrics"]["failed"] == 2 and "400" in report["errors"][0]
+    assert report["runs"][0]["metrics"]["failed"] == 2 and "400" in report["runs"][0]["errors"][0]
