@@ -61,6 +61,11 @@ def add_perf_commands(subparsers) -> None:
     simulate.add_argument("--block-size", type=int, default=16)
     simulate.add_argument("--num-kv-blocks", type=int, default=None)
     simulate.add_argument("--no-prefix-caching", action="store_true")
+    simulate.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority", "fair", "deadline"],
+                          help="deadline schedules against --slo, which every request then carries")
+    simulate.add_argument("--admission-policy", default="greedy", choices=["greedy", "predicted"])
+    simulate.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
+                          help="--no-enable-chunked-prefill: the prefill-first baseline")
     simulate.add_argument("--sweep-rates", default=None, help="comma-separated request rates to sweep")
     simulate.add_argument("--plot-dir", default=None, help="write PNG plots here")
     simulate.set_defaults(perf_handler=run_simulate)
@@ -123,6 +128,9 @@ def _replica_list(args, model: ModelConfig):
             max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
             block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
             enable_prefix_caching=not args.no_prefix_caching,
+            scheduling_policy=getattr(args, "scheduling_policy", "fcfs"),
+            admission_policy=getattr(args, "admission_policy", "greedy"),
+            enable_chunked_prefill=getattr(args, "enable_chunked_prefill", True),
         )
         if replica.hardware.name in prices:
             replica.hardware = with_price(replica.hardware, prices[replica.hardware.name])
@@ -149,18 +157,20 @@ def _print_summary(summary: dict) -> None:
 def run_simulate(args: argparse.Namespace) -> int:
     from joule.perf.arrivals import WorkloadSpec, generate
     from joule.perf.metrics import SLO
+    from joule.engine.request import RequestSLO
     from joule.perf.simulator import ClusterSimulator
 
     model = load_model_config(args.model)
     workload = WorkloadSpec.parse(args.workload)
     slo = SLO.parse(args.slo) if args.slo else None
     replicas = _replica_list(args, model)
+    request_slo = RequestSLO(ttft_seconds=slo.ttft_s, tpot_seconds=slo.tpot_s) if slo else None
     rates = [float(rate) for rate in _csv(args.sweep_rates)] if args.sweep_rates else [workload.rate]
     rows, last = [], None
     for rate in rates:
         started = time.perf_counter()
         requests = generate(workload.with_rate(rate), model.vocab_size, args.max_model_len)
-        last = ClusterSimulator(model, replicas, args.router).run(requests)
+        last = ClusterSimulator(model, replicas, args.router, request_slo=request_slo).run(requests)
         summary = last.summary(slo)
         summary["offered_rate"] = rate
         summary["wall_s"] = time.perf_counter() - started

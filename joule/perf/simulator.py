@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from joule.engine.core import EngineCore
 from joule.engine.kv_blocks import KVBlockManager
-from joule.engine.request import Request
+from joule.engine.request import Request, RequestSLO
 from joule.engine.scheduler import SchedulerConfig
 from joule.model.config import ModelConfig
 from joule.perf.arrivals import TimedRequest
@@ -46,6 +46,9 @@ class ReplicaConfig:
     enable_prefix_caching: bool = True
     num_kv_blocks: int | None = None  # None: what fits in memory after the weights
     gpu_memory_utilization: float = 0.9
+    scheduling_policy: str = "fcfs"
+    admission_policy: str = "greedy"
+    enable_chunked_prefill: bool = True  # False: the prefill-first baseline
 
     @classmethod
     def for_hardware(cls, name: str, profile_path=None, dtype: str | None = None, calibrated: bool = True,
@@ -82,7 +85,13 @@ class ReplicaConfig:
         return min(blocks, 2 * self.max_num_seqs * per_sequence)
 
     def label(self) -> str:
-        return f"{self.hardware.name}(seqs={self.max_num_seqs},tokens={self.max_num_batched_tokens})"
+        extras = "".join(
+            f",{name}={value}" for name, value, default in (
+                ("policy", self.scheduling_policy, "fcfs"), ("admission", self.admission_policy, "greedy"),
+                ("chunked", self.enable_chunked_prefill, True),
+            ) if value != default
+        )
+        return f"{self.hardware.name}(seqs={self.max_num_seqs},tokens={self.max_num_batched_tokens}{extras})"
 
 
 class _Replica:
@@ -95,7 +104,10 @@ class _Replica:
         self.busy = False
         num_blocks = config.simulated_kv_blocks(model)
         max_model_len = min(config.max_model_len, num_blocks * config.block_size, model.max_position_embeddings)
-        scheduler_config = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_model_len)
+        scheduler_config = SchedulerConfig(
+            config.max_num_seqs, config.max_num_batched_tokens, max_model_len, policy=config.scheduling_policy,
+            admission=config.admission_policy, enable_chunked_prefill=config.enable_chunked_prefill,
+        )
         self.executor = SimulatedExecutor(
             StepModel(model, config.profile), model.vocab_size, eos_token_id, eos_probability,
             fixed_step_seconds=fixed_step_seconds, record_plans=record_plans,
@@ -141,7 +153,9 @@ class ClusterSimulator:
         eos_probability: float = 0.0,
         ignore_eos: bool = True,
         fixed_step_seconds: float | None = None,
+        request_slo: RequestSLO | None = None,
     ):
+        """``request_slo`` is given to every request, so the ``deadline`` policy can schedule against it."""
         if not replicas:
             raise ValueError("a simulation needs at least one replica")
         self.model = model
@@ -155,6 +169,7 @@ class ClusterSimulator:
         self.router = Router(router, weights)
         self.ignore_eos = ignore_eos and eos_probability == 0
         self.eos_ids = frozenset() if eos_token_id is None else frozenset({eos_token_id})
+        self.request_slo = request_slo
 
     def _make_request(self, timed: TimedRequest) -> Request:
         output_len = timed.request.output_len
@@ -164,7 +179,7 @@ class ClusterSimulator:
         )
         return Request(
             request_id=timed.request_id, prompt_token_ids=timed.request.prompt_token_ids, sampling_params=params,
-            max_tokens=output_len, eos_token_ids=self.eos_ids, arrival_time=timed.arrival_time,
+            max_tokens=output_len, eos_token_ids=self.eos_ids, arrival_time=timed.arrival_time, slo=self.request_slo,
         )
 
     def run(self, requests: list[TimedRequest]) -> SimulationResult:
