@@ -65,3 +65,26 @@ def rms_norm_reference(hidden, weight, eps, residual=None):
     normed = hidden.float() * torch.rsqrt(hidden.float().pow(2).mean(-1, keepdim=True) + eps)
     output = weight * normed.to(hidden.dtype)
     return output if residual is None else (output, residual)
+
+
+def rotary_reference(query, key, cos, sin, query_norm_weight=None, key_norm_weight=None, eps=1e-6):
+    """Optional per-head RMSNorm (Qwen3's q/k norm), then Hugging Face's half-split rotation, all in
+    float32 and rounded once; returns new ``(query, key)``."""
+
+    def one(tensor, norm_weight):
+        values = tensor.float()
+        if norm_weight is not None:
+            values = values * torch.rsqrt(values.pow(2).mean(-1, keepdim=True) + eps)
+            values = values.to(tensor.dtype).float() * norm_weight.float()
+        first, second = values.chunk(2, dim=-1)
+        cos_rows, sin_rows = cos.float()[:, None, :], sin.float()[:, None, :]
+        rotated = torch.cat((first * cos_rows - second * sin_rows, second * cos_rows + first * sin_rows), dim=-1)
+        return rotated.to(tensor.dtype)
+
+    return one(query, query_norm_weight), one(key, key_norm_weight)
+
+
+def silu_and_mul_reference(gate_up):
+    """``silu(gate) * up`` of a ``[T, 2I]`` gate/up output, in float32, rounded once."""
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up).to(gate_up.dtype)

@@ -24,12 +24,23 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``norm(hidden)``; with ``residual``, ``norm(hidden + residual)`` and that sum (the next residual)."""
+        if hidden.is_cuda:  # one fused Triton launch instead of ~8 elementwise kernels
+            from joule.kernels.rms_norm import rms_norm
+
+            return rms_norm(hidden, self.weight, self.eps, residual)
+        if residual is not None:
+            hidden = hidden + residual
+            residual = hidden
         input_dtype = hidden.dtype
-        hidden = hidden.float()
-        variance = hidden.pow(2).mean(-1, keepdim=True)
-        hidden = hidden * torch.rsqrt(variance + self.eps)
-        return self.weight * hidden.to(input_dtype)
+        normed = hidden.float()
+        variance = normed.pow(2).mean(-1, keepdim=True)
+        normed = normed * torch.rsqrt(variance + self.eps)
+        output = self.weight * normed.to(input_dtype)
+        return output if residual is None else (output, residual)
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
@@ -148,5 +159,10 @@ class GatedMLP(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is None:
             return self.down_proj(F.silu(self.gate_proj(hidden)) * self.up_proj(hidden))
-        gate, up = self.gate_up_proj.split(self.gate_up_proj(hidden))
+        gate_up = self.gate_up_proj(hidden)
+        if gate_up.is_cuda:  # one Triton pass instead of silu + multiply
+            from joule.kernels.activation import silu_and_mul
+
+            return self.down_proj(silu_and_mul(gate_up))
+        gate, up = self.gate_up_proj.split(gate_up)
         return self.down_proj(F.silu(gate, inplace=True).mul_(up))

@@ -60,11 +60,18 @@ class Attention(nn.Module):
         query = query.reshape(num_tokens, self.num_heads, self.head_dim)
         key = key.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         value = value.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.uses_qk_norm:
-            query = self.q_norm(query)
-            key = self.k_norm(key)
-        query = apply_rotary(query, cos, sin)
-        key = apply_rotary(key, cos, sin)
+        if query.is_cuda:  # q/k norm and rotation of both in one Triton launch, in place
+            from joule.kernels.rotary import rotary_embedding_
+
+            norms = (self.q_norm.weight, self.k_norm.weight) if self.uses_qk_norm else (None, None)
+            eps = self.q_norm.eps if self.uses_qk_norm else 0.0
+            rotary_embedding_(query, key, cos, sin, *norms, eps=eps)
+        else:
+            if self.uses_qk_norm:
+                query = self.q_norm(query)
+                key = self.k_norm(key)
+            query = apply_rotary(query, cos, sin)
+            key = apply_rotary(key, cos, sin)
         attended = context.attend(self.layer_index, query, key, value, self.scale)
         return self.o_proj(attended.reshape(num_tokens, self.num_heads * self.head_dim))
 
@@ -78,10 +85,23 @@ class DecoderLayer(nn.Module):
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
 
     def forward(
-        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, context: ForwardContext
-    ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, context)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        context: ForwardContext,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the MLP output and the residual stream before it; the next norm adds them
+        (fused on GPU), which is the same sum Hugging Face computes one line earlier."""
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, cos, sin, context)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class DecoderModel(nn.Module):
@@ -97,9 +117,12 @@ class DecoderModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, context: ForwardContext) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(positions)
+        residual = None
         for layer in self.layers:
-            hidden = layer(hidden, cos, sin, context)
-        return self.norm(hidden)
+            hidden, residual = layer(hidden, residual, cos, sin, context)
+        if residual is None:  # no layers
+            return self.norm(hidden)
+        return self.norm(hidden, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):

@@ -1,0 +1,87 @@
+"""Rotary position embedding of queries and keys in place, one launch per layer.
+
+Why a kernel: in eager PyTorch, rotating q and k costs a gather of cos/sin, two
+casts, four multiplies, two adds and a concatenation per tensor, ~20 tiny
+launches per layer that dominate small-batch decode on a GPU. Here one program
+rotates one head of one token, reading the float32 cos/sin row once.
+
+Qwen3 normalises each query and key head (RMSNorm over ``head_dim``) before
+rotating; ``query_norm_weight``/``key_norm_weight`` fuse that in as well.
+Arithmetic: statistics and rotation in float32, rounded once to the tensor dtype
+(the eager path rounds after each operation, so bf16 results differ by an ulp).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rotary_kernel(
+    query_ptr, key_ptr, cos_ptr, sin_ptr, query_norm_ptr, key_norm_ptr, eps,
+    stride_query_token, stride_query_head, stride_key_token, stride_key_head, stride_table,
+    NUM_QUERY_HEADS: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, HAS_NORM: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    is_query = head < NUM_QUERY_HEADS
+    if is_query:
+        base = query_ptr + token * stride_query_token + head * stride_query_head
+        norm_ptr = query_norm_ptr
+    else:
+        base = key_ptr + token * stride_key_token + (head - NUM_QUERY_HEADS) * stride_key_head
+        norm_ptr = key_norm_ptr
+    offsets = tl.arange(0, HALF_PAD)
+    mask = offsets < HALF
+    first = tl.load(base + offsets, mask=mask, other=0.0).to(tl.float32)
+    second = tl.load(base + HALF + offsets, mask=mask, other=0.0).to(tl.float32)
+    if HAS_NORM:
+        mean_square = (tl.sum(first * first, 0) + tl.sum(second * second, 0)) / (2 * HALF)
+        inverse = tl.rsqrt(mean_square + eps)
+        element = base.dtype.element_ty
+        first = (first * inverse).to(element).to(tl.float32) * tl.load(norm_ptr + offsets, mask=mask).to(tl.float32)
+        second = ((second * inverse).to(element).to(tl.float32)
+                  * tl.load(norm_ptr + HALF + offsets, mask=mask).to(tl.float32))
+    cos = tl.load(cos_ptr + token * stride_table + offsets, mask=mask, other=0.0)
+    sin = tl.load(sin_ptr + token * stride_table + offsets, mask=mask, other=0.0)
+    tl.store(base + offsets, (first * cos - second * sin).to(base.dtype.element_ty), mask=mask)
+    tl.store(base + HALF + offsets, (second * cos + first * sin).to(base.dtype.element_ty), mask=mask)
+
+
+def rotary_embedding_(
+    query: torch.Tensor,  # [T, Hq, D], may be a strided view (a slice of the fused qkv output)
+    key: torch.Tensor,  # [T, Hkv, D]
+    cos: torch.Tensor,  # [T, D // 2] float32
+    sin: torch.Tensor,
+    query_norm_weight: torch.Tensor | None = None,  # [D]: per-head RMSNorm before rotating (Qwen3)
+    key_norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> None:
+    """Rotate ``query`` and ``key`` in place by per-token angles (Hugging Face's half-split layout)."""
+    num_tokens, num_query_heads, head_dim = query.shape
+    if key.shape[0] != num_tokens or key.shape[2] != head_dim or head_dim % 2:
+        raise ValueError(f"rotary_embedding_: query {tuple(query.shape)} and key {tuple(key.shape)} must be "
+                         "[T, heads, D] with the same T and an even D")
+    if query.stride(2) != 1 or key.stride(2) != 1:
+        raise ValueError("rotary_embedding_: head dims must be contiguous")
+    half = head_dim // 2
+    if cos.shape != (num_tokens, half) or sin.shape != cos.shape or cos.stride() != sin.stride():
+        raise ValueError(f"rotary_embedding_: cos/sin must be [T, D/2] = {(num_tokens, half)}, got "
+                         f"{tuple(cos.shape)} and {tuple(sin.shape)}")
+    if cos.stride(1) != 1:
+        raise ValueError("rotary_embedding_: cos/sin rows must be contiguous")
+    has_norm = query_norm_weight is not None
+    if has_norm != (key_norm_weight is not None):
+        raise ValueError("rotary_embedding_: give both query and key norm weights, or neither")
+    if num_tokens == 0:
+        return
+    norm_query = query_norm_weight if has_norm else cos
+    norm_key = key_norm_weight if has_norm else cos
+    _rotary_kernel[(num_tokens, num_query_heads + key.shape[1])](
+        query, key, cos, sin, norm_query, norm_key, eps,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1), cos.stride(0),
+        NUM_QUERY_HEADS=num_query_heads, HALF=half, HALF_PAD=triton.next_power_of_2(half), HAS_NORM=has_norm,
+        num_warps=1,
+    )
