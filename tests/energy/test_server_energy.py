@@ -1,21 +1,34 @@
-"""Energy on the wire: usage.energy_joules, X-Joule-Energy, the streamed trailer and /metrics, on a live server."""
+"""Energy on the wire: usage.energy_joules, X-Joule-Energy, the streamed trailer and /metrics (on a live server),
+and, in process with a scripted meter, /metrics' total against the meter's and the per-tenant energy budget."""
 
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from server.live_server import start_server
 from server.tiny_server_model import build_tiny_chat_model
+
+from joule.energy.meter import FakeEnergyMeter
+from joule.llm_engine import LLMEngine
+from joule.sampling_params import RequestOutputKind, SamplingParams
+from joule.server.abuse_guard import AbuseGuardConfig
+from joule.server.app import ServerConfig, build_app
 
 SOURCES = ("measured", "estimated")
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    model_dir = build_tiny_chat_model(tmp_path_factory.mktemp("energy-chat-model"))
+def model_dir(tmp_path_factory):
+    return build_tiny_chat_model(tmp_path_factory.mktemp("energy-chat-model"))
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
     live = start_server(model_dir, tmp_path_factory.mktemp("energy-server-logs"))
     yield live
     live.stop()
@@ -95,3 +108,73 @@ def test_metrics_report_joules_per_token_and_power(http):
     assert sum(s.value for s in counts) >= 1 and sum(s.value for s in sums) > 0
     watts = families["joule:average_power_watts"].samples
     assert watts and all(s.value > 0 for s in watts)
+
+
+# -- in process, with a scripted meter ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def metered_engine(model_dir):
+    """An engine whose meter counts one joule per read, so every figure is known exactly."""
+    meter = FakeEnergyMeter(on_read=lambda fake: fake.add(1.0))
+    engine = LLMEngine.from_kwargs(energy_meter=meter, model=str(model_dir), max_model_len=256,
+                                   kv_cache_memory_bytes=8 * 2**20, dtype="float32")
+    return engine, meter
+
+
+def metric_values(metrics_text: str, name: str, label: str) -> dict[str, float]:
+    return {sample.labels[label]: sample.value for family in text_string_to_metric_families(metrics_text)
+            for sample in family.samples if sample.name == name}
+
+
+def test_metrics_joules_total_is_the_meters_total_including_an_aborted_request(metered_engine):
+    engine, meter = metered_engine
+    baseline_metered, baseline_unattributed = meter.joules, engine.energy_ledger.totals().unattributed_joules
+    with TestClient(build_app(engine, ServerConfig(served_model_names=["tiny"]))) as http:
+        finished = [http.post("/v1/completions", json={"prompt": f"finish {i}", "max_tokens": 4, "ignore_eos": True})
+                    for i in range(2)]
+        finished_joules = sum(response.json()["usage"]["energy_joules"] for response in finished)
+        seen_by_aborted = []
+
+        async def abort_after_two_outputs():
+            params = SamplingParams(max_tokens=200, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+            stream = await http.app.state.async_engine.submit([[5, 6, 7, 8]], params, "aborted", tenant="quitter")
+            async for _, output in stream:
+                seen_by_aborted.append(output.metrics.energy_joules)
+                if len(seen_by_aborted) == 2:
+                    break
+            stream.abort()
+
+        http.portal.call(abort_after_two_outputs)
+        for _ in range(200):  # the engine thread publishes the ledger's books after its loop turn
+            values = metric_values(http.get("/metrics").text, "joule:energy_joules_total", "source")
+            if values.get("measured") == pytest.approx(meter.joules - baseline_metered, abs=1e-9):
+                break
+            time.sleep(0.05)
+        metrics_text = http.get("/metrics").text
+    total = metric_values(metrics_text, "joule:energy_joules_total", "source")
+    unattributed = metric_values(metrics_text, "joule:energy_unattributed_joules_total", "source")
+    assert set(total) == {"measured"}
+    assert total["measured"] == pytest.approx(meter.joules - baseline_metered, abs=1e-9)
+    ledger = engine.energy_ledger.totals()
+    assert unattributed.get("measured", 0.0) == pytest.approx(ledger.unattributed_joules - baseline_unattributed)
+    charged_to_aborted = total["measured"] - unattributed.get("measured", 0.0) - finished_joules
+    # the aborted request's joules (at least what its last output showed) are in the total
+    assert seen_by_aborted[-1] > 0 and charged_to_aborted >= seen_by_aborted[-1] - 1e-9
+    watts = metric_values(metrics_text, "joule:average_power_watts", "source")
+    assert watts["measured"] > 0
+
+
+def test_tenant_over_its_energy_budget_gets_429(metered_engine):
+    engine, _ = metered_engine
+    config = ServerConfig(served_model_names=["tiny"], abuse_guard=AbuseGuardConfig(tenant_energy_budget=3.0))
+    with TestClient(build_app(engine, config, clock=lambda: 500.0)) as http:
+        body = {"prompt": "burn", "max_tokens": 6, "ignore_eos": True}
+        first = http.post("/v1/completions", json={**body, "user": "hungry"}).json()
+        spent = first["usage"]["energy_joules"]
+        assert spent >= 3.0  # two meter reads per step, six steps at least
+        assert http.app.state.abuse_guard.usage("hungry") == (first["usage"]["total_tokens"], pytest.approx(spent))
+        refused = http.post("/v1/completions", json={**body, "user": "hungry"})
+        assert refused.status_code == 429 and refused.headers["Retry-After"] == "60"
+        assert refused.json()["error"]["code"] == "tenant_energy_budget"
+        assert http.post("/v1/completions", json={**body, "user": "frugal"}).status_code == 200
+        rejected = metric_values(http.get("/metrics").text, "joule_requests_rejected_total", "reason")
+    assert rejected == {"tenant_energy_budget": 1.0}
