@@ -17,7 +17,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from joule.bench.serve_client import first_model, request_payload, scrape_energy, send_request, token_counter
 from joule.bench.serve_metrics import (
@@ -103,6 +103,23 @@ class SweepReport:
             rows.append((label or "all", run.rate, run.metrics))
             rows += [(f"{label + '/' if label else ''}{name}", run.rate, m) for name, m in run.tenant_metrics.items()]
         return format_sweep_table(rows)
+
+    def with_slo(self, slo: LatencySLO, percentiles: list[float]) -> "SweepReport":
+        """The same requests judged against ``slo`` (goodput computed after the fact, e.g. from a calibrated
+        TPOT); each run keeps its duration."""
+        runs = []
+        for run in self.runs:
+            results = [replace(r, ttft_slo=slo.ttft_s, tpot_slo=slo.tpot_s) for r in run.results]
+            duration = run.metrics.duration_s
+            tenants = {name: compute_metrics([r for r in results if r.tenant == name], duration, percentiles)
+                       for name in run.tenant_metrics}
+            runs.append(RunResult(run.rate, compute_metrics(results, duration, percentiles), tenants, results,
+                                  run.server_energy, run.errors))
+        return SweepReport({**self.config, "slo": asdict(slo), "slo_applied_after_the_run": True}, runs)
+
+    def max_goodput(self) -> float | None:
+        values = [run.metrics.goodput for run in self.runs if run.metrics.goodput is not None]
+        return max(values) if values else None
 
     @property
     def failed(self) -> int:

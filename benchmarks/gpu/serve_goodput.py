@@ -1,0 +1,279 @@
+"""One GPU call (<= 8 minutes): goodput of the stall-free chunked schedule vs prefill-first, tenant fairness, and
+joules per output token against the request rate, all through `joule serve` over HTTP.
+
+Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/serve_goodput.py   (results under $OUT or ./out)
+CPU at tiny scale (what tests/bench runs): python benchmarks/gpu/serve_goodput.py --tiny [--model-dir DIR]
+
+(a) Rate sweep with long prompts, once on a chunked server (Sarathi-style token budget, ``--chunk-budget``)
+    and once on the prefill-first baseline (``--no-enable-chunked-prefill``: whole prompts, decodes wait).
+    The TPOT SLO is tight: ``--tpot-slo-factor`` x the chunked server's p50 TPOT at the lowest rate (plus a
+    TTFT SLO), applied to every request after the runs. Goodput = completed requests/s meeting both
+    (DistServe); reported: each schedule's max goodput and their ratio, also for other SLO factors.
+(b) Fairness: a light tenant alone (p99 TTFT), then the same light tenant while a heavy tenant floods at
+    2x the chunked server's best throughput from (a), under ``--scheduling-policy fcfs`` and ``fair``.
+(c) Joules per output token vs rate, from the server-reported energy of (a)'s requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from joule.bench.serve import ServeBenchConfig, SweepReport, run_sweep  # noqa: E402
+from joule.bench.serve_metrics import format_rate  # noqa: E402
+from joule.bench.serve_workload import LatencySLO, TenantSpec, WorkloadOptions  # noqa: E402
+from joule.bench.workload import LengthDistribution  # noqa: E402
+
+STARTED = time.perf_counter()
+PERCENTILES = [50.0, 90.0, 99.0]
+
+
+def log(message: str) -> None:
+    print(f"[{time.perf_counter() - STARTED:6.1f} s] {message}", flush=True)
+
+
+@dataclass
+class Scale:
+    """Everything that differs between the H100 run and the tiny CPU run."""
+
+    engine_args: list[str]
+    rates: list[float]
+    duration_s: float
+    input_len: str
+    output_len: str
+    max_model_len: int
+    chunk_budget: int
+    light_rate: float
+    light_input: str
+    light_output: str
+    fairness_duration_s: float
+    health_timeout_s: float
+    env: dict = field(default_factory=dict)
+
+
+GPU = Scale(
+    engine_args=["--model", "benchmarks/configs/llama-3.2-1b", "--load-format", "dummy", "--dtype", "bfloat16"],
+    rates=[2, 4, 8, 12, 16, 24, 32], duration_s=12.0, input_len="uniform:1024:3072", output_len="uniform:64:192",
+    max_model_len=4096, chunk_budget=512, light_rate=4.0, light_input="256", light_output="32",
+    fairness_duration_s=10.0, health_timeout_s=240.0,
+)
+TINY = Scale(
+    engine_args=["--kv-cache-memory-bytes", str(16 * 2**20), "--dtype", "float32"],
+    rates=[2, 8], duration_s=1.5, input_len="uniform:48:160", output_len="uniform:4:10", max_model_len=256,
+    chunk_budget=32, light_rate=3.0, light_input="16", light_output="4", fairness_duration_s=1.5,
+    health_timeout_s=90.0, env={"OMP_NUM_THREADS": "1"},
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """`joule serve` in a subprocess on a free loopback port; the log goes to OUT/server-NAME.log."""
+
+    def __init__(self, name: str, args: list[str], out: Path, scale: Scale):
+        import httpx
+
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = out / f"server-{name}.log"
+        command = [sys.executable, "-m", "joule.server.cli", "--host", "127.0.0.1", "--port", str(self.port),
+                   "--max-model-len", str(scale.max_model_len), *args]
+        log(f"starting server {name}: {' '.join(command[3:])}")
+        env = {**os.environ, **scale.env, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        self.process = subprocess.Popen(command, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT, env=env,
+                                        cwd=REPO)
+        deadline = time.monotonic() + scale.health_timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server {name} exited with {self.process.returncode}:\n"
+                                   f"{self.log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.base_url + "/health", timeout=1.0).status_code == 200:
+                    log(f"server {name} healthy")
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"server {name} not healthy within {scale.health_timeout_s} s")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def sweep(server: Server, scale: Scale, rates: list[float], seed: int = 0) -> SweepReport:
+    workload = WorkloadOptions(num_prompts=1, input_len=LengthDistribution.parse(scale.input_len),
+                               output_len=LengthDistribution.parse(scale.output_len, "output"),
+                               duration_s=scale.duration_s, max_model_len=scale.max_model_len, seed=seed)
+    config = ServeBenchConfig(base_url=server.base_url, rates=rates, workload=workload, percentiles=PERCENTILES)
+    return run_sweep(config, progress=log)
+
+
+def fairness_run(server: Server, scale: Scale, heavy_rate: float | None) -> SweepReport:
+    """The light tenant alone (``heavy_rate`` None) or beside a heavy tenant flooding at ``heavy_rate``."""
+    tenants = [TenantSpec("light", rate=scale.light_rate, input_len=LengthDistribution.parse(scale.light_input),
+                          output_len=LengthDistribution.parse(scale.light_output, "output"))]
+    if heavy_rate is not None:
+        tenants.append(TenantSpec("heavy", rate=heavy_rate))
+    workload = WorkloadOptions(num_prompts=1, input_len=LengthDistribution.parse(scale.input_len),
+                               output_len=LengthDistribution.parse(scale.output_len, "output"),
+                               duration_s=scale.fairness_duration_s, max_model_len=scale.max_model_len, seed=1)
+    config = ServeBenchConfig(base_url=server.base_url, rates=[math.inf], workload=workload, tenants=tenants,
+                              percentiles=PERCENTILES)
+    return run_sweep(config, progress=log)
+
+
+def goodput_summary(chunked: SweepReport, baseline: SweepReport | None, factors: list[float],
+                    ttft_factor: float) -> dict:
+    """Calibrate SLOs on the chunked server's lowest-rate run, then max goodput of each schedule per factor."""
+    calm = chunked.runs[0].metrics
+    base_tpot_s, base_ttft_s = calm.tpot_ms.median / 1000.0, calm.ttft_ms.median / 1000.0
+    rows = []
+    for factor in factors:
+        slo = LatencySLO(ttft_s=ttft_factor * base_ttft_s, tpot_s=factor * base_tpot_s)
+        ours = chunked.with_slo(slo, PERCENTILES).max_goodput()
+        theirs = baseline.with_slo(slo, PERCENTILES).max_goodput() if baseline else None
+        rows.append({"tpot_slo_factor": factor, "tpot_slo_ms": 1000 * slo.tpot_s, "ttft_slo_s": slo.ttft_s,
+                     "chunked_max_goodput": ours, "prefill_first_max_goodput": theirs,
+                     "ratio": ours / theirs if theirs else (math.inf if ours and theirs == 0 else None)})
+    return {"base_tpot_ms": 1000 * base_tpot_s, "base_ttft_ms": 1000 * base_ttft_s, "by_factor": rows}
+
+
+def light_ttft(report: SweepReport) -> dict:
+    metrics = report.runs[0].tenant_metrics["light"]
+    heavy = report.runs[0].tenant_metrics.get("heavy")
+    return {"light_p99_ttft_ms": metrics.ttft_ms.percentiles["p99"], "light_p50_ttft_ms": metrics.ttft_ms.median,
+            "light_completed": metrics.completed, "light_failed": metrics.failed,
+            "heavy_completed": heavy.completed if heavy else 0, "heavy_failed": heavy.failed if heavy else 0}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="the tiny test model on the CPU, at tiny scale")
+    parser.add_argument("--model-dir", default=None, help="--tiny: the tiny model (built under OUT when absent)")
+    parser.add_argument("--out", default=os.environ.get("OUT", "out"), help="results folder (default $OUT or ./out)")
+    parser.add_argument("--rates", default=None, help="comma-separated sweep rates (default: per scale)")
+    parser.add_argument("--chunk-budget", type=int, default=None, help="chunked server's max_num_batched_tokens")
+    parser.add_argument("--tpot-slo-factor", type=float, default=2.0, help="TPOT SLO / calm p50 TPOT")
+    parser.add_argument("--ttft-slo-factor", type=float, default=10.0, help="TTFT SLO / calm p50 TTFT")
+    parser.add_argument("--skip-fairness", action="store_true")
+    args = parser.parse_args(argv)
+    scale = TINY if args.tiny else GPU
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rates = [float(r) for r in args.rates.split(",")] if args.rates else [float(r) for r in scale.rates]
+    budget = args.chunk_budget or scale.chunk_budget
+    engine_args = list(scale.engine_args)
+    if args.tiny:
+        model_dir = Path(args.model_dir) if args.model_dir else out / "tiny-model"
+        if not (model_dir / "config.json").exists():
+            sys.path.insert(0, str(REPO / "tests"))
+            from server.tiny_server_model import build_tiny_chat_model
+
+            model_dir.mkdir(parents=True, exist_ok=True)
+            build_tiny_chat_model(model_dir)
+        engine_args = ["--model", str(model_dir), *engine_args]
+    chunked_args = [*engine_args, "--max-num-batched-tokens", str(budget)]
+    results: dict = {"scale": "tiny-cpu" if args.tiny else "gpu", "rates": [format_rate(r) for r in rates],
+                     "chunk_budget": budget, "workload": {"input_len": scale.input_len, "output_len": scale.output_len,
+                                                          "duration_s": scale.duration_s}}
+
+    with Server("chunked-fcfs", chunked_args, out, scale) as server:
+        chunked = sweep(server, scale, rates)
+        best = max(run.metrics.request_throughput for run in chunked.runs)
+        heavy_rate = max(2.0 * best, 4.0 * scale.light_rate)
+        fairness: dict = {"heavy_rate": heavy_rate}
+        if not args.skip_fairness:
+            log("fairness: light tenant alone")
+            solo = fairness_run(server, scale, None)
+            log(f"fairness: light + heavy flooding at {heavy_rate:.1f} req/s, fcfs")
+            fcfs = fairness_run(server, scale, heavy_rate)
+            fairness |= {"solo": light_ttft(solo), "fcfs": light_ttft(fcfs)}
+    with Server("prefill-first", [*engine_args, "--no-enable-chunked-prefill"], out, scale) as server:
+        baseline = sweep(server, scale, rates)
+    if not args.skip_fairness:
+        with Server("chunked-fair", [*chunked_args, "--scheduling-policy", "fair"], out, scale) as server:
+            log(f"fairness: light + heavy flooding at {heavy_rate:.1f} req/s, fair")
+            fairness["fair"] = light_ttft(fairness_run(server, scale, heavy_rate))
+        solo_p99 = fairness["solo"]["light_p99_ttft_ms"]
+        for policy in ("fcfs", "fair"):
+            fairness[policy]["p99_ttft_vs_solo"] = fairness[policy]["light_p99_ttft_ms"] / solo_p99
+    results["fairness"] = fairness
+
+    factors = sorted({1.5, 2.0, 3.0, 5.0, args.tpot_slo_factor})
+    results["goodput"] = goodput_summary(chunked, baseline, factors, args.ttft_slo_factor)
+    chosen = next(row for row in results["goodput"]["by_factor"] if row["tpot_slo_factor"] == args.tpot_slo_factor)
+    slo = LatencySLO(ttft_s=chosen["ttft_slo_s"], tpot_s=chosen["tpot_slo_ms"] / 1000.0)
+    judged = {"chunked": chunked.with_slo(slo, PERCENTILES), "prefill-first": baseline.with_slo(slo, PERCENTILES)}
+    results["energy"] = {name: [{"rate": format_rate(run.rate), "joules_per_output_token":
+                                 run.metrics.joules_per_output_token, "energy_source": run.metrics.energy_source,
+                                 "server_delta_joules": (run.server_energy or {}).get("delta_joules")}
+                                for run in report.runs] for name, report in judged.items()}
+    for name, report in judged.items():
+        (out / f"sweep-{name}.json").write_text(json.dumps(report.to_dict(), indent=1))
+    from joule.bench.serve_plots import plot_sweeps
+
+    plots = plot_sweeps(judged, out / "plots", f"{'tiny CPU' if args.tiny else 'Llama-3.2-1B'}: chunked "
+                        f"(budget {budget}) vs prefill-first, TPOT SLO {chosen['tpot_slo_ms']:.1f} ms")
+    results["plots"] = [str(path) for path in plots]
+    (out / "serve_goodput.json").write_text(json.dumps(results, indent=2))
+
+    print("\n" + "=" * 100)
+    for name, report in judged.items():
+        print(report.table(name))
+    print("\nmax goodput (req/s) by TPOT SLO factor (x calm p50 TPOT "
+          f"{results['goodput']['base_tpot_ms']:.2f} ms; TTFT SLO {args.ttft_slo_factor:g} x calm p50 TTFT):")
+    for row in results["goodput"]["by_factor"]:
+        ratio = row["ratio"]
+        print(f"  factor {row['tpot_slo_factor']:>4g} (TPOT <= {row['tpot_slo_ms']:7.2f} ms): chunked "
+              f"{row['chunked_max_goodput']:7.2f}  prefill-first {row['prefill_first_max_goodput']:7.2f}  "
+              f"ratio {'-' if ratio is None else f'{ratio:.2f}x'}")
+    if not args.skip_fairness:
+        print(f"\nfairness (light tenant p99 TTFT; heavy floods at {heavy_rate:.1f} req/s):")
+        for key in ("solo", "fcfs", "fair"):
+            row = fairness[key]
+            vs = f"  ({row['p99_ttft_vs_solo']:.2f}x solo)" if "p99_ttft_vs_solo" in row else ""
+            print(f"  {key:<5} p99 {row['light_p99_ttft_ms']:9.1f} ms  p50 {row['light_p50_ttft_ms']:8.1f} ms  "
+                  f"light done {row['light_completed']}  heavy done {row['heavy_completed']}{vs}")
+    print("\njoules per output token vs rate (server-reported):")
+    for name, rows in results["energy"].items():
+        cells = "  ".join(f"{row['rate']}: {row['joules_per_output_token']:.4f}" if row["joules_per_output_token"]
+                          is not None else f"{row['rate']}: none" for row in rows)
+        print(f"  {name:<14} {cells}")
+    print(f"\nSUMMARY chunked max goodput {chosen['chunked_max_goodput']:.2f} req/s, prefill-first "
+          f"{chosen['prefill_first_max_goodput']:.2f} req/s, ratio "
+          f"{'-' if chosen['ratio'] is None else format(chosen['ratio'], '.2f') + 'x'} "
+          f"(TPOT SLO {chosen['tpot_slo_ms']:.2f} ms); wall {time.perf_counter() - STARTED:.0f} s; results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
