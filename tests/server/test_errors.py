@@ -120,6 +120,10 @@ def test_full_queue_is_429_with_retry_after(guarded_server):
     rejected = next(response for response in responses if response.status_code == 429)
     assert int(rejected.headers["Retry-After"]) >= 1
     assert "max_queue=1" in _error(rejected, 429)["message"]
+    assert _error(rejected, 429)["code"] == "queue_full"
+    metrics = httpx.get(guarded_server.base_url + "/metrics").text
+    line = 'joule_requests_rejected_total{model_name="tiny",reason="queue_full"}'
+    assert f"{line} {float(statuses.count(429))}" in metrics
 
 
 @pytest.mark.parametrize("path, extra", [

@@ -30,11 +30,13 @@ def test_serve_takes_server_and_engine_flags():
 
 
 def test_bench_serve_defaults_and_rates():
-    args = _parser().parse_args(["bench", "serve", "--request-rate", "inf", "--num-prompts", "4"])
-    assert args.request_rate == float("inf") and args.num_prompts == 4
-    assert (args.input_len, args.output_len, args.base_url) == (128, 64, "http://127.0.0.1:8000")
-    with pytest.raises(SystemExit):
-        _parser().parse_args(["bench", "serve", "--request-rate", "fast"])
+    from joule.bench.serve_workload import parse_rates
+
+    args = _parser().parse_args(["bench", "serve", "--request-rate", "1,inf", "--num-prompts", "4"])
+    assert parse_rates(args.request_rate) == [1.0, float("inf")] and args.num_prompts == 4
+    assert (args.input_len, args.output_len, args.base_url) == ("128", "64", "http://127.0.0.1:8000")
+    with pytest.raises(ValueError):
+        parse_rates(_parser().parse_args(["bench", "serve", "--request-rate", "fast"]).request_rate)
 
 
 def test_invalid_server_options_name_the_field():
@@ -44,3 +46,19 @@ def test_invalid_server_options_name_the_field():
         ServerConfig(max_queue=0)
     with pytest.raises(ValueError, match="served_model_names"):
         ServerConfig(served_model_names=[])
+
+
+def test_serve_abuse_guard_flags():
+    from joule.server.abuse_guard import AbuseGuardConfig
+    from joule.server.cli import abuse_guard_config_from_args
+
+    defaults = abuse_guard_config_from_args(_parser().parse_args(["serve"]))
+    assert defaults == AbuseGuardConfig(tenant_token_budget=None, tenant_energy_budget=None, max_tokens_cap=4096)
+    args = _parser().parse_args(["serve", "--tenant-token-budget", "50000", "--tenant-energy-budget", "250.5",
+                                 "--max-tokens-cap", "0"])
+    assert abuse_guard_config_from_args(args) == AbuseGuardConfig(
+        tenant_token_budget=50000, tenant_energy_budget=250.5, max_tokens_cap=None)
+    with pytest.raises(ValueError, match="tenant_token_budget"):
+        abuse_guard_config_from_args(_parser().parse_args(["serve", "--tenant-token-budget", "0"]))
+    with pytest.raises(ValueError, match="max_tokens_cap"):
+        abuse_guard_config_from_args(_parser().parse_args(["serve", "--max-tokens-cap", "-1"]))
