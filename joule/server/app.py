@@ -14,7 +14,6 @@ from fastapi.responses import JSONResponse, Response
 
 from joule.server.abuse_guard import AbuseGuard, AbuseGuardConfig
 from joule.server.async_engine import AsyncEngine
-from joule.server.serving_tokenize import detokenize, tokenize
 from joule.server.errors import APIError, install_error_handlers
 from joule.server.metrics import ServerMetrics
 from joule.server.protocol import (
@@ -28,6 +27,7 @@ from joule.server.protocol import (
 from joule.server.serving_chat import create_chat_completion
 from joule.server.serving_common import ServingContext
 from joule.server.serving_completions import create_completion
+from joule.server.serving_tokenize import detokenize, tokenize
 
 _PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
 

@@ -16,8 +16,8 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from joule.logger import get_logger
 from joule.engine.request import RequestSLO
+from joule.logger import get_logger
 from joule.outputs import RequestOutput
 from joule.sampling_params import SamplingParams
 

@@ -10,7 +10,13 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 from joule.outputs import RequestOutput
 

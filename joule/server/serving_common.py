@@ -12,11 +12,16 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
+from joule.engine.request import RequestSLO
 from joule.outputs import Logprob
 from joule.sampling_params import RequestOutputKind, SamplingParams
-from joule.engine.request import RequestSLO
 from joule.server.abuse_guard import AbuseGuard, OverBudgetError
-from joule.server.async_engine import AsyncEngine, EngineStepError, EngineStoppedError, QueueFullError
+from joule.server.async_engine import (
+    AsyncEngine,
+    EngineStepError,
+    EngineStoppedError,
+    QueueFullError,
+)
 from joule.server.errors import APIError, bad_request, from_value_error
 
 _SAMPLING_FIELDS = {

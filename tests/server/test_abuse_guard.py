@@ -8,7 +8,12 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from joule.llm_engine import LLMEngine
-from joule.server.abuse_guard import ANONYMOUS_TENANT, AbuseGuard, AbuseGuardConfig, OverBudgetError
+from joule.server.abuse_guard import (
+    ANONYMOUS_TENANT,
+    AbuseGuard,
+    AbuseGuardConfig,
+    OverBudgetError,
+)
 from joule.server.app import ServerConfig, build_app
 
 
