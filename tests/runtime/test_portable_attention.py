@@ -169,3 +169,50 @@ def test_mismatched_shapes_raise_clear_error():
         PortableAttentionBackend().forward(
             0, torch.randn(3, 4, 8), torch.randn(3, 4, 8), torch.randn(3, 4, 8), cache, metadata, 1.0
         )
+
+
+def test_one_backend_over_layers_and_steps_with_strided_inputs():
+    """The per-step decode plan is shared by the layers of a step and rebuilt for the next step;
+    query/key/value may be column slices of one merged projection (as the model passes them)."""
+    num_heads, num_kv_heads, head_dim, block_size, num_layers = 4, 2, 8, 4, 2
+    prompt_lengths = [3, 9, 4]
+    generator = torch.Generator().manual_seed(5)
+    cache = KVCache.allocate(num_layers, 16, block_size, num_kv_heads, head_dim, torch.float32, "cpu")
+    block_ids = torch.randperm(16, generator=generator).tolist()
+    tables = [block_ids[0:4], block_ids[4:8], block_ids[8:12]]
+    history = {(layer, seq): ([], []) for layer in range(num_layers) for seq in range(3)}
+    backend = PortableAttentionBackend()
+    width = (num_heads + 2 * num_kv_heads) * head_dim
+    lengths = list(prompt_lengths)
+    for step in range(4):
+        is_prefill = step == 0
+        query_lengths = lengths if is_prefill else [1, 1, 1]
+        context_lengths = [0, 0, 0] if is_prefill else [length - 1 for length in lengths]
+        slots = [
+            tables[seq][position // block_size] * block_size + position % block_size
+            for seq in range(3) for position in range(context_lengths[seq], context_lengths[seq] + query_lengths[seq])
+        ]
+        metadata = AttentionMetadata(
+            query_start_locations=torch.tensor([0] + torch.tensor(query_lengths).cumsum(0).tolist()),
+            slot_mapping=torch.tensor(slots), block_tables=torch.tensor(tables, dtype=torch.int32),
+            query_lengths=list(query_lengths), context_lengths=context_lengths,
+            sequence_lengths=[c + q for c, q in zip(context_lengths, query_lengths)],
+        )
+        for layer in range(num_layers):
+            merged = torch.randn(sum(query_lengths), width, generator=generator)
+            query = merged[:, : num_heads * head_dim].view(-1, num_heads, head_dim)
+            key = merged[:, num_heads * head_dim : (num_heads + num_kv_heads) * head_dim].view(-1, num_kv_heads, head_dim)
+            value = merged[:, (num_heads + num_kv_heads) * head_dim :].view(-1, num_kv_heads, head_dim)
+            output = backend.forward(layer, query, key, value, cache, metadata, head_dim**-0.5)
+            start = 0
+            for seq in range(3):
+                rows = slice(start, start + query_lengths[seq])
+                keys, values = history[(layer, seq)]
+                keys.append(key[rows])
+                values.append(value[rows])
+                expected = reference_attention(
+                    query[rows], torch.cat(keys), torch.cat(values), context_lengths[seq], head_dim**-0.5
+                )
+                torch.testing.assert_close(output[rows].double(), expected, atol=1e-5, rtol=1e-5)
+                start += query_lengths[seq]
+        lengths = [length + 1 for length in lengths]

@@ -2,8 +2,10 @@
 
 Decode-only steps (one query row per sequence) gather every sequence's
 context into one padded batch and run a single attention call, which is what
-keeps CPU decoding fast at large batch sizes. Steps with prompt chunks loop
-over sequences, each with its own causal mask.
+keeps CPU decoding fast at large batch sizes. What that gather needs (block
+ids, padding mask) depends only on the step, so it is built once per step and
+shared by every layer. Steps with prompt chunks loop over sequences, each with
+its own causal mask.
 
 GQA is handled without copying KV heads: the query heads that share a KV head
 are folded into the query-row dimension, ``[Hkv, group * rows, D]``, so one
@@ -13,14 +15,30 @@ accumulates the softmax in float32 for half-precision inputs on both devices.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from joule.runtime.attention.base import AttentionBackend, AttentionMetadata, KVCache, check_attention_inputs
 
 
+@dataclass
+class _DecodeStep:
+    """Per-step inputs of the padded decode attention, identical for every layer."""
+
+    metadata: AttentionMetadata
+    sequence_lengths: list[int]  # a copy: a reused metadata object with new lengths is a new step
+    flat_blocks: torch.Tensor  # int64 [S * num_blocks]: each sequence's blocks, padded with block 0
+    padded_length: int  # num_blocks * block_size
+    mask: torch.Tensor  # bool [S, 1, 1, padded_length]: True for the sequence's real keys
+
+
 class PortableAttentionBackend(AttentionBackend):
     name = "portable"
+
+    def __init__(self) -> None:
+        self._decode_step: _DecodeStep | None = None
 
     def forward(
         self,
@@ -36,28 +54,35 @@ class PortableAttentionBackend(AttentionBackend):
         value_cache = kv_cache.value_caches[layer_index]
         num_kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
         check_attention_inputs(query, key, key_cache, metadata)
-        slots = metadata.slot_mapping
-        key_cache.view(-1, num_kv_heads, head_dim)[slots] = key.to(key_cache.dtype)
-        value_cache.view(-1, num_kv_heads, head_dim)[slots] = value.to(value_cache.dtype)
+        _write_kv(key, key_cache, metadata.slot_mapping)
+        _write_kv(value, value_cache, metadata.slot_mapping)
 
         if metadata.num_sequences == 0:
             return query.new_empty(query.shape)
         if metadata.is_decode_only:
-            return _decode(query, key_cache, value_cache, metadata, scale)
+            return _decode(query, key_cache, value_cache, self._decode_step_for(metadata, key_cache), scale)
         return _prefill(query, key, value, key_cache, value_cache, metadata, scale)
 
+    def _decode_step_for(self, metadata: AttentionMetadata, key_cache: torch.Tensor) -> _DecodeStep:
+        """The step's gather indices and mask, built by the first layer and reused by the others."""
+        step = self._decode_step
+        if step is None or step.metadata is not metadata or step.sequence_lengths != metadata.sequence_lengths:
+            step = self._decode_step = _build_decode_step(metadata, key_cache.shape[1], key_cache.device)
+        return step
 
-def _decode(
-    query: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    metadata: AttentionMetadata,
-    scale: float,
-) -> torch.Tensor:
-    """One padded batched attention call for S sequences with one query row each."""
-    num_sequences, num_heads, head_dim = query.shape
-    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
-    group = num_heads // num_kv_heads
+
+def _write_kv(rows: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor) -> None:
+    """Store ``rows`` ``[T, Hkv, D]`` at cache ``slots``.
+
+    ``index_copy_`` over flattened slots is one row copy per token; indexed
+    assignment (``cache[slots] = rows``) goes through the much slower general
+    index_put kernel on CPU.
+    """
+    flat_cache = cache.view(-1, cache.shape[2] * cache.shape[3])
+    flat_cache.index_copy_(0, slots, rows.reshape(rows.shape[0], -1).to(cache.dtype))
+
+
+def _build_decode_step(metadata: AttentionMetadata, block_size: int, device: torch.device) -> _DecodeStep:
     max_length = metadata.max_sequence_length
     num_blocks = -(-max_length // block_size)
     if metadata.block_tables.shape[1] < num_blocks:
@@ -65,15 +90,29 @@ def _decode(
             f"block_tables has {metadata.block_tables.shape[1]} columns; {num_blocks} needed for {max_length} tokens"
         )
     flat_blocks = metadata.block_tables[:, :num_blocks].reshape(-1).long()
-    padded_shape = (num_sequences, num_blocks * block_size, num_kv_heads, head_dim)
-    keys = _gather_blocks(key_cache, flat_blocks).view(padded_shape).transpose(1, 2).to(query.dtype)
-    values = _gather_blocks(value_cache, flat_blocks).view(padded_shape).transpose(1, 2).to(query.dtype)
-    lengths = torch.tensor(metadata.sequence_lengths, device=query.device)
-    key_positions = torch.arange(keys.shape[2], device=query.device)
-    mask = (key_positions[None, :] < lengths[:, None])[:, None, None, :]  # [S, 1, 1, padded_length]
+    padded_length = num_blocks * block_size
+    lengths = torch.tensor(metadata.sequence_lengths, device=device)
+    key_positions = torch.arange(padded_length, device=device)
+    mask = (key_positions[None, :] < lengths[:, None])[:, None, None, :]
+    return _DecodeStep(metadata, list(metadata.sequence_lengths), flat_blocks, padded_length, mask)
 
+
+def _decode(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    step: _DecodeStep,
+    scale: float,
+) -> torch.Tensor:
+    """One padded batched attention call for S sequences with one query row each."""
+    num_sequences, num_heads, head_dim = query.shape
+    num_kv_heads = key_cache.shape[2]
+    group = num_heads // num_kv_heads
+    padded_shape = (num_sequences, step.padded_length, num_kv_heads, head_dim)
+    keys = _gather_blocks(key_cache, step.flat_blocks).view(padded_shape).transpose(1, 2).to(query.dtype)
+    values = _gather_blocks(value_cache, step.flat_blocks).view(padded_shape).transpose(1, 2).to(query.dtype)
     grouped_query = query.reshape(num_sequences, num_kv_heads, group, head_dim)
-    output = F.scaled_dot_product_attention(grouped_query, keys, values, attn_mask=mask, scale=scale)
+    output = F.scaled_dot_product_attention(grouped_query, keys, values, attn_mask=step.mask, scale=scale)
     return output.reshape(num_sequences, num_heads, head_dim)
 
 
