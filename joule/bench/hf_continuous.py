@@ -1,0 +1,66 @@
+"""transformers' own continuous batching (``generate_batch``, paged attention) as a peer in the same run.
+
+``generate_batch`` schedules requests through a paged KV cache like Joule does,
+so it is the fairest transformers baseline for throughput; ``generate`` with a
+fixed batch is the other (``joule.bench.hf_baseline``). Benchmarks with
+``load_format="dummy"`` have only a ``config.json``: the transformers model is
+then built from the config with random weights too (the speed does not depend on
+the values; the outputs are not compared).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from joule.bench.workload import SyntheticRequest
+
+PAGED_ATTENTION = "paged|sdpa"
+
+
+def load_transformers_model(model_path: Path, dtype: torch.dtype, device: torch.device,
+                            attn_implementation: str | None = None):
+    """The checkpoint when there is one, else random weights from ``config.json``."""
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError as error:  # an optional dependency
+        raise ValueError("comparing with transformers needs it installed: pip install 'joule-llm[test]'") from error
+    path = Path(model_path)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    if any(path.glob("*.safetensors")):
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **extra)
+    else:
+        config = AutoConfig.from_pretrained(str(path))
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, **extra)
+    return model.to(device).eval()
+
+
+def run_transformers_generate_batch(
+    model_path: Path, requests: list[SyntheticRequest], dtype: torch.dtype, device: torch.device
+) -> dict:
+    """Greedy ``generate_batch`` over all prompts at once, EOS off; timed without model loading."""
+    from transformers import GenerationConfig
+
+    output_lens = {request.output_len for request in requests}
+    if len(output_lens) != 1:
+        raise ValueError("the transformers generate_batch baseline needs one output length for all requests")
+    max_new_tokens = output_lens.pop()
+    model = load_transformers_model(model_path, dtype, device, PAGED_ATTENTION)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    prompts = [list(request.prompt_token_ids) for request in requests]
+    model.generate_batch(inputs=prompts[:2], generation_config=config, progress_bar=False)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    outputs = model.generate_batch(inputs=prompts, generation_config=config, progress_bar=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - started
+    output_tokens = sum(len(output.generated_tokens) for output in outputs.values())
+    failed = sum(1 for output in outputs.values() if getattr(output, "error", None))
+    return {"engine": f"transformers generate_batch ({PAGED_ATTENTION})", "elapsed_s": elapsed,
+            "output_tokens": output_tokens, "output_tok_per_s": output_tokens / elapsed,
+            "requests": len(outputs), "failed_requests": failed}
