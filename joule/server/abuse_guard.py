@@ -176,6 +176,12 @@ class AbuseGuard:
             usage = self._current(tenant, self._clock())
             return (usage.tokens, usage.joules) if usage is not None else (0, 0.0)
 
+    @property
+    def num_tracked_tenants(self) -> int:
+        """Tenants with charges still held (memory is bounded by the tenants active in one window)."""
+        with self._lock:
+            return len(self._usage)
+
     # -- internals (lock held) --------------------------------------------------------------------
     def _current(self, tenant: str, now: float) -> _TenantUsage | None:
         usage = self._usage.get(tenant)

@@ -89,7 +89,7 @@ def test_unknown_route_is_404_in_openai_shape(live_server):
 @pytest.fixture(scope="module")
 def guarded_server(tiny_model_dir, tmp_path_factory):
     server = start_server(tiny_model_dir, tmp_path_factory.mktemp("guarded-logs"), "--api-key", "sesame",
-                          "--max-queue", "1", "--max-num-seqs", "1")
+                          "--max-queue", "1", "--max-num-seqs", "1", "--max-tokens-cap", "200")
     yield server
     server.stop()
 
@@ -124,6 +124,14 @@ def test_full_queue_is_429_with_retry_after(guarded_server):
     metrics = httpx.get(guarded_server.base_url + "/metrics").text
     line = 'joule_requests_rejected_total{model_name="tiny",reason="queue_full"}'
     assert f"{line} {float(statuses.count(429))}" in metrics
+
+
+def test_max_tokens_cap_flag_reaches_the_server(guarded_server):
+    headers = {"Authorization": "Bearer sesame"}
+    response = httpx.post(guarded_server.api_url + "/completions", headers=headers, timeout=30.0,
+                          json={"prompt": "hi", "max_tokens": 201})
+    error = _error(response, 400)
+    assert error["param"] == "max_tokens" and "cap of 200" in error["message"]
 
 
 @pytest.mark.parametrize("path, extra", [
