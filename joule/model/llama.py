@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from joule.model.config import ModelConfig
-from joule.model.layers import GatedMLP, MergedLinear, RMSNorm, RotaryEmbedding, apply_rotary
+from joule.model.layers import GatedMLP, MergedLinear, RMSNorm, RotaryEmbedding, apply_rotary, whole_head_tables
 from joule.runtime.attention.base import ForwardContext
 
 
@@ -52,10 +52,31 @@ class Attention(nn.Module):
             return self.q_proj(hidden), self.k_proj(hidden), self.v_proj(hidden)
         return self.qkv_proj.split(self.qkv_proj(hidden))
 
+    def _project_and_rotate_together(
+        self, hidden: torch.Tensor, whole_cos: torch.Tensor, signed_sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """CPU: q and k sit side by side in the merged projection, so one rotation covers both.
+
+        The results are views (strided rows); the attention backends accept them.
+        """
+        num_tokens, head_dim = hidden.shape[0], self.head_dim
+        qkv = self.qkv_proj(hidden)
+        rotated_width = (self.num_heads + self.num_kv_heads) * head_dim
+        query_key = qkv[:, :rotated_width].view(num_tokens, self.num_heads + self.num_kv_heads, head_dim)
+        query, key = apply_rotary(query_key, whole_cos, signed_sin).split([self.num_heads, self.num_kv_heads], dim=1)
+        value = qkv[:, rotated_width:].view(num_tokens, self.num_kv_heads, head_dim)
+        return query, key, value
+
     def forward(
         self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, context: ForwardContext
     ) -> torch.Tensor:
+        """``cos``/``sin``: half tables ``[T, head_dim / 2]`` on CUDA (the Triton kernel's input),
+        whole-head tables from ``whole_head_tables`` elsewhere."""
         num_tokens = hidden.shape[0]
+        if not hidden.is_cuda and self.qkv_proj is not None and not self.uses_qk_norm:
+            query, key, value = self._project_and_rotate_together(hidden, cos, sin)
+            attended = context.attend(self.layer_index, query, key, value, self.scale)
+            return self.o_proj(attended.reshape(num_tokens, self.num_heads * self.head_dim))
         query, key, value = self._project(hidden)
         query = query.reshape(num_tokens, self.num_heads, self.head_dim)
         key = key.reshape(num_tokens, self.num_kv_heads, self.head_dim)
@@ -117,6 +138,8 @@ class DecoderModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, context: ForwardContext) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(positions)
+        if not hidden.is_cuda:  # once per step, not per layer
+            cos, sin = whole_head_tables(cos, sin, hidden.dtype)
         residual = None
         for layer in self.layers:
             hidden, residual = layer(hidden, residual, cos, sin, context)
