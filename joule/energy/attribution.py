@@ -136,6 +136,11 @@ class EnergyLedger:
         self._released_joules += joules
         return joules
 
+    @property
+    def released_joules(self) -> float:
+        """Joules of the requests released so far (finished or aborted): what one release added is its cost."""
+        return self._released_joules
+
     def totals(self) -> EnergyTotals:
         return EnergyTotals(
             metered_joules=self._last_reading - self._start_reading,

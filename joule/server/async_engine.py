@@ -280,7 +280,11 @@ class AsyncEngine:
         route = self._state.routes.pop(request_id, None)
         if route is None:
             return
+        ledger = getattr(self.engine, "energy_ledger", None)
+        released_before = ledger.released_joules if ledger is not None else 0.0
         self.engine.abort_request(request_id)
+        if ledger is not None:  # the abort released the request's joules: all of them, not just the last output's
+            route.energy_joules = max(route.energy_joules, ledger.released_joules - released_before)
         if self.metrics is not None:
             self.metrics.on_abort(request_id, reason, route.num_samples)
         self._charge(route)

@@ -128,7 +128,8 @@ def metric_values(metrics_text: str, name: str, label: str) -> dict[str, float]:
 def test_metrics_joules_total_is_the_meters_total_including_an_aborted_request(metered_engine):
     engine, meter = metered_engine
     baseline_metered, baseline_unattributed = meter.joules, engine.energy_ledger.totals().unattributed_joules
-    with TestClient(build_app(engine, ServerConfig(served_model_names=["tiny"]))) as http:
+    roomy_budget = AbuseGuardConfig(tenant_energy_budget=1e9)  # refuses nothing; shows what each tenant was charged
+    with TestClient(build_app(engine, ServerConfig(served_model_names=["tiny"], abuse_guard=roomy_budget))) as http:
         finished = [http.post("/v1/completions", json={"prompt": f"finish {i}", "max_tokens": 4, "ignore_eos": True})
                     for i in range(2)]
         finished_joules = sum(response.json()["usage"]["energy_joules"] for response in finished)
@@ -150,6 +151,7 @@ def test_metrics_joules_total_is_the_meters_total_including_an_aborted_request(m
                 break
             time.sleep(0.05)
         metrics_text = http.get("/metrics").text
+        quitter_tokens, quitter_joules = http.app.state.abuse_guard.usage("quitter")
     total = metric_values(metrics_text, "joule:energy_joules_total", "source")
     unattributed = metric_values(metrics_text, "joule:energy_unattributed_joules_total", "source")
     assert set(total) == {"measured"}
@@ -159,6 +161,9 @@ def test_metrics_joules_total_is_the_meters_total_including_an_aborted_request(m
     charged_to_aborted = total["measured"] - unattributed.get("measured", 0.0) - finished_joules
     # the aborted request's joules (at least what its last output showed) are in the total
     assert seen_by_aborted[-1] > 0 and charged_to_aborted >= seen_by_aborted[-1] - 1e-9
+    # and its tenant was billed all of them, with its prompt and the tokens generated before the abort
+    assert quitter_joules == pytest.approx(charged_to_aborted, rel=1e-9)
+    assert quitter_tokens >= 4 + 2
     watts = metric_values(metrics_text, "joule:average_power_watts", "source")
     assert watts["measured"] > 0
 
