@@ -78,3 +78,14 @@ def test_greedy_tokens_do_not_depend_on_scheduling(checkpoint, setting):
         for plan in plans:
             prompt_work = [is_prompt for _, _, is_prompt in plan]
             assert all(prompt_work) or not any(prompt_work), "a step mixed prompt and decode work"
+
+
+def test_prefill_first_needs_a_budget_for_the_longest_prompt(checkpoint):
+    directory, _, _ = checkpoint
+    with pytest.raises(ValueError, match="max_num_batched_tokens=64"):  # max_model_len defaults to 512 here
+        LLM(model=str(directory), dtype="float32", device="cpu", kv_cache_memory_bytes=1 << 20,
+            enable_chunked_prefill=False, max_num_batched_tokens=64)
+    llm = LLM(model=str(directory), dtype="float32", device="cpu", kv_cache_memory_bytes=1 << 20,
+              enable_chunked_prefill=False, max_num_seqs=4)
+    config = llm.llm_engine.core.scheduler.config
+    assert not config.enable_chunked_prefill and config.max_num_batched_tokens >= config.max_model_len
