@@ -23,6 +23,7 @@ from joule.runtime.attention.base import KVCache
 from joule.runtime.attention.select import select_attention_backend
 from joule.runtime.device import default_kv_cache_bytes, resolve_device, resolve_dtype
 from joule.runtime.executor import ModelExecutor
+from joule.runtime.memory_profile import gpu_kv_cache_budget, profile_step_memory
 from joule.runtime.sampler import Sampler
 from joule.sampling_params import RequestOutputKind, SamplingParams
 from joule.tokenizer import Tokenizer
@@ -75,7 +76,12 @@ class LLMEngine:
         layers = self.model_config.num_hidden_layers
         kv_heads, head_dim = self.model_config.num_key_value_heads, self.model_config.head_dim
         bytes_per_block = KVCache.bytes_per_block(layers, config.block_size, kv_heads, head_dim, self.dtype)
-        budget = config.kv_cache_memory_bytes or default_kv_cache_bytes(self.device, config.gpu_memory_utilization)
+        backend = select_attention_backend(self.device)
+        budget = config.kv_cache_memory_bytes
+        if budget is None and self.device.type == "cuda":
+            budget = self._profiled_kv_budget(backend, bytes_per_block)
+        elif budget is None:
+            budget = default_kv_cache_bytes(self.device, config.gpu_memory_utilization)
         num_blocks = budget // bytes_per_block
         if num_blocks < 1:
             raise ValueError(
@@ -89,7 +95,7 @@ class LLMEngine:
 
         self.kv_cache = KVCache.allocate(layers, num_blocks, config.block_size, kv_heads, head_dim, self.dtype, self.device)
         executor = ModelExecutor(
-            self.model, self.kv_cache, select_attention_backend(self.device), Sampler(config.seed, self.device),
+            self.model, self.kv_cache, backend, Sampler(config.seed, self.device),
             self.device, max_model_len=self.max_model_len, max_num_seqs=config.max_num_seqs,
             enforce_eager=config.enforce_eager,
         )
@@ -115,6 +121,27 @@ class LLMEngine:
             num_blocks, config.block_size, self.kv_capacity_tokens, num_blocks * bytes_per_block / 2**20,
             str(self.dtype).removeprefix("torch."), self.max_model_len,
         )
+
+    def _profiled_kv_budget(self, backend, bytes_per_block: int) -> int:
+        """Measure a worst-case step's memory (which also compiles its kernels), then size the cache."""
+        config = self.config
+        tokens = config.max_num_batched_tokens or _DEFAULT_BATCHED_TOKENS["cuda"]
+        if not config.enable_chunked_prefill:
+            tokens = max(tokens, config.max_model_len or self.model_config.max_position_embeddings)
+        model_config = self.model_config
+        profile = profile_step_memory(
+            self.model, backend, self.device, self.dtype, model_config.num_hidden_layers,
+            model_config.num_key_value_heads, model_config.head_dim, config.block_size, tokens,
+            config.max_num_seqs, model_config.vocab_size,
+        )
+        budget = gpu_kv_cache_budget(self.device, config.gpu_memory_utilization, profile.peak_step_bytes)
+        if budget < bytes_per_block:
+            raise ValueError(
+                f"no GPU memory is left for the KV cache at gpu_memory_utilization={config.gpu_memory_utilization}: "
+                f"weights and a {tokens}-token step (peak {profile.peak_step_bytes / 2**20:.0f} MiB) fill it; raise "
+                "gpu_memory_utilization or lower max_num_batched_tokens / max_num_seqs."
+            )
+        return budget
 
     @classmethod
     def from_kwargs(cls, energy_meter: EnergyMeter | None = None, **kwargs) -> "LLMEngine":
