@@ -155,9 +155,9 @@ def _print_summary(summary: dict) -> None:
 
 
 def run_simulate(args: argparse.Namespace) -> int:
+    from joule.engine.request import RequestSLO
     from joule.perf.arrivals import WorkloadSpec, generate
     from joule.perf.metrics import SLO
-    from joule.engine.request import RequestSLO
     from joule.perf.simulator import ClusterSimulator
 
     model = load_model_config(args.model)

@@ -11,7 +11,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from joule.engine.admission import OutputLengthPredictor, PredictedPeakAdmission, make_admission_policy, peak_kv_blocks
+from joule.engine.admission import (
+    OutputLengthPredictor,
+    PredictedPeakAdmission,
+    make_admission_policy,
+    peak_kv_blocks,
+)
 from joule.engine.request import Request
 from joule.engine.scheduler import SchedulerConfig
 from joule.sampling_params import SamplingParams

@@ -79,23 +79,23 @@ def test_prompt_chunks_are_cut_to_keep_the_tightest_running_tpot():
     engine, decoders = _decoding_engine(tpot=0.050)
     for step in range(3):
         engine.step()
-        chunk = dict((name, tokens) for name, tokens, _ in engine.plans[-1])
+        chunk = {name: tokens for name, tokens, _ in engine.plans[-1]}
         assert all(chunk[d.request_id] == 1 for d in decoders)  # no decode is ever cut
         assert chunk["long"] == 32
         assert KNOWN.predict(chunk["long"], len(decoders)) <= 0.050 + 1e-12
 
 
 def test_without_tpot_slos_the_whole_budget_is_used():
-    engine, decoders = _decoding_engine(tpot=None)
+    engine, _ = _decoding_engine(tpot=None)
     engine.step()
-    chunk = dict((name, tokens) for name, tokens, _ in engine.plans[-1])
+    chunk = {name: tokens for name, tokens, _ in engine.plans[-1]}
     assert chunk["long"] == 200  # 4 decodes + 200 prompt tokens fit the budget of 256
 
 
 def test_an_unreachable_tpot_still_lets_prompts_progress_by_one_block():
     engine, decoders = _decoding_engine(tpot=0.001)  # below even a decode-only step
     engine.step()
-    chunk = dict((name, tokens) for name, tokens, _ in engine.plans[-1])
+    chunk = {name: tokens for name, tokens, _ in engine.plans[-1]}
     assert chunk["long"] == engine.block_manager.block_size
     assert all(chunk[d.request_id] == 1 for d in decoders)
     engine.run()  # and everything finishes

@@ -10,13 +10,12 @@ from __future__ import annotations
 import random
 
 import pytest
+from helpers.tiny_models import build_tiny_checkpoint, transformers_greedy
 
 from joule import LLM, SamplingParams
 from joule.engine.request import RequestSLO
 from joule.engine.step_time import StepTimeCoefficients, StepTimeEstimator
 from joule.model.config import ModelConfig
-
-from helpers.tiny_models import build_tiny_checkpoint, transformers_greedy
 
 NEW_TOKENS = 10
 PROMPT_LENGTHS = [1, 5, 17, 40, 63, 9]
