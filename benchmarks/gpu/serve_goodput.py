@@ -4,11 +4,13 @@ joules per output token against the request rate, all through `joule serve` over
 Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/serve_goodput.py   (results under $OUT or ./out)
 CPU at tiny scale (what tests/bench runs): python benchmarks/gpu/serve_goodput.py --tiny [--model-dir DIR]
 
-(a) Rate sweep with long prompts, once on a chunked server (Sarathi-style token budget, ``--chunk-budget``)
-    and once on the prefill-first baseline (``--no-enable-chunked-prefill``: whole prompts, decodes wait).
-    The TPOT SLO is tight: ``--tpot-slo-factor`` x the chunked server's p50 TPOT at the lowest rate (plus a
-    TTFT SLO), applied to every request after the runs. Goodput = completed requests/s meeting both
-    (DistServe); reported: each schedule's max goodput and their ratio, also for other SLO factors.
+(a) Rate sweep with long prompts, once on the default stall-free chunked server (the engine's default token
+    budget unless ``--chunk-budget``) and once on the prefill-first baseline (``--no-enable-chunked-prefill``:
+    whole prompts, decodes wait). The TPOT SLO is tight: ``--tpot-slo-factor`` x the chunked server's p50 TPOT
+    at the lowest rate (plus a TTFT SLO), applied to every request after the runs. Goodput = completed
+    requests/s meeting both (DistServe); reported: each schedule's max goodput and their ratio, also for other
+    SLO factors. (On the H100, 2026-11-22, a 512-token budget did far worse than the default: chunks of long
+    prompts ran slowly; measure it with ``--chunk-budget 512``.)
 (b) Fairness: a light tenant alone (p99 TTFT), then the same light tenant while a heavy tenant floods at
     2x the chunked server's best throughput from (a), under ``--scheduling-policy fcfs`` and ``fair``.
 (c) Joules per output token vs rate, from the server-reported energy of (a)'s requests.
@@ -24,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +57,7 @@ class Scale:
     input_len: str
     output_len: str
     max_model_len: int
-    chunk_budget: int
+    chunk_budget: int | None  # the chunked server's max_num_batched_tokens; None: the engine's default
     light_rate: float
     light_input: str
     light_output: str
@@ -65,8 +68,8 @@ class Scale:
 
 GPU = Scale(
     engine_args=["--model", "benchmarks/configs/llama-3.2-1b", "--load-format", "dummy", "--dtype", "bfloat16"],
-    rates=[2, 4, 8, 12, 16, 24, 32], duration_s=12.0, input_len="uniform:1024:3072", output_len="uniform:64:192",
-    max_model_len=4096, chunk_budget=512, light_rate=4.0, light_input="256", light_output="32",
+    rates=[4, 8, 16, 24, 32, 40, 48], duration_s=10.0, input_len="uniform:1024:3072", output_len="uniform:64:192",
+    max_model_len=4096, chunk_budget=None, light_rate=4.0, light_input="256", light_output="32",
     fairness_duration_s=10.0, health_timeout_s=240.0,
 )
 TINY = Scale(
@@ -84,14 +87,15 @@ def free_port() -> int:
 
 
 class Server:
-    """`joule serve` in a subprocess on a free loopback port; the log goes to OUT/server-NAME.log."""
+    """`joule serve` in a subprocess on a free loopback port; its log goes to LOGS/server-NAME.log (a temporary
+    folder unless --logs: the device run returns at most 8 files)."""
 
-    def __init__(self, name: str, args: list[str], out: Path, scale: Scale):
+    def __init__(self, name: str, args: list[str], logs: Path, scale: Scale):
         import httpx
 
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self.log_path = out / f"server-{name}.log"
+        self.log_path = logs / f"server-{name}.log"
         command = [sys.executable, "-m", "joule.server.cli", "--host", "127.0.0.1", "--port", str(self.port),
                    "--max-model-len", str(scale.max_model_len), *args]
         log(f"starting server {name}: {' '.join(command[3:])}")
@@ -175,6 +179,19 @@ def light_ttft(report: SweepReport) -> dict:
             "heavy_completed": heavy.completed if heavy else 0, "heavy_failed": heavy.failed if heavy else 0}
 
 
+def plot_light_ttft(runs: dict[str, SweepReport], path: Path) -> Path:
+    """CDF of the light tenant's TTFT alone and beside the flood, per policy."""
+    from joule.perf.plots import plot_cdf, pyplot_module, save_figure
+
+    pyplot = pyplot_module()
+    figure, axis = pyplot.subplots(figsize=(6, 3.8))
+    for label, report in runs.items():
+        ttfts = [r.ttft for r in report.runs[0].results if r.tenant == "light" and r.success]
+        plot_cdf(axis, ttfts, "light tenant TTFT (s)", line_label=label)
+    axis.set_xscale("log")
+    return save_figure(pyplot, figure, path, "fairness: light tenant's TTFT while a heavy tenant floods")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="the tiny test model on the CPU, at tiny scale")
@@ -182,13 +199,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=os.environ.get("OUT", "out"), help="results folder (default $OUT or ./out)")
     parser.add_argument("--rates", default=None, help="comma-separated sweep rates (default: per scale)")
     parser.add_argument("--chunk-budget", type=int, default=None, help="chunked server's max_num_batched_tokens")
-    parser.add_argument("--tpot-slo-factor", type=float, default=2.0, help="TPOT SLO / calm p50 TPOT")
+    parser.add_argument("--tpot-slo-factor", type=float, default=3.0, help="TPOT SLO / calm p50 TPOT")
     parser.add_argument("--ttft-slo-factor", type=float, default=10.0, help="TTFT SLO / calm p50 TTFT")
     parser.add_argument("--skip-fairness", action="store_true")
+    parser.add_argument("--logs", default=None, help="keep the servers' logs here (default: a temporary folder)")
     args = parser.parse_args(argv)
     scale = TINY if args.tiny else GPU
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    logs = Path(args.logs or tempfile.mkdtemp(prefix="serve-goodput-logs-"))
+    logs.mkdir(parents=True, exist_ok=True)
     rates = [float(r) for r in args.rates.split(",")] if args.rates else [float(r) for r in scale.rates]
     budget = args.chunk_budget or scale.chunk_budget
     engine_args = list(scale.engine_args)
@@ -201,12 +221,12 @@ def main(argv: list[str] | None = None) -> int:
             model_dir.mkdir(parents=True, exist_ok=True)
             build_tiny_chat_model(model_dir)
         engine_args = ["--model", str(model_dir), *engine_args]
-    chunked_args = [*engine_args, "--max-num-batched-tokens", str(budget)]
+    chunked_args = [*engine_args, *(["--max-num-batched-tokens", str(budget)] if budget else [])]
     results: dict = {"scale": "tiny-cpu" if args.tiny else "gpu", "rates": [format_rate(r) for r in rates],
-                     "chunk_budget": budget, "workload": {"input_len": scale.input_len, "output_len": scale.output_len,
+                     "chunk_budget": budget or "engine default", "workload": {"input_len": scale.input_len, "output_len": scale.output_len,
                                                           "duration_s": scale.duration_s}}
 
-    with Server("chunked-fcfs", chunked_args, out, scale) as server:
+    with Server("chunked-fcfs", chunked_args, logs, scale) as server:
         chunked = sweep(server, scale, rates)
         best = max(run.metrics.request_throughput for run in chunked.runs)
         heavy_rate = max(2.0 * best, 4.0 * scale.light_rate)
@@ -217,12 +237,15 @@ def main(argv: list[str] | None = None) -> int:
             log(f"fairness: light + heavy flooding at {heavy_rate:.1f} req/s, fcfs")
             fcfs = fairness_run(server, scale, heavy_rate)
             fairness |= {"solo": light_ttft(solo), "fcfs": light_ttft(fcfs)}
-    with Server("prefill-first", [*engine_args, "--no-enable-chunked-prefill"], out, scale) as server:
+            light_runs = {"light alone": solo, "light + heavy, fcfs": fcfs}
+    with Server("prefill-first", [*engine_args, "--no-enable-chunked-prefill"], logs, scale) as server:
         baseline = sweep(server, scale, rates)
     if not args.skip_fairness:
-        with Server("chunked-fair", [*chunked_args, "--scheduling-policy", "fair"], out, scale) as server:
+        with Server("chunked-fair", [*chunked_args, "--scheduling-policy", "fair"], logs, scale) as server:
             log(f"fairness: light + heavy flooding at {heavy_rate:.1f} req/s, fair")
-            fairness["fair"] = light_ttft(fairness_run(server, scale, heavy_rate))
+            fair = fairness_run(server, scale, heavy_rate)
+            fairness["fair"] = light_ttft(fair)
+            light_runs["light + heavy, fair"] = fair
         solo_p99 = fairness["solo"]["light_p99_ttft_ms"]
         for policy in ("fcfs", "fair"):
             fairness[policy]["p99_ttft_vs_solo"] = fairness[policy]["light_p99_ttft_ms"] / solo_p99
@@ -237,12 +260,13 @@ def main(argv: list[str] | None = None) -> int:
                                  run.metrics.joules_per_output_token, "energy_source": run.metrics.energy_source,
                                  "server_delta_joules": (run.server_energy or {}).get("delta_joules")}
                                 for run in report.runs] for name, report in judged.items()}
-    for name, report in judged.items():
-        (out / f"sweep-{name}.json").write_text(json.dumps(report.to_dict(), indent=1))
+    (out / "sweeps.json").write_text(json.dumps({name: report.to_dict() for name, report in judged.items()}))
     from joule.bench.serve_plots import plot_sweeps
 
     plots = plot_sweeps(judged, out / "plots", f"{'tiny CPU' if args.tiny else 'Llama-3.2-1B'}: chunked "
-                        f"(budget {budget}) vs prefill-first, TPOT SLO {chosen['tpot_slo_ms']:.1f} ms")
+                        f"(budget {budget or 'default'}) vs prefill-first, TPOT SLO {chosen['tpot_slo_ms']:.1f} ms")
+    if not args.skip_fairness:
+        plots.append(plot_light_ttft(light_runs, out / "plots" / "fairness_light_ttft_cdf.png"))
     results["plots"] = [str(path) for path in plots]
     (out / "serve_goodput.json").write_text(json.dumps(results, indent=2))
 
