@@ -29,6 +29,9 @@ from joule.kernels.reference import (  # noqa: E402
     paged_attention_reference, rms_norm_reference, write_kv_cache_reference,
 )
 from joule.kernels.rms_norm import rms_norm  # noqa: E402
+from joule.kernels.activation import silu_and_mul  # noqa: E402
+from joule.kernels.reference import rotary_reference, silu_and_mul_reference  # noqa: E402
+from joule.kernels.rotary import rotary_embedding_  # noqa: E402
 from joule.runtime.attention.base import AttentionMetadata, KVCache  # noqa: E402
 from joule.runtime.attention.portable import PortableAttentionBackend  # noqa: E402
 from joule.runtime.attention.triton_backend import TritonAttentionBackend  # noqa: E402
@@ -169,6 +172,21 @@ def correctness(scale_down):
         want, want_residual = rms_norm_reference(hidden.double(), weight.double(), 1e-5, residual.double())
         compare(rows, "rms_norm", dtype, "8192 x 2048 + residual", torch.cat([output, new_residual]),
                 torch.cat([want, want_residual]))
+        # rotary with Qwen3's q/k norm, in place on strided views of one fused qkv output
+        tokens = 4096 if not scale_down else 8
+        fused = torch.randn(tokens, (16 + 2 * 8) * 128, generator=generator, device=DEVICE, dtype=dtype) * 2
+        query = fused[:, : 16 * 128].view(tokens, 16, 128)
+        key = fused[:, 16 * 128 : 24 * 128].view(tokens, 8, 128)
+        angles = torch.rand(tokens, 64, generator=generator, device=DEVICE) * 100
+        norms = [1 + 0.1 * torch.randn(128, generator=generator, device=DEVICE, dtype=dtype) for _ in range(2)]
+        want_query, want_key = rotary_reference(query, key, angles.cos(), angles.sin(), *norms)
+        rotary_embedding_(query, key, angles.cos(), angles.sin(), *norms)
+        compare(rows, "rotary+qk_norm", dtype, f"{tokens} tokens, 16+8 heads x 128",
+                torch.cat([query.reshape(tokens, -1), key.reshape(tokens, -1)], 1),
+                torch.cat([want_query.reshape(tokens, -1), want_key.reshape(tokens, -1)], 1))
+        gate_up = torch.randn(tokens, 2 * 8192, generator=generator, device=DEVICE, dtype=dtype) * 3
+        compare(rows, "silu_and_mul", dtype, f"{tokens} x 2 x 8192", silu_and_mul(gate_up),
+                silu_and_mul_reference(gate_up))
         # whole backend against the portable one on a mixed batch
         steps = [(int(c), 1) for c in rng.integers(1, top // 2, 48)] + [(0, 700), (1500, 300), (33, 64)]
         outputs = []
