@@ -19,6 +19,10 @@ import traceback
 
 import torch
 
+from pathlib import Path
+
+from joule.bench.hf_baseline import run_transformers_generate
+from joule.bench.hf_continuous import run_transformers_generate_batch
 from joule.bench.latency import measure_latency, print_latency_table
 from joule.bench.workload import fixed_length_workload, uniform_length_workload
 from joule.llm_engine import LLMEngine
@@ -146,12 +150,32 @@ def main() -> None:
                      f"{result['end_to_end_tok_per_s']:.1f}"))
     raw["b"] = latency
     engine.core.executor.use_cuda_graphs = graphs
-    result = throughput(engine, fixed_length_workload(256, 512, 128, vocab, seed=2))
+    workload_three = fixed_length_workload(256, 512, 128, vocab, seed=2)
+    result = throughput(engine, workload_three)
     rows.append(("(d) 1B 256x(512->128) output tok/s", f"{result['output_tok_per_s']:.0f} ({result['seconds']:.2f}s)"))
     raw["d"] = result
     print(rows[-1], flush=True)
     engine = None
     release()
+    # (d) peers in the same run: transformers generate_batch (paged) and generate (batch 64), same prompts.
+    for label, peer in (("generate_batch", lambda: run_transformers_generate_batch(
+                            Path(LLAMA_1B), workload_three, torch.bfloat16, torch.device("cuda"))),
+                        ("generate bs64", lambda: run_transformers_generate(
+                            Path(LLAMA_1B), workload_three, torch.bfloat16, torch.device("cuda"), 64))):
+        try:
+            peer_result = peer()
+        except Exception as error:  # noqa: BLE001 - a failing peer must not cost Joule's numbers
+            traceback.print_exc()
+            peer_result = {"error": repr(error)}
+        raw[f"d_{label}"] = peer_result
+        if "output_tok_per_s" in peer_result:
+            ratio = result["output_tok_per_s"] / peer_result["output_tok_per_s"]
+            rows.append((f"(d) transformers {label} output tok/s",
+                         f"{peer_result['output_tok_per_s']:.0f} ({peer_result['elapsed_s']:.1f}s) -> Joule {ratio:.1f}x"))
+        else:
+            rows.append((f"(d) transformers {label}", peer_result["error"][:60]))
+        print(rows[-1], flush=True)
+        release()
 
     # (c) workload 2 on Qwen3-0.6B, then (e) on Llama-3.1-8B when time is left.
     for label, model, budget_s in (("(c) qwen3-0.6b", QWEN3_06B, None), ("(e) llama-3.1-8b", LLAMA_8B, 150)):

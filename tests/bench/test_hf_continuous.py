@@ -39,3 +39,11 @@ def test_generate_batch_needs_one_output_length(config_only_model):
     requests = fixed_length_workload(2, 8, 4, 500, seed=0) + fixed_length_workload(1, 8, 6, 500, seed=1)
     with pytest.raises(ValueError, match="one output length"):
         run_transformers_generate_batch(config_only_model, requests, torch.float32, torch.device("cpu"))
+
+
+def test_transformers_generate_peer_counts_fixed_batches(config_only_model):
+    from joule.bench.hf_baseline import run_transformers_generate
+
+    requests = fixed_length_workload(5, 10, 4, 500, seed=2)
+    result = run_transformers_generate(config_only_model, requests, torch.float32, torch.device("cpu"), batch_size=2)
+    assert result["output_tokens"] == 20 and result["batch_size"] == 2
