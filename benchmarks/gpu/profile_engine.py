@@ -220,7 +220,18 @@ def workload_two(raw: dict) -> None:
         tokens[kind] += plan.num_tokens
         return result
 
-    executor.execute = execute
+    trace = []
+    original_inner = execute
+
+    def traced(plan):
+        decodes = sum(1 for sequence in plan.sequences if sequence.num_tokens == 1)
+        started = time.perf_counter()
+        result = original_inner(plan)
+        if len(trace) < 24:
+            trace.append((decodes, plan.num_tokens - decodes, 1e3 * (time.perf_counter() - started)))
+        return result
+
+    executor.execute = traced
     add_all(engine, [r.prompt_token_ids for r in requests], [r.output_len for r in requests])
     step_started = time.perf_counter()
     steps = 0
@@ -238,7 +249,10 @@ def workload_two(raw: dict) -> None:
         print(f"    {kind:14s} {len(values):5d} steps  {sum(values):7.2f} s  {split[kind]['ms_per_step']:7.2f} ms/step"
               f"  {tokens[kind]} tokens")
     print(f"    outside execute: {wall - sum(sum(v) for v in kinds.values()):.2f} s")
-    raw["workload2"] = {"wall_s": wall, "steps": steps, "output_tokens": output_tokens, "split": split}
+    print("    first steps (decodes, prefill tokens, ms):", trace)
+    raw["workload2"] = {"wall_s": wall, "steps": steps, "output_tokens": output_tokens, "split": split,
+                        "first_steps": trace}
+    engine.block_manager.reset_prefix_cache()  # the next pass must prefill again
 
     # Kernel tables: early mixed steps, then a batch-256 decode.
     add_all(engine, [r.prompt_token_ids for r in requests], [r.output_len for r in requests])
