@@ -16,6 +16,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     block_size: int = 16
     kv_cache_memory_bytes: int | None = None
+    kv_cache_dtype: str = "auto"  # "auto" = the model dtype; "fp8" (e4m3) halves KV memory and reads
     gpu_memory_utilization: float = 0.9
     seed: int = 0
     load_format: str = "auto"
@@ -58,6 +59,10 @@ class EngineConfig:
                 f"max_num_batched_tokens={self.max_num_batched_tokens} is smaller than max_model_len="
                 f"{self.max_model_len}: without chunked prefill every prompt must fit one step."
             )
+        from joule.runtime.attention.base import KV_CACHE_DTYPES
+
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}.")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}.")
 

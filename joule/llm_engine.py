@@ -75,7 +75,8 @@ class LLMEngine:
 
         layers = self.model_config.num_hidden_layers
         kv_heads, head_dim = self.model_config.num_key_value_heads, self.model_config.head_dim
-        bytes_per_block = KVCache.bytes_per_block(layers, config.block_size, kv_heads, head_dim, self.dtype)
+        self.kv_cache_dtype = KVCache.resolve_dtype(config.kv_cache_dtype, self.dtype)
+        bytes_per_block = KVCache.bytes_per_block(layers, config.block_size, kv_heads, head_dim, self.kv_cache_dtype)
         backend = select_attention_backend(self.device)
         budget = config.kv_cache_memory_bytes
         if budget is None and self.device.type == "cuda":
@@ -93,7 +94,9 @@ class LLMEngine:
         if config.max_num_batched_tokens is None and not config.enable_chunked_prefill:
             batched_tokens = max(batched_tokens, self.max_model_len)  # any prompt fits one step, as in vLLM
 
-        self.kv_cache = KVCache.allocate(layers, num_blocks, config.block_size, kv_heads, head_dim, self.dtype, self.device)
+        self.kv_cache = KVCache.allocate(
+            layers, num_blocks, config.block_size, kv_heads, head_dim, self.kv_cache_dtype, self.device
+        )
         executor = ModelExecutor(
             self.model, self.kv_cache, backend, Sampler(config.seed, self.device),
             self.device, max_model_len=self.max_model_len, max_num_seqs=config.max_num_seqs,
@@ -119,7 +122,7 @@ class LLMEngine:
         logger.info(
             "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB, %s), max_model_len %d",
             num_blocks, config.block_size, self.kv_capacity_tokens, num_blocks * bytes_per_block / 2**20,
-            str(self.dtype).removeprefix("torch."), self.max_model_len,
+            str(self.kv_cache_dtype).removeprefix("torch."), self.max_model_len,
         )
 
     def _profiled_kv_budget(self, backend, bytes_per_block: int) -> int:
@@ -130,7 +133,7 @@ class LLMEngine:
             tokens = max(tokens, config.max_model_len or self.model_config.max_position_embeddings)
         model_config = self.model_config
         profile = profile_step_memory(
-            self.model, backend, self.device, self.dtype, model_config.num_hidden_layers,
+            self.model, backend, self.device, self.kv_cache_dtype, model_config.num_hidden_layers,
             model_config.num_key_value_heads, model_config.head_dim, config.block_size, tokens,
             config.max_num_seqs, model_config.vocab_size,
         )

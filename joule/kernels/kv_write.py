@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+FP8_E4M3_MAX: tl.constexpr = tl.constexpr(448.0)
+
 
 @triton.jit
 def _write_kv_kernel(
@@ -19,7 +21,7 @@ def _write_kv_kernel(
     stride_key_token, stride_key_head, stride_value_token, stride_value_head,
     stride_cache_block, stride_cache_offset, stride_cache_head,
     BLOCK_SIZE: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HEADS_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    HEADS_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SATURATE: tl.constexpr,
 ):
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -34,9 +36,12 @@ def _write_kv_kernel(
                      + heads[:, None] * stride_cache_head + dims[None, :])
     token = token.to(tl.int64)
     keys = tl.load(key_ptr + token * stride_key_token + heads[:, None] * stride_key_head + dims[None, :], mask=mask)
-    tl.store(key_cache_ptr + cache_offsets, keys.to(key_cache_ptr.dtype.element_ty), mask=mask)
     values = tl.load(value_ptr + token * stride_value_token + heads[:, None] * stride_value_head + dims[None, :],
                      mask=mask)
+    if SATURATE:  # an fp8 cache: clamp to its finite range, as torch's cast does, instead of overflowing
+        keys = tl.clamp(keys.to(tl.float32), -FP8_E4M3_MAX, FP8_E4M3_MAX)
+        values = tl.clamp(values.to(tl.float32), -FP8_E4M3_MAX, FP8_E4M3_MAX)
+    tl.store(key_cache_ptr + cache_offsets, keys.to(key_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(value_cache_ptr + cache_offsets, values.to(value_cache_ptr.dtype.element_ty), mask=mask)
 
 
@@ -68,5 +73,6 @@ def write_kv_cache(
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         BLOCK_SIZE=key_cache.shape[1], NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
+        SATURATE=key_cache.dtype == torch.float8_e4m3fn,
         num_warps=4 if num_kv_heads * head_dim >= 1024 else 1,
     )

@@ -21,6 +21,16 @@ from dataclasses import dataclass
 import torch
 
 
+KV_CACHE_DTYPES = {
+    "auto": None,
+    "fp8": torch.float8_e4m3fn,
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
+
+
 @dataclass
 class KVCache:
     """Paged key/value storage: one pair of tensors per layer.
@@ -32,6 +42,16 @@ class KVCache:
     key_caches: list[torch.Tensor]
     value_caches: list[torch.Tensor]
     block_size: int
+
+    @staticmethod
+    def resolve_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+        """The cache's element type for a ``kv_cache_dtype`` option; K/V are cast on write and back on read.
+
+        fp8 (e4m3, no scale: values saturate at +-448) halves the bytes every decode step reads.
+        """
+        if name not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {name!r}.")
+        return model_dtype if name == "auto" else KV_CACHE_DTYPES[name]
 
     @classmethod
     def allocate(
