@@ -216,3 +216,30 @@ def test_one_backend_over_layers_and_steps_with_strided_inputs():
                 torch.testing.assert_close(output[rows].double(), expected, atol=1e-5, rtol=1e-5)
                 start += query_lengths[seq]
         lengths = [length + 1 for length in lengths]
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (6, 2)])
+def test_mixed_step_batches_decodes_and_runs_of_equal_fresh_prompts(monkeypatch, num_heads, num_kv_heads):
+    import joule.runtime.attention.portable as portable
+
+    calls = []
+    original = portable.F.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(tuple(args[0].shape))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(portable.F, "scaled_dot_product_attention", counting)
+    # Decodes among prompts; three adjacent fresh prompts of length 5 form one run, the later one another.
+    steps = [(4, 1), (0, 5), (0, 5), (0, 5), (0, 3), (7, 1), (2, 4), (0, 5), (0, 1)]
+    sequences = random_sequences(steps, num_heads, num_kv_heads, 8, seed=21)
+    output, expected, *_ = run_step(sequences, steps, num_heads, num_kv_heads, 8, 4)
+    torch.testing.assert_close(output.double(), expected, atol=1e-5, rtol=1e-5)
+    group = num_heads // num_kv_heads
+    assert sorted(calls) == sorted([
+        (3, num_kv_heads, group, 8),  # the three one-row sequences, one padded call
+        (3, num_heads, 5, 8),  # the run of three fresh 5-token prompts
+        (1, num_heads, 3, 8),
+        (1, num_kv_heads, group * 4, 8),  # the chunk after 2 cached tokens
+        (1, num_heads, 5, 8),
+    ])

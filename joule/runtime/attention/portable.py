@@ -1,16 +1,22 @@
 """Attention over the paged KV cache in plain PyTorch (CPU and CUDA).
 
-Decode-only steps (one query row per sequence) gather every sequence's
-context into one padded batch and run a single attention call, which is what
-keeps CPU decoding fast at large batch sizes. What that gather needs (block
-ids, padding mask) depends only on the step, so it is built once per step and
-shared by every layer. Steps with prompt chunks loop over sequences, each with
-its own causal mask.
+Each step is planned once, by its first layer, and the plan is shared by the
+others (what it holds depends only on the step's metadata):
 
-GQA is handled without copying KV heads: the query heads that share a KV head
-are folded into the query-row dimension, ``[Hkv, group * rows, D]``, so one
-batched matmul covers the whole group. ``scaled_dot_product_attention``
-accumulates the softmax in float32 for half-precision inputs on both devices.
+- Sequences with one new row (decodes) gather their context into one padded
+  batch and run a single attention call, which is what keeps CPU decoding fast
+  at large batch sizes. In a mixed step the decodes still go this way.
+- Fresh prompts (nothing cached before this step) of equal length that sit
+  next to each other in the batch run as one causal attention call over their
+  own new rows, with no cache gather.
+- Any other prompt chunk (after a prefix-cache hit or an earlier chunk) attends
+  alone over its gathered context with its own causal mask.
+
+GQA is handled without copying KV heads where the kernel allows it: the query
+heads that share a KV head are folded into the query-row dimension,
+``[Hkv, group * rows, D]``, so one batched matmul covers the whole group.
+``scaled_dot_product_attention`` accumulates the softmax in float32 for
+half-precision inputs on both devices.
 """
 
 from __future__ import annotations
@@ -24,21 +30,49 @@ from joule.runtime.attention.base import AttentionBackend, AttentionMetadata, KV
 
 
 @dataclass
-class _DecodeStep:
-    """Per-step inputs of the padded decode attention, identical for every layer."""
+class _DecodeBatch:
+    """Inputs of the padded decode attention for some of a step's sequences."""
 
+    rows: torch.Tensor | None  # int64 rows of those sequences in the flattened batch; None: all rows, in order
+    flat_blocks: torch.Tensor  # int64 [S * num_blocks]: each sequence's blocks, padded with its block 0
+    padded_length: int  # num_blocks * block_size
+    mask: torch.Tensor  # additive float32 [S, 1, 1, padded_length]: 0 for real keys, -inf for padding
+
+
+@dataclass
+class _FreshRun:
+    """Consecutive fresh prompts of one length: rows ``first_row .. first_row + count * length``."""
+
+    first_row: int
+    count: int
+    length: int
+
+
+@dataclass
+class _Chunk:
+    """A prompt chunk that attends over its cached context plus its new rows."""
+
+    first_row: int
+    query_length: int
+    context_length: int
+    blocks: torch.Tensor  # int64: the blocks holding its context and new rows
+
+
+@dataclass
+class _StepPlan:
     metadata: AttentionMetadata
     sequence_lengths: list[int]  # a copy: a reused metadata object with new lengths is a new step
-    flat_blocks: torch.Tensor  # int64 [S * num_blocks]: each sequence's blocks, padded with block 0
-    padded_length: int  # num_blocks * block_size
-    mask: torch.Tensor  # bool [S, 1, 1, padded_length]: True for the sequence's real keys
+    fresh_from_rows: bool  # fresh prompts read their new rows, not the cache (same dtype)
+    decode: _DecodeBatch | None
+    fresh_runs: list[_FreshRun]
+    chunks: list[_Chunk]
 
 
 class PortableAttentionBackend(AttentionBackend):
     name = "portable"
 
     def __init__(self) -> None:
-        self._decode_step: _DecodeStep | None = None
+        self._plan: _StepPlan | None = None
 
     def forward(
         self,
@@ -52,23 +86,101 @@ class PortableAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         key_cache = kv_cache.key_caches[layer_index]
         value_cache = kv_cache.value_caches[layer_index]
-        num_kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
         check_attention_inputs(query, key, key_cache, metadata)
         _write_kv(key, key_cache, metadata.slot_mapping)
         _write_kv(value, value_cache, metadata.slot_mapping)
-
         if metadata.num_sequences == 0:
             return query.new_empty(query.shape)
-        if metadata.is_decode_only:
-            return _decode(query, key_cache, value_cache, self._decode_step_for(metadata, key_cache), scale)
-        return _prefill(query, key, value, key_cache, value_cache, metadata, scale)
 
-    def _decode_step_for(self, metadata: AttentionMetadata, key_cache: torch.Tensor) -> _DecodeStep:
-        """The step's gather indices and mask, built by the first layer and reused by the others."""
-        step = self._decode_step
-        if step is None or step.metadata is not metadata or step.sequence_lengths != metadata.sequence_lengths:
-            step = self._decode_step = _build_decode_step(metadata, key_cache.shape[1], key_cache.device)
-        return step
+        plan = self._plan_for(metadata, key_cache, fresh_from_rows=key.dtype == key_cache.dtype)
+        if plan.decode is not None and plan.decode.rows is None:  # decode-only step
+            return _decode(query, key_cache, value_cache, plan.decode, scale)
+        output = torch.empty_like(query)
+        if plan.decode is not None:
+            rows = plan.decode.rows
+            attended = _decode(query.index_select(0, rows), key_cache, value_cache, plan.decode, scale)
+            output.index_copy_(0, rows, attended)
+        for run in plan.fresh_runs:
+            rows = slice(run.first_row, run.first_row + run.count * run.length)
+            attended = _fresh_prompts(query[rows], key[rows], value[rows], run, scale)  # [count, Hq, length, D]
+            output[rows].view(run.count, run.length, *query.shape[1:]).copy_(attended.transpose(1, 2))
+        for chunk in plan.chunks:
+            end = chunk.first_row + chunk.query_length
+            total_length = chunk.context_length + chunk.query_length
+            keys = _gather_blocks(key_cache, chunk.blocks)[:total_length].to(query.dtype)
+            values = _gather_blocks(value_cache, chunk.blocks)[:total_length].to(query.dtype)
+            output[chunk.first_row : end] = _causal_attention(
+                query[chunk.first_row : end], keys, values, chunk.context_length, scale
+            )
+        return output
+
+    def _plan_for(self, metadata: AttentionMetadata, key_cache: torch.Tensor, fresh_from_rows: bool) -> _StepPlan:
+        """The step's plan, built by the first layer and reused by the others."""
+        plan = self._plan
+        if (
+            plan is None
+            or plan.metadata is not metadata
+            or plan.sequence_lengths != metadata.sequence_lengths
+            or plan.fresh_from_rows != fresh_from_rows
+        ):
+            plan = self._plan = _build_plan(metadata, key_cache.shape[1], key_cache.device, fresh_from_rows)
+        return plan
+
+
+def _build_plan(
+    metadata: AttentionMetadata, block_size: int, device: torch.device, fresh_from_rows: bool
+) -> _StepPlan:
+    decode_indices, decode_rows, fresh_runs, chunks = [], [], [], []
+    row = 0
+    for index, (query_length, context_length) in enumerate(zip(metadata.query_lengths, metadata.context_lengths)):
+        if query_length == 1:
+            decode_indices.append(index)
+            decode_rows.append(row)
+        elif context_length == 0 and fresh_from_rows:
+            last = fresh_runs[-1] if fresh_runs else None
+            if last is not None and last.length == query_length and last.first_row + last.count * last.length == row:
+                last.count += 1
+            else:
+                fresh_runs.append(_FreshRun(row, 1, query_length))
+        else:
+            needed = -(-(context_length + query_length) // block_size)
+            if metadata.block_tables.shape[1] < needed:
+                raise ValueError(
+                    f"block table of sequence {index} has {metadata.block_tables.shape[1]} columns; "
+                    f"{needed} needed for {context_length + query_length} tokens"
+                )
+            blocks = metadata.block_tables[index, :needed].long()
+            chunks.append(_Chunk(row, query_length, context_length, blocks))
+        row += query_length
+    decode = None
+    if decode_indices:
+        all_rows = len(decode_indices) == metadata.num_sequences
+        decode = _build_decode_batch(
+            metadata.block_tables if all_rows else metadata.block_tables[decode_indices],
+            [metadata.sequence_lengths[index] for index in decode_indices],
+            None if all_rows else torch.tensor(decode_rows, device=device),
+            block_size,
+            device,
+        )
+    return _StepPlan(metadata, list(metadata.sequence_lengths), fresh_from_rows, decode, fresh_runs, chunks)
+
+
+def _build_decode_batch(
+    block_tables: torch.Tensor, lengths: list[int], rows: torch.Tensor | None, block_size: int, device: torch.device
+) -> _DecodeBatch:
+    max_length = max(lengths)
+    num_blocks = -(-max_length // block_size)
+    if block_tables.shape[1] < num_blocks:
+        raise ValueError(
+            f"block_tables has {block_tables.shape[1]} columns; {num_blocks} needed for {max_length} tokens"
+        )
+    flat_blocks = block_tables[:, :num_blocks].reshape(-1).long()
+    padded_length = num_blocks * block_size
+    key_positions = torch.arange(padded_length, device=device)
+    is_padding = key_positions[None, :] >= torch.tensor(lengths, device=device)[:, None]
+    # Additive: a boolean mask would be converted to this inside every layer's attention call.
+    mask = torch.zeros(is_padding.shape, device=device).masked_fill_(is_padding, float("-inf"))
+    return _DecodeBatch(rows, flat_blocks, padded_length, mask[:, None, None, :])
 
 
 def _write_kv(rows: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor) -> None:
@@ -79,75 +191,50 @@ def _write_kv(rows: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor) -> N
     index_put kernel on CPU.
     """
     flat_cache = cache.view(-1, cache.shape[2] * cache.shape[3])
-    flat_cache.index_copy_(0, slots, rows.reshape(rows.shape[0], -1).to(cache.dtype))
-
-
-def _build_decode_step(metadata: AttentionMetadata, block_size: int, device: torch.device) -> _DecodeStep:
-    max_length = metadata.max_sequence_length
-    num_blocks = -(-max_length // block_size)
-    if metadata.block_tables.shape[1] < num_blocks:
-        raise ValueError(
-            f"block_tables has {metadata.block_tables.shape[1]} columns; {num_blocks} needed for {max_length} tokens"
-        )
-    flat_blocks = metadata.block_tables[:, :num_blocks].reshape(-1).long()
-    padded_length = num_blocks * block_size
-    lengths = torch.tensor(metadata.sequence_lengths, device=device)
-    key_positions = torch.arange(padded_length, device=device)
-    mask = (key_positions[None, :] < lengths[:, None])[:, None, None, :]
-    return _DecodeStep(metadata, list(metadata.sequence_lengths), flat_blocks, padded_length, mask)
+    values = rows.reshape(rows.shape[0], -1).to(cache.dtype)
+    if cache.element_size() == 1:  # float8: index_copy_ has no float8 kernel on CPU, so copy the bytes
+        flat_cache, values = flat_cache.view(torch.uint8), values.view(torch.uint8)
+    flat_cache.index_copy_(0, slots, values)
 
 
 def _decode(
     query: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
-    step: _DecodeStep,
+    batch: _DecodeBatch,
     scale: float,
 ) -> torch.Tensor:
     """One padded batched attention call for S sequences with one query row each."""
     num_sequences, num_heads, head_dim = query.shape
     num_kv_heads = key_cache.shape[2]
     group = num_heads // num_kv_heads
-    padded_shape = (num_sequences, step.padded_length, num_kv_heads, head_dim)
-    keys = _gather_blocks(key_cache, step.flat_blocks).view(padded_shape).transpose(1, 2).to(query.dtype)
-    values = _gather_blocks(value_cache, step.flat_blocks).view(padded_shape).transpose(1, 2).to(query.dtype)
+    padded_shape = (num_sequences, batch.padded_length, num_kv_heads, head_dim)
+    keys = _gather_blocks(key_cache, batch.flat_blocks).view(padded_shape).transpose(1, 2).to(query.dtype)
+    values = _gather_blocks(value_cache, batch.flat_blocks).view(padded_shape).transpose(1, 2).to(query.dtype)
     grouped_query = query.reshape(num_sequences, num_kv_heads, group, head_dim)
-    output = F.scaled_dot_product_attention(grouped_query, keys, values, attn_mask=step.mask, scale=scale)
+    mask = batch.mask.to(query.dtype)
+    output = F.scaled_dot_product_attention(grouped_query, keys, values, attn_mask=mask, scale=scale)
     return output.reshape(num_sequences, num_heads, head_dim)
 
 
-def _prefill(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    metadata: AttentionMetadata,
-    scale: float,
+def _fresh_prompts(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, run: _FreshRun, scale: float
 ) -> torch.Tensor:
-    """Per-sequence causal attention over cached context plus the new rows."""
-    block_size = key_cache.shape[1]
-    output = torch.empty_like(query)
-    start = 0
-    for index, (query_length, context_length) in enumerate(zip(metadata.query_lengths, metadata.context_lengths)):
-        end = start + query_length
-        total_length = context_length + query_length
-        if context_length == 0 and key_cache.dtype == key.dtype:
-            # Fresh prompt: the new rows are the whole context; skip the cache gather.
-            keys, values = key[start:end], value[start:end]
-        else:
-            num_blocks = -(-total_length // block_size)
-            blocks = metadata.block_tables[index, :num_blocks].long()
-            if blocks.shape[0] < num_blocks:
-                raise ValueError(
-                    f"block table of sequence {index} has {blocks.shape[0]} columns; "
-                    f"{num_blocks} needed for {total_length} tokens"
-                )
-            keys = _gather_blocks(key_cache, blocks)[:total_length].to(query.dtype)
-            values = _gather_blocks(value_cache, blocks)[:total_length].to(query.dtype)
-        output[start:end] = _causal_attention(query[start:end], keys, values, context_length, scale)
-        start = end
-    return output
+    """Whole prompts of one length as one causal batch; returns ``[count, heads, length, D]``.
+
+    The fused causal kernel needs no mask but does not take grouped KV heads on
+    CPU (it falls back to a slow path), so the KV heads are expanded.
+    """
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    group = num_heads // key.shape[1]
+    batched = (run.count, run.length, -1, head_dim)
+    keys, values = key.view(batched), value.view(batched)
+    if group > 1:
+        keys = keys.repeat_interleave(group, dim=2)
+        values = values.repeat_interleave(group, dim=2)
+    return F.scaled_dot_product_attention(  # 4-D inputs reach the fused CPU kernel; 3-D do not
+        query.view(batched).transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), is_causal=True, scale=scale
+    )
 
 
 def _gather_blocks(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
@@ -169,17 +256,6 @@ def _causal_attention(
     query_length, num_heads, head_dim = query.shape
     num_kv_heads = keys.shape[1]
     group = num_heads // num_kv_heads
-    if context_length == 0:
-        # Whole prompt in one chunk: the fused causal kernel needs no mask. It does not
-        # take grouped KV heads on CPU (it falls back to a slow path), so expand them.
-        if group > 1:
-            keys = keys.repeat_interleave(group, dim=1)
-            values = values.repeat_interleave(group, dim=1)
-        attended = F.scaled_dot_product_attention(  # 4-D inputs reach the fused CPU kernel; 3-D do not
-            query.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
-            is_causal=True, scale=scale,
-        )
-        return attended[0].transpose(0, 1)
     # Fold each KV head's query heads into rows: [Hkv, group * Q, D], row = g * Q + j.
     grouped = query.view(query_length, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
     grouped = grouped.reshape(num_kv_heads, group * query_length, head_dim)
