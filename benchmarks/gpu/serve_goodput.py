@@ -63,7 +63,8 @@ class Scale:
     light_output: str
     fairness_duration_s: float
     health_timeout_s: float
-    warmup_requests: int  # sent all at once after start, not measured: JIT compiles and graph shapes first
+    warmup_requests: int  # the sweep's lengths at warmup_rate after each start, not measured: JIT compiles
+    warmup_rate: float
     env: dict = field(default_factory=dict)
 
 
@@ -71,13 +72,13 @@ GPU = Scale(
     engine_args=["--model", "benchmarks/configs/llama-3.2-1b", "--load-format", "dummy", "--dtype", "bfloat16"],
     rates=[4, 8, 16, 24, 32, 40, 48], duration_s=10.0, input_len="uniform:1024:3072", output_len="uniform:64:192",
     max_model_len=4096, chunk_budget=None, light_rate=4.0, light_input="256", light_output="32",
-    fairness_duration_s=10.0, health_timeout_s=240.0, warmup_requests=96,
+    fairness_duration_s=10.0, health_timeout_s=240.0, warmup_requests=96, warmup_rate=24.0,
 )
 TINY = Scale(
     engine_args=["--kv-cache-memory-bytes", str(16 * 2**20), "--dtype", "float32"],
     rates=[2, 8], duration_s=1.5, input_len="uniform:48:160", output_len="uniform:4:10", max_model_len=256,
     chunk_budget=32, light_rate=3.0, light_input="16", light_output="4", fairness_duration_s=1.5,
-    health_timeout_s=90.0, warmup_requests=4, env={"OMP_NUM_THREADS": "1"},
+    health_timeout_s=90.0, warmup_requests=4, warmup_rate=math.inf, env={"OMP_NUM_THREADS": "1"},
 )
 
 
@@ -120,10 +121,12 @@ class Server:
         raise RuntimeError(f"server {name} not healthy within {scale.health_timeout_s} s")
 
     def warm_up(self, scale: Scale) -> None:
-        """Unmeasured requests of the sweep's lengths, all at once: the first run must not pay for compiles."""
+        """Unmeasured requests of the sweep's lengths at a moderate rate, so that mixed steps meet decodes of many
+        context lengths: Triton compiles kernel variants on first use (~1 s stalls seen in a first H100 run)."""
         workload = WorkloadOptions(num_prompts=scale.warmup_requests, input_len=LengthDistribution.parse(
-            scale.input_len), output_len=LengthDistribution("fixed", 8), max_model_len=scale.max_model_len, seed=99)
-        report = run_sweep(ServeBenchConfig(base_url=self.base_url, rates=[math.inf], workload=workload))
+            scale.input_len), output_len=LengthDistribution.parse(scale.output_len, "output"),
+            max_model_len=scale.max_model_len, seed=99)
+        report = run_sweep(ServeBenchConfig(base_url=self.base_url, rates=[scale.warmup_rate], workload=workload))
         if report.failed:
             raise RuntimeError(f"warm-up failed: {report.runs[0].errors}")
 
