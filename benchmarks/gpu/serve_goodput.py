@@ -9,8 +9,10 @@ CPU at tiny scale (what tests/bench runs): python benchmarks/gpu/serve_goodput.p
     whole prompts, decodes wait). The TPOT SLO is tight: ``--tpot-slo-factor`` x the chunked server's p50 TPOT
     at the lowest rate (plus a TTFT SLO), applied to every request after the runs. Goodput = completed
     requests/s meeting both (DistServe); reported: each schedule's max goodput and their ratio, also for other
-    SLO factors. (On the H100, 2026-11-22, a 512-token budget did far worse than the default: chunks of long
-    prompts ran slowly; measure it with ``--chunk-budget 512``.)
+    SLO factors. A third sweep runs the chunked server with ``--scheduling-policy deadline`` and every request
+    carrying the calibrated SLOs (``tpot_slo_ms``): the policy cuts prompt chunks to keep running decodes
+    within their TPOT (Sarathi-Serve's rule); ``--no-deadline`` skips it. (On the H100, 2026-11-22, a fixed
+    512-token budget did far worse than the default: chunks of long prompts ran slowly; ``--chunk-budget 512``.)
 (b) Fairness: a light tenant alone (p99 TTFT), then the same light tenant while a heavy tenant floods at
     2x the chunked server's best throughput from (a), under ``--scheduling-policy fcfs`` and ``fair``.
 (c) Joules per output token vs rate, from the server-reported energy of (a)'s requests.
@@ -70,7 +72,7 @@ class Scale:
 
 GPU = Scale(
     engine_args=["--model", "benchmarks/configs/llama-3.2-1b", "--load-format", "dummy", "--dtype", "bfloat16"],
-    rates=[4, 8, 16, 24, 32, 40, 48], duration_s=10.0, input_len="uniform:1024:3072", output_len="uniform:64:192",
+    rates=[4, 8, 16, 24, 32, 40], duration_s=10.0, input_len="uniform:1024:3072", output_len="uniform:64:192",
     max_model_len=4096, chunk_budget=None, light_rate=4.0, light_input="256", light_output="32",
     fairness_duration_s=10.0, health_timeout_s=240.0, warmup_requests=96, warmup_rate=24.0,
 )
@@ -146,11 +148,13 @@ class Server:
         self.stop()
 
 
-def sweep(server: Server, scale: Scale, rates: list[float], seed: int = 0) -> SweepReport:
+def sweep(server: Server, scale: Scale, rates: list[float], slo: LatencySLO | None = None) -> SweepReport:
+    """One run per rate; with ``slo`` every request carries it (ttft_slo_ms / tpot_slo_ms) for the server."""
     workload = WorkloadOptions(num_prompts=1, input_len=LengthDistribution.parse(scale.input_len),
                                output_len=LengthDistribution.parse(scale.output_len, "output"),
-                               duration_s=scale.duration_s, max_model_len=scale.max_model_len, seed=seed)
-    config = ServeBenchConfig(base_url=server.base_url, rates=rates, workload=workload, percentiles=PERCENTILES)
+                               duration_s=scale.duration_s, max_model_len=scale.max_model_len, seed=0)
+    config = ServeBenchConfig(base_url=server.base_url, rates=rates, workload=workload, percentiles=PERCENTILES,
+                              slo=slo or LatencySLO(), send_slo=slo is not None)
     return run_sweep(config, progress=log)
 
 
@@ -168,20 +172,29 @@ def fairness_run(server: Server, scale: Scale, heavy_rate: float | None) -> Swee
     return run_sweep(config, progress=log)
 
 
-def goodput_summary(chunked: SweepReport, baseline: SweepReport | None, factors: list[float],
-                    ttft_factor: float) -> dict:
-    """Calibrate SLOs on the chunked server's lowest-rate run, then max goodput of each schedule per factor."""
-    calm = chunked.runs[0].metrics
-    base_tpot_s, base_ttft_s = calm.tpot_ms.median / 1000.0, calm.ttft_ms.median / 1000.0
+def calibrated_slo(calm: SweepReport, tpot_factor: float, ttft_factor: float) -> LatencySLO:
+    """SLOs as multiples of the p50 TPOT and TTFT of ``calm``'s first (lowest-rate) run."""
+    metrics = calm.runs[0].metrics
+    return LatencySLO(ttft_s=ttft_factor * metrics.ttft_ms.median / 1000.0,
+                      tpot_s=tpot_factor * metrics.tpot_ms.median / 1000.0)
+
+
+def goodput_summary(sweeps: dict[str, SweepReport], factors: list[float], ttft_factor: float) -> dict:
+    """Max goodput of every schedule for SLOs calibrated on the first (chunked) sweep, per TPOT factor; ratios
+    against prefill-first."""
+    calm = next(iter(sweeps.values()))
     rows = []
     for factor in factors:
-        slo = LatencySLO(ttft_s=ttft_factor * base_ttft_s, tpot_s=factor * base_tpot_s)
-        ours = chunked.with_slo(slo, PERCENTILES).max_goodput()
-        theirs = baseline.with_slo(slo, PERCENTILES).max_goodput() if baseline else None
+        slo = calibrated_slo(calm, factor, ttft_factor)
+        best = {name: report.with_slo(slo, PERCENTILES).max_goodput() for name, report in sweeps.items()}
+        baseline = best.get("prefill-first")
+        ratios = {name: (value / baseline if baseline else None) for name, value in best.items()
+                  if name != "prefill-first"}
         rows.append({"tpot_slo_factor": factor, "tpot_slo_ms": 1000 * slo.tpot_s, "ttft_slo_s": slo.ttft_s,
-                     "chunked_max_goodput": ours, "prefill_first_max_goodput": theirs,
-                     "ratio": ours / theirs if theirs else (math.inf if ours and theirs == 0 else None)})
-    return {"base_tpot_ms": 1000 * base_tpot_s, "base_ttft_ms": 1000 * base_ttft_s, "by_factor": rows}
+                     "max_goodput": best, "ratio_vs_prefill_first": ratios})
+    metrics = calm.runs[0].metrics
+    return {"calm_p50_tpot_ms": metrics.tpot_ms.median, "calm_p50_ttft_ms": metrics.ttft_ms.median,
+            "ttft_slo_factor": ttft_factor, "by_factor": rows}
 
 
 def light_ttft(report: SweepReport) -> dict:
@@ -215,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tpot-slo-factor", type=float, default=3.0, help="TPOT SLO / calm p50 TPOT")
     parser.add_argument("--ttft-slo-factor", type=float, default=10.0, help="TTFT SLO / calm p50 TTFT")
     parser.add_argument("--skip-fairness", action="store_true")
+    parser.add_argument("--no-deadline", action="store_true",
+                        help="skip the chunked + deadline-policy sweep (requests carry the calibrated SLOs)")
     parser.add_argument("--logs", default=None, help="keep the servers' logs here (default: a temporary folder)")
     args = parser.parse_args(argv)
     scale = TINY if args.tiny else GPU
@@ -236,39 +251,41 @@ def main(argv: list[str] | None = None) -> int:
         engine_args = ["--model", str(model_dir), *engine_args]
     chunked_args = [*engine_args, *(["--max-num-batched-tokens", str(budget)] if budget else [])]
     results: dict = {"scale": "tiny-cpu" if args.tiny else "gpu", "rates": [format_rate(r) for r in rates],
-                     "chunk_budget": budget or "engine default", "workload": {"input_len": scale.input_len, "output_len": scale.output_len,
-                                                          "duration_s": scale.duration_s}}
-
+                     "chunk_budget": budget or "engine default", "tpot_slo_factor": args.tpot_slo_factor,
+                     "workload": {"input_len": scale.input_len, "output_len": scale.output_len,
+                                  "duration_s": scale.duration_s}}
+    sweeps: dict[str, SweepReport] = {}
+    fairness: dict = {}
+    light_runs: dict[str, SweepReport] = {}
     with Server("chunked-fcfs", chunked_args, logs, scale) as server:
-        chunked = sweep(server, scale, rates)
-        best = max(run.metrics.request_throughput for run in chunked.runs)
-        heavy_rate = max(2.0 * best, 4.0 * scale.light_rate)
-        fairness: dict = {"heavy_rate": heavy_rate}
+        sweeps["chunked"] = sweep(server, scale, rates)
+        slo = calibrated_slo(sweeps["chunked"], args.tpot_slo_factor, args.ttft_slo_factor)
+        log(f"SLO from the calm run: TTFT {1000 * slo.ttft_s:.1f} ms, TPOT {1000 * slo.tpot_s:.2f} ms")
+        best = max(run.metrics.request_throughput for run in sweeps["chunked"].runs)
+        fairness["heavy_rate"] = heavy_rate = max(2.0 * best, 4.0 * scale.light_rate)
         if not args.skip_fairness:
             log("fairness: light tenant alone")
-            solo = fairness_run(server, scale, None)
+            light_runs["light alone"] = fairness_run(server, scale, None)
             log(f"fairness: light + heavy flooding at {heavy_rate:.1f} req/s, fcfs")
-            fcfs = fairness_run(server, scale, heavy_rate)
-            fairness |= {"solo": light_ttft(solo), "fcfs": light_ttft(fcfs)}
-            light_runs = {"light alone": solo, "light + heavy, fcfs": fcfs}
+            light_runs["light + heavy, fcfs"] = fairness_run(server, scale, heavy_rate)
     with Server("prefill-first", [*engine_args, "--no-enable-chunked-prefill"], logs, scale) as server:
-        baseline = sweep(server, scale, rates)
+        sweeps["prefill-first"] = sweep(server, scale, rates)
+    if not args.no_deadline:
+        with Server("chunked-deadline", [*chunked_args, "--scheduling-policy", "deadline"], logs, scale) as server:
+            sweeps["chunked+deadline"] = sweep(server, scale, rates, slo)
     if not args.skip_fairness:
         with Server("chunked-fair", [*chunked_args, "--scheduling-policy", "fair"], logs, scale) as server:
             log(f"fairness: light + heavy flooding at {heavy_rate:.1f} req/s, fair")
-            fair = fairness_run(server, scale, heavy_rate)
-            fairness["fair"] = light_ttft(fair)
-            light_runs["light + heavy, fair"] = fair
-        solo_p99 = fairness["solo"]["light_p99_ttft_ms"]
+            light_runs["light + heavy, fair"] = fairness_run(server, scale, heavy_rate)
+        for key, label in (("solo", "light alone"), ("fcfs", "light + heavy, fcfs"), ("fair", "light + heavy, fair")):
+            fairness[key] = light_ttft(light_runs[label])
         for policy in ("fcfs", "fair"):
-            fairness[policy]["p99_ttft_vs_solo"] = fairness[policy]["light_p99_ttft_ms"] / solo_p99
+            fairness[policy]["p99_ttft_vs_solo"] = (fairness[policy]["light_p99_ttft_ms"]
+                                                    / fairness["solo"]["light_p99_ttft_ms"])
     results["fairness"] = fairness
-
-    factors = sorted({1.5, 2.0, 3.0, 5.0, args.tpot_slo_factor})
-    results["goodput"] = goodput_summary(chunked, baseline, factors, args.ttft_slo_factor)
-    chosen = next(row for row in results["goodput"]["by_factor"] if row["tpot_slo_factor"] == args.tpot_slo_factor)
-    slo = LatencySLO(ttft_s=chosen["ttft_slo_s"], tpot_s=chosen["tpot_slo_ms"] / 1000.0)
-    judged = {"chunked": chunked.with_slo(slo, PERCENTILES), "prefill-first": baseline.with_slo(slo, PERCENTILES)}
+    results["goodput"] = goodput_summary(sweeps, sorted({1.5, 2.0, 3.0, 5.0, args.tpot_slo_factor}),
+                                         args.ttft_slo_factor)
+    judged = {name: report.with_slo(slo, PERCENTILES) for name, report in sweeps.items()}
     results["energy"] = {name: [{"rate": format_rate(run.rate), "joules_per_output_token":
                                  run.metrics.joules_per_output_token, "energy_source": run.metrics.energy_source,
                                  "server_delta_joules": (run.server_energy or {}).get("delta_joules")}
@@ -276,25 +293,34 @@ def main(argv: list[str] | None = None) -> int:
     (out / "sweeps.json").write_text(json.dumps({name: report.to_dict() for name, report in judged.items()}))
     from joule.bench.serve_plots import plot_sweeps
 
-    plots = plot_sweeps(judged, out / "plots", f"{'tiny CPU' if args.tiny else 'Llama-3.2-1B'}: chunked "
-                        f"(budget {budget or 'default'}) vs prefill-first, TPOT SLO {chosen['tpot_slo_ms']:.1f} ms")
-    if not args.skip_fairness:
+    plots = plot_sweeps(judged, out / "plots", f"{'tiny CPU' if args.tiny else 'Llama-3.2-1B'}: schedules, "
+                        f"TPOT SLO {1000 * slo.tpot_s:.1f} ms")
+    if light_runs:
         plots.append(plot_light_ttft(light_runs, out / "plots" / "fairness_light_ttft_cdf.png"))
     results["plots"] = [str(path) for path in plots]
     (out / "serve_goodput.json").write_text(json.dumps(results, indent=2))
+    print_summary(results, judged, out)
+    return 0
 
+
+def _fmt(value: float | None, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_summary(results: dict, judged: dict[str, SweepReport], out: Path) -> None:
     print("\n" + "=" * 100)
     for name, report in judged.items():
         print(report.table(name))
-    print("\nmax goodput (req/s) by TPOT SLO factor (x calm p50 TPOT "
-          f"{results['goodput']['base_tpot_ms']:.2f} ms; TTFT SLO {args.ttft_slo_factor:g} x calm p50 TTFT):")
-    for row in results["goodput"]["by_factor"]:
-        ratio = row["ratio"]
-        print(f"  factor {row['tpot_slo_factor']:>4g} (TPOT <= {row['tpot_slo_ms']:7.2f} ms): chunked "
-              f"{row['chunked_max_goodput']:7.2f}  prefill-first {row['prefill_first_max_goodput']:7.2f}  "
-              f"ratio {'-' if ratio is None else f'{ratio:.2f}x'}")
-    if not args.skip_fairness:
-        print(f"\nfairness (light tenant p99 TTFT; heavy floods at {heavy_rate:.1f} req/s):")
+    goodput = results["goodput"]
+    print(f"\nmax goodput (req/s) by TPOT SLO factor (x calm p50 TPOT {goodput['calm_p50_tpot_ms']:.2f} ms; "
+          f"TTFT SLO {goodput['ttft_slo_factor']:g} x calm p50 TTFT {goodput['calm_p50_ttft_ms']:.1f} ms):")
+    for row in goodput["by_factor"]:
+        cells = "  ".join(f"{name} {_fmt(value)}" for name, value in row["max_goodput"].items())
+        ratios = "  ".join(f"{name}/prefill-first {_fmt(value)}x" for name, value in row["ratio_vs_prefill_first"].items())
+        print(f"  factor {row['tpot_slo_factor']:>4g} (TPOT <= {row['tpot_slo_ms']:6.2f} ms): {cells}  |  {ratios}")
+    fairness = results["fairness"]
+    if "solo" in fairness:
+        print(f"\nfairness (light tenant's TTFT; heavy floods at {fairness['heavy_rate']:.1f} req/s):")
         for key in ("solo", "fcfs", "fair"):
             row = fairness[key]
             vs = f"  ({row['p99_ttft_vs_solo']:.2f}x solo)" if "p99_ttft_vs_solo" in row else ""
@@ -302,14 +328,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"light done {row['light_completed']}  heavy done {row['heavy_completed']}{vs}")
     print("\njoules per output token vs rate (server-reported):")
     for name, rows in results["energy"].items():
-        cells = "  ".join(f"{row['rate']}: {row['joules_per_output_token']:.4f}" if row["joules_per_output_token"]
-                          is not None else f"{row['rate']}: none" for row in rows)
-        print(f"  {name:<14} {cells}")
-    print(f"\nSUMMARY chunked max goodput {chosen['chunked_max_goodput']:.2f} req/s, prefill-first "
-          f"{chosen['prefill_first_max_goodput']:.2f} req/s, ratio "
-          f"{'-' if chosen['ratio'] is None else format(chosen['ratio'], '.2f') + 'x'} "
-          f"(TPOT SLO {chosen['tpot_slo_ms']:.2f} ms); wall {time.perf_counter() - STARTED:.0f} s; results in {out}")
-    return 0
+        print(f"  {name:<17} " + "  ".join(f"{row['rate']}: {_fmt(row['joules_per_output_token'], '.4f')}"
+                                            for row in rows))
+    chosen = next(row for row in goodput["by_factor"] if row["tpot_slo_factor"] == results["tpot_slo_factor"])
+    best, ratios = chosen["max_goodput"], chosen["ratio_vs_prefill_first"]
+    print(f"\nSUMMARY TPOT SLO {chosen['tpot_slo_ms']:.2f} ms: max goodput " +
+          ", ".join(f"{name} {_fmt(value)} req/s" for name, value in best.items()) + "; " +
+          ", ".join(f"{name}/prefill-first {_fmt(value)}x" for name, value in ratios.items()) +
+          f"; wall {time.perf_counter() - STARTED:.0f} s; results in {out}", flush=True)
 
 
 if __name__ == "__main__":

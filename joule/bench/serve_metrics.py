@@ -196,14 +196,14 @@ def format_rate(rate: float) -> str:
 
 def format_sweep_table(rows: list[tuple[str, float, BenchmarkMetrics]]) -> str:
     """One line per (label, rate): throughput, goodput, attainment, p50/p99 TTFT and TPOT, J per token."""
-    header = (f"{'run':<16}{'rate':>7}{'done':>6}{'fail':>5}{'req/s':>8}{'good/s':>8}{'SLO%':>7}"
+    header = (f"{'run':<19}{'rate':>7}{'done':>6}{'fail':>5}{'req/s':>8}{'good/s':>8}{'SLO%':>7}"
               f"{'TTFT p50':>10}{'p99':>9}{'TPOT p50':>10}{'p99':>8}{'J/tok':>9}")
     lines = [header, "-" * len(header)]
     for label, rate, m in rows:
         p99_ttft = m.ttft_ms.percentiles.get("p99", float("nan"))
         p99_tpot = m.tpot_ms.percentiles.get("p99", float("nan"))
         lines.append(
-            f"{label[:15]:<16}{format_rate(rate):>7}{m.completed:>6}{m.failed:>5}{m.request_throughput:>8.2f}"
+            f"{label[:18]:<19}{format_rate(rate):>7}{m.completed:>6}{m.failed:>5}{m.request_throughput:>8.2f}"
             f"{_or_dash(m.goodput, '.2f'):>8}{_or_dash(m.slo_attainment and 100 * m.slo_attainment, '.1f'):>7}"
             f"{m.ttft_ms.median:>10.1f}{p99_ttft:>9.1f}{m.tpot_ms.median:>10.2f}{p99_tpot:>8.2f}"
             f"{_or_dash(m.joules_per_output_token, '.4f'):>9}"
