@@ -1,0 +1,60 @@
+"""benchmarks/gpu/serve_goodput.py at tiny scale on the CPU: the issue's goodput, fairness and energy runs, end to
+end through four `joule serve` subprocesses (chunked fcfs, prefill-first, fair, deadline)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from server.conftest import tiny_model_dir  # noqa: F401  (fixture)
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu" / "serve_goodput.py"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("serve_goodput", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow  # four server starts on the CPU: ~40 s
+def test_the_gpu_script_runs_at_tiny_scale(tiny_model_dir, tmp_path, capsys):  # noqa: F811
+    script = _load_script()
+    assert script.main(["--tiny", "--model-dir", str(tiny_model_dir), "--out", str(tmp_path),
+                        "--logs", str(tmp_path / "logs")]) == 0
+    printed = capsys.readouterr().out.rstrip().splitlines()
+    assert printed[-1].startswith("SUMMARY TPOT SLO")
+    results = json.loads((tmp_path / "serve_goodput.json").read_text())
+    goodput = results["goodput"]
+    assert goodput["calm_p50_tpot_ms"] > 0 and goodput["calm_p50_ttft_ms"] > 0
+    for row in goodput["by_factor"]:
+        assert set(row["max_goodput"]) == {"chunked", "prefill-first", "chunked+deadline"}
+        assert all(value > 0 for value in row["max_goodput"].values())  # light load: SLOs are met
+        assert row["ratio_vs_prefill_first"]["chunked"] == pytest.approx(
+            row["max_goodput"]["chunked"] / row["max_goodput"]["prefill-first"])
+    tighter, looser = goodput["by_factor"][0], goodput["by_factor"][-1]
+    assert tighter["tpot_slo_ms"] < looser["tpot_slo_ms"]
+    assert all(tighter["max_goodput"][name] <= looser["max_goodput"][name] for name in tighter["max_goodput"])
+    fairness = results["fairness"]
+    assert fairness["solo"]["heavy_completed"] == 0 and fairness["solo"]["light_failed"] == 0
+    for policy in ("fcfs", "fair"):
+        assert fairness[policy]["heavy_completed"] > 0 and fairness[policy]["light_failed"] == 0
+        assert fairness[policy]["p99_ttft_vs_solo"] > 0
+    for rows in results["energy"].values():  # the CPU server estimates joules and reports them
+        assert all(row["joules_per_output_token"] > 0 and row["energy_source"] == "estimated" for row in rows)
+    plots = sorted(Path(path).name for path in results["plots"])
+    assert plots == ["energy_vs_rate.png", "fairness_light_ttft_cdf.png", "goodput_vs_rate.png",
+                     "latency_cdfs.png", "latency_vs_rate.png"]
+    sweeps = json.loads((tmp_path / "sweeps.json").read_text())
+    assert set(sweeps) == {"chunked", "prefill-first", "chunked+deadline"}
+    deadline_requests = sweeps["chunked+deadline"]["runs"][0]["requests"]
+    assert all(request["met_slo"] is not None for request in deadline_requests)
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == [
+        "server-chunked-deadline.log", "server-chunked-fair.log", "server-chunked-fcfs.log",
+        "server-prefill-first.log"]
