@@ -21,6 +21,7 @@ CPU at tiny scale (what tests/bench runs): python benchmarks/gpu/serve_goodput.p
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import math
 import os
@@ -36,7 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from joule.bench.serve import ServeBenchConfig, SweepReport, run_sweep  # noqa: E402
+from joule.bench.serve import ServeBenchConfig, SweepReport, run_sweep, run_sweep_async  # noqa: E402
 from joule.bench.serve_metrics import format_rate  # noqa: E402
 from joule.bench.serve_workload import LatencySLO, TenantSpec, WorkloadOptions  # noqa: E402
 from joule.bench.workload import LengthDistribution  # noqa: E402
@@ -148,14 +149,22 @@ class Server:
         self.stop()
 
 
-def sweep(server: Server, scale: Scale, rates: list[float], slo: LatencySLO | None = None) -> SweepReport:
-    """One run per rate; with ``slo`` every request carries it (ttft_slo_ms / tpot_slo_ms) for the server."""
+def sweep(server: Server, scale: Scale, rates: list[float], slo: LatencySLO | None = None,
+          timeout_s: float | None = None) -> SweepReport | None:
+    """One run per rate; with ``slo`` every request carries it (ttft_slo_ms / tpot_slo_ms) for the server.
+    With ``timeout_s``, None when the sweep has not finished by then (its requests are cancelled)."""
     workload = WorkloadOptions(num_prompts=1, input_len=LengthDistribution.parse(scale.input_len),
                                output_len=LengthDistribution.parse(scale.output_len, "output"),
                                duration_s=scale.duration_s, max_model_len=scale.max_model_len, seed=0)
     config = ServeBenchConfig(base_url=server.base_url, rates=rates, workload=workload, percentiles=PERCENTILES,
                               slo=slo or LatencySLO(), send_slo=slo is not None)
-    return run_sweep(config, progress=log)
+    if timeout_s is None:
+        return run_sweep(config, progress=log)
+    try:
+        return asyncio.run(asyncio.wait_for(run_sweep_async(config, progress=log), timeout_s))
+    except asyncio.TimeoutError:
+        log(f"sweep cut off after {timeout_s:.0f} s")
+        return None
 
 
 def fairness_run(server: Server, scale: Scale, heavy_rate: float | None) -> SweepReport:
@@ -277,14 +286,20 @@ def main(argv: list[str] | None = None) -> int:
         with Server("chunked-fair", [*chunked_args, "--scheduling-policy", "fair"], logs, scale) as server:
             log(f"fairness: light + heavy flooding at {heavy_rate:.1f} req/s, fair")
             light_runs["light + heavy, fair"] = fairness_run(server, scale, heavy_rate)
-    # the optional third sweep goes last, and only when it fits: about as long as one of the two before
+    # the optional third sweep goes last, only when it fits (about as long as one of the two before), and is
+    # cut off at the time budget
     needed = sweep_seconds / 2 + 30
     if not args.no_deadline and time.perf_counter() - STARTED + needed > args.time_budget_s:
         log(f"skipping the deadline sweep: ~{needed:.0f} s more would pass the {args.time_budget_s:.0f} s budget")
-        results["deadline_sweep_skipped"] = True
+        results["deadline_sweep"] = "skipped: no time left"
     elif not args.no_deadline:
         with Server("chunked-deadline", [*chunked_args, "--scheduling-policy", "deadline"], logs, scale) as server:
-            sweeps["chunked+deadline"] = sweep(server, scale, rates, slo)
+            left = args.time_budget_s - (time.perf_counter() - STARTED)
+            deadline = sweep(server, scale, rates, slo, timeout_s=max(left, 10.0))
+        if deadline is None:
+            results["deadline_sweep"] = "cut off at the time budget"
+        else:
+            sweeps["chunked+deadline"] = deadline
         for key, label in (("solo", "light alone"), ("fcfs", "light + heavy, fcfs"), ("fair", "light + heavy, fair")):
             fairness[key] = light_ttft(light_runs[label])
         for policy in ("fcfs", "fair"):
