@@ -3,7 +3,7 @@
 Why a kernel: in eager PyTorch, rotating q and k costs a gather of cos/sin, two
 casts, four multiplies, two adds and a concatenation per tensor, ~20 tiny
 launches per layer that dominate small-batch decode on a GPU. Here one program
-rotates one head of one token, reading the float32 cos/sin row once.
+rotates every query and key head of one token, reading its float32 cos/sin row once.
 
 Qwen3 normalises each query and key head (RMSNorm over ``head_dim``) before
 rotating; ``query_norm_weight``/``key_norm_weight`` fuse that in as well.
@@ -19,35 +19,42 @@ import triton.language as tl
 
 
 @triton.jit
+def _rotate_heads(base, stride_head, num_heads, norm_ptr, eps, cos, sin, offsets, mask_half,
+                  HALF: tl.constexpr, HEADS_PAD: tl.constexpr, HAS_NORM: tl.constexpr):
+    """Rotate (and optionally RMS-normalise) all heads of one token: a [heads, half] tile per half."""
+    heads = tl.arange(0, HEADS_PAD)
+    mask = (heads[:, None] < num_heads) & mask_half[None, :]
+    pointers = base + heads[:, None] * stride_head + offsets[None, :]
+    first = tl.load(pointers, mask=mask, other=0.0).to(tl.float32)
+    second = tl.load(pointers + HALF, mask=mask, other=0.0).to(tl.float32)
+    if HAS_NORM:
+        mean_square = (tl.sum(first * first, 1) + tl.sum(second * second, 1)) / (2 * HALF)
+        inverse = tl.rsqrt(mean_square + eps)[:, None]
+        element = base.dtype.element_ty
+        first_weight = tl.load(norm_ptr + offsets, mask=mask_half, other=0.0).to(tl.float32)
+        second_weight = tl.load(norm_ptr + HALF + offsets, mask=mask_half, other=0.0).to(tl.float32)
+        first = (first * inverse).to(element).to(tl.float32) * first_weight[None, :]
+        second = (second * inverse).to(element).to(tl.float32) * second_weight[None, :]
+    tl.store(pointers, (first * cos[None, :] - second * sin[None, :]).to(base.dtype.element_ty), mask=mask)
+    tl.store(pointers + HALF, (second * cos[None, :] + first * sin[None, :]).to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _rotary_kernel(
     query_ptr, key_ptr, cos_ptr, sin_ptr, query_norm_ptr, key_norm_ptr, eps,
     stride_query_token, stride_query_head, stride_key_token, stride_key_head, stride_table,
-    NUM_QUERY_HEADS: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, HAS_NORM: tl.constexpr,
+    NUM_QUERY_HEADS: tl.constexpr, NUM_KEY_HEADS: tl.constexpr, QUERY_HEADS_PAD: tl.constexpr,
+    KEY_HEADS_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, HAS_NORM: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    is_query = head < NUM_QUERY_HEADS
-    if is_query:
-        base = query_ptr + token * stride_query_token + head * stride_query_head
-        norm_ptr = query_norm_ptr
-    else:
-        base = key_ptr + token * stride_key_token + (head - NUM_QUERY_HEADS) * stride_key_head
-        norm_ptr = key_norm_ptr
     offsets = tl.arange(0, HALF_PAD)
-    mask = offsets < HALF
-    first = tl.load(base + offsets, mask=mask, other=0.0).to(tl.float32)
-    second = tl.load(base + HALF + offsets, mask=mask, other=0.0).to(tl.float32)
-    if HAS_NORM:
-        mean_square = (tl.sum(first * first, 0) + tl.sum(second * second, 0)) / (2 * HALF)
-        inverse = tl.rsqrt(mean_square + eps)
-        element = base.dtype.element_ty
-        first = (first * inverse).to(element).to(tl.float32) * tl.load(norm_ptr + offsets, mask=mask).to(tl.float32)
-        second = ((second * inverse).to(element).to(tl.float32)
-                  * tl.load(norm_ptr + HALF + offsets, mask=mask).to(tl.float32))
-    cos = tl.load(cos_ptr + token * stride_table + offsets, mask=mask, other=0.0)
-    sin = tl.load(sin_ptr + token * stride_table + offsets, mask=mask, other=0.0)
-    tl.store(base + offsets, (first * cos - second * sin).to(base.dtype.element_ty), mask=mask)
-    tl.store(base + HALF + offsets, (second * cos + first * sin).to(base.dtype.element_ty), mask=mask)
+    mask_half = offsets < HALF
+    cos = tl.load(cos_ptr + token * stride_table + offsets, mask=mask_half, other=0.0)
+    sin = tl.load(sin_ptr + token * stride_table + offsets, mask=mask_half, other=0.0)
+    _rotate_heads(query_ptr + token * stride_query_token, stride_query_head, NUM_QUERY_HEADS, query_norm_ptr, eps,
+                  cos, sin, offsets, mask_half, HALF, QUERY_HEADS_PAD, HAS_NORM)
+    _rotate_heads(key_ptr + token * stride_key_token, stride_key_head, NUM_KEY_HEADS, key_norm_ptr, eps,
+                  cos, sin, offsets, mask_half, HALF, KEY_HEADS_PAD, HAS_NORM)
 
 
 def rotary_embedding_(
@@ -79,9 +86,13 @@ def rotary_embedding_(
         return
     norm_query = query_norm_weight if has_norm else cos
     norm_key = key_norm_weight if has_norm else cos
-    _rotary_kernel[(num_tokens, num_query_heads + key.shape[1])](
+    num_key_heads = key.shape[1]
+    half_pad = triton.next_power_of_2(half)
+    _rotary_kernel[(num_tokens,)](
         query, key, cos, sin, norm_query, norm_key, eps,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), cos.stride(0),
-        NUM_QUERY_HEADS=num_query_heads, HALF=half, HALF_PAD=triton.next_power_of_2(half), HAS_NORM=has_norm,
-        num_warps=1,
+        NUM_QUERY_HEADS=num_query_heads, NUM_KEY_HEADS=num_key_heads,
+        QUERY_HEADS_PAD=triton.next_power_of_2(num_query_heads), KEY_HEADS_PAD=triton.next_power_of_2(num_key_heads),
+        HALF=half, HALF_PAD=half_pad, HAS_NORM=has_norm,
+        num_warps=4 if num_query_heads * half_pad >= 1024 else 1,
     )
