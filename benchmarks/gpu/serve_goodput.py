@@ -37,10 +37,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from joule.bench.serve import ServeBenchConfig, SweepReport, run_sweep, run_sweep_async  # noqa: E402
-from joule.bench.serve_metrics import format_rate  # noqa: E402
-from joule.bench.serve_workload import LatencySLO, TenantSpec, WorkloadOptions  # noqa: E402
-from joule.bench.workload import LengthDistribution  # noqa: E402
+from joule.bench.serve import ServeBenchConfig, SweepReport, run_sweep, run_sweep_async
+from joule.bench.serve_metrics import format_rate
+from joule.bench.serve_workload import TenantSpec, WorkloadOptions
+from joule.bench.workload import LengthDistribution
+from joule.perf.metrics import SLO
 
 STARTED = time.perf_counter()
 PERCENTILES = [50.0, 90.0, 99.0]
@@ -105,8 +106,8 @@ class Server:
                    "--max-model-len", str(scale.max_model_len), *args]
         log(f"starting server {name}: {' '.join(command[3:])}")
         env = {**os.environ, **scale.env, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-        self.process = subprocess.Popen(command, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT, env=env,
-                                        cwd=REPO)
+        self.log_file = open(self.log_path, "w")  # noqa: SIM115  (closed in stop())
+        self.process = subprocess.Popen(command, stdout=self.log_file, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         deadline = time.monotonic() + scale.health_timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -141,15 +142,16 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        self.log_file.close()
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
 
-def sweep(server: Server, scale: Scale, rates: list[float], slo: LatencySLO | None = None,
+def sweep(server: Server, scale: Scale, rates: list[float], slo: SLO | None = None,
           timeout_s: float | None = None) -> SweepReport | None:
     """One run per rate; with ``slo`` every request carries it (ttft_slo_ms / tpot_slo_ms) for the server.
     With ``timeout_s``, None when the sweep has not finished by then (its requests are cancelled)."""
@@ -157,12 +159,12 @@ def sweep(server: Server, scale: Scale, rates: list[float], slo: LatencySLO | No
                                output_len=LengthDistribution.parse(scale.output_len, "output"),
                                duration_s=scale.duration_s, max_model_len=scale.max_model_len, seed=0)
     config = ServeBenchConfig(base_url=server.base_url, rates=rates, workload=workload, percentiles=PERCENTILES,
-                              slo=slo or LatencySLO(), send_slo=slo is not None)
+                              slo=slo or SLO(), send_slo=slo is not None)
     if timeout_s is None:
         return run_sweep(config, progress=log)
     try:
         return asyncio.run(asyncio.wait_for(run_sweep_async(config, progress=log), timeout_s))
-    except asyncio.TimeoutError:
+    except TimeoutError:
         log(f"sweep cut off after {timeout_s:.0f} s")
         return None
 
@@ -181,11 +183,11 @@ def fairness_run(server: Server, scale: Scale, heavy_rate: float | None) -> Swee
     return run_sweep(config, progress=log)
 
 
-def calibrated_slo(calm: SweepReport, tpot_factor: float, ttft_factor: float) -> LatencySLO:
+def calibrated_slo(calm: SweepReport, tpot_factor: float, ttft_factor: float) -> SLO:
     """SLOs as multiples of the p50 TPOT and TTFT of ``calm``'s first (lowest-rate) run."""
     metrics = calm.runs[0].metrics
-    return LatencySLO(ttft_s=ttft_factor * metrics.ttft_ms.median / 1000.0,
-                      tpot_s=tpot_factor * metrics.tpot_ms.median / 1000.0)
+    return SLO(ttft_s=ttft_factor * metrics.ttft_ms.median / 1000.0,
+               tpot_s=tpot_factor * metrics.tpot_ms.median / 1000.0)
 
 
 def goodput_summary(sweeps: dict[str, SweepReport], factors: list[float], ttft_factor: float) -> dict:

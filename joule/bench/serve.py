@@ -19,15 +19,33 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 
-from joule.bench.serve_client import first_model, request_payload, scrape_energy, send_request, token_counter
+from joule.bench.serve_client import (
+    first_model,
+    request_payload,
+    scrape_energy,
+    send_request,
+    token_counter,
+)
 from joule.bench.serve_metrics import (
-    BenchmarkMetrics, RequestResult, compute_metrics, format_rate, format_sweep_table, format_table,
+    BenchmarkMetrics,
+    RequestResult,
+    compute_metrics,
+    format_rate,
+    format_sweep_table,
+    format_table,
 )
 from joule.bench.serve_workload import (
-    LatencySLO, PlannedRequest, TenantSpec, WorkloadOptions, dataset_entries, parse_rates, plan_run, read_sharegpt,
+    PlannedRequest,
+    TenantSpec,
+    WorkloadOptions,
+    dataset_entries,
+    parse_rates,
+    plan_run,
+    read_sharegpt,
     word_count,
 )
 from joule.bench.workload import ARRIVAL_KINDS, LengthDistribution
+from joule.perf.metrics import SLO
 
 
 @dataclass
@@ -39,7 +57,7 @@ class ServeBenchConfig:
     rates: list[float] = field(default_factory=lambda: [float("inf")])
     workload: WorkloadOptions = field(default_factory=WorkloadOptions)
     tenants: list[TenantSpec] = field(default_factory=list)
-    slo: LatencySLO = field(default_factory=LatencySLO)
+    slo: SLO = field(default_factory=SLO)
     send_slo: bool | None = None  # None: send the SLO fields when any SLO is set
     dataset: str | None = None
     max_concurrency: int | None = None
@@ -104,7 +122,7 @@ class SweepReport:
             rows += [(f"{label + '/' if label else ''}{name}", run.rate, m) for name, m in run.tenant_metrics.items()]
         return format_sweep_table(rows)
 
-    def with_slo(self, slo: LatencySLO, percentiles: list[float]) -> "SweepReport":
+    def with_slo(self, slo: SLO, percentiles: list[float]) -> SweepReport:
         """The same requests judged against ``slo`` (goodput computed after the fact, e.g. from a calibrated
         TPOT); each run keeps its duration."""
         runs = []
@@ -176,7 +194,7 @@ def config_from_args(args: argparse.Namespace) -> ServeBenchConfig:
     return ServeBenchConfig(
         base_url=args.base_url, endpoint=args.endpoint, model=args.model, api_key=args.api_key,
         rates=parse_rates(args.request_rate), workload=workload,
-        tenants=[TenantSpec.parse(text) for text in args.tenant], slo=LatencySLO.parse(args.slo),
+        tenants=[TenantSpec.parse(text) for text in args.tenant], slo=SLO.parse(args.slo),
         send_slo=args.send_slo, dataset=args.dataset, max_concurrency=args.max_concurrency,
         percentiles=percentiles, warmup=not args.no_warmup,
     )

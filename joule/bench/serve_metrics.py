@@ -61,7 +61,7 @@ class LatencyStats:
     percentiles: dict[str, float]
 
     @classmethod
-    def of(cls, seconds: list[float], percentiles: list[float]) -> "LatencyStats":
+    def of(cls, seconds: list[float], percentiles: list[float]) -> LatencyStats:
         values = np.asarray(seconds or [0.0], dtype=np.float64) * 1000.0
         return cls(
             mean=float(values.mean()),

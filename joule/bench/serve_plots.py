@@ -31,7 +31,7 @@ def _rate_axis(axis, all_rates: list[float]) -> None:
     axis.grid(alpha=0.3)
 
 
-def _lines(axis, sweeps: dict[str, "SweepReport"], all_rates: list[float], value, label_suffix: str = "",
+def _lines(axis, sweeps: dict[str, SweepReport], all_rates: list[float], value, label_suffix: str = "",
            marker: str = "o", linestyle: str = "-") -> bool:
     """One line per sweep of ``value(run)`` (None values skipped); returns whether anything was drawn."""
     positions = dict(zip(sorted(set(all_rates)), _x_positions(sorted(set(all_rates)))))
@@ -45,7 +45,7 @@ def _lines(axis, sweeps: dict[str, "SweepReport"], all_rates: list[float], value
     return drawn
 
 
-def plot_sweeps(sweeps: dict[str, "SweepReport"], plot_dir: str | Path, title: str = "") -> list[Path]:
+def plot_sweeps(sweeps: dict[str, SweepReport], plot_dir: str | Path, title: str = "") -> list[Path]:
     """Four files in ``plot_dir``: latency_vs_rate, goodput_vs_rate, latency_cdfs, energy_vs_rate (.png)."""
     pyplot = pyplot_module()
     plot_dir = Path(plot_dir)
@@ -95,5 +95,5 @@ def plot_sweeps(sweeps: dict[str, "SweepReport"], plot_dir: str | Path, title: s
     return written
 
 
-def plot_report(report: "SweepReport", plot_dir: str | Path, title: str = "") -> list[Path]:
+def plot_report(report: SweepReport, plot_dir: str | Path, title: str = "") -> list[Path]:
     return plot_sweeps({"all": report}, plot_dir, title)

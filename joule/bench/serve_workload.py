@@ -23,13 +23,16 @@ from pathlib import Path
 import numpy as np
 
 from joule.bench.workload import (
-    LengthDistribution, arrival_times, fit_lengths, random_token_prompts, validate_arrival,
+    LengthDistribution,
+    arrival_times,
+    fit_lengths,
+    random_token_prompts,
+    validate_arrival,
 )
+from joule.perf.metrics import SLO
 
 _TENANT_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
-_WORDS = ("time person year way day thing man world life hand part child eye woman place work week case point "
-          "government company number group problem fact energy power light river stone cloud music garden "
-          "market window letter engine signal forest winter summer city story answer").split()
+_WORDS = ["time", "person", "year", "way", "day", "thing", "man", "world", "life", "hand", "part", "child", "eye", "woman", "place", "work", "week", "case", "point", "government", "company", "number", "group", "problem", "fact", "energy", "power", "light", "river", "stone", "cloud", "music", "garden", "market", "window", "letter", "engine", "signal", "forest", "winter", "summer", "city", "story", "answer"]
 
 
 def parse_rate(text: str) -> float:
@@ -67,34 +70,6 @@ def parse_seconds(text: str, name: str) -> float:
 
 
 @dataclass(frozen=True)
-class LatencySLO:
-    """Per-request latency targets in seconds; None means no target."""
-
-    ttft_s: float | None = None
-    tpot_s: float | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> "LatencySLO":
-        """``"ttft=1.0,tpot=50ms"``."""
-        values: dict[str, float] = {}
-        for item in filter(None, (part.strip() for part in text.split(","))):
-            key, sep, value = item.partition("=")
-            if not sep or key not in ("ttft", "tpot"):
-                raise ValueError(f"bad SLO item {item!r}: expected ttft=SECONDS or tpot=SECONDS")
-            values[f"{key}_s"] = parse_seconds(value, f"SLO {key}")
-        return cls(**values)
-
-    def merged_over(self, default: "LatencySLO") -> "LatencySLO":
-        """These targets, falling back to ``default``'s where unset."""
-        return LatencySLO(self.ttft_s if self.ttft_s is not None else default.ttft_s,
-                          self.tpot_s if self.tpot_s is not None else default.tpot_s)
-
-    @property
-    def is_set(self) -> bool:
-        return self.ttft_s is not None or self.tpot_s is not None
-
-
-@dataclass(frozen=True)
 class TenantSpec:
     name: str
     rate: float | None = None  # own requests per second; None: a share of the swept rate
@@ -102,7 +77,7 @@ class TenantSpec:
     num: int | None = None
     input_len: LengthDistribution | None = None
     output_len: LengthDistribution | None = None
-    slo: LatencySLO = field(default_factory=LatencySLO)
+    slo: SLO = field(default_factory=SLO)
 
     def __post_init__(self) -> None:
         if not _TENANT_NAME.match(self.name):
@@ -113,7 +88,7 @@ class TenantSpec:
             raise ValueError(f"tenant {self.name}: num must be at least 1, got {self.num}")
 
     @classmethod
-    def parse(cls, text: str) -> "TenantSpec":
+    def parse(cls, text: str) -> TenantSpec:
         name, _, rest = text.strip().partition(":")
         values: dict = {}
         slo: dict[str, float] = {}
@@ -138,7 +113,7 @@ class TenantSpec:
                 raise ValueError(f"tenant {name!r}: bad item {item!r}: {error}") from None
         if "rate" in values and "share" in values:
             raise ValueError(f"tenant {name!r}: give rate (its own) or share (of the swept rate), not both")
-        return cls(name=name, slo=LatencySLO(**slo), **values)
+        return cls(name=name, slo=SLO(**slo), **values)
 
 
 @dataclass
@@ -150,7 +125,7 @@ class PlannedRequest:
     prompt: str | list[int]
     prompt_len: int
     output_len: int
-    slo: LatencySLO
+    slo: SLO
 
 
 @dataclass(frozen=True)
@@ -217,7 +192,7 @@ class WorkloadOptions:
             raise ValueError(f"token_id_range must satisfy 0 <= LOW < HIGH, got {low} {high}")
 
 
-def plan_run(options: WorkloadOptions, tenants: list[TenantSpec], swept_rate: float, default_slo: LatencySLO,
+def plan_run(options: WorkloadOptions, tenants: list[TenantSpec], swept_rate: float, default_slo: SLO,
              dataset: list[DatasetEntry] | None = None) -> list[PlannedRequest]:
     """All requests of one run, sorted by send time. Tenant i's n-th request depends on (seed, i, n) only and
     its arrival pattern only scales with the rate, so the runs of a sweep differ by load alone."""

@@ -79,7 +79,7 @@ class LengthDistribution:
             raise ValueError(f"lognormal sigma must be non-negative, got {self.high}")
 
     @classmethod
-    def parse(cls, text: str, role: str = "input") -> "LengthDistribution":
+    def parse(cls, text: str, role: str = "input") -> LengthDistribution:
         """``"128"``, ``"fixed:128"``, ``"uniform:32:512"``, ``"lognormal:256:1.0[:4096]"`` or ``"sharegpt"``.
 
         ``role`` (input or output) picks which side of the ``sharegpt`` preset a bare preset name means.

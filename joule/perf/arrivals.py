@@ -12,13 +12,13 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+import joule.bench.workload as shared_workload
 from joule.bench.workload import (  # noqa: F401  (re-exported for the simulator's callers)
     ARRIVAL_KINDS,
     LENGTH_KINDS,
     PRESETS,
     LengthDistribution,
     SyntheticRequest,
-    arrival_times as _arrival_times,
     fit_lengths,
     random_token_prompts,
     validate_arrival,
@@ -45,7 +45,7 @@ class WorkloadSpec:
         validate_arrival(self.arrival, self.cv)
 
     @classmethod
-    def parse(cls, text: str) -> "WorkloadSpec":
+    def parse(cls, text: str) -> WorkloadSpec:
         """``"sharegpt,rate=20,num=500"`` or ``"input=fixed:128,output=uniform:16:64,arrival=gamma,cv=2"``."""
         values: dict = {}
         for item in filter(None, (part.strip() for part in text.split(","))):
@@ -78,7 +78,7 @@ class WorkloadSpec:
                 ) from None
         return cls(**values)
 
-    def with_rate(self, rate: float) -> "WorkloadSpec":
+    def with_rate(self, rate: float) -> WorkloadSpec:
         return replace(self, rate=rate)
 
 
@@ -90,7 +90,7 @@ class TimedRequest:
 
 
 def arrival_times(spec: WorkloadSpec, rng: np.random.Generator) -> np.ndarray:
-    return _arrival_times(spec.num_requests, spec.rate, spec.arrival, spec.cv, rng)
+    return shared_workload.arrival_times(spec.num_requests, spec.rate, spec.arrival, spec.cv, rng)
 
 
 def generate(spec: WorkloadSpec, vocab_size: int, max_model_len: int | None = None) -> list[TimedRequest]:

@@ -1,5 +1,7 @@
 """Serving metrics: per-request latencies, percentiles, goodput against an SLO, energy and cost.
 
+``SLO`` is shared with ``joule bench serve`` (global, per tenant and per request targets).
+
 Definitions follow vLLM's benchmark: TTFT = first token - arrival; TPOT = (last
 token - first token) / (output tokens - 1); ITL = gaps between consecutive
 tokens of a request; e2e = last token - arrival. Goodput (DistServe) counts
@@ -33,7 +35,7 @@ class SLO:
             raise ValueError(f"SLO attainment must be in (0, 1], got {self.attainment}")
 
     @classmethod
-    def parse(cls, text: str) -> "SLO":
+    def parse(cls, text: str) -> SLO:
         """``"ttft=0.5,tpot=0.05[,attainment=0.9]"`` (seconds; ``ms`` suffix allowed)."""
         values: dict[str, float] = {}
         for item in filter(None, (part.strip() for part in text.split(","))):
@@ -50,6 +52,15 @@ class SLO:
 
     def met(self, ttft: float, tpot: float) -> bool:
         return (self.ttft_s is None or ttft <= self.ttft_s) and (self.tpot_s is None or tpot <= self.tpot_s)
+
+    @property
+    def is_set(self) -> bool:
+        return self.ttft_s is not None or self.tpot_s is not None
+
+    def merged_over(self, default: SLO) -> SLO:
+        """These targets, falling back to ``default``'s where unset (a tenant's SLO over the global one)."""
+        return SLO(self.ttft_s if self.ttft_s is not None else default.ttft_s,
+                   self.tpot_s if self.tpot_s is not None else default.tpot_s, self.attainment)
 
 
 @dataclass

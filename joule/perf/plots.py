@@ -20,7 +20,7 @@ def pyplot_module():
     except ImportError:
         raise ValueError("plots need matplotlib: pip install matplotlib") from None
     matplotlib.use("Agg")
-    import matplotlib.pyplot as pyplot
+    from matplotlib import pyplot
 
     return pyplot
 

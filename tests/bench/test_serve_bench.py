@@ -7,13 +7,20 @@ import json
 import statistics
 
 import pytest
+from server.conftest import live_server, tiny_model_dir  # noqa: F401  (fixtures)
 
-from joule.bench.serve import RunResult, SweepReport, add_serve_bench_arguments, config_from_args, run_serve_bench
+from joule.bench.serve import (
+    RunResult,
+    SweepReport,
+    add_serve_bench_arguments,
+    config_from_args,
+    run_serve_bench,
+)
 from joule.bench.serve_client import parse_energy_metrics, request_payload
 from joule.bench.serve_metrics import RequestResult, compute_metrics, format_table
 from joule.bench.serve_plots import plot_sweeps
-from joule.bench.serve_workload import LatencySLO, PlannedRequest
-from server.conftest import live_server, tiny_model_dir  # noqa: F401  (fixtures)
+from joule.bench.serve_workload import PlannedRequest
+from joule.perf.metrics import SLO
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -73,11 +80,11 @@ def test_goodput_counts_completed_requests_meeting_all_their_slos():
 
 
 def test_payload_carries_tenant_and_slo_fields_only_when_asked():
-    planned = PlannedRequest("light", 0.0, [5, 6], 2, 3, LatencySLO(0.5, 0.04))
+    planned = PlannedRequest("light", 0.0, [5, 6], 2, 3, SLO(0.5, 0.04))
     payload = request_payload("m", planned, send_slo=True)
     assert payload["user"] == "light" and payload["ttft_slo_ms"] == 500.0 and payload["tpot_slo_ms"] == 40.0
     assert payload["stream_options"] == {"include_usage": True} and payload["max_tokens"] == 3
-    quiet = request_payload("m", PlannedRequest(None, 0.0, "hi", 1, 3, LatencySLO(0.5)), send_slo=False)
+    quiet = request_payload("m", PlannedRequest(None, 0.0, "hi", 1, 3, SLO(0.5)), send_slo=False)
     assert not {"user", "ttft_slo_ms", "tpot_slo_ms"} & set(quiet)
 
 

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from server.conftest import tiny_model_dir  # noqa: F401  (fixture)
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu" / "serve_goodput.py"

@@ -9,10 +9,18 @@ import numpy as np
 import pytest
 
 from joule.bench.serve_workload import (
-    LatencySLO, TenantSpec, WorkloadOptions, dataset_entries, parse_rates, plan_run, read_sharegpt, request_counts,
-    tenant_rates, word_count,
+    TenantSpec,
+    WorkloadOptions,
+    dataset_entries,
+    parse_rates,
+    plan_run,
+    read_sharegpt,
+    request_counts,
+    tenant_rates,
+    word_count,
 )
 from joule.bench.workload import LengthDistribution, arrival_times
+from joule.perf.metrics import SLO
 
 
 def test_rates_parse_as_a_sweep_with_inf():
@@ -37,7 +45,7 @@ def test_length_specs_parse_with_the_sharegpt_preset_per_role():
 
 def test_tenant_specs_parse_and_name_the_bad_item():
     light = TenantSpec.parse("light:rate=0.5,ttft=1.0,tpot=50ms")
-    assert (light.name, light.rate, light.slo) == ("light", 0.5, LatencySLO(1.0, 0.05))
+    assert (light.name, light.rate, light.slo) == ("light", 0.5, SLO(1.0, 0.05))
     heavy = TenantSpec.parse("heavy:share=3,input=uniform:512:1024,output=sharegpt,num=40")
     assert heavy.rate is None and heavy.share == 3 and heavy.num == 40
     assert heavy.input_len == LengthDistribution("uniform", 512, 1024) and heavy.output_len.low == 192
@@ -50,11 +58,11 @@ def test_tenant_specs_parse_and_name_the_bad_item():
 
 
 def test_slo_parse_and_merge():
-    slo = LatencySLO.parse("ttft=2,tpot=40ms")
-    assert slo == LatencySLO(2.0, 0.04) and slo.is_set and not LatencySLO().is_set
-    assert LatencySLO(tpot_s=0.01).merged_over(slo) == LatencySLO(2.0, 0.01)
+    slo = SLO.parse("ttft=2,tpot=40ms")
+    assert slo == SLO(2.0, 0.04) and slo.is_set and not SLO().is_set
+    assert SLO(tpot_s=0.01).merged_over(slo) == SLO(2.0, 0.01)
     with pytest.raises(ValueError, match="e2e"):
-        LatencySLO.parse("e2e=3")
+        SLO.parse("e2e=3")
 
 
 @pytest.mark.parametrize("cv", [0.5, 1.0, 3.0])
@@ -87,15 +95,15 @@ def test_tenant_rates_and_counts():
 def test_a_run_plan_is_seeded_and_scales_with_the_rate():
     options = WorkloadOptions(num_prompts=30, input_len=LengthDistribution("uniform", 8, 64),
                               output_len=LengthDistribution("lognormal", 16, 1.0), max_model_len=80, seed=4)
-    tenants = [TenantSpec("light", rate=1.0, slo=LatencySLO(ttft_s=0.5)), TenantSpec("heavy", share=1.0)]
-    slow = plan_run(options, tenants, 2.0, LatencySLO(tpot_s=0.1))
-    fast = plan_run(options, tenants, 4.0, LatencySLO(tpot_s=0.1))
+    tenants = [TenantSpec("light", rate=1.0, slo=SLO(ttft_s=0.5)), TenantSpec("heavy", share=1.0)]
+    slow = plan_run(options, tenants, 2.0, SLO(tpot_s=0.1))
+    fast = plan_run(options, tenants, 4.0, SLO(tpot_s=0.1))
     assert [r.send_at for r in slow] == sorted(r.send_at for r in slow)
     assert all(len(r.prompt) == r.prompt_len and r.prompt_len + r.output_len <= 80 for r in slow)
     assert all(1000 <= token < 10000 for r in slow for token in r.prompt)
     light = [r for r in slow if r.tenant == "light"]
-    assert light and all(r.slo == LatencySLO(0.5, 0.1) for r in light)
-    assert all(r.slo == LatencySLO(None, 0.1) for r in slow if r.tenant == "heavy")
+    assert light and all(r.slo == SLO(0.5, 0.1) for r in light)
+    assert all(r.slo == SLO(None, 0.1) for r in slow if r.tenant == "heavy")
     heavy_slow = [r.send_at for r in slow if r.tenant == "heavy"]
     heavy_fast = [r.send_at for r in fast if r.tenant == "heavy"]
     assert len(heavy_fast) > len(heavy_slow)  # its share of a higher rate, over the same light tenant
@@ -104,8 +112,8 @@ def test_a_run_plan_is_seeded_and_scales_with_the_rate():
         ours, theirs = ([(r.prompt, r.output_len) for r in plan if r.tenant == name] for plan in (slow, fast))
         common = min(len(ours), len(theirs))
         assert common > 0 and ours[:common] == theirs[:common]
-    assert [r.prompt for r in slow] == [r.prompt for r in plan_run(options, tenants, 2.0, LatencySLO(tpot_s=0.1))]
-    untenanted = plan_run(WorkloadOptions(num_prompts=5, prompt_kind="random-text"), [], math.inf, LatencySLO())
+    assert [r.prompt for r in slow] == [r.prompt for r in plan_run(options, tenants, 2.0, SLO(tpot_s=0.1))]
+    untenanted = plan_run(WorkloadOptions(num_prompts=5, prompt_kind="random-text"), [], math.inf, SLO())
     assert all(r.tenant is None and r.send_at == 0 and len(r.prompt.split()) == 128 for r in untenanted)
 
 
@@ -121,7 +129,7 @@ def test_sharegpt_file_gives_first_human_prompt_and_gpt_reply(tmp_path):
     assert pairs[0] == ("hi there", "hello to you too") and len(pairs) == 2
     entries = dataset_entries(pairs, word_count, max_model_len=20)
     assert [(e.prompt, e.prompt_len, e.output_len) for e in entries] == [("hi there", 2, 4)]
-    planned = plan_run(WorkloadOptions(num_prompts=3), [], 1.0, LatencySLO(), dataset=entries)
+    planned = plan_run(WorkloadOptions(num_prompts=3), [], 1.0, SLO(), dataset=entries)
     assert all((r.prompt, r.prompt_len, r.output_len) == ("hi there", 2, 4) for r in planned)
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="list of conversations"):
