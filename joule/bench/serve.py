@@ -6,6 +6,11 @@ distribution or taken from a ShareGPT file, from one or several tenants with the
 (see ``joule.bench.serve_workload``). Every request is a streaming completion with ``ignore_eos``. Results per
 run and per tenant: TTFT/TPOT/ITL/E2E percentiles, throughput, goodput (DistServe: requests/s meeting all their
 SLOs), SLO attainment and the joules the server reported; JSON, plots, and a table printed last.
+
+``--dataset`` reads a ShareGPT JSON file: each conversation's first human turn is the prompt and the first gpt
+turn after it sets the output length. Lengths are counted by the server's ``/tokenize`` (vLLM and Joule have
+it); a server without it gets lengths in whitespace-separated words, and the JSON's ``dataset_lengths`` says
+which. Conversations that do not fit ``--max-model-len`` are dropped.
 """
 
 from __future__ import annotations
@@ -161,7 +166,8 @@ def add_serve_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompt tokens: N, uniform:LO:HI, lognormal:MEDIAN:SIGMA[:MAX] or sharegpt")
     parser.add_argument("--output-len", default="64", help="tokens to generate (same forms), sent with ignore_eos")
     parser.add_argument("--dataset", default=None,
-                        help="ShareGPT JSON: first human turn as prompt, first gpt turn's length as output length")
+                        help="ShareGPT JSON: first human turn as prompt, first gpt turn's length as output length "
+                             "(tokens by the server's /tokenize, else words)")
     parser.add_argument("--tenant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
                         help="a tenant (repeatable): rate=, share=, num=, input=, output=, ttft=, tpot=")
     parser.add_argument("--slo", default="", help="SLOs for every request, e.g. ttft=1.0,tpot=50ms")
