@@ -33,14 +33,16 @@ def _rate_axis(axis, all_rates: list[float]) -> None:
 
 def _lines(axis, sweeps: dict[str, SweepReport], all_rates: list[float], value, label_suffix: str = "",
            marker: str = "o", linestyle: str = "-") -> bool:
-    """One line per sweep of ``value(run)`` (None values skipped); returns whether anything was drawn."""
+    """One line per sweep of ``value(run)`` (None values skipped), one color per sweep in every figure;
+    returns whether anything was drawn."""
     positions = dict(zip(sorted(set(all_rates)), _x_positions(sorted(set(all_rates)))))
     drawn = False
-    for label, report in sweeps.items():
+    for index, (label, report) in enumerate(sweeps.items()):
         points = [(positions[run.rate], value(run)) for run in report.runs]
         points = [(x, y) for x, y in points if y is not None]
         if points:
-            axis.plot(*zip(*sorted(points)), marker=marker, linestyle=linestyle, label=f"{label}{label_suffix}")
+            axis.plot(*zip(*sorted(points)), marker=marker, linestyle=linestyle, color=f"C{index}",
+                      label=f"{label}{label_suffix}")
             drawn = True
     return drawn
 
@@ -48,6 +50,8 @@ def _lines(axis, sweeps: dict[str, SweepReport], all_rates: list[float], value, 
 def plot_sweeps(sweeps: dict[str, SweepReport], plot_dir: str | Path, title: str = "") -> list[Path]:
     """Four files in ``plot_dir``: latency_vs_rate, goodput_vs_rate, latency_cdfs, energy_vs_rate (.png)."""
     pyplot = pyplot_module()
+    from matplotlib.ticker import NullFormatter
+
     plot_dir = Path(plot_dir)
     all_rates = [run.rate for report in sweeps.values() for run in report.runs]
     written = []
@@ -71,17 +75,22 @@ def plot_sweeps(sweeps: dict[str, SweepReport], plot_dir: str | Path, title: str
     _rate_axis(axis, all_rates)
     written.append(save_figure(pyplot, figure, plot_dir / "goodput_vs_rate.png", title))
 
-    figure, axes = pyplot.subplots(1, 2, figsize=(11, 3.8))
-    for axis, (name, xlabel) in zip(axes, (("ttft", "TTFT (s)"), ("tpot", "TPOT (s)"))):
-        limits = set()
-        for label, report in sweeps.items():
-            for run in report.runs:
+    figure, axes = pyplot.subplots(len(sweeps), 2, figsize=(11, 3.4 * len(sweeps)), squeeze=False)
+    colors = pyplot.get_cmap("viridis")
+    for row, (label, report) in enumerate(sweeps.items()):
+        for axis, (name, xlabel) in zip(axes[row], (("ttft", "TTFT (s)"), ("tpot", "TPOT (s)"))):
+            limits = set()
+            for index, run in enumerate(report.runs):
                 done = [r for r in run.results if r.success and (name == "ttft" or r.output_tokens > 1)]
                 plot_cdf(axis, [r.ttft if name == "ttft" else r.tpot for r in done], xlabel,
-                         line_label=f"{label} @ {format_rate(run.rate)}" if len(sweeps) > 1 else format_rate(run.rate))
+                         line_label=f"{format_rate(run.rate)} req/s",
+                         color=colors(0.9 * index / max(len(report.runs) - 1, 1)))
                 limits |= {getattr(r, f"{name}_slo") for r in run.results} - {None}
-        for limit in sorted(limits):
-            axis.axvline(limit, color="red", linestyle="--")
+            for limit in sorted(limits):
+                axis.axvline(limit, color="red", linestyle="--")
+            axis.set_xscale("log")
+            axis.xaxis.set_minor_formatter(NullFormatter())
+            axis.set_title(label, fontsize=10)
     written.append(save_figure(pyplot, figure, plot_dir / "latency_cdfs.png", title))
 
     figure, axis = pyplot.subplots(figsize=(6, 3.8))

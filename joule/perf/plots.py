@@ -40,11 +40,12 @@ def plot_run(result: SimulationResult, path: str | Path, title: str = "", slo: S
     return save_figure(pyplot, figure, path, title)
 
 
-def plot_cdf(axis, values, xlabel: str, line_label: str | None = None, limit: float | None = None) -> None:
+def plot_cdf(axis, values, xlabel: str, line_label: str | None = None, limit: float | None = None,
+             color=None) -> None:
     """Empirical CDF of ``values`` on ``axis``, with an SLO line at ``limit``."""
     data = np.sort(np.asarray(values, dtype=float))
     if data.size:
-        axis.plot(data, np.arange(1, data.size + 1) / data.size, label=line_label)
+        axis.plot(data, np.arange(1, data.size + 1) / data.size, label=line_label, color=color)
     if limit is not None:
         axis.axvline(limit, color="red", linestyle="--", label="SLO")
     if limit is not None or line_label is not None:
