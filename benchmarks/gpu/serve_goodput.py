@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tpot-slo-factor", type=float, default=3.0, help="TPOT SLO / calm p50 TPOT")
     parser.add_argument("--ttft-slo-factor", type=float, default=10.0, help="TTFT SLO / calm p50 TTFT")
     parser.add_argument("--skip-fairness", action="store_true")
-    parser.add_argument("--time-budget-s", type=float, default=450.0,
+    parser.add_argument("--time-budget-s", type=float, default=420.0,
                         help="skip the optional deadline sweep when it would end past this many seconds")
     parser.add_argument("--no-deadline", action="store_true",
                         help="skip the chunked + deadline-policy sweep (requests carry the calibrated SLOs)")
