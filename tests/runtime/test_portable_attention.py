@@ -243,3 +243,63 @@ def test_mixed_step_batches_decodes_and_runs_of_equal_fresh_prompts(monkeypatch,
         (1, num_kv_heads, group * 4, 8),  # the chunk after 2 cached tokens
         (1, num_heads, 5, 8),
     ])
+
+
+def test_decode_steps_keep_dense_contexts_and_rebuild_when_the_batch_changes(monkeypatch):
+    """Consecutive decode steps append to kept dense copies instead of gathering again; a dropped
+    sequence or a prompt step starts afresh; every step matches dense reference attention."""
+    import joule.runtime.attention.decode_contexts as decode_contexts
+
+    rebuilds = []
+    original = decode_contexts._dense_from_cache
+    monkeypatch.setattr(decode_contexts, "_dense_from_cache", lambda *args: rebuilds.append(1) or original(*args))
+    num_heads, num_kv_heads, head_dim, block_size, num_layers = 6, 2, 8, 4, 2
+    generator = torch.Generator().manual_seed(9)
+    cache = KVCache.allocate(num_layers, 256, block_size, num_kv_heads, head_dim, torch.float32, "cpu")
+    free = torch.randperm(256, generator=generator).tolist()
+    tables = {seq: [] for seq in range(3)}
+    history = {(layer, seq): ([], []) for layer in range(num_layers) for seq in range(3)}
+    lengths = {0: 0, 1: 0, 2: 0}
+    backend = PortableAttentionBackend()
+    # (sequences in the step, new rows each): a prompt step, decodes crossing block edges,
+    # one sequence leaving (rebuild), a prompt chunk, decodes again.
+    schedule = [([0, 1, 2], [5, 3, 7])] + [([0, 1, 2], [1, 1, 1])] * 4 + [([0, 2], [1, 1])] * 2
+    schedule += [([1], [4])] + [([0, 1, 2], [1, 1, 1])] * 2
+    copies_built = []
+    for step_index, (sequences, new_rows) in enumerate(schedule):
+        slots = []
+        for seq, count in zip(sequences, new_rows):
+            for position in range(lengths[seq], lengths[seq] + count):
+                if position % block_size == 0:
+                    tables[seq].append(free.pop())
+                slots.append(tables[seq][position // block_size] * block_size + position % block_size)
+        width = max(len(tables[seq]) for seq in sequences)
+        metadata = AttentionMetadata(
+            query_start_locations=torch.tensor([0] + torch.tensor(new_rows).cumsum(0).tolist()),
+            slot_mapping=torch.tensor(slots),
+            block_tables=torch.tensor([tables[seq] + [0] * (width - len(tables[seq])) for seq in sequences],
+                                      dtype=torch.int32),
+            query_lengths=list(new_rows), context_lengths=[lengths[seq] for seq in sequences],
+            sequence_lengths=[lengths[seq] + count for seq, count in zip(sequences, new_rows)],
+        )
+        rebuilds.clear()
+        for layer in range(num_layers):
+            total = sum(new_rows)
+            query = torch.randn(total, num_heads, head_dim, generator=generator)
+            key = torch.randn(total, num_kv_heads, head_dim, generator=generator)
+            value = torch.randn(total, num_kv_heads, head_dim, generator=generator)
+            output = backend.forward(layer, query, key, value, cache, metadata, 0.3)
+            start = 0
+            for seq, count in zip(sequences, new_rows):
+                rows = slice(start, start + count)
+                keys, values = history[(layer, seq)]
+                keys.append(key[rows])
+                values.append(value[rows])
+                expected = reference_attention(query[rows], torch.cat(keys), torch.cat(values), lengths[seq], 0.3)
+                torch.testing.assert_close(output[rows].double(), expected, atol=1e-5, rtol=1e-5)
+                start += count
+        copies_built.append(len(rebuilds) // (2 * num_layers))
+        for seq, count in zip(sequences, new_rows):
+            lengths[seq] += count
+    # Prompt steps never copy; the first decode step of a batch builds the copies, later ones append.
+    assert copies_built == [0, 1, 0, 0, 0, 1, 0, 0, 1, 0]

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from joule.runtime.attention.base import AttentionBackend, AttentionMetadata, KVCache, check_attention_inputs
+from joule.runtime.attention.decode_contexts import DecodeContexts, StagingStep
 
 
 @dataclass
@@ -66,6 +67,7 @@ class _StepPlan:
     decode: _DecodeBatch | None
     fresh_runs: list[_FreshRun]
     chunks: list[_Chunk]
+    staging: StagingStep | None = None  # decode-only CPU steps: dense context copies kept between steps
 
 
 class PortableAttentionBackend(AttentionBackend):
@@ -73,6 +75,7 @@ class PortableAttentionBackend(AttentionBackend):
 
     def __init__(self) -> None:
         self._plan: _StepPlan | None = None
+        self._contexts = DecodeContexts()
 
     def forward(
         self,
@@ -92,7 +95,13 @@ class PortableAttentionBackend(AttentionBackend):
         if metadata.num_sequences == 0:
             return query.new_empty(query.shape)
 
-        plan = self._plan_for(metadata, key_cache, fresh_from_rows=key.dtype == key_cache.dtype)
+        plan = self._plan_for(metadata, kv_cache, key_cache, query.dtype, fresh_from_rows=key.dtype == key_cache.dtype)
+        if plan.staging is not None:
+            keys, values = self._contexts.dense(
+                layer_index, plan.staging, key, value, key_cache, value_cache,
+                plan.decode.flat_blocks, plan.decode.padded_length, query.dtype,
+            )
+            return _attend_one_row_each(query, keys, values, plan.decode.mask, scale)
         if plan.decode is not None and plan.decode.rows is None:  # decode-only step
             return _decode(query, key_cache, value_cache, plan.decode, scale)
         output = torch.empty_like(query)
@@ -114,16 +123,28 @@ class PortableAttentionBackend(AttentionBackend):
             )
         return output
 
-    def _plan_for(self, metadata: AttentionMetadata, key_cache: torch.Tensor, fresh_from_rows: bool) -> _StepPlan:
+    def _plan_for(
+        self, metadata: AttentionMetadata, kv_cache: KVCache, key_cache: torch.Tensor, dtype: torch.dtype,
+        fresh_from_rows: bool,
+    ) -> _StepPlan:
         """The step's plan, built by the first layer and reused by the others."""
         plan = self._plan
         if (
-            plan is None
-            or plan.metadata is not metadata
-            or plan.sequence_lengths != metadata.sequence_lengths
-            or plan.fresh_from_rows != fresh_from_rows
+            plan is not None
+            and plan.metadata is metadata
+            and plan.sequence_lengths == metadata.sequence_lengths
+            and plan.fresh_from_rows == fresh_from_rows
         ):
-            plan = self._plan = _build_plan(metadata, key_cache.shape[1], key_cache.device, fresh_from_rows)
+            return plan
+        block_size = key_cache.shape[1]
+        plan = self._plan = _build_plan(metadata, block_size, key_cache.device, fresh_from_rows)
+        if key_cache.device.type == "cpu" and plan.decode is not None and plan.decode.rows is None:
+            plan.staging = self._contexts.begin_step(
+                metadata.block_tables, metadata.sequence_lengths, block_size, len(kv_cache.key_caches),
+                key_cache, dtype,
+            )
+        else:
+            self._contexts.clear()
         return plan
 
 
@@ -205,15 +226,21 @@ def _decode(
     scale: float,
 ) -> torch.Tensor:
     """One padded batched attention call for S sequences with one query row each."""
-    num_sequences, num_heads, head_dim = query.shape
-    num_kv_heads = key_cache.shape[2]
-    group = num_heads // num_kv_heads
-    padded_shape = (num_sequences, batch.padded_length, num_kv_heads, head_dim)
+    num_sequences, _, head_dim = query.shape
+    padded_shape = (num_sequences, batch.padded_length, key_cache.shape[2], head_dim)
     keys = _gather_blocks(key_cache, batch.flat_blocks).view(padded_shape).transpose(1, 2).to(query.dtype)
     values = _gather_blocks(value_cache, batch.flat_blocks).view(padded_shape).transpose(1, 2).to(query.dtype)
-    grouped_query = query.reshape(num_sequences, num_kv_heads, group, head_dim)
-    mask = batch.mask.to(query.dtype)
-    output = F.scaled_dot_product_attention(grouped_query, keys, values, attn_mask=mask, scale=scale)
+    return _attend_one_row_each(query, keys, values, batch.mask, scale)
+
+
+def _attend_one_row_each(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """``query`` ``[S, Hq, D]`` over padded ``keys``/``values`` ``[S, Hkv, L, D]`` in one call."""
+    num_sequences, num_heads, head_dim = query.shape
+    num_kv_heads = keys.shape[1]
+    grouped_query = query.reshape(num_sequences, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    output = F.scaled_dot_product_attention(grouped_query, keys, values, attn_mask=mask.to(query.dtype), scale=scale)
     return output.reshape(num_sequences, num_heads, head_dim)
 
 
