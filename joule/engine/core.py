@@ -77,15 +77,16 @@ class EngineCore:
                 self.last_step.energy_joules = self.step_observer.step_ended(plan, self.clock())
             return []
         result: StepResult = self.executor.execute(plan)
+        num_prefill_tokens, num_decode_tokens = plan.token_counts()
         self.last_step = StepStats(
             num_sequences=len(plan.sequences),
-            num_prefill_tokens=plan.num_prefill_tokens,
-            num_decode_tokens=plan.num_decode_tokens,
+            num_prefill_tokens=num_prefill_tokens,
+            num_decode_tokens=num_decode_tokens,
             elapsed_seconds=result.elapsed_seconds,
             energy_joules=result.energy_joules,
             preempted_request_ids=plan.preempted_request_ids,
         )
-        self.scheduler.observe_step(plan, result.elapsed_seconds)
+        self.scheduler.observe_step(num_prefill_tokens, num_decode_tokens, result.elapsed_seconds)
         progressed = self.scheduler.update(plan, result)
         if self.step_observer is not None:
             metered = self.step_observer.step_ended(plan, self.clock())

@@ -171,6 +171,9 @@ class KVBlockManager:
 
         Returns False, changing nothing, when there are not enough free blocks.
         """
+        if not cached_block_ids and (request.num_computed_tokens + num_new_tokens
+                                     <= len(request.block_ids) * self.block_size):
+            return True  # the request's last block still has room: most decode steps end here
         needed = self._blocks_needed(request, num_new_tokens, cached_block_ids)
         if needed is None:
             return False

@@ -46,11 +46,22 @@ class StepPlan:
 
     @property
     def num_decode_tokens(self) -> int:
-        return sum(1 for sequence in self.sequences if sequence.num_tokens == 1)
+        return self.token_counts()[1]
 
     @property
     def num_prefill_tokens(self) -> int:
-        return sum(sequence.num_tokens for sequence in self.sequences if sequence.num_tokens > 1)
+        return self.token_counts()[0]
+
+    def token_counts(self) -> tuple[int, int]:
+        """(prompt tokens, decode tokens) in one pass: called every step for 100s of sequences."""
+        prefill = decodes = 0
+        for sequence in self.sequences:
+            count = len(sequence.token_ids)
+            if count == 1:
+                decodes += 1
+            else:
+                prefill += count
+        return prefill, decodes
 
 
 @dataclass

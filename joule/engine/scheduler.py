@@ -136,9 +136,9 @@ class Scheduler:
         if status != RequestStatus.FINISHED_ABORTED:
             self.admission.on_finished(request)
 
-    def observe_step(self, plan: StepPlan, elapsed_seconds: float) -> None:
-        """Teach the step-time estimator how long an executed plan took (EngineCore calls this)."""
-        self.step_time.observe(plan.num_prefill_tokens, plan.num_decode_tokens, elapsed_seconds)
+    def observe_step(self, num_prefill_tokens: int, num_decode_tokens: int, elapsed_seconds: float) -> None:
+        """Teach the step-time estimator how long an executed step took (EngineCore calls this)."""
+        self.step_time.observe(num_prefill_tokens, num_decode_tokens, elapsed_seconds)
 
     # -- one step ----------------------------------------------------------------------
     def schedule(self, now: float = 0.0) -> StepPlan:
@@ -146,8 +146,9 @@ class Scheduler:
             return self._schedule_prefill_first(now)
         plan = StepPlan()
         scheduled: dict[str, ScheduledSequence] = {}
-        decodes = [request for request in self.running if not request.is_prefilling]
-        prefills = [request for request in self.running if request.is_prefilling]
+        decodes, prefills = [], []
+        for request in self.running:
+            (prefills if request.is_prefilling else decodes).append(request)
         budget = self.policy.token_budget(
             decodes, self.config.max_num_batched_tokens, self.step_time, self.block_manager.block_size
         )
