@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 
@@ -33,6 +34,7 @@ def run_throughput(args: argparse.Namespace) -> int:
     requests = fixed_length_workload(
         args.num_prompts, args.input_len, args.output_len, engine.model_config.vocab_size, args.workload_seed, special
     )
+    load_before = os.getloadavg()[0]
     results = [_run_joule(engine, requests)]
     if args.compare == "hf":
         from joule.bench.hf_baseline import run_transformers_generate
@@ -49,6 +51,9 @@ def run_throughput(args: argparse.Namespace) -> int:
         "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        # Other work on the machine moves these numbers; the 1-minute load average says how much.
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg()[0],
     }
     print(f"\n{'engine':<24}{'output tok/s':>14}{'elapsed s':>12}{'tokens':>10}")
     for result in results:
@@ -57,6 +62,7 @@ def run_throughput(args: argparse.Namespace) -> int:
         ratio = results[0]["output_tok_per_s"] / results[1]["output_tok_per_s"]
         print(f"Joule / transformers: {ratio:.2f}x")
         info["ratio"] = ratio
+    print(f"load average (1 min): {info['load_average_before']:.2f} before, {info['load_average_after']:.2f} after")
     if args.output_json:
         with open(args.output_json, "w") as handle:
             json.dump({"info": info, "results": results}, handle, indent=2)
