@@ -6,8 +6,8 @@ Three kinds of measurement, about two minutes on the 2-core CPU machine:
 2. real engine steps: a few workloads run through ``LLMEngine`` (default model,
    or ``--load-format dummy`` with any config), each step's wall time recorded
    with the batch its plan carried;
-3. a fit: the per-class scales and overheads of the step model, by
-   non-negative least squares on relative error (ridge-pulled toward scale 1).
+3. a fit: the per-class scales and overheads of the step model, non-negative,
+   minimising the sum of absolute relative errors (ridge-pulled toward scale 1).
 
 Only this module (and ``validate``) touches torch and the runtime, lazily.
 """
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from joule.perf.fitting import fit_gemm_curve, nonnegative_least_squares
+from joule.perf.fitting import fit_gemm_curve, fit_relative_l1
 from joule.perf.measure import (  # noqa: F401  (re-exported: the calibration API in one place)
     CALIBRATION_SCENARIOS, GPU_CALIBRATION_SCENARIOS, RecordingExecutor, Scenario, StepSample, _timed,
     build_engine, default_reduce, default_scenarios, detect_hardware, measure_steps, run_scenario, wait_for_quiet,
@@ -43,6 +43,8 @@ class Measurements:
     gemms: list[tuple[int, int, int, float]] = field(default_factory=list)  # (M, K, N, seconds)
     attention_flops: float = 0.0
     steps: list[StepSample] = field(default_factory=list)
+    # "portable" (padded KV gathers) or "triton" (paged kernels); "" in files saved before it was recorded.
+    attention_backend: str = ""
 
     @classmethod
     def from_dict(cls, data: dict) -> "Measurements":
@@ -53,7 +55,7 @@ class Measurements:
             for step in data.get("steps", [])
         ]
         return cls(data["hardware"], data["dtype"], data["bandwidth"], [tuple(g) for g in data["gemms"]],
-                   data["attention_flops"], steps)
+                   data["attention_flops"], steps, data.get("attention_backend", ""))
 
 
 def measure_micro(model_config, dtype_name: str, device_name: str, hardware: str, repeats: int = 5) -> Measurements:
@@ -128,7 +130,7 @@ def merge_measurements(runs: list[Measurements]) -> Measurements:
                                 min(s.executor_seconds for s in same)))
     return Measurements(first.hardware, first.dtype, max(run.bandwidth for run in runs),
                         [(*key, seconds) for key, seconds in gemms.items()],
-                        max(run.attention_flops for run in runs), steps)
+                        max(run.attention_flops for run in runs), steps, first.attention_backend)
 
 
 def base_profile(model_config, measured: Measurements) -> DeviceProfile:
@@ -142,6 +144,7 @@ def base_profile(model_config, measured: Measurements) -> DeviceProfile:
     gemm_flops, m_half = fit_gemm_curve(np.array(rows), np.array(flops), np.array(nbytes), np.array(seconds),
                                         measured.bandwidth)
     layer_curve, head_curve = gemm_curves(model_config, measured)
+    paged = measured.attention_backend == "triton"  # paged kernels read each sequence's KV once, unpadded
     return DeviceProfile(
         hardware=spec.name, dtype=measured.dtype, gemm_flops=gemm_flops, gemm_m_half=m_half,
         attention_flops=measured.attention_flops, memory_bandwidth=measured.bandwidth,
@@ -149,21 +152,23 @@ def base_profile(model_config, measured: Measurements) -> DeviceProfile:
         prefill_sequence_layer_overhead_s=0.0, idle_watts=catalog.idle_watts, max_watts=catalog.max_watts,
         energy_per_flop=catalog.energy_per_flop, energy_per_byte=catalog.energy_per_byte,
         gemm_curve=layer_curve, lm_head_curve=head_curve,
+        decode_attention_padded=not paged, kv_passes=1.0 if paged else 3.0,
     )
 
 
 FIT_FEATURES = ("linear", "attention_prefill", "attention_decode", "elementwise", "layer", "sequence",
-                "prefill_sequence_layer")
+                "prefill_sequence_layer", "chunk_layer")
 
 
 def step_features(model_config, profile: DeviceProfile, shape: BatchShape) -> np.ndarray:
     """One row of the fit: unscaled class seconds and overhead multipliers for a step."""
     _, seconds = StepModel(model_config, profile).class_seconds(shape)
     layers, sequences = model_config.num_hidden_layers, len(shape.sequences)
+    chunk = 0.0 if shape.is_decode_only else 1.0
     return np.array([
         seconds["linear"], seconds["attention_prefill"], seconds["attention_decode"],
         seconds["elementwise"] + seconds["sampling"], layers, sequences,
-        0.0 if shape.is_decode_only else sequences * layers,
+        chunk * sequences * layers, chunk * layers,
     ])
 
 
@@ -196,15 +201,10 @@ def _fit_once(model_config, measured: Measurements, samples: list[StepSample]) -
     step_overhead = max(statistics.median(s.seconds - s.executor_seconds for s in samples), 0.0)
     features = np.array([step_features(model_config, profile, s.shape) for s in samples])
     targets = np.array([max(s.seconds - step_overhead, 1e-6) for s in samples])
-    weights = 1.0 / np.array([s.seconds for s in samples])
-    matrix = features * weights[:, None]
-    target = targets * weights
-    ridge_rows = np.zeros((len(_RIDGE), len(FIT_FEATURES)))
+    ridge = np.zeros((len(_RIDGE), len(FIT_FEATURES)))
     for row, (name, pull) in enumerate(_RIDGE.items()):
-        ridge_rows[row, FIT_FEATURES.index(name)] = pull * np.sqrt(len(samples))
-    matrix = np.vstack([matrix, ridge_rows])
-    target = np.concatenate([target, ridge_rows.sum(axis=1)])
-    coefficients = nonnegative_least_squares(matrix, target)
+        ridge[row, FIT_FEATURES.index(name)] = pull * np.sqrt(len(samples))
+    coefficients = fit_relative_l1(features, targets, np.array([s.seconds for s in samples]), ridge, ridge.sum(axis=1))
     scales = dict(profile.scales)
     scales["linear"], scales["attention_prefill"], scales["attention_decode"] = coefficients[:3]
     scales["elementwise"] = scales["sampling"] = coefficients[3]
@@ -213,6 +213,7 @@ def _fit_once(model_config, measured: Measurements, samples: list[StepSample]) -
     profile.layer_overhead_s = float(coefficients[4])
     profile.sequence_overhead_s = float(coefficients[5])
     profile.prefill_sequence_layer_overhead_s = float(coefficients[6])
+    profile.chunk_layer_overhead_s = float(coefficients[7])
     return profile
 
 

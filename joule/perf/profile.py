@@ -55,8 +55,11 @@ class DeviceProfile:
     layer_overhead_s: float = 0.0
     # The portable attention backend loops over sequences in steps that carry a prompt chunk.
     prefill_sequence_layer_overhead_s: float = 0.0
-    # The portable backend's decode path gathers every sequence's KV padded to the longest one,
-    # copying it (read + write + read: 3 passes); a paged kernel reads it once, unpadded.
+    # Per layer, only in steps that carry a prompt chunk: on a GPU those run eagerly (a launch per
+    # kernel) while decode-only steps replay a captured CUDA graph.
+    chunk_layer_overhead_s: float = 0.0
+    # The portable backend's decode path gathers every decoding sequence's KV padded to the longest
+    # one, copying it (read + write + read: 3 passes); a paged kernel reads it once, unpadded.
     decode_attention_padded: bool = True
     kv_passes: float = 3.0
     # Measured [rows, FLOP/s] of the decoder-layer GEMMs and of lm_head (calibration); when present

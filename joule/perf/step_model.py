@@ -14,8 +14,9 @@ are per operator class so a profile can scale each class on its own:
 - sampling: passes over the sampled rows' fp32 logits.
 
 Time per class is a roofline ``max(FLOPs / rate, bytes / bandwidth)`` times the
-profile's scale for the class; fixed overheads (per step, sequence, layer) are
-added. Energy is idle power x time plus per-FLOP and per-byte energies, capped
+profile's scale for the class; fixed overheads (per step, sequence, layer, and
+per layer in steps that carry a prompt chunk, which on a GPU run eagerly while
+decode-only steps replay a CUDA graph) are added. Energy is idle power x time plus per-FLOP and per-byte energies, capped
 at the board's maximum power.
 """
 
@@ -133,8 +134,8 @@ def count_attention(
 
     Causal QK^T and PV cost 4*heads*head_dim FLOPs per (query row, visible key) pair. Bytes: Q read,
     output written, and cached K/V read ``kv_passes`` times (a fresh prompt's K/V come straight from
-    the projection, read once). A decode-only step of a padding backend reads every sequence's KV
-    padded to the longest context.
+    the projection, read once). A padding backend batches a step's decodes into one call, reading
+    every decoding sequence's KV padded to the longest decode context.
     """
     layers, heads, kv_heads, head_dim = (
         config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -142,8 +143,8 @@ def count_attention(
     kv_token_bytes = 2.0 * kv_heads * head_dim * element_bytes
     q_token_bytes = 2.0 * heads * head_dim * element_bytes  # read q, write output
     kv_passes = profile.kv_passes if profile is not None else 1.0
-    padded = profile is not None and profile.decode_attention_padded and batch.is_decode_only
-    longest = max((s.context_length + 1 for s in batch.sequences), default=0)
+    padded = profile is not None and profile.decode_attention_padded
+    longest = max((s.context_length + 1 for s in batch.sequences if s.num_new_tokens == 1), default=0)
     prefill, decode = OperatorCount(), OperatorCount()
     for sequence in batch.sequences:
         q, context = sequence.num_new_tokens, sequence.context_length
@@ -230,7 +231,8 @@ class StepModel:
             + profile.layer_overhead_s * self.config.num_hidden_layers
         )
         if not batch.is_decode_only:
-            seconds += profile.prefill_sequence_layer_overhead_s * num_sequences * self.config.num_hidden_layers
+            layers = self.config.num_hidden_layers
+            seconds += (profile.prefill_sequence_layer_overhead_s * num_sequences + profile.chunk_layer_overhead_s) * layers
         return seconds
 
     def predict(self, batch: BatchShape) -> StepCost:

@@ -10,7 +10,7 @@ import pytest
 
 from joule.model.config import ModelConfig
 from joule.perf.calibrate import Measurements, StepSample, fit_profile, gemm_curves
-from joule.perf.fitting import fit_gemm_curve, nonnegative_least_squares
+from joule.perf.fitting import fit_gemm_curve, fit_relative_l1, nonnegative_least_squares
 from joule.perf.step_model import BatchShape, SequenceWork, StepModel, gemm_count, layer_gemm_shapes
 
 
@@ -23,6 +23,31 @@ def test_nonnegative_least_squares_drops_negative_coefficients():
     matrix = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     assert nonnegative_least_squares(matrix, np.array([2.0, 3.0, 5.0])) == pytest.approx([2.0, 3.0])
     assert nonnegative_least_squares(matrix, np.array([2.0, -3.0, -1.0])) == pytest.approx([0.5, 0.0])
+
+
+def test_nonnegative_least_squares_is_exact_with_correlated_features():
+    # Unconstrained, b = 3 a0 - 1 a1 + 2 a2 with a1 close to a0: the constrained optimum is the
+    # least-squares fit on a0 and a2 alone.
+    rng = np.random.default_rng(0)
+    matrix = rng.random((40, 3))
+    matrix[:, 1] = matrix[:, 0] + 0.1 * rng.random(40)
+    target = matrix @ np.array([3.0, -1.0, 2.0])
+    solution = nonnegative_least_squares(matrix, target)
+    assert (solution >= 0).all() and solution[1] == 0.0
+    reduced, *_ = np.linalg.lstsq(matrix[:, [0, 2]], target, rcond=None)
+    assert solution[[0, 2]] == pytest.approx(reduced)
+
+
+def test_relative_l1_fit_ignores_a_minority_of_slow_outliers():
+    rng = np.random.default_rng(1)
+    features = np.column_stack([rng.uniform(0.01, 1.0, 60), np.ones(60)])
+    truth = np.array([2.0, 0.05])
+    measured = features @ truth
+    measured[::5] *= 1.6  # a fifth of the steps slowed by other jobs
+    fitted = fit_relative_l1(features, measured, measured)
+    assert fitted == pytest.approx(truth, rel=0.02)
+    least_squares = nonnegative_least_squares(features / measured[:, None], np.ones(60))
+    assert abs(least_squares[0] / truth[0] - 1) > 0.05  # what the L1 fit buys
 
 
 def test_gemm_curve_fit_recovers_peak_and_half_point():
@@ -63,6 +88,7 @@ def test_fit_recovers_scales_and_overheads_from_engine_steps():
     assert fitted.scales["linear"] == pytest.approx(1.0, rel=0.1)
     assert fitted.scales["attention_decode"] == pytest.approx(truth.scales["attention_decode"], rel=0.15)
     assert fitted.prefill_sequence_layer_overhead_s == pytest.approx(truth.prefill_sequence_layer_overhead_s, rel=0.2)
+    assert fitted.chunk_layer_overhead_s == pytest.approx(truth.chunk_layer_overhead_s, rel=0.2)
     model = StepModel(config, fitted)
     errors = [abs(model.predict(s.shape).elapsed_seconds / s.seconds - 1) for i, s in enumerate(measured.steps) if i != 3]
     assert np.median(errors) < 0.02
@@ -88,6 +114,7 @@ def _true_profile(config: ModelConfig):
     profile.layer_overhead_s = 3e-4
     profile.sequence_overhead_s = 1e-4
     profile.prefill_sequence_layer_overhead_s = 2e-4
+    profile.chunk_layer_overhead_s = 5e-4
     return profile
 
 

@@ -77,6 +77,23 @@ def test_padded_decode_reads_every_sequence_at_the_longest_context():
     assert decode.flops == 2 * 4 * 4 * 16 * 100
 
 
+def test_padded_decodes_in_a_mixed_step_pad_to_the_longest_decode_only():
+    config = one_layer_config()
+    profile = flat_profile(decode_attention_padded=True, kv_passes=3.0)
+    batch = BatchShape([SequenceWork(1, 9, True), SequenceWork(1, 49, True), SequenceWork(200, 0, True)])
+    _, decode = count_attention(config, batch, 2, profile)
+    kv_token, q_token = 2 * 2 * 16 * 2, 2 * 4 * 16 * 2
+    assert decode.bytes == 2 * (q_token + 50 * kv_token * 3)  # the 200-row prompt does not widen the padding
+
+
+def test_chunk_layer_overhead_only_in_steps_with_a_prompt_chunk():
+    config = one_layer_config(num_hidden_layers=4)
+    model = StepModel(config, flat_profile(chunk_layer_overhead_s=1e-4, layer_overhead_s=1e-5))
+    assert model.overhead_seconds(BatchShape.decode(3, 20)) == pytest.approx(4 * 1e-5)
+    mixed = BatchShape([SequenceWork(1, 20, True), SequenceWork(30, 0, True)])
+    assert model.overhead_seconds(mixed) == pytest.approx(4 * 1e-5 + 4 * 1e-4)
+
+
 def test_elementwise_and_sampling_counts():
     config = one_layer_config()
     batch = BatchShape([SequenceWork(2, 0, True)])
