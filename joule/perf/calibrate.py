@@ -23,7 +23,7 @@ import numpy as np
 from joule.perf.fitting import fit_gemm_curve, fit_relative_l1
 from joule.perf.measure import (  # noqa: F401  (re-exported: the calibration API in one place)
     CALIBRATION_SCENARIOS, GPU_CALIBRATION_SCENARIOS, RecordingExecutor, Scenario, StepSample, _timed,
-    build_engine, default_reduce, default_scenarios, detect_hardware, measure_steps, run_scenario, wait_for_quiet,
+    attention_backend_name, build_engine, default_reduce, default_scenarios, detect_hardware, measure_steps, run_scenario, wait_for_quiet,
 )
 from joule.perf.hardware import get_hardware
 from joule.perf.profile import DeviceProfile
@@ -252,6 +252,7 @@ def calibrate(model: str | None = None, dtype: str = "auto", device: str = "auto
     measured = measure_micro(engine.model_config, dtype_name, str(engine.device), hardware)
     log(f"  copy {measured.bandwidth / 1e9:.1f} GB/s, attention {measured.attention_flops / 1e9:.1f} GFLOP/s, "
         f"{len(measured.gemms)} GEMMs ({time.perf_counter() - started:.0f} s)")
+    measured.attention_backend = attention_backend_name(engine)
     measured.steps = measure_steps(engine, scenarios or default_scenarios(engine), repeats)
     log(f"  {len(measured.steps)} engine steps measured ({time.perf_counter() - started:.0f} s)")
     profile = fit_profile(engine.model_config, measured)

@@ -18,13 +18,34 @@ from joule.perf.step_model import BatchShape
 
 @dataclass(frozen=True)
 class Scenario:
-    """Requests to run through the engine: ``prompts`` at once, ``late_prompts`` after some steps."""
+    """Requests to run through the engine: ``prompts`` at once, ``late_prompts`` after some steps.
+
+    ``waves`` adds more arrivals, ``(after_steps, prompt lengths)`` each: staggered arrivals make
+    the changing decode batches and mixed steps of a serving run, which fixed batches never show.
+    """
 
     name: str
     prompts: tuple[int, ...]
     max_tokens: int
     late_prompts: tuple[int, ...] = ()
     late_after_steps: int = 0
+    waves: tuple[tuple[int, tuple[int, ...]], ...] = ()
+
+    def arrivals(self) -> dict[int, tuple[int, ...]]:
+        """Prompt lengths to add before each step index (0: at the start)."""
+        arrivals: dict[int, tuple[int, ...]] = {0: self.prompts}
+        extra = ((self.late_after_steps, self.late_prompts),) if self.late_prompts else ()
+        for after, lengths in extra + self.waves:
+            if after < 0:
+                raise ValueError(f"scenario {self.name!r}: arrivals after {after} steps; must be >= 0")
+            arrivals[after] = arrivals.get(after, ()) + tuple(lengths)
+        return arrivals
+
+
+def _serving_like(name: str, lengths: tuple[int, ...], every: int, max_tokens: int) -> Scenario:
+    """One prompt arriving every ``every`` steps, cycling through ``lengths``."""
+    waves = tuple((every * index, (length,)) for index, length in enumerate(lengths) if index)
+    return Scenario(name, lengths[:1], max_tokens, waves=waves)
 
 
 # Compositions used to fit. Validation (validate.py) uses different ones.
@@ -34,10 +55,12 @@ CALIBRATION_SCENARIOS = (
     Scenario("prefill 3x200", (200, 200, 200), 1),
     Scenario("chunked 1x2300", (2300,), 1),
     Scenario("decode 1 @ 400", (400,), 6),
+    Scenario("decode 4 @ 170", (170,) * 4, 6),
     Scenario("decode 6 @ 40", (40,) * 6, 6),
     Scenario("decode 20 @ 160", (160,) * 20, 6),
     Scenario("decode 48 @ 24", (24,) * 48, 6),
     Scenario("mixed 12 decodes + 300", (96,) * 12, 6, (300,), 3),
+    _serving_like("staggered 60..220, every 5 steps", (60, 220, 140, 90, 180, 60, 220, 140), 5, 16),
 )
 
 # On a GPU the same shapes are too small to leave the launch-bound regime: larger batches.
@@ -51,6 +74,7 @@ GPU_CALIBRATION_SCENARIOS = (
     Scenario("decode 96 @ 200", (200,) * 96, 8),
     Scenario("decode 192 @ 1000", (1000,) * 192, 8),
     Scenario("mixed 64 decodes + 1000", (300,) * 64, 8, (1000,), 3),
+    _serving_like("staggered 200..900, every 3 steps", (200, 900, 500, 300, 700) * 4, 3, 24),
 )
 
 
@@ -154,26 +178,38 @@ def build_engine(model: str | None, dtype: str, load_format: str, device: str = 
     return engine
 
 
+def attention_backend_name(engine) -> str:
+    """"triton" (paged kernels, each sequence's KV read once) or "portable" (padded gathers)."""
+    executor = getattr(engine.core.executor, "inner", engine.core.executor)
+    return "triton" if "triton" in type(executor.backend).__name__.lower() else "portable"
+
+
 def run_scenario(engine, scenario: Scenario, seed: int = 0) -> list[StepSample]:
     """Run one scenario to completion; every step's batch shape and wall time."""
     from joule.sampling_params import RequestOutputKind, SamplingParams
 
     rng = np.random.default_rng(seed)
     vocab = engine.model_config.vocab_size
+    # DELTA, as a streaming server and validate's timed runs ask: an output per request per step.
     params = SamplingParams(max_tokens=scenario.max_tokens, ignore_eos=True, temperature=0.0,
-                            output_kind=RequestOutputKind.FINAL_ONLY)
+                            output_kind=RequestOutputKind.DELTA)
     tag = f"{scenario.name}-{seed}-{time.monotonic_ns()}"
+    arrivals = scenario.arrivals()
 
     def add(lengths, prefix):
         for index, length in enumerate(lengths):
             ids = rng.integers(3, vocab, size=length).tolist()
-            engine.add_request(f"{tag}-{prefix}{index}", {"prompt_token_ids": ids}, params)
+            engine.add_request(f"{tag}-{prefix}-{index}", {"prompt_token_ids": ids}, params)
 
-    add(scenario.prompts, "p")
     samples: list[StepSample] = []
-    while engine.has_unfinished_requests():
-        if scenario.late_prompts and len(samples) == scenario.late_after_steps:
-            add(scenario.late_prompts, "late")
+    while True:
+        if len(samples) in arrivals:
+            add(arrivals.pop(len(samples)), f"s{len(samples)}")
+        if not engine.has_unfinished_requests():
+            if not arrivals:
+                break
+            add(arrivals.pop(min(arrivals)), "idle")  # a wave after the others finished: bring it forward
+            continue
         started = time.perf_counter()
         engine.step()
         elapsed = time.perf_counter() - started

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -21,7 +21,7 @@ from joule.perf.hardware import get_hardware
 from joule.perf.metrics import percentiles
 from joule.perf.profile import DeviceProfile
 from joule.perf.simulator import ClusterSimulator, ReplicaConfig
-from joule.perf.step_model import StepModel
+from joule.perf.step_model import BatchShape, SequenceWork, StepModel
 
 VALIDATION_SCENARIOS = (
     Scenario("prefill 1x100", (100,), 2),
@@ -57,10 +57,23 @@ class StepCheck:
     num_tokens: int
     measured_s: float
     predicted_s: float
+    # [new rows, cached tokens, samples (0/1)] per sequence: lets a saved report be re-predicted
+    # with another profile (``recheck``) without measuring again.
+    sequences: list[list[int]] = field(default_factory=list)
 
     @property
     def error(self) -> float:
         return (self.predicted_s - self.measured_s) / self.measured_s
+
+    @property
+    def shape(self) -> BatchShape:
+        return BatchShape([SequenceWork(q, c, bool(sampled)) for q, c, sampled in self.sequences])
+
+    @classmethod
+    def of(cls, scenario: str, shape: BatchShape, measured_s: float, model: StepModel) -> "StepCheck":
+        compact = [[s.num_new_tokens, s.context_length, int(s.samples)] for s in shape.sequences]
+        return cls(scenario, _kind(shape), len(shape.sequences), shape.num_tokens, measured_s,
+                   model.predict(shape).elapsed_seconds, compact)
 
 
 def _kind(shape) -> str:
@@ -76,15 +89,21 @@ def validate_steps(engine, profile: DeviceProfile, scenarios=None, repeats: int 
     from joule.perf.measure import default_scenarios
 
     model = StepModel(engine.model_config, profile)
-    checks = []
-    for sample in measure_steps(engine, scenarios or default_scenarios(engine, validation=True), repeats, reduce):
-        predicted = model.predict(sample.shape).elapsed_seconds
-        checks.append(StepCheck(sample.scenario, _kind(sample.shape), len(sample.shape.sequences),
-                                sample.shape.num_tokens, sample.seconds, predicted))
-    return checks
+    samples = measure_steps(engine, scenarios or default_scenarios(engine, validation=True), repeats, reduce)
+    return [StepCheck.of(sample.scenario, sample.shape, sample.seconds, model) for sample in samples]
 
 
-def summarize_checks(checks: list[StepCheck]) -> dict:
+def recheck(checks: list[StepCheck], model: StepModel) -> list[StepCheck]:
+    """The same measured steps predicted by another model (a refit profile), without measuring."""
+    return [StepCheck.of(check.scenario, check.shape, check.measured_s, model) for check in checks]
+
+
+def checks_from_report(section: dict) -> list[StepCheck]:
+    """The step checks a report section saved (``summarize_checks(..., keep_steps=True)``)."""
+    return [StepCheck(**row) for row in section.get("step_checks", [])]
+
+
+def summarize_checks(checks: list[StepCheck], keep_steps: bool = True) -> dict:
     by_kind = {}
     for kind in ("prefill", "decode", "mixed"):
         errors = [abs(c.error) for c in checks if c.kind == kind]
@@ -93,7 +112,7 @@ def summarize_checks(checks: list[StepCheck]) -> dict:
     by_scenario = {}
     for check in checks:
         by_scenario.setdefault(check.scenario, []).append(check)
-    return {
+    summary = {
         "steps": len(checks),
         "median_abs_error": statistics.median(abs(c.error) for c in checks),
         "by_kind": by_kind,
@@ -104,6 +123,9 @@ def summarize_checks(checks: list[StepCheck]) -> dict:
             for name, group in by_scenario.items()
         },
     }
+    if keep_steps:
+        summary["step_checks"] = [asdict(check) for check in checks]
+    return summary
 
 
 def measure_run(engine, requests: list[TimedRequest]) -> dict:
@@ -165,31 +187,56 @@ def simulate_like_engine(engine, profile: DeviceProfile, requests: list[TimedReq
     return ClusterSimulator(engine.model_config, [replica]).run(requests).summary()
 
 
-def compare_run(engine, profile: DeviceProfile, requests: list[TimedRequest], repeats: int = 3) -> dict:
-    """Measured (median of ``repeats`` runs by throughput) vs simulated for one workload."""
+def compare_run(engine, profile: DeviceProfile, requests: list[TimedRequest], repeats: int = 3,
+                warmup: bool = True, quiet_wait_s: float = 10.0) -> dict:
+    """Measured vs simulated for one workload; each measured metric is its median over ``repeats`` runs.
+
+    The simulator has no cold start, so neither should the measured runs: an unmeasured warm-up
+    replays the first quarter of the requests (on a GPU, mixed steps compile kernel variants on
+    first use). Both sides then see the same prompts, arrival times, KV capacity and scheduler
+    settings, an empty prefix cache, and vLLM's TTFT/TPOT definitions (``measure_run``, metrics.py).
+    """
+    import os
+
     from joule.perf.measure import wait_for_quiet
 
+    if warmup and requests:
+        ordered = sorted(requests, key=lambda timed: timed.arrival_time)
+        warm = [replace(timed, request_id=f"warmup-{timed.request_id}") for timed in ordered[: max(4, len(ordered) // 4)]]
+        measure_run(engine, warm)
+        engine.block_manager.reset_prefix_cache()
     runs = []
     for _ in range(repeats):
-        wait_for_quiet()
-        runs.append(measure_run(engine, requests))
+        wait_for_quiet(quiet_wait_s)
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        runs.append(measure_run(engine, requests) | {"load_average_before": load})
         engine.block_manager.reset_prefix_cache()
-    runs.sort(key=lambda run: run["output_throughput"])
-    measured = runs[len(runs) // 2]
     simulated = simulate_like_engine(engine, profile, requests)
-    comparison = {}
-    for key in ("output_throughput", "makespan_s"):
-        comparison[key] = {"measured": measured[key], "simulated": simulated[key],
-                           "error": (simulated[key] - measured[key]) / measured[key]}
-    for key in ("ttft_s", "tpot_s"):
-        m, s = measured[key]["p50"], simulated[key]["p50"]
-        comparison[f"{key}_p50"] = {"measured": m, "simulated": s, "error": (s - m) / m}
-    comparison["all_measured_throughputs"] = [run["output_throughput"] for run in runs]
-    if measured["steps"]:
-        model = StepModel(engine.model_config, profile)
-        checks = [StepCheck("run", _kind(shape), len(shape.sequences), shape.num_tokens, seconds,
-                            model.predict(shape).elapsed_seconds) for shape, seconds in measured["steps"]]
-        comparison["run_steps"] = {key: value for key, value in summarize_checks(checks).items() if key != "by_scenario"}
+    measured = {
+        "output_throughput": statistics.median(run["output_throughput"] for run in runs),
+        "makespan_s": statistics.median(run["makespan_s"] for run in runs),
+        "ttft_s_p50": statistics.median(run["ttft_s"]["p50"] for run in runs),
+        "tpot_s_p50": statistics.median(run["tpot_s"]["p50"] for run in runs),
+    }
+    simulated_values = {"output_throughput": simulated["output_throughput"], "makespan_s": simulated["makespan_s"],
+                        "ttft_s_p50": simulated["ttft_s"]["p50"], "tpot_s_p50": simulated["tpot_s"]["p50"]}
+    comparison = {
+        key: {"measured": measured[key], "simulated": simulated_values[key],
+              "error": (simulated_values[key] - measured[key]) / measured[key]}
+        for key in measured
+    }
+    comparison["runs"] = [
+        {"output_throughput": run["output_throughput"], "ttft_s_p50": run["ttft_s"]["p50"],
+         "tpot_s_p50": run["tpot_s"]["p50"], "steps": len(run["steps"]),
+         "load_average_before": run["load_average_before"]}
+        for run in runs
+    ]
+    comparison["simulated_steps"] = simulated["num_steps"]
+    model = StepModel(engine.model_config, profile)
+    checks = [StepCheck.of("run", shape, seconds, model) for run in runs for shape, seconds in run["steps"]]
+    if checks:
+        comparison["run_steps"] = summarize_checks(checks)
+        del comparison["run_steps"]["by_scenario"]
         comparison["run_steps"]["measured_total_s"] = sum(c.measured_s for c in checks)
         comparison["run_steps"]["predicted_total_s"] = sum(c.predicted_s for c in checks)
     return comparison

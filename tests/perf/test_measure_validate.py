@@ -1,0 +1,70 @@
+"""Measuring the real engine for calibration and validation, on a tiny dummy-weight model (CPU, seconds)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from joule.perf.arrivals import TimedRequest
+from joule.perf.hardware import get_hardware
+from joule.perf.measure import Scenario, _serving_like, attention_backend_name, build_engine, run_scenario
+from joule.perf.profile import DeviceProfile
+from joule.perf.step_model import StepModel
+from joule.perf.validate import checks_from_report, compare_run, recheck, summarize_checks
+
+TINY_LLAMA = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 211, "hidden_size": 64,
+    "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "max_position_embeddings": 512, "rms_norm_eps": 1e-6, "bos_token_id": 1, "eos_token_id": 2,
+    "tie_word_embeddings": True,
+}
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny-llama-config")
+    (directory / "config.json").write_text(json.dumps(TINY_LLAMA))
+    return build_engine(str(directory), "float32", "dummy", "cpu")
+
+
+def test_scenario_arrivals_merge_late_prompts_and_waves():
+    scenario = Scenario("s", (10, 10), 3, late_prompts=(7,), late_after_steps=2, waves=((2, (5,)), (4, (9,))))
+    assert scenario.arrivals() == {0: (10, 10), 2: (7, 5), 4: (9,)}
+    assert _serving_like("t", (20, 30, 40), 3, 4).arrivals() == {0: (20,), 3: (30,), 6: (40,)}
+    with pytest.raises(ValueError, match="must be >= 0"):
+        Scenario("bad", (1,), 1, waves=((-1, (4,)),)).arrivals()
+
+
+def test_staggered_arrivals_make_mixed_steps_and_changing_decode_batches(engine):
+    assert attention_backend_name(engine) == "portable"
+    samples = run_scenario(engine, _serving_like("staggered", (20, 30, 12), 2, 4))
+    shapes = [[(s.num_new_tokens, s.context_length) for s in sample.shape.sequences] for sample in samples]
+    assert shapes[0] == [(20, 0)]
+    assert shapes[1] == [(1, 20)]
+    assert sorted(shapes[2]) == [(1, 21), (30, 0)]  # the second prompt joins a running decode
+    assert sorted(shapes[3]) == [(1, 22), (1, 30)]
+    assert sum(len(shape) for shape in shapes) == 3 * 4  # 1 prefill step + 3 decode steps per request
+    assert all(sample.seconds >= sample.executor_seconds > 0 for sample in samples)
+
+
+def test_compare_run_medians_over_repeats_and_saved_steps_can_be_rechecked(engine):
+    from joule.bench.workload import fixed_length_workload
+
+    prompts = fixed_length_workload(6, 16, 4, engine.model_config.vocab_size, seed=0)
+    requests = [TimedRequest(f"r{i}", 0.01 * i, request) for i, request in enumerate(prompts)]
+    profile = DeviceProfile.from_hardware(get_hardware("CPU-2core"), "float32")
+    comparison = compare_run(engine, profile, requests, repeats=2, quiet_wait_s=0.0)
+    runs = comparison["runs"]
+    assert len(runs) == 2
+    low, high = sorted(run["tpot_s_p50"] for run in runs)
+    assert comparison["tpot_s_p50"]["measured"] == pytest.approx((low + high) / 2)
+    assert comparison["output_throughput"]["simulated"] > 0
+    checks = checks_from_report(comparison["run_steps"])
+    assert len(checks) == sum(run["steps"] for run in runs)
+    slower = StepModel(engine.model_config, DeviceProfile.from_hardware(get_hardware("CPU-2core"), "float32"))
+    slower.profile.step_overhead_s += 0.5
+    again = recheck(checks, slower)
+    assert [c.measured_s for c in again] == [c.measured_s for c in checks]
+    assert all(b.predicted_s == pytest.approx(a.predicted_s + 0.5) for a, b in zip(checks, again))
+    assert summarize_checks(again, keep_steps=False).keys() >= {"median_abs_error", "by_kind"}
