@@ -249,18 +249,15 @@ def _fresh_prompts(
 ) -> torch.Tensor:
     """Whole prompts of one length as one causal batch; returns ``[count, heads, length, D]``.
 
-    The fused causal kernel needs no mask but does not take grouped KV heads on
-    CPU (it falls back to a slow path), so the KV heads are expanded.
+    4-D inputs reach the fused causal CPU kernel (3-D do not), and it takes the
+    grouped KV heads as they are (``enable_gqa``): measured ~1.3x faster than
+    expanding them, with the same values.
     """
-    num_heads, head_dim = query.shape[1], query.shape[2]
-    group = num_heads // key.shape[1]
+    head_dim = query.shape[2]
     batched = (run.count, run.length, -1, head_dim)
-    keys, values = key.view(batched), value.view(batched)
-    if group > 1:
-        keys = keys.repeat_interleave(group, dim=2)
-        values = values.repeat_interleave(group, dim=2)
-    return F.scaled_dot_product_attention(  # 4-D inputs reach the fused CPU kernel; 3-D do not
-        query.view(batched).transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), is_causal=True, scale=scale
+    return F.scaled_dot_product_attention(
+        query.view(batched).transpose(1, 2), key.view(batched).transpose(1, 2), value.view(batched).transpose(1, 2),
+        is_causal=True, scale=scale, enable_gqa=query.shape[1] != key.shape[1],
     )
 
 
