@@ -45,17 +45,21 @@ class Measurements:
     steps: list[StepSample] = field(default_factory=list)
     # "portable" (padded KV gathers) or "triton" (paged kernels); "" in files saved before it was recorded.
     attention_backend: str = ""
+    staging_max_copy_bytes: float = 0.0  # the portable backend's bound on its dense decode copies (CPU)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Measurements":
         """Inverse of ``dataclasses.asdict``: refit a profile from saved measurements without torch."""
         steps = [
-            StepSample(step["scenario"], BatchShape([SequenceWork(**s) for s in step["shape"]["sequences"]]),
+            StepSample(step["scenario"], BatchShape([SequenceWork(**s) for s in step["shape"]["sequences"]],
+                                                    step["shape"].get("staging", ""),
+                                                    step["shape"].get("staging_capacity", 0)),
                        step["seconds"], step["executor_seconds"])
             for step in data.get("steps", [])
         ]
         return cls(data["hardware"], data["dtype"], data["bandwidth"], [tuple(g) for g in data["gemms"]],
-                   data["attention_flops"], steps, data.get("attention_backend", ""))
+                   data["attention_flops"], steps, data.get("attention_backend", ""),
+                   data.get("staging_max_copy_bytes", 0.0))
 
 
 def measure_micro(model_config, dtype_name: str, device_name: str, hardware: str, repeats: int = 5) -> Measurements:
@@ -130,7 +134,8 @@ def merge_measurements(runs: list[Measurements]) -> Measurements:
                                 min(s.executor_seconds for s in same)))
     return Measurements(first.hardware, first.dtype, max(run.bandwidth for run in runs),
                         [(*key, seconds) for key, seconds in gemms.items()],
-                        max(run.attention_flops for run in runs), steps, first.attention_backend)
+                        max(run.attention_flops for run in runs), steps, first.attention_backend,
+                        first.staging_max_copy_bytes)
 
 
 def base_profile(model_config, measured: Measurements) -> DeviceProfile:
@@ -153,22 +158,27 @@ def base_profile(model_config, measured: Measurements) -> DeviceProfile:
         energy_per_flop=catalog.energy_per_flop, energy_per_byte=catalog.energy_per_byte,
         gemm_curve=layer_curve, lm_head_curve=head_curve,
         decode_attention_padded=not paged, kv_passes=1.0 if paged else 3.0,
+        decode_staging=measured.attention_backend == "portable" and spec.kind == "cpu",
+        staging_max_copy_bytes=measured.staging_max_copy_bytes,
     )
 
 
 FIT_FEATURES = ("linear", "attention_prefill", "attention_decode", "elementwise", "layer", "sequence",
-                "prefill_sequence_layer", "chunk_layer")
+                "prefill_sequence_layer", "chunk_layer", "staging_rebuild")
 
 
 def step_features(model_config, profile: DeviceProfile, shape: BatchShape) -> np.ndarray:
     """One row of the fit: unscaled class seconds and overhead multipliers for a step."""
-    _, seconds = StepModel(model_config, profile).class_seconds(shape)
+    model = StepModel(model_config, profile)
+    shape = model.resolve_staging(shape)
+    _, seconds = model.class_seconds(shape)
     layers, sequences = model_config.num_hidden_layers, len(shape.sequences)
     chunk = 0.0 if shape.is_decode_only else 1.0
+    rebuilt = sequences * shape.staging_capacity * layers if shape.staging == "rebuild" else 0.0
     return np.array([
         seconds["linear"], seconds["attention_prefill"], seconds["attention_decode"],
         seconds["elementwise"] + seconds["sampling"], layers, sequences,
-        chunk * sequences * layers, chunk * layers,
+        chunk * sequences * layers, chunk * layers, rebuilt,
     ])
 
 
@@ -214,6 +224,7 @@ def _fit_once(model_config, measured: Measurements, samples: list[StepSample]) -
     profile.sequence_overhead_s = float(coefficients[5])
     profile.prefill_sequence_layer_overhead_s = float(coefficients[6])
     profile.chunk_layer_overhead_s = float(coefficients[7])
+    profile.staging_rebuild_s_per_token_layer = float(coefficients[8]) if profile.decode_staging else 0.0
     return profile
 
 
@@ -253,6 +264,8 @@ def calibrate(model: str | None = None, dtype: str = "auto", device: str = "auto
     log(f"  copy {measured.bandwidth / 1e9:.1f} GB/s, attention {measured.attention_flops / 1e9:.1f} GFLOP/s, "
         f"{len(measured.gemms)} GEMMs ({time.perf_counter() - started:.0f} s)")
     measured.attention_backend = attention_backend_name(engine)
+    staging = engine.core.executor.staging
+    measured.staging_max_copy_bytes = staging.max_copy_bytes if staging is not None else 0.0
     measured.steps = measure_steps(engine, scenarios or default_scenarios(engine), repeats)
     log(f"  {len(measured.steps)} engine steps measured ({time.perf_counter() - started:.0f} s)")
     profile = fit_profile(engine.model_config, measured)

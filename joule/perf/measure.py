@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from joule.perf.hardware import get_hardware
-from joule.perf.step_model import BatchShape
+from joule.perf.step_model import BatchShape, DecodeStaging
 
 
 @dataclass(frozen=True)
@@ -95,14 +95,19 @@ class StepSample:
 
 
 class RecordingExecutor:
-    """Wraps the engine's executor to remember the batch shape of the last plan."""
+    """Wraps the engine's executor to remember the batch shape of the last plan (with its staging
+    mode, when the engine's attention keeps dense decode copies: see ``DecodeStaging``)."""
 
-    def __init__(self, inner):
+    def __init__(self, inner, staging: DecodeStaging | None = None):
         self.inner = inner
+        self.staging = staging
         self.last_shape: BatchShape | None = None
 
     def execute(self, plan):
-        self.last_shape = BatchShape.from_plan(plan)
+        shape = BatchShape.from_plan(plan)
+        if self.staging is not None:
+            self.staging.observe_plan(plan, shape)
+        self.last_shape = shape
         return self.inner.execute(plan)
 
 
@@ -174,8 +179,24 @@ def build_engine(model: str | None, dtype: str, load_format: str, device: str = 
         model=model, dtype=dtype, device=device, load_format=load_format,
         max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory_bytes=kv_cache_memory_bytes,
     ))
-    engine.core.executor = RecordingExecutor(engine.core.executor)
+    engine.core.executor = RecordingExecutor(engine.core.executor, _staging_of(engine))
     return engine
+
+
+def _staging_of(engine) -> DecodeStaging | None:
+    """The portable backend on a CPU keeps dense decode copies, bounded to half the KV cache."""
+    if engine.device.type != "cpu" or attention_backend_name(engine) != "portable":
+        return None
+    config, kv_cache = engine.model_config, engine.core.executor.kv_cache
+    element_bytes = torch_element_size(engine.dtype)
+    cache_bytes = sum(cache.numel() * cache.element_size() for cache in kv_cache.key_caches + kv_cache.value_caches)
+    return DecodeStaging(config.kv_cache_bytes_per_token(element_bytes), 0.5 * cache_bytes)
+
+
+def torch_element_size(dtype) -> int:
+    import torch
+
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def attention_backend_name(engine) -> str:

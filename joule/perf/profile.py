@@ -26,13 +26,18 @@ _ATTENTION_FRACTION = 0.5
 _BANDWIDTH_FRACTION = {"gpu": 0.85, "cpu": 0.9}
 _GEMM_M_HALF = {"gpu": 48.0, "cpu": 32.0}  # rows at which a GEMM reaches half its large-M rate
 # Python-side costs of the current engine (scheduler, input preparation, per-layer launches),
-# before calibration replaces them; GPU per-layer ~ a dozen launches at ~8 us (anchors.md).
+# before calibration replaces them. GPU: an eager layer is ~a dozen launches at ~8 us (anchors.md),
+# ~100 us; decode-only steps replay a CUDA graph, where a layer's kernels cost ~2 us each back to
+# back (~20 us), so 80 us of it is charged only to steps that carry a prompt chunk.
 _OVERHEADS = {
-    "gpu": dict(step_overhead_s=1.5e-3, sequence_overhead_s=1.5e-5, layer_overhead_s=1.0e-4,
-                prefill_sequence_layer_overhead_s=2.5e-5),
+    "gpu": dict(step_overhead_s=1.5e-3, sequence_overhead_s=1.5e-5, layer_overhead_s=2.0e-5,
+                chunk_layer_overhead_s=8.0e-5, prefill_sequence_layer_overhead_s=2.5e-5),
     "cpu": dict(step_overhead_s=2.0e-3, sequence_overhead_s=2.0e-5, layer_overhead_s=5.0e-5,
                 prefill_sequence_layer_overhead_s=3.0e-5),
 }
+# GPUs run the Triton backend's paged kernels (each sequence's KV read once, unpadded); CPUs the
+# portable backend's padded gathers.
+_PAGED_ATTENTION = {"gpu": True, "cpu": False}
 # Share of the dynamic power range (max - idle) that a device at full FLOP rate, or at full
 # bandwidth, draws. Used to derive per-FLOP and per-byte energies from the board power.
 _FLOP_POWER_SHARE = 0.6
@@ -62,6 +67,13 @@ class DeviceProfile:
     # one, copying it (read + write + read: 3 passes); a paged kernel reads it once, unpadded.
     decode_attention_padded: bool = True
     kv_passes: float = 3.0
+    # The portable backend on a CPU keeps decoding sequences' KV as dense copies between decode-only
+    # steps (read once, one token appended per step) and rebuilds them when the decoding set
+    # changes, at this cost per row token per layer; copies beyond ``staging_max_copy_bytes``
+    # (half the KV cache calibration ran with; 0 = no bound) fall back to gathers.
+    decode_staging: bool = False
+    staging_rebuild_s_per_token_layer: float = 0.0
+    staging_max_copy_bytes: float = 0.0
     # Measured [rows, FLOP/s] of the decoder-layer GEMMs and of lm_head (calibration); when present
     # they replace the parametric curve, interpolated log-log in rows and clamped at the ends.
     gemm_curve: list[list[float]] = field(default_factory=list)
@@ -117,6 +129,8 @@ class DeviceProfile:
             energy_per_flop=_FLOP_POWER_SHARE * dynamic_watts / peak,
             energy_per_byte=_BYTE_POWER_SHARE * dynamic_watts / spec.memory_bandwidth,
             source=f"defaults from the catalog entry for {spec.name} (uncalibrated)",
+            decode_attention_padded=not _PAGED_ATTENTION[spec.kind],
+            kv_passes=1.0 if _PAGED_ATTENTION[spec.kind] else 3.0,
             **_OVERHEADS[spec.kind],
         )
 

@@ -42,11 +42,30 @@ class SequenceWork:
     samples: bool
 
 
+# The portable CPU backend's dense decode copies (joule/runtime/attention/decode_contexts.py):
+# rebuilt with this many spare tokens per row, rounded up to whole KV blocks.
+STAGING_HEADROOM_TOKENS = 64
+STAGING_BLOCK_TOKENS = 16
+STAGING_MODES = ("", "gather", "append", "rebuild")
+
+
 @dataclass
 class BatchShape:
-    """A step's batch, independent of token values: what the step model needs from a StepPlan."""
+    """A step's batch, independent of token values: what the step model needs from a StepPlan.
+
+    ``staging`` says how a decode-only step on a staging backend reaches its KV: "append" (the
+    dense copies of the previous step, one token longer), "rebuild" (copies refilled from the
+    paged cache, ``staging_capacity`` tokens per row) or "gather" (no copies: padded gathers);
+    "" when unknown, which the step model reads as the steady state.
+    """
 
     sequences: list[SequenceWork] = field(default_factory=list)
+    staging: str = ""
+    staging_capacity: int = 0
+
+    def __post_init__(self) -> None:
+        if self.staging not in STAGING_MODES:
+            raise ValueError(f"staging must be one of {STAGING_MODES}, got {self.staging!r}")
 
     @classmethod
     def from_plan(cls, plan: StepPlan) -> "BatchShape":
@@ -71,6 +90,50 @@ class BatchShape:
     @property
     def is_decode_only(self) -> bool:
         return all(s.num_new_tokens == 1 for s in self.sequences)
+
+
+@dataclass
+class DecodeStaging:
+    """Follows a step sequence as the portable CPU backend does, to tell which decode-only steps
+    rebuild their dense KV copies (any change of the decoding set, or outgrowing the copies) and
+    which only append a token: a rebuild costs a copy of every row's whole context.
+
+    ``max_copy_bytes`` is the backend's bound on the copies (half the KV cache; 0 = none); beyond
+    it the step gathers from the paged cache instead.
+    """
+
+    kv_bytes_per_token: float  # K + V of one token over all layers, at the compute dtype
+    max_copy_bytes: float = 0.0
+    _rows: tuple[str, ...] = ()
+    _lengths: tuple[int, ...] = ()
+    _capacity: int = 0
+
+    def observe(self, request_ids: list[str], lengths: list[int], decode_only: bool) -> tuple[str, int]:
+        """(mode, capacity) of a step whose sequences hold ``lengths`` tokens after it."""
+        if not decode_only or not lengths:
+            self._rows, self._lengths, self._capacity = (), (), 0
+            return "gather", 0
+        continues = tuple(request_ids) == self._rows and all(
+            length == previous + 1 for length, previous in zip(lengths, self._lengths))
+        capacity = self._capacity
+        if not continues or max(lengths) > capacity:
+            capacity = staging_capacity(max(lengths))
+        if self.max_copy_bytes and len(lengths) * capacity * self.kv_bytes_per_token > self.max_copy_bytes:
+            self._rows, self._lengths, self._capacity = (), (), 0
+            return "gather", 0
+        mode = "append" if continues and capacity == self._capacity else "rebuild"
+        self._rows, self._lengths, self._capacity = tuple(request_ids), tuple(lengths), capacity
+        return mode, capacity
+
+    def observe_plan(self, plan: StepPlan, shape: BatchShape) -> None:
+        """Fill ``shape.staging`` for the next plan of the sequence."""
+        lengths = [s.start_position + s.num_tokens for s in plan.sequences]
+        shape.staging, shape.staging_capacity = self.observe(
+            [s.request_id for s in plan.sequences], lengths, shape.is_decode_only)
+
+
+def staging_capacity(longest: int) -> int:
+    return -(-(longest + STAGING_HEADROOM_TOKENS) // STAGING_BLOCK_TOKENS) * STAGING_BLOCK_TOKENS
 
 
 @dataclass
@@ -144,6 +207,8 @@ def count_attention(
     q_token_bytes = 2.0 * heads * head_dim * element_bytes  # read q, write output
     kv_passes = profile.kv_passes if profile is not None else 1.0
     padded = profile is not None and profile.decode_attention_padded
+    staged = profile is not None and profile.decode_staging and batch.staging in ("append", "rebuild")
+    decode_passes = 1.0 if staged else kv_passes  # dense copies are read once
     longest = max((s.context_length + 1 for s in batch.sequences if s.num_new_tokens == 1), default=0)
     prefill, decode = OperatorCount(), OperatorCount()
     for sequence in batch.sequences:
@@ -157,7 +222,7 @@ def count_attention(
         else:
             visible = longest if padded else context + 1
             decode.flops += 4.0 * heads * head_dim * visible
-            decode.bytes += q_token_bytes + visible * kv_token_bytes * kv_passes
+            decode.bytes += q_token_bytes + visible * kv_token_bytes * decode_passes
     for count in (prefill, decode):
         count.flops *= layers
         count.bytes *= layers
@@ -193,6 +258,21 @@ class StepModel:
         self.config = config
         self.profile = profile
         self.element_bytes = profile.element_bytes
+        # predict_plan follows the step sequence of one engine (the simulator gives each replica its
+        # own StepModel) to know which decode steps rebuild a staging backend's KV copies.
+        self.staging = DecodeStaging(config.kv_cache_bytes_per_token(self.element_bytes),
+                                     profile.staging_max_copy_bytes) if profile.decode_staging else None
+
+    def resolve_staging(self, batch: BatchShape) -> BatchShape:
+        """A shape whose staging mode is known: a decode-only step of unknown history on a staging
+        profile is taken as the steady state (appending), or a gather beyond the copies' bound."""
+        if self.staging is None or batch.staging or not batch.is_decode_only or not batch.sequences:
+            return batch
+        longest = max(s.context_length + 1 for s in batch.sequences)
+        capacity = staging_capacity(longest)
+        bound = self.profile.staging_max_copy_bytes
+        fits = not bound or len(batch.sequences) * capacity * self.staging.kv_bytes_per_token <= bound
+        return BatchShape(batch.sequences, "append" if fits else "gather", capacity if fits else 0)
 
     def class_seconds(self, batch: BatchShape) -> tuple[dict[str, OperatorCount], dict[str, float]]:
         """Unscaled roofline seconds per operator class (calibration fits the scales on these)."""
@@ -230,14 +310,17 @@ class StepModel:
             + profile.sequence_overhead_s * num_sequences
             + profile.layer_overhead_s * self.config.num_hidden_layers
         )
+        layers = self.config.num_hidden_layers
         if not batch.is_decode_only:
-            layers = self.config.num_hidden_layers
             seconds += (profile.prefill_sequence_layer_overhead_s * num_sequences + profile.chunk_layer_overhead_s) * layers
+        if batch.staging == "rebuild":
+            seconds += profile.staging_rebuild_s_per_token_layer * num_sequences * batch.staging_capacity * layers
         return seconds
 
     def predict(self, batch: BatchShape) -> StepCost:
         if not batch.sequences:
             return StepCost({}, {}, 0.0, 0.0, 0.0)
+        batch = self.resolve_staging(batch)
         counts, raw = self.class_seconds(batch)
         seconds = {name: raw[name] * self.profile.scales[name] for name in OPERATOR_CLASSES}
         overhead = self.overhead_seconds(batch)
@@ -245,7 +328,11 @@ class StepModel:
         return StepCost(counts, seconds, overhead, elapsed, self.energy(counts, elapsed))
 
     def predict_plan(self, plan: StepPlan) -> StepCost:
-        return self.predict(BatchShape.from_plan(plan))
+        """One step of the engine this model follows (plans in order: see ``DecodeStaging``)."""
+        shape = BatchShape.from_plan(plan)
+        if self.staging is not None:
+            self.staging.observe_plan(plan, shape)
+        return self.predict(shape)
 
     def energy(self, counts: dict[str, OperatorCount], elapsed: float) -> float:
         """Idle power for the whole step plus dynamic energy, never above max power x time."""

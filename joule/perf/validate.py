@@ -60,6 +60,8 @@ class StepCheck:
     # [new rows, cached tokens, samples (0/1)] per sequence: lets a saved report be re-predicted
     # with another profile (``recheck``) without measuring again.
     sequences: list[list[int]] = field(default_factory=list)
+    staging: str = ""  # BatchShape.staging and staging_capacity
+    staging_capacity: int = 0
 
     @property
     def error(self) -> float:
@@ -67,13 +69,14 @@ class StepCheck:
 
     @property
     def shape(self) -> BatchShape:
-        return BatchShape([SequenceWork(q, c, bool(sampled)) for q, c, sampled in self.sequences])
+        return BatchShape([SequenceWork(q, c, bool(sampled)) for q, c, sampled in self.sequences],
+                          self.staging, self.staging_capacity)
 
     @classmethod
     def of(cls, scenario: str, shape: BatchShape, measured_s: float, model: StepModel) -> "StepCheck":
         compact = [[s.num_new_tokens, s.context_length, int(s.samples)] for s in shape.sequences]
         return cls(scenario, _kind(shape), len(shape.sequences), shape.num_tokens, measured_s,
-                   model.predict(shape).elapsed_seconds, compact)
+                   model.predict(shape).elapsed_seconds, compact, shape.staging, shape.staging_capacity)
 
 
 def _kind(shape) -> str:

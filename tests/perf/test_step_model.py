@@ -10,7 +10,8 @@ from joule.model.config import ModelConfig
 from joule.perf.hardware import CATALOG, get_hardware, parse_price_overrides
 from joule.perf.profile import DeviceProfile, resolve_profile
 from joule.perf.step_model import (
-    BatchShape, SequenceWork, StepModel, count_attention, count_elementwise, count_linear, count_sampling,
+    BatchShape, DecodeStaging, SequenceWork, StepModel, count_attention, count_elementwise, count_linear,
+    count_sampling,
 )
 
 
@@ -92,6 +93,39 @@ def test_chunk_layer_overhead_only_in_steps_with_a_prompt_chunk():
     assert model.overhead_seconds(BatchShape.decode(3, 20)) == pytest.approx(4 * 1e-5)
     mixed = BatchShape([SequenceWork(1, 20, True), SequenceWork(30, 0, True)])
     assert model.overhead_seconds(mixed) == pytest.approx(4 * 1e-5 + 4 * 1e-4)
+
+
+def test_decode_staging_follows_the_backends_rebuild_rule():
+    staging = DecodeStaging(kv_bytes_per_token=100.0)
+    # First decode step: copies built with 64 spare tokens, rounded up to 16-token blocks.
+    assert staging.observe(["a", "b"], [10, 20], decode_only=True) == ("rebuild", 96)
+    assert staging.observe(["a", "b"], [11, 21], decode_only=True) == ("append", 96)
+    assert staging.observe(["a"], [12], decode_only=True) == ("rebuild", 80)  # b finished
+    assert staging.observe(["a", "c"], [13, 40], decode_only=False) == ("gather", 0)  # c's prompt chunk
+    assert staging.observe(["a", "c"], [14, 41], decode_only=True) == ("rebuild", 112)
+    for length in range(42, 113):
+        assert staging.observe(["a", "c"], [length - 27, length], decode_only=True) == ("append", 112)
+    assert staging.observe(["a", "c"], [86, 113], decode_only=True) == ("rebuild", 192)  # outgrew its copies
+    bounded = DecodeStaging(kv_bytes_per_token=100.0, max_copy_bytes=2 * 96 * 100.0)
+    assert bounded.observe(["a", "b"], [10, 20], decode_only=True) == ("rebuild", 96)
+    assert bounded.observe(["a", "b", "c"], [11, 21, 5], decode_only=True) == ("gather", 0)
+
+
+def test_staged_decodes_read_kv_once_and_rebuilds_pay_per_row_token():
+    config = one_layer_config(num_hidden_layers=2)
+    profile = flat_profile(decode_attention_padded=True, kv_passes=3.0, decode_staging=True,
+                           staging_rebuild_s_per_token_layer=1e-6)
+    model = StepModel(config, profile)
+    sequences = [SequenceWork(1, 9, True), SequenceWork(1, 29, True)]
+    kv_token, q_token = 2 * 2 * 16 * 2, 2 * 4 * 16 * 2
+    for mode, passes in (("append", 1), ("rebuild", 1), ("gather", 3)):
+        _, decode = count_attention(config, BatchShape(sequences, mode, 96), 2, profile)
+        assert decode.bytes == 2 * 2 * (q_token + 30 * kv_token * passes)
+    append = model.predict(BatchShape(sequences, "append", 96))
+    rebuild = model.predict(BatchShape(sequences, "rebuild", 96))
+    assert rebuild.elapsed_seconds - append.elapsed_seconds == pytest.approx(1e-6 * 2 * 96 * 2)
+    # Unknown history: the steady state (appending), as far as the copies fit.
+    assert model.predict(BatchShape(sequences)).elapsed_seconds == pytest.approx(append.elapsed_seconds)
 
 
 def test_elementwise_and_sampling_counts():
