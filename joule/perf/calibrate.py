@@ -266,7 +266,7 @@ def calibrate(model: str | None = None, dtype: str = "auto", device: str = "auto
     measured.attention_backend = attention_backend_name(engine)
     staging = engine.core.executor.staging
     measured.staging_max_copy_bytes = staging.max_copy_bytes if staging is not None else 0.0
-    measured.steps = measure_steps(engine, scenarios or default_scenarios(engine), repeats)
+    measured.steps = measure_steps(engine, scenarios or default_scenarios(engine), repeats, log=log)
     log(f"  {len(measured.steps)} engine steps measured ({time.perf_counter() - started:.0f} s)")
     profile = fit_profile(engine.model_config, measured)
     profile.source = (

@@ -154,6 +154,52 @@ def _cpu_busy_fraction(interval: float = 0.25) -> float:
     return 1.0 - (idle_after - idle_before) / total if total else 0.0
 
 
+@dataclass
+class ForeignLoad:
+    """Measures how much CPU other processes used while a measurement ran (Linux /proc/stat).
+
+    ``share`` is their busy CPU time over wall time x cores: 0 on a quiet machine, ~0.5 when
+    another job keeps one of two cores busy. It tells a clean measurement from a contended one.
+    """
+
+    started_wall: float = 0.0
+    busy_jiffies: int = 0
+    own_seconds: float = 0.0
+    share: float = 0.0
+
+    @staticmethod
+    def _busy_jiffies() -> int | None:
+        try:
+            with open("/proc/stat") as stat:
+                values = [int(v) for v in stat.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        return sum(values[:8]) - values[3] - values[4]  # all but idle and iowait (guest is in user)
+
+    @staticmethod
+    def _own_seconds() -> float:
+        times = os.times()
+        return times.user + times.system
+
+    def __enter__(self) -> "ForeignLoad":
+        self.started_wall, self.own_seconds = time.perf_counter(), self._own_seconds()
+        self.busy_jiffies = self._busy_jiffies() or 0
+        return self
+
+    def __exit__(self, *exc) -> None:
+        busy = self._busy_jiffies()
+        wall = time.perf_counter() - self.started_wall
+        if busy is None or wall <= 0:
+            self.share = 0.0
+            return
+        busy_seconds = (busy - self.busy_jiffies) / os.sysconf("SC_CLK_TCK")
+        foreign = busy_seconds - (self._own_seconds() - self.own_seconds)
+        self.share = max(0.0, foreign / (wall * (os.cpu_count() or 1)))
+
+
+CONTENDED_SHARE = 0.15  # other processes' share of the CPU above which a measurement counts as contended
+
+
 def wait_for_quiet(max_wait_s: float = 10.0, threshold: float = 0.3) -> float:
     """Wait (up to ``max_wait_s``) until other jobs leave the CPU mostly idle; returns the busy share seen."""
     deadline = time.monotonic() + max_wait_s
@@ -247,17 +293,30 @@ def default_reduce(engine):
     return statistics.median if engine.device.type == "cuda" else min
 
 
-def measure_steps(engine, scenarios, repeats: int = 3, reduce=None) -> list[StepSample]:
+def measure_steps(engine, scenarios, repeats: int = 3, reduce=None, max_extra_runs: int | None = None,
+                  log=None) -> list[StepSample]:
     """Each scenario ``repeats`` times (after waiting for a quiet CPU); per step index, ``reduce`` of the
-    times (``default_reduce`` unless given)."""
+    times (``default_reduce`` unless given).
+
+    On a CPU, a run during which other processes took more than ``CONTENDED_SHARE`` of the machine
+    does not count toward ``repeats``: up to ``max_extra_runs`` (default ``repeats``) more are made,
+    and the fastest of all runs is kept per step.
+    """
     reduce = reduce or default_reduce(engine)
+    on_cpu = engine.device.type == "cpu"
+    max_extra_runs = repeats if max_extra_runs is None else max_extra_runs
     run_scenario(engine, Scenario("warm-up", (64, 16), 3))
     result: list[StepSample] = []
     for scenario in scenarios:
-        runs = []
-        for seed in range(repeats):
+        runs, clean, seed = [], 0, 0
+        while clean < repeats and seed < repeats + (max_extra_runs if on_cpu else 0):
             wait_for_quiet()
-            runs.append(run_scenario(engine, scenario, seed))
+            with ForeignLoad() as load:
+                runs.append(run_scenario(engine, scenario, seed))
+            seed += 1
+            clean += load.share <= CONTENDED_SHARE or not on_cpu
+            if log is not None and on_cpu and load.share > CONTENDED_SHARE:
+                log(f"  {scenario.name}: other processes took {load.share:.0%} of the CPU; measuring again")
         for index, sample in enumerate(runs[0]):
             same = [run[index] for run in runs if index < len(run) and run[index].shape == sample.shape]
             result.append(StepSample(

@@ -104,9 +104,9 @@ class DecodeStaging:
 
     kv_bytes_per_token: float  # K + V of one token over all layers, at the compute dtype
     max_copy_bytes: float = 0.0
-    _rows: tuple[str, ...] = ()
-    _lengths: tuple[int, ...] = ()
-    _capacity: int = 0
+    _rows: tuple[str, ...] = field(default=(), init=False)
+    _lengths: tuple[int, ...] = field(default=(), init=False)
+    _capacity: int = field(default=0, init=False)
 
     def observe(self, request_ids: list[str], lengths: list[int], decode_only: bool) -> tuple[str, int]:
         """(mode, capacity) of a step whose sequences hold ``lengths`` tokens after it."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 
@@ -26,6 +27,24 @@ def engine(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny-llama-config")
     (directory / "config.json").write_text(json.dumps(TINY_LLAMA))
     return build_engine(str(directory), "float32", "dummy", "cpu")
+
+
+def test_foreign_load_is_busy_cpu_minus_our_own_over_wall_time_and_cores(monkeypatch):
+    import os
+
+    from joule.perf import measure
+
+    busy = iter([1000, 1000 + 300])  # jiffies: 3 busy CPU-seconds at 100 per second
+    own = iter([5.0, 6.0])  # this process used 1 of them
+    clock = iter([10.0, 12.0])  # over 2 seconds of wall time
+    monkeypatch.setattr(measure.ForeignLoad, "_busy_jiffies", staticmethod(lambda: next(busy)))
+    monkeypatch.setattr(measure.ForeignLoad, "_own_seconds", staticmethod(lambda: next(own)))
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(os, "sysconf", lambda name: 100)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    with measure.ForeignLoad() as load:
+        pass
+    assert load.share == pytest.approx(2.0 / (2.0 * 2))
 
 
 def test_scenario_arrivals_merge_late_prompts_and_waves():
@@ -55,10 +74,11 @@ def test_compare_run_medians_over_repeats_and_saved_steps_can_be_rechecked(engin
     requests = [TimedRequest(f"r{i}", 0.01 * i, request) for i, request in enumerate(prompts)]
     profile = DeviceProfile.from_hardware(get_hardware("CPU-2core"), "float32")
     comparison = compare_run(engine, profile, requests, repeats=2, quiet_wait_s=0.0)
-    runs = comparison["runs"]
-    assert len(runs) == 2
-    low, high = sorted(run["tpot_s_p50"] for run in runs)
-    assert comparison["tpot_s_p50"]["measured"] == pytest.approx((low + high) / 2)
+    # Two clean runs, or up to two more when other processes loaded the machine (then the clean ones).
+    assert 2 <= len(comparison["runs"]) <= 4
+    runs = [run for run in comparison["runs"] if run["used"]]
+    assert runs and all(run["foreign_cpu_share"] >= 0 for run in comparison["runs"])
+    assert comparison["tpot_s_p50"]["measured"] == pytest.approx(statistics.median(r["tpot_s_p50"] for r in runs))
     assert comparison["output_throughput"]["simulated"] > 0
     checks = checks_from_report(comparison["run_steps"])
     assert len(checks) == sum(run["steps"] for run in runs)
