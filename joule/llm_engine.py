@@ -100,7 +100,7 @@ class LLMEngine:
         executor = ModelExecutor(
             self.model, self.kv_cache, backend, Sampler(config.seed, self.device),
             self.device, max_model_len=self.max_model_len, max_num_seqs=config.max_num_seqs,
-            enforce_eager=config.enforce_eager,
+            enforce_eager=config.enforce_eager, max_num_batched_tokens=batched_tokens,
         )
         self.block_manager = KVBlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         scheduler_config = SchedulerConfig(

@@ -94,6 +94,8 @@ def _prefill_kernel(
     query_length = (tl.load(query_start_locations_ptr + sequence + 1) - query_start).to(tl.int32)
     sequence_length = tl.load(sequence_lengths_ptr + sequence)
     context_length = sequence_length - query_length
+    if first_row >= query_length:
+        return  # a spare tile of a padded (graph-captured) step: nothing to compute or write
 
     rows = tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM_PAD)

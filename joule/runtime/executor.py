@@ -24,6 +24,7 @@ from joule.runtime.attention.base import (
     KVCache,
 )
 from joule.runtime.cuda_graphs import DecodeGraphRunner, graphs_disabled_reason
+from joule.runtime.prefill_graphs import PrefillChunkGraphRunner, can_run_mixed_step, run_mixed_step
 from joule.runtime.sampler import Sampler, SamplingRow
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class ModelExecutor:
         max_model_len: int | None = None,
         max_num_seqs: int | None = None,
         enforce_eager: bool = False,
+        max_num_batched_tokens: int | None = None,
     ):
         """With ``max_model_len`` and ``max_num_seqs`` given, decode graphs are captured when
         the device, backend, ``enforce_eager`` and ``JOULE_ENFORCE_EAGER`` allow it."""
@@ -50,12 +52,15 @@ class ModelExecutor:
         self.device = device
         self.block_size = kv_cache.block_size
         self.graph_runner: DecodeGraphRunner | None = None
+        self.chunk_runner: PrefillChunkGraphRunner | None = None  # prompt chunks of mixed steps
         self.use_cuda_graphs = False  # False sends decode steps down the eager path (comparisons)
         if max_model_len is not None and max_num_seqs is not None:
-            self.enable_cuda_graphs(max_model_len, max_num_seqs, enforce_eager)
+            self.enable_cuda_graphs(max_model_len, max_num_seqs, enforce_eager, max_num_batched_tokens)
 
-    def enable_cuda_graphs(self, max_model_len: int, max_num_seqs: int, enforce_eager: bool = False) -> bool:
-        """Capture decode graphs for batch sizes up to ``max_num_seqs``; False (and eager) when not possible."""
+    def enable_cuda_graphs(self, max_model_len: int, max_num_seqs: int, enforce_eager: bool = False,
+                           max_num_batched_tokens: int | None = None) -> bool:
+        """Capture decode graphs for batch sizes up to ``max_num_seqs`` (and, given the step's token budget,
+        prompt-chunk graphs); False (and eager) when not possible."""
         reason = graphs_disabled_reason(self.device, self.backend, enforce_eager)
         if reason is not None:
             logger.info("CUDA graphs off: %s", reason)
@@ -63,15 +68,26 @@ class ModelExecutor:
         runner = DecodeGraphRunner(self.model, self.kv_cache, self.backend, self.device, max_num_seqs, max_model_len)
         runner.capture()
         self.graph_runner, self.use_cuda_graphs = runner, True
+        if max_num_batched_tokens is not None and max_num_batched_tokens >= 2:
+            chunk_runner = PrefillChunkGraphRunner(self.model, self.kv_cache, self.backend, self.device,
+                                                   max_num_batched_tokens, max_model_len)
+            chunk_runner.capture()
+            self.chunk_runner = chunk_runner
         return True
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
         started = time.perf_counter()
         runner = self.graph_runner
-        if self.use_cuda_graphs and runner is not None and runner.backend is self.backend and runner.can_run(plan):
+        chunks = self.chunk_runner
+        graphs = self.use_cuda_graphs and runner is not None and runner.backend is self.backend
+        if graphs and runner.can_run(plan):
             hidden = runner.run(plan)
             sample_rows = [(row, sequence) for row, sequence in enumerate(plan.sequences) if sequence.samples]
+        elif graphs and chunks is not None and chunks.backend is self.backend and can_run_mixed_step(
+                plan, runner, chunks):
+            hidden, sampling = run_mixed_step(plan, runner, chunks)
+            sample_rows = list(enumerate(sampling))
         else:
             input_ids, positions, metadata, sample_rows = self._prepare(plan)
             context = ForwardContext(self.backend, self.kv_cache, metadata)

@@ -118,3 +118,64 @@ def test_padded_static_decode_matches_eager_tokens(tiny_dir):
     assert calls, "no decode step went through the static-buffer path"
     assert 3 in calls  # a padded step (3 rows run as 4)
     assert [padded[f"g-{index}"] for index in range(len(prompts))] == eager
+
+
+def test_chunk_graph_sizes_double_up_to_the_budget():
+    from joule.runtime.prefill_graphs import chunk_graph_sizes
+
+    assert chunk_graph_sizes(100) == [16, 32, 64, 100]
+    assert chunk_graph_sizes(8192)[-3:] == [2048, 4096, 8192]
+    assert chunk_graph_sizes(65536)[-1] == 8192  # longer chunks stay eager
+    assert chunk_graph_sizes(10) == [10]
+    with pytest.raises(ValueError):
+        chunk_graph_sizes(1)
+
+
+def test_mixed_steps_through_static_chunk_buffers_match_eager_tokens(tiny_dir, monkeypatch):
+    """Decodes through the decode runner, each prompt chunk through the padded chunk runner (what the
+    graphs capture): the same greedy tokens as one eager forward, with chunks starting mid-prompt."""
+    from joule.runtime.attention.triton_backend import TritonAttentionBackend
+    from joule.runtime.prefill_graphs import PrefillChunkGraphRunner
+
+    engine = LLMEngine.from_kwargs(model=str(tiny_dir), device="cpu", dtype="float32", kv_cache_memory_bytes=1 << 22,
+                                   max_model_len=256, max_num_seqs=6, max_num_batched_tokens=40, block_size=8)
+    executor = engine.core.executor
+    executor.backend = TritonAttentionBackend()
+    generator = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, 200, (length,), generator=generator).tolist() for length in (70, 5, 33, 90, 12, 1)]
+    lengths = [5, 9, 6, 4, 7, 8]
+
+    def run_all(tag):
+        params = [SamplingParams(temperature=0.0, max_tokens=length, ignore_eos=True,
+                                 output_kind=RequestOutputKind.FINAL_ONLY) for length in lengths]
+        for index, (prompt, param) in enumerate(zip(prompts, params)):
+            engine.add_request(f"{tag}-{index}", {"prompt_token_ids": prompt}, param)
+        results = {}
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                results[output.request_id] = list(output.outputs[0].token_ids)
+        engine.block_manager.reset_prefix_cache()
+        return [results[f"{tag}-{index}"] for index in range(len(prompts))]
+
+    eager = run_all("eager")
+    executor.graph_runner = DecodeGraphRunner(executor.model, executor.kv_cache, executor.backend, executor.device,
+                                              max_num_seqs=6, max_model_len=256)
+    executor.chunk_runner = PrefillChunkGraphRunner(executor.model, executor.kv_cache, executor.backend,
+                                                    executor.device, max_num_batched_tokens=40, max_model_len=256)
+    executor.use_cuda_graphs = True
+    import joule.runtime.executor as executor_module
+
+    mixed_decodes = []
+    original_mixed = executor_module.run_mixed_step
+
+    def counting_mixed(plan, decode_runner, chunk_runner):
+        mixed_decodes.append(sum(1 for sequence in plan.sequences if sequence.num_tokens == 1))
+        return original_mixed(plan, decode_runner, chunk_runner)
+
+    monkeypatch.setattr(executor_module, "run_mixed_step", counting_mixed)
+    chunk_sizes = []
+    original = executor.chunk_runner.run_chunk
+    executor.chunk_runner.run_chunk = lambda sequence: chunk_sizes.append(sequence.num_tokens) or original(sequence)
+    assert run_all("static") == eager
+    assert chunk_sizes and any(size not in executor.chunk_runner.sizes for size in chunk_sizes)  # padded chunks ran
+    assert any(count > 0 for count in mixed_decodes)  # decodes and chunks in one step, split between runners

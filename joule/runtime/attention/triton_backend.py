@@ -45,6 +45,19 @@ class StaticDecodeMetadata(AttentionMetadata):
     num_splits: int = 1
 
 
+@dataclass
+class StaticPrefillMetadata(AttentionMetadata):
+    """One prompt chunk padded to a captured size: device buffers refilled before each replay.
+
+    ``tiles`` cover every row of the padded chunk; the kernel skips tiles past the real chunk
+    length, which (like the sequence length) lives only in device memory. Host lists hold the
+    padded shape and are not read by the Triton backend.
+    """
+
+    sequence_lengths_device: torch.Tensor | None = None  # int32 [1]
+    tiles: torch.Tensor | None = None  # int32 [2, num_tiles]
+
+
 class _StepTensors:
     """Device tensors derived from one step's metadata, shared by all layers."""
 
@@ -52,6 +65,7 @@ class _StepTensors:
         self.metadata = metadata
         self.tiles: dict[int, torch.Tensor] = {}  # by rows per tile
         self.fixed_num_splits: int | None = None
+        self.static_tiles: torch.Tensor | None = None  # StaticPrefillMetadata's precomputed tiles
         if isinstance(metadata, StaticDecodeMetadata):
             if not metadata.is_decode_only or metadata.sequence_lengths_device is None:
                 raise ValueError("StaticDecodeMetadata needs a decode-only batch and device sequence lengths")
@@ -60,6 +74,15 @@ class _StepTensors:
             self.num_decodes = metadata.num_sequences
             self.decode_sequence_ids = None
             self.fixed_num_splits = metadata.num_splits
+            return
+        if isinstance(metadata, StaticPrefillMetadata):
+            if metadata.sequence_lengths_device is None or metadata.tiles is None:
+                raise ValueError("StaticPrefillMetadata needs device sequence lengths and tiles")
+            self.sequence_lengths = metadata.sequence_lengths_device
+            self.decode_max_length = 0
+            self.num_decodes = 0
+            self.decode_sequence_ids = None
+            self.static_tiles = metadata.tiles
             return
         self.sequence_lengths = _upload(torch.tensor(metadata.sequence_lengths, dtype=torch.int32), device)
         decodes = [index for index, length in enumerate(metadata.query_lengths) if length == 1]
@@ -71,6 +94,8 @@ class _StepTensors:
 
     def prefill_tiles(self, rows: int, device: torch.device) -> torch.Tensor:
         """Tiles over the sequences with several new rows (decodes have their own kernel)."""
+        if self.static_tiles is not None:
+            return self.static_tiles
         if rows not in self.tiles:
             lengths = [0 if length == 1 else length for length in self.metadata.query_lengths]
             self.tiles[rows] = build_tiles(lengths, self.metadata.sequence_lengths, rows, device)
