@@ -32,7 +32,8 @@ from joule.perf.step_model import BatchShape, SequenceWork, StepModel, gemm_coun
 GEMM_ROWS = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048)
 # Pull of each class scale toward 1 (relative-error units): strong for linear, whose rates were
 # measured on the model's own GEMMs; weak for attention, which the micro-benchmarks model least.
-_RIDGE = {"linear": 0.3, "attention_prefill": 0.05, "attention_decode": 0.02, "elementwise": 0.1}
+_RIDGE = {"linear": 0.3, "attention_prefill": 0.05, "attention_decode": 0.02, "elementwise": 0.1,
+          "linear_decode": 0.1}
 
 
 @dataclass
@@ -159,12 +160,13 @@ def base_profile(model_config, measured: Measurements) -> DeviceProfile:
         gemm_curve=layer_curve, lm_head_curve=head_curve,
         decode_attention_padded=not paged, kv_passes=1.0 if paged else 3.0,
         decode_staging=measured.attention_backend == "portable" and spec.kind == "cpu",
+        host_overlaps_device=spec.kind == "gpu",
         staging_max_copy_bytes=measured.staging_max_copy_bytes,
     )
 
 
 FIT_FEATURES = ("linear", "attention_prefill", "attention_decode", "elementwise", "layer", "sequence",
-                "prefill_sequence_layer", "chunk_layer", "staging_rebuild")
+                "prefill_sequence_layer", "chunk_layer", "staging_rebuild", "linear_decode")
 
 
 def step_features(model_config, profile: DeviceProfile, shape: BatchShape) -> np.ndarray:
@@ -176,9 +178,9 @@ def step_features(model_config, profile: DeviceProfile, shape: BatchShape) -> np
     chunk = 0.0 if shape.is_decode_only else 1.0
     rebuilt = sequences * shape.staging_capacity * layers if shape.staging == "rebuild" else 0.0
     return np.array([
-        seconds["linear"], seconds["attention_prefill"], seconds["attention_decode"],
+        chunk * seconds["linear"], seconds["attention_prefill"], seconds["attention_decode"],
         seconds["elementwise"] + seconds["sampling"], layers, sequences,
-        chunk * sequences * layers, chunk * layers, rebuilt,
+        chunk * sequences * layers, chunk * layers, rebuilt, (1.0 - chunk) * seconds["linear"],
     ])
 
 
@@ -204,20 +206,63 @@ def fit_profile(model_config, measured: Measurements, samples: list[StepSample] 
 OUTLIER_SLOWDOWN = 0.3
 
 
-def _fit_once(model_config, measured: Measurements, samples: list[StepSample]) -> DeviceProfile:
+_DEVICE_FEATURES = [FIT_FEATURES.index(name) for name in
+                    ("linear", "attention_prefill", "attention_decode", "elementwise", "linear_decode")]
+_HOST_LAYER_FEATURES = [FIT_FEATURES.index(name) for name in ("layer", "prefill_sequence_layer", "chunk_layer")]
+
+
+def _fit_once(model_config, measured: Measurements, samples: list[StepSample], regime_rounds: int = 4) -> DeviceProfile:
+    """One fit over ``samples``. Where host work overlaps the device (GPU), a step with a prompt chunk
+    takes max(host per-layer work, device time): each such step is assigned the regime the previous
+    fit predicts for it, only that regime's features are kept, and the fit is repeated until the
+    assignment settles."""
     profile = base_profile(model_config, measured)
     if not samples:
         return profile
     step_overhead = max(statistics.median(s.seconds - s.executor_seconds for s in samples), 0.0)
     features = np.array([step_features(model_config, profile, s.shape) for s in samples])
     targets = np.array([max(s.seconds - step_overhead, 1e-6) for s in samples])
+    measured_seconds = np.array([s.seconds for s in samples])
     ridge = np.zeros((len(_RIDGE), len(FIT_FEATURES)))
     for row, (name, pull) in enumerate(_RIDGE.items()):
         ridge[row, FIT_FEATURES.index(name)] = pull * np.sqrt(len(samples))
-    coefficients = fit_relative_l1(features, targets, np.array([s.seconds for s in samples]), ridge, ridge.sum(axis=1))
+    coefficients = fit_relative_l1(features, targets, measured_seconds, ridge, ridge.sum(axis=1))
+    _apply(profile, coefficients, step_overhead)
+    if not profile.host_overlaps_device:
+        return profile
+    chunk_steps = np.array([not s.shape.is_decode_only for s in samples])
+    best = (_total_relative_error(model_config, profile, samples), profile)
+    for start in (chunk_steps.copy(), np.zeros_like(chunk_steps)):  # every eager step host-bound, or none
+        host_bound, candidate = start, None
+        for _ in range(regime_rounds):
+            masked = features.copy()
+            masked[np.ix_(host_bound, _DEVICE_FEATURES)] = 0.0
+            masked[np.ix_(chunk_steps & ~host_bound, _HOST_LAYER_FEATURES)] = 0.0
+            candidate = base_profile(model_config, measured)
+            _apply(candidate, fit_relative_l1(masked, targets, measured_seconds, ridge, ridge.sum(axis=1)),
+                   step_overhead)
+            model = StepModel(model_config, candidate)
+            regime = chunk_steps & np.array([
+                model.host_layer_seconds(s.shape) > sum(model.predict(s.shape).seconds.values()) for s in samples])
+            if (regime == host_bound).all():
+                break
+            host_bound = regime
+        error = _total_relative_error(model_config, candidate, samples)
+        if error < best[0]:
+            best = (error, candidate)
+    return best[1]
+
+
+def _total_relative_error(model_config, profile: DeviceProfile, samples: list[StepSample]) -> float:
+    model = StepModel(model_config, profile)
+    return sum(abs(model.predict(s.shape).elapsed_seconds / s.seconds - 1) for s in samples)
+
+
+def _apply(profile: DeviceProfile, coefficients: np.ndarray, step_overhead: float) -> None:
     scales = dict(profile.scales)
     scales["linear"], scales["attention_prefill"], scales["attention_decode"] = coefficients[:3]
     scales["elementwise"] = scales["sampling"] = coefficients[3]
+    scales["linear_decode"] = coefficients[9]
     profile.scales = {name: float(max(value, 1e-3)) for name, value in scales.items()}
     profile.step_overhead_s = float(step_overhead)
     profile.layer_overhead_s = float(coefficients[4])
@@ -225,7 +270,6 @@ def _fit_once(model_config, measured: Measurements, samples: list[StepSample]) -
     profile.prefill_sequence_layer_overhead_s = float(coefficients[6])
     profile.chunk_layer_overhead_s = float(coefficients[7])
     profile.staging_rebuild_s_per_token_layer = float(coefficients[8]) if profile.decode_staging else 0.0
-    return profile
 
 
 def refit(measurement_paths: list[str], model: str | None = None) -> tuple[DeviceProfile, Measurements]:

@@ -17,6 +17,9 @@ import numpy as np
 from joule.perf.hardware import HardwareSpec, get_hardware
 
 OPERATOR_CLASSES = ("linear", "attention_prefill", "attention_decode", "elementwise", "sampling")
+# Scales: one per class, plus the linear class's in decode-only steps, which on a GPU replay a CUDA
+# graph (GEMMs back to back at memory speed) while steps with a prompt chunk run eagerly.
+SCALE_NAMES = OPERATOR_CLASSES + ("linear_decode",)
 PROFILE_DIR = Path(__file__).with_name("profiles")
 
 # Defaults for an uncalibrated device, as fractions of the datasheet peaks. The GEMM fraction
@@ -54,7 +57,7 @@ class DeviceProfile:
     gemm_m_half: float  # GEMM rate at M rows = gemm_flops * M / (M + gemm_m_half)
     attention_flops: float  # FLOP/s of attention math (QK^T, softmax, PV)
     memory_bandwidth: float  # bytes/s a streaming kernel reaches
-    scales: dict[str, float] = field(default_factory=lambda: {name: 1.0 for name in OPERATOR_CLASSES})
+    scales: dict[str, float] = field(default_factory=lambda: {name: 1.0 for name in SCALE_NAMES})
     step_overhead_s: float = 0.0
     sequence_overhead_s: float = 0.0
     layer_overhead_s: float = 0.0
@@ -71,6 +74,9 @@ class DeviceProfile:
     # steps (read once, one token appended per step) and rebuilds them when the decoding set
     # changes, at this cost per row token per layer; copies beyond ``staging_max_copy_bytes``
     # (half the KV cache calibration ran with; 0 = no bound) fall back to gathers.
+    # GPU: an eager step's kernels run while later ones are launched, so its per-layer host work and
+    # its device time overlap (the step takes the larger); a CPU does both on the same cores.
+    host_overlaps_device: bool = False
     decode_staging: bool = False
     staging_rebuild_s_per_token_layer: float = 0.0
     staging_max_copy_bytes: float = 0.0
@@ -90,10 +96,12 @@ class DeviceProfile:
                 raise ValueError(f"profile {self.hardware}: {name} must be positive, got {getattr(self, name)!r}")
         if self.gemm_m_half < 0:
             raise ValueError(f"profile {self.hardware}: gemm_m_half must be non-negative")
-        unknown = set(self.scales) - set(OPERATOR_CLASSES)
+        unknown = set(self.scales) - set(SCALE_NAMES)
         if unknown:
             raise ValueError(f"profile {self.hardware}: unknown operator classes {sorted(unknown)}")
-        self.scales = {name: float(self.scales.get(name, 1.0)) for name in OPERATOR_CLASSES}
+        scales = {name: float(self.scales.get(name, 1.0)) for name in OPERATOR_CLASSES}
+        scales["linear_decode"] = float(self.scales.get("linear_decode", scales["linear"]))  # older profiles
+        self.scales = scales
 
     @property
     def element_bytes(self) -> int:
@@ -130,6 +138,7 @@ class DeviceProfile:
             energy_per_byte=_BYTE_POWER_SHARE * dynamic_watts / spec.memory_bandwidth,
             source=f"defaults from the catalog entry for {spec.name} (uncalibrated)",
             decode_attention_padded=not _PAGED_ATTENTION[spec.kind],
+            host_overlaps_device=spec.kind == "gpu",
             kv_passes=1.0 if _PAGED_ATTENTION[spec.kind] else 3.0,
             **_OVERHEADS[spec.kind],
         )

@@ -16,7 +16,9 @@ are per operator class so a profile can scale each class on its own:
 Time per class is a roofline ``max(FLOPs / rate, bytes / bandwidth)`` times the
 profile's scale for the class; fixed overheads (per step, sequence, layer, and
 per layer in steps that carry a prompt chunk, which on a GPU run eagerly while
-decode-only steps replay a CUDA graph) are added. Energy is idle power x time plus per-FLOP and per-byte energies, capped
+decode-only steps replay a CUDA graph) are added. On a GPU the per-layer host
+work of an eager step (launches) overlaps the kernels it launches, so such a
+step takes the larger of the two, not their sum. Energy is idle power x time plus per-FLOP and per-byte energies, capped
 at the board's maximum power.
 """
 
@@ -302,18 +304,21 @@ class StepModel:
             seconds[name] = counts[name].bytes / bandwidth
         return counts, seconds
 
+    def host_layer_seconds(self, batch: BatchShape) -> float:
+        """Per-layer host work: kernel launches, and the per-sequence loop of steps with a chunk."""
+        profile, layers = self.profile, self.config.num_hidden_layers
+        seconds = profile.layer_overhead_s * layers
+        if not batch.is_decode_only:
+            seconds += (profile.prefill_sequence_layer_overhead_s * len(batch.sequences)
+                        + profile.chunk_layer_overhead_s) * layers
+        return seconds
+
     def overhead_seconds(self, batch: BatchShape) -> float:
         profile = self.profile
         num_sequences = len(batch.sequences)
-        seconds = (
-            profile.step_overhead_s
-            + profile.sequence_overhead_s * num_sequences
-            + profile.layer_overhead_s * self.config.num_hidden_layers
-        )
-        layers = self.config.num_hidden_layers
-        if not batch.is_decode_only:
-            seconds += (profile.prefill_sequence_layer_overhead_s * num_sequences + profile.chunk_layer_overhead_s) * layers
+        seconds = profile.step_overhead_s + profile.sequence_overhead_s * num_sequences + self.host_layer_seconds(batch)
         if batch.staging == "rebuild":
+            layers = self.config.num_hidden_layers
             seconds += profile.staging_rebuild_s_per_token_layer * num_sequences * batch.staging_capacity * layers
         return seconds
 
@@ -322,9 +327,18 @@ class StepModel:
             return StepCost({}, {}, 0.0, 0.0, 0.0)
         batch = self.resolve_staging(batch)
         counts, raw = self.class_seconds(batch)
-        seconds = {name: raw[name] * self.profile.scales[name] for name in OPERATOR_CLASSES}
+        scales = dict(self.profile.scales)
+        if batch.is_decode_only:
+            scales["linear"] = scales["linear_decode"]
+        seconds = {name: raw[name] * scales[name] for name in OPERATOR_CLASSES}
         overhead = self.overhead_seconds(batch)
-        elapsed = sum(seconds.values()) + overhead
+        device = sum(seconds.values())
+        if self.profile.host_overlaps_device and not batch.is_decode_only:
+            # An eager GPU step: kernels run while later ones are still being launched.
+            host = self.host_layer_seconds(batch)
+            elapsed = overhead - host + max(host, device)
+        else:
+            elapsed = device + overhead
         return StepCost(counts, seconds, overhead, elapsed, self.energy(counts, elapsed))
 
     def predict_plan(self, plan: StepPlan) -> StepCost:

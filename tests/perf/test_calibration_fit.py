@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from joule.model.config import ModelConfig
-from joule.perf.calibrate import Measurements, StepSample, fit_profile, gemm_curves
+from joule.perf.calibrate import Measurements, StepSample, base_profile, fit_profile, gemm_curves
 from joule.perf.fitting import fit_gemm_curve, fit_relative_l1, nonnegative_least_squares
 from joule.perf.step_model import BatchShape, SequenceWork, StepModel, gemm_count, layer_gemm_shapes
 
@@ -116,6 +116,30 @@ def _true_profile(config: ModelConfig):
     profile.prefill_sequence_layer_overhead_s = 2e-4
     profile.chunk_layer_overhead_s = 5e-4
     return profile
+
+
+def test_fit_recovers_host_bound_eager_steps_on_a_gpu():
+    """Eager steps that take max(launches, kernels), graph-replayed decodes at their own linear scale."""
+    config = model_config()
+    measured = synthetic_measurements(config, StepModel(config, _true_profile(config)))
+    measured = dataclasses.replace(measured, hardware="H100", dtype="bfloat16", attention_backend="triton")
+    truth = base_profile(config, measured)
+    assert truth.host_overlaps_device and not truth.decode_attention_padded
+    truth.scales = {**truth.scales, "linear_decode": 0.5}
+    truth.step_overhead_s, truth.sequence_overhead_s, truth.chunk_layer_overhead_s = 5e-4, 2e-5, 1e-3
+    model = StepModel(config, truth)
+    steps = [dataclasses.replace(step, seconds=model.predict(step.shape).elapsed_seconds) for step in measured.steps]
+    steps = [dataclasses.replace(step, executor_seconds=step.seconds - 5e-4) for step in steps]
+    host_bound = [s for s in steps if not s.shape.is_decode_only
+                  and model.host_layer_seconds(s.shape) > sum(model.predict(s.shape).seconds.values())]
+    assert host_bound  # the synthetic set has both regimes
+    fitted = fit_profile(config, dataclasses.replace(measured, steps=steps))
+    assert fitted.chunk_layer_overhead_s == pytest.approx(1e-3, rel=0.1)
+    # The ridge pulls every scale toward 1, so only roughly: decodes' linear well below the chunks'.
+    assert fitted.scales["linear_decode"] < 0.75 * fitted.scales["linear"]
+    fitted_model = StepModel(config, fitted)
+    errors = [abs(fitted_model.predict(s.shape).elapsed_seconds / s.seconds - 1) for s in steps]
+    assert np.median(errors) < 0.03
 
 
 def test_merging_runs_keeps_the_fastest_of_each_measurement():

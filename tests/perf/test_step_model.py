@@ -128,6 +128,33 @@ def test_staged_decodes_read_kv_once_and_rebuilds_pay_per_row_token():
     assert model.predict(BatchShape(sequences)).elapsed_seconds == pytest.approx(append.elapsed_seconds)
 
 
+def test_eager_gpu_steps_take_the_larger_of_host_launches_and_device_time():
+    config = one_layer_config(num_hidden_layers=10)
+    profile = flat_profile(host_overlaps_device=True, chunk_layer_overhead_s=1e-3, step_overhead_s=1e-4)
+    model = StepModel(config, profile)
+    small = BatchShape.prefill([8])  # host-bound: 10 ms of launches, microseconds of kernels
+    assert model.predict(small).elapsed_seconds == pytest.approx(1e-4 + 10e-3)
+    additive = StepModel(config, flat_profile(chunk_layer_overhead_s=1e-3, step_overhead_s=1e-4))
+    device = sum(additive.predict(small).seconds.values())
+    assert additive.predict(small).elapsed_seconds == pytest.approx(1e-4 + 10e-3 + device)
+    # Decode-only steps replay a graph after the host prepared it: still additive.
+    decode = BatchShape.decode(2, 10)
+    assert model.predict(decode).elapsed_seconds == pytest.approx(additive.predict(decode).elapsed_seconds)
+
+
+def test_linear_decode_scale_applies_to_decode_only_steps_and_defaults_to_linear(tmp_path):
+    config = one_layer_config()
+    profile = flat_profile(scales={"linear": 2.0, "linear_decode": 0.5})
+    base = StepModel(config, flat_profile())
+    model = StepModel(config, profile)
+    decode, prefill = BatchShape.decode(2, 10), BatchShape.prefill([30])
+    assert model.predict(decode).seconds["linear"] == pytest.approx(0.5 * base.predict(decode).seconds["linear"])
+    assert model.predict(prefill).seconds["linear"] == pytest.approx(2.0 * base.predict(prefill).seconds["linear"])
+    older = flat_profile().to_dict()
+    older["scales"] = {"linear": 1.7}  # saved before linear_decode existed
+    assert DeviceProfile.from_dict(older).scales["linear_decode"] == 1.7
+
+
 def test_elementwise_and_sampling_counts():
     config = one_layer_config()
     batch = BatchShape([SequenceWork(2, 0, True)])
