@@ -11,12 +11,17 @@ from joule.bench.workload import SyntheticRequest
 
 
 def run_transformers_generate(
-    model_path: Path, requests: list[SyntheticRequest], dtype: torch.dtype, device: torch.device, batch_size: int
+    model_path: Path, requests: list[SyntheticRequest], dtype: torch.dtype, device: torch.device, batch_size: int,
+    model: torch.nn.Module | None = None,
 ) -> dict:
-    """Batched greedy generate with a fixed output length; prompts of equal length need no padding."""
-    from joule.bench.hf_continuous import load_transformers_model
+    """Batched greedy generate with a fixed output length; prompts of equal length need no padding.
 
-    model = load_transformers_model(model_path, dtype, device)  # random weights for a config-only directory
+    ``model``: one already loaded by ``hf_continuous.load_transformers_model`` (repeated runs load it once).
+    """
+    if model is None:
+        from joule.bench.hf_continuous import load_transformers_model
+
+        model = load_transformers_model(model_path, dtype, device)  # random weights for a config-only directory
     started = time.perf_counter()
     output_tokens = 0
     for begin in range(0, len(requests), batch_size):
