@@ -103,6 +103,8 @@ def add_perf_commands(subparsers) -> None:
     validate.add_argument("--offline", default="32,128,64", help="NUM_PROMPTS,INPUT_LEN,OUTPUT_LEN ('' to skip)")
     validate.add_argument("--serving", default="", help="WORKLOAD spec served in real time ('' to skip)")
     validate.add_argument("--skip-steps", action="store_true")
+    validate.add_argument("--recheck", default=None,
+                          help="a saved validation JSON (.gz ok): re-predict its measured steps with --profile, no engine")
     validate.add_argument("--output-json", default=None)
     validate.set_defaults(perf_handler=run_validate)
 
@@ -265,6 +267,8 @@ def run_validate(args: argparse.Namespace) -> int:
     from joule.perf.validate import compare_run, summarize_checks, validate_steps
 
     profile = DeviceProfile.load(args.profile)
+    if args.recheck:
+        return _recheck(args, profile)
     engine = build_engine(args.model, args.dtype, args.load_format, args.device)
     report: dict = {"profile": args.profile}
     if not args.skip_steps:
@@ -286,6 +290,30 @@ def run_validate(args: argparse.Namespace) -> int:
         _print_comparison(f"serving {args.serving}", report["serving"])
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return 0
+
+
+def _recheck(args: argparse.Namespace, profile) -> int:
+    """Saved measured steps against another profile's predictions (e.g. after a --refit)."""
+    import gzip
+
+    from joule.model.loader import resolve_model_path
+    from joule.perf.step_model import StepModel
+    from joule.perf.validate import checks_from_report, recheck, summarize_checks
+
+    opener = gzip.open if args.recheck.endswith(".gz") else open
+    with opener(args.recheck, "rt", encoding="utf-8") as handle:
+        report = json.load(handle)
+    model = StepModel(ModelConfig.from_file(resolve_model_path(args.model) / "config.json"), profile)
+    for name in ("steps", "offline", "serving"):
+        section = report.get(name)
+        section = section if name == "steps" else (section or {}).get("run_steps")
+        checks = recheck(checks_from_report(section or {}), model)
+        if checks:
+            summary = summarize_checks(checks, keep_steps=False)
+            kinds = ", ".join(f"{kind} {row['median_abs_error']:.1%} ({row['steps']})"
+                              for kind, row in summary["by_kind"].items())
+            print(f"{name}: median |error| {summary['median_abs_error']:.1%} over {len(checks)} steps [{kinds}]")
     return 0
 
 
