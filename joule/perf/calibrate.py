@@ -47,6 +47,8 @@ class Measurements:
     # "portable" (padded KV gathers) or "triton" (paged kernels); "" in files saved before it was recorded.
     attention_backend: str = ""
     staging_max_copy_bytes: float = 0.0  # the portable backend's bound on its dense decode copies (CPU)
+    chunk_graph_max_tokens: int = 0  # largest captured prompt-chunk graph (GPU); 0: none
+    max_graphed_chunks: int = 4
 
     @classmethod
     def from_dict(cls, data: dict) -> "Measurements":
@@ -60,7 +62,8 @@ class Measurements:
         ]
         return cls(data["hardware"], data["dtype"], data["bandwidth"], [tuple(g) for g in data["gemms"]],
                    data["attention_flops"], steps, data.get("attention_backend", ""),
-                   data.get("staging_max_copy_bytes", 0.0))
+                   data.get("staging_max_copy_bytes", 0.0), data.get("chunk_graph_max_tokens", 0),
+                   data.get("max_graphed_chunks", 4))
 
 
 def measure_micro(model_config, dtype_name: str, device_name: str, hardware: str, repeats: int = 5) -> Measurements:
@@ -136,7 +139,7 @@ def merge_measurements(runs: list[Measurements]) -> Measurements:
     return Measurements(first.hardware, first.dtype, max(run.bandwidth for run in runs),
                         [(*key, seconds) for key, seconds in gemms.items()],
                         max(run.attention_flops for run in runs), steps, first.attention_backend,
-                        first.staging_max_copy_bytes)
+                        first.staging_max_copy_bytes, first.chunk_graph_max_tokens, first.max_graphed_chunks)
 
 
 def base_profile(model_config, measured: Measurements) -> DeviceProfile:
@@ -162,6 +165,7 @@ def base_profile(model_config, measured: Measurements) -> DeviceProfile:
         decode_staging=measured.attention_backend == "portable" and spec.kind == "cpu",
         host_overlaps_device=spec.kind == "gpu",
         staging_max_copy_bytes=measured.staging_max_copy_bytes,
+        chunk_graph_max_tokens=measured.chunk_graph_max_tokens, max_graphed_chunks=measured.max_graphed_chunks,
     )
 
 
@@ -175,12 +179,14 @@ def step_features(model_config, profile: DeviceProfile, shape: BatchShape) -> np
     shape = model.resolve_staging(shape)
     _, seconds = model.class_seconds(shape)
     layers, sequences = model_config.num_hidden_layers, len(shape.sequences)
-    chunk = 0.0 if shape.is_decode_only else 1.0
+    decode_only = 1.0 if shape.is_decode_only else 0.0
+    eager_chunk = 1.0 if model.is_eager_chunk_step(shape) else 0.0
+    replays = len(model.graph_passes(shape) or [None])
     rebuilt = sequences * shape.staging_capacity * layers if shape.staging == "rebuild" else 0.0
     return np.array([
-        chunk * seconds["linear"], seconds["attention_prefill"], seconds["attention_decode"],
-        seconds["elementwise"] + seconds["sampling"], layers, sequences,
-        chunk * sequences * layers, chunk * layers, rebuilt, (1.0 - chunk) * seconds["linear"],
+        (1.0 - decode_only) * seconds["linear"], seconds["attention_prefill"], seconds["attention_decode"],
+        seconds["elementwise"] + seconds["sampling"], layers * replays, sequences,
+        eager_chunk * sequences * layers, eager_chunk * layers, rebuilt, decode_only * seconds["linear"],
     ])
 
 
@@ -230,7 +236,7 @@ def _fit_once(model_config, measured: Measurements, samples: list[StepSample], r
     _apply(profile, coefficients, step_overhead)
     if not profile.host_overlaps_device:
         return profile
-    chunk_steps = np.array([not s.shape.is_decode_only for s in samples])
+    chunk_steps = np.array([StepModel(model_config, profile).is_eager_chunk_step(s.shape) for s in samples])
     best = (_total_relative_error(model_config, profile, samples), profile)
     for start in (chunk_steps.copy(), np.zeros_like(chunk_steps)):  # every eager step host-bound, or none
         host_bound, candidate = start, None
@@ -272,6 +278,17 @@ def _apply(profile: DeviceProfile, coefficients: np.ndarray, step_overhead: floa
     profile.staging_rebuild_s_per_token_layer = float(coefficients[8]) if profile.decode_staging else 0.0
 
 
+def chunk_graphs_of(engine) -> tuple[int, int]:
+    """(largest captured prompt-chunk graph, most chunks a graphed step may carry); (0, 4) without them."""
+    runner = getattr(engine.core.executor.inner, "chunk_runner", None)
+    sizes = getattr(runner, "sizes", None)
+    if not sizes:
+        return 0, 4
+    from joule.runtime.prefill_graphs import MAX_GRAPHED_CHUNKS
+
+    return int(max(sizes)), int(MAX_GRAPHED_CHUNKS)
+
+
 def refit(measurement_paths: list[str], model: str | None = None) -> tuple[DeviceProfile, Measurements]:
     """Fit a profile from saved measurements (merged when several), without measuring again."""
     import json
@@ -310,6 +327,7 @@ def calibrate(model: str | None = None, dtype: str = "auto", device: str = "auto
     measured.attention_backend = attention_backend_name(engine)
     staging = engine.core.executor.staging
     measured.staging_max_copy_bytes = staging.max_copy_bytes if staging is not None else 0.0
+    measured.chunk_graph_max_tokens, measured.max_graphed_chunks = chunk_graphs_of(engine)
     measured.steps = measure_steps(engine, scenarios or default_scenarios(engine), repeats, log=log)
     log(f"  {len(measured.steps)} engine steps measured ({time.perf_counter() - started:.0f} s)")
     profile = fit_profile(engine.model_config, measured)

@@ -77,6 +77,12 @@ class DeviceProfile:
     # GPU: an eager step's kernels run while later ones are launched, so its per-layer host work and
     # its device time overlap (the step takes the larger); a CPU does both on the same cores.
     host_overlaps_device: bool = False
+    # GPU engines that capture prompt-chunk graphs (joule/runtime/prefill_graphs.py): a step with at
+    # most ``max_graphed_chunks`` chunks of at most ``chunk_graph_max_tokens`` replays the decode
+    # graph and one padded graph per chunk (each reading the weights again) instead of running
+    # eagerly. 0: no chunk graphs.
+    chunk_graph_max_tokens: int = 0
+    max_graphed_chunks: int = 4
     decode_staging: bool = False
     staging_rebuild_s_per_token_layer: float = 0.0
     staging_max_copy_bytes: float = 0.0

@@ -181,11 +181,24 @@ def gemm_count(rows: int, k: int, n: int, element_bytes: int) -> OperatorCount:
     return OperatorCount(2.0 * rows * k * n, float(element_bytes) * (k * n + rows * k + rows * n))
 
 
-def count_linear(config: ModelConfig, batch: BatchShape, element_bytes: int) -> list[tuple[int, OperatorCount]]:
-    """(rows, count) of every GEMM in the step: the layers' over all rows, lm_head over sampled rows."""
-    rows = batch.num_tokens
-    gemms = [(rows, gemm_count(rows, k, n, element_bytes)) for _, k, n in layer_gemm_shapes(config)]
-    gemms = [(m, OperatorCount(c.flops * config.num_hidden_layers, c.bytes * config.num_hidden_layers)) for m, c in gemms]
+def chunk_graph_rows(num_tokens: int, largest: int) -> int:
+    """Rows of the captured chunk graph a chunk replays: the next power of two from 16, at most ``largest``
+    (joule/runtime/prefill_graphs.py captures 16, 32, ... and the step's token budget)."""
+    size = 16
+    while size < num_tokens:
+        size *= 2
+    return min(size, largest)
+
+
+def count_linear(config: ModelConfig, batch: BatchShape, element_bytes: int,
+                 passes: list[int] | None = None) -> list[tuple[int, OperatorCount]]:
+    """(rows, count) of every GEMM in the step: the layers' over all rows (or once per graph pass, each
+    reading the weights again), lm_head over sampled rows."""
+    gemms = []
+    for rows in passes or [batch.num_tokens]:
+        for _, k, n in layer_gemm_shapes(config):
+            count = gemm_count(rows, k, n, element_bytes)
+            gemms.append((rows, OperatorCount(count.flops * config.num_hidden_layers, count.bytes * config.num_hidden_layers)))
     sampled = batch.num_sampled
     if sampled:
         gemms.append((sampled, gemm_count(sampled, config.hidden_size, config.vocab_size, element_bytes)))
@@ -231,9 +244,10 @@ def count_attention(
     return prefill, decode
 
 
-def count_elementwise(config: ModelConfig, batch: BatchShape, element_bytes: int) -> OperatorCount:
-    """Norms, rope, activation, residuals and KV writes: streaming passes over activations."""
-    rows = batch.num_tokens
+def count_elementwise(config: ModelConfig, batch: BatchShape, element_bytes: int, rows: int | None = None) -> OperatorCount:
+    """Norms, rope, activation, residuals and KV writes: streaming passes over activations (``rows``:
+    padded rows of graph replays, else the step's)."""
+    rows = batch.num_tokens if rows is None else rows
     hidden, inter = config.hidden_size, config.intermediate_size
     q_width = config.num_attention_heads * config.head_dim
     kv_width = config.num_key_value_heads * config.head_dim
@@ -284,7 +298,8 @@ class StepModel:
         seconds: dict[str, float] = {}
         linear = OperatorCount()
         linear_seconds = 0.0
-        gemms = count_linear(self.config, batch, element_bytes)
+        passes = self.graph_passes(batch)
+        gemms = count_linear(self.config, batch, element_bytes, passes)
         for index, (rows, count) in enumerate(gemms):
             linear.flops += count.flops
             linear.bytes += count.bytes
@@ -298,17 +313,35 @@ class StepModel:
         for name, count in (("attention_prefill", prefill), ("attention_decode", decode)):
             counts[name] = count
             seconds[name] = max(count.flops / profile.attention_flops, count.bytes / bandwidth)
-        counts["elementwise"] = count_elementwise(self.config, batch, element_bytes)
+        counts["elementwise"] = count_elementwise(self.config, batch, element_bytes, sum(passes) if passes else None)
         counts["sampling"] = count_sampling(self.config, batch)
         for name in ("elementwise", "sampling"):
             seconds[name] = counts[name].bytes / bandwidth
         return counts, seconds
 
+    def graph_passes(self, batch: BatchShape) -> list[int] | None:
+        """Rows of each graph replay of a step with prompt chunks that the profile's engine runs as
+        CUDA graphs (its decodes, then each chunk padded to a captured size); None when it runs eagerly
+        (or is decode-only: one replay, the usual case)."""
+        largest = self.profile.chunk_graph_max_tokens
+        if not largest or batch.is_decode_only:
+            return None
+        chunks = [s.num_new_tokens for s in batch.sequences if s.num_new_tokens > 1]
+        if len(chunks) > self.profile.max_graphed_chunks or max(chunks) > largest:
+            return None
+        decodes = sum(1 for s in batch.sequences if s.num_new_tokens == 1)
+        return ([decodes] if decodes else []) + [chunk_graph_rows(n, largest) for n in chunks]
+
+    def is_eager_chunk_step(self, batch: BatchShape) -> bool:
+        return not batch.is_decode_only and self.graph_passes(batch) is None
+
     def host_layer_seconds(self, batch: BatchShape) -> float:
-        """Per-layer host work: kernel launches, and the per-sequence loop of steps with a chunk."""
+        """Per-layer host work: kernel launches (per graph replay), and in eager steps with a chunk
+        their launches and the per-sequence attention loop."""
         profile, layers = self.profile, self.config.num_hidden_layers
-        seconds = profile.layer_overhead_s * layers
-        if not batch.is_decode_only:
+        passes = self.graph_passes(batch)
+        seconds = profile.layer_overhead_s * layers * (len(passes) if passes else 1)
+        if passes is None and not batch.is_decode_only:
             seconds += (profile.prefill_sequence_layer_overhead_s * len(batch.sequences)
                         + profile.chunk_layer_overhead_s) * layers
         return seconds
@@ -333,7 +366,7 @@ class StepModel:
         seconds = {name: raw[name] * scales[name] for name in OPERATOR_CLASSES}
         overhead = self.overhead_seconds(batch)
         device = sum(seconds.values())
-        if self.profile.host_overlaps_device and not batch.is_decode_only:
+        if self.profile.host_overlaps_device and self.is_eager_chunk_step(batch):
             # An eager GPU step: kernels run while later ones are still being launched.
             host = self.host_layer_seconds(batch)
             elapsed = overhead - host + max(host, device)

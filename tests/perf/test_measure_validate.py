@@ -56,7 +56,10 @@ def test_scenario_arrivals_merge_late_prompts_and_waves():
 
 
 def test_staggered_arrivals_make_mixed_steps_and_changing_decode_batches(engine):
+    from joule.perf.calibrate import chunk_graphs_of
+
     assert attention_backend_name(engine) == "portable"
+    assert chunk_graphs_of(engine) == (0, 4)  # no CUDA graphs on a CPU
     samples = run_scenario(engine, _serving_like("staggered", (20, 30, 12), 2, 4))
     shapes = [[(s.num_new_tokens, s.context_length) for s in sample.shape.sequences] for sample in samples]
     assert shapes[0] == [(20, 0)]

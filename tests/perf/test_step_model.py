@@ -142,6 +142,25 @@ def test_eager_gpu_steps_take_the_larger_of_host_launches_and_device_time():
     assert model.predict(decode).elapsed_seconds == pytest.approx(additive.predict(decode).elapsed_seconds)
 
 
+def test_graphed_chunk_steps_replay_one_padded_pass_per_chunk():
+    config = one_layer_config(num_hidden_layers=2)
+    profile = flat_profile(host_overlaps_device=True, chunk_graph_max_tokens=512, max_graphed_chunks=2,
+                           layer_overhead_s=1e-5, chunk_layer_overhead_s=1e-3)
+    model = StepModel(config, profile)
+    mixed = BatchShape([SequenceWork(1, 40, True)] * 3 + [SequenceWork(100, 0, True), SequenceWork(17, 5, False)])
+    assert model.graph_passes(mixed) == [3, 128, 32]  # the decodes, then each chunk padded to 16 * 2^k
+    gemms = count_linear(config, mixed, 2, model.graph_passes(mixed))
+    assert [rows for rows, _ in gemms] == [3] * 4 + [128] * 4 + [32] * 4 + [4]  # weights read per pass
+    assert model.host_layer_seconds(mixed) == pytest.approx(3 * 2 * 1e-5)  # replays: no eager launches
+    device = sum(model.predict(mixed).seconds.values())
+    assert model.predict(mixed).elapsed_seconds == pytest.approx(device + 3 * 2 * 1e-5)
+    # Beyond the captured sizes or the chunk count, the step runs eagerly.
+    assert model.graph_passes(BatchShape.prefill([600])) is None
+    assert model.graph_passes(BatchShape.prefill([20, 20, 20])) is None
+    assert model.is_eager_chunk_step(BatchShape.prefill([20, 20, 20]))
+    assert not model.is_eager_chunk_step(BatchShape.decode(4, 10))
+
+
 def test_linear_decode_scale_applies_to_decode_only_steps_and_defaults_to_linear(tmp_path):
     config = one_layer_config()
     profile = flat_profile(scales={"linear": 2.0, "linear_decode": 0.5})
