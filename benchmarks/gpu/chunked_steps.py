@@ -22,6 +22,7 @@ from joule.sampling_params import RequestOutputKind, SamplingParams
 
 PROMPT_RANGE = (1024, 3072)
 LLAMA_1B = "benchmarks/configs/llama-3.2-1b"
+GOODPUT_SLOS = [(0.5, 0.003), (0.5, 0.004), (0.5, 0.006)]  # (TTFT, TPOT) seconds: a request counts if it meets both
 
 
 def percentile(values, fraction):
@@ -81,7 +82,13 @@ def run(engine: LLMEngine, config: SchedulerConfig, rate: float, seconds: float,
     prefill_only = [s[2] for s in steps if s[1] > 0 and s[0] == 0]
     decode_only = [s[2] for s in steps if s[1] == 0]
     mixed_tokens = [s[1] for s in steps if s[1] > 0 and s[0] > 0]
+    goodput = {}
+    for ttft_slo, tpot_slo in GOODPUT_SLOS:
+        met = sum(1 for r in finish if first_token[r] - arrival_of[r] <= ttft_slo
+                  and (lengths[r] <= 1 or (finish[r] - first_token[r]) / (lengths[r] - 1) <= tpot_slo))
+        goodput[(ttft_slo, tpot_slo)] = met / seconds
     return {
+        "goodput": goodput,
         "requests": len(finish), "ttft_p50": percentile(ttft, 0.5), "ttft_p90": percentile(ttft, 0.9),
         "tpot_p50": percentile(tpot, 0.5), "tpot_p90": percentile(tpot, 0.9),
         "mixed": (len(mixed), percentile(mixed, 0.5), statistics.mean(mixed_tokens) if mixed_tokens else 0),
@@ -108,8 +115,12 @@ def main() -> None:
         ("chunked 512", SchedulerConfig(max_num_batched_tokens=512, **base), None),
         ("deadline 8192, tpot 10 ms", SchedulerConfig(max_num_batched_tokens=8192, policy="deadline", **base), tight),
     ]
-    run(engine, configs[1][1], 8.0, 2.0, None, seed=99)  # warm-up: compiles mixed-step kernel variants
-    for rate in (8.0, 24.0):
+    rates = [float(rate) for rate in sys.argv[3].split(",")] if len(sys.argv) > 3 else [8.0, 24.0]
+    wanted = sys.argv[4].split(",") if len(sys.argv) > 4 else None  # label prefixes to run
+    if wanted:
+        configs = [entry for entry in configs if any(entry[0].startswith(prefix) for prefix in wanted)]
+    run(engine, configs[0][1], 8.0, 2.0, None, seed=99)  # warm-up: compiles mixed-step kernel variants
+    for rate in rates:
         for label, config, slo in configs:
             result = run(engine, config, rate, seconds, slo, seed=int(rate))
             mixed, prefill_only, decode_only = result["mixed"], result["prefill_only"], result["decode_only"]
@@ -118,7 +129,9 @@ def main() -> None:
                   f"TPOT p50/p90 {1e3 * result['tpot_p50']:6.2f}/{1e3 * result['tpot_p90']:6.2f} ms  "
                   f"mixed {mixed[0]:4d} x {1e3 * mixed[1]:6.2f} ms ({mixed[2]:5.0f} prompt tok)  "
                   f"prefill-only {prefill_only[0]:4d} x {1e3 * prefill_only[1]:6.2f} ms  "
-                  f"decode {decode_only[0]:5d} x {1e3 * decode_only[1]:5.2f} ms", flush=True)
+                  f"decode {decode_only[0]:5d} x {1e3 * decode_only[1]:5.2f} ms  goodput " + " ".join(
+                      f"tpot<={1e3 * tpot:.0f}ms:{value:.1f}" for (_, tpot), value in result["goodput"].items()),
+                  flush=True)
 
 
 if __name__ == "__main__":
