@@ -45,6 +45,8 @@ class SchedulingPolicy(Protocol):
     def token_budget(self, decodes: list[Request], max_tokens: int, step_time: StepTimeEstimator,
                      min_prefill_tokens: int) -> int: ...
 
+    def fast_lane_tokens(self, waiting: deque[Request], running: list[Request]) -> int | None: ...
+
 
 class FirstComeFirstServed:
     name = "fcfs"
@@ -68,6 +70,10 @@ class FirstComeFirstServed:
                      min_prefill_tokens: int) -> int:
         """Tokens this step may carry; every policy but ``deadline`` uses the whole budget."""
         return max_tokens
+
+    def fast_lane_tokens(self, waiting: deque[Request], running: list[Request]) -> int | None:
+        """Prompt tokens to admit ahead of running prompt chunks in a short step, or None (``fair`` only)."""
+        return None
 
 
 class PriorityFirst(FirstComeFirstServed):
@@ -108,6 +114,35 @@ class VirtualTokenCounterFairness(FirstComeFirstServed):
     def on_scheduled(self, request: Request, num_tokens: int, is_decode: bool) -> None:
         weight = DECODE_TOKEN_WEIGHT if is_decode else PROMPT_TOKEN_WEIGHT
         self.counters[request.tenant] = self.counters.get(request.tenant, 0.0) + weight * num_tokens
+
+    def fast_lane_tokens(self, waiting: deque[Request], running: list[Request]) -> int | None:
+        """A tenant served less than every tenant whose prompts are being chunked gets a short step.
+
+        Without it, a light tenant's prompt joins a step already full of a flooding tenant's prompt
+        chunks and waits a whole long step; here that step carries only the running decodes and the
+        less-served tenants' prompts, and the chunks resume the step after. Returns those prompts'
+        tokens, or None when no waiting tenant is behind.
+        """
+        if not waiting:
+            return None
+        counter = self.counters.get
+        waiting_tokens: dict[str | None, int] = {}
+        for request in waiting:
+            waiting_tokens[request.tenant] = waiting_tokens.get(request.tenant, 0) + request.num_tokens
+        # Tenants whose prompt tokens would otherwise fill the step: chunks in progress or waiting prompts.
+        pending = dict(waiting_tokens)
+        for request in running:
+            if request.is_prefilling:
+                remaining = request.num_tokens - request.num_computed_tokens
+                pending[request.tenant] = pending.get(request.tenant, 0) + remaining
+        if len(pending) < 2:
+            return None
+        # Least served first; on a tie (a tenant back from idle is lifted to the others' counter) the one
+        # with fewer prompt tokens pending, then by name, so the choice never depends on set order.
+        lowest = min(pending, key=lambda tenant: (counter(tenant, 0.0), pending[tenant], str(tenant)))
+        if lowest not in waiting_tokens:
+            return None  # the least-served tenant has nothing waiting: its chunks run in the normal order
+        return waiting_tokens[lowest]
 
 
 def deadline_key(request: Request) -> tuple:

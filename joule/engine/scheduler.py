@@ -152,6 +152,11 @@ class Scheduler:
         budget = self.policy.token_budget(
             decodes, self.config.max_num_batched_tokens, self.step_time, self.block_manager.block_size
         )
+        fast_lane = self.policy.fast_lane_tokens(self.waiting, self.running)
+        if fast_lane is not None and len(decodes) + fast_lane < budget:
+            # A short step: decodes, then the less-served tenants' prompts; running chunks wait one step.
+            budget = min(budget, len(decodes) + fast_lane)
+            prefills = []
         for request in decodes + prefills:
             if budget == 0:
                 break

@@ -135,3 +135,38 @@ def test_returning_tenant_does_not_bank_credit_while_idle():
     engine.add_request(_request("late", tenant="late"))
     counters = engine.scheduler.policy.counters
     assert counters["late"] == pytest.approx(counters["busy"])
+
+
+def test_fair_fast_lane_gives_a_less_served_tenant_a_short_step():
+    """A heavy tenant's long prompt is being chunked; a light tenant's prompt arrives. The next step
+    carries the running decodes and the light prompt only; the heavy chunks resume the step after."""
+    config = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=32, max_model_len=512, policy="fair")
+    engine = EngineCore(config, KVBlockManager(256, 4), TokenPerRequestExecutor(), clock=lambda: 0.0)
+    engine.add_request(Request("heavy-decoding", [1] * 8, SamplingParams(max_tokens=50, ignore_eos=True), 50,
+                               tenant="heavy"))
+    engine.step()  # its prompt; it decodes from now on
+    engine.add_request(Request("heavy-long", [2] * 200, SamplingParams(max_tokens=4, ignore_eos=True), 4,
+                               tenant="heavy"))
+    engine.step()  # the long prompt's first chunk: heavy is now mid-prefill and well served
+    engine.add_request(Request("light", [3] * 6, SamplingParams(max_tokens=4, ignore_eos=True), 4, tenant="light"))
+    plan = engine.scheduler.schedule()
+    ids = {sequence.request_id: sequence.num_tokens for sequence in plan.sequences}
+    assert ids == {"heavy-decoding": 1, "light": 6}  # no heavy chunk in this step
+    engine.scheduler.update(plan, TokenPerRequestExecutor().execute(plan))
+    following = {sequence.request_id for sequence in engine.scheduler.schedule().sequences}
+    assert "heavy-long" in following  # the chunks resume
+
+
+def test_fair_fast_lane_stays_shut_when_nobody_is_behind():
+    policy = make_policy("fair")
+    waiting_same_tenant = [_request("a", tenant="t")]
+    assert policy.fast_lane_tokens(waiting_same_tenant, []) is None  # one tenant: nobody to favour
+    assert policy.fast_lane_tokens([], [_request("b", tenant="u")]) is None
+    policy.counters = {"light": 10.0, "heavy": 500.0}
+    waiting = [_request("l", tenant="light"), _request("h", tenant="heavy")]
+    assert policy.fast_lane_tokens(waiting, []) == 5  # the light prompt's tokens
+    policy.counters = {"light": 900.0, "heavy": 500.0}
+    assert policy.fast_lane_tokens(waiting, []) == 5  # heavy is behind now: its one waiting prompt
+    policy.counters = {"light": 500.0, "heavy": 500.0}  # a tie (light just lifted): the smaller demand goes
+    more_heavy = waiting + [_request("h2", tenant="heavy")]
+    assert policy.fast_lane_tokens(more_heavy, []) == 5
