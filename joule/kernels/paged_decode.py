@@ -185,9 +185,9 @@ def paged_decode_attention(
     group = num_heads // num_kv_heads
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
     # head_dim 64, bf16, B=64 x 4k context on an H200: block_n 128 read at 3.8 TB/s, 64 at 3.5 TB/s.
-    # Sized by bytes per cached row, so an fp8 cache reads as many bytes per tile as bf16 does.
-    row_bytes = head_dim_pad * key_cache.element_size()
-    block_n = 128 if row_bytes <= 128 else 64 if row_bytes <= 256 else 32
+    # (Sizing the tile by bytes, so fp8 caches took 128-token tiles, made H100 workload 2 with an fp8
+    # cache 4 % slower than bf16 where it had been 10 % faster: fp8 keeps the bf16 tile sizes.)
+    block_n = 128 if head_dim_pad <= 64 else 64 if head_dim_pad <= 128 else 32
     launch = {"block_n": block_n, "num_warps": 4, "num_stages": 2, **(launch or {})}
     block_n = launch["block_n"]
     num_splits = max(1, min(int(num_splits), -(-max_sequence_length // block_n)))
