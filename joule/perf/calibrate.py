@@ -33,7 +33,7 @@ GEMM_ROWS = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048)
 # Pull of each class scale toward 1 (relative-error units): strong for linear, whose rates were
 # measured on the model's own GEMMs; weak for attention, which the micro-benchmarks model least.
 _RIDGE = {"linear": 0.3, "attention_prefill": 0.05, "attention_decode": 0.02, "elementwise": 0.1,
-          "linear_decode": 0.1}
+          "linear_decode": 0.1, "linear_memory": 0.1}
 
 
 @dataclass
@@ -163,14 +163,14 @@ def base_profile(model_config, measured: Measurements) -> DeviceProfile:
         gemm_curve=layer_curve, lm_head_curve=head_curve,
         decode_attention_padded=not paged, kv_passes=1.0 if paged else 3.0,
         decode_staging=measured.attention_backend == "portable" and spec.kind == "cpu",
-        host_overlaps_device=spec.kind == "gpu",
+        host_overlaps_device=spec.kind == "gpu", linear_roofline="max" if spec.kind == "gpu" else "sum",
         staging_max_copy_bytes=measured.staging_max_copy_bytes,
         chunk_graph_max_tokens=measured.chunk_graph_max_tokens, max_graphed_chunks=measured.max_graphed_chunks,
     )
 
 
 FIT_FEATURES = ("linear", "attention_prefill", "attention_decode", "elementwise", "layer", "sequence",
-                "prefill_sequence_layer", "chunk_layer", "staging_rebuild", "linear_decode")
+                "prefill_sequence_layer", "chunk_layer", "staging_rebuild", "linear_decode", "linear_memory")
 
 
 def step_features(model_config, profile: DeviceProfile, shape: BatchShape) -> np.ndarray:
@@ -183,10 +183,13 @@ def step_features(model_config, profile: DeviceProfile, shape: BatchShape) -> np
     eager_chunk = 1.0 if model.is_eager_chunk_step(shape) else 0.0
     replays = len(model.graph_passes(shape) or [None])
     rebuilt = sequences * shape.staging_capacity * layers if shape.staging == "rebuild" else 0.0
+    linear, memory = seconds["linear"], 0.0
+    if profile.linear_roofline == "sum":
+        _, _, linear, memory = model.linear_parts(shape, model.graph_passes(shape))
     return np.array([
-        (1.0 - decode_only) * seconds["linear"], seconds["attention_prefill"], seconds["attention_decode"],
+        (1.0 - decode_only) * linear, seconds["attention_prefill"], seconds["attention_decode"],
         seconds["elementwise"] + seconds["sampling"], layers * replays, sequences,
-        eager_chunk * sequences * layers, eager_chunk * layers, rebuilt, decode_only * seconds["linear"],
+        eager_chunk * sequences * layers, eager_chunk * layers, rebuilt, decode_only * linear, memory,
     ])
 
 
@@ -269,6 +272,7 @@ def _apply(profile: DeviceProfile, coefficients: np.ndarray, step_overhead: floa
     scales["linear"], scales["attention_prefill"], scales["attention_decode"] = coefficients[:3]
     scales["elementwise"] = scales["sampling"] = coefficients[3]
     scales["linear_decode"] = coefficients[9]
+    scales["linear_memory"] = coefficients[10] if profile.linear_roofline == "sum" else 1.0
     profile.scales = {name: float(max(value, 1e-3)) for name, value in scales.items()}
     profile.step_overhead_s = float(step_overhead)
     profile.layer_overhead_s = float(coefficients[4])

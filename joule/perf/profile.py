@@ -19,7 +19,8 @@ from joule.perf.hardware import HardwareSpec, get_hardware
 OPERATOR_CLASSES = ("linear", "attention_prefill", "attention_decode", "elementwise", "sampling")
 # Scales: one per class, plus the linear class's in decode-only steps, which on a GPU replay a CUDA
 # graph (GEMMs back to back at memory speed) while steps with a prompt chunk run eagerly.
-SCALE_NAMES = OPERATOR_CLASSES + ("linear_decode",)
+SCALE_NAMES = OPERATOR_CLASSES + ("linear_decode", "linear_memory")
+LINEAR_ROOFLINES = ("max", "sum")
 PROFILE_DIR = Path(__file__).with_name("profiles")
 
 # Defaults for an uncalibrated device, as fractions of the datasheet peaks. The GEMM fraction
@@ -77,6 +78,10 @@ class DeviceProfile:
     # GPU: an eager step's kernels run while later ones are launched, so its per-layer host work and
     # its device time overlap (the step takes the larger); a CPU does both on the same cores.
     host_overlaps_device: bool = False
+    # How a GEMM's compute and weight streaming combine: "max" (roofline: a GPU overlaps them) or
+    # "sum" (CPU: small-M GEMMs compute at cache speed after streaming each weight from DRAM),
+    # then linear_memory scales the streaming part.
+    linear_roofline: str = "max"
     # GPU engines that capture prompt-chunk graphs (joule/runtime/prefill_graphs.py): a step with at
     # most ``max_graphed_chunks`` chunks of at most ``chunk_graph_max_tokens`` replays the decode
     # graph and one padded graph per chunk (each reading the weights again) instead of running
@@ -107,7 +112,11 @@ class DeviceProfile:
             raise ValueError(f"profile {self.hardware}: unknown operator classes {sorted(unknown)}")
         scales = {name: float(self.scales.get(name, 1.0)) for name in OPERATOR_CLASSES}
         scales["linear_decode"] = float(self.scales.get("linear_decode", scales["linear"]))  # older profiles
+        scales["linear_memory"] = float(self.scales.get("linear_memory", 1.0))
         self.scales = scales
+        if self.linear_roofline not in LINEAR_ROOFLINES:
+            raise ValueError(f"profile {self.hardware}: linear_roofline must be one of {LINEAR_ROOFLINES}, "
+                             f"got {self.linear_roofline!r}")
 
     @property
     def element_bytes(self) -> int:

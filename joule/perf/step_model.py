@@ -296,19 +296,8 @@ class StepModel:
         bandwidth = profile.memory_bandwidth
         counts: dict[str, OperatorCount] = {}
         seconds: dict[str, float] = {}
-        linear = OperatorCount()
-        linear_seconds = 0.0
         passes = self.graph_passes(batch)
-        gemms = count_linear(self.config, batch, element_bytes, passes)
-        for index, (rows, count) in enumerate(gemms):
-            linear.flops += count.flops
-            linear.bytes += count.bytes
-            is_lm_head = index == len(gemms) - 1 and batch.num_sampled > 0
-            # Measured curves come from one cache-resident weight: the roofline's bytes term adds
-            # what streaming every layer's weights from memory costs at small M.
-            compute = count.flops / profile.gemm_rate(rows, lm_head=is_lm_head)
-            linear_seconds += max(compute, count.bytes / bandwidth)
-        counts["linear"], seconds["linear"] = linear, linear_seconds
+        counts["linear"], seconds["linear"], _, _ = self.linear_parts(batch, passes)
         prefill, decode = count_attention(self.config, batch, element_bytes, profile)
         for name, count in (("attention_prefill", prefill), ("attention_decode", decode)):
             counts[name] = count
@@ -318,6 +307,27 @@ class StepModel:
         for name in ("elementwise", "sampling"):
             seconds[name] = counts[name].bytes / bandwidth
         return counts, seconds
+
+    def linear_parts(self, batch: BatchShape, passes: list[int] | None = None
+                     ) -> tuple[OperatorCount, float, float, float]:
+        """(count, roofline seconds, compute seconds, weight-streaming seconds) of the step's GEMMs.
+
+        Measured curves come from one cache-resident weight (compute); streaming every layer's
+        weights from memory is the bytes term. Roofline seconds are their max per GEMM."""
+        profile, bandwidth = self.profile, self.profile.memory_bandwidth
+        linear = OperatorCount()
+        roofline = compute_total = memory_total = 0.0
+        gemms = count_linear(self.config, batch, self.element_bytes, passes)
+        for index, (rows, count) in enumerate(gemms):
+            linear.flops += count.flops
+            linear.bytes += count.bytes
+            is_lm_head = index == len(gemms) - 1 and batch.num_sampled > 0
+            compute = count.flops / profile.gemm_rate(rows, lm_head=is_lm_head)
+            memory = count.bytes / bandwidth
+            roofline += max(compute, memory)
+            compute_total += compute
+            memory_total += memory
+        return linear, roofline, compute_total, memory_total
 
     def graph_passes(self, batch: BatchShape) -> list[int] | None:
         """Rows of each graph replay of a step with prompt chunks that the profile's engine runs as
@@ -364,6 +374,9 @@ class StepModel:
         if batch.is_decode_only:
             scales["linear"] = scales["linear_decode"]
         seconds = {name: raw[name] * scales[name] for name in OPERATOR_CLASSES}
+        if self.profile.linear_roofline == "sum":
+            _, _, compute, memory = self.linear_parts(batch, self.graph_passes(batch))
+            seconds["linear"] = scales["linear"] * compute + scales["linear_memory"] * memory
         overhead = self.overhead_seconds(batch)
         device = sum(seconds.values())
         if self.profile.host_overlaps_device and self.is_eager_chunk_step(batch):

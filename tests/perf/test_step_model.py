@@ -142,6 +142,19 @@ def test_eager_gpu_steps_take_the_larger_of_host_launches_and_device_time():
     assert model.predict(decode).elapsed_seconds == pytest.approx(additive.predict(decode).elapsed_seconds)
 
 
+def test_summed_linear_roofline_adds_weight_streaming_to_compute():
+    config = one_layer_config(hidden_size=512, intermediate_size=1024, vocab_size=4000)
+    batch = BatchShape.decode(4, 10)
+    roofline = StepModel(config, flat_profile())
+    summed = StepModel(config, flat_profile(linear_roofline="sum", scales={"linear_decode": 2.0, "linear_memory": 0.5}))
+    _, max_seconds, compute, memory = roofline.linear_parts(batch)
+    assert max_seconds < compute + memory
+    assert summed.predict(batch).seconds["linear"] == pytest.approx(2.0 * compute + 0.5 * memory)
+    assert roofline.predict(batch).seconds["linear"] == pytest.approx(max_seconds)
+    with pytest.raises(ValueError, match="linear_roofline"):
+        flat_profile(linear_roofline="min")
+
+
 def test_graphed_chunk_steps_replay_one_padded_pass_per_chunk():
     config = one_layer_config(num_hidden_layers=2)
     profile = flat_profile(host_overlaps_device=True, chunk_graph_max_tokens=512, max_graphed_chunks=2,
