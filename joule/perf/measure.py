@@ -288,9 +288,9 @@ def run_scenario(engine, scenario: Scenario, seed: int = 0) -> list[StepSample]:
 
 
 def default_reduce(engine):
-    """How repeats of a step combine: the minimum on a CPU (other jobs sharing its cores only ever add
-    time), the median on a GPU (host-side jitter goes both ways around what a run will see)."""
-    return statistics.median if engine.device.type == "cuda" else min
+    """How repeats of a step combine: the median (host-side jitter goes both ways around what a run
+    will see). On a CPU only runs that other processes left alone count (``measure_steps``)."""
+    return statistics.median
 
 
 def measure_steps(engine, scenarios, repeats: int = 3, reduce=None, max_extra_runs: int | None = None,
@@ -299,28 +299,39 @@ def measure_steps(engine, scenarios, repeats: int = 3, reduce=None, max_extra_ru
     times (``default_reduce`` unless given).
 
     On a CPU, a run during which other processes took more than ``CONTENDED_SHARE`` of the machine
-    does not count toward ``repeats``: up to ``max_extra_runs`` (default ``repeats``) more are made,
-    and the fastest of all runs is kept per step.
+    does not count toward ``repeats``: up to ``max_extra_runs`` (default ``repeats``) more are made.
+    Steps are reduced over the clean runs; when none was clean, the fastest of all runs is kept
+    (contention only ever adds time). A serving run sees typical step times, not the best of
+    several, hence the median of clean runs rather than their minimum.
     """
-    reduce = reduce or default_reduce(engine)
     on_cpu = engine.device.type == "cpu"
+    explicit = reduce is not None
+    reduce = reduce or default_reduce(engine)
     max_extra_runs = repeats if max_extra_runs is None else max_extra_runs
     run_scenario(engine, Scenario("warm-up", (64, 16), 3))
     result: list[StepSample] = []
     for scenario in scenarios:
-        runs, clean, seed = [], 0, 0
-        while clean < repeats and seed < repeats + (max_extra_runs if on_cpu else 0):
+        runs, clean_runs, seed = [], [], 0
+        while len(clean_runs) < repeats and seed < repeats + (max_extra_runs if on_cpu else 0):
             wait_for_quiet()
             with ForeignLoad() as load:
-                runs.append(run_scenario(engine, scenario, seed))
+                run = run_scenario(engine, scenario, seed)
+            runs.append(run)
             seed += 1
-            clean += load.share <= CONTENDED_SHARE or not on_cpu
-            if log is not None and on_cpu and load.share > CONTENDED_SHARE:
+            if load.share <= CONTENDED_SHARE or not on_cpu:
+                clean_runs.append(run)
+            elif log is not None:
                 log(f"  {scenario.name}: other processes took {load.share:.0%} of the CPU; measuring again")
-        for index, sample in enumerate(runs[0]):
-            same = [run[index] for run in runs if index < len(run) and run[index].shape == sample.shape]
+        if explicit or not on_cpu:
+            chosen, combine = runs, reduce
+        elif clean_runs:
+            chosen, combine = clean_runs, reduce
+        else:
+            chosen, combine = runs, min
+        for index, sample in enumerate(chosen[0]):
+            same = [run[index] for run in chosen if index < len(run) and run[index].shape == sample.shape]
             result.append(StepSample(
                 scenario.name, sample.shape,
-                reduce(s.seconds for s in same), reduce(s.executor_seconds for s in same),
+                combine(s.seconds for s in same), combine(s.executor_seconds for s in same),
             ))
     return result

@@ -91,3 +91,37 @@ def test_compare_run_medians_over_repeats_and_saved_steps_can_be_rechecked(engin
     assert [c.measured_s for c in again] == [c.measured_s for c in checks]
     assert all(b.predicted_s == pytest.approx(a.predicted_s + 0.5) for a, b in zip(checks, again))
     assert summarize_checks(again, keep_steps=False).keys() >= {"median_abs_error", "by_kind"}
+
+
+def test_cpu_steps_are_the_median_of_clean_runs_or_the_fastest_when_none_is_clean(monkeypatch):
+    from types import SimpleNamespace
+
+    from joule.perf import measure
+    from joule.perf.step_model import BatchShape
+
+    def fake_runs(times_by_seed, shares_by_seed):
+        seeds = iter(shares_by_seed)
+
+        class FakeLoad:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.share = next(seeds)
+
+        def fake_run(engine, scenario, seed=0):
+            if scenario.name == "warm-up":
+                return []
+            seconds = times_by_seed[seed]
+            return [measure.StepSample(scenario.name, BatchShape.decode(2, 5), seconds, seconds)]
+
+        monkeypatch.setattr(measure, "ForeignLoad", FakeLoad)
+        monkeypatch.setattr(measure, "run_scenario", fake_run)
+        monkeypatch.setattr(measure, "wait_for_quiet", lambda *args: 0.0)
+
+    cpu = SimpleNamespace(device=SimpleNamespace(type="cpu"))
+    scenario = [Scenario("s", (5, 5), 2)]
+    fake_runs([0.30, 0.10, 0.12, 0.11, 0.5], [0.0, 0.5, 0.0, 0.0])  # the second run was contended
+    assert [s.seconds for s in measure.measure_steps(cpu, scenario, repeats=3)] == [pytest.approx(0.12)]
+    fake_runs([0.30, 0.20, 0.25, 0.22], [0.6, 0.6, 0.6, 0.6])  # never clean: the fastest of the 2 x 2 runs
+    assert [s.seconds for s in measure.measure_steps(cpu, scenario, repeats=2)] == [pytest.approx(0.20)]
