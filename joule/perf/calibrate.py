@@ -29,7 +29,7 @@ from joule.perf.hardware import get_hardware
 from joule.perf.profile import DeviceProfile
 from joule.perf.step_model import BatchShape, SequenceWork, StepModel, gemm_count, layer_gemm_shapes
 
-GEMM_ROWS = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048)
+GEMM_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)  # small M in detail: decode batches
 # Pull of each class scale toward 1 (relative-error units): strong for linear, whose rates were
 # measured on the model's own GEMMs; weak for attention, which the micro-benchmarks model least.
 _RIDGE = {"linear": 0.3, "attention_prefill": 0.05, "attention_decode": 0.02, "elementwise": 0.1,
