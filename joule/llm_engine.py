@@ -137,7 +137,10 @@ class LLMEngine:
             model_config.num_key_value_heads, model_config.head_dim, config.block_size, tokens,
             config.max_num_seqs, model_config.vocab_size,
         )
-        budget = gpu_kv_cache_budget(self.device, config.gpu_memory_utilization, profile.peak_step_bytes)
+        # The prompt-chunk graphs keep a pool as large as the worst step, and eager steps (more chunks,
+        # longer chunks) still need one on top: reserve the peak twice unless graphs are off.
+        reserved = profile.peak_step_bytes * (1 if config.enforce_eager else 2)
+        budget = gpu_kv_cache_budget(self.device, config.gpu_memory_utilization, reserved)
         if budget < bytes_per_block:
             raise ValueError(
                 f"no GPU memory is left for the KV cache at gpu_memory_utilization={config.gpu_memory_utilization}: "
