@@ -87,12 +87,17 @@ def measure_micro(model_config, dtype_name: str, device_name: str, hardware: str
     # model adds the cost of streaming every layer's weights from memory at small M.
     layer_weights = [torch.randn(k, n, dtype=dtype, device=device) * 0.02 for _, k, n in layer_gemm_shapes(model_config)]
     head = torch.randn(model_config.hidden_size, model_config.vocab_size, dtype=dtype, device=device) * 0.02
-    for rows in GEMM_ROWS:
-        wait_for_quiet(5.0)
-        for weight in layer_weights + ([head] if rows <= 256 else []):  # lm_head only sees sampled rows
-            inputs = torch.randn(rows, weight.shape[0], dtype=dtype, device=device)
-            seconds = _timed(lambda: inputs @ weight, repeats, synchronize)
-            measured.gemms.append((rows, weight.shape[0], weight.shape[1], seconds))
+    # Two passes over the sizes, at different times, keeping each one's fastest: a burst of other
+    # jobs that slowed one size (and so bent the curve's shape) rarely hits it twice.
+    fastest: dict[tuple[int, int, int], float] = {}
+    for _ in range(2 if device.type == "cpu" else 1):
+        for rows in GEMM_ROWS:
+            wait_for_quiet(5.0)
+            for weight in layer_weights + ([head] if rows <= 256 else []):  # lm_head only sees sampled rows
+                inputs = torch.randn(rows, weight.shape[0], dtype=dtype, device=device)
+                key = (rows, weight.shape[0], weight.shape[1])
+                fastest[key] = min(fastest.get(key, float("inf")), _timed(lambda: inputs @ weight, repeats, synchronize))
+    measured.gemms = [(*key, seconds) for key, seconds in fastest.items()]
     del layer_weights, head
     heads, head_dim, length = model_config.num_attention_heads, model_config.head_dim, 1024
     query = torch.randn(1, heads, length, head_dim, dtype=dtype, device=device)
