@@ -323,6 +323,11 @@ def _print_comparison(title: str, comparison: dict) -> None:
         row = comparison[key]
         print(f"  {key:<18} measured {row['measured']:10.4g}  simulated {row['simulated']:10.4g}  "
               f"error {row['error']:+.1%}")
+    runs = comparison.get("runs", [])
+    if runs:
+        print("  runs (used ones starred): " + ", ".join(
+            f"{'*' if run['used'] else ''}{run['output_throughput']:.1f} tok/s, TPOT {run['tpot_s_p50'] * 1e3:.1f} ms, "
+            f"copy {run.get('host_copy_gbps_before', float('nan')):.1f} GB/s" for run in runs))
     steps = comparison.get("run_steps")
     if steps:
         kinds = ", ".join(f"{kind} {row['median_abs_error']:.1%} ({row['steps']})" for kind, row in steps["by_kind"].items())

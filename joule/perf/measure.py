@@ -204,6 +204,19 @@ class ForeignLoad:
         self.share = max(0.0, foreign / (wall * (os.cpu_count() or 1)))
 
 
+def copy_bandwidth(megabytes: int = 128, repeats: int = 3) -> float:
+    """Bytes/s of a large memory copy (read + write), best of ``repeats``: a cheap probe of how fast
+    the machine is right now, since neighbours on a shared host slow it without showing in /proc/stat."""
+    source = np.ones((megabytes << 20) // 8)
+    target = np.empty_like(source)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        np.copyto(target, source)
+        best = min(best, time.perf_counter() - started)
+    return 2 * source.nbytes / best
+
+
 CONTENDED_SHARE = 0.15  # other processes' share of the CPU above which a measurement counts as contended
 
 

@@ -203,7 +203,7 @@ def compare_run(engine, profile: DeviceProfile, requests: list[TimedRequest], re
     """
     import os
 
-    from joule.perf.measure import CONTENDED_SHARE, ForeignLoad, wait_for_quiet
+    from joule.perf.measure import CONTENDED_SHARE, ForeignLoad, copy_bandwidth, wait_for_quiet
 
     if warmup and requests:
         ordered = sorted(requests, key=lambda timed: timed.arrival_time)
@@ -216,10 +216,12 @@ def compare_run(engine, profile: DeviceProfile, requests: list[TimedRequest], re
             break
         wait_for_quiet(quiet_wait_s)
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        bandwidth = copy_bandwidth()
         with ForeignLoad() as foreign:
             run = measure_run(engine, requests)
         engine.block_manager.reset_prefix_cache()
         all_runs.append(run | {"load_average_before": load, "foreign_cpu_share": foreign.share,
+                               "host_copy_gbps_before": bandwidth / 1e9,
                                "clean": foreign.share <= CONTENDED_SHARE or not on_cpu(engine)})
     runs = [run for run in all_runs if run["clean"]] or all_runs
     simulated = simulate_like_engine(engine, profile, requests)
@@ -239,7 +241,8 @@ def compare_run(engine, profile: DeviceProfile, requests: list[TimedRequest], re
     comparison["runs"] = [
         {"output_throughput": run["output_throughput"], "ttft_s_p50": run["ttft_s"]["p50"],
          "tpot_s_p50": run["tpot_s"]["p50"], "steps": len(run["steps"]), "used": run in runs,
-         "load_average_before": run["load_average_before"], "foreign_cpu_share": run["foreign_cpu_share"]}
+         "load_average_before": run["load_average_before"], "foreign_cpu_share": run["foreign_cpu_share"],
+         "host_copy_gbps_before": run["host_copy_gbps_before"]}
         for run in all_runs
     ]
     comparison["simulated_steps"] = simulated["num_steps"]
