@@ -59,6 +59,7 @@ CALIBRATION_SCENARIOS = (
     Scenario("decode 6 @ 40", (40,) * 6, 6),
     Scenario("decode 20 @ 160", (160,) * 20, 6),
     Scenario("decode 48 @ 24", (24,) * 48, 6),
+    Scenario("decode 56 @ 48", (48,) * 56, 6),  # dense copies beyond their bound: padded gathers
     Scenario("mixed 12 decodes + 300", (96,) * 12, 6, (300,), 3),
     _serving_like("staggered 60..220, every 5 steps", (60, 220, 140, 90, 180, 60, 220, 140), 5, 16),
     _serving_like("staggered 60..220, every 2 steps", (100, 200, 60, 160, 120, 220, 90, 140, 180, 60), 2, 16),
