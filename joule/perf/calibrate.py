@@ -21,13 +21,31 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from joule.perf.fitting import fit_gemm_curve, fit_relative_l1
-from joule.perf.measure import (  # noqa: F401  (re-exported: the calibration API in one place)
-    CALIBRATION_SCENARIOS, GPU_CALIBRATION_SCENARIOS, RecordingExecutor, Scenario, StepSample, _timed,
-    attention_backend_name, build_engine, default_reduce, default_scenarios, detect_hardware, measure_steps, run_scenario, wait_for_quiet,
-)
 from joule.perf.hardware import get_hardware
+from joule.perf.measure import (  # noqa: F401  (re-exported: the calibration API in one place)
+    CALIBRATION_SCENARIOS,
+    GPU_CALIBRATION_SCENARIOS,
+    RecordingExecutor,
+    Scenario,
+    StepSample,
+    _timed,
+    attention_backend_name,
+    build_engine,
+    default_reduce,
+    default_scenarios,
+    detect_hardware,
+    measure_steps,
+    run_scenario,
+    wait_for_quiet,
+)
 from joule.perf.profile import DeviceProfile
-from joule.perf.step_model import BatchShape, SequenceWork, StepModel, gemm_count, layer_gemm_shapes
+from joule.perf.step_model import (
+    BatchShape,
+    SequenceWork,
+    StepModel,
+    gemm_count,
+    layer_gemm_shapes,
+)
 
 GEMM_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)  # small M in detail: decode batches
 # Pull of each class scale toward 1 (relative-error units): strong for linear, whose rates were
@@ -51,7 +69,7 @@ class Measurements:
     max_graphed_chunks: int = 4
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Measurements":
+    def from_dict(cls, data: dict) -> Measurements:
         """Inverse of ``dataclasses.asdict``: refit a profile from saved measurements without torch."""
         steps = [
             StepSample(step["scenario"], BatchShape([SequenceWork(**s) for s in step["shape"]["sequences"]],
@@ -80,7 +98,7 @@ def measure_micro(model_config, dtype_name: str, device_name: str, hardware: str
     numel = (256 << 20) // 4 if device.type == "cuda" else (128 << 20) // 4
     source = torch.ones(numel, dtype=torch.float32, device=device)
     target = torch.ones_like(source)
-    copy_seconds = _timed(lambda: target.copy_(source), repeats, synchronize)
+    copy_seconds = _timed(lambda target=target, source=source: target.copy_(source), repeats, synchronize)
     measured = Measurements(hardware, str(dtype).removeprefix("torch."), bandwidth=2 * source.nbytes / copy_seconds)
     del source, target
     # One cache-resident weight per shape: this is the compute side of the GEMM roofline; the step
@@ -96,7 +114,7 @@ def measure_micro(model_config, dtype_name: str, device_name: str, hardware: str
             for weight in layer_weights + ([head] if rows <= 256 else []):  # lm_head only sees sampled rows
                 inputs = torch.randn(rows, weight.shape[0], dtype=dtype, device=device)
                 key = (rows, weight.shape[0], weight.shape[1])
-                fastest[key] = min(fastest.get(key, float("inf")), _timed(lambda: inputs @ weight, repeats, synchronize))
+                fastest[key] = min(fastest.get(key, float("inf")), _timed(lambda inputs=inputs, weight=weight: inputs @ weight, repeats, synchronize))
     measured.gemms = [(*key, seconds) for key, seconds in fastest.items()]
     del layer_weights, head
     heads, head_dim, length = model_config.num_attention_heads, model_config.head_dim, 1024

@@ -9,6 +9,7 @@ import os
 import statistics
 import time
 from dataclasses import dataclass
+from typing import Self
 
 import numpy as np
 
@@ -189,7 +190,7 @@ class ForeignLoad:
         times = os.times()
         return times.user + times.system
 
-    def __enter__(self) -> "ForeignLoad":
+    def __enter__(self) -> Self:
         self.started_wall, self.own_seconds = time.perf_counter(), self._own_seconds()
         self.busy_jiffies = self._busy_jiffies() or 0
         return self

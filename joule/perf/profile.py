@@ -34,10 +34,10 @@ _GEMM_M_HALF = {"gpu": 48.0, "cpu": 32.0}  # rows at which a GEMM reaches half i
 # ~100 us; decode-only steps replay a CUDA graph, where a layer's kernels cost ~2 us each back to
 # back (~20 us), so 80 us of it is charged only to steps that carry a prompt chunk.
 _OVERHEADS = {
-    "gpu": dict(step_overhead_s=1.5e-3, sequence_overhead_s=1.5e-5, layer_overhead_s=2.0e-5,
-                chunk_layer_overhead_s=8.0e-5, prefill_sequence_layer_overhead_s=2.5e-5),
-    "cpu": dict(step_overhead_s=2.0e-3, sequence_overhead_s=2.0e-5, layer_overhead_s=5.0e-5,
-                prefill_sequence_layer_overhead_s=3.0e-5),
+    "gpu": {"step_overhead_s": 1.5e-3, "sequence_overhead_s": 1.5e-5, "layer_overhead_s": 2.0e-5,
+            "chunk_layer_overhead_s": 8.0e-5, "prefill_sequence_layer_overhead_s": 2.5e-5},
+    "cpu": {"step_overhead_s": 2.0e-3, "sequence_overhead_s": 2.0e-5, "layer_overhead_s": 5.0e-5,
+            "prefill_sequence_layer_overhead_s": 3.0e-5},
 }
 # GPUs run the Triton backend's paged kernels (each sequence's KV read once, unpadded); CPUs the
 # portable backend's padded gathers.
@@ -135,7 +135,7 @@ class DeviceProfile:
         return bool(self.gemm_curve)
 
     @classmethod
-    def from_hardware(cls, spec: HardwareSpec, dtype: str | None = None) -> "DeviceProfile":
+    def from_hardware(cls, spec: HardwareSpec, dtype: str | None = None) -> DeviceProfile:
         """Uncalibrated defaults from the catalog's peaks (fractions documented in this module)."""
         dtype = dtype or spec.default_dtype()
         peak = spec.peak_flops(dtype)
@@ -163,7 +163,7 @@ class DeviceProfile:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "DeviceProfile":
+    def from_dict(cls, data: dict) -> DeviceProfile:
         known = {item.name for item in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -174,7 +174,7 @@ class DeviceProfile:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
 
     @classmethod
-    def load(cls, path: str | Path) -> "DeviceProfile":
+    def load(cls, path: str | Path) -> DeviceProfile:
         path = Path(path)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))

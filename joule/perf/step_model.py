@@ -70,15 +70,15 @@ class BatchShape:
             raise ValueError(f"staging must be one of {STAGING_MODES}, got {self.staging!r}")
 
     @classmethod
-    def from_plan(cls, plan: StepPlan) -> "BatchShape":
+    def from_plan(cls, plan: StepPlan) -> BatchShape:
         return cls([SequenceWork(s.num_tokens, s.start_position, s.samples) for s in plan.sequences])
 
     @classmethod
-    def decode(cls, batch_size: int, context_length: int) -> "BatchShape":
+    def decode(cls, batch_size: int, context_length: int) -> BatchShape:
         return cls([SequenceWork(1, context_length, True) for _ in range(batch_size)])
 
     @classmethod
-    def prefill(cls, prompt_lengths: list[int]) -> "BatchShape":
+    def prefill(cls, prompt_lengths: list[int]) -> BatchShape:
         return cls([SequenceWork(length, 0, True) for length in prompt_lengths])
 
     @property

@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from joule.perf.arrivals import TimedRequest
-from joule.perf.measure import Scenario, measure_steps
 from joule.perf.hardware import get_hardware
+from joule.perf.measure import Scenario, measure_steps
 from joule.perf.metrics import percentiles
 from joule.perf.profile import DeviceProfile
 from joule.perf.simulator import ClusterSimulator, ReplicaConfig
@@ -73,7 +73,7 @@ class StepCheck:
                           self.staging, self.staging_capacity)
 
     @classmethod
-    def of(cls, scenario: str, shape: BatchShape, measured_s: float, model: StepModel) -> "StepCheck":
+    def of(cls, scenario: str, shape: BatchShape, measured_s: float, model: StepModel) -> StepCheck:
         compact = [[s.num_new_tokens, s.context_length, int(s.samples)] for s in shape.sequences]
         return cls(scenario, _kind(shape), len(shape.sequences), shape.num_tokens, measured_s,
                    model.predict(shape).elapsed_seconds, compact, shape.staging, shape.staging_capacity)
@@ -203,7 +203,12 @@ def compare_run(engine, profile: DeviceProfile, requests: list[TimedRequest], re
     """
     import os
 
-    from joule.perf.measure import CONTENDED_SHARE, ForeignLoad, copy_bandwidth, wait_for_quiet
+    from joule.perf.measure import (
+        CONTENDED_SHARE,
+        ForeignLoad,
+        copy_bandwidth,
+        wait_for_quiet,
+    )
 
     if warmup and requests:
         ordered = sorted(requests, key=lambda timed: timed.arrival_time)

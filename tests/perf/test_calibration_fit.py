@@ -9,9 +9,25 @@ import numpy as np
 import pytest
 
 from joule.model.config import ModelConfig
-from joule.perf.calibrate import Measurements, StepSample, base_profile, fit_profile, gemm_curves
-from joule.perf.fitting import fit_gemm_curve, fit_relative_l1, nonnegative_least_squares
-from joule.perf.step_model import BatchShape, SequenceWork, StepModel, gemm_count, layer_gemm_shapes
+from joule.perf.calibrate import (
+    Measurements,
+    StepSample,
+    base_profile,
+    fit_profile,
+    gemm_curves,
+)
+from joule.perf.fitting import (
+    fit_gemm_curve,
+    fit_relative_l1,
+    nonnegative_least_squares,
+)
+from joule.perf.step_model import (
+    BatchShape,
+    SequenceWork,
+    StepModel,
+    gemm_count,
+    layer_gemm_shapes,
+)
 
 
 def model_config() -> ModelConfig:

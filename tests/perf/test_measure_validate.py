@@ -9,10 +9,21 @@ import pytest
 
 from joule.perf.arrivals import TimedRequest
 from joule.perf.hardware import get_hardware
-from joule.perf.measure import Scenario, _serving_like, attention_backend_name, build_engine, run_scenario
+from joule.perf.measure import (
+    Scenario,
+    _serving_like,
+    attention_backend_name,
+    build_engine,
+    run_scenario,
+)
 from joule.perf.profile import DeviceProfile
 from joule.perf.step_model import StepModel
-from joule.perf.validate import checks_from_report, compare_run, recheck, summarize_checks
+from joule.perf.validate import (
+    checks_from_report,
+    compare_run,
+    recheck,
+    summarize_checks,
+)
 
 TINY_LLAMA = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 211, "hidden_size": 64,

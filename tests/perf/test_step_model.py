@@ -10,22 +10,28 @@ from joule.model.config import ModelConfig
 from joule.perf.hardware import CATALOG, get_hardware, parse_price_overrides
 from joule.perf.profile import DeviceProfile, resolve_profile
 from joule.perf.step_model import (
-    BatchShape, DecodeStaging, SequenceWork, StepModel, count_attention, count_elementwise, count_linear,
+    BatchShape,
+    DecodeStaging,
+    SequenceWork,
+    StepModel,
+    count_attention,
+    count_elementwise,
+    count_linear,
     count_sampling,
 )
 
 
 def one_layer_config(**overrides) -> ModelConfig:
-    values = dict(architecture="LlamaForCausalLM", vocab_size=1000, hidden_size=64, intermediate_size=128,
-                  num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    values = {"architecture": "LlamaForCausalLM", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128,
+                  "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
     values.update(overrides)
     return ModelConfig(**values)
 
 
 def flat_profile(**overrides) -> DeviceProfile:
     """A profile with round numbers: 1 TFLOP/s GEMMs (no small-M penalty), 100 GB/s, no overheads."""
-    values = dict(hardware="H100", dtype="bfloat16", gemm_flops=1e12, gemm_m_half=0.0, attention_flops=1e12,
-                  memory_bandwidth=1e11, decode_attention_padded=False, kv_passes=1.0)
+    values = {"hardware": "H100", "dtype": "bfloat16", "gemm_flops": 1e12, "gemm_m_half": 0.0, "attention_flops": 1e12,
+                  "memory_bandwidth": 1e11, "decode_attention_padded": False, "kv_passes": 1.0}
     values.update(overrides)
     return DeviceProfile(**values)
 
