@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
 import random
-import sys
 
 import pytest
+from helpers import fake_executor
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,18 +16,6 @@ from joule.engine.plan import ScheduledSequence, StepPlan
 from joule.engine.request import Request
 from joule.engine.scheduler import SchedulerConfig
 from joule.sampling_params import SamplingParams
-
-
-def _load_fake_executor():
-    """tests/engine/fake_executor.py by path (the tests are not a package under importlib mode)."""
-    name = "joule_tests_engine_fake_executor"
-    if name not in sys.modules:
-        path = pathlib.Path(__file__).parents[1] / "engine" / "fake_executor.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 def make_request(request_id: str, arrival_time: float = 0.0, prompt_len: int = 4) -> Request:
@@ -105,7 +91,7 @@ def test_idle_energy_is_shared_by_time_present_and_the_empty_stretch_is_unattrib
 @pytest.mark.parametrize("seed", range(6))
 def test_engine_core_run_conserves_metered_energy(seed):
     """Random arrivals, lengths and scripted joules per read through EngineCore and a fake executor."""
-    helpers = _load_fake_executor()
+    helpers = fake_executor
     rng = random.Random(seed)
     clock = SteppedClock(100.0)
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
 import random
-import sys
 
 import pytest
+from helpers import fake_executor as helpers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -21,18 +19,6 @@ from joule.engine.request import Request
 from joule.engine.scheduler import SchedulerConfig
 from joule.sampling_params import SamplingParams
 
-
-def _load_helpers():
-    name = "joule_tests_engine_fake_executor"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).with_name("fake_executor.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-helpers = _load_helpers()
 CheckedEngine, RequestSpec, reference_results = helpers.CheckedEngine, helpers.RequestSpec, helpers.reference_results
 
 

@@ -1,34 +1,18 @@
 """EngineCore behaviour: prefix-cache reuse, stop conditions, n > 1 siblings, early finish, step stats.
 
-Runs go through ``CheckedEngine`` (fake_executor.py), so every step is also checked for the
+Runs go through ``CheckedEngine`` (tests/helpers/fake_executor.py), so every step is also checked for the
 scheduling properties and the simulated KV must hold each request's own prefix.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-import sys
-
 import pytest
+from helpers import fake_executor as helpers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from joule.engine.request import RequestStatus
 
-
-def _load_helpers():
-    """Import fake_executor.py from this folder (tests are not a package under importlib mode)."""
-    name = "joule_tests_engine_fake_executor"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).with_name("fake_executor.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-helpers = _load_helpers()
 CheckedEngine, RequestSpec = helpers.CheckedEngine, helpers.RequestSpec
 EOS = helpers.EOS_TOKEN_ID
 

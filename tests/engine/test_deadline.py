@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-import sys
+from helpers import fake_executor as helpers
 
 from joule.engine.core import EngineCore
 from joule.engine.kv_blocks import KVBlockManager
@@ -13,18 +11,6 @@ from joule.engine.request import RequestSLO, SampledToken
 from joule.engine.scheduler import SchedulerConfig
 from joule.engine.step_time import StepTimeCoefficients, StepTimeEstimator
 
-
-def _load_helpers():
-    name = "joule_tests_engine_fake_executor"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).with_name("fake_executor.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-helpers = _load_helpers()
 CheckedEngine, RequestSpec, reference_results = helpers.CheckedEngine, helpers.RequestSpec, helpers.reference_results
 
 # A step costs 10 ms + 1 ms per prompt token + 2 ms per decode token.

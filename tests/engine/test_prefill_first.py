@@ -6,29 +6,14 @@ every running decode only, and outputs equal those of a run with room for everyt
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-import sys
-
 import pytest
+from helpers import fake_executor as helpers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from joule.config import EngineConfig
 from joule.engine.scheduler import SchedulerConfig
 
-
-def _load_helpers():
-    name = "joule_tests_engine_fake_executor"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).with_name("fake_executor.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-helpers = _load_helpers()
 CheckedEngine, RequestSpec, reference_results = helpers.CheckedEngine, helpers.RequestSpec, helpers.reference_results
 
 

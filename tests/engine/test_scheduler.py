@@ -1,6 +1,6 @@
 """Property tests for the token-budget scheduler, driven through EngineCore and a simulated executor.
 
-Every step of every run is checked (see ``CheckedEngine`` in fake_executor.py): the token
+Every step of every run is checked (see ``CheckedEngine`` in tests/helpers/fake_executor.py): the token
 budget and sequence cap hold, no request is planned twice, block tables cover what each
 sequence computes, every running decode is in the plan unless it was preempted (stall-free),
 preemption takes the most recently admitted request, and block-manager invariants hold.
@@ -11,11 +11,8 @@ prefix caching must not change what the model sees.
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-import sys
-
 import pytest
+from helpers import fake_executor as helpers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -24,19 +21,6 @@ from joule.engine.request import Request, RequestStatus
 from joule.engine.scheduler import Scheduler, SchedulerConfig
 from joule.sampling_params import SamplingParams
 
-
-def _load_helpers():
-    """Import fake_executor.py from this folder (tests are not a package under importlib mode)."""
-    name = "joule_tests_engine_fake_executor"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).with_name("fake_executor.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-helpers = _load_helpers()
 CheckedEngine, RequestSpec, reference_results = helpers.CheckedEngine, helpers.RequestSpec, helpers.reference_results
 
 WORKLOAD_SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])

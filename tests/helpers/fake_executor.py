@@ -8,7 +8,7 @@ table missing a block, a block written by another request, or a recompute from t
 place therefore fails loudly. The sampled token is a function of the request's history
 and id only, so outputs must not depend on batching, chunking, preemption or caching.
 
-Loaded by path from the test files (the tests are not a package under importlib mode).
+Imported as ``helpers.fake_executor`` (``tests`` is on pytest's pythonpath).
 """
 
 from __future__ import annotations
