@@ -149,16 +149,7 @@ class DecodeGraphRunner:
         started = time.perf_counter()
         self._fill_padding(0, self.max_batch_size)
         self._upload(self.max_batch_size)
-        pool = None
-        for size in reversed(self.batch_sizes):
-            self._forward(size)  # compiles Triton kernels, settles cuBLAS workspaces
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.outputs[size] = self._forward(size)
-            pool = graph.pool()
-            self.graphs[size] = graph
-        torch.cuda.synchronize(self.device)
+        self.graphs, self.outputs = capture_graphs(self.batch_sizes, self._forward, self.device)
         logger.info("captured %d decode CUDA graphs (batch sizes %s) in %.1f s",
                     len(self.graphs), self.batch_sizes, time.perf_counter() - started)
 
@@ -208,6 +199,27 @@ class DecodeGraphRunner:
             device[:size].copy_(host[:size], non_blocking=True)
         if self._copied is not None:
             self._copied.record()
+
+
+def capture_graphs(sizes: list[int], forward, device: torch.device):
+    """Warm up then capture ``forward(size)`` for each size, largest first, into one shared memory pool.
+
+    Returns the graphs and their output tensors by size; only one of them may be replayed at a time
+    while its output is in use (they share the pool).
+    """
+    graphs: dict[int, torch.cuda.CUDAGraph] = {}
+    outputs: dict[int, torch.Tensor] = {}
+    pool = None
+    for size in sorted(sizes, reverse=True):
+        forward(size)  # compiles Triton kernels, settles cuBLAS workspaces
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            outputs[size] = forward(size)
+        pool = graph.pool()
+        graphs[size] = graph
+    torch.cuda.synchronize(device)
+    return graphs, outputs
 
 
 def enable_engine_cuda_graphs(engine, enforce_eager: bool = False) -> bool:

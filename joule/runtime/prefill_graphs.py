@@ -21,6 +21,7 @@ import torch
 
 from joule.engine.plan import ScheduledSequence, StepPlan
 from joule.runtime.attention.base import AttentionBackend, ForwardContext, KVCache
+from joule.runtime.cuda_graphs import capture_graphs
 
 logger = logging.getLogger(__name__)
 
@@ -124,16 +125,7 @@ class PrefillChunkGraphRunner:
         started = time.perf_counter()
         self._fill_empty(self.sizes[-1])
         self._upload(self.sizes[-1])
-        pool = None
-        for size in reversed(self.sizes):
-            self._forward(size)  # compiles kernels for this shape
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.outputs[size] = self._forward(size)
-            pool = graph.pool()
-            self.graphs[size] = graph
-        torch.cuda.synchronize(self.device)
+        self.graphs, self.outputs = capture_graphs(self.sizes, self._forward, self.device)
         logger.info("captured %d prompt-chunk CUDA graphs (sizes %s) in %.1f s",
                     len(self.graphs), self.sizes, time.perf_counter() - started)
 
