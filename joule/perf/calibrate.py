@@ -114,7 +114,10 @@ def measure_micro(model_config, dtype_name: str, device_name: str, hardware: str
             for weight in layer_weights + ([head] if rows <= 256 else []):  # lm_head only sees sampled rows
                 inputs = torch.randn(rows, weight.shape[0], dtype=dtype, device=device)
                 key = (rows, weight.shape[0], weight.shape[1])
-                fastest[key] = min(fastest.get(key, float("inf")), _timed(lambda inputs=inputs, weight=weight: inputs @ weight, repeats, synchronize))
+                product = (lambda inputs=inputs, weight=weight: inputs @ weight)
+                seconds = (_graph_timed(product, repeats) if device.type == "cuda"
+                           else _timed(product, repeats, synchronize))
+                fastest[key] = min(fastest.get(key, float("inf")), seconds)
     measured.gemms = [(*key, seconds) for key, seconds in fastest.items()]
     del layer_weights, head
     heads, head_dim, length = model_config.num_attention_heads, model_config.head_dim, 1024
@@ -124,6 +127,29 @@ def measure_micro(model_config, dtype_name: str, device_name: str, hardware: str
     )
     measured.attention_flops = 4.0 * heads * head_dim * length * (length + 1) / 2 / attention_seconds
     return measured
+
+
+GRAPHED_CALLS = 20
+
+
+def _graph_timed(function, repeats: int, calls: int = GRAPHED_CALLS) -> float:
+    """Seconds per call of ``function`` replayed ``calls`` times from one CUDA graph.
+
+    The engine's decode steps and prompt chunks replay CUDA graphs, so a GEMM there costs its kernel
+    time, not an eager launch and a synchronisation (~20 us, more than a small GEMM's kernel): timing
+    single eager calls made every decode-sized GEMM look launch-bound."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        function()  # warm-up outside the capture (cuBLAS picks its kernel and workspace)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            function()
+    return _timed(graph.replay, repeats, torch.cuda.synchronize) / calls
 
 
 def gemm_curves(model_config, measured: Measurements) -> tuple[list[list[float]], list[list[float]]]:
