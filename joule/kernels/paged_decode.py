@@ -4,8 +4,10 @@ Design (flash-decoding):
 - one program per (sequence, KV head, split): it loads the query rows of all
   ``group`` query heads sharing that KV head (padded to 16 rows for ``tl.dot``),
   so every K/V byte is read once per group, not once per query head;
-- the context is cut into ``num_splits`` ranges of ``split_length`` tokens so a
-  small batch with long contexts still fills the GPU; each program runs an
+- each sequence's own context is cut into up to ``num_splits`` ranges (of at
+  least ``min_split_length`` tokens, sized from that sequence's length on the
+  device) so a small batch with long contexts still fills the GPU, also inside
+  a CUDA graph captured for ``max_model_len``; each program runs an
   online softmax (float32, base 2) over its range and writes a normalised
   partial output plus its log-sum-exp;
 - a second kernel merges the splits per (sequence, query head). With a single
@@ -41,10 +43,18 @@ def _sequence_and_row(item, sequence_ids_ptr, query_start_locations_ptr, HAS_SEQ
 
 
 @triton.jit
+def _split_length(sequence_length, min_split_length, num_splits, BLOCK_N: tl.constexpr):
+    """Tokens per split for this sequence: its length over ``num_splits``, whole tiles, at least
+    ``min_split_length`` (a multiple of BLOCK_N), so short sequences use fewer splits."""
+    length = tl.cdiv(tl.cdiv(sequence_length, num_splits), BLOCK_N) * BLOCK_N
+    return tl.maximum(length, min_split_length)
+
+
+@triton.jit
 def _decode_partial_kernel(
     query_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, sequence_lengths_ptr,
     sequence_ids_ptr, query_start_locations_ptr, output_ptr, partial_output_ptr, partial_lse_ptr,
-    scale_log2, split_length, num_splits,
+    scale_log2, min_split_length, num_splits,
     stride_query_token, stride_query_head, stride_output_token, stride_output_head,
     stride_cache_block, stride_cache_offset, stride_cache_head, stride_table_sequence,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
@@ -56,6 +66,7 @@ def _decode_partial_kernel(
     split = tl.program_id(2)
     sequence, row = _sequence_and_row(item, sequence_ids_ptr, query_start_locations_ptr, HAS_SEQUENCE_IDS)
     sequence_length = tl.load(sequence_lengths_ptr + sequence)
+    split_length = _split_length(sequence_length, min_split_length, num_splits, BLOCK_N)
     split_start = split * split_length
     split_end = tl.minimum(sequence_length, split_start + split_length)
 
@@ -112,14 +123,15 @@ def _decode_partial_kernel(
 @triton.jit
 def _decode_merge_kernel(
     output_ptr, partial_output_ptr, partial_lse_ptr, sequence_lengths_ptr, sequence_ids_ptr,
-    query_start_locations_ptr, split_length, num_splits, stride_output_token, stride_output_head,
+    query_start_locations_ptr, min_split_length, num_splits, stride_output_token, stride_output_head,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, HAS_SEQUENCE_IDS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     item = tl.program_id(0)
     head = tl.program_id(1)
     sequence, row = _sequence_and_row(item, sequence_ids_ptr, query_start_locations_ptr, HAS_SEQUENCE_IDS)
     sequence_length = tl.load(sequence_lengths_ptr + sequence)
-    used_splits = tl.cdiv(sequence_length, split_length)
+    used_splits = tl.cdiv(sequence_length, _split_length(sequence_length, min_split_length, num_splits, BLOCK_N))
     splits = tl.arange(0, SPLITS_PAD)
     dims = tl.arange(0, HEAD_DIM_PAD)
     split_mask = splits < used_splits
@@ -158,6 +170,7 @@ def paged_decode_attention(
     scale: float,
     num_splits: int = 1,
     output: torch.Tensor | None = None,
+    min_split_tokens: int | None = None,  # None: one tile, so a fixed num_splits splits even short contexts
     launch: dict | None = None,  # overrides of block_n / num_warps / num_stages (tuning sweeps)
     sequence_ids: torch.Tensor | None = None,  # int32 [N]: only these sequences, rows from query_start_locations
     query_start_locations: torch.Tensor | None = None,
@@ -190,10 +203,8 @@ def paged_decode_attention(
     block_n = 128 if head_dim_pad <= 64 else 64 if head_dim_pad <= 128 else 32
     launch = {"block_n": block_n, "num_warps": 4, "num_stages": 2, **(launch or {})}
     block_n = launch["block_n"]
-    num_splits = max(1, min(int(num_splits), -(-max_sequence_length // block_n)))
-    split_length = -(-max(1, max_sequence_length) // num_splits)
-    split_length = -(-split_length // block_n) * block_n
-    num_splits = -(-max(1, max_sequence_length) // split_length)
+    min_split_length = -(-max(1, min_split_tokens or block_n) // block_n) * block_n
+    num_splits = max(1, min(int(num_splits), -(-max(1, max_sequence_length) // min_split_length)))
     direct = num_splits == 1
     if direct:
         partial_output = partial_lse = output  # unused
@@ -206,7 +217,7 @@ def paged_decode_attention(
         sequence_ids if sequence_ids is not None else sequence_lengths,
         query_start_locations if query_start_locations is not None else sequence_lengths,
         output, partial_output, partial_lse,
-        scale * LOG2_E, split_length, num_splits,
+        scale * LOG2_E, min_split_length, num_splits,
         query.stride(0), query.stride(1), output.stride(0), output.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
@@ -219,9 +230,9 @@ def paged_decode_attention(
             output, partial_output, partial_lse, sequence_lengths,
             sequence_ids if sequence_ids is not None else sequence_lengths,
             query_start_locations if query_start_locations is not None else sequence_lengths,
-            split_length, num_splits, output.stride(0), output.stride(1),
+            min_split_length, num_splits, output.stride(0), output.stride(1),
             HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, SPLITS_PAD=triton.next_power_of_2(num_splits),
-            HAS_SEQUENCE_IDS=sequence_ids is not None,
+            HAS_SEQUENCE_IDS=sequence_ids is not None, BLOCK_N=block_n,
             num_warps=1 if head_dim_pad <= 64 else 2,
         )
     return output

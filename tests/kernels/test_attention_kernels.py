@@ -115,6 +115,20 @@ def test_decode_matches_reference(num_heads, num_kv_heads, block_size, head_dim,
     assert_close(output, expected, torch.float32)
 
 
+@pytest.mark.parametrize("min_split_tokens", [None, 256])
+def test_decode_splits_each_sequence_by_its_own_length_under_a_large_length_bound(min_split_tokens):
+    """As inside a CUDA graph: the host bound is max_model_len, far above every context, and each
+    sequence splits its own context (600 tokens -> 3 or 5 splits, 5 tokens -> 1)."""
+    batch = make_batch([(4, 1), (129, 1), (599, 1)], 8, 2, 32, 16, seed=11)
+    expected = reference_output(batch, 0.2)
+    cache, metadata = batch["cache"], batch["metadata"]
+    output = paged_decode_attention(
+        batch["query"], cache.key_caches[0], cache.value_caches[0], metadata.block_tables,
+        device_lengths(metadata), 65536, 0.2, num_splits=8, min_split_tokens=min_split_tokens,
+    )
+    assert_close(output, expected, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_decode_half_precision(dtype):
     batch = make_batch(DECODE_STEPS, 8, 2, 64, 16, dtype, seed=7)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from joule.kernels.kv_write import write_kv_cache
-from joule.kernels.paged_decode import choose_num_splits, paged_decode_attention
+from joule.kernels.paged_decode import MIN_SPLIT_TOKENS, choose_num_splits, paged_decode_attention
 from joule.kernels.paged_prefill import (
     build_tiles,
     paged_prefill_attention,
@@ -150,6 +150,7 @@ class TritonAttentionBackend(AttentionBackend):
             paged_decode_attention(
                 query, key_cache, value_cache, metadata.block_tables, step.sequence_lengths,
                 step.decode_max_length, scale, num_splits=num_splits, output=output,
+                min_split_tokens=None if self.decode_num_splits is not None else MIN_SPLIT_TOKENS,
                 sequence_ids=step.decode_sequence_ids, query_start_locations=metadata.query_start_locations,
             )
         if step.num_decodes < metadata.num_sequences:
