@@ -273,6 +273,14 @@ def attention_backend_name(engine) -> str:
     return "triton" if "triton" in type(executor.backend).__name__.lower() else "portable"
 
 
+def _device_synchronizer(engine):
+    if engine.device.type != "cuda":
+        return lambda: None
+    import torch
+
+    return torch.cuda.synchronize
+
+
 def run_scenario(engine, scenario: Scenario, seed: int = 0) -> list[StepSample]:
     """Run one scenario to completion; every step's batch shape and wall time."""
     from joule.sampling_params import RequestOutputKind, SamplingParams
@@ -290,6 +298,9 @@ def run_scenario(engine, scenario: Scenario, seed: int = 0) -> list[StepSample]:
             ids = rng.integers(3, vocab, size=length).tolist()
             engine.add_request(f"{tag}-{prefix}-{index}", {"prompt_token_ids": ids}, params)
 
+    # A step whose prompt chunks sample nothing never waits for the GPU (no token to read back), so
+    # its kernels would finish inside the next step's time: wait for them to time steps one by one.
+    synchronize = _device_synchronizer(engine)
     samples: list[StepSample] = []
     while True:
         if len(samples) in arrivals:
@@ -301,6 +312,7 @@ def run_scenario(engine, scenario: Scenario, seed: int = 0) -> list[StepSample]:
             continue
         started = time.perf_counter()
         engine.step()
+        synchronize()
         elapsed = time.perf_counter() - started
         shape = engine.core.executor.last_shape
         if engine.core.last_step.num_sequences:
