@@ -77,11 +77,7 @@ GPU_CALIBRATION_SCENARIOS = (
     Scenario("decode 96 @ 200", (200,) * 96, 8),
     Scenario("decode 192 @ 1000", (1000,) * 192, 8),
     Scenario("mixed 64 decodes + 1000", (300,) * 64, 8, (1000,), 3),
-    # Mid-size decode batches at mid contexts and many-prompt (eager) prefills: without them the
-    # many small steps of the staggered scenario decided those regimes too.
-    Scenario("decode 40 @ 800", (800,) * 40, 8),
-    Scenario("prefill 16x250", (250,) * 16, 1),
-    _serving_like("staggered 200..900, every 3 steps", (200, 900, 500, 300, 700) * 2, 3, 24),
+    _serving_like("staggered 200..900, every 3 steps", (200, 900, 500, 300, 700) * 4, 3, 24),
 )
 
 
