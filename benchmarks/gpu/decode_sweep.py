@@ -1,0 +1,102 @@
+"""Decode-attention launch configs, bf16 vs fp8 KV cache, graph-timed (one GPU call, ~1 minute).
+
+Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/decode_sweep.py [out.json]
+
+Shapes of workload 2 (Qwen3-0.6B: 16 query / 8 KV heads of 128) and of Llama-3.2-1B (32 / 8 of 64),
+block size 16, shuffled block tables. For every (cache dtype, block_n, num_warps, num_stages) it prints
+the time of one layer's decode attention and the KV bytes read per second, so the fp8 cache's
+launch settings can be chosen from measurements instead of end-to-end runs that move ~10 % between calls.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+
+import torch
+
+from joule.kernels.paged_decode import paged_decode_attention
+
+DEVICE = torch.device("cuda")
+
+
+def graph_ms(function, calls: int = 20, repeats: int = 10) -> float:
+    """Median milliseconds per call from a CUDA graph of ``calls`` calls."""
+    function()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        function()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            function()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return sorted(times)[len(times) // 2]
+
+
+def make_inputs(batch: int, context: int, heads: int, kv_heads: int, head_dim: int, cache_dtype, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    block_size = 16
+    blocks_per_sequence = -(-context // block_size)
+    num_blocks = batch * blocks_per_sequence + 1
+    permutation = torch.randperm(num_blocks - 1, generator=generator) + 1
+    tables = permutation[: batch * blocks_per_sequence].view(batch, blocks_per_sequence).to(torch.int32)
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    keys = torch.randn(shape, device=DEVICE, dtype=torch.bfloat16).to(cache_dtype)
+    values = torch.randn(shape, device=DEVICE, dtype=torch.bfloat16).to(cache_dtype)
+    query = torch.randn(batch, heads, head_dim, device=DEVICE, dtype=torch.bfloat16)
+    lengths = torch.full((batch,), context, dtype=torch.int32, device=DEVICE)
+    return query, keys, values, tables.to(DEVICE), lengths
+
+
+def main() -> None:
+    results = []
+    shapes = (("qwen3-0.6b", 16, 8, 128), ("llama-3.2-1b", 32, 8, 64))
+    for (name, heads, kv_heads, head_dim), (batch, context) in itertools.product(shapes, ((256, 1024), (64, 4096))):
+        for cache_dtype in (torch.bfloat16, torch.float8_e4m3fn):
+            reference = None  # the first config's output: every other config must agree with it
+            query, keys, values, tables, lengths = make_inputs(batch, context, heads, kv_heads, head_dim, cache_dtype)
+            kv_bytes = 2 * batch * context * kv_heads * head_dim * keys.element_size()
+            line = []
+            for block_n, warps, stages in itertools.product((32, 64, 128), (4, 8), (2, 3, 4)):
+                launch = dict(block_n=block_n, num_warps=warps, num_stages=stages)
+                try:
+                    output = torch.empty_like(query)
+                    milliseconds = graph_ms(lambda: paged_decode_attention(
+                        query, keys, values, tables, lengths, context, head_dim**-0.5, num_splits=1,
+                        output=output, launch=launch))
+                except Exception as error:  # e.g. out of shared memory
+                    line.append((float("inf"), launch, type(error).__name__))
+                    continue
+                if reference is None:
+                    reference = output.float().clone()
+                error = (output.float() - reference).abs().max().item()
+                line.append((milliseconds, launch, f"{kv_bytes / milliseconds / 1e6:.0f} GB/s, max|diff| {error:.3f}"))
+                results.append(dict(model=name, batch=batch, context=context, cache=str(cache_dtype), **launch,
+                                    ms=milliseconds, gbps=kv_bytes / milliseconds / 1e6, max_diff=error))
+            line.sort(key=lambda item: item[0])
+            default = next((item for item in line if item[1] == dict(
+                block_n=128 if head_dim <= 64 else 64, num_warps=4, num_stages=2)), None)
+            print(f"{name} B={batch} ctx={context} {cache_dtype}: default {default[0] * 1e3:.1f}us ({default[2]})"
+                  if default else f"{name} B={batch} ctx={context} {cache_dtype}: default failed", flush=True)
+            for milliseconds, launch, note in line[:4]:
+                print(f"    {milliseconds * 1e3:8.1f}us  {launch}  {note}", flush=True)
+            del query, keys, values
+            torch.cuda.empty_cache()
+    if len(sys.argv) > 1:
+        with open(sys.argv[1], "w") as handle:
+            json.dump(results, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
