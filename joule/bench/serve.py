@@ -7,6 +7,10 @@ distribution or taken from a ShareGPT file, from one or several tenants with the
 run and per tenant: TTFT/TPOT/ITL/E2E percentiles, throughput, goodput (DistServe: requests/s meeting all their
 SLOs), SLO attainment and the joules the server reported; JSON, plots, and a table printed last.
 
+SLOs (``--slo``, tenants' keys): ``ttft``, ``tpot`` (the average gap) and ``tbt``, a bound on a request's largest
+gap between two tokens (Sarathi-Serve's time-between-tokens: prefill stalls that the average hides). ``tbt`` is
+judged here only: servers get ``ttft_slo_ms`` / ``tpot_slo_ms``, there is no field for it.
+
 ``--dataset`` reads a ShareGPT JSON file: each conversation's first human turn is the prompt and the first gpt
 turn after it sets the output length. Lengths are counted by the server's ``/tokenize`` (vLLM and Joule have
 it); a server without it gets lengths in whitespace-separated words, and the JSON's ``dataset_lengths`` says
@@ -105,7 +109,8 @@ class RunResult:
             "errors": self.errors,
             "requests": [
                 {"tenant": r.tenant, "success": r.success, "prompt_len": r.prompt_len, "output_tokens": r.output_tokens,
-                 "ttft_s": r.ttft, "tpot_s": r.tpot, "e2el_s": r.latency, "energy_joules": r.energy_joules,
+                 "ttft_s": r.ttft, "tpot_s": r.tpot, "max_itl_s": r.max_itl, "e2el_s": r.latency,
+                 "energy_joules": r.energy_joules,
                  "met_slo": r.meets_slo() if r.has_slo else None}
                 for r in self.results
             ],
@@ -129,10 +134,10 @@ class SweepReport:
 
     def with_slo(self, slo: SLO, percentiles: list[float]) -> SweepReport:
         """The same requests judged against ``slo`` (goodput computed after the fact, e.g. from a calibrated
-        TPOT); each run keeps its duration."""
+        TPOT or TBT); each run keeps its duration."""
         runs = []
         for run in self.runs:
-            results = [replace(r, ttft_slo=slo.ttft_s, tpot_slo=slo.tpot_s) for r in run.results]
+            results = [replace(r, ttft_slo=slo.ttft_s, tpot_slo=slo.tpot_s, tbt_slo=slo.tbt_s) for r in run.results]
             duration = run.metrics.duration_s
             tenants = {name: compute_metrics([r for r in results if r.tenant == name], duration, percentiles)
                        for name in run.tenant_metrics}
@@ -169,8 +174,10 @@ def add_serve_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ShareGPT JSON: first human turn as prompt, first gpt turn's length as output length "
                              "(tokens by the server's /tokenize, else words)")
     parser.add_argument("--tenant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
-                        help="a tenant (repeatable): rate=, share=, num=, input=, output=, ttft=, tpot=")
-    parser.add_argument("--slo", default="", help="SLOs for every request, e.g. ttft=1.0,tpot=50ms")
+                        help="a tenant (repeatable): rate=, share=, num=, input=, output=, ttft=, tpot=, tbt=")
+    parser.add_argument("--slo", default="",
+                        help="SLOs for every request, e.g. ttft=1.0,tpot=50ms,tbt=200ms (tbt: a request's largest "
+                             "gap between two tokens; judged by the client only)")
     parser.add_argument("--send-slo", action=argparse.BooleanOptionalAction, default=None,
                         help="send ttft_slo_ms / tpot_slo_ms with each request (default: when SLOs are set)")
     parser.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight")
@@ -217,9 +224,12 @@ async def _run_one(session, config: ServeBenchConfig, url: str, headers: dict, m
         await asyncio.sleep(max(0.0, start + request.send_at - time.perf_counter()))
         payload = request_payload(model, request, sends_slo)
         if limit is None:
-            return await send_request(session, url, headers, payload, request)
-        async with limit:
-            return await send_request(session, url, headers, payload, request)
+            result = await send_request(session, url, headers, payload, request)
+        else:
+            async with limit:
+                result = await send_request(session, url, headers, payload, request)
+        result.tbt_slo = request.slo.tbt_s  # judged here only: the payload has no TBT field
+        return result
 
     start = time.perf_counter()
     results = list(await asyncio.gather(*(scheduled(request) for request in planned)))

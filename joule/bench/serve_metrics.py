@@ -2,10 +2,12 @@
 
 - TTFT: send to the first streamed chunk carrying a choice.
 - ITL: every gap between consecutive such chunks, pooled over requests.
+- Largest ITL of a request (``max_itl``): its time-between-tokens (TBT, Sarathi-Serve); a decode stalled behind
+  another prompt's whole prefill shows here while an average TPOT hides it.
 - TPOT: per request with more than one output token, (latency - TTFT) / (output tokens - 1).
 - E2EL: send to the end of the stream.
 - Throughputs divide by the benchmark's wall time (first send to last completion).
-- Goodput (DistServe): completed requests per second that meet ALL their SLOs (TTFT and TPOT as above);
+- Goodput (DistServe): completed requests per second that meet ALL their SLOs (TTFT, TPOT and TBT as above);
   SLO attainment: the share of all sent requests (failed ones miss) that met them.
 - Energy: the joules the server reported per request (``usage.energy_joules``); never estimated here. Joules
   per output token divide the reported joules by the output tokens of the requests that reported them.
@@ -33,6 +35,7 @@ class RequestResult:
     tenant: str | None = None
     ttft_slo: float | None = None  # seconds
     tpot_slo: float | None = None
+    tbt_slo: float | None = None  # bound on the largest gap between two consecutive tokens
     energy_joules: float | None = None  # as reported by the server
     energy_source: str | None = None
 
@@ -42,13 +45,19 @@ class RequestResult:
         return (self.latency - self.ttft) / (self.output_tokens - 1) if self.output_tokens > 1 else 0.0
 
     @property
+    def max_itl(self) -> float:
+        """The largest gap between two consecutive streamed tokens; 0 with fewer than two tokens."""
+        return max(self.itl, default=0.0)
+
+    @property
     def has_slo(self) -> bool:
-        return self.ttft_slo is not None or self.tpot_slo is not None
+        return self.ttft_slo is not None or self.tpot_slo is not None or self.tbt_slo is not None
 
     def meets_slo(self) -> bool:
         """Completed, and within every SLO it carries."""
         return self.success and (self.ttft_slo is None or self.ttft <= self.ttft_slo) and (
-            self.tpot_slo is None or self.tpot <= self.tpot_slo)
+            self.tpot_slo is None or self.tpot <= self.tpot_slo) and (
+            self.tbt_slo is None or self.max_itl <= self.tbt_slo)
 
 
 @dataclass
@@ -92,6 +101,9 @@ class BenchmarkMetrics:
     joules_per_output_token: float | None = None
     energy_source: str | None = None
     requests_with_energy: int = 0
+    max_itl_ms: LatencyStats | None = None  # per request with 2+ tokens, its largest gap between tokens
+    worst_itl_ms: float | None = None  # the largest gap between tokens of any request
+    has_tbt_slo: bool = False  # some request carried a TBT SLO: tables show the largest gaps
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -121,6 +133,7 @@ def compute_metrics(results: list[RequestResult], duration_s: float, percentiles
     input_tokens = sum(result.prompt_len for result in done)
     output_tokens = sum(result.output_tokens for result in done)
     tpots = [r.tpot for r in done if r.output_tokens > 1]
+    max_itls = [r.max_itl for r in done if r.itl]
     with_slo = any(result.has_slo for result in results)
     good = sum(1 for result in results if result.meets_slo())
     metered = [r for r in done if r.energy_joules is not None]
@@ -147,6 +160,9 @@ def compute_metrics(results: list[RequestResult], duration_s: float, percentiles
         joules_per_output_token=joules / metered_tokens if metered and metered_tokens else None,
         energy_source=",".join(sources) or None,
         requests_with_energy=len(metered),
+        max_itl_ms=LatencyStats.of(max_itls, percentiles),
+        worst_itl_ms=1000.0 * max(max_itls) if max_itls else None,
+        has_tbt_slo=any(result.tbt_slo is not None for result in results),
     )
 
 
@@ -182,6 +198,12 @@ def format_table(metrics: BenchmarkMetrics, request_rate: float, max_concurrency
             lines.append(f"{'Median ' + label + ' (ms)':<44}{stats.median:>16.2f}")
         for name, value in stats.percentiles.items():
             lines.append(f"{name.upper() + ' ' + label + ' (ms)':<44}{value:>16.2f}")
+    if metrics.max_itl_ms is not None and metrics.worst_itl_ms is not None:
+        lines.append("{:-^60}".format(" Largest Gap Between Tokens per Request (TBT) "))
+        lines.append(f"{'Median TBT (ms)':<44}{metrics.max_itl_ms.median:>16.2f}")
+        if "p99" in metrics.max_itl_ms.percentiles:
+            lines.append(f"{'P99 TBT (ms)':<44}{metrics.max_itl_ms.percentiles['p99']:>16.2f}")
+        lines.append(f"{'Max TBT (ms)':<44}{metrics.worst_itl_ms:>16.2f}")
     lines.append("=" * 60)
     return "\n".join(lines)
 
@@ -195,20 +217,28 @@ def format_rate(rate: float) -> str:
 
 
 def format_sweep_table(rows: list[tuple[str, float, BenchmarkMetrics]]) -> str:
-    """One line per (label, rate): throughput, goodput, attainment, p50/p99 TTFT and TPOT, J per token."""
+    """One line per (label, rate): throughput, goodput, attainment, p50/p99 TTFT and TPOT, J per token; when
+    any request carried a TBT SLO, also the p99 and max over requests of their largest gap between tokens."""
+    show_tbt = any(m.has_tbt_slo for _, _, m in rows)
     header = (f"{'run':<19}{'rate':>7}{'done':>6}{'fail':>5}{'req/s':>8}{'good/s':>8}{'SLO%':>7}"
-              f"{'TTFT p50':>10}{'p99':>9}{'TPOT p50':>10}{'p99':>8}{'J/tok':>9}")
+              f"{'TTFT p50':>10}{'p99':>9}{'TPOT p50':>10}{'p99':>8}"
+              + (f"{'TBT p99':>9}{'max':>9}" if show_tbt else "") + f"{'J/tok':>9}")
     lines = [header, "-" * len(header)]
     for label, rate, m in rows:
         p99_ttft = m.ttft_ms.percentiles.get("p99", float("nan"))
         p99_tpot = m.tpot_ms.percentiles.get("p99", float("nan"))
+        tbt = ""
+        if show_tbt:
+            p99_tbt = m.max_itl_ms.percentiles.get("p99") if m.max_itl_ms else None
+            tbt = f"{_or_dash(p99_tbt, '.1f'):>9}{_or_dash(m.worst_itl_ms, '.1f'):>9}"
         lines.append(
             f"{label[:18]:<19}{format_rate(rate):>7}{m.completed:>6}{m.failed:>5}{m.request_throughput:>8.2f}"
             f"{_or_dash(m.goodput, '.2f'):>8}{_or_dash(m.slo_attainment and 100 * m.slo_attainment, '.1f'):>7}"
-            f"{m.ttft_ms.median:>10.1f}{p99_ttft:>9.1f}{m.tpot_ms.median:>10.2f}{p99_tpot:>8.2f}"
+            f"{m.ttft_ms.median:>10.1f}{p99_ttft:>9.1f}{m.tpot_ms.median:>10.2f}{p99_tpot:>8.2f}{tbt}"
             f"{_or_dash(m.joules_per_output_token, '.4f'):>9}"
         )
-    lines.append("(latencies in ms; good/s: requests/s meeting all their SLOs; J/tok: server-reported joules)")
+    lines.append("(latencies in ms; good/s: requests/s meeting all their SLOs; J/tok: server-reported joules"
+                 + ("; TBT: each request's largest gap between tokens" if show_tbt else "") + ")")
     return "\n".join(lines)
 
 

@@ -1,5 +1,5 @@
 """Plots of `joule bench serve` sweeps: latency, goodput and joules per output token against the request rate,
-and CDFs of TTFT and TPOT. Several sweeps (e.g. two schedules) can share one figure, one line each.
+and CDFs of TTFT, TPOT and TBT (each request's largest gap between tokens). Several sweeps (e.g. two schedules) can share one figure, one line each.
 
 An infinite rate (everything sent at once) is drawn to the right of the largest finite rate, labelled ``inf``.
 """
@@ -75,17 +75,21 @@ def plot_sweeps(sweeps: dict[str, SweepReport], plot_dir: str | Path, title: str
     _rate_axis(axis, all_rates)
     written.append(save_figure(pyplot, figure, plot_dir / "goodput_vs_rate.png", title))
 
-    figure, axes = pyplot.subplots(len(sweeps), 2, figsize=(11, 3.4 * len(sweeps)), squeeze=False)
+    # (request attribute, its SLO attribute, axis label); TBT: a request's largest gap between tokens
+    cdfs = (("ttft", "ttft_slo", "TTFT (s)"), ("tpot", "tpot_slo", "TPOT (s)"),
+            ("max_itl", "tbt_slo", "TBT: largest gap between tokens (s)"))
+    figure, axes = pyplot.subplots(len(sweeps), 3, figsize=(16, 3.4 * len(sweeps)), squeeze=False)
     colors = pyplot.get_cmap("viridis")
     for row, (label, report) in enumerate(sweeps.items()):
-        for axis, (name, xlabel) in zip(axes[row], (("ttft", "TTFT (s)"), ("tpot", "TPOT (s)"))):
+        for axis, (name, slo_name, xlabel) in zip(axes[row], cdfs):
             limits = set()
             for index, run in enumerate(report.runs):
-                done = [r for r in run.results if r.success and (name == "ttft" or r.output_tokens > 1)]
-                plot_cdf(axis, [r.ttft if name == "ttft" else r.tpot for r in done], xlabel,
+                done = [r for r in run.results if r.success and (name == "ttft" or r.output_tokens > 1)
+                        and (name != "max_itl" or r.itl)]
+                plot_cdf(axis, [getattr(r, name) for r in done], xlabel,
                          line_label=f"{format_rate(run.rate)} req/s",
                          color=colors(0.9 * index / max(len(report.runs) - 1, 1)))
-                limits |= {getattr(r, f"{name}_slo") for r in run.results} - {None}
+                limits |= {getattr(r, slo_name) for r in run.results} - {None}
             for limit in sorted(limits):
                 axis.axvline(limit, color="red", linestyle="--")
             axis.set_xscale("log")

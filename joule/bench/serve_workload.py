@@ -7,7 +7,8 @@ Tenant syntax (``--tenant``, repeatable): ``NAME[:KEY=VALUE,...]`` with keys
 - ``num=N``: how many requests it sends per run (see ``request_counts`` for the default);
 - ``input=DIST``, ``output=DIST``: its length distributions (``128``, ``uniform:32:512``,
   ``lognormal:256:1.0``, ``sharegpt``), otherwise ``--input-len`` / ``--output-len``;
-- ``ttft=SECONDS``, ``tpot=SECONDS`` (``ms`` suffix allowed): its SLOs, otherwise ``--slo``'s.
+- ``ttft=SECONDS``, ``tpot=SECONDS``, ``tbt=SECONDS`` (``ms`` suffix allowed): its SLOs, otherwise ``--slo``'s;
+  ``tbt`` bounds a request's largest gap between two consecutive tokens.
 
 Example: ``--tenant light:rate=0.5,ttft=1.0,tpot=0.05 --tenant heavy:share=1,input=uniform:512:1024``.
 """
@@ -105,10 +106,10 @@ class TenantSpec:
                     values["num"] = int(value)
                 elif key in ("input", "output"):
                     values[f"{key}_len"] = LengthDistribution.parse(value, key)
-                elif key in ("ttft", "tpot"):
+                elif key in ("ttft", "tpot", "tbt"):
                     slo[f"{key}_s"] = parse_seconds(value, key)
                 else:
-                    raise ValueError(f"unknown key {key!r}; keys: rate, share, num, input, output, ttft, tpot")
+                    raise ValueError(f"unknown key {key!r}; keys: rate, share, num, input, output, ttft, tpot, tbt")
             except ValueError as error:
                 raise ValueError(f"tenant {name!r}: bad item {item!r}: {error}") from None
         if "rate" in values and "share" in values:

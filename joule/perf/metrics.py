@@ -7,6 +7,8 @@ token - first token) / (output tokens - 1); ITL = gaps between consecutive
 tokens of a request; e2e = last token - arrival. Goodput (DistServe) counts
 requests that meet every SLO; an SLO also names the share of requests that
 must meet it (attainment) for a configuration to count as serving the load.
+TBT (time between tokens, Sarathi-Serve) is a request's largest ITL: a stall
+behind another prompt's prefill that an average TPOT hides.
 """
 
 from __future__ import annotations
@@ -22,26 +24,31 @@ PERCENTILES = (50, 90, 99)
 
 @dataclass(frozen=True)
 class SLO:
+    """Latency targets in seconds (None: no target). ``tbt_s`` bounds a request's largest gap between two
+    consecutive tokens; it comes after ``attainment`` so positional ``SLO(ttft, tpot, attainment)`` still works."""
+
     ttft_s: float | None = None
     tpot_s: float | None = None
     attainment: float = 0.9
+    tbt_s: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("ttft_s", "tpot_s"):
+        for name in ("ttft_s", "tpot_s", "tbt_s"):
             value = getattr(self, name)
-            if value is not None and value <= 0:
+            if value is not None and not value > 0:
                 raise ValueError(f"SLO {name} must be positive, got {value}")
         if not 0 < self.attainment <= 1:
             raise ValueError(f"SLO attainment must be in (0, 1], got {self.attainment}")
 
     @classmethod
     def parse(cls, text: str) -> SLO:
-        """``"ttft=0.5,tpot=0.05[,attainment=0.9]"`` (seconds; ``ms`` suffix allowed)."""
+        """``"ttft=0.5,tpot=0.05[,tbt=0.2][,attainment=0.9]"`` (seconds; ``ms`` suffix allowed)."""
         values: dict[str, float] = {}
         for item in filter(None, (part.strip() for part in text.split(","))):
             key, sep, value = item.partition("=")
-            if not sep or key not in ("ttft", "tpot", "attainment"):
-                raise ValueError(f"bad SLO item {item!r}: expected ttft=SECONDS, tpot=SECONDS or attainment=FRACTION")
+            if not sep or key not in ("ttft", "tpot", "tbt", "attainment"):
+                raise ValueError(f"bad SLO item {item!r}: expected ttft=SECONDS, tpot=SECONDS, tbt=SECONDS or "
+                                 "attainment=FRACTION")
             scale = 1e-3 if value.endswith("ms") else 1.0
             try:
                 number = float(value.removesuffix("ms").removesuffix("s")) * scale
@@ -50,17 +57,23 @@ class SLO:
             values["attainment" if key == "attainment" else f"{key}_s"] = number
         return cls(**values)
 
-    def met(self, ttft: float, tpot: float) -> bool:
-        return (self.ttft_s is None or ttft <= self.ttft_s) and (self.tpot_s is None or tpot <= self.tpot_s)
+    def met(self, ttft: float, tpot: float, max_itl: float | None = None) -> bool:
+        """Whether a request's TTFT, TPOT and largest gap between tokens meet the targets. A TBT target needs
+        ``max_itl`` (ValueError without it) rather than passing silently."""
+        if self.tbt_s is not None and max_itl is None:
+            raise ValueError("SLO tbt_s is set but the request's largest gap between tokens (max_itl) is unknown")
+        return ((self.ttft_s is None or ttft <= self.ttft_s) and (self.tpot_s is None or tpot <= self.tpot_s)
+                and (self.tbt_s is None or max_itl <= self.tbt_s))
 
     @property
     def is_set(self) -> bool:
-        return self.ttft_s is not None or self.tpot_s is not None
+        return self.ttft_s is not None or self.tpot_s is not None or self.tbt_s is not None
 
     def merged_over(self, default: SLO) -> SLO:
         """These targets, falling back to ``default``'s where unset (a tenant's SLO over the global one)."""
         return SLO(self.ttft_s if self.ttft_s is not None else default.ttft_s,
-                   self.tpot_s if self.tpot_s is not None else default.tpot_s, self.attainment)
+                   self.tpot_s if self.tpot_s is not None else default.tpot_s, self.attainment,
+                   self.tbt_s if self.tbt_s is not None else default.tbt_s)
 
 
 @dataclass
@@ -73,6 +86,7 @@ class RequestRecord:
     last_token_time: float | None = None
     num_output_tokens: int = 0
     finish_time: float | None = None
+    max_itl: float = 0.0  # largest gap between consecutive tokens, for a TBT SLO
 
     @property
     def ttft(self) -> float:
@@ -164,8 +178,9 @@ class SimulationResult:
             "usd_per_million_output_tokens": self.cost_usd() / tokens * 1e6 if tokens else math.nan,
         }
         if slo is not None:
-            good = [r for r in finished if slo.met(r.ttft, r.tpot)]
-            result["slo"] = {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s, "attainment": slo.attainment}
+            good = [r for r in finished if slo.met(r.ttft, r.tpot, r.max_itl)]
+            result["slo"] = {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s, "tbt_s": slo.tbt_s,
+                             "attainment": slo.attainment}
             result["slo_attainment"] = len(good) / len(self.records)
             result["goodput_requests_per_s"] = len(good) / span
             result["goodput_output_tokens_per_s"] = sum(r.num_output_tokens for r in good) / span

@@ -7,6 +7,10 @@ that serves. Events are request arrivals and step completions; a step that
 starts at t ends at t + predicted step time, and its tokens appear then.
 Arrivals during a step join the waiting queue and are considered by the next
 step, as in the engine. A router assigns each arrival to a replica.
+Each request's record keeps its largest gap between tokens, so a TBT SLO
+(``SLO.tbt_s``) is judged in ``SimulationResult.summary`` like TTFT and TPOT;
+the engine's ``RequestSLO`` has no TBT, so the ``deadline`` policy does not
+schedule against it.
 """
 
 from __future__ import annotations
@@ -237,7 +241,9 @@ class ClusterSimulator:
                 if record.first_token_time is None:
                     record.first_token_time = end
                 else:
-                    result.itl.append(end - record.last_token_time)
+                    gap = end - record.last_token_time
+                    result.itl.append(gap)
+                    record.max_itl = max(record.max_itl, gap)
                 record.last_token_time = end
                 record.num_output_tokens = count
             if request.is_finished:
