@@ -198,10 +198,12 @@ def paged_decode_attention(
     group = num_heads // num_kv_heads
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
     # head_dim 64, bf16, B=64 x 4k context on an H200: block_n 128 read at 3.8 TB/s, 64 at 3.5 TB/s.
-    # (Sizing the tile by bytes, so fp8 caches took 128-token tiles, made H100 workload 2 with an fp8
-    # cache 4 % slower than bf16 where it had been 10 % faster: fp8 keeps the bf16 tile sizes.)
-    block_n = 128 if head_dim_pad <= 64 else 64 if head_dim_pad <= 128 else 32
-    launch = {"block_n": block_n, "num_warps": 4, "num_stages": 2, **(launch or {})}
+    # An fp8 cache at head_dim 128 (benchmarks/gpu/decode_sweep.py, H100, graph-timed, one layer of
+    # Qwen3-0.6B): 128-token tiles and 3 stages take 253 us at B=256 x 1k (64-token tiles: 313 us; the
+    # bf16 cache: 359 us) and 280 us at B=64 x 4k (389 us; bf16 356 us).
+    fp8 = key_cache.element_size() == 1
+    block_n = 128 if head_dim_pad <= (128 if fp8 else 64) else 64 if head_dim_pad <= 128 else 32
+    launch = {"block_n": block_n, "num_warps": 4, "num_stages": 3 if fp8 else 2, **(launch or {})}
     block_n = launch["block_n"]
     min_split_length = -(-max(1, min_split_tokens or block_n) // block_n) * block_n
     num_splits = max(1, min(int(num_splits), -(-max(1, max_sequence_length) // min_split_length)))
