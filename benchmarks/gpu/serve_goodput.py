@@ -13,6 +13,11 @@ CPU at tiny scale (what tests/bench runs): python benchmarks/gpu/serve_goodput.p
     carrying the calibrated SLOs (``tpot_slo_ms``): the policy cuts prompt chunks to keep running decodes
     within their TPOT (Sarathi-Serve's rule); ``--no-deadline`` skips it. (On the H100, 2026-11-22, a fixed
     512-token budget did far worse than the default: chunks of long prompts ran slowly; ``--chunk-budget 512``.)
+    The same table for a TBT SLO (time between tokens, Sarathi-Serve's measure): each request's largest gap
+    between two tokens <= k x the calm chunked p50 TPOT, with the same TTFT SLO and no TPOT one. A prefill-first
+    schedule stalls running decodes for a whole prompt, which the average TPOT hides and the TBT does not.
+    ``--chunk-budgets 2048,8192`` sweeps the chunked server once per token budget (sweeps ``chunked-2048``,
+    ``chunked-8192``; the first one calibrates the SLOs and hosts the fairness and deadline runs).
 (b) Fairness: a light tenant alone (p99 TTFT), then the same light tenant while a heavy tenant floods at
     2x the chunked server's best throughput from (a), under ``--scheduling-policy fcfs`` and ``fair``.
 (c) Joules per output token vs rate, from the server-reported energy of (a)'s requests.
@@ -183,29 +188,50 @@ def fairness_run(server: Server, scale: Scale, heavy_rate: float | None) -> Swee
     return run_sweep(config, progress=log)
 
 
-def calibrated_slo(calm: SweepReport, tpot_factor: float, ttft_factor: float) -> SLO:
-    """SLOs as multiples of the p50 TPOT and TTFT of ``calm``'s first (lowest-rate) run."""
+def calibrated_slo(calm: SweepReport, tpot_factor: float | None, ttft_factor: float,
+                   tbt_factor: float | None = None) -> SLO:
+    """SLOs as multiples of the p50 TTFT and TPOT of ``calm``'s first (lowest-rate) run; the TBT SLO (a
+    request's largest gap between tokens) is also a multiple of that p50 TPOT. A factor of None sets no SLO."""
     metrics = calm.runs[0].metrics
+    tpot_ms = metrics.tpot_ms.median
     return SLO(ttft_s=ttft_factor * metrics.ttft_ms.median / 1000.0,
-               tpot_s=tpot_factor * metrics.tpot_ms.median / 1000.0)
+               tpot_s=None if tpot_factor is None else tpot_factor * tpot_ms / 1000.0,
+               tbt_s=None if tbt_factor is None else tbt_factor * tpot_ms / 1000.0)
 
 
-def goodput_summary(sweeps: dict[str, SweepReport], factors: list[float], ttft_factor: float) -> dict:
-    """Max goodput of every schedule for SLOs calibrated on the first (chunked) sweep, per TPOT factor; ratios
-    against prefill-first."""
+def goodput_summary(sweeps: dict[str, SweepReport], factors: list[float], ttft_factor: float,
+                    target: str = "tpot") -> dict:
+    """Max goodput of every schedule for SLOs calibrated on the first (chunked) sweep, per factor of the calm
+    p50 TPOT; ratios against prefill-first. ``target`` "tpot" judges TTFT + TPOT, "tbt" judges TTFT + each
+    request's largest gap between tokens (no TPOT SLO)."""
+    if target not in ("tpot", "tbt"):
+        raise ValueError(f"target must be tpot or tbt, got {target!r}")
     calm = next(iter(sweeps.values()))
     rows = []
     for factor in factors:
-        slo = calibrated_slo(calm, factor, ttft_factor)
+        slo = (calibrated_slo(calm, factor, ttft_factor) if target == "tpot"
+               else calibrated_slo(calm, None, ttft_factor, tbt_factor=factor))
         best = {name: report.with_slo(slo, PERCENTILES).max_goodput() for name, report in sweeps.items()}
         baseline = best.get("prefill-first")
         ratios = {name: (value / baseline if baseline else None) for name, value in best.items()
                   if name != "prefill-first"}
-        rows.append({"tpot_slo_factor": factor, "tpot_slo_ms": 1000 * slo.tpot_s, "ttft_slo_s": slo.ttft_s,
+        limit_s = slo.tpot_s if target == "tpot" else slo.tbt_s
+        rows.append({f"{target}_slo_factor": factor, f"{target}_slo_ms": 1000 * limit_s, "ttft_slo_s": slo.ttft_s,
                      "max_goodput": best, "ratio_vs_prefill_first": ratios})
     metrics = calm.runs[0].metrics
     return {"calm_p50_tpot_ms": metrics.tpot_ms.median, "calm_p50_ttft_ms": metrics.ttft_ms.median,
-            "ttft_slo_factor": ttft_factor, "by_factor": rows}
+            "ttft_slo_factor": ttft_factor, "judged_on": f"ttft+{target}", "by_factor": rows}
+
+
+def parse_budgets(text: str) -> list[int]:
+    """``"2048,8192"`` -> [2048, 8192]: one chunked sweep per max_num_batched_tokens."""
+    try:
+        budgets = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise ValueError(f"chunk_budgets must be comma-separated integers, got {text!r}") from None
+    if not budgets or any(budget < 1 for budget in budgets) or len(set(budgets)) != len(budgets):
+        raise ValueError(f"chunk_budgets must be distinct positive integers, got {text!r}")
+    return budgets
 
 
 def light_ttft(report: SweepReport) -> dict:
@@ -236,7 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=os.environ.get("OUT", "out"), help="results folder (default $OUT or ./out)")
     parser.add_argument("--rates", default=None, help="comma-separated sweep rates (default: per scale)")
     parser.add_argument("--chunk-budget", type=int, default=None, help="chunked server's max_num_batched_tokens")
+    parser.add_argument("--chunk-budgets", default=None,
+                        help="comma list (2048,8192): one chunked sweep per max_num_batched_tokens, labelled "
+                             "chunked-BUDGET; the first calibrates the SLOs (instead of --chunk-budget)")
     parser.add_argument("--tpot-slo-factor", type=float, default=3.0, help="TPOT SLO / calm p50 TPOT")
+    parser.add_argument("--tbt-slo-factor", type=float, default=5.0,
+                        help="TBT SLO (a request's largest gap between tokens) / calm p50 TPOT, for the summary")
     parser.add_argument("--ttft-slo-factor", type=float, default=10.0, help="TTFT SLO / calm p50 TTFT")
     parser.add_argument("--skip-fairness", action="store_true")
     parser.add_argument("--time-budget-s", type=float, default=420.0,
@@ -246,12 +277,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--logs", default=None, help="keep the servers' logs here (default: a temporary folder)")
     args = parser.parse_args(argv)
     scale = TINY if args.tiny else GPU
+    if args.chunk_budgets and args.chunk_budget:
+        parser.error("give --chunk-budget or --chunk-budgets, not both")
+    if args.chunk_budgets:
+        try:
+            budgets = {f"chunked-{b}": b for b in parse_budgets(args.chunk_budgets)}
+        except ValueError as error:
+            parser.error(str(error))
+    else:
+        budgets = {"chunked": args.chunk_budget or scale.chunk_budget}  # None: the engine's default budget
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     logs = Path(args.logs or tempfile.mkdtemp(prefix="serve-goodput-logs-"))
     logs.mkdir(parents=True, exist_ok=True)
     rates = [float(r) for r in args.rates.split(",")] if args.rates else [float(r) for r in scale.rates]
-    budget = args.chunk_budget or scale.chunk_budget
     engine_args = list(scale.engine_args)
     if args.tiny:
         model_dir = Path(args.model_dir) if args.model_dir else out / "tiny-model"
@@ -262,46 +301,57 @@ def main(argv: list[str] | None = None) -> int:
             model_dir.mkdir(parents=True, exist_ok=True)
             build_tiny_chat_model(model_dir)
         engine_args = ["--model", str(model_dir), *engine_args]
-    chunked_args = [*engine_args, *(["--max-num-batched-tokens", str(budget)] if budget else [])]
+
+    def budget_args(budget: int | None) -> list[str]:
+        return [*engine_args, *(["--max-num-batched-tokens", str(budget)] if budget else [])]
+
+    first_label, first_budget = next(iter(budgets.items()))
+    chunked_args = budget_args(first_budget)  # the fairness and deadline runs use the first budget
     results: dict = {"scale": "tiny-cpu" if args.tiny else "gpu", "rates": [format_rate(r) for r in rates],
-                     "chunk_budget": budget or "engine default", "tpot_slo_factor": args.tpot_slo_factor,
+                     "chunk_budget": first_budget or "engine default",
+                     "chunk_budgets": {label: budget or "engine default" for label, budget in budgets.items()},
+                     "tpot_slo_factor": args.tpot_slo_factor, "tbt_slo_factor": args.tbt_slo_factor,
                      "workload": {"input_len": scale.input_len, "output_len": scale.output_len,
                                   "duration_s": scale.duration_s}}
     sweeps: dict[str, SweepReport] = {}
     fairness: dict = {}
     light_runs: dict[str, SweepReport] = {}
-    with Server("chunked-fcfs", chunked_args, logs, scale) as server:
-        sweeps["chunked"] = sweep(server, scale, rates)
-        slo = calibrated_slo(sweeps["chunked"], args.tpot_slo_factor, args.ttft_slo_factor)
+    with Server(f"{first_label}-fcfs", chunked_args, logs, scale) as server:
+        sweeps[first_label] = sweep(server, scale, rates)
+        slo = calibrated_slo(sweeps[first_label], args.tpot_slo_factor, args.ttft_slo_factor)
         log(f"SLO from the calm run: TTFT {1000 * slo.ttft_s:.1f} ms, TPOT {1000 * slo.tpot_s:.2f} ms")
-        best = max(run.metrics.request_throughput for run in sweeps["chunked"].runs)
+        best = max(run.metrics.request_throughput for run in sweeps[first_label].runs)
         fairness["heavy_rate"] = heavy_rate = max(2.0 * best, 4.0 * scale.light_rate)
         if not args.skip_fairness:
             log("fairness: light tenant alone")
             light_runs["light alone"] = fairness_run(server, scale, None)
             log(f"fairness: light + heavy flooding at {heavy_rate:.1f} req/s, fcfs")
             light_runs["light + heavy, fcfs"] = fairness_run(server, scale, heavy_rate)
+    for label, budget in list(budgets.items())[1:]:
+        with Server(f"{label}-fcfs", budget_args(budget), logs, scale) as server:
+            sweeps[label] = sweep(server, scale, rates)
     with Server("prefill-first", [*engine_args, "--no-enable-chunked-prefill"], logs, scale) as server:
         sweeps["prefill-first"] = sweep(server, scale, rates)
     sweep_seconds = time.perf_counter() - STARTED
     if not args.skip_fairness:
-        with Server("chunked-fair", [*chunked_args, "--scheduling-policy", "fair"], logs, scale) as server:
+        with Server(f"{first_label}-fair", [*chunked_args, "--scheduling-policy", "fair"], logs, scale) as server:
             log(f"fairness: light + heavy flooding at {heavy_rate:.1f} req/s, fair")
             light_runs["light + heavy, fair"] = fairness_run(server, scale, heavy_rate)
-    # the optional third sweep goes last, only when it fits (about as long as one of the two before), and is
+    # the optional last sweep goes last, only when it fits (about as long as one of those before), and is
     # cut off at the time budget
-    needed = sweep_seconds / 2 + 30
+    needed = sweep_seconds / len(sweeps) + 30
     if not args.no_deadline and time.perf_counter() - STARTED + needed > args.time_budget_s:
         log(f"skipping the deadline sweep: ~{needed:.0f} s more would pass the {args.time_budget_s:.0f} s budget")
         results["deadline_sweep"] = "skipped: no time left"
     elif not args.no_deadline:
-        with Server("chunked-deadline", [*chunked_args, "--scheduling-policy", "deadline"], logs, scale) as server:
+        with Server(f"{first_label}-deadline", [*chunked_args, "--scheduling-policy", "deadline"], logs, scale) as server:
             left = args.time_budget_s - (time.perf_counter() - STARTED)
             deadline = sweep(server, scale, rates, slo, timeout_s=max(left, 10.0))
         if deadline is None:
             results["deadline_sweep"] = "cut off at the time budget"
         else:
-            sweeps["chunked+deadline"] = deadline
+            sweeps[f"{first_label}+deadline"] = deadline
+    if light_runs:
         for key, label in (("solo", "light alone"), ("fcfs", "light + heavy, fcfs"), ("fair", "light + heavy, fair")):
             fairness[key] = light_ttft(light_runs[label])
         for policy in ("fcfs", "fair"):
@@ -310,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     results["fairness"] = fairness
     results["goodput"] = goodput_summary(sweeps, sorted({1.5, 2.0, 3.0, 5.0, args.tpot_slo_factor}),
                                          args.ttft_slo_factor)
+    results["goodput_tbt"] = goodput_summary(sweeps, sorted({2.0, 3.0, 5.0, 10.0, args.tbt_slo_factor}),
+                                             args.ttft_slo_factor, target="tbt")
     judged = {name: report.with_slo(slo, PERCENTILES) for name, report in sweeps.items()}
     results["energy"] = {name: [{"rate": format_rate(run.rate), "joules_per_output_token":
                                  run.metrics.joules_per_output_token, "energy_source": run.metrics.energy_source,
@@ -332,17 +384,34 @@ def _fmt(value: float | None, spec: str = ".2f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def print_goodput_table(summary: dict, target: str) -> None:
+    """One line per SLO factor: every sweep's max goodput and its ratio to prefill-first."""
+    label = target.upper()
+    what = "TPOT" if target == "tpot" else "TBT (each request's largest gap between tokens)"
+    print(f"\nmax goodput (req/s) by {what} SLO factor (x calm p50 TPOT {summary['calm_p50_tpot_ms']:.2f} ms; "
+          f"TTFT SLO {summary['ttft_slo_factor']:g} x calm p50 TTFT {summary['calm_p50_ttft_ms']:.1f} ms):")
+    for row in summary["by_factor"]:
+        cells = "  ".join(f"{name} {_fmt(value)}" for name, value in row["max_goodput"].items())
+        ratios = "  ".join(f"{name}/prefill-first {_fmt(value)}x" for name, value in row["ratio_vs_prefill_first"].items())
+        print(f"  factor {row[f'{target}_slo_factor']:>4g} ({label} <= {row[f'{target}_slo_ms']:6.2f} ms): {cells}  |  "
+              f"{ratios}")
+
+
+def summary_line(summary: dict, target: str, factor: float) -> str:
+    """``SUMMARY TPOT SLO 9.94 ms: max goodput ...; ratios`` for the row of ``factor``."""
+    chosen = next(row for row in summary["by_factor"] if row[f"{target}_slo_factor"] == factor)
+    best, ratios = chosen["max_goodput"], chosen["ratio_vs_prefill_first"]
+    return (f"SUMMARY {target.upper()} SLO {chosen[f'{target}_slo_ms']:.2f} ms: max goodput " +
+            ", ".join(f"{name} {_fmt(value)} req/s" for name, value in best.items()) + "; " +
+            ", ".join(f"{name}/prefill-first {_fmt(value)}x" for name, value in ratios.items()))
+
+
 def print_summary(results: dict, judged: dict[str, SweepReport], out: Path) -> None:
     print("\n" + "=" * 100)
     for name, report in judged.items():
-        print(report.table(name))
-    goodput = results["goodput"]
-    print(f"\nmax goodput (req/s) by TPOT SLO factor (x calm p50 TPOT {goodput['calm_p50_tpot_ms']:.2f} ms; "
-          f"TTFT SLO {goodput['ttft_slo_factor']:g} x calm p50 TTFT {goodput['calm_p50_ttft_ms']:.1f} ms):")
-    for row in goodput["by_factor"]:
-        cells = "  ".join(f"{name} {_fmt(value)}" for name, value in row["max_goodput"].items())
-        ratios = "  ".join(f"{name}/prefill-first {_fmt(value)}x" for name, value in row["ratio_vs_prefill_first"].items())
-        print(f"  factor {row['tpot_slo_factor']:>4g} (TPOT <= {row['tpot_slo_ms']:6.2f} ms): {cells}  |  {ratios}")
+        print(report.table(name, show_tbt=True))
+    print_goodput_table(results["goodput"], "tpot")
+    print_goodput_table(results["goodput_tbt"], "tbt")
     fairness = results["fairness"]
     if "solo" in fairness:
         print(f"\nfairness (light tenant's TTFT; heavy floods at {fairness['heavy_rate']:.1f} req/s):")
@@ -352,14 +421,13 @@ def print_summary(results: dict, judged: dict[str, SweepReport], out: Path) -> N
             print(f"  {key:<5} p99 {row['light_p99_ttft_ms']:9.1f} ms  p50 {row['light_p50_ttft_ms']:8.1f} ms  "
                   f"light done {row['light_completed']}  heavy done {row['heavy_completed']}{vs}")
     print("\njoules per output token vs rate (server-reported):")
+    width = max(17, *(len(name) for name in results["energy"]))
     for name, rows in results["energy"].items():
-        print(f"  {name:<17} " + "  ".join(f"{row['rate']}: {_fmt(row['joules_per_output_token'], '.4f')}"
-                                            for row in rows))
-    chosen = next(row for row in goodput["by_factor"] if row["tpot_slo_factor"] == results["tpot_slo_factor"])
-    best, ratios = chosen["max_goodput"], chosen["ratio_vs_prefill_first"]
-    print(f"\nSUMMARY TPOT SLO {chosen['tpot_slo_ms']:.2f} ms: max goodput " +
-          ", ".join(f"{name} {_fmt(value)} req/s" for name, value in best.items()) + "; " +
-          ", ".join(f"{name}/prefill-first {_fmt(value)}x" for name, value in ratios.items()) +
+        print(f"  {name:<{width}} " + "  ".join(f"{row['rate']}: {_fmt(row['joules_per_output_token'], '.4f')}"
+                                               for row in rows))
+    # the TPOT line stays last: runs are read from the tail of their output
+    print("\n" + summary_line(results["goodput_tbt"], "tbt", results["tbt_slo_factor"]))
+    print(summary_line(results["goodput"], "tpot", results["tpot_slo_factor"]) +
           f"; wall {time.perf_counter() - STARTED:.0f} s; results in {out}", flush=True)
 
 

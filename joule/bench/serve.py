@@ -125,12 +125,13 @@ class SweepReport:
     def to_dict(self) -> dict:
         return {"config": self.config, "runs": [run.to_dict() for run in self.runs]}
 
-    def table(self, label: str = "") -> str:
+    def table(self, label: str = "", show_tbt: bool | None = None) -> str:
+        """The sweep table; ``show_tbt`` adds the largest-gap columns (None: when a request had a TBT SLO)."""
         rows = []
         for run in self.runs:
             rows.append((label or "all", run.rate, run.metrics))
             rows += [(f"{label + '/' if label else ''}{name}", run.rate, m) for name, m in run.tenant_metrics.items()]
-        return format_sweep_table(rows)
+        return format_sweep_table(rows, show_tbt)
 
     def with_slo(self, slo: SLO, percentiles: list[float]) -> SweepReport:
         """The same requests judged against ``slo`` (goodput computed after the fact, e.g. from a calibrated

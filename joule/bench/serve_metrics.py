@@ -216,11 +216,14 @@ def format_rate(rate: float) -> str:
     return "inf" if rate == float("inf") else f"{rate:g}"
 
 
-def format_sweep_table(rows: list[tuple[str, float, BenchmarkMetrics]]) -> str:
-    """One line per (label, rate): throughput, goodput, attainment, p50/p99 TTFT and TPOT, J per token; when
-    any request carried a TBT SLO, also the p99 and max over requests of their largest gap between tokens."""
-    show_tbt = any(m.has_tbt_slo for _, _, m in rows)
-    header = (f"{'run':<19}{'rate':>7}{'done':>6}{'fail':>5}{'req/s':>8}{'good/s':>8}{'SLO%':>7}"
+def format_sweep_table(rows: list[tuple[str, float, BenchmarkMetrics]], show_tbt: bool | None = None) -> str:
+    """One line per (label, rate): throughput, goodput, attainment, p50/p99 TTFT and TPOT, J per token; with
+    ``show_tbt`` (None: when any request carried a TBT SLO), also the p99 and max over requests of their largest
+    gap between tokens."""
+    if show_tbt is None:
+        show_tbt = any(m.has_tbt_slo for _, _, m in rows)
+    width = min(32, max([19, *(len(label) + 1 for label, _, _ in rows)]))  # run labels up to 31 characters
+    header = (f"{'run':<{width}}{'rate':>7}{'done':>6}{'fail':>5}{'req/s':>8}{'good/s':>8}{'SLO%':>7}"
               f"{'TTFT p50':>10}{'p99':>9}{'TPOT p50':>10}{'p99':>8}"
               + (f"{'TBT p99':>9}{'max':>9}" if show_tbt else "") + f"{'J/tok':>9}")
     lines = [header, "-" * len(header)]
@@ -232,7 +235,8 @@ def format_sweep_table(rows: list[tuple[str, float, BenchmarkMetrics]]) -> str:
             p99_tbt = m.max_itl_ms.percentiles.get("p99") if m.max_itl_ms else None
             tbt = f"{_or_dash(p99_tbt, '.1f'):>9}{_or_dash(m.worst_itl_ms, '.1f'):>9}"
         lines.append(
-            f"{label[:18]:<19}{format_rate(rate):>7}{m.completed:>6}{m.failed:>5}{m.request_throughput:>8.2f}"
+            f"{label[:width - 1]:<{width}}{format_rate(rate):>7}{m.completed:>6}{m.failed:>5}"
+            f"{m.request_throughput:>8.2f}"
             f"{_or_dash(m.goodput, '.2f'):>8}{_or_dash(m.slo_attainment and 100 * m.slo_attainment, '.1f'):>7}"
             f"{m.ttft_ms.median:>10.1f}{p99_ttft:>9.1f}{m.tpot_ms.median:>10.2f}{p99_tpot:>8.2f}{tbt}"
             f"{_or_dash(m.joules_per_output_token, '.4f'):>9}"
