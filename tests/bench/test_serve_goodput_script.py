@@ -40,6 +40,16 @@ def test_the_gpu_script_runs_at_tiny_scale(tiny_model_dir, tmp_path, capsys):  #
     tighter, looser = goodput["by_factor"][0], goodput["by_factor"][-1]
     assert tighter["tpot_slo_ms"] < looser["tpot_slo_ms"]
     assert all(tighter["max_goodput"][name] <= looser["max_goodput"][name] for name in tighter["max_goodput"])
+    tbt = results["goodput_tbt"]  # TTFT + each request's largest gap between tokens, no TPOT
+    assert tbt["judged_on"] == "ttft+tbt" and tbt["calm_p50_tpot_ms"] == goodput["calm_p50_tpot_ms"]
+    assert [row["tbt_slo_factor"] for row in tbt["by_factor"]] == [2.0, 3.0, 5.0, 10.0]
+    for row in tbt["by_factor"]:
+        assert row["tbt_slo_ms"] == pytest.approx(row["tbt_slo_factor"] * tbt["calm_p50_tpot_ms"])
+        assert set(row["max_goodput"]) == {"chunked", "prefill-first", "chunked+deadline"}
+    tighter, looser = tbt["by_factor"][0], tbt["by_factor"][-1]
+    assert all(tighter["max_goodput"][name] <= looser["max_goodput"][name] for name in tighter["max_goodput"])
+    assert any(line.startswith("SUMMARY TBT SLO") for line in printed[-3:])
+    assert any(line.startswith("max goodput (req/s) by TBT") for line in printed)
     fairness = results["fairness"]
     assert fairness["solo"]["heavy_completed"] == 0 and fairness["solo"]["light_failed"] == 0
     for policy in ("fcfs", "fair"):
@@ -54,6 +64,27 @@ def test_the_gpu_script_runs_at_tiny_scale(tiny_model_dir, tmp_path, capsys):  #
     assert set(sweeps) == {"chunked", "prefill-first", "chunked+deadline"}
     deadline_requests = sweeps["chunked+deadline"]["runs"][0]["requests"]
     assert all(request["met_slo"] is not None for request in deadline_requests)
+    assert all(request["max_itl_s"] >= 0 for request in deadline_requests)
+    assert results["chunk_budgets"] == {"chunked": 32}
     assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == [
         "server-chunked-deadline.log", "server-chunked-fair.log", "server-chunked-fcfs.log",
         "server-prefill-first.log"]
+
+
+@pytest.mark.slow  # three server starts on the CPU: ~30 s
+def test_chunk_budgets_sweep_the_chunked_server_once_per_budget(tiny_model_dir, tmp_path, capsys):  # noqa: F811
+    script = _load_script()
+    assert script.main(["--tiny", "--model-dir", str(tiny_model_dir), "--out", str(tmp_path), "--logs",
+                        str(tmp_path / "logs"), "--chunk-budgets", "32,64", "--skip-fairness", "--no-deadline"]) == 0
+    assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("SUMMARY TPOT SLO")
+    results = json.loads((tmp_path / "serve_goodput.json").read_text())
+    assert results["chunk_budgets"] == {"chunked-32": 32, "chunked-64": 64} and results["fairness"] == {
+        "heavy_rate": results["fairness"]["heavy_rate"]}
+    for table in (results["goodput"], results["goodput_tbt"]):
+        for row in table["by_factor"]:
+            assert list(row["max_goodput"]) == ["chunked-32", "chunked-64", "prefill-first"]
+            assert set(row["ratio_vs_prefill_first"]) == {"chunked-32", "chunked-64"}
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == [
+        "server-chunked-32-fcfs.log", "server-chunked-64-fcfs.log", "server-prefill-first.log"]
+    with pytest.raises(SystemExit):
+        script.main(["--tiny", "--chunk-budget", "32", "--chunk-budgets", "32,64", "--out", str(tmp_path)])
