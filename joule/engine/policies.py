@@ -36,7 +36,7 @@ class SchedulingPolicy(Protocol):
 
     def choose_victim(self, running: list[Request]) -> Request: ...
 
-    def may_preempt_for(self, candidate: Request, victim: Request) -> bool: ...
+    def may_preempt_for(self, candidate: Request, victim: Request, running: list[Request]) -> bool: ...
 
     def on_added(self, request: Request, waiting: deque[Request], running: list[Request]) -> None: ...
 
@@ -57,7 +57,7 @@ class FirstComeFirstServed:
     def choose_victim(self, running: list[Request]) -> Request:
         return running[-1]
 
-    def may_preempt_for(self, candidate: Request, victim: Request) -> bool:
+    def may_preempt_for(self, candidate: Request, victim: Request, running: list[Request]) -> bool:
         return False
 
     def on_added(self, request: Request, waiting: deque[Request], running: list[Request]) -> None:
@@ -86,7 +86,7 @@ class PriorityFirst(FirstComeFirstServed):
         # Lowest priority (largest value); among equals the most recently admitted.
         return max(reversed(running), key=lambda request: request.priority)
 
-    def may_preempt_for(self, candidate: Request, victim: Request) -> bool:
+    def may_preempt_for(self, candidate: Request, victim: Request, running: list[Request]) -> bool:
         return candidate.priority < victim.priority
 
 
@@ -110,6 +110,24 @@ class VirtualTokenCounterFairness(FirstComeFirstServed):
         floor = min((self.counters.get(other.tenant, 0.0) for other in others), default=None)
         if floor is not None:
             self.counters[request.tenant] = max(self.counters.get(request.tenant, 0.0), floor)
+
+    def may_preempt_for(self, candidate: Request, victim: Request, running: list[Request]) -> bool:
+        """A tenant holding fewer running slots than the victim's tenant, and fewer than an equal share, may
+        take one (the victim is recomputed later, mostly from its cached blocks).
+
+        Without this a light tenant's request waits for one of a flooding tenant's requests to finish
+        whenever the flood holds every sequence slot (or KV block). Shares settle, so tenants that are
+        both backlogged stop preempting each other once each holds its share.
+        """
+        if candidate.tenant == victim.tenant:
+            return False
+        held: dict[str | None, int] = {}
+        for request in running:
+            held[request.tenant] = held.get(request.tenant, 0) + 1
+        tenants = set(held) | {candidate.tenant}
+        share = len(running) / len(tenants)
+        mine, theirs = held.get(candidate.tenant, 0), held.get(victim.tenant, 0)
+        return mine + 1 < theirs and mine + 1 <= share
 
     def on_scheduled(self, request: Request, num_tokens: int, is_decode: bool) -> None:
         weight = DECODE_TOKEN_WEIGHT if is_decode else PROMPT_TOKEN_WEIGHT

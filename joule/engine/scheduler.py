@@ -240,7 +240,7 @@ class Scheduler:
         if not self.running:
             return None
         victim = self.policy.choose_victim(self.running)
-        if not self.policy.may_preempt_for(candidate, victim):
+        if not self.policy.may_preempt_for(candidate, victim, self.running):
             return None
         return self._preempt(victim, plan, scheduled)
 

@@ -170,3 +170,41 @@ def test_fair_fast_lane_stays_shut_when_nobody_is_behind():
     policy.counters = {"light": 500.0, "heavy": 500.0}  # a tie (light just lifted): the smaller demand goes
     more_heavy = waiting + [_request("h2", tenant="heavy")]
     assert policy.fast_lane_tokens(more_heavy, []) == 5
+
+
+def test_fair_preempts_a_flooding_tenant_for_a_tenant_without_a_slot_and_outputs_do_not_change():
+    solo = _engine("fcfs", max_num_seqs=1)
+    reference = _request("heavy-1", tenant="heavy", max_tokens=20)
+    solo.add_request(reference)
+    _run(solo)
+
+    engine = _engine("fair", max_num_seqs=2)
+    heavy = [_request(f"heavy-{index}", tenant="heavy", max_tokens=20) for index in range(2)]
+    for request in heavy:
+        engine.add_request(request)
+    for _ in range(3):
+        engine.step()
+    assert all(request.status == RequestStatus.RUNNING for request in heavy)
+    light = _request("light-0", tenant="light")
+    engine.add_request(light)
+    engine.step()
+    assert light.status == RequestStatus.RUNNING
+    # The most recently admitted request of the tenant holding every slot made room, and is recomputed.
+    assert heavy[1].status == RequestStatus.PREEMPTED and heavy[0].status == RequestStatus.RUNNING
+    _run(engine)
+    assert heavy[1].output_token_ids == reference.output_token_ids
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_fair_tenants_holding_their_share_do_not_preempt_each_other():
+    engine = _engine("fair", max_num_seqs=2)
+    first, second = _request("a-0", tenant="a", max_tokens=30), _request("b-0", tenant="b", max_tokens=30)
+    engine.add_request(first)
+    engine.add_request(second)
+    engine.step()
+    for index in range(1, 4):
+        engine.add_request(_request(f"a-{index}", tenant="a"))
+        engine.add_request(_request(f"b-{index}", tenant="b"))
+    for _ in range(10):
+        engine.step()
+    assert first.num_preemptions == 0 and second.num_preemptions == 0
