@@ -8,7 +8,10 @@ stay the same under every policy; a policy only orders. Pure Python.
   waiting request may preempt a running one of strictly lower priority.
 - ``fair``: virtual token counters per tenant (VTC): the tenant that has been
   served the fewest weighted tokens goes next, so one heavy tenant cannot
-  starve the others. Prompt tokens weigh 1, generated tokens 2.
+  starve the others. Prompt tokens weigh 1, generated tokens 2. Latency too:
+  a less-served tenant's prompt gets a short step of its own (the fast lane),
+  and while a tenant with nothing waiting is about, the others' prompt
+  chunks are cut short so no step runs long (``StepShape``).
 - ``deadline``: earliest deadline first. A request's deadline is its arrival
   plus its TTFT SLO; requests without one rank after all that have one, by
   arrival. The running request with the latest deadline yields first. The step's
@@ -20,6 +23,7 @@ stay the same under every policy; a policy only orders. Pure Python.
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 from typing import Protocol
 
 from joule.engine.request import Request
@@ -27,6 +31,24 @@ from joule.engine.step_time import StepTimeEstimator
 
 DECODE_TOKEN_WEIGHT = 2
 PROMPT_TOKEN_WEIGHT = 1
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """How a policy narrows one step beyond the token budget.
+
+    ``prompt_token_cap``: at most this many prompt tokens (None: the budget decides). A lane step
+    (``lane_prompt_tokens`` > 0) carries only ``lane_tenant``'s decodes and that many of its waiting
+    prompts' tokens; everyone else's work waits for this one short step.
+    """
+
+    prompt_token_cap: int | None = None
+    lane_tenant: str | None = None
+    lane_prompt_tokens: int = 0
+
+    @property
+    def is_lane(self) -> bool:
+        return self.lane_prompt_tokens > 0
 
 
 class SchedulingPolicy(Protocol):
@@ -45,7 +67,7 @@ class SchedulingPolicy(Protocol):
     def token_budget(self, decodes: list[Request], max_tokens: int, step_time: StepTimeEstimator,
                      min_prefill_tokens: int) -> int: ...
 
-    def fast_lane_tokens(self, waiting: deque[Request], running: list[Request]) -> int | None: ...
+    def step_shape(self, waiting: deque[Request], running: list[Request], now: float) -> StepShape | None: ...
 
 
 class FirstComeFirstServed:
@@ -71,8 +93,8 @@ class FirstComeFirstServed:
         """Tokens this step may carry; every policy but ``deadline`` uses the whole budget."""
         return max_tokens
 
-    def fast_lane_tokens(self, waiting: deque[Request], running: list[Request]) -> int | None:
-        """Prompt tokens to admit ahead of running prompt chunks in a short step, or None (``fair`` only)."""
+    def step_shape(self, waiting: deque[Request], running: list[Request], now: float) -> StepShape | None:
+        """A narrower step than the budget allows, or None (``fair`` only)."""
         return None
 
 
@@ -93,8 +115,13 @@ class PriorityFirst(FirstComeFirstServed):
 class VirtualTokenCounterFairness(FirstComeFirstServed):
     name = "fair"
 
-    def __init__(self) -> None:
+    def __init__(self, protected_prompt_tokens: int = 512, recent_seconds: float = 2.0) -> None:
+        """``protected_prompt_tokens``: the prompt tokens a step may carry while a tenant with nothing waiting
+        is about (it arrived within ``recent_seconds`` or has requests in) and another has prompts to compute."""
         self.counters: dict[str | None, float] = {}
+        self.last_arrival: dict[str | None, float] = {}
+        self.protected_prompt_tokens = protected_prompt_tokens
+        self.recent_seconds = recent_seconds
 
     def next_waiting(self, waiting: deque[Request]) -> Request:
         return min(waiting, key=lambda request: self.counters.get(request.tenant, 0.0))
@@ -104,6 +131,8 @@ class VirtualTokenCounterFairness(FirstComeFirstServed):
 
     def on_added(self, request: Request, waiting: deque[Request], running: list[Request]) -> None:
         """A tenant returning from idle starts at the least-served active tenant's counter, no lower."""
+        self.last_arrival[request.tenant] = max(self.last_arrival.get(request.tenant, request.arrival_time),
+                                                request.arrival_time)
         others = [other for other in [*waiting, *running] if other is not request]
         if any(other.tenant == request.tenant for other in others):
             return  # already backlogged: keeps its counter
@@ -121,9 +150,7 @@ class VirtualTokenCounterFairness(FirstComeFirstServed):
         """
         if candidate.tenant == victim.tenant:
             return False
-        held: dict[str | None, int] = {}
-        for request in running:
-            held[request.tenant] = held.get(request.tenant, 0) + 1
+        held = _slots_held(running)
         tenants = set(held) | {candidate.tenant}
         share = len(running) / len(tenants)
         mine, theirs = held.get(candidate.tenant, 0), held.get(victim.tenant, 0)
@@ -133,34 +160,67 @@ class VirtualTokenCounterFairness(FirstComeFirstServed):
         weight = DECODE_TOKEN_WEIGHT if is_decode else PROMPT_TOKEN_WEIGHT
         self.counters[request.tenant] = self.counters.get(request.tenant, 0.0) + weight * num_tokens
 
-    def fast_lane_tokens(self, waiting: deque[Request], running: list[Request]) -> int | None:
-        """A tenant served less than every tenant whose prompts are being chunked gets a short step.
+    def step_shape(self, waiting: deque[Request], running: list[Request], now: float) -> StepShape | None:
+        """The fast lane when a less-served tenant has prompts waiting; short chunks while a tenant is about
+        that has nothing waiting and others have prompts to compute.
 
-        Without it, a light tenant's prompt joins a step already full of a flooding tenant's prompt
-        chunks and waits a whole long step; here that step carries only the running decodes and the
-        less-served tenants' prompts, and the chunks resume the step after. Returns those prompts'
-        tokens, or None when no waiting tenant is behind.
+        A light tenant's request meets two delays under a flood: the step in flight when it arrives, and
+        the step that carries its prompt. The lane makes the second as short as the tenant's own work;
+        the cap keeps the first short while the light tenant is about (the tenants with prompts pending pay
+        for it in throughput, and only while someone with nothing waiting is present).
         """
-        if not waiting:
+        pending = _pending_prompt_tokens(waiting, running)
+        if not pending:
             return None
-        counter = self.counters.get
-        waiting_tokens: dict[str | None, int] = {}
-        for request in waiting:
-            waiting_tokens[request.tenant] = waiting_tokens.get(request.tenant, 0) + request.num_tokens
-        # Tenants whose prompt tokens would otherwise fill the step: chunks in progress or waiting prompts.
-        pending = dict(waiting_tokens)
-        for request in running:
-            if request.is_prefilling:
-                remaining = request.num_tokens - request.num_computed_tokens
-                pending[request.tenant] = pending.get(request.tenant, 0) + remaining
+        cap = self.protected_prompt_tokens if self._protects_someone(waiting, running, pending, now) else None
+        lane_tenant, lane_tokens = self._fast_lane(waiting, pending)
+        if cap is not None and lane_tokens > cap:
+            lane_tokens = cap
+        if cap is None and lane_tokens == 0:
+            return None
+        return StepShape(prompt_token_cap=cap, lane_tenant=lane_tenant, lane_prompt_tokens=lane_tokens)
+
+    def _fast_lane(self, waiting: deque[Request], pending: dict[str | None, int]) -> tuple[str | None, int]:
+        """A tenant served less than every tenant whose prompts are being chunked or wait gets a step of its
+        own: its decodes and its waiting prompts (the others' decodes and chunks resume the step after).
+        Returns the tenant and its waiting prompt tokens, or (None, 0)."""
         if len(pending) < 2:
-            return None
+            return None, 0
+        counter = self.counters.get
         # Least served first; on a tie (a tenant back from idle is lifted to the others' counter) the one
         # with fewer prompt tokens pending, then by name, so the choice never depends on set order.
         lowest = min(pending, key=lambda tenant: (counter(tenant, 0.0), pending[tenant], str(tenant)))
-        if lowest not in waiting_tokens:
-            return None  # the least-served tenant has nothing waiting: its chunks run in the normal order
-        return waiting_tokens[lowest]
+        waiting_tokens = sum(request.num_tokens for request in waiting if request.tenant == lowest)
+        if waiting_tokens == 0:
+            return None, 0  # the least-served tenant has nothing waiting: its chunks run in the normal order
+        return lowest, waiting_tokens
+
+    def _protects_someone(self, waiting: deque[Request], running: list[Request], pending: dict[str | None, int],
+                          now: float) -> bool:
+        """True while a tenant that is about (requests in, or one arrived lately) has nothing waiting and
+        another tenant has prompt work pending."""
+        backlogged = {request.tenant for request in waiting}
+        recent = {tenant for tenant, at in self.last_arrival.items() if now - at <= self.recent_seconds}
+        present = {request.tenant for request in running} | backlogged | recent
+        return any(set(pending) - {tenant} for tenant in present - backlogged)
+
+
+def _slots_held(running: list[Request]) -> dict[str | None, int]:
+    held: dict[str | None, int] = {}
+    for request in running:
+        held[request.tenant] = held.get(request.tenant, 0) + 1
+    return held
+
+
+def _pending_prompt_tokens(waiting: deque[Request], running: list[Request]) -> dict[str | None, int]:
+    """Prompt tokens per tenant that would fill steps: waiting prompts and the rest of chunks in progress."""
+    pending: dict[str | None, int] = {}
+    for request in waiting:
+        pending[request.tenant] = pending.get(request.tenant, 0) + request.num_tokens
+    for request in running:
+        if request.is_prefilling:
+            pending[request.tenant] = pending.get(request.tenant, 0) + request.num_tokens - request.num_computed_tokens
+    return pending
 
 
 def deadline_key(request: Request) -> tuple:

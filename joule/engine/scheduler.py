@@ -32,6 +32,9 @@ from joule.engine.request import Request, RequestStatus
 from joule.engine.step_time import StepTimeEstimator
 
 
+_ANY_TENANT = object()  # _admit_waiting's default: every tenant's requests
+
+
 @dataclass
 class SchedulerConfig:
     max_num_seqs: int = 256
@@ -152,12 +155,30 @@ class Scheduler:
         budget = self.policy.token_budget(
             decodes, self.config.max_num_batched_tokens, self.step_time, self.block_manager.block_size
         )
-        fast_lane = self.policy.fast_lane_tokens(self.waiting, self.running)
-        if fast_lane is not None and len(decodes) + fast_lane < budget:
-            # A short step: decodes, then the less-served tenants' prompts; running chunks wait one step.
-            budget = min(budget, len(decodes) + fast_lane)
-            prefills = []
-        for request in decodes + prefills:
+        shape = self.policy.step_shape(self.waiting, self.running, now)
+        if shape is not None and shape.prompt_token_cap is not None:
+            budget = min(budget, len(decodes) + max(shape.prompt_token_cap, 1))
+        if shape is not None and shape.is_lane:
+            lane_decodes = [request for request in decodes if request.tenant == shape.lane_tenant]
+            if len(lane_decodes) + shape.lane_prompt_tokens < budget:
+                # A short step of the less-served tenant's own: its decodes and waiting prompts.
+                left = self._schedule_running(lane_decodes, len(lane_decodes) + shape.lane_prompt_tokens, plan,
+                                              scheduled)
+                if plan.preempted_request_ids:
+                    return plan
+                if self._admit_waiting(left, plan, scheduled, now, only_tenant=shape.lane_tenant) < left:
+                    return plan
+                # Its prompts could not be admitted: a normal step after all, with what is left.
+                budget -= sum(sequence.num_tokens for sequence in plan.sequences)
+                decodes = [request for request in decodes if request.request_id not in scheduled]
+        budget = self._schedule_running(decodes + prefills, budget, plan, scheduled)
+        if not plan.preempted_request_ids:
+            budget = self._admit_waiting(budget, plan, scheduled, now)
+        return plan
+
+    def _schedule_running(self, requests: list[Request], budget: int, plan: StepPlan, scheduled: dict) -> int:
+        """Plan ``requests`` (running decodes, then prompt chunks) within ``budget``; returns what is left."""
+        for request in requests:
             if budget == 0:
                 break
             if request.status != RequestStatus.RUNNING:
@@ -171,10 +192,7 @@ class Scheduler:
             else:
                 budget -= num_new
                 self._add_to_plan(request, num_new, plan, scheduled)
-
-        if not plan.preempted_request_ids:
-            budget = self._admit_waiting(budget, plan, scheduled, now)
-        return plan
+        return budget
 
     def _schedule_prefill_first(self, now: float) -> StepPlan:
         """The baseline: whole prompts whenever one can be admitted, else a decode-only step."""
@@ -196,11 +214,15 @@ class Scheduler:
         return plan
 
     def _admit_waiting(self, budget: int, plan: StepPlan, scheduled: dict, now: float,
-                       whole_prompts: bool = False) -> int:
-        """Admit waiting requests in policy order; ``whole_prompts``: only if all of it fits this step."""
+                       whole_prompts: bool = False, only_tenant: object = _ANY_TENANT) -> int:
+        """Admit waiting requests in policy order; ``whole_prompts``: only if all of it fits this step;
+        ``only_tenant``: that tenant's requests alone (a fast-lane step)."""
         size = self.block_manager.block_size
-        while self.waiting and budget > 0:
-            request = self.policy.next_waiting(self.waiting)
+        pool = self.waiting
+        if only_tenant is not _ANY_TENANT:
+            pool = deque(request for request in self.waiting if request.tenant == only_tenant)
+        while pool and budget > 0:
+            request = self.policy.next_waiting(pool)
             if self._waits_for_sibling(request):
                 break
             if not self.admission.may_admit(request, self.running):
@@ -223,6 +245,8 @@ class Scheduler:
                 budget += refund
                 continue
             self.waiting.remove(request)
+            if pool is not self.waiting:
+                pool.remove(request)
             self.block_manager.record_lookup(request.num_tokens, num_computed)
             request.num_computed_tokens = num_computed
             if request.num_cached_tokens < 0:

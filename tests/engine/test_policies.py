@@ -7,7 +7,7 @@ import pytest
 from joule.engine.core import EngineCore
 from joule.engine.kv_blocks import KVBlockManager
 from joule.engine.plan import StepResult
-from joule.engine.policies import make_policy
+from joule.engine.policies import StepShape, make_policy
 from joule.engine.request import Request, RequestStatus, SampledToken
 from joule.engine.scheduler import SchedulerConfig
 from joule.sampling_params import SamplingParams
@@ -139,7 +139,7 @@ def test_returning_tenant_does_not_bank_credit_while_idle():
 
 def test_fair_fast_lane_gives_a_less_served_tenant_a_short_step():
     """A heavy tenant's long prompt is being chunked; a light tenant's prompt arrives. The next step
-    carries the running decodes and the light prompt only; the heavy chunks resume the step after."""
+    carries the light tenant's work only; the heavy decodes and chunks resume the step after."""
     config = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=32, max_model_len=512, policy="fair")
     engine = EngineCore(config, KVBlockManager(256, 4), TokenPerRequestExecutor(), clock=lambda: 0.0)
     engine.add_request(Request("heavy-decoding", [1] * 8, SamplingParams(max_tokens=50, ignore_eos=True), 50,
@@ -151,25 +151,73 @@ def test_fair_fast_lane_gives_a_less_served_tenant_a_short_step():
     engine.add_request(Request("light", [3] * 6, SamplingParams(max_tokens=4, ignore_eos=True), 4, tenant="light"))
     plan = engine.scheduler.schedule()
     ids = {sequence.request_id: sequence.num_tokens for sequence in plan.sequences}
-    assert ids == {"heavy-decoding": 1, "light": 6}  # no heavy chunk in this step
+    assert ids == {"light": 6}  # no heavy decode or chunk in this step
     engine.scheduler.update(plan, TokenPerRequestExecutor().execute(plan))
     following = {sequence.request_id for sequence in engine.scheduler.schedule().sequences}
-    assert "heavy-long" in following  # the chunks resume
+    assert {"heavy-long", "heavy-decoding", "light"} <= following  # everyone resumes
+
+
+def _flood_with_one_light_decoder(clock: list[float]) -> EngineCore:
+    """Budget 256, fair cap 32: a heavy tenant with long prompts waiting; a light tenant decoding."""
+    config = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=256, max_model_len=1024, policy="fair")
+    engine = EngineCore(config, KVBlockManager(1024, 4), TokenPerRequestExecutor(), clock=lambda: clock[0])
+    engine.scheduler.policy.protected_prompt_tokens = 32
+    engine.add_request(Request("light", [3] * 6, SamplingParams(max_tokens=100, ignore_eos=True), 100,
+                               tenant="light", arrival_time=0.0))
+    engine.step()
+    for index in range(3):
+        engine.add_request(Request(f"heavy-{index}", [2] * 300, SamplingParams(max_tokens=4, ignore_eos=True), 4,
+                                   tenant="heavy", arrival_time=0.0))
+    return engine
+
+
+def test_fair_cuts_prompt_chunks_short_while_a_tenant_below_its_share_is_about():
+    clock = [0.0]
+    engine = _flood_with_one_light_decoder(clock)
+    for _ in range(4):
+        plan = engine.scheduler.schedule(now=clock[0])
+        prompt_tokens, decode_tokens = plan.token_counts()
+        assert prompt_tokens <= 32 and decode_tokens == 1  # the light decode, then at most the cap
+        engine.scheduler.update(plan, TokenPerRequestExecutor().execute(plan))
+
+
+def test_fair_uses_the_whole_budget_once_the_light_tenant_has_gone():
+    clock = [0.0]
+    engine = _flood_with_one_light_decoder(clock)
+    engine.abort_request("light")
+    clock[0] = 10.0  # long past the light tenant's last arrival
+    prompt_tokens, _ = engine.scheduler.schedule(now=clock[0]).token_counts()
+    assert prompt_tokens == 256
+
+
+def test_fair_fast_lane_falls_back_to_a_normal_step_when_its_prompt_cannot_start():
+    """The light prompt cannot be admitted (no slot, and the light tenant already holds its share): the step
+    must not idle the others' decodes waiting for it."""
+    config = SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=64, max_model_len=256, policy="fair")
+    engine = EngineCore(config, KVBlockManager(256, 4), TokenPerRequestExecutor(), clock=lambda: 0.0)
+    engine.add_request(_request("light-0", tenant="light", max_tokens=50))
+    engine.add_request(_request("heavy-0", tenant="heavy", max_tokens=50))
+    engine.step()
+    engine.scheduler.policy.counters = {"light": 0.0, "heavy": 1000.0}
+    engine.add_request(_request("light-1", tenant="light"))
+    plan = engine.scheduler.schedule()
+    assert {sequence.request_id for sequence in plan.sequences} == {"light-0", "heavy-0"}
 
 
 def test_fair_fast_lane_stays_shut_when_nobody_is_behind():
     policy = make_policy("fair")
     waiting_same_tenant = [_request("a", tenant="t")]
-    assert policy.fast_lane_tokens(waiting_same_tenant, []) is None  # one tenant: nobody to favour
-    assert policy.fast_lane_tokens([], [_request("b", tenant="u")]) is None
+    assert policy.step_shape(waiting_same_tenant, [], now=0.0) is None  # one tenant: nobody to favour
+    assert policy.step_shape([], [_request("b", tenant="u")], now=0.0) is None
     policy.counters = {"light": 10.0, "heavy": 500.0}
     waiting = [_request("l", tenant="light"), _request("h", tenant="heavy")]
-    assert policy.fast_lane_tokens(waiting, []) == 5  # the light prompt's tokens
+    light_lane = StepShape(lane_tenant="light", lane_prompt_tokens=5)
+    assert policy.step_shape(waiting, [], now=0.0) == light_lane  # the light prompt's tokens
     policy.counters = {"light": 900.0, "heavy": 500.0}
-    assert policy.fast_lane_tokens(waiting, []) == 5  # heavy is behind now: its one waiting prompt
+    assert policy.step_shape(waiting, [], now=0.0) == StepShape(lane_tenant="heavy", lane_prompt_tokens=5)  # heavy behind
     policy.counters = {"light": 500.0, "heavy": 500.0}  # a tie (light just lifted): the smaller demand goes
     more_heavy = waiting + [_request("h2", tenant="heavy")]
-    assert policy.fast_lane_tokens(more_heavy, []) == 5
+    assert policy.step_shape(more_heavy, [], now=0.0) == light_lane
 
 
 def test_fair_preempts_a_flooding_tenant_for_a_tenant_without_a_slot_and_outputs_do_not_change():
