@@ -64,3 +64,31 @@ class RequestOutput:
     num_cached_tokens: int = 0
     error: Exception | None = None
     prompt_logprobs: list | None = field(default=None, repr=False)
+
+
+def merge_delta_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """One DELTA output equal to ``earlier`` followed by ``later`` (the same request): texts, token ids and
+    logprobs joined per sample, everything else from ``later``. A server whose clients fall behind sends
+    the merge as one chunk instead of one chunk per step."""
+    merged = {completion.index: completion for completion in earlier.outputs}
+    for completion in later.outputs:
+        before = merged.get(completion.index)
+        if before is None:
+            merged[completion.index] = completion
+            continue
+        logprobs = None
+        if before.logprobs is not None or completion.logprobs is not None:
+            logprobs = [*(before.logprobs or []), *(completion.logprobs or [])]
+        merged[completion.index] = CompletionOutput(
+            index=completion.index, text=before.text + completion.text,
+            token_ids=[*before.token_ids, *completion.token_ids],
+            cumulative_logprob=completion.cumulative_logprob, logprobs=logprobs,
+            finish_reason=completion.finish_reason, stop_reason=completion.stop_reason,
+        )
+    return RequestOutput(
+        request_id=later.request_id, prompt=later.prompt, prompt_token_ids=later.prompt_token_ids,
+        outputs=[merged[index] for index in sorted(merged)], finished=later.finished,
+        metrics=later.metrics if later.metrics is not None else earlier.metrics,
+        num_cached_tokens=later.num_cached_tokens, error=later.error or earlier.error,
+        prompt_logprobs=earlier.prompt_logprobs if earlier.prompt_logprobs is not None else later.prompt_logprobs,
+    )

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 from joule.engine.request import RequestSLO
 from joule.logger import get_logger
-from joule.outputs import RequestOutput
-from joule.sampling_params import SamplingParams
+from joule.outputs import RequestOutput, merge_delta_outputs
+from joule.sampling_params import RequestOutputKind, SamplingParams
 
 logger = get_logger()
 
@@ -87,14 +87,18 @@ class GenerationStream:
 
     Iterating yields ``(prompt_index, RequestOutput)`` until every request has finished, and raises
     the error of a failed step. ``abort()`` is synchronous so it can run in a ``finally`` of a
-    cancelled handler (a client that went away).
+    cancelled handler (a client that went away). With ``coalesce`` (DELTA outputs), the outputs that
+    queued up while the handler was busy come out merged, one per prompt: a loaded event loop then
+    writes once per stream per turn, not once per token.
     """
 
-    def __init__(self, engine: "AsyncEngine", request_ids: list[str]):
+    def __init__(self, engine: "AsyncEngine", request_ids: list[str], coalesce: bool = False):
         self._engine = engine
         self.request_ids = request_ids
         self._queue: asyncio.Queue = asyncio.Queue()
         self._unfinished = set(range(len(request_ids)))
+        self._coalesce = coalesce
+        self._pending: list[tuple[int, RequestOutput | BaseException]] = []
 
     def _push(self, index: int, item: RequestOutput | BaseException) -> None:
         self._queue.put_nowait((index, item))
@@ -105,13 +109,40 @@ class GenerationStream:
 
     async def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         while self._unfinished:
-            index, item = await self._queue.get()
-            if isinstance(item, BaseException):
-                self._unfinished.discard(index)
-                raise item
-            if item.finished:
-                self._unfinished.discard(index)
-            yield index, item
+            for index, item in self._take():
+                if isinstance(item, BaseException):
+                    self._unfinished.discard(index)
+                    raise item
+                if item.finished:
+                    self._unfinished.discard(index)
+                yield index, item
+            if self._unfinished:
+                await self._wait()
+
+    async def _wait(self) -> None:
+        """Block until something is queued, and put it back at the front."""
+        first = await self._queue.get()
+        self._pending = [first]
+
+    def _take(self) -> list[tuple[int, RequestOutput | BaseException]]:
+        """Everything queued now, in order; consecutive outputs of one prompt merged when coalescing."""
+        items, self._pending = self._pending, []
+        while not self._queue.empty():
+            items.append(self._queue.get_nowait())
+        if not self._coalesce or len(items) < 2:
+            return items
+        merged: list[tuple[int, RequestOutput | BaseException]] = []
+        latest: dict[int, int] = {}  # prompt index -> position in merged of its latest entry
+        for index, item in items:
+            position = latest.get(index)
+            if position is not None and isinstance(item, RequestOutput):
+                earlier = merged[position][1]
+                if isinstance(earlier, RequestOutput) and not earlier.finished:
+                    merged[position] = (index, merge_delta_outputs(earlier, item))
+                    continue
+            latest[index] = len(merged)
+            merged.append((index, item))
+        return merged
 
     def abort(self) -> None:
         """Abort whatever has not finished; safe to call more than once and after the end."""
@@ -197,7 +228,7 @@ class AsyncEngine:
                     f"the waiting queue is full ({waiting} of max_queue={self.max_queue} requests waiting)"
                 )
         request_ids = [request_id if len(prompts) == 1 else f"{request_id}-{index}" for index in range(len(prompts))]
-        stream = GenerationStream(self, request_ids)
+        stream = GenerationStream(self, request_ids, coalesce=params.output_kind == RequestOutputKind.DELTA)
         loop = asyncio.get_running_loop()
         arrival = time.time()
         accepted = []
@@ -314,8 +345,12 @@ class AsyncEngine:
             if output.finished:
                 del self._state.routes[output.request_id]
                 self._charge(route)
-            deliveries.append((route.stream, route.index, output))
+            first = route.generated_tokens == sum(len(completion.token_ids) for completion in output.outputs)
+            deliveries.append((not first, route.stream, route.index, output))
         if deliveries:
+            # First tokens go out first: a loaded event loop delays one more token of a running stream,
+            # not a new request's time to first token.
+            deliveries = [delivery[1:] for delivery in sorted(deliveries, key=lambda delivery: delivery[0])]
             self._loop.call_soon_threadsafe(self._dispatch, deliveries)
 
     def _fail_all(self, error: BaseException) -> None:
