@@ -255,6 +255,49 @@ def plot_light_ttft(runs: dict[str, SweepReport], path: Path) -> Path:
     return save_figure(pyplot, figure, path, "fairness: light tenant's TTFT while a heavy tenant floods")
 
 
+FAIRNESS_RUNS = (("solo", "light alone"), ("fcfs", "light + heavy, fcfs"), ("fair", "light + heavy, fair"))
+
+
+def fairness_summary(light_runs: dict[str, SweepReport]) -> dict:
+    """The light tenant's TTFT per run, and p99 under each flood relative to p99 alone."""
+    fairness = {key: light_ttft(light_runs[label]) for key, label in FAIRNESS_RUNS if label in light_runs}
+    for policy in ("fcfs", "fair"):
+        fairness[policy]["p99_ttft_vs_solo"] = (fairness[policy]["light_p99_ttft_ms"]
+                                                / fairness["solo"]["light_p99_ttft_ms"])
+    return fairness
+
+
+def print_fairness(fairness: dict) -> None:
+    print(f"\nfairness (light tenant's TTFT; heavy floods at {fairness['heavy_rate']:.1f} req/s):")
+    for key, _ in FAIRNESS_RUNS:
+        row = fairness[key]
+        vs = f"  ({row['p99_ttft_vs_solo']:.2f}x solo)" if "p99_ttft_vs_solo" in row else ""
+        print(f"  {key:<5} p99 {row['light_p99_ttft_ms']:9.1f} ms  p50 {row['light_p50_ttft_ms']:8.1f} ms  "
+              f"light done {row['light_completed']}  heavy done {row['heavy_completed']}{vs}")
+
+
+def run_fairness_only(scale: Scale, label: str, chunked_args: list[str], heavy_rate: float, logs: Path,
+                      out: Path) -> int:
+    """The three fairness runs alone (two server starts): the light tenant alone and beside the flood under
+    fcfs on one server, beside the flood under fair on another."""
+    light_runs: dict[str, SweepReport] = {}
+    with Server(f"{label}-fcfs", chunked_args, logs, scale) as server:
+        log("fairness: light tenant alone")
+        light_runs["light alone"] = fairness_run(server, scale, None)
+        log(f"fairness: light + heavy flooding at {heavy_rate:.1f} req/s, fcfs")
+        light_runs["light + heavy, fcfs"] = fairness_run(server, scale, heavy_rate)
+    with Server(f"{label}-fair", [*chunked_args, "--scheduling-policy", "fair"], logs, scale) as server:
+        log(f"fairness: light + heavy flooding at {heavy_rate:.1f} req/s, fair")
+        light_runs["light + heavy, fair"] = fairness_run(server, scale, heavy_rate)
+    fairness = {"heavy_rate": heavy_rate, "server_args": chunked_args, **fairness_summary(light_runs)}
+    plot = plot_light_ttft(light_runs, out / "fairness_light_ttft_cdf.png")
+    (out / "fairness.json").write_text(json.dumps({"fairness": fairness, "plot": str(plot)}, indent=2))
+    print_fairness(fairness)
+    print(f"SUMMARY fair light p99 TTFT {fairness['fair']['light_p99_ttft_ms']:.1f} ms = "
+          f"{fairness['fair']['p99_ttft_vs_solo']:.2f}x solo; wall {time.perf_counter() - STARTED:.0f} s", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="the tiny test model on the CPU, at tiny scale")
@@ -270,6 +313,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="TBT SLO (a request's largest gap between tokens) / calm p50 TPOT, for the summary")
     parser.add_argument("--ttft-slo-factor", type=float, default=10.0, help="TTFT SLO / calm p50 TTFT")
     parser.add_argument("--skip-fairness", action="store_true")
+    parser.add_argument("--fairness-only", action="store_true",
+                        help="only the fairness runs (light alone, + flood under fcfs and fair), at --heavy-rate")
+    parser.add_argument("--heavy-rate", type=float, default=None,
+                        help="the flooding tenant's rate (default: 2x the chunked server's best throughput)")
     parser.add_argument("--time-budget-s", type=float, default=420.0,
                         help="skip the optional deadline sweep when it would end past this many seconds")
     parser.add_argument("--no-deadline", action="store_true",
@@ -313,6 +360,10 @@ def main(argv: list[str] | None = None) -> int:
                      "tpot_slo_factor": args.tpot_slo_factor, "tbt_slo_factor": args.tbt_slo_factor,
                      "workload": {"input_len": scale.input_len, "output_len": scale.output_len,
                                   "duration_s": scale.duration_s}}
+    if args.fairness_only:
+        if args.heavy_rate is None:
+            parser.error("--fairness-only needs --heavy-rate")
+        return run_fairness_only(scale, first_label, chunked_args, args.heavy_rate, logs, out)
     sweeps: dict[str, SweepReport] = {}
     fairness: dict = {}
     light_runs: dict[str, SweepReport] = {}
@@ -321,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
         slo = calibrated_slo(sweeps[first_label], args.tpot_slo_factor, args.ttft_slo_factor)
         log(f"SLO from the calm run: TTFT {1000 * slo.ttft_s:.1f} ms, TPOT {1000 * slo.tpot_s:.2f} ms")
         best = max(run.metrics.request_throughput for run in sweeps[first_label].runs)
-        fairness["heavy_rate"] = heavy_rate = max(2.0 * best, 4.0 * scale.light_rate)
+        heavy_rate = args.heavy_rate or max(2.0 * best, 4.0 * scale.light_rate)
+        fairness["heavy_rate"] = heavy_rate
         if not args.skip_fairness:
             log("fairness: light tenant alone")
             light_runs["light alone"] = fairness_run(server, scale, None)
@@ -352,11 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             sweeps[f"{first_label}+deadline"] = deadline
     if light_runs:
-        for key, label in (("solo", "light alone"), ("fcfs", "light + heavy, fcfs"), ("fair", "light + heavy, fair")):
-            fairness[key] = light_ttft(light_runs[label])
-        for policy in ("fcfs", "fair"):
-            fairness[policy]["p99_ttft_vs_solo"] = (fairness[policy]["light_p99_ttft_ms"]
-                                                    / fairness["solo"]["light_p99_ttft_ms"])
+        fairness.update(fairness_summary(light_runs))
     results["fairness"] = fairness
     results["goodput"] = goodput_summary(sweeps, sorted({1.5, 2.0, 3.0, 5.0, args.tpot_slo_factor}),
                                          args.ttft_slo_factor)
@@ -412,14 +460,8 @@ def print_summary(results: dict, judged: dict[str, SweepReport], out: Path) -> N
         print(report.table(name, show_tbt=True))
     print_goodput_table(results["goodput"], "tpot")
     print_goodput_table(results["goodput_tbt"], "tbt")
-    fairness = results["fairness"]
-    if "solo" in fairness:
-        print(f"\nfairness (light tenant's TTFT; heavy floods at {fairness['heavy_rate']:.1f} req/s):")
-        for key in ("solo", "fcfs", "fair"):
-            row = fairness[key]
-            vs = f"  ({row['p99_ttft_vs_solo']:.2f}x solo)" if "p99_ttft_vs_solo" in row else ""
-            print(f"  {key:<5} p99 {row['light_p99_ttft_ms']:9.1f} ms  p50 {row['light_p50_ttft_ms']:8.1f} ms  "
-                  f"light done {row['light_completed']}  heavy done {row['heavy_completed']}{vs}")
+    if "solo" in results["fairness"]:
+        print_fairness(results["fairness"])
     print("\njoules per output token vs rate (server-reported):")
     width = max(17, *(len(name) for name in results["energy"]))
     for name, rows in results["energy"].items():

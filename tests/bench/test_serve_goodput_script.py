@@ -88,3 +88,21 @@ def test_chunk_budgets_sweep_the_chunked_server_once_per_budget(tiny_model_dir, 
         "server-chunked-32-fcfs.log", "server-chunked-64-fcfs.log", "server-prefill-first.log"]
     with pytest.raises(SystemExit):
         script.main(["--tiny", "--chunk-budget", "32", "--chunk-budgets", "32,64", "--out", str(tmp_path)])
+
+
+def test_fairness_only_runs_the_three_light_tenant_runs_at_a_given_heavy_rate(tiny_model_dir, tmp_path,  # noqa: F811
+                                                                             capsys):
+    script = _load_script()
+    assert script.main(["--tiny", "--model-dir", str(tiny_model_dir), "--out", str(tmp_path), "--logs",
+                        str(tmp_path / "logs"), "--fairness-only", "--heavy-rate", "12"]) == 0
+    assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("SUMMARY fair light p99 TTFT")
+    fairness = json.loads((tmp_path / "fairness.json").read_text())["fairness"]
+    assert fairness["heavy_rate"] == 12.0 and fairness["solo"]["heavy_completed"] == 0
+    for policy in ("fcfs", "fair"):
+        assert fairness[policy]["heavy_completed"] > 0 and fairness[policy]["light_failed"] == 0
+        assert fairness[policy]["p99_ttft_vs_solo"] > 0
+    assert (tmp_path / "fairness_light_ttft_cdf.png").exists()
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["server-chunked-fair.log",
+                                                                    "server-chunked-fcfs.log"]
+    with pytest.raises(SystemExit):
+        script.main(["--tiny", "--fairness-only", "--out", str(tmp_path)])  # no --heavy-rate
