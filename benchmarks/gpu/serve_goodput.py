@@ -290,6 +290,9 @@ def run_fairness_only(scale: Scale, label: str, chunked_args: list[str], heavy_r
         log(f"fairness: light + heavy flooding at {heavy_rate:.1f} req/s, fair")
         light_runs["light + heavy, fair"] = fairness_run(server, scale, heavy_rate)
     fairness = {"heavy_rate": heavy_rate, "server_args": chunked_args, **fairness_summary(light_runs)}
+    # every light request's TTFT in send order, to tell outliers at the start from ones spread over the run
+    fairness["light_ttfts_ms"] = {label: [round(1000 * r.ttft, 2) for r in report.runs[0].results
+                                          if r.tenant == "light" and r.success] for label, report in light_runs.items()}
     plot = plot_light_ttft(light_runs, out / "fairness_light_ttft_cdf.png")
     (out / "fairness.json").write_text(json.dumps({"fairness": fairness, "plot": str(plot)}, indent=2))
     print_fairness(fairness)

@@ -93,6 +93,21 @@ def abuse_guard_config_from_args(args: argparse.Namespace) -> AbuseGuardConfig:
     )
 
 
+def freeze_startup_heap() -> None:
+    """Put what start-up left alive out of the cyclic collector's reach, for the life of the server.
+
+    The model, the KV block table (one object per block: ~250k on an H200) and the imported modules make
+    ~600k tracked objects that every full collection walks again: 228 ms per full collection on the CPU VM
+    before, 0 ms after; such pauses are the likely cause of the light tenant's p99 TTFT outliers in the GPU
+    fairness runs. Only the server does this: it holds one engine for its whole life, so nothing frozen
+    becomes garbage.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Load the engine, serve until SIGTERM/SIGINT, and return 0 after a graceful shutdown."""
     import uvicorn
@@ -107,13 +122,19 @@ def run_serve(args: argparse.Namespace) -> int:
         shutdown_timeout_seconds=args.shutdown_timeout, abuse_guard=abuse_guard_config_from_args(args),
     )
     engine = LLMEngine(engine_config_from_args(args))
+    freeze_startup_heap()
     app = build_app(engine, server_config)
     uvicorn_config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level,
         timeout_graceful_shutdown=max(1, int(args.shutdown_timeout)), access_log=False,
     )
     server = _graceful_server_class(_ready_message(args.host, args.port, names[0], args.api_key))(uvicorn_config)
-    server.run()
+    try:
+        server.run()
+    finally:
+        import gc
+
+        gc.unfreeze()  # so interpreter shutdown frees the engine as usual
     return 0 if server.started else 1
 
 

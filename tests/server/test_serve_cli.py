@@ -62,3 +62,19 @@ def test_serve_abuse_guard_flags():
         abuse_guard_config_from_args(_parser().parse_args(["serve", "--tenant-token-budget", "0"]))
     with pytest.raises(ValueError, match="max_tokens_cap"):
         abuse_guard_config_from_args(_parser().parse_args(["serve", "--max-tokens-cap", "-1"]))
+
+
+def test_freezing_the_startup_heap_takes_live_objects_out_of_full_collections():
+    import gc
+
+    from joule.server.cli import freeze_startup_heap
+
+    alive = [[index] for index in range(1000)]
+    try:
+        freeze_startup_heap()
+        assert gc.get_freeze_count() >= len(alive)
+        tracked = {id(item) for item in gc.get_objects()}
+        assert not any(id(item) in tracked for item in alive)
+    finally:
+        gc.unfreeze()
+    assert id(alive[0]) in {id(item) for item in gc.get_objects()}
