@@ -31,6 +31,7 @@ from joule.server.protocol import (
 from joule.server.serving_common import (
     SSE_DONE,
     EventStreamResponse,
+    PlainChunks,
     ServingContext,
     build_sampling_params,
     check_request,
@@ -171,6 +172,7 @@ class _Chat:
         options = self.body.stream_options
         include_usage = bool(options and options.include_usage)
         continuous = include_usage and options.continuous_usage_stats
+        plain = PlainChunks(self.request_id, "chat.completion.chunk", self.created, self.model)
         try:
             for index in range(self.body.n):  # OpenAI opens every choice with the role
                 yield self._chunk([ChatStreamChoice(index=index, delta=ChatDelta(role="assistant", content=""))])
@@ -182,12 +184,16 @@ class _Chat:
                         continue
                     if not completion.text and not completion.finish_reason and not new_logprobs:
                         continue
+                    final = all(c.done for c in self.choices)
+                    if not final and not continuous and not self.body.logprobs:
+                        yield plain.chat(completion.index, completion.text, completion.finish_reason,
+                                         completion.stop_reason)
+                        continue
                     choice = ChatStreamChoice(
                         index=completion.index, delta=ChatDelta(content=completion.text),
                         logprobs=ChatLogprobs(content=new_logprobs) if self.body.logprobs else None,
                         finish_reason=completion.finish_reason, stop_reason=completion.stop_reason,
                     )
-                    final = all(c.done for c in self.choices)
                     yield self._chunk([choice], usage=self._usage() if continuous else None, final=final)
             if include_usage:
                 yield self._chunk([], usage=self._usage())

@@ -23,6 +23,7 @@ from joule.server.protocol import (
 from joule.server.serving_common import (
     SSE_DONE,
     EventStreamResponse,
+    PlainChunks,
     ServingContext,
     build_sampling_params,
     check_request,
@@ -168,6 +169,7 @@ class _Completion:
         options = self.body.stream_options
         include_usage = bool(options and options.include_usage)
         continuous = include_usage and options.continuous_usage_stats
+        plain = PlainChunks(self.request_id, "text_completion", self.created, self.model)
         try:
             async for prompt_index, output in self.engine_stream:
                 self.energy.update(prompt_index, output)
@@ -176,6 +178,10 @@ class _Completion:
                     if not changed:
                         continue
                     final = all(c.done for c in self.choices)  # the last content chunk carries the joules
+                    if not final and not continuous and choice.last_logprobs is None:
+                        yield plain.completion(index, completion.text, completion.finish_reason,
+                                               completion.stop_reason)
+                        continue
                     chunk = CompletionResponse(
                         id=self.request_id, model=self.model, created=self.created,
                         choices=[CompletionChoice(

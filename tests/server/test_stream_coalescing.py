@@ -103,3 +103,34 @@ def test_first_tokens_are_delivered_before_later_tokens_of_running_streams():
     engine._step()
     (deliveries,) = engine._loop.calls[0]
     assert [output.request_id for _, _, output in deliveries] == ["new", "running"]
+
+
+def test_plain_chunks_render_the_same_json_as_the_pydantic_models():
+    import json
+
+    from joule.server.protocol import (
+        ChatCompletionChunk,
+        ChatDelta,
+        ChatStreamChoice,
+        CompletionChoice,
+        CompletionResponse,
+    )
+    from joule.server.serving_common import PlainChunks, sse
+
+    texts = ["", "plain", 'quote " and \\ backslash', "new\nline\ttab\x01", "héllo wörld ✓ 漢字", "a\u2028b"]
+    endings = [(None, None), ("stop", None), ("stop", 13), ("stop", "</s>"), ("length", None)]
+    for request_id, model in [("cmpl-1", "tiny"), ('id "q"', "mödel/name")]:
+        completions = PlainChunks(request_id, "text_completion", 1700000000, model)
+        chats = PlainChunks(request_id, "chat.completion.chunk", 1700000000, model)
+        for text in texts:
+            for finish_reason, stop_reason in endings:
+                expected = sse(CompletionResponse(id=request_id, model=model, created=1700000000, choices=[
+                    CompletionChoice(index=2, text=text, finish_reason=finish_reason, stop_reason=stop_reason)]))
+                fast = completions.completion(2, text, finish_reason, stop_reason)
+                assert fast.endswith("\n\n") and fast.startswith("data: ")
+                assert json.loads(fast[6:]) == json.loads(expected[6:])
+                assert list(json.loads(fast[6:])) == list(json.loads(expected[6:]))  # same field order
+                expected = sse(ChatCompletionChunk(id=request_id, model=model, created=1700000000, choices=[
+                    ChatStreamChoice(index=1, delta=ChatDelta(content=text), finish_reason=finish_reason,
+                                     stop_reason=stop_reason)]))
+                assert json.loads(chats.chat(1, text, finish_reason, stop_reason)[6:]) == json.loads(expected[6:])
