@@ -19,7 +19,8 @@ CPU at tiny scale (what tests/bench runs): python benchmarks/gpu/serve_goodput.p
     ``--chunk-budgets 2048,8192`` sweeps the chunked server once per token budget (sweeps ``chunked-2048``,
     ``chunked-8192``; the first one calibrates the SLOs and hosts the fairness and deadline runs).
 (b) Fairness: a light tenant alone (p99 TTFT), then the same light tenant while a heavy tenant floods at
-    2x the chunked server's best throughput from (a), under ``--scheduling-policy fcfs`` and ``fair``.
+    2x the chunked server's best throughput from (a) (or ``--heavy-rate``) from a client process of its own,
+    under ``--scheduling-policy fcfs`` and ``fair``. ``--fairness-only`` runs just these.
 (c) Joules per output token vs rate, from the server-reported energy of (a)'s requests.
 """
 
@@ -50,6 +51,7 @@ from joule.perf.metrics import SLO
 
 STARTED = time.perf_counter()
 PERCENTILES = [50.0, 90.0, 99.0]
+FLOOD_LEAD_S = 2.0  # the flood runs this long before the light tenant's requests start
 
 
 def log(message: str) -> None:
@@ -174,18 +176,48 @@ def sweep(server: Server, scale: Scale, rates: list[float], slo: SLO | None = No
         return None
 
 
-def fairness_run(server: Server, scale: Scale, heavy_rate: float | None) -> SweepReport:
-    """The light tenant alone (``heavy_rate`` None) or beside a heavy tenant flooding at ``heavy_rate``."""
+@dataclass
+class FairnessRun:
+    """The light tenant's report, and how the flooding tenant (its own client process) fared."""
+
+    light: SweepReport
+    heavy_completed: int = 0
+    heavy_failed: int = 0
+
+
+def fairness_run(server: Server, scale: Scale, heavy_rate: float | None) -> FairnessRun:
+    """The light tenant alone (``heavy_rate`` None) or beside a heavy tenant flooding at ``heavy_rate``.
+
+    The flood comes from its own `joule bench serve` process, started ``FLOOD_LEAD_S`` before the light
+    tenant's requests: in one client process, reading hundreds of heavy streams would delay when the
+    light tenant's first tokens are seen, and the measured TTFT would be the client's as much as the server's.
+    """
+    flood, flood_json = None, Path(tempfile.mkdtemp(prefix="serve-goodput-flood-")) / "flood.json"
+    if heavy_rate is not None:
+        command = [sys.executable, "-m", "joule.cli", "bench", "serve", "--base-url", server.base_url,
+                   "--tenant", f"heavy:rate={heavy_rate:g}", "--request-rate", "inf", "--num-prompts", "1",
+                   "--duration", f"{scale.fairness_duration_s + FLOOD_LEAD_S:g}", "--input-len", scale.input_len,
+                   "--output-len", scale.output_len, "--max-model-len", str(scale.max_model_len), "--seed", "2",
+                   "--no-warmup", "--output-json", str(flood_json)]
+        env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        flood = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                                 cwd=REPO)
+        time.sleep(FLOOD_LEAD_S)
     tenants = [TenantSpec("light", rate=scale.light_rate, input_len=LengthDistribution.parse(scale.light_input),
                           output_len=LengthDistribution.parse(scale.light_output, "output"))]
-    if heavy_rate is not None:
-        tenants.append(TenantSpec("heavy", rate=heavy_rate))
     workload = WorkloadOptions(num_prompts=1, input_len=LengthDistribution.parse(scale.input_len),
                                output_len=LengthDistribution.parse(scale.output_len, "output"),
                                duration_s=scale.fairness_duration_s, max_model_len=scale.max_model_len, seed=1)
     config = ServeBenchConfig(base_url=server.base_url, rates=[math.inf], workload=workload, tenants=tenants,
                               percentiles=PERCENTILES)
-    return run_sweep(config, progress=log)
+    run = FairnessRun(run_sweep(config, progress=log))
+    if flood is not None:
+        _, errors = flood.communicate()
+        if flood.returncode != 0:
+            raise RuntimeError(f"the flooding client failed ({flood.returncode}):\n{errors[-3000:]}")
+        heavy = json.loads(flood_json.read_text())["runs"][0]["tenants"]["heavy"]
+        run.heavy_completed, run.heavy_failed = heavy["completed"], heavy["failed"]
+    return run
 
 
 def calibrated_slo(calm: SweepReport, tpot_factor: float | None, ttft_factor: float,
@@ -234,22 +266,21 @@ def parse_budgets(text: str) -> list[int]:
     return budgets
 
 
-def light_ttft(report: SweepReport) -> dict:
-    metrics = report.runs[0].tenant_metrics["light"]
-    heavy = report.runs[0].tenant_metrics.get("heavy")
+def light_ttft(run: FairnessRun) -> dict:
+    metrics = run.light.runs[0].tenant_metrics["light"]
     return {"light_p99_ttft_ms": metrics.ttft_ms.percentiles["p99"], "light_p50_ttft_ms": metrics.ttft_ms.median,
             "light_completed": metrics.completed, "light_failed": metrics.failed,
-            "heavy_completed": heavy.completed if heavy else 0, "heavy_failed": heavy.failed if heavy else 0}
+            "heavy_completed": run.heavy_completed, "heavy_failed": run.heavy_failed}
 
 
-def plot_light_ttft(runs: dict[str, SweepReport], path: Path) -> Path:
+def plot_light_ttft(runs: dict[str, FairnessRun], path: Path) -> Path:
     """CDF of the light tenant's TTFT alone and beside the flood, per policy."""
     from joule.perf.plots import plot_cdf, pyplot_module, save_figure
 
     pyplot = pyplot_module()
     figure, axis = pyplot.subplots(figsize=(6, 3.8))
-    for label, report in runs.items():
-        ttfts = [r.ttft for r in report.runs[0].results if r.tenant == "light" and r.success]
+    for label, run in runs.items():
+        ttfts = [r.ttft for r in run.light.runs[0].results if r.tenant == "light" and r.success]
         plot_cdf(axis, ttfts, "light tenant TTFT (s)", line_label=label)
     axis.set_xscale("log")
     return save_figure(pyplot, figure, path, "fairness: light tenant's TTFT while a heavy tenant floods")
@@ -258,7 +289,7 @@ def plot_light_ttft(runs: dict[str, SweepReport], path: Path) -> Path:
 FAIRNESS_RUNS = (("solo", "light alone"), ("fcfs", "light + heavy, fcfs"), ("fair", "light + heavy, fair"))
 
 
-def fairness_summary(light_runs: dict[str, SweepReport]) -> dict:
+def fairness_summary(light_runs: dict[str, FairnessRun]) -> dict:
     """The light tenant's TTFT per run, and p99 under each flood relative to p99 alone."""
     fairness = {key: light_ttft(light_runs[label]) for key, label in FAIRNESS_RUNS if label in light_runs}
     for policy in ("fcfs", "fair"):
@@ -280,7 +311,7 @@ def run_fairness_only(scale: Scale, label: str, chunked_args: list[str], heavy_r
                       out: Path) -> int:
     """The three fairness runs alone (two server starts): the light tenant alone and beside the flood under
     fcfs on one server, beside the flood under fair on another."""
-    light_runs: dict[str, SweepReport] = {}
+    light_runs: dict[str, FairnessRun] = {}
     with Server(f"{label}-fcfs", chunked_args, logs, scale) as server:
         log("fairness: light tenant alone")
         light_runs["light alone"] = fairness_run(server, scale, None)
@@ -291,8 +322,8 @@ def run_fairness_only(scale: Scale, label: str, chunked_args: list[str], heavy_r
         light_runs["light + heavy, fair"] = fairness_run(server, scale, heavy_rate)
     fairness = {"heavy_rate": heavy_rate, "server_args": chunked_args, **fairness_summary(light_runs)}
     # every light request's TTFT in send order, to tell outliers at the start from ones spread over the run
-    fairness["light_ttfts_ms"] = {label: [round(1000 * r.ttft, 2) for r in report.runs[0].results
-                                          if r.tenant == "light" and r.success] for label, report in light_runs.items()}
+    fairness["light_ttfts_ms"] = {label: [round(1000 * r.ttft, 2) for r in run.light.runs[0].results
+                                          if r.tenant == "light" and r.success] for label, run in light_runs.items()}
     plot = plot_light_ttft(light_runs, out / "fairness_light_ttft_cdf.png")
     (out / "fairness.json").write_text(json.dumps({"fairness": fairness, "plot": str(plot)}, indent=2))
     print_fairness(fairness)
@@ -369,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_fairness_only(scale, first_label, chunked_args, args.heavy_rate, logs, out)
     sweeps: dict[str, SweepReport] = {}
     fairness: dict = {}
-    light_runs: dict[str, SweepReport] = {}
+    light_runs: dict[str, FairnessRun] = {}
     with Server(f"{first_label}-fcfs", chunked_args, logs, scale) as server:
         sweeps[first_label] = sweep(server, scale, rates)
         slo = calibrated_slo(sweeps[first_label], args.tpot_slo_factor, args.ttft_slo_factor)
