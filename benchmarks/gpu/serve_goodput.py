@@ -37,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -349,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-fairness", action="store_true")
     parser.add_argument("--fairness-only", action="store_true",
                         help="only the fairness runs (light alone, + flood under fcfs and fair), at --heavy-rate")
+    parser.add_argument("--fairness-duration-s", type=float, default=None,
+                        help="seconds of light-tenant traffic per fairness run (default: per scale, 10 on the GPU)")
     parser.add_argument("--heavy-rate", type=float, default=None,
                         help="the flooding tenant's rate (default: 2x the chunked server's best throughput)")
     parser.add_argument("--time-budget-s", type=float, default=420.0,
@@ -358,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--logs", default=None, help="keep the servers' logs here (default: a temporary folder)")
     args = parser.parse_args(argv)
     scale = TINY if args.tiny else GPU
+    if args.fairness_duration_s is not None:
+        scale = replace(scale, fairness_duration_s=args.fairness_duration_s)
     if args.chunk_budgets and args.chunk_budget:
         parser.error("give --chunk-budget or --chunk-budgets, not both")
     if args.chunk_budgets:
