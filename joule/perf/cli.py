@@ -40,7 +40,7 @@ def _add_workload_arguments(parser: argparse.ArgumentParser) -> None:
                         help="preset and/or keys: sharegpt|fixed|uniform, rate=REQ_PER_S|inf, num=N, "
                              "arrival=poisson|gamma|fixed, cv=X, input=DIST, output=DIST, seed=S "
                              "(DIST: fixed:N, uniform:LO:HI, lognormal:MEDIAN:SIGMA[:MAX])")
-    parser.add_argument("--slo", default=None, help="ttft=SECONDS,tpot=SECONDS[,attainment=0.9] ('ms' suffix ok)")
+    parser.add_argument("--slo", default=None, help="ttft=SECONDS,tpot=SECONDS[,tbt=SECONDS][,attainment=0.9] ('ms' suffix ok; tbt: a request's largest gap between tokens)")
     parser.add_argument("--price", default=None, help="hourly price overrides, e.g. H100=2.1,L4=0.55")
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--output-json", default=None)
@@ -201,7 +201,7 @@ def run_plan(args: argparse.Namespace) -> int:
     from joule.perf.planner import Planner, PlannerConfig
 
     if not args.slo:
-        raise ValueError("joule plan needs --slo ttft=SECONDS,tpot=SECONDS")
+        raise ValueError("joule plan needs --slo ttft=SECONDS,tpot=SECONDS[,tbt=SECONDS]")
     model = load_model_config(args.model)
     workload = WorkloadSpec.parse(args.workload)
     if math.isinf(workload.rate):
