@@ -40,7 +40,9 @@ def _add_workload_arguments(parser: argparse.ArgumentParser) -> None:
                         help="preset and/or keys: sharegpt|fixed|uniform, rate=REQ_PER_S|inf, num=N, "
                              "arrival=poisson|gamma|fixed, cv=X, input=DIST, output=DIST, seed=S "
                              "(DIST: fixed:N, uniform:LO:HI, lognormal:MEDIAN:SIGMA[:MAX])")
-    parser.add_argument("--slo", default=None, help="ttft=SECONDS,tpot=SECONDS[,tbt=SECONDS][,attainment=0.9] ('ms' suffix ok; tbt: a request's largest gap between tokens)")
+    parser.add_argument("--slo", default=None,
+                        help="ttft=SECONDS,tpot=SECONDS[,tbt=SECONDS][,attainment=0.9] ('ms' suffix ok; tbt: a "
+                             "request's largest gap between tokens)")
     parser.add_argument("--price", default=None, help="hourly price overrides, e.g. H100=2.1,L4=0.55")
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--output-json", default=None)
