@@ -221,17 +221,24 @@ class Scheduler:
         pool = self.waiting
         if only_tenant is not _ANY_TENANT:
             pool = deque(request for request in self.waiting if request.tenant == only_tenant)
+        made_room_for = None  # the request a preemption just made room for: it goes next, whatever the order
         while pool and budget > 0:
-            request = self.policy.next_waiting(pool)
+            request = made_room_for or self.policy.next_waiting(pool)
+            made_room_for = None
+            if request.request_id in plan.preempted_request_ids:
+                break  # a victim of this step comes back in a later one, never the same
             if self._waits_for_sibling(request):
                 break
             if not self.admission.may_admit(request, self.running):
                 break
+            if len(self.running) >= self.config.max_num_batched_tokens:
+                break  # every running request must fit one step's decodes (a lane step plans only its own)
             if len(self.running) >= self.config.max_num_seqs:
                 refund = self._preempt_for(request, plan, scheduled)
                 if refund is None:
                     break
                 budget += refund
+                made_room_for = request
                 continue
             cached_blocks = self.block_manager.find_cached_prefix(request)
             num_computed = len(cached_blocks) * size
@@ -243,6 +250,7 @@ class Scheduler:
                 if refund is None:
                     break
                 budget += refund
+                made_room_for = request
                 continue
             self.waiting.remove(request)
             if pool is not self.waiting:

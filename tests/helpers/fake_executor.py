@@ -108,6 +108,7 @@ class RequestSpec:
     cache_salt: str | None = None
     arrival_time: float = 0.0
     slo: RequestSLO | None = None
+    tenant: str | None = None
 
     def build(self) -> Request:
         params = SamplingParams(
@@ -126,6 +127,7 @@ class RequestSpec:
             cache_salt=self.cache_salt,
             arrival_time=self.arrival_time,
             slo=self.slo,
+            tenant=self.tenant,
         )
 
 
@@ -191,7 +193,8 @@ class CheckedEngine:
         self._decoding_before = {r.request_id for r in self._running_before if not r.is_prefilling}
         executed_before = self.executor.num_executed
         progressed = self.core.step()
-        assert self.executor.num_executed == executed_before + 1, "a step with work to do planned nothing"
+        if not self.core.last_step.preempted_request_ids:  # (a step may only make room, under policy preemption)
+            assert self.executor.num_executed == executed_before + 1, "a step with work to do planned nothing"
         self.stats.num_steps += 1
         self.stats.num_preemptions += len(self.core.last_step.preempted_request_ids)
         self.stats.max_running = max(self.stats.max_running, len(self._running_before))
@@ -280,7 +283,8 @@ class CheckedEngine:
         waiting_before = [r.request_id for r in self._waiting_before]
         if first_come_first_served:
             assert admitted == waiting_before[: len(admitted)], "admission skipped the queue order"
-        if preempted:
+        if preempted and self.config.policy not in ("priority", "fair"):
+            # (priority and fair preempt *for* a waiting request, which is then admitted in the same step)
             assert not admitted, "admitted a request in a step that had to preempt"
         if self.block_manager.enable_prefix_caching:  # n > 1 siblings wait for the prompt to be cached
             for position, request_id in enumerate(admitted):
@@ -299,6 +303,13 @@ class CheckedEngine:
         # needs budget left after every running request, so running never outnumbers the budget.)
         if self.config.enable_chunked_prefill:
             skipped = self._decoding_before - set(planned) - set(preempted)
+            if skipped and self.config.policy == "fair":
+                # The fair fast lane: one less-served tenant's work alone, everyone else's waits one step.
+                lane = {self.requests[request_id].tenant for request_id in planned}
+                assert len(lane) == 1, f"decodes {sorted(skipped)} were left out of a step of several tenants"
+                assert all(self.requests[request_id].tenant not in lane for request_id in skipped), \
+                    "the lane tenant's own decodes were left out"
+                skipped = set()
             assert not skipped, f"decodes {sorted(skipped)} were left out of the step"
         else:
             self._check_prefill_first(plan, admitted)
