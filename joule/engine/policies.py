@@ -200,8 +200,10 @@ class VirtualTokenCounterFairness(FirstComeFirstServed):
         """True while a tenant that is about (requests in, or one arrived lately) has nothing waiting and
         another tenant has prompt work pending."""
         backlogged = {request.tenant for request in waiting}
-        recent = {tenant for tenant, at in self.last_arrival.items() if now - at <= self.recent_seconds}
-        present = {request.tenant for request in running} | backlogged | recent
+        stale = [tenant for tenant, at in self.last_arrival.items() if now - at > self.recent_seconds]
+        for tenant in stale:  # keeps the scan to tenants seen lately, however many users a server has had
+            del self.last_arrival[tenant]
+        present = {request.tenant for request in running} | backlogged | set(self.last_arrival)
         return any(set(pending) - {tenant} for tenant in present - backlogged)
 
 

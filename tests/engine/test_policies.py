@@ -292,3 +292,13 @@ def test_fair_lanes_and_caps_never_change_outputs_or_strand_a_request(specs, ext
         assert step < 20_000, "the engine stopped making progress"
     engine.check_all_free()
     assert engine.results() == reference_results(requests)
+
+
+def test_fair_forgets_arrival_times_once_they_are_past_the_recent_window():
+    policy = make_policy("fair")
+    for index in range(100):
+        policy.on_added(Request(f"r{index}", [1, 2], SamplingParams(max_tokens=2), 2, tenant=f"user-{index}",
+                                arrival_time=float(index)), [], [])
+    waiting = [Request("w", [1, 2, 3], SamplingParams(max_tokens=2), 2, tenant="user-99", arrival_time=99.0)]
+    policy.step_shape(waiting, [], now=100.0)
+    assert set(policy.last_arrival) == {"user-98", "user-99"}  # within recent_seconds (2 s) of now
