@@ -169,18 +169,24 @@ class VirtualTokenCounterFairness(FirstComeFirstServed):
         the cap keeps the first short while the light tenant is about (the tenants with prompts pending pay
         for it in throughput, and only while someone with nothing waiting is present).
         """
-        pending = _pending_prompt_tokens(waiting, running)
+        waiting_tokens = _prompt_tokens_by_tenant(waiting)
+        pending = dict(waiting_tokens)  # plus the rest of the chunks in progress
+        for request in running:
+            if request.is_prefilling:
+                remaining = request.num_tokens - request.num_computed_tokens
+                pending[request.tenant] = pending.get(request.tenant, 0) + remaining
         if not pending:
             return None
-        cap = self.protected_prompt_tokens if self._protects_someone(waiting, running, pending, now) else None
-        lane_tenant, lane_tokens = self._fast_lane(waiting, pending)
+        cap = self.protected_prompt_tokens if self._protects_someone(waiting_tokens, running, pending, now) else None
+        lane_tenant, lane_tokens = self._fast_lane(waiting_tokens, pending)
         if cap is not None and lane_tokens > cap:
             lane_tokens = cap
         if cap is None and lane_tokens == 0:
             return None
         return StepShape(prompt_token_cap=cap, lane_tenant=lane_tenant, lane_prompt_tokens=lane_tokens)
 
-    def _fast_lane(self, waiting: deque[Request], pending: dict[str | None, int]) -> tuple[str | None, int]:
+    def _fast_lane(self, waiting_tokens: dict[str | None, int],
+                   pending: dict[str | None, int]) -> tuple[str | None, int]:
         """A tenant served less than every tenant whose prompts are being chunked or wait gets a step of its
         own: its decodes and its waiting prompts (the others' decodes and chunks resume the step after).
         Returns the tenant and its waiting prompt tokens, or (None, 0)."""
@@ -190,21 +196,19 @@ class VirtualTokenCounterFairness(FirstComeFirstServed):
         # Least served first; on a tie (a tenant back from idle is lifted to the others' counter) the one
         # with fewer prompt tokens pending, then by name, so the choice never depends on set order.
         lowest = min(pending, key=lambda tenant: (counter(tenant, 0.0), pending[tenant], str(tenant)))
-        waiting_tokens = sum(request.num_tokens for request in waiting if request.tenant == lowest)
-        if waiting_tokens == 0:
+        if lowest not in waiting_tokens:
             return None, 0  # the least-served tenant has nothing waiting: its chunks run in the normal order
-        return lowest, waiting_tokens
+        return lowest, waiting_tokens[lowest]
 
-    def _protects_someone(self, waiting: deque[Request], running: list[Request], pending: dict[str | None, int],
-                          now: float) -> bool:
+    def _protects_someone(self, waiting_tokens: dict[str | None, int], running: list[Request],
+                          pending: dict[str | None, int], now: float) -> bool:
         """True while a tenant that is about (requests in, or one arrived lately) has nothing waiting and
         another tenant has prompt work pending."""
-        backlogged = {request.tenant for request in waiting}
         stale = [tenant for tenant, at in self.last_arrival.items() if now - at > self.recent_seconds]
         for tenant in stale:  # keeps the scan to tenants seen lately, however many users a server has had
             del self.last_arrival[tenant]
-        present = {request.tenant for request in running} | backlogged | set(self.last_arrival)
-        return any(set(pending) - {tenant} for tenant in present - backlogged)
+        present = {request.tenant for request in running} | set(waiting_tokens) | set(self.last_arrival)
+        return any(set(pending) - {tenant} for tenant in present - set(waiting_tokens))
 
 
 def _slots_held(running: list[Request]) -> dict[str | None, int]:
@@ -214,15 +218,11 @@ def _slots_held(running: list[Request]) -> dict[str | None, int]:
     return held
 
 
-def _pending_prompt_tokens(waiting: deque[Request], running: list[Request]) -> dict[str | None, int]:
-    """Prompt tokens per tenant that would fill steps: waiting prompts and the rest of chunks in progress."""
-    pending: dict[str | None, int] = {}
+def _prompt_tokens_by_tenant(waiting: deque[Request]) -> dict[str | None, int]:
+    tokens: dict[str | None, int] = {}
     for request in waiting:
-        pending[request.tenant] = pending.get(request.tenant, 0) + request.num_tokens
-    for request in running:
-        if request.is_prefilling:
-            pending[request.tenant] = pending.get(request.tenant, 0) + request.num_tokens - request.num_computed_tokens
-    return pending
+        tokens[request.tenant] = tokens.get(request.tenant, 0) + request.num_tokens
+    return tokens
 
 
 def deadline_key(request: Request) -> tuple:

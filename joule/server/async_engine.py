@@ -82,6 +82,9 @@ class _Route:
             self.energy_joules = max(self.energy_joules, output.metrics.energy_joules)
 
 
+_StreamItem = tuple[int, RequestOutput | BaseException]  # (prompt index, its output or the step's error)
+
+
 class GenerationStream:
     """The outputs of the engine requests behind one HTTP request (one per prompt), in order of arrival.
 
@@ -98,7 +101,6 @@ class GenerationStream:
         self._queue: asyncio.Queue = asyncio.Queue()
         self._unfinished = set(range(len(request_ids)))
         self._coalesce = coalesce
-        self._pending: list[tuple[int, RequestOutput | BaseException]] = []
 
     def _push(self, index: int, item: RequestOutput | BaseException) -> None:
         self._queue.put_nowait((index, item))
@@ -109,29 +111,21 @@ class GenerationStream:
 
     async def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         while self._unfinished:
-            for index, item in self._take():
+            items = [await self._queue.get()]
+            while not self._queue.empty():
+                items.append(self._queue.get_nowait())
+            for index, item in self._merged(items) if self._coalesce else items:
                 if isinstance(item, BaseException):
                     self._unfinished.discard(index)
                     raise item
                 if item.finished:
                     self._unfinished.discard(index)
                 yield index, item
-            if self._unfinished:
-                await self._wait()
 
-    async def _wait(self) -> None:
-        """Block until something is queued, and put it back at the front."""
-        first = await self._queue.get()
-        self._pending = [first]
-
-    def _take(self) -> list[tuple[int, RequestOutput | BaseException]]:
-        """Everything queued now, in order; consecutive outputs of one prompt merged when coalescing."""
-        items, self._pending = self._pending, []
-        while not self._queue.empty():
-            items.append(self._queue.get_nowait())
-        if not self._coalesce or len(items) < 2:
-            return items
-        merged: list[tuple[int, RequestOutput | BaseException]] = []
+    @staticmethod
+    def _merged(items: list[_StreamItem]) -> list[_StreamItem]:
+        """The items in order, each prompt's consecutive outputs merged into its latest unfinished one."""
+        merged: list[_StreamItem] = []
         latest: dict[int, int] = {}  # prompt index -> position in merged of its latest entry
         for index, item in items:
             position = latest.get(index)
@@ -334,24 +328,23 @@ class AsyncEngine:
             self._fail_all(EngineStepError(f"the engine failed while generating: {type(error).__name__}"))
             return
         now = time.time()
-        deliveries = []
+        first_tokens, later_tokens = [], []
         for output in outputs:
             route = self._state.routes.get(output.request_id)
             if route is None:
                 continue
             if self.metrics is not None:
                 self.metrics.on_output(output, now)
+            first = route.generated_tokens == 0
             route.observe(output)
             if output.finished:
                 del self._state.routes[output.request_id]
                 self._charge(route)
-            first = route.generated_tokens == sum(len(completion.token_ids) for completion in output.outputs)
-            deliveries.append((not first, route.stream, route.index, output))
-        if deliveries:
+            (first_tokens if first else later_tokens).append((route.stream, route.index, output))
+        if first_tokens or later_tokens:
             # First tokens go out first: a loaded event loop delays one more token of a running stream,
             # not a new request's time to first token.
-            deliveries = [delivery[1:] for delivery in sorted(deliveries, key=lambda delivery: delivery[0])]
-            self._loop.call_soon_threadsafe(self._dispatch, deliveries)
+            self._loop.call_soon_threadsafe(self._dispatch, first_tokens + later_tokens)
 
     def _fail_all(self, error: BaseException) -> None:
         deliveries = []

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import signal
 import sys
 import threading
@@ -102,8 +103,6 @@ def freeze_startup_heap() -> None:
     fairness runs. Only the server does this: it holds one engine for its whole life, so nothing frozen
     becomes garbage.
     """
-    import gc
-
     gc.collect()
     gc.freeze()
 
@@ -132,8 +131,6 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         server.run()
     finally:
-        import gc
-
         gc.unfreeze()  # so interpreter shutdown frees the engine as usual
     return 0 if server.started else 1
 
