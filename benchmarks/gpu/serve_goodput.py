@@ -192,8 +192,9 @@ def fairness_run(server: Server, scale: Scale, heavy_rate: float | None) -> Fair
     tenant's requests: in one client process, reading hundreds of heavy streams would delay when the
     light tenant's first tokens are seen, and the measured TTFT would be the client's as much as the server's.
     """
-    flood, flood_json = None, Path(tempfile.mkdtemp(prefix="serve-goodput-flood-")) / "flood.json"
+    flood = None
     if heavy_rate is not None:
+        flood_json = Path(tempfile.mkdtemp(prefix="serve-goodput-flood-")) / "flood.json"
         command = [sys.executable, "-m", "joule.cli", "bench", "serve", "--base-url", server.base_url,
                    "--tenant", f"heavy:rate={heavy_rate:g}", "--request-rate", "inf", "--num-prompts", "1",
                    "--duration", f"{scale.fairness_duration_s + FLOOD_LEAD_S:g}", "--input-len", scale.input_len,
