@@ -260,6 +260,18 @@ class Tokenizer:
         self._environment = make_chat_template_environment()
         self._compiled: dict[str, jinja2.Template] = {}
 
+    def __getstate__(self) -> dict:
+        # The compiled chat templates and their sandbox do not pickle; a copy builds its own (the
+        # server's engine process hands its tokenizer to the API process this way).
+        state = dict(self.__dict__)
+        del state["_environment"], state["_compiled"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._environment = make_chat_template_environment()
+        self._compiled = {}
+
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Tokenizer:
         """Load ``tokenizer.json`` with its ``tokenizer_config.json`` and ``generation_config.json``."""

@@ -1,4 +1,4 @@
-"""The FastAPI app: routes, API-key check, and the engine thread's lifetime tied to the app's."""
+"""The FastAPI app: routes, API-key check, and the engine loop's lifetime tied to the app's."""
 
 from __future__ import annotations
 
@@ -77,19 +77,21 @@ class APIKeyMiddleware:
 
 
 def build_app(engine, config: ServerConfig, clock: Callable[[], float] = time.monotonic) -> FastAPI:
-    """An app serving ``engine`` (an LLMEngine); the engine thread starts and stops with the app.
+    """An app serving ``engine``: an LLMEngine, stepped on a thread, or a ``ProcessEngineChannel``.
 
+    The engine loop starts and stops with the app.
     ``clock`` times the abuse guard's budget windows (tests pass one they move by hand).
     """
     metrics = ServerMetrics(config.served_model_names[0])
     abuse_guard = AbuseGuard(config.abuse_guard, clock=clock)
     async_engine = AsyncEngine(engine, metrics=metrics, max_queue=config.max_queue, abuse_guard=abuse_guard)
+    info = async_engine.channel.info
     context = ServingContext(
         engine=async_engine,
-        tokenizer=engine.tokenizer,
+        tokenizer=info.tokenizer,
         served_model_names=list(config.served_model_names),
-        max_model_len=engine.max_model_len,
-        vocab_size=engine.model_config.vocab_size,
+        max_model_len=info.max_model_len,
+        vocab_size=info.vocab_size,
         retry_after_seconds=config.retry_after_seconds,
         abuse_guard=abuse_guard,
         metrics=metrics,
@@ -130,7 +132,7 @@ def build_app(engine, config: ServerConfig, clock: Callable[[], float] = time.mo
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
-        root = str(getattr(engine, "model_path", "")) or None
+        root = info.model_path or None
         cards = [ModelCard(id=name, root=root, max_model_len=context.max_model_len)
                  for name in context.served_model_names]
         return JSONResponse(ModelList(data=cards).model_dump())

@@ -1,16 +1,16 @@
-"""AsyncEngine: the blocking LLMEngine on its own thread, fed and drained from asyncio.
+"""AsyncEngine: the API side of the server's engine loop, fed and drained from asyncio.
 
-The event loop never runs a model step. Handlers put commands (add, abort) into a thread-safe
-queue; the engine thread applies them between steps, steps while there is work, and hands each
-step's outputs back to the loop in one ``call_soon_threadsafe`` call, which routes them to the
-per-HTTP-request ``GenerationStream`` queues. Only the engine thread touches the LLMEngine, so the
-engine itself needs no locks.
+The event loop never runs a model step. Handlers send commands (add, abort) to the engine loop
+(``joule.server.engine_loop``), which runs on a thread or in its own process
+(``joule.server.engine_channels``) and answers each loop turn with one report. A reader thread here
+applies the report (Prometheus metrics, the abuse guard's bills) and hands its outputs to the event
+loop in one ``call_soon_threadsafe`` call, which routes them to the per-HTTP-request
+``GenerationStream`` queues. Only the engine loop touches the LLMEngine, so the engine needs no locks.
 """
 
 from __future__ import annotations
 
 import asyncio
-import queue
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -20,6 +20,15 @@ from joule.engine.request import RequestSLO
 from joule.logger import get_logger
 from joule.outputs import RequestOutput, merge_delta_outputs
 from joule.sampling_params import RequestOutputKind, SamplingParams
+from joule.server.engine_channels import EngineChannel, ThreadEngineChannel
+from joule.server.engine_loop import (
+    STEP_FAILED,
+    AbortCommand,
+    AddCommand,
+    EngineReport,
+    EngineStats,
+    StopCommand,
+)
 
 logger = get_logger()
 
@@ -36,34 +45,8 @@ class EngineStoppedError(Exception):
     """The engine is shutting down and accepts no more work."""
 
 
-@dataclass(frozen=True)
-class EngineStats:
-    """A snapshot the engine thread publishes after every loop turn, for gauges and admission."""
-
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_cache_usage: float = 0.0
-    num_used_blocks: int = 0
-    num_blocks: int = 0
-
-
-@dataclass
-class _Add:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    priority: int
-    tenant: str | None
-    slo: RequestSLO | None
-    arrival_time: float
-    stream: "GenerationStream"
-    index: int
-    accepted: asyncio.Future
-
-
-@dataclass
-class _Abort:
-    request_id: str
+__all__ = ["AsyncEngine", "EngineStats", "EngineStepError", "EngineStoppedError", "GenerationStream",
+           "QueueFullError"]
 
 
 @dataclass
@@ -145,58 +128,55 @@ class GenerationStream:
         self._unfinished.clear()
 
 
-@dataclass
-class _EngineThreadState:
-    """Owned by the engine thread only."""
-
-    routes: dict[str, _Route] = field(default_factory=dict)
-    prefix_queries: int = 0
-    prefix_hits: int = 0
-    preemptions: int = 0
-
-
 class AsyncEngine:
-    """Runs ``engine`` (an LLMEngine or anything with its add/abort/step surface) on a thread."""
+    """Serves ``engine``: an LLMEngine (or anything with its surface), run here on a thread, or an
+    ``EngineChannel`` (a ``ProcessEngineChannel`` whose process runs one)."""
 
     def __init__(self, engine, metrics=None, max_queue: int | None = None, idle_poll_seconds: float = 0.5,
                  abuse_guard=None):
         """``abuse_guard`` (an AbuseGuard) is charged each request's tokens and joules as it ends."""
         if max_queue is not None and max_queue < 1:
             raise ValueError(f"max_queue must be a positive integer or None, got {max_queue}.")
-        self.engine = engine
+        if isinstance(engine, EngineChannel):
+            self.channel = engine
+        else:
+            self.channel = ThreadEngineChannel(engine, idle_poll_seconds)
         self.metrics = metrics
         self.abuse_guard = abuse_guard
         self.max_queue = max_queue
-        self._idle_poll_seconds = idle_poll_seconds
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._state = _EngineThreadState()
+        self._routes: dict[str, _Route] = {}  # the reader thread's, once a request is accepted
+        self._accepting: dict[str, tuple[asyncio.Future, _Route]] = {}  # sent, not yet accepted or rejected
         self._stats = EngineStats()
+        self._counted = EngineStats()  # the cumulative counters already added to the metrics
         self._pending_adds = 0  # touched on the event loop only
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._reader: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._closed = threading.Event()
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._loop = loop or asyncio.get_running_loop()
-        self._publish_stats()
-        self._thread = threading.Thread(target=self._run, name="joule-engine", daemon=True)
-        self._thread.start()
+        self.channel.start()
+        self._reader = threading.Thread(target=self._read_reports, name="joule-engine-reports", daemon=True)
+        self._reader.start()
 
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping.is_set()
+        return (self._reader is not None and not self._closed.is_set() and not self._stopping.is_set()
+                and self.channel.is_alive())
 
     @property
     def stats(self) -> EngineStats:
         return self._stats
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop the thread; requests still in flight are aborted and their streams told so."""
+        """Stop the engine loop; requests still in flight are aborted and their streams told so."""
         self._stopping.set()
-        self._commands.put(None)
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self.channel.send(StopCommand())
+        if self._reader is not None:
+            self._reader.join(timeout)
+        self.channel.join(timeout)
 
     # -- called on the event loop ------------------------------------------------------------
     async def submit(
@@ -229,9 +209,9 @@ class AsyncEngine:
         for index, (child_id, prompt_ids) in enumerate(zip(request_ids, prompts)):
             future = loop.create_future()
             accepted.append(future)
-            self._commands.put(
-                _Add(child_id, prompt_ids, params, priority, tenant, slo, arrival, stream, index, future)
-            )
+            route = _Route(stream, index, params.n, tenant=tenant, prompt_tokens=len(prompt_ids))
+            self._accepting[child_id] = (future, route)
+            self.channel.send(AddCommand(child_id, prompt_ids, params, priority, tenant, slo, arrival))
         added = len(prompts) * params.n
         self._pending_adds += added
         try:
@@ -244,93 +224,60 @@ class AsyncEngine:
         return stream
 
     def abort(self, request_id: str) -> None:
-        self._commands.put(_Abort(request_id))
+        self.channel.send(AbortCommand(request_id))
 
-    def _dispatch(self, deliveries: list[tuple[GenerationStream, int, RequestOutput | BaseException]]) -> None:
+    def _dispatch(self, settled: list[tuple[asyncio.Future, BaseException | None]],
+                  deliveries: list[tuple[GenerationStream, int, RequestOutput | BaseException]]) -> None:
+        for future, error in settled:
+            if future.done():
+                continue
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
         for stream, index, item in deliveries:
             stream._push(index, item)
 
-    # -- the engine thread -------------------------------------------------------------------
-    def _run(self) -> None:
-        while not self._stopping.is_set():
+    # -- the reader thread -------------------------------------------------------------------
+    def _read_reports(self) -> None:
+        while True:
             try:
-                self._apply_commands(block=not self.engine.has_unfinished_requests())
-                if self._stopping.is_set():
-                    break
-                if self.engine.has_unfinished_requests():
-                    self._step()
-                self._publish_stats()
-            except Exception as error:  # a bug outside step(): fail what is in flight, keep serving
-                logger.exception("engine loop error")
-                self._fail_all(EngineStepError(f"engine error: {type(error).__name__}"))
-        self._fail_all(EngineStoppedError("the server is shutting down"))
-        self._publish_stats()
-
-    def _apply_commands(self, block: bool) -> None:
-        try:
-            command = self._commands.get(timeout=self._idle_poll_seconds) if block else self._commands.get_nowait()
-        except queue.Empty:
-            return
-        while command is not None:
-            if isinstance(command, _Add):
-                self._add(command)
-            elif isinstance(command, _Abort):
-                self._abort(command.request_id, reason="abort")
+                report = self.channel.receive()
+            except (EOFError, OSError):
+                logger.error("the engine process has exited; failing the %d requests in flight", len(self._routes))
+                self._fail_everything(EngineStepError("the engine process exited"))
+                break
             try:
-                command = self._commands.get_nowait()
-            except queue.Empty:
-                return
+                self._apply(report)
+            except Exception:  # a bug here must not stop the reports of later steps
+                logger.exception("could not apply an engine report")
+            if report.closed:
+                self._fail_everything(EngineStoppedError("the server is shutting down"))
+                break
+        self._closed.set()
 
-    def _add(self, command: _Add) -> None:
-        try:
-            self.engine.add_request(
-                command.request_id,
-                {"prompt_token_ids": command.prompt_token_ids},
-                command.params,
-                arrival_time=command.arrival_time,
-                priority=command.priority,
-                tenant=command.tenant,
-                slo=command.slo,
-            )
-        except ValueError as error:
-            self._resolve(command.accepted, error)
-            return
-        self._state.routes[command.request_id] = _Route(
-            command.stream, command.index, command.params.n, tenant=command.tenant,
-            prompt_tokens=len(command.prompt_token_ids),
-        )
-        self._resolve(command.accepted, None)
+    def _apply(self, report: EngineReport) -> None:
+        settled: list[tuple[asyncio.Future, BaseException | None]] = []
+        for request_id in report.accepted:
+            future, route = self._accepting.pop(request_id)
+            self._routes[request_id] = route
+            settled.append((future, None))
+        for request_id, message in report.rejected:
+            future, _ = self._accepting.pop(request_id)
+            settled.append((future, ValueError(message)))
+        first_tokens, later_tokens = self._route_outputs(report.outputs)
+        failures = self._route_aborts(report)
+        self._publish_stats(report)
+        if settled or first_tokens or later_tokens or failures:
+            # First tokens go out first: a loaded event loop delays one more token of a running stream,
+            # not a new request's time to first token.
+            self._loop.call_soon_threadsafe(self._dispatch, settled, first_tokens + later_tokens + failures)
 
-    def _abort(self, request_id: str, reason: str) -> None:
-        route = self._state.routes.pop(request_id, None)
-        if route is None:
-            return
-        ledger = getattr(self.engine, "energy_ledger", None)
-        released_before = ledger.released_joules if ledger is not None else 0.0
-        self.engine.abort_request(request_id)
-        if ledger is not None:  # the abort released the request's joules: all of them, not just the last output's
-            route.energy_joules = max(route.energy_joules, ledger.released_joules - released_before)
-        if self.metrics is not None:
-            self.metrics.on_abort(request_id, reason, route.num_samples)
-        self._charge(route)
-
-    def _charge(self, route: _Route) -> None:
-        """Bill a request that ended (finished or aborted) for what it used: prompt + generated, joules."""
-        if self.abuse_guard is not None:
-            self.abuse_guard.charge(self.abuse_guard.tenant_of(route.tenant),
-                                    route.prompt_tokens + route.generated_tokens, route.energy_joules)
-
-    def _step(self) -> None:
-        try:
-            outputs = self.engine.step()
-        except Exception as error:
-            logger.exception("engine step failed; failing the %d requests in flight", len(self._state.routes))
-            self._fail_all(EngineStepError(f"the engine failed while generating: {type(error).__name__}"))
-            return
+    def _route_outputs(self, outputs: list[RequestOutput]):
         now = time.time()
         first_tokens, later_tokens = [], []
         for output in outputs:
-            route = self._state.routes.get(output.request_id)
+            route = self._routes.get(output.request_id)
             if route is None:
                 continue
             if self.metrics is not None:
@@ -338,57 +285,53 @@ class AsyncEngine:
             first = route.generated_tokens == 0
             route.observe(output)
             if output.finished:
-                del self._state.routes[output.request_id]
+                del self._routes[output.request_id]
                 self._charge(route)
             (first_tokens if first else later_tokens).append((route.stream, route.index, output))
-        if first_tokens or later_tokens:
-            # First tokens go out first: a loaded event loop delays one more token of a running stream,
-            # not a new request's time to first token.
-            self._loop.call_soon_threadsafe(self._dispatch, first_tokens + later_tokens)
+        return first_tokens, later_tokens
 
-    def _fail_all(self, error: BaseException) -> None:
-        deliveries = []
-        for request_id, route in list(self._state.routes.items()):
-            try:
-                self._abort(request_id, reason="error")
-            except Exception:
-                logger.exception("could not abort request %s", request_id)
-                self._state.routes.pop(request_id, None)
-            deliveries.append((route.stream, route.index, error))
-        if deliveries and self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._dispatch, deliveries)
+    def _route_aborts(self, report: EngineReport) -> list:
+        """Bill and count aborted requests; those the engine ended (a failed step, shutdown) get the error."""
+        failures = []
+        for aborted in report.aborted:
+            route = self._routes.pop(aborted.request_id, None)
+            if route is None:
+                continue
+            route.energy_joules = max(route.energy_joules, aborted.joules)
+            if self.metrics is not None:
+                self.metrics.on_abort(aborted.request_id, "abort" if aborted.reason == "abort" else "error",
+                                      route.num_samples)
+            self._charge(route)
+            if aborted.reason != "abort":
+                message = report.error or "the engine stopped"
+                error_type = EngineStepError if aborted.reason == STEP_FAILED else EngineStoppedError
+                failures.append((route.stream, route.index, error_type(message)))
+        return failures
 
-    def _resolve(self, future: asyncio.Future, error: BaseException | None) -> None:
-        def settle() -> None:
-            if future.done():
-                return
-            if error is None:
-                future.set_result(None)
-            else:
-                future.set_exception(error)
+    def _charge(self, route: _Route) -> None:
+        """Bill a request that ended (finished or aborted) for what it used: prompt + generated, joules."""
+        if self.abuse_guard is not None:
+            self.abuse_guard.charge(self.abuse_guard.tenant_of(route.tenant),
+                                    route.prompt_tokens + route.generated_tokens, route.energy_joules)
 
-        self._loop.call_soon_threadsafe(settle)
+    def _fail_everything(self, error: BaseException) -> None:
+        """The engine loop is gone: end every stream and every submit still waiting for an answer."""
+        settled = [(future, error) for future, _ in self._accepting.values()]
+        self._accepting.clear()
+        deliveries = [(route.stream, route.index, error) for route in self._routes.values()]
+        self._routes.clear()
+        if (settled or deliveries) and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._dispatch, settled, deliveries)
 
-    def _publish_stats(self) -> None:
-        scheduler = self.engine.core.scheduler
-        blocks = self.engine.block_manager
-        self._stats = EngineStats(
-            num_running=scheduler.num_running,
-            num_waiting=scheduler.num_waiting,
-            kv_cache_usage=blocks.usage,
-            num_used_blocks=blocks.num_used_blocks,
-            num_blocks=blocks.num_blocks,
-        )
+    def _publish_stats(self, report: EngineReport) -> None:
+        stats, counted = report.stats, self._counted
+        self._stats = stats
         if self.metrics is None:
             return
-        state = self._state
-        self.metrics.set_engine_stats(self._stats)
-        self.metrics.add_prefix_cache(
-            blocks.prefix_cache_queries - state.prefix_queries, blocks.prefix_cache_hits - state.prefix_hits
-        )
-        self.metrics.add_preemptions(scheduler.num_preemptions - state.preemptions)
-        state.prefix_queries, state.prefix_hits = blocks.prefix_cache_queries, blocks.prefix_cache_hits
-        state.preemptions = scheduler.num_preemptions
-        ledger = getattr(self.engine, "energy_ledger", None)
-        if ledger is not None:  # read here, on the engine thread: the ledger is not thread-safe
-            self.metrics.set_energy_totals(ledger.totals(), time.time())
+        self.metrics.set_engine_stats(stats)
+        self.metrics.add_prefix_cache(stats.prefix_cache_queries - counted.prefix_cache_queries,
+                                      stats.prefix_cache_hits - counted.prefix_cache_hits)
+        self.metrics.add_preemptions(stats.num_preemptions - counted.num_preemptions)
+        self._counted = stats
+        if report.energy_totals is not None:
+            self.metrics.set_energy_totals(report.energy_totals, report.time)

@@ -40,6 +40,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                             f"0 = no cap (default: {DEFAULT_MAX_TOKENS_CAP})")
     group.add_argument("--shutdown-timeout", type=float, default=10.0,
                        help="seconds to let in-flight requests finish after SIGTERM before aborting them")
+    group.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                       help="run the engine loop in a process of its own, so the HTTP event loop and the engine do "
+                            "not share one interpreter lock (default); --no-engine-process keeps it on a thread")
     group.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                        help="uvicorn log level")
 
@@ -114,13 +117,15 @@ def run_serve(args: argparse.Namespace) -> int:
     from joule.cli_args import engine_config_from_args
     from joule.llm_engine import LLMEngine
     from joule.server.app import ServerConfig, build_app
+    from joule.server.engine_channels import ProcessEngineChannel
 
     names = args.served_model_name or [args.model or "smollm2-135m"]
     server_config = ServerConfig(
         served_model_names=names, api_key=args.api_key, max_queue=args.max_queue,
         shutdown_timeout_seconds=args.shutdown_timeout, abuse_guard=abuse_guard_config_from_args(args),
     )
-    engine = LLMEngine(engine_config_from_args(args))
+    engine_config = engine_config_from_args(args)
+    engine = ProcessEngineChannel(engine_config) if args.engine_process else LLMEngine(engine_config)
     freeze_startup_heap()
     app = build_app(engine, server_config)
     uvicorn_config = uvicorn.Config(

@@ -73,14 +73,21 @@ def test_an_error_after_queued_outputs_still_ends_the_stream():
     assert asyncio.run(consume()) == "step failed" and seen == ["a"]
 
 
-class _OneStepEngine:
-    """Returns one step's outputs: a running request's second token, then a new request's first."""
+class _SilentChannel:
+    """An engine channel that is never started: the test hands the engine's report over by hand."""
 
-    def __init__(self, outputs):
-        self.outputs = outputs
+    info = None
 
-    def step(self):
-        return self.outputs
+    def start(self): ...
+
+    def send(self, command): ...
+
+    def receive(self): ...
+
+    def is_alive(self):
+        return True
+
+    def join(self, timeout): ...
 
 
 class _CapturingLoop:
@@ -93,15 +100,16 @@ class _CapturingLoop:
 
 def test_first_tokens_are_delivered_before_later_tokens_of_running_streams():
     from joule.server.async_engine import _Route
+    from joule.server.engine_loop import EngineReport
 
     running, new = _delta("running", "b", [2]), _delta("new", "a", [1])
-    engine = AsyncEngine(_OneStepEngine([running, new]))
+    engine = AsyncEngine(_SilentChannel())
     engine._loop = _CapturingLoop()
     stream = GenerationStream(engine, ["x"])
-    engine._state.routes["running"] = _Route(stream, 0, generated_tokens=1)  # it had a token already
-    engine._state.routes["new"] = _Route(stream, 0)
-    engine._step()
-    (deliveries,) = engine._loop.calls[0]
+    engine._routes["running"] = _Route(stream, 0, generated_tokens=1)  # it had a token already
+    engine._routes["new"] = _Route(stream, 0)
+    engine._apply(EngineReport(outputs=[running, new]))
+    (_, deliveries) = engine._loop.calls[0]
     assert [output.request_id for _, _, output in deliveries] == ["new", "running"]
 
 
