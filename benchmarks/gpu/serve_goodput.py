@@ -31,6 +31,7 @@ import asyncio
 import json
 import math
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -358,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the optional deadline sweep when it would end past this many seconds")
     parser.add_argument("--no-deadline", action="store_true",
                         help="skip the chunked + deadline-policy sweep (requests carry the calibrated SLOs)")
+    parser.add_argument("--server-args", default="",
+                        help="more `joule serve` flags for every server, e.g. '--no-engine-process'")
     parser.add_argument("--logs", default=None, help="keep the servers' logs here (default: a temporary folder)")
     args = parser.parse_args(argv)
     scale = TINY if args.tiny else GPU
@@ -387,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             model_dir.mkdir(parents=True, exist_ok=True)
             build_tiny_chat_model(model_dir)
         engine_args = ["--model", str(model_dir), *engine_args]
+    engine_args += shlex.split(args.server_args)
 
     def budget_args(budget: int | None) -> list[str]:
         return [*engine_args, *(["--max-num-batched-tokens", str(budget)] if budget else [])]
