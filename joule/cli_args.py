@@ -26,6 +26,8 @@ _HELP = {
     "deadline (earliest TTFT deadline first; chunks cut to keep running decodes within their TPOT SLO)",
     "admission_policy": "greedy (admit while blocks last, preempt when they run out) or predicted (admit while the "
     "predicted peak KV use of the running set fits: Past-Future)",
+    "fair_prompt_cap": "fair policy: most prompt tokens per step while a tenant with nothing waiting is about, so "
+    "its next request waits behind a short step (lower: its latency, at the flooding tenants' throughput)",
     "enable_chunked_prefill": "stall-free chunked prefill (default); --no-enable-chunked-prefill is the prefill-first "
     "baseline: whole prompts whenever one can be admitted, decodes wait (max_num_batched_tokens defaults to "
     "max_model_len or more)",
@@ -39,7 +41,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         default = field.default
         if isinstance(default, bool):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=_HELP.get(field.name))
-        elif field.name in ("max_model_len", "max_num_batched_tokens", "kv_cache_memory_bytes", "max_num_seqs", "block_size", "seed"):
+        elif field.name in ("max_model_len", "max_num_batched_tokens", "kv_cache_memory_bytes", "max_num_seqs", "block_size", "seed",
+                            "fair_prompt_cap"):
             group.add_argument(flag, type=int, default=default, help=_HELP.get(field.name))
         elif field.name == "gpu_memory_utilization":
             group.add_argument(flag, type=float, default=default, help=_HELP.get(field.name))

@@ -23,6 +23,7 @@ class EngineConfig:
     tokenizer: str | None = None
     scheduling_policy: str = "fcfs"
     admission_policy: str = "greedy"
+    fair_prompt_cap: int = 512
     enable_chunked_prefill: bool = True
     enforce_eager: bool = False
 
@@ -31,7 +32,7 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}.")
-        for name in ("max_num_seqs", "block_size"):
+        for name in ("max_num_seqs", "block_size", "fair_prompt_cap"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")

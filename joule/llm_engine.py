@@ -110,6 +110,7 @@ class LLMEngine:
             policy=config.scheduling_policy,
             admission=config.admission_policy,
             enable_chunked_prefill=config.enable_chunked_prefill,
+            fair_prompt_cap=config.fair_prompt_cap,
         )
         self.energy_meter = energy_meter if energy_meter is not None else select_energy_meter(self.device)
         self.energy_ledger = EnergyLedger(

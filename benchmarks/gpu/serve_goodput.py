@@ -184,6 +184,8 @@ class FairnessRun:
     light: SweepReport
     heavy_completed: int = 0
     heavy_failed: int = 0
+    heavy_duration_s: float = 0.0  # from the flood's first request to its last token
+    heavy_output_tokens: int = 0
 
 
 def fairness_run(server: Server, scale: Scale, heavy_rate: float | None) -> FairnessRun:
@@ -219,6 +221,7 @@ def fairness_run(server: Server, scale: Scale, heavy_rate: float | None) -> Fair
             raise RuntimeError(f"the flooding client failed ({flood.returncode}):\n{errors[-3000:]}")
         heavy = json.loads(flood_json.read_text())["runs"][0]["tenants"]["heavy"]
         run.heavy_completed, run.heavy_failed = heavy["completed"], heavy["failed"]
+        run.heavy_duration_s, run.heavy_output_tokens = heavy["duration_s"], heavy["total_output_tokens"]
     return run
 
 
@@ -310,25 +313,48 @@ def print_fairness(fairness: dict) -> None:
 
 
 def run_fairness_only(scale: Scale, label: str, chunked_args: list[str], heavy_rate: float, logs: Path,
-                      out: Path) -> int:
+                      out: Path, fair_variants: list[str] = ()) -> int:
     """The three fairness runs alone (two server starts): the light tenant alone and beside the flood under
-    fcfs on one server, beside the flood under fair on another."""
+    fcfs on one server, beside the flood under fair on another; then one more fair run per variant (more
+    `joule serve` flags). Every server writes its request log (``--request-log``) under ``out``."""
     light_runs: dict[str, FairnessRun] = {}
-    with Server(f"{label}-fcfs", chunked_args, logs, scale) as server:
+
+    def logged(name: str, args: list[str]) -> list[str]:
+        return [*args, "--request-log", str(out / f"requests-{name}.jsonl")]
+
+    with Server(f"{label}-fcfs", logged("fcfs", chunked_args), logs, scale) as server:
         log("fairness: light tenant alone")
         light_runs["light alone"] = fairness_run(server, scale, None)
         log(f"fairness: light + heavy flooding at {heavy_rate:.1f} req/s, fcfs")
         light_runs["light + heavy, fcfs"] = fairness_run(server, scale, heavy_rate)
-    with Server(f"{label}-fair", [*chunked_args, "--scheduling-policy", "fair"], logs, scale) as server:
+    with Server(f"{label}-fair", logged("fair", [*chunked_args, "--scheduling-policy", "fair"]), logs, scale) as server:
         log(f"fairness: light + heavy flooding at {heavy_rate:.1f} req/s, fair")
         light_runs["light + heavy, fair"] = fairness_run(server, scale, heavy_rate)
+    variants = {}
+    for index, variant in enumerate(fair_variants, start=1):
+        args = [*chunked_args, "--scheduling-policy", "fair", *shlex.split(variant)]
+        with Server(f"{label}-fair-{index}", logged(f"fair-{index}", args), logs, scale) as server:
+            log(f"fairness: light + heavy flooding at {heavy_rate:.1f} req/s, fair {variant}")
+            variants[variant] = fairness_run(server, scale, heavy_rate)
     fairness = {"heavy_rate": heavy_rate, "server_args": chunked_args, **fairness_summary(light_runs)}
+    solo_p99 = fairness["solo"]["light_p99_ttft_ms"]
+    for run_label, run in [("fcfs", light_runs["light + heavy, fcfs"]), ("fair", light_runs["light + heavy, fair"]),
+                           *[(f"fair {variant}", run) for variant, run in variants.items()]]:
+        row = fairness.setdefault(run_label, light_ttft(run))
+        row["p99_ttft_vs_solo"] = row["light_p99_ttft_ms"] / solo_p99
+        row["heavy_output_tok_s"] = run.heavy_output_tokens / run.heavy_duration_s if run.heavy_duration_s else None
+    light_runs.update({f"light + heavy, fair {variant}": run for variant, run in variants.items()})
     # every light request's TTFT in send order, to tell outliers at the start from ones spread over the run
     fairness["light_ttfts_ms"] = {label: [round(1000 * r.ttft, 2) for r in run.light.runs[0].results
                                           if r.tenant == "light" and r.success] for label, run in light_runs.items()}
     plot = plot_light_ttft(light_runs, out / "fairness_light_ttft_cdf.png")
     (out / "fairness.json").write_text(json.dumps({"fairness": fairness, "plot": str(plot)}, indent=2))
     print_fairness(fairness)
+    for key in [key for key in fairness if key.startswith("fair ") or key in ("fcfs", "fair")]:
+        row = fairness[key]
+        heavy = row.get("heavy_output_tok_s")
+        print(f"  {key:<28} p99 {row['light_p99_ttft_ms']:8.1f} ms ({row['p99_ttft_vs_solo']:.2f}x)  p50 "
+              f"{row['light_p50_ttft_ms']:7.1f} ms  heavy {heavy or 0:8.0f} output tok/s")
     print(f"SUMMARY fair light p99 TTFT {fairness['fair']['light_p99_ttft_ms']:.1f} ms = "
           f"{fairness['fair']['p99_ttft_vs_solo']:.2f}x solo; wall {time.perf_counter() - STARTED:.0f} s", flush=True)
     return 0
@@ -359,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the optional deadline sweep when it would end past this many seconds")
     parser.add_argument("--no-deadline", action="store_true",
                         help="skip the chunked + deadline-policy sweep (requests carry the calibrated SLOs)")
+    parser.add_argument("--fair-variant", action="append", default=[], metavar="FLAGS",
+                        help="--fairness-only: one more fair run with these `joule serve` flags (repeatable), "
+                             "e.g. '--fair-prompt-cap 256'")
     parser.add_argument("--server-args", default="",
                         help="more `joule serve` flags for every server, e.g. '--no-engine-process'")
     parser.add_argument("--logs", default=None, help="keep the servers' logs here (default: a temporary folder)")
@@ -406,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fairness_only:
         if args.heavy_rate is None:
             parser.error("--fairness-only needs --heavy-rate")
-        return run_fairness_only(scale, first_label, chunked_args, args.heavy_rate, logs, out)
+        return run_fairness_only(scale, first_label, chunked_args, args.heavy_rate, logs, out, args.fair_variant)
     sweeps: dict[str, SweepReport] = {}
     fairness: dict = {}
     light_runs: dict[str, FairnessRun] = {}

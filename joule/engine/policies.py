@@ -39,12 +39,15 @@ class StepShape:
 
     ``prompt_token_cap``: at most this many prompt tokens (None: the budget decides). A lane step
     (``lane_prompt_tokens`` > 0) carries only ``lane_tenant``'s decodes and that many of its waiting
-    prompts' tokens; everyone else's work waits for this one short step.
+    prompts' tokens; everyone else's work waits for this one short step. ``split_decode_tenants``: these
+    tenants' decodes may run half per step, the half that waited longest, when the scheduler's step-time
+    estimate says that shortens the step by more than a step's fixed cost.
     """
 
     prompt_token_cap: int | None = None
     lane_tenant: str | None = None
     lane_prompt_tokens: int = 0
+    split_decode_tenants: frozenset = frozenset()
 
     @property
     def is_lane(self) -> bool:
@@ -115,13 +118,16 @@ class PriorityFirst(FirstComeFirstServed):
 class VirtualTokenCounterFairness(FirstComeFirstServed):
     name = "fair"
 
-    def __init__(self, protected_prompt_tokens: int = 512, recent_seconds: float = 2.0) -> None:
+    def __init__(self, protected_prompt_tokens: int = 512, recent_seconds: float = 2.0,
+                 split_decodes: bool = True) -> None:
         """``protected_prompt_tokens``: the prompt tokens a step may carry while a tenant with nothing waiting
-        is about (it arrived within ``recent_seconds`` or has requests in) and another has prompts to compute."""
+        is about (it arrived within ``recent_seconds`` or has requests in) and another has prompts to compute;
+        ``split_decodes``: meanwhile, that other tenant's decodes may run half per step (``StepShape``)."""
         self.counters: dict[str | None, float] = {}
         self.last_arrival: dict[str | None, float] = {}
         self.protected_prompt_tokens = protected_prompt_tokens
         self.recent_seconds = recent_seconds
+        self.split_decodes = split_decodes
 
     def next_waiting(self, waiting: deque[Request]) -> Request:
         return min(waiting, key=lambda request: self.counters.get(request.tenant, 0.0))
@@ -177,13 +183,16 @@ class VirtualTokenCounterFairness(FirstComeFirstServed):
                 pending[request.tenant] = pending.get(request.tenant, 0) + remaining
         if not pending:
             return None
-        cap = self.protected_prompt_tokens if self._protects_someone(waiting_tokens, running, pending, now) else None
+        protected = self._protected_tenants(waiting_tokens, running, pending, now)
+        cap = self.protected_prompt_tokens if protected else None
         lane_tenant, lane_tokens = self._fast_lane(waiting_tokens, pending)
         if cap is not None and lane_tokens > cap:
             lane_tokens = cap
         if cap is None and lane_tokens == 0:
             return None
-        return StepShape(prompt_token_cap=cap, lane_tenant=lane_tenant, lane_prompt_tokens=lane_tokens)
+        split = frozenset(pending) - protected if protected and self.split_decodes else frozenset()
+        return StepShape(prompt_token_cap=cap, lane_tenant=lane_tenant, lane_prompt_tokens=lane_tokens,
+                         split_decode_tenants=split)
 
     def _fast_lane(self, waiting_tokens: dict[str | None, int],
                    pending: dict[str | None, int]) -> tuple[str | None, int]:
@@ -200,15 +209,15 @@ class VirtualTokenCounterFairness(FirstComeFirstServed):
             return None, 0  # the least-served tenant has nothing waiting: its chunks run in the normal order
         return lowest, waiting_tokens[lowest]
 
-    def _protects_someone(self, waiting_tokens: dict[str | None, int], running: list[Request],
-                          pending: dict[str | None, int], now: float) -> bool:
-        """True while a tenant that is about (requests in, or one arrived lately) has nothing waiting and
-        another tenant has prompt work pending."""
+    def _protected_tenants(self, waiting_tokens: dict[str | None, int], running: list[Request],
+                           pending: dict[str | None, int], now: float) -> frozenset:
+        """The tenants about (requests in, or one arrived lately) with nothing waiting, while another
+        tenant has prompt work pending; empty when there are none."""
         stale = [tenant for tenant, at in self.last_arrival.items() if now - at > self.recent_seconds]
         for tenant in stale:  # keeps the scan to tenants seen lately, however many users a server has had
             del self.last_arrival[tenant]
         present = {request.tenant for request in running} | set(waiting_tokens) | set(self.last_arrival)
-        return any(set(pending) - {tenant} for tenant in present - set(waiting_tokens))
+        return frozenset(tenant for tenant in present - set(waiting_tokens) if set(pending) - {tenant})
 
 
 def _slots_held(running: list[Request]) -> dict[str | None, int]:
@@ -264,7 +273,9 @@ POLICIES = {
 }
 
 
-def make_policy(name: str) -> SchedulingPolicy:
+def make_policy(name: str, fair_prompt_cap: int = 512) -> SchedulingPolicy:
     if name not in POLICIES:
         raise ValueError(f"scheduling policy must be one of {', '.join(POLICIES)}, got {name!r}.")
+    if name == "fair":
+        return VirtualTokenCounterFairness(protected_prompt_tokens=fair_prompt_cap)
     return POLICIES[name]()

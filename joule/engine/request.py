@@ -78,6 +78,7 @@ class Request:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     first_scheduled_time: float | None = None
+    last_scheduled_step: int = -1  # the scheduler's step count when it last planned this request
 
     @property
     def num_prompt_tokens(self) -> int:

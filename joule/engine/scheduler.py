@@ -43,9 +43,10 @@ class SchedulerConfig:
     policy: str = "fcfs"
     admission: str = "greedy"
     enable_chunked_prefill: bool = True
+    fair_prompt_cap: int = 512  # the fair policy's prompt tokens per step while it protects a tenant
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "fair_prompt_cap"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
@@ -72,11 +73,12 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
-        self.policy = make_policy(config.policy)
+        self.policy = make_policy(config.policy, fair_prompt_cap=config.fair_prompt_cap)
         self.admission = make_admission_policy(
             config.admission, block_manager.num_blocks, block_manager.block_size, config.max_model_len
         )
         self.step_time = step_time if step_time is not None else StepTimeEstimator()
+        self.num_steps = 0  # plans made, for the decode halves' turns
 
     # -- queue management -----------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -147,6 +149,7 @@ class Scheduler:
     def schedule(self, now: float = 0.0) -> StepPlan:
         if not self.config.enable_chunked_prefill:
             return self._schedule_prefill_first(now)
+        self.num_steps += 1
         plan = StepPlan()
         scheduled: dict[str, ScheduledSequence] = {}
         decodes, prefills = [], []
@@ -156,6 +159,8 @@ class Scheduler:
             decodes, self.config.max_num_batched_tokens, self.step_time, self.block_manager.block_size
         )
         shape = self.policy.step_shape(self.waiting, self.running, now)
+        if shape is not None and shape.split_decode_tenants:
+            decodes = self._split_decodes(decodes, shape.split_decode_tenants)
         if shape is not None and shape.prompt_token_cap is not None:
             budget = min(budget, len(decodes) + max(shape.prompt_token_cap, 1))
         if shape is not None and shape.is_lane:
@@ -175,6 +180,21 @@ class Scheduler:
         if not plan.preempted_request_ids:
             budget = self._admit_waiting(budget, plan, scheduled, now)
         return plan
+
+    def _split_decodes(self, decodes: list[Request], tenants: frozenset) -> list[Request]:
+        """The decodes of this step when ``tenants``' decodes may run half per step: all the others', and
+        the half of theirs that waited longest, if the step-time estimate says halving them saves more
+        than the fixed cost of the extra step it takes (a weight-bound decode batch is not split)."""
+        splittable = [request for request in decodes if request.tenant in tenants]
+        coefficients = self.step_time.coefficients()
+        if len(splittable) < 2 or coefficients is None:
+            return decodes
+        held = len(splittable) // 2
+        if coefficients.per_decode_token * held <= coefficients.fixed_seconds:
+            return decodes
+        splittable.sort(key=lambda request: request.last_scheduled_step)
+        waits = {request.request_id for request in splittable[len(splittable) - held:]}
+        return [request for request in decodes if request.request_id not in waits]
 
     def _schedule_running(self, requests: list[Request], budget: int, plan: StepPlan, scheduled: dict) -> int:
         """Plan ``requests`` (running decodes, then prompt chunks) within ``budget``; returns what is left."""
@@ -296,6 +316,7 @@ class Scheduler:
         )
         plan.sequences.append(sequence)
         scheduled[request.request_id] = sequence
+        request.last_scheduled_step = self.num_steps
         self.policy.on_scheduled(request, num_new, is_decode=num_new == 1 and start >= request.num_prompt_tokens)
 
     def _preempt(self, victim: Request, plan: StepPlan, scheduled: dict) -> int:

@@ -53,6 +53,7 @@ class ReplicaConfig:
     scheduling_policy: str = "fcfs"
     admission_policy: str = "greedy"
     enable_chunked_prefill: bool = True  # False: the prefill-first baseline
+    fair_prompt_cap: int = 512  # the fair policy's prompt tokens per step while it protects a tenant
 
     @classmethod
     def for_hardware(cls, name: str, profile_path=None, dtype: str | None = None, calibrated: bool = True,
@@ -111,6 +112,7 @@ class _Replica:
         scheduler_config = SchedulerConfig(
             config.max_num_seqs, config.max_num_batched_tokens, max_model_len, policy=config.scheduling_policy,
             admission=config.admission_policy, enable_chunked_prefill=config.enable_chunked_prefill,
+            fair_prompt_cap=config.fair_prompt_cap,
         )
         self.executor = SimulatedExecutor(
             StepModel(model, config.profile), model.vocab_size, eos_token_id, eos_probability,

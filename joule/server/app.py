@@ -16,6 +16,7 @@ from joule.server.abuse_guard import AbuseGuard, AbuseGuardConfig
 from joule.server.async_engine import AsyncEngine
 from joule.server.errors import APIError, install_error_handlers
 from joule.server.metrics import ServerMetrics
+from joule.server.request_log import RequestLog
 from joule.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -43,6 +44,7 @@ class ServerConfig:
     shutdown_timeout_seconds: float = 10.0
     # Per-tenant token and joule budgets and the max_tokens cap (on by default: 4096).
     abuse_guard: AbuseGuardConfig = field(default_factory=AbuseGuardConfig)
+    request_log: str | None = None  # a JSONL file: one line of timings per request that ends
 
     def __post_init__(self) -> None:
         if not self.served_model_names or not all(isinstance(n, str) and n for n in self.served_model_names):
@@ -84,7 +86,9 @@ def build_app(engine, config: ServerConfig, clock: Callable[[], float] = time.mo
     """
     metrics = ServerMetrics(config.served_model_names[0])
     abuse_guard = AbuseGuard(config.abuse_guard, clock=clock)
-    async_engine = AsyncEngine(engine, metrics=metrics, max_queue=config.max_queue, abuse_guard=abuse_guard)
+    request_log = RequestLog(config.request_log) if config.request_log else None
+    async_engine = AsyncEngine(engine, metrics=metrics, max_queue=config.max_queue, abuse_guard=abuse_guard,
+                               request_log=request_log)
     info = async_engine.channel.info
     context = ServingContext(
         engine=async_engine,
@@ -104,6 +108,8 @@ def build_app(engine, config: ServerConfig, clock: Callable[[], float] = time.mo
             yield
         finally:
             await asyncio.to_thread(async_engine.shutdown, config.shutdown_timeout_seconds)
+            if request_log is not None:
+                request_log.close()
 
     app = FastAPI(title="Joule", lifespan=lifespan)
     app.state.async_engine = async_engine

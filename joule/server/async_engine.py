@@ -58,6 +58,7 @@ class _Route:
     prompt_tokens: int = 0
     generated_tokens: int = 0  # summed over the (DELTA) outputs seen so far
     energy_joules: float = 0.0  # the latest output's figure: joules so far
+    first_token_handed_over: float | None = None  # time.time() when the first output went to the event loop
 
     def observe(self, output: RequestOutput) -> None:
         self.generated_tokens += sum(len(completion.token_ids) for completion in output.outputs)
@@ -133,8 +134,9 @@ class AsyncEngine:
     ``EngineChannel`` (a ``ProcessEngineChannel`` whose process runs one)."""
 
     def __init__(self, engine, metrics=None, max_queue: int | None = None, idle_poll_seconds: float = 0.5,
-                 abuse_guard=None):
-        """``abuse_guard`` (an AbuseGuard) is charged each request's tokens and joules as it ends."""
+                 abuse_guard=None, request_log=None):
+        """``abuse_guard`` (an AbuseGuard) is charged each request's tokens and joules as it ends;
+        ``request_log`` (a ``RequestLog``) gets one line of timings per request that ends."""
         if max_queue is not None and max_queue < 1:
             raise ValueError(f"max_queue must be a positive integer or None, got {max_queue}.")
         if isinstance(engine, EngineChannel):
@@ -143,6 +145,7 @@ class AsyncEngine:
             self.channel = ThreadEngineChannel(engine, idle_poll_seconds)
         self.metrics = metrics
         self.abuse_guard = abuse_guard
+        self.request_log = request_log
         self.max_queue = max_queue
         self._routes: dict[str, _Route] = {}  # the reader thread's, once a request is accepted
         self._accepting: dict[str, tuple[asyncio.Future, _Route]] = {}  # sent, not yet accepted or rejected
@@ -284,9 +287,13 @@ class AsyncEngine:
                 self.metrics.on_output(output, now)
             first = route.generated_tokens == 0
             route.observe(output)
+            if first:
+                route.first_token_handed_over = now
             if output.finished:
                 del self._routes[output.request_id]
                 self._charge(route)
+                if self.request_log is not None:
+                    self.request_log.write(output, route, now)
             (first_tokens if first else later_tokens).append((route.stream, route.index, output))
         return first_tokens, later_tokens
 
@@ -302,13 +309,15 @@ class AsyncEngine:
                 self.metrics.on_abort(aborted.request_id, "abort" if aborted.reason == "abort" else "error",
                                       route.num_samples)
             self._charge(route)
+            if self.request_log is not None:
+                self.request_log.write_aborted(aborted.request_id, aborted.reason, route, report.time)
             if aborted.reason != "abort":
                 message = report.error or "the engine stopped"
                 error_type = EngineStepError if aborted.reason == STEP_FAILED else EngineStoppedError
                 failures.append((route.stream, route.index, error_type(message)))
         return failures
 
-    def _charge(self, route: _Route) -> None:
+    def _charge(self, route: "_Route") -> None:
         """Bill a request that ended (finished or aborted) for what it used: prompt + generated, joules."""
         if self.abuse_guard is not None:
             self.abuse_guard.charge(self.abuse_guard.tenant_of(route.tenant),

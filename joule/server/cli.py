@@ -40,6 +40,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                             f"0 = no cap (default: {DEFAULT_MAX_TOKENS_CAP})")
     group.add_argument("--shutdown-timeout", type=float, default=10.0,
                        help="seconds to let in-flight requests finish after SIGTERM before aborting them")
+    group.add_argument("--request-log", default=None, metavar="FILE",
+                       help="append one JSON line of timings per request that ends (arrival, first scheduled, first "
+                            "token, handed to the event loop, finished), to find where a slow request's time went")
     group.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
                        help="run the engine loop in a process of its own, so the HTTP event loop and the engine do "
                             "not share one interpreter lock (default); --no-engine-process keeps it on a thread")
@@ -123,6 +126,7 @@ def run_serve(args: argparse.Namespace) -> int:
     server_config = ServerConfig(
         served_model_names=names, api_key=args.api_key, max_queue=args.max_queue,
         shutdown_timeout_seconds=args.shutdown_timeout, abuse_guard=abuse_guard_config_from_args(args),
+        request_log=args.request_log,
     )
     engine_config = engine_config_from_args(args)
     engine = ProcessEngineChannel(engine_config) if args.engine_process else LLMEngine(engine_config)
