@@ -190,7 +190,9 @@ class VirtualTokenCounterFairness(FirstComeFirstServed):
             lane_tokens = cap
         if cap is None and lane_tokens == 0:
             return None
-        split = frozenset(pending) - protected if protected and self.split_decodes else frozenset()
+        split = frozenset()
+        if protected and self.split_decodes:  # a lane tenant's decodes all run in its lane step
+            split = frozenset(pending) - protected - {lane_tenant} if lane_tokens else frozenset(pending) - protected
         return StepShape(prompt_token_cap=cap, lane_tenant=lane_tenant, lane_prompt_tokens=lane_tokens,
                          split_decode_tenants=split)
 

@@ -185,15 +185,18 @@ class Scheduler:
         """The decodes of this step when ``tenants``' decodes may run half per step: all the others', and
         the half of theirs that waited longest, if the step-time estimate says halving them saves more
         than the fixed cost of the extra step it takes (a weight-bound decode batch is not split)."""
-        splittable = [request for request in decodes if request.tenant in tenants]
+        by_tenant: dict[object, list[Request]] = {}
+        for request in decodes:
+            if request.tenant in tenants:
+                by_tenant.setdefault(request.tenant, []).append(request)
         coefficients = self.step_time.coefficients()
-        if len(splittable) < 2 or coefficients is None:
+        held = sum(len(requests) // 2 for requests in by_tenant.values())
+        if held == 0 or coefficients is None or coefficients.per_decode_token * held <= coefficients.fixed_seconds:
             return decodes
-        held = len(splittable) // 2
-        if coefficients.per_decode_token * held <= coefficients.fixed_seconds:
-            return decodes
-        splittable.sort(key=lambda request: request.last_scheduled_step)
-        waits = {request.request_id for request in splittable[len(splittable) - held:]}
+        waits = set()
+        for requests in by_tenant.values():  # each tenant's half that ran most lately waits
+            requests.sort(key=lambda request: request.last_scheduled_step)
+            waits.update(request.request_id for request in requests[len(requests) - len(requests) // 2:])
         return [request for request in decodes if request.request_id not in waits]
 
     def _schedule_running(self, requests: list[Request], budget: int, plan: StepPlan, scheduled: dict) -> int:

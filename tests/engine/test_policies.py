@@ -13,6 +13,7 @@ from joule.engine.plan import StepResult
 from joule.engine.policies import StepShape, make_policy
 from joule.engine.request import Request, RequestStatus, SampledToken
 from joule.engine.scheduler import SchedulerConfig
+from joule.engine.step_time import StepTimeCoefficients
 from joule.sampling_params import SamplingParams
 
 
@@ -280,6 +281,8 @@ def test_fair_lanes_and_caps_never_change_outputs_or_strand_a_request(specs, ext
                            max_num_batched_tokens=budget, max_model_len=longest, policy="fair",
                            clock=lambda: clock[0])
     engine.scheduler.policy.protected_prompt_tokens = 3
+    # Decodes cost much more than a step's fixed time: the flooding tenants' decodes split whenever they may.
+    engine.scheduler.step_time.prior = StepTimeCoefficients(1e-4, 1e-5, 1e-3)
     arrivals = sorted(zip((delay for *_, delay in specs), range(len(requests))))
     step = 0
     while arrivals or engine.core.has_unfinished_requests():
@@ -302,3 +305,51 @@ def test_fair_forgets_arrival_times_once_they_are_past_the_recent_window():
     waiting = [Request("w", [1, 2, 3], SamplingParams(max_tokens=2), 2, tenant="user-99", arrival_time=99.0)]
     policy.step_shape(waiting, [], now=100.0)
     assert set(policy.last_arrival) == {"user-98", "user-99"}  # within recent_seconds (2 s) of now
+
+
+def _heavy_decoders_beside_a_light_one(coefficients: StepTimeCoefficients) -> EngineCore:
+    """A light tenant decoding; a heavy one with four decodes and a long prompt waiting."""
+    config = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=256, max_model_len=1024, policy="fair")
+    engine = EngineCore(config, KVBlockManager(1024, 4), TokenPerRequestExecutor(), clock=lambda: 0.0)
+    engine.scheduler.step_time.prior = coefficients
+    for index in range(4):
+        engine.add_request(Request(f"heavy-{index}", [2] * 4, SamplingParams(max_tokens=50, ignore_eos=True), 50,
+                                   tenant="heavy", arrival_time=0.0))
+    engine.add_request(Request("light", [3] * 4, SamplingParams(max_tokens=50, ignore_eos=True), 50,
+                               tenant="light", arrival_time=0.0))
+    while any(request.is_prefilling for request in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()  # the light lane step, then the heavy prompts: five decoders
+    engine.add_request(Request("heavy-long", [2] * 600, SamplingParams(max_tokens=4, ignore_eos=True), 4,
+                               tenant="heavy", arrival_time=0.0))
+    return engine
+
+
+def _decoding_ids(plan) -> set[str]:
+    return {sequence.request_id for sequence in plan.sequences if sequence.num_tokens == 1}
+
+
+def test_fair_splits_a_flooding_tenants_decodes_in_halves_that_take_turns_while_another_is_protected():
+    engine = _heavy_decoders_beside_a_light_one(StepTimeCoefficients(1e-4, 1e-5, 1e-3))  # decodes cost most
+    first = engine.scheduler.schedule(now=0.0)
+    engine.scheduler.update(first, TokenPerRequestExecutor().execute(first))
+    second = engine.scheduler.schedule(now=0.0)
+    heavy = {f"heavy-{index}" for index in range(4)}
+    assert "light" in _decoding_ids(first) and "light" in _decoding_ids(second)  # the protected tenant: every step
+    assert len(_decoding_ids(first) & heavy) == 2 and len(_decoding_ids(second) & heavy) == 2
+    assert (_decoding_ids(first) | _decoding_ids(second)) & heavy == heavy  # the halves take turns
+
+
+def test_fair_keeps_a_decode_batch_whole_when_halving_it_would_not_pay_for_the_extra_step():
+    engine = _heavy_decoders_beside_a_light_one(StepTimeCoefficients(5e-3, 1e-5, 1e-4))  # weight-bound decodes
+    plan = engine.scheduler.schedule(now=0.0)
+    assert _decoding_ids(plan) == {"light", *(f"heavy-{index}" for index in range(4))}
+
+
+def test_the_fair_prompt_cap_is_an_engine_option_and_must_be_positive():
+    from joule.config import EngineConfig
+
+    engine = EngineCore(SchedulerConfig(policy="fair", fair_prompt_cap=128), KVBlockManager(64, 4),
+                        TokenPerRequestExecutor())
+    assert engine.scheduler.policy.protected_prompt_tokens == 128
+    with pytest.raises(ValueError, match="fair_prompt_cap"):
+        EngineConfig(fair_prompt_cap=0)

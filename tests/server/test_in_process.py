@@ -187,3 +187,21 @@ def test_concurrent_requests_share_engine_steps(engine, monkeypatch):
     assert asyncio.run(scenario()) == [20] * 8
     assert max(batch_sizes) == 8
     assert len(batch_sizes) < 8 * 20 / 2  # far fewer steps than running them one by one
+
+
+def test_the_request_log_has_one_line_of_ordered_timings_per_request(engine, tmp_path):
+    import json
+
+    log_path = tmp_path / "logs" / "requests.jsonl"
+    app = build_app(engine, ServerConfig(served_model_names=["tiny"], request_log=str(log_path)))
+    with TestClient(app) as http:
+        for user in ("alice", "bob"):
+            body = {"prompt": "hello", "max_tokens": 4, "ignore_eos": True, "user": user, "stream": user == "bob"}
+            assert http.post("/v1/completions", json=body).status_code == 200
+    records = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert [(r["tenant"], r["generated_tokens"], r["finish_reason"]) for r in records] == [
+        ("alice", 4, "length"), ("bob", 4, "length")]
+    for record in records:
+        times = [record[key] for key in ("arrival", "first_scheduled", "first_token", "first_token_handed_over",
+                                         "finished")]
+        assert times == sorted(times) and record["prompt_tokens"] > 0 and record["energy_joules"] > 0
