@@ -119,10 +119,12 @@ class VirtualTokenCounterFairness(FirstComeFirstServed):
     name = "fair"
 
     def __init__(self, protected_prompt_tokens: int = 512, recent_seconds: float = 2.0,
-                 split_decodes: bool = True) -> None:
+                 split_decodes: bool = False) -> None:
         """``protected_prompt_tokens``: the prompt tokens a step may carry while a tenant with nothing waiting
         is about (it arrived within ``recent_seconds`` or has requests in) and another has prompts to compute;
-        ``split_decodes``: meanwhile, that other tenant's decodes may run half per step (``StepShape``)."""
+        ``split_decodes``: meanwhile, that other tenant's decodes may run half per step (``StepShape``). Off by
+        default: on the H200 fairness run it raised the light tenant's p50 TTFT (16.2 vs 11.6 ms, see
+        docs/benchmarks.md)."""
         self.counters: dict[str | None, float] = {}
         self.last_arrival: dict[str | None, float] = {}
         self.protected_prompt_tokens = protected_prompt_tokens

@@ -283,6 +283,7 @@ def test_fair_lanes_and_caps_never_change_outputs_or_strand_a_request(specs, ext
     engine.scheduler.policy.protected_prompt_tokens = 3
     # Decodes cost much more than a step's fixed time: the flooding tenants' decodes split whenever they may.
     engine.scheduler.step_time.prior = StepTimeCoefficients(1e-4, 1e-5, 1e-3)
+    engine.scheduler.policy.split_decodes = True
     arrivals = sorted(zip((delay for *_, delay in specs), range(len(requests))))
     step = 0
     while arrivals or engine.core.has_unfinished_requests():
@@ -312,6 +313,7 @@ def _heavy_decoders_beside_a_light_one(coefficients: StepTimeCoefficients) -> En
     config = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=256, max_model_len=1024, policy="fair")
     engine = EngineCore(config, KVBlockManager(1024, 4), TokenPerRequestExecutor(), clock=lambda: 0.0)
     engine.scheduler.step_time.prior = coefficients
+    engine.scheduler.policy.split_decodes = True
     for index in range(4):
         engine.add_request(Request(f"heavy-{index}", [2] * 4, SamplingParams(max_tokens=50, ignore_eos=True), 50,
                                    tenant="heavy", arrival_time=0.0))
