@@ -42,6 +42,7 @@ class LLM:
         scheduling_policy: str = "fcfs",
         admission_policy: str = "greedy",
         enable_chunked_prefill: bool = True,
+        fair_prompt_cap: int = 512,
         **kwargs,
     ):
         unknown = sorted(set(kwargs) - _IGNORED_VLLM_OPTIONS)
@@ -66,6 +67,7 @@ class LLM:
             scheduling_policy=scheduling_policy,
             admission_policy=admission_policy,
             enable_chunked_prefill=enable_chunked_prefill,
+            fair_prompt_cap=fair_prompt_cap,
         )
         self.llm_engine = LLMEngine(config)
         self._request_counter = itertools.count()
