@@ -317,7 +317,7 @@ class AsyncEngine:
                 failures.append((route.stream, route.index, error_type(message)))
         return failures
 
-    def _charge(self, route: "_Route") -> None:
+    def _charge(self, route: _Route) -> None:
         """Bill a request that ended (finished or aborted) for what it used: prompt + generated, joules."""
         if self.abuse_guard is not None:
             self.abuse_guard.charge(self.abuse_guard.tenant_of(route.tenant),

@@ -52,7 +52,6 @@ class ThreadEngineChannel:
     """The engine loop on a thread beside the event loop (``build_app(engine)``, tests, embedding)."""
 
     def __init__(self, engine, idle_poll_seconds: float = 0.5):
-        self.engine = engine
         self.info = EngineInfo(engine.tokenizer, engine.max_model_len, engine.model_config.vocab_size,
                                str(getattr(engine, "model_path", "") or ""))
         self._commands: queue.SimpleQueue = queue.SimpleQueue()

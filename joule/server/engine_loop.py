@@ -109,9 +109,11 @@ class EngineLoop:
         stopping = False
         while not stopping:
             report = EngineReport()
+            stepped = False
             try:
                 stopping = self._apply_commands(report, block=not self.engine.has_unfinished_requests())
                 if not stopping and self.engine.has_unfinished_requests():
+                    stepped = True
                     self._step(report)
             except Exception as error:  # a bug outside step(): fail what is in flight, keep serving
                 logger.exception("engine loop error")
@@ -119,7 +121,7 @@ class EngineLoop:
             if stopping:
                 self._fail_all(report, SHUTTING_DOWN, "the server is shutting down")
                 report.closed = True
-            if report.has_news:
+            if report.has_news or stepped:  # a step without outputs (a prompt chunk) still moves the stats
                 self._send(self._report(report))
 
     def _apply_commands(self, report: EngineReport, block: bool) -> bool:
