@@ -46,6 +46,7 @@ sys.path.insert(0, str(REPO))
 
 from joule.bench.serve import ServeBenchConfig, SweepReport, run_sweep, run_sweep_async
 from joule.bench.serve_metrics import format_rate
+from joule.bench.server_pauses import format_pauses, scrape_pause_counters, summarize_pauses
 from joule.bench.serve_workload import TenantSpec, WorkloadOptions
 from joule.bench.workload import LengthDistribution
 from joule.perf.metrics import SLO
@@ -186,6 +187,7 @@ class FairnessRun:
     heavy_failed: int = 0
     heavy_duration_s: float = 0.0  # from the flood's first request to its last token
     heavy_output_tokens: int = 0
+    pauses: dict = field(default_factory=dict)  # the server's GC pauses and loop lag during the run
 
 
 def fairness_run(server: Server, scale: Scale, heavy_rate: float | None) -> FairnessRun:
@@ -196,6 +198,7 @@ def fairness_run(server: Server, scale: Scale, heavy_rate: float | None) -> Fair
     light tenant's first tokens are seen, and the measured TTFT would be the client's as much as the server's.
     """
     flood = None
+    before, started = scrape_pause_counters(server.base_url), time.perf_counter()
     if heavy_rate is not None:
         flood_json = Path(tempfile.mkdtemp(prefix="serve-goodput-flood-")) / "flood.json"
         command = [sys.executable, "-m", "joule.cli", "bench", "serve", "--base-url", server.base_url,
@@ -222,6 +225,8 @@ def fairness_run(server: Server, scale: Scale, heavy_rate: float | None) -> Fair
         heavy = json.loads(flood_json.read_text())["runs"][0]["tenants"]["heavy"]
         run.heavy_completed, run.heavy_failed = heavy["completed"], heavy["failed"]
         run.heavy_duration_s, run.heavy_output_tokens = heavy["duration_s"], heavy["total_output_tokens"]
+    run.pauses = summarize_pauses(before, scrape_pause_counters(server.base_url), time.perf_counter() - started)
+    log(f"server pauses: {format_pauses(run.pauses)}")
     return run
 
 
@@ -275,7 +280,7 @@ def light_ttft(run: FairnessRun) -> dict:
     metrics = run.light.runs[0].tenant_metrics["light"]
     return {"light_p99_ttft_ms": metrics.ttft_ms.percentiles["p99"], "light_p50_ttft_ms": metrics.ttft_ms.median,
             "light_completed": metrics.completed, "light_failed": metrics.failed,
-            "heavy_completed": run.heavy_completed, "heavy_failed": run.heavy_failed}
+            "heavy_completed": run.heavy_completed, "heavy_failed": run.heavy_failed, "server_pauses": run.pauses}
 
 
 def plot_light_ttft(runs: dict[str, FairnessRun], path: Path) -> Path:

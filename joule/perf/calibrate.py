@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -34,6 +34,7 @@ from joule.perf.measure import (  # noqa: F401  (re-exported: the calibration AP
     default_reduce,
     default_scenarios,
     detect_hardware,
+    infer_step_events,
     measure_steps,
     run_scenario,
     wait_for_quiet,
@@ -71,13 +72,14 @@ class Measurements:
     @classmethod
     def from_dict(cls, data: dict) -> Measurements:
         """Inverse of ``dataclasses.asdict``: refit a profile from saved measurements without torch."""
-        steps = [
-            StepSample(step["scenario"], BatchShape([SequenceWork(**s) for s in step["shape"]["sequences"]],
-                                                    step["shape"].get("staging", ""),
-                                                    step["shape"].get("staging_capacity", 0)),
-                       step["seconds"], step["executor_seconds"])
-            for step in data.get("steps", [])
-        ]
+        saved = data.get("steps", [])
+        shapes = [BatchShape([SequenceWork(**s) for s in step["shape"]["sequences"]], step["shape"].get("staging", ""),
+                             step["shape"].get("staging_capacity", 0), step["shape"].get("after_idle", False))
+                  for step in saved]
+        if saved and "after_idle" not in saved[0]["shape"]:  # saved before request events were recorded
+            shapes = infer_step_events(shapes, [step["scenario"] for step in saved])
+        steps = [StepSample(step["scenario"], shape, step["seconds"], step["executor_seconds"])
+                 for step, shape in zip(saved, shapes)]
         return cls(data["hardware"], data["dtype"], data["bandwidth"], [tuple(g) for g in data["gemms"]],
                    data["attention_flops"], steps, data.get("attention_backend", ""),
                    data.get("staging_max_copy_bytes", 0.0), data.get("chunk_graph_max_tokens", 0),
@@ -221,7 +223,8 @@ def base_profile(model_config, measured: Measurements) -> DeviceProfile:
 
 
 FIT_FEATURES = ("linear", "attention_prefill", "attention_decode", "elementwise", "layer", "sequence",
-                "prefill_sequence_layer", "chunk_layer", "staging_rebuild", "linear_decode", "linear_memory")
+                "prefill_sequence_layer", "chunk_layer", "staging_rebuild", "linear_decode", "linear_memory",
+                "finish", "finish_token", "wake")
 
 
 def step_features(model_config, profile: DeviceProfile, shape: BatchShape) -> np.ndarray:
@@ -241,6 +244,7 @@ def step_features(model_config, profile: DeviceProfile, shape: BatchShape) -> np
         (1.0 - decode_only) * linear, seconds["attention_prefill"], seconds["attention_decode"],
         seconds["elementwise"] + seconds["sampling"], layers * replays, sequences,
         eager_chunk * sequences * layers, eager_chunk * layers, rebuilt, decode_only * linear, memory,
+        shape.num_finished, shape.finished_tokens, 1.0 if shape.after_idle else 0.0,
     ])
 
 
@@ -272,10 +276,15 @@ _HOST_LAYER_FEATURES = [FIT_FEATURES.index(name) for name in ("layer", "prefill_
 
 
 def _fit_once(model_config, measured: Measurements, samples: list[StepSample], regime_rounds: int = 4) -> DeviceProfile:
-    """One fit over ``samples``. Where host work overlaps the device (GPU), a step with a prompt chunk
-    takes max(host per-layer work, device time): each such step is assigned the regime the previous
-    fit predicts for it, only that regime's features are kept, and the fit is repeated until the
-    assignment settles."""
+    """One fit over ``samples``. Where host work may overlap the device (GPU), an eager step with a
+    prompt chunk takes either max(host per-layer work, device time) or their sum; the structure with
+    the smaller total relative error on ``samples`` is kept (``host_overlaps_device`` says which).
+    For the max form, each such step is assigned the regime the previous fit predicts for it, only
+    that regime's features are kept, and the fit is repeated until the assignment settles.
+
+    The sum won on every GPU calibration so far (H100, H200: eager steps run ~3-6 ms over their
+    device time, growing with the step's sequences), which the max form, fitted from a handful of
+    eager steps, turned into a flat ~30 ms of "launches" that over-predicted every smaller eager step."""
     profile = base_profile(model_config, measured)
     if not samples:
         return profile
@@ -291,7 +300,8 @@ def _fit_once(model_config, measured: Measurements, samples: list[StepSample], r
     if not profile.host_overlaps_device:
         return profile
     chunk_steps = np.array([StepModel(model_config, profile).is_eager_chunk_step(s.shape) for s in samples])
-    best = (_total_relative_error(model_config, profile, samples), profile)
+    summed = replace(profile, host_overlaps_device=False, scales=dict(profile.scales))  # what was just fitted
+    best = (_total_relative_error(model_config, summed, samples), summed)
     for start in (chunk_steps.copy(), np.zeros_like(chunk_steps)):  # every eager step host-bound, or none
         host_bound, candidate = start, None
         for _ in range(regime_rounds):
@@ -331,6 +341,8 @@ def _apply(profile: DeviceProfile, coefficients: np.ndarray, step_overhead: floa
     profile.prefill_sequence_layer_overhead_s = float(coefficients[6])
     profile.chunk_layer_overhead_s = float(coefficients[7])
     profile.staging_rebuild_s_per_token_layer = float(coefficients[8]) if profile.decode_staging else 0.0
+    profile.finish_overhead_s, profile.finish_token_overhead_s, profile.wake_overhead_s = (
+        float(value) for value in coefficients[11:14])
 
 
 def chunk_graphs_of(engine) -> tuple[int, int]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Self
 
 import numpy as np
@@ -112,6 +112,40 @@ class RecordingExecutor:
             self.staging.observe_plan(plan, shape)
         self.last_shape = shape
         return self.inner.execute(plan)
+
+
+def infer_step_events(shapes: list[BatchShape], runs: list[str] | None = None,
+                      idle_at_run_start: bool = True) -> list[BatchShape]:
+    """Shapes saved before finishing requests and idle starts were recorded, with both inferred.
+
+    A sequence that computed up to position ``p`` in one step continues in the next at context ``p``
+    unless its request finished; counted per position (a multiset), so equal sequences need no ids.
+    ``runs`` names the run (scenario) of each step: a run's last step finishes every sequence that
+    sampled, and its first step came after idle time (measurements wait for a quiet machine between
+    runs) when ``idle_at_run_start``. Without run names, a step comes after idle when the previous one
+    finished every sequence it carried (an engine emptied, then waited for arrivals)."""
+    result = []
+    for index, shape in enumerate(shapes):
+        run = runs[index] if runs is not None else None
+        following = shapes[index + 1] if index + 1 < len(shapes) else None
+        if runs is not None and (following is None or runs[index + 1] != run):
+            following = None
+        waiting: dict[int, int] = {}
+        for sequence in (following.sequences if following is not None else ()):
+            waiting[sequence.context_length] = waiting.get(sequence.context_length, 0) + 1
+        sequences = []
+        for sequence in shape.sequences:
+            reached = sequence.context_length + sequence.num_new_tokens
+            continues = waiting.get(reached, 0) > 0
+            if continues:
+                waiting[reached] -= 1
+            sequences.append(replace(sequence, finishes=sequence.samples and not continues))
+        if runs is not None:
+            after_idle = idle_at_run_start and (index == 0 or runs[index - 1] != run)
+        else:
+            after_idle = index == 0 or all(s.finishes for s in result[-1].sequences)
+        result.append(replace(shape, sequences=sequences, after_idle=after_idle))
+    return result
 
 
 def detect_hardware() -> str:

@@ -90,6 +90,12 @@ class DeviceProfile:
     max_graphed_chunks: int = 4
     decode_staging: bool = False
     staging_rebuild_s_per_token_layer: float = 0.0
+    # Host work of request events, outside the forward pass: per request finishing in a step (its
+    # output closed) and per KV token it held (its blocks hashed into the prefix cache and freed), and
+    # once for the first step after the engine sat idle (waiting for an arrival: cold caches, clocks).
+    finish_overhead_s: float = 0.0
+    finish_token_overhead_s: float = 0.0
+    wake_overhead_s: float = 0.0
     staging_max_copy_bytes: float = 0.0
     # Measured [rows, FLOP/s] of the decoder-layer GEMMs and of lm_head (calibration); when present
     # they replace the parametric curve, interpolated log-log in rows and clamped at the ends.

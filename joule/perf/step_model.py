@@ -43,6 +43,7 @@ class SequenceWork:
     num_new_tokens: int
     context_length: int  # tokens already in the KV cache before this step
     samples: bool
+    finishes: bool = False  # the request finishes in this step (its blocks are freed, its output closed)
 
 
 @dataclass
@@ -52,20 +53,25 @@ class BatchShape:
     ``staging`` says how a decode-only step on a staging backend reaches its KV: "append" (the
     dense copies of the previous step, one token longer), "rebuild" (copies refilled from the
     paged cache, ``staging_capacity`` tokens per row) or "gather" (no copies: padded gathers);
-    "" when unknown, which the step model reads as the steady state.
+    "" when unknown, which the step model reads as the steady state. ``after_idle``: the engine had
+    nothing to run before this step (it waited for an arrival); the first step after idle time pays
+    for it.
     """
 
     sequences: list[SequenceWork] = field(default_factory=list)
     staging: str = ""
     staging_capacity: int = 0
+    after_idle: bool = False
 
     def __post_init__(self) -> None:
         if self.staging not in STAGING_MODES:
             raise ValueError(f"staging must be one of {STAGING_MODES}, got {self.staging!r}")
 
     @classmethod
-    def from_plan(cls, plan: StepPlan) -> BatchShape:
-        return cls([SequenceWork(s.num_tokens, s.start_position, s.samples) for s in plan.sequences])
+    def from_plan(cls, plan: StepPlan, finished_ids=frozenset(), after_idle: bool = False) -> BatchShape:
+        """``finished_ids``: requests this step finishes (known to the simulator, which makes their tokens)."""
+        return cls([SequenceWork(s.num_tokens, s.start_position, s.samples, s.request_id in finished_ids)
+                    for s in plan.sequences], after_idle=after_idle)
 
     @classmethod
     def decode(cls, batch_size: int, context_length: int) -> BatchShape:
@@ -86,6 +92,15 @@ class BatchShape:
     @property
     def is_decode_only(self) -> bool:
         return all(s.num_new_tokens == 1 for s in self.sequences)
+
+    @property
+    def num_finished(self) -> int:
+        return sum(1 for s in self.sequences if s.finishes)
+
+    @property
+    def finished_tokens(self) -> int:
+        """KV tokens of the requests finishing in this step (what freeing their blocks walks over)."""
+        return sum(s.context_length + s.num_new_tokens for s in self.sequences if s.finishes)
 
 
 @dataclass
@@ -238,7 +253,7 @@ class StepModel:
         capacity = staging_capacity(longest)
         bound = self.profile.staging_max_copy_bytes
         fits = not bound or len(batch.sequences) * capacity * self.staging.kv_bytes_per_token <= bound
-        return BatchShape(batch.sequences, "append" if fits else "gather", capacity if fits else 0)
+        return BatchShape(batch.sequences, "append" if fits else "gather", capacity if fits else 0, batch.after_idle)
 
     def class_seconds(self, batch: BatchShape) -> tuple[dict[str, OperatorCount], dict[str, float]]:
         """Unscaled roofline seconds per operator class (calibration fits the scales on these)."""
@@ -313,7 +328,16 @@ class StepModel:
         if batch.staging == "rebuild":
             layers = self.config.num_hidden_layers
             seconds += profile.staging_rebuild_s_per_token_layer * num_sequences * batch.staging_capacity * layers
+        seconds += self.event_seconds(batch)
         return seconds
+
+    def event_seconds(self, batch: BatchShape) -> float:
+        """Host work of request events: finishing requests (output closed, blocks cached and freed: per
+        request and per KV token) and the first step after the engine sat idle."""
+        profile = self.profile
+        return (profile.finish_overhead_s * batch.num_finished
+                + profile.finish_token_overhead_s * batch.finished_tokens
+                + (profile.wake_overhead_s if batch.after_idle else 0.0))
 
     def predict(self, batch: BatchShape) -> StepCost:
         if not batch.sequences:
@@ -337,9 +361,9 @@ class StepModel:
             elapsed = device + overhead
         return StepCost(counts, seconds, overhead, elapsed, self.energy(counts, elapsed))
 
-    def predict_plan(self, plan: StepPlan) -> StepCost:
+    def predict_plan(self, plan: StepPlan, finished_ids=frozenset(), after_idle: bool = False) -> StepCost:
         """One step of the engine this model follows (plans in order: see ``DecodeStaging``)."""
-        shape = BatchShape.from_plan(plan)
+        shape = BatchShape.from_plan(plan, finished_ids, after_idle)
         if self.staging is not None:
             self.staging.observe_plan(plan, shape)
         return self.predict(shape)

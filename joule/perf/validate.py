@@ -17,7 +17,7 @@ import numpy as np
 
 from joule.perf.arrivals import TimedRequest
 from joule.perf.hardware import get_hardware
-from joule.perf.measure import Scenario, measure_steps
+from joule.perf.measure import Scenario, infer_step_events, measure_steps
 from joule.perf.metrics import percentiles
 from joule.perf.profile import DeviceProfile
 from joule.perf.simulator import ClusterSimulator, ReplicaConfig
@@ -62,6 +62,7 @@ class StepCheck:
     sequences: list[list[int]] = field(default_factory=list)
     staging: str = ""  # BatchShape.staging and staging_capacity
     staging_capacity: int = 0
+    after_idle: bool = False  # BatchShape.after_idle; each sequence's 4th entry is its ``finishes``
 
     @property
     def error(self) -> float:
@@ -69,14 +70,15 @@ class StepCheck:
 
     @property
     def shape(self) -> BatchShape:
-        return BatchShape([SequenceWork(q, c, bool(sampled)) for q, c, sampled in self.sequences],
-                          self.staging, self.staging_capacity)
+        return BatchShape([SequenceWork(q, c, bool(sampled), bool(rest and rest[0])) for q, c, sampled, *rest in self.sequences],
+                          self.staging, self.staging_capacity, self.after_idle)
 
     @classmethod
     def of(cls, scenario: str, shape: BatchShape, measured_s: float, model: StepModel) -> StepCheck:
-        compact = [[s.num_new_tokens, s.context_length, int(s.samples)] for s in shape.sequences]
+        compact = [[s.num_new_tokens, s.context_length, int(s.samples), int(s.finishes)] for s in shape.sequences]
         return cls(scenario, _kind(shape), len(shape.sequences), shape.num_tokens, measured_s,
-                   model.predict(shape).elapsed_seconds, compact, shape.staging, shape.staging_capacity)
+                   model.predict(shape).elapsed_seconds, compact, shape.staging, shape.staging_capacity,
+                   shape.after_idle)
 
 
 def _kind(shape) -> str:
@@ -101,9 +103,24 @@ def recheck(checks: list[StepCheck], model: StepModel) -> list[StepCheck]:
     return [StepCheck.of(check.scenario, check.shape, check.measured_s, model) for check in checks]
 
 
-def checks_from_report(section: dict) -> list[StepCheck]:
-    """The step checks a report section saved (``summarize_checks(..., keep_steps=True)``)."""
-    return [StepCheck(**row) for row in section.get("step_checks", [])]
+def checks_from_report(section: dict, runs: bool | None = None) -> list[StepCheck]:
+    """The step checks a report section saved (``summarize_checks(..., keep_steps=True)``).
+
+    Reports saved before finishing requests and idle starts were recorded get them inferred
+    (``infer_step_events``): per scenario for the step grid, from the step sequence for whole runs
+    (``runs``; by default, when every check is named "run")."""
+    rows = section.get("step_checks", [])
+    checks = [StepCheck(**row) for row in rows]
+    if rows and "after_idle" not in rows[0]:
+        if runs is None:
+            runs = all(check.scenario == "run" for check in checks)
+        shapes = infer_step_events([check.shape for check in checks],
+                                   None if runs else [check.scenario for check in checks])
+        for check, shape in zip(checks, shapes):
+            check.sequences = [[s.num_new_tokens, s.context_length, int(s.samples), int(s.finishes)]
+                               for s in shape.sequences]
+            check.after_idle = shape.after_idle
+    return checks
 
 
 def summarize_checks(checks: list[StepCheck], keep_steps: bool = True) -> dict:

@@ -16,6 +16,7 @@ from joule.server.abuse_guard import AbuseGuard, AbuseGuardConfig
 from joule.server.async_engine import AsyncEngine
 from joule.server.errors import APIError, install_error_handlers
 from joule.server.metrics import ServerMetrics
+from joule.server.pause_monitor import EventLoopLagMonitor, GcPauseRecorder
 from joule.server.request_log import RequestLog
 from joule.server.protocol import (
     ChatCompletionRequest,
@@ -103,10 +104,17 @@ def build_app(engine, config: ServerConfig, clock: Callable[[], float] = time.mo
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        # In thread mode the engine shares this process, so its collections are counted as the API's.
+        gc_pauses = GcPauseRecorder().install()
+        monitor = EventLoopLagMonitor(metrics.on_event_loop_lag, gc_pauses=gc_pauses,
+                                      observe_gc=lambda pauses: metrics.on_gc_pauses("api", pauses))
         async_engine.start(asyncio.get_running_loop())
+        monitor.start()
         try:
             yield
         finally:
+            await monitor.stop()
+            gc_pauses.uninstall()
             await asyncio.to_thread(async_engine.shutdown, config.shutdown_timeout_seconds)
             if request_log is not None:
                 request_log.close()

@@ -342,5 +342,7 @@ class AsyncEngine:
                                       stats.prefix_cache_hits - counted.prefix_cache_hits)
         self.metrics.add_preemptions(stats.num_preemptions - counted.num_preemptions)
         self._counted = stats
+        if report.gc_pauses:
+            self.metrics.on_gc_pauses("engine", report.gc_pauses)
         if report.energy_totals is not None:
             self.metrics.set_energy_totals(report.energy_totals, report.time)

@@ -17,6 +17,7 @@ from typing import Protocol, runtime_checkable
 
 from joule.logger import get_logger
 from joule.server.engine_loop import Command, EngineLoop, EngineReport, StopCommand
+from joule.server.pause_monitor import GcPauseRecorder
 
 logger = get_logger()
 
@@ -168,9 +169,11 @@ def _engine_process_main(config, commands, reports, idle_poll_seconds: float) ->
                 return StopCommand()
             raise
 
+    gc_pauses = GcPauseRecorder().install()
     try:
-        EngineLoop(engine, receive, reports.send, idle_poll_seconds).run()
+        EngineLoop(engine, receive, reports.send, idle_poll_seconds, gc_pauses=gc_pauses).run()
     except (BrokenPipeError, EOFError):
         pass  # the API side went away
     finally:
+        gc_pauses.uninstall()
         reports.close()

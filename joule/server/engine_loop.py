@@ -18,6 +18,7 @@ from joule.engine.request import RequestSLO
 from joule.logger import get_logger
 from joule.outputs import RequestOutput
 from joule.sampling_params import SamplingParams
+from joule.server.pause_monitor import GcPauseRecorder
 
 logger = get_logger()
 
@@ -78,6 +79,7 @@ class EngineReport:
     error: str | None = None  # why the requests aborted with reason STEP_FAILED / SHUTTING_DOWN ended
     stats: EngineStats = field(default_factory=EngineStats)
     energy_totals: object | None = None  # the ledger's EnergyTotals, where the engine has a ledger
+    gc_pauses: list[tuple[int, float]] = field(default_factory=list)  # the engine process's, since the last report
     closed: bool = False  # the loop has ended: no report follows
     time: float = 0.0  # time.time() when the stats were read
 
@@ -94,11 +96,13 @@ class EngineLoop:
 
     ``receive(timeout)`` returns the next command or raises ``queue.Empty`` (``timeout=None`` never
     waits); ``send(report)`` hands a report to the API side. Only this loop touches the engine.
+    ``gc_pauses`` (in a process of its own) records the collector's pauses for the reports.
     """
 
     def __init__(self, engine, receive: Callable[[float | None], Command], send: Callable[[EngineReport], None],
-                 idle_poll_seconds: float = 0.5):
+                 idle_poll_seconds: float = 0.5, gc_pauses: GcPauseRecorder | None = None):
         self.engine = engine
+        self._gc_pauses = gc_pauses
         self._receive = receive
         self._send = send
         self._idle_poll_seconds = idle_poll_seconds
@@ -205,5 +209,7 @@ class EngineLoop:
         ledger = getattr(self.engine, "energy_ledger", None)
         if ledger is not None:  # read here, on the loop: the ledger is not thread-safe
             report.energy_totals = ledger.totals()
+        if self._gc_pauses is not None:
+            report.gc_pauses = self._gc_pauses.drain()
         report.time = time.time()
         return report

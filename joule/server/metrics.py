@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from prometheus_client import (
     CollectorRegistry,
+    ProcessCollector,
     Counter,
     Gauge,
     Histogram,
@@ -24,6 +25,7 @@ _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 
                     10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
 _JOULES_PER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0,
                              50.0, 100.0)
+_PAUSE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _POWER_WINDOW_SECONDS = 60.0
 _REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                     120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
@@ -60,6 +62,7 @@ class _PowerWindow:
 class ServerMetrics:
     def __init__(self, model_name: str):
         self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total etc. of the API process
         labels = ["model_name"]
         self._model_name = model_name
         self._timings: dict[str, _RequestTiming] = {}
@@ -112,6 +115,14 @@ class ServerMetrics:
             "joule_requests_rejected", "Requests refused with HTTP 429, by reason (tenant_token_budget, "
             "tenant_energy_budget, queue_full).", ["model_name", "reason"], registry=self.registry,
         )
+        self.gc_pause = Histogram(
+            "joule:gc_pause_seconds", "Pauses of the cyclic garbage collector, by server process (api, engine) and "
+            "generation collected.", ["model_name", "process", "generation"], buckets=_PAUSE_BUCKETS,
+            registry=self.registry,
+        )
+        self.event_loop_lag = histogram(
+            "joule:event_loop_lag_seconds", "How late the API process's event loop woke a 10 ms timer: time it "
+            "was busy (or paused) while requests and stream chunks waited.", _PAUSE_BUCKETS)
         self._power_windows: dict[str, _PowerWindow] = {}
         self._energy_seen: tuple[float, float] | None = None  # (metered, unattributed) already counted
 
@@ -198,7 +209,14 @@ class ServerMetrics:
         self._timings.pop(request_id, None)
         self._finished.labels(self._model_name, reason).inc(num_samples)
 
+    def on_gc_pauses(self, process: str, pauses: list[tuple[int, float]]) -> None:
+        for generation, seconds in pauses:
+            self.gc_pause.labels(self._model_name, process, str(generation)).observe(seconds)
+
     # -- event loop -------------------------------------------------------------------------
+    def on_event_loop_lag(self, seconds: float) -> None:
+        self.event_loop_lag.observe(seconds)
+
     def on_rejected(self, reason: str) -> None:
         self.rejected.labels(self._model_name, reason).inc()
 

@@ -101,6 +101,8 @@ def test_fairness_only_runs_the_three_light_tenant_runs_at_a_given_heavy_rate(ti
     for policy in ("fcfs", "fair"):
         assert fairness[policy]["heavy_completed"] > 0 and fairness[policy]["light_failed"] == 0
         assert fairness[policy]["p99_ttft_vs_solo"] > 0
+        pauses = fairness[policy]["server_pauses"]  # read from the server's /metrics around the run
+        assert pauses["event_loop_lag"]["count"] > 0 and 0 < pauses["api_cpu_share"]
     assert (tmp_path / "fairness_light_ttft_cdf.png").exists()
     assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["server-chunked-fair.log",
                                                                     "server-chunked-fcfs.log"]
