@@ -105,6 +105,9 @@ def add_perf_commands(subparsers) -> None:
     validate.add_argument("--offline", default="32,128,64", help="NUM_PROMPTS,INPUT_LEN,OUTPUT_LEN ('' to skip)")
     validate.add_argument("--serving", default="", help="WORKLOAD spec served in real time ('' to skip)")
     validate.add_argument("--skip-steps", action="store_true")
+    validate.add_argument("--grid-seed", type=int, default=None,
+                          help="check steps on a fresh random grid of compositions drawn from this seed "
+                               "(default: the fixed grid of validate.py)")
     validate.add_argument("--recheck", default=None,
                           help="a saved validation JSON (.gz ok): re-predict its measured steps with --profile, no engine")
     validate.add_argument("--output-json", default=None)
@@ -266,7 +269,7 @@ def run_validate(args: argparse.Namespace) -> int:
     from joule.perf.arrivals import TimedRequest, WorkloadSpec, generate
     from joule.perf.measure import build_engine
     from joule.perf.profile import DeviceProfile
-    from joule.perf.validate import compare_run, summarize_checks, validate_steps
+    from joule.perf.validate import compare_run, random_validation_grid, summarize_checks, validate_steps
 
     profile = DeviceProfile.load(args.profile)
     if args.recheck:
@@ -274,7 +277,12 @@ def run_validate(args: argparse.Namespace) -> int:
     engine = build_engine(args.model, args.dtype, args.load_format, args.device)
     report: dict = {"profile": args.profile}
     if not args.skip_steps:
-        checks = validate_steps(engine, profile, repeats=args.repeats)
+        scenarios = None
+        if args.grid_seed is not None:
+            scenarios = random_validation_grid(args.grid_seed, engine.device.type == "cuda")
+            report["grid_seed"] = args.grid_seed
+            print("step grid (seed %d): %s" % (args.grid_seed, "; ".join(scenario.name for scenario in scenarios)))
+        checks = validate_steps(engine, profile, scenarios, repeats=args.repeats)
         report["steps"] = summarize_checks(checks)
         print(f"step latency: median |error| {report['steps']['median_abs_error']:.1%} over {len(checks)} steps")
         for name, row in report["steps"]["by_scenario"].items():

@@ -105,9 +105,21 @@ class RecordingExecutor:
         self.inner = inner
         self.staging = staging
         self.last_shape: BatchShape | None = None
+        self.last_request_ids: list[str] = []
+
+    def with_events(self, outputs, after_idle: bool) -> BatchShape | None:
+        """The last step's shape marked with its request events: the sequences whose requests the step
+        finished (``outputs`` of ``LLMEngine.step()``) and whether the engine sat idle before it."""
+        if self.last_shape is None:
+            return None
+        finished = {output.request_id for output in outputs if output.finished}
+        sequences = [replace(sequence, finishes=request_id in finished)
+                     for sequence, request_id in zip(self.last_shape.sequences, self.last_request_ids)]
+        return replace(self.last_shape, sequences=sequences, after_idle=after_idle)
 
     def execute(self, plan):
         shape = BatchShape.from_plan(plan)
+        self.last_request_ids = [sequence.request_id for sequence in plan.sequences]
         if self.staging is not None:
             self.staging.observe_plan(plan, shape)
         self.last_shape = shape
@@ -345,10 +357,11 @@ def run_scenario(engine, scenario: Scenario, seed: int = 0) -> list[StepSample]:
             add(arrivals.pop(min(arrivals)), "idle")  # a wave after the others finished: bring it forward
             continue
         started = time.perf_counter()
-        engine.step()
+        outputs = engine.step()
         synchronize()
         elapsed = time.perf_counter() - started
-        shape = engine.core.executor.last_shape
+        # A run starts after idle time (the quiet-machine wait, another run's end): its first step pays it.
+        shape = engine.core.executor.with_events(outputs, after_idle=not samples)
         if engine.core.last_step.num_sequences:
             samples.append(StepSample(scenario.name, shape, elapsed, engine.core.last_step.elapsed_seconds))
     engine.block_manager.reset_prefix_cache()

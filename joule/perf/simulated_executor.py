@@ -36,6 +36,9 @@ class SimulatedExecutor:
     fixed_step_seconds: float | None = None  # overrides the step model (tests, what-ifs)
     record_plans: bool = False
     plans: list[list[PlannedSequence]] = field(default_factory=list)
+    # Set by the simulator when an arrival wakes an idle replica: its next step pays the profile's
+    # wake_overhead_s (cleared once a step runs).
+    after_idle: bool = False
 
     def __post_init__(self) -> None:
         if self.step_model is None and self.fixed_step_seconds is None:
@@ -57,9 +60,12 @@ class SimulatedExecutor:
             for sequence in plan.sequences
             if sequence.samples
         }
+        after_idle, self.after_idle = self.after_idle, False
         if self.fixed_step_seconds is not None:
             return StepResult(sampled=sampled, elapsed_seconds=self.fixed_step_seconds, energy_joules=0.0)
-        cost = self.step_model.predict_plan(plan)
+        finished = {sequence.request_id for sequence in plan.sequences
+                    if sequence.samples and finishes_with(sequence.request, sampled[sequence.request_id].token_id)}
+        cost = self.step_model.predict_plan(plan, finished, after_idle)
         return StepResult(sampled=sampled, elapsed_seconds=cost.elapsed_seconds, energy_joules=cost.energy_joules)
 
     def token_for(self, request_id: str, position: int) -> int:
@@ -70,3 +76,16 @@ class SimulatedExecutor:
         if token == self.eos_token_id:
             token = (token + 1) % self.vocab_size
         return token
+
+
+def finishes_with(request, token_id: int) -> bool:
+    """Whether sampling ``token_id`` finishes ``request`` (the scheduler's stop rule: EOS or a stop token
+    once past ``min_tokens``, else the length cap), so the step model can charge its release."""
+    params = request.sampling_params
+    produced = request.num_output_tokens + 1
+    if produced > params.min_tokens:
+        if not params.ignore_eos and token_id in request.eos_token_ids:
+            return True
+        if token_id in params.stop_token_ids:
+            return True
+    return produced >= request.max_tokens

@@ -212,6 +212,7 @@ class ClusterSimulator:
             replica.outstanding_tokens += len(request.prompt_token_ids) + request.max_tokens
             if not replica.busy:
                 replica.busy = True
+                replica.executor.after_idle = True  # its first step pays the wake-up (profile.wake_overhead_s)
                 heapq.heappush(steps, (timed.arrival_time, replica.index))
         return result
 

@@ -49,6 +49,59 @@ GPU_VALIDATION_SCENARIOS = (
 )
 
 
+def random_validation_grid(seed: int, gpu: bool) -> tuple[Scenario, ...]:
+    """A fresh grid of step compositions drawn from ``seed`` (numpy's generator, deterministic): 3 prefill
+    scenarios (one short, one long, several prompts), 4 decode batches and 2 mixed ones (decodes plus a
+    prompt arriving after 3 steps), sizes log-uniform over the ranges a serving run meets on the device.
+    A re-validation on a seed nobody fitted or tuned against checks the model honestly; compositions
+    equal to a calibration scenario's are drawn again."""
+    from joule.perf.measure import CALIBRATION_SCENARIOS, GPU_CALIBRATION_SCENARIOS
+
+    rng = np.random.default_rng(seed)
+    # (prefill short, prefill long, prompts in a multi-prefill, their length, decode batch, decode
+    # context, mixed decodes, mixed chunk); the CPU's KV cache (512 MiB for calibration) holds ~11k
+    # tokens of the default model, the GPU's a few 100k.
+    ranges = dict(short=(32, 600), long=(1000, 7000), many=(5, 14), many_len=(150, 600), batch=(2, 256),
+                  context=(64, 2500), mixed=(8, 192), chunk=(200, 3000), kv=150_000) if gpu else dict(
+                  short=(32, 300), long=(400, 1800), many=(2, 6), many_len=(40, 200), batch=(2, 64),
+                  context=(32, 700), mixed=(2, 32), chunk=(64, 700), kv=6_000)
+
+    def draw(name: str) -> int:
+        low, high = ranges[name]
+        return int(round(np.exp(rng.uniform(np.log(low), np.log(high)))))
+
+    taken = {(scenario.prompts, scenario.late_prompts)
+             for scenario in (GPU_CALIBRATION_SCENARIOS if gpu else CALIBRATION_SCENARIOS)}
+    scenarios: list[Scenario] = []
+
+    def add(make) -> None:
+        while True:
+            scenario = make()
+            if (scenario.prompts, scenario.late_prompts) not in taken:
+                taken.add((scenario.prompts, scenario.late_prompts))
+                scenarios.append(scenario)
+                return
+
+    def decode() -> Scenario:
+        batch = draw("batch")
+        context = min(draw("context"), max(16, ranges["kv"] // batch - 16))
+        return Scenario(f"decode {batch} @ {context}", (context,) * batch, 8)
+
+    def mixed() -> Scenario:
+        batch, chunk = draw("mixed"), draw("chunk")
+        context = min(draw("context"), max(16, (ranges["kv"] - chunk) // batch - 16))
+        return Scenario(f"mixed {batch} decodes @ {context} + {chunk}", (context,) * batch, 8, (chunk,), 3)
+
+    add(lambda: (lambda n: Scenario(f"prefill 1x{n}", (n,), 1))(draw("short")))
+    add(lambda: (lambda n: Scenario(f"prefill 1x{n}", (n,), 1))(draw("long")))
+    add(lambda: (lambda k, n: Scenario(f"prefill {k}x{n}", (n,) * k, 1))(draw("many"), draw("many_len")))
+    for _ in range(4):
+        add(decode)
+    for _ in range(2):
+        add(mixed)
+    return tuple(scenarios)
+
+
 @dataclass
 class StepCheck:
     scenario: str
@@ -157,6 +210,7 @@ def measure_run(engine, requests: list[TimedRequest]) -> dict:
     steps: list = []  # (batch shape, wall seconds) of every step, when the executor records shapes
     started = time.time()
     next_index = 0
+    idle = True  # the engine has had nothing to run since the last step (or ever): the next step wakes it
     while next_index < len(pending) or engine.has_unfinished_requests():
         now = time.time() - started
         while next_index < len(pending) and pending[next_index].arrival_time <= now:
@@ -169,12 +223,16 @@ def measure_run(engine, requests: list[TimedRequest]) -> dict:
             records[timed.request_id] = {"arrival": started + timed.arrival_time, "tokens": 0}
         if not engine.has_unfinished_requests():
             time.sleep(max(0.0, pending[next_index].arrival_time - (time.time() - started)))
+            idle = True
             continue
         step_started = time.perf_counter()
         outputs = engine.step()
-        shape = getattr(engine.core.executor, "last_shape", None)
+        elapsed = time.perf_counter() - step_started
+        executor = engine.core.executor
+        shape = executor.with_events(outputs, idle) if hasattr(executor, "with_events") else None
         if shape is not None and engine.core.last_step.num_sequences:
-            steps.append((shape, time.perf_counter() - step_started))
+            steps.append((shape, elapsed))
+            idle = False
         for output in outputs:
             record = records[output.request_id]
             produced = sum(len(completion.token_ids) for completion in output.outputs)

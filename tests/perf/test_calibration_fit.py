@@ -174,3 +174,47 @@ def test_merging_runs_keeps_the_fastest_of_each_measurement():
     assert [s.seconds for s in merged.steps] == [s.seconds for s in base.steps]
     with pytest.raises(ValueError, match="one hardware"):
         merge_measurements([base, dataclasses.replace(base, dtype="bfloat16")])
+
+
+def test_request_events_are_inferred_from_saved_step_sequences():
+    """Files saved before events were recorded: finishes from which sequences do not continue, idle at run starts."""
+    from joule.perf.measure import infer_step_events
+
+    first = BatchShape([SequenceWork(100, 0, True), SequenceWork(50, 0, True)])
+    second = BatchShape([SequenceWork(1, 100, True), SequenceWork(1, 50, True)])
+    third = BatchShape([SequenceWork(1, 101, True)])  # the 50-token request finished in the second step
+    other = BatchShape.prefill([30])
+    shapes = infer_step_events([first, second, third, other], ["a", "a", "a", "b"])
+    assert [s.num_finished for s in shapes] == [0, 1, 1, 1]
+    assert shapes[1].sequences[1].finishes and not shapes[1].sequences[0].finishes
+    assert [s.after_idle for s in shapes] == [True, False, False, True]
+    # Without run names (a serving run's steps): idle after a step that finished everything it carried.
+    shapes = infer_step_events([first, second, third, other])
+    assert [s.after_idle for s in shapes] == [True, False, False, True]
+
+
+def test_fit_recovers_request_event_costs_and_summed_eager_steps_on_a_gpu():
+    config = model_config()
+    measured = synthetic_measurements(config, StepModel(config, _true_profile(config)))
+    measured = dataclasses.replace(measured, hardware="H100", dtype="bfloat16", attention_backend="triton")
+    truth = base_profile(config, measured)
+    truth.host_overlaps_device = False  # eager steps: launches on top of the kernels
+    truth.step_overhead_s, truth.sequence_overhead_s, truth.chunk_layer_overhead_s = 5e-4, 2e-5, 1e-3
+    truth.finish_token_overhead_s, truth.wake_overhead_s = 2e-7, 1e-3
+    steps = []
+    for index, step in enumerate(measured.steps):
+        shape = step.shape
+        if shape.is_decode_only and index % 2:  # every other decode step finishes half its requests
+            half = len(shape.sequences) // 2 or 1
+            shape = dataclasses.replace(shape, sequences=[dataclasses.replace(s, finishes=i < half)
+                                                          for i, s in enumerate(shape.sequences)])
+        if not shape.is_decode_only and index % 2 == 0:
+            shape = dataclasses.replace(shape, after_idle=True)
+        seconds = StepModel(config, truth).predict(shape).elapsed_seconds
+        steps.append(StepSample("synthetic", shape, seconds, seconds - 5e-4))
+    fitted = fit_profile(config, dataclasses.replace(measured, steps=steps))
+    assert not fitted.host_overlaps_device  # the structure with the smaller calibration error
+    assert fitted.wake_overhead_s == pytest.approx(1e-3, rel=0.15)
+    assert fitted.finish_token_overhead_s == pytest.approx(2e-7, rel=0.25)
+    model = StepModel(config, fitted)
+    assert np.median([abs(model.predict(s.shape).elapsed_seconds / s.seconds - 1) for s in steps]) < 0.03

@@ -165,3 +165,35 @@ def test_kv_capacity_follows_memory_and_rejects_models_that_do_not_fit():
     blocks = ReplicaConfig.for_hardware("H100").kv_blocks(small)
     per_block = small.kv_cache_bytes_per_token(2) * 16
     assert blocks == int((80 * 2**30 * 0.9 - small.num_parameters * 2 - 2 * 2**30) // per_block)
+
+
+def test_simulator_charges_finishing_requests_and_the_wake_up_after_idle_time():
+    """Two requests 10 s apart, 2 output tokens each: each first step wakes an idle replica, each second
+    step finishes a request holding 11 KV tokens (10 prompt + 1 output)."""
+    import dataclasses
+
+    model = small_model()
+    spec = WorkloadSpec(2, rate=0.1, arrival="fixed", input_len=LengthDistribution("fixed", 10),
+                        output_len=LengthDistribution("fixed", 2))
+    requests = generate(spec, model.vocab_size)
+    plain = replica()
+    with_events = dataclasses.replace(plain, profile=dataclasses.replace(
+        plain.profile, wake_overhead_s=0.5, finish_overhead_s=0.01, finish_token_overhead_s=0.001))
+    before = ClusterSimulator(model, [plain]).run(requests).summary()
+    after = ClusterSimulator(model, [with_events]).run(requests).summary()
+    assert after["ttft_s"]["p50"] - before["ttft_s"]["p50"] == pytest.approx(0.5)
+    # e2e: the wake-up, then the finishing step's 10 ms + 11 tokens x 1 ms.
+    assert after["e2e_s"]["p50"] - before["e2e_s"]["p50"] == pytest.approx(0.5 + 0.01 + 0.011)
+
+
+def test_simulated_executor_knows_which_requests_a_step_finishes():
+    from joule.perf.simulated_executor import finishes_with
+
+    request = Request("r", [1, 2, 3], SamplingParams(max_tokens=3, min_tokens=1), max_tokens=3,
+                      eos_token_ids=frozenset({7}))
+    assert not finishes_with(request, 5)
+    assert not finishes_with(request, 7)  # EOS before min_tokens is banned
+    request.output_token_ids.append(5)
+    assert finishes_with(request, 7) and not finishes_with(request, 5)
+    request.output_token_ids.append(5)
+    assert finishes_with(request, 5)  # the length cap

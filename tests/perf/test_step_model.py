@@ -256,3 +256,37 @@ def test_catalog_and_profiles(tmp_path):
     path.write_text(json.dumps({**profile.to_dict(), "bogus": 1}))
     with pytest.raises(ValueError, match="bogus"):
         DeviceProfile.load(path)
+
+
+def test_request_events_cost_per_finished_request_and_token_and_after_idle():
+    """Finishing requests pay per request and per KV token they held; a step after idle time pays once."""
+    config = one_layer_config()
+    profile = flat_profile(finish_overhead_s=1e-4, finish_token_overhead_s=1e-6, wake_overhead_s=2e-3)
+    model = StepModel(config, profile)
+    steady = BatchShape([SequenceWork(1, 10, True), SequenceWork(1, 20, True), SequenceWork(1, 30, True)])
+    events = BatchShape([SequenceWork(1, 10, True, True), SequenceWork(1, 20, True, True), SequenceWork(1, 30, True)],
+                        after_idle=True)
+    assert events.num_finished == 2 and events.finished_tokens == 11 + 21
+    # 2 x 100 us + 32 tokens x 1 us + 2 ms = 2.232 ms more than the same step without events.
+    assert model.event_seconds(events) == pytest.approx(2 * 1e-4 + 32 * 1e-6 + 2e-3)
+    assert model.predict(events).elapsed_seconds - model.predict(steady).elapsed_seconds == pytest.approx(2.232e-3)
+    assert model.event_seconds(steady) == 0.0
+    # Profiles saved before the terms existed predict as before (the fields default to 0).
+    assert StepModel(config, flat_profile()).predict(events).elapsed_seconds == pytest.approx(
+        StepModel(config, flat_profile()).predict(steady).elapsed_seconds)
+
+
+def test_eager_gpu_steps_add_host_and_device_time_when_fitted_so():
+    """host_overlaps_device=False: an eager chunk step pays its per-layer host work on top of the kernels."""
+    config = one_layer_config()
+    shape = BatchShape.prefill([64] * 6)  # 6 chunks: eager (at most 4 are graphed)
+    overlapped = StepModel(config, flat_profile(chunk_layer_overhead_s=1e-3, host_overlaps_device=True,
+                                                chunk_graph_max_tokens=8192))
+    summed = StepModel(config, flat_profile(chunk_layer_overhead_s=1e-3, host_overlaps_device=False,
+                                            chunk_graph_max_tokens=8192))
+    assert summed.is_eager_chunk_step(shape)
+    device = sum(summed.predict(shape).seconds.values())
+    host = summed.host_layer_seconds(shape)
+    assert host == pytest.approx(1e-3)  # one layer
+    assert summed.predict(shape).elapsed_seconds == pytest.approx(device + host)
+    assert overlapped.predict(shape).elapsed_seconds == pytest.approx(max(device, host))
