@@ -78,3 +78,14 @@ def test_freezing_the_startup_heap_takes_live_objects_out_of_full_collections():
     finally:
         gc.unfreeze()
     assert id(alive[0]) in {id(item) for item in gc.get_objects()}
+
+
+def test_the_api_process_collector_raises_the_thresholds_and_restores_them():
+    import gc
+
+    from joule.server.cli import API_GC_THRESHOLDS, api_process_collector
+
+    before = gc.get_threshold()
+    with api_process_collector():
+        assert gc.get_threshold() == API_GC_THRESHOLDS and gc.get_freeze_count() > 0
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
