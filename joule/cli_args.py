@@ -28,6 +28,8 @@ _HELP = {
     "predicted peak KV use of the running set fits: Past-Future)",
     "fair_prompt_cap": "fair policy: most prompt tokens per step while a tenant with nothing waiting is about, so "
     "its next request waits behind a short step (lower: its latency, at the flooding tenants' throughput)",
+    "fair_split_decodes": "fair policy: meanwhile, run a flooding tenant's decodes half per step (shorter steps for "
+    "the protected tenant to wait behind, at the flooding tenant's time per output token)",
     "enable_chunked_prefill": "stall-free chunked prefill (default); --no-enable-chunked-prefill is the prefill-first "
     "baseline: whole prompts whenever one can be admitted, decodes wait (max_num_batched_tokens defaults to "
     "max_model_len or more)",

@@ -24,6 +24,7 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"
     admission_policy: str = "greedy"
     fair_prompt_cap: int = 512
+    fair_split_decodes: bool = False
     enable_chunked_prefill: bool = True
     enforce_eager: bool = False
 
@@ -36,6 +37,8 @@ class EngineConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if not isinstance(self.fair_split_decodes, bool):
+            raise ValueError(f"fair_split_decodes must be True or False, got {self.fair_split_decodes!r}.")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
         from joule.engine.policies import POLICIES

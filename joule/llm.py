@@ -43,6 +43,7 @@ class LLM:
         admission_policy: str = "greedy",
         enable_chunked_prefill: bool = True,
         fair_prompt_cap: int = 512,
+        fair_split_decodes: bool = False,
         **kwargs,
     ):
         unknown = sorted(set(kwargs) - _IGNORED_VLLM_OPTIONS)
@@ -68,6 +69,7 @@ class LLM:
             admission_policy=admission_policy,
             enable_chunked_prefill=enable_chunked_prefill,
             fair_prompt_cap=fair_prompt_cap,
+            fair_split_decodes=fair_split_decodes,
         )
         self.llm_engine = LLMEngine(config)
         self._request_counter = itertools.count()

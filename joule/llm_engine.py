@@ -111,6 +111,7 @@ class LLMEngine:
             admission=config.admission_policy,
             enable_chunked_prefill=config.enable_chunked_prefill,
             fair_prompt_cap=config.fair_prompt_cap,
+            fair_split_decodes=config.fair_split_decodes,
         )
         self.energy_meter = energy_meter if energy_meter is not None else select_energy_meter(self.device)
         self.energy_ledger = EnergyLedger(

@@ -11,6 +11,7 @@ Writes OUT/probe.json (TTFTs, the server's pauses) and OUT/pyspy-*.txt (collapse
 from __future__ import annotations
 
 import argparse
+import gzip
 import importlib.util
 import json
 import shlex
@@ -112,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     ratio = results["fair"]["light_p99_ttft_ms"] / results["solo"]["light_p99_ttft_ms"]
     results["p99_ttft_vs_solo"] = ratio
     (out / "probe.json").write_text(json.dumps(results, indent=2))
+    request_log = out / "requests.jsonl"
+    if request_log.exists():  # one file, compressed: a device call returns few files
+        with request_log.open("rb") as source, gzip.open(out / "requests.jsonl.gz", "wb") as target:
+            shutil.copyfileobj(source, target)
+        request_log.unlink()
     stacks = out / "pyspy-flooded.txt"
     if stacks.exists():
         print("\nhottest frames (inclusive samples) while flooded:")

@@ -277,9 +277,9 @@ POLICIES = {
 }
 
 
-def make_policy(name: str, fair_prompt_cap: int = 512) -> SchedulingPolicy:
+def make_policy(name: str, fair_prompt_cap: int = 512, fair_split_decodes: bool = False) -> SchedulingPolicy:
     if name not in POLICIES:
         raise ValueError(f"scheduling policy must be one of {', '.join(POLICIES)}, got {name!r}.")
     if name == "fair":
-        return VirtualTokenCounterFairness(protected_prompt_tokens=fair_prompt_cap)
+        return VirtualTokenCounterFairness(protected_prompt_tokens=fair_prompt_cap, split_decodes=fair_split_decodes)
     return POLICIES[name]()

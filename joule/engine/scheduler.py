@@ -44,6 +44,7 @@ class SchedulerConfig:
     admission: str = "greedy"
     enable_chunked_prefill: bool = True
     fair_prompt_cap: int = 512  # the fair policy's prompt tokens per step while it protects a tenant
+    fair_split_decodes: bool = False  # the fair policy runs flooding tenants' decodes half per step meanwhile
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "fair_prompt_cap"):
@@ -73,7 +74,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
-        self.policy = make_policy(config.policy, fair_prompt_cap=config.fair_prompt_cap)
+        self.policy = make_policy(config.policy, fair_prompt_cap=config.fair_prompt_cap,
+                                  fair_split_decodes=config.fair_split_decodes)
         self.admission = make_admission_policy(
             config.admission, block_manager.num_blocks, block_manager.block_size, config.max_model_len
         )

@@ -54,6 +54,7 @@ class ReplicaConfig:
     admission_policy: str = "greedy"
     enable_chunked_prefill: bool = True  # False: the prefill-first baseline
     fair_prompt_cap: int = 512  # the fair policy's prompt tokens per step while it protects a tenant
+    fair_split_decodes: bool = False  # ... and runs the flooding tenants' decodes half per step
 
     @classmethod
     def for_hardware(cls, name: str, profile_path=None, dtype: str | None = None, calibrated: bool = True,
@@ -112,7 +113,7 @@ class _Replica:
         scheduler_config = SchedulerConfig(
             config.max_num_seqs, config.max_num_batched_tokens, max_model_len, policy=config.scheduling_policy,
             admission=config.admission_policy, enable_chunked_prefill=config.enable_chunked_prefill,
-            fair_prompt_cap=config.fair_prompt_cap,
+            fair_prompt_cap=config.fair_prompt_cap, fair_split_decodes=config.fair_split_decodes,
         )
         self.executor = SimulatedExecutor(
             StepModel(model, config.profile), model.vocab_size, eos_token_id, eos_probability,

@@ -353,5 +353,20 @@ def test_the_fair_prompt_cap_is_an_engine_option_and_must_be_positive():
     engine = EngineCore(SchedulerConfig(policy="fair", fair_prompt_cap=128), KVBlockManager(64, 4),
                         TokenPerRequestExecutor())
     assert engine.scheduler.policy.protected_prompt_tokens == 128
+    assert not engine.scheduler.policy.split_decodes  # off unless asked for
     with pytest.raises(ValueError, match="fair_prompt_cap"):
         EngineConfig(fair_prompt_cap=0)
+
+
+def test_decode_halving_is_an_engine_option_down_to_the_policy():
+    from joule.cli import _build_parser
+    from joule.cli_args import engine_config_from_args
+    from joule.config import EngineConfig
+
+    engine = EngineCore(SchedulerConfig(policy="fair", fair_split_decodes=True), KVBlockManager(64, 4),
+                        TokenPerRequestExecutor())
+    assert engine.scheduler.policy.split_decodes
+    args = _build_parser().parse_args(["serve", "--scheduling-policy", "fair", "--fair-split-decodes"])
+    assert engine_config_from_args(args).fair_split_decodes is True
+    with pytest.raises(ValueError, match="fair_split_decodes"):
+        EngineConfig(fair_split_decodes="yes")
