@@ -2,15 +2,19 @@
 
 The event loop never runs a model step. Handlers send commands (add, abort) to the engine loop
 (``joule.server.engine_loop``), which runs on a thread or in its own process
-(``joule.server.engine_channels``) and answers each loop turn with one report. A reader thread here
-applies the report (Prometheus metrics, the abuse guard's bills) and hands its outputs to the event
-loop in one ``call_soon_threadsafe`` call, which routes them to the per-HTTP-request
-``GenerationStream`` queues. Only the engine loop touches the LLMEngine, so the engine needs no locks.
+(``joule.server.engine_channels``) and answers each loop turn with one report. A report is applied
+(Prometheus metrics, the abuse guard's bills) and its outputs routed to the per-HTTP-request
+``GenerationStream`` queues. From an engine process, reports are read on the event loop itself when
+their pipe is readable: a reader thread would have to win the interpreter lock from a busy event loop
+for every report (up to a 5 ms switch interval each time) and hand the outputs back across threads.
+From an engine thread, a reader thread applies them and hands the outputs over in one
+``call_soon_threadsafe`` call. Only the engine loop touches the LLMEngine, so it needs no locks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -154,6 +158,8 @@ class AsyncEngine:
         self._pending_adds = 0  # touched on the event loop only
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: threading.Thread | None = None
+        self._reports_fd: int | None = None  # the pipe the event loop reads reports from, if it does
+        self._started = False
         self._stopping = threading.Event()
         self._closed = threading.Event()
 
@@ -161,12 +167,21 @@ class AsyncEngine:
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._loop = loop or asyncio.get_running_loop()
         self.channel.start()
+        self._started = True
+        fileno = getattr(self.channel, "reports_fileno", None)
+        if fileno is not None:
+            self._reports_fd = fileno()
+            self._loop.add_reader(self._reports_fd, self._read_ready_reports)
+            # uvloop (libuv) makes a polled descriptor non-blocking; a report is read whole once its
+            # first bytes arrive, so the rest must be waited for, not failed with EAGAIN.
+            os.set_blocking(self._reports_fd, True)
+            return
         self._reader = threading.Thread(target=self._read_reports, name="joule-engine-reports", daemon=True)
         self._reader.start()
 
     @property
     def is_running(self) -> bool:
-        return (self._reader is not None and not self._closed.is_set() and not self._stopping.is_set()
+        return (self._started and not self._closed.is_set() and not self._stopping.is_set()
                 and self.channel.is_alive())
 
     @property
@@ -179,6 +194,8 @@ class AsyncEngine:
         self.channel.send(StopCommand())
         if self._reader is not None:
             self._reader.join(timeout)
+        elif self._reports_fd is not None:
+            self._closed.wait(timeout)  # the event loop reads the last report (this runs off the loop)
         self.channel.join(timeout)
 
     # -- called on the event loop ------------------------------------------------------------
@@ -241,7 +258,33 @@ class AsyncEngine:
         for stream, index, item in deliveries:
             stream._push(index, item)
 
-    # -- the reader thread -------------------------------------------------------------------
+    # -- reports read on the event loop (an engine process) ------------------------------------
+    def _read_ready_reports(self) -> None:
+        """Apply every report waiting in the pipe; the last one (or the pipe's end) stops the reading."""
+        ended = False
+        try:
+            while self.channel.poll():
+                report = self.channel.receive()
+                self._apply_logged(report)
+                if report.closed:
+                    self._fail_everything(EngineStoppedError("the server is shutting down"))
+                    ended = True
+                    break
+        except (EOFError, OSError):
+            logger.error("the engine process has exited; failing the %d requests in flight", len(self._routes))
+            self._fail_everything(EngineStepError("the engine process exited"))
+            ended = True
+        if ended:
+            self._loop.remove_reader(self._reports_fd)
+            self._closed.set()
+
+    def _apply_logged(self, report: EngineReport) -> None:
+        try:
+            self._apply(report)
+        except Exception:  # a bug here must not stop the reports of later steps
+            logger.exception("could not apply an engine report")
+
+    # -- the reader thread (an engine thread) --------------------------------------------------
     def _read_reports(self) -> None:
         while True:
             try:
@@ -250,10 +293,7 @@ class AsyncEngine:
                 logger.error("the engine process has exited; failing the %d requests in flight", len(self._routes))
                 self._fail_everything(EngineStepError("the engine process exited"))
                 break
-            try:
-                self._apply(report)
-            except Exception:  # a bug here must not stop the reports of later steps
-                logger.exception("could not apply an engine report")
+            self._apply_logged(report)
             if report.closed:
                 self._fail_everything(EngineStoppedError("the server is shutting down"))
                 break
@@ -274,7 +314,7 @@ class AsyncEngine:
         if settled or first_tokens or later_tokens or failures:
             # First tokens go out first: a loaded event loop delays one more token of a running stream,
             # not a new request's time to first token.
-            self._loop.call_soon_threadsafe(self._dispatch, settled, first_tokens + later_tokens + failures)
+            self._hand_over(settled, first_tokens + later_tokens + failures)
 
     def _route_outputs(self, outputs: list[RequestOutput]):
         now = time.time()
@@ -330,6 +370,13 @@ class AsyncEngine:
         deliveries = [(route.stream, route.index, error) for route in self._routes.values()]
         self._routes.clear()
         if (settled or deliveries) and self._loop is not None and not self._loop.is_closed():
+            self._hand_over(settled, deliveries)
+
+    def _hand_over(self, settled: list, deliveries: list) -> None:
+        """To the event loop: directly when reports are read there, else from the reader thread."""
+        if self._reports_fd is not None:
+            self._dispatch(settled, deliveries)
+        else:
             self._loop.call_soon_threadsafe(self._dispatch, settled, deliveries)
 
     def _publish_stats(self, report: EngineReport) -> None:
