@@ -16,7 +16,7 @@ from joule.server.abuse_guard import AbuseGuard, AbuseGuardConfig
 from joule.server.async_engine import AsyncEngine
 from joule.server.errors import APIError, install_error_handlers
 from joule.server.metrics import ServerMetrics
-from joule.server.pause_monitor import EventLoopLagMonitor, GcPauseRecorder
+from joule.server.pause_monitor import EventLoopLagMonitor, GcPauseRecorder, IdleCollector
 from joule.server.request_log import RequestLog
 from joule.server.protocol import (
     ChatCompletionRequest,
@@ -107,7 +107,8 @@ def build_app(engine, config: ServerConfig, clock: Callable[[], float] = time.mo
         # In thread mode the engine shares this process, so its collections are counted as the API's.
         gc_pauses = GcPauseRecorder().install()
         monitor = EventLoopLagMonitor(metrics.on_event_loop_lag, gc_pauses=gc_pauses,
-                                      observe_gc=lambda pauses: metrics.on_gc_pauses("api", pauses))
+                                      observe_gc=lambda pauses: metrics.on_gc_pauses("api", pauses),
+                                      idle_collector=IdleCollector(lambda: async_engine.num_in_flight == 0))
         async_engine.start(asyncio.get_running_loop())
         monitor.start()
         try:

@@ -185,6 +185,11 @@ class AsyncEngine:
                 and self.channel.is_alive())
 
     @property
+    def num_in_flight(self) -> int:
+        """Engine requests sent and not yet ended (waiting for acceptance, queued or running)."""
+        return len(self._accepting) + len(self._routes)
+
+    @property
     def stats(self) -> EngineStats:
         return self._stats
 

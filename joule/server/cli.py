@@ -112,14 +112,13 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
-# The API process's collector: a young collection once 50,000 more container objects are alive than
-# freed (CPython's default is 700). Nearly everything the API side allocates (outputs, chunks, request
-# state) dies by reference counting, so collections find little; but with the default, each waiting or
-# streaming request's coroutines were promoted into the old generation, and its full collections walked
-# them all: ~160 ms pauses, 13 in a 30 s flood on the H200 (2.1 s in all, every one finding no garbage),
-# which were the light tenant's TTFT tail. Now a flood's collections are few, young-generation only and
-# ~30 ms even on the 2-core VM.
-API_GC_THRESHOLDS = (50_000, 20, 100)
+# The API process's collector: a collection only once a million more container objects are alive than
+# freed (CPython's default is 700); the cyclic garbage of finished requests is swept while nothing is in
+# flight instead (``IdleCollector``). Nearly everything the API side allocates dies by reference counting,
+# so collections find little, yet each one walks every waiting or streaming request's coroutines: with
+# the default, ~160 ms full collections, 13 in a 30 s flood on the H200, set the light tenant's TTFT tail;
+# with a 50,000 threshold, 5-6 young collections of 45-60 ms each still did (H200, 2026-12-04).
+API_GC_THRESHOLDS = (1_000_000, 20, 100)
 
 
 @contextlib.contextmanager

@@ -49,21 +49,48 @@ class GcPauseRecorder:
         return pauses
 
 
+class IdleCollector:
+    """A full collection while nothing is in flight, when enough has been allocated since the last one.
+
+    The API process raises the collector's threshold so far (``joule.server.cli``) that a busy server
+    rarely collects by itself; cyclic garbage of finished requests is swept here instead, when a pause
+    costs nobody anything.
+    """
+
+    def __init__(self, idle: Callable[[], bool], min_new_objects: int = 10_000, min_interval: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self._idle = idle
+        self._min_new_objects = min_new_objects
+        self._min_interval = min_interval
+        self._clock = clock
+        self._last = clock()
+
+    def maybe_collect(self) -> bool:
+        now = self._clock()
+        if now - self._last < self._min_interval or gc.get_count()[0] < self._min_new_objects or not self._idle():
+            return False
+        self._last = now
+        gc.collect()
+        return True
+
+
 class EventLoopLagMonitor:
     """Sleeps ``interval`` seconds at a time and reports how late each wake-up came (the loop's lag).
 
     Each tick also passes the API process's collector pauses on, so they reach /metrics without a
-    scrape having to happen first.
+    scrape having to happen first, and gives the idle collector its chance.
     """
 
     def __init__(self, observe_lag: Callable[[float], None], interval: float = 0.01,
-                 gc_pauses: GcPauseRecorder | None = None, observe_gc: Callable[[list[GcPause]], None] | None = None):
+                 gc_pauses: GcPauseRecorder | None = None, observe_gc: Callable[[list[GcPause]], None] | None = None,
+                 idle_collector: IdleCollector | None = None):
         if interval <= 0:
             raise ValueError(f"interval must be positive, got {interval}.")
         self._observe_lag = observe_lag
         self._interval = interval
         self._gc_pauses = gc_pauses
         self._observe_gc = observe_gc
+        self._idle_collector = idle_collector
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -86,6 +113,8 @@ class EventLoopLagMonitor:
             started = loop.time()
             await asyncio.sleep(self._interval)
             self._observe_lag(max(0.0, loop.time() - started - self._interval))
+            if self._idle_collector is not None:
+                self._idle_collector.maybe_collect()
             self._flush_gc()
 
     def _flush_gc(self) -> None:

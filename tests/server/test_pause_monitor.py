@@ -115,3 +115,22 @@ def test_the_engine_loop_drains_its_recorder_into_every_report():
     loop = EngineLoop(_Idle(), receive=lambda timeout: None, send=lambda report: None, gc_pauses=recorder)
     assert loop._report(EngineReport()).gc_pauses == [(2, 0.09)]
     assert loop._report(EngineReport()).gc_pauses == []
+
+
+def test_the_idle_collector_collects_only_when_idle_after_its_interval_and_enough_allocations():
+    from joule.server.pause_monitor import IdleCollector
+
+    now = [100.0]
+    idle = [False]
+    collector = IdleCollector(lambda: idle[0], min_new_objects=0, min_interval=1.0, clock=lambda: now[0])
+    now[0] += 2.0
+    assert not collector.maybe_collect()  # requests in flight: no pause for them
+    idle[0] = True
+    assert collector.maybe_collect()
+    assert not collector.maybe_collect()  # within the interval of the last one
+    now[0] += 1.5
+    assert collector.maybe_collect()
+    now[0] += 5.0
+    quiet = IdleCollector(lambda: True, min_new_objects=10**12, clock=lambda: now[0])
+    now[0] += 5.0
+    assert not quiet.maybe_collect()  # too little allocated since the last collection to bother
