@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from joule.engine.policies import DEFAULT_FAIR_PROMPT_CAP
+
 
 @dataclass
 class EngineConfig:
@@ -23,7 +25,7 @@ class EngineConfig:
     tokenizer: str | None = None
     scheduling_policy: str = "fcfs"
     admission_policy: str = "greedy"
-    fair_prompt_cap: int = 512
+    fair_prompt_cap: int = DEFAULT_FAIR_PROMPT_CAP
     fair_split_decodes: bool = False
     enable_chunked_prefill: bool = True
     enforce_eager: bool = False

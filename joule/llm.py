@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from tqdm.auto import tqdm
 
 from joule.config import EngineConfig
+from joule.engine.policies import DEFAULT_FAIR_PROMPT_CAP
 from joule.logger import get_logger
 from joule.llm_engine import LLMEngine, PromptType
 from joule.outputs import RequestMetrics, RequestOutput
@@ -42,7 +43,7 @@ class LLM:
         scheduling_policy: str = "fcfs",
         admission_policy: str = "greedy",
         enable_chunked_prefill: bool = True,
-        fair_prompt_cap: int = 512,
+        fair_prompt_cap: int = DEFAULT_FAIR_PROMPT_CAP,
         fair_split_decodes: bool = False,
         **kwargs,
     ):

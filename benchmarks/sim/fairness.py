@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 
+from joule.engine.policies import DEFAULT_FAIR_PROMPT_CAP
 from joule.bench.workload import SyntheticRequest
 from joule.model.config import ModelConfig
 from joule.perf.arrivals import TimedRequest
@@ -50,7 +51,7 @@ class TenantSimulator(ClusterSimulator):
 
 
 def light_ttft(policy: str, heavy_rate: float, budget: int, profile: str | None,
-               fair_prompt_cap: int = 512) -> tuple[float, float, int]:
+               fair_prompt_cap: int = DEFAULT_FAIR_PROMPT_CAP) -> tuple[float, float, int]:
     replica = ReplicaConfig.for_hardware("H100", profile_path=profile)
     replica.scheduling_policy = policy
     replica.fair_prompt_cap = fair_prompt_cap
@@ -65,7 +66,7 @@ def main() -> None:
     heavy_rate = float(sys.argv[1]) if len(sys.argv) > 1 else 150.0
     budgets = [int(value) for value in sys.argv[2].split(",")] if len(sys.argv) > 2 else [2048, 8192]
     profile = sys.argv[3] if len(sys.argv) > 3 else None
-    fair_prompt_cap = int(sys.argv[4]) if len(sys.argv) > 4 else 512
+    fair_prompt_cap = int(sys.argv[4]) if len(sys.argv) > 4 else DEFAULT_FAIR_PROMPT_CAP
     for budget in budgets:
         solo_p99, _, _ = light_ttft("fcfs", 0.0, budget, profile)
         for policy, heavy in (("fcfs", 0.0), ("fcfs", heavy_rate), ("fair", heavy_rate)):

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from joule.engine.admission import ADMISSION_POLICIES, make_admission_policy
 from joule.engine.kv_blocks import KVBlockManager
 from joule.engine.plan import ScheduledSequence, StepPlan, StepResult
-from joule.engine.policies import POLICIES, make_policy
+from joule.engine.policies import DEFAULT_FAIR_PROMPT_CAP, POLICIES, make_policy
 from joule.engine.request import Request, RequestStatus
 from joule.engine.step_time import StepTimeEstimator
 
@@ -43,7 +43,7 @@ class SchedulerConfig:
     policy: str = "fcfs"
     admission: str = "greedy"
     enable_chunked_prefill: bool = True
-    fair_prompt_cap: int = 512  # the fair policy's prompt tokens per step while it protects a tenant
+    fair_prompt_cap: int = DEFAULT_FAIR_PROMPT_CAP  # the fair policy's prompt tokens per step while it protects a tenant
     fair_split_decodes: bool = False  # the fair policy runs flooding tenants' decodes half per step meanwhile
 
     def __post_init__(self) -> None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from joule.engine.core import EngineCore
 from joule.engine.kv_blocks import KVBlockManager
 from joule.engine.request import Request, RequestSLO
+from joule.engine.policies import DEFAULT_FAIR_PROMPT_CAP
 from joule.engine.scheduler import SchedulerConfig
 from joule.model.config import ModelConfig
 from joule.perf.arrivals import TimedRequest
@@ -53,7 +54,7 @@ class ReplicaConfig:
     scheduling_policy: str = "fcfs"
     admission_policy: str = "greedy"
     enable_chunked_prefill: bool = True  # False: the prefill-first baseline
-    fair_prompt_cap: int = 512  # the fair policy's prompt tokens per step while it protects a tenant
+    fair_prompt_cap: int = DEFAULT_FAIR_PROMPT_CAP  # the fair policy's prompt tokens per step while it protects a tenant
     fair_split_decodes: bool = False  # ... and runs the flooding tenants' decodes half per step
 
     @classmethod
