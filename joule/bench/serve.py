@@ -31,7 +31,8 @@ from dataclasses import asdict, dataclass, field, replace
 from joule.bench.serve_client import (
     first_model,
     request_payload,
-    scrape_energy,
+    parse_server_counters,
+    scrape_metrics,
     send_request,
     token_counter,
 )
@@ -53,6 +54,7 @@ from joule.bench.serve_workload import (
     read_sharegpt,
     word_count,
 )
+from joule.bench.server_pauses import format_pauses, summarize_pauses
 from joule.bench.workload import ARRIVAL_KINDS, LengthDistribution
 from joule.perf.metrics import SLO
 
@@ -98,6 +100,7 @@ class RunResult:
     results: list[RequestResult]
     server_energy: dict | None
     errors: list[str]
+    server_pauses: dict = field(default_factory=dict)  # a Joule server's GC pauses and loop lag in the run
 
     def to_dict(self) -> dict:
         return {
@@ -106,6 +109,7 @@ class RunResult:
             "vllm_keys": self.metrics.to_vllm_keys(),
             "tenants": {name: metrics.to_dict() for name, metrics in self.tenant_metrics.items()},
             "server_energy": self.server_energy,
+            "server_pauses": self.server_pauses,
             "errors": self.errors,
             "requests": [
                 {"tenant": r.tenant, "success": r.success, "prompt_len": r.prompt_len, "output_tokens": r.output_tokens,
@@ -217,7 +221,7 @@ def config_from_args(args: argparse.Namespace) -> ServeBenchConfig:
 async def _run_one(session, config: ServeBenchConfig, url: str, headers: dict, model: str,
                    planned: list[PlannedRequest], rate: float) -> RunResult:
     base_url = config.base_url.rstrip("/")
-    energy_before = await scrape_energy(session, base_url, headers)
+    energy_before, pauses_before = parse_server_counters(await scrape_metrics(session, base_url, headers))
     limit = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else None
     sends_slo = config.sends_slo
 
@@ -235,7 +239,7 @@ async def _run_one(session, config: ServeBenchConfig, url: str, headers: dict, m
     start = time.perf_counter()
     results = list(await asyncio.gather(*(scheduled(request) for request in planned)))
     duration = time.perf_counter() - start
-    energy_after = await scrape_energy(session, base_url, headers)
+    energy_after, pauses_after = parse_server_counters(await scrape_metrics(session, base_url, headers))
     server_energy = None
     if energy_before is not None and energy_after is not None:
         server_energy = {"before": energy_before, "after": energy_after, "delta_joules":
@@ -245,7 +249,7 @@ async def _run_one(session, config: ServeBenchConfig, url: str, headers: dict, m
                       for name in tenants}
     errors = sorted({result.error for result in results if not result.success})[:5]
     return RunResult(rate, compute_metrics(results, duration, config.percentiles), tenant_metrics, results,
-                     server_energy, errors)
+                     server_energy, errors, summarize_pauses(pauses_before, pauses_after, duration))
 
 
 async def run_sweep_async(config: ServeBenchConfig, progress=None) -> SweepReport:
@@ -320,6 +324,8 @@ def run_serve_bench(args: argparse.Namespace) -> int:
     report = run_sweep(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
     for run in report.runs:
         print(format_table(run.metrics, run.rate, config.max_concurrency))
+        if run.server_pauses:
+            print(f"server pauses: {format_pauses(run.server_pauses)}")
         for error in run.errors:
             print(f"error: {error}", file=sys.stderr)
     for path in write_report(report, args.output_json, args.plot_dir):

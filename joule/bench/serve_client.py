@@ -109,15 +109,27 @@ def parse_energy_metrics(text: str) -> dict | None:
     return {"energy_joules_total": joules, "average_power_watts": watts}
 
 
-async def scrape_energy(session, base_url: str, headers: dict) -> dict | None:
-    """/metrics energy counters, or None where the server has no /metrics or no energy counter."""
+async def scrape_metrics(session, base_url: str, headers: dict) -> str | None:
+    """The server's /metrics text, or None where it has none."""
     try:
         async with session.get(base_url + "/metrics", headers=headers) as response:
             if response.status != 200:
                 return None
-            return parse_energy_metrics(await response.text())
-    except Exception:  # a server without /metrics (or an unparsable one) simply has no counters to report
+            return await response.text()
+    except Exception:  # a server without /metrics simply has no counters to report
         return None
+
+
+def parse_server_counters(text: str | None) -> tuple[dict | None, dict]:
+    """(energy counters or None, pause counters) from a /metrics text; an unparsable one has neither."""
+    from joule.bench.server_pauses import parse_pause_counters
+
+    if text is None:
+        return None, {}
+    try:
+        return parse_energy_metrics(text), parse_pause_counters(text)
+    except Exception:  # not Prometheus text after all
+        return None, {}
 
 
 async def token_counter(session, base_url: str, headers: dict, model: str):

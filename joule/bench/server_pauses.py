@@ -55,8 +55,8 @@ def _histogram(delta: Counters, name: str, labels: dict[str, str]) -> dict:
 def summarize_pauses(before: Counters, after: Counters, wall_seconds: float) -> dict:
     """Pauses that fell between the two scrapes: event-loop lag and collections per process/generation,
     each as a count, total seconds and counts over 10/25/50/100 ms; the API process's CPU share."""
-    if not after:
-        return {}
+    if not any(name.startswith("joule:") for name, _ in after):
+        return {}  # not a Joule server (vLLM's /metrics has process_cpu_seconds too)
     delta = {key: value - before.get(key, 0.0) for key, value in after.items()}
     summary: dict = {"event_loop_lag": _histogram(delta, "joule:event_loop_lag_seconds", {})}
     collections = sorted({dict(labels).get("process", "") + "/" + dict(labels).get("generation", "")

@@ -131,6 +131,7 @@ def test_a_sweep_with_tenants_slos_and_plots_against_a_live_server(live_server, 
     assert run_serve_bench(args) == 0
     printed = capsys.readouterr().out
     assert "Serving Benchmark Result" in printed and printed.rstrip().splitlines()[-1].startswith("(latencies")
+    assert printed.count("server pauses: loop lag >25ms") == 2  # a Joule server: its pauses during each run
     report = json.loads(output.read_text())
     assert report["config"]["model"] == "tiny" and report["config"]["send_slo"] is True
     assert [run["request_rate"] for run in report["runs"]] == ["20", "inf"]
@@ -146,6 +147,7 @@ def test_a_sweep_with_tenants_slos_and_plots_against_a_live_server(live_server, 
         assert metrics["requests_with_energy"] == metrics["completed"] and metrics["joules_per_output_token"] > 0
         assert metrics["energy_source"] == "estimated"
         assert run["server_energy"]["delta_joules"] > 0
+        assert run["server_pauses"]["event_loop_lag"]["count"] > 0 and run["server_pauses"]["api_cpu_share"] > 0
         assert {r["tenant"] for r in run["requests"]} == {"light", "heavy"}
     assert len(list((tmp_path / "plots").glob("*.png"))) == 4
 

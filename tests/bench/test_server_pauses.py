@@ -31,3 +31,8 @@ def test_only_the_pauses_between_the_two_scrapes_are_summarized():
 
 def test_a_server_without_the_metrics_gives_an_empty_summary():
     assert summarize_pauses({}, {}, 1.0) == {} and format_pauses({}) == "no pause metrics"
+
+
+def test_another_servers_metrics_are_not_read_as_pauses():
+    vllm_like = "# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total 12.5\n"
+    assert summarize_pauses({}, parse_pause_counters(vllm_like), 1.0) == {}
