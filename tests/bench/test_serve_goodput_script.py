@@ -34,10 +34,13 @@ def test_the_gpu_script_runs_at_tiny_scale(tiny_model_dir, tmp_path, capsys):  #
     assert goodput["calm_p50_tpot_ms"] > 0 and goodput["calm_p50_ttft_ms"] > 0
     for row in goodput["by_factor"]:
         assert set(row["max_goodput"]) == {"chunked", "prefill-first", "chunked+deadline"}
-        assert all(value > 0 for value in row["max_goodput"].values())  # light load: SLOs are met
-        assert row["ratio_vs_prefill_first"]["chunked"] == pytest.approx(
-            row["max_goodput"]["chunked"] / row["max_goodput"]["prefill-first"])
+        if row["max_goodput"]["prefill-first"] > 0:
+            assert row["ratio_vs_prefill_first"]["chunked"] == pytest.approx(
+                row["max_goodput"]["chunked"] / row["max_goodput"]["prefill-first"])
     tighter, looser = goodput["by_factor"][0], goodput["by_factor"][-1]
+    # light load: the loosest SLOs (10x the calm TPOT) are met by every schedule; the tightest (3x) can be missed
+    # on a shared 2-core machine (a CI run saw the deadline server's TPOT at 2x its usual)
+    assert all(value > 0 for value in looser["max_goodput"].values())
     assert tighter["tpot_slo_ms"] < looser["tpot_slo_ms"]
     assert all(tighter["max_goodput"][name] <= looser["max_goodput"][name] for name in tighter["max_goodput"])
     tbt = results["goodput_tbt"]  # TTFT + each request's largest gap between tokens, no TPOT
