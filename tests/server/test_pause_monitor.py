@@ -8,6 +8,8 @@ import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from helpers.silent_channel import SilentChannel
+
 from joule.server.async_engine import AsyncEngine
 from joule.server.engine_loop import EngineReport
 from joule.server.metrics import ServerMetrics
@@ -74,24 +76,10 @@ def test_metrics_count_pauses_per_process_and_generation():
     assert _samples(metrics, "joule:event_loop_lag_seconds_sum")[(("model_name", "m"),)] == 0.03
 
 
-class _SilentChannel:
-    info = None
-
-    def start(self): ...
-
-    def send(self, command): ...
-
-    def receive(self): ...
-
-    def is_alive(self):
-        return True
-
-    def join(self, timeout): ...
-
 
 def test_the_engine_process_pauses_in_a_report_are_counted_as_the_engines():
     metrics = ServerMetrics("m")
-    engine = AsyncEngine(_SilentChannel(), metrics=metrics)
+    engine = AsyncEngine(SilentChannel(), metrics=metrics)
     engine._apply(EngineReport(gc_pauses=[(1, 0.003), (2, 0.15)]))
     sums = _samples(metrics, "joule:gc_pause_seconds_sum")
     assert sums[(("generation", "2"), ("model_name", "m"), ("process", "engine"))] == 0.15

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+from helpers.silent_channel import SilentChannel
+
 from joule.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, merge_delta_outputs
 from joule.server.async_engine import AsyncEngine, GenerationStream
 
@@ -73,22 +75,6 @@ def test_an_error_after_queued_outputs_still_ends_the_stream():
     assert asyncio.run(consume()) == "step failed" and seen == ["a"]
 
 
-class _SilentChannel:
-    """An engine channel that is never started: the test hands the engine's report over by hand."""
-
-    info = None
-
-    def start(self): ...
-
-    def send(self, command): ...
-
-    def receive(self): ...
-
-    def is_alive(self):
-        return True
-
-    def join(self, timeout): ...
-
 
 class _CapturingLoop:
     def __init__(self):
@@ -103,7 +89,7 @@ def test_first_tokens_are_delivered_before_later_tokens_of_running_streams():
     from joule.server.engine_loop import EngineReport
 
     running, new = _delta("running", "b", [2]), _delta("new", "a", [1])
-    engine = AsyncEngine(_SilentChannel())
+    engine = AsyncEngine(SilentChannel())
     engine._loop = _CapturingLoop()
     stream = GenerationStream(engine, ["x"])
     engine._routes["running"] = _Route(stream, 0, generated_tokens=1)  # it had a token already
