@@ -13,8 +13,8 @@ import sys
 
 import numpy as np
 
-from joule.engine.policies import DEFAULT_FAIR_PROMPT_CAP
 from joule.bench.workload import SyntheticRequest
+from joule.engine.policies import DEFAULT_FAIR_PROMPT_CAP
 from joule.model.config import ModelConfig
 from joule.perf.arrivals import TimedRequest
 from joule.perf.simulator import ClusterSimulator, ReplicaConfig

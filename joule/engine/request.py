@@ -92,6 +92,23 @@ class Request:
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
 
+    def stop_after(self, token_id: int, num_output_tokens: int,
+                   max_model_len: int | None = None) -> tuple[RequestStatus, int | None] | None:
+        """The stop rule: what sampling ``token_id`` as output number ``num_output_tokens`` does, as
+        (finished status, stop reason), or None when the request goes on. EOS or a stop token ends it once
+        past ``min_tokens`` (the sampler bans them before), else the length cap or ``max_model_len``.
+        Shared by the scheduler and the simulator's executor, which predicts finishes to charge them."""
+        params = self.sampling_params
+        if num_output_tokens > params.min_tokens:
+            if not params.ignore_eos and token_id in self.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED, None
+            if token_id in params.stop_token_ids:
+                return RequestStatus.FINISHED_STOPPED, token_id
+        if num_output_tokens >= self.max_tokens or (
+                max_model_len is not None and self.num_prompt_tokens + num_output_tokens >= max_model_len):
+            return RequestStatus.FINISHED_LENGTH, None
+        return None
+
     def token_id_at(self, position: int) -> int:
         prompt_length = len(self.prompt_token_ids)
         if position < prompt_length:

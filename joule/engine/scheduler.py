@@ -363,17 +363,11 @@ class Scheduler:
         return progressed
 
     def _check_stop(self, request: Request, token_id: int) -> None:
-        params = request.sampling_params
-        if request.num_output_tokens > params.min_tokens:  # the sampler bans stops before that
-            if not params.ignore_eos and token_id in request.eos_token_ids:
-                request.status = RequestStatus.FINISHED_STOPPED
-                return
-            if token_id in params.stop_token_ids:
-                request.status = RequestStatus.FINISHED_STOPPED
-                request.stop_reason = token_id
-                return
-        if request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.config.max_model_len:
-            request.status = RequestStatus.FINISHED_LENGTH
+        stop = request.stop_after(token_id, request.num_output_tokens, self.config.max_model_len)
+        if stop is not None:
+            request.status, reason = stop
+            if reason is not None:
+                request.stop_reason = reason
 
     def _release(self, request: Request) -> None:
         self.block_manager.cache_full_blocks(request)

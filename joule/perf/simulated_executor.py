@@ -79,13 +79,6 @@ class SimulatedExecutor:
 
 
 def finishes_with(request, token_id: int) -> bool:
-    """Whether sampling ``token_id`` finishes ``request`` (the scheduler's stop rule: EOS or a stop token
-    once past ``min_tokens``, else the length cap), so the step model can charge its release."""
-    params = request.sampling_params
-    produced = request.num_output_tokens + 1
-    if produced > params.min_tokens:
-        if not params.ignore_eos and token_id in request.eos_token_ids:
-            return True
-        if token_id in params.stop_token_ids:
-            return True
-    return produced >= request.max_tokens
+    """Whether sampling ``token_id`` next finishes ``request`` (the scheduler's stop rule), so the step
+    model can charge its release."""
+    return request.stop_after(token_id, request.num_output_tokens + 1) is not None

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 from joule.engine.core import EngineCore
 from joule.engine.kv_blocks import KVBlockManager
-from joule.engine.request import Request, RequestSLO
 from joule.engine.policies import DEFAULT_FAIR_PROMPT_CAP
+from joule.engine.request import Request, RequestSLO
 from joule.engine.scheduler import SchedulerConfig
 from joule.model.config import ModelConfig
 from joule.perf.arrivals import TimedRequest
