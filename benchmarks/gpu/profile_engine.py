@@ -1,6 +1,7 @@
 """Where the GPU engine's time goes: one call that profiles decode and a throughput workload.
 
-Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/profile_engine.py [out_dir]
+Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/profile_engine.py [out_dir] [parts]
+(parts: comma-separated from batch_one, workload_two, workload_two_fp8, workload_three; default all)
 (1) Llama-3.2-1B bf16, batch 1, 128 -> 256 with decode CUDA graphs: per-step wall time split into
     graph replay (host + GPU), logits projection, sampler and the engine around them (each part
     synchronised, so the parts add up to more than an unsynchronised step), and a pure back-to-back
@@ -195,12 +196,28 @@ def batch_one(raw: dict) -> None:
     run_all(engine)
 
 
-def workload_two(raw: dict) -> None:
-    engine = LLMEngine.from_kwargs(model=QWEN3_06B, load_format="dummy", dtype="bfloat16", max_model_len=4096)
+def workload_two(raw: dict, kv_cache_dtype: str = "auto", label: str = "workload2") -> None:
+    engine = LLMEngine.from_kwargs(model=QWEN3_06B, load_format="dummy", dtype="bfloat16", max_model_len=4096,
+                                   kv_cache_dtype=kv_cache_dtype)
+    requests = uniform_length_workload(256, 100, 1024, engine.model_config.vocab_size, seed=0)
+    split_workload(engine, requests, raw, label)
+
+
+def workload_two_fp8(raw: dict) -> None:
+    workload_two(raw, "fp8", "workload2_fp8")
+
+
+def workload_three(raw: dict) -> None:
+    engine = LLMEngine.from_kwargs(model=LLAMA_1B, load_format="dummy", dtype="bfloat16", max_model_len=4096)
+    requests = fixed_length_workload(256, 512, 128, engine.model_config.vocab_size, seed=0)
+    split_workload(engine, requests, raw, "workload3")
+
+
+def split_workload(engine: LLMEngine, requests, raw: dict, label: str) -> None:
+    """Synchronised time of decode-only vs mixed steps over one run, then kernel tables of both kinds."""
     engine.core.step_observer = None
     graphs = enable_engine_cuda_graphs(engine)
-    log("Qwen3-0.6B engine ready, graphs", graphs, "KV tokens", engine.kv_capacity_tokens)
-    requests = uniform_length_workload(256, 100, 1024, engine.model_config.vocab_size, seed=0)
+    log(label, "engine ready, graphs", graphs, "KV tokens", engine.kv_capacity_tokens)
     add_all(engine, [r.prompt_token_ids[:32] for r in requests[:4]], [4] * 4)
     run_all(engine)
 
@@ -241,7 +258,7 @@ def workload_two(raw: dict) -> None:
     wall = time.perf_counter() - step_started
     executor.execute = original
     output_tokens = sum(r.output_len for r in requests)
-    log(f"workload 2 (synchronised steps): {wall:.2f} s, {steps} steps, {output_tokens / wall:.0f} output tok/s")
+    log(f"{label} (synchronised steps): {wall:.2f} s, {steps} steps, {output_tokens / wall:.0f} output tok/s")
     split = {}
     for kind, values in kinds.items():
         split[kind] = {"steps": len(values), "seconds": sum(values), "tokens": tokens[kind],
@@ -250,18 +267,21 @@ def workload_two(raw: dict) -> None:
               f"  {tokens[kind]} tokens")
     print(f"    outside execute: {wall - sum(sum(v) for v in kinds.values()):.2f} s")
     print("    first steps (decodes, prefill tokens, ms):", trace)
-    raw["workload2"] = {"wall_s": wall, "steps": steps, "output_tokens": output_tokens, "split": split,
+    raw[label] = {"wall_s": wall, "steps": steps, "output_tokens": output_tokens, "split": split,
                         "first_steps": trace}
     engine.block_manager.reset_prefix_cache()  # the next pass must prefill again
 
     # Kernel tables: early mixed steps, then a batch-256 decode.
     add_all(engine, [r.prompt_token_ids for r in requests], [r.output_len for r in requests])
-    log("kernel table, workload-2 first 6 steps (prefill chunks)")
-    raw["workload2_mixed_kernels"] = profile_steps(engine, 6)
+    log(f"kernel table, {label} first 6 steps (prefill chunks)")
+    raw[f"{label}_mixed_kernels"] = profile_steps(engine, 6)
     for _ in range(40):
         engine.step()
-    log(f"kernel table, workload-2 decode steps ({engine.core.scheduler.num_running} running)")
-    raw["workload2_decode_kernels"] = profile_steps(engine, 10)
+    while engine.has_unfinished_requests() and any(
+            request.num_output_tokens == 0 for request in engine.core.scheduler.requests.values()):
+        engine.step()  # every prompt in: decode-only steps from here
+    log(f"kernel table, {label} decode steps ({engine.core.scheduler.num_running} running)")
+    raw[f"{label}_decode_kernels"] = profile_steps(engine, 10)
     while engine.has_unfinished_requests():
         engine.step()
 
@@ -271,7 +291,9 @@ def main() -> None:
     os.makedirs(out_dir, exist_ok=True)
     raw: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     log(raw["device"], raw["torch"])
-    for part in (batch_one, workload_two):
+    parts = {part.__name__: part for part in (batch_one, workload_two, workload_two_fp8, workload_three)}
+    chosen = sys.argv[2].split(",") if len(sys.argv) > 2 else list(parts)
+    for part in (parts[name] for name in chosen):
         try:
             part(raw)
         except Exception as error:  # noqa: BLE001 - keep the other part's numbers
