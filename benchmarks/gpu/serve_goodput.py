@@ -3,6 +3,9 @@ joules per output token against the request rate, all through `joule serve` over
 
 Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/serve_goodput.py   (results under $OUT or ./out)
 CPU at tiny scale (what tests/bench runs): python benchmarks/gpu/serve_goodput.py --tiny [--model-dir DIR]
+The workload (default per scale: on the GPU prompts uniform:1024:3072, outputs uniform:64:192, max_model_len 4096,
+10 s per rate) can be changed with ``--input-len``, ``--output-len`` (LengthDistribution syntax), ``--max-model-len``
+and ``--duration-s``; benchmarks/sim/goodput.py simulates the same sweep on the CPU first.
 
 (a) Rate sweep with long prompts, once on the default stall-free chunked server (the engine's default token
     budget unless ``--chunk-budget``) and once on the prefill-first baseline (``--no-enable-chunked-prefill``:
@@ -371,6 +374,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", default=None, help="--tiny: the tiny model (built under OUT when absent)")
     parser.add_argument("--out", default=os.environ.get("OUT", "out"), help="results folder (default $OUT or ./out)")
     parser.add_argument("--rates", default=None, help="comma-separated sweep rates (default: per scale)")
+    parser.add_argument("--input-len", default=None,
+                        help="sweep (and flood) prompt lengths, e.g. uniform:2048:6144 (default: per scale)")
+    parser.add_argument("--output-len", default=None,
+                        help="sweep (and flood) output lengths, e.g. uniform:16:64 (default: per scale)")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="every server's --max-model-len and the workload's cap (default: per scale)")
+    parser.add_argument("--duration-s", type=float, default=None,
+                        help="seconds of traffic per swept rate (default: per scale, 10 on the GPU)")
     parser.add_argument("--chunk-budget", type=int, default=None, help="chunked server's max_num_batched_tokens")
     parser.add_argument("--chunk-budgets", default=None,
                         help="comma list (2048,8192): one chunked sweep per max_num_batched_tokens, labelled "
@@ -400,6 +411,19 @@ def main(argv: list[str] | None = None) -> int:
     scale = TINY if args.tiny else GPU
     if args.fairness_duration_s is not None:
         scale = replace(scale, fairness_duration_s=args.fairness_duration_s)
+    try:
+        for text, role in ((args.input_len, "input"), (args.output_len, "output")):
+            if text is not None:
+                LengthDistribution.parse(text, role)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.max_model_len is not None and args.max_model_len < 2:
+        parser.error("--max-model-len must be at least 2")
+    if args.duration_s is not None and not args.duration_s > 0:
+        parser.error("--duration-s must be positive")
+    scale = replace(scale, input_len=args.input_len or scale.input_len, output_len=args.output_len or scale.output_len,
+                    max_model_len=args.max_model_len or scale.max_model_len,
+                    duration_s=args.duration_s or scale.duration_s)
     if args.chunk_budgets and args.chunk_budget:
         parser.error("give --chunk-budget or --chunk-budgets, not both")
     if args.chunk_budgets:
@@ -436,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
                      "chunk_budgets": {label: budget or "engine default" for label, budget in budgets.items()},
                      "tpot_slo_factor": args.tpot_slo_factor, "tbt_slo_factor": args.tbt_slo_factor,
                      "workload": {"input_len": scale.input_len, "output_len": scale.output_len,
-                                  "duration_s": scale.duration_s}}
+                                  "duration_s": scale.duration_s, "max_model_len": scale.max_model_len}}
     if args.fairness_only:
         if args.heavy_rate is None:
             parser.error("--fairness-only needs --heavy-rate")
