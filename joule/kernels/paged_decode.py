@@ -50,7 +50,8 @@ def _split_length(sequence_length, min_split_length, num_splits, BLOCK_N: tl.con
     return tl.maximum(length, min_split_length)
 
 
-@triton.jit
+# Step-to-step values are not specialised on: each "== 1" / "divisible by 16" pattern is a ~1 s compile.
+@triton.jit(do_not_specialize=["min_split_length", "num_splits", "stride_table_sequence"])
 def _decode_partial_kernel(
     query_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, sequence_lengths_ptr,
     sequence_ids_ptr, query_start_locations_ptr, output_ptr, partial_output_ptr, partial_lse_ptr,
@@ -120,7 +121,7 @@ def _decode_partial_kernel(
                  mask=row_mask[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["min_split_length", "num_splits"])
 def _decode_merge_kernel(
     output_ptr, partial_output_ptr, partial_lse_ptr, sequence_lengths_ptr, sequence_ids_ptr,
     query_start_locations_ptr, min_split_length, num_splits, stride_output_token, stride_output_head,

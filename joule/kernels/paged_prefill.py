@@ -76,7 +76,9 @@ def _attend_key_range(
     return running_max, running_sum, accumulator
 
 
-@triton.jit
+# Values that change from step to step are not specialised on (Triton compiles a variant per "== 1" /
+# "divisible by 16" pattern of each integer argument: ~1 s each, paid inside a serving step).
+@triton.jit(do_not_specialize=["num_tiles", "stride_table_sequence"])
 def _prefill_kernel(
     query_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, sequence_lengths_ptr,
     query_start_locations_ptr, tiles_ptr, output_ptr, scale_log2, num_tiles,

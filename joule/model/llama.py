@@ -175,11 +175,12 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, context)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 logits ``[N, vocab_size]`` for the rows of ``hidden`` that need sampling."""
+        """Logits ``[N, vocab_size]`` in the model's dtype for the rows of ``hidden`` that sample (the
+        sampler widens them to float32 where it computes with them)."""
         if self.output_projection is not None:
-            return self.output_projection(hidden).float()
+            return self.output_projection(hidden)
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return F.linear(hidden, weight)
 
 
 def _as_linear(weight: torch.Tensor) -> nn.Linear:

@@ -128,7 +128,10 @@ class Sampler:
         if num_rows == 0:
             return SamplerOutput(token_ids=[], logprobs=[])
         device = logits.device
-
+        if any(not row.is_greedy for row in rows):
+            logits = logits.float()  # temperature, filters and noise in float32
+        # Greedy rows may stay in the model's dtype: widening is exact, so argmax picks the same token
+        # (first of equals either way) without writing and reading a float32 copy of [S, vocab].
         processed = apply_bans_and_penalties(logits, rows)
         greedy = [i for i, row in enumerate(rows) if row.is_greedy]
         # Unseeded rows first so their noise is one contiguous draw.
@@ -188,15 +191,15 @@ def _log_exponential_(uniform: torch.Tensor) -> None:
 def apply_bans_and_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """Banned tokens, repetition, frequency and presence penalties as float32 logits.
 
-    Returns ``logits`` itself (as float32) when no row needs any of them, else a
-    new tensor; the caller's logits are never modified, so raw logprobs stay raw.
+    Returns ``logits`` itself (in its own dtype) when no row needs any of them, else a
+    new float32 tensor; the caller's logits are never modified, so raw logprobs stay raw.
     Work is proportional to the token histories, not to rows x vocabulary: only
     the (row, token) positions that occurred are gathered and updated.
     """
     vocab_size = logits.shape[1]
     banned = [row.banned_token_ids for row in rows]
     if not any(row.has_penalties for row in rows) and not any(len(ids) for ids in banned):
-        return logits.float()
+        return logits
     device = logits.device
     result = logits.to(torch.float32, copy=True)
     flat = result.view(-1)

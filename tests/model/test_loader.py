@@ -155,7 +155,7 @@ def test_dummy_weights_in_bfloat16(tmp_path):
     loaded = load_model(str(tmp_path), torch.bfloat16, "cpu", load_format="dummy")
     assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
     logits = prefill_logits(loaded.model, [2, 4, 6])
-    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()  # the sampler widens them
 
 
 def test_sharded_checkpoint_loads_by_index(tmp_path):

@@ -69,6 +69,22 @@ def test_greedy_equals_argmax(device):
     assert output.logprobs == [None] * 16
 
 
+def test_bfloat16_logits_sample_as_their_float32_widening(device):
+    """The model hands over logits in its own dtype: greedy rows take their argmax as is, sampled rows
+    and logprobs widen first, so every result equals the float32 one (ties included)."""
+    logits = _random_logits(12, 500, seed=3, device=device).to(torch.bfloat16)  # bf16 rounding makes ties
+    widened = logits.float()
+    rows = [SamplingRow(temperature=0.0) for _ in range(4)]
+    rows += [SamplingRow(temperature=0.0, num_logprobs=3) for _ in range(2)]
+    rows += [SamplingRow(temperature=0.8, top_k=20, seed=index) for index in range(3)]
+    rows += [SamplingRow(temperature=0.0, repetition_penalty=1.3, output_token_ids=[1, 2]) for _ in range(3)]
+    low, wide = Sampler().sample(logits, rows), Sampler().sample(widened, rows)
+    assert low.token_ids == wide.token_ids
+    assert low.logprobs == wide.logprobs
+    greedy_only = Sampler().sample(logits[:4], rows[:4]).token_ids
+    assert greedy_only == widened[:4].argmax(dim=-1).tolist()
+
+
 def test_tiny_temperature_is_greedy():
     logits = _random_logits(8, 100, seed=1)
     rows = [SamplingRow(temperature=1e-6, seed=i) for i in range(8)]
