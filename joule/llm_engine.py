@@ -102,6 +102,8 @@ class LLMEngine:
             self.device, max_model_len=self.max_model_len, max_num_seqs=config.max_num_seqs,
             enforce_eager=config.enforce_eager, max_num_batched_tokens=batched_tokens,
         )
+        if self.device.type == "cuda" and getattr(backend, "name", None) == "triton":
+            executor.compile_eager_step_kernels(self.max_model_len)
         self.block_manager = KVBlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         scheduler_config = SchedulerConfig(
             max_num_seqs=config.max_num_seqs,

@@ -98,6 +98,24 @@ def kernel_table(prof, steps: int, limit: int = 22) -> list[dict]:
     return rows[:limit]
 
 
+def compiled_variants() -> dict[str, int]:
+    """How many variants Triton compiled of each of our kernels (each one ~1 s inside some step)."""
+    import importlib
+    import pkgutil
+
+    import joule.kernels
+    from triton.runtime.jit import JITFunction
+
+    counts = {}
+    for module_info in pkgutil.iter_modules(joule.kernels.__path__):
+        module = importlib.import_module(f"joule.kernels.{module_info.name}")
+        for name, value in vars(module).items():
+            caches = getattr(value, "device_caches", None) if isinstance(value, JITFunction) else None
+            if caches:
+                counts[f"{module_info.name}.{name}"] = sum(len(cache[0]) for cache in caches.values())
+    return {name: count for name, count in sorted(counts.items()) if count}
+
+
 def profile_steps(engine: LLMEngine, steps: int) -> list[dict]:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
@@ -218,6 +236,7 @@ def split_workload(engine: LLMEngine, requests, raw: dict, label: str) -> None:
     engine.core.step_observer = None
     graphs = enable_engine_cuda_graphs(engine)
     log(label, "engine ready, graphs", graphs, "KV tokens", engine.kv_capacity_tokens)
+    variants_before = compiled_variants()
     add_all(engine, [r.prompt_token_ids[:32] for r in requests[:4]], [4] * 4)
     run_all(engine)
 
@@ -266,7 +285,11 @@ def split_workload(engine: LLMEngine, requests, raw: dict, label: str) -> None:
         print(f"    {kind:14s} {len(values):5d} steps  {sum(values):7.2f} s  {split[kind]['ms_per_step']:7.2f} ms/step"
               f"  {tokens[kind]} tokens")
     print(f"    outside execute: {wall - sum(sum(v) for v in kinds.values()):.2f} s")
-    print("    first steps (decodes, prefill tokens, ms):", trace)
+    print("    first steps (decodes, prefill tokens, ms):", [(d, p, round(ms, 1)) for d, p, ms in trace])
+    variants_after = compiled_variants()
+    print("    kernel variants compiled during the run:",
+          {name: count - variants_before.get(name, 0) for name, count in variants_after.items()
+           if count != variants_before.get(name, 0)}, "(after start-up:", variants_before, ")")
     raw[label] = {"wall_s": wall, "steps": steps, "output_tokens": output_tokens, "split": split,
                         "first_steps": trace}
     engine.block_manager.reset_prefix_cache()  # the next pass must prefill again

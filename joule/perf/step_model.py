@@ -30,6 +30,7 @@ from joule.engine.plan import StepPlan
 from joule.model.config import ModelConfig
 from joule.perf.decode_staging import STAGING_MODES, DecodeStaging, staging_capacity
 from joule.perf.profile import OPERATOR_CLASSES, DeviceProfile
+from joule.runtime.chunk_sizes import chunk_graph_sizes, chunk_pieces
 
 _LOGITS_BYTES = 4  # the sampler works on fp32 logits
 _SAMPLING_PASSES = 4  # cast, softmax/log-softmax, argmax or top-k, penalties: ~4 reads of V floats
@@ -296,7 +297,7 @@ class StepModel:
 
     def graph_passes(self, batch: BatchShape) -> list[int] | None:
         """Rows of each graph replay of a step with prompt chunks that the profile's engine runs as
-        CUDA graphs (its decodes, then each chunk padded to a captured size); None when it runs eagerly
+        CUDA graphs (its decodes, then each chunk's passes, each padded to a captured size); None when it runs eagerly
         (or is decode-only: one replay, the usual case)."""
         largest = self.profile.chunk_graph_max_tokens
         if not largest or batch.is_decode_only:
@@ -305,7 +306,9 @@ class StepModel:
         if len(chunks) > self.profile.max_graphed_chunks or max(chunks) > largest:
             return None
         decodes = sum(1 for s in batch.sequences if s.num_new_tokens == 1)
-        return ([decodes] if decodes else []) + [chunk_graph_rows(n, largest) for n in chunks]
+        sizes = chunk_graph_sizes(largest)
+        return ([decodes] if decodes else []) + [chunk_graph_rows(piece, largest)
+                                                 for n in chunks for piece in chunk_pieces(n, sizes)]
 
     def is_eager_chunk_step(self, batch: BatchShape) -> bool:
         return not batch.is_decode_only and self.graph_passes(batch) is None

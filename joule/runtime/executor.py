@@ -24,6 +24,7 @@ from joule.runtime.attention.base import (
     KVCache,
 )
 from joule.runtime.cuda_graphs import DecodeGraphRunner, graphs_disabled_reason
+from joule.runtime.kernel_warmup import warmup_plans
 from joule.runtime.prefill_graphs import PrefillChunkGraphRunner, can_run_mixed_step, run_mixed_step
 from joule.runtime.sampler import Sampler, SamplingRow
 
@@ -74,6 +75,21 @@ class ModelExecutor:
             chunk_runner.capture()
             self.chunk_runner = chunk_runner
         return True
+
+    @torch.inference_mode()
+    def compile_eager_step_kernels(self, max_model_len: int) -> int:
+        """Run ``joule.runtime.kernel_warmup``'s plans through the eager forward (the KV cache must still be
+        empty: they write its first blocks); returns how many ran."""
+        started = time.perf_counter()
+        plans = warmup_plans(max_model_len, self.block_size, self.kv_cache.num_blocks)
+        for plan in plans:
+            input_ids, positions, metadata, _ = self._prepare(plan)
+            self.model(input_ids, positions, ForwardContext(self.backend, self.kv_cache, metadata))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        logger.info("compiled the eager-step attention kernels (%d warm-up steps) in %.1f s",
+                    len(plans), time.perf_counter() - started)
+        return len(plans)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:

@@ -9,6 +9,8 @@ chunk (up to ``MAX_GRAPHED_CHUNKS`` of them) replays the graph of the next captu
 (16, 32, ..., ``max_num_batched_tokens``), padded with rows that write no cache slot (slot -1) and
 attend nowhere (the prefill kernel skips tiles past the chunk's real length, which only device memory
 holds). Each part streams the weights once more, which costs far less than the eager launches saved.
+A chunk that would pad by ``MIN_PADDING_TO_SPLIT`` rows or more runs as several passes instead
+(``chunk_pieces``: 4608 tokens as 4096 + 512, not 8192), each attending over the keys the ones before wrote.
 The hidden rows that sample are copied out between replays (the chunk graphs share one memory pool).
 """
 
@@ -21,27 +23,12 @@ import torch
 
 from joule.engine.plan import ScheduledSequence, StepPlan
 from joule.runtime.attention.base import AttentionBackend, ForwardContext, KVCache
+from joule.runtime.chunk_sizes import MIN_PADDING_TO_SPLIT, chunk_graph_sizes, chunk_pieces
 from joule.runtime.cuda_graphs import capture_graphs
 
 logger = logging.getLogger(__name__)
 
 MAX_GRAPHED_CHUNKS = 4  # more chunks in one step: one eager forward is cheaper than N weight reads
-SMALLEST_CHUNK_GRAPH = 16
-LARGEST_CHUNK_GRAPH = 8192  # a longer chunk amortises eager launches by itself; its graph would pin GBs
-
-
-def chunk_graph_sizes(max_num_batched_tokens: int) -> list[int]:
-    """Captured chunk sizes: powers of two from 16 up to the step's token budget (kept as the last size),
-    at most LARGEST_CHUNK_GRAPH."""
-    if max_num_batched_tokens < 2:
-        raise ValueError(f"max_num_batched_tokens must be at least 2, got {max_num_batched_tokens}")
-    largest = min(max_num_batched_tokens, LARGEST_CHUNK_GRAPH)
-    sizes, size = [], SMALLEST_CHUNK_GRAPH
-    while size < largest:
-        sizes.append(size)
-        size *= 2
-    sizes.append(largest)
-    return sizes
 
 
 class PrefillChunkGraphRunner:
@@ -52,7 +39,8 @@ class PrefillChunkGraphRunner:
     """
 
     def __init__(self, model: torch.nn.Module, kv_cache: KVCache, backend: AttentionBackend,
-                 device: torch.device, max_num_batched_tokens: int, max_model_len: int):
+                 device: torch.device, max_num_batched_tokens: int, max_model_len: int,
+                 min_padding_to_split: int = MIN_PADDING_TO_SPLIT):
         from joule.kernels.paged_prefill import rows_per_tile
         from joule.runtime.attention.triton_backend import StaticPrefillMetadata
 
@@ -62,6 +50,7 @@ class PrefillChunkGraphRunner:
         self.device = device
         self.block_size = kv_cache.block_size
         self.sizes = chunk_graph_sizes(max_num_batched_tokens)
+        self.min_padding_to_split = min_padding_to_split
         self.max_blocks = -(-max_model_len // self.block_size)
         rows = self.sizes[-1]
         pin = device.type == "cuda"
@@ -130,12 +119,24 @@ class PrefillChunkGraphRunner:
                     len(self.graphs), self.sizes, time.perf_counter() - started)
 
     def run_chunk(self, sequence: ScheduledSequence) -> torch.Tensor:
-        """Hidden states ``[num_tokens, hidden]`` of one chunk (a view into a graph's output buffer)."""
+        """Hidden states of the chunk's last graph pass (``chunk_pieces``): its last row is the chunk's last
+        token. A view into a graph's output buffer."""
         count = sequence.num_tokens
-        size = self.padded_size(count)
-        if size is None or count < 2 or len(sequence.block_ids) > self.max_blocks:
+        if self.padded_size(count) is None or count < 2 or len(sequence.block_ids) > self.max_blocks:
             raise ValueError(f"a chunk of {count} tokens over {len(sequence.block_ids)} blocks has no graph "
                              f"(sizes {self.sizes}, {self.max_blocks} blocks)")
+        offset, hidden = 0, None
+        for length in chunk_pieces(count, self.sizes, self.min_padding_to_split):
+            # A later piece attends over the earlier pieces' keys, which the earlier replays wrote to the cache.
+            piece = ScheduledSequence(sequence.request, sequence.token_ids[offset:offset + length],
+                                      sequence.start_position + offset, sequence.block_ids, sequence.samples)
+            hidden = self._run_piece(piece)
+            offset += length
+        return hidden
+
+    def _run_piece(self, sequence: ScheduledSequence) -> torch.Tensor:
+        count = sequence.num_tokens
+        size = self.padded_size(count)
         if self._copied is not None:
             self._copied.synchronize()  # the last replay's copies have left the pinned buffers
         self._fill(sequence, size)

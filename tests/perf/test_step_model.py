@@ -180,6 +180,16 @@ def test_graphed_chunk_steps_replay_one_padded_pass_per_chunk():
     assert not model.is_eager_chunk_step(BatchShape.decode(4, 10))
 
 
+def test_a_chunk_that_would_pad_by_many_rows_replays_as_the_engine_cuts_it():
+    """The model predicts the passes joule.runtime.prefill_graphs runs (chunk_pieces): 4608 tokens as
+    4096 + 512, not one 8192-row pass; 300 tokens pad to 512 (212 rows: not worth another pass)."""
+    profile = flat_profile(host_overlaps_device=True, chunk_graph_max_tokens=8192, max_graphed_chunks=4)
+    model = StepModel(one_layer_config(num_hidden_layers=2), profile)
+    assert model.graph_passes(BatchShape.prefill([4608])) == [4096, 512]
+    assert model.graph_passes(BatchShape([SequenceWork(1, 40, True), SequenceWork(1100, 0, True)])) == [1, 1024, 128]
+    assert model.graph_passes(BatchShape.prefill([300])) == [512]
+
+
 def test_linear_decode_scale_applies_to_decode_only_steps_and_defaults_to_linear(tmp_path):
     config = one_layer_config()
     profile = flat_profile(scales={"linear": 2.0, "linear_decode": 0.5})

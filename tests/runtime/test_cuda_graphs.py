@@ -131,11 +131,31 @@ def test_chunk_graph_sizes_double_up_to_the_budget():
         chunk_graph_sizes(1)
 
 
-def test_mixed_steps_through_static_chunk_buffers_match_eager_tokens(tiny_dir, monkeypatch):
+def test_chunk_pieces_split_off_captured_sizes_while_padding_would_waste_rows():
+    from joule.runtime.prefill_graphs import chunk_pieces
+
+    sizes = [16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+    assert chunk_pieces(4608, sizes) == [4096, 512]
+    assert chunk_pieces(1100, sizes) == [1024, 76]  # 76 pads to 128: 52 rows, kept as one pass
+    assert chunk_pieces(3000, sizes) == [2048, 952]
+    assert chunk_pieces(4096, sizes) == [4096]
+    assert chunk_pieces(4097, sizes) == [4096, 1]
+    assert chunk_pieces(300, sizes) == [300]  # 212 padding rows: below the threshold
+    assert chunk_pieces(33, [16, 32, 40], min_padding_to_split=4) == [32, 1]
+    assert chunk_pieces(100, [16, 32, 64, 100]) == [100]
+    for count in range(2, 8193, 37):
+        pieces = chunk_pieces(count, sizes)
+        assert sum(pieces) == count and all(piece > 0 for piece in pieces)
+        assert all(piece in sizes for piece in pieces[:-1])
+    assert chunk_pieces(9000, sizes) == [8192, 808]  # longer than every graph: the largest first
+
+
+@pytest.mark.parametrize("min_padding_to_split", [256, 4])
+def test_mixed_steps_through_static_chunk_buffers_match_eager_tokens(tiny_dir, monkeypatch, min_padding_to_split):
     """Decodes through the decode runner, each prompt chunk through the padded chunk runner (what the
     graphs capture): the same greedy tokens as one eager forward, with chunks starting mid-prompt."""
     from joule.runtime.attention.triton_backend import TritonAttentionBackend
-    from joule.runtime.prefill_graphs import PrefillChunkGraphRunner
+    from joule.runtime.prefill_graphs import PrefillChunkGraphRunner, chunk_pieces
 
     engine = LLMEngine.from_kwargs(model=str(tiny_dir), device="cpu", dtype="float32", kv_cache_memory_bytes=1 << 22,
                                    max_model_len=256, max_num_seqs=6, max_num_batched_tokens=40, block_size=8)
@@ -161,7 +181,8 @@ def test_mixed_steps_through_static_chunk_buffers_match_eager_tokens(tiny_dir, m
     executor.graph_runner = DecodeGraphRunner(executor.model, executor.kv_cache, executor.backend, executor.device,
                                               max_num_seqs=6, max_model_len=256)
     executor.chunk_runner = PrefillChunkGraphRunner(executor.model, executor.kv_cache, executor.backend,
-                                                    executor.device, max_num_batched_tokens=40, max_model_len=256)
+                                                    executor.device, max_num_batched_tokens=40, max_model_len=256,
+                                                    min_padding_to_split=min_padding_to_split)
     executor.use_cuda_graphs = True
     import joule.runtime.executor as executor_module
 
@@ -178,4 +199,6 @@ def test_mixed_steps_through_static_chunk_buffers_match_eager_tokens(tiny_dir, m
     executor.chunk_runner.run_chunk = lambda sequence: chunk_sizes.append(sequence.num_tokens) or original(sequence)
     assert run_all("static") == eager
     assert chunk_sizes and any(size not in executor.chunk_runner.sizes for size in chunk_sizes)  # padded chunks ran
+    if min_padding_to_split == 4:  # some chunk ran as several passes (e.g. 33 tokens as 32 + 1)
+        assert any(len(chunk_pieces(size, executor.chunk_runner.sizes, 4)) > 1 for size in chunk_sizes)
     assert any(count > 0 for count in mixed_decodes)  # decodes and chunks in one step, split between runners

@@ -1,0 +1,54 @@
+"""Compile the attention kernels' eager-step variants at start-up instead of inside serving steps.
+
+Why: Triton compiles one binary per combination of constexpr values, and an eager mixed step (more
+prompt chunks than the chunk graphs take) picks its decode split count from the step itself: direct
+output or a merge over 2, 4, ... 64 splits. Each new combination cost ~1 s inside some step on an
+H200 (workloads 2 and 3 of issue 3 lost 2-5 s to them; a serving request's TTFT would too). The
+capture of CUDA graphs compiles only the decode-only variants.
+
+How (``ModelExecutor.compile_eager_step_kernels``): a few synthetic eager steps on the engine's own
+(still empty) KV cache: one decode of context 16, 512, 1024, ... up to ``max_model_len`` tokens (every
+split class a step can choose), each beside a 16-token prompt chunk (a mixed step) and alone (a
+decode-only step). Nothing is sampled and no block
+manager is involved; the blocks written are free and get overwritten by the first requests.
+"""
+
+from __future__ import annotations
+
+from joule.engine.plan import ScheduledSequence, StepPlan
+from joule.engine.request import Request
+from joule.sampling_params import SamplingParams
+
+WARMUP_PROMPT_TOKENS = 16
+FIRST_SPLIT_CONTEXT = 512  # MIN_SPLIT_TOKENS x 2: the shortest context that splits
+
+
+def warmup_contexts(max_model_len: int) -> list[int]:
+    """Decode contexts covering every power-of-two split class up to ``max_model_len``."""
+    contexts = [WARMUP_PROMPT_TOKENS]
+    context = FIRST_SPLIT_CONTEXT
+    while context < max_model_len:
+        contexts.append(context)
+        context *= 2
+    if max_model_len > WARMUP_PROMPT_TOKENS:
+        contexts.append(max_model_len)
+    return contexts
+
+
+def warmup_plans(max_model_len: int, block_size: int, num_blocks: int) -> list[StepPlan]:
+    """Mixed and decode-only plans over blocks ``0..``; contexts that do not fit the cache are skipped."""
+    params = SamplingParams(temperature=0.0, max_tokens=1)
+    prompt_blocks = -(-WARMUP_PROMPT_TOKENS // block_size)
+    plans = []
+    for context in warmup_contexts(max_model_len):
+        decode_blocks = -(-context // block_size)
+        if decode_blocks + prompt_blocks > num_blocks:
+            break
+        decode_request = Request(f"warmup-decode-{context}", [1] * context, params, max_tokens=1)
+        decode = ScheduledSequence(decode_request, [1], context - 1, list(range(decode_blocks)), samples=True)
+        prompt_request = Request(f"warmup-prompt-{context}", [1] * WARMUP_PROMPT_TOKENS, params, max_tokens=1)
+        prompt_block_ids = list(range(decode_blocks, decode_blocks + prompt_blocks))
+        prompt = ScheduledSequence(prompt_request, [1] * WARMUP_PROMPT_TOKENS, 0, prompt_block_ids, samples=True)
+        plans.append(StepPlan(sequences=[decode, prompt]))
+        plans.append(StepPlan(sequences=[decode]))
+    return plans

@@ -1,0 +1,78 @@
+"""Start-up warm-up steps: the contexts cover every split class, plans fit the cache, and running them
+(Triton backend under TRITON_INTERPRET=1 on the CPU) leaves the engine's outputs unchanged."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
+
+from helpers.tiny_models import build_tiny_checkpoint
+
+from joule.kernels.paged_decode import MAX_SPLITS, MIN_SPLIT_TOKENS, choose_num_splits
+from joule.llm_engine import LLMEngine
+from joule.runtime.kernel_warmup import warmup_contexts, warmup_plans
+from joule.sampling_params import RequestOutputKind, SamplingParams
+
+
+def _pow2(value: int) -> int:
+    return 1 << (value - 1).bit_length()
+
+
+def test_contexts_double_from_the_first_split_to_max_model_len():
+    assert warmup_contexts(4096) == [16, 512, 1024, 2048, 4096]
+    assert warmup_contexts(3000) == [16, 512, 1024, 2048, 3000]
+    assert warmup_contexts(100) == [16, 100]
+
+
+@pytest.mark.parametrize("max_model_len", [1000, 4096, 32768])
+@pytest.mark.parametrize("num_kv_heads", [1, 2, 8])
+def test_contexts_reach_every_split_padding_a_step_can_choose(max_model_len, num_kv_heads):
+    """Any step's decodes (any count, any length up to max_model_len) pick a split count whose padded
+    power of two (the merge kernel's constexpr) one of the one-decode warm-up contexts also picks."""
+    processors = 132
+    warmed = {_pow2(choose_num_splits(1, num_kv_heads, context, processors))
+              for context in warmup_contexts(max_model_len)}
+    for num_decodes in (1, 2, 3, 16, 100, 256):
+        for length in range(1, max_model_len + 1, 97):
+            assert _pow2(choose_num_splits(num_decodes, num_kv_heads, length, processors)) in warmed
+    assert max(warmed) <= _pow2(MAX_SPLITS) and MIN_SPLIT_TOKENS * 2 == 512
+
+
+def test_plans_are_mixed_and_decode_only_steps_within_the_cache():
+    plans = warmup_plans(4096, block_size=16, num_blocks=10_000)
+    assert len(plans) == 10
+    mixed, alone = plans[2], plans[3]  # context 512
+    assert [s.num_tokens for s in mixed.sequences] == [1, 16] and mixed.sequences[0].start_position == 511
+    assert len(mixed.sequences[0].block_ids) == 32 and mixed.sequences[1].block_ids == [32]
+    assert [s.num_tokens for s in alone.sequences] == [1]
+    assert len(warmup_plans(4096, block_size=16, num_blocks=70)) == 6  # 2048 needs 129 blocks: stops there
+
+
+def test_warmup_steps_leave_generation_unchanged(tmp_path):
+    from joule.runtime.attention.triton_backend import TritonAttentionBackend
+
+    build_tiny_checkpoint("llama-gqa4-tied", tmp_path)
+    engine = LLMEngine.from_kwargs(model=str(tmp_path), device="cpu", dtype="float32",
+                                   kv_cache_memory_bytes=1 << 22, max_model_len=512)
+    executor = engine.core.executor
+    executor.backend = TritonAttentionBackend()
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
+
+    def generate(tag: str) -> list[int]:
+        engine.add_request(tag, {"prompt_token_ids": [5, 9, 13, 40, 41, 42, 7]}, params)
+        tokens = []
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                tokens = list(output.outputs[0].token_ids)
+        return tokens
+
+    before = generate("before")
+    engine.block_manager.reset_prefix_cache()
+    assert executor.compile_eager_step_kernels(engine.max_model_len) == 4  # contexts 16 and 512
+    assert executor.kv_cache.key_caches[0][:33].abs().sum() > 0  # it ran the model over those blocks
+    assert generate("after") == before
