@@ -59,7 +59,10 @@ class _RequestState:
 
     @property
     def finished(self) -> bool:
-        return all(sample.finish_reason is not None for sample in self.samples)
+        for sample in self.samples:  # a loop, not all(generator): asked for every request every step
+            if sample.finish_reason is None:
+                return False
+        return True
 
 
 class LLMEngine:
@@ -268,10 +271,12 @@ class LLMEngine:
             changed[state.request_id] = state
         outputs = []
         for state in changed.values():
-            output = self._make_output(state)
-            if output is not None:
-                outputs.append(output)
-            if state.finished:
+            finished = state.finished
+            if finished or state.params.output_kind != RequestOutputKind.FINAL_ONLY:
+                output = self._make_output(state)
+                if output is not None:
+                    outputs.append(output)
+            if finished:
                 state.metrics.finished_time = now
                 self._states.pop(state.request_id, None)
                 for sample in state.samples:
