@@ -25,6 +25,7 @@ import logging
 import os
 import time
 
+import numpy as np
 import torch
 
 from joule.engine.plan import StepPlan
@@ -111,6 +112,7 @@ class DecodeGraphRunner:
         ]
         self.query_start_locations = torch.arange(rows + 1, dtype=torch.int64, device=device)
         self._copied = torch.cuda.Event() if pin else None
+        self._block_arrays: dict[str, tuple[list[int], int, np.ndarray]] = {}  # request id -> its blocks
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.metadata: dict[int, AttentionMetadata] = {}
@@ -177,14 +179,24 @@ class DecodeGraphRunner:
         slots = self.host_slots.numpy()
         tables = self.host_block_tables.numpy()
         lengths = self.host_sequence_lengths.numpy()
+        # Copying a Python list of block ids into a table row costs ~4x copying an array (0.77 vs 0.20 ms
+        # for 256 rows on the dev CPU), and a request's blocks change once per block_size steps: keep an
+        # array per request, rebuilt when its list grows or is replaced (the held list keeps `is` sound).
+        previous, arrays = self._block_arrays, {}
         for row, sequence in enumerate(plan.sequences):
             position = sequence.start_position
             blocks = sequence.block_ids
+            count = len(blocks)
+            entry = previous.get(sequence.request.request_id)
+            if entry is None or entry[0] is not blocks or entry[1] != count:
+                entry = (blocks, count, np.asarray(blocks, dtype=np.int32))
+            arrays[sequence.request.request_id] = entry
             input_ids[row] = sequence.token_ids[0]
             positions[row] = position
             slots[row] = blocks[position // block_size] * block_size + position % block_size
-            tables[row, : len(blocks)] = blocks
+            tables[row, :count] = entry[2]
             lengths[row] = position + 1
+        self._block_arrays = arrays
 
     def _fill_padding(self, start: int, stop: int) -> None:
         """Padding rows: token 0 at position 0, no cache write (slot -1), empty context (length 0)."""

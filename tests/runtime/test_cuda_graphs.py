@@ -202,3 +202,32 @@ def test_mixed_steps_through_static_chunk_buffers_match_eager_tokens(tiny_dir, m
     if min_padding_to_split == 4:  # some chunk ran as several passes (e.g. 33 tokens as 32 + 1)
         assert any(len(chunk_pieces(size, executor.chunk_runner.sizes, 4)) > 1 for size in chunk_sizes)
     assert any(count > 0 for count in mixed_decodes)  # decodes and chunks in one step, split between runners
+
+
+def test_block_table_rows_follow_a_request_whose_blocks_grow_or_are_replaced(tiny_dir):
+    """The runner keeps an array of each request's blocks between steps: it must be rebuilt when the list
+    grows (a new block) or is replaced (preemption frees it; recomputing allocates anew, maybe as long)."""
+    from joule.engine.plan import ScheduledSequence, StepPlan
+    from joule.engine.request import Request
+    from joule.runtime.attention.triton_backend import TritonAttentionBackend
+
+    engine = LLMEngine.from_kwargs(model=str(tiny_dir), device="cpu", dtype="float32",
+                                   kv_cache_memory_bytes=1 << 22, max_model_len=256, max_num_seqs=4)
+    executor = engine.core.executor
+    runner = DecodeGraphRunner(executor.model, executor.kv_cache, TritonAttentionBackend(), executor.device,
+                               max_num_seqs=4, max_model_len=256)
+    params = SamplingParams(temperature=0.0, max_tokens=4)
+    first, second = Request("a", [1] * 20, params, 4), Request("b", [1] * 5, params, 4)
+
+    def fill(*requests):
+        plan = StepPlan([ScheduledSequence(r, [1], r.num_tokens - 1, r.block_ids, True) for r in requests])
+        runner._fill(plan)
+        return [runner.host_block_tables[row, : len(r.block_ids)].tolist() for row, r in enumerate(requests)]
+
+    first.block_ids, second.block_ids = [3, 4], [9]
+    assert fill(first, second) == [[3, 4], [9]]
+    first.block_ids.append(5)  # grew in place
+    assert fill(first, second) == [[3, 4, 5], [9]]
+    first.block_ids = [7, 8, 6]  # replaced by a list just as long
+    assert fill(second, first) == [[9], [7, 8, 6]]  # rows swapped too
+    assert runner.host_slots[1].item() == 8 * runner.block_size + 19 % runner.block_size  # position 19: block 8

@@ -1,0 +1,76 @@
+"""The engine's host work per step, without a model: scheduling, the scheduler's update and output processing.
+
+Usage: PYTHONPATH=. python benchmarks/cpu/host_step.py [--sequences 256] [--steps 200] [--profile]
+A tiny random model (one layer; Qwen's 151,936-token vocabulary) whose executor is replaced by one that
+returns a token for every sampling sequence at once, so what is timed is what the GPU engine pays on its host
+between graph replays: ``num_sequences`` requests (prompts uniform 100-1,024 tokens, greedy, FINAL_ONLY
+outputs, prefix caching on), timed over ``steps`` decode-only steps once every prompt is in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import pstats
+import random
+import tempfile
+import time
+from pathlib import Path
+
+from joule.engine.plan import StepResult
+from joule.engine.request import SampledToken
+from joule.llm_engine import LLMEngine
+from joule.sampling_params import RequestOutputKind, SamplingParams
+
+TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 151936,
+        "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "torch_dtype": "float32"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sequences", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes; the best is reported")
+    parser.add_argument("--profile", action="store_true", help="print a cProfile table of one pass")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as directory:
+        Path(directory, "config.json").write_text(json.dumps(TINY))
+        engine = LLMEngine.from_kwargs(model=directory, load_format="dummy", dtype="float32", max_model_len=4096,
+                                       kv_cache_memory_bytes=2 << 30, max_num_seqs=args.sequences)
+    engine.core.step_observer = None
+
+    def execute(plan):
+        tokens = {sequence.request.request_id: SampledToken(7) for sequence in plan.sequences if sequence.samples}
+        return StepResult(sampled=tokens, elapsed_seconds=0.0)
+
+    engine.core.executor.execute = execute
+    rng = random.Random(0)
+    params = SamplingParams(temperature=0.0, max_tokens=100_000, ignore_eos=True,
+                            output_kind=RequestOutputKind.FINAL_ONLY)
+    for index in range(args.sequences):
+        prompt = [rng.randrange(100, 30000) for _ in range(rng.randint(100, 1024))]
+        engine.add_request(str(index), {"prompt_token_ids": prompt}, params)
+    requests = engine.core.scheduler.requests
+    while any(request.num_output_tokens == 0 for request in requests.values()):
+        engine.step()
+    best = float("inf")
+    for _ in range(args.repeats):
+        started = time.perf_counter()
+        for _ in range(args.steps):
+            engine.step()
+        best = min(best, (time.perf_counter() - started) / args.steps)
+    print(f"host work per decode step of {args.sequences} sequences: {best * 1e3:.3f} ms "
+          f"(best of {args.repeats} x {args.steps} steps)")
+    if args.profile:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(args.steps):
+            engine.step()
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
+
+
+if __name__ == "__main__":
+    main()
