@@ -26,7 +26,7 @@ from joule.runtime.attention.base import (
 from joule.runtime.cuda_graphs import DecodeGraphRunner, graphs_disabled_reason
 from joule.runtime.kernel_warmup import warmup_plans
 from joule.runtime.prefill_graphs import PrefillChunkGraphRunner, can_run_mixed_step, run_mixed_step
-from joule.runtime.sampler import Sampler, SamplingRow
+from joule.runtime.sampler import GREEDY_TEMPERATURE_EPSILON, Sampler, SamplingRow
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +115,13 @@ class ModelExecutor:
                 hidden = hidden.index_select(0, torch.tensor(rows, device=self.device))
             logits = self.model.compute_logits(hidden)
             requests = [sequence.request for _, sequence in sample_rows]
+            if all(_plain_greedy(request) for request in requests):
+                # What the sampler does for such rows (no bans, penalties or logprobs: an argmax), without
+                # building a SamplingRow per request (~0.5 ms per 256 rows on the dev CPU).
+                token_ids = logits.argmax(dim=-1).tolist()
+                return StepResult(sampled={request.request_id: SampledToken(token_id)
+                                           for request, token_id in zip(requests, token_ids)},
+                                  elapsed_seconds=time.perf_counter() - started)
             output = self.sampler.sample(logits, [_sampling_row(request) for request in requests])
             for index, request in enumerate(requests):
                 token_logprobs = output.logprobs[index]
@@ -172,6 +179,13 @@ def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     if device.type == "cpu":
         return tensor
     return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def _plain_greedy(request: Request) -> bool:
+    params = request.sampling_params
+    return (params.temperature < GREEDY_TEMPERATURE_EPSILON and params.logprobs is None
+            and params.repetition_penalty == 1.0 and params.frequency_penalty == 0.0
+            and params.presence_penalty == 0.0 and len(request.output_token_ids) >= params.min_tokens)
 
 
 def _sampling_row(request: Request) -> SamplingRow:
