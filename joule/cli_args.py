@@ -22,6 +22,9 @@ _HELP = {
     "load_format": "auto, or dummy for random weights from config.json",
     "tokenizer": "tokenizer directory if not the model's",
     "enforce_eager": "never capture CUDA graphs (decode steps replay graphs on CUDA by default)",
+    "decode_lookahead": "queue the next greedy decode step on the device before reading this one's tokens, so "
+    "scheduling and output work overlap the GPU (experimental; a request that stops computes one token more, "
+    "dropped)",
     "scheduling_policy": "fcfs, priority (lower value first, may preempt), fair (per-tenant token counters) or "
     "deadline (earliest TTFT deadline first; chunks cut to keep running decodes within their TPOT SLO)",
     "admission_policy": "greedy (admit while blocks last, preempt when they run out) or predicted (admit while the "

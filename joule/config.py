@@ -29,6 +29,7 @@ class EngineConfig:
     fair_split_decodes: bool = False
     enable_chunked_prefill: bool = True
     enforce_eager: bool = False
+    decode_lookahead: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "max_num_batched_tokens", "kv_cache_memory_bytes"):
@@ -39,8 +40,9 @@ class EngineConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        if not isinstance(self.fair_split_decodes, bool):
-            raise ValueError(f"fair_split_decodes must be True or False, got {self.fair_split_decodes!r}.")
+        for name in ("fair_split_decodes", "decode_lookahead"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
         from joule.engine.policies import POLICIES

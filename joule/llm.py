@@ -45,6 +45,7 @@ class LLM:
         enable_chunked_prefill: bool = True,
         fair_prompt_cap: int = DEFAULT_FAIR_PROMPT_CAP,
         fair_split_decodes: bool = False,
+        decode_lookahead: bool = False,
         **kwargs,
     ):
         unknown = sorted(set(kwargs) - _IGNORED_VLLM_OPTIONS)
@@ -71,6 +72,7 @@ class LLM:
             enable_chunked_prefill=enable_chunked_prefill,
             fair_prompt_cap=fair_prompt_cap,
             fair_split_decodes=fair_split_decodes,
+            decode_lookahead=decode_lookahead,
         )
         self.llm_engine = LLMEngine(config)
         self._request_counter = itertools.count()

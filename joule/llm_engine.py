@@ -122,7 +122,8 @@ class LLMEngine:
         self.energy_ledger = EnergyLedger(
             self.energy_meter, AttributionWeights.for_hidden_size(self.model_config.hidden_size), clock=time.time
         )
-        self.core = EngineCore(scheduler_config, self.block_manager, executor, step_observer=self.energy_ledger)
+        self.core = EngineCore(scheduler_config, self.block_manager, executor, step_observer=self.energy_ledger,
+                               decode_lookahead=config.decode_lookahead)
         self.eos_token_ids = _eos_ids(self.tokenizer, self.model_config)
         self._states: dict[str, _RequestState] = {}
         self._sample_owner: dict[str, tuple[_RequestState, int]] = {}

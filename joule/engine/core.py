@@ -43,13 +43,19 @@ class EngineCore:
         executor: Executor,
         clock: Callable[[], float] = time.time,
         step_observer: StepObserver | None = None,
+        decode_lookahead: bool = False,
     ):
+        """``decode_lookahead``: with an executor that can ``launch``/``collect`` (the model executor), queue
+        the next decode step behind the current one before reading its tokens, so the host's scheduling and
+        output work overlaps the device's (see ``_launch_continuation``)."""
         self.block_manager = block_manager
         self.scheduler = Scheduler(scheduler_config, block_manager)
         self.executor = executor
         self.clock = clock
         self.step_observer = step_observer
         self.last_step = StepStats()
+        self.decode_lookahead = decode_lookahead and hasattr(executor, "launch")
+        self._ahead: tuple[StepPlan, object] | None = None  # a continuation step in flight
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
@@ -64,19 +70,30 @@ class EngineCore:
             self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED, stop_reason)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or self._ahead is not None
 
     def step(self) -> list[Request]:
         now = self.clock()
         if self.step_observer is not None:
             self.step_observer.step_began(now, self.scheduler.requests.values())
-        plan: StepPlan = self.scheduler.schedule(now=now)
-        if plan.is_empty:
-            self.last_step = StepStats(preempted_request_ids=plan.preempted_request_ids)
-            if self.step_observer is not None:
-                self.last_step.energy_joules = self.step_observer.step_ended(plan, self.clock())
-            return []
-        result: StepResult = self.executor.execute(plan)
+        launched = None
+        if self._ahead is not None:
+            plan, launched = self._ahead
+            self._ahead = None
+        else:
+            plan = self.scheduler.schedule(now=now)
+            if plan.is_empty:
+                self.last_step = StepStats(preempted_request_ids=plan.preempted_request_ids)
+                if self.step_observer is not None:
+                    self.last_step.energy_joules = self.step_observer.step_ended(plan, self.clock())
+                return []
+            if self.decode_lookahead:
+                launched = self.executor.launch(plan)
+        if launched is not None:
+            self._launch_continuation(plan, launched)
+            result: StepResult = self.executor.collect(launched)
+        else:
+            result = self.executor.execute(plan)
         num_prefill_tokens, num_decode_tokens = plan.token_counts()
         self.last_step = StepStats(
             num_sequences=len(plan.sequences),
@@ -93,3 +110,18 @@ class EngineCore:
             if metered is not None:
                 self.last_step.energy_joules = metered
         return progressed
+
+    def _launch_continuation(self, plan: StepPlan, launched) -> None:
+        """Queue the decode step after ``plan`` before ``plan``'s tokens reach the host.
+
+        Its requests are ``plan``'s, each one position on; its inputs are ``plan``'s tokens, copied on the
+        device. A request that ends with ``plan``'s token (a stop token, a stop string, an abort) is skipped
+        when the continuation is applied, its extra token dropped; the KV slot it wrote was its own, past
+        every cached block, and its blocks are reused only by work queued behind it. Not done while requests
+        wait (a normal step admits them next), for prompt chunks, or for sampling that needs the host.
+        """
+        if not self.executor.can_continue(plan):
+            return
+        continuation = self.scheduler.schedule_continuation(plan)
+        if continuation is not None:
+            self._ahead = (continuation, self.executor.launch(continuation, previous=launched))

@@ -154,6 +154,10 @@ class KVBlockManager:
         self._num_registered[request.request_id] = (num_full, parent_serial)
 
     # -- allocation ----------------------------------------------------------------
+    def blocks_to_grow(self, request: Request, num_new_tokens: int) -> int:
+        """New blocks ``allocate(request, num_new_tokens)`` would take (no cached prefix involved)."""
+        return max(0, self.blocks_for_tokens(request.num_computed_tokens + num_new_tokens) - len(request.block_ids))
+
     def can_allocate(self, request: Request, num_new_tokens: int, cached_block_ids: list[int] = ()) -> bool:
         return self._blocks_needed(request, num_new_tokens, cached_block_ids) is not None
 

@@ -8,6 +8,11 @@ from typing import Protocol
 from joule.engine.request import Request, SampledToken
 
 
+# The token id of a continuation step's sequences (``Scheduler.schedule_continuation``): not known when the
+# step is planned; the executor takes it from the previous step's samples on the device.
+CONTINUATION_TOKEN = -1
+
+
 @dataclass
 class ScheduledSequence:
     """One request's share of a step: ``token_ids`` at positions ``start_position`` onward."""

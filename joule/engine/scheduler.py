@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from joule.engine.admission import ADMISSION_POLICIES, make_admission_policy
 from joule.engine.kv_blocks import KVBlockManager
-from joule.engine.plan import ScheduledSequence, StepPlan, StepResult
+from joule.engine.plan import CONTINUATION_TOKEN, ScheduledSequence, StepPlan, StepResult
 from joule.engine.policies import DEFAULT_FAIR_PROMPT_CAP, POLICIES, make_policy
 from joule.engine.request import FINISHED_STATUSES, Request, RequestStatus
 from joule.engine.step_time import StepTimeEstimator
@@ -182,6 +182,42 @@ class Scheduler:
         if not plan.preempted_request_ids:
             budget = self._admit_waiting(budget, plan, scheduled, now)
         return plan
+
+    def schedule_continuation(self, plan: StepPlan) -> StepPlan | None:
+        """The decode step after ``plan``, planned before ``plan``'s tokens are known, so the executor can
+        queue it behind ``plan`` on the device (its inputs are ``plan``'s sampled tokens, copied there).
+
+        Every decode of ``plan`` that cannot stop by length at this token goes on; one that samples a stop
+        token, or is aborted or stopped by a stop string meanwhile, is skipped by ``update`` (its extra token
+        is dropped). None, changing nothing, when ``plan`` carries prompt tokens, requests wait (they are
+        admitted by a normal schedule), or a request lacks a block for the position after.
+        """
+        if self.waiting or not plan.sequences:
+            return None
+        max_model_len = self.config.max_model_len
+        going_on = []
+        for sequence in plan.sequences:
+            request = sequence.request
+            if len(sequence.token_ids) != 1 or not sequence.samples or request.status is not RequestStatus.RUNNING:
+                return None
+            outputs_after = len(request.output_token_ids) + 1
+            if outputs_after >= request.max_tokens or (
+                    max_model_len is not None and len(request.prompt_token_ids) + outputs_after >= max_model_len):
+                continue  # stops by length at this token, whatever it is
+            going_on.append(sequence)
+        manager = self.block_manager
+        if not going_on or sum(manager.blocks_to_grow(s.request, 2) for s in going_on) > manager.num_free_blocks:
+            return None
+        self.num_steps += 1
+        continuation = StepPlan()
+        for sequence in going_on:
+            request = sequence.request
+            self.block_manager.allocate(request, 2)  # this step's slot is there; the next one's may be new
+            continuation.sequences.append(ScheduledSequence(request, [CONTINUATION_TOKEN], sequence.start_position + 1,
+                                                            request.block_ids, True))
+            request.last_scheduled_step = self.num_steps
+            self.policy.on_scheduled(request, 1, True)
+        return continuation
 
     def _split_decodes(self, decodes: list[Request], tenants: frozenset) -> list[Request]:
         """The decodes of this step when ``tenants``' decodes may run half per step: all the others', and

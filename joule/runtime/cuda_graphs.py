@@ -155,8 +155,10 @@ class DecodeGraphRunner:
         logger.info("captured %d decode CUDA graphs (batch sizes %s) in %.1f s",
                     len(self.graphs), self.batch_sizes, time.perf_counter() - started)
 
-    def run(self, plan: StepPlan) -> torch.Tensor:
-        """Hidden states ``[len(plan.sequences), hidden]`` of a decode-only step (graph replay on CUDA)."""
+    def run(self, plan: StepPlan, token_source: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states ``[len(plan.sequences), hidden]`` of a decode-only step (graph replay on CUDA).
+        ``token_source``: the rows' input token ids on the device (a continuation step's), copied in after
+        the host inputs."""
         count = len(plan.sequences)
         size = padded_batch_size(count, self.batch_sizes)
         if size is None or not self.can_run(plan):
@@ -167,6 +169,8 @@ class DecodeGraphRunner:
         self._fill(plan)
         self._fill_padding(count, size)
         self._upload(size)
+        if token_source is not None:
+            self.input_ids[:count].copy_(token_source)
         if size in self.graphs:
             self.graphs[size].replay()
             return self.outputs[size][:count]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,6 +30,20 @@ from joule.runtime.prefill_graphs import PrefillChunkGraphRunner, can_run_mixed_
 from joule.runtime.sampler import GREEDY_TEMPERATURE_EPSILON, Sampler, SamplingRow
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose device work is queued (``ModelExecutor.launch``); ``collect`` waits for its tokens.
+
+    All-greedy steps keep their tokens on the device (``token_ids``, one per request in ``requests``' order);
+    steps that went through the sampler are complete at launch (``result``).
+    """
+
+    requests: list[Request]
+    started: float
+    token_ids: torch.Tensor | None = None
+    result: StepResult | None = None
 
 
 class ModelExecutor:
@@ -91,46 +106,85 @@ class ModelExecutor:
                     len(plans), time.perf_counter() - started)
         return len(plans)
 
-    @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
+        return self.collect(self.launch(plan))
+
+    def can_continue(self, plan: StepPlan) -> bool:
+        """A continuation (``Scheduler.schedule_continuation``) may follow ``plan`` on the device: every
+        sequence a greedy decode whose token the argmax gives (no sampler state on the host)."""
+        return bool(plan.sequences) and all(
+            len(sequence.token_ids) == 1 and sequence.samples and _plain_greedy(sequence.request)
+            for sequence in plan.sequences)
+
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan, previous: LaunchedStep | None = None) -> LaunchedStep:
+        """Queue ``plan``'s work; ``collect`` returns its tokens. All-greedy steps leave their tokens on the
+        device, so a continuation (``previous`` given: a decode-only plan of ``previous``'s requests, its
+        token ids placeholders) takes its inputs from there without a host round trip."""
         started = time.perf_counter()
+        token_source = None if previous is None else self._continuation_inputs(plan, previous)
         runner = self.graph_runner
         chunks = self.chunk_runner
         graphs = self.use_cuda_graphs and runner is not None and runner.backend is self.backend
         if graphs and runner.can_run(plan):
-            hidden = runner.run(plan)
+            hidden = runner.run(plan, token_source)
             sample_rows = [(row, sequence) for row, sequence in enumerate(plan.sequences) if sequence.samples]
-        elif graphs and chunks is not None and chunks.backend is self.backend and can_run_mixed_step(
-                plan, runner, chunks):
+        elif token_source is None and graphs and chunks is not None and chunks.backend is self.backend and (
+                can_run_mixed_step(plan, runner, chunks)):
             hidden, sampling = run_mixed_step(plan, runner, chunks)
             sample_rows = list(enumerate(sampling))
         else:
             input_ids, positions, metadata, sample_rows = self._prepare(plan)
+            if token_source is not None:  # a continuation is decode-only: one input row per sequence
+                input_ids.copy_(token_source)
             context = ForwardContext(self.backend, self.kv_cache, metadata)
             hidden = self.model(input_ids, positions, context)
+        if not sample_rows:
+            return LaunchedStep([], started, result=StepResult(elapsed_seconds=time.perf_counter() - started))
+        rows = [row for row, _ in sample_rows]
+        if rows != list(range(hidden.shape[0])):  # decode-only steps sample every row: no gather
+            hidden = hidden.index_select(0, torch.tensor(rows, device=self.device))
+        logits = self.model.compute_logits(hidden)
+        requests = [sequence.request for _, sequence in sample_rows]
+        if all(_plain_greedy(request) for request in requests):
+            # What the sampler does for such rows (no bans, penalties or logprobs: an argmax), without
+            # building a SamplingRow per request (~0.5 ms per 256 rows on the dev CPU) or a host sync.
+            return LaunchedStep(requests, started, token_ids=logits.argmax(dim=-1))
+        return LaunchedStep(requests, started, result=self._sample(logits, requests, started))
+
+    def collect(self, launched: LaunchedStep) -> StepResult:
+        """Wait for a launched step's tokens."""
+        if launched.result is not None:
+            return launched.result
+        token_ids = launched.token_ids.tolist()
+        return StepResult(sampled={request.request_id: SampledToken(token_id)
+                                   for request, token_id in zip(launched.requests, token_ids)},
+                          elapsed_seconds=time.perf_counter() - launched.started)
+
+    def _continuation_inputs(self, plan: StepPlan, previous: LaunchedStep) -> torch.Tensor:
+        """``previous``'s sampled tokens (on the device) in ``plan``'s row order."""
+        if previous.token_ids is None:
+            raise ValueError("a continuation needs a previous step whose tokens stayed on the device")
+        row_of = {id(request): row for row, request in enumerate(previous.requests)}
+        rows = [row_of[id(sequence.request)] for sequence in plan.sequences]
+        if rows == list(range(len(rows))):
+            return previous.token_ids[: len(rows)]
+        index = torch.tensor(rows, dtype=torch.int64)
+        if self.device.type == "cuda":
+            index = index.pin_memory().to(self.device, non_blocking=True)
+        return previous.token_ids.index_select(0, index)
+
+    def _sample(self, logits: torch.Tensor, requests: list[Request], started: float) -> StepResult:
         sampled: dict[str, SampledToken] = {}
-        if sample_rows:
-            rows = [row for row, _ in sample_rows]
-            if rows != list(range(hidden.shape[0])):  # decode-only steps sample every row: no gather
-                hidden = hidden.index_select(0, torch.tensor(rows, device=self.device))
-            logits = self.model.compute_logits(hidden)
-            requests = [sequence.request for _, sequence in sample_rows]
-            if all(_plain_greedy(request) for request in requests):
-                # What the sampler does for such rows (no bans, penalties or logprobs: an argmax), without
-                # building a SamplingRow per request (~0.5 ms per 256 rows on the dev CPU).
-                token_ids = logits.argmax(dim=-1).tolist()
-                return StepResult(sampled={request.request_id: SampledToken(token_id)
-                                           for request, token_id in zip(requests, token_ids)},
-                                  elapsed_seconds=time.perf_counter() - started)
-            output = self.sampler.sample(logits, [_sampling_row(request) for request in requests])
-            for index, request in enumerate(requests):
-                token_logprobs = output.logprobs[index]
-                if token_logprobs is None:
-                    sampled[request.request_id] = SampledToken(output.token_ids[index])
-                else:
-                    sampled[request.request_id] = SampledToken(
-                        token_logprobs.token_id, token_logprobs.logprob, token_logprobs.rank, token_logprobs.top
-                    )
+        output = self.sampler.sample(logits, [_sampling_row(request) for request in requests])
+        for index, request in enumerate(requests):
+            token_logprobs = output.logprobs[index]
+            if token_logprobs is None:
+                sampled[request.request_id] = SampledToken(output.token_ids[index])
+            else:
+                sampled[request.request_id] = SampledToken(
+                    token_logprobs.token_id, token_logprobs.logprob, token_logprobs.rank, token_logprobs.top
+                )
         return StepResult(sampled=sampled, elapsed_seconds=time.perf_counter() - started)
 
     def _prepare(self, plan: StepPlan):

@@ -21,7 +21,10 @@ def tiny_model(tmp_path_factory):
     return str(directory)
 
 
-def test_random_run_conserves_energy_and_every_output_carries_it(tiny_model):
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_random_run_conserves_energy_and_every_output_carries_it(tiny_model, lookahead):
+    """With ``lookahead`` the requests are greedy, so continuation steps run (and compute one dropped token
+    for a request that stops): their energy must still be conserved."""
     rng = random.Random(7)
 
     def script(meter: FakeEnergyMeter) -> None:
@@ -29,13 +32,17 @@ def test_random_run_conserves_energy_and_every_output_carries_it(tiny_model):
 
     meter = FakeEnergyMeter(on_read=script)
     engine = LLMEngine.from_kwargs(model=tiny_model, energy_meter=meter, max_num_batched_tokens=24, max_num_seqs=4,
-                                   **ENGINE_ARGS)
+                                   decode_lookahead=lookahead, **ENGINE_ARGS)
     ledger_zero = meter.joules
+    continuations = []
+    launch = engine.core.executor.launch
+    engine.core.executor.launch = lambda plan, previous=None: (
+        continuations.append(plan) if previous is not None else None) or launch(plan, previous)
     kinds = list(RequestOutputKind)
     pending = [
         (f"req{i}", [rng.randint(3, 200) for _ in range(rng.randint(1, 40))],
          SamplingParams(max_tokens=rng.randint(1, 10), ignore_eos=True, n=rng.choice([1, 1, 2]),
-                        output_kind=rng.choice(kinds), seed=i))
+                        output_kind=rng.choice(kinds), seed=i, temperature=0.0 if lookahead else 1.0))
         for i in range(10)
     ]
     final_energy: dict[str, float] = {}
@@ -64,6 +71,7 @@ def test_random_run_conserves_energy_and_every_output_carries_it(tiny_model):
     accounted = sum(final_energy.values()) + aborted_energy + totals.unattributed_joules
     assert abs(accounted - totals.metered_joules) <= 0.01 * totals.metered_joules
     assert totals.step_joules > totals.unattributed_joules  # steps are where the energy goes
+    assert bool(continuations) == lookahead
 
 
 def test_step_shares_in_the_real_engine_match_the_weight_formula(tiny_model):

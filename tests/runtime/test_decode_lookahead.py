@@ -1,0 +1,105 @@
+"""Decode lookahead: the next greedy decode step queued before this one's tokens are read gives the very
+tokens of the plain loop, with stop tokens, length stops, aborts, late arrivals and sampled requests about,
+and leaves no KV block behind."""
+
+from __future__ import annotations
+
+import pytest
+from helpers.tiny_models import build_tiny_checkpoint
+
+from joule.llm_engine import LLMEngine
+from joule.sampling_params import RequestOutputKind, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("lookahead-llama")
+    build_tiny_checkpoint("llama-gqa4-tied", directory)
+    return directory
+
+
+def _engine(model_dir, lookahead: bool) -> LLMEngine:
+    return LLMEngine.from_kwargs(model=str(model_dir), device="cpu", dtype="float32", kv_cache_memory_bytes=1 << 21,
+                                 max_model_len=128, block_size=4, decode_lookahead=lookahead)
+
+
+def _params(**changes) -> SamplingParams:
+    values = dict(temperature=0.0, max_tokens=12, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
+    values.update(changes)
+    return SamplingParams(**values)
+
+
+def _run(engine: LLMEngine, requests, arrivals=None, abort_at=None) -> dict:
+    """Step to the end; ``arrivals``: {step: [(id, prompt, params)]} added before that step; ``abort_at``:
+    {step: id}. Returns id -> (token ids, finish reason)."""
+    arrivals = arrivals or {}
+    abort_at = abort_at or {}
+    for request_id, prompt, params in requests:
+        engine.add_request(request_id, {"prompt_token_ids": prompt}, params)
+    results, step = {}, 0
+    while engine.has_unfinished_requests() or any(later > step for later in arrivals):
+        for request_id, prompt, params in arrivals.get(step, []):
+            engine.add_request(request_id, {"prompt_token_ids": prompt}, params)
+        if step in abort_at:
+            engine.abort_request(abort_at[step])
+        for output in engine.step():
+            results[output.request_id] = (list(output.outputs[0].token_ids), output.outputs[0].finish_reason)
+        step += 1
+    return results
+
+
+def _workload():
+    prompts = [[5, 9, 13, 40], [7, 7, 8, 100, 3, 2, 1], [50, 51], [9] * 11, [60, 61, 62]]
+    return [
+        ("plain-a", prompts[0], _params()),
+        ("short", prompts[1], _params(max_tokens=3)),
+        ("stops", prompts[2], _params(max_tokens=30, stop_token_ids=[])),  # stop id filled in below
+        ("long", prompts[3], _params(max_tokens=20)),
+        ("sampled", prompts[4], _params(temperature=0.9, seed=3)),
+    ]
+
+
+def test_lookahead_gives_the_plain_loops_tokens(model_dir, monkeypatch):
+    plain = _engine(model_dir, lookahead=False)
+    reference = _run(plain, _workload())
+    # Stop "stops" on the 4th token it sampled without a stop: the request ends early, mid-lookahead.
+    stop_token = reference["stops"][0][3]
+    workload = [(rid, prompt, params.clone(stop_token_ids=[stop_token]) if rid == "stops" else params)
+                for rid, prompt, params in _workload()]
+    late = {6: [("late", [11, 12, 13], _params(max_tokens=5))]}
+    expected = _run(_engine(model_dir, lookahead=False), workload, arrivals=late)
+    assert expected["stops"][1] == "stop" and len(expected["stops"][0]) <= 4
+
+    engine = _engine(model_dir, lookahead=True)
+    free_before = engine.block_manager.num_free_blocks
+    continuations = []
+    original = engine.core.executor.launch
+    monkeypatch.setattr(engine.core.executor, "launch", lambda plan, previous=None: (
+        continuations.append(len(plan.sequences)) if previous is not None else None) or original(plan, previous))
+    assert _run(engine, workload, arrivals=late) == expected
+    assert continuations, "no continuation step was launched"
+    assert engine.block_manager.num_free_blocks == free_before
+    assert not engine.core.scheduler.running and not engine.core.scheduler.waiting
+
+
+def test_lookahead_with_aborts_frees_every_block(model_dir):
+    workload = [(f"r{index}", [3 + index, 20, 30 + index], _params(max_tokens=15)) for index in range(4)]
+    expected = _run(_engine(model_dir, lookahead=False), workload, abort_at={5: "r1", 9: "r2"})
+    engine = _engine(model_dir, lookahead=True)
+    free_before = engine.block_manager.num_free_blocks
+    results = _run(engine, workload, abort_at={5: "r1", 9: "r2"})
+    assert {key: value for key, value in results.items() if key not in ("r1", "r2")} == {
+        key: value for key, value in expected.items() if key not in ("r1", "r2")}
+    assert engine.block_manager.num_free_blocks == free_before
+    assert not engine.has_unfinished_requests()
+
+
+def test_no_continuation_while_requests_wait_or_prompts_run(model_dir):
+    engine = _engine(model_dir, lookahead=True)
+    scheduler = engine.core.scheduler
+    engine.add_request("a", {"prompt_token_ids": [1, 2, 3]}, _params())
+    plan = scheduler.schedule()
+    assert scheduler.schedule_continuation(plan) is None  # a prompt step
+    engine.core.executor.execute(plan)  # (the tokens do not matter here)
+    engine.add_request("b", {"prompt_token_ids": [4, 5]}, _params())
+    assert scheduler.schedule_continuation(plan) is None
