@@ -130,16 +130,20 @@ def main() -> None:
     latency = []
     observer = engine.core.step_observer  # the energy ledger reads NVML twice a step
     step_times = timed_execute(engine)
-    for use_graphs, metered in ((graphs, True), (graphs, False), (False, False)):
+    for use_graphs, metered, lookahead in ((graphs, True, False), (graphs, False, False), (graphs, False, True),
+                                           (False, False, False)):
         engine.core.executor.use_cuda_graphs = use_graphs
         engine.core.step_observer = observer if metered else None
+        engine.core.decode_lookahead = lookahead
         step_times.clear()
         result = measure_latency(engine, [prompt], 256, num_iters=2)
         decode_steps = sorted(step_times)[: len(step_times) * 9 // 10]  # drop prefills
-        result.update(model=f"1b bf16 {'nvml-metered' if metered else 'unmetered'}", cuda_graphs=use_graphs,
+        result.update(model=f"1b bf16 {'nvml-metered' if metered else 'unmetered'}{' lookahead' if lookahead else ''}",
+                      cuda_graphs=use_graphs,
                       execute_ms=1e3 * sum(decode_steps) / max(1, len(decode_steps)))
         latency.append(result)
     engine.core.step_observer = None  # throughput numbers below: no per-step NVML reads
+    engine.core.decode_lookahead = False
     print_latency_table(latency)
     for result in latency:
         rows.append((f"(b) 1B bs1 decode tok/s, graphs={result['cuda_graphs']}, {result['model'][8:]}",
@@ -179,12 +183,14 @@ def main() -> None:
 
     # (c) workload 2 on Qwen3-0.6B, then (e) on Llama-3.1-8B when time is left.
     for label, model, kv_dtype, budget_s in (("(c) qwen3-0.6b", QWEN3_06B, "auto", None),
+                                             ("(c) qwen3-0.6b lookahead", QWEN3_06B, "auto", None),
                                              ("(c) qwen3-0.6b fp8 KV", QWEN3_06B, "fp8", None),
                                              ("(e) llama-3.1-8b", LLAMA_8B, "auto", 330)):
         if budget_s is not None and time.perf_counter() - STARTED > budget_s:
             rows.append((f"{label} workload 2", "skipped (time)"))
             continue
-        engine, graphs, capture_s = build(model, dtype="bfloat16", max_model_len=4096, kv_cache_dtype=kv_dtype)
+        engine, graphs, capture_s = build(model, dtype="bfloat16", max_model_len=4096, kv_cache_dtype=kv_dtype,
+                                          decode_lookahead="lookahead" in label)
         engine.core.step_observer = None
         print(label, "capture s", capture_s, "KV tokens", engine.kv_capacity_tokens, flush=True)
         requests = uniform_length_workload(256, 100, 1024, engine.model_config.vocab_size, seed=0)
