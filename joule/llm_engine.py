@@ -253,7 +253,7 @@ class LLMEngine:
             self.energy_ledger.release(sample.request.request_id)  # its joules stay in the attributed total
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._states)
+        return bool(self._states) or self.core.has_step_in_flight
 
     def get_num_unfinished_requests(self) -> int:
         return len(self._states)

@@ -72,6 +72,11 @@ class EngineCore:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests() or self._ahead is not None
 
+    @property
+    def has_step_in_flight(self) -> bool:
+        """A continuation was launched and is not collected yet (one more ``step`` drains it)."""
+        return self._ahead is not None
+
     def step(self) -> list[Request]:
         now = self.clock()
         if self.step_observer is not None:

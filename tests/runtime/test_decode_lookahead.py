@@ -4,7 +4,14 @@ and leaves no KV block behind."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
+
 from helpers.tiny_models import build_tiny_checkpoint
 
 from joule.llm_engine import LLMEngine
@@ -103,3 +110,29 @@ def test_no_continuation_while_requests_wait_or_prompts_run(model_dir):
     engine.core.executor.execute(plan)  # (the tokens do not matter here)
     engine.add_request("b", {"prompt_token_ids": [4, 5]}, _params())
     assert scheduler.schedule_continuation(plan) is None
+
+
+def test_lookahead_through_the_static_decode_buffers(model_dir):
+    """Continuations replayed through the decode graph runner's padded static buffers (what a CUDA graph
+    captures; run eagerly on the CPU through the Triton backend): inputs copied from the previous step's
+    tokens into the device buffer, rows padded and re-mapped when a request drops out by length."""
+    from joule.runtime.attention.triton_backend import TritonAttentionBackend
+    from joule.runtime.cuda_graphs import DecodeGraphRunner
+
+    workload = [(f"r{index}", [3 + index, 20, 30 + index, 9], _params(max_tokens=4 + 3 * index))
+                for index in range(3)]
+    results = {}
+    for lookahead in (False, True):
+        engine = _engine(model_dir, lookahead)
+        executor = engine.core.executor
+        executor.backend = TritonAttentionBackend()
+        executor.graph_runner = DecodeGraphRunner(executor.model, executor.kv_cache, executor.backend,
+                                                  executor.device, max_num_seqs=4, max_model_len=128)
+        executor.use_cuda_graphs = True
+        sources = []
+        run = executor.graph_runner.run
+        executor.graph_runner.run = lambda plan, token_source=None: (
+            sources.append(token_source is not None) or run(plan, token_source))
+        results[lookahead] = _run(engine, workload)
+        assert any(sources) == lookahead and len(sources) > 5
+    assert results[True] == results[False]
