@@ -1,6 +1,7 @@
 """Decode-attention launch configs, bf16 vs fp8 KV cache, graph-timed (one GPU call, ~1 minute).
 
-Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/decode_sweep.py [out.json]
+Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/decode_sweep.py [--focus] [out.json]
+(``--focus``: only workload 2's step shape, bf16 / fp8 / fp8 with fp16 dots, compact and spread caches.)
 
 Shapes of workload 2 (Qwen3-0.6B: 16 query / 8 KV heads of 128) and of Llama-3.2-1B (32 / 8 of 64),
 block size 16, shuffled block tables. For every (cache dtype, block_n, num_warps, num_stages) it prints
@@ -44,22 +45,58 @@ def graph_ms(function, calls: int = 20, repeats: int = 10) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def make_inputs(batch: int, context: int, heads: int, kv_heads: int, head_dim: int, cache_dtype, seed: int = 0):
+def make_inputs(batch: int, context: int, heads: int, kv_heads: int, head_dim: int, cache_dtype, seed: int = 0,
+                spread: int = 1):
+    """``spread`` > 1: a cache that many times larger than the blocks read, the used ones scattered over it
+    (an engine's cache spans ~100 GB: page-table reach may matter where a compact test cache hides it)."""
     generator = torch.Generator().manual_seed(seed)
     block_size = 16
     blocks_per_sequence = -(-context // block_size)
-    num_blocks = batch * blocks_per_sequence + 1
+    num_blocks = batch * blocks_per_sequence * spread + 1
     permutation = torch.randperm(num_blocks - 1, generator=generator) + 1
     tables = permutation[: batch * blocks_per_sequence].view(batch, blocks_per_sequence).to(torch.int32)
     shape = (num_blocks, block_size, kv_heads, head_dim)
-    keys = torch.randn(shape, device=DEVICE, dtype=torch.bfloat16).to(cache_dtype)
-    values = torch.randn(shape, device=DEVICE, dtype=torch.bfloat16).to(cache_dtype)
+    keys = torch.empty(shape, device=DEVICE, dtype=cache_dtype)
+    values = torch.empty(shape, device=DEVICE, dtype=cache_dtype)
+    for cache in (keys, values):  # in slices: a bf16 copy of a spread cache would not fit
+        for start in range(0, num_blocks, 4096):
+            cache[start:start + 4096] = torch.randn(cache[start:start + 4096].shape, device=DEVICE).to(cache_dtype)
     query = torch.randn(batch, heads, head_dim, device=DEVICE, dtype=torch.bfloat16)
     lengths = torch.full((batch,), context, dtype=torch.int32, device=DEVICE)
     return query, keys, values, tables.to(DEVICE), lengths
 
 
+def focus() -> list[dict]:
+    """Workload 2's decode step shape (Qwen3-0.6B layer, 256 sequences x 1k context) with the default launch:
+    bf16 vs fp8 vs fp8 with fp16 dots, on a compact cache and on one spread 40x (as an engine's)."""
+    rows = []
+    for spread in (1, 40):
+        for cache_dtype, fp16_dot in ((torch.bfloat16, False), (torch.float8_e4m3fn, False),
+                                      (torch.float8_e4m3fn, True)):
+            query, keys, values, tables, lengths = make_inputs(256, 1024, 16, 8, 128, cache_dtype, spread=spread)
+            kv_bytes = 2 * 256 * 1024 * 8 * 128 * keys.element_size()
+            output = torch.empty_like(query)
+            milliseconds = graph_ms(lambda: paged_decode_attention(
+                query, keys, values, tables, lengths, 1024, 128**-0.5, num_splits=1, output=output,
+                launch={"fp16_dot": fp16_dot}))
+            row = dict(spread=spread, cache=str(cache_dtype), fp16_dot=fp16_dot, us=milliseconds * 1e3,
+                       gbps=kv_bytes / milliseconds / 1e6, cache_gb=2 * keys.numel() * keys.element_size() / 1e9)
+            rows.append(row)
+            print(f"focus: spread {spread:2d} ({row['cache_gb']:.1f} GB) {str(cache_dtype):20s} fp16_dot={fp16_dot!s:5s}"
+                  f" {row['us']:7.1f} us  {row['gbps']:6.0f} GB/s", flush=True)
+            del query, keys, values
+            torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
+    if "--focus" in sys.argv:
+        rows = focus()
+        out = [arg for arg in sys.argv[1:] if arg != "--focus"]
+        if out:
+            with open(out[0], "w") as handle:
+                json.dump(rows, handle, indent=1)
+        return
     results = []
     shapes = (("qwen3-0.6b", 16, 8, 128), ("llama-3.2-1b", 32, 8, 64))
     for (name, heads, kv_heads, head_dim), (batch, context) in itertools.product(shapes, ((256, 1024), (64, 4096))):

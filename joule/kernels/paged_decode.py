@@ -61,6 +61,7 @@ def _decode_partial_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT_OUTPUT: tl.constexpr,
     HAS_SEQUENCE_IDS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    FP16_DOT: tl.constexpr,
 ):
     item = tl.program_id(0)  # index among the decode sequences of this launch
     kv_head = tl.program_id(1)
@@ -80,6 +81,8 @@ def _decode_partial_kernel(
         query_ptr + row * stride_query_token + heads[:, None] * stride_query_head + dims[None, :],
         mask=row_mask[:, None] & dim_mask[None, :], other=0.0,
     )
+    if FP16_DOT:  # fp8 tiles widen to fp16 in one instruction per pair (bf16 takes several)
+        query = query.to(tl.float16)
     table_row = block_tables_ptr + sequence.to(tl.int64) * stride_table_sequence
     running_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     running_sum = tl.zeros([GROUP_PAD], tl.float32)
@@ -204,7 +207,9 @@ def paged_decode_attention(
     # bf16 cache: 359 us) and 280 us at B=64 x 4k (389 us; bf16 356 us).
     fp8 = key_cache.element_size() == 1
     block_n = 128 if head_dim_pad <= (128 if fp8 else 64) else 64 if head_dim_pad <= 128 else 32
-    launch = {"block_n": block_n, "num_warps": 4, "num_stages": 3 if fp8 else 2, **(launch or {})}
+    # fp16_dot (fp8 caches only): dot products in fp16 instead of the query's dtype; not the default until
+    # measured (benchmarks/gpu/decode_sweep.py compares both).
+    launch = {"block_n": block_n, "num_warps": 4, "num_stages": 3 if fp8 else 2, "fp16_dot": False, **(launch or {})}
     block_n = launch["block_n"]
     min_split_length = -(-max(1, min_split_tokens or block_n) // block_n) * block_n
     num_splits = max(1, min(int(num_splits), -(-max(1, max_sequence_length) // min_split_length)))
@@ -226,7 +231,7 @@ def paged_decode_attention(
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size, BLOCK_N=block_n, DIRECT_OUTPUT=direct,
         HAS_SEQUENCE_IDS=sequence_ids is not None, DOT_PRECISION=dot_precision(query.dtype), UPCAST_DOT=interpreting(),
-        num_warps=launch["num_warps"], num_stages=launch["num_stages"],
+        FP16_DOT=bool(launch["fp16_dot"]) and fp8, num_warps=launch["num_warps"], num_stages=launch["num_stages"],
     )
     if not direct:
         _decode_merge_kernel[(num_sequences, num_heads)](
