@@ -85,15 +85,20 @@ class EngineCore:
         if self._ahead is not None:
             plan, launched = self._ahead
             self._ahead = None
+            # Requests that ended with the step before (stop token or string, abort) computed one token more:
+            # dropped here, so neither the update nor the energy ledger sees them again.
+            plan.sequences = [sequence for sequence in plan.sequences if not sequence.request.is_finished]
+            if plan.is_empty:
+                self.executor.collect(launched)
         else:
             plan = self.scheduler.schedule(now=now)
-            if plan.is_empty:
-                self.last_step = StepStats(preempted_request_ids=plan.preempted_request_ids)
-                if self.step_observer is not None:
-                    self.last_step.energy_joules = self.step_observer.step_ended(plan, self.clock())
-                return []
-            if self.decode_lookahead:
+            if not plan.is_empty and self.decode_lookahead:
                 launched = self.executor.launch(plan)
+        if plan.is_empty:
+            self.last_step = StepStats(preempted_request_ids=plan.preempted_request_ids)
+            if self.step_observer is not None:
+                self.last_step.energy_joules = self.step_observer.step_ended(plan, self.clock())
+            return []
         if launched is not None:
             self._launch_continuation(plan, launched)
             result: StepResult = self.executor.collect(launched)

@@ -87,6 +87,15 @@ def test_lookahead_gives_the_plain_loops_tokens(model_dir, monkeypatch):
     assert continuations, "no continuation step was launched"
     assert engine.block_manager.num_free_blocks == free_before
     assert not engine.core.scheduler.running and not engine.core.scheduler.waiting
+    _assert_no_energy_left_on_released_requests(engine)
+
+
+def _assert_no_energy_left_on_released_requests(engine: LLMEngine) -> None:
+    """A dropped extra token's step is not charged to its (already released) request: nothing is left in
+    the ledger once every request is done (a server would otherwise keep one entry per such request)."""
+    ledger = engine.energy_ledger
+    assert ledger.totals().attributed_joules == pytest.approx(ledger.released_joules)
+    assert ledger.released_joules > 0
 
 
 def test_lookahead_with_aborts_frees_every_block(model_dir):
@@ -99,6 +108,7 @@ def test_lookahead_with_aborts_frees_every_block(model_dir):
         key: value for key, value in expected.items() if key not in ("r1", "r2")}
     assert engine.block_manager.num_free_blocks == free_before
     assert not engine.has_unfinished_requests()
+    _assert_no_energy_left_on_released_requests(engine)
 
 
 def test_no_continuation_while_requests_wait_or_prompts_run(model_dir):
