@@ -46,6 +46,10 @@ class _Sample:
     num_chars_sent: int = 0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # Running sum of the sampled tokens' logprobs over the first ``num_logprobs_summed`` tokens, so an output
+    # per step does not re-add the whole history (same left-to-right additions as one sum()).
+    cumulative_logprob: float = 0.0
+    num_logprobs_summed: int = 0
 
 
 @dataclass
@@ -323,27 +327,32 @@ class LLMEngine:
         if kind == RequestOutputKind.FINAL_ONLY and not finished:
             return None
         delta = kind == RequestOutputKind.DELTA
-        state.metrics.energy_joules = sum(self.energy_ledger.joules_of(s.request.request_id) for s in state.samples)
-        state.metrics.energy_source = self.energy_ledger.source
+        ledger = self.energy_ledger
+        samples = state.samples
+        if len(samples) == 1:
+            state.metrics.energy_joules = ledger.joules_of(samples[0].request.request_id)
+        else:
+            state.metrics.energy_joules = sum(ledger.joules_of(sample.request.request_id) for sample in samples)
+        state.metrics.energy_source = ledger.source
         completions = []
-        for index, sample in enumerate(state.samples):
-            token_ids = sample.request.output_token_ids[: sample.num_tokens_seen]
+        for index, sample in enumerate(samples):
+            seen = sample.num_tokens_seen
             token_start = sample.num_tokens_sent if delta else 0
             char_start = sample.num_chars_sent if delta else 0
-            if delta and token_start == len(token_ids) and char_start == len(sample.text) and not sample.finish_reason:
+            if delta and token_start == seen and char_start == len(sample.text) and not sample.finish_reason:
                 continue
             completions.append(
                 CompletionOutput(
                     index=index,
                     text=sample.text[char_start:],
-                    token_ids=list(token_ids[token_start:]),
+                    token_ids=sample.request.output_token_ids[token_start:seen],  # a copy: only the new part
                     cumulative_logprob=self._cumulative_logprob(sample),
                     logprobs=self._logprobs(sample, token_start),
                     finish_reason=sample.finish_reason,
                     stop_reason=sample.stop_reason,
                 )
             )
-            sample.num_tokens_sent, sample.num_chars_sent = len(token_ids), len(sample.text)
+            sample.num_tokens_sent, sample.num_chars_sent = seen, len(sample.text)
         return RequestOutput(
             request_id=state.request_id,
             prompt=state.prompt,
@@ -358,7 +367,13 @@ class LLMEngine:
     def _cumulative_logprob(sample: _Sample) -> float | None:
         if sample.request.sampling_params.logprobs is None:
             return None
-        return float(sum(token.logprob for token in sample.request.output_logprobs[: sample.num_tokens_seen]))
+        logprobs = sample.request.output_logprobs
+        total = sample.cumulative_logprob
+        for position in range(sample.num_logprobs_summed, sample.num_tokens_seen):
+            total += logprobs[position].logprob
+        sample.cumulative_logprob, sample.num_logprobs_summed = total, max(sample.num_logprobs_summed,
+                                                                           sample.num_tokens_seen)
+        return float(total)
 
     def _logprobs(self, sample: _Sample, start: int) -> list[dict[int, Logprob]] | None:
         if sample.request.sampling_params.logprobs is None:

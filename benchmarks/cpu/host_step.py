@@ -34,6 +34,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3, help="timed passes; the best is reported")
     parser.add_argument("--profile", action="store_true", help="print a cProfile table of one pass")
+    parser.add_argument("--output-kind", default="final_only", choices=[kind.value for kind in RequestOutputKind],
+                        help="final_only (offline) or delta (what a streaming server asks for)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as directory:
         Path(directory, "config.json").write_text(json.dumps(TINY))
@@ -48,7 +50,7 @@ def main() -> None:
     engine.core.executor.execute = execute
     rng = random.Random(0)
     params = SamplingParams(temperature=0.0, max_tokens=100_000, ignore_eos=True,
-                            output_kind=RequestOutputKind.FINAL_ONLY)
+                            output_kind=RequestOutputKind(args.output_kind))
     for index in range(args.sequences):
         prompt = [rng.randrange(100, 30000) for _ in range(rng.randint(100, 1024))]
         engine.add_request(str(index), {"prompt_token_ids": prompt}, params)
@@ -61,7 +63,7 @@ def main() -> None:
         for _ in range(args.steps):
             engine.step()
         best = min(best, (time.perf_counter() - started) / args.steps)
-    print(f"host work per decode step of {args.sequences} sequences: {best * 1e3:.3f} ms "
+    print(f"host work per decode step of {args.sequences} sequences ({args.output_kind}): {best * 1e3:.3f} ms "
           f"(best of {args.repeats} x {args.steps} steps)")
     if args.profile:
         profiler = cProfile.Profile()

@@ -159,3 +159,27 @@ def test_request_metrics_are_ordered(llm):
     assert metrics.first_token_time <= metrics.last_token_time <= metrics.finished_time
     assert metrics.time_in_queue >= 0
     assert metrics.time_to_first_token > 0 and metrics.end_to_end_latency >= metrics.time_to_first_token
+
+
+@pytest.mark.parametrize("kind", ["delta", "cumulative"])
+def test_streamed_cumulative_logprob_is_the_sum_so_far(checkpoint, kind):
+    """Every streamed output's cumulative_logprob is exactly sum() of the logprobs of the tokens so far (the
+    engine keeps a running sum instead of re-adding the history each step)."""
+    from joule.sampling_params import RequestOutputKind
+
+    directory, _ = checkpoint
+    engine = LLMEngine.from_kwargs(model=str(directory), dtype="float32", device="cpu", block_size=4,
+                                   kv_cache_memory_bytes=4 << 20)
+    params = SamplingParams(temperature=0.8, seed=5, max_tokens=9, ignore_eos=True, logprobs=2,
+                            output_kind=RequestOutputKind(kind))
+    engine.add_request("r", _prompt(3), params)
+    logprobs, checked = [], 0
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            completion = output.outputs[0]
+            new = completion.logprobs if kind == "delta" else completion.logprobs[len(logprobs):]
+            new_ids = completion.token_ids if kind == "delta" else completion.token_ids[len(logprobs):]
+            logprobs.extend(entry[token_id].logprob for entry, token_id in zip(new, new_ids))
+            assert completion.cumulative_logprob == sum(logprobs)
+            checked += 1
+    assert checked >= 9 and len(logprobs) == 9
