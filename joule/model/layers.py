@@ -149,7 +149,8 @@ class MergedLinear(nn.Module):
             self.bias = nn.Parameter(torch.cat([bias.detach() for bias in biases]), requires_grad=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if hidden.is_cuda and hidden.shape[0] == 1 and self._row_gemv_fits():
+        if (hidden.is_cuda and hidden.shape[0] == 1 and hidden.stride(-1) == 1 and hidden.dtype == self.weight.dtype
+                and self._row_gemv_fits()):
             from joule.kernels.gemv import gemv
 
             return gemv(hidden, self.weight, self.bias)
