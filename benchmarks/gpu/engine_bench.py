@@ -109,7 +109,7 @@ def main() -> None:
     replays = []
     if runner is not None:
         original = runner.run
-        runner.run = lambda plan: replays.append(len(plan.sequences)) or original(plan)
+        runner.run = lambda plan, token_source=None: replays.append(len(plan.sequences)) or original(plan, token_source)
     with_graphs, _ = generate(engine, prompts, lengths)
     engine.core.executor.use_cuda_graphs = False
     eager, _ = generate(engine, prompts, lengths)

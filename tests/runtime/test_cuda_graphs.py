@@ -106,7 +106,7 @@ def test_padded_static_decode_matches_eager_tokens(tiny_dir):
     executor.graph_runner, executor.use_cuda_graphs = runner, True
     calls = []
     original_run = runner.run
-    runner.run = lambda plan: calls.append(len(plan.sequences)) or original_run(plan)
+    runner.run = lambda plan, token_source=None: calls.append(len(plan.sequences)) or original_run(plan, token_source)
     params = [SamplingParams(temperature=0.0, max_tokens=length, ignore_eos=True,
                              output_kind=RequestOutputKind.FINAL_ONLY) for length in lengths]
     for index, (prompt, param) in enumerate(zip(prompts, params)):
