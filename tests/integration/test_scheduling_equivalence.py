@@ -1,4 +1,5 @@
-"""Greedy tokens of the real (tiny) model do not depend on the scheduling policy, admission or prefill mode.
+"""Greedy tokens of the real (tiny) model do not depend on the scheduling policy, admission, prefill mode or
+decode lookahead.
 
 The deadline policy with a TPOT no step can meet forces one-block prompt chunks next to
 decodes; predicted admission holds requests back in a small KV cache; prefill-first runs
@@ -25,6 +26,11 @@ SETTINGS = {
                                 admission_policy="predicted"),
     "prefill-first": dict(block_size=4, max_num_batched_tokens=80, max_model_len=80, kv_blocks=30,
                           enable_chunked_prefill=False),
+    # A cache so small that requests are preempted and recomputed, with decode steps queued ahead.
+    "lookahead-small-cache": dict(block_size=4, max_num_batched_tokens=32, max_model_len=80, kv_blocks=30,
+                                  decode_lookahead=True),
+    "lookahead-prefill-first": dict(block_size=4, max_num_batched_tokens=80, max_model_len=80, kv_blocks=30,
+                                    enable_chunked_prefill=False, decode_lookahead=True),
 }
 
 
@@ -60,6 +66,10 @@ def test_greedy_tokens_do_not_depend_on_scheduling(checkpoint, setting):
         return plan
 
     scheduler.schedule = recording_schedule
+    continuations = []
+    launch = engine.core.executor.launch
+    engine.core.executor.launch = lambda plan, previous=None: (
+        continuations.append(plan) if previous is not None else None) or launch(plan, previous)
     for index, prompt in enumerate(prompts):
         engine.add_request(str(index), {"prompt_token_ids": prompt}, params, arrival_time=float(index), slo=slo)
     finished = {}
@@ -69,6 +79,9 @@ def test_greedy_tokens_do_not_depend_on_scheduling(checkpoint, setting):
                 finished[output.request_id] = output.outputs[0].token_ids
     assert [finished[str(index)] for index in range(len(prompts))] == expected
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert bool(continuations) == settings.get("decode_lookahead", False)
+    if setting == "lookahead-small-cache":
+        assert scheduler.num_preemptions > 0  # recomputed requests came back under lookahead too
     if setting == "deadline-tight-tpot":  # prompt chunks next to decodes were cut to one block
         mixed = [plan for plan in plans if not all(is_prompt for _, _, is_prompt in plan)
                  and any(is_prompt for _, _, is_prompt in plan)]
