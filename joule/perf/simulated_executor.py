@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from joule.engine.plan import StepPlan, StepResult
 from joule.engine.request import SampledToken
-from joule.perf.step_model import StepModel
+from joule.perf.step_model import StepCost, StepModel
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,7 @@ class SimulatedExecutor:
     # Set by the simulator when an arrival wakes an idle replica: its next step pays the profile's
     # wake_overhead_s (cleared once a step runs).
     after_idle: bool = False
+    last_cost: StepCost | None = None  # the last predicted step (``launch`` re-times continuations from it)
 
     def __post_init__(self) -> None:
         if self.step_model is None and self.fixed_step_seconds is None:
@@ -49,6 +50,24 @@ class SimulatedExecutor:
             raise ValueError("eos_probability > 0 needs an eos_token_id.")
         if self.vocab_size < 2:
             raise ValueError(f"vocab_size must be at least 2, got {self.vocab_size}")
+
+    def can_continue(self, plan: StepPlan) -> bool:
+        """The engine's decode lookahead may queue the next step behind ``plan`` (``EngineCore``): a
+        decode-only plan. (The real executor also requires greedy rows; simulated tokens need no sampler.)"""
+        return bool(plan.sequences) and all(len(s.token_ids) == 1 and s.samples for s in plan.sequences)
+
+    def launch(self, plan: StepPlan, previous: StepResult | None = None) -> StepResult:
+        """``execute``; a continuation (``previous`` given) was queued while the host still worked on the
+        step before, so its host overhead overlaps the device: max(host, device) instead of their sum."""
+        result = self.execute(plan)
+        if previous is not None and self.fixed_step_seconds is None and self.last_cost is not None:
+            cost = self.last_cost
+            result.elapsed_seconds = max(cost.overhead_seconds, sum(cost.seconds.values()))
+            result.energy_joules = self.step_model.energy(cost.counts, result.elapsed_seconds)
+        return result
+
+    def collect(self, launched: StepResult) -> StepResult:
+        return launched
 
     def execute(self, plan: StepPlan) -> StepResult:
         if self.record_plans:
@@ -66,6 +85,7 @@ class SimulatedExecutor:
         finished = {sequence.request_id for sequence in plan.sequences
                     if sequence.samples and finishes_with(sequence.request, sampled[sequence.request_id].token_id)}
         cost = self.step_model.predict_plan(plan, finished, after_idle)
+        self.last_cost = cost
         return StepResult(sampled=sampled, elapsed_seconds=cost.elapsed_seconds, energy_joules=cost.energy_joules)
 
     def token_for(self, request_id: str, position: int) -> int:

@@ -56,6 +56,7 @@ class ReplicaConfig:
     enable_chunked_prefill: bool = True  # False: the prefill-first baseline
     fair_prompt_cap: int = DEFAULT_FAIR_PROMPT_CAP  # the fair policy's prompt tokens per step while it protects a tenant
     fair_split_decodes: bool = False  # ... and runs the flooding tenants' decodes half per step
+    decode_lookahead: bool = False  # the engine's --decode-lookahead: continuation steps' host work overlaps
 
     @classmethod
     def for_hardware(cls, name: str, profile_path=None, dtype: str | None = None, calibrated: bool = True,
@@ -122,7 +123,7 @@ class _Replica:
         )
         self.core = EngineCore(
             scheduler_config, KVBlockManager(num_blocks, config.block_size, config.enable_prefix_caching),
-            self.executor, clock=lambda: self.now,
+            self.executor, clock=lambda: self.now, decode_lookahead=config.decode_lookahead,
         )
         self.outstanding = 0
         self.outstanding_tokens = 0

@@ -197,3 +197,25 @@ def test_simulated_executor_knows_which_requests_a_step_finishes():
     assert finishes_with(request, 7) and not finishes_with(request, 5)
     request.output_token_ids.append(5)
     assert finishes_with(request, 5)  # the length cap
+
+
+def test_decode_lookahead_in_simulation_runs_the_engines_continuations_and_hides_host_time():
+    """With the engine's decode lookahead the simulator drives ``Scheduler.schedule_continuation`` too: the
+    same requests complete with the same tokens counts, and continuation steps cost max(host, device)
+    instead of their sum, so a decode-heavy offline run ends no later (and here sooner)."""
+    model = small_model()
+    spec = WorkloadSpec(8, input_len=LengthDistribution("fixed", 32), output_len=LengthDistribution("fixed", 40))
+    requests = generate(spec, model.vocab_size)
+    plain = ClusterSimulator(model, [replica()]).run(requests)
+    simulator = ClusterSimulator(model, [replica(decode_lookahead=True)])
+    continuations = []
+    executor = simulator.replicas[0].executor
+    launch = executor.launch
+    executor.launch = lambda plan, previous=None: (
+        continuations.append(plan) if previous is not None else None) or launch(plan, previous)
+    ahead = simulator.run(requests)
+    assert continuations
+    first, second = plain.summary(), ahead.summary()
+    assert second["num_requests"] == first["num_requests"] == 8
+    assert second["output_throughput"] > first["output_throughput"]
+    assert ahead.makespan < plain.makespan
