@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -67,6 +68,28 @@ def top_frames(collapsed: Path, limit: int = 30) -> list[tuple[str, int]]:
     return sorted(counts.items(), key=lambda item: -item[1])[:limit]
 
 
+STAGES = {  # server-side parts of a request's TTFT, from the request log (joule/server/request_log.py)
+    "queue": ("arrival", "first_scheduled"),  # waiting for the step in flight and for admission
+    "own step": ("first_scheduled", "first_token"),  # the step(s) that computed its prompt
+    "handover": ("first_token", "first_token_handed_over"),  # engine process -> API event loop
+    "server ttft": ("arrival", "first_token_handed_over"),
+}
+
+
+def server_side_breakdown(records: list[dict], tenant: str, since: float = float("-inf"),
+                          until: float = float("inf")) -> dict:
+    """p50 / p90 / p99 (ms) of each TTFT stage for ``tenant``'s requests that arrived in [since, until)."""
+    chosen = [record for record in records if record.get("tenant") == tenant and since <= record["arrival"] < until
+              and all(record.get(field) is not None for pair in STAGES.values() for field in pair)]
+    summary: dict = {"requests": len(chosen)}
+    for stage, (start, end) in STAGES.items():
+        values = sorted(1000 * (record[end] - record[start]) for record in chosen)
+        if values:
+            summary[stage] = {f"p{q}": round(values[min(len(values) - 1, int(q / 100 * len(values)))], 2)
+                              for q in (50, 90, 99)}
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -101,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.py_spy:
             sampler = sample_stacks(args.py_spy, server.process.pid, goodput.FLOOD_LEAD_S + args.duration_s / 3,
                                     args.duration_s / 3, out / "pyspy-flooded.txt", goodput.log)
+        flood_started = time.time()
         flooded = goodput.fairness_run(server, scale, args.heavy_rate)
         if sampler is not None:
             sampler.join(60)
@@ -114,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     results["p99_ttft_vs_solo"] = ratio
     (out / "probe.json").write_text(json.dumps(results, indent=2))
     request_log = out / "requests.jsonl"
+    if request_log.exists():
+        records = [json.loads(line) for line in request_log.read_text().splitlines() if line.strip()]
+        results["solo"]["server_side_ms"] = server_side_breakdown(records, "light", until=flood_started)
+        results["fair"]["server_side_ms"] = server_side_breakdown(records, "light", since=flood_started)
+        (out / "probe.json").write_text(json.dumps(results, indent=2))
     if request_log.exists():  # one file, compressed: a device call returns few files
         with request_log.open("rb") as source, gzip.open(out / "requests.jsonl.gz", "wb") as target:
             shutil.copyfileobj(source, target)
@@ -127,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
         row = results[label]
         print(f"{label:5} light p99 {row['light_p99_ttft_ms']:8.1f} ms  p50 {row['light_p50_ttft_ms']:7.1f} ms  "
               f"pauses: {goodput.format_pauses(row['server_pauses'])}")
+    for label in ("solo", "fair"):
+        breakdown = results[label].get("server_side_ms", {})
+        parts = "  ".join(f"{stage} {values['p50']}/{values['p99']}" for stage, values in breakdown.items()
+                          if stage != "requests")
+        if parts:
+            print(f"{label:5} server side, light requests, p50/p99 ms: {parts}")
     print(f"SUMMARY fair light p99 TTFT {results['fair']['light_p99_ttft_ms']:.1f} ms = {ratio:.2f}x solo "
           f"(heavy {results['fair']['heavy_output_tok_s'] or 0:.0f} output tok/s)")
     return 0

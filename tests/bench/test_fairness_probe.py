@@ -1,0 +1,40 @@
+"""benchmarks/gpu/fairness_probe.py's server-side TTFT breakdown from the request log (pure function, no server)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu" / "fairness_probe.py"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("fairness_probe", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _record(tenant, arrival, queue_ms, step_ms, handover_ms):
+    scheduled = arrival + queue_ms / 1000
+    first = scheduled + step_ms / 1000
+    return {"tenant": tenant, "arrival": arrival, "first_scheduled": scheduled, "first_token": first,
+            "first_token_handed_over": first + handover_ms / 1000}
+
+
+def test_breakdown_splits_ttft_into_queue_own_step_and_handover_per_window():
+    probe = _load_script()
+    records = [_record("light", 100.0 + index, queue_ms=index, step_ms=3.0, handover_ms=0.5) for index in range(10)]
+    records += [_record("heavy", 105.0, 50.0, 50.0, 5.0), {"tenant": "light", "arrival": 101.5, "first_scheduled": None,
+                                                           "first_token": None, "first_token_handed_over": None}]
+    everything = probe.server_side_breakdown(records, "light")
+    assert everything["requests"] == 10  # the heavy one and the unfinished one are left out
+    assert everything["queue"] == {"p50": 5.0, "p90": 9.0, "p99": 9.0}
+    assert everything["own step"]["p50"] == 3.0 and everything["handover"]["p99"] == 0.5
+    assert everything["server ttft"]["p99"] == 12.5
+    early = probe.server_side_breakdown(records, "light", until=105.0)
+    late = probe.server_side_breakdown(records, "light", since=105.0)
+    assert early["requests"] == 5 and late["requests"] == 5 and early["queue"]["p99"] == 4.0
+    assert probe.server_side_breakdown(records, "nobody") == {"requests": 0}
