@@ -2,19 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
+from helpers.scripts import BENCHMARKS, load_script
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu" / "fairness_probe.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("fairness_probe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+SCRIPT = BENCHMARKS / "gpu" / "fairness_probe.py"
 
 
 def _record(tenant, arrival, queue_ms, step_ms, handover_ms):
@@ -25,7 +15,7 @@ def _record(tenant, arrival, queue_ms, step_ms, handover_ms):
 
 
 def test_breakdown_splits_ttft_into_queue_own_step_and_handover_per_window():
-    probe = _load_script()
+    probe = load_script(SCRIPT, "fairness_probe")
     records = [_record("light", 100.0 + index, queue_ms=index, step_ms=3.0, handover_ms=0.5) for index in range(10)]
     records += [_record("heavy", 105.0, 50.0, 50.0, 5.0), {"tenant": "light", "arrival": 101.5, "first_scheduled": None,
                                                            "first_token": None, "first_token_handed_over": None}]

@@ -3,23 +3,18 @@ end through four `joule serve` subprocesses (chunked fcfs, prefill-first, fair, 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from helpers.scripts import BENCHMARKS, load_script
 from server.conftest import tiny_model_dir  # noqa: F401  (fixture)
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu" / "serve_goodput.py"
+SCRIPT = BENCHMARKS / "gpu" / "serve_goodput.py"
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("serve_goodput", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "serve_goodput")
 
 
 @pytest.mark.slow  # four server starts on the CPU: ~40 s

@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from helpers.scripts import BENCHMARKS, load_script
 
 from joule.bench.serve_workload import WorkloadOptions, plan_run
 from joule.bench.workload import LengthDistribution
 from joule.perf.metrics import SLO
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "sim" / "goodput.py"
+SCRIPT = BENCHMARKS / "sim" / "goodput.py"
 RATES = [2.0, 400.0]
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("sim_goodput", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "sim_goodput")
 
 
 @pytest.fixture(scope="module")
@@ -119,10 +113,7 @@ def test_command_line_writes_the_summary(script, tmp_path, capsys):
 def test_the_gpu_script_takes_the_workload_from_the_command_line(tmp_path, monkeypatch):
     """benchmarks/gpu/serve_goodput.py --input-len/--output-len/--max-model-len/--duration-s reach the Scale its
     servers and sweeps use (checked at the first server start, which is stopped there)."""
-    spec = importlib.util.spec_from_file_location("serve_goodput", SCRIPT.parents[1] / "gpu" / "serve_goodput.py")
-    gpu = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = gpu
-    spec.loader.exec_module(gpu)
+    gpu = load_script(BENCHMARKS / "gpu" / "serve_goodput.py", "serve_goodput")
     seen = []
 
     class Started(Exception):

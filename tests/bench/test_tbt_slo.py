@@ -4,13 +4,11 @@ benchmarks/gpu/serve_goodput.py's goodput tables: a stall that an average TPOT h
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
+from helpers.scripts import BENCHMARKS, load_script
 from server.conftest import live_server, tiny_model_dir  # noqa: F401  (fixtures)
 
 from joule.bench.serve import RunResult, SweepReport, add_serve_bench_arguments, config_from_args, run_serve_bench
@@ -18,15 +16,11 @@ from joule.bench.serve_metrics import RequestResult, compute_metrics, format_swe
 from joule.bench.serve_workload import TenantSpec, WorkloadOptions, plan_run
 from joule.perf.metrics import SLO
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu" / "serve_goodput.py"
+SCRIPT = BENCHMARKS / "gpu" / "serve_goodput.py"
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("serve_goodput", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "serve_goodput")
 
 
 def _stream(gaps: list[float], ttft: float = 0.1, **slos) -> RequestResult:
