@@ -39,7 +39,6 @@ class SimulatedExecutor:
     # Set by the simulator when an arrival wakes an idle replica: its next step pays the profile's
     # wake_overhead_s (cleared once a step runs).
     after_idle: bool = False
-    last_cost: StepCost | None = None  # the last predicted step (``launch`` re-times continuations from it)
 
     def __post_init__(self) -> None:
         if self.step_model is None and self.fixed_step_seconds is None:
@@ -59,9 +58,8 @@ class SimulatedExecutor:
     def launch(self, plan: StepPlan, previous: StepResult | None = None) -> StepResult:
         """``execute``; a continuation (``previous`` given) was queued while the host still worked on the
         step before, so its host overhead overlaps the device: max(host, device) instead of their sum."""
-        result = self.execute(plan)
-        if previous is not None and self.fixed_step_seconds is None and self.last_cost is not None:
-            cost = self.last_cost
+        result, cost = self._predict(plan)
+        if previous is not None and cost is not None:
             result.elapsed_seconds = max(cost.overhead_seconds, sum(cost.seconds.values()))
             result.energy_joules = self.step_model.energy(cost.counts, result.elapsed_seconds)
         return result
@@ -70,6 +68,10 @@ class SimulatedExecutor:
         return launched
 
     def execute(self, plan: StepPlan) -> StepResult:
+        return self._predict(plan)[0]
+
+    def _predict(self, plan: StepPlan) -> tuple[StepResult, StepCost | None]:
+        """The step's tokens and predicted cost (None with ``fixed_step_seconds``)."""
         if self.record_plans:
             self.plans.append(
                 [PlannedSequence(s.request_id, s.num_tokens, s.start_position, s.samples) for s in plan.sequences]
@@ -81,12 +83,11 @@ class SimulatedExecutor:
         }
         after_idle, self.after_idle = self.after_idle, False
         if self.fixed_step_seconds is not None:
-            return StepResult(sampled=sampled, elapsed_seconds=self.fixed_step_seconds, energy_joules=0.0)
+            return StepResult(sampled=sampled, elapsed_seconds=self.fixed_step_seconds, energy_joules=0.0), None
         finished = {sequence.request_id for sequence in plan.sequences
                     if sequence.samples and finishes_with(sequence.request, sampled[sequence.request_id].token_id)}
         cost = self.step_model.predict_plan(plan, finished, after_idle)
-        self.last_cost = cost
-        return StepResult(sampled=sampled, elapsed_seconds=cost.elapsed_seconds, energy_joules=cost.energy_joules)
+        return StepResult(sampled=sampled, elapsed_seconds=cost.elapsed_seconds, energy_joules=cost.energy_joules), cost
 
     def token_for(self, request_id: str, position: int) -> int:
         digest = zlib.crc32(f"{request_id}:{position}".encode())
