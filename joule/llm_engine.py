@@ -278,9 +278,7 @@ class LLMEngine:
         for state in changed.values():
             finished = state.finished
             if finished or state.params.output_kind != RequestOutputKind.FINAL_ONLY:
-                output = self._make_output(state)
-                if output is not None:
-                    outputs.append(output)
+                outputs.append(self._make_output(state, finished))
             if finished:
                 state.metrics.finished_time = now
                 self._states.pop(state.request_id, None)
@@ -321,12 +319,9 @@ class LLMEngine:
         if sample.finish_reason is not None and sample.detokenizer is not None:
             sample.text += sample.detokenizer.flush()
 
-    def _make_output(self, state: _RequestState) -> RequestOutput | None:
-        kind = state.params.output_kind
-        finished = state.finished
-        if kind == RequestOutputKind.FINAL_ONLY and not finished:
-            return None
-        delta = kind == RequestOutputKind.DELTA
+    def _make_output(self, state: _RequestState, finished: bool) -> RequestOutput:
+        """The output ``step`` sends (FINAL_ONLY requests only once finished: the caller checks)."""
+        delta = state.params.output_kind == RequestOutputKind.DELTA
         ledger = self.energy_ledger
         samples = state.samples
         if len(samples) == 1:

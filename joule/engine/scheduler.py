@@ -212,7 +212,7 @@ class Scheduler:
         continuation = StepPlan()
         for sequence in going_on:
             request = sequence.request
-            self.block_manager.allocate(request, 2)  # this step's slot is there; the next one's may be new
+            manager.allocate(request, 2)  # this step's slot is there; the next one's may be new
             continuation.sequences.append(ScheduledSequence(request, [CONTINUATION_TOKEN], sequence.start_position + 1,
                                                             request.block_ids, True))
             request.last_scheduled_step = self.num_steps

@@ -27,7 +27,7 @@ from joule.runtime.attention.base import (
 from joule.runtime.cuda_graphs import DecodeGraphRunner, graphs_disabled_reason
 from joule.runtime.kernel_warmup import warmup_plans
 from joule.runtime.prefill_graphs import PrefillChunkGraphRunner, can_run_mixed_step, run_mixed_step
-from joule.runtime.sampler import GREEDY_TEMPERATURE_EPSILON, Sampler, SamplingRow
+from joule.runtime.sampler import Sampler, SamplingRow
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
 def _plain_greedy(request: Request) -> bool:
     params = request.sampling_params
-    return (params.temperature < GREEDY_TEMPERATURE_EPSILON and params.logprobs is None
+    return (params.is_greedy and params.logprobs is None
             and params.repetition_penalty == 1.0 and params.frequency_penalty == 0.0
             and params.presence_penalty == 0.0 and len(request.output_token_ids) >= params.min_tokens)
 

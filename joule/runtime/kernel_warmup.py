@@ -9,8 +9,8 @@ capture of CUDA graphs compiles only the decode-only variants.
 How (``ModelExecutor.compile_eager_step_kernels``): a few synthetic eager steps on the engine's own
 (still empty) KV cache: one decode of context 16, 512, 1024, ... up to ``max_model_len`` tokens (every
 split class a step can choose), each beside a 16-token prompt chunk (a mixed step) and alone (a
-decode-only step). Nothing is sampled and no block
-manager is involved; the blocks written are free and get overwritten by the first requests.
+decode-only step). Nothing is sampled and no block manager is involved; the blocks written are free
+and get overwritten by the first requests.
 """
 
 from __future__ import annotations
