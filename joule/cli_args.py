@@ -23,8 +23,8 @@ _HELP = {
     "tokenizer": "tokenizer directory if not the model's",
     "enforce_eager": "never capture CUDA graphs (decode steps replay graphs on CUDA by default)",
     "decode_lookahead": "queue the next greedy decode step on the device before reading this one's tokens, so "
-    "scheduling and output work overlap the GPU (experimental; a request that stops computes one token more, "
-    "dropped)",
+    "scheduling and output work overlap the GPU (default: on with CUDA, off on the CPU; a request that stops "
+    "computes one token more, dropped)",
     "scheduling_policy": "fcfs, priority (lower value first, may preempt), fair (per-tenant token counters) or "
     "deadline (earliest TTFT deadline first; chunks cut to keep running decodes within their TPOT SLO)",
     "admission_policy": "greedy (admit while blocks last, preempt when they run out) or predicted (admit while the "
@@ -44,7 +44,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     for field in fields(EngineConfig):
         flag = "--" + field.name.replace("_", "-")
         default = field.default
-        if isinstance(default, bool):
+        if isinstance(default, bool) or field.name == "decode_lookahead":  # the latter: None means auto
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=_HELP.get(field.name))
         elif field.name in ("max_model_len", "max_num_batched_tokens", "kv_cache_memory_bytes", "max_num_seqs", "block_size", "seed",
                             "fair_prompt_cap"):

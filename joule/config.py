@@ -29,7 +29,7 @@ class EngineConfig:
     fair_split_decodes: bool = False
     enable_chunked_prefill: bool = True
     enforce_eager: bool = False
-    decode_lookahead: bool = False
+    decode_lookahead: bool | None = None  # None: on where it pays (CUDA), off on the CPU
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "max_num_batched_tokens", "kv_cache_memory_bytes"):
@@ -40,9 +40,10 @@ class EngineConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        for name in ("fair_split_decodes", "decode_lookahead"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+        if not isinstance(self.fair_split_decodes, bool):
+            raise ValueError(f"fair_split_decodes must be True or False, got {self.fair_split_decodes!r}.")
+        if self.decode_lookahead is not None and not isinstance(self.decode_lookahead, bool):
+            raise ValueError(f"decode_lookahead must be True, False or None (auto), got {self.decode_lookahead!r}.")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
         from joule.engine.policies import POLICIES

@@ -45,7 +45,7 @@ class LLM:
         enable_chunked_prefill: bool = True,
         fair_prompt_cap: int = DEFAULT_FAIR_PROMPT_CAP,
         fair_split_decodes: bool = False,
-        decode_lookahead: bool = False,
+        decode_lookahead: bool | None = None,
         **kwargs,
     ):
         unknown = sorted(set(kwargs) - _IGNORED_VLLM_OPTIONS)

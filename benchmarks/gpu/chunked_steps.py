@@ -102,7 +102,8 @@ def main() -> None:
     seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 6.0
     model = sys.argv[2] if len(sys.argv) > 2 else LLAMA_1B  # a tiny config checks the script on a CPU
     engine = LLMEngine.from_kwargs(model=model, load_format="dummy", dtype="bfloat16" if torch.cuda.is_available()
-                                   else "float32", max_model_len=4096)
+                                   else "float32", max_model_len=4096,
+                                   decode_lookahead=False)  # steps timed one by one
     engine.core.step_observer = None
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(device, "KV tokens", engine.kv_capacity_tokens, flush=True)

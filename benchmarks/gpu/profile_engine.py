@@ -125,7 +125,8 @@ def profile_steps(engine: LLMEngine, steps: int) -> list[dict]:
 
 
 def batch_one(raw: dict) -> None:
-    engine = LLMEngine.from_kwargs(model=LLAMA_1B, load_format="dummy", dtype="bfloat16", max_model_len=4096)
+    engine = LLMEngine.from_kwargs(model=LLAMA_1B, load_format="dummy", dtype="bfloat16", max_model_len=4096,
+                                   decode_lookahead=False)  # parts timed one by one
     engine.core.step_observer = None
     graphs = enable_engine_cuda_graphs(engine)
     log("1B engine ready, graphs", graphs, "KV tokens", engine.kv_capacity_tokens)
@@ -216,7 +217,7 @@ def batch_one(raw: dict) -> None:
 
 def workload_two(raw: dict, kv_cache_dtype: str = "auto", label: str = "workload2") -> None:
     engine = LLMEngine.from_kwargs(model=QWEN3_06B, load_format="dummy", dtype="bfloat16", max_model_len=4096,
-                                   kv_cache_dtype=kv_cache_dtype)
+                                   kv_cache_dtype=kv_cache_dtype, decode_lookahead=False)
     requests = uniform_length_workload(256, 100, 1024, engine.model_config.vocab_size, seed=0)
     split_workload(engine, requests, raw, label)
 
@@ -226,7 +227,8 @@ def workload_two_fp8(raw: dict) -> None:
 
 
 def workload_three(raw: dict) -> None:
-    engine = LLMEngine.from_kwargs(model=LLAMA_1B, load_format="dummy", dtype="bfloat16", max_model_len=4096)
+    engine = LLMEngine.from_kwargs(model=LLAMA_1B, load_format="dummy", dtype="bfloat16", max_model_len=4096,
+                                   decode_lookahead=False)  # steps timed one by one
     requests = fixed_length_workload(256, 512, 128, engine.model_config.vocab_size, seed=0)
     split_workload(engine, requests, raw, "workload3")
 

@@ -68,8 +68,9 @@ def add_perf_commands(subparsers) -> None:
     simulate.add_argument("--admission-policy", default="greedy", choices=["greedy", "predicted"])
     simulate.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
                           help="--no-enable-chunked-prefill: the prefill-first baseline")
-    simulate.add_argument("--decode-lookahead", action="store_true",
-                          help="the engine's --decode-lookahead: greedy decode steps queued ahead, host work hidden")
+    simulate.add_argument("--decode-lookahead", action=argparse.BooleanOptionalAction, default=None,
+                          help="the engine's --decode-lookahead: greedy decode steps queued ahead, host work hidden "
+                          "(default: as the engine, on for a GPU, off for a CPU)")
     simulate.add_argument("--sweep-rates", default=None, help="comma-separated request rates to sweep")
     simulate.add_argument("--plot-dir", default=None, help="write PNG plots here")
     simulate.set_defaults(perf_handler=run_simulate)
@@ -140,7 +141,7 @@ def _replica_list(args, model: ModelConfig):
             scheduling_policy=getattr(args, "scheduling_policy", "fcfs"),
             admission_policy=getattr(args, "admission_policy", "greedy"),
             enable_chunked_prefill=getattr(args, "enable_chunked_prefill", True),
-            decode_lookahead=getattr(args, "decode_lookahead", False),
+            decode_lookahead=getattr(args, "decode_lookahead", None),
         )
         if replica.hardware.name in prices:
             replica.hardware = with_price(replica.hardware, prices[replica.hardware.name])

@@ -292,6 +292,7 @@ def build_engine(model: str | None, dtype: str, load_format: str, device: str = 
     engine = LLMEngine(EngineConfig(
         model=model, dtype=dtype, device=device, load_format=load_format,
         max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory_bytes=kv_cache_memory_bytes,
+        decode_lookahead=False,  # each step timed on its own: the step model predicts unoverlapped steps
     ))
     engine.core.executor = RecordingExecutor(engine.core.executor, _staging_of(engine))
     return engine

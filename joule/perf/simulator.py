@@ -56,7 +56,9 @@ class ReplicaConfig:
     enable_chunked_prefill: bool = True  # False: the prefill-first baseline
     fair_prompt_cap: int = DEFAULT_FAIR_PROMPT_CAP  # the fair policy's prompt tokens per step while it protects a tenant
     fair_split_decodes: bool = False  # ... and runs the flooding tenants' decodes half per step
-    decode_lookahead: bool = False  # the engine's --decode-lookahead: continuation steps' host work overlaps
+    # The engine's --decode-lookahead (continuation steps' host work overlaps); None: the engine's default,
+    # on for a GPU, off for a CPU.
+    decode_lookahead: bool | None = None
 
     @classmethod
     def for_hardware(cls, name: str, profile_path=None, dtype: str | None = None, calibrated: bool = True,
@@ -123,7 +125,9 @@ class _Replica:
         )
         self.core = EngineCore(
             scheduler_config, KVBlockManager(num_blocks, config.block_size, config.enable_prefix_caching),
-            self.executor, clock=lambda: self.now, decode_lookahead=config.decode_lookahead,
+            self.executor, clock=lambda: self.now,
+            decode_lookahead=(config.hardware.kind == "gpu" if config.decode_lookahead is None
+                              else config.decode_lookahead),
         )
         self.outstanding = 0
         self.outstanding_tokens = 0

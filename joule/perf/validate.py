@@ -261,6 +261,7 @@ def simulate_like_engine(engine, profile: DeviceProfile, requests: list[TimedReq
         max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=config.max_model_len,
         block_size=engine.block_manager.block_size, num_kv_blocks=engine.block_manager.num_blocks,
         enable_prefix_caching=engine.block_manager.enable_prefix_caching,
+        decode_lookahead=engine.core.decode_lookahead,
     )
     return ClusterSimulator(engine.model_config, [replica]).run(requests).summary()
 

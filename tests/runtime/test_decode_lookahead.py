@@ -146,3 +146,17 @@ def test_lookahead_through_the_static_decode_buffers(model_dir):
         results[lookahead] = _run(engine, workload)
         assert any(sources) == lookahead and len(sources) > 5
     assert results[True] == results[False]
+
+
+def test_lookahead_is_on_by_default_with_cuda_only_and_can_be_forced_either_way(model_dir):
+    from joule.config import EngineConfig
+    from joule.llm_engine import _lookahead_enabled
+
+    assert _lookahead_enabled(None, torch.device("cuda")) is True
+    assert _lookahead_enabled(None, torch.device("cpu")) is False
+    assert _lookahead_enabled(True, torch.device("cpu")) is True
+    assert _lookahead_enabled(False, torch.device("cuda")) is False
+    assert _engine(model_dir, None).core.decode_lookahead is False  # auto on the CPU
+    assert _engine(model_dir, True).core.decode_lookahead is True
+    with pytest.raises(ValueError, match="decode_lookahead"):
+        EngineConfig(decode_lookahead="yes")
