@@ -26,15 +26,16 @@ def test_simulate_writes_metrics_and_plots(tmp_path, capsys):
     assert "goodput" in capsys.readouterr().out
 
 
-def test_simulate_with_decode_lookahead_is_faster_for_one_stream(tmp_path):
+def test_simulate_with_decode_lookahead_is_faster_for_one_stream_and_is_the_gpu_default(tmp_path):
     makespans = []
-    for extra in ([], ["--decode-lookahead"]):
+    for extra in (["--no-decode-lookahead"], ["--decode-lookahead"], []):
         output = tmp_path / f"run{len(extra)}.json"
         code = main(["simulate", "--model", "llama-3.2-1b", "--hardware", "H200", "--workload",
                      "input=fixed:128,output=fixed:64,num=1", "--output-json", str(output), *extra])
         assert code == 0
         makespans.append(json.loads(output.read_text())[0]["makespan_s"])
     assert makespans[1] < makespans[0]  # host work hidden behind the device on every continuation step
+    assert makespans[2] == makespans[1]  # as the engine on CUDA: on unless turned off
 
 
 def test_plan_prints_plans_and_errors_are_clear(tmp_path, capsys):

@@ -80,7 +80,8 @@ def test_simulator_makes_the_same_scheduling_decisions_as_the_real_engine(num_bl
     real_plans, real_first = run_real_engine(requests, num_blocks, 16, settings)
 
     simulator = ClusterSimulator(
-        model, [replica(num_blocks, max_num_seqs=8, max_num_batched_tokens=budget, max_model_len=512)],
+        model, [replica(num_blocks, max_num_seqs=8, max_num_batched_tokens=budget, max_model_len=512,
+                        decode_lookahead=False)],  # the real side's stand-in executes one step at a time
         record_plans=True, fixed_step_seconds=STEP_SECONDS,
     )
     result = simulator.run(requests)
@@ -206,7 +207,7 @@ def test_decode_lookahead_in_simulation_runs_the_engines_continuations_and_hides
     model = small_model()
     spec = WorkloadSpec(8, input_len=LengthDistribution("fixed", 32), output_len=LengthDistribution("fixed", 40))
     requests = generate(spec, model.vocab_size)
-    plain = ClusterSimulator(model, [replica()]).run(requests)
+    plain = ClusterSimulator(model, [replica(decode_lookahead=False)]).run(requests)
     simulator = ClusterSimulator(model, [replica(decode_lookahead=True)])
     continuations = []
     executor = simulator.replicas[0].executor
@@ -219,3 +220,5 @@ def test_decode_lookahead_in_simulation_runs_the_engines_continuations_and_hides
     assert second["num_requests"] == first["num_requests"] == 8
     assert second["output_throughput"] > first["output_throughput"]
     assert ahead.makespan < plain.makespan
+    default = ClusterSimulator(model, [replica()]).run(requests)  # a GPU replica: on, as the engine on CUDA
+    assert default.makespan == ahead.makespan
