@@ -128,6 +128,7 @@ class LLMEngine:
         )
         self.core = EngineCore(scheduler_config, self.block_manager, executor, step_observer=self.energy_ledger,
                                decode_lookahead=_lookahead_enabled(config.decode_lookahead, self.device))
+        logger.info("decode lookahead: %s", "on" if self.core.decode_lookahead else "off")
         self.eos_token_ids = _eos_ids(self.tokenizer, self.model_config)
         self._states: dict[str, _RequestState] = {}
         self._sample_owner: dict[str, tuple[_RequestState, int]] = {}
