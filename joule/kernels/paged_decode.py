@@ -18,6 +18,7 @@ cache block size works.
 
 from __future__ import annotations
 
+import functools
 
 import torch
 import triton
@@ -50,6 +51,22 @@ def _split_length(sequence_length, min_split_length, num_splits, BLOCK_N: tl.con
     return tl.maximum(length, min_split_length)
 
 
+@triton.jit
+def _e4m3_to_f16(raw):
+    """fp8 e4m3 bytes (``raw``, uint8) to fp16 with the hardware's paired convert (sm_89+), opaque to the
+    compiler: converted in registers, the tile reaches the dot through shared memory as 16-bit data
+    (``ldmatrix``) instead of byte by byte (ptx of the plain ``.to()`` path: 128 ``ld.shared.b8`` a tile)."""
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b16 low, high;
+        mov.b32 {low, high}, $2;
+        cvt.rn.f16x2.e4m3x2 $0, low;
+        cvt.rn.f16x2.e4m3x2 $1, high;
+        }""",
+        constraints="=r,=r,r", args=[raw], dtype=tl.float16, is_pure=False, pack=4,
+    )
+
+
 # Step-to-step values are not specialised on: each "== 1" / "divisible by 16" pattern is a ~1 s compile.
 @triton.jit(do_not_specialize=["min_split_length", "num_splits", "stride_table_sequence"])
 def _decode_partial_kernel(
@@ -61,7 +78,7 @@ def _decode_partial_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT_OUTPUT: tl.constexpr,
     HAS_SEQUENCE_IDS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    FP16_DOT: tl.constexpr,
+    FP16_DOT: tl.constexpr, FP8_ASM: tl.constexpr,
 ):
     item = tl.program_id(0)  # index among the decode sequences of this launch
     kv_head = tl.program_id(1)
@@ -81,7 +98,7 @@ def _decode_partial_kernel(
         query_ptr + row * stride_query_token + heads[:, None] * stride_query_head + dims[None, :],
         mask=row_mask[:, None] & dim_mask[None, :], other=0.0,
     )
-    if FP16_DOT:  # fp8 tiles widen to fp16 in one instruction per pair (bf16 takes several)
+    if FP16_DOT or FP8_ASM:  # fp8 tiles widen to fp16 in one instruction per pair (bf16 takes several)
         query = query.to(tl.float16)
     table_row = block_tables_ptr + sequence.to(tl.int64) * stride_table_sequence
     running_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
@@ -95,6 +112,8 @@ def _decode_partial_kernel(
                          + kv_head * stride_cache_head)
         kv_mask = valid[:, None] & dim_mask[None, :]
         keys = tl.load(key_cache_ptr + token_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        if FP8_ASM:
+            keys = _e4m3_to_f16(keys.to(tl.uint8, bitcast=True))
         scores = tile_dot(query, tl.trans(keys.to(query.dtype)), DOT_PRECISION, UPCAST_DOT) * scale_log2
         scores = tl.where(valid[None, :], scores, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, 1))
@@ -102,6 +121,8 @@ def _decode_partial_kernel(
         probabilities = tl.exp2(scores - new_max[:, None])
         running_sum = running_sum * correction + tl.sum(probabilities, 1)
         values = tl.load(value_cache_ptr + token_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        if FP8_ASM:
+            values = _e4m3_to_f16(values.to(tl.uint8, bitcast=True))
         values = values.to(query.dtype)
         attended = tile_dot(probabilities.to(values.dtype), values, DOT_PRECISION, UPCAST_DOT)
         accumulator = accumulator * correction[:, None] + attended
@@ -164,6 +185,18 @@ def choose_num_splits(num_sequences: int, num_kv_heads: int, max_sequence_length
     return max(1, min(wanted, by_length, MAX_SPLITS))
 
 
+def native_fp8_convert(device: torch.device) -> bool:
+    """The GPU converts e4m3 pairs to fp16 in one instruction (sm_89 and newer); never under the interpreter."""
+    if device.type != "cuda" or interpreting():
+        return False
+    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (8, 9)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 def paged_decode_attention(
     query: torch.Tensor,  # [S, Hq, D], one row per sequence
     key_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
@@ -209,7 +242,11 @@ def paged_decode_attention(
     block_n = 128 if head_dim_pad <= (128 if fp8 else 64) else 64 if head_dim_pad <= 128 else 32
     # fp16_dot (fp8 caches only): dot products in fp16 instead of the query's dtype; not the default until
     # measured (benchmarks/gpu/decode_sweep.py compares both).
-    launch = {"block_n": block_n, "num_warps": 4, "num_stages": 3 if fp8 else 2, "fp16_dot": False, **(launch or {})}
+    # fp8_asm: fp8 tiles widened in registers by the hardware's convert, dots in fp16 (see _e4m3_to_f16).
+    launch = {"block_n": block_n, "num_warps": 4, "num_stages": 3 if fp8 else 2, "fp16_dot": False,
+              "fp8_asm": fp8 and native_fp8_convert(query.device), **(launch or {})}
+    if launch["fp8_asm"] and (not fp8 or interpreting()):
+        raise ValueError("paged_decode_attention: fp8_asm needs an fp8 cache on a CUDA GPU (sm_89+)")
     block_n = launch["block_n"]
     min_split_length = -(-max(1, min_split_tokens or block_n) // block_n) * block_n
     num_splits = max(1, min(int(num_splits), -(-max(1, max_sequence_length) // min_split_length)))
@@ -231,7 +268,8 @@ def paged_decode_attention(
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size, BLOCK_N=block_n, DIRECT_OUTPUT=direct,
         HAS_SEQUENCE_IDS=sequence_ids is not None, DOT_PRECISION=dot_precision(query.dtype), UPCAST_DOT=interpreting(),
-        FP16_DOT=bool(launch["fp16_dot"]) and fp8, num_warps=launch["num_warps"], num_stages=launch["num_stages"],
+        FP16_DOT=bool(launch["fp16_dot"]) and fp8, FP8_ASM=bool(launch["fp8_asm"]), num_warps=launch["num_warps"],
+        num_stages=launch["num_stages"],
     )
     if not direct:
         _decode_merge_kernel[(num_sequences, num_heads)](

@@ -101,10 +101,17 @@ def test_kv_cache_dtype_option_is_validated():
         KVCache.resolve_dtype("int4", torch.bfloat16)
 
 
+def _native_convert() -> bool:
+    from joule.kernels.paged_decode import native_fp8_convert
+
+    return native_fp8_convert(torch.device(DEVICE))
+
+
 @pytest.mark.parametrize("num_splits", [1, 3])
-def test_fp16_dot_option_matches_the_default_on_an_fp8_cache(num_splits):
-    """``launch={"fp16_dot": True}`` (dot products in fp16: fp8 widens in one instruction) reads the same
-    attention as the default bf16 dots, within 16-bit rounding; on a bf16 cache the option does nothing."""
+def test_fp8_launch_variants_match_float32_attention_on_an_fp8_cache(num_splits):
+    """The fp8 cache's launch variants read the attention computed by hand in float32, within 16-bit rounding:
+    bf16 dots after ``.to()``, fp16 dots (``fp16_dot``), and on GPUs that have it (sm_89+) the hardware's
+    paired convert in registers (``fp8_asm``, their default; inline PTX, so not under the interpreter)."""
     from joule.kernels.paged_decode import paged_decode_attention
 
     generator = torch.Generator().manual_seed(11)
@@ -122,9 +129,12 @@ def test_fp16_dot_option_matches_the_default_on_an_fp8_cache(num_splits):
     query = (torch.randn(batch, num_heads, head_dim, generator=generator)).to(DEVICE, torch.bfloat16)
     sequence_lengths = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
     tables = tables.to(DEVICE)
+    variants = [{"fp16_dot": False, "fp8_asm": False}, {"fp16_dot": True, "fp8_asm": False}]
+    if _native_convert():
+        variants += [{"fp8_asm": True}, {}]  # {}: the default picks fp8_asm here
     outputs = [paged_decode_attention(query, keys, values, tables, sequence_lengths, max(lengths), head_dim**-0.5,
-                                      num_splits=num_splits, launch={"fp16_dot": fp16, "block_n": 16})
-               for fp16 in (False, True)]
+                                      num_splits=num_splits, launch={"block_n": 16, **variant})
+               for variant in variants]
     group = num_heads // num_kv_heads
     for row, length in enumerate(lengths):  # float32 attention over the row's blocks, by hand
         positions = torch.arange(length)
@@ -135,3 +145,17 @@ def test_fp16_dot_option_matches_the_default_on_an_fp8_cache(num_splits):
         expected = torch.einsum("ht,thd->hd", scores.softmax(dim=-1), value)
         for output in outputs:
             torch.testing.assert_close(output[row].float().cpu(), expected, atol=3e-2, rtol=3e-2)
+
+
+def test_fp8_asm_is_refused_where_it_cannot_run():
+    from joule.kernels.paged_decode import native_fp8_convert, paged_decode_attention
+
+    assert native_fp8_convert(torch.device("cpu")) is False
+    if _native_convert():
+        pytest.skip("this GPU converts fp8 natively")
+    keys = torch.zeros(2, 16, 1, 16, dtype=FP8, device=DEVICE)
+    query = torch.zeros(1, 1, 16, dtype=torch.bfloat16, device=DEVICE)
+    tables = torch.zeros(1, 1, dtype=torch.int32, device=DEVICE)
+    lengths = torch.ones(1, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="fp8_asm"):
+        paged_decode_attention(query, keys, keys, tables, lengths, 1, 0.25, launch={"fp8_asm": True})
