@@ -32,7 +32,7 @@ PROFILES = ROOT / "joule/perf/profiles"
 CASES = {
     # name: (profile, calibration measurements, validation report, model config)
     "H200": (PROFILES / "h200-bfloat16.json", PROFILES / "h200-bfloat16.measurements.json",
-             ROOT / "benchmarks/gpu/h200_2026-12-03/h200-bfloat16.validation.json.gz", LLAMA_1B),
+             ROOT / "benchmarks/gpu/h200_2026-12-04d/h200-bfloat16.validation-seed11.json.gz", LLAMA_1B),
     "H100": (PROFILES / "h100-bfloat16.json", PROFILES / "h100-bfloat16.measurements.json",
              ROOT / "benchmarks/gpu/h100_calibration/session3/run6.validation.json.gz", LLAMA_1B),
     "CPU": (PROFILES / "cpu-2core-float32.json", PROFILES / "cpu-2core-float32.measurements.json",
