@@ -190,9 +190,10 @@ class Scheduler:
         Every decode of ``plan`` that cannot stop by length at this token goes on; one that samples a stop
         token, or is aborted or stopped by a stop string meanwhile, is skipped by ``update`` (its extra token
         is dropped). None, changing nothing, when ``plan`` carries prompt tokens, requests wait (they are
-        admitted by a normal schedule), or a request lacks a block for the position after.
+        admitted by a normal schedule), ``plan`` left a running request out (a policy held its decode back:
+        chaining the others would keep it waiting), or a request lacks a block for the position after.
         """
-        if self.waiting or not plan.sequences:
+        if self.waiting or not plan.sequences or len(plan.sequences) != len(self.running):
             return None
         max_model_len = self.config.max_model_len
         going_on = []

@@ -160,3 +160,18 @@ def test_lookahead_is_on_by_default_with_cuda_only_and_can_be_forced_either_way(
     assert _engine(model_dir, True).core.decode_lookahead is True
     with pytest.raises(ValueError, match="decode_lookahead"):
         EngineConfig(decode_lookahead="yes")
+
+
+def test_no_continuation_when_the_step_left_running_decodes_out(model_dir):
+    """A step that carries only some running decodes (the fair policy's half-decode steps) must not chain
+    continuations of those alone: the others would wait as long as the chain lasts."""
+    engine = _engine(model_dir, lookahead=True)
+    for index in range(3):
+        engine.add_request(f"r{index}", {"prompt_token_ids": [3 + index, 20]}, _params())
+    scheduler = engine.core.scheduler
+    engine.core.decode_lookahead = False
+    engine.step()  # prompts in, first tokens out
+    plan = scheduler.schedule()
+    assert len(plan.sequences) == len(scheduler.running) == 3
+    plan.sequences = plan.sequences[:2]  # as a policy that holds one decode back would plan it
+    assert scheduler.schedule_continuation(plan) is None
