@@ -1,7 +1,8 @@
 """Decode-attention launch configs, bf16 vs fp8 KV cache, graph-timed (one GPU call, ~1 minute).
 
 Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/decode_sweep.py [--focus] [out.json]
-(``--focus``: only workload 2's step shape, bf16 / fp8 / fp8 with fp16 dots, compact and spread caches.)
+(``--focus``: only workload 2's step shape, compact and spread caches: bf16 and fp8 with each launch variant, the
+default last among the fp8 ones before ``heads_first``, the grid order not measured yet.)
 
 Shapes of workload 2 (Qwen3-0.6B: 16 query / 8 KV heads of 128) and of Llama-3.2-1B (32 / 8 of 64),
 block size 16, shuffled block tables. For every (cache dtype, block_n, num_warps, num_stages) it prints
@@ -70,19 +71,20 @@ def focus() -> list[dict]:
     """Workload 2's decode step shape (Qwen3-0.6B layer, 256 sequences x 1k context) with the default launch:
     bf16 vs fp8 vs fp8 with fp16 dots, on a compact cache and on one spread 40x (as an engine's)."""
     rows = []
+    variants = ((torch.bfloat16, {}), (torch.bfloat16, {"heads_first": True}),
+                (torch.float8_e4m3fn, {"fp8_asm": False}), (torch.float8_e4m3fn, {"fp8_asm": False, "fp16_dot": True}),
+                (torch.float8_e4m3fn, {}), (torch.float8_e4m3fn, {"heads_first": True}))
     for spread in (1, 40):
-        for cache_dtype, fp16_dot in ((torch.bfloat16, False), (torch.float8_e4m3fn, False),
-                                      (torch.float8_e4m3fn, True)):
+        for cache_dtype, launch in variants:
             query, keys, values, tables, lengths = make_inputs(256, 1024, 16, 8, 128, cache_dtype, spread=spread)
             kv_bytes = 2 * 256 * 1024 * 8 * 128 * keys.element_size()
             output = torch.empty_like(query)
             milliseconds = graph_ms(lambda: paged_decode_attention(
-                query, keys, values, tables, lengths, 1024, 128**-0.5, num_splits=1, output=output,
-                launch={"fp16_dot": fp16_dot}))
-            row = dict(spread=spread, cache=str(cache_dtype), fp16_dot=fp16_dot, us=milliseconds * 1e3,
+                query, keys, values, tables, lengths, 1024, 128**-0.5, num_splits=1, output=output, launch=launch))
+            row = dict(spread=spread, cache=str(cache_dtype), launch=launch, us=milliseconds * 1e3,
                        gbps=kv_bytes / milliseconds / 1e6, cache_gb=2 * keys.numel() * keys.element_size() / 1e9)
             rows.append(row)
-            print(f"focus: spread {spread:2d} ({row['cache_gb']:.1f} GB) {str(cache_dtype):20s} fp16_dot={fp16_dot!s:5s}"
+            print(f"focus: spread {spread:2d} ({row['cache_gb']:.1f} GB) {str(cache_dtype):20s} {str(launch):40s}"
                   f" {row['us']:7.1f} us  {row['gbps']:6.0f} GB/s", flush=True)
             del query, keys, values
             torch.cuda.empty_cache()

@@ -78,10 +78,18 @@ def _decode_partial_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT_OUTPUT: tl.constexpr,
     HAS_SEQUENCE_IDS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    FP16_DOT: tl.constexpr, FP8_ASM: tl.constexpr,
+    FP16_DOT: tl.constexpr, FP8_ASM: tl.constexpr, HEADS_FIRST: tl.constexpr,
 ):
-    item = tl.program_id(0)  # index among the decode sequences of this launch
-    kv_head = tl.program_id(1)
+    # HEADS_FIRST: programs launched in a row serve the KV heads of one sequence, which lie side by side in each
+    # token's cache row, instead of one head of neighbouring sequences (scattered blocks).
+    if HEADS_FIRST:
+        kv_head = tl.program_id(0)
+        item = tl.program_id(1)  # index among the decode sequences of this launch
+        num_kv_heads = tl.num_programs(0)
+    else:
+        item = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        num_kv_heads = tl.num_programs(1)
     split = tl.program_id(2)
     sequence, row = _sequence_and_row(item, sequence_ids_ptr, query_start_locations_ptr, HAS_SEQUENCE_IDS)
     sequence_length = tl.load(sequence_lengths_ptr + sequence)
@@ -137,7 +145,7 @@ def _decode_partial_kernel(
                  mask=row_mask[:, None] & dim_mask[None, :])
     elif split_start < sequence_length:
         # partial layout: [items, Hq, num_splits, HEAD_DIM_PAD] and [items, Hq, num_splits]
-        head_index = item.to(tl.int64) * (tl.num_programs(1) * GROUP) + heads
+        head_index = item.to(tl.int64) * (num_kv_heads * GROUP) + heads
         lse_offsets = head_index * num_splits + split
         tl.store(partial_lse_ptr + lse_offsets, running_max + tl.log2(running_sum), mask=row_mask)
         output = accumulator / denominator[:, None]
@@ -243,8 +251,9 @@ def paged_decode_attention(
     # fp8 caches: fp8_asm (the default where the GPU has the convert) widens tiles in registers and dots in fp16
     # (see _e4m3_to_f16); fp16_dot keeps `.to()` but dots in fp16. H200, workload 2's layer: 232 / 233 us
     # against 249 us for `.to()` with bf16 dots (benchmarks/gpu/fp8_decode_check.py).
+    # heads_first: the grid walks the KV heads of a sequence before the next sequence (not measured yet).
     launch = {"block_n": block_n, "num_warps": 4, "num_stages": 3 if fp8 else 2, "fp16_dot": False,
-              "fp8_asm": fp8 and native_fp8_convert(query.device), **(launch or {})}
+              "fp8_asm": fp8 and native_fp8_convert(query.device), "heads_first": False, **(launch or {})}
     if launch["fp8_asm"] and (not fp8 or interpreting()):
         raise ValueError("paged_decode_attention: fp8_asm needs an fp8 cache on a CUDA GPU (sm_89+)")
     block_n = launch["block_n"]
@@ -257,7 +266,9 @@ def paged_decode_attention(
         partial_output = torch.empty((num_sequences, num_heads, num_splits, head_dim_pad),
                                      dtype=torch.float32, device=query.device)
         partial_lse = torch.empty((num_sequences, num_heads, num_splits), dtype=torch.float32, device=query.device)
-    _decode_partial_kernel[(num_sequences, num_kv_heads, num_splits)](
+    grid = ((num_kv_heads, num_sequences, num_splits) if launch["heads_first"]
+            else (num_sequences, num_kv_heads, num_splits))
+    _decode_partial_kernel[grid](
         query, key_cache, value_cache, block_tables, sequence_lengths,
         sequence_ids if sequence_ids is not None else sequence_lengths,
         query_start_locations if query_start_locations is not None else sequence_lengths,
@@ -268,7 +279,8 @@ def paged_decode_attention(
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size, BLOCK_N=block_n, DIRECT_OUTPUT=direct,
         HAS_SEQUENCE_IDS=sequence_ids is not None, DOT_PRECISION=dot_precision(query.dtype), UPCAST_DOT=interpreting(),
-        FP16_DOT=bool(launch["fp16_dot"]) and fp8, FP8_ASM=bool(launch["fp8_asm"]), num_warps=launch["num_warps"],
+        FP16_DOT=bool(launch["fp16_dot"]) and fp8, FP8_ASM=bool(launch["fp8_asm"]),
+        HEADS_FIRST=bool(launch["heads_first"]), num_warps=launch["num_warps"],
         num_stages=launch["num_stages"],
     )
     if not direct:
