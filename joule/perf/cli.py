@@ -108,6 +108,9 @@ def add_perf_commands(subparsers) -> None:
     validate.add_argument("--offline", default="32,128,64", help="NUM_PROMPTS,INPUT_LEN,OUTPUT_LEN ('' to skip)")
     validate.add_argument("--serving", default="", help="WORKLOAD spec served in real time ('' to skip)")
     validate.add_argument("--skip-steps", action="store_true")
+    validate.add_argument("--decode-lookahead", action=argparse.BooleanOptionalAction, default=None,
+                          help="the offline and serving runs with the engine's decode lookahead (default: as the "
+                          "engine, on with CUDA); the step grid is timed step by step either way")
     validate.add_argument("--grid-seed", type=int, default=None,
                           help="check steps on a fresh random grid of compositions drawn from this seed "
                                "(default: the fixed grid of validate.py)")
@@ -296,11 +299,13 @@ def run_validate(args: argparse.Namespace) -> int:
         num, input_len, output_len = (int(v) for v in _csv(args.offline))
         prompts = fixed_length_workload(num, input_len, output_len, engine.model_config.vocab_size, seed=0)
         requests = [TimedRequest(f"offline-{i}", 0.0, request) for i, request in enumerate(prompts)]
-        report["offline"] = compare_run(engine, profile, requests, args.repeats)
+        report["offline"] = compare_run(engine, profile, requests, args.repeats,
+                                        decode_lookahead=args.decode_lookahead)
         _print_comparison(f"offline {num} x ({input_len} -> {output_len})", report["offline"])
     if args.serving:
         requests = generate(WorkloadSpec.parse(args.serving), engine.model_config.vocab_size, engine.max_model_len)
-        report["serving"] = compare_run(engine, profile, requests, args.repeats)
+        report["serving"] = compare_run(engine, profile, requests, args.repeats,
+                                        decode_lookahead=args.decode_lookahead)
         _print_comparison(f"serving {args.serving}", report["serving"])
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(report, indent=2, default=str) + "\n")

@@ -106,6 +106,7 @@ class RecordingExecutor:
         self.staging = staging
         self.last_shape: BatchShape | None = None
         self.last_request_ids: list[str] = []
+        self._launched: dict[int, tuple[BatchShape, list[str]]] = {}
 
     def with_events(self, outputs, after_idle: bool) -> BatchShape | None:
         """The last step's shape marked with its request events: the sequences whose requests the step
@@ -118,12 +119,29 @@ class RecordingExecutor:
         return replace(self.last_shape, sequences=sequences, after_idle=after_idle)
 
     def execute(self, plan):
+        self.last_shape, self.last_request_ids = self._observe(plan)
+        return self.inner.execute(plan)
+
+    # The engine's decode lookahead: a step is launched before the previous one is collected, so each
+    # launched step keeps its own shape until ``collect`` makes it the last one.
+    def can_continue(self, plan) -> bool:
+        return self.inner.can_continue(plan)
+
+    def launch(self, plan, previous=None):
+        observed = self._observe(plan)
+        launched = self.inner.launch(plan, previous)
+        self._launched[id(launched)] = observed
+        return launched
+
+    def collect(self, launched):
+        self.last_shape, self.last_request_ids = self._launched.pop(id(launched))
+        return self.inner.collect(launched)
+
+    def _observe(self, plan) -> tuple[BatchShape, list[str]]:
         shape = BatchShape.from_plan(plan)
-        self.last_request_ids = [sequence.request_id for sequence in plan.sequences]
         if self.staging is not None:
             self.staging.observe_plan(plan, shape)
-        self.last_shape = shape
-        return self.inner.execute(plan)
+        return shape, [sequence.request_id for sequence in plan.sequences]
 
 
 def infer_step_events(shapes: list[BatchShape], runs: list[str] | None = None,

@@ -267,7 +267,7 @@ def simulate_like_engine(engine, profile: DeviceProfile, requests: list[TimedReq
 
 
 def compare_run(engine, profile: DeviceProfile, requests: list[TimedRequest], repeats: int = 3,
-                warmup: bool = True, quiet_wait_s: float = 10.0) -> dict:
+                warmup: bool = True, quiet_wait_s: float = 10.0, decode_lookahead: bool | None = None) -> dict:
     """Measured vs simulated for one workload; each measured metric is its median over ``repeats`` runs
     (on a CPU, runs during which other processes took more than ``CONTENDED_SHARE`` of the machine
     are repeated, up to ``repeats`` more, and left out when clean ones exist).
@@ -276,7 +276,20 @@ def compare_run(engine, profile: DeviceProfile, requests: list[TimedRequest], re
     replays the first quarter of the requests (on a GPU, mixed steps compile kernel variants on
     first use). Both sides then see the same prompts, arrival times, KV capacity and scheduler
     settings, an empty prefix cache, and vLLM's TTFT/TPOT definitions (``measure_run``, metrics.py).
+    ``decode_lookahead`` (None: the engine's default, on with CUDA) is set on the engine for these runs and
+    given to the simulator; the step grid (``validate_steps``) times steps one by one without it.
     """
+    lookahead = engine.device.type == "cuda" if decode_lookahead is None else decode_lookahead
+    before = engine.core.decode_lookahead
+    engine.core.decode_lookahead = lookahead
+    try:
+        return _compare_run(engine, profile, requests, repeats, warmup, quiet_wait_s)
+    finally:
+        engine.core.decode_lookahead = before
+
+
+def _compare_run(engine, profile: DeviceProfile, requests: list[TimedRequest], repeats: int,
+                 warmup: bool, quiet_wait_s: float) -> dict:
     import os
 
     from joule.perf.measure import (

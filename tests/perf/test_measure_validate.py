@@ -104,6 +104,35 @@ def test_compare_run_medians_over_repeats_and_saved_steps_can_be_rechecked(engin
     assert summarize_checks(again, keep_steps=False).keys() >= {"median_abs_error", "by_kind"}
 
 
+def test_compare_run_with_the_lookahead_records_each_collected_steps_own_shape(engine, monkeypatch):
+    """The offline/serving comparison can run the engine as it runs by default on a GPU (decode lookahead):
+    the recording executor keeps each launched step's shape until it is collected, every token arrives, the
+    simulator runs the same continuations, and the engine's own setting is restored afterwards."""
+    from joule.bench.workload import fixed_length_workload
+    from joule.perf import validate
+
+    prompts = fixed_length_workload(4, 12, 6, engine.model_config.vocab_size, seed=1)
+    requests = [TimedRequest(f"l{i}", 0.0, request) for i, request in enumerate(prompts)]
+    profile = DeviceProfile.from_hardware(get_hardware("CPU-2core"), "float32")
+    executor = engine.core.executor
+    continuations, simulated_settings = [], []
+    launch = executor.launch
+    monkeypatch.setattr(executor, "launch", lambda plan, previous=None: (
+        continuations.append(previous is not None), launch(plan, previous))[1])
+    simulate = validate.simulate_like_engine
+    monkeypatch.setattr(validate, "simulate_like_engine", lambda engine, profile, requests: (
+        simulated_settings.append(engine.core.decode_lookahead), simulate(engine, profile, requests))[1])
+    comparison = compare_run(engine, profile, requests, repeats=1, warmup=False, quiet_wait_s=0.0,
+                             decode_lookahead=True)
+    assert any(continuations) and simulated_settings == [True]
+    assert engine.core.decode_lookahead is False  # back to build_engine's setting
+    used = [run for run in comparison["runs"] if run["used"]]  # one, or more when the machine was busy
+    checks = checks_from_report(comparison["run_steps"])
+    assert len(checks) == sum(run["steps"] for run in used) and all(check.shape.sequences for check in checks)
+    decodes = sum(s.num_new_tokens == 1 for check in checks for s in check.shape.sequences)
+    assert decodes == 4 * 5 * len(used)  # every decode step recorded with its own plan's shape
+
+
 def test_cpu_steps_are_the_median_of_clean_runs_or_the_fastest_when_none_is_clean(monkeypatch):
     from types import SimpleNamespace
 
