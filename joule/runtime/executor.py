@@ -70,6 +70,7 @@ class ModelExecutor:
         self.kv_cache = kv_cache
         self.backend = backend
         self.sampler = sampler
+        self._last_collected = 0.0  # perf_counter when the last step's tokens reached the host
         self.device = device
         self.block_size = kv_cache.block_size
         self.graph_runner: DecodeGraphRunner | None = None
@@ -173,15 +174,19 @@ class ModelExecutor:
         return LaunchedStep(requests, started, result=self._sample(logits, requests, started))
 
     def collect(self, launched: LaunchedStep) -> StepResult:
-        """Wait for a launched step's tokens."""
+        """Wait for a launched step's tokens. A step's time runs from its launch or, for a continuation launched
+        while the step ahead of it still ran, from when that step's tokens arrived: step times never overlap."""
         if launched.result is not None:
+            self._last_collected = time.perf_counter()
             return launched.result
         if launched.copied is not None:
             launched.copied.synchronize()  # this step's copy only, not the continuation queued behind it
         token_ids = launched.host_token_ids.tolist()
+        now = time.perf_counter()
+        started, self._last_collected = max(launched.started, self._last_collected), now
         return StepResult(sampled={request.request_id: SampledToken(token_id)
                                    for request, token_id in zip(launched.requests, token_ids)},
-                          elapsed_seconds=time.perf_counter() - launched.started)
+                          elapsed_seconds=now - started)
 
     def _continuation_inputs(self, plan: StepPlan, previous: LaunchedStep) -> torch.Tensor:
         """``previous``'s sampled tokens (on the device) in ``plan``'s row order."""

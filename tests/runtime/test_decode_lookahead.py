@@ -175,3 +175,20 @@ def test_no_continuation_when_the_step_left_running_decodes_out(model_dir):
     assert len(plan.sequences) == len(scheduler.running) == 3
     plan.sequences = plan.sequences[:2]  # as a policy that holds one decode back would plan it
     assert scheduler.schedule_continuation(plan) is None
+
+
+def test_step_times_do_not_overlap_with_the_lookahead(model_dir):
+    """A continuation is launched before the step ahead of it is collected; its recorded step time starts when
+    that step's tokens were collected, so step times add up to no more than the run's wall time (the step-time
+    estimator behind the fair and deadline policies reads them)."""
+    import time
+
+    engine = _engine(model_dir, lookahead=True)
+    for index in range(3):
+        engine.add_request(f"r{index}", {"prompt_token_ids": [3 + index, 20, 7]}, _params(max_tokens=20))
+    started = time.perf_counter()
+    total = 0.0
+    while engine.has_unfinished_requests():
+        engine.step()
+        total += engine.core.last_step.elapsed_seconds
+    assert 0 < total <= time.perf_counter() - started
