@@ -1,24 +1,24 @@
 """LLMEngine: text in, incremental RequestOutputs out.
 
-Owns the tokenizer and the detokenizers; below it, EngineCore schedules and
-the ModelExecutor computes. The server and ``LLM`` both drive this class.
+Owns the tokenizer and the requests' output state (``OutputBuilder`` turns the
+requests a step advanced into outputs); below it, EngineCore schedules and the
+ModelExecutor computes. The server and ``LLM`` both drive this class.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 from joule.config import EngineConfig
 from joule.logger import get_logger
-from joule.detokenizer import IncrementalDetokenizer
 from joule.engine.core import EngineCore
 from joule.engine.kv_blocks import KVBlockManager
-from joule.engine.request import Request, RequestSLO, RequestStatus
+from joule.engine.request import Request, RequestSLO
 from joule.engine.scheduler import SchedulerConfig
 from joule.energy import AttributionWeights, EnergyLedger, EnergyMeter, select_energy_meter
 from joule.model.loader import load_model
-from joule.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from joule.output_builder import OutputBuilder, RequestState, SampleState
+from joule.outputs import RequestMetrics, RequestOutput
 from joule.runtime.attention.base import KVCache
 from joule.runtime.attention.select import select_attention_backend
 from joule.runtime.device import default_kv_cache_bytes, resolve_device, resolve_dtype
@@ -32,41 +32,6 @@ logger = get_logger()
 
 _DEFAULT_BATCHED_TOKENS = {"cpu": 2048, "cuda": 8192}
 PromptType = str | list[int] | dict
-
-
-@dataclass
-class _Sample:
-    """One of the n samples of a request, as the user will see it."""
-
-    request: Request
-    detokenizer: IncrementalDetokenizer | None
-    text: str = ""
-    num_tokens_seen: int = 0
-    num_tokens_sent: int = 0
-    num_chars_sent: int = 0
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    # Running sum of the sampled tokens' logprobs over the first ``num_logprobs_summed`` tokens, so an output
-    # per step does not re-add the whole history (same left-to-right additions as one sum()).
-    cumulative_logprob: float = 0.0
-    num_logprobs_summed: int = 0
-
-
-@dataclass
-class _RequestState:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    metrics: RequestMetrics
-    samples: list[_Sample] = field(default_factory=list)
-
-    @property
-    def finished(self) -> bool:
-        for sample in self.samples:  # a loop, not all(generator): asked for every request every step
-            if sample.finish_reason is None:
-                return False
-        return True
 
 
 class LLMEngine:
@@ -129,9 +94,11 @@ class LLMEngine:
         self.core = EngineCore(scheduler_config, self.block_manager, executor, step_observer=self.energy_ledger,
                                decode_lookahead=_lookahead_enabled(config.decode_lookahead, self.device))
         logger.info("decode lookahead: %s", "on" if self.core.decode_lookahead else "off")
+        self._outputs = OutputBuilder(self.tokenizer, self.energy_ledger, lambda request_id, stop_string:
+                                      self.core.finish_request(request_id, stop_reason=stop_string))
         self.eos_token_ids = _eos_ids(self.tokenizer, self.model_config)
-        self._states: dict[str, _RequestState] = {}
-        self._sample_owner: dict[str, tuple[_RequestState, int]] = {}
+        self._states: dict[str, RequestState] = {}
+        self._sample_owner: dict[str, tuple[RequestState, int]] = {}
         logger.info(
             "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB, %s), max_model_len %d",
             num_blocks, config.block_size, self.kv_capacity_tokens, num_blocks * bytes_per_block / 2**20,
@@ -223,7 +190,7 @@ class LLMEngine:
         room = self.max_model_len - len(prompt_ids)
         max_tokens = min(params.max_tokens or room, room)
         arrival = time.time() if arrival_time is None else arrival_time
-        state = _RequestState(request_id, prompt_text, prompt_ids, params, RequestMetrics(arrival_time=arrival))
+        state = RequestState(request_id, prompt_text, prompt_ids, params, RequestMetrics(arrival_time=arrival))
         for index in range(params.n):
             child_id = request_id if params.n == 1 else f"{index}_{request_id}"
             child_params = params
@@ -241,7 +208,7 @@ class LLMEngine:
                 slo=slo,
                 group_id=request_id if params.n > 1 else None,
             )
-            state.samples.append(_Sample(request, self._detokenizer(prompt_ids, params)))
+            state.samples.append(SampleState(request, self._outputs.detokenizer(prompt_ids, params)))
         for index, sample in enumerate(state.samples):
             self.core.add_request(sample.request)
             self._sample_owner[sample.request.request_id] = (state, index)
@@ -267,19 +234,19 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         progressed = self.core.step()
         now = time.time()
-        changed: dict[str, _RequestState] = {}
+        changed: dict[str, RequestState] = {}
         for request in progressed:
             owner = self._sample_owner.get(request.request_id)
             if owner is None:
                 continue
             state, index = owner
-            self._advance_sample(state, state.samples[index], now)
+            self._outputs.advance(state, state.samples[index], now)
             changed[state.request_id] = state
         outputs = []
         for state in changed.values():
             finished = state.finished
             if finished or state.params.output_kind != RequestOutputKind.FINAL_ONLY:
-                outputs.append(self._make_output(state, finished))
+                outputs.append(self._outputs.make_output(state, finished))
             if finished:
                 state.metrics.finished_time = now
                 self._states.pop(state.request_id, None)
@@ -287,114 +254,6 @@ class LLMEngine:
                     self._sample_owner.pop(sample.request.request_id, None)
                     self.energy_ledger.release(sample.request.request_id)
         return outputs
-
-    def _advance_sample(self, state: _RequestState, sample: _Sample, now: float) -> None:
-        request = sample.request
-        metrics = state.metrics
-        if metrics.first_scheduled_time is None and request.first_scheduled_time is not None:
-            metrics.first_scheduled_time = request.first_scheduled_time
-            metrics.time_in_queue = request.first_scheduled_time - metrics.arrival_time
-        new_ids = request.output_token_ids[sample.num_tokens_seen :]
-        sample.num_tokens_seen = len(request.output_token_ids)
-        if new_ids:
-            if metrics.first_token_time is None:
-                metrics.first_token_time = now
-            metrics.last_token_time = now
-        metrics.num_preemptions = max(metrics.num_preemptions, request.num_preemptions)
-        stop_string = None
-        if sample.detokenizer is not None and new_ids:
-            # vLLM leaves the text of a final EOS / stop-id token out of the output.
-            stop_terminated = (
-                request.status == RequestStatus.FINISHED_STOPPED
-                and not request.sampling_params.include_stop_str_in_output
-            )
-            update = sample.detokenizer.push(new_ids, stop_terminated=stop_terminated)
-            sample.text += update.text_delta
-            stop_string = update.stop_string
-        if stop_string is not None:
-            if not request.is_finished:
-                self.core.finish_request(request.request_id, stop_reason=stop_string)
-            sample.finish_reason, sample.stop_reason = "stop", stop_string
-        elif request.is_finished:
-            sample.finish_reason, sample.stop_reason = request.finish_reason, request.stop_reason
-        if sample.finish_reason is not None and sample.detokenizer is not None:
-            sample.text += sample.detokenizer.flush()
-
-    def _make_output(self, state: _RequestState, finished: bool) -> RequestOutput:
-        """The output ``step`` sends (FINAL_ONLY requests only once finished: the caller checks)."""
-        delta = state.params.output_kind == RequestOutputKind.DELTA
-        ledger = self.energy_ledger
-        samples = state.samples
-        if len(samples) == 1:
-            state.metrics.energy_joules = ledger.joules_of(samples[0].request.request_id)
-        else:
-            state.metrics.energy_joules = sum(ledger.joules_of(sample.request.request_id) for sample in samples)
-        state.metrics.energy_source = ledger.source
-        completions = []
-        for index, sample in enumerate(samples):
-            seen = sample.num_tokens_seen
-            token_start = sample.num_tokens_sent if delta else 0
-            char_start = sample.num_chars_sent if delta else 0
-            if delta and token_start == seen and char_start == len(sample.text) and not sample.finish_reason:
-                continue
-            completions.append(
-                CompletionOutput(
-                    index=index,
-                    text=sample.text[char_start:],
-                    token_ids=sample.request.output_token_ids[token_start:seen],  # a copy: only the new part
-                    cumulative_logprob=self._cumulative_logprob(sample),
-                    logprobs=self._logprobs(sample, token_start),
-                    finish_reason=sample.finish_reason,
-                    stop_reason=sample.stop_reason,
-                )
-            )
-            sample.num_tokens_sent, sample.num_chars_sent = seen, len(sample.text)
-        return RequestOutput(
-            request_id=state.request_id,
-            prompt=state.prompt,
-            prompt_token_ids=state.prompt_token_ids,
-            outputs=completions,
-            finished=finished,
-            metrics=state.metrics,
-            num_cached_tokens=max(state.samples[0].request.num_cached_tokens, 0),
-        )
-
-    @staticmethod
-    def _cumulative_logprob(sample: _Sample) -> float | None:
-        if sample.request.sampling_params.logprobs is None:
-            return None
-        logprobs = sample.request.output_logprobs
-        total = sample.cumulative_logprob
-        for position in range(sample.num_logprobs_summed, sample.num_tokens_seen):
-            total += logprobs[position].logprob
-        sample.cumulative_logprob, sample.num_logprobs_summed = total, max(sample.num_logprobs_summed,
-                                                                           sample.num_tokens_seen)
-        return float(total)
-
-    def _logprobs(self, sample: _Sample, start: int) -> list[dict[int, Logprob]] | None:
-        if sample.request.sampling_params.logprobs is None:
-            return None
-        result = []
-        for token in sample.request.output_logprobs[start : sample.num_tokens_seen]:
-            entry = {token.token_id: Logprob(token.logprob, token.rank, self._decode_one(token.token_id))}
-            for rank, (token_id, logprob) in enumerate(token.top or [], start=1):
-                entry.setdefault(token_id, Logprob(logprob, rank, self._decode_one(token_id)))
-            result.append(entry)
-        return result
-
-    def _decode_one(self, token_id: int) -> str | None:
-        return None if self.tokenizer is None else self.tokenizer.decode([token_id])
-
-    def _detokenizer(self, prompt_ids: list[int], params: SamplingParams) -> IncrementalDetokenizer | None:
-        if self.tokenizer is None:
-            return None
-        return IncrementalDetokenizer(
-            self.tokenizer,
-            prompt_ids,
-            skip_special_tokens=params.skip_special_tokens,
-            stop=params.stop_strings,
-            include_stop_str_in_output=params.include_stop_str_in_output,
-        )
 
     def _require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
