@@ -2,7 +2,7 @@
 
 Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/decode_sweep.py [--focus] [out.json]
 (``--focus``: only workload 2's step shape, compact and spread caches: bf16 and fp8 with each launch variant, the
-default last among the fp8 ones before ``heads_first``, the grid order not measured yet.)
+grid order ``heads_first`` and a head-major cache layout, the last two not measured yet.)
 
 Shapes of workload 2 (Qwen3-0.6B: 16 query / 8 KV heads of 128) and of Llama-3.2-1B (32 / 8 of 64),
 block size 16, shuffled block tables. For every (cache dtype, block_n, num_warps, num_stages) it prints
@@ -47,18 +47,23 @@ def graph_ms(function, calls: int = 20, repeats: int = 10) -> float:
 
 
 def make_inputs(batch: int, context: int, heads: int, kv_heads: int, head_dim: int, cache_dtype, seed: int = 0,
-                spread: int = 1):
+                spread: int = 1, head_major: bool = False):
     """``spread`` > 1: a cache that many times larger than the blocks read, the used ones scattered over it
-    (an engine's cache spans ~100 GB: page-table reach may matter where a compact test cache hides it)."""
+    (an engine's cache spans ~100 GB: page-table reach may matter where a compact test cache hides it).
+    ``head_major``: blocks stored head by head (``KVCache.allocate(head_major=True)``), same logical shape."""
     generator = torch.Generator().manual_seed(seed)
     block_size = 16
     blocks_per_sequence = -(-context // block_size)
     num_blocks = batch * blocks_per_sequence * spread + 1
     permutation = torch.randperm(num_blocks - 1, generator=generator) + 1
     tables = permutation[: batch * blocks_per_sequence].view(batch, blocks_per_sequence).to(torch.int32)
-    shape = (num_blocks, block_size, kv_heads, head_dim)
-    keys = torch.empty(shape, device=DEVICE, dtype=cache_dtype)
-    values = torch.empty(shape, device=DEVICE, dtype=cache_dtype)
+    if head_major:
+        keys, values = (torch.empty((num_blocks, kv_heads, block_size, head_dim), device=DEVICE,
+                                    dtype=cache_dtype).transpose(1, 2) for _ in range(2))
+    else:
+        shape = (num_blocks, block_size, kv_heads, head_dim)
+        keys = torch.empty(shape, device=DEVICE, dtype=cache_dtype)
+        values = torch.empty(shape, device=DEVICE, dtype=cache_dtype)
     for cache in (keys, values):  # in slices: a bf16 copy of a spread cache would not fit
         for start in range(0, num_blocks, 4096):
             cache[start:start + 4096] = torch.randn(cache[start:start + 4096].shape, device=DEVICE).to(cache_dtype)
@@ -71,20 +76,24 @@ def focus() -> list[dict]:
     """Workload 2's decode step shape (Qwen3-0.6B layer, 256 sequences x 1k context) with the default launch:
     bf16 vs fp8 vs fp8 with fp16 dots, on a compact cache and on one spread 40x (as an engine's)."""
     rows = []
-    variants = ((torch.bfloat16, {}), (torch.bfloat16, {"heads_first": True}),
-                (torch.float8_e4m3fn, {"fp8_asm": False}), (torch.float8_e4m3fn, {"fp8_asm": False, "fp16_dot": True}),
-                (torch.float8_e4m3fn, {}), (torch.float8_e4m3fn, {"heads_first": True}))
+    variants = ((torch.bfloat16, {}, False), (torch.bfloat16, {"heads_first": True}, False),
+                (torch.bfloat16, {}, True), (torch.float8_e4m3fn, {"fp8_asm": False}, False),
+                (torch.float8_e4m3fn, {"fp8_asm": False, "fp16_dot": True}, False), (torch.float8_e4m3fn, {}, False),
+                (torch.float8_e4m3fn, {"heads_first": True}, False), (torch.float8_e4m3fn, {}, True))
     for spread in (1, 40):
-        for cache_dtype, launch in variants:
-            query, keys, values, tables, lengths = make_inputs(256, 1024, 16, 8, 128, cache_dtype, spread=spread)
+        for cache_dtype, launch, head_major in variants:
+            query, keys, values, tables, lengths = make_inputs(256, 1024, 16, 8, 128, cache_dtype, spread=spread,
+                                                               head_major=head_major)
             kv_bytes = 2 * 256 * 1024 * 8 * 128 * keys.element_size()
             output = torch.empty_like(query)
             milliseconds = graph_ms(lambda: paged_decode_attention(
                 query, keys, values, tables, lengths, 1024, 128**-0.5, num_splits=1, output=output, launch=launch))
-            row = dict(spread=spread, cache=str(cache_dtype), launch=launch, us=milliseconds * 1e3,
+            row = dict(spread=spread, cache=str(cache_dtype), launch=launch, head_major=head_major,
+                       us=milliseconds * 1e3,
                        gbps=kv_bytes / milliseconds / 1e6, cache_gb=2 * keys.numel() * keys.element_size() / 1e9)
             rows.append(row)
             print(f"focus: spread {spread:2d} ({row['cache_gb']:.1f} GB) {str(cache_dtype):20s} {str(launch):40s}"
+                  f" {'head-major' if head_major else 'token-major'}"
                   f" {row['us']:7.1f} us  {row['gbps']:6.0f} GB/s", flush=True)
             del query, keys, values
             torch.cuda.empty_cache()

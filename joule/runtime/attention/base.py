@@ -63,10 +63,20 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        head_major: bool = False,
     ) -> "KVCache":
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        """Caches of shape ``[num_blocks, block_size, num_kv_heads, head_dim]``. ``head_major`` stores each
+        block head by head (a strided view of ``[num_blocks, num_kv_heads, block_size, head_dim]``), so one
+        head's tokens of a block are contiguous for the stride-aware Triton kernels; not for the portable
+        backend, which reshapes the cache."""
+        def allocate_one() -> torch.Tensor:
+            if head_major:
+                storage = torch.zeros((num_blocks, num_kv_heads, block_size, head_dim), dtype=dtype, device=device)
+                return storage.transpose(1, 2)
+            return torch.zeros((num_blocks, block_size, num_kv_heads, head_dim), dtype=dtype, device=device)
+
+        keys = [allocate_one() for _ in range(num_layers)]
+        values = [allocate_one() for _ in range(num_layers)]
         return cls(keys, values, block_size)
 
     @staticmethod
