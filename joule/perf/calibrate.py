@@ -224,7 +224,8 @@ def base_profile(model_config, measured: Measurements) -> DeviceProfile:
 
 FIT_FEATURES = ("linear", "attention_prefill", "attention_decode", "elementwise", "layer", "sequence",
                 "prefill_sequence_layer", "chunk_layer", "staging_rebuild", "linear_decode", "linear_memory",
-                "finish", "finish_token", "wake")
+                "finish", "finish_token", "wake", "chunk_pass_layer")
+_CHUNK_PASS_LAYER = FIT_FEATURES.index("chunk_pass_layer")
 
 
 def step_features(model_config, profile: DeviceProfile, shape: BatchShape) -> np.ndarray:
@@ -236,6 +237,7 @@ def step_features(model_config, profile: DeviceProfile, shape: BatchShape) -> np
     decode_only = 1.0 if shape.is_decode_only else 0.0
     eager_chunk = 1.0 if model.is_eager_chunk_step(shape) else 0.0
     replays = len(model.graph_passes(shape) or [None])
+    graphed_chunks = 1.0 if not shape.is_decode_only and model.graph_passes(shape) is not None else 0.0
     rebuilt = sequences * shape.staging_capacity * layers if shape.staging == "rebuild" else 0.0
     linear, memory = seconds["linear"], 0.0
     if profile.linear_roofline == "sum":
@@ -245,6 +247,7 @@ def step_features(model_config, profile: DeviceProfile, shape: BatchShape) -> np
         seconds["elementwise"] + seconds["sampling"], layers * replays, sequences,
         eager_chunk * sequences * layers, eager_chunk * layers, rebuilt, decode_only * linear, memory,
         shape.num_finished, shape.finished_tokens, 1.0 if shape.after_idle else 0.0,
+        graphed_chunks * layers * replays,
     ])
 
 
@@ -295,7 +298,9 @@ def _fit_once(model_config, measured: Measurements, samples: list[StepSample], r
     ridge = np.zeros((len(_RIDGE), len(FIT_FEATURES)))
     for row, (name, pull) in enumerate(_RIDGE.items()):
         ridge[row, FIT_FEATURES.index(name)] = pull * np.sqrt(len(samples))
+    unused = ~features.any(axis=0)  # e.g. no graphed prompt-chunk step in the samples: nothing to fit
     coefficients = fit_relative_l1(features, targets, measured_seconds, ridge, ridge.sum(axis=1))
+    coefficients[unused & (np.arange(len(FIT_FEATURES)) == _CHUNK_PASS_LAYER)] = 0.0
     _apply(profile, coefficients, step_overhead)
     if not profile.host_overlaps_device:
         return profile
@@ -309,8 +314,9 @@ def _fit_once(model_config, measured: Measurements, samples: list[StepSample], r
             masked[np.ix_(host_bound, _DEVICE_FEATURES)] = 0.0
             masked[np.ix_(chunk_steps & ~host_bound, _HOST_LAYER_FEATURES)] = 0.0
             candidate = base_profile(model_config, measured)
-            _apply(candidate, fit_relative_l1(masked, targets, measured_seconds, ridge, ridge.sum(axis=1)),
-                   step_overhead)
+            fitted = fit_relative_l1(masked, targets, measured_seconds, ridge, ridge.sum(axis=1))
+            fitted[unused & (np.arange(len(FIT_FEATURES)) == _CHUNK_PASS_LAYER)] = 0.0
+            _apply(candidate, fitted, step_overhead)
             model = StepModel(model_config, candidate)
             regime = chunk_steps & np.array([
                 model.host_layer_seconds(s.shape) > sum(model.predict(s.shape).seconds.values()) for s in samples])
@@ -343,6 +349,7 @@ def _apply(profile: DeviceProfile, coefficients: np.ndarray, step_overhead: floa
     profile.staging_rebuild_s_per_token_layer = float(coefficients[8]) if profile.decode_staging else 0.0
     profile.finish_overhead_s, profile.finish_token_overhead_s, profile.wake_overhead_s = (
         float(value) for value in coefficients[11:14])
+    profile.chunk_pass_layer_overhead_s = float(coefficients[_CHUNK_PASS_LAYER])
 
 
 def chunk_graphs_of(engine) -> tuple[int, int]:

@@ -67,6 +67,9 @@ class DeviceProfile:
     # Per layer, only in steps that carry a prompt chunk: on a GPU those run eagerly (a launch per
     # kernel) while decode-only steps replay a captured CUDA graph.
     chunk_layer_overhead_s: float = 0.0
+    # Per layer and graph pass, more in a step whose prompt chunks replay CUDA graphs than in a decode-only
+    # replay (older profiles: 0, both alike).
+    chunk_pass_layer_overhead_s: float = 0.0
     # The portable backend's decode path gathers every decoding sequence's KV padded to the longest
     # one, copying it (read + write + read: 3 passes); a paged kernel reads it once, unpadded.
     decode_attention_padded: bool = True

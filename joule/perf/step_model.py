@@ -319,6 +319,8 @@ class StepModel:
         profile, layers = self.profile, self.config.num_hidden_layers
         passes = self.graph_passes(batch)
         seconds = profile.layer_overhead_s * layers * (len(passes) if passes else 1)
+        if passes:
+            seconds += profile.chunk_pass_layer_overhead_s * layers * len(passes)
         if passes is None and not batch.is_decode_only:
             seconds += (profile.prefill_sequence_layer_overhead_s * len(batch.sequences)
                         + profile.chunk_layer_overhead_s) * layers

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -173,6 +174,10 @@ def test_graphed_chunk_steps_replay_one_padded_pass_per_chunk():
     assert model.host_layer_seconds(mixed) == pytest.approx(3 * 2 * 1e-5)  # replays: no eager launches
     device = sum(model.predict(mixed).seconds.values())
     assert model.predict(mixed).elapsed_seconds == pytest.approx(device + 3 * 2 * 1e-5)
+    # A graphed step with prompt chunks may cost more per layer and pass than a decode replay; decodes do not pay it.
+    extra = StepModel(config, dataclasses.replace(profile, chunk_pass_layer_overhead_s=4e-6))
+    assert extra.host_layer_seconds(mixed) == pytest.approx(3 * 2 * (1e-5 + 4e-6))
+    assert extra.host_layer_seconds(BatchShape.decode(4, 10)) == pytest.approx(2 * 1e-5)
     # Beyond the captured sizes or the chunk count, the step runs eagerly.
     assert model.graph_passes(BatchShape.prefill([600])) is None
     assert model.graph_passes(BatchShape.prefill([20, 20, 20])) is None
