@@ -29,7 +29,7 @@ class EngineConfig:
     fair_split_decodes: bool = False
     enable_chunked_prefill: bool = True
     enforce_eager: bool = False
-    decode_lookahead: bool | None = None  # None: on where it pays (CUDA), off on the CPU
+    decode_lookahead: bool | None = None  # None: on where it pays (a GPU), off on the CPU (engine.core.lookahead_on)
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "max_num_batched_tokens", "kv_cache_memory_bytes"):

@@ -11,7 +11,7 @@ import time
 
 from joule.config import EngineConfig
 from joule.logger import get_logger
-from joule.engine.core import EngineCore
+from joule.engine.core import EngineCore, lookahead_on
 from joule.engine.kv_blocks import KVBlockManager
 from joule.engine.request import Request, RequestSLO
 from joule.engine.scheduler import SchedulerConfig
@@ -92,7 +92,7 @@ class LLMEngine:
             self.energy_meter, AttributionWeights.for_hidden_size(self.model_config.hidden_size), clock=time.time
         )
         self.core = EngineCore(scheduler_config, self.block_manager, executor, step_observer=self.energy_ledger,
-                               decode_lookahead=_lookahead_enabled(config.decode_lookahead, self.device))
+                               decode_lookahead=lookahead_on(config.decode_lookahead, self.device.type == "cuda"))
         logger.info("decode lookahead: %s", "on" if self.core.decode_lookahead else "off")
         self._outputs = OutputBuilder(self.tokenizer, self.energy_ledger, lambda request_id, stop_string:
                                       self.core.finish_request(request_id, stop_reason=stop_string))
@@ -290,11 +290,3 @@ def _check_token_ids(token_ids, vocab_size: int) -> list[int]:
         if not 0 <= token_id < vocab_size:
             raise ValueError(f"prompt_token_ids contains {token_id}, outside the vocabulary [0, {vocab_size}).")
     return list(token_ids)
-
-
-def _lookahead_enabled(setting: bool | None, device) -> bool:
-    """Auto (None) queues decode steps ahead on CUDA only: there the host's scheduling and output work
-    overlaps the GPU (H200: batch-1 decode 697 -> 883 tok/s, workload 2 16.7k -> 23.3k, docs/benchmarks.md);
-    on the CPU the model runs on the same cores, so nothing overlaps and a stopping request's extra token
-    would be pure cost."""
-    return device.type == "cuda" if setting is None else setting

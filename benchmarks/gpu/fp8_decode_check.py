@@ -21,24 +21,16 @@ import joule.kernels.paged_decode as paged_decode
 from decode_sweep import graph_ms, make_inputs  # beside this script
 from engine_bench import build, release, throughput
 from joule.bench.workload import uniform_length_workload
+from joule.kernels.reference import paged_attention_reference
 
 QWEN3_06B = "benchmarks/configs/qwen3-0.6b"
 
 
 def float32_attention(query, keys, values, tables, lengths, rows=8) -> torch.Tensor:
-    """Attention of the first ``rows`` sequences in float32 over the dequantised cache (GQA by repeat)."""
-    outputs = []
-    group = query.shape[1] // keys.shape[2]
-    block_size = keys.shape[1]
-    for row in range(rows):
-        length = int(lengths[row])
-        positions = torch.arange(length, device=query.device)
-        block_ids = tables[row, positions // block_size].long()
-        key = keys[block_ids, positions % block_size].float().repeat_interleave(group, dim=1)
-        value = values[block_ids, positions % block_size].float().repeat_interleave(group, dim=1)
-        scores = torch.einsum("hd,thd->ht", query[row].float(), key) * query.shape[-1] ** -0.5
-        outputs.append(torch.einsum("ht,thd->hd", scores.softmax(dim=-1), value))
-    return torch.stack(outputs)
+    """The reference attention (joule.kernels.reference) of the first ``rows`` decode rows, in float32."""
+    length_list = [int(length) for length in lengths[:rows]]
+    return paged_attention_reference(query[:rows], keys, values, tables[:rows], [1] * rows, length_list,
+                                     query.shape[-1] ** -0.5, compute_dtype=torch.float32)
 
 
 def kernel_rows() -> list[dict]:

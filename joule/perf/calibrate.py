@@ -298,10 +298,15 @@ def _fit_once(model_config, measured: Measurements, samples: list[StepSample], r
     ridge = np.zeros((len(_RIDGE), len(FIT_FEATURES)))
     for row, (name, pull) in enumerate(_RIDGE.items()):
         ridge[row, FIT_FEATURES.index(name)] = pull * np.sqrt(len(samples))
-    unused = ~features.any(axis=0)  # e.g. no graphed prompt-chunk step in the samples: nothing to fit
-    coefficients = fit_relative_l1(features, targets, measured_seconds, ridge, ridge.sum(axis=1))
-    coefficients[unused & (np.arange(len(FIT_FEATURES)) == _CHUNK_PASS_LAYER)] = 0.0
-    _apply(profile, coefficients, step_overhead)
+    no_graphed_chunks = not features[:, _CHUNK_PASS_LAYER].any()
+
+    def solve(matrix: np.ndarray) -> np.ndarray:
+        coefficients = fit_relative_l1(matrix, targets, measured_seconds, ridge, ridge.sum(axis=1))
+        if no_graphed_chunks:  # no graphed prompt-chunk step in the samples: its term is 0, not a free value
+            coefficients[_CHUNK_PASS_LAYER] = 0.0
+        return coefficients
+
+    _apply(profile, solve(features), step_overhead)
     if not profile.host_overlaps_device:
         return profile
     chunk_steps = np.array([StepModel(model_config, profile).is_eager_chunk_step(s.shape) for s in samples])
@@ -314,9 +319,7 @@ def _fit_once(model_config, measured: Measurements, samples: list[StepSample], r
             masked[np.ix_(host_bound, _DEVICE_FEATURES)] = 0.0
             masked[np.ix_(chunk_steps & ~host_bound, _HOST_LAYER_FEATURES)] = 0.0
             candidate = base_profile(model_config, measured)
-            fitted = fit_relative_l1(masked, targets, measured_seconds, ridge, ridge.sum(axis=1))
-            fitted[unused & (np.arange(len(FIT_FEATURES)) == _CHUNK_PASS_LAYER)] = 0.0
-            _apply(candidate, fitted, step_overhead)
+            _apply(candidate, solve(masked), step_overhead)
             model = StepModel(model_config, candidate)
             regime = chunk_steps & np.array([
                 model.host_layer_seconds(s.shape) > sum(model.predict(s.shape).seconds.values()) for s in samples])

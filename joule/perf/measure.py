@@ -131,8 +131,8 @@ class RecordingExecutor:
 
     # The engine's decode lookahead: a step is launched before the previous one is collected, so each
     # launched step keeps its own shape until ``collect`` makes it the last one.
-    def can_continue(self, plan) -> bool:
-        return self.inner.can_continue(plan)
+    def can_continue(self, launched) -> bool:
+        return self.inner.can_continue(launched)
 
     def launch(self, plan, previous=None):
         observed = self._observe(plan)

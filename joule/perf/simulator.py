@@ -19,7 +19,7 @@ import heapq
 import math
 from dataclasses import dataclass
 
-from joule.engine.core import EngineCore
+from joule.engine.core import EngineCore, lookahead_on
 from joule.engine.kv_blocks import KVBlockManager
 from joule.engine.policies import DEFAULT_FAIR_PROMPT_CAP
 from joule.engine.request import Request, RequestSLO
@@ -126,8 +126,7 @@ class _Replica:
         self.core = EngineCore(
             scheduler_config, KVBlockManager(num_blocks, config.block_size, config.enable_prefix_caching),
             self.executor, clock=lambda: self.now,
-            decode_lookahead=(config.hardware.kind == "gpu" if config.decode_lookahead is None
-                              else config.decode_lookahead),
+            decode_lookahead=lookahead_on(config.decode_lookahead, config.hardware.kind == "gpu"),
         )
         self.outstanding = 0
         self.outstanding_tokens = 0

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
+from joule.engine.core import lookahead_on
 from joule.perf.arrivals import TimedRequest
 from joule.perf.hardware import get_hardware
 from joule.perf.measure import Scenario, infer_step_events, measure_steps
@@ -279,7 +280,7 @@ def compare_run(engine, profile: DeviceProfile, requests: list[TimedRequest], re
     ``decode_lookahead`` (None: the engine's default, on with CUDA) is set on the engine for these runs and
     given to the simulator; the step grid (``validate_steps``) times steps one by one without it.
     """
-    lookahead = engine.device.type == "cuda" if decode_lookahead is None else decode_lookahead
+    lookahead = lookahead_on(decode_lookahead, engine.device.type == "cuda")
     before = engine.core.decode_lookahead
     engine.core.decode_lookahead = lookahead
     try:

@@ -120,12 +120,11 @@ class ModelExecutor:
     def execute(self, plan: StepPlan) -> StepResult:
         return self.collect(self.launch(plan))
 
-    def can_continue(self, plan: StepPlan) -> bool:
-        """A continuation (``Scheduler.schedule_continuation``) may follow ``plan`` on the device: every
-        sequence a greedy decode whose token the argmax gives (no sampler state on the host)."""
-        return bool(plan.sequences) and all(
-            len(sequence.token_ids) == 1 and sequence.samples and _plain_greedy(sequence.request)
-            for sequence in plan.sequences)
+    def can_continue(self, launched: LaunchedStep) -> bool:
+        """A continuation (``Scheduler.schedule_continuation``, which checks the plan's shape) may take
+        ``launched``'s tokens as inputs: they stayed on the device (every row a plain greedy argmax, decided
+        once in ``launch``)."""
+        return launched.token_ids is not None
 
     @torch.inference_mode()
     def launch(self, plan: StepPlan, previous: LaunchedStep | None = None) -> LaunchedStep:

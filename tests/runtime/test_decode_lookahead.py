@@ -150,12 +150,12 @@ def test_lookahead_through_the_static_decode_buffers(model_dir):
 
 def test_lookahead_is_on_by_default_with_cuda_only_and_can_be_forced_either_way(model_dir):
     from joule.config import EngineConfig
-    from joule.llm_engine import _lookahead_enabled
+    from joule.engine.core import lookahead_on
 
-    assert _lookahead_enabled(None, torch.device("cuda")) is True
-    assert _lookahead_enabled(None, torch.device("cpu")) is False
-    assert _lookahead_enabled(True, torch.device("cpu")) is True
-    assert _lookahead_enabled(False, torch.device("cuda")) is False
+    assert lookahead_on(None, on_gpu=True) is True
+    assert lookahead_on(None, on_gpu=False) is False
+    assert lookahead_on(True, on_gpu=False) is True
+    assert lookahead_on(False, on_gpu=True) is False
     assert _engine(model_dir, None).core.decode_lookahead is False  # auto on the CPU
     assert _engine(model_dir, True).core.decode_lookahead is True
     with pytest.raises(ValueError, match="decode_lookahead"):
