@@ -2,13 +2,16 @@
 
 Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/gemv_sweep.py [out.json]
 Each shape is timed inside a CUDA graph that walks distinct weight copies (>= 1 GB, so nothing is served
-from L2), for F.linear, the GEMV with ``gemv_config``'s blocks, and a grid of other blocks. Prints one table.
+from L2), for F.linear, the GEMV with ``gemv_config``'s blocks (with programmatic dependent launch off and on,
+and 0-2 weight tiles prefetched before the wait), and a grid of other blocks. Prints one table.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
+import os
 import sys
 
 import torch
@@ -69,7 +72,17 @@ def main() -> None:
         scale = reference.abs().max().item()
         cublas = timed_graph(lambda i: F.linear(x, weights[i]), copies)
         default = gemv_config(out_features, in_features, sms)
+        # Programmatic dependent launch between the chained GEMVs (JOULE_PDL is read at each launch, so each
+        # captured graph has it on or off) and 0-2 weight tiles loaded before the wait.
+        variants = {}
+        for pdl, tiles in ((0, 0), (1, 0), (1, 1), (1, 2)):
+            os.environ["JOULE_PDL"] = str(pdl)
+            config = dataclasses.replace(default, prefetch_tiles=tiles)
+            variants[f"pdl{pdl}_prefetch{tiles}"] = 1e6 * timed_graph(lambda i: gemv(x, weights[i], config=config),
+                                                                      copies)
+        os.environ["JOULE_PDL"] = "1"
         ours = timed_graph(lambda i: gemv(x, weights[i], config=default), copies)
+        print(f"  {name}: " + "  ".join(f"{key} {value:.2f} us" for key, value in variants.items()), flush=True)
         best_config, best = default, ours
         for config in grid:
             if config.block_k > max(256, triton_pow2(in_features)):
@@ -85,7 +98,7 @@ def main() -> None:
                "cublas_us": cublas * 1e6, "gemv_default_us": ours * 1e6, "gemv_best_us": best * 1e6,
                "best_config": best_config.__dict__, "default_config": default.__dict__,
                "cublas_bw": weight_bytes / cublas / bandwidth, "default_bw": weight_bytes / ours / bandwidth,
-               "best_bw": weight_bytes / best / bandwidth}
+               "best_bw": weight_bytes / best / bandwidth, "pdl_variants_us": variants}
         rows.append(row)
         print(f"{name:16s} {out_features:6d}x{in_features:5d}  cuBLAS {cublas * 1e6:7.1f} us ({row['cublas_bw']:.0%})"
               f"  gemv {ours * 1e6:7.1f} us ({row['default_bw']:.0%})  best {best * 1e6:7.1f} us ({row['best_bw']:.0%})"

@@ -11,12 +11,15 @@ import torch
 import triton
 import triton.language as tl
 
+from joule.kernels.common import pdl_launch, wait_for_previous_grid
+
 
 @triton.jit
 def _silu_and_mul_kernel(
     gate_up_ptr, output_ptr, stride_input, stride_output,
-    INTERMEDIATE: tl.constexpr, BLOCK: tl.constexpr,
+    INTERMEDIATE: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    wait_for_previous_grid(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = columns < INTERMEDIATE
@@ -36,8 +39,10 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if num_rows == 0:
         return output
     block = min(1024, triton.next_power_of_2(intermediate))
+    use_pdl = pdl_launch(gate_up.device)
     _silu_and_mul_kernel[(num_rows, triton.cdiv(intermediate, block))](
         gate_up, output, gate_up.stride(0), output.stride(0),
-        INTERMEDIATE=intermediate, BLOCK=block, num_warps=4 if block >= 512 else 1,
+        INTERMEDIATE=intermediate, BLOCK=block, USE_PDL=use_pdl, num_warps=4 if block >= 512 else 1,
+        launch_pdl=use_pdl,
     )
     return output

@@ -17,12 +17,15 @@ import torch
 import triton
 import triton.language as tl
 
+from joule.kernels.common import pdl_launch, wait_for_previous_grid
+
 CHUNK = 4096  # logits per program: 8 KB of bf16, ~32 programs per row of a 128k vocabulary
 
 
 @triton.jit
 def _chunk_argmax_kernel(logits_ptr, best_value_ptr, best_index_ptr, vocab_size, stride_row, num_chunks,
-                         CHUNK: tl.constexpr):
+                         CHUNK: tl.constexpr, USE_PDL: tl.constexpr):
+    wait_for_previous_grid(USE_PDL)
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     columns = chunk * CHUNK + tl.arange(0, CHUNK)
@@ -34,7 +37,9 @@ def _chunk_argmax_kernel(logits_ptr, best_value_ptr, best_index_ptr, vocab_size,
 
 
 @triton.jit
-def _row_argmax_kernel(best_value_ptr, best_index_ptr, output_ptr, num_chunks, CHUNKS_PAD: tl.constexpr):
+def _row_argmax_kernel(best_value_ptr, best_index_ptr, output_ptr, num_chunks, CHUNKS_PAD: tl.constexpr,
+                       USE_PDL: tl.constexpr):
+    wait_for_previous_grid(USE_PDL)
     row = tl.program_id(0)
     chunks = tl.arange(0, CHUNKS_PAD)
     values = tl.load(best_value_ptr + row * num_chunks + chunks, mask=chunks < num_chunks, other=float("-inf"))
@@ -57,8 +62,11 @@ def argmax_rows(logits: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
     num_chunks = triton.cdiv(vocab_size, chunk)
     best_values = torch.empty((rows, num_chunks), dtype=torch.float32, device=logits.device)
     best_indices = torch.empty((rows, num_chunks), dtype=torch.int64, device=logits.device)
+    use_pdl = pdl_launch(logits.device)
     _chunk_argmax_kernel[(rows, num_chunks)](logits, best_values, best_indices, vocab_size, logits.stride(0),
-                                             num_chunks, CHUNK=chunk, num_warps=4)
+                                             num_chunks, CHUNK=chunk, USE_PDL=use_pdl, num_warps=4,
+                                             launch_pdl=use_pdl)
     _row_argmax_kernel[(rows,)](best_values, best_indices, output, num_chunks,
-                                CHUNKS_PAD=max(16, triton.next_power_of_2(num_chunks)), num_warps=1)
+                                CHUNKS_PAD=max(16, triton.next_power_of_2(num_chunks)), USE_PDL=use_pdl,
+                                num_warps=1, launch_pdl=use_pdl)
     return output

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+try:  # Triton >= 3.4: grid dependency control for programmatic dependent launch
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older Triton: pdl_launch() is False, the jit branch is never taken
+    gdc_launch_dependents = gdc_wait = None
 
 LOG2_E = 1.4426950408889634
 
@@ -29,3 +35,42 @@ def tile_dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     else:
         result = tl.dot(a, b, input_precision=PRECISION)
     return result
+
+
+def pdl_launch(device: torch.device) -> bool:
+    """Whether kernels on ``device`` launch with programmatic dependent launch (PDL).
+
+    Why: a batch-1 decode step is ~180 small kernels; between two dependent kernels the GPU drains one grid
+    before it starts the next (~1-2 us each, inside a CUDA graph too). With PDL the next grid's programs start
+    while the previous one finishes and wait (``wait_for_previous_grid``) only before reading its results;
+    the GEMV loads its first weights before that wait. Hopper (sm_90) and newer, never under the interpreter;
+    ``JOULE_PDL=0`` turns it off (benchmarks compare both).
+    """
+    if device.type != "cuda" or interpreting() or gdc_wait is None:
+        return False
+    if os.environ.get("JOULE_PDL", "1") in ("0", "false", "off"):
+        return False
+    return device_capability(device) >= (9, 0)
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """The CUDA device's compute capability (cached: the query is a driver call)."""
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+@triton.jit
+def wait_for_previous_grid(USE_PDL: tl.constexpr):
+    """Under PDL: block until the previous kernel's writes are visible, then let the next kernel start.
+
+    Every PDL-launched kernel calls this before it reads another kernel's output or writes anything (a buffer
+    it writes may still be read by the previous kernel). Kernels before it in the stream are complete too,
+    because each of them waited for its own predecessor before finishing.
+    """
+    if USE_PDL:
+        gdc_wait()
+        gdc_launch_dependents()

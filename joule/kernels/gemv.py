@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from joule.kernels.common import pdl_launch, wait_for_previous_grid
+
 
 @dataclass(frozen=True)
 class GemvConfig:
@@ -28,22 +30,40 @@ class GemvConfig:
     block_k: int
     num_warps: int
     num_stages: int
+    prefetch_tiles: int = 1  # weight tiles loaded before waiting for the previous kernel (0-2)
 
 
 @triton.jit
 def _gemv_kernel(
     x_ptr, weight_ptr, bias_ptr, out_ptr, N, stride_weight,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PREFETCH_TILES: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     row_offsets = rows.to(tl.int64) * stride_weight
+    # The first PREFETCH_TILES (0-2) weight tiles load before waiting for the previous kernel (under PDL they
+    # stream in while it finishes): no kernel of a step writes weights. They are added in the loop's order.
+    columns = tl.arange(0, BLOCK_K)
+    if PREFETCH_TILES >= 1:
+        first_weight = tl.load(weight_ptr + row_offsets[:, None] + columns[None, :],
+                               mask=row_mask[:, None] & (columns < K)[None, :], other=0.0)
+    if PREFETCH_TILES >= 2:
+        second_weight = tl.load(weight_ptr + row_offsets[:, None] + BLOCK_K + columns[None, :],
+                                mask=row_mask[:, None] & (BLOCK_K + columns < K)[None, :], other=0.0)
+    wait_for_previous_grid(USE_PDL)
     accumulator = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for start in range(0, K, BLOCK_K):
-        columns = start + tl.arange(0, BLOCK_K)
-        column_mask = columns < K
-        x = tl.load(x_ptr + columns, mask=column_mask, other=0.0).to(tl.float32)
-        weight = tl.load(weight_ptr + row_offsets[:, None] + columns[None, :],
+    if PREFETCH_TILES >= 1:
+        x = tl.load(x_ptr + columns, mask=columns < K, other=0.0).to(tl.float32)
+        accumulator += first_weight.to(tl.float32) * x[None, :]
+    if PREFETCH_TILES >= 2:
+        x = tl.load(x_ptr + BLOCK_K + columns, mask=BLOCK_K + columns < K, other=0.0).to(tl.float32)
+        accumulator += second_weight.to(tl.float32) * x[None, :]
+    for start in range(PREFETCH_TILES * BLOCK_K, K, BLOCK_K):
+        tile_columns = start + columns
+        column_mask = tile_columns < K
+        x = tl.load(x_ptr + tile_columns, mask=column_mask, other=0.0).to(tl.float32)
+        weight = tl.load(weight_ptr + row_offsets[:, None] + tile_columns[None, :],
                          mask=row_mask[:, None] & column_mask[None, :], other=0.0)
         accumulator += weight.to(tl.float32) * x[None, :]
     result = tl.sum(accumulator, axis=1)
@@ -71,12 +91,16 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     out_features, in_features = weight.shape
     if config is None:
         config = gemv_config(out_features, in_features, _num_sms(x.device))
+    if config.prefetch_tiles not in (0, 1, 2):
+        raise ValueError(f"gemv: prefetch_tiles must be 0, 1 or 2, got {config.prefetch_tiles}")
+    use_pdl = pdl_launch(x.device)
     output = torch.empty((1, out_features), dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(out_features, config.block_n),)
     _gemv_kernel[grid](
         x, weight, bias if bias is not None else weight, output, out_features, weight.stride(0),
         K=in_features, HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        PREFETCH_TILES=config.prefetch_tiles, USE_PDL=use_pdl,
+        num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=use_pdl,
     )
     return output
 

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from joule.kernels.common import pdl_launch, wait_for_previous_grid
+
 FP8_E4M3_MAX: tl.constexpr = tl.constexpr(448.0)
 
 
@@ -21,8 +23,9 @@ def _write_kv_kernel(
     stride_key_token, stride_key_head, stride_value_token, stride_value_head,
     stride_cache_block, stride_cache_offset, stride_cache_head,
     BLOCK_SIZE: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HEADS_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SATURATE: tl.constexpr,
+    HEADS_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SATURATE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    wait_for_previous_grid(USE_PDL)  # before any return: a kernel that never waits breaks the chain
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot < 0:
@@ -67,12 +70,13 @@ def write_kv_cache(
         raise ValueError(f"write_kv_cache: {slot_mapping.shape[0]} slots for {num_tokens} rows")
     if num_tokens == 0:
         return
+    use_pdl = pdl_launch(key.device)
     _write_kv_kernel[(num_tokens,)](
         key, value, key_cache, value_cache, slot_mapping,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         BLOCK_SIZE=key_cache.shape[1], NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
-        SATURATE=key_cache.dtype == torch.float8_e4m3fn,
-        num_warps=4 if num_kv_heads * head_dim >= 1024 else 1,
+        SATURATE=key_cache.dtype == torch.float8_e4m3fn, USE_PDL=use_pdl,
+        num_warps=4 if num_kv_heads * head_dim >= 1024 else 1, launch_pdl=use_pdl,
     )

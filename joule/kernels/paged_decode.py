@@ -18,13 +18,19 @@ cache block size works.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from joule.kernels.common import LOG2_E, dot_precision, interpreting, tile_dot
+from joule.kernels.common import (
+    LOG2_E,
+    device_capability,
+    dot_precision,
+    interpreting,
+    pdl_launch,
+    tile_dot,
+    wait_for_previous_grid,
+)
 
 MIN_SPLIT_TOKENS = 256  # below this, another split costs more in merging than it gains
 MAX_SPLITS = 64
@@ -78,8 +84,9 @@ def _decode_partial_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT_OUTPUT: tl.constexpr,
     HAS_SEQUENCE_IDS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    FP16_DOT: tl.constexpr, FP8_ASM: tl.constexpr, HEADS_FIRST: tl.constexpr,
+    FP16_DOT: tl.constexpr, FP8_ASM: tl.constexpr, HEADS_FIRST: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    wait_for_previous_grid(USE_PDL)
     # HEADS_FIRST: programs launched in a row serve the KV heads of one sequence, which lie side by side in each
     # token's cache row, instead of one head of neighbouring sequences (scattered blocks).
     if HEADS_FIRST:
@@ -158,8 +165,9 @@ def _decode_merge_kernel(
     output_ptr, partial_output_ptr, partial_lse_ptr, sequence_lengths_ptr, sequence_ids_ptr,
     query_start_locations_ptr, min_split_length, num_splits, stride_output_token, stride_output_head,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, HAS_SEQUENCE_IDS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    wait_for_previous_grid(USE_PDL)
     item = tl.program_id(0)
     head = tl.program_id(1)
     sequence, row = _sequence_and_row(item, sequence_ids_ptr, query_start_locations_ptr, HAS_SEQUENCE_IDS)
@@ -197,12 +205,7 @@ def native_fp8_convert(device: torch.device) -> bool:
     """The GPU converts e4m3 pairs to fp16 in one instruction (sm_89 and newer); never under the interpreter."""
     if device.type != "cuda" or interpreting():
         return False
-    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (8, 9)
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+    return device_capability(device) >= (8, 9)
 
 
 def paged_decode_attention(
@@ -266,6 +269,7 @@ def paged_decode_attention(
         partial_output = torch.empty((num_sequences, num_heads, num_splits, head_dim_pad),
                                      dtype=torch.float32, device=query.device)
         partial_lse = torch.empty((num_sequences, num_heads, num_splits), dtype=torch.float32, device=query.device)
+    use_pdl = pdl_launch(query.device)
     grid = ((num_kv_heads, num_sequences, num_splits) if launch["heads_first"]
             else (num_sequences, num_kv_heads, num_splits))
     _decode_partial_kernel[grid](
@@ -280,8 +284,8 @@ def paged_decode_attention(
         HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size, BLOCK_N=block_n, DIRECT_OUTPUT=direct,
         HAS_SEQUENCE_IDS=sequence_ids is not None, DOT_PRECISION=dot_precision(query.dtype), UPCAST_DOT=interpreting(),
         FP16_DOT=bool(launch["fp16_dot"]) and fp8, FP8_ASM=bool(launch["fp8_asm"]),
-        HEADS_FIRST=bool(launch["heads_first"]), num_warps=launch["num_warps"],
-        num_stages=launch["num_stages"],
+        HEADS_FIRST=bool(launch["heads_first"]), USE_PDL=use_pdl, num_warps=launch["num_warps"],
+        num_stages=launch["num_stages"], launch_pdl=use_pdl,
     )
     if not direct:
         _decode_merge_kernel[(num_sequences, num_heads)](
@@ -290,7 +294,7 @@ def paged_decode_attention(
             query_start_locations if query_start_locations is not None else sequence_lengths,
             min_split_length, num_splits, output.stride(0), output.stride(1),
             HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, SPLITS_PAD=triton.next_power_of_2(num_splits),
-            HAS_SEQUENCE_IDS=sequence_ids is not None, BLOCK_N=block_n,
-            num_warps=1 if head_dim_pad <= 64 else 2,
+            HAS_SEQUENCE_IDS=sequence_ids is not None, BLOCK_N=block_n, USE_PDL=use_pdl,
+            num_warps=1 if head_dim_pad <= 64 else 2, launch_pdl=use_pdl,
         )
     return output

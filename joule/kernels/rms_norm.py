@@ -11,13 +11,16 @@ import torch
 import triton
 import triton.language as tl
 
+from joule.kernels.common import pdl_launch, wait_for_previous_grid
+
 
 @triton.jit
 def _rms_norm_kernel(
     hidden_ptr, residual_ptr, weight_ptr, output_ptr, residual_output_ptr, eps,
     stride_hidden, stride_residual, stride_output, stride_residual_output,
-    HIDDEN_SIZE: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    HIDDEN_SIZE: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    wait_for_previous_grid(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     columns = tl.arange(0, BLOCK)
     mask = columns < HIDDEN_SIZE
@@ -51,11 +54,12 @@ def rms_norm(
     residual_output = torch.empty_like(hidden) if residual is not None else output
     if num_rows > 0:
         block = triton.next_power_of_2(hidden_size)
+        use_pdl = pdl_launch(hidden.device)
         _rms_norm_kernel[(num_rows,)](
             hidden, residual if residual is not None else hidden, weight, output, residual_output, eps,
             hidden.stride(0), residual.stride(0) if residual is not None else 0, output.stride(0),
             residual_output.stride(0),
-            HIDDEN_SIZE=hidden_size, BLOCK=block, HAS_RESIDUAL=residual is not None,
-            num_warps=max(1, min(16, block // 256)),
+            HIDDEN_SIZE=hidden_size, BLOCK=block, HAS_RESIDUAL=residual is not None, USE_PDL=use_pdl,
+            num_warps=max(1, min(16, block // 256)), launch_pdl=use_pdl,
         )
     return output if residual is None else (output, residual_output)

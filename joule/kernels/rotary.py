@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from joule.kernels.common import pdl_launch, wait_for_previous_grid
+
 
 @triton.jit
 def _rotate_heads(base, stride_head, num_heads, norm_ptr, eps, cos, sin, offsets, mask_half,
@@ -45,7 +47,9 @@ def _rotary_kernel(
     stride_query_token, stride_query_head, stride_key_token, stride_key_head, stride_table,
     NUM_QUERY_HEADS: tl.constexpr, NUM_KEY_HEADS: tl.constexpr, QUERY_HEADS_PAD: tl.constexpr,
     KEY_HEADS_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, HAS_NORM: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous_grid(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     offsets = tl.arange(0, HALF_PAD)
     mask_half = offsets < HALF
@@ -88,11 +92,12 @@ def rotary_embedding_(
     norm_key = key_norm_weight if has_norm else cos
     num_key_heads = key.shape[1]
     half_pad = triton.next_power_of_2(half)
+    use_pdl = pdl_launch(query.device)
     _rotary_kernel[(num_tokens,)](
         query, key, cos, sin, norm_query, norm_key, eps,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), cos.stride(0),
         NUM_QUERY_HEADS=num_query_heads, NUM_KEY_HEADS=num_key_heads,
         QUERY_HEADS_PAD=triton.next_power_of_2(num_query_heads), KEY_HEADS_PAD=triton.next_power_of_2(num_key_heads),
-        HALF=half, HALF_PAD=half_pad, HAS_NORM=has_norm,
-        num_warps=4 if num_query_heads * half_pad >= 1024 else 1,
+        HALF=half, HALF_PAD=half_pad, HAS_NORM=has_norm, USE_PDL=use_pdl,
+        num_warps=4 if num_query_heads * half_pad >= 1024 else 1, launch_pdl=use_pdl,
     )

@@ -33,11 +33,25 @@ def test_gemv_matches_linear(dtype, out_features, in_features, config, with_bias
     torch.testing.assert_close(output.float(), expected, atol=tolerance * in_features ** 0.5, rtol=tolerance)
 
 
+@pytest.mark.parametrize("in_features", [40, 100, 256])  # 2, 4 and 8 tiles of 32 columns; 40: the second is partial
+def test_gemv_prefetched_tiles_add_in_the_loop_order(in_features):
+    """Loading 1 or 2 weight tiles before the wait changes nothing: bit-identical to no prefetch."""
+    generator = torch.Generator().manual_seed(in_features)
+    weight = torch.randn(29, in_features, generator=generator).to(DEVICE, torch.bfloat16)
+    x = torch.randn(1, in_features, generator=generator).to(DEVICE, torch.bfloat16)
+    outputs = [gemv(x, weight, config=GemvConfig(8, 32, 4, 1, prefetch_tiles=tiles)) for tiles in (0, 1, 2)]
+    expected = F.linear(x.float(), weight.float())
+    torch.testing.assert_close(outputs[0].float(), expected, atol=0.2, rtol=3e-2)
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
+
+
 def test_gemv_rejects_more_than_one_row():
     with pytest.raises(ValueError, match="one contiguous row"):
         gemv(torch.ones(2, 8, device=DEVICE), torch.ones(4, 8, device=DEVICE))
     with pytest.raises(ValueError, match="weight must be"):
         gemv(torch.ones(1, 8, device=DEVICE), torch.ones(4, 6, device=DEVICE))
+    with pytest.raises(ValueError, match="prefetch_tiles"):
+        gemv(torch.ones(1, 8, device=DEVICE), torch.ones(4, 8, device=DEVICE), config=GemvConfig(4, 8, 1, 1, 3))
 
 
 def test_gemv_config_keeps_several_programs_per_sm():
