@@ -17,7 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from joule.model.config import ModelConfig
-from joule.model.layers import GatedMLP, MergedLinear, RMSNorm, RotaryEmbedding, apply_rotary, whole_head_tables
+from joule.model.layers import (
+    GatedMLP,
+    MergedLinear,
+    RMSNorm,
+    RotaryEmbedding,
+    apply_rotary,
+    norm_then_project,
+    whole_head_tables,
+)
 from joule.runtime.attention.base import ForwardContext
 
 
@@ -47,20 +55,14 @@ class Attention(nn.Module):
         self.o_proj = MergedLinear([self.o_proj], transpose_weight)
         del self.q_proj, self.k_proj, self.v_proj
 
-    def _project(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.qkv_proj is None:
-            return self.q_proj(hidden), self.k_proj(hidden), self.v_proj(hidden)
-        return self.qkv_proj.split(self.qkv_proj(hidden))
-
     def _project_and_rotate_together(
-        self, hidden: torch.Tensor, whole_cos: torch.Tensor, signed_sin: torch.Tensor
+        self, qkv: torch.Tensor, whole_cos: torch.Tensor, signed_sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """CPU: q and k sit side by side in the merged projection, so one rotation covers both.
 
         The results are views (strided rows); the attention backends accept them.
         """
-        num_tokens, head_dim = hidden.shape[0], self.head_dim
-        qkv = self.qkv_proj(hidden)
+        num_tokens, head_dim = qkv.shape[0], self.head_dim
         rotated_width = (self.num_heads + self.num_kv_heads) * head_dim
         query_key = qkv[:, :rotated_width].view(num_tokens, self.num_heads + self.num_kv_heads, head_dim)
         query, key = apply_rotary(query_key, whole_cos, signed_sin).split([self.num_heads, self.num_kv_heads], dim=1)
@@ -72,28 +74,45 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """``cos``/``sin``: half tables ``[T, head_dim / 2]`` on CUDA (the Triton kernel's input),
         whole-head tables from ``whole_head_tables`` elsewhere."""
-        num_tokens = hidden.shape[0]
-        if not hidden.is_cuda and self.qkv_proj is not None and not self.uses_qk_norm:
-            query, key, value = self._project_and_rotate_together(hidden, cos, sin)
+        if self.qkv_proj is not None:
+            return self.attend_projected(self.qkv_proj(hidden), cos, sin, context)
+        return self._attend(self.q_proj(hidden), self.k_proj(hidden), self.v_proj(hidden), cos, sin, context)
+
+    def attend_projected(
+        self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, context: ForwardContext
+    ) -> torch.Tensor:
+        """Attention and the output projection from the merged q/k/v projection's output."""
+        if not qkv.is_cuda and not self.uses_qk_norm:
+            query, key, value = self._project_and_rotate_together(qkv, cos, sin)
             attended = context.attend(self.layer_index, query, key, value, self.scale)
-            return self.o_proj(attended.reshape(num_tokens, self.num_heads * self.head_dim))
-        query, key, value = self._project(hidden)
+            return self.o_proj(attended.reshape(qkv.shape[0], self.num_heads * self.head_dim))
+        return self._attend(*self.qkv_proj.split(qkv), cos, sin, context)
+
+    def _attend(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        context: ForwardContext,
+    ) -> torch.Tensor:
+        num_tokens = query.shape[0]
         query = query.reshape(num_tokens, self.num_heads, self.head_dim)
         key = key.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         value = value.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        if query.is_cuda:  # q/k norm and rotation of both in one Triton launch, in place
+        kv_stored = False
+        if query.is_cuda:  # q/k norm and rotation of both in one Triton launch, with the cache write when allowed
             from joule.kernels.rotary import rotary_embedding_
 
             norms = (self.q_norm.weight, self.k_norm.weight) if self.uses_qk_norm else (None, None)
             eps = self.q_norm.eps if self.uses_qk_norm else 0.0
-            rotary_embedding_(query, key, cos, sin, *norms, eps=eps)
+            destination = context.kv_destination(self.layer_index)
+            kv_stored = destination is not None
+            rotary_embedding_(query, key, cos, sin, *norms, eps=eps,
+                              cache=(value, *destination) if kv_stored else None)
         else:
             if self.uses_qk_norm:
                 query = self.q_norm(query)
                 key = self.k_norm(key)
             query = apply_rotary(query, cos, sin)
             key = apply_rotary(key, cos, sin)
-        attended = context.attend(self.layer_index, query, key, value, self.scale)
+        attended = context.attend(self.layer_index, query, key, value, self.scale, kv_stored=kv_stored)
         return self.o_proj(attended.reshape(num_tokens, self.num_heads * self.head_dim))
 
 
@@ -115,14 +134,22 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the MLP output and the residual stream before it; the next norm adds them
         (fused on GPU), which is the same sum Hugging Face computes one line earlier."""
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, cos, sin, context)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        attention, mlp = self.self_attn, self.mlp
+        if attention.qkv_proj is None or mlp.gate_up_proj is None:  # projections not merged yet
+            if residual is None:
+                residual = hidden
+                hidden = self.input_layernorm(hidden)
+            else:
+                hidden, residual = self.input_layernorm(hidden, residual)
+            hidden = attention(hidden, cos, sin, context)
+            hidden, residual = self.post_attention_layernorm(hidden, residual)
+            return mlp(hidden), residual
+        # Merged: each norm (and SwiGLU's activation) may run inside the projection's kernel (one CUDA row).
+        qkv, residual = norm_then_project(attention.qkv_proj, self.input_layernorm, hidden, residual)
+        hidden = attention.attend_projected(qkv, cos, sin, context)
+        activated, residual = norm_then_project(mlp.gate_up_proj, self.post_attention_layernorm, hidden, residual,
+                                                gated=True)
+        return mlp.down_proj(activated), residual
 
 
 class DecoderModel(nn.Module):

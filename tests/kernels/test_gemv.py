@@ -58,5 +58,56 @@ def test_gemv_config_keeps_several_programs_per_sm():
     narrow = gemv_config(2048, 2048, num_sms=132)
     assert (2048 + narrow.block_n - 1) // narrow.block_n >= 4 * 132 or narrow.block_n == 2
     wide = gemv_config(128256, 2048, num_sms=132)
-    assert wide.block_n == 32 and wide.block_k == 512
+    assert wide.block_n == 8 and wide.block_k == 256 and wide.num_stages == 1  # gemv_sweep's best on the H200
     assert gemv_config(1000, 100).block_k == 128  # never wider than the input rounded up
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("in_features,config", [(96, GemvConfig(8, 32, 4, 1)), (100, None)])
+def test_gemv_with_norm_matches_rms_norm_then_gemv(with_residual, in_features, config):
+    """The fused RMSNorm prologue gives rms_norm's rounded input (and its new residual) to the same GEMV."""
+    from joule.kernels.rms_norm import rms_norm
+
+    generator = torch.Generator().manual_seed(in_features + with_residual)
+    weight = torch.randn(37, in_features, generator=generator).to(DEVICE, torch.bfloat16)
+    hidden = torch.randn(1, in_features, generator=generator).to(DEVICE, torch.bfloat16)
+    residual = torch.randn(1, in_features, generator=generator).to(DEVICE, torch.bfloat16) if with_residual else None
+    norm_weight = (1 + 0.1 * torch.randn(in_features, generator=generator)).to(DEVICE, torch.bfloat16)
+    if with_residual:
+        normed, expected_residual = rms_norm(hidden, norm_weight, 1e-5, residual)
+        output, new_residual = gemv(hidden, weight, config=config, norm_weight=norm_weight, eps=1e-5,
+                                    residual=residual)
+        assert torch.equal(new_residual, expected_residual)
+    else:
+        normed = rms_norm(hidden, norm_weight, 1e-5)
+        output = gemv(hidden, weight, config=config, norm_weight=norm_weight, eps=1e-5)
+    expected = gemv(normed, weight, config=config)
+    torch.testing.assert_close(output, expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gated_gemv_matches_gemv_then_silu_and_mul(with_bias):
+    from joule.kernels.activation import silu_and_mul
+
+    generator = torch.Generator().manual_seed(7 + with_bias)
+    weight = torch.randn(2 * 45, 64, generator=generator).to(DEVICE, torch.bfloat16)  # 45 gate over 45 up rows
+    x = torch.randn(1, 64, generator=generator).to(DEVICE, torch.bfloat16)
+    bias = torch.randn(90, generator=generator).to(DEVICE, torch.bfloat16) if with_bias else None
+    config = GemvConfig(16, 32, 4, 1)
+    output = gemv(x, weight, bias, config=config, gated=True)
+    expected = silu_and_mul(gemv(x, weight, bias, config=GemvConfig(8, 32, 4, 1)))
+    assert output.shape == (1, 45)
+    torch.testing.assert_close(output, expected, atol=0, rtol=0)
+    reference = F.silu(F.linear(x.float(), weight[:45].float())) * F.linear(x.float(), weight[45:].float())
+    if bias is None:
+        torch.testing.assert_close(output.float(), reference, atol=0.1, rtol=3e-2)
+
+
+def test_gemv_rejects_inconsistent_fusions():
+    x, weight = torch.ones(1, 8, device=DEVICE), torch.ones(4, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="residual"):
+        gemv(x, weight, residual=torch.ones(1, 8, device=DEVICE))  # a residual without a norm
+    with pytest.raises(ValueError, match="norm_weight"):
+        gemv(x, weight, norm_weight=torch.ones(6, device=DEVICE))
+    with pytest.raises(ValueError, match="gated"):
+        gemv(x, torch.ones(5, 8, device=DEVICE), gated=True)

@@ -43,6 +43,43 @@ def test_rotary_matches_reference(dtype, num_heads, num_kv_heads, head_dim, with
     assert torch.equal(fused[:, (num_heads + num_kv_heads) * head_dim:], value_before)  # values untouched
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("head_major", [False, True])
+@pytest.mark.parametrize("with_norm", [False, True])
+def test_rotary_with_cache_writes_what_rotary_then_write_kv_cache_writes(cache_dtype, head_major, with_norm):
+    """The fused cache write: rotated keys and the values land in each token's slot exactly as the two
+    separate kernels put them there; a negative slot (padding) writes nothing; queries rotate in place."""
+    from joule.kernels.kv_write import write_kv_cache
+    from joule.runtime.attention.base import KVCache
+
+    generator = torch.Generator().manual_seed(3 + with_norm)
+    num_tokens, num_heads, num_kv_heads, head_dim = 4, 4, 2, 32
+    fused, query, key = _qkv_views(num_tokens, num_heads, num_kv_heads, head_dim, torch.bfloat16, generator)
+    fused[0, -8:] = 600.0  # beyond fp8's range: saturates like write_kv_cache
+    value = fused[:, (num_heads + num_kv_heads) * head_dim:].view(num_tokens, num_kv_heads, head_dim)
+    angles = torch.rand(num_tokens, head_dim // 2, generator=generator) * 50
+    cos, sin = angles.cos().to(DEVICE), angles.sin().to(DEVICE)
+    norms = (None, None)
+    if with_norm:
+        norms = tuple((1 + 0.2 * torch.randn(head_dim, generator=generator)).to(DEVICE, torch.bfloat16)
+                      for _ in range(2))
+    slots = torch.tensor([5, 17, -1, 2], device=DEVICE)
+    caches = [KVCache.allocate(1, 3, 8, num_kv_heads, head_dim, cache_dtype, DEVICE, head_major=head_major)
+              for _ in range(2)]
+    separate_query, separate_key = query.clone(), key.clone()
+    rotary_embedding_(separate_query, separate_key, cos, sin, *norms, eps=1e-6)
+    write_kv_cache(separate_key, value, caches[0].key_caches[0], caches[0].value_caches[0], slots)
+    key_before = key.clone()
+    rotary_embedding_(query, key, cos, sin, *norms, eps=1e-6,
+                      cache=(value, caches[1].key_caches[0], caches[1].value_caches[0], slots))
+    assert torch.equal(query, separate_query) and torch.equal(key, key_before)
+    for expected, written in ((caches[0].key_caches[0], caches[1].key_caches[0]),
+                              (caches[0].value_caches[0], caches[1].value_caches[0])):
+        assert torch.equal(expected.float(), written.float())
+        assert written.float().abs().sum() > 0
+    assert caches[1].key_caches[0].flatten(0, 1)[[0, 1, 3, 4]].float().abs().sum() == 0  # untouched slots
+
+
 def test_rotary_rejects_bad_tables():
     query = torch.randn(3, 2, 8, device=DEVICE)
     key = torch.randn(3, 1, 8, device=DEVICE)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from joule.model.layers import RMSNorm, apply_rotary, whole_head_tables
@@ -61,3 +62,49 @@ def test_rotary_on_strided_view_is_bit_identical_to_reference():
     rotated = apply_rotary(x, *whole_head_tables(cos, sin, torch.float32))
     assert torch.equal(rotated, reference_rotary(x, cos, sin))
     assert torch.equal(x, merged[:, : heads * head_dim].view(tokens, heads, head_dim))  # input untouched
+
+
+def _projection_and_norm(device, dtype, out_features=24, in_features=32, seed=5):
+    from joule.model.layers import MergedLinear
+
+    generator = torch.Generator().manual_seed(seed)
+    linear = torch.nn.Linear(in_features, out_features, bias=False)
+    linear.weight.data = torch.randn(out_features, in_features, generator=generator) * 0.2
+    projection = MergedLinear([linear], transpose_weight=False).to(device, dtype)
+    norm = RMSNorm(in_features, eps=1e-5)
+    norm.weight.data = 1 + 0.1 * torch.randn(in_features, generator=generator)
+    return projection, norm.to(device, dtype), generator
+
+
+@torch.inference_mode()  # as the engine runs the model
+def test_norm_then_project_is_the_norm_then_the_projection_on_cpu():
+    from joule.model.layers import norm_then_project, swiglu
+
+    projection, norm, generator = _projection_and_norm("cpu", torch.float32)
+    hidden, residual = torch.randn(3, 32, generator=generator), torch.randn(3, 32, generator=generator)
+    output, new_residual = norm_then_project(projection, norm, hidden, residual)
+    normed, expected_residual = norm(hidden, residual)
+    assert torch.equal(new_residual, expected_residual) and torch.equal(output, projection(normed))
+    output, new_residual = norm_then_project(projection, norm, hidden, None, gated=True)  # the first layer
+    assert new_residual is hidden and torch.equal(output, swiglu(projection(norm(hidden))))
+    gate, up = projection(norm(hidden)).chunk(2, dim=-1)
+    torch.testing.assert_close(output, torch.nn.functional.silu(gate) * up, atol=0, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("with_residual", [False, True])
+@torch.inference_mode()
+def test_one_cuda_row_fuses_the_norm_into_the_gemv(gated, with_residual):
+    """One row runs the fused Triton GEMV; the same row inside a two-row batch runs norm, GEMM, activation."""
+    from joule.model.layers import norm_then_project
+
+    projection, norm, generator = _projection_and_norm("cuda", torch.bfloat16, seed=6 + gated)
+    hidden = torch.randn(2, 32, generator=generator).to("cuda", torch.bfloat16)
+    residual = torch.randn(2, 32, generator=generator).to("cuda", torch.bfloat16) if with_residual else None
+    assert projection.runs_row_gemv(hidden[:1]) and not projection.runs_row_gemv(hidden)
+    one_row, one_residual = norm_then_project(projection, norm, hidden[:1],
+                                              None if residual is None else residual[:1], gated=gated)
+    two_rows, two_residuals = norm_then_project(projection, norm, hidden, residual, gated=gated)
+    assert torch.equal(one_residual, two_residuals[:1])
+    torch.testing.assert_close(one_row.float(), two_rows[:1].float(), atol=2e-2, rtol=2e-2)

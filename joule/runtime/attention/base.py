@@ -146,6 +146,9 @@ class AttentionBackend(ABC):
     """Computes attention for one layer of a flattened batch over the paged cache."""
 
     name: str = "abstract"
+    # Whether forward() takes ``kv_stored=True``: the model's rotary kernel already wrote this step's keys and
+    # values into the cache (one launch fewer per layer), so only the attention runs.
+    accepts_stored_kv: bool = False
 
     @abstractmethod
     def forward(
@@ -157,8 +160,9 @@ class AttentionBackend(ABC):
         kv_cache: KVCache,
         metadata: AttentionMetadata,
         scale: float,
+        kv_stored: bool = False,
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
-        """Write ``key``/``value`` into the cache at ``metadata.slot_mapping``, then attend."""
+        """Write ``key``/``value`` into the cache at ``metadata.slot_mapping`` (unless ``kv_stored``), then attend."""
 
 
 @dataclass
@@ -176,7 +180,16 @@ class ForwardContext:
         key: torch.Tensor,
         value: torch.Tensor,
         scale: float,
+        kv_stored: bool = False,
     ) -> torch.Tensor:
         return self.backend.forward(
-            layer_index, query, key, value, self.kv_cache, self.metadata, scale
+            layer_index, query, key, value, self.kv_cache, self.metadata, scale, kv_stored=kv_stored
         )
+
+    def kv_destination(self, layer_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The layer's key cache, value cache and slot mapping when the backend lets the model write them
+        itself (then ``attend(..., kv_stored=True)``); None when the backend writes them."""
+        if not self.backend.accepts_stored_kv:
+            return None
+        return (self.kv_cache.key_caches[layer_index], self.kv_cache.value_caches[layer_index],
+                self.metadata.slot_mapping)

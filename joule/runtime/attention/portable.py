@@ -86,7 +86,10 @@ class PortableAttentionBackend(AttentionBackend):
         kv_cache: KVCache,
         metadata: AttentionMetadata,
         scale: float,
+        kv_stored: bool = False,
     ) -> torch.Tensor:
+        if kv_stored:  # it reads the new rows themselves as well as the cache
+            raise ValueError("the portable attention backend writes the cache itself: kv_stored must be False")
         key_cache = kv_cache.key_caches[layer_index]
         value_cache = kv_cache.value_caches[layer_index]
         check_attention_inputs(query, key, key_cache, metadata)

@@ -1,7 +1,7 @@
 """Attention over the paged KV cache with the Triton kernels of ``joule.kernels``.
 
-Per layer: one launch writes the new K/V rows into the cache, then the
-attention launches. Sequences with one new row (decodes) go to the
+Per layer: one launch writes the new K/V rows into the cache (or the model's
+rotary kernel already did, ``kv_stored``), then the attention launches. Sequences with one new row (decodes) go to the
 flash-decoding kernel (plus a small merge launch when it splits the context);
 sequences with several (prompt chunks) go to the prefill/extend kernel, which
 reads all keys - earlier chunks, prefix-cache hits and the new rows - from the
@@ -116,6 +116,7 @@ class TritonAttentionBackend(AttentionBackend):
     """
 
     name = "triton"
+    accepts_stored_kv = True
 
     def __init__(self, decode_num_splits: int | None = None):
         self.decode_num_splits = decode_num_splits
@@ -131,12 +132,14 @@ class TritonAttentionBackend(AttentionBackend):
         kv_cache: KVCache,
         metadata: AttentionMetadata,
         scale: float,
+        kv_stored: bool = False,
     ) -> torch.Tensor:
         key_cache = kv_cache.key_caches[layer_index]
         value_cache = kv_cache.value_caches[layer_index]
         num_kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
         check_attention_inputs(query, key, key_cache, metadata)
-        write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping)
+        if not kv_stored:
+            write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping)
         output = torch.empty(query.shape, dtype=query.dtype, device=query.device)
         if metadata.num_sequences == 0:
             return output
