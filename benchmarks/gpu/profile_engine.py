@@ -22,6 +22,7 @@ import time
 from collections import defaultdict
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from joule.bench.latency import copy_bandwidth, decode_bytes_per_step
@@ -96,6 +97,23 @@ def kernel_table(prof, steps: int, limit: int = 22) -> list[dict]:
     for row in rows[:limit]:
         print(f"    {row['us_per_step']:9.1f} us  {row['calls_per_step']:7.1f}x  {row['name']}")
     return rows[:limit]
+
+
+def gpu_busy(prof) -> tuple[float, float]:
+    """Microseconds with at least one kernel or copy running (overlaps counted once), and the whole span."""
+    intervals = sorted((event.time_range.start, event.time_range.end) for event in prof.events()
+                       if event.device_type == DeviceType.CUDA and event.time_range.end > event.time_range.start)
+    if not intervals:
+        return 0.0, 0.0
+    busy, current_start, current_end = 0.0, *intervals[0]
+    for start, end in intervals[1:]:
+        if start > current_end:
+            busy += current_end - current_start
+            current_start, current_end = start, end
+        else:
+            current_end = max(current_end, end)
+    busy += current_end - current_start
+    return busy, intervals[-1][1] - intervals[0][0]
 
 
 def compiled_variants() -> dict[str, int]:
@@ -199,6 +217,34 @@ def batch_one(raw: dict) -> None:
         print(f"    {value:8.3f} ms  {label} (synchronised)")
     raw["batch1"] = {"step_ms": step_ms, "roofline_ms": roofline_ms, "replay_ms": replay_ms,
                      "logits_ms": logits_ms, "parts_ms": parts, "bandwidth": bandwidth}
+
+    # With the decode lookahead (the CUDA default): step time, and how much of it the GPU is busy.
+    engine.core.decode_lookahead = True
+    add_all(engine, [prompt], [256])
+    engine.step()
+    engine.step()
+    torch.cuda.synchronize()
+    started, count = time.perf_counter(), 0
+    while engine.has_unfinished_requests() and count < 200:
+        engine.step()
+        count += 1
+    torch.cuda.synchronize()
+    lookahead_step_ms = (time.perf_counter() - started) / count * 1e3
+    run_all(engine)
+    add_all(engine, [prompt], [64])
+    engine.step()
+    engine.step()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(40):
+            engine.step()
+        torch.cuda.synchronize()
+    busy_us, span_us = gpu_busy(prof)
+    run_all(engine)
+    engine.core.decode_lookahead = False
+    log(f"with lookahead: {lookahead_step_ms:.3f} ms/step; GPU busy {busy_us / 40:.1f} us a step "
+        f"({100 * busy_us / max(span_us, 1e-9):.1f}% of the profiled span)")
+    raw["batch1"].update(lookahead_step_ms=lookahead_step_ms, lookahead_gpu_busy_us_per_step=busy_us / 40,
+                         lookahead_gpu_busy_fraction=busy_us / max(span_us, 1e-9))
 
     log("kernel table, batch-1 decode, graphs")
     add_all(engine, [prompt], [64])
