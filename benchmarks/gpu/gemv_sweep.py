@@ -1,6 +1,6 @@
 """Batch-1 linear layers: cuBLAS (``F.linear``) vs the Triton GEMV, against the copy bandwidth.
 
-Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/gemv_sweep.py [out.json]
+Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/gemv_sweep.py [out.json [narrow]]
 Each shape is timed inside a CUDA graph that walks distinct weight copies (>= 1 GB, so nothing is served
 from L2), for F.linear, the GEMV with ``gemv_config``'s blocks (with programmatic dependent launch off and on,
 and 0-2 weight tiles prefetched before the wait), and a grid of other blocks. Prints one table.
@@ -54,6 +54,8 @@ def timed_graph(call, copies: int, repeats: int = 5) -> float:
 
 def main() -> None:
     out_path = sys.argv[1] if len(sys.argv) > 1 else None
+    # "narrow": only the Llama-3.2-1B projections under 24M weights, over deeper tiles (1 row, 1-2k columns)
+    narrow = len(sys.argv) > 2 and sys.argv[2] == "narrow"
     device = torch.device("cuda")
     bandwidth = copy_bandwidth(device)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -61,7 +63,11 @@ def main() -> None:
     rows = []
     grid = [GemvConfig(n, k, w, s) for n, k, w, s in itertools.product(
         (4, 8, 16, 32), (256, 512), (4, 8), (1, 3))]
-    for name, (out_features, in_features) in SHAPES.items():
+    shapes = SHAPES
+    if narrow:
+        grid = [GemvConfig(n, k, w, s) for n, k, w, s in itertools.product((1, 2, 4), (512, 1024, 2048), (4, 8), (1, 3))]
+        shapes = {name: shape for name, shape in SHAPES.items() if name in ("llama1b.qkv", "llama1b.o", "llama1b.down")}
+    for name, (out_features, in_features) in shapes.items():
         weight_bytes = out_features * in_features * 2
         copies = max(2, min(64, (1 << 30) // weight_bytes + 1))
         weights = [torch.randn(out_features, in_features, device=device, dtype=torch.bfloat16) * 0.02
