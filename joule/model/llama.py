@@ -78,6 +78,29 @@ class Attention(nn.Module):
             return self.attend_projected(self.qkv_proj(hidden), cos, sin, context)
         return self._attend(self.q_proj(hidden), self.k_proj(hidden), self.v_proj(hidden), cos, sin, context)
 
+    def forward_normed(
+        self, norm: RMSNorm, hidden: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
+        sin: torch.Tensor, context: ForwardContext,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``norm(hidden [+ residual])`` through attention and the output projection; also the new residual.
+
+        One CUDA row (batch-1 decode) whose backend lets the model write the cache: the norm, the q/k/v GEMV,
+        the rotation and the cache write are one kernel (``joule.kernels.qkv_rotary``)."""
+        destination = context.kv_destination(self.layer_index) if hidden.is_cuda else None
+        if (destination is not None and not self.uses_qk_norm and self.qkv_proj.runs_row_gemv(hidden)
+                and norm.weight.dtype == hidden.dtype and cos.dtype == torch.float32):
+            from joule.kernels.qkv_rotary import qkv_rotary_gemv
+
+            query, new_residual = qkv_rotary_gemv(
+                hidden, self.qkv_proj.weight, self.qkv_proj.bias, cos, sin, *destination, self.num_heads,
+                norm_weight=norm.weight, eps=norm.eps, residual=residual)
+            attended = context.attend(self.layer_index, query.view(1, self.num_heads, self.head_dim), None, None,
+                                      self.scale, kv_stored=True)
+            output = self.o_proj(attended.reshape(1, self.num_heads * self.head_dim))
+            return output, hidden if new_residual is None else new_residual
+        qkv, residual = norm_then_project(self.qkv_proj, norm, hidden, residual)
+        return self.attend_projected(qkv, cos, sin, context), residual
+
     def attend_projected(
         self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, context: ForwardContext
     ) -> torch.Tensor:
@@ -145,8 +168,7 @@ class DecoderLayer(nn.Module):
             hidden, residual = self.post_attention_layernorm(hidden, residual)
             return mlp(hidden), residual
         # Merged: each norm (and SwiGLU's activation) may run inside the projection's kernel (one CUDA row).
-        qkv, residual = norm_then_project(attention.qkv_proj, self.input_layernorm, hidden, residual)
-        hidden = attention.attend_projected(qkv, cos, sin, context)
+        hidden, residual = attention.forward_normed(self.input_layernorm, hidden, residual, cos, sin, context)
         activated, residual = norm_then_project(mlp.gate_up_proj, self.post_attention_layernorm, hidden, residual,
                                                 gated=True)
         return mlp.down_proj(activated), residual

@@ -56,7 +56,9 @@ def test_gemv_rejects_more_than_one_row():
 
 def test_gemv_config_keeps_several_programs_per_sm():
     narrow = gemv_config(2048, 2048, num_sms=132)
-    assert (2048 + narrow.block_n - 1) // narrow.block_n >= 4 * 132 or narrow.block_n == 2
+    assert (2048 + narrow.block_n - 1) // narrow.block_n >= 4 * 132 and narrow.block_n == 2
+    assert gemv_config(2048, 8192, num_sms=132).block_n == 1  # a 2-row block would read 32 KB a program
+    assert gemv_config(3072, 2048, num_sms=132).block_n == 4
     wide = gemv_config(128256, 2048, num_sms=132)
     assert wide.block_n == 8 and wide.block_k == 256 and wide.num_stages == 1  # gemv_sweep's best on the H200
     assert gemv_config(1000, 100).block_k == 128  # never wider than the input rounded up

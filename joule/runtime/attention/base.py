@@ -128,14 +128,17 @@ class AttentionMetadata:
 
 
 def check_attention_inputs(
-    query: torch.Tensor, key: torch.Tensor, key_cache: torch.Tensor, metadata: AttentionMetadata
+    query: torch.Tensor, key: torch.Tensor | None, key_cache: torch.Tensor, metadata: AttentionMetadata
 ) -> None:
-    """Shapes every backend relies on: rows match the metadata, heads and head size match the cache."""
+    """Shapes every backend relies on: rows match the metadata, heads and head size match the cache
+    (``key`` None: the keys are already in the cache)."""
     num_kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
-    if query.shape[0] != metadata.num_tokens or key.shape[1:] != (num_kv_heads, head_dim):
+    key_shape = (num_kv_heads, head_dim) if key is None else key.shape[1:]
+    if (query.shape[0] != metadata.num_tokens or key_shape != (num_kv_heads, head_dim)
+            or query.shape[2] != head_dim):
         raise ValueError(
             f"attention inputs do not match metadata/cache: query {tuple(query.shape)}, "
-            f"key {tuple(key.shape)}, metadata tokens {metadata.num_tokens}, "
+            f"key {None if key is None else tuple(key.shape)}, metadata tokens {metadata.num_tokens}, "
             f"cache heads x dim {num_kv_heads} x {head_dim}"
         )
     if query.shape[1] % num_kv_heads != 0:
@@ -177,11 +180,13 @@ class ForwardContext:
         self,
         layer_index: int,
         query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
+        key: torch.Tensor | None,  # None with kv_stored: the keys and values are in the cache already
+        value: torch.Tensor | None,
         scale: float,
         kv_stored: bool = False,
     ) -> torch.Tensor:
+        if (key is None or value is None) and not kv_stored:
+            raise ValueError("attend: key and value are needed unless kv_stored")
         return self.backend.forward(
             layer_index, query, key, value, self.kv_cache, self.metadata, scale, kv_stored=kv_stored
         )

@@ -1,0 +1,167 @@
+"""Batch-1 attention input in one launch: RMSNorm, the q/k/v GEMV, rotary embedding and the KV-cache write.
+
+Why: in a batch-1 decode step each kernel between the layer's input and its attention is a hop on the
+critical path (wait for the previous grid, a DRAM round trip, store). Unfused this is norm -> GEMV ->
+rotary (+ cache write) -> attention; here the rotary and the cache write ride in the GEMV's epilogue.
+
+How: rotary pairs element ``i`` of a head with element ``i + head_dim / 2``, so each program computes
+``PAIRS`` such pairs of one head (two row sets of the merged weight, two accumulators) and can rotate
+them in registers. Query heads go to the query output; key heads, rotated, and value heads go straight
+to the token's cache slot (a negative slot, a padding row, writes nothing). The input norm is the GEMV's
+prologue (``gemv``'s ``_input_tile``). Rounding follows the unfused kernels step by step: projections
+rounded to the activation dtype, rotation in float32 rounded back, then cast (saturating for fp8) to the
+cache dtype, so the result is the same as ``gemv`` followed by ``rotary_embedding_(cache=...)``.
+Models with per-head q/k norms (Qwen3) need the whole head first and keep the unfused path.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from joule.kernels.common import pdl_launch, wait_for_previous_grid
+from joule.kernels.gemv import _input_tile, _weight_tile
+from joule.kernels.kv_write import FP8_E4M3_MAX
+
+
+@triton.jit
+def _qkv_rotary_kernel(
+    x_ptr, weight_ptr, bias_ptr, residual_ptr, norm_weight_ptr, residual_out_ptr, eps,
+    cos_ptr, sin_ptr, query_out_ptr, key_cache_ptr, value_cache_ptr, slot_mapping_ptr,
+    stride_weight, stride_cache_block, stride_cache_offset, stride_cache_head,
+    K: tl.constexpr, NUM_QUERY_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PAIRS: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH_TILES: tl.constexpr, USE_PDL: tl.constexpr,
+    NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, K_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, SATURATE: tl.constexpr,
+):
+    HALF: tl.constexpr = HEAD_DIM // 2
+    program = tl.program_id(0)
+    head = program // (HALF // PAIRS)
+    pairs = (program % (HALF // PAIRS)) * PAIRS + tl.arange(0, PAIRS)
+    first_rows = head * HEAD_DIM + pairs
+    first_offsets = first_rows.to(tl.int64) * stride_weight
+    second_offsets = (first_rows + HALF).to(tl.int64) * stride_weight
+    all_rows = pairs < HALF  # every row exists: the grid covers whole heads
+    columns = tl.arange(0, BLOCK_K)
+    if PREFETCH_TILES >= 1:  # weights never change within a step: load before waiting for the previous kernel
+        first_tile = _weight_tile(weight_ptr, first_offsets, all_rows, columns, K)
+        second_tile = _weight_tile(weight_ptr, second_offsets, all_rows, columns, K)
+    wait_for_previous_grid(USE_PDL)
+
+    inverse_rms = 0.0
+    if NORM:
+        full = tl.arange(0, K_PAD)
+        hidden = tl.load(x_ptr + full, mask=full < K, other=0.0)
+        if HAS_RESIDUAL:
+            hidden = (hidden.to(tl.float32)
+                      + tl.load(residual_ptr + full, mask=full < K, other=0.0).to(tl.float32)).to(hidden.dtype)
+            if program == 0:
+                tl.store(residual_out_ptr + full, hidden, mask=full < K)
+        hidden_float = hidden.to(tl.float32)
+        inverse_rms = tl.rsqrt(tl.sum(hidden_float * hidden_float, 0) / K + eps)
+
+    first_sum = tl.zeros((PAIRS, BLOCK_K), dtype=tl.float32)
+    second_sum = tl.zeros((PAIRS, BLOCK_K), dtype=tl.float32)
+    if PREFETCH_TILES >= 1:
+        x = _input_tile(x_ptr, residual_ptr, norm_weight_ptr, columns, columns < K, inverse_rms, NORM, HAS_RESIDUAL)
+        first_sum += first_tile.to(tl.float32) * x[None, :]
+        second_sum += second_tile.to(tl.float32) * x[None, :]
+    for start in range(PREFETCH_TILES * BLOCK_K, K, BLOCK_K):
+        tile_columns = start + columns
+        x = _input_tile(x_ptr, residual_ptr, norm_weight_ptr, tile_columns, tile_columns < K, inverse_rms,
+                        NORM, HAS_RESIDUAL)
+        first_sum += _weight_tile(weight_ptr, first_offsets, all_rows, tile_columns, K).to(tl.float32) * x[None, :]
+        second_sum += _weight_tile(weight_ptr, second_offsets, all_rows, tile_columns, K).to(tl.float32) * x[None, :]
+    first = tl.sum(first_sum, axis=1)
+    second = tl.sum(second_sum, axis=1)
+    if HAS_BIAS:
+        first += tl.load(bias_ptr + first_rows).to(tl.float32)
+        second += tl.load(bias_ptr + first_rows + HALF).to(tl.float32)
+    element = x_ptr.dtype.element_ty
+    first = first.to(element).to(tl.float32)  # the merged projection's output, as the unfused path stores it
+    second = second.to(element).to(tl.float32)
+
+    if head < NUM_QUERY_HEADS + NUM_KV_HEADS:  # queries and keys rotate; values do not
+        cos = tl.load(cos_ptr + pairs)
+        sin = tl.load(sin_ptr + pairs)
+        rotated_first = (first * cos - second * sin).to(element)
+        rotated_second = (second * cos + first * sin).to(element)
+        first = rotated_first.to(tl.float32)
+        second = rotated_second.to(tl.float32)
+    if head < NUM_QUERY_HEADS:
+        tl.store(query_out_ptr + first_rows, first.to(query_out_ptr.dtype.element_ty))
+        tl.store(query_out_ptr + first_rows + HALF, second.to(query_out_ptr.dtype.element_ty))
+    else:
+        slot = tl.load(slot_mapping_ptr).to(tl.int64)
+        if slot >= 0:
+            in_cache = (slot // BLOCK_SIZE) * stride_cache_block + (slot % BLOCK_SIZE) * stride_cache_offset + pairs
+            if SATURATE:  # an fp8 cache: clamp to its finite range, as write_kv_cache does
+                first = tl.clamp(first, -FP8_E4M3_MAX, FP8_E4M3_MAX)
+                second = tl.clamp(second, -FP8_E4M3_MAX, FP8_E4M3_MAX)
+            first = first.to(key_cache_ptr.dtype.element_ty)
+            second = second.to(key_cache_ptr.dtype.element_ty)
+            if head < NUM_QUERY_HEADS + NUM_KV_HEADS:
+                target = key_cache_ptr + in_cache + (head - NUM_QUERY_HEADS) * stride_cache_head
+            else:
+                target = value_cache_ptr + in_cache + (head - NUM_QUERY_HEADS - NUM_KV_HEADS) * stride_cache_head
+            tl.store(target, first)
+            tl.store(target + HALF, second)
+
+
+def qkv_rotary_gemv(
+    hidden: torch.Tensor,  # [1, hidden_size]
+    weight: torch.Tensor,  # [(Hq + 2 Hkv) * D, hidden_size]: q rows, then k, then v
+    bias: torch.Tensor | None,
+    cos: torch.Tensor,  # [1, D / 2] float32
+    sin: torch.Tensor,
+    key_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [1]
+    num_query_heads: int,
+    *,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    residual: torch.Tensor | None = None,
+    pairs: int = 2,
+    block_k: int = 512,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rotated queries ``[1, Hq * D]`` (keys and values go to the cache) and, with ``residual``, the new
+    residual ``hidden + residual`` (else None); ``norm_weight`` applies RMSNorm to the input first."""
+    if hidden.dim() != 2 or hidden.shape[0] != 1 or hidden.stride(1) != 1:
+        raise ValueError(f"qkv_rotary_gemv: hidden must be one contiguous row [1, K], got {tuple(hidden.shape)}")
+    num_kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
+    in_features = hidden.shape[1]
+    rows = (num_query_heads + 2 * num_kv_heads) * head_dim
+    if weight.shape != (rows, in_features) or weight.stride(1) != 1:
+        raise ValueError(f"qkv_rotary_gemv: weight must be [{rows}, {in_features}] (q, k, v rows) with contiguous "
+                         f"rows, got {tuple(weight.shape)}")
+    half = head_dim // 2
+    if head_dim % 2 or half % pairs or pairs & (pairs - 1):
+        raise ValueError(f"qkv_rotary_gemv: pairs ({pairs}) must be a power of two dividing head_dim / 2 ({half})")
+    if cos.shape != (1, half) or sin.shape != (1, half) or cos.stride(1) != 1 or sin.stride(1) != 1:
+        raise ValueError(f"qkv_rotary_gemv: cos/sin must be contiguous [1, {half}], got {tuple(cos.shape)}")
+    if value_cache.shape != key_cache.shape or value_cache.stride() != key_cache.stride() or key_cache.stride(3) != 1:
+        raise ValueError("qkv_rotary_gemv: key and value caches need the same shape and strides, head dims contiguous")
+    if residual is not None and (norm_weight is None or residual.shape != hidden.shape or residual.stride(1) != 1):
+        raise ValueError("qkv_rotary_gemv: a residual needs norm_weight and the hidden row's shape")
+    if norm_weight is not None and (norm_weight.shape != (in_features,) or norm_weight.dtype != hidden.dtype):
+        raise ValueError(f"qkv_rotary_gemv: norm_weight must be [{in_features}] in {hidden.dtype}")
+    query = torch.empty((1, num_query_heads * head_dim), dtype=hidden.dtype, device=hidden.device)
+    residual_output = torch.empty_like(hidden) if residual is not None else None
+    block_k = min(block_k, triton.next_power_of_2(in_features))
+    use_pdl = pdl_launch(hidden.device)
+    grid = ((num_query_heads + 2 * num_kv_heads) * (half // pairs),)
+    _qkv_rotary_kernel[grid](
+        hidden, weight, bias if bias is not None else weight, residual if residual is not None else hidden,
+        norm_weight if norm_weight is not None else hidden,
+        residual_output if residual_output is not None else hidden, eps,
+        cos, sin, query, key_cache, value_cache, slot_mapping,
+        weight.stride(0), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        K=in_features, NUM_QUERY_HEADS=num_query_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+        PAIRS=pairs, BLOCK_K=block_k, PREFETCH_TILES=1, USE_PDL=use_pdl, NORM=norm_weight is not None,
+        HAS_RESIDUAL=residual is not None, K_PAD=triton.next_power_of_2(in_features), HAS_BIAS=bias is not None,
+        BLOCK_SIZE=key_cache.shape[1], SATURATE=key_cache.dtype == torch.float8_e4m3fn,
+        num_warps=4, num_stages=3, launch_pdl=use_pdl,
+    )
+    return query, residual_output
