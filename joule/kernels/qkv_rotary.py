@@ -99,14 +99,12 @@ def _qkv_rotary_kernel(
             if SATURATE:  # an fp8 cache: clamp to its finite range, as write_kv_cache does
                 first = tl.clamp(first, -FP8_E4M3_MAX, FP8_E4M3_MAX)
                 second = tl.clamp(second, -FP8_E4M3_MAX, FP8_E4M3_MAX)
-            first = first.to(key_cache_ptr.dtype.element_ty)
-            second = second.to(key_cache_ptr.dtype.element_ty)
             if head < NUM_QUERY_HEADS + NUM_KV_HEADS:
                 target = key_cache_ptr + in_cache + (head - NUM_QUERY_HEADS) * stride_cache_head
             else:
                 target = value_cache_ptr + in_cache + (head - NUM_QUERY_HEADS - NUM_KV_HEADS) * stride_cache_head
-            tl.store(target, first)
-            tl.store(target + HALF, second)
+            tl.store(target, first.to(key_cache_ptr.dtype.element_ty))
+            tl.store(target + HALF, second.to(key_cache_ptr.dtype.element_ty))
 
 
 def qkv_rotary_gemv(
