@@ -73,6 +73,25 @@ def _e4m3_to_f16(raw):
     )
 
 
+@triton.jit
+def _attend_tile(query, keys, values, valid, running_max, running_sum, accumulator, scale_log2,
+                 DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, FP8_ASM: tl.constexpr):
+    """One tile of the online softmax: scores, running max/sum and the weighted values, in float32."""
+    if FP8_ASM:
+        keys = _e4m3_to_f16(keys.to(tl.uint8, bitcast=True))
+    scores = tile_dot(query, tl.trans(keys.to(query.dtype)), DOT_PRECISION, UPCAST_DOT) * scale_log2
+    scores = tl.where(valid[None, :], scores, float("-inf"))
+    new_max = tl.maximum(running_max, tl.max(scores, 1))
+    correction = tl.exp2(running_max - new_max)
+    probabilities = tl.exp2(scores - new_max[:, None])
+    running_sum = running_sum * correction + tl.sum(probabilities, 1)
+    if FP8_ASM:
+        values = _e4m3_to_f16(values.to(tl.uint8, bitcast=True))
+    values = values.to(query.dtype)
+    attended = tile_dot(probabilities.to(values.dtype), values, DOT_PRECISION, UPCAST_DOT)
+    return new_max, running_sum, accumulator * correction[:, None] + attended
+
+
 # Step-to-step values are not specialised on: each "== 1" / "divisible by 16" pattern is a ~1 s compile.
 @triton.jit(do_not_specialize=["min_split_length", "num_splits", "stride_table_sequence"])
 def _decode_partial_kernel(
@@ -87,7 +106,6 @@ def _decode_partial_kernel(
     FP16_DOT: tl.constexpr, FP8_ASM: tl.constexpr, HEADS_FIRST: tl.constexpr, USE_PDL: tl.constexpr,
     MERGE_IN_KERNEL: tl.constexpr,
 ):
-    wait_for_previous_grid(USE_PDL)
     # HEADS_FIRST: programs launched in a row serve the KV heads of one sequence, which lie side by side in each
     # token's cache row, instead of one head of neighbouring sequences (scattered blocks).
     if HEADS_FIRST:
@@ -99,16 +117,32 @@ def _decode_partial_kernel(
         kv_head = tl.program_id(1)
         num_kv_heads = tl.num_programs(1)
     split = tl.program_id(2)
+    # Lengths, block tables and the cached tokens of earlier steps are ready before this step's kernels run, so
+    # the first tile loads before waiting for the previous kernel (under PDL, while it finishes); the newest
+    # token, written by that kernel (or one before it), is read again after the wait.
     sequence, row = _sequence_and_row(item, sequence_ids_ptr, query_start_locations_ptr, HAS_SEQUENCE_IDS)
     sequence_length = tl.load(sequence_lengths_ptr + sequence)
     split_length = _split_length(sequence_length, min_split_length, num_splits, BLOCK_N)
     split_start = split * split_length
     split_end = tl.minimum(sequence_length, split_start + split_length)
-
     rows = tl.arange(0, GROUP_PAD)
     dims = tl.arange(0, HEAD_DIM_PAD)
     row_mask = rows < GROUP
     dim_mask = dims < HEAD_DIM
+    table_row = block_tables_ptr + sequence.to(tl.int64) * stride_table_sequence
+    positions = split_start + tl.arange(0, BLOCK_N)
+    valid = positions < split_end
+    block_ids = tl.load(table_row + positions // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    first_offsets = (block_ids * stride_cache_block + (positions % BLOCK_SIZE) * stride_cache_offset
+                     + kv_head * stride_cache_head)[:, None] + dims[None, :]
+    older = (valid & (positions < sequence_length - 1))[:, None] & dim_mask[None, :]
+    first_keys = tl.load(key_cache_ptr + first_offsets, mask=older, other=0.0)
+    first_values = tl.load(value_cache_ptr + first_offsets, mask=older, other=0.0)
+    wait_for_previous_grid(USE_PDL)
+    newest = (positions == sequence_length - 1)[:, None] & dim_mask[None, :]
+    first_keys = tl.where(newest, tl.load(key_cache_ptr + first_offsets, mask=newest, other=0.0), first_keys)
+    first_values = tl.where(newest, tl.load(value_cache_ptr + first_offsets, mask=newest, other=0.0), first_values)
+
     heads = kv_head * GROUP + rows
     query = tl.load(
         query_ptr + row * stride_query_token + heads[:, None] * stride_query_head + dims[None, :],
@@ -116,11 +150,14 @@ def _decode_partial_kernel(
     )
     if FP16_DOT or FP8_ASM:  # fp8 tiles widen to fp16 in one instruction per pair (bf16 takes several)
         query = query.to(tl.float16)
-    table_row = block_tables_ptr + sequence.to(tl.int64) * stride_table_sequence
     running_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     running_sum = tl.zeros([GROUP_PAD], tl.float32)
     accumulator = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
-    for start in range(split_start, split_end, BLOCK_N):
+    if split_start < split_end:
+        running_max, running_sum, accumulator = _attend_tile(
+            query, first_keys, first_values, valid, running_max, running_sum, accumulator, scale_log2,
+            DOT_PRECISION, UPCAST_DOT, FP8_ASM)
+    for start in range(split_start + BLOCK_N, split_end, BLOCK_N):
         positions = start + tl.arange(0, BLOCK_N)
         valid = positions < split_end
         block_ids = tl.load(table_row + positions // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
@@ -128,21 +165,10 @@ def _decode_partial_kernel(
                          + kv_head * stride_cache_head)
         kv_mask = valid[:, None] & dim_mask[None, :]
         keys = tl.load(key_cache_ptr + token_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        if FP8_ASM:
-            keys = _e4m3_to_f16(keys.to(tl.uint8, bitcast=True))
-        scores = tile_dot(query, tl.trans(keys.to(query.dtype)), DOT_PRECISION, UPCAST_DOT) * scale_log2
-        scores = tl.where(valid[None, :], scores, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(scores, 1))
-        correction = tl.exp2(running_max - new_max)
-        probabilities = tl.exp2(scores - new_max[:, None])
-        running_sum = running_sum * correction + tl.sum(probabilities, 1)
         values = tl.load(value_cache_ptr + token_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        if FP8_ASM:
-            values = _e4m3_to_f16(values.to(tl.uint8, bitcast=True))
-        values = values.to(query.dtype)
-        attended = tile_dot(probabilities.to(values.dtype), values, DOT_PRECISION, UPCAST_DOT)
-        accumulator = accumulator * correction[:, None] + attended
-        running_max = new_max
+        running_max, running_sum, accumulator = _attend_tile(
+            query, keys, values, valid, running_max, running_sum, accumulator, scale_log2,
+            DOT_PRECISION, UPCAST_DOT, FP8_ASM)
 
     denominator = tl.where(running_sum > 0, running_sum, 1.0)  # a length-0 (padding) row writes zeros
     out_offsets = row * stride_output_token + heads[:, None] * stride_output_head + dims[None, :]
