@@ -74,3 +74,17 @@ def wait_for_previous_grid(USE_PDL: tl.constexpr):
     if USE_PDL:
         gdc_wait()
         gdc_launch_dependents()
+
+
+@triton.jit
+def prefetch_l2(pointers, mask):
+    """Ask for the cache lines at ``pointers`` (where ``mask``) in L2 without waiting or holding registers."""
+    tl.inline_asm_elementwise(
+        asm="""{
+        .reg .pred p;
+        setp.ne.b32 p, $2, 0;
+        @p prefetch.global.L2 [$1];
+        mov.b32 $0, 0;
+        }""",
+        constraints="=r,l,r", args=[pointers, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1,
+    )

@@ -28,11 +28,14 @@ from joule.kernels.common import (
     dot_precision,
     interpreting,
     pdl_launch,
+    prefetch_l2,
     tile_dot,
     wait_for_previous_grid,
 )
 
-MIN_SPLIT_TOKENS = 256  # below this, another split costs more in merging than it gains
+# Below this another split costs more than it gains. H200, batch-1 Llama-3.2-1B decode at ~256 tokens with the
+# in-kernel merge: 128 gives 1141.6 tok/s against 1105.8 for 256 (`joule bench latency`).
+MIN_SPLIT_TOKENS = 128
 MAX_SPLITS = 64
 
 
@@ -73,25 +76,6 @@ def _e4m3_to_f16(raw):
     )
 
 
-@triton.jit
-def _attend_tile(query, keys, values, valid, running_max, running_sum, accumulator, scale_log2,
-                 DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, FP8_ASM: tl.constexpr):
-    """One tile of the online softmax: scores, running max/sum and the weighted values, in float32."""
-    if FP8_ASM:
-        keys = _e4m3_to_f16(keys.to(tl.uint8, bitcast=True))
-    scores = tile_dot(query, tl.trans(keys.to(query.dtype)), DOT_PRECISION, UPCAST_DOT) * scale_log2
-    scores = tl.where(valid[None, :], scores, float("-inf"))
-    new_max = tl.maximum(running_max, tl.max(scores, 1))
-    correction = tl.exp2(running_max - new_max)
-    probabilities = tl.exp2(scores - new_max[:, None])
-    running_sum = running_sum * correction + tl.sum(probabilities, 1)
-    if FP8_ASM:
-        values = _e4m3_to_f16(values.to(tl.uint8, bitcast=True))
-    values = values.to(query.dtype)
-    attended = tile_dot(probabilities.to(values.dtype), values, DOT_PRECISION, UPCAST_DOT)
-    return new_max, running_sum, accumulator * correction[:, None] + attended
-
-
 # Step-to-step values are not specialised on: each "== 1" / "divisible by 16" pattern is a ~1 s compile.
 @triton.jit(do_not_specialize=["min_split_length", "num_splits", "stride_table_sequence"])
 def _decode_partial_kernel(
@@ -104,7 +88,7 @@ def _decode_partial_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT_OUTPUT: tl.constexpr,
     HAS_SEQUENCE_IDS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     FP16_DOT: tl.constexpr, FP8_ASM: tl.constexpr, HEADS_FIRST: tl.constexpr, USE_PDL: tl.constexpr,
-    MERGE_IN_KERNEL: tl.constexpr,
+    MERGE_IN_KERNEL: tl.constexpr, PREFETCH_LINES: tl.constexpr, LINE_ELEMENTS: tl.constexpr,
 ):
     # HEADS_FIRST: programs launched in a row serve the KV heads of one sequence, which lie side by side in each
     # token's cache row, instead of one head of neighbouring sequences (scattered blocks).
@@ -117,32 +101,29 @@ def _decode_partial_kernel(
         kv_head = tl.program_id(1)
         num_kv_heads = tl.num_programs(1)
     split = tl.program_id(2)
-    # Lengths, block tables and the cached tokens of earlier steps are ready before this step's kernels run, so
-    # the first tile loads before waiting for the previous kernel (under PDL, while it finishes); the newest
-    # token, written by that kernel (or one before it), is read again after the wait.
     sequence, row = _sequence_and_row(item, sequence_ids_ptr, query_start_locations_ptr, HAS_SEQUENCE_IDS)
     sequence_length = tl.load(sequence_lengths_ptr + sequence)
     split_length = _split_length(sequence_length, min_split_length, num_splits, BLOCK_N)
     split_start = split * split_length
     split_end = tl.minimum(sequence_length, split_start + split_length)
+    table_row = block_tables_ptr + sequence.to(tl.int64) * stride_table_sequence
+    if PREFETCH_LINES > 0:
+        # Lengths, block tables and the cache lines of earlier tokens are in place before this step's kernels
+        # run: pull the first tile's lines into L2 while the previous kernel finishes (no registers held; L2 is
+        # coherent, so the newest token, written by an earlier kernel of this step, reads correctly later).
+        positions = split_start + tl.arange(0, BLOCK_N)
+        valid = positions < split_end
+        block_ids = tl.load(table_row + positions // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        lines = (block_ids * stride_cache_block + (positions % BLOCK_SIZE) * stride_cache_offset
+                 + kv_head * stride_cache_head)[:, None] + (tl.arange(0, PREFETCH_LINES) * LINE_ELEMENTS)[None, :]
+        prefetch_l2(key_cache_ptr + lines, valid[:, None])
+        prefetch_l2(value_cache_ptr + lines, valid[:, None])
+    wait_for_previous_grid(USE_PDL)
+
     rows = tl.arange(0, GROUP_PAD)
     dims = tl.arange(0, HEAD_DIM_PAD)
     row_mask = rows < GROUP
     dim_mask = dims < HEAD_DIM
-    table_row = block_tables_ptr + sequence.to(tl.int64) * stride_table_sequence
-    positions = split_start + tl.arange(0, BLOCK_N)
-    valid = positions < split_end
-    block_ids = tl.load(table_row + positions // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-    first_offsets = (block_ids * stride_cache_block + (positions % BLOCK_SIZE) * stride_cache_offset
-                     + kv_head * stride_cache_head)[:, None] + dims[None, :]
-    older = (valid & (positions < sequence_length - 1))[:, None] & dim_mask[None, :]
-    first_keys = tl.load(key_cache_ptr + first_offsets, mask=older, other=0.0)
-    first_values = tl.load(value_cache_ptr + first_offsets, mask=older, other=0.0)
-    wait_for_previous_grid(USE_PDL)
-    newest = (positions == sequence_length - 1)[:, None] & dim_mask[None, :]
-    first_keys = tl.where(newest, tl.load(key_cache_ptr + first_offsets, mask=newest, other=0.0), first_keys)
-    first_values = tl.where(newest, tl.load(value_cache_ptr + first_offsets, mask=newest, other=0.0), first_values)
-
     heads = kv_head * GROUP + rows
     query = tl.load(
         query_ptr + row * stride_query_token + heads[:, None] * stride_query_head + dims[None, :],
@@ -153,11 +134,7 @@ def _decode_partial_kernel(
     running_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     running_sum = tl.zeros([GROUP_PAD], tl.float32)
     accumulator = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
-    if split_start < split_end:
-        running_max, running_sum, accumulator = _attend_tile(
-            query, first_keys, first_values, valid, running_max, running_sum, accumulator, scale_log2,
-            DOT_PRECISION, UPCAST_DOT, FP8_ASM)
-    for start in range(split_start + BLOCK_N, split_end, BLOCK_N):
+    for start in range(split_start, split_end, BLOCK_N):
         positions = start + tl.arange(0, BLOCK_N)
         valid = positions < split_end
         block_ids = tl.load(table_row + positions // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
@@ -165,10 +142,21 @@ def _decode_partial_kernel(
                          + kv_head * stride_cache_head)
         kv_mask = valid[:, None] & dim_mask[None, :]
         keys = tl.load(key_cache_ptr + token_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        if FP8_ASM:
+            keys = _e4m3_to_f16(keys.to(tl.uint8, bitcast=True))
+        scores = tile_dot(query, tl.trans(keys.to(query.dtype)), DOT_PRECISION, UPCAST_DOT) * scale_log2
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, 1))
+        correction = tl.exp2(running_max - new_max)
+        probabilities = tl.exp2(scores - new_max[:, None])
+        running_sum = running_sum * correction + tl.sum(probabilities, 1)
         values = tl.load(value_cache_ptr + token_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        running_max, running_sum, accumulator = _attend_tile(
-            query, keys, values, valid, running_max, running_sum, accumulator, scale_log2,
-            DOT_PRECISION, UPCAST_DOT, FP8_ASM)
+        if FP8_ASM:
+            values = _e4m3_to_f16(values.to(tl.uint8, bitcast=True))
+        values = values.to(query.dtype)
+        attended = tile_dot(probabilities.to(values.dtype), values, DOT_PRECISION, UPCAST_DOT)
+        accumulator = accumulator * correction[:, None] + attended
+        running_max = new_max
 
     denominator = tl.where(running_sum > 0, running_sum, 1.0)  # a length-0 (padding) row writes zeros
     out_offsets = row * stride_output_token + heads[:, None] * stride_output_head + dims[None, :]
@@ -341,6 +329,8 @@ def paged_decode_attention(
                                      dtype=torch.float32, device=query.device)
         partial_lse = torch.empty((num_sequences, num_heads, num_splits), dtype=torch.float32, device=query.device)
     use_pdl = pdl_launch(query.device)
+    # Under PDL the first tile's cache lines are prefetched into L2 while the previous kernel finishes.
+    prefetch_lines = max(1, head_dim * key_cache.element_size() // 128) if use_pdl else 0
     grid = ((num_kv_heads, num_sequences, num_splits) if launch["heads_first"]
             else (num_sequences, num_kv_heads, num_splits))
     _decode_partial_kernel[grid](
@@ -355,7 +345,8 @@ def paged_decode_attention(
         HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size, BLOCK_N=block_n, DIRECT_OUTPUT=direct,
         HAS_SEQUENCE_IDS=sequence_ids is not None, DOT_PRECISION=dot_precision(query.dtype), UPCAST_DOT=interpreting(),
         FP16_DOT=bool(launch["fp16_dot"]) and fp8, FP8_ASM=bool(launch["fp8_asm"]),
-        HEADS_FIRST=bool(launch["heads_first"]), USE_PDL=use_pdl, MERGE_IN_KERNEL=merge_in_kernel, num_warps=launch["num_warps"],
+        HEADS_FIRST=bool(launch["heads_first"]), USE_PDL=use_pdl, MERGE_IN_KERNEL=merge_in_kernel,
+        PREFETCH_LINES=prefetch_lines, LINE_ELEMENTS=128 // key_cache.element_size(), num_warps=launch["num_warps"],
         num_stages=launch["num_stages"], launch_pdl=use_pdl,
     )
     if not direct and not merge_in_kernel:

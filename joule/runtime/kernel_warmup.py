@@ -7,7 +7,7 @@ H200 (workloads 2 and 3 of issue 3 lost 2-5 s to them; a serving request's TTFT 
 capture of CUDA graphs compiles only the decode-only variants.
 
 How (``ModelExecutor.compile_eager_step_kernels``): a few synthetic eager steps on the engine's own
-(still empty) KV cache: one decode of context 16, 512, 1024, ... up to ``max_model_len`` tokens (every
+(still empty) KV cache: one decode of context 16, 256, 512, ... up to ``max_model_len`` tokens (every
 split class a step can choose), each beside a 16-token prompt chunk (a mixed step) and alone (a
 decode-only step). Nothing is sampled and no block manager is involved; the blocks written are free
 and get overwritten by the first requests.
@@ -20,7 +20,7 @@ from joule.engine.request import Request
 from joule.sampling_params import SamplingParams
 
 WARMUP_PROMPT_TOKENS = 16
-FIRST_SPLIT_CONTEXT = 512  # MIN_SPLIT_TOKENS x 2: the shortest context that splits
+FIRST_SPLIT_CONTEXT = 256  # MIN_SPLIT_TOKENS (joule.kernels.paged_decode) x 2: the shortest context that splits
 
 
 def warmup_contexts(max_model_len: int) -> list[int]:

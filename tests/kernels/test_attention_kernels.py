@@ -264,7 +264,7 @@ def test_decode_padding_row_of_length_zero_gets_zeros(num_splits, merge_in_kerne
 
 def test_split_choice_fills_the_gpu_only_when_needed():
     assert choose_num_splits(256, 8, 4096, 132) == 1  # big batch: already 2048 programs
-    assert choose_num_splits(1, 8, 4096, 132) == 16  # one sequence: split the context, >= 256 tokens each
+    assert choose_num_splits(1, 8, 4096, 132) == 32  # one sequence: split the context, >= 128 tokens each
     assert choose_num_splits(1, 8, 100, 132) == 1  # short context: nothing worth splitting
 
 

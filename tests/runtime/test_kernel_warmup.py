@@ -15,7 +15,7 @@ from helpers.tiny_models import build_tiny_checkpoint
 
 from joule.kernels.paged_decode import MAX_SPLITS, MIN_SPLIT_TOKENS, choose_num_splits
 from joule.llm_engine import LLMEngine
-from joule.runtime.kernel_warmup import warmup_contexts, warmup_plans
+from joule.runtime.kernel_warmup import FIRST_SPLIT_CONTEXT, warmup_contexts, warmup_plans
 from joule.sampling_params import RequestOutputKind, SamplingParams
 
 
@@ -24,8 +24,8 @@ def _pow2(value: int) -> int:
 
 
 def test_contexts_double_from_the_first_split_to_max_model_len():
-    assert warmup_contexts(4096) == [16, 512, 1024, 2048, 4096]
-    assert warmup_contexts(3000) == [16, 512, 1024, 2048, 3000]
+    assert warmup_contexts(4096) == [16, 256, 512, 1024, 2048, 4096]
+    assert warmup_contexts(3000) == [16, 256, 512, 1024, 2048, 3000]
     assert warmup_contexts(100) == [16, 100]
 
 
@@ -40,17 +40,17 @@ def test_contexts_reach_every_split_padding_a_step_can_choose(max_model_len, num
     for num_decodes in (1, 2, 3, 16, 100, 256):
         for length in range(1, max_model_len + 1, 97):
             assert _pow2(choose_num_splits(num_decodes, num_kv_heads, length, processors)) in warmed
-    assert max(warmed) <= _pow2(MAX_SPLITS) and MIN_SPLIT_TOKENS * 2 == 512
+    assert max(warmed) <= _pow2(MAX_SPLITS) and MIN_SPLIT_TOKENS * 2 == FIRST_SPLIT_CONTEXT
 
 
 def test_plans_are_mixed_and_decode_only_steps_within_the_cache():
     plans = warmup_plans(4096, block_size=16, num_blocks=10_000)
-    assert len(plans) == 10
-    mixed, alone = plans[2], plans[3]  # context 512
+    assert len(plans) == 12
+    mixed, alone = plans[4], plans[5]  # context 512
     assert [s.num_tokens for s in mixed.sequences] == [1, 16] and mixed.sequences[0].start_position == 511
     assert len(mixed.sequences[0].block_ids) == 32 and mixed.sequences[1].block_ids == [32]
     assert [s.num_tokens for s in alone.sequences] == [1]
-    assert len(warmup_plans(4096, block_size=16, num_blocks=70)) == 6  # 2048 needs 129 blocks: stops there
+    assert len(warmup_plans(4096, block_size=16, num_blocks=70)) == 8  # 2048 needs 129 blocks: stops there
 
 
 def test_warmup_steps_leave_generation_unchanged(tmp_path):
@@ -73,6 +73,6 @@ def test_warmup_steps_leave_generation_unchanged(tmp_path):
 
     before = generate("before")
     engine.block_manager.reset_prefix_cache()
-    assert executor.compile_eager_step_kernels(engine.max_model_len) == 4  # contexts 16 and 512
+    assert executor.compile_eager_step_kernels(engine.max_model_len) == 6  # contexts 16, 256 and 512
     assert executor.kv_cache.key_caches[0][:33].abs().sum() > 0  # it ran the model over those blocks
     assert generate("after") == before
