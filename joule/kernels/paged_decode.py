@@ -81,14 +81,14 @@ def _e4m3_to_f16(raw):
 def _decode_partial_kernel(
     query_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, sequence_lengths_ptr,
     sequence_ids_ptr, query_start_locations_ptr, output_ptr, partial_output_ptr, partial_lse_ptr,
-    scale_log2, min_split_length, num_splits, split_counters_ptr,
+    scale_log2, min_split_length, num_splits,
     stride_query_token, stride_query_head, stride_output_token, stride_output_head,
     stride_cache_block, stride_cache_offset, stride_cache_head, stride_table_sequence,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT_OUTPUT: tl.constexpr,
     HAS_SEQUENCE_IDS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     FP16_DOT: tl.constexpr, FP8_ASM: tl.constexpr, HEADS_FIRST: tl.constexpr, USE_PDL: tl.constexpr,
-    MERGE_IN_KERNEL: tl.constexpr, PREFETCH_LINES: tl.constexpr, LINE_ELEMENTS: tl.constexpr,
+    PREFETCH_LINES: tl.constexpr, LINE_ELEMENTS: tl.constexpr,
 ):
     # HEADS_FIRST: programs launched in a row serve the KV heads of one sequence, which lie side by side in each
     # token's cache row, instead of one head of neighbouring sequences (scattered blocks).
@@ -164,42 +164,6 @@ def _decode_partial_kernel(
     if DIRECT_OUTPUT:
         tl.store(output_ptr + out_offsets, (accumulator / denominator[:, None]).to(output_ptr.dtype.element_ty),
                  mask=out_mask)
-    elif MERGE_IN_KERNEL:
-        used_splits = tl.cdiv(sequence_length, split_length)
-        if used_splits <= 1:  # one split (or a padding row, zeros): the final output, no partial
-            if split == 0:
-                tl.store(output_ptr + out_offsets,
-                         (accumulator / denominator[:, None]).to(output_ptr.dtype.element_ty), mask=out_mask)
-        elif split_start < sequence_length:
-            head_index = item.to(tl.int64) * (num_kv_heads * GROUP) + heads
-            lse_offsets = head_index * num_splits + split
-            tl.store(partial_lse_ptr + lse_offsets, running_max + tl.log2(running_sum), mask=row_mask)
-            tl.store(partial_output_ptr + lse_offsets[:, None] * HEAD_DIM_PAD + dims[None, :],
-                     accumulator / denominator[:, None], mask=row_mask[:, None])
-            # The last split of this (sequence, KV head) to finish merges them all: the merge launch is saved.
-            # Every thread's partial stores are issued before the counter's release; the merging program reads
-            # them past L1 (.cg) after its acquire.
-            tl.debug_barrier()
-            counter = split_counters_ptr + item * num_kv_heads + kv_head
-            arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-            if arrived == used_splits - 1:
-                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next layer
-                base = head_index * num_splits
-                largest = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-                weight_sum = tl.zeros([GROUP_PAD], tl.float32)
-                merged = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
-                for other in range(0, used_splits):
-                    lse = tl.load(partial_lse_ptr + base + other, mask=row_mask, other=0.0, cache_modifier=".cg")
-                    partial = tl.load(partial_output_ptr + (base + other)[:, None] * HEAD_DIM_PAD + dims[None, :],
-                                      mask=row_mask[:, None], other=0.0, cache_modifier=".cg")
-                    new_largest = tl.maximum(largest, lse)
-                    correction = tl.exp2(largest - new_largest)
-                    weight = tl.exp2(lse - new_largest)
-                    weight_sum = weight_sum * correction + weight
-                    merged = merged * correction[:, None] + partial * weight[:, None]
-                    largest = new_largest
-                merged = merged / weight_sum[:, None]
-                tl.store(output_ptr + out_offsets, merged.to(output_ptr.dtype.element_ty), mask=out_mask)
     elif split_start < sequence_length:
         # partial layout: [items, Hq, num_splits, HEAD_DIM_PAD] and [items, Hq, num_splits]
         head_index = item.to(tl.int64) * (num_kv_heads * GROUP) + heads
@@ -272,17 +236,12 @@ def paged_decode_attention(
     launch: dict | None = None,  # overrides of block_n / num_warps / num_stages (tuning sweeps)
     sequence_ids: torch.Tensor | None = None,  # int32 [N]: only these sequences, rows from query_start_locations
     query_start_locations: torch.Tensor | None = None,
-    split_counters: torch.Tensor | None = None,  # int32 zeros, >= sequences x KV heads: merge in the kernel
 ) -> torch.Tensor:
     """Attention of each sequence's single new row over its first ``sequence_length`` cached tokens.
 
     Without ``sequence_ids`` row ``i`` of ``query`` belongs to sequence ``i``. With them (the decodes
     of a mixed step) sequence ``sequence_ids[j]`` reads and writes row ``query_start_locations[seq]``.
     A sequence of length 0 (a padding row) gets zeros.
-
-    With ``split_counters`` the last split of each (sequence, KV head) to finish merges the splits itself
-    (counting arrivals there; it leaves the counters at zero again) and a single-split sequence writes its
-    output directly: no merge launch. Without them a second kernel merges.
     """
     num_rows, num_heads, head_dim = query.shape
     num_sequences = num_rows if sequence_ids is None else sequence_ids.shape[0]
@@ -318,10 +277,6 @@ def paged_decode_attention(
     min_split_length = -(-max(1, min_split_tokens or block_n) // block_n) * block_n
     num_splits = max(1, min(int(num_splits), -(-max(1, max_sequence_length) // min_split_length)))
     direct = num_splits == 1
-    merge_in_kernel = split_counters is not None and not direct
-    if merge_in_kernel and (split_counters.dtype != torch.int32 or split_counters.numel() < num_sequences * num_kv_heads):
-        raise ValueError(f"paged_decode_attention: split_counters must be int32 with >= {num_sequences} x "
-                         f"{num_kv_heads} entries, got {split_counters.dtype} x {split_counters.numel()}")
     if direct:
         partial_output = partial_lse = output  # unused
     else:
@@ -338,18 +293,18 @@ def paged_decode_attention(
         sequence_ids if sequence_ids is not None else sequence_lengths,
         query_start_locations if query_start_locations is not None else sequence_lengths,
         output, partial_output, partial_lse,
-        scale * LOG2_E, min_split_length, num_splits, split_counters if merge_in_kernel else sequence_lengths,
+        scale * LOG2_E, min_split_length, num_splits,
         query.stride(0), query.stride(1), output.stride(0), output.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size, BLOCK_N=block_n, DIRECT_OUTPUT=direct,
         HAS_SEQUENCE_IDS=sequence_ids is not None, DOT_PRECISION=dot_precision(query.dtype), UPCAST_DOT=interpreting(),
         FP16_DOT=bool(launch["fp16_dot"]) and fp8, FP8_ASM=bool(launch["fp8_asm"]),
-        HEADS_FIRST=bool(launch["heads_first"]), USE_PDL=use_pdl, MERGE_IN_KERNEL=merge_in_kernel,
+        HEADS_FIRST=bool(launch["heads_first"]), USE_PDL=use_pdl,
         PREFETCH_LINES=prefetch_lines, LINE_ELEMENTS=128 // key_cache.element_size(), num_warps=launch["num_warps"],
         num_stages=launch["num_stages"], launch_pdl=use_pdl,
     )
-    if not direct and not merge_in_kernel:
+    if not direct:
         _decode_merge_kernel[(num_sequences, num_heads)](
             output, partial_output, partial_lse, sequence_lengths,
             sequence_ids if sequence_ids is not None else sequence_lengths,

@@ -103,8 +103,7 @@ DECODE_STEPS = [(0, 1), (15, 1), (16, 1), (33, 1), (130, 1), (200, 1)]
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (4, 2), (8, 2)])
 @pytest.mark.parametrize("block_size,head_dim", [(16, 64), (32, 32), (4, 16), (8, 48)])  # 48: padded dims
 @pytest.mark.parametrize("num_splits", [1, 3])
-@pytest.mark.parametrize("merge_in_kernel", [False, True])
-def test_decode_matches_reference(num_heads, num_kv_heads, block_size, head_dim, num_splits, merge_in_kernel):
+def test_decode_matches_reference(num_heads, num_kv_heads, block_size, head_dim, num_splits):
     batch = make_batch(DECODE_STEPS, num_heads, num_kv_heads, head_dim, block_size, seed=num_heads + block_size)
     scale = head_dim**-0.5
     expected = reference_output(batch, scale)
@@ -112,13 +111,8 @@ def test_decode_matches_reference(num_heads, num_kv_heads, block_size, head_dim,
     output = paged_decode_attention(
         batch["query"], cache.key_caches[0], cache.value_caches[0], metadata.block_tables,
         device_lengths(metadata), metadata.max_sequence_length, scale, num_splits=num_splits,
-        split_counters=split_counters(len(DECODE_STEPS), num_kv_heads) if merge_in_kernel else None,
     )
     assert_close(output, expected, torch.float32)
-
-
-def split_counters(num_sequences: int, num_kv_heads: int) -> torch.Tensor:
-    return torch.zeros(num_sequences * num_kv_heads, dtype=torch.int32, device=DEVICE)
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])
@@ -137,22 +131,17 @@ def test_decode_grid_order_heads_first_gives_the_same_output(num_splits):
 
 
 @pytest.mark.parametrize("min_split_tokens", [None, 256])
-@pytest.mark.parametrize("merge_in_kernel", [False, True])
-def test_decode_splits_each_sequence_by_its_own_length_under_a_large_length_bound(min_split_tokens, merge_in_kernel):
+def test_decode_splits_each_sequence_by_its_own_length_under_a_large_length_bound(min_split_tokens):
     """As inside a CUDA graph: the host bound is max_model_len, far above every context, and each
     sequence splits its own context (600 tokens -> 3 or 5 splits, 5 tokens -> 1)."""
     batch = make_batch([(4, 1), (129, 1), (599, 1)], 8, 2, 32, 16, seed=11)
-    counters = split_counters(3, 2)
     expected = reference_output(batch, 0.2)
     cache, metadata = batch["cache"], batch["metadata"]
     output = paged_decode_attention(
         batch["query"], cache.key_caches[0], cache.value_caches[0], metadata.block_tables,
         device_lengths(metadata), 65536, 0.2, num_splits=8, min_split_tokens=min_split_tokens,
-        split_counters=counters if merge_in_kernel else None,
     )
     assert_close(output, expected, torch.float32)
-    if merge_in_kernel:  # the merging programs reset them: the next layer starts from zero
-        assert torch.equal(counters, torch.zeros_like(counters))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -246,8 +235,7 @@ def test_backend_matches_portable(case, dtype):
 
 
 @pytest.mark.parametrize("num_splits", [1, 2])
-@pytest.mark.parametrize("merge_in_kernel", [False, True])
-def test_decode_padding_row_of_length_zero_gets_zeros(num_splits, merge_in_kernel):
+def test_decode_padding_row_of_length_zero_gets_zeros(num_splits):
     """A padded batch (CUDA graphs) carries rows of length 0: they must come out finite (zeros)."""
     batch = make_batch([(40, 1), (130, 1)], 4, 2, 16, 16, seed=5)
     expected = reference_output(batch, 0.25)
@@ -256,8 +244,7 @@ def test_decode_padding_row_of_length_zero_gets_zeros(num_splits, merge_in_kerne
     tables = torch.cat([metadata.block_tables, torch.zeros_like(metadata.block_tables[:1])])
     lengths = torch.tensor(metadata.sequence_lengths + [0], dtype=torch.int32, device=DEVICE)
     output = paged_decode_attention(query, cache.key_caches[0], cache.value_caches[0], tables, lengths,
-                                    metadata.max_sequence_length, 0.25, num_splits=num_splits,
-                                    split_counters=split_counters(3, 2) if merge_in_kernel else None)
+                                    metadata.max_sequence_length, 0.25, num_splits=num_splits)
     assert_close(output[:2], expected, torch.float32)
     assert torch.equal(output[2], torch.zeros_like(output[2]))
 

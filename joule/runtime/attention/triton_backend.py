@@ -2,7 +2,7 @@
 
 Per layer: one launch writes the new K/V rows into the cache (or the model's
 rotary kernel already did, ``kv_stored``), then the attention launches. Sequences with one new row (decodes) go to the
-flash-decoding kernel (a split context is merged by its last split to finish);
+flash-decoding kernel (plus a small merge launch when it splits the context);
 sequences with several (prompt chunks) go to the prefill/extend kernel, which
 reads all keys - earlier chunks, prefix-cache hits and the new rows - from the
 cache. A mixed step runs both, each writing its own rows of the output: a
@@ -66,7 +66,6 @@ class _StepTensors:
         self.tiles: dict[int, torch.Tensor] = {}  # by rows per tile
         self.fixed_num_splits: int | None = None
         self.static_tiles: torch.Tensor | None = None  # StaticPrefillMetadata's precomputed tiles
-        self._split_counters: torch.Tensor | None = None
         if isinstance(metadata, StaticDecodeMetadata):
             if not metadata.is_decode_only or metadata.sequence_lengths_device is None:
                 raise ValueError("StaticDecodeMetadata needs a decode-only batch and device sequence lengths")
@@ -92,13 +91,6 @@ class _StepTensors:
         self.decode_sequence_ids = None
         if 0 < len(decodes) < metadata.num_sequences:
             self.decode_sequence_ids = _upload(torch.tensor(decodes, dtype=torch.int32), device)
-
-    def split_counters(self, num_kv_heads: int, device: torch.device) -> torch.Tensor:
-        """Zeroed arrival counters for the decode kernel's in-kernel merge, one per (decode, KV head); every
-        layer reuses them (the merging program resets its counter)."""
-        if self._split_counters is None:
-            self._split_counters = torch.zeros(self.num_decodes * num_kv_heads, dtype=torch.int32, device=device)
-        return self._split_counters
 
     def prefill_tiles(self, rows: int, device: torch.device) -> torch.Tensor:
         """Tiles over the sequences with several new rows (decodes have their own kernel)."""
@@ -163,7 +155,6 @@ class TritonAttentionBackend(AttentionBackend):
                 step.decode_max_length, scale, num_splits=num_splits, output=output,
                 min_split_tokens=None if self.decode_num_splits is not None else MIN_SPLIT_TOKENS,
                 sequence_ids=step.decode_sequence_ids, query_start_locations=metadata.query_start_locations,
-                split_counters=step.split_counters(num_kv_heads, query.device) if num_splits > 1 else None,
             )
         if step.num_decodes < metadata.num_sequences:
             group = query.shape[1] // num_kv_heads
