@@ -142,6 +142,22 @@ def profile_steps(engine: LLMEngine, steps: int) -> list[dict]:
     return kernel_table(prof, steps)
 
 
+def decode_step_ms(engine: LLMEngine, prompt: list[int], steps: int = 200) -> float:
+    """Milliseconds per batch-1 decode step over up to ``steps`` unsynchronised steps (prefill excluded)."""
+    add_all(engine, [prompt], [256])
+    engine.step()
+    engine.step()  # prefill + first decode out of the way
+    torch.cuda.synchronize()
+    started, count = time.perf_counter(), 0
+    while engine.has_unfinished_requests() and count < steps:
+        engine.step()
+        count += 1
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - started
+    run_all(engine)
+    return elapsed / count * 1e3
+
+
 def batch_one(raw: dict) -> None:
     engine = LLMEngine.from_kwargs(model=LLAMA_1B, load_format="dummy", dtype="bfloat16", max_model_len=4096,
                                    decode_lookahead=False)  # parts timed one by one
@@ -153,19 +169,7 @@ def batch_one(raw: dict) -> None:
     add_all(engine, [prompt[:16]], [8])
     run_all(engine)  # warm-up
 
-    # Unsynchronised decode step time.
-    add_all(engine, [prompt], [256])
-    engine.step()
-    engine.step()  # prefill + first decode out of the way
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    count = 0
-    while engine.has_unfinished_requests() and count < 200:
-        engine.step()
-        count += 1
-    torch.cuda.synchronize()
-    step_ms = (time.perf_counter() - started) / count * 1e3
-    run_all(engine)
+    step_ms = decode_step_ms(engine, prompt)  # unsynchronised
 
     # Attribution with synchronised parts.
     executor, runner = engine.core.executor, engine.core.executor.graph_runner
@@ -220,17 +224,7 @@ def batch_one(raw: dict) -> None:
 
     # With the decode lookahead (the CUDA default): step time, and how much of it the GPU is busy.
     engine.core.decode_lookahead = True
-    add_all(engine, [prompt], [256])
-    engine.step()
-    engine.step()
-    torch.cuda.synchronize()
-    started, count = time.perf_counter(), 0
-    while engine.has_unfinished_requests() and count < 200:
-        engine.step()
-        count += 1
-    torch.cuda.synchronize()
-    lookahead_step_ms = (time.perf_counter() - started) / count * 1e3
-    run_all(engine)
+    lookahead_step_ms = decode_step_ms(engine, prompt)
     add_all(engine, [prompt], [64])
     engine.step()
     engine.step()

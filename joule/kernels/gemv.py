@@ -53,9 +53,74 @@ def _input_tile(x_ptr, residual_ptr, norm_weight_ptr, columns, mask, inverse_rms
 
 
 @triton.jit
+def _row_inverse_rms(x_ptr, residual_ptr, residual_out_ptr, eps, K: tl.constexpr, K_PAD: tl.constexpr,
+                     HAS_RESIDUAL: tl.constexpr):
+    """RMSNorm's ``1 / rms`` of the input row (``x + residual``, rounded, with HAS_RESIDUAL; program 0 stores
+    that sum as the new residual). Every program computes it: the row is small and L2-resident."""
+    full = tl.arange(0, K_PAD)
+    hidden = tl.load(x_ptr + full, mask=full < K, other=0.0)
+    if HAS_RESIDUAL:
+        hidden = (hidden.to(tl.float32)
+                  + tl.load(residual_ptr + full, mask=full < K, other=0.0).to(tl.float32)).to(hidden.dtype)
+        if tl.program_id(0) == 0:
+            tl.store(residual_out_ptr + full, hidden, mask=full < K)
+    hidden_float = hidden.to(tl.float32)
+    return tl.rsqrt(tl.sum(hidden_float * hidden_float, 0) / K + eps)
+
+
+@triton.jit
 def _weight_tile(weight_ptr, row_offsets, row_mask, columns, K: tl.constexpr):
     return tl.load(weight_ptr + row_offsets[:, None] + columns[None, :],
                    mask=row_mask[:, None] & (columns < K)[None, :], other=0.0)
+
+
+@triton.jit
+def _row_sets_gemv(
+    x_ptr, residual_ptr, norm_weight_ptr, residual_out_ptr, eps, weight_ptr, first_offsets, second_offsets,
+    row_mask, K: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH_TILES: tl.constexpr, USE_PDL: tl.constexpr,
+    NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, K_PAD: tl.constexpr, SECOND: tl.constexpr,
+):
+    """Dot products of the (normed) input row with one or two sets of weight rows (by row offsets), float32.
+
+    The first PREFETCH_TILES (0-2) weight tiles load before waiting for the previous kernel (under PDL they
+    stream in while it finishes): no kernel of a step writes weights. They are added in the loop's order.
+    """
+    columns = tl.arange(0, BLOCK_K)
+    if PREFETCH_TILES >= 1:
+        first_tile = _weight_tile(weight_ptr, first_offsets, row_mask, columns, K)
+        if SECOND:
+            second_tile = _weight_tile(weight_ptr, second_offsets, row_mask, columns, K)
+    if PREFETCH_TILES >= 2:
+        first_next = _weight_tile(weight_ptr, first_offsets, row_mask, BLOCK_K + columns, K)
+        if SECOND:
+            second_next = _weight_tile(weight_ptr, second_offsets, row_mask, BLOCK_K + columns, K)
+    wait_for_previous_grid(USE_PDL)
+
+    inverse_rms = 0.0
+    if NORM:
+        inverse_rms = _row_inverse_rms(x_ptr, residual_ptr, residual_out_ptr, eps, K, K_PAD, HAS_RESIDUAL)
+    first_sum = tl.zeros((first_offsets.shape[0], BLOCK_K), dtype=tl.float32)
+    second_sum = tl.zeros((first_offsets.shape[0], BLOCK_K), dtype=tl.float32)
+    if PREFETCH_TILES >= 1:
+        x = _input_tile(x_ptr, residual_ptr, norm_weight_ptr, columns, columns < K, inverse_rms, NORM, HAS_RESIDUAL)
+        first_sum += first_tile.to(tl.float32) * x[None, :]
+        if SECOND:
+            second_sum += second_tile.to(tl.float32) * x[None, :]
+    if PREFETCH_TILES >= 2:
+        x = _input_tile(x_ptr, residual_ptr, norm_weight_ptr, BLOCK_K + columns, BLOCK_K + columns < K,
+                        inverse_rms, NORM, HAS_RESIDUAL)
+        first_sum += first_next.to(tl.float32) * x[None, :]
+        if SECOND:
+            second_sum += second_next.to(tl.float32) * x[None, :]
+    for start in range(PREFETCH_TILES * BLOCK_K, K, BLOCK_K):
+        tile_columns = start + columns
+        x = _input_tile(x_ptr, residual_ptr, norm_weight_ptr, tile_columns, tile_columns < K, inverse_rms,
+                        NORM, HAS_RESIDUAL)
+        first_sum += _weight_tile(weight_ptr, first_offsets, row_mask, tile_columns, K).to(tl.float32) * x[None, :]
+        if SECOND:
+            second_sum += (_weight_tile(weight_ptr, second_offsets, row_mask, tile_columns, K).to(tl.float32)
+                           * x[None, :])
+    return tl.sum(first_sum, axis=1), tl.sum(second_sum, axis=1)
 
 
 @triton.jit
@@ -68,59 +133,14 @@ def _gemv_kernel(
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    row_offsets = rows.to(tl.int64) * stride_weight
-    up_offsets = (rows + N).to(tl.int64) * stride_weight  # GATED: the up half's rows, N below the gate's
-    # The first PREFETCH_TILES (0-2) weight tiles load before waiting for the previous kernel (under PDL they
-    # stream in while it finishes): no kernel of a step writes weights. They are added in the loop's order.
-    columns = tl.arange(0, BLOCK_K)
-    if PREFETCH_TILES >= 1:
-        first_weight = _weight_tile(weight_ptr, row_offsets, row_mask, columns, K)
-        if GATED:
-            first_up = _weight_tile(weight_ptr, up_offsets, row_mask, columns, K)
-    if PREFETCH_TILES >= 2:
-        second_weight = _weight_tile(weight_ptr, row_offsets, row_mask, BLOCK_K + columns, K)
-        if GATED:
-            second_up = _weight_tile(weight_ptr, up_offsets, row_mask, BLOCK_K + columns, K)
-    wait_for_previous_grid(USE_PDL)
-
-    inverse_rms = 0.0
-    if NORM:  # statistics over the whole input row (every program: it is one L2-resident row)
-        full = tl.arange(0, K_PAD)
-        hidden = tl.load(x_ptr + full, mask=full < K, other=0.0)
-        if HAS_RESIDUAL:
-            hidden = (hidden.to(tl.float32)
-                      + tl.load(residual_ptr + full, mask=full < K, other=0.0).to(tl.float32)).to(hidden.dtype)
-            if tl.program_id(0) == 0:
-                tl.store(residual_out_ptr + full, hidden, mask=full < K)
-        hidden_float = hidden.to(tl.float32)
-        inverse_rms = tl.rsqrt(tl.sum(hidden_float * hidden_float, 0) / K + eps)
-
-    accumulator = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    up_accumulator = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    if PREFETCH_TILES >= 1:
-        x = _input_tile(x_ptr, residual_ptr, norm_weight_ptr, columns, columns < K, inverse_rms, NORM, HAS_RESIDUAL)
-        accumulator += first_weight.to(tl.float32) * x[None, :]
-        if GATED:
-            up_accumulator += first_up.to(tl.float32) * x[None, :]
-    if PREFETCH_TILES >= 2:
-        x = _input_tile(x_ptr, residual_ptr, norm_weight_ptr, BLOCK_K + columns, BLOCK_K + columns < K,
-                        inverse_rms, NORM, HAS_RESIDUAL)
-        accumulator += second_weight.to(tl.float32) * x[None, :]
-        if GATED:
-            up_accumulator += second_up.to(tl.float32) * x[None, :]
-    for start in range(PREFETCH_TILES * BLOCK_K, K, BLOCK_K):
-        tile_columns = start + columns
-        x = _input_tile(x_ptr, residual_ptr, norm_weight_ptr, tile_columns, tile_columns < K, inverse_rms,
-                        NORM, HAS_RESIDUAL)
-        accumulator += _weight_tile(weight_ptr, row_offsets, row_mask, tile_columns, K).to(tl.float32) * x[None, :]
-        if GATED:
-            up_accumulator += (_weight_tile(weight_ptr, up_offsets, row_mask, tile_columns, K).to(tl.float32)
-                               * x[None, :])
-    result = tl.sum(accumulator, axis=1)
+    # GATED: the up half's rows lie N below the gate's
+    result, up = _row_sets_gemv(
+        x_ptr, residual_ptr, norm_weight_ptr, residual_out_ptr, eps, weight_ptr,
+        rows.to(tl.int64) * stride_weight, (rows + N).to(tl.int64) * stride_weight, row_mask,
+        K, BLOCK_K, PREFETCH_TILES, USE_PDL, NORM, HAS_RESIDUAL, K_PAD, GATED)
     if HAS_BIAS:
         result += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
     if GATED:  # silu(gate) * up from the rounded projections, as silu_and_mul computes it
-        up = tl.sum(up_accumulator, axis=1)
         if HAS_BIAS:
             up += tl.load(bias_ptr + N + rows, mask=row_mask, other=0.0).to(tl.float32)
         gate = result.to(out_ptr.dtype.element_ty).to(tl.float32)

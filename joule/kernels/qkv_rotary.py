@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from joule.kernels.common import pdl_launch, wait_for_previous_grid
-from joule.kernels.gemv import _input_tile, _weight_tile
+from joule.kernels.common import pdl_launch
+from joule.kernels.gemv import _row_sets_gemv
 from joule.kernels.kv_write import FP8_E4M3_MAX
 
 
@@ -40,41 +40,11 @@ def _qkv_rotary_kernel(
     head = program // (HALF // PAIRS)
     pairs = (program % (HALF // PAIRS)) * PAIRS + tl.arange(0, PAIRS)
     first_rows = head * HEAD_DIM + pairs
-    first_offsets = first_rows.to(tl.int64) * stride_weight
-    second_offsets = (first_rows + HALF).to(tl.int64) * stride_weight
-    all_rows = pairs < HALF  # every row exists: the grid covers whole heads
-    columns = tl.arange(0, BLOCK_K)
-    if PREFETCH_TILES >= 1:  # weights never change within a step: load before waiting for the previous kernel
-        first_tile = _weight_tile(weight_ptr, first_offsets, all_rows, columns, K)
-        second_tile = _weight_tile(weight_ptr, second_offsets, all_rows, columns, K)
-    wait_for_previous_grid(USE_PDL)
-
-    inverse_rms = 0.0
-    if NORM:
-        full = tl.arange(0, K_PAD)
-        hidden = tl.load(x_ptr + full, mask=full < K, other=0.0)
-        if HAS_RESIDUAL:
-            hidden = (hidden.to(tl.float32)
-                      + tl.load(residual_ptr + full, mask=full < K, other=0.0).to(tl.float32)).to(hidden.dtype)
-            if program == 0:
-                tl.store(residual_out_ptr + full, hidden, mask=full < K)
-        hidden_float = hidden.to(tl.float32)
-        inverse_rms = tl.rsqrt(tl.sum(hidden_float * hidden_float, 0) / K + eps)
-
-    first_sum = tl.zeros((PAIRS, BLOCK_K), dtype=tl.float32)
-    second_sum = tl.zeros((PAIRS, BLOCK_K), dtype=tl.float32)
-    if PREFETCH_TILES >= 1:
-        x = _input_tile(x_ptr, residual_ptr, norm_weight_ptr, columns, columns < K, inverse_rms, NORM, HAS_RESIDUAL)
-        first_sum += first_tile.to(tl.float32) * x[None, :]
-        second_sum += second_tile.to(tl.float32) * x[None, :]
-    for start in range(PREFETCH_TILES * BLOCK_K, K, BLOCK_K):
-        tile_columns = start + columns
-        x = _input_tile(x_ptr, residual_ptr, norm_weight_ptr, tile_columns, tile_columns < K, inverse_rms,
-                        NORM, HAS_RESIDUAL)
-        first_sum += _weight_tile(weight_ptr, first_offsets, all_rows, tile_columns, K).to(tl.float32) * x[None, :]
-        second_sum += _weight_tile(weight_ptr, second_offsets, all_rows, tile_columns, K).to(tl.float32) * x[None, :]
-    first = tl.sum(first_sum, axis=1)
-    second = tl.sum(second_sum, axis=1)
+    first, second = _row_sets_gemv(
+        x_ptr, residual_ptr, norm_weight_ptr, residual_out_ptr, eps, weight_ptr,
+        first_rows.to(tl.int64) * stride_weight, (first_rows + HALF).to(tl.int64) * stride_weight,
+        pairs < HALF,  # every row exists: the grid covers whole heads
+        K, BLOCK_K, PREFETCH_TILES, USE_PDL, NORM, HAS_RESIDUAL, K_PAD, True)
     if HAS_BIAS:
         first += tl.load(bias_ptr + first_rows).to(tl.float32)
         second += tl.load(bias_ptr + first_rows + HALF).to(tl.float32)
