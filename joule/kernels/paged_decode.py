@@ -33,8 +33,9 @@ from joule.kernels.common import (
     wait_for_previous_grid,
 )
 
-# Below this another split costs more than it gains. H200, batch-1 Llama-3.2-1B decode at ~256 tokens with the
-# in-kernel merge: 128 gives 1141.6 tok/s against 1105.8 for 256 (`joule bench latency`).
+# Below this another split costs more than it gains. H200, batch-1 Llama-3.2-1B decode at 128-384 tokens:
+# 128 gave 1141.6 tok/s against 1105.8 for 256 (`joule bench latency`; measured while an in-kernel split merge,
+# since taken out, replaced the merge launch).
 MIN_SPLIT_TOKENS = 128
 MAX_SPLITS = 64
 
