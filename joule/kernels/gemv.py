@@ -19,6 +19,7 @@ weight tiles load while the previous kernel finishes.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -197,11 +198,7 @@ def gemv(
     if weight.dim() != 2 or weight.shape[1] != x.shape[1] or weight.stride(1) != 1:
         raise ValueError(f"gemv: weight must be [N, {x.shape[1]}] with contiguous rows, got {tuple(weight.shape)}")
     out_features, in_features = weight.shape
-    if residual is not None and (norm_weight is None or residual.shape != x.shape or residual.stride(1) != 1):
-        raise ValueError(f"gemv: residual {tuple(residual.shape)} needs norm_weight and x's shape {tuple(x.shape)}")
-    if norm_weight is not None and (norm_weight.shape != (in_features,) or norm_weight.dtype != x.dtype):
-        raise ValueError(f"gemv: norm_weight must be [{in_features}] in {x.dtype}, got "
-                         f"{tuple(norm_weight.shape)} {norm_weight.dtype}")
+    check_norm_inputs("gemv", x, norm_weight, residual)
     if gated and out_features % 2:
         raise ValueError(f"gemv: gated needs an even number of weight rows (gate over up), got {out_features}")
     if config is None:
@@ -225,7 +222,23 @@ def gemv(
     return output if residual_output is None else (output, residual_output)
 
 
+def check_norm_inputs(caller: str, x: torch.Tensor, norm_weight: torch.Tensor | None,
+                      residual: torch.Tensor | None) -> None:
+    """A fused RMSNorm prologue needs a norm weight of the row's size and dtype; a residual needs the norm."""
+    if residual is not None and (norm_weight is None or residual.shape != x.shape or residual.stride(1) != 1):
+        raise ValueError(f"{caller}: residual {tuple(residual.shape)} needs norm_weight and the input row's shape "
+                         f"{tuple(x.shape)}")
+    if norm_weight is not None and (norm_weight.shape != (x.shape[1],) or norm_weight.dtype != x.dtype):
+        raise ValueError(f"{caller}: norm_weight must be [{x.shape[1]}] in {x.dtype}, got "
+                         f"{tuple(norm_weight.shape)} {norm_weight.dtype}")
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _processor_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _processor_count(index: int) -> int:  # eager batch-1 steps ask once per projection
+    return torch.cuda.get_device_properties(index).multi_processor_count

@@ -18,6 +18,21 @@ FP8_E4M3_MAX: tl.constexpr = tl.constexpr(448.0)
 
 
 @triton.jit
+def saturate_for_cache(values, SATURATE: tl.constexpr):
+    """For an fp8 cache (SATURATE): clamp to its finite range, as torch's cast does, instead of overflowing."""
+    if SATURATE:
+        values = tl.clamp(values.to(tl.float32), -FP8_E4M3_MAX, FP8_E4M3_MAX)
+    return values
+
+
+def check_cache_pair(caller: str, key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
+    """The kernels address both caches with the key cache's strides and a contiguous head dimension."""
+    if (value_cache.shape != key_cache.shape or value_cache.stride() != key_cache.stride()
+            or key_cache.stride(3) != 1):
+        raise ValueError(f"{caller}: key and value caches need the same shape and strides, head dims contiguous")
+
+
+@triton.jit
 def _write_kv_kernel(
     key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, slot_mapping_ptr,
     stride_key_token, stride_key_head, stride_value_token, stride_value_head,
@@ -41,9 +56,8 @@ def _write_kv_kernel(
     keys = tl.load(key_ptr + token * stride_key_token + heads[:, None] * stride_key_head + dims[None, :], mask=mask)
     values = tl.load(value_ptr + token * stride_value_token + heads[:, None] * stride_value_head + dims[None, :],
                      mask=mask)
-    if SATURATE:  # an fp8 cache: clamp to its finite range, as torch's cast does, instead of overflowing
-        keys = tl.clamp(keys.to(tl.float32), -FP8_E4M3_MAX, FP8_E4M3_MAX)
-        values = tl.clamp(values.to(tl.float32), -FP8_E4M3_MAX, FP8_E4M3_MAX)
+    keys = saturate_for_cache(keys, SATURATE)
+    values = saturate_for_cache(values, SATURATE)
     tl.store(key_cache_ptr + cache_offsets, keys.to(key_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(value_cache_ptr + cache_offsets, values.to(value_cache_ptr.dtype.element_ty), mask=mask)
 
@@ -62,9 +76,8 @@ def write_kv_cache(
             f"write_kv_cache: key {tuple(key.shape)}, value {tuple(value.shape)} do not fit "
             f"cache {tuple(key_cache.shape)}"
         )
-    if value_cache.shape != key_cache.shape or value_cache.stride() != key_cache.stride():
-        raise ValueError("write_kv_cache: key and value caches must have the same shape and strides")
-    if key.stride(2) != 1 or value.stride(2) != 1 or key_cache.stride(3) != 1:
+    check_cache_pair("write_kv_cache", key_cache, value_cache)
+    if key.stride(2) != 1 or value.stride(2) != 1:
         raise ValueError("write_kv_cache: the head dimension must be contiguous")
     if slot_mapping.shape[0] != num_tokens:
         raise ValueError(f"write_kv_cache: {slot_mapping.shape[0]} slots for {num_tokens} rows")

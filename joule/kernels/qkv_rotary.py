@@ -21,8 +21,8 @@ import triton
 import triton.language as tl
 
 from joule.kernels.common import pdl_launch
-from joule.kernels.gemv import _row_sets_gemv
-from joule.kernels.kv_write import FP8_E4M3_MAX
+from joule.kernels.gemv import _row_sets_gemv, check_norm_inputs
+from joule.kernels.kv_write import check_cache_pair, saturate_for_cache
 
 
 @triton.jit
@@ -66,9 +66,8 @@ def _qkv_rotary_kernel(
         slot = tl.load(slot_mapping_ptr).to(tl.int64)
         if slot >= 0:
             in_cache = (slot // BLOCK_SIZE) * stride_cache_block + (slot % BLOCK_SIZE) * stride_cache_offset + pairs
-            if SATURATE:  # an fp8 cache: clamp to its finite range, as write_kv_cache does
-                first = tl.clamp(first, -FP8_E4M3_MAX, FP8_E4M3_MAX)
-                second = tl.clamp(second, -FP8_E4M3_MAX, FP8_E4M3_MAX)
+            first = saturate_for_cache(first, SATURATE)  # as write_kv_cache does
+            second = saturate_for_cache(second, SATURATE)
             if head < NUM_QUERY_HEADS + NUM_KV_HEADS:
                 target = key_cache_ptr + in_cache + (head - NUM_QUERY_HEADS) * stride_cache_head
             else:
@@ -109,12 +108,8 @@ def qkv_rotary_gemv(
         raise ValueError(f"qkv_rotary_gemv: pairs ({pairs}) must be a power of two dividing head_dim / 2 ({half})")
     if cos.shape != (1, half) or sin.shape != (1, half) or cos.stride(1) != 1 or sin.stride(1) != 1:
         raise ValueError(f"qkv_rotary_gemv: cos/sin must be contiguous [1, {half}], got {tuple(cos.shape)}")
-    if value_cache.shape != key_cache.shape or value_cache.stride() != key_cache.stride() or key_cache.stride(3) != 1:
-        raise ValueError("qkv_rotary_gemv: key and value caches need the same shape and strides, head dims contiguous")
-    if residual is not None and (norm_weight is None or residual.shape != hidden.shape or residual.stride(1) != 1):
-        raise ValueError("qkv_rotary_gemv: a residual needs norm_weight and the hidden row's shape")
-    if norm_weight is not None and (norm_weight.shape != (in_features,) or norm_weight.dtype != hidden.dtype):
-        raise ValueError(f"qkv_rotary_gemv: norm_weight must be [{in_features}] in {hidden.dtype}")
+    check_cache_pair("qkv_rotary_gemv", key_cache, value_cache)
+    check_norm_inputs("qkv_rotary_gemv", hidden, norm_weight, residual)
     query = torch.empty((1, num_query_heads * head_dim), dtype=hidden.dtype, device=hidden.device)
     residual_output = torch.empty_like(hidden) if residual is not None else None
     block_k = min(block_k, triton.next_power_of_2(in_features))

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from joule.kernels.common import pdl_launch, wait_for_previous_grid
-from joule.kernels.kv_write import FP8_E4M3_MAX
+from joule.kernels.kv_write import check_cache_pair, saturate_for_cache
 
 
 @triton.jit
@@ -44,9 +44,8 @@ def _rotate_heads(base, stride_head, num_heads, norm_ptr, eps, cos, sin, offsets
     # Rounded to the input's dtype first (the unfused path stores it there), then cast to the destination's.
     rotated_first = (first * cos[None, :] - second * sin[None, :]).to(base.dtype.element_ty)
     rotated_second = (second * cos[None, :] + first * sin[None, :]).to(base.dtype.element_ty)
-    if SATURATE:  # an fp8 cache: clamp to its finite range, as write_kv_cache does
-        rotated_first = tl.clamp(rotated_first.to(tl.float32), -FP8_E4M3_MAX, FP8_E4M3_MAX)
-        rotated_second = tl.clamp(rotated_second.to(tl.float32), -FP8_E4M3_MAX, FP8_E4M3_MAX)
+    rotated_first = saturate_for_cache(rotated_first, SATURATE)
+    rotated_second = saturate_for_cache(rotated_second, SATURATE)
     targets = destination + heads[:, None] * stride_destination_head + offsets[None, :]
     element = destination.dtype.element_ty
     store_mask = (heads[:, None] < stored_heads) & mask_half[None, :]
@@ -87,8 +86,7 @@ def _rotary_kernel(
         mask = (heads[:, None] < stored_heads) & (dims[None, :] < 2 * HALF)
         values = tl.load(value_ptr + token * stride_value_token + heads[:, None] * stride_value_head + dims[None, :],
                          mask=mask, other=0.0)
-        if SATURATE:
-            values = tl.clamp(values.to(tl.float32), -FP8_E4M3_MAX, FP8_E4M3_MAX)
+        values = saturate_for_cache(values, SATURATE)
         tl.store(value_cache_ptr + cache_offset + heads[:, None] * stride_cache_head + dims[None, :],
                  values.to(value_cache_ptr.dtype.element_ty), mask=mask)
     else:
@@ -131,11 +129,9 @@ def rotary_embedding_(
         value, key_cache, value_cache, slot_mapping = cache
         if value.shape != key.shape or value.stride(2) != 1:
             raise ValueError(f"rotary_embedding_: value {tuple(value.shape)} must match key {tuple(key.shape)}")
-        if key_cache.shape[2:] != key.shape[1:] or value_cache.shape != key_cache.shape:
-            raise ValueError(f"rotary_embedding_: caches {tuple(key_cache.shape)} / {tuple(value_cache.shape)} "
-                             f"do not fit key {tuple(key.shape)}")
-        if value_cache.stride() != key_cache.stride() or key_cache.stride(3) != 1:
-            raise ValueError("rotary_embedding_: key and value caches need the same strides, head dims contiguous")
+        check_cache_pair("rotary_embedding_", key_cache, value_cache)
+        if key_cache.shape[2:] != key.shape[1:]:
+            raise ValueError(f"rotary_embedding_: cache {tuple(key_cache.shape)} does not fit key {tuple(key.shape)}")
         if slot_mapping.shape[0] != num_tokens:
             raise ValueError(f"rotary_embedding_: {slot_mapping.shape[0]} slots for {num_tokens} rows")
     if num_tokens == 0:
