@@ -219,6 +219,8 @@ def base_profile(model_config, measured: Measurements) -> DeviceProfile:
         host_overlaps_device=spec.kind == "gpu", linear_roofline="max" if spec.kind == "gpu" else "sum",
         staging_max_copy_bytes=measured.staging_max_copy_bytes,
         chunk_graph_max_tokens=measured.chunk_graph_max_tokens, max_graphed_chunks=measured.max_graphed_chunks,
+        # The engine captured graphs: their steps' per-layer gaps lie between kernels on the device.
+        graph_layer_overhead_on_device=spec.kind == "gpu" and measured.chunk_graph_max_tokens > 0,
     )
 
 

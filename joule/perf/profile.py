@@ -70,6 +70,9 @@ class DeviceProfile:
     # Per layer and graph pass, more in a step whose prompt chunks replay CUDA graphs than in a decode-only
     # replay (older profiles: 0, both alike).
     chunk_pass_layer_overhead_s: float = 0.0
+    # A CUDA-graph step's per-layer overhead is time on the device (gaps in the chain of dependent kernels),
+    # which the decode lookahead cannot hide behind host work; older profiles counted it as host time.
+    graph_layer_overhead_on_device: bool = False
     # The portable backend's decode path gathers every decoding sequence's KV padded to the longest
     # one, copying it (read + write + read: 3 passes); a paged kernel reads it once, unpadded.
     decode_attention_padded: bool = True

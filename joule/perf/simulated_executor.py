@@ -61,7 +61,7 @@ class SimulatedExecutor:
         step before, so its host overhead overlaps the device: max(host, device) instead of their sum."""
         result, cost = self._predict(plan)
         if previous is not None and cost is not None:
-            result.elapsed_seconds = max(cost.overhead_seconds, sum(cost.seconds.values()))
+            result.elapsed_seconds = max(cost.host_seconds, cost.device_seconds)
             result.energy_joules = self.step_model.energy(cost.counts, result.elapsed_seconds)
         return result
 

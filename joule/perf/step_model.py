@@ -119,6 +119,17 @@ class StepCost:
     overhead_seconds: float
     elapsed_seconds: float
     energy_joules: float
+    # The part of ``overhead_seconds`` spent on the device (a graph replay's per-layer gaps between dependent
+    # kernels): a step queued behind another cannot hide it behind the host.
+    device_overhead_seconds: float = 0.0
+
+    @property
+    def device_seconds(self) -> float:
+        return sum(self.seconds.values()) + self.device_overhead_seconds
+
+    @property
+    def host_seconds(self) -> float:
+        return self.overhead_seconds - self.device_overhead_seconds
 
     @property
     def flops(self) -> float:
@@ -364,7 +375,15 @@ class StepModel:
             elapsed = overhead - host + max(host, device)
         else:
             elapsed = device + overhead
-        return StepCost(counts, seconds, overhead, elapsed, self.energy(counts, elapsed))
+        on_device = self.host_layer_seconds(batch) if self.replays_graphs(batch) else 0.0
+        return StepCost(counts, seconds, overhead, elapsed, self.energy(counts, elapsed), on_device)
+
+    def replays_graphs(self, batch: BatchShape) -> bool:
+        """The step runs as CUDA graph replays, so its per-layer overhead is device time (the gaps between
+        dependent kernels), not launches: profiles that say so (``graph_layer_overhead_on_device``)."""
+        if not self.profile.graph_layer_overhead_on_device:
+            return False
+        return batch.is_decode_only or self.graph_passes(batch) is not None
 
     def predict_plan(self, plan: StepPlan, finished_ids=frozenset(), after_idle: bool = False) -> StepCost:
         """One step of the engine this model follows (plans in order: see ``DecodeStaging``)."""

@@ -222,3 +222,28 @@ def test_decode_lookahead_in_simulation_runs_the_engines_continuations_and_hides
     assert ahead.makespan < plain.makespan
     default = ClusterSimulator(model, [replica()]).run(requests)  # a GPU replica: on, as the engine on CUDA
     assert default.makespan == ahead.makespan
+
+
+def test_a_queued_graph_step_pays_its_per_layer_gaps_on_the_device():
+    """A profile whose graph steps' per-layer overhead is device time: steps run one by one cost the same, but
+    the lookahead can no longer hide that overhead behind the host. With no other host cost, a queued step then
+    costs device + gaps (nothing left to overlap) instead of max(gaps, device)."""
+    import dataclasses
+
+    model = small_model()
+    spec = WorkloadSpec(4, input_len=LengthDistribution("fixed", 32), output_len=LengthDistribution("fixed", 40))
+    requests = generate(spec, model.vocab_size)
+    host_side = replica()
+    host_side = dataclasses.replace(host_side, profile=dataclasses.replace(
+        host_side.profile, layer_overhead_s=1e-6, chunk_graph_max_tokens=512, max_graphed_chunks=2, step_overhead_s=0.0,
+        sequence_overhead_s=0.0, finish_overhead_s=0.0, finish_token_overhead_s=0.0, wake_overhead_s=0.0))
+    device_side = dataclasses.replace(host_side, profile=dataclasses.replace(
+        host_side.profile, graph_layer_overhead_on_device=True))
+    runs = {}
+    for name, base in (("host", host_side), ("device", device_side)):
+        for lookahead in (False, True):
+            config = dataclasses.replace(base, decode_lookahead=lookahead)
+            runs[name, lookahead] = ClusterSimulator(model, [config]).run(requests).makespan
+    assert runs["host", False] == pytest.approx(runs["device", False])
+    assert runs["host", True] < runs["host", False]
+    assert runs["device", True] == pytest.approx(runs["device", False])

@@ -305,3 +305,24 @@ def test_eager_gpu_steps_add_host_and_device_time_when_fitted_so():
     assert host == pytest.approx(1e-3)  # one layer
     assert summed.predict(shape).elapsed_seconds == pytest.approx(device + host)
     assert overlapped.predict(shape).elapsed_seconds == pytest.approx(max(device, host))
+
+
+def test_graph_steps_per_layer_overhead_can_be_device_time_that_a_queued_step_cannot_hide():
+    """Replayed graphs launch no kernels from the host: their per-layer term is the gaps between dependent kernels
+    on the device. Without lookahead nothing changes (host + device); queued behind another step, a graphed step
+    costs max(host, device + gaps), an eager one still max(host + launches, device)."""
+    config = one_layer_config(num_hidden_layers=10)
+    values = {"host_overlaps_device": True, "chunk_graph_max_tokens": 512, "max_graphed_chunks": 2,
+              "layer_overhead_s": 2e-5, "step_overhead_s": 1e-4, "chunk_layer_overhead_s": 1e-3}
+    host_side = StepModel(config, flat_profile(**values))
+    device_side = StepModel(config, flat_profile(graph_layer_overhead_on_device=True, **values))
+    for batch in (BatchShape.decode(2, 10), BatchShape([SequenceWork(1, 40, True), SequenceWork(100, 0, True)])):
+        before, after = host_side.predict(batch), device_side.predict(batch)
+        assert after.elapsed_seconds == pytest.approx(before.elapsed_seconds)
+        assert before.device_overhead_seconds == 0.0
+        layers = device_side.host_layer_seconds(batch)
+        assert after.device_overhead_seconds == pytest.approx(layers) and layers > 0
+        assert after.device_seconds == pytest.approx(sum(after.seconds.values()) + layers)
+        assert after.host_seconds == pytest.approx(after.overhead_seconds - layers)
+    eager = BatchShape.prefill([20, 20, 20])  # three chunks: beyond max_graphed_chunks, launched eagerly
+    assert device_side.predict(eager).device_overhead_seconds == 0.0
