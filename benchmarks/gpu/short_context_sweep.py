@@ -1,0 +1,74 @@
+"""Batch-1 decode graph replay time against the split-K factor of decode attention, by context length.
+
+Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/short_context_sweep.py [out.json]
+Llama-3.2-1B shape, bf16, dummy weights. For each forced split count (default: the graph's own choice for
+max_model_len) the decode graphs are captured again, a request is brought to each context length, and its
+batch-1 graph is replayed back to back. One split writes the output directly (no merge launch).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import torch
+
+from joule.bench.workload import fixed_length_workload
+from joule.llm_engine import LLMEngine
+from joule.runtime.cuda_graphs import enable_engine_cuda_graphs
+from joule.sampling_params import RequestOutputKind, SamplingParams
+
+CONTEXTS = (64, 128, 256, 384, 512, 768, 1024, 2048)
+SPLITS = (None, 1, 2, 3, 4, 8)
+REPLAYS = 300
+
+
+def replay_us(engine: LLMEngine, prompt: list[int]) -> float:
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
+    engine.add_request(f"sweep-{time.monotonic_ns()}", {"prompt_token_ids": prompt}, params)
+    engine.step()
+    engine.step()  # one decode: the batch-1 graph's inputs hold this context
+    graph = engine.core.executor.graph_runner.graphs[1]
+    for _ in range(20):
+        graph.replay()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(REPLAYS):
+        graph.replay()
+    torch.cuda.synchronize()
+    elapsed = (time.perf_counter() - started) / REPLAYS * 1e6
+    while engine.has_unfinished_requests():
+        engine.step()
+    return elapsed
+
+
+def main(out_path: str | None) -> None:
+    engine = LLMEngine.from_kwargs(model="benchmarks/configs/llama-3.2-1b", load_format="dummy", dtype="bfloat16",
+                                   max_model_len=4096, decode_lookahead=False)
+    engine.core.step_observer = None
+    executor = engine.core.executor
+    prompts = {length: fixed_length_workload(1, length, 4, engine.model_config.vocab_size, seed=length)[0]
+               .prompt_token_ids for length in CONTEXTS}
+    table = {}
+    for splits in SPLITS:
+        executor.backend.decode_num_splits = splits
+        executor.graph_runner = None
+        executor.chunk_runner = None
+        if not enable_engine_cuda_graphs(engine):
+            raise SystemExit("no CUDA graphs")
+        chosen = executor.graph_runner.metadata[1].num_splits
+        label = f"{'auto' if splits is None else splits} ({chosen})"
+        table[label] = {length: replay_us(engine, prompts[length]) for length in CONTEXTS}
+        print(label, {length: round(value, 1) for length, value in table[label].items()}, flush=True)
+    print(f"{'splits (graph)':>16}" + "".join(f"{length:>8}" for length in CONTEXTS))
+    for label, row in table.items():
+        print(f"{label:>16}" + "".join(f"{row[length]:8.1f}" for length in CONTEXTS))
+    if out_path:
+        with open(out_path, "w") as handle:
+            json.dump({"replay_us": table, "contexts": CONTEXTS, "device": torch.cuda.get_device_name()}, handle,
+                      indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else None)
