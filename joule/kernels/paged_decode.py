@@ -107,11 +107,6 @@ def _decode_partial_kernel(
     split_length = _split_length(sequence_length, min_split_length, num_splits, BLOCK_N)
     split_start = split * split_length
     split_end = tl.minimum(sequence_length, split_start + split_length)
-    if split > 0 and split_start >= sequence_length:
-        # An idle split (a CUDA graph's grid is sized for max_model_len) leaves before the wait: lengths are in
-        # place before the step's kernels run, and split 0 of every row still waits, so this kernel cannot finish
-        # before the one it follows. H200, batch-1 graph, 32 splits: ~11 us a step of such programs.
-        return
     table_row = block_tables_ptr + sequence.to(tl.int64) * stride_table_sequence
     if PREFETCH_LINES > 0:
         # Lengths, block tables and the cache lines of earlier tokens are in place before this step's kernels
