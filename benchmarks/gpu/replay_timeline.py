@@ -35,7 +35,8 @@ def main(out_path: str | None) -> None:
     engine.add_request("timeline", {"prompt_token_ids": prompt}, params)
     for _ in range(4):
         engine.step()  # the graph's inputs now hold a context-258 decode row
-    graph = engine.core.executor.graph_runner.graphs[1]
+    runner = engine.core.executor.graph_runner  # the variant a step of this context replays
+    graph = (runner.short_graphs if runner.is_short(1, len(prompt) + 4) else runner.graphs)[1]
     for _ in range(20):
         graph.replay()
     torch.cuda.synchronize()

@@ -29,7 +29,8 @@ def replay_us(engine: LLMEngine, prompt: list[int]) -> float:
     engine.add_request(f"sweep-{time.monotonic_ns()}", {"prompt_token_ids": prompt}, params)
     engine.step()
     engine.step()  # one decode: the batch-1 graph's inputs hold this context
-    graph = engine.core.executor.graph_runner.graphs[1]
+    runner = engine.core.executor.graph_runner  # the variant a step of this context replays
+    graph = (runner.short_graphs if runner.is_short(1, len(prompt) + 2) else runner.graphs)[1]
     for _ in range(20):
         graph.replay()
     torch.cuda.synchronize()

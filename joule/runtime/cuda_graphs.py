@@ -14,13 +14,16 @@ How:
   pinned host mirrors and copies them over with non-blocking copies.
 - Attention sees a ``StaticDecodeMetadata``: the decode grid is sized from
   ``max_model_len`` with a fixed split count per batch size, so no host value of
-  the step enters the graph.
+  the step enters the graph. Small batches, whose split count for ``max_model_len`` is large, get a
+  second graph split for ``SHORT_CONTEXT_TOKENS``, replayed while every row is that short (the kernel
+  is right at any length; the choice is speed only).
 - Prefill and mixed steps never come here; the executor runs them eagerly.
 The graphs return final hidden states; logits and sampling stay eager.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -39,6 +42,9 @@ from joule.runtime.attention.base import (
 logger = logging.getLogger(__name__)
 
 DISABLE_ENV = "JOULE_ENFORCE_EAGER"  # "1" turns CUDA graphs off
+# H200, Llama-3.2-1B, batch-1 graph replay (benchmarks/gpu/short_context_sweep.py): 8 splits take 741-747 us at
+# contexts 64-768 against 752-758 us for the 32 that max_model_len 4096 asks for; at 2048 tokens 828 against 771.
+SHORT_CONTEXT_TOKENS = 1024
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -81,7 +87,8 @@ class DecodeGraphRunner:
     """
 
     def __init__(self, model: torch.nn.Module, kv_cache: KVCache, backend: AttentionBackend,
-                 device: torch.device, max_num_seqs: int, max_model_len: int):
+                 device: torch.device, max_num_seqs: int, max_model_len: int,
+                 short_context_tokens: int = SHORT_CONTEXT_TOKENS):
         # Imported here: triton is optional, and its kernels must be defined after tests set TRITON_INTERPRET.
         from joule.runtime.attention.triton_backend import StaticDecodeMetadata
 
@@ -116,6 +123,11 @@ class DecodeGraphRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.metadata: dict[int, AttentionMetadata] = {}
+        # The short-context variants: sizes whose split count at most halves when every row is short.
+        self.short_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.short_outputs: dict[int, torch.Tensor] = {}
+        self.short_metadata: dict[int, AttentionMetadata] = {}
+        short_bound = min(short_context_tokens, max_model_len)
         num_kv_heads = kv_cache.key_caches[0].shape[2]
         for size in self.batch_sizes:
             self.metadata[size] = StaticDecodeMetadata(
@@ -129,6 +141,10 @@ class DecodeGraphRunner:
                 max_length_bound=max_model_len,
                 num_splits=backend.graph_num_splits(size, num_kv_heads, max_model_len, device),
             )
+            short_splits = backend.graph_num_splits(size, num_kv_heads, short_bound, device)
+            if 2 * short_splits <= self.metadata[size].num_splits:
+                self.short_metadata[size] = dataclasses.replace(
+                    self.metadata[size], max_length_bound=short_bound, num_splits=short_splits)
 
     @property
     def max_batch_size(self) -> int:
@@ -141,9 +157,15 @@ class DecodeGraphRunner:
             return False
         return all(s.num_tokens == 1 and len(s.block_ids) <= self.max_blocks for s in sequences)
 
-    def _forward(self, size: int) -> torch.Tensor:
-        context = ForwardContext(self.backend, self.kv_cache, self.metadata[size])
-        return self.model(self.input_ids[:size], self.positions[:size], context)
+    def _forward(self, size: int, short: bool = False) -> torch.Tensor:
+        metadata = (self.short_metadata if short else self.metadata)[size]
+        return self.model(self.input_ids[:size], self.positions[:size],
+                          ForwardContext(self.backend, self.kv_cache, metadata))
+
+    def is_short(self, size: int, max_length: int) -> bool:
+        """Whether a step of ``size`` rows, none longer than ``max_length`` tokens, runs the short variant."""
+        metadata = self.short_metadata.get(size)
+        return metadata is not None and max_length <= metadata.max_length_bound
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -152,8 +174,12 @@ class DecodeGraphRunner:
         self._fill_padding(0, self.max_batch_size)
         self._upload(self.max_batch_size)
         self.graphs, self.outputs = capture_graphs(self.batch_sizes, self._forward, self.device)
-        logger.info("captured %d decode CUDA graphs (batch sizes %s) in %.1f s",
-                    len(self.graphs), self.batch_sizes, time.perf_counter() - started)
+        if self.short_metadata:
+            self.short_graphs, self.short_outputs = capture_graphs(
+                list(self.short_metadata), lambda size: self._forward(size, short=True), self.device)
+        logger.info("captured %d decode CUDA graphs (batch sizes %s; short-context variants for %s) in %.1f s",
+                    len(self.graphs) + len(self.short_graphs), self.batch_sizes, list(self.short_graphs),
+                    time.perf_counter() - started)
 
     def run(self, plan: StepPlan, token_source: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states ``[len(plan.sequences), hidden]`` of a decode-only step (graph replay on CUDA).
@@ -171,10 +197,12 @@ class DecodeGraphRunner:
         self._upload(size)
         if token_source is not None:
             self.input_ids[:count].copy_(token_source)
-        if size in self.graphs:
-            self.graphs[size].replay()
-            return self.outputs[size][:count]
-        return self._forward(size)[:count]
+        short = self.is_short(size, int(self.host_sequence_lengths[:count].max()))
+        graphs, outputs = (self.short_graphs, self.short_outputs) if short else (self.graphs, self.outputs)
+        if size in graphs:
+            graphs[size].replay()
+            return outputs[size][:count]
+        return self._forward(size, short)[:count]
 
     def _fill(self, plan: StepPlan) -> None:
         block_size = self.block_size

@@ -231,3 +231,41 @@ def test_block_table_rows_follow_a_request_whose_blocks_grow_or_are_replaced(tin
     first.block_ids = [7, 8, 6]  # replaced by a list just as long
     assert fill(second, first) == [[9], [7, 8, 6]]  # rows swapped too
     assert runner.host_slots[1].item() == 8 * runner.block_size + 19 % runner.block_size  # position 19: block 8
+
+
+def test_short_context_variants_split_less_and_give_the_same_tokens(tiny_dir):
+    """Small batches get a second metadata (graph on CUDA) split for short contexts; the runner picks it
+    while every row is within the bound and the long one after, with the eager path's tokens either way."""
+    from joule.runtime.attention.triton_backend import TritonAttentionBackend
+
+    class SplitByLength(TritonAttentionBackend):
+        """More splits for longer bounds (a GPU's choice), so variants exist on the CPU too."""
+
+        def graph_num_splits(self, batch_size, num_kv_heads, max_length_bound, device):
+            return max(1, max_length_bound // (32 * batch_size))
+
+    engine = LLMEngine.from_kwargs(model=str(tiny_dir), device="cpu", dtype="float32",
+                                   kv_cache_memory_bytes=1 << 22, max_model_len=256, max_num_seqs=4)
+    executor = engine.core.executor
+    executor.backend = SplitByLength()
+    generator = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 200, (length,), generator=generator).tolist() for length in (40, 60)]
+    eager = [_generate(engine, [prompt], 12)[0] for prompt in prompts]
+
+    engine.block_manager.reset_prefix_cache()
+    runner = DecodeGraphRunner(executor.model, executor.kv_cache, executor.backend, executor.device,
+                               max_num_seqs=4, max_model_len=256, short_context_tokens=64)
+    assert {size: runner.metadata[size].num_splits for size in runner.batch_sizes} == {1: 8, 2: 4, 4: 2}
+    assert {size: m.num_splits for size, m in runner.short_metadata.items()} == {1: 2, 2: 1, 4: 1}
+    assert runner.is_short(1, 64) and not runner.is_short(1, 65)
+    wide = DecodeGraphRunner(executor.model, executor.kv_cache, executor.backend, executor.device,
+                             max_num_seqs=4, max_model_len=256, short_context_tokens=160)
+    assert list(wide.short_metadata) == [2, 4]  # size 1: 5 splits against 8 is not worth a second graph
+
+    executor.graph_runner, executor.use_cuda_graphs = runner, True
+    variants = []
+    original = runner._forward
+    runner._forward = lambda size, short=False: variants.append(short) or original(size, short)
+    static = [_generate(engine, [prompt], 12)[0] for prompt in prompts]
+    assert static == eager
+    assert True in variants and False in variants  # 40 + 12 tokens stay short; 60 + 12 cross the bound
