@@ -135,7 +135,8 @@ class RecordingExecutor:
         return self.inner.can_continue(launched)
 
     def launch(self, plan, previous=None):
-        observed = self._observe(plan)
+        shape, request_ids = self._observe(plan)
+        observed = replace(shape, queued=previous is not None), request_ids
         launched = self.inner.launch(plan, previous)
         self._launched[id(launched)] = observed
         return launched

@@ -59,11 +59,7 @@ class SimulatedExecutor:
     def launch(self, plan: StepPlan, previous: StepResult | None = None) -> StepResult:
         """``execute``; a continuation (``previous`` given) was queued while the host still worked on the
         step before, so its host overhead overlaps the device: max(host, device) instead of their sum."""
-        result, cost = self._predict(plan)
-        if previous is not None and cost is not None:
-            result.elapsed_seconds = max(cost.host_seconds, cost.device_seconds)
-            result.energy_joules = self.step_model.energy(cost.counts, result.elapsed_seconds)
-        return result
+        return self._predict(plan, queued=previous is not None)[0]
 
     def collect(self, launched: StepResult) -> StepResult:
         return launched
@@ -71,7 +67,7 @@ class SimulatedExecutor:
     def execute(self, plan: StepPlan) -> StepResult:
         return self._predict(plan)[0]
 
-    def _predict(self, plan: StepPlan) -> tuple[StepResult, StepCost | None]:
+    def _predict(self, plan: StepPlan, queued: bool = False) -> tuple[StepResult, StepCost | None]:
         """The step's tokens and predicted cost (None with ``fixed_step_seconds``)."""
         if self.record_plans:
             self.plans.append(
@@ -87,7 +83,7 @@ class SimulatedExecutor:
             return StepResult(sampled=sampled, elapsed_seconds=self.fixed_step_seconds, energy_joules=0.0), None
         finished = {sequence.request_id for sequence in plan.sequences
                     if sequence.samples and finishes_with(sequence.request, sampled[sequence.request_id].token_id)}
-        cost = self.step_model.predict_plan(plan, finished, after_idle)
+        cost = self.step_model.predict_plan(plan, finished, after_idle, queued)
         return StepResult(sampled=sampled, elapsed_seconds=cost.elapsed_seconds, energy_joules=cost.energy_joules), cost
 
     def token_for(self, request_id: str, position: int) -> int:

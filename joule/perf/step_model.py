@@ -56,23 +56,26 @@ class BatchShape:
     paged cache, ``staging_capacity`` tokens per row) or "gather" (no copies: padded gathers);
     "" when unknown, which the step model reads as the steady state. ``after_idle``: the engine had
     nothing to run before this step (it waited for an arrival); the first step after idle time pays
-    for it.
+    for it. ``queued``: the engine's decode lookahead launched it behind the step before, so its host
+    work overlaps the device's: it costs max(host, device), not their sum.
     """
 
     sequences: list[SequenceWork] = field(default_factory=list)
     staging: str = ""
     staging_capacity: int = 0
     after_idle: bool = False
+    queued: bool = False
 
     def __post_init__(self) -> None:
         if self.staging not in STAGING_MODES:
             raise ValueError(f"staging must be one of {STAGING_MODES}, got {self.staging!r}")
 
     @classmethod
-    def from_plan(cls, plan: StepPlan, finished_ids=frozenset(), after_idle: bool = False) -> BatchShape:
+    def from_plan(cls, plan: StepPlan, finished_ids=frozenset(), after_idle: bool = False,
+                  queued: bool = False) -> BatchShape:
         """``finished_ids``: requests this step finishes (known to the simulator, which makes their tokens)."""
         return cls([SequenceWork(s.num_tokens, s.start_position, s.samples, s.request_id in finished_ids)
-                    for s in plan.sequences], after_idle=after_idle)
+                    for s in plan.sequences], after_idle=after_idle, queued=queued)
 
     @classmethod
     def decode(cls, batch_size: int, context_length: int) -> BatchShape:
@@ -369,13 +372,15 @@ class StepModel:
             seconds["linear"] = scales["linear"] * compute + scales["linear_memory"] * memory
         overhead = self.overhead_seconds(batch)
         device = sum(seconds.values())
-        if self.profile.host_overlaps_device and self.is_eager_chunk_step(batch):
+        on_device = self.host_layer_seconds(batch) if self.replays_graphs(batch) else 0.0
+        if batch.queued:
+            elapsed = max(overhead - on_device, device + on_device)
+        elif self.profile.host_overlaps_device and self.is_eager_chunk_step(batch):
             # An eager GPU step: kernels run while later ones are still being launched.
             host = self.host_layer_seconds(batch)
             elapsed = overhead - host + max(host, device)
         else:
             elapsed = device + overhead
-        on_device = self.host_layer_seconds(batch) if self.replays_graphs(batch) else 0.0
         return StepCost(counts, seconds, overhead, elapsed, self.energy(counts, elapsed), on_device)
 
     def replays_graphs(self, batch: BatchShape) -> bool:
@@ -385,9 +390,10 @@ class StepModel:
             return False
         return batch.is_decode_only or self.graph_passes(batch) is not None
 
-    def predict_plan(self, plan: StepPlan, finished_ids=frozenset(), after_idle: bool = False) -> StepCost:
+    def predict_plan(self, plan: StepPlan, finished_ids=frozenset(), after_idle: bool = False,
+                     queued: bool = False) -> StepCost:
         """One step of the engine this model follows (plans in order: see ``DecodeStaging``)."""
-        shape = BatchShape.from_plan(plan, finished_ids, after_idle)
+        shape = BatchShape.from_plan(plan, finished_ids, after_idle, queued)
         if self.staging is not None:
             self.staging.observe_plan(plan, shape)
         return self.predict(shape)

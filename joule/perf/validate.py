@@ -117,6 +117,7 @@ class StepCheck:
     staging: str = ""  # BatchShape.staging and staging_capacity
     staging_capacity: int = 0
     after_idle: bool = False  # BatchShape.after_idle; each sequence's 4th entry is its ``finishes``
+    queued: bool = False  # BatchShape.queued: launched behind the step before (the decode lookahead)
 
     @property
     def error(self) -> float:
@@ -125,14 +126,14 @@ class StepCheck:
     @property
     def shape(self) -> BatchShape:
         return BatchShape([SequenceWork(q, c, bool(sampled), bool(rest and rest[0])) for q, c, sampled, *rest in self.sequences],
-                          self.staging, self.staging_capacity, self.after_idle)
+                          self.staging, self.staging_capacity, self.after_idle, self.queued)
 
     @classmethod
     def of(cls, scenario: str, shape: BatchShape, measured_s: float, model: StepModel) -> StepCheck:
         compact = [[s.num_new_tokens, s.context_length, int(s.samples), int(s.finishes)] for s in shape.sequences]
         return cls(scenario, _kind(shape), len(shape.sequences), shape.num_tokens, measured_s,
                    model.predict(shape).elapsed_seconds, compact, shape.staging, shape.staging_capacity,
-                   shape.after_idle)
+                   shape.after_idle, shape.queued)
 
 
 def _kind(shape) -> str:

@@ -131,6 +131,10 @@ def test_compare_run_with_the_lookahead_records_each_collected_steps_own_shape(e
     assert len(checks) == sum(run["steps"] for run in used) and all(check.shape.sequences for check in checks)
     decodes = sum(s.num_new_tokens == 1 for check in checks for s in check.shape.sequences)
     assert decodes == 4 * 5 * len(used)  # every decode step recorded with its own plan's shape
+    # Steps launched behind another are marked, so their checks predict max(host, device), as the simulator does.
+    queued = [check for check in checks if check.queued]
+    assert queued and len(queued) < len(checks) and all(check.shape.queued for check in queued)
+    assert all(check.shape.is_decode_only for check in queued)
 
 
 def test_cpu_steps_are_the_median_of_clean_runs_or_the_fastest_when_none_is_clean(monkeypatch):

@@ -324,5 +324,9 @@ def test_graph_steps_per_layer_overhead_can_be_device_time_that_a_queued_step_ca
         assert after.device_overhead_seconds == pytest.approx(layers) and layers > 0
         assert after.device_seconds == pytest.approx(sum(after.seconds.values()) + layers)
         assert after.host_seconds == pytest.approx(after.overhead_seconds - layers)
+        queued = dataclasses.replace(batch, queued=True)
+        assert host_side.predict(queued).elapsed_seconds == pytest.approx(
+            max(before.overhead_seconds, sum(before.seconds.values())))
+        assert device_side.predict(queued).elapsed_seconds == pytest.approx(max(after.host_seconds, after.device_seconds))
     eager = BatchShape.prefill([20, 20, 20])  # three chunks: beyond max_graphed_chunks, launched eagerly
     assert device_side.predict(eager).device_overhead_seconds == 0.0
