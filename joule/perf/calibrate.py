@@ -14,11 +14,9 @@ Only this module (and ``validate``) touches torch and the runtime, lazily.
 
 from __future__ import annotations
 
-import statistics
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
-import numpy as np
 
 from joule.perf.hardware import get_hardware
 from joule.perf.measure import (  # noqa: F401  (re-exported: the calibration API in one place)
