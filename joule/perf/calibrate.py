@@ -17,7 +17,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-
 from joule.perf.hardware import get_hardware
 from joule.perf.measure import (  # noqa: F401  (re-exported: the calibration API in one place)
     CALIBRATION_SCENARIOS,
