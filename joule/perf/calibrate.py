@@ -65,7 +65,8 @@ class Measurements:
         """Inverse of ``dataclasses.asdict``: refit a profile from saved measurements without torch."""
         saved = data.get("steps", [])
         shapes = [BatchShape([SequenceWork(**s) for s in step["shape"]["sequences"]], step["shape"].get("staging", ""),
-                             step["shape"].get("staging_capacity", 0), step["shape"].get("after_idle", False))
+                             step["shape"].get("staging_capacity", 0), step["shape"].get("after_idle", False),
+                             step["shape"].get("queued", False))
                   for step in saved]
         if saved and "after_idle" not in saved[0]["shape"]:  # saved before request events were recorded
             shapes = infer_step_events(shapes, [step["scenario"] for step in saved])

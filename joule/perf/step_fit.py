@@ -76,8 +76,11 @@ def base_profile(model_config, measured: Measurements) -> DeviceProfile:
 
 FIT_FEATURES = ("linear", "attention_prefill", "attention_decode", "elementwise", "layer", "sequence",
                 "prefill_sequence_layer", "chunk_layer", "staging_rebuild", "linear_decode", "linear_memory",
-                "finish", "finish_token", "wake", "chunk_pass_layer")
+                "finish", "finish_token", "wake", "chunk_pass_layer", "host_step")
 _CHUNK_PASS_LAYER = FIT_FEATURES.index("chunk_pass_layer")
+# Host time per step beyond the measured step overhead (wall minus executor time, whose executor part holds
+# host work too): only steps queued behind another tell it from device time, so it is fitted only with them.
+_HOST_STEP = FIT_FEATURES.index("host_step")
 
 
 def step_features(model_config, profile: DeviceProfile, shape: BatchShape) -> np.ndarray:
@@ -99,7 +102,7 @@ def step_features(model_config, profile: DeviceProfile, shape: BatchShape) -> np
         seconds["elementwise"] + seconds["sampling"], layers * replays, sequences,
         eager_chunk * sequences * layers, eager_chunk * layers, rebuilt, decode_only * linear, memory,
         shape.num_finished, shape.finished_tokens, 1.0 if shape.after_idle else 0.0,
-        graphed_chunks * layers * replays,
+        graphed_chunks * layers * replays, 1.0,
     ])
 
 
@@ -131,7 +134,18 @@ _HOST_LAYER_FEATURES = [FIT_FEATURES.index(name) for name in ("layer", "prefill_
 
 
 def _fit_once(model_config, measured: Measurements, samples: list[StepSample], regime_rounds: int = 4) -> DeviceProfile:
-    """One fit over ``samples``. Where host work may overlap the device (GPU), an eager step with a
+    """One fit over ``samples``: the steps run on their own first, then (where there are any) with the steps the
+    decode lookahead queued behind another (``_fit_with_queued``)."""
+    plain = [s for s in samples if not s.shape.queued]
+    queued = [s for s in samples if s.shape.queued]
+    profile = _fit_plain(model_config, measured, plain or samples, regime_rounds)
+    if not queued or not plain or profile.host_overlaps_device:
+        return profile  # (an eager-step max form and queued steps together: not fitted; no GPU has needed it)
+    return _fit_with_queued(model_config, measured, plain, queued, profile, regime_rounds)
+
+
+def _fit_plain(model_config, measured: Measurements, samples: list[StepSample], regime_rounds: int) -> DeviceProfile:
+    """Steps run one by one. Where host work may overlap the device (GPU), an eager step with a
     prompt chunk takes either max(host per-layer work, device time) or their sum; the structure with
     the smaller total relative error on ``samples`` is kept (``host_overlaps_device`` says which).
     For the max form, each such step is assigned the regime the previous fit predicts for it, only
@@ -153,7 +167,10 @@ def _fit_once(model_config, measured: Measurements, samples: list[StepSample], r
     no_graphed_chunks = not features[:, _CHUNK_PASS_LAYER].any()
 
     def solve(matrix: np.ndarray) -> np.ndarray:
+        matrix = matrix.copy()
+        matrix[:, _HOST_STEP] = 0.0  # steps on their own cannot tell it from device time
         coefficients = fit_relative_l1(matrix, targets, measured_seconds, ridge, ridge.sum(axis=1))
+        coefficients[_HOST_STEP] = 0.0
         if no_graphed_chunks:  # no graphed prompt-chunk step in the samples: its term is 0, not a free value
             coefficients[_CHUNK_PASS_LAYER] = 0.0
         return coefficients
@@ -184,6 +201,63 @@ def _fit_once(model_config, measured: Measurements, samples: list[StepSample], r
     return best[1]
 
 
+_LINEAR_MEMORY = FIT_FEATURES.index("linear_memory")
+_LAYER_FEATURES = [FIT_FEATURES.index("layer"), _CHUNK_PASS_LAYER]
+
+
+def _fit_with_queued(model_config, measured: Measurements, plain: list[StepSample], queued: list[StepSample],
+                     profile: DeviceProfile, regime_rounds: int) -> DeviceProfile:
+    """Refit with the queued steps: each costs max(host, device), so it enters with the side the current fit says
+    binds it (device: its device features and, where graph gaps are device time, the per-layer term, against its
+    whole wall time; host: the rest, against its wall time minus the step overhead), until that settles. A host
+    term per step (``host_step``) is fitted too. Kept only if it lowers the total relative error."""
+    samples = plain + queued
+    step_overhead = profile.step_overhead_s
+    base = base_profile(model_config, measured)
+    features = np.array([step_features(model_config, base, s.shape) for s in samples])
+    measured_seconds = np.array([s.seconds for s in samples])
+    targets = np.maximum(measured_seconds - step_overhead, 1e-6)
+    ridge = np.zeros((len(_RIDGE), len(FIT_FEATURES)))
+    for row, (name, pull) in enumerate(_RIDGE.items()):
+        ridge[row, FIT_FEATURES.index(name)] = pull * np.sqrt(len(samples))
+    device_columns = _DEVICE_FEATURES + [_LINEAR_MEMORY] + (_LAYER_FEATURES if base.graph_layer_overhead_on_device
+                                                            else [])
+    host_columns = [column for column in range(len(FIT_FEATURES)) if column not in device_columns]
+    queued_rows = np.arange(len(plain), len(samples))
+
+    def fit(device_bound: np.ndarray) -> DeviceProfile:
+        matrix, goal = features.copy(), targets.copy()
+        on_device, on_host = queued_rows[device_bound], queued_rows[~device_bound]
+        matrix[np.ix_(on_device, host_columns)] = 0.0
+        goal[on_device] = measured_seconds[on_device]
+        matrix[np.ix_(on_host, device_columns)] = 0.0
+        coefficients = fit_relative_l1(matrix, goal, measured_seconds, ridge, ridge.sum(axis=1))
+        if not features[:len(plain), _CHUNK_PASS_LAYER].any():
+            coefficients[_CHUNK_PASS_LAYER] = 0.0
+        fitted = base_profile(model_config, measured)
+        _apply(fitted, coefficients, step_overhead)
+        return fitted
+
+    def regime_of(fitted: DeviceProfile) -> np.ndarray:
+        model = StepModel(model_config, fitted)
+        return np.array([cost.device_seconds >= cost.host_seconds for cost in map(model.predict, (s.shape for s in queued))])
+
+    best = (_total_relative_error(model_config, profile, samples), profile)
+    # Three starts: the plain fit's regimes, every queued step device-bound, every one host-bound.
+    for start in (regime_of(profile), np.ones(len(queued), bool), np.zeros(len(queued), bool)):
+        regime = start
+        for _ in range(regime_rounds):
+            current = fit(regime)
+            error = _total_relative_error(model_config, current, samples)
+            if error < best[0]:
+                best = (error, current)
+            following = regime_of(current)
+            if (following == regime).all():
+                break
+            regime = following
+    return best[1]
+
+
 def _total_relative_error(model_config, profile: DeviceProfile, samples: list[StepSample]) -> float:
     model = StepModel(model_config, profile)
     return sum(abs(model.predict(s.shape).elapsed_seconds / s.seconds - 1) for s in samples)
@@ -196,7 +270,7 @@ def _apply(profile: DeviceProfile, coefficients: np.ndarray, step_overhead: floa
     scales["linear_decode"] = coefficients[9]
     scales["linear_memory"] = coefficients[10] if profile.linear_roofline == "sum" else 1.0
     profile.scales = {name: float(max(value, 1e-3)) for name, value in scales.items()}
-    profile.step_overhead_s = float(step_overhead)
+    profile.step_overhead_s = float(step_overhead + coefficients[_HOST_STEP])
     profile.layer_overhead_s = float(coefficients[4])
     profile.sequence_overhead_s = float(coefficients[5])
     profile.prefill_sequence_layer_overhead_s = float(coefficients[6])

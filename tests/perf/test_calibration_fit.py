@@ -219,3 +219,42 @@ def test_fit_recovers_request_event_costs_and_summed_eager_steps_on_a_gpu():
     assert fitted.finish_token_overhead_s == pytest.approx(2e-7, rel=0.25)
     model = StepModel(config, fitted)
     assert np.median([abs(model.predict(s.shape).elapsed_seconds / s.seconds - 1) for s in steps]) < 0.03
+
+
+def test_steps_queued_by_the_lookahead_tell_host_from_device_time():
+    """Steps run one by one show host + device only; the executor's own time holds host work too, so the measured
+    step overhead (wall minus executor time) is short of the host's. Queued steps cost max(host, device): with them
+    in the fit, a host term per step is found and queued steps are predicted well on both sides of the max."""
+    config = model_config()
+    measured = synthetic_measurements(config, StepModel(config, _true_profile(config)))
+    measured = dataclasses.replace(measured, hardware="H200", dtype="bfloat16", attention_backend="triton",
+                                   chunk_graph_max_tokens=512)
+    truth = base_profile(config, measured)
+    assert truth.graph_layer_overhead_on_device  # calibrate sets it when the engine captured graphs
+    truth.scales = {**truth.scales, "linear_decode": 0.8}
+    truth.step_overhead_s, truth.sequence_overhead_s, truth.layer_overhead_s = 2e-3, 4e-5, 5e-5
+    model = StepModel(config, truth)
+    plain = [dataclasses.replace(step, seconds=model.predict(step.shape).elapsed_seconds) for step in measured.steps]
+    plain = [dataclasses.replace(step, executor_seconds=step.seconds - 5e-4) for step in plain]  # 1.5 ms unseen
+    queued_shapes = [dataclasses.replace(BatchShape.decode(b, c), queued=True) for b in (1, 2, 8, 64, 128, 200)
+                     for c in (50, 800)]
+    costs = [model.predict(shape) for shape in queued_shapes]
+    assert any(c.host_seconds > c.device_seconds for c in costs) and any(c.host_seconds < c.device_seconds for c in costs)
+    queued = [StepSample("queued", shape, cost.elapsed_seconds, cost.elapsed_seconds) for shape, cost in
+              zip(queued_shapes, costs)]
+
+    def queued_errors(profile):
+        fitted_model = StepModel(config, profile)
+        return [abs(fitted_model.predict(s.shape).elapsed_seconds / s.seconds - 1) for s in queued]
+
+    without = fit_profile(config, dataclasses.replace(measured, steps=plain))
+    assert without.step_overhead_s == pytest.approx(5e-4)  # all it can see
+    fitted = fit_profile(config, dataclasses.replace(measured, steps=plain + queued))
+    assert fitted.step_overhead_s == pytest.approx(2e-3, rel=0.15)
+    assert np.median(queued_errors(fitted)) < 0.05 < np.median(queued_errors(without))
+    fitted_model = StepModel(config, fitted)
+    assert np.median([abs(fitted_model.predict(s.shape).elapsed_seconds / s.seconds - 1) for s in plain]) < 0.03
+    # Saved and read back, queued steps stay queued (refits need no torch).
+    again = Measurements.from_dict(json.loads(json.dumps(dataclasses.asdict(
+        dataclasses.replace(measured, steps=plain + queued)))))
+    assert [s.shape.queued for s in again.steps] == [False] * len(plain) + [True] * len(queued)
