@@ -38,6 +38,8 @@ class Scenario:
     late_prompts: tuple[int, ...] = ()
     late_after_steps: int = 0
     waves: tuple[tuple[int, tuple[int, ...]], ...] = ()
+    # Run with the decode lookahead: only the steps it queues behind another are kept, timed back to back.
+    lookahead: bool = False
 
     def arrivals(self) -> dict[int, tuple[int, ...]]:
         """Prompt lengths to add before each step index (0: at the start)."""
@@ -85,6 +87,11 @@ GPU_CALIBRATION_SCENARIOS = (
     Scenario("decode 192 @ 1000", (1000,) * 192, 8),
     Scenario("mixed 64 decodes + 1000", (300,) * 64, 8, (1000,), 3),
     _serving_like("staggered 200..900, every 3 steps", (200, 900, 500, 300, 700) * 4, 3, 24),
+    # Queued steps cost max(host, device): they tell the two apart (``step_fit._fit_with_queued``).
+    Scenario("lookahead decode 1 @ 600", (600,), 32, lookahead=True),
+    Scenario("lookahead decode 8 @ 300", (300,) * 8, 16, lookahead=True),
+    Scenario("lookahead decode 64 @ 300", (300,) * 64, 16, lookahead=True),
+    Scenario("lookahead decode 192 @ 600", (600,) * 192, 12, lookahead=True),
 )
 
 
@@ -268,24 +275,35 @@ def run_scenario(engine, scenario: Scenario, seed: int = 0) -> list[StepSample]:
 
     # A step whose prompt chunks sample nothing never waits for the GPU (no token to read back), so
     # its kernels would finish inside the next step's time: wait for them to time steps one by one.
-    synchronize = _device_synchronizer(engine)
+    # With the lookahead the next step is in flight when one returns: no wait, steps timed back to back.
+    synchronize = (lambda: None) if scenario.lookahead else _device_synchronizer(engine)
+    lookahead_before = engine.core.decode_lookahead
+    engine.core.decode_lookahead = scenario.lookahead or lookahead_before
     samples: list[StepSample] = []
-    while True:
-        if len(samples) in arrivals:
-            add(arrivals.pop(len(samples)), f"s{len(samples)}")
-        if not engine.has_unfinished_requests():
-            if not arrivals:
-                break
-            add(arrivals.pop(min(arrivals)), "idle")  # a wave after the others finished: bring it forward
-            continue
-        started = time.perf_counter()
-        outputs = engine.step()
-        synchronize()
-        elapsed = time.perf_counter() - started
-        # A run starts after idle time (the quiet-machine wait, another run's end): its first step pays it.
-        shape = engine.core.executor.with_events(outputs, after_idle=not samples)
-        if engine.core.last_step.num_sequences:
-            samples.append(StepSample(scenario.name, shape, elapsed, engine.core.last_step.elapsed_seconds))
+    steps, ran = 0, False
+    try:
+        while True:
+            if steps in arrivals:
+                add(arrivals.pop(steps), f"s{steps}")
+            if not engine.has_unfinished_requests():
+                if not arrivals:
+                    break
+                add(arrivals.pop(min(arrivals)), "idle")  # a wave after the others finished: bring it forward
+                continue
+            started = time.perf_counter()
+            outputs = engine.step()
+            synchronize()
+            elapsed = time.perf_counter() - started
+            # A run starts after idle time (the quiet-machine wait, another run's end): its first step pays it.
+            shape = engine.core.executor.with_events(outputs, after_idle=not ran)
+            steps += 1
+            if engine.core.last_step.num_sequences:
+                ran = True
+                if shape.queued or not scenario.lookahead:
+                    samples.append(StepSample(scenario.name, shape, elapsed, engine.core.last_step.elapsed_seconds))
+    finally:
+        engine.core.decode_lookahead = lookahead_before
+    _device_synchronizer(engine)()
     engine.block_manager.reset_prefix_cache()
     return samples
 

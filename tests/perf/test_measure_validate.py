@@ -81,6 +81,15 @@ def test_staggered_arrivals_make_mixed_steps_and_changing_decode_batches(engine)
     assert all(sample.seconds >= sample.executor_seconds > 0 for sample in samples)
 
 
+def test_a_lookahead_scenario_keeps_only_the_queued_decode_steps_and_restores_the_setting(engine):
+    assert engine.core.decode_lookahead is False
+    samples = run_scenario(engine, Scenario("lookahead decode 2", (12, 9), 6, lookahead=True))
+    assert engine.core.decode_lookahead is False
+    assert samples and all(sample.shape.queued and sample.shape.is_decode_only for sample in samples)
+    assert not any(sample.shape.after_idle for sample in samples)
+    assert all(len(sample.shape.sequences) == 2 for sample in samples)
+
+
 def test_compare_run_medians_over_repeats_and_saved_steps_can_be_rechecked(engine):
     from joule.bench.workload import fixed_length_workload
 
