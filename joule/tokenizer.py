@@ -4,7 +4,7 @@ Joule serves a vLLM-compatible API, so prompts must tokenize to exactly the ids 
 ``transformers.AutoTokenizer`` gives for the same directory, and chat templates must render to the
 identical string. We wrap the Rust ``tokenizers`` backend directly (fast, no transformers import at
 serving time) and reproduce the few places where transformers adds behaviour: which tokens count
-as special, and how the Jinja chat template is rendered.
+as special, and how the Jinja chat template is rendered (the environment: ``joule.chat_template``).
 
 BOS/EOS: when ``tokenizer.json`` exists, transformers (v5) ignores ``add_bos_token`` and
 ``add_eos_token`` in ``tokenizer_config.json``; the file's post-processor alone decides. So do we.
@@ -12,19 +12,21 @@ BOS/EOS: when ``tokenizer.json`` exists, transformers (v5) ignores ``add_bos_tok
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import jinja2
-import jinja2.ext
-import jinja2.nodes
-import jinja2.utils
 import tokenizers
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from joule.chat_template import (
+    CONTINUE_TAG,
+    cut_at_continue_tag,
+    make_chat_template_environment,
+    normalize_messages,
+    to_plain,
+)
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -37,9 +39,6 @@ CHAT_TEMPLATE_DIR = "additional_chat_templates"
 NAMED_SPECIAL_TOKENS = (
     "bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token",
 )
-# Message fields that carry reasoning; transformers fills the first two from whichever is set.
-_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
-_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 
 
 class MissingChatTemplateError(ValueError):
@@ -105,134 +104,6 @@ def _eos_ids(value: Any) -> list[int]:
 # transformers' optional space clean-up for WordPiece-style output (" ." -> ".").
 _CLEAN_UP_REPLACEMENTS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
                           (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
-
-
-class _GenerationTag(jinja2.ext.Extension):
-    """Accepts ``{% generation %}...{% endgeneration %}`` (assistant-mask markers) and renders the body."""
-
-    tags = {"generation"}
-
-    def parse(self, parser):
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_render_body"), [], [], body).set_lineno(lineno)
-
-    def _render_body(self, caller):
-        return caller()
-
-
-class _TemplateDict:
-    """``dict(...)`` for templates without exposing the ``dict`` type itself to the sandbox."""
-
-    def __call__(self, *args, **kwargs):
-        return dict(*args, **kwargs)
-
-    def fromkeys(self, *args, **kwargs):
-        return dict.fromkeys(*args, **kwargs)
-
-
-class _TemplateNamespace(jinja2.utils.Namespace):
-    """A Jinja namespace that refuses underscore attributes, which could reach Python internals."""
-
-    def __init__(*args, **kwargs):
-        self, args = args[0], args[1:]
-        attrs = dict(*args, **kwargs)
-        for name in attrs:
-            _TemplateNamespace._check_name(name)
-        jinja2.utils.Namespace.__init__(self, attrs)
-
-    def __setitem__(self, name, value):
-        _TemplateNamespace._check_name(name)
-        jinja2.utils.Namespace.__setitem__(self, name, value)
-
-    @staticmethod
-    def _check_name(name):
-        if isinstance(name, str) and name.startswith("_"):
-            raise jinja2.exceptions.SecurityError(f"chat templates cannot set underscore attribute {name!r}")
-
-
-def _raise_exception(message):
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-    # Jinja's own tojson HTML-escapes; chat templates expect plain JSON.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(fmt):
-    return datetime.now().strftime(fmt)
-
-
-def make_chat_template_environment() -> ImmutableSandboxedEnvironment:
-    """The sandboxed Jinja environment chat templates expect (same options and helpers as transformers)."""
-    environment = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
-    )
-    environment.filters["tojson"] = _tojson
-    environment.globals.update(
-        raise_exception=_raise_exception,
-        strftime_now=_strftime_now,
-        dict=_TemplateDict(),
-        namespace=_TemplateNamespace,
-    )
-    return environment
-
-
-def _plain(value: Any) -> Any:
-    """Rebuild template inputs from plain JSON types so the sandbox never sees arbitrary objects."""
-    if value is None or type(value) in (str, int, float, bool):
-        return value
-    for base in (bool, str, int, float):
-        if isinstance(value, base):
-            return base(value)
-    if isinstance(value, Mapping):
-        return {_plain(key): _plain(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_plain(item) for item in value]
-    if isinstance(value, tuple):
-        return tuple(_plain(item) for item in value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {item.name: _plain(getattr(value, item.name)) for item in dataclasses.fields(value)}
-    if callable(getattr(value, "model_dump", None)):
-        return _plain(value.model_dump())
-    raise TypeError(f"chat template inputs must be JSON-like data, got {type(value).__name__}")
-
-
-def _join_text_parts(content: Any) -> Any:
-    """Content given as OpenAI-style parts becomes one string (text parts joined by newlines, as vLLM does)."""
-    if not isinstance(content, list):
-        return content
-    texts = []
-    for part in content:
-        text = part if isinstance(part, str) else part.get("text") if isinstance(part, Mapping) else None
-        if not isinstance(text, str) or (isinstance(part, Mapping) and part.get("type", "text") != "text"):
-            raise ValueError(f"only text content parts are supported in chat messages, got {part!r}")
-        texts.append(text)
-    return "\n".join(texts)
-
-
-def _normalize_messages(conversation: Any) -> list[dict]:
-    if hasattr(conversation, "messages"):
-        conversation = conversation.messages
-    if isinstance(conversation, (str, bytes)) or not isinstance(conversation, Sequence):
-        raise TypeError("messages must be a list of message dicts")
-    if not conversation:
-        raise ValueError("cannot apply a chat template to an empty conversation")
-    messages = []
-    for raw in conversation:
-        message = _plain(raw)
-        if not isinstance(message, dict):
-            raise TypeError(f"each chat message must be a dict, got {raw!r}")
-        # OpenAI-style clients send null fields; templates handle a missing key but not a None.
-        message = {key: value for key, value in message.items() if value is not None}
-        if "content" in message:
-            message["content"] = _join_text_parts(message["content"])
-        reasoning = next((message[key] for key in _REASONING_FIELDS if message.get(key) is not None), None)
-        if reasoning is not None:
-            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
-        messages.append(message)
-    return messages
 
 
 class Tokenizer:
@@ -407,35 +278,24 @@ class Tokenizer:
         compiled = self._compiled.get(template)
         if compiled is None:
             compiled = self._compiled[template] = self._environment.from_string(template)
-        chat = _normalize_messages(messages)
+        chat = normalize_messages(messages)
         final_text = None
         if continue_final_message:
             final_text = chat[-1].get("content")
             if not isinstance(final_text, str):
                 raise ValueError("continue_final_message needs a final message with text content")
-            chat[-1]["content"] = final_text + _CONTINUE_TAG
+            chat[-1]["content"] = final_text + CONTINUE_TAG
         named = {name: token for name, token in self.special_tokens.items() if token is not None}
         rendered = compiled.render(
             messages=chat,
-            tools=_plain(list(tools)) if tools is not None else None,
-            documents=_plain(documents),
+            tools=to_plain(list(tools)) if tools is not None else None,
+            documents=to_plain(documents),
             add_generation_prompt=add_generation_prompt,
-            **{**named, **_plain(kwargs)},
+            **{**named, **to_plain(kwargs)},
         )
         if final_text is not None:
-            rendered = _cut_at_continue_tag(rendered, final_text)
+            rendered = cut_at_continue_tag(rendered, final_text)
         return self.encode(rendered, add_special_tokens=False) if tokenize else rendered
-
-
-def _cut_at_continue_tag(rendered: str, final_text: str) -> str:
-    """Drop what the template wrote after the final message so the model continues it."""
-    tag = _CONTINUE_TAG.strip()
-    if final_text.strip() not in rendered or tag not in rendered:
-        raise ValueError("continue_final_message is set but the chat template dropped the final message text")
-    location = rendered.rindex(tag)
-    if rendered[location : location + len(_CONTINUE_TAG)] == _CONTINUE_TAG:
-        return rendered[:location]
-    return rendered[:location].rstrip()
 
 
 def _add_configured_tokens(backend: tokenizers.Tokenizer, config: Mapping) -> None:
