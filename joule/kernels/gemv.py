@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from joule.kernels.common import pdl_launch, wait_for_previous_grid
+from joule.kernels.common import gemv_l2_prefetch_lines, pdl_launch, prefetch_l2, wait_for_previous_grid
 
 
 @dataclass(frozen=True)
@@ -80,11 +80,14 @@ def _row_sets_gemv(
     x_ptr, residual_ptr, norm_weight_ptr, residual_out_ptr, eps, weight_ptr, first_offsets, second_offsets,
     row_mask, K: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH_TILES: tl.constexpr, USE_PDL: tl.constexpr,
     NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, K_PAD: tl.constexpr, SECOND: tl.constexpr,
+    L2_LINES: tl.constexpr = 0,
 ):
     """Dot products of the (normed) input row with one or two sets of weight rows (by row offsets), float32.
 
     The first PREFETCH_TILES (0-2) weight tiles load before waiting for the previous kernel (under PDL they
     stream in while it finishes): no kernel of a step writes weights. They are added in the loop's order.
+    With L2_LINES (a power of two >= the 128-byte lines of a row), the rest of the program's rows are asked
+    of L2 before the wait too (no registers held).
     """
     columns = tl.arange(0, BLOCK_K)
     if PREFETCH_TILES >= 1:
@@ -95,6 +98,12 @@ def _row_sets_gemv(
         first_next = _weight_tile(weight_ptr, first_offsets, row_mask, BLOCK_K + columns, K)
         if SECOND:
             second_next = _weight_tile(weight_ptr, second_offsets, row_mask, BLOCK_K + columns, K)
+    if L2_LINES > 0:
+        line_columns = tl.arange(0, L2_LINES) * (1024 // weight_ptr.dtype.element_ty.primitive_bitwidth)
+        line_mask = row_mask[:, None] & (line_columns < K)[None, :]
+        prefetch_l2(weight_ptr + first_offsets[:, None] + line_columns[None, :], line_mask)
+        if SECOND:
+            prefetch_l2(weight_ptr + second_offsets[:, None] + line_columns[None, :], line_mask)
     wait_for_previous_grid(USE_PDL)
 
     inverse_rms = 0.0
@@ -131,6 +140,7 @@ def _gemv_kernel(
     K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PREFETCH_TILES: tl.constexpr, USE_PDL: tl.constexpr,
     NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, K_PAD: tl.constexpr, GATED: tl.constexpr,
+    L2_LINES: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
@@ -138,7 +148,7 @@ def _gemv_kernel(
     result, up = _row_sets_gemv(
         x_ptr, residual_ptr, norm_weight_ptr, residual_out_ptr, eps, weight_ptr,
         rows.to(tl.int64) * stride_weight, (rows + N).to(tl.int64) * stride_weight, row_mask,
-        K, BLOCK_K, PREFETCH_TILES, USE_PDL, NORM, HAS_RESIDUAL, K_PAD, GATED)
+        K, BLOCK_K, PREFETCH_TILES, USE_PDL, NORM, HAS_RESIDUAL, K_PAD, GATED, L2_LINES)
     if HAS_BIAS:
         result += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
     if GATED:  # silu(gate) * up from the rounded projections, as silu_and_mul computes it
@@ -217,6 +227,7 @@ def gemv(
         K=in_features, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=config.block_k,
         PREFETCH_TILES=config.prefetch_tiles, USE_PDL=use_pdl, NORM=norm_weight is not None,
         HAS_RESIDUAL=residual is not None, K_PAD=triton.next_power_of_2(in_features), GATED=gated,
+        L2_LINES=gemv_l2_prefetch_lines(x.device, in_features, weight.element_size()),
         num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=use_pdl,
     )
     return output if residual_output is None else (output, residual_output)

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from joule.kernels.common import pdl_launch
+from joule.kernels.common import gemv_l2_prefetch_lines, pdl_launch
 from joule.kernels.gemv import _row_sets_gemv, check_norm_inputs
 from joule.kernels.kv_write import check_cache_pair, saturate_for_cache
 
@@ -33,7 +33,7 @@ def _qkv_rotary_kernel(
     K: tl.constexpr, NUM_QUERY_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAIRS: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH_TILES: tl.constexpr, USE_PDL: tl.constexpr,
     NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, K_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, SATURATE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, SATURATE: tl.constexpr, L2_LINES: tl.constexpr,
 ):
     HALF: tl.constexpr = HEAD_DIM // 2
     program = tl.program_id(0)
@@ -44,7 +44,7 @@ def _qkv_rotary_kernel(
         x_ptr, residual_ptr, norm_weight_ptr, residual_out_ptr, eps, weight_ptr,
         first_rows.to(tl.int64) * stride_weight, (first_rows + HALF).to(tl.int64) * stride_weight,
         pairs < HALF,  # every row exists: the grid covers whole heads
-        K, BLOCK_K, PREFETCH_TILES, USE_PDL, NORM, HAS_RESIDUAL, K_PAD, True)
+        K, BLOCK_K, PREFETCH_TILES, USE_PDL, NORM, HAS_RESIDUAL, K_PAD, True, L2_LINES)
     if HAS_BIAS:
         first += tl.load(bias_ptr + first_rows).to(tl.float32)
         second += tl.load(bias_ptr + first_rows + HALF).to(tl.float32)
@@ -125,6 +125,7 @@ def qkv_rotary_gemv(
         PAIRS=pairs, BLOCK_K=block_k, PREFETCH_TILES=1, USE_PDL=use_pdl, NORM=norm_weight is not None,
         HAS_RESIDUAL=residual is not None, K_PAD=triton.next_power_of_2(in_features), HAS_BIAS=bias is not None,
         BLOCK_SIZE=key_cache.shape[1], SATURATE=key_cache.dtype == torch.float8_e4m3fn,
+        L2_LINES=gemv_l2_prefetch_lines(hidden.device, in_features, weight.element_size()),
         num_warps=4, num_stages=3, launch_pdl=use_pdl,
     )
     return query, residual_output

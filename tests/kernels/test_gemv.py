@@ -113,3 +113,29 @@ def test_gemv_rejects_inconsistent_fusions():
         gemv(x, weight, norm_weight=torch.ones(6, device=DEVICE))
     with pytest.raises(ValueError, match="gated"):
         gemv(x, torch.ones(5, 8, device=DEVICE), gated=True)
+
+
+def test_l2_prefetch_lines_cover_a_weight_row_only_when_switched_on_under_pdl(monkeypatch):
+    from joule.kernels import common
+
+    monkeypatch.delenv("JOULE_GEMV_L2_PREFETCH", raising=False)
+    monkeypatch.setattr(common, "pdl_launch", lambda device: True)
+    assert common.gemv_l2_prefetch_lines(torch.device("cuda"), 2048, 2) == 0  # off by default
+    monkeypatch.setenv("JOULE_GEMV_L2_PREFETCH", "1")
+    assert [common.gemv_l2_prefetch_lines(torch.device("cuda"), k, size) for k, size in
+            ((2048, 2), (8192, 2), (3000, 2), (2048, 4))] == [32, 128, 64, 64]  # 128-byte lines, power of two
+    monkeypatch.setattr(common, "pdl_launch", lambda device: False)
+    assert common.gemv_l2_prefetch_lines(torch.device("cuda"), 2048, 2) == 0  # only before a PDL wait
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the prefetch is PTX)")
+@pytest.mark.parametrize("gated", [False, True])
+def test_gemv_with_l2_prefetch_gives_the_same_bits(monkeypatch, gated):
+    generator = torch.Generator(device=DEVICE).manual_seed(5)
+    x = torch.randn(1, 2048, device=DEVICE, dtype=torch.bfloat16, generator=generator)
+    weight = torch.randn(4096, 2048, device=DEVICE, dtype=torch.bfloat16, generator=generator) * 0.02
+    norm = torch.rand(2048, device=DEVICE, dtype=torch.bfloat16, generator=generator) + 0.5
+    monkeypatch.setenv("JOULE_GEMV_L2_PREFETCH", "0")
+    plain = gemv(x, weight, norm_weight=norm, gated=gated)
+    monkeypatch.setenv("JOULE_GEMV_L2_PREFETCH", "1")
+    assert torch.equal(gemv(x, weight, norm_weight=norm, gated=gated), plain)
