@@ -83,6 +83,7 @@ class RotaryEmbedding(nn.Module):
 
     Tables hold half a head (``[max_positions, head_dim // 2]``): the two halves of
     a head rotate as pairs ``(x[i], x[i + head_dim/2])``, the Hugging Face layout.
+    cos and sin sit side by side per position, so a step gathers both in one kernel.
     They are built on the CPU even when the model is constructed on the meta device,
     and are non-persistent so checkpoints never carry them.
     """
@@ -92,12 +93,13 @@ class RotaryEmbedding(nn.Module):
         inverse_frequencies = rope_inverse_frequencies(config)
         positions = torch.arange(config.max_position_embeddings, dtype=torch.int64, device="cpu").float()
         angles = positions[:, None] * inverse_frequencies[None, :]
-        self.register_buffer("cos_table", angles.cos(), persistent=False)
-        self.register_buffer("sin_table", angles.sin(), persistent=False)
+        self.register_buffer("cos_sin_table", torch.stack((angles.cos(), angles.sin()), dim=1), persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin ``[T, head_dim // 2]`` for the given positions (must be < max_position_embeddings)."""
-        return self.cos_table[positions], self.sin_table[positions]
+        """cos and sin ``[T, head_dim // 2]`` (views of one gather, rows ``head_dim`` apart) for the given
+        positions (must be < max_position_embeddings)."""
+        rows = self.cos_sin_table[positions]
+        return rows[:, 0], rows[:, 1]
 
 
 def whole_head_tables(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,7 +31,9 @@ def test_rotary_matches_reference(dtype, num_heads, num_kv_heads, head_dim, with
     num_tokens = 5
     fused, query, key = _qkv_views(num_tokens, num_heads, num_kv_heads, head_dim, dtype, generator)
     angles = torch.rand(num_tokens, head_dim // 2, generator=generator) * 50
-    cos, sin = angles.cos().to(DEVICE), angles.sin().to(DEVICE)
+    # Views of one [T, 2, D/2] gather, as RotaryEmbedding hands them over (rows D apart).
+    table = torch.stack((angles.cos(), angles.sin()), dim=1).to(DEVICE)
+    cos, sin = table[:, 0], table[:, 1]
     norms = (None, None)
     if with_norm:
         norms = tuple((1 + 0.2 * torch.randn(head_dim, generator=generator)).to(DEVICE, dtype) for _ in range(2))
