@@ -199,7 +199,7 @@ class DecodeGraphRunner:
         self._upload(size)
         if token_source is not None:
             self.input_ids[:count].copy_(token_source)
-        short = self.is_short(size, int(self.host_sequence_lengths[:count].max()))
+        short = self.is_short(size, int(self.host_sequence_lengths.numpy()[:count].max()))
         graphs, outputs = (self.short_graphs, self.short_outputs) if short else (self.graphs, self.outputs)
         if size in graphs:
             graphs[size].replay()
