@@ -169,9 +169,12 @@ class EnergyLedger:
             self._unattributed_joules += joules
             return
         length = end - start
-        if length <= _INSTANT_SECONDS:  # no measurable gap: an equal split, free of float underflow
+        # No measurable gap (an equal split, free of float underflow), or every request there from its start (the
+        # usual case between two steps: an equal split as well, without sorting the arrivals).
+        if length <= _INSTANT_SECONDS or all(arrival <= start for _, arrival in present):
+            share = joules / len(present)
             for request_id, _ in present:
-                self._charge(request_id, joules / len(present))
+                self._charge(request_id, share)
             return
         arrivals = sorted((min(max(arrival, start), end), request_id) for request_id, arrival in present)
         self._unattributed_joules += joules * ((arrivals[0][0] - start) / length)
