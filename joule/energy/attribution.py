@@ -110,15 +110,19 @@ class EnergyLedger:
     def step_ended(self, plan, now: float) -> float:
         """Charge the step's energy to the plan's sequences by weight; returns the step's joules."""
         joules = self._read()
+        # Runs for every sequence of every step: one pass for the weights, one for the charges, no calls per row.
+        weigh = self.weights.sequence_weight
         weights = {}
         for sequence in plan.sequences:
-            weight = self.weights.sequence_weight(sequence.start_position, sequence.num_tokens)
-            weights[sequence.request_id] = weights.get(sequence.request_id, 0.0) + weight
+            request_id = sequence.request.request_id
+            weights[request_id] = weights.get(request_id, 0.0) + weigh(sequence.start_position,
+                                                                        len(sequence.token_ids))
         total_weight = sum(weights.values())
         if total_weight > 0:
             self._step_joules += joules
+            by_request, per_weight = self._by_request, joules / total_weight
             for request_id, weight in weights.items():
-                self._charge(request_id, joules * weight / total_weight)
+                by_request[request_id] = by_request.get(request_id, 0.0) + per_weight * weight
         else:
             self._idle_joules += joules
             self._spread_over_gap(joules, now, now, self._present)
@@ -172,9 +176,9 @@ class EnergyLedger:
         # No measurable gap (an equal split, free of float underflow), or every request there from its start (the
         # usual case between two steps: an equal split as well, without sorting the arrivals).
         if length <= _INSTANT_SECONDS or all(arrival <= start for _, arrival in present):
-            share = joules / len(present)
+            share, by_request = joules / len(present), self._by_request
             for request_id, _ in present:
-                self._charge(request_id, share)
+                by_request[request_id] = by_request.get(request_id, 0.0) + share
             return
         arrivals = sorted((min(max(arrival, start), end), request_id) for request_id, arrival in present)
         self._unattributed_joules += joules * ((arrivals[0][0] - start) / length)
