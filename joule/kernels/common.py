@@ -53,14 +53,15 @@ def pdl_launch(device: torch.device) -> bool:
     return device_capability(device) >= (9, 0)
 
 
-def gemv_l2_prefetch_lines(device: torch.device, in_features: int, element_bytes: int) -> int:
+def gemv_l2_prefetch_lines(use_pdl: bool, in_features: int, element_bytes: int) -> int:
     """128-byte lines per weight row a batch-1 GEMV program asks L2 for before its PDL wait (0: none).
 
     Why: between two dependent kernels of a batch-1 layer the memory bus idles for the hop (~2-4 us on an H200:
     docs/benchmarks.md (f)); a program already resident can start its whole weight slice towards L2 while it
-    waits. Off until measured: ``JOULE_GEMV_L2_PREFETCH=1`` turns it on (PDL only, never the interpreter).
+    waits. Off until measured: ``JOULE_GEMV_L2_PREFETCH=1`` turns it on; only where the launch uses PDL
+    (``use_pdl``, the caller's ``pdl_launch``), so never under the interpreter.
     """
-    if os.environ.get("JOULE_GEMV_L2_PREFETCH", "0") in ("", "0", "false", "off") or not pdl_launch(device):
+    if not use_pdl or os.environ.get("JOULE_GEMV_L2_PREFETCH", "0") in ("", "0", "false", "off"):
         return 0
     return triton.next_power_of_2(-(-in_features * element_bytes // 128))
 

@@ -227,7 +227,7 @@ def gemv(
         K=in_features, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=config.block_k,
         PREFETCH_TILES=config.prefetch_tiles, USE_PDL=use_pdl, NORM=norm_weight is not None,
         HAS_RESIDUAL=residual is not None, K_PAD=triton.next_power_of_2(in_features), GATED=gated,
-        L2_LINES=gemv_l2_prefetch_lines(x.device, in_features, weight.element_size()),
+        L2_LINES=gemv_l2_prefetch_lines(use_pdl, in_features, weight.element_size()),
         num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=use_pdl,
     )
     return output if residual_output is None else (output, residual_output)

@@ -125,7 +125,7 @@ def qkv_rotary_gemv(
         PAIRS=pairs, BLOCK_K=block_k, PREFETCH_TILES=1, USE_PDL=use_pdl, NORM=norm_weight is not None,
         HAS_RESIDUAL=residual is not None, K_PAD=triton.next_power_of_2(in_features), HAS_BIAS=bias is not None,
         BLOCK_SIZE=key_cache.shape[1], SATURATE=key_cache.dtype == torch.float8_e4m3fn,
-        L2_LINES=gemv_l2_prefetch_lines(hidden.device, in_features, weight.element_size()),
+        L2_LINES=gemv_l2_prefetch_lines(use_pdl, in_features, weight.element_size()),
         num_warps=4, num_stages=3, launch_pdl=use_pdl,
     )
     return query, residual_output

@@ -119,13 +119,11 @@ def test_l2_prefetch_lines_cover_a_weight_row_only_when_switched_on_under_pdl(mo
     from joule.kernels import common
 
     monkeypatch.delenv("JOULE_GEMV_L2_PREFETCH", raising=False)
-    monkeypatch.setattr(common, "pdl_launch", lambda device: True)
-    assert common.gemv_l2_prefetch_lines(torch.device("cuda"), 2048, 2) == 0  # off by default
+    assert common.gemv_l2_prefetch_lines(True, 2048, 2) == 0  # off by default
     monkeypatch.setenv("JOULE_GEMV_L2_PREFETCH", "1")
-    assert [common.gemv_l2_prefetch_lines(torch.device("cuda"), k, size) for k, size in
+    assert [common.gemv_l2_prefetch_lines(True, k, size) for k, size in
             ((2048, 2), (8192, 2), (3000, 2), (2048, 4))] == [32, 128, 64, 64]  # 128-byte lines, power of two
-    monkeypatch.setattr(common, "pdl_launch", lambda device: False)
-    assert common.gemv_l2_prefetch_lines(torch.device("cuda"), 2048, 2) == 0  # only before a PDL wait
+    assert common.gemv_l2_prefetch_lines(False, 2048, 2) == 0  # only before a PDL wait
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the prefetch is PTX)")
