@@ -161,19 +161,11 @@ def _fit_plain(model_config, measured: Measurements, samples: list[StepSample], 
     features = np.array([step_features(model_config, profile, s.shape) for s in samples])
     targets = np.array([max(s.seconds - step_overhead, 1e-6) for s in samples])
     measured_seconds = np.array([s.seconds for s in samples])
-    ridge = np.zeros((len(_RIDGE), len(FIT_FEATURES)))
-    for row, (name, pull) in enumerate(_RIDGE.items()):
-        ridge[row, FIT_FEATURES.index(name)] = pull * np.sqrt(len(samples))
-    no_graphed_chunks = not features[:, _CHUNK_PASS_LAYER].any()
+    ridge = _ridge(len(samples))
+    graphed_chunks = features[:, _CHUNK_PASS_LAYER].any()
 
-    def solve(matrix: np.ndarray) -> np.ndarray:
-        matrix = matrix.copy()
-        matrix[:, _HOST_STEP] = 0.0  # steps on their own cannot tell it from device time
-        coefficients = fit_relative_l1(matrix, targets, measured_seconds, ridge, ridge.sum(axis=1))
-        coefficients[_HOST_STEP] = 0.0
-        if no_graphed_chunks:  # no graphed prompt-chunk step in the samples: its term is 0, not a free value
-            coefficients[_CHUNK_PASS_LAYER] = 0.0
-        return coefficients
+    def solve(matrix: np.ndarray) -> np.ndarray:  # steps on their own cannot tell host_step from device time
+        return _solve(matrix, targets, measured_seconds, ridge, graphed_chunks, host_step=False)
 
     _apply(profile, solve(features), step_overhead)
     if not profile.host_overlaps_device:
@@ -217,9 +209,8 @@ def _fit_with_queued(model_config, measured: Measurements, plain: list[StepSampl
     features = np.array([step_features(model_config, base, s.shape) for s in samples])
     measured_seconds = np.array([s.seconds for s in samples])
     targets = np.maximum(measured_seconds - step_overhead, 1e-6)
-    ridge = np.zeros((len(_RIDGE), len(FIT_FEATURES)))
-    for row, (name, pull) in enumerate(_RIDGE.items()):
-        ridge[row, FIT_FEATURES.index(name)] = pull * np.sqrt(len(samples))
+    ridge = _ridge(len(samples))
+    graphed_chunks = features[:len(plain), _CHUNK_PASS_LAYER].any()
     device_columns = _DEVICE_FEATURES + [_LINEAR_MEMORY] + (_LAYER_FEATURES if base.graph_layer_overhead_on_device
                                                             else [])
     host_columns = [column for column in range(len(FIT_FEATURES)) if column not in device_columns]
@@ -231,16 +222,14 @@ def _fit_with_queued(model_config, measured: Measurements, plain: list[StepSampl
         matrix[np.ix_(on_device, host_columns)] = 0.0
         goal[on_device] = measured_seconds[on_device]
         matrix[np.ix_(on_host, device_columns)] = 0.0
-        coefficients = fit_relative_l1(matrix, goal, measured_seconds, ridge, ridge.sum(axis=1))
-        if not features[:len(plain), _CHUNK_PASS_LAYER].any():
-            coefficients[_CHUNK_PASS_LAYER] = 0.0
         fitted = base_profile(model_config, measured)
-        _apply(fitted, coefficients, step_overhead)
+        _apply(fitted, _solve(matrix, goal, measured_seconds, ridge, graphed_chunks, host_step=True), step_overhead)
         return fitted
 
     def regime_of(fitted: DeviceProfile) -> np.ndarray:
         model = StepModel(model_config, fitted)
-        return np.array([cost.device_seconds >= cost.host_seconds for cost in map(model.predict, (s.shape for s in queued))])
+        costs = [model.predict(s.shape) for s in queued]
+        return np.array([cost.device_seconds >= cost.host_seconds for cost in costs])
 
     best = (_total_relative_error(model_config, profile, samples), profile)
     # Three starts: the plain fit's regimes, every queued step device-bound, every one host-bound.
@@ -256,6 +245,29 @@ def _fit_with_queued(model_config, measured: Measurements, plain: list[StepSampl
                 break
             regime = following
     return best[1]
+
+
+def _ridge(num_samples: int) -> np.ndarray:
+    """Rows pulling each class scale toward 1, weighted like ``num_samples`` steps (see ``_RIDGE``)."""
+    ridge = np.zeros((len(_RIDGE), len(FIT_FEATURES)))
+    for row, (name, pull) in enumerate(_RIDGE.items()):
+        ridge[row, FIT_FEATURES.index(name)] = pull * np.sqrt(num_samples)
+    return ridge
+
+
+def _solve(matrix: np.ndarray, targets: np.ndarray, measured_seconds: np.ndarray, ridge: np.ndarray,
+           graphed_chunks: bool, host_step: bool) -> np.ndarray:
+    """The fit's coefficients; a term the samples cannot identify is 0, not a free value: the graphed chunk pass
+    without a graphed prompt-chunk step, the host term per step without queued steps (``host_step``)."""
+    if not host_step:
+        matrix = matrix.copy()
+        matrix[:, _HOST_STEP] = 0.0
+    coefficients = fit_relative_l1(matrix, targets, measured_seconds, ridge, ridge.sum(axis=1))
+    if not host_step:
+        coefficients[_HOST_STEP] = 0.0
+    if not graphed_chunks:
+        coefficients[_CHUNK_PASS_LAYER] = 0.0
+    return coefficients
 
 
 def _total_relative_error(model_config, profile: DeviceProfile, samples: list[StepSample]) -> float:
