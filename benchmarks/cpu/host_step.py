@@ -1,10 +1,15 @@
 """The engine's host work per step, without a model: scheduling, the scheduler's update and output processing.
 
 Usage: PYTHONPATH=. python benchmarks/cpu/host_step.py [--sequences 256] [--steps 200] [--profile]
+       PYTHONPATH=. python benchmarks/cpu/host_step.py --phase prefill [--prompt-len 512] [--profile]
 A tiny random model (one layer; Qwen's 151,936-token vocabulary) whose executor is replaced by one that
 returns a token for every sampling sequence at once, so what is timed is what the GPU engine pays on its host
 between graph replays: ``num_sequences`` requests (prompts uniform 100-1,024 tokens, greedy, FINAL_ONLY
 outputs, prefix caching on), timed over ``steps`` decode-only steps once every prompt is in.
+
+``--phase prefill`` times the prompt steps instead, as workload 3 runs them (256 prompts of ``--prompt-len``
+random tokens, 8,192-token steps): scheduling, the executor's input arrays (``ModelExecutor._prepare``, which
+an eager prompt step pays before its first kernel) and the update, from the first step until every prompt is in.
 """
 
 from __future__ import annotations
@@ -38,7 +43,12 @@ def main() -> None:
                         help="final_only (offline) or delta (what a streaming server asks for)")
     parser.add_argument("--energy", action="store_true",
                         help="keep the per-request energy attribution on (the engine's default; off here by default)")
+    parser.add_argument("--phase", default="decode", choices=["decode", "prefill"])
+    parser.add_argument("--prompt-len", type=int, default=512, help="--phase prefill: every prompt's length")
     args = parser.parse_args()
+    if args.phase == "prefill":
+        time_prefill(args)
+        return
     with tempfile.TemporaryDirectory() as directory:
         Path(directory, "config.json").write_text(json.dumps(TINY))
         engine = LLMEngine.from_kwargs(model=directory, load_format="dummy", dtype="float32", max_model_len=4096,
@@ -75,6 +85,51 @@ def main() -> None:
         for _ in range(args.steps):
             engine.step()
         profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
+
+
+def time_prefill(args) -> None:
+    best, profiler = float("inf"), None
+    for repeat in range(args.repeats + args.profile):
+        with tempfile.TemporaryDirectory() as directory:
+            Path(directory, "config.json").write_text(json.dumps(TINY))
+            engine = LLMEngine.from_kwargs(model=directory, load_format="dummy", dtype="float32", max_model_len=4096,
+                                           kv_cache_memory_bytes=2 << 30, max_num_seqs=args.sequences,
+                                           max_num_batched_tokens=8192)
+        if not args.energy:
+            engine.core.step_observer = None
+        executor = engine.core.executor
+
+        def execute(plan):
+            executor._prepare(plan)  # the input arrays an eager step builds before its first kernel
+            tokens = {sequence.request.request_id: SampledToken(7) for sequence in plan.sequences if sequence.samples}
+            return StepResult(sampled=tokens, elapsed_seconds=0.0)
+
+        executor.execute = execute
+        rng = random.Random(repeat)
+        params = SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True,
+                                output_kind=RequestOutputKind(args.output_kind))
+        for index in range(args.sequences):
+            prompt = [rng.randrange(100, 30000) for _ in range(args.prompt_len)]
+            engine.add_request(str(index), {"prompt_token_ids": prompt}, params)
+        requests = engine.core.scheduler.requests
+        steps = 0
+        if repeat == args.repeats:
+            profiler = cProfile.Profile()
+            profiler.enable()
+        started = time.perf_counter()
+        while any(request.num_output_tokens == 0 for request in requests.values()):
+            engine.step()
+            steps += 1
+        elapsed = time.perf_counter() - started
+        if profiler is not None:
+            profiler.disable()
+        else:
+            best = min(best, elapsed / steps)
+    print(f"host work per prompt step ({args.sequences} prompts of {args.prompt_len} tokens, 8,192-token steps, "
+          f"{steps} steps{', energy attribution' if args.energy else ''}): {best * 1e3:.3f} ms "
+          f"(best of {args.repeats} runs)")
+    if profiler is not None:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
 
 

@@ -53,7 +53,7 @@ def snapshot(manager: KVBlockManager, requests) -> tuple:
     return (
         tuple(
             (b.ref_count, b.block_hash, b.parent_hash, b.token_ids, b.cache_serial, b.parent_serial)
-            for b in manager.blocks
+            for b in manager.block_states()
         ),
         manager._last_serial,
         manager.num_free_blocks,
@@ -111,8 +111,8 @@ class PrefixCacheHarness:
 
     def free(self, request: Request) -> None:
         self.live.remove(request)
-        released = [b for b in reversed(request.block_ids) if self.manager.blocks[b].ref_count == 1]
-        self.lru_model.extend(b for b in released if self.manager.blocks[b].block_hash is not None)
+        released = [b for b in reversed(request.block_ids) if self.manager.block(b).ref_count == 1]
+        self.lru_model.extend(b for b in released if self.manager.block(b).block_hash is not None)
         free_before = self.manager.num_free_blocks
         self.manager.free(request)
         assert request.block_ids == []
@@ -120,13 +120,13 @@ class PrefixCacheHarness:
 
     def reset(self) -> None:
         used_hashes = {
-            b.block_id: b.block_hash for b in self.manager.blocks if b.ref_count > 0
+            b.block_id: b.block_hash for b in self.manager.block_states() if b.ref_count > 0
         }
         free_before = self.manager.num_free_blocks
         self.manager.reset_prefix_cache()
         self.lru_model.clear()
         assert self.manager.num_free_blocks == free_before
-        for block in self.manager.blocks:
+        for block in self.manager.block_states():
             if block.ref_count == 0:
                 assert block.block_hash is None, "reset left a free block findable"
             else:
@@ -136,7 +136,7 @@ class PrefixCacheHarness:
         for request in list(self.live):
             self.free(request)
         assert self.manager.num_free_blocks == self.manager.num_blocks
-        assert all(block.ref_count == 0 for block in self.manager.blocks)
+        assert all(block.ref_count == 0 for block in self.manager.block_states())
         self.manager.check_invariants([])
 
     # -- checks ------------------------------------------------------------------------
@@ -147,7 +147,7 @@ class PrefixCacheHarness:
         if not self.manager.enable_prefix_caching:
             assert hits == []
         for index, block_id in enumerate(hits):
-            block = self.manager.blocks[block_id]
+            block = self.manager.block(block_id)
             assert block.block_hash is not None
             assert block.token_ids == tuple(request.token_ids_between(index * size, (index + 1) * size))
             assert self.kv_lineage[block_id] == lineage(request, index, size), (
@@ -165,10 +165,10 @@ class PrefixCacheHarness:
             assert covered >= request.num_computed_tokens, "computed tokens outside the block table"
         assert manager.num_free_blocks + len(owned) == manager.num_blocks
         assert manager.num_used_blocks == len(owned)
-        cached_free = {b.block_id for b in manager.blocks if b.ref_count == 0 and b.block_hash is not None}
+        cached_free = {b.block_id for b in manager.block_states() if b.ref_count == 0 and b.block_hash is not None}
         assert set(self.lru_model) == cached_free
         if not manager.enable_prefix_caching:
-            assert all(block.block_hash is None for block in manager.blocks)
+            assert all(block.block_hash is None for block in manager.block_states())
 
     # -- internals -------------------------------------------------------------------
     def _allocate(self, request: Request, num_new: int, hits, num_computed: int) -> bool:
@@ -176,7 +176,7 @@ class PrefixCacheHarness:
         lru_without_hits = [b for b in self.lru_model if b not in hits]
         num_free_uncached = manager.num_free_blocks - len(self.lru_model)
         old_block_ids = list(request.block_ids)
-        old_refs = {b: manager.blocks[b].ref_count for b in hits}
+        old_refs = {b: manager.block(b).ref_count for b in hits}
         before = snapshot(manager, self.live + [request])
         if not manager.allocate(request, num_new, hits):
             assert snapshot(manager, self.live + [request]) == before, "a failed allocate changed state"
@@ -187,10 +187,10 @@ class PrefixCacheHarness:
         assert request.block_ids[: len(old_block_ids) + len(hits)] == old_block_ids + list(hits)
         fresh = request.block_ids[len(old_block_ids) + len(hits) :]
         for block_id in hits:
-            assert manager.blocks[block_id].ref_count == old_refs[block_id] + 1
+            assert manager.block(block_id).ref_count == old_refs[block_id] + 1
         for block_id in fresh:
-            assert manager.blocks[block_id].ref_count == 1
-            assert manager.blocks[block_id].block_hash is None
+            assert manager.block(block_id).ref_count == 1
+            assert manager.block(block_id).block_hash is None
         # Never-cached free blocks go first; then cached ones, least recently freed first.
         evicted = [b for b in fresh if b in lru_without_hits]
         assert evicted == lru_without_hits[: max(0, len(fresh) - num_free_uncached)]
@@ -219,7 +219,7 @@ class PrefixCacheHarness:
         for index in range(first_computed_here, request.num_computed_tokens // size):
             self.kv_lineage[request.block_ids[index]] = lineage(request, index, size)
         for index, block_id in enumerate(request.block_ids):
-            block = self.manager.blocks[block_id]
+            block = self.manager.block(block_id)
             if block.block_hash is not None:
                 assert index < request.num_computed_tokens // size, "registered a block not fully computed"
                 assert block.token_ids == tuple(request.token_ids_between(index * size, (index + 1) * size))
@@ -385,7 +385,7 @@ def test_failed_allocate_changes_nothing():
     assert snapshot(manager, [holder, sharer]) == before
     # ...but one more block does fit, and the shared block's ref count goes to 2.
     assert manager.allocate(sharer, 1, hits) is True
-    assert manager.blocks[hits[0]].ref_count == 2
+    assert manager.block(hits[0]).ref_count == 2
     manager.check_invariants([holder, sharer])
 
 
@@ -438,7 +438,7 @@ def test_disabled_prefix_caching_never_hits():
     harness = PrefixCacheHarness(num_blocks=6, block_size=2, enable_prefix_caching=False)
     harness.free(computed_request(harness, [1, 2, 3, 4, 5]))
     assert cached_blocks_for(harness.manager, [1, 2, 3, 4, 5]) == []
-    assert all(block.block_hash is None for block in harness.manager.blocks)
+    assert all(block.block_hash is None for block in harness.manager.block_states())
 
 
 def test_collision_cannot_splice_a_cached_block_onto_another_prefix():

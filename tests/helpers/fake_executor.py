@@ -232,7 +232,7 @@ class CheckedEngine:
         request = self.requests[request_id]
         if request.is_finished:
             return False
-        exclusive = [b for b in request.block_ids if self.block_manager.blocks[b].ref_count == 1]
+        exclusive = [b for b in request.block_ids if self.block_manager.block(b).ref_count == 1]
         free_before = self.block_manager.num_free_blocks
         assert self.core.abort_request(request_id) is request
         self.aborted.add(request_id)
@@ -365,7 +365,7 @@ class CheckedEngine:
     def check_all_free(self) -> None:
         assert not self.scheduler.running and not self.scheduler.waiting and not self.scheduler.requests
         assert self.block_manager.num_free_blocks == self.block_manager.num_blocks
-        assert all(block.ref_count == 0 for block in self.block_manager.blocks)
+        assert all(block.ref_count == 0 for block in self.block_manager.block_states())
         self.block_manager.check_invariants([])
 
 
