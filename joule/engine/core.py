@@ -46,8 +46,9 @@ class EngineCore:
         decode_lookahead: bool = False,
     ):
         """``decode_lookahead``: with an executor that can ``launch``/``collect`` (the model executor), queue
-        the next decode step behind the current one before reading its tokens, so the host's scheduling and
-        output work overlaps the device's (see ``_launch_continuation``)."""
+        the next step behind the current one before reading its tokens, so the host's scheduling and output
+        work overlaps the device's (see ``_launch_continuation``): decode steps, and under fcfs steps with
+        prompt chunks too (``SchedulerConfig.lookahead_prompts``)."""
         self.block_manager = block_manager
         self.scheduler = Scheduler(scheduler_config, block_manager)
         self.executor = executor
@@ -100,7 +101,7 @@ class EngineCore:
                 self.last_step.energy_joules = self.step_observer.step_ended(plan, self.clock())
             return []
         if launched is not None:
-            self._launch_continuation(plan, launched)
+            self._launch_continuation(plan, launched, now)
             result: StepResult = self.executor.collect(launched)
         else:
             result = self.executor.execute(plan)
@@ -121,18 +122,19 @@ class EngineCore:
                 self.last_step.energy_joules = metered
         return progressed
 
-    def _launch_continuation(self, plan: StepPlan, launched) -> None:
-        """Queue the decode step after ``plan`` before ``plan``'s tokens reach the host.
+    def _launch_continuation(self, plan: StepPlan, launched, now: float) -> None:
+        """Queue the step after ``plan`` before ``plan``'s tokens reach the host.
 
-        Its requests are ``plan``'s, each one position on; its inputs are ``plan``'s tokens, copied on the
-        device. A request that ends with ``plan``'s token (a stop token, a stop string, an abort) is skipped
-        when the continuation is applied, its extra token dropped; the KV slot it wrote was its own, past
-        every cached block, and its blocks are reused only by work queued behind it. Not done while requests
-        wait (a normal step admits them next), for prompt chunks, or for sampling that needs the host.
+        Its requests are ``plan``'s, each one position or one prompt chunk on, and (fcfs) waiting requests it
+        admits; its decodes' inputs are ``plan``'s tokens, copied on the device. A request that ends with
+        ``plan``'s token (a stop token, a stop string, an abort) is skipped when the continuation is applied,
+        its extra token dropped; the KV slots it wrote were its own, past every cached block, and its blocks
+        are reused only by work queued behind it. Not done for sampling that needs the host, or where
+        ``Scheduler.schedule_continuation`` declines.
         """
         if not self.executor.can_continue(launched):
             return
-        continuation = self.scheduler.schedule_continuation(plan)
+        continuation = self.scheduler.schedule_continuation(plan, now)
         if continuation is not None:
             self._ahead = (continuation, self.executor.launch(continuation, previous=launched))
 

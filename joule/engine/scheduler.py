@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from joule.engine.admission import ADMISSION_POLICIES, make_admission_policy
 from joule.engine.kv_blocks import KVBlockManager
 from joule.engine.plan import CONTINUATION_TOKEN, ScheduledSequence, StepPlan, StepResult
-from joule.engine.policies import DEFAULT_FAIR_PROMPT_CAP, POLICIES, make_policy
+from joule.engine.policies import DEFAULT_FAIR_PROMPT_CAP, POLICIES, FirstComeFirstServed, make_policy
 from joule.engine.request import FINISHED_STATUSES, Request, RequestStatus
 from joule.engine.step_time import StepTimeEstimator
 
@@ -45,6 +45,8 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     fair_prompt_cap: int = DEFAULT_FAIR_PROMPT_CAP  # the fair policy's prompt tokens per step while it protects a tenant
     fair_split_decodes: bool = False  # the fair policy runs flooding tenants' decodes half per step meanwhile
+    # The engine's lookahead (EngineCore) queues steps with prompt chunks and admissions too, not only decodes.
+    lookahead_prompts: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "fair_prompt_cap"):
@@ -55,8 +57,9 @@ class SchedulerConfig:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}.")
         if self.admission not in ADMISSION_POLICIES:
             raise ValueError(f"admission must be one of {', '.join(ADMISSION_POLICIES)}, got {self.admission!r}.")
-        if not isinstance(self.enable_chunked_prefill, bool):
-            raise ValueError(f"enable_chunked_prefill must be True or False, got {self.enable_chunked_prefill!r}.")
+        for name in ("enable_chunked_prefill", "fair_split_decodes", "lookahead_prompts"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(
                 f"max_num_batched_tokens={self.max_num_batched_tokens} is smaller than max_model_len="
@@ -183,42 +186,76 @@ class Scheduler:
             budget = self._admit_waiting(budget, plan, scheduled, now)
         return plan
 
-    def schedule_continuation(self, plan: StepPlan) -> StepPlan | None:
-        """The decode step after ``plan``, planned before ``plan``'s tokens are known, so the executor can
-        queue it behind ``plan`` on the device (its inputs are ``plan``'s sampled tokens, copied there).
+    def schedule_continuation(self, plan: StepPlan, now: float = 0.0) -> StepPlan | None:
+        """The step after ``plan``, planned before ``plan``'s tokens are known, so the executor can queue it
+        behind ``plan`` on the device (its decodes' inputs are ``plan``'s sampled tokens, copied there).
 
-        Every decode of ``plan`` that cannot stop by length at this token goes on; one that samples a stop
+        Every request of ``plan`` goes on: one that samples and cannot stop by length at this token decodes
+        next; one whose prompt ``plan`` left unfinished gets its next chunk. A request that samples a stop
         token, or is aborted or stopped by a stop string meanwhile, is skipped by ``update`` (its extra token
-        is dropped). None, changing nothing, when ``plan`` carries prompt tokens, requests wait (they are
-        admitted by a normal schedule), ``plan`` left a running request out (a policy held its decode back:
-        chaining the others would keep it waiting), or a request lacks a block for the position after.
+        is dropped). With ``lookahead_prompts`` under fcfs, waiting requests are admitted as a normal step
+        would, within what is left of the budget, but never by preempting: the blocks of ``plan``'s requests
+        are in use on the device. Otherwise the step must be decode-only with nothing waiting.
+
+        None, changing nothing, when that does not hold, ``plan`` preempted or left a running request out (a
+        policy held its decode back: chaining the others would keep it waiting), or the running requests
+        lack blocks for their next tokens.
         """
-        if self.waiting or not plan.sequences or len(plan.sequences) != len(self.running):
+        if not plan.sequences or plan.preempted_request_ids or len(plan.sequences) != len(self.running):
+            return None
+        with_prompts = self._lookahead_prompts()
+        if self.waiting and not with_prompts:
             return None
         max_model_len = self.config.max_model_len
-        going_on = []
+        decodes, chunks = [], []  # (request, its computed tokens once ``plan`` is applied)
         for sequence in plan.sequences:
             request = sequence.request
-            if len(sequence.token_ids) != 1 or not sequence.samples or request.status is not RequestStatus.RUNNING:
+            if request.status is not RequestStatus.RUNNING:
                 return None
+            end = sequence.start_position + len(sequence.token_ids)
+            if not with_prompts and (len(sequence.token_ids) != 1 or not sequence.samples):
+                return None
+            if not sequence.samples:
+                chunks.append((request, end))
+                continue
             outputs_after = len(request.output_token_ids) + 1
             if outputs_after >= request.max_tokens or (
                     max_model_len is not None and len(request.prompt_token_ids) + outputs_after >= max_model_len):
                 continue  # stops by length at this token, whatever it is
-            going_on.append(sequence)
+            decodes.append((request, end))
         manager = self.block_manager
-        if not going_on or sum(manager.blocks_to_grow(s.request, 2) for s in going_on) > manager.num_free_blocks:
+        # Blocks through each decode's next position: ``plan``'s own tokens are not yet counted as computed.
+        if sum(manager.blocks_to_grow(request, end + 1 - request.num_computed_tokens)
+               for request, end in decodes) > manager.num_free_blocks:
             return None
         self.num_steps += 1
         continuation = StepPlan()
-        for sequence in going_on:
-            request = sequence.request
-            manager.allocate(request, 2)  # this step's slot is there; the next one's may be new
-            continuation.sequences.append(ScheduledSequence(request, [CONTINUATION_TOKEN], sequence.start_position + 1,
-                                                            request.block_ids, True))
-            request.last_scheduled_step = self.num_steps
-            self.policy.on_scheduled(request, 1, True)
-        return continuation
+        budget = self.config.max_num_batched_tokens
+        for request, end in decodes:
+            manager.allocate(request, end + 1 - request.num_computed_tokens)
+            self._add_ahead(continuation, request, [CONTINUATION_TOKEN], end, True)
+            budget -= 1
+        for request, end in chunks:
+            num_new = min(request.num_tokens - end, budget)
+            if num_new <= 0 or not manager.allocate(request, end + num_new - request.num_computed_tokens):
+                break
+            self._add_ahead(continuation, request, request.token_ids_between(end, end + num_new), end,
+                            end + num_new == request.num_tokens)
+            budget -= num_new
+        if with_prompts and budget > 0 and self.waiting:
+            self._admit_waiting(budget, continuation, {}, now, may_preempt=False)
+        return continuation if continuation.sequences else None
+
+    def _lookahead_prompts(self) -> bool:
+        """Whether a continuation may carry prompt chunks and admissions: only where a normal step would plan
+        the same kind of step (fcfs's whole budget, no lanes, no preemption for a waiting request)."""
+        return (self.config.lookahead_prompts and self.config.enable_chunked_prefill
+                and type(self.policy) is FirstComeFirstServed)
+
+    def _add_ahead(self, plan: StepPlan, request: Request, token_ids: list[int], start: int, samples: bool) -> None:
+        plan.sequences.append(ScheduledSequence(request, token_ids, start, request.block_ids, samples))
+        request.last_scheduled_step = self.num_steps
+        self.policy.on_scheduled(request, len(token_ids), token_ids == [CONTINUATION_TOKEN])
 
     def _split_decodes(self, decodes: list[Request], tenants: frozenset) -> list[Request]:
         """The decodes of this step when ``tenants``' decodes may run half per step: all the others', and
@@ -276,9 +313,10 @@ class Scheduler:
         return plan
 
     def _admit_waiting(self, budget: int, plan: StepPlan, scheduled: dict, now: float,
-                       whole_prompts: bool = False, only_tenant: object = _ANY_TENANT) -> int:
+                       whole_prompts: bool = False, only_tenant: object = _ANY_TENANT, may_preempt: bool = True) -> int:
         """Admit waiting requests in policy order; ``whole_prompts``: only if all of it fits this step;
-        ``only_tenant``: that tenant's requests alone (a fast-lane step)."""
+        ``only_tenant``: that tenant's requests alone (a fast-lane step); ``may_preempt``: False stops where
+        a running request would have to make room (a continuation's admissions)."""
         size = self.block_manager.block_size
         pool = self.waiting
         if only_tenant is not _ANY_TENANT:
@@ -296,6 +334,8 @@ class Scheduler:
             if len(self.running) >= self.config.max_num_batched_tokens:
                 break  # every running request must fit one step's decodes (a lane step plans only its own)
             if len(self.running) >= self.config.max_num_seqs:
+                if not may_preempt:
+                    break
                 refund = self._preempt_for(request, plan, scheduled)
                 if refund is None:
                     break
@@ -308,6 +348,8 @@ class Scheduler:
             if whole_prompts and num_new < request.num_tokens - num_computed:
                 break  # does not fit what is left of this step; it goes first next step
             if not self.block_manager.allocate(request, num_new, cached_blocks):
+                if not may_preempt:
+                    break
                 refund = self._preempt_for(request, plan, scheduled)
                 if refund is None:
                     break

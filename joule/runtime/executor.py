@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from joule.engine.plan import StepPlan, StepResult
+from joule.engine.plan import CONTINUATION_TOKEN, StepPlan, StepResult
 from joule.engine.request import Request, SampledToken
 from joule.runtime.attention.base import (
     AttentionBackend,
@@ -40,13 +40,15 @@ class LaunchedStep:
     and start copying them to the host at once (``host_token_ids``, done when ``copied`` fires): a plain
     ``.tolist()`` in ``collect`` would wait for everything queued after this step on the stream, a
     continuation included, and nothing would overlap. Steps that went through the sampler are complete at
-    launch (``result``).
+    launch (``result``), except a continuation's: its logits wait for ``collect`` (``logits``), so that
+    launching it does not wait for the step ahead of it.
     """
 
     requests: list[Request]
     started: float
     token_ids: torch.Tensor | None = None
     result: StepResult | None = None
+    logits: torch.Tensor | None = None
     host_token_ids: torch.Tensor | None = None
     copied: torch.cuda.Event | None = None
 
@@ -129,24 +131,33 @@ class ModelExecutor:
     @torch.inference_mode()
     def launch(self, plan: StepPlan, previous: LaunchedStep | None = None) -> LaunchedStep:
         """Queue ``plan``'s work; ``collect`` returns its tokens. All-greedy steps leave their tokens on the
-        device, so a continuation (``previous`` given: a decode-only plan of ``previous``'s requests, its
-        token ids placeholders) takes its inputs from there without a host round trip."""
+        device, so a continuation (``previous`` given: ``previous``'s requests one token or prompt chunk on,
+        and maybe new prompts; its decodes' token ids placeholders) takes its inputs from there without a
+        host round trip."""
         started = time.perf_counter()
-        token_source = None if previous is None else self._continuation_inputs(plan, previous)
+        # A continuation's rows that decode take ``previous``'s tokens on the device (``continued_rows``);
+        # its prompt chunks, if any, are plain rows.
+        continued_rows, continued_tokens = ([], None) if previous is None else self._continuation_inputs(plan, previous)
+        all_continued = len(continued_rows) == len(plan.sequences)
         runner = self.graph_runner
         chunks = self.chunk_runner
         graphs = self.use_cuda_graphs and runner is not None and runner.backend is self.backend
-        if graphs and runner.can_run(plan):
-            hidden = runner.run(plan, token_source)
+        if graphs and runner.can_run(plan) and (previous is None or all_continued):
+            hidden = runner.run(plan, continued_tokens)
             sample_rows = [(row, sequence) for row, sequence in enumerate(plan.sequences) if sequence.samples]
-        elif token_source is None and graphs and chunks is not None and chunks.backend is self.backend and (
-                can_run_mixed_step(plan, runner, chunks)):
-            hidden, sampling = run_mixed_step(plan, runner, chunks)
+        elif graphs and chunks is not None and chunks.backend is self.backend and (
+                can_run_mixed_step(plan, runner, chunks)) and (
+                previous is None or continued_rows == [row for row, s in enumerate(plan.sequences) if s.num_tokens == 1]):
+            hidden, sampling = run_mixed_step(plan, runner, chunks, continued_tokens)
             sample_rows = list(enumerate(sampling))
         else:
             input_ids, positions, metadata, sample_rows = self._prepare(plan)
-            if token_source is not None:  # a continuation is decode-only: one input row per sequence
-                input_ids.copy_(token_source)
+            if continued_rows:
+                offsets = _token_offsets(plan, continued_rows)
+                if offsets == list(range(len(offsets))):  # decodes lead a plan: a plain copy
+                    input_ids[: len(offsets)].copy_(continued_tokens)
+                else:
+                    input_ids.index_copy_(0, self._index(offsets), continued_tokens)
             context = ForwardContext(self.backend, self.kv_cache, metadata)
             hidden = self.model(input_ids, positions, context)
         if not sample_rows:
@@ -170,11 +181,17 @@ class ModelExecutor:
             copied.record()
             return LaunchedStep(requests, started, token_ids=token_ids, host_token_ids=host_token_ids,
                                 copied=copied)
+        if previous is not None:  # a continuation's new prompts may sample on the host: not before collect
+            return LaunchedStep(requests, started, logits=logits)
         return LaunchedStep(requests, started, result=self._sample(logits, requests, started))
 
     def collect(self, launched: LaunchedStep) -> StepResult:
         """Wait for a launched step's tokens. A step's time runs from its launch or, for a continuation launched
         while the step ahead of it still ran, from when that step's tokens arrived: step times never overlap."""
+        if launched.logits is not None:
+            result = self._sample(launched.logits, launched.requests, max(launched.started, self._last_collected))
+            self._last_collected = time.perf_counter()
+            return result
         if launched.result is not None:
             self._last_collected = time.perf_counter()
             return launched.result
@@ -187,18 +204,25 @@ class ModelExecutor:
                                    for request, token_id in zip(launched.requests, token_ids)},
                           elapsed_seconds=now - started)
 
-    def _continuation_inputs(self, plan: StepPlan, previous: LaunchedStep) -> torch.Tensor:
-        """``previous``'s sampled tokens (on the device) in ``plan``'s row order."""
+    def _continuation_inputs(self, plan: StepPlan, previous: LaunchedStep) -> tuple[list[int], torch.Tensor]:
+        """The rows of ``plan`` that decode ``previous``'s sampled tokens, and those tokens (on the device)."""
         if previous.token_ids is None:
             raise ValueError("a continuation needs a previous step whose tokens stayed on the device")
         row_of = {id(request): row for row, request in enumerate(previous.requests)}
-        rows = [row_of[id(sequence.request)] for sequence in plan.sequences]
-        if rows == list(range(len(rows))):
-            return previous.token_ids[: len(rows)]
-        index = torch.tensor(rows, dtype=torch.int64)
+        rows, sources = [], []
+        for row, sequence in enumerate(plan.sequences):
+            if sequence.token_ids[0] == CONTINUATION_TOKEN:
+                rows.append(row)
+                sources.append(row_of[id(sequence.request)])
+        if sources == list(range(len(sources))):
+            return rows, previous.token_ids[: len(sources)]
+        return rows, previous.token_ids.index_select(0, self._index(sources))
+
+    def _index(self, values: list[int]) -> torch.Tensor:
+        index = torch.tensor(values, dtype=torch.int64)
         if self.device.type == "cuda":
             index = index.pin_memory().to(self.device, non_blocking=True)
-        return previous.token_ids.index_select(0, index)
+        return index
 
     def _sample(self, logits: torch.Tensor, requests: list[Request], started: float) -> StepResult:
         sampled: dict[str, SampledToken] = {}
@@ -252,6 +276,18 @@ class ModelExecutor:
             sequence_lengths=sequence_lengths,
         )
         return _to_device(input_ids, device), _to_device(positions, device), metadata, sample_rows
+
+
+def _token_offsets(plan: StepPlan, rows: list[int]) -> list[int]:
+    """Where each of ``rows``' (one-token) rows sits in the step's flat token array."""
+    offsets, offset, wanted = [], 0, iter(rows)
+    target = next(wanted, None)
+    for row, sequence in enumerate(plan.sequences):
+        if row == target:
+            offsets.append(offset)
+            target = next(wanted, None)
+        offset += sequence.num_tokens
+    return offsets
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -187,14 +187,17 @@ def can_run_mixed_step(plan: StepPlan, decode_runner, chunk_runner: PrefillChunk
     return not decodes or decode_runner.can_run(StepPlan(sequences=decodes))
 
 
-def run_mixed_step(plan: StepPlan, decode_runner, chunk_runner: PrefillChunkGraphRunner
-                   ) -> tuple[torch.Tensor, list[ScheduledSequence]]:
+def run_mixed_step(plan: StepPlan, decode_runner, chunk_runner: PrefillChunkGraphRunner,
+                   decode_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, list[ScheduledSequence]]:
     """Replay the decode graph for the decodes and a chunk graph per chunk; returns the hidden rows of
-    the sequences that sample, in plan order, and those sequences."""
+    the sequences that sample, in plan order, and those sequences. ``decode_tokens``: the decodes' input
+    tokens on the device, in plan order (a continuation's, which the host does not know yet)."""
     decodes = [sequence for sequence in plan.sequences if sequence.num_tokens == 1]
     rows: dict[int, torch.Tensor] = {}
     if decodes:
-        hidden = decode_runner.run(StepPlan(sequences=decodes))  # the decode pool: chunk replays leave it
+        # The decode pool: chunk replays leave it.
+        hidden = decode_runner.run(StepPlan(sequences=decodes), decode_tokens if decode_tokens is not None
+                                   and len(decode_tokens) else None)
         for index, sequence in enumerate(decodes):
             if sequence.samples:
                 rows[id(sequence)] = hidden[index]

@@ -170,14 +170,15 @@ def test_kv_capacity_follows_memory_and_rejects_models_that_do_not_fit():
 
 def test_simulator_charges_finishing_requests_and_the_wake_up_after_idle_time():
     """Two requests 10 s apart, 2 output tokens each: each first step wakes an idle replica, each second
-    step finishes a request holding 11 KV tokens (10 prompt + 1 output)."""
+    step finishes a request holding 11 KV tokens (10 prompt + 1 output). Steps run one by one (no
+    lookahead, which would queue the second step behind the first and hide host-side costs in it)."""
     import dataclasses
 
     model = small_model()
     spec = WorkloadSpec(2, rate=0.1, arrival="fixed", input_len=LengthDistribution("fixed", 10),
                         output_len=LengthDistribution("fixed", 2))
     requests = generate(spec, model.vocab_size)
-    plain = replica()
+    plain = replica(decode_lookahead=False)
     with_events = dataclasses.replace(plain, profile=dataclasses.replace(
         plain.profile, wake_overhead_s=0.5, finish_overhead_s=0.01, finish_token_overhead_s=0.001))
     before = ClusterSimulator(model, [plain]).run(requests).summary()

@@ -189,9 +189,9 @@ def test_mixed_steps_through_static_chunk_buffers_match_eager_tokens(tiny_dir, m
     mixed_decodes = []
     original_mixed = executor_module.run_mixed_step
 
-    def counting_mixed(plan, decode_runner, chunk_runner):
+    def counting_mixed(plan, decode_runner, chunk_runner, decode_tokens=None):
         mixed_decodes.append(sum(1 for sequence in plan.sequences if sequence.num_tokens == 1))
-        return original_mixed(plan, decode_runner, chunk_runner)
+        return original_mixed(plan, decode_runner, chunk_runner, decode_tokens)
 
     monkeypatch.setattr(executor_module, "run_mixed_step", counting_mixed)
     chunk_sizes = []

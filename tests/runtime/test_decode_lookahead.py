@@ -14,6 +14,8 @@ if not torch.cuda.is_available():
 
 from helpers.tiny_models import build_tiny_checkpoint
 
+from joule.engine.plan import CONTINUATION_TOKEN
+from joule.engine.policies import make_policy
 from joule.llm_engine import LLMEngine
 from joule.sampling_params import RequestOutputKind, SamplingParams
 
@@ -111,15 +113,81 @@ def test_lookahead_with_aborts_frees_every_block(model_dir):
     _assert_no_energy_left_on_released_requests(engine)
 
 
-def test_no_continuation_while_requests_wait_or_prompts_run(model_dir):
+def test_continuations_carry_prompts_under_fcfs_only(model_dir):
+    """Under fcfs a prompt step is followed by a continuation: the prompt's first decode (its token a
+    placeholder), the next chunk of an unfinished prompt and a waiting request admitted within the budget.
+    With ``lookahead_prompts`` off, or another policy, prompt steps and waiting requests stop the chain."""
     engine = _engine(model_dir, lookahead=True)
     scheduler = engine.core.scheduler
+    scheduler.config.max_num_batched_tokens = 8
     engine.add_request("a", {"prompt_token_ids": [1, 2, 3]}, _params())
+    engine.add_request("b", {"prompt_token_ids": list(range(10, 20))}, _params())  # 10 tokens: two chunks
     plan = scheduler.schedule()
-    assert scheduler.schedule_continuation(plan) is None  # a prompt step
-    engine.core.executor.execute(plan)  # (the tokens do not matter here)
-    engine.add_request("b", {"prompt_token_ids": [4, 5]}, _params())
-    assert scheduler.schedule_continuation(plan) is None
+    assert [(s.request_id, s.num_tokens, s.samples) for s in plan.sequences] == [("a", 3, True), ("b", 5, False)]
+    engine.add_request("c", {"prompt_token_ids": [4, 5, 6, 7]}, _params())
+    continuation = scheduler.schedule_continuation(plan)
+    assert [(s.request_id, s.token_ids, s.start_position, s.samples) for s in continuation.sequences] == [
+        ("a", [CONTINUATION_TOKEN], 3, True), ("b", list(range(15, 20)), 5, True), ("c", [4, 5], 0, False)]
+    assert not scheduler.waiting and scheduler.running == [scheduler.requests[i] for i in "abc"]
+    # Blocks (4 tokens each) cover every planned position: a 4, b 10 (three blocks), c 2.
+    assert [len(scheduler.requests[i].block_ids) for i in "abc"] == [1, 3, 1]
+
+    for setting, policy in ((False, "fcfs"), (True, "priority")):
+        engine = _engine(model_dir, lookahead=True)
+        scheduler = engine.core.scheduler
+        scheduler.config.lookahead_prompts = setting
+        scheduler.config.policy = policy
+        scheduler.policy = make_policy(policy)
+        engine.add_request("a", {"prompt_token_ids": [1, 2, 3]}, _params())
+        plan = scheduler.schedule()
+        assert scheduler.schedule_continuation(plan) is None  # a prompt step
+        engine.core.executor.execute(plan)  # (the tokens do not matter here)
+        engine.add_request("b", {"prompt_token_ids": [4, 5]}, _params())
+        assert scheduler.schedule_continuation(plan) is None  # a request waits
+
+
+def test_prompt_lookahead_gives_the_plain_loops_tokens_with_chunks_stops_and_a_full_cache(model_dir):
+    """Prompts arriving over time, chunked by a small budget, queued behind running steps: the same tokens
+    as the plain loop, with stop tokens, aborts, a sampled request and a KV cache small enough that
+    admissions wait for blocks (a continuation never preempts)."""
+    prompts = {f"p{index}": [(7 * index + k) % 90 + 3 for k in range(5 + 3 * index)] for index in range(8)}
+
+    def workload():
+        return [(rid, prompt, _params(max_tokens=6 + index)) for index, (rid, prompt) in enumerate(prompts.items())
+                if index < 5]
+
+    late = {3: [("late-a", prompts["p5"], _params(max_tokens=9))],
+            7: [("late-b", prompts["p6"], _params(max_tokens=4)),
+                ("late-sampled", prompts["p7"], _params(temperature=0.8, seed=11, max_tokens=5))]}
+
+    def engine_for(lookahead: bool, cache_bytes: int) -> LLMEngine:
+        engine = LLMEngine.from_kwargs(model=str(model_dir), device="cpu", dtype="float32", max_model_len=64,
+                                       kv_cache_memory_bytes=cache_bytes, block_size=4, max_num_batched_tokens=64,
+                                       decode_lookahead=lookahead)
+        engine.core.scheduler.config.max_num_batched_tokens = 12  # prompts of 5-26 tokens run in chunks
+        return engine
+
+    reference = _run(engine_for(False, 1 << 21), workload(), arrivals=late)
+    stop_token = reference["p2"][0][2]
+    stopping = [(rid, prompt, params.clone(stop_token_ids=[stop_token]) if rid == "p2" else params)
+                for rid, prompt, params in workload()]
+    for cache_bytes in (1 << 21, 16 * 1024):  # ample; 16 blocks of 4 tokens
+        expected = _run(engine_for(False, cache_bytes), stopping, arrivals=late, abort_at={9: "p4"})
+        engine = engine_for(True, cache_bytes)
+        free_before = engine.block_manager.num_free_blocks
+        prompt_continuations = []
+        original = engine.core.executor.launch
+        engine.core.executor.launch = lambda plan, previous=None: (
+            prompt_continuations.append(plan.num_prefill_tokens) if previous is not None else None
+        ) or original(plan, previous)
+        results = _run(engine, stopping, arrivals=late, abort_at={9: "p4"})
+        assert {k: v for k, v in results.items() if k != "p4"} == {k: v for k, v in expected.items() if k != "p4"}
+        assert expected["p2"][1] == "stop"
+        assert any(prompt_continuations), "no continuation carried prompt tokens"
+        assert engine.block_manager.num_free_blocks == free_before
+        assert not engine.has_unfinished_requests()
+        if cache_bytes == 16 * 1024:
+            assert engine.core.scheduler.num_preemptions > 0, "the small cache never ran short"
 
 
 def test_lookahead_through_the_static_decode_buffers(model_dir):
@@ -145,6 +213,43 @@ def test_lookahead_through_the_static_decode_buffers(model_dir):
             sources.append(token_source is not None) or run(plan, token_source))
         results[lookahead] = _run(engine, workload)
         assert any(sources) == lookahead and len(sources) > 5
+    assert results[True] == results[False]
+
+
+def test_prompt_continuations_through_the_static_graph_buffers(model_dir, monkeypatch):
+    """Continuations that carry prompt chunks beside decodes go through the mixed-step runners (what CUDA
+    graphs capture; eager through the Triton backend on the CPU): the decodes' inputs copied from the step
+    before on the device, the chunks' from the host. The same tokens as the plain loop."""
+    import joule.runtime.executor as executor_module
+    from joule.runtime.attention.triton_backend import TritonAttentionBackend
+    from joule.runtime.cuda_graphs import DecodeGraphRunner
+    from joule.runtime.prefill_graphs import PrefillChunkGraphRunner
+
+    workload = [(f"r{index}", [3 + index, 20, 30 + index, 9, 11, 4 + index], _params(max_tokens=5 + 2 * index))
+                for index in range(3)]
+    late = {2: [("late", [40, 41, 42, 43, 44, 45, 46], _params(max_tokens=6))],
+            4: [("later", [50, 51, 52], _params(max_tokens=4))]}
+    mixed_with_device_tokens = []
+    original_mixed = executor_module.run_mixed_step
+
+    def recording_mixed(plan, decode_runner, chunk_runner, decode_tokens=None):
+        mixed_with_device_tokens.append(decode_tokens is not None and len(decode_tokens) > 0)
+        return original_mixed(plan, decode_runner, chunk_runner, decode_tokens)
+
+    monkeypatch.setattr(executor_module, "run_mixed_step", recording_mixed)
+    results = {}
+    for lookahead in (False, True):
+        engine = _engine(model_dir, lookahead)
+        executor = engine.core.executor
+        executor.backend = TritonAttentionBackend()
+        executor.graph_runner = DecodeGraphRunner(executor.model, executor.kv_cache, executor.backend,
+                                                  executor.device, max_num_seqs=4, max_model_len=128)
+        executor.chunk_runner = PrefillChunkGraphRunner(executor.model, executor.kv_cache, executor.backend,
+                                                        executor.device, max_num_batched_tokens=32, max_model_len=128)
+        executor.use_cuda_graphs = True
+        mixed_with_device_tokens.clear()
+        results[lookahead] = _run(engine, workload, arrivals=late)
+        assert any(mixed_with_device_tokens) == lookahead
     assert results[True] == results[False]
 
 
