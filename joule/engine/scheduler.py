@@ -26,8 +26,9 @@ from dataclasses import dataclass
 
 from joule.engine.admission import ADMISSION_POLICIES, make_admission_policy
 from joule.engine.kv_blocks import KVBlockManager
-from joule.engine.plan import CONTINUATION_TOKEN, ScheduledSequence, StepPlan, StepResult
-from joule.engine.policies import DEFAULT_FAIR_PROMPT_CAP, POLICIES, FirstComeFirstServed, make_policy
+from joule.engine.plan import ScheduledSequence, StepPlan, StepResult
+from joule.engine.continuation import plan_continuation
+from joule.engine.policies import DEFAULT_FAIR_PROMPT_CAP, POLICIES, make_policy
 from joule.engine.request import FINISHED_STATUSES, Request, RequestStatus
 from joule.engine.step_time import StepTimeEstimator
 
@@ -187,75 +188,8 @@ class Scheduler:
         return plan
 
     def schedule_continuation(self, plan: StepPlan, now: float = 0.0) -> StepPlan | None:
-        """The step after ``plan``, planned before ``plan``'s tokens are known, so the executor can queue it
-        behind ``plan`` on the device (its decodes' inputs are ``plan``'s sampled tokens, copied there).
-
-        Every request of ``plan`` goes on: one that samples and cannot stop by length at this token decodes
-        next; one whose prompt ``plan`` left unfinished gets its next chunk. A request that samples a stop
-        token, or is aborted or stopped by a stop string meanwhile, is skipped by ``update`` (its extra token
-        is dropped). With ``lookahead_prompts`` under fcfs, waiting requests are admitted as a normal step
-        would, within what is left of the budget, but never by preempting: the blocks of ``plan``'s requests
-        are in use on the device. Otherwise the step must be decode-only with nothing waiting.
-
-        None, changing nothing, when that does not hold, ``plan`` preempted or left a running request out (a
-        policy held its decode back: chaining the others would keep it waiting), or the running requests
-        lack blocks for their next tokens.
-        """
-        if not plan.sequences or plan.preempted_request_ids or len(plan.sequences) != len(self.running):
-            return None
-        with_prompts = self._lookahead_prompts()
-        if self.waiting and not with_prompts:
-            return None
-        max_model_len = self.config.max_model_len
-        decodes, chunks = [], []  # (request, its computed tokens once ``plan`` is applied)
-        for sequence in plan.sequences:
-            request = sequence.request
-            if request.status is not RequestStatus.RUNNING:
-                return None
-            end = sequence.start_position + len(sequence.token_ids)
-            if not with_prompts and (len(sequence.token_ids) != 1 or not sequence.samples):
-                return None
-            if not sequence.samples:
-                chunks.append((request, end))
-                continue
-            outputs_after = len(request.output_token_ids) + 1
-            if outputs_after >= request.max_tokens or (
-                    max_model_len is not None and len(request.prompt_token_ids) + outputs_after >= max_model_len):
-                continue  # stops by length at this token, whatever it is
-            decodes.append((request, end))
-        manager = self.block_manager
-        # Blocks through each decode's next position: ``plan``'s own tokens are not yet counted as computed.
-        if sum(manager.blocks_to_grow(request, end + 1 - request.num_computed_tokens)
-               for request, end in decodes) > manager.num_free_blocks:
-            return None
-        self.num_steps += 1
-        continuation = StepPlan()
-        budget = self.config.max_num_batched_tokens
-        for request, end in decodes:
-            manager.allocate(request, end + 1 - request.num_computed_tokens)
-            self._add_ahead(continuation, request, [CONTINUATION_TOKEN], end, True)
-            budget -= 1
-        for request, end in chunks:
-            num_new = min(request.num_tokens - end, budget)
-            if num_new <= 0 or not manager.allocate(request, end + num_new - request.num_computed_tokens):
-                break
-            self._add_ahead(continuation, request, request.token_ids_between(end, end + num_new), end,
-                            end + num_new == request.num_tokens)
-            budget -= num_new
-        if with_prompts and budget > 0 and self.waiting:
-            self._admit_waiting(budget, continuation, {}, now, may_preempt=False)
-        return continuation if continuation.sequences else None
-
-    def _lookahead_prompts(self) -> bool:
-        """Whether a continuation may carry prompt chunks and admissions: only where a normal step would plan
-        the same kind of step (fcfs's whole budget, no lanes, no preemption for a waiting request)."""
-        return (self.config.lookahead_prompts and self.config.enable_chunked_prefill
-                and type(self.policy) is FirstComeFirstServed)
-
-    def _add_ahead(self, plan: StepPlan, request: Request, token_ids: list[int], start: int, samples: bool) -> None:
-        plan.sequences.append(ScheduledSequence(request, token_ids, start, request.block_ids, samples))
-        request.last_scheduled_step = self.num_steps
-        self.policy.on_scheduled(request, len(token_ids), token_ids == [CONTINUATION_TOKEN])
+        """The step after ``plan``, planned before ``plan``'s tokens are known (``continuation.py``)."""
+        return plan_continuation(self, plan, now)
 
     def _split_decodes(self, decodes: list[Request], tenants: frozenset) -> list[Request]:
         """The decodes of this step when ``tenants``' decodes may run half per step: all the others', and
@@ -311,6 +245,11 @@ class Scheduler:
             else:
                 self._add_to_plan(request, 1, plan, scheduled)
         return plan
+
+    def admit_waiting(self, budget: int, plan: StepPlan, now: float, may_preempt: bool = True) -> int:
+        """Admit waiting requests into ``plan`` within ``budget``; returns what is left (the continuation's
+        admissions, which pass ``may_preempt=False``)."""
+        return self._admit_waiting(budget, plan, {}, now, may_preempt=may_preempt)
 
     def _admit_waiting(self, budget: int, plan: StepPlan, scheduled: dict, now: float,
                        whole_prompts: bool = False, only_tenant: object = _ANY_TENANT, may_preempt: bool = True) -> int:

@@ -1,0 +1,88 @@
+"""The step after a step in flight, planned before that step's tokens are known (the engine's lookahead).
+
+``EngineCore`` queues it on the device behind the step in flight; its decodes' inputs are that step's sampled
+tokens, copied there. Every request of the step goes on: one that samples and cannot stop by length at this
+token decodes next; one whose prompt the step left unfinished gets its next chunk. A request that samples a
+stop token, or is aborted or stopped by a stop string meanwhile, is skipped by ``Scheduler.update`` (its extra
+token is dropped).
+
+Under fcfs (``SchedulerConfig.lookahead_prompts``) waiting requests are admitted as a normal step would, within
+what is left of the budget, but never by preempting: the blocks of the step in flight are in use on the device.
+Other policies shape each step from the queue (priority preemption, deadlines, fair lanes), so there the step
+must be decode-only with nothing waiting. Pure Python, like the scheduler it serves.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from joule.engine.plan import CONTINUATION_TOKEN, ScheduledSequence, StepPlan
+from joule.engine.policies import FirstComeFirstServed
+from joule.engine.request import Request, RequestStatus
+
+if TYPE_CHECKING:
+    from joule.engine.scheduler import Scheduler
+
+
+def plan_continuation(scheduler: Scheduler, plan: StepPlan, now: float) -> StepPlan | None:
+    """The continuation of ``plan``, its blocks reserved; None, changing nothing, when the rules above do not
+    allow one, ``plan`` preempted or left a running request out (a policy held its decode back: chaining the
+    others would keep it waiting), or the running requests lack blocks for their next tokens."""
+    if not plan.sequences or plan.preempted_request_ids or len(plan.sequences) != len(scheduler.running):
+        return None
+    with_prompts = lookahead_prompts(scheduler)
+    if scheduler.waiting and not with_prompts:
+        return None
+    max_model_len = scheduler.config.max_model_len
+    decodes, chunks = [], []  # (request, its computed tokens once ``plan`` is applied)
+    for sequence in plan.sequences:
+        request = sequence.request
+        if request.status is not RequestStatus.RUNNING:
+            return None
+        end = sequence.start_position + len(sequence.token_ids)
+        if not with_prompts and (len(sequence.token_ids) != 1 or not sequence.samples):
+            return None
+        if not sequence.samples:
+            chunks.append((request, end))
+            continue
+        outputs_after = len(request.output_token_ids) + 1
+        if outputs_after >= request.max_tokens or (
+                max_model_len is not None and len(request.prompt_token_ids) + outputs_after >= max_model_len):
+            continue  # stops by length at this token, whatever it is
+        decodes.append((request, end))
+    manager = scheduler.block_manager
+    # Blocks through each decode's next position: ``plan``'s own tokens are not yet counted as computed.
+    if sum(manager.blocks_to_grow(request, end + 1 - request.num_computed_tokens)
+           for request, end in decodes) > manager.num_free_blocks:
+        return None
+    scheduler.num_steps += 1
+    continuation = StepPlan()
+    budget = scheduler.config.max_num_batched_tokens
+    for request, end in decodes:
+        manager.allocate(request, end + 1 - request.num_computed_tokens)
+        _add(scheduler, continuation, request, [CONTINUATION_TOKEN], end, True)
+        budget -= 1
+    for request, end in chunks:
+        num_new = min(request.num_tokens - end, budget)
+        if num_new <= 0 or not manager.allocate(request, end + num_new - request.num_computed_tokens):
+            break
+        _add(scheduler, continuation, request, request.token_ids_between(end, end + num_new), end,
+             end + num_new == request.num_tokens)
+        budget -= num_new
+    if with_prompts and budget > 0 and scheduler.waiting:
+        scheduler.admit_waiting(budget, continuation, now, may_preempt=False)
+    return continuation if continuation.sequences else None
+
+
+def lookahead_prompts(scheduler: Scheduler) -> bool:
+    """Whether a continuation may carry prompt chunks and admissions: only where a normal step would plan the
+    same kind of step (fcfs's whole budget, no lanes, no preemption for a waiting request)."""
+    config = scheduler.config
+    return config.lookahead_prompts and config.enable_chunked_prefill and type(scheduler.policy) is FirstComeFirstServed
+
+
+def _add(scheduler: Scheduler, plan: StepPlan, request: Request, token_ids: list[int], start: int,
+         samples: bool) -> None:
+    plan.sequences.append(ScheduledSequence(request, token_ids, start, request.block_ids, samples))
+    request.last_scheduled_step = scheduler.num_steps
+    scheduler.policy.on_scheduled(request, len(token_ids), token_ids == [CONTINUATION_TOKEN])
