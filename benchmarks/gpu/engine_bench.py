@@ -6,7 +6,8 @@ Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/engine_bench.
 (c) workload 2: Qwen3-0.6B bf16, 256 requests, input/output lengths uniform in [100, 1024], ignore_eos;
 (d) 256 x (512 -> 128), Llama-3.2-1B bf16; (e) Llama-3.1-8B on workload 2 when time is left.
 Weights are random (``load_format="dummy"``); every workload has a fixed seed. Batch 1, workload 2 and workload 3
-also run with the decode lookahead off (it is on by default with CUDA), so both sit in the same table.
+also run with the decode lookahead off (it is on by default with CUDA), so both sit in the same table; workload 3
+also with the lookahead queuing decode steps only (``lookahead_prompts=False``, the engine before 2026-12-04 g).
 """
 
 from __future__ import annotations
@@ -155,10 +156,12 @@ def main() -> None:
     raw["b"] = latency
     engine.core.executor.use_cuda_graphs = graphs
     workload_three = fixed_length_workload(256, 512, 128, vocab, seed=2)
-    for lookahead in (False, True):  # the default on CUDA last: the peers' ratios use it
+    # The default on CUDA last (lookahead on, prompt steps queued ahead too): the peers' ratios use it.
+    for lookahead, prompts, label in ((False, False, " no lookahead"), (True, False, " decode-only lookahead"),
+                                      (True, True, "")):
         engine.core.decode_lookahead = lookahead
+        engine.core.scheduler.config.lookahead_prompts = prompts
         result = throughput(engine, workload_three)
-        label = "" if lookahead else " no lookahead"
         rows.append((f"(d) 1B 256x(512->128){label} output tok/s",
                      f"{result['output_tok_per_s']:.0f} ({result['seconds']:.2f}s)"))
         raw["d" + label.replace(" ", "_")] = result
