@@ -59,6 +59,7 @@ class ReplicaConfig:
     # The engine's --decode-lookahead (continuation steps' host work overlaps); None: the engine's default,
     # on for a GPU, off for a CPU.
     decode_lookahead: bool | None = None
+    lookahead_prompts: bool = True  # ... which also queues steps with prompt chunks under fcfs (as the engine)
 
     @classmethod
     def for_hardware(cls, name: str, profile_path=None, dtype: str | None = None, calibrated: bool = True,
@@ -118,6 +119,7 @@ class _Replica:
             config.max_num_seqs, config.max_num_batched_tokens, max_model_len, policy=config.scheduling_policy,
             admission=config.admission_policy, enable_chunked_prefill=config.enable_chunked_prefill,
             fair_prompt_cap=config.fair_prompt_cap, fair_split_decodes=config.fair_split_decodes,
+            lookahead_prompts=config.lookahead_prompts,
         )
         self.executor = SimulatedExecutor(
             StepModel(model, config.profile), model.vocab_size, eos_token_id, eos_probability,

@@ -223,6 +223,9 @@ def test_decode_lookahead_in_simulation_runs_the_engines_continuations_and_hides
     assert ahead.makespan < plain.makespan
     default = ClusterSimulator(model, [replica()]).run(requests)  # a GPU replica: on, as the engine on CUDA
     assert default.makespan == ahead.makespan
+    # Queuing only decode steps (the engine before prompt continuations): prompt steps' host time shows again.
+    decode_only = ClusterSimulator(model, [replica(decode_lookahead=True, lookahead_prompts=False)]).run(requests)
+    assert plain.makespan > decode_only.makespan > ahead.makespan
 
 
 def test_a_queued_graph_step_pays_its_per_layer_gaps_on_the_device():
