@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from joule.config import EngineConfig
 from joule.engine.policies import DEFAULT_FAIR_PROMPT_CAP
+from joule.heap import heap_frozen_while_running
 from joule.logger import get_logger
 from joule.llm_engine import LLMEngine, PromptType
 from joule.outputs import RequestMetrics, RequestOutput
@@ -133,26 +134,27 @@ class LLM:
         progress = tqdm(total=len(index_of), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
         started = time.perf_counter()
         prompt_tokens = output_tokens = 0
-        try:
-            while engine.has_unfinished_requests():
-                for output in engine.step():
-                    if not output.finished:
-                        continue
-                    results[index_of[output.request_id]] = output
-                    prompt_tokens += len(output.prompt_token_ids)
-                    output_tokens += sum(len(completion.token_ids) for completion in output.outputs)
-                    elapsed = max(time.perf_counter() - started, 1e-9)
-                    progress.set_postfix_str(
-                        f"input: {prompt_tokens / elapsed:.1f} tok/s, output: {output_tokens / elapsed:.1f} tok/s",
-                        refresh=False,
-                    )
-                    progress.update(1)
-        except BaseException:
-            for request_id in index_of:
-                engine.abort_request(request_id)
-            raise
-        finally:
-            progress.close()
+        with heap_frozen_while_running():  # no full collections of the start-up heap mid-run
+            try:
+                while engine.has_unfinished_requests():
+                    for output in engine.step():
+                        if not output.finished:
+                            continue
+                        results[index_of[output.request_id]] = output
+                        prompt_tokens += len(output.prompt_token_ids)
+                        output_tokens += sum(len(completion.token_ids) for completion in output.outputs)
+                        elapsed = max(time.perf_counter() - started, 1e-9)
+                        progress.set_postfix_str(
+                            f"input: {prompt_tokens / elapsed:.1f} tok/s, output: {output_tokens / elapsed:.1f} tok/s",
+                            refresh=False,
+                        )
+                        progress.update(1)
+            except BaseException:
+                for request_id in index_of:
+                    engine.abort_request(request_id)
+                raise
+            finally:
+                progress.close()
         return results  # type: ignore[return-value]
 
 

@@ -7,6 +7,10 @@ returns a token for every sampling sequence at once, so what is timed is what th
 between graph replays: ``num_sequences`` requests (prompts uniform 100-1,024 tokens, greedy, FINAL_ONLY
 outputs, prefix caching on), timed over ``steps`` decode-only steps once every prompt is in.
 
+``--phase run`` times whole runs of workload 3's shape (256 x (512 -> 128), outputs kept as LLM.generate keeps
+them) and the garbage collector's pauses in them, with the start-up heap frozen as LLM.generate runs
+(``joule/heap.py``) or, with ``--no-freeze``, not.
+
 ``--phase prefill`` times the prompt steps instead, as workload 3 runs them (256 prompts of ``--prompt-len``
 random tokens, 8,192-token steps): scheduling, the executor's input arrays (``ModelExecutor._prepare``, which
 an eager prompt step pays before its first kernel) and the update, from the first step until every prompt is in.
@@ -43,11 +47,16 @@ def main() -> None:
                         help="final_only (offline) or delta (what a streaming server asks for)")
     parser.add_argument("--energy", action="store_true",
                         help="keep the per-request energy attribution on (the engine's default; off here by default)")
-    parser.add_argument("--phase", default="decode", choices=["decode", "prefill"])
+    parser.add_argument("--phase", default="decode", choices=["decode", "prefill", "run"])
+    parser.add_argument("--no-freeze", action="store_true", help="--phase run: leave the start-up heap unfrozen")
+    parser.add_argument("--runs", type=int, default=8, help="--phase run: runs timed")
     parser.add_argument("--prompt-len", type=int, default=512, help="--phase prefill: every prompt's length")
     args = parser.parse_args()
     if args.phase == "prefill":
         time_prefill(args)
+        return
+    if args.phase == "run":
+        time_runs(args)
         return
     with tempfile.TemporaryDirectory() as directory:
         Path(directory, "config.json").write_text(json.dumps(TINY))
@@ -131,6 +140,58 @@ def time_prefill(args) -> None:
           f"(best of {args.repeats} runs)")
     if profiler is not None:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
+
+
+def time_runs(args) -> None:
+    import collections
+    import contextlib
+    import gc
+
+    from joule.heap import heap_frozen_while_running
+
+    with tempfile.TemporaryDirectory() as directory:
+        Path(directory, "config.json").write_text(json.dumps(TINY))
+        # 234k blocks of 16 tokens: the KV block table of a Llama-3.2-1B-shaped engine on an H200.
+        engine = LLMEngine.from_kwargs(model=directory, load_format="dummy", dtype="float32", max_model_len=4096,
+                                       kv_cache_memory_bytes=234_000 * 16 * 2 * 2 * 64 * 4 // 2,
+                                       max_num_seqs=256, max_num_batched_tokens=8192)
+    if not args.energy:
+        engine.core.step_observer = None
+    executor = engine.core.executor
+
+    def execute(plan):
+        executor._prepare(plan)
+        tokens = {sequence.request.request_id: SampledToken(7) for sequence in plan.sequences if sequence.samples}
+        return StepResult(sampled=tokens, elapsed_seconds=0.0)
+
+    executor.execute = execute
+    events: list[tuple[str, int, float]] = []
+    gc.callbacks.append(lambda phase, info: events.append((phase, info["generation"], time.perf_counter())))
+    walls, pause_total, pause_count, longest = [], collections.Counter(), collections.Counter(), 0.0
+    for run in range(args.runs):
+        rng = random.Random(run)
+        params = SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True,
+                                output_kind=RequestOutputKind(args.output_kind))
+        for index in range(args.sequences):
+            prompt = [rng.randrange(100, 30000) for _ in range(args.prompt_len)]
+            engine.add_request(f"{run}-{index}", {"prompt_token_ids": prompt}, params)
+        events.clear()
+        outputs = []
+        started = time.perf_counter()
+        with contextlib.nullcontext() if args.no_freeze else heap_frozen_while_running():
+            while engine.has_unfinished_requests():
+                outputs.extend(engine.step())
+        walls.append(time.perf_counter() - started)
+        for (_, generation, began), (_, _, ended) in zip(events[::2], events[1::2]):
+            pause_total[generation] += ended - began
+            pause_count[generation] += 1
+            longest = max(longest, ended - began)
+    pauses = "; ".join(f"generation {generation}: {pause_count[generation] / args.runs:.1f} x, "
+                       f"{pause_total[generation] / args.runs * 1e3:.1f} ms" for generation in sorted(pause_count))
+    print(f"host work per run of {args.sequences} x ({args.prompt_len} -> 128), start-up heap "
+          f"{'not frozen' if args.no_freeze else 'frozen'}: runs {', '.join(f'{wall * 1e3:.0f}' for wall in walls)} ms "
+          f"(median {sorted(walls)[len(walls) // 2] * 1e3:.0f}); collector per run: {pauses}; "
+          f"longest pause {longest * 1e3:.1f} ms")
 
 
 if __name__ == "__main__":

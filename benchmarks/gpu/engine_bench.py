@@ -27,6 +27,7 @@ from joule.bench.hf_baseline import run_transformers_generate
 from joule.bench.hf_continuous import run_transformers_generate_batch
 from joule.bench.latency import measure_latency, print_latency_table
 from joule.bench.workload import fixed_length_workload, uniform_length_workload
+from joule.heap import heap_frozen_while_running
 from joule.llm_engine import LLMEngine
 from joule.runtime.cuda_graphs import enable_engine_cuda_graphs
 from joule.sampling_params import RequestOutputKind, SamplingParams
@@ -47,9 +48,10 @@ def generate(engine: LLMEngine, prompts: list[list[int]], output_lens: list[int]
                                 output_kind=RequestOutputKind.FINAL_ONLY)
         engine.add_request(f"{tag}-{index}", {"prompt_token_ids": prompt}, params)
     results = {}
-    while engine.has_unfinished_requests():
-        for output in engine.step():
-            results[output.request_id] = list(output.outputs[0].token_ids)
+    with heap_frozen_while_running():  # as LLM.generate runs (joule/heap.py)
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                results[output.request_id] = list(output.outputs[0].token_ids)
     torch.cuda.synchronize()
     return [results[f"{tag}-{index}"] for index in range(len(prompts))], time.perf_counter() - started
 

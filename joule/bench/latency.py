@@ -15,6 +15,8 @@ import json
 import time
 from dataclasses import fields
 
+from joule.heap import heap_frozen_while_running
+
 
 def add_latency_arguments(parser: argparse.ArgumentParser) -> None:
     from joule.cli_args import add_engine_arguments
@@ -140,8 +142,9 @@ def _generate(engine, prompts: list[list[int]], max_tokens: int) -> float:
     started = time.perf_counter()
     for index, prompt in enumerate(prompts):
         engine.add_request(f"latency-{time.monotonic_ns()}-{index}", {"prompt_token_ids": prompt}, params)
-    while engine.has_unfinished_requests():
-        engine.step()
+    with heap_frozen_while_running():  # as LLM.generate runs (joule/heap.py)
+        while engine.has_unfinished_requests():
+            engine.step()
     _sync(engine.device)
     return time.perf_counter() - started
 

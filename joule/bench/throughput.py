@@ -110,6 +110,7 @@ def _run_alternating(engine, requests, args) -> list[dict]:
 def _run_joule(engine, requests, round_index: int = 0) -> dict:
     from tqdm.auto import tqdm
 
+    from joule.heap import heap_frozen_while_running
     from joule.sampling_params import RequestOutputKind, SamplingParams
 
     # A short warm-up so one-time costs (allocator, first kernels) are not timed.
@@ -126,7 +127,8 @@ def _run_joule(engine, requests, round_index: int = 0) -> dict:
         )
         engine.add_request(f"bench-{round_index}-{index}", {"prompt_token_ids": request.prompt_token_ids}, params)
     output_tokens = 0
-    with tqdm(total=len(requests), desc="joule", dynamic_ncols=True) as progress:
+    # As LLM.generate runs: no full collections of the start-up heap mid-run (joule/heap.py).
+    with tqdm(total=len(requests), desc="joule", dynamic_ncols=True) as progress, heap_frozen_while_running():
         while engine.has_unfinished_requests():
             for output in engine.step():
                 if output.finished:

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from joule.engine.core import lookahead_on
+from joule.heap import heap_frozen_while_running
 from joule.perf.arrivals import TimedRequest
 from joule.perf.hardware import get_hardware
 from joule.perf.measure import Scenario, infer_step_events, measure_steps
@@ -205,6 +206,11 @@ def summarize_checks(checks: list[StepCheck], keep_steps: bool = True) -> dict:
 
 def measure_run(engine, requests: list[TimedRequest]) -> dict:
     """Serve timed requests on the real engine in wall-clock time; vLLM-style latency metrics."""
+    with heap_frozen_while_running():  # as LLM.generate runs (joule/heap.py)
+        return _measure_run(engine, requests)
+
+
+def _measure_run(engine, requests: list[TimedRequest]) -> dict:
     from joule.sampling_params import RequestOutputKind, SamplingParams
 
     pending = sorted(requests, key=lambda r: r.arrival_time)

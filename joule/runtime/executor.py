@@ -147,7 +147,8 @@ class ModelExecutor:
             sample_rows = [(row, sequence) for row, sequence in enumerate(plan.sequences) if sequence.samples]
         elif graphs and chunks is not None and chunks.backend is self.backend and (
                 can_run_mixed_step(plan, runner, chunks)) and (
-                previous is None or continued_rows == [row for row, s in enumerate(plan.sequences) if s.num_tokens == 1]):
+                previous is None or continued_rows == [row for row, s in enumerate(plan.sequences)
+                                                       if s.num_tokens == 1]):
             hidden, sampling = run_mixed_step(plan, runner, chunks, continued_tokens)
             sample_rows = list(enumerate(sampling))
         else:
