@@ -70,7 +70,8 @@ class Aborted:
 
 @dataclass
 class EngineReport:
-    """What one loop turn did, in the order the API side must apply it: accepts, outputs, aborts."""
+    """What one loop turn did, in the order the API side must apply it: accepts, outputs, aborts. A request's
+    outputs after the one with its first tokens carry no ``prompt_token_ids``."""
 
     accepted: list[str] = field(default_factory=list)
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (request_id, the ValueError's message)
@@ -107,6 +108,10 @@ class EngineLoop:
         self._send = send
         self._idle_poll_seconds = idle_poll_seconds
         self._live: set[str] = set()  # request ids added and not yet finished or aborted
+        # Live requests whose prompt token ids went out with their first tokens: their later outputs carry
+        # none. Every report is pickled to the API process, and 256 streams' prompts of 300 tokens made a
+        # step's report 206 KiB instead of 45 (1.4 + 1.8 ms to pickle and unpickle instead of 0.6 + 0.8).
+        self._prompt_sent: set[str] = set()
 
     def run(self) -> None:
         self._send(self._report(EngineReport()))  # the first stats, before any request
@@ -165,6 +170,7 @@ class EngineLoop:
         if request_id not in self._live:
             return
         self._live.discard(request_id)
+        self._prompt_sent.discard(request_id)
         ledger = getattr(self.engine, "energy_ledger", None)
         released_before = ledger.released_joules if ledger is not None else 0.0
         try:
@@ -180,9 +186,16 @@ class EngineLoop:
             logger.exception("engine step failed; failing the %d requests in flight", len(self._live))
             self._fail_all(report, STEP_FAILED, f"the engine failed while generating: {type(error).__name__}")
             return
+        prompt_sent = self._prompt_sent
         for output in outputs:
+            request_id = output.request_id
+            if request_id in prompt_sent:
+                output.prompt_token_ids = []  # the API side counted them with the first tokens (metrics)
+            elif any(completion.token_ids for completion in output.outputs):
+                prompt_sent.add(request_id)
             if output.finished:
-                self._live.discard(output.request_id)
+                self._live.discard(request_id)
+                prompt_sent.discard(request_id)
         report.outputs.extend(outputs)
 
     def _fail_all(self, report: EngineReport, reason: str, message: str) -> None:
