@@ -134,15 +134,18 @@ def main() -> None:
     latency = []
     observer = engine.core.step_observer  # the energy ledger reads NVML twice a step
     step_times = timed_execute(engine)
-    for use_graphs, metered, lookahead in ((graphs, True, False), (graphs, False, False), (graphs, False, True),
-                                           (False, False, False)):
+    # Sampled rows (temperature 0.8, seeded) as well as greedy: the lookahead now continues past them too.
+    for use_graphs, metered, lookahead, temperature in (
+            (graphs, True, False, 0.0), (graphs, False, False, 0.0), (graphs, False, True, 0.0),
+            (graphs, False, False, 0.8), (graphs, False, True, 0.8), (False, False, False, 0.0)):
         engine.core.executor.use_cuda_graphs = use_graphs
         engine.core.step_observer = observer if metered else None
         engine.core.decode_lookahead = lookahead
         step_times.clear()
-        result = measure_latency(engine, [prompt], 256, num_iters=2)
+        result = measure_latency(engine, [prompt], 256, num_iters=2, temperature=temperature)
         decode_steps = sorted(step_times)[: len(step_times) * 9 // 10]  # drop prefills
-        result.update(model=f"1b bf16 {'nvml-metered' if metered else 'unmetered'}{' lookahead' if lookahead else ''}",
+        result.update(model=f"1b bf16 {'nvml-metered' if metered else 'unmetered'}{' lookahead' if lookahead else ''}"
+                            f"{f' T={temperature}' if temperature else ''}",
                       cuda_graphs=use_graphs,
                       execute_ms=1e3 * sum(decode_steps) / max(1, len(decode_steps)))
         latency.append(result)

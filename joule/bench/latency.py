@@ -28,6 +28,8 @@ def add_latency_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=1, help="sequences decoded together")
     parser.add_argument("--num-iters", type=int, default=3, help="timed repetitions (the median is reported)")
     parser.add_argument("--workload-seed", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0: greedy (default); above 0 every sequence samples, seeded, so runs repeat")
     if "enforce_eager" not in {field.name for field in fields(EngineConfig)}:
         parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     parser.add_argument("--output-json", default=None, help="write raw results here")
@@ -42,12 +44,14 @@ def run_latency(args: argparse.Namespace) -> int:
     for name in ("input_len", "output_len", "batch_size", "num_iters"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not args.temperature >= 0:
+        raise SystemExit(f"--temperature must be at least 0, got {args.temperature}")
     engine = LLMEngine(engine_config_from_args(args))
     graphs = enable_engine_cuda_graphs(engine, enforce_eager=getattr(args, "enforce_eager", False))
     special = set(engine.tokenizer.all_special_ids) if engine.tokenizer is not None else set()
     prompts = [request.prompt_token_ids for request in fixed_length_workload(
         args.batch_size, args.input_len, 1, engine.model_config.vocab_size, args.workload_seed, special)]
-    result = measure_latency(engine, prompts, args.output_len, args.num_iters)
+    result = measure_latency(engine, prompts, args.output_len, args.num_iters, temperature=args.temperature)
     result.update(model=args.model or "smollm2-135m", cuda_graphs=graphs)
     print_latency_table([result])
     if args.output_json:
@@ -56,13 +60,15 @@ def run_latency(args: argparse.Namespace) -> int:
     return 0
 
 
-def measure_latency(engine, prompts: list[list[int]], output_len: int, num_iters: int = 3) -> dict:
-    """Median prefill and full-generation times for ``prompts``; decode speed and roofline share."""
+def measure_latency(engine, prompts: list[list[int]], output_len: int, num_iters: int = 3,
+                    temperature: float = 0.0) -> dict:
+    """Median prefill and full-generation times for ``prompts``; decode speed and roofline share.
+    ``temperature`` > 0: every sequence samples (seeded), as a chat client usually asks."""
     import statistics
 
-    _generate(engine, [prompt[:16] for prompt in prompts], 4)  # warm-up: first kernels, allocator
-    prefill = statistics.median(_generate(engine, prompts, 1) for _ in range(num_iters))
-    total = statistics.median(_generate(engine, prompts, output_len) for _ in range(num_iters))
+    _generate(engine, [prompt[:16] for prompt in prompts], 4, temperature)  # warm-up: first kernels, allocator
+    prefill = statistics.median(_generate(engine, prompts, 1, temperature) for _ in range(num_iters))
+    total = statistics.median(_generate(engine, prompts, output_len, temperature) for _ in range(num_iters))
     batch, input_len = len(prompts), len(prompts[0])
     decode_steps = max(1, output_len - 1)
     decode_seconds = max(total - prefill, 1e-9)
@@ -76,6 +82,7 @@ def measure_latency(engine, prompts: list[list[int]], output_len: int, num_iters
         "batch_size": batch,
         "input_len": input_len,
         "output_len": output_len,
+        "temperature": temperature,
         "prefill_s": prefill,
         "total_s": total,
         "end_to_end_tok_per_s": batch * output_len / total,
@@ -131,13 +138,13 @@ def print_latency_table(results: list[dict]) -> None:
               f"{r['copy_bandwidth_gb_per_s']:>10.0f}")
 
 
-def _generate(engine, prompts: list[list[int]], max_tokens: int) -> float:
+def _generate(engine, prompts: list[list[int]], max_tokens: int, temperature: float = 0.0) -> float:
     """Seconds to finish ``prompts`` with ``max_tokens`` each (prefix cache reset: no hits)."""
     from joule.sampling_params import RequestOutputKind, SamplingParams
 
     engine.block_manager.reset_prefix_cache()
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
-                            output_kind=RequestOutputKind.FINAL_ONLY)
+    params = SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True,
+                            seed=0 if temperature > 0 else None, output_kind=RequestOutputKind.FINAL_ONLY)
     _sync(engine.device)
     started = time.perf_counter()
     for index, prompt in enumerate(prompts):

@@ -36,12 +36,13 @@ logger = logging.getLogger(__name__)
 class LaunchedStep:
     """A step whose device work is queued (``ModelExecutor.launch``); ``collect`` waits for its tokens.
 
-    All-greedy steps keep their tokens on the device (``token_ids``, one per request in ``requests``' order)
-    and start copying them to the host at once (``host_token_ids``, done when ``copied`` fires): a plain
-    ``.tolist()`` in ``collect`` would wait for everything queued after this step on the stream, a
-    continuation included, and nothing would overlap. Steps that went through the sampler are complete at
-    launch (``result``), except a continuation's: its logits wait for ``collect`` (``logits``), so that
-    launching it does not wait for the step ahead of it.
+    Steps whose rows all sample on the device (greedy, temperature, top-k/p, min-p, seeds) keep their tokens
+    there (``token_ids``, one per request in ``requests``' order) and start copying them to the host at once
+    (``host_token_ids``, done when ``copied`` fires): a plain ``.tolist()`` in ``collect`` would wait for
+    everything queued after this step on the stream, a continuation included, and nothing would overlap.
+    Steps that need the host's sampler (logprobs, penalties, bans) are complete at launch (``result``), except
+    a continuation's: its logits wait for ``collect`` (``logits``), so launching it does not wait for the step
+    ahead of it.
     """
 
     requests: list[Request]
@@ -124,8 +125,8 @@ class ModelExecutor:
 
     def can_continue(self, launched: LaunchedStep) -> bool:
         """A continuation (``Scheduler.schedule_continuation``, which checks the plan's shape) may take
-        ``launched``'s tokens as inputs: they stayed on the device (every row a plain greedy argmax, decided
-        once in ``launch``)."""
+        ``launched``'s tokens as inputs: they stayed on the device (every row sampled there, decided once in
+        ``launch``)."""
         return launched.token_ids is not None
 
     @torch.inference_mode()
@@ -171,20 +172,32 @@ class ModelExecutor:
         if all(_plain_greedy(request) for request in requests):
             # What the sampler does for such rows (no bans, penalties or logprobs: an argmax), without
             # building a SamplingRow per request (~0.5 ms per 256 rows on the dev CPU) or a host sync.
-            if logits.device.type != "cuda":
-                token_ids = logits.argmax(dim=-1)
-                return LaunchedStep(requests, started, token_ids=token_ids, host_token_ids=token_ids)
-            from joule.kernels.argmax import argmax_rows  # Triton: imported only where CUDA is
+            if logits.device.type == "cuda":
+                from joule.kernels.argmax import argmax_rows  # Triton: imported only where CUDA is
 
-            token_ids = argmax_rows(logits)  # torch reduces a row on one SM: 36 us of a batch-1 step
-            copied = torch.cuda.Event()
-            host_token_ids = token_ids.to("cpu", non_blocking=True)  # into pinned memory, stream-ordered
-            copied.record()
-            return LaunchedStep(requests, started, token_ids=token_ids, host_token_ids=host_token_ids,
-                                copied=copied)
+                token_ids = argmax_rows(logits)  # torch reduces a row on one SM: 36 us of a batch-1 step
+            else:
+                token_ids = logits.argmax(dim=-1)
+            return self._tokens_on_device(requests, started, token_ids)
+        if all(_samples_on_device(request) for request in requests):
+            # Temperature, top-k/p, min-p and seeds need no host either: the tokens stay on the device, so the
+            # lookahead goes on past sampled requests as it does past greedy ones. A continuation's decode
+            # samples the token after one still on its way to the host (its seeded noise is keyed on that).
+            rows = [_sampling_row(sequence.request, int(sequence.token_ids[0] == CONTINUATION_TOKEN))
+                    for _, sequence in sample_rows]
+            return self._tokens_on_device(requests, started, self.sampler.sample_on_device(logits, rows))
         if previous is not None:  # a continuation's new prompts may sample on the host: not before collect
             return LaunchedStep(requests, started, logits=logits)
         return LaunchedStep(requests, started, result=self._sample(logits, requests, started))
+
+    @staticmethod
+    def _tokens_on_device(requests: list[Request], started: float, token_ids: torch.Tensor) -> LaunchedStep:
+        if token_ids.device.type != "cuda":
+            return LaunchedStep(requests, started, token_ids=token_ids, host_token_ids=token_ids)
+        copied = torch.cuda.Event()
+        host_token_ids = token_ids.to("cpu", non_blocking=True)  # into pinned memory, stream-ordered
+        copied.record()
+        return LaunchedStep(requests, started, token_ids=token_ids, host_token_ids=host_token_ids, copied=copied)
 
     def collect(self, launched: LaunchedStep) -> StepResult:
         """Wait for a launched step's tokens. A step's time runs from its launch or, for a continuation launched
@@ -300,12 +313,19 @@ def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
 def _plain_greedy(request: Request) -> bool:
     params = request.sampling_params
-    return (params.is_greedy and params.logprobs is None
+    return params.is_greedy and _samples_on_device(request)
+
+
+def _samples_on_device(request: Request) -> bool:
+    """Sampling that needs nothing from the host but the parameters: no logprobs, penalties (which read the
+    token history) or bans (EOS before ``min_tokens``)."""
+    params = request.sampling_params
+    return (params.logprobs is None
             and params.repetition_penalty == 1.0 and params.frequency_penalty == 0.0
             and params.presence_penalty == 0.0 and len(request.output_token_ids) >= params.min_tokens)
 
 
-def _sampling_row(request: Request) -> SamplingRow:
+def _sampling_row(request: Request, num_pending_tokens: int = 0) -> SamplingRow:
     params = request.sampling_params
     banned: list[int] = []
     if request.num_output_tokens < params.min_tokens:
@@ -325,4 +345,5 @@ def _sampling_row(request: Request) -> SamplingRow:
         output_token_ids=request.output_token_ids,
         num_logprobs=params.logprobs,
         banned_token_ids=banned,
+        num_pending_tokens=num_pending_tokens,
     )

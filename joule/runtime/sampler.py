@@ -49,10 +49,18 @@ class SamplingRow:
     output_token_ids: Sequence[int] = ()
     num_logprobs: int | None = None  # None: no logprobs; k >= 0: sampled token + top-k
     banned_token_ids: Sequence[int] = ()  # e.g. EOS/stop ids before min_tokens is reached
+    # Tokens sampled for the row and not yet in ``output_token_ids``: a lookahead continuation samples the
+    # token after one still on its way to the host, so its seeded noise is one generation step further on.
+    num_pending_tokens: int = 0
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE_EPSILON
+
+    @property
+    def generation_step(self) -> int:
+        """Which output token this row samples (from 0): what a seeded row's noise is keyed on."""
+        return len(self.output_token_ids) + self.num_pending_tokens
 
     @property
     def has_penalties(self) -> bool:
@@ -122,14 +130,32 @@ class Sampler:
         """One token per row of ``logits`` [S, V]; ``rows[i]`` says how to sample row ``i``."""
         if logits.dim() != 2:
             raise ValueError(f"logits must be [num_rows, vocab_size], got shape {tuple(logits.shape)}.")
-        num_rows, vocab_size = logits.shape
+        num_rows = logits.shape[0]
         if len(rows) != num_rows:
             raise ValueError(f"got {len(rows)} sampling rows for {num_rows} rows of logits.")
         if num_rows == 0:
             return SamplerOutput(token_ids=[], logprobs=[])
-        device = logits.device
         if any(not row.is_greedy for row in rows):
             logits = logits.float()  # temperature, filters and noise in float32
+        token_ids = self._token_ids(logits, rows)
+        token_list = token_ids.tolist()
+        return SamplerOutput(token_list, _gather_logprobs(logits, token_ids, token_list, rows))
+
+    @torch.no_grad()
+    def sample_on_device(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """``sample``'s token ids, left on the logits' device with no host sync (the engine's lookahead feeds
+        them to the next step there). For rows that ask for no logprobs."""
+        if any(row.num_logprobs is not None for row in rows):
+            raise ValueError("sample_on_device: logprobs need the host; use sample()")
+        if len(rows) != logits.shape[0]:
+            raise ValueError(f"got {len(rows)} sampling rows for {logits.shape[0]} rows of logits.")
+        if any(not row.is_greedy for row in rows):
+            logits = logits.float()
+        return self._token_ids(logits, rows)
+
+    def _token_ids(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        num_rows = logits.shape[0]
+        device = logits.device
         # Greedy rows may stay in the model's dtype: widening is exact, so argmax picks the same token
         # (first of equals either way) without writing and reading a float32 copy of [S, vocab].
         processed = apply_bans_and_penalties(logits, rows)
@@ -137,21 +163,17 @@ class Sampler:
         # Unseeded rows first so their noise is one contiguous draw.
         sampled = [i for i, row in enumerate(rows) if not row.is_greedy and row.seed is None]
         sampled += [i for i, row in enumerate(rows) if not row.is_greedy and row.seed is not None]
-
         if not sampled:
-            token_ids = processed.argmax(dim=-1)
-        else:
-            token_ids = torch.empty(num_rows, dtype=torch.int64, device=device)
-            if greedy:
-                greedy_index = _index_tensor(greedy, device)
-                token_ids[greedy_index] = processed.index_select(0, greedy_index).argmax(dim=-1)
-            sampled_index = _index_tensor(sampled, device)
-            in_order = sampled == list(range(num_rows))
-            sampled_logits = processed if in_order else processed.index_select(0, sampled_index)
-            token_ids[sampled_index] = self._sample_rows(sampled_logits, [rows[i] for i in sampled])
-
-        token_list = token_ids.tolist()
-        return SamplerOutput(token_list, _gather_logprobs(logits, token_ids, token_list, rows))
+            return processed.argmax(dim=-1)
+        token_ids = torch.empty(num_rows, dtype=torch.int64, device=device)
+        if greedy:
+            greedy_index = _index_tensor(greedy, device)
+            token_ids[greedy_index] = processed.index_select(0, greedy_index).argmax(dim=-1)
+        sampled_index = _index_tensor(sampled, device)
+        in_order = sampled == list(range(num_rows))
+        sampled_logits = processed if in_order else processed.index_select(0, sampled_index)
+        token_ids[sampled_index] = self._sample_rows(sampled_logits, [rows[i] for i in sampled])
+        return token_ids
 
     def _sample_rows(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """Temperature, filters and the exponential race for non-greedy rows."""
@@ -174,7 +196,7 @@ class Sampler:
         for position in range(num_unseeded, len(rows)):
             row = rows[position]
             generator = torch.Generator(device=device)
-            generator.manual_seed(mix_seed(row.seed, len(row.output_token_ids)))
+            generator.manual_seed(mix_seed(row.seed, row.generation_step))
             noise[position].uniform_(generator=generator)
             if per_row_transform:
                 _log_exponential_(noise[position])

@@ -147,7 +147,11 @@ def test_a_tbt_slo_is_judged_against_a_live_server(live_server, tmp_path):  # no
                               "--tenant", "loose:tbt=30", "--output-json", str(output)])
     assert run_serve_bench(args) == 0
     run = json.loads(output.read_text())["runs"][0]
-    assert run["tenants"]["strict"]["slo_attainment"] == 0.0  # no CPU step is a microsecond
+    # No CPU step is a microsecond: a strict request meets its TBT only if no gap was seen at all, which
+    # happens when a loaded machine streams every token of a request in its first chunk.
+    strict = [r for r in run["requests"] if r["tenant"] == "strict"]
+    assert strict and run["tenants"]["strict"]["slo_attainment"] == pytest.approx(
+        sum(r["max_itl_s"] == 0 for r in strict) / len(strict))
     assert run["tenants"]["loose"]["slo_attainment"] == 1.0
-    assert all(r["max_itl_s"] > 0 for r in run["requests"])
+    assert any(r["max_itl_s"] > 0 for r in run["requests"])
     assert run["metrics"]["has_tbt_slo"] and run["metrics"]["worst_itl_ms"] > 0

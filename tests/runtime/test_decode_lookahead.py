@@ -100,6 +100,38 @@ def _assert_no_energy_left_on_released_requests(engine: LLMEngine) -> None:
     assert ledger.released_joules > 0
 
 
+def test_lookahead_goes_on_past_sampled_requests_with_their_seeded_tokens(model_dir, monkeypatch):
+    """Temperature, top-k, top-p and min-p sample on the device, so continuations follow sampled steps too; a
+    continuation samples the token after one not yet on the host, and its seeded noise is keyed on that token's
+    position, so each seeded request gets the plain loop's tokens. Rows asking for logprobs still sample on
+    the host, and the chain stops at them."""
+    workload = [
+        ("hot", [5, 9, 13, 40], _params(temperature=1.3, seed=7, max_tokens=14)),
+        ("top-k", [7, 7, 8, 100], _params(temperature=0.8, top_k=5, seed=11, max_tokens=10)),
+        ("top-p", [50, 51, 52], _params(temperature=0.9, top_p=0.7, min_p=0.02, seed=5, max_tokens=12)),
+        ("greedy", [9] * 6, _params(max_tokens=9)),
+    ]
+    expected = _run(_engine(model_dir, lookahead=False), workload)
+    engine = _engine(model_dir, lookahead=True)
+    continuations = []
+    original = engine.core.executor.launch
+    monkeypatch.setattr(engine.core.executor, "launch", lambda plan, previous=None: (
+        continuations.append(len(plan.sequences)) if previous is not None else None) or original(plan, previous))
+    assert _run(engine, workload) == expected
+    assert len(continuations) >= 8, "the chain stopped at sampled requests"
+
+    with_logprobs = workload + [("logprobs", [3, 4, 5], _params(temperature=0.7, seed=2, logprobs=2, max_tokens=6))]
+    expected = _run(_engine(model_dir, lookahead=False), with_logprobs)
+    engine = _engine(model_dir, lookahead=True)
+    continued_ids = []
+    original = engine.core.executor.launch
+    monkeypatch.setattr(engine.core.executor, "launch", lambda plan, previous=None: (
+        continued_ids.extend(s.request_id for s in plan.sequences) if previous is not None else None
+    ) or original(plan, previous))
+    assert _run(engine, with_logprobs) == expected
+    assert continued_ids and "logprobs" not in continued_ids, "a step whose logprobs need the host was continued"
+
+
 def test_lookahead_with_aborts_frees_every_block(model_dir):
     workload = [(f"r{index}", [3 + index, 20, 30 + index], _params(max_tokens=15)) for index in range(4)]
     expected = _run(_engine(model_dir, lookahead=False), workload, abort_at={5: "r1", 9: "r2"})

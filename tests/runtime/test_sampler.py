@@ -500,3 +500,33 @@ def test_cuda_filters_match_cpu():
     rows = [SamplingRow(temperature=1.0, top_p=p, top_k=k, min_p=m)
             for p, k, m in [(0.9, -1, 0.0), (0.5, 100, 0.0), (0.99, 0, 0.01), (0.7, 1000, 0.0)] * 3]
     assert torch.equal(filter_cutoffs(scaled, rows), filter_cutoffs(scaled.cuda(), rows).cpu())
+
+
+# ---------------------------------------------------------------- tokens left on the device
+
+
+def test_sample_on_device_gives_samples_tokens_without_leaving_the_device(device):
+    logits = _random_logits(6, 300, seed=4, device=device)
+    rows = [SamplingRow(temperature=0.0), SamplingRow(temperature=0.8, seed=1, top_k=20),
+            SamplingRow(temperature=1.1, seed=2, top_p=0.6), SamplingRow(temperature=0.5, seed=3, min_p=0.05),
+            SamplingRow(temperature=0.9, seed=9, output_token_ids=[4, 5]), SamplingRow(temperature=0.0)]
+    on_device = Sampler().sample_on_device(logits, rows)
+    assert on_device.device == logits.device and on_device.dtype == torch.int64
+    assert on_device.tolist() == Sampler().sample(logits, rows).token_ids
+    with pytest.raises(ValueError, match="logprobs"):
+        Sampler().sample_on_device(logits, [SamplingRow(temperature=0.5, num_logprobs=1)] * 6)
+
+
+def test_a_pending_token_moves_a_seeded_row_one_generation_step_on():
+    """A lookahead continuation samples token n + 1 while token n is not yet in the row's history: with one
+    pending token it draws the very noise the row would draw once the history holds n tokens."""
+    logits = _random_logits(1, 500, seed=8)
+    history = [11, 12, 13]
+    later = SamplingRow(temperature=1.0, seed=42, output_token_ids=history + [14])
+    ahead = SamplingRow(temperature=1.0, seed=42, output_token_ids=history, num_pending_tokens=1)
+    assert ahead.generation_step == later.generation_step == 4
+    draws = [Sampler().sample(logits, [row]).token_ids[0] for row in (later, ahead)]
+    assert draws[0] == draws[1]
+    other_steps = {Sampler().sample(logits, [SamplingRow(temperature=1.0, seed=42, output_token_ids=[0] * n)]
+                                    ).token_ids[0] for n in range(12)}
+    assert len(other_steps) > 1  # the step does key the noise: not the same token at every step
