@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from joule.runtime import sampler as sampler_module
+from joule.runtime import logit_processors
 from joule.runtime.sampler import (
     Sampler,
     SamplingRow,
@@ -277,7 +277,7 @@ def test_cpu_top_p_candidates_match_full_sort(monkeypatch):
     settings_ = [(0.9, -1), (0.5, 100), (0.99, 0), (0.7, 1000)] * 3
     rows = [SamplingRow(temperature=1.0, top_p=p, top_k=k) for p, k in settings_]
     with_candidates = filter_cutoffs(scaled, rows)
-    monkeypatch.setattr(sampler_module, "_CPU_TOP_P_CANDIDATE_WIDTHS", ())
+    monkeypatch.setattr(logit_processors, "_CPU_TOP_P_CANDIDATE_WIDTHS", ())
     full_sort = filter_cutoffs(scaled, rows)
     assert torch.equal(with_candidates, full_sort)
     kept = (scaled >= full_sort.unsqueeze(1)).sum(dim=-1).tolist()
