@@ -272,24 +272,16 @@ class Scheduler:
                 break
             if len(self.running) >= self.config.max_num_batched_tokens:
                 break  # every running request must fit one step's decodes (a lane step plans only its own)
-            if len(self.running) >= self.config.max_num_seqs:
-                if not may_preempt:
-                    break
-                refund = self._preempt_for(request, plan, scheduled)
-                if refund is None:
-                    break
-                budget += refund
-                made_room_for = request
-                continue
-            cached_blocks = self.block_manager.find_cached_prefix(request)
-            num_computed = len(cached_blocks) * size
-            num_new = min(request.num_tokens - num_computed, budget)
-            if whole_prompts and num_new < request.num_tokens - num_computed:
-                break  # does not fit what is left of this step; it goes first next step
-            if not self.block_manager.allocate(request, num_new, cached_blocks):
-                if not may_preempt:
-                    break
-                refund = self._preempt_for(request, plan, scheduled)
+            has_room = len(self.running) < self.config.max_num_seqs
+            if has_room:
+                cached_blocks = self.block_manager.find_cached_prefix(request)
+                num_computed = len(cached_blocks) * size
+                num_new = min(request.num_tokens - num_computed, budget)
+                if whole_prompts and num_new < request.num_tokens - num_computed:
+                    break  # does not fit what is left of this step; it goes first next step
+                has_room = self.block_manager.allocate(request, num_new, cached_blocks)
+            if not has_room:  # a sequence slot or blocks: a running request the policy ranks lower makes room
+                refund = self._preempt_for(request, plan, scheduled) if may_preempt else None
                 if refund is None:
                     break
                 budget += refund
