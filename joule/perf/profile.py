@@ -62,7 +62,9 @@ class DeviceProfile:
     step_overhead_s: float = 0.0
     sequence_overhead_s: float = 0.0
     layer_overhead_s: float = 0.0
-    # The portable attention backend loops over sequences in steps that carry a prompt chunk.
+    # Per layer and prompt sequence of an eager step with a prompt chunk (the portable attention backend loops
+    # over prompt chunks; its decodes, and every row on a GPU, are batched). Profiles before 2026-12-04 (g)
+    # counted the step's decodes too.
     prefill_sequence_layer_overhead_s: float = 0.0
     # Per layer, only in steps that carry a prompt chunk: on a GPU those run eagerly (a launch per
     # kernel) while decode-only steps replay a captured CUDA graph.

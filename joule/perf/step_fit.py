@@ -78,6 +78,7 @@ FIT_FEATURES = ("linear", "attention_prefill", "attention_decode", "elementwise"
                 "prefill_sequence_layer", "chunk_layer", "staging_rebuild", "linear_decode", "linear_memory",
                 "finish", "finish_token", "wake", "chunk_pass_layer", "host_step")
 _CHUNK_PASS_LAYER = FIT_FEATURES.index("chunk_pass_layer")
+_PREFILL_SEQUENCE_LAYER = FIT_FEATURES.index("prefill_sequence_layer")
 # Host time per step beyond the measured step overhead (wall minus executor time, whose executor part holds
 # host work too): only steps queued behind another tell it from device time, so it is fitted only with them.
 _HOST_STEP = FIT_FEATURES.index("host_step")
@@ -100,7 +101,7 @@ def step_features(model_config, profile: DeviceProfile, shape: BatchShape) -> np
     return np.array([
         (1.0 - decode_only) * linear, seconds["attention_prefill"], seconds["attention_decode"],
         seconds["elementwise"] + seconds["sampling"], layers * replays, sequences,
-        eager_chunk * sequences * layers, eager_chunk * layers, rebuilt, decode_only * linear, memory,
+        eager_chunk * shape.num_prompt_sequences * layers, eager_chunk * layers, rebuilt, decode_only * linear, memory,
         shape.num_finished, shape.finished_tokens, 1.0 if shape.after_idle else 0.0,
         graphed_chunks * layers * replays, 1.0,
     ])
@@ -162,10 +163,10 @@ def _fit_plain(model_config, measured: Measurements, samples: list[StepSample], 
     targets = np.array([max(s.seconds - step_overhead, 1e-6) for s in samples])
     measured_seconds = np.array([s.seconds for s in samples])
     ridge = _ridge(len(samples))
-    graphed_chunks = features[:, _CHUNK_PASS_LAYER].any()
+    unidentified = _unidentified(measured, features, host_step=False)  # alone, steps cannot tell host_step
 
-    def solve(matrix: np.ndarray) -> np.ndarray:  # steps on their own cannot tell host_step from device time
-        return _solve(matrix, targets, measured_seconds, ridge, graphed_chunks, host_step=False)
+    def solve(matrix: np.ndarray) -> np.ndarray:
+        return _solve(matrix, targets, measured_seconds, ridge, unidentified)
 
     _apply(profile, solve(features), step_overhead)
     if not profile.host_overlaps_device:
@@ -210,7 +211,7 @@ def _fit_with_queued(model_config, measured: Measurements, plain: list[StepSampl
     measured_seconds = np.array([s.seconds for s in samples])
     targets = np.maximum(measured_seconds - step_overhead, 1e-6)
     ridge = _ridge(len(samples))
-    graphed_chunks = features[:len(plain), _CHUNK_PASS_LAYER].any()
+    unidentified = _unidentified(measured, features[:len(plain)], host_step=True)
     device_columns = _DEVICE_FEATURES + [_LINEAR_MEMORY] + (_LAYER_FEATURES if base.graph_layer_overhead_on_device
                                                             else [])
     host_columns = [column for column in range(len(FIT_FEATURES)) if column not in device_columns]
@@ -223,7 +224,7 @@ def _fit_with_queued(model_config, measured: Measurements, plain: list[StepSampl
         goal[on_device] = measured_seconds[on_device]
         matrix[np.ix_(on_host, device_columns)] = 0.0
         fitted = base_profile(model_config, measured)
-        _apply(fitted, _solve(matrix, goal, measured_seconds, ridge, graphed_chunks, host_step=True), step_overhead)
+        _apply(fitted, _solve(matrix, goal, measured_seconds, ridge, unidentified), step_overhead)
         return fitted
 
     def regime_of(fitted: DeviceProfile) -> np.ndarray:
@@ -256,18 +257,30 @@ def _ridge(num_samples: int) -> np.ndarray:
 
 
 def _solve(matrix: np.ndarray, targets: np.ndarray, measured_seconds: np.ndarray, ridge: np.ndarray,
-           graphed_chunks: bool, host_step: bool) -> np.ndarray:
-    """The fit's coefficients; a term the samples cannot identify is 0, not a free value: the graphed chunk pass
-    without a graphed prompt-chunk step, the host term per step without queued steps (``host_step``)."""
-    if not host_step:
+           unidentified: list[int]) -> np.ndarray:
+    """The fit's coefficients; a term the samples cannot identify (``unidentified``, see ``_unidentified``) is 0,
+    not a free value."""
+    if unidentified:
         matrix = matrix.copy()
-        matrix[:, _HOST_STEP] = 0.0
+        matrix[:, unidentified] = 0.0
     coefficients = fit_relative_l1(matrix, targets, measured_seconds, ridge, ridge.sum(axis=1))
-    if not host_step:
-        coefficients[_HOST_STEP] = 0.0
-    if not graphed_chunks:
-        coefficients[_CHUNK_PASS_LAYER] = 0.0
+    coefficients[unidentified] = 0.0
     return coefficients
+
+
+def _unidentified(measured: Measurements, features: np.ndarray, host_step: bool) -> list[int]:
+    """Terms these samples cannot tell from others: the graphed chunk pass without a graphed prompt-chunk step;
+    the host term per step without queued steps; the per-prompt-sequence layer term where attention is not the
+    portable backend's per-sequence loop (on a GPU every row is batched, and with one prompt per eager step the
+    term is the per-layer chunk term over again)."""
+    columns = []
+    if not features[:, _CHUNK_PASS_LAYER].any():
+        columns.append(_CHUNK_PASS_LAYER)
+    if not host_step:
+        columns.append(_HOST_STEP)
+    if measured.attention_backend not in ("", "portable"):  # "": measurements that did not record it
+        columns.append(_PREFILL_SEQUENCE_LAYER)
+    return columns
 
 
 def _total_relative_error(model_config, profile: DeviceProfile, samples: list[StepSample]) -> float:

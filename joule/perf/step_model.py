@@ -90,6 +90,11 @@ class BatchShape:
         return sum(s.num_new_tokens for s in self.sequences)
 
     @property
+    def num_prompt_sequences(self) -> int:
+        """Sequences with a prompt chunk (more than one new token); the decodes beside them are batched."""
+        return sum(1 for s in self.sequences if s.num_new_tokens > 1)
+
+    @property
     def num_sampled(self) -> int:
         return sum(1 for s in self.sequences if s.samples)
 
@@ -336,7 +341,7 @@ class StepModel:
         if passes:
             seconds += profile.chunk_pass_layer_overhead_s * layers * len(passes)
         if passes is None and not batch.is_decode_only:
-            seconds += (profile.prefill_sequence_layer_overhead_s * len(batch.sequences)
+            seconds += (profile.prefill_sequence_layer_overhead_s * batch.num_prompt_sequences
                         + profile.chunk_layer_overhead_s) * layers
         return seconds
 

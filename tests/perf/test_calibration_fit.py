@@ -152,6 +152,7 @@ def test_fit_recovers_host_bound_eager_steps_on_a_gpu():
     fitted = fit_profile(config, dataclasses.replace(measured, steps=steps))
     assert fitted.chunk_layer_overhead_s == pytest.approx(1e-3, rel=0.1)
     assert fitted.chunk_pass_layer_overhead_s == 0.0  # no graphed prompt-chunk step to fit it from
+    assert fitted.prefill_sequence_layer_overhead_s == 0.0  # triton batches every row: no per-sequence loop
     # The ridge pulls every scale toward 1, so only roughly: decodes' linear well below the chunks'.
     assert fitted.scales["linear_decode"] < 0.75 * fitted.scales["linear"]
     fitted_model = StepModel(config, fitted)
