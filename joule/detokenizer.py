@@ -36,6 +36,9 @@ class DetokenizerUpdate:
     stop_string: str | None = None
 
 
+_NO_TEXT = DetokenizerUpdate("")
+
+
 class IncrementalDetokenizer:
     """Turns a stream of output token ids into text, one push at a time, for one request.
 
@@ -102,6 +105,19 @@ class IncrementalDetokenizer:
         """
         if self.finished:
             raise RuntimeError(f"detokenizer already stopped at stop string {self.stop_string!r}")
+        if not self.stop and not stop_terminated and type(new_token_ids) is list and len(new_token_ids) == 1:
+            # The common case, a token a step with no stop strings: nothing to search or hold back, so the new
+            # text is the update (what the general path below computes, with less work per token).
+            token_id = new_token_ids[0]
+            self.token_ids.append(token_id)
+            self._window.append(token_id)
+            piece = self._read_window()
+            if not piece:
+                return _NO_TEXT
+            self._chunks.append(piece)
+            self._text_cache = None
+            sendable, self._unsent = self._unsent + piece, ""
+            return DetokenizerUpdate(sendable)
         new_ids = list(new_token_ids)
         last_index = len(new_ids) - 1
         for index, token_id in enumerate(new_ids):
@@ -140,9 +156,11 @@ class IncrementalDetokenizer:
             return ""
         piece = full[len(self._prefix_text) :]
         # The newly read tokens become the prefix for the next step; older ones are dropped.
-        self._window = self._window[self._read :]
-        self._read = len(self._window)
-        self._prefix_text = self._decode(self._window)
+        self._window = window = self._window[self._read :]
+        self._read = len(window)
+        # Mostly a single token (one a step): its text on its own is remembered by the tokenizer.
+        self._prefix_text = (self.tokenizer.decode_one(window[0], self.skip_special_tokens) if len(window) == 1
+                             else self._decode(window))
         return piece
 
     def _append(self, piece: str) -> bool:

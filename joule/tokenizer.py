@@ -130,18 +130,20 @@ class Tokenizer:
         self._clean_up = clean_up_tokenization_spaces and type(backend.model).__name__ != "BPE"
         self._environment = make_chat_template_environment()
         self._compiled: dict[str, jinja2.Template] = {}
+        self._single_token_text: dict[bool, dict[int, str]] = {False: {}, True: {}}  # decode_one's cache
 
     def __getstate__(self) -> dict:
         # The compiled chat templates and their sandbox do not pickle; a copy builds its own (the
         # server's engine process hands its tokenizer to the API process this way).
         state = dict(self.__dict__)
-        del state["_environment"], state["_compiled"]
+        del state["_environment"], state["_compiled"], state["_single_token_text"]
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._environment = make_chat_template_environment()
         self._compiled = {}
+        self._single_token_text = {False: {}, True: {}}
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Tokenizer:
@@ -186,6 +188,15 @@ class Tokenizer:
         if self._clean_up:
             for before, after in _CLEAN_UP_REPLACEMENTS:
                 text = text.replace(before, after)
+        return text
+
+    def decode_one(self, token_id: int, skip_special_tokens: bool = False) -> str:
+        """``decode([token_id])``, remembered: the incremental detokenizer decodes every output token on its
+        own once (as the context of the next), ~1 us a call in the backend (at most one entry per vocabulary id)."""
+        cache = self._single_token_text[skip_special_tokens]
+        text = cache.get(token_id)
+        if text is None:
+            text = cache[token_id] = self.decode([token_id], skip_special_tokens)
         return text
 
     def convert_ids_to_tokens(self, ids: int | Iterable[int]) -> str | None | list[str | None]:

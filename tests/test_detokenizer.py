@@ -153,6 +153,9 @@ def test_decode_window_stays_small(smollm):
             self.longest = max(self.longest, len(ids))
             return smollm.decode(ids, skip_special_tokens)
 
+        def decode_one(self, token_id, skip_special_tokens=False):
+            return self.decode([token_id], skip_special_tokens)
+
     counting = CountingTokenizer()
     ids = smollm.encode("The quick brown fox 😀 jumps. " * 100, add_special_tokens=False)
     detokenizer = IncrementalDetokenizer(counting, smollm.encode("prompt " * 50), stop=["never appears"])
@@ -278,3 +281,18 @@ def test_stop_string_property(byte_level, data, include):
     else:  # the sampled stop string can vanish when special tokens are skipped
         assert detokenizer.stop_string is None and detokenizer.text == full
     assert "".join(deltas) + tail == detokenizer.text
+
+
+def test_single_token_texts_are_decoded_once_and_survive_pickling(smollm):
+    """The detokenizer asks for each output token's text on its own (the next window's prefix): the tokenizer
+    remembers it, per skip_special_tokens, and a pickled copy starts with an empty memory."""
+    import pickle
+
+    ids = smollm.encode("Hello world, hello again", add_special_tokens=False)
+    texts = [smollm.decode_one(token_id, True) for token_id in ids]
+    assert texts == [smollm.decode([token_id], skip_special_tokens=True) for token_id in ids]
+    assert smollm._single_token_text[True].keys() >= set(ids)
+    special = smollm.convert_tokens_to_ids(smollm.special_tokens["eos_token"])
+    assert smollm.decode_one(special, False) != smollm.decode_one(special, True) == ""
+    copy = pickle.loads(pickle.dumps(smollm))
+    assert copy._single_token_text == {False: {}, True: {}} and copy.decode_one(ids[0], True) == texts[0]
