@@ -131,8 +131,8 @@ class ModelExecutor:
 
     @torch.inference_mode()
     def launch(self, plan: StepPlan, previous: LaunchedStep | None = None) -> LaunchedStep:
-        """Queue ``plan``'s work; ``collect`` returns its tokens. All-greedy steps leave their tokens on the
-        device, so a continuation (``previous`` given: ``previous``'s requests one token or prompt chunk on,
+        """Queue ``plan``'s work; ``collect`` returns its tokens. Steps that sample on the device leave their
+        tokens there, so a continuation (``previous`` given: ``previous``'s requests one token or prompt chunk on,
         and maybe new prompts; its decodes' token ids placeholders) takes its inputs from there without a
         host round trip."""
         started = time.perf_counter()
