@@ -71,7 +71,10 @@ def plan_continuation(scheduler: Scheduler, plan: StepPlan, now: float) -> StepP
         budget -= num_new
     if with_prompts and budget > 0 and scheduler.waiting:
         scheduler.admit_waiting(budget, continuation, now, may_preempt=False)
-    return continuation if continuation.sequences else None
+    if not continuation.sequences:  # nothing could go on (and so nothing was allocated)
+        scheduler.num_steps -= 1
+        return None
+    return continuation
 
 
 def lookahead_prompts(scheduler: Scheduler) -> bool:
