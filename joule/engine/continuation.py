@@ -6,10 +6,11 @@ token decodes next; one whose prompt the step left unfinished gets its next chun
 stop token, or is aborted or stopped by a stop string meanwhile, is skipped by ``Scheduler.update`` (its extra
 token is dropped).
 
-Under fcfs (``SchedulerConfig.lookahead_prompts``) waiting requests are admitted as a normal step would, within
-what is left of the budget, but never by preempting: the blocks of the step in flight are in use on the device.
-Other policies shape each step from the queue (priority preemption, deadlines, fair lanes), so there the step
-must be decode-only with nothing waiting. Pure Python, like the scheduler it serves.
+Under fcfs and priority (``SchedulerConfig.lookahead_prompts``) waiting requests are admitted as a normal step
+would, within what is left of the budget, but never by preempting: the blocks of the step in flight are in use on
+the device, so while a waiting request outranks a running one (priority) a normal step runs instead. The deadline
+and fair policies shape each step from the queue (budget cuts, lanes), so there the step must be decode-only with
+nothing waiting. Pure Python, like the scheduler it serves.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from joule.engine.plan import CONTINUATION_TOKEN, ScheduledSequence, StepPlan
-from joule.engine.policies import FirstComeFirstServed
+from joule.engine.policies import FirstComeFirstServed, PriorityFirst
 from joule.engine.request import Request, RequestStatus
 
 if TYPE_CHECKING:
@@ -33,6 +34,13 @@ def plan_continuation(scheduler: Scheduler, plan: StepPlan, now: float) -> StepP
     with_prompts = lookahead_prompts(scheduler)
     if scheduler.waiting and not with_prompts:
         return None
+    if scheduler.waiting:
+        # A waiting request that outranks a running one (priority) is the normal step's to admit: it may have to
+        # preempt, which a continuation never does.
+        policy = scheduler.policy
+        if policy.may_preempt_for(policy.next_waiting(scheduler.waiting), policy.choose_victim(scheduler.running),
+                                  scheduler.running):
+            return None
     max_model_len = scheduler.config.max_model_len
     decodes, chunks = [], []  # (request, its computed tokens once ``plan`` is applied)
     for sequence in plan.sequences:
@@ -79,9 +87,11 @@ def plan_continuation(scheduler: Scheduler, plan: StepPlan, now: float) -> StepP
 
 def lookahead_prompts(scheduler: Scheduler) -> bool:
     """Whether a continuation may carry prompt chunks and admissions: only where a normal step would plan the
-    same kind of step (fcfs's whole budget, no lanes, no preemption for a waiting request)."""
+    same kind of step (the whole budget, no lanes: fcfs, and priority while no waiting request outranks a
+    running one)."""
     config = scheduler.config
-    return config.lookahead_prompts and config.enable_chunked_prefill and type(scheduler.policy) is FirstComeFirstServed
+    return (config.lookahead_prompts and config.enable_chunked_prefill
+            and type(scheduler.policy) in (FirstComeFirstServed, PriorityFirst))
 
 
 def _add(scheduler: Scheduler, plan: StepPlan, request: Request, token_ids: list[int], start: int,

@@ -145,10 +145,12 @@ def test_lookahead_with_aborts_frees_every_block(model_dir):
     _assert_no_energy_left_on_released_requests(engine)
 
 
-def test_continuations_carry_prompts_under_fcfs_only(model_dir):
+def test_continuations_carry_prompts_under_fcfs_and_priority_only(model_dir):
     """Under fcfs a prompt step is followed by a continuation: the prompt's first decode (its token a
     placeholder), the next chunk of an unfinished prompt and a waiting request admitted within the budget.
-    With ``lookahead_prompts`` off, or another policy, prompt steps and waiting requests stop the chain."""
+    Under priority too, unless a waiting request outranks a running one (admitting it may take a preemption,
+    which only a normal step does). With ``lookahead_prompts`` off, or the deadline or fair policy, prompt steps
+    and waiting requests stop the chain."""
     engine = _engine(model_dir, lookahead=True)
     scheduler = engine.core.scheduler
     scheduler.config.max_num_batched_tokens = 8
@@ -164,7 +166,7 @@ def test_continuations_carry_prompts_under_fcfs_only(model_dir):
     # Blocks (4 tokens each) cover every planned position: a 4, b 10 (three blocks), c 2.
     assert [len(scheduler.requests[i].block_ids) for i in "abc"] == [1, 3, 1]
 
-    for setting, policy in ((False, "fcfs"), (True, "priority")):
+    for setting, policy in ((False, "fcfs"), (True, "deadline"), (True, "fair")):
         engine = _engine(model_dir, lookahead=True)
         scheduler = engine.core.scheduler
         scheduler.config.lookahead_prompts = setting
@@ -176,6 +178,20 @@ def test_continuations_carry_prompts_under_fcfs_only(model_dir):
         engine.core.executor.execute(plan)  # (the tokens do not matter here)
         engine.add_request("b", {"prompt_token_ids": [4, 5]}, _params())
         assert scheduler.schedule_continuation(plan) is None  # a request waits
+
+    for waiting_priority, continued in ((1, True), (0, False)):  # equal rank: admitted ahead; higher: not
+        engine = _engine(model_dir, lookahead=True)
+        scheduler = engine.core.scheduler
+        scheduler.config.policy = "priority"
+        scheduler.policy = make_policy("priority")
+        engine.add_request("a", {"prompt_token_ids": [1, 2, 3]}, _params(), priority=1)
+        plan = scheduler.schedule()
+        engine.add_request("b", {"prompt_token_ids": [4, 5]}, _params(), priority=waiting_priority)
+        continuation = scheduler.schedule_continuation(plan)
+        if continued:
+            assert [s.request_id for s in continuation.sequences] == ["a", "b"]
+        else:
+            assert continuation is None and list(scheduler.waiting)[0].request_id == "b"
 
 
 def test_prompt_lookahead_gives_the_plain_loops_tokens_with_chunks_stops_and_a_full_cache(model_dir):

@@ -2,7 +2,8 @@
 
 The lookahead plans each step before the step ahead of it is applied (prompt chunks, admissions, sampled and
 greedy decodes); hypothesis draws prompts, output lengths, token budgets, cache sizes, arrival steps, stop
-tokens, seeded sampling and aborts, and each draw runs twice on the same tiny model: lookahead off and on.
+tokens, seeded sampling, aborts, the policy (fcfs or priority) and priorities, and each draw runs twice on the
+same tiny model: lookahead off and on.
 """
 
 from __future__ import annotations
@@ -40,18 +41,21 @@ request_strategy = st.fixed_dictionaries({
     "sampled": st.booleans(),
     "seed": st.integers(0, 1000),
     "stop_after": st.none() | st.integers(0, 5),  # stop on the token it would sample at this index
+    "priority": st.integers(0, 2),  # used under the priority policy
 })
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                   HealthCheck.too_slow])
 @given(requests=st.lists(request_strategy, min_size=1, max_size=6), budget=st.integers(4, 20),
-       num_blocks=st.integers(8, 30), abort=st.none() | st.tuples(st.integers(0, 5), st.integers(1, 8)))
-def test_lookahead_matches_the_plain_loop_on_random_workloads(model_dir, requests, budget, num_blocks, abort):
+       num_blocks=st.integers(8, 30), abort=st.none() | st.tuples(st.integers(0, 5), st.integers(1, 8)),
+       policy=st.sampled_from(["fcfs", "priority"]))
+def test_lookahead_matches_the_plain_loop_on_random_workloads(model_dir, requests, budget, num_blocks, abort, policy):
     def engine_for(lookahead: bool) -> LLMEngine:
         engine = LLMEngine.from_kwargs(model=str(model_dir), device="cpu", dtype="float32", max_model_len=32,
                                        kv_cache_memory_bytes=num_blocks * BYTES_PER_BLOCK, block_size=BLOCK_SIZE,
-                                       max_num_batched_tokens=32, decode_lookahead=lookahead)
+                                       max_num_batched_tokens=32, decode_lookahead=lookahead,
+                                       scheduling_policy=policy)
         engine.core.scheduler.config.max_num_batched_tokens = budget
         return engine
 
@@ -69,7 +73,7 @@ def test_lookahead_matches_the_plain_loop_on_random_workloads(model_dir, request
             for index in arrivals.pop(step, []):
                 stop_ids = [stops[index]] if index in stops else []
                 engine.add_request(f"r{index}", {"prompt_token_ids": requests[index]["prompt"]},
-                                   params(requests[index], stop_ids))
+                                   params(requests[index], stop_ids), priority=requests[index]["priority"])
             if abort is not None and step == abort[1] and abort[0] < len(requests):
                 engine.abort_request(f"r{abort[0]}")
             for output in engine.step():
