@@ -238,23 +238,36 @@ def test_prompt_lookahead_gives_the_plain_loops_tokens_with_chunks_stops_and_a_f
             assert engine.core.scheduler.num_preemptions > 0, "the small cache never ran short"
 
 
+def _static_buffer_engine(model_dir, lookahead: bool, chunk_tokens: int | None = None) -> LLMEngine:
+    """An engine whose steps run through the graph runners' static buffers (what CUDA graphs capture), eagerly
+    through the Triton backend on the CPU; ``chunk_tokens``: prompt chunks too, up to that many tokens."""
+    from joule.runtime.attention.triton_backend import TritonAttentionBackend
+    from joule.runtime.cuda_graphs import DecodeGraphRunner
+    from joule.runtime.prefill_graphs import PrefillChunkGraphRunner
+
+    engine = _engine(model_dir, lookahead)
+    executor = engine.core.executor
+    executor.backend = TritonAttentionBackend()
+    executor.graph_runner = DecodeGraphRunner(executor.model, executor.kv_cache, executor.backend,
+                                              executor.device, max_num_seqs=4, max_model_len=128)
+    if chunk_tokens is not None:
+        executor.chunk_runner = PrefillChunkGraphRunner(executor.model, executor.kv_cache, executor.backend,
+                                                        executor.device, max_num_batched_tokens=chunk_tokens,
+                                                        max_model_len=128)
+    executor.use_cuda_graphs = True
+    return engine
+
+
 def test_lookahead_through_the_static_decode_buffers(model_dir):
     """Continuations replayed through the decode graph runner's padded static buffers (what a CUDA graph
     captures; run eagerly on the CPU through the Triton backend): inputs copied from the previous step's
     tokens into the device buffer, rows padded and re-mapped when a request drops out by length."""
-    from joule.runtime.attention.triton_backend import TritonAttentionBackend
-    from joule.runtime.cuda_graphs import DecodeGraphRunner
-
     workload = [(f"r{index}", [3 + index, 20, 30 + index, 9], _params(max_tokens=4 + 3 * index))
                 for index in range(3)]
     results = {}
     for lookahead in (False, True):
-        engine = _engine(model_dir, lookahead)
+        engine = _static_buffer_engine(model_dir, lookahead)
         executor = engine.core.executor
-        executor.backend = TritonAttentionBackend()
-        executor.graph_runner = DecodeGraphRunner(executor.model, executor.kv_cache, executor.backend,
-                                                  executor.device, max_num_seqs=4, max_model_len=128)
-        executor.use_cuda_graphs = True
         sources = []
         run = executor.graph_runner.run
         executor.graph_runner.run = lambda plan, token_source=None: (
@@ -269,9 +282,6 @@ def test_prompt_continuations_through_the_static_graph_buffers(model_dir, monkey
     graphs capture; eager through the Triton backend on the CPU): the decodes' inputs copied from the step
     before on the device, the chunks' from the host. The same tokens as the plain loop."""
     import joule.runtime.executor as executor_module
-    from joule.runtime.attention.triton_backend import TritonAttentionBackend
-    from joule.runtime.cuda_graphs import DecodeGraphRunner
-    from joule.runtime.prefill_graphs import PrefillChunkGraphRunner
 
     workload = [(f"r{index}", [3 + index, 20, 30 + index, 9, 11, 4 + index], _params(max_tokens=5 + 2 * index))
                 for index in range(3)]
@@ -287,14 +297,7 @@ def test_prompt_continuations_through_the_static_graph_buffers(model_dir, monkey
     monkeypatch.setattr(executor_module, "run_mixed_step", recording_mixed)
     results = {}
     for lookahead in (False, True):
-        engine = _engine(model_dir, lookahead)
-        executor = engine.core.executor
-        executor.backend = TritonAttentionBackend()
-        executor.graph_runner = DecodeGraphRunner(executor.model, executor.kv_cache, executor.backend,
-                                                  executor.device, max_num_seqs=4, max_model_len=128)
-        executor.chunk_runner = PrefillChunkGraphRunner(executor.model, executor.kv_cache, executor.backend,
-                                                        executor.device, max_num_batched_tokens=32, max_model_len=128)
-        executor.use_cuda_graphs = True
+        engine = _static_buffer_engine(model_dir, lookahead, chunk_tokens=32)
         mixed_with_device_tokens.clear()
         results[lookahead] = _run(engine, workload, arrivals=late)
         assert any(mixed_with_device_tokens) == lookahead
