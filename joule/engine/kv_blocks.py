@@ -39,14 +39,9 @@ def _root_hash(cache_salt: str | None) -> bytes:
     return hashlib.blake2b((cache_salt or "").encode(), digest_size=16).digest()
 
 
-def token_bytes(token_ids: list[int]) -> bytes:
-    """A block's token ids as the bytes its hash is taken over and a hit is compared by."""
-    return array("q", token_ids).tobytes()
-
-
-def chain_hash(parent_hash: bytes, token_ids: list[int] | bytes) -> bytes:
+def chain_hash(parent_hash: bytes, token_ids: list[int]) -> bytes:
     digest = hashlib.blake2b(parent_hash, digest_size=16)
-    digest.update(token_ids if isinstance(token_ids, bytes) else token_bytes(token_ids))
+    digest.update(array("q", token_ids).tobytes())
     return digest.digest()
 
 
@@ -112,21 +107,17 @@ class KVBlockManager:
 
     # -- prefix cache ------------------------------------------------------------
     def _block_tokens(self, request: Request, index: int) -> bytes:
+        """A block's token ids as the bytes a hit is compared by (what ``chain_hash`` hashes)."""
         size = self.block_size
         return array("q", request.token_ids_between(index * size, (index + 1) * size)).tobytes()
 
     def _extend_hashes(self, request: Request, num_full_blocks: int) -> list[bytes]:
         hashes = request.block_hashes
-        index = len(hashes)
-        if index >= num_full_blocks:
-            return hashes
         size = self.block_size
-        parent = hashes[-1] if hashes else _root_hash(request.cache_salt)
-        for index in range(index, num_full_blocks):  # chain_hash, inlined: ~70k calls a 256-prompt run
-            digest = hashlib.blake2b(parent, digest_size=16)
-            digest.update(array("q", request.token_ids_between(index * size, (index + 1) * size)).tobytes())
-            parent = digest.digest()
-            hashes.append(parent)
+        while len(hashes) < num_full_blocks:
+            index = len(hashes)
+            parent = hashes[-1] if hashes else _root_hash(request.cache_salt)
+            hashes.append(chain_hash(parent, request.token_ids_between(index * size, (index + 1) * size)))
         return hashes
 
     def find_cached_prefix(self, request: Request) -> list[int]:
