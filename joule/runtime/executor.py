@@ -166,7 +166,7 @@ class ModelExecutor:
             return LaunchedStep([], started, result=StepResult(elapsed_seconds=time.perf_counter() - started))
         rows = [row for row, _ in sample_rows]
         if rows != list(range(hidden.shape[0])):  # decode-only steps sample every row: no gather
-            hidden = hidden.index_select(0, torch.tensor(rows, device=self.device))
+            hidden = hidden.index_select(0, self._index(rows))  # no stream sync: a continuation queues behind
         logits = self.model.compute_logits(hidden)
         requests = [sequence.request for _, sequence in sample_rows]
         if all(_plain_greedy(request) for request in requests):
@@ -218,8 +218,9 @@ class ModelExecutor:
                                    for request, token_id in zip(launched.requests, token_ids)},
                           elapsed_seconds=now - started)
 
-    def _continuation_inputs(self, plan: StepPlan, previous: LaunchedStep) -> tuple[list[int], torch.Tensor]:
-        """The rows of ``plan`` that decode ``previous``'s sampled tokens, and those tokens (on the device)."""
+    def _continuation_inputs(self, plan: StepPlan, previous: LaunchedStep) -> tuple[list[int], torch.Tensor | None]:
+        """The rows of ``plan`` that decode ``previous``'s sampled tokens, and those tokens (on the device; None
+        without such rows)."""
         if previous.token_ids is None:
             raise ValueError("a continuation needs a previous step whose tokens stayed on the device")
         row_of = {id(request): row for row, request in enumerate(previous.requests)}
@@ -228,6 +229,8 @@ class ModelExecutor:
             if sequence.token_ids[0] == CONTINUATION_TOKEN:
                 rows.append(row)
                 sources.append(row_of[id(sequence.request)])
+        if not sources:
+            return rows, None  # prompt chunks only
         if sources == list(range(len(sources))):
             return rows, previous.token_ids[: len(sources)]
         return rows, previous.token_ids.index_select(0, self._index(sources))

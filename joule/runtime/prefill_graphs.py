@@ -196,8 +196,7 @@ def run_mixed_step(plan: StepPlan, decode_runner, chunk_runner: PrefillChunkGrap
     rows: dict[int, torch.Tensor] = {}
     if decodes:
         # The decode pool: chunk replays leave it.
-        hidden = decode_runner.run(StepPlan(sequences=decodes), decode_tokens if decode_tokens is not None
-                                   and len(decode_tokens) else None)
+        hidden = decode_runner.run(StepPlan(sequences=decodes), decode_tokens)
         for index, sequence in enumerate(decodes):
             if sequence.samples:
                 rows[id(sequence)] = hidden[index]
