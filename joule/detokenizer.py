@@ -106,18 +106,16 @@ class IncrementalDetokenizer:
         if self.finished:
             raise RuntimeError(f"detokenizer already stopped at stop string {self.stop_string!r}")
         if not self.stop and not stop_terminated and type(new_token_ids) is list and len(new_token_ids) == 1:
-            # The common case, a token a step with no stop strings: nothing to search or hold back, so the new
-            # text is the update (what the general path below computes, with less work per token).
+            # The common case, a token a step with no stop strings: nothing to search for (what the general
+            # path below does, without its loop and stop-string checks per token).
             token_id = new_token_ids[0]
             self.token_ids.append(token_id)
             self._window.append(token_id)
             piece = self._read_window()
             if not piece:
                 return _NO_TEXT
-            self._chunks.append(piece)
-            self._text_cache = None
-            sendable, self._unsent = self._unsent + piece, ""
-            return DetokenizerUpdate(sendable)
+            self._add_text(piece)
+            return DetokenizerUpdate(self._take_sendable())
         new_ids = list(new_token_ids)
         last_index = len(new_ids) - 1
         for index, token_id in enumerate(new_ids):

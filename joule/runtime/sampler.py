@@ -127,15 +127,9 @@ class Sampler:
     @torch.no_grad()
     def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         """One token per row of ``logits`` [S, V]; ``rows[i]`` says how to sample row ``i``."""
-        if logits.dim() != 2:
-            raise ValueError(f"logits must be [num_rows, vocab_size], got shape {tuple(logits.shape)}.")
-        num_rows = logits.shape[0]
-        if len(rows) != num_rows:
-            raise ValueError(f"got {len(rows)} sampling rows for {num_rows} rows of logits.")
-        if num_rows == 0:
+        logits = _checked_and_widened(logits, rows)
+        if logits.shape[0] == 0:
             return SamplerOutput(token_ids=[], logprobs=[])
-        if any(not row.is_greedy for row in rows):
-            logits = logits.float()  # temperature, filters and noise in float32
         token_ids = self._token_ids(logits, rows)
         token_list = token_ids.tolist()
         return SamplerOutput(token_list, _gather_logprobs(logits, token_ids, token_list, rows))
@@ -146,17 +140,11 @@ class Sampler:
         them to the next step there). For rows that ask for no logprobs."""
         if any(row.num_logprobs is not None for row in rows):
             raise ValueError("sample_on_device: logprobs need the host; use sample()")
-        if len(rows) != logits.shape[0]:
-            raise ValueError(f"got {len(rows)} sampling rows for {logits.shape[0]} rows of logits.")
-        if any(not row.is_greedy for row in rows):
-            logits = logits.float()
-        return self._token_ids(logits, rows)
+        return self._token_ids(_checked_and_widened(logits, rows), rows)
 
     def _token_ids(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         num_rows = logits.shape[0]
         device = logits.device
-        # Greedy rows may stay in the model's dtype: widening is exact, so argmax picks the same token
-        # (first of equals either way) without writing and reading a float32 copy of [S, vocab].
         processed = apply_bans_and_penalties(logits, rows)
         greedy = [i for i, row in enumerate(rows) if row.is_greedy]
         # Unseeded rows first so their noise is one contiguous draw.
@@ -201,6 +189,17 @@ class Sampler:
                 _log_exponential_(noise[position])
         _log_exponential_(noise[:num_unseeded] if per_row_transform else noise)
         return scaled.sub_(noise).argmax(dim=-1)
+
+
+def _checked_and_widened(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """``logits`` validated against ``rows``; float32 when any row samples (temperature, filters and noise)."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [num_rows, vocab_size], got shape {tuple(logits.shape)}.")
+    if len(rows) != logits.shape[0]:
+        raise ValueError(f"got {len(rows)} sampling rows for {logits.shape[0]} rows of logits.")
+    # Greedy rows may stay in the model's dtype: widening is exact, so argmax picks the same token (first of
+    # equals either way) without writing and reading a float32 copy of [S, vocab].
+    return logits.float() if any(not row.is_greedy for row in rows) else logits
 
 
 def _log_exponential_(uniform: torch.Tensor) -> None:
