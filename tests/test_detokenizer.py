@@ -275,8 +275,11 @@ def test_stop_string_property(byte_level, data, include):
         position = full.index(stop)
         assert detokenizer.text == full[: position + (len(stop) if include else 0)]
         assert detokenizer.stop_string == stop
+        # The first prefix whose text holds the stop, counting only prefixes that end on a complete character:
+        # text stays back while the last token ends inside one (e.g. a token of " " and an emoji's first bytes).
         decodes = (byte_level.decode(ids[:k], skip_special_tokens=True) for k in range(1, len(ids) + 1))
-        first = next(k for k, prefix in enumerate(decodes, start=1) if stop in prefix)
+        first = next(k for k, prefix in enumerate(decodes, start=1)
+                     if stop in prefix and not prefix.endswith("\ufffd"))
         assert detokenizer.token_ids == ids[:first]
     else:  # the sampled stop string can vanish when special tokens are skipped
         assert detokenizer.stop_string is None and detokenizer.text == full
