@@ -47,8 +47,8 @@ class EngineCore:
     ):
         """``decode_lookahead``: with an executor that can ``launch``/``collect`` (the model executor), queue
         the next step behind the current one before reading its tokens, so the host's scheduling and output
-        work overlaps the device's (see ``_launch_continuation``): decode steps, and under fcfs steps with
-        prompt chunks too (``SchedulerConfig.lookahead_prompts``)."""
+        work overlaps the device's (see ``_launch_continuation``): decode steps, and under fcfs and priority steps
+        with prompt chunks too (``SchedulerConfig.lookahead_prompts``, ``continuation.py``)."""
         self.block_manager = block_manager
         self.scheduler = Scheduler(scheduler_config, block_manager)
         self.executor = executor
@@ -125,8 +125,8 @@ class EngineCore:
     def _launch_continuation(self, plan: StepPlan, launched, now: float) -> None:
         """Queue the step after ``plan`` before ``plan``'s tokens reach the host.
 
-        Its requests are ``plan``'s, each one position or one prompt chunk on, and (fcfs) waiting requests it
-        admits; its decodes' inputs are ``plan``'s tokens, copied on the device. A request that ends with
+        Its requests are ``plan``'s, each one position or one prompt chunk on, and (fcfs, priority) waiting
+        requests it admits; its decodes' inputs are ``plan``'s tokens, copied on the device. A request that ends with
         ``plan``'s token (a stop token, a stop string, an abort) is skipped when the continuation is applied,
         its extra token dropped; the KV slots it wrote were its own, past every cached block, and its blocks
         are reused only by work queued behind it. Not done for sampling that needs the host, or where

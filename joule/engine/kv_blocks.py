@@ -48,8 +48,8 @@ def chain_hash(parent_hash: bytes, token_ids: list[int]) -> bytes:
 class KVBlockManager:
     """Per-block state lives in flat lists indexed by block id, not in one object per block: an H200 holds ~250k
     blocks, and the cyclic garbage collector walks every container object on each collection of the old
-    generation (an engine with 468k block objects: a full collection 161 ms on the dev CPU, 110 ms without them;
-    docs/benchmarks.md)."""
+    generation (an engine with 234k blocks: 535k -> 301k tracked objects, a full collection 127 -> 102 ms on the
+    dev CPU; docs/benchmarks.md (g))."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         if num_blocks < 1:
