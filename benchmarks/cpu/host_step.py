@@ -37,6 +37,30 @@ TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_si
         "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "torch_dtype": "float32"}
 
 
+def tiny_engine(args, kv_cache_memory_bytes: int = 2 << 30, **settings) -> LLMEngine:
+    """The one-layer random model (Qwen's vocabulary); energy attribution only with ``--energy``."""
+    with tempfile.TemporaryDirectory() as directory:
+        Path(directory, "config.json").write_text(json.dumps(TINY))
+        engine = LLMEngine.from_kwargs(model=directory, load_format="dummy", dtype="float32", max_model_len=4096,
+                                       kv_cache_memory_bytes=kv_cache_memory_bytes, **settings)
+    if not args.energy:
+        engine.core.step_observer = None
+    return engine
+
+
+def fake_model_with_inputs(engine: LLMEngine) -> None:
+    """Steps build the executor's input arrays (what an eager step pays before its first kernel) and return a
+    token per sampling row, with no model."""
+    executor = engine.core.executor
+
+    def execute(plan):
+        executor._prepare(plan)
+        tokens = {sequence.request.request_id: SampledToken(7) for sequence in plan.sequences if sequence.samples}
+        return StepResult(sampled=tokens, elapsed_seconds=0.0)
+
+    executor.execute = execute
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sequences", type=int, default=256)
@@ -64,13 +88,10 @@ def main() -> None:
     if args.tokenizer:  # ~46 KB of float32 KV a token: 256 prompts of <= 1,024 + 600 outputs
         engine = LLMEngine.from_kwargs(model=None, dtype="float32", max_model_len=4096, kv_cache_memory_bytes=20 << 30,
                                        max_num_seqs=args.sequences)
+        if not args.energy:
+            engine.core.step_observer = None
     else:
-        with tempfile.TemporaryDirectory() as directory:
-            Path(directory, "config.json").write_text(json.dumps(TINY))
-            engine = LLMEngine.from_kwargs(model=directory, load_format="dummy", dtype="float32", max_model_len=4096,
-                                           kv_cache_memory_bytes=2 << 30, max_num_seqs=args.sequences)
-    if not args.energy:
-        engine.core.step_observer = None
+        engine = tiny_engine(args, max_num_seqs=args.sequences)
     # Ordinary word-piece ids (a fixed token would detokenize unrealistically: one cached piece).
     sampled = [SampledToken(token_id) for token_id in random.Random(1).choices(range(200, 20000), k=4099)]
     turn = [0]
@@ -115,21 +136,8 @@ def main() -> None:
 def time_prefill(args) -> None:
     best, profiler = float("inf"), None
     for repeat in range(args.repeats + args.profile):
-        with tempfile.TemporaryDirectory() as directory:
-            Path(directory, "config.json").write_text(json.dumps(TINY))
-            engine = LLMEngine.from_kwargs(model=directory, load_format="dummy", dtype="float32", max_model_len=4096,
-                                           kv_cache_memory_bytes=2 << 30, max_num_seqs=args.sequences,
-                                           max_num_batched_tokens=8192)
-        if not args.energy:
-            engine.core.step_observer = None
-        executor = engine.core.executor
-
-        def execute(plan):
-            executor._prepare(plan)  # the input arrays an eager step builds before its first kernel
-            tokens = {sequence.request.request_id: SampledToken(7) for sequence in plan.sequences if sequence.samples}
-            return StepResult(sampled=tokens, elapsed_seconds=0.0)
-
-        executor.execute = execute
+        engine = tiny_engine(args, max_num_seqs=args.sequences, max_num_batched_tokens=8192)
+        fake_model_with_inputs(engine)
         rng = random.Random(repeat)
         params = SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True,
                                 output_kind=RequestOutputKind(args.output_kind))
@@ -164,22 +172,10 @@ def time_runs(args) -> None:
 
     from joule.heap import heap_frozen_while_running
 
-    with tempfile.TemporaryDirectory() as directory:
-        Path(directory, "config.json").write_text(json.dumps(TINY))
-        # 234k blocks of 16 tokens: the KV block table of a Llama-3.2-1B-shaped engine on an H200.
-        engine = LLMEngine.from_kwargs(model=directory, load_format="dummy", dtype="float32", max_model_len=4096,
-                                       kv_cache_memory_bytes=234_000 * 16 * 2 * 2 * 64 * 4 // 2,
-                                       max_num_seqs=256, max_num_batched_tokens=8192)
-    if not args.energy:
-        engine.core.step_observer = None
-    executor = engine.core.executor
-
-    def execute(plan):
-        executor._prepare(plan)
-        tokens = {sequence.request.request_id: SampledToken(7) for sequence in plan.sequences if sequence.samples}
-        return StepResult(sampled=tokens, elapsed_seconds=0.0)
-
-    executor.execute = execute
+    # 234k blocks of 16 tokens: the KV block table of a Llama-3.2-1B-shaped engine on an H200.
+    engine = tiny_engine(args, kv_cache_memory_bytes=234_000 * 16 * 2 * 2 * 64 * 4 // 2, max_num_seqs=256,
+                         max_num_batched_tokens=8192)
+    fake_model_with_inputs(engine)
     events: list[tuple[str, int, float]] = []
     gc.callbacks.append(lambda phase, info: events.append((phase, info["generation"], time.perf_counter())))
     walls, pause_total, pause_count, longest = [], collections.Counter(), collections.Counter(), 0.0
