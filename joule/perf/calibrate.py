@@ -35,6 +35,7 @@ from joule.perf.measure import (  # noqa: F401  (re-exported: the calibration AP
     run_scenario,
     wait_for_quiet,
 )
+from joule.perf.output_costs import OutputCosts, measure_output_costs
 from joule.perf.profile import DeviceProfile
 from joule.perf.step_fit import (  # noqa: F401  (re-exported: the calibration API in one place)
     FIT_FEATURES,
@@ -59,6 +60,8 @@ class Measurements:
     staging_max_copy_bytes: float = 0.0  # the portable backend's bound on its dense decode copies (CPU)
     chunk_graph_max_tokens: int = 0  # largest captured prompt-chunk graph (GPU); 0: none
     max_graphed_chunks: int = 4
+    # Host costs of streamed outputs and metering (``joule.perf.output_costs``); None in files saved before them.
+    output_costs: OutputCosts | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> Measurements:
@@ -66,7 +69,7 @@ class Measurements:
         saved = data.get("steps", [])
         shapes = [BatchShape([SequenceWork(**s) for s in step["shape"]["sequences"]], step["shape"].get("staging", ""),
                              step["shape"].get("staging_capacity", 0), step["shape"].get("after_idle", False),
-                             step["shape"].get("queued", False))
+                             step["shape"].get("queued", False), step["shape"].get("metered", True))
                   for step in saved]
         if saved and "after_idle" not in saved[0]["shape"]:  # saved before request events were recorded
             shapes = infer_step_events(shapes, [step["scenario"] for step in saved])
@@ -75,7 +78,8 @@ class Measurements:
         return cls(data["hardware"], data["dtype"], data["bandwidth"], [tuple(g) for g in data["gemms"]],
                    data["attention_flops"], steps, data.get("attention_backend", ""),
                    data.get("staging_max_copy_bytes", 0.0), data.get("chunk_graph_max_tokens", 0),
-                   data.get("max_graphed_chunks", 4))
+                   data.get("max_graphed_chunks", 4),
+                   OutputCosts(**data["output_costs"]) if data.get("output_costs") else None)
 
 
 def measure_micro(model_config, dtype_name: str, device_name: str, hardware: str, repeats: int = 5) -> Measurements:
@@ -168,7 +172,17 @@ def merge_measurements(runs: list[Measurements]) -> Measurements:
     return Measurements(first.hardware, first.dtype, max(run.bandwidth for run in runs),
                         [(*key, seconds) for key, seconds in gemms.items()],
                         max(run.attention_flops for run in runs), steps, first.attention_backend,
-                        first.staging_max_copy_bytes, first.chunk_graph_max_tokens, first.max_graphed_chunks)
+                        first.staging_max_copy_bytes, first.chunk_graph_max_tokens, first.max_graphed_chunks,
+                        _cheapest_output_costs([run.output_costs for run in runs]))
+
+
+def _cheapest_output_costs(costs: list[OutputCosts | None]) -> OutputCosts | None:
+    """Like the steps, the fastest of several runs' output costs, term by term."""
+    known = [cost for cost in costs if cost is not None]
+    if not known:
+        return None
+    return OutputCosts(*(min(getattr(cost, name) for cost in known) for name in
+                         ("streamed_sequence_s", "metered_sequence_s", "metered_step_s")))
 
 
 def chunk_graphs_of(engine) -> tuple[int, int]:
@@ -223,6 +237,10 @@ def calibrate(model: str | None = None, dtype: str = "auto", device: str = "auto
     measured.chunk_graph_max_tokens, measured.max_graphed_chunks = chunk_graphs_of(engine)
     measured.steps = measure_steps(engine, scenarios or default_scenarios(engine), repeats, log=log)
     log(f"  {len(measured.steps)} engine steps measured ({time.perf_counter() - started:.0f} s)")
+    measured.output_costs = measure_output_costs(engine)
+    costs = measured.output_costs
+    log(f"  host output costs: streamed {1e6 * costs.streamed_sequence_s:.2f} us a sequence, metering "
+        f"{1e6 * costs.metered_step_s:.1f} us a step + {1e6 * costs.metered_sequence_s:.2f} us a sequence")
     profile = fit_profile(engine.model_config, measured)
     profile.source = (
         f"joule perf calibrate on {hardware}, {dtype_name}, model {engine.model_path.name}, "

@@ -71,6 +71,11 @@ def add_perf_commands(subparsers) -> None:
     simulate.add_argument("--decode-lookahead", action=argparse.BooleanOptionalAction, default=None,
                           help="the engine's --decode-lookahead: greedy decode steps queued ahead, host work hidden "
                           "(default: as the engine, on for a GPU, off for a CPU)")
+    simulate.add_argument("--final-only", action="store_true",
+                          help="clients take one output per request at its end, as LLM.generate (default: they "
+                               "stream, as a server's clients do: host work for an output every step)")
+    simulate.add_argument("--unmetered", action="store_true",
+                          help="the engine's energy ledger is off, as in benchmarks that time the engine alone")
     simulate.add_argument("--sweep-rates", default=None, help="comma-separated request rates to sweep")
     simulate.add_argument("--plot-dir", default=None, help="write PNG plots here")
     simulate.set_defaults(perf_handler=run_simulate)
@@ -144,7 +149,7 @@ def _replica_list(args, model: ModelConfig):
             scheduling_policy=getattr(args, "scheduling_policy", "fcfs"),
             admission_policy=getattr(args, "admission_policy", "greedy"),
             enable_chunked_prefill=getattr(args, "enable_chunked_prefill", True),
-            decode_lookahead=getattr(args, "decode_lookahead", None),
+            decode_lookahead=getattr(args, "decode_lookahead", None), metered=not getattr(args, "unmetered", False),
         )
         if replica.hardware.name in prices:
             replica.hardware = with_price(replica.hardware, prices[replica.hardware.name])
@@ -184,7 +189,8 @@ def run_simulate(args: argparse.Namespace) -> int:
     for rate in rates:
         started = time.perf_counter()
         requests = generate(workload.with_rate(rate), model.vocab_size, args.max_model_len)
-        last = ClusterSimulator(model, replicas, args.router, request_slo=request_slo).run(requests)
+        last = ClusterSimulator(model, replicas, args.router, request_slo=request_slo,
+                                streamed_outputs=not args.final_only).run(requests)
         summary = last.summary(slo)
         summary["offered_rate"] = rate
         summary["wall_s"] = time.perf_counter() - started
@@ -299,14 +305,15 @@ def run_validate(args: argparse.Namespace) -> int:
         num, input_len, output_len = (int(v) for v in _csv(args.offline))
         prompts = fixed_length_workload(num, input_len, output_len, engine.model_config.vocab_size, seed=0)
         requests = [TimedRequest(f"offline-{i}", 0.0, request) for i, request in enumerate(prompts)]
+        # As LLM.generate asks: one output per request, at its end (the serving run below streams).
         report["offline"] = compare_run(engine, profile, requests, args.repeats,
-                                        decode_lookahead=args.decode_lookahead)
-        _print_comparison(f"offline {num} x ({input_len} -> {output_len})", report["offline"])
+                                        decode_lookahead=args.decode_lookahead, streamed=False)
+        _print_comparison(f"offline {num} x ({input_len} -> {output_len}), FINAL_ONLY outputs", report["offline"])
     if args.serving:
         requests = generate(WorkloadSpec.parse(args.serving), engine.model_config.vocab_size, engine.max_model_len)
         report["serving"] = compare_run(engine, profile, requests, args.repeats,
                                         decode_lookahead=args.decode_lookahead)
-        _print_comparison(f"serving {args.serving}", report["serving"])
+        _print_comparison(f"serving {args.serving}, DELTA outputs", report["serving"])
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(report, indent=2, default=str) + "\n")
     return 0

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from joule.engine.plan import StepPlan
-    from joule.perf.step_model import BatchShape
+    from joule.perf.batch_shape import BatchShape
 
 # The portable CPU backend's dense decode copies (joule/runtime/attention/decode_contexts.py):
 # rebuilt with this many spare tokens per row, rounded up to whole KV blocks.

@@ -123,15 +123,16 @@ class RecordingExecutor:
         self.last_request_ids: list[str] = []
         self._launched: dict[int, tuple[BatchShape, list[str]]] = {}
 
-    def with_events(self, outputs, after_idle: bool) -> BatchShape | None:
+    def with_events(self, outputs, after_idle: bool, metered: bool = True) -> BatchShape | None:
         """The last step's shape marked with its request events: the sequences whose requests the step
-        finished (``outputs`` of ``LLMEngine.step()``) and whether the engine sat idle before it."""
+        finished (``outputs`` of ``LLMEngine.step()``) and whether the engine sat idle before it; and
+        whether the engine metered it."""
         if self.last_shape is None:
             return None
         finished = {output.request_id for output in outputs if output.finished}
         sequences = [replace(sequence, finishes=request_id in finished)
                      for sequence, request_id in zip(self.last_shape.sequences, self.last_request_ids)]
-        return replace(self.last_shape, sequences=sequences, after_idle=after_idle)
+        return replace(self.last_shape, sequences=sequences, after_idle=after_idle, metered=metered)
 
     def execute(self, plan):
         self.last_shape, self.last_request_ids = self._observe(plan)
@@ -204,6 +205,11 @@ def detect_hardware() -> str:
             if key in name:
                 return get_hardware(key).name
         raise ValueError(f"GPU {name!r} is not in the catalog; pass --hardware")
+    return detect_cpu_hardware()
+
+
+def detect_cpu_hardware() -> str:
+    """Catalog name for this machine's CPU: the 2-core development machine's kind, else the generic server CPU."""
     return "CPU-2core" if (os.cpu_count() or 1) <= 2 else "CPU"
 
 
@@ -307,7 +313,8 @@ def _run_steps(engine, scenario: Scenario, arrivals: dict, add, synchronize, sam
         synchronize()
         elapsed = time.perf_counter() - started
         # A run starts after idle time (the quiet-machine wait, another run's end): its first step pays it.
-        shape = engine.core.executor.with_events(outputs, after_idle=not ran)
+        shape = engine.core.executor.with_events(outputs, after_idle=not ran,
+                                                 metered=engine.core.step_observer is not None)
         steps += 1
         if engine.core.last_step.num_sequences:
             ran = True

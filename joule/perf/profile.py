@@ -59,8 +59,15 @@ class DeviceProfile:
     attention_flops: float  # FLOP/s of attention math (QK^T, softmax, PV)
     memory_bandwidth: float  # bytes/s a streaming kernel reaches
     scales: dict[str, float] = field(default_factory=lambda: {name: 1.0 for name in SCALE_NAMES})
+    # Host work per step and per sequence of an unobserved step: FINAL_ONLY outputs, no energy metering (profiles
+    # calibrated before 2026-12-05 (a) have the three terms below at 0: theirs hold streamed, metered steps' costs).
     step_overhead_s: float = 0.0
     sequence_overhead_s: float = 0.0
+    # ... and on top (``joule.perf.output_costs``): per sampled sequence whose request streams its outputs, per
+    # sequence of a metered step, per metered step.
+    streamed_sequence_overhead_s: float = 0.0
+    metered_sequence_overhead_s: float = 0.0
+    metered_step_overhead_s: float = 0.0
     layer_overhead_s: float = 0.0
     # Per layer and prompt sequence of an eager step with a prompt chunk (the portable attention backend loops
     # over prompt chunks; its decodes, and every row on a GPU, are batched). Profiles before 2026-12-04 (g)

@@ -39,6 +39,7 @@ class SimulatedExecutor:
     # Set by the simulator when an arrival wakes an idle replica: its next step pays the profile's
     # wake_overhead_s (cleared once a step runs).
     after_idle: bool = False
+    metered: bool = True  # the engine's energy ledger meters every step (what the engine does unless told not to)
 
     def __post_init__(self) -> None:
         if self.step_model is None and self.fixed_step_seconds is None:
@@ -83,7 +84,7 @@ class SimulatedExecutor:
             return StepResult(sampled=sampled, elapsed_seconds=self.fixed_step_seconds, energy_joules=0.0), None
         finished = {sequence.request_id for sequence in plan.sequences
                     if sequence.samples and finishes_with(sequence.request, sampled[sequence.request_id].token_id)}
-        cost = self.step_model.predict_plan(plan, finished, after_idle, queued)
+        cost = self.step_model.predict_plan(plan, finished, after_idle, queued, self.metered)
         return StepResult(sampled=sampled, elapsed_seconds=cost.elapsed_seconds, energy_joules=cost.energy_joules), cost
 
     def token_for(self, request_id: str, position: int) -> int:

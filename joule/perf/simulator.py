@@ -60,6 +60,7 @@ class ReplicaConfig:
     # on for a GPU, off for a CPU.
     decode_lookahead: bool | None = None
     lookahead_prompts: bool = True  # ... which also queues steps with prompt chunks under fcfs (as the engine)
+    metered: bool = True  # the energy ledger meters every step (benchmarks that time the engine alone turn it off)
 
     @classmethod
     def for_hardware(cls, name: str, profile_path=None, dtype: str | None = None, calibrated: bool = True,
@@ -123,7 +124,7 @@ class _Replica:
         )
         self.executor = SimulatedExecutor(
             StepModel(model, config.profile), model.vocab_size, eos_token_id, eos_probability,
-            fixed_step_seconds=fixed_step_seconds, record_plans=record_plans,
+            fixed_step_seconds=fixed_step_seconds, record_plans=record_plans, metered=config.metered,
         )
         self.core = EngineCore(
             scheduler_config, KVBlockManager(num_blocks, config.block_size, config.enable_prefix_caching),
@@ -168,8 +169,11 @@ class ClusterSimulator:
         ignore_eos: bool = True,
         fixed_step_seconds: float | None = None,
         request_slo: RequestSLO | None = None,
+        streamed_outputs: bool = True,
     ):
-        """``request_slo`` is given to every request, so the ``deadline`` policy can schedule against it."""
+        """``request_slo`` is given to every request, so the ``deadline`` policy can schedule against it.
+        ``streamed_outputs``: clients stream (DELTA, as a server's do), or take one output at the end (FINAL_ONLY,
+        as ``LLM.generate``): the host work of an output every step is charged only for the first."""
         if not replicas:
             raise ValueError("a simulation needs at least one replica")
         self.model = model
@@ -184,12 +188,12 @@ class ClusterSimulator:
         self.ignore_eos = ignore_eos and eos_probability == 0
         self.eos_ids = frozenset() if eos_token_id is None else frozenset({eos_token_id})
         self.request_slo = request_slo
+        self.output_kind = RequestOutputKind.DELTA if streamed_outputs else RequestOutputKind.FINAL_ONLY
 
     def _make_request(self, timed: TimedRequest) -> Request:
         output_len = timed.request.output_len
         params = SamplingParams(
-            max_tokens=output_len, ignore_eos=self.ignore_eos, temperature=0.0,
-            output_kind=RequestOutputKind.FINAL_ONLY,
+            max_tokens=output_len, ignore_eos=self.ignore_eos, temperature=0.0, output_kind=self.output_kind,
         )
         return Request(
             request_id=timed.request_id, prompt_token_ids=timed.request.prompt_token_ids, sampling_params=params,

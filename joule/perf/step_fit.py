@@ -22,6 +22,7 @@ from joule.perf.step_model import BatchShape, StepModel, gemm_count
 if TYPE_CHECKING:
     from joule.perf.calibrate import Measurements
     from joule.perf.measure import StepSample
+    from joule.perf.output_costs import OutputCosts
 
 # Pull of each class scale toward 1 (relative-error units): strong for linear, whose rates were
 # measured on the model's own GEMMs; weak for attention, which the micro-benchmarks model least.
@@ -123,7 +124,22 @@ def fit_profile(model_config, measured: Measurements, samples: list[StepSample] 
             break
         samples = kept
         profile = _fit_once(model_config, measured, samples)
+    if measured.output_costs is not None:
+        split_output_costs(profile, measured.output_costs)
     return profile
+
+
+def split_output_costs(profile: DeviceProfile, costs: OutputCosts) -> None:
+    """Move the measured costs of streamed outputs and metering out of the fitted step and sequence overheads.
+
+    Calibration steps are streamed and metered, so what the fit calls per-step and per-sequence host work holds
+    both; what is left is an unobserved step's (FINAL_ONLY, unmetered). Clamped at 0 where the fit gave less."""
+    profile.streamed_sequence_overhead_s = costs.streamed_sequence_s
+    profile.metered_sequence_overhead_s = costs.metered_sequence_s
+    profile.metered_step_overhead_s = costs.metered_step_s
+    profile.sequence_overhead_s = max(0.0, profile.sequence_overhead_s - costs.streamed_sequence_s
+                                      - costs.metered_sequence_s)
+    profile.step_overhead_s = max(0.0, profile.step_overhead_s - costs.metered_step_s)
 
 
 OUTLIER_SLOWDOWN = 0.3

@@ -24,92 +24,18 @@ at the board's maximum power.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 from joule.engine.plan import StepPlan
 from joule.model.config import ModelConfig
-from joule.perf.decode_staging import STAGING_MODES, DecodeStaging, staging_capacity
+from joule.perf.batch_shape import BatchShape, SequenceWork  # noqa: F401  (re-exported)
+from joule.perf.decode_staging import DecodeStaging, staging_capacity
 from joule.perf.profile import OPERATOR_CLASSES, DeviceProfile
 from joule.runtime.chunk_sizes import chunk_graph_sizes, chunk_pieces
 
 _LOGITS_BYTES = 4  # the sampler works on fp32 logits
 _SAMPLING_PASSES = 4  # cast, softmax/log-softmax, argmax or top-k, penalties: ~4 reads of V floats
 _SAMPLING_FLOPS_PER_LOGIT = 8
-
-
-@dataclass(frozen=True)
-class SequenceWork:
-    """One sequence's share of a step."""
-
-    num_new_tokens: int
-    context_length: int  # tokens already in the KV cache before this step
-    samples: bool
-    finishes: bool = False  # the request finishes in this step (its blocks are freed, its output closed)
-
-
-@dataclass
-class BatchShape:
-    """A step's batch, independent of token values: what the step model needs from a StepPlan.
-
-    ``staging`` says how a decode-only step on a staging backend reaches its KV: "append" (the
-    dense copies of the previous step, one token longer), "rebuild" (copies refilled from the
-    paged cache, ``staging_capacity`` tokens per row) or "gather" (no copies: padded gathers);
-    "" when unknown, which the step model reads as the steady state. ``after_idle``: the engine had
-    nothing to run before this step (it waited for an arrival); the first step after idle time pays
-    for it. ``queued``: the engine's decode lookahead launched it behind the step before, so its host
-    work overlaps the device's: it costs max(host, device), not their sum.
-    """
-
-    sequences: list[SequenceWork] = field(default_factory=list)
-    staging: str = ""
-    staging_capacity: int = 0
-    after_idle: bool = False
-    queued: bool = False
-
-    def __post_init__(self) -> None:
-        if self.staging not in STAGING_MODES:
-            raise ValueError(f"staging must be one of {STAGING_MODES}, got {self.staging!r}")
-
-    @classmethod
-    def from_plan(cls, plan: StepPlan, finished_ids=frozenset(), after_idle: bool = False,
-                  queued: bool = False) -> BatchShape:
-        """``finished_ids``: requests this step finishes (known to the simulator, which makes their tokens)."""
-        return cls([SequenceWork(s.num_tokens, s.start_position, s.samples, s.request_id in finished_ids)
-                    for s in plan.sequences], after_idle=after_idle, queued=queued)
-
-    @classmethod
-    def decode(cls, batch_size: int, context_length: int) -> BatchShape:
-        return cls([SequenceWork(1, context_length, True) for _ in range(batch_size)])
-
-    @classmethod
-    def prefill(cls, prompt_lengths: list[int]) -> BatchShape:
-        return cls([SequenceWork(length, 0, True) for length in prompt_lengths])
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.sequences)
-
-    @property
-    def num_prompt_sequences(self) -> int:
-        """Sequences with a prompt chunk (more than one new token); the decodes beside them are batched."""
-        return sum(1 for s in self.sequences if s.num_new_tokens > 1)
-
-    @property
-    def num_sampled(self) -> int:
-        return sum(1 for s in self.sequences if s.samples)
-
-    @property
-    def is_decode_only(self) -> bool:
-        return all(s.num_new_tokens == 1 for s in self.sequences)
-
-    @property
-    def num_finished(self) -> int:
-        return sum(1 for s in self.sequences if s.finishes)
-
-    @property
-    def finished_tokens(self) -> int:
-        """KV tokens of the requests finishing in this step (what freeing their blocks walks over)."""
-        return sum(s.context_length + s.num_new_tokens for s in self.sequences if s.finishes)
 
 
 @dataclass
@@ -273,7 +199,7 @@ class StepModel:
         capacity = staging_capacity(longest)
         bound = self.profile.staging_max_copy_bytes
         fits = not bound or len(batch.sequences) * capacity * self.staging.kv_bytes_per_token <= bound
-        return BatchShape(batch.sequences, "append" if fits else "gather", capacity if fits else 0, batch.after_idle)
+        return replace(batch, staging="append" if fits else "gather", staging_capacity=capacity if fits else 0)
 
     def class_seconds(self, batch: BatchShape) -> tuple[dict[str, OperatorCount], dict[str, float]]:
         """Unscaled roofline seconds per operator class (calibration fits the scales on these)."""
@@ -349,6 +275,9 @@ class StepModel:
         profile = self.profile
         num_sequences = len(batch.sequences)
         seconds = profile.step_overhead_s + profile.sequence_overhead_s * num_sequences + self.host_layer_seconds(batch)
+        seconds += profile.streamed_sequence_overhead_s * batch.num_streamed
+        if batch.metered:
+            seconds += profile.metered_step_overhead_s + profile.metered_sequence_overhead_s * num_sequences
         if batch.staging == "rebuild":
             layers = self.config.num_hidden_layers
             seconds += profile.staging_rebuild_s_per_token_layer * num_sequences * batch.staging_capacity * layers
@@ -396,12 +325,20 @@ class StepModel:
         return batch.is_decode_only or self.graph_passes(batch) is not None
 
     def predict_plan(self, plan: StepPlan, finished_ids=frozenset(), after_idle: bool = False,
-                     queued: bool = False) -> StepCost:
+                     queued: bool = False, metered: bool = True) -> StepCost:
         """One step of the engine this model follows (plans in order: see ``DecodeStaging``)."""
-        shape = BatchShape.from_plan(plan, finished_ids, after_idle, queued)
+        shape = BatchShape.from_plan(plan, finished_ids, after_idle, queued, metered)
         if self.staging is not None:
             self.staging.observe_plan(plan, shape)
         return self.predict(shape)
+
+    def busy_joules(self, batch: BatchShape, elapsed: float) -> float:
+        """Energy of a step that took ``elapsed`` seconds (measured, not predicted) above idle power: its FLOPs and
+        bytes at the profile's per-FLOP and per-byte energies, never above (max - idle) power x time."""
+        if not batch.sequences:
+            return 0.0
+        counts, _ = self.class_seconds(self.resolve_staging(batch))
+        return self.energy(counts, elapsed) - self.profile.idle_watts * elapsed
 
     def energy(self, counts: dict[str, OperatorCount], elapsed: float) -> float:
         """Idle power for the whole step plus dynamic energy, never above max power x time."""

@@ -204,13 +204,15 @@ def summarize_checks(checks: list[StepCheck], keep_steps: bool = True) -> dict:
     return summary
 
 
-def measure_run(engine, requests: list[TimedRequest]) -> dict:
-    """Serve timed requests on the real engine in wall-clock time; vLLM-style latency metrics."""
+def measure_run(engine, requests: list[TimedRequest], streamed: bool = True) -> dict:
+    """Serve timed requests on the real engine in wall-clock time; vLLM-style latency metrics. ``streamed``: DELTA
+    outputs every step, as a streaming server asks; else FINAL_ONLY, as ``LLM.generate`` (token times from each
+    request's metrics)."""
     with heap_frozen_while_running():  # as LLM.generate runs (joule/heap.py)
-        return _measure_run(engine, requests)
+        return _measure_run(engine, requests, streamed)
 
 
-def _measure_run(engine, requests: list[TimedRequest]) -> dict:
+def _measure_run(engine, requests: list[TimedRequest], streamed: bool) -> dict:
     from joule.sampling_params import RequestOutputKind, SamplingParams
 
     pending = sorted(requests, key=lambda r: r.arrival_time)
@@ -219,13 +221,14 @@ def _measure_run(engine, requests: list[TimedRequest]) -> dict:
     started = time.time()
     next_index = 0
     idle = True  # the engine has had nothing to run since the last step (or ever): the next step wakes it
+    output_kind = RequestOutputKind.DELTA if streamed else RequestOutputKind.FINAL_ONLY
     while next_index < len(pending) or engine.has_unfinished_requests():
         now = time.time() - started
         while next_index < len(pending) and pending[next_index].arrival_time <= now:
             timed = pending[next_index]
             next_index += 1
             params = SamplingParams(max_tokens=timed.request.output_len, ignore_eos=True, temperature=0.0,
-                                    output_kind=RequestOutputKind.DELTA)
+                                    output_kind=output_kind)
             engine.add_request(timed.request_id, {"prompt_token_ids": timed.request.prompt_token_ids}, params,
                                arrival_time=started + timed.arrival_time)
             records[timed.request_id] = {"arrival": started + timed.arrival_time, "tokens": 0}
@@ -237,7 +240,8 @@ def _measure_run(engine, requests: list[TimedRequest]) -> dict:
         outputs = engine.step()
         elapsed = time.perf_counter() - step_started
         executor = engine.core.executor
-        shape = executor.with_events(outputs, idle) if hasattr(executor, "with_events") else None
+        metered = engine.core.step_observer is not None
+        shape = executor.with_events(outputs, idle, metered) if hasattr(executor, "with_events") else None
         if shape is not None and engine.core.last_step.num_sequences:
             steps.append((shape, elapsed))
             idle = False
@@ -261,21 +265,23 @@ def _measure_run(engine, requests: list[TimedRequest]) -> dict:
     }
 
 
-def simulate_like_engine(engine, profile: DeviceProfile, requests: list[TimedRequest]) -> dict:
-    """The same requests in the simulator, with the engine's KV capacity and scheduler settings."""
+def simulate_like_engine(engine, profile: DeviceProfile, requests: list[TimedRequest], streamed: bool = True) -> dict:
+    """The same requests in the simulator, with the engine's KV capacity, scheduler settings and metering, and the
+    run's output kind."""
     config = engine.core.scheduler.config
     replica = ReplicaConfig(
         hardware=get_hardware(profile.hardware), profile=profile, max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=config.max_model_len,
         block_size=engine.block_manager.block_size, num_kv_blocks=engine.block_manager.num_blocks,
         enable_prefix_caching=engine.block_manager.enable_prefix_caching,
-        decode_lookahead=engine.core.decode_lookahead,
+        decode_lookahead=engine.core.decode_lookahead, metered=engine.core.step_observer is not None,
     )
-    return ClusterSimulator(engine.model_config, [replica]).run(requests).summary()
+    return ClusterSimulator(engine.model_config, [replica], streamed_outputs=streamed).run(requests).summary()
 
 
 def compare_run(engine, profile: DeviceProfile, requests: list[TimedRequest], repeats: int = 3,
-                warmup: bool = True, quiet_wait_s: float = 10.0, decode_lookahead: bool | None = None) -> dict:
+                warmup: bool = True, quiet_wait_s: float = 10.0, decode_lookahead: bool | None = None,
+                streamed: bool = True) -> dict:
     """Measured vs simulated for one workload; each measured metric is its median over ``repeats`` runs
     (on a CPU, runs during which other processes took more than ``CONTENDED_SHARE`` of the machine
     are repeated, up to ``repeats`` more, and left out when clean ones exist).
@@ -285,19 +291,20 @@ def compare_run(engine, profile: DeviceProfile, requests: list[TimedRequest], re
     first use). Both sides then see the same prompts, arrival times, KV capacity and scheduler
     settings, an empty prefix cache, and vLLM's TTFT/TPOT definitions (``measure_run``, metrics.py).
     ``decode_lookahead`` (None: the engine's default, on with CUDA) is set on the engine for these runs and
-    given to the simulator; the step grid (``validate_steps``) times steps one by one without it.
+    given to the simulator; the step grid (``validate_steps``) times steps one by one without it. ``streamed``: the
+    requests ask for DELTA outputs (a streaming server), else FINAL_ONLY (``LLM.generate``); both sides know it.
     """
     lookahead = lookahead_on(decode_lookahead, engine.device.type == "cuda")
     before = engine.core.decode_lookahead
     engine.core.decode_lookahead = lookahead
     try:
-        return _compare_run(engine, profile, requests, repeats, warmup, quiet_wait_s)
+        return _compare_run(engine, profile, requests, repeats, warmup, quiet_wait_s, streamed)
     finally:
         engine.core.decode_lookahead = before
 
 
 def _compare_run(engine, profile: DeviceProfile, requests: list[TimedRequest], repeats: int,
-                 warmup: bool, quiet_wait_s: float) -> dict:
+                 warmup: bool, quiet_wait_s: float, streamed: bool) -> dict:
     import os
 
     from joule.perf.measure import (
@@ -310,7 +317,7 @@ def _compare_run(engine, profile: DeviceProfile, requests: list[TimedRequest], r
     if warmup and requests:
         ordered = sorted(requests, key=lambda timed: timed.arrival_time)
         warm = [replace(timed, request_id=f"warmup-{timed.request_id}") for timed in ordered[: max(4, len(ordered) // 4)]]
-        measure_run(engine, warm)
+        measure_run(engine, warm, streamed)
         engine.block_manager.reset_prefix_cache()
     all_runs = []
     for attempt in range(2 * repeats):  # contended runs (see ForeignLoad) are repeated, up to as many again
@@ -320,13 +327,13 @@ def _compare_run(engine, profile: DeviceProfile, requests: list[TimedRequest], r
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         bandwidth = copy_bandwidth()
         with ForeignLoad() as foreign:
-            run = measure_run(engine, requests)
+            run = measure_run(engine, requests, streamed)
         engine.block_manager.reset_prefix_cache()
         all_runs.append(run | {"load_average_before": load, "foreign_cpu_share": foreign.share,
                                "host_copy_gbps_before": bandwidth / 1e9,
                                "clean": foreign.share <= CONTENDED_SHARE or not on_cpu(engine)})
     runs = [run for run in all_runs if run["clean"]] or all_runs
-    simulated = simulate_like_engine(engine, profile, requests)
+    simulated = simulate_like_engine(engine, profile, requests, streamed)
     measured = {
         "output_throughput": statistics.median(run["output_throughput"] for run in runs),
         "makespan_s": statistics.median(run["makespan_s"] for run in runs),

@@ -259,3 +259,38 @@ def test_steps_queued_by_the_lookahead_tell_host_from_device_time():
     again = Measurements.from_dict(json.loads(json.dumps(dataclasses.asdict(
         dataclasses.replace(measured, steps=plain + queued)))))
     assert [s.shape.queued for s in again.steps] == [False] * len(plain) + [True] * len(queued)
+
+
+def test_measured_output_costs_leave_an_unobserved_steps_overheads_and_predict_calibrations_own_steps_as_before():
+    """Calibration steps stream and are metered: the fit's overheads hold both. The measured costs are moved out
+    of them, so a FINAL_ONLY unmetered step is predicted cheaper and a calibration-kind step exactly as fitted."""
+    from joule.perf.output_costs import OutputCosts
+
+    config = model_config()
+    measured = synthetic_measurements(config, StepModel(config, _true_profile(config)))
+    plain = fit_profile(config, measured)
+    costs = OutputCosts(streamed_sequence_s=2e-5, metered_sequence_s=1e-5, metered_step_s=3e-4)
+    split = fit_profile(config, dataclasses.replace(measured, output_costs=costs))
+    assert split.sequence_overhead_s == pytest.approx(plain.sequence_overhead_s - 3e-5)
+    assert split.step_overhead_s == pytest.approx(plain.step_overhead_s - 3e-4)
+    assert (split.streamed_sequence_overhead_s, split.metered_sequence_overhead_s, split.metered_step_overhead_s) == (
+        2e-5, 1e-5, 3e-4)
+    streamed = BatchShape.decode(64, 300)
+    unobserved = BatchShape([dataclasses.replace(s, streams=False) for s in streamed.sequences], metered=False)
+    before, after = StepModel(config, plain), StepModel(config, split)
+    assert after.predict(streamed).elapsed_seconds == pytest.approx(before.predict(streamed).elapsed_seconds)
+    saved = before.predict(unobserved).elapsed_seconds - after.predict(unobserved).elapsed_seconds
+    assert saved == pytest.approx(64 * 3e-5 + 3e-4)
+    # Saved with the measurements, merged as the fastest of several runs.
+    again = Measurements.from_dict(json.loads(json.dumps(dataclasses.asdict(
+        dataclasses.replace(measured, output_costs=costs)))))
+    assert again.output_costs == costs
+    from joule.perf.calibrate import merge_measurements
+
+    slower = OutputCosts(4e-5, 5e-6, 4e-4)
+    merged = merge_measurements([dataclasses.replace(measured, output_costs=slower),
+                                 dataclasses.replace(measured, output_costs=costs)])
+    assert merged.output_costs == OutputCosts(2e-5, 5e-6, 3e-4)
+    assert merge_measurements([measured]).output_costs is None  # files saved before the costs were measured
+    with pytest.raises(ValueError, match="metered_step_s"):
+        OutputCosts(metered_step_s=-1.0)

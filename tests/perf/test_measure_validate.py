@@ -129,8 +129,8 @@ def test_compare_run_with_the_lookahead_records_each_collected_steps_own_shape(e
     monkeypatch.setattr(executor, "launch", lambda plan, previous=None: (
         continuations.append(previous is not None), launch(plan, previous))[1])
     simulate = validate.simulate_like_engine
-    monkeypatch.setattr(validate, "simulate_like_engine", lambda engine, profile, requests: (
-        simulated_settings.append(engine.core.decode_lookahead), simulate(engine, profile, requests))[1])
+    monkeypatch.setattr(validate, "simulate_like_engine", lambda engine, profile, requests, streamed: (
+        simulated_settings.append(engine.core.decode_lookahead), simulate(engine, profile, requests, streamed))[1])
     comparison = compare_run(engine, profile, requests, repeats=1, warmup=False, quiet_wait_s=0.0,
                              decode_lookahead=True)
     assert any(continuations) and simulated_settings == [True]
@@ -178,3 +178,38 @@ def test_cpu_steps_are_the_median_of_clean_runs_or_the_fastest_when_none_is_clea
     assert [s.seconds for s in measure.measure_steps(cpu, scenario, repeats=3)] == [pytest.approx(0.12)]
     fake_runs([0.30, 0.20, 0.25, 0.22], [0.6, 0.6, 0.6, 0.6])  # never clean: the fastest of the 2 x 2 runs
     assert [s.seconds for s in measure.measure_steps(cpu, scenario, repeats=2)] == [pytest.approx(0.20)]
+
+
+def test_output_costs_are_measured_on_the_engine_and_leave_it_as_it_was(engine):
+    from joule.perf.output_costs import measure_output_costs
+
+    core = engine.core
+    before = (core.executor, core.step_observer, core.decode_lookahead, engine.block_manager.num_free_blocks)
+    costs = measure_output_costs(engine, max_sequences=48, steps=4, repeats=2)
+    assert min(costs.streamed_sequence_s, costs.metered_sequence_s, costs.metered_step_s) >= 0.0
+    # An output object per sequence per step is real work: never free.
+    assert costs.streamed_sequence_s > 0.0
+    assert (core.executor, core.step_observer, core.decode_lookahead,
+            engine.block_manager.num_free_blocks) == before
+    assert not engine.has_unfinished_requests()
+
+
+def test_an_offline_run_takes_final_only_outputs_and_its_steps_say_so(engine):
+    """As LLM.generate asks: one output per request, token times from its metrics; the recorded steps do not
+    stream, and the simulator is told the same."""
+    from joule.bench.workload import fixed_length_workload
+    from joule.perf.validate import measure_run, simulate_like_engine
+
+    prompts = fixed_length_workload(3, 10, 5, engine.model_config.vocab_size, seed=2)
+    requests = [TimedRequest(f"final-{i}", 0.0, request) for i, request in enumerate(prompts)]
+    run = measure_run(engine, requests, streamed=False)
+    assert run["output_tokens"] == 15 and run["tpot_s"]["p50"] > 0 and run["ttft_s"]["p50"] > 0
+    shapes = [shape for shape, _ in run["steps"]]
+    assert shapes and not any(s.streams for shape in shapes for s in shape.sequences)
+    assert all(shape.metered for shape in shapes)  # the engine's ledger is on
+    engine.block_manager.reset_prefix_cache()
+    profile = DeviceProfile.from_hardware(get_hardware("CPU-2core"), "float32")
+    profile.streamed_sequence_overhead_s = 0.1
+    streamed = simulate_like_engine(engine, profile, requests, streamed=True)["makespan_s"]
+    final_only = simulate_like_engine(engine, profile, requests, streamed=False)["makespan_s"]
+    assert streamed - final_only == pytest.approx(15 * 0.1, rel=1e-6)

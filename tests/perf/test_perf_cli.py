@@ -38,6 +38,26 @@ def test_simulate_with_decode_lookahead_is_faster_for_one_stream_and_is_the_gpu_
     assert makespans[2] == makespans[1]  # as the engine on CUDA: on unless turned off
 
 
+def test_simulate_charges_streamed_outputs_and_metering_unless_told_the_run_has_neither(tmp_path):
+    import dataclasses
+
+    from joule.perf.profile import resolve_profile
+
+    profile = dataclasses.replace(resolve_profile("H200", "bfloat16"), streamed_sequence_overhead_s=1e-3,
+                                  metered_step_overhead_s=1e-3)
+    profile.save(tmp_path / "profile.json")
+    makespans = []
+    for extra in ([], ["--final-only"], ["--final-only", "--unmetered"]):
+        output = tmp_path / f"run{len(extra)}.json"
+        assert main(["simulate", "--model", "llama-3.2-1b", "--hardware", "H200", "--profile",
+                     str(tmp_path / "profile.json"), "--no-decode-lookahead", "--workload",
+                     "input=fixed:128,output=fixed:32,num=4", "--output-json", str(output), *extra]) == 0
+        makespans.append(json.loads(output.read_text())[0]["makespan_s"])
+    # 4 x 32 outputs at 1 ms; then 32 metered steps at 1 ms (the prompts take one step).
+    assert makespans[0] - makespans[1] == pytest.approx(4 * 32 * 1e-3, rel=1e-6)
+    assert makespans[1] - makespans[2] == pytest.approx(32 * 1e-3, rel=1e-6)
+
+
 def test_plan_prints_plans_and_errors_are_clear(tmp_path, capsys):
     code = main([
         "plan", "--model", "qwen3-0.6b", "--hardware", "L4", "--workload", "input=fixed:64,output=fixed:16,rate=4,num=40",

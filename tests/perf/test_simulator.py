@@ -251,3 +251,29 @@ def test_a_queued_graph_step_pays_its_per_layer_gaps_on_the_device():
     assert runs["host", False] == pytest.approx(runs["device", False])
     assert runs["host", True] < runs["host", False]
     assert runs["device", True] == pytest.approx(runs["device", False])
+
+
+def test_simulator_charges_streamed_outputs_and_metering_only_when_the_run_has_them():
+    """Clients that stream (a server's) and a metered engine cost host time per step that LLM.generate's
+    FINAL_ONLY outputs and a benchmark's unmetered engine do not."""
+    import dataclasses
+
+    model = small_model()
+    spec = WorkloadSpec(8, rate=float("inf"), input_len=LengthDistribution("fixed", 16),
+                        output_len=LengthDistribution("fixed", 20))
+    requests = generate(spec, model.vocab_size)
+    plain = replica(decode_lookahead=False)
+    observed = dataclasses.replace(plain, profile=dataclasses.replace(
+        plain.profile, streamed_sequence_overhead_s=1e-3, metered_sequence_overhead_s=0.0,
+        metered_step_overhead_s=0.0))
+    base = ClusterSimulator(model, [plain]).run(requests).summary()["makespan_s"]
+    streamed = ClusterSimulator(model, [observed]).run(requests).summary()["makespan_s"]
+    final_only = ClusterSimulator(model, [observed], streamed_outputs=False).run(requests).summary()["makespan_s"]
+    assert final_only == pytest.approx(base)
+    # Every one of the 8 x 20 sampled tokens made an output: 160 ms more (the prompts fit one step).
+    assert streamed - base == pytest.approx(8 * 20 * 1e-3)
+    metered = dataclasses.replace(plain, profile=dataclasses.replace(plain.profile, metered_step_overhead_s=1e-2))
+    unmetered = dataclasses.replace(metered, metered=False)
+    steps = ClusterSimulator(model, [metered]).run(requests).replicas[0].num_steps
+    assert (ClusterSimulator(model, [metered]).run(requests).summary()["makespan_s"]
+            - ClusterSimulator(model, [unmetered]).run(requests).summary()["makespan_s"]) == pytest.approx(steps * 1e-2)

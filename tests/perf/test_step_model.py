@@ -337,3 +337,50 @@ def test_graph_steps_per_layer_overhead_can_be_device_time_that_a_queued_step_ca
         assert device_side.predict(queued).elapsed_seconds == pytest.approx(max(after.host_seconds, after.device_seconds))
     eager = BatchShape.prefill([20, 20, 20])  # three chunks: beyond max_graphed_chunks, launched eagerly
     assert device_side.predict(eager).device_overhead_seconds == 0.0
+
+
+def test_streamed_outputs_and_metering_cost_host_time_only_where_a_step_has_them():
+    """A sampled sequence of a streaming request pays for its output every step; a metered step pays the meter's
+    reads and a share per sequence. Prompt chunks that sample nothing make no output."""
+    config = one_layer_config()
+    profile = flat_profile(streamed_sequence_overhead_s=2e-6, metered_sequence_overhead_s=1e-6,
+                           metered_step_overhead_s=5e-5)
+    model = StepModel(config, profile)
+    streamed = BatchShape([SequenceWork(1, 10, True), SequenceWork(1, 20, True), SequenceWork(50, 0, False)])
+    final_only = BatchShape([dataclasses.replace(s, streams=False) for s in streamed.sequences])
+    unmetered = dataclasses.replace(final_only, metered=False)
+    assert streamed.num_streamed == 2 and final_only.num_streamed == 0
+    assert model.overhead_seconds(streamed) - model.overhead_seconds(final_only) == pytest.approx(2 * 2e-6)
+    assert model.overhead_seconds(final_only) - model.overhead_seconds(unmetered) == pytest.approx(5e-5 + 3 * 1e-6)
+    # Profiles calibrated before the terms existed: every kind alike.
+    older = StepModel(config, flat_profile())
+    assert older.predict(streamed).elapsed_seconds == older.predict(unmetered).elapsed_seconds
+
+
+def test_a_plans_shape_streams_unless_its_request_asks_for_final_only_outputs():
+    from joule.engine.plan import ScheduledSequence, StepPlan
+    from joule.engine.request import Request
+    from joule.sampling_params import RequestOutputKind, SamplingParams
+
+    def sequence(name, kind):
+        request = Request(name, [1, 2, 3], SamplingParams(max_tokens=4, output_kind=kind), max_tokens=4)
+        return ScheduledSequence(request, [3], 2, [0], samples=True)
+
+    plan = StepPlan([sequence("a", RequestOutputKind.DELTA), sequence("b", RequestOutputKind.FINAL_ONLY),
+                     sequence("c", RequestOutputKind.CUMULATIVE)])
+    shape = BatchShape.from_plan(plan, metered=False)
+    assert [s.streams for s in shape.sequences] == [True, False, True] and not shape.metered
+    assert BatchShape.from_plan(plan).metered
+
+
+def test_a_staged_decode_step_keeps_what_else_its_shape_says():
+    """Resolving the staging mode of a decode-only step of unknown history keeps whether it was queued behind
+    another and metered: a queued step costs max(host, device) with staging as without."""
+    config = one_layer_config()
+    profile = flat_profile(decode_staging=True, step_overhead_s=1e-3)
+    model = StepModel(config, profile)
+    queued = dataclasses.replace(BatchShape.decode(4, 100), queued=True, metered=False)
+    resolved = model.resolve_staging(queued)
+    assert resolved.staging == "append" and resolved.queued and not resolved.metered
+    cost = model.predict(queued)
+    assert cost.elapsed_seconds == pytest.approx(max(cost.host_seconds, cost.device_seconds))
