@@ -87,7 +87,8 @@ class LLMEngine:
             fair_prompt_cap=config.fair_prompt_cap,
             fair_split_decodes=config.fair_split_decodes,
         )
-        self.energy_meter = energy_meter if energy_meter is not None else select_energy_meter(self.device)
+        self.energy_meter = energy_meter if energy_meter is not None else select_energy_meter(
+            self.device, model_config=self.model_config, dtype=str(self.dtype).removeprefix("torch."))
         self.energy_ledger = EnergyLedger(
             self.energy_meter, AttributionWeights.for_hidden_size(self.model_config.hidden_size), clock=time.time
         )

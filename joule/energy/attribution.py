@@ -84,6 +84,8 @@ class EnergyLedger:
         clock: Callable[[], float] = time.time,
     ):
         self.meter = meter
+        # A meter that estimates from the steps themselves (``StepModelEnergyEstimate``) is shown each one.
+        self._observe_step = getattr(meter, "observe_step", None)
         self.weights = weights or AttributionWeights()
         self._start_reading = self._last_reading = meter.read_joules()
         self._last_time = clock()
@@ -109,6 +111,8 @@ class EnergyLedger:
 
     def step_ended(self, plan, now: float) -> float:
         """Charge the step's energy to the plan's sequences by weight; returns the step's joules."""
+        if self._observe_step is not None:
+            self._observe_step(plan, now - self._last_time)
         joules = self._read()
         # Runs for every sequence of every step: one pass for the weights, one for the charges, no calls per row.
         weigh = self.weights.sequence_weight

@@ -210,8 +210,8 @@ class CpuTimeEnergyEstimate:
     joules = cpu_seconds x dynamic watts per core + wall_seconds x idle watts per core x cores we may
     use, with per-core watts = TDP / cores of the CPU (``CPU_POWER_TABLE``) split into an idle share
     (``IDLE_SHARE_OF_TDP``) and the rest, drawn only while a core is busy. Process CPU time covers
-    every thread, so torch's intra-op pool counts. Replace with the performance model's estimate
-    (``joule.perf``) where one is calibrated for the device.
+    every thread, so torch's intra-op pool counts. The engine uses it only where the performance model's
+    estimate cannot be made (``joule.energy.model_estimate``).
     """
 
     spec: CpuPowerSpec = field(default_factory=lambda: lookup_cpu_power(cpu_model_name()))
@@ -267,8 +267,11 @@ class FakeEnergyMeter:
 
 
 # -- selection -----------------------------------------------------------------------------------
-def select_energy_meter(device="cpu", powercap_root: Path = DEFAULT_POWERCAP_ROOT) -> EnergyMeter:
-    """The best meter for ``device`` (a torch.device or a string): measured if possible, else estimated."""
+def select_energy_meter(device="cpu", powercap_root: Path = DEFAULT_POWERCAP_ROOT, model_config=None,
+                        dtype: str | None = None) -> EnergyMeter:
+    """The best meter for ``device`` (a torch.device or a string): measured if possible, else estimated: by the
+    performance model for ``model_config`` in ``dtype`` when given (``joule.energy.model_estimate``), else from
+    the process's CPU time."""
     device_type = getattr(device, "type", None) or str(device).split(":")[0]
     if device_type == "cuda":
         index = getattr(device, "index", None)
@@ -282,11 +285,20 @@ def select_energy_meter(device="cpu", powercap_root: Path = DEFAULT_POWERCAP_ROO
             logger.info("energy: measured by %s", meter.name)
             return meter
         except Exception as error:  # no pynvml, no driver, no permission
-            logger.warning("energy: NVML unavailable (%s); estimating from CPU time instead", error)
+            logger.warning("energy: NVML unavailable (%s); estimating instead", error)
     elif RaplEnergyMeter.zone_paths(Path(powercap_root)):
         meter = RaplEnergyMeter(powercap_root)
         logger.info("energy: measured by %s", meter.name)
         return meter
+    if model_config is not None:
+        from joule.energy.model_estimate import model_energy_estimate
+
+        try:
+            meter = model_energy_estimate(model_config, device_type, dtype)
+            logger.info("energy: estimated by the performance model (%s)", meter.name)
+            return meter
+        except (ValueError, OSError) as error:  # a GPU the catalog lacks; an unreadable profile file
+            logger.warning("energy: no performance model for this device (%s); estimating from CPU time", error)
     meter = CpuTimeEnergyEstimate()
     logger.info("energy: estimated from CPU time (%s)", meter.spec.source)
     return meter
