@@ -35,6 +35,7 @@ from joule.perf.measure import (  # noqa: F401  (re-exported: the calibration AP
     run_scenario,
     wait_for_quiet,
 )
+from joule.perf.energy_fit import ENERGY_SCENARIOS, GPU_ENERGY_SCENARIOS, EnergyWindow, measure_energy_windows
 from joule.perf.output_costs import OutputCosts, measure_output_costs
 from joule.perf.profile import DeviceProfile
 from joule.perf.step_fit import (  # noqa: F401  (re-exported: the calibration API in one place)
@@ -62,6 +63,9 @@ class Measurements:
     max_graphed_chunks: int = 4
     # Host costs of streamed outputs and metering (``joule.perf.output_costs``); None in files saved before them.
     output_costs: OutputCosts | None = None
+    # What a hardware meter counted over windows of steady work (``joule.perf.energy_fit``); none without one.
+    energy_windows: list[EnergyWindow] = field(default_factory=list)
+    energy_meter: str = ""
 
     @classmethod
     def from_dict(cls, data: dict) -> Measurements:
@@ -79,7 +83,9 @@ class Measurements:
                    data["attention_flops"], steps, data.get("attention_backend", ""),
                    data.get("staging_max_copy_bytes", 0.0), data.get("chunk_graph_max_tokens", 0),
                    data.get("max_graphed_chunks", 4),
-                   OutputCosts(**data["output_costs"]) if data.get("output_costs") else None)
+                   OutputCosts(**data["output_costs"]) if data.get("output_costs") else None,
+                   [EnergyWindow(**window) for window in data.get("energy_windows", [])],
+                   data.get("energy_meter", ""))
 
 
 def measure_micro(model_config, dtype_name: str, device_name: str, hardware: str, repeats: int = 5) -> Measurements:
@@ -173,7 +179,9 @@ def merge_measurements(runs: list[Measurements]) -> Measurements:
                         [(*key, seconds) for key, seconds in gemms.items()],
                         max(run.attention_flops for run in runs), steps, first.attention_backend,
                         first.staging_max_copy_bytes, first.chunk_graph_max_tokens, first.max_graphed_chunks,
-                        _cheapest_output_costs([run.output_costs for run in runs]))
+                        _cheapest_output_costs([run.output_costs for run in runs]),
+                        [window for run in runs for window in run.energy_windows],  # more windows, a steadier fit
+                        next((run.energy_meter for run in runs if run.energy_meter), ""))
 
 
 def _cheapest_output_costs(costs: list[OutputCosts | None]) -> OutputCosts | None:
@@ -241,9 +249,29 @@ def calibrate(model: str | None = None, dtype: str = "auto", device: str = "auto
     costs = measured.output_costs
     log(f"  host output costs: streamed {1e6 * costs.streamed_sequence_s:.2f} us a sequence, metering "
         f"{1e6 * costs.metered_step_s:.1f} us a step + {1e6 * costs.metered_sequence_s:.2f} us a sequence")
+    measure_energy(engine, measured, log)
     profile = fit_profile(engine.model_config, measured)
     profile.source = (
         f"joule perf calibrate on {hardware}, {dtype_name}, model {engine.model_path.name}, "
         f"{len(measured.steps)} steps, {time.strftime('%Y-%m-%d')}"
     )
     return profile, measured
+
+
+def measure_energy(engine, measured: Measurements, log=print) -> None:
+    """Energy windows (``joule.perf.energy_fit``) where the engine's meter measures; else the catalog's energies
+    stay, and the log says so."""
+    from joule.energy.meter import MEASURED
+    from joule.perf.step_model import StepModel
+
+    meter = engine.energy_meter
+    if meter.source != MEASURED:
+        log(f"  energy: {meter.name} is an estimate, not a meter: the catalog's energy coefficients stay")
+        return
+    scenarios = GPU_ENERGY_SCENARIOS if engine.device.type == "cuda" else ENERGY_SCENARIOS
+    counting = StepModel(engine.model_config, base_profile(engine.model_config, measured))
+    # Read the hardware counter itself at the windows' ends, not a background sampler's extrapolation.
+    measured.energy_windows = measure_energy_windows(engine, counting, scenarios, getattr(meter, "inner", meter),
+                                                     log=log)
+    measured.energy_meter = meter.name
+

@@ -345,7 +345,9 @@ def _recheck(args: argparse.Namespace, profile) -> int:
 
 def _print_comparison(title: str, comparison: dict) -> None:
     print(title)
-    for key in ("output_throughput", "ttft_s_p50", "tpot_s_p50"):
+    for key in ("output_throughput", "ttft_s_p50", "tpot_s_p50", "energy_j"):
+        if key not in comparison:  # energy only where a hardware meter measured the runs
+            continue
         row = comparison[key]
         print(f"  {key:<18} measured {row['measured']:10.4g}  simulated {row['simulated']:10.4g}  "
               f"error {row['error']:+.1%}")

@@ -120,6 +120,9 @@ class DeviceProfile:
     max_watts: float = 0.0
     energy_per_flop: float = 0.0  # joules
     energy_per_byte: float = 0.0  # joules
+    # Where idle_watts and the per-FLOP / per-byte energies come from: the catalog's board power, or a fit to a
+    # hardware meter (``joule.perf.energy_fit``).
+    energy_source: str = "catalog: board power split 60/40 over peak FLOP/s and bandwidth"
     source: str = ""
 
     def __post_init__(self) -> None:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from joule.perf.energy_fit import fit_energy
 from joule.perf.fitting import fit_gemm_curve, fit_relative_l1
 from joule.perf.hardware import get_hardware
 from joule.perf.profile import DeviceProfile
@@ -126,6 +127,8 @@ def fit_profile(model_config, measured: Measurements, samples: list[StepSample] 
         profile = _fit_once(model_config, measured, samples)
     if measured.output_costs is not None:
         split_output_costs(profile, measured.output_costs)
+    if measured.energy_windows and not fit_energy(profile, measured.energy_windows, measured.energy_meter):
+        profile.energy_source += f" (a fit to {measured.energy_meter}'s windows was refused)"
     return profile
 
 

@@ -213,6 +213,7 @@ def measure_run(engine, requests: list[TimedRequest], streamed: bool = True) -> 
 
 
 def _measure_run(engine, requests: list[TimedRequest], streamed: bool) -> dict:
+    from joule.energy.meter import MEASURED
     from joule.sampling_params import RequestOutputKind, SamplingParams
 
     pending = sorted(requests, key=lambda r: r.arrival_time)
@@ -222,6 +223,8 @@ def _measure_run(engine, requests: list[TimedRequest], streamed: bool) -> dict:
     next_index = 0
     idle = True  # the engine has had nothing to run since the last step (or ever): the next step wakes it
     output_kind = RequestOutputKind.DELTA if streamed else RequestOutputKind.FINAL_ONLY
+    meter = engine.energy_meter if engine.energy_meter.source == MEASURED else None
+    joules_before = meter.read_joules() if meter is not None else None
     while next_index < len(pending) or engine.has_unfinished_requests():
         now = time.time() - started
         while next_index < len(pending) and pending[next_index].arrival_time <= now:
@@ -253,6 +256,7 @@ def _measure_run(engine, requests: list[TimedRequest], streamed: bool) -> dict:
                 record["last"] = output.metrics.last_token_time
                 record["tokens"] += produced
     elapsed = time.time() - started
+    joules = meter.read_joules() - joules_before if meter is not None else None
     done = list(records.values())
     tokens = sum(r["tokens"] for r in done)
     return {
@@ -262,6 +266,7 @@ def _measure_run(engine, requests: list[TimedRequest], streamed: bool) -> dict:
         "tpot_s": percentiles([(r["last"] - r["first"]) / (r["tokens"] - 1) for r in done if r["tokens"] > 1]),
         "output_tokens": tokens,
         "steps": steps,
+        "energy_j": joules,  # what a hardware meter counted over the run; None where the meter estimates
     }
 
 
@@ -342,6 +347,9 @@ def _compare_run(engine, profile: DeviceProfile, requests: list[TimedRequest], r
     }
     simulated_values = {"output_throughput": simulated["output_throughput"], "makespan_s": simulated["makespan_s"],
                         "ttft_s_p50": simulated["ttft_s"]["p50"], "tpot_s_p50": simulated["tpot_s"]["p50"]}
+    if all(run["energy_j"] is not None for run in runs):  # a hardware meter: the energy model is checked too
+        measured["energy_j"] = statistics.median(run["energy_j"] for run in runs)
+        simulated_values["energy_j"] = simulated["energy_j"]
     comparison = {
         key: {"measured": measured[key], "simulated": simulated_values[key],
               "error": (simulated_values[key] - measured[key]) / measured[key]}

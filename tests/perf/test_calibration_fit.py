@@ -294,3 +294,44 @@ def test_measured_output_costs_leave_an_unobserved_steps_overheads_and_predict_c
     assert merge_measurements([measured]).output_costs is None  # files saved before the costs were measured
     with pytest.raises(ValueError, match="metered_step_s"):
         OutputCosts(metered_step_s=-1.0)
+
+
+def test_energy_fit_recovers_idle_power_and_per_flop_and_per_byte_energies_from_metered_windows():
+    from joule.perf.calibrate import merge_measurements
+    from joule.perf.energy_fit import EnergyWindow, fit_energy
+
+    truth = (120.0, 3e-13, 5e-11)  # W, J per FLOP, J per byte
+
+    def window(name, seconds, flops, moved, noise=1.0, idle_watts=truth[0]):
+        return EnergyWindow(name, seconds, flops, moved, noise * (idle_watts * seconds + truth[1] * flops
+                                                                  + truth[2] * moved))
+
+    windows = [window("idle", 2.0, 0.0, 0.0), window("prefill", 2.1, 9e14, 2e11, 1.01),
+               window("decode 192", 2.0, 6e13, 7e12, 0.99), window("batch 1", 2.2, 1e12, 4e12)]
+    config = model_config()
+    measured = dataclasses.replace(synthetic_measurements(config, StepModel(config, _true_profile(config))),
+                                   hardware="H100", dtype="bfloat16", attention_backend="triton")  # a 700 W board
+    profile = fit_profile(config, measured)
+    catalog = (profile.idle_watts, profile.energy_per_flop, profile.energy_per_byte)
+    assert profile.energy_source.startswith("catalog")
+    assert fit_energy(profile, windows, "nvml:0")
+    assert profile.idle_watts == pytest.approx(truth[0], rel=0.03)
+    assert profile.energy_per_flop == pytest.approx(truth[1], rel=0.05)
+    assert profile.energy_per_byte == pytest.approx(truth[2], rel=0.05)
+    assert profile.energy_source.startswith("fitted to nvml:0 over 4 windows")
+    # Too few windows, or none idle: the profile keeps what it had.
+    kept = fit_profile(config, measured)
+    assert not fit_energy(kept, windows[1:], "nvml:0") and not fit_energy(kept, windows[:2], "nvml:0")
+    assert (kept.idle_watts, kept.energy_per_flop, kept.energy_per_byte) == catalog
+    # Idle power above the board's maximum is not believed.
+    impossible = [window(w.name, w.seconds, w.flops, w.bytes, idle_watts=900.0) for w in windows]
+    assert not fit_energy(kept, impossible, "nvml:0") and kept.idle_watts == catalog[0]
+    # Windows travel with the measurements: calibrate --refit fits them again; merged runs pool them.
+    with_windows = dataclasses.replace(measured, energy_windows=windows, energy_meter="nvml:0")
+    again = Measurements.from_dict(json.loads(json.dumps(dataclasses.asdict(with_windows))))
+    assert again.energy_windows == windows and again.energy_meter == "nvml:0"
+    refit = fit_profile(config, again)
+    assert refit.idle_watts == pytest.approx(profile.idle_watts) and refit.energy_source.startswith("fitted")
+    assert len(merge_measurements([with_windows, with_windows]).energy_windows) == 8
+    with pytest.raises(ValueError, match="seconds must be positive"):
+        EnergyWindow("bad", 0.0, 1.0, 1.0, 1.0)

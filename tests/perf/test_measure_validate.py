@@ -213,3 +213,59 @@ def test_an_offline_run_takes_final_only_outputs_and_its_steps_say_so(engine):
     streamed = simulate_like_engine(engine, profile, requests, streamed=True)["makespan_s"]
     final_only = simulate_like_engine(engine, profile, requests, streamed=False)["makespan_s"]
     assert streamed - final_only == pytest.approx(15 * 0.1, rel=1e-6)
+
+
+def test_energy_windows_are_measured_only_where_the_meter_measures(engine):
+    """With a hardware meter (here a fake one drawing 30 W of wall time, under the 2-core kind's 40 W maximum):
+    an idle window and one per energy scenario, fitted to ~30 W idle and ~no dynamic energy. With an estimate,
+    nothing is measured."""
+    import time
+
+    from joule.energy import FakeEnergyMeter
+    from joule.perf.calibrate import Measurements, fit_profile, measure_energy
+    from joule.perf.energy_fit import measure_energy_windows
+    from joule.perf.step_model import StepModel
+
+    measured = Measurements("CPU-2core", "float32", bandwidth=20e9, attention_flops=80e9,
+                            gemms=[(rows, 64, 64, 1e-6) for rows in (1, 16, 256)])
+    lines = []
+    measure_energy(engine, measured, lines.append)
+    assert measured.energy_windows == [] and "estimate" in lines[0]
+
+    started = time.perf_counter()
+
+    def draw_thirty_watts(meter):
+        meter.joules = 30.0 * (time.perf_counter() - started)
+
+    meter = FakeEnergyMeter(on_read=draw_thirty_watts)
+    profile = DeviceProfile.from_hardware(get_hardware("CPU-2core"), "float32")
+    scenarios = (Scenario("energy: prefill 1x200", (200,), 1), Scenario("energy: decode 8 @ 40", (40,) * 8, 4))
+    windows = measure_energy_windows(engine, StepModel(engine.model_config, profile), scenarios, meter,
+                                     window_seconds=0.15, idle_seconds=0.1)
+    assert [w.name for w in windows] == ["idle"] + [s.name for s in scenarios]
+    assert windows[0].flops == 0 and all(w.flops > 0 and w.bytes > 0 for w in windows[1:])
+    assert all(w.joules / w.seconds == pytest.approx(30.0, rel=0.05) for w in windows)
+    assert not engine.has_unfinished_requests()
+    measured.energy_windows, measured.energy_meter = windows, "fake"
+    fitted = fit_profile(engine.model_config, measured)
+    assert fitted.idle_watts == pytest.approx(30.0, rel=0.05) and fitted.energy_source.startswith("fitted to fake")
+
+
+def test_runs_compare_energy_with_the_simulator_where_a_hardware_meter_measures_them(engine, monkeypatch):
+    import time
+
+    from joule.bench.workload import fixed_length_workload
+    from joule.energy import FakeEnergyMeter
+
+    prompts = fixed_length_workload(3, 12, 4, engine.model_config.vocab_size, seed=3)
+    requests = [TimedRequest(f"e{i}", 0.0, request) for i, request in enumerate(prompts)]
+    profile = DeviceProfile.from_hardware(get_hardware("CPU-2core"), "float32")
+    plain = compare_run(engine, profile, requests, repeats=1, warmup=False, quiet_wait_s=0.0)
+    assert "energy_j" not in plain  # the engine's own meter is an estimate here
+    started = time.perf_counter()
+    meter = FakeEnergyMeter(on_read=lambda m: setattr(m, "joules", 20.0 * (time.perf_counter() - started)))
+    monkeypatch.setattr(engine, "energy_meter", meter)
+    metered = compare_run(engine, profile, requests, repeats=1, warmup=False, quiet_wait_s=0.0)
+    row = metered["energy_j"]
+    assert row["measured"] == pytest.approx(20.0 * metered["makespan_s"]["measured"], rel=0.2)
+    assert row["simulated"] > 0 and row["error"] == pytest.approx(row["simulated"] / row["measured"] - 1)
