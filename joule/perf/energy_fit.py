@@ -22,16 +22,17 @@ from joule.perf.measure import Scenario
 
 MIN_WINDOWS = 3
 # Compositions that load the device differently: compute-bound prefill, a decode batch whose KV reads dominate,
-# batch 1 (weights streamed at low utilisation). Each runs over and over for a window.
+# batch 1 (weights streamed at low utilisation). Each runs over and over for a window; the decode ones generate
+# long enough that their decode steps, not their prompts' prefill, take most of the window.
 ENERGY_SCENARIOS = (
     Scenario("energy: prefill 1x700", (700,), 1),
-    Scenario("energy: decode 20 @ 160", (160,) * 20, 6),
-    Scenario("energy: decode 1 @ 400", (400,), 6),
+    Scenario("energy: decode 16 @ 64", (64,) * 16, 40),
+    Scenario("energy: decode 1 @ 64", (64,), 40),
 )
 GPU_ENERGY_SCENARIOS = (
     Scenario("energy: prefill 6x700", (700,) * 6, 1),
-    Scenario("energy: decode 192 @ 1000", (1000,) * 192, 8),
-    Scenario("energy: decode 1 @ 900", (900,), 16),
+    Scenario("energy: decode 128 @ 300", (300,) * 128, 200),
+    Scenario("energy: decode 1 @ 900", (900,), 128),
 )
 
 
