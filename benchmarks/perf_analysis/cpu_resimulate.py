@@ -32,7 +32,8 @@ def main() -> None:
         profile = DeviceProfile.load(path)
         print(f"== {path}")
         for name, requests in (("offline", offline), ("serving", serving)):
-            simulated = simulate_like_engine(engine, profile, requests)
+            # As validated since 2026-12-05: the offline run takes FINAL_ONLY outputs, the serving run streams.
+            simulated = simulate_like_engine(engine, profile, requests, streamed=name == "serving")
             errors = []
             for metric in ("output_throughput", "ttft_s_p50", "tpot_s_p50"):
                 measured = report[name][metric]["measured"]

@@ -55,7 +55,7 @@ from joule.bench.serve_workload import (
     word_count,
 )
 from joule.bench.server_pauses import format_pauses, summarize_pauses
-from joule.bench.workload import ARRIVAL_KINDS, LengthDistribution
+from joule.bench.workload import ARRIVAL_KINDS, LengthDistribution, SharedPrefix
 from joule.perf.metrics import SLO
 
 
@@ -190,6 +190,12 @@ def add_serve_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the server's limit: lengths are trimmed so prompt + output fit")
     parser.add_argument("--seed", type=int, default=0, help="seed for prompts, lengths and arrival times")
     parser.add_argument("--prompt-kind", choices=["token-ids", "random-text"], default="token-ids")
+    parser.add_argument("--shared-prefix-len", type=int, default=0,
+                        help="every prompt opens with a shared prefix of this many tokens (words for random-text), "
+                             "then --input-len of its own: what the prefix cache serves (as vLLM's "
+                             "--random-prefix-len)")
+    parser.add_argument("--prefix-groups", type=int, default=1,
+                        help="distinct shared prefixes; request n of a tenant takes prefix n %% groups")
     parser.add_argument("--token-id-range", type=int, nargs=2, default=[1000, 10000], metavar=("LOW", "HIGH"),
                         help="token ids are drawn uniformly from [LOW, HIGH): valid for any vocab above HIGH")
     parser.add_argument("--percentiles", default="50,90,99", help="comma-separated latency percentiles")
@@ -204,6 +210,7 @@ def config_from_args(args: argparse.Namespace) -> ServeBenchConfig:
         output_len=LengthDistribution.parse(args.output_len, "output"), arrival=args.arrival,
         burstiness=args.burstiness, duration_s=args.duration, max_model_len=args.max_model_len,
         prompt_kind=args.prompt_kind, token_id_range=tuple(args.token_id_range), seed=args.seed,
+        prefix=SharedPrefix(args.shared_prefix_len, args.prefix_groups),
     )
     try:
         percentiles = [float(value) for value in args.percentiles.split(",") if value.strip()]

@@ -25,6 +25,7 @@ import numpy as np
 
 from joule.bench.workload import (
     LengthDistribution,
+    SharedPrefix,
     arrival_times,
     fit_lengths,
     random_token_prompts,
@@ -179,6 +180,7 @@ class WorkloadOptions:
     prompt_kind: str = "token-ids"  # or random-text
     token_id_range: tuple[int, int] = (1000, 10000)
     seed: int = 0
+    prefix: SharedPrefix = field(default_factory=SharedPrefix)  # prompts behind shared prefixes (none by default)
 
     def __post_init__(self) -> None:
         if self.num_prompts < 1:
@@ -202,6 +204,11 @@ def plan_run(options: WorkloadOptions, tenants: list[TenantSpec], swept_rate: fl
     rates = tenant_rates(tenants, swept_rate)
     counts = request_counts(tenants, rates, options.num_prompts, options.duration_s)
     planned: list[PlannedRequest] = []
+    if dataset is not None and options.prefix.length:
+        raise ValueError("a shared prefix applies to synthetic prompts, not to --dataset's")
+    # One set of prefixes for every tenant and run (a service's system prompts); tenant i's n-th request takes
+    # prefix n % groups.
+    prefixes = _prefixes(options, np.random.default_rng([options.seed, 1 << 20]))
     for index, (tenant, rate, count) in enumerate(zip(tenants, rates, counts)):
         lengths_rng = np.random.default_rng([options.seed, index, 0])
         times = arrival_times(count, rate, options.arrival, options.burstiness,
@@ -217,15 +224,30 @@ def plan_run(options: WorkloadOptions, tenants: list[TenantSpec], swept_rate: fl
             inputs_array, outputs_array = fit_lengths(
                 (tenant.input_len or options.input_len).sample(lengths_rng, count),
                 (tenant.output_len or options.output_len).sample(np.random.default_rng([options.seed, index, 2]),
-                                                                 count), options.max_model_len)
+                                                                 count), options.max_model_len, options.prefix.length)
             inputs, outputs = inputs_array.tolist(), outputs_array.tolist()
-            prompts = [_prompt(options, length, np.random.default_rng([options.seed, index, 3, number]))
+            prompts = [_behind(prefixes[number % len(prefixes)],
+                               _prompt(options, length, np.random.default_rng([options.seed, index, 3, number])))
                        for number, length in enumerate(inputs)]
+            inputs = [options.prefix.length + length for length in inputs]
         for send_at, prompt, prompt_len, output_len in zip(times.tolist(), prompts, inputs, outputs):
             planned.append(PlannedRequest(tenant.name if named else None, send_at, prompt, int(prompt_len),
                                           int(output_len), slo))
     planned.sort(key=lambda request: request.send_at)
     return planned
+
+
+def _prefixes(options: WorkloadOptions, rng: np.random.Generator) -> list:
+    """The shared prefixes: token ids, or words for random-text prompts ([""] or [[]] without a prefix)."""
+    if not options.prefix.length:
+        return ["" if options.prompt_kind == "random-text" else []]
+    return [_prompt(options, options.prefix.length, rng) for _ in range(options.prefix.groups)]
+
+
+def _behind(prefix, prompt):
+    if not prefix:
+        return prompt
+    return f"{prefix} {prompt}" if isinstance(prompt, str) else prefix + prompt
 
 
 def _prompt(options: WorkloadOptions, length: int, rng: np.random.Generator) -> str | list[int]:

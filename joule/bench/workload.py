@@ -11,6 +11,10 @@ Lengths: ``N`` or ``fixed:N``, ``uniform:LO:HI`` (inclusive) or ``lognormal:MEDI
 ``sharegpt`` preset is a heavy-tailed ShareGPT-like shape, chosen rather than fitted to the dataset: prompts
 lognormal with median 256 tokens and sigma 1.0 (p90 ~ 925), outputs lognormal with median 192 and sigma 0.9
 (p90 ~ 610), both clipped to [4, 2048].
+
+Shared prefixes (``SharedPrefix``): every prompt may open with one of a few common prefixes (a system prompt, a
+few-shot preamble), as vLLM's ``--random-prefix-len`` and SGLang's generated-shared-prefix workloads do, so the
+engine's prefix cache has something to find. The prompt's sampled length is the part after the prefix.
 """
 
 from __future__ import annotations
@@ -188,12 +192,39 @@ def random_token_prompts(lengths, low: int, high: int, rng: np.random.Generator)
     return prompts
 
 
-def fit_lengths(inputs: np.ndarray, outputs: np.ndarray, max_model_len: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Trim so every prompt + output fits ``max_model_len`` (prompt first, at least one output token)."""
+def fit_lengths(inputs: np.ndarray, outputs: np.ndarray, max_model_len: int | None,
+                prefix_len: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Trim so every prompt (``prefix_len`` shared tokens + its own) + output fits ``max_model_len`` (the prompt's
+    own part first, keeping at least one token of it and one output token)."""
     if max_model_len is None:
         return inputs, outputs
-    if max_model_len < 2:
-        raise ValueError(f"max_model_len must be at least 2, got {max_model_len}")
-    inputs = np.minimum(inputs, max_model_len - 1)
-    outputs = np.maximum(np.minimum(outputs, max_model_len - inputs), 1)
+    if max_model_len < prefix_len + 2:
+        raise ValueError(f"max_model_len must be at least the shared prefix + 2 = {prefix_len + 2}, "
+                         f"got {max_model_len}")
+    inputs = np.minimum(inputs, max_model_len - 1 - prefix_len)
+    outputs = np.maximum(np.minimum(outputs, max_model_len - prefix_len - inputs), 1)
     return inputs, outputs
+
+
+@dataclass(frozen=True)
+class SharedPrefix:
+    """``groups`` prefixes of ``length`` random tokens; request ``n`` opens with prefix ``n % groups``."""
+
+    length: int = 0
+    groups: int = 1
+
+    def __post_init__(self) -> None:
+        if self.length < 0:
+            raise ValueError(f"shared prefix length must be non-negative, got {self.length}")
+        if self.groups < 1:
+            raise ValueError(f"prefix groups must be at least 1, got {self.groups}")
+
+    def prefixes(self, low: int, high: int, rng: np.random.Generator) -> list[list[int]]:
+        """The groups' prefixes: token ids in [low, high)."""
+        return random_token_prompts([self.length] * self.groups, low, high, rng) if self.length else [[]]
+
+    def apply(self, prompts: list[list[int]], prefixes: list[list[int]]) -> list[list[int]]:
+        """Each prompt behind its group's prefix."""
+        if not self.length:
+            return prompts
+        return [prefixes[index % len(prefixes)] + prompt for index, prompt in enumerate(prompts)]

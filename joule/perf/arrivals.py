@@ -20,6 +20,7 @@ from joule.bench.workload import (  # noqa: F401  (re-exported for the simulator
     LengthDistribution,
     SyntheticRequest,
     fit_lengths,
+    SharedPrefix,
     random_token_prompts,
     validate_arrival,
 )
@@ -36,6 +37,7 @@ class WorkloadSpec:
     input_len: LengthDistribution = field(default_factory=lambda: PRESETS["sharegpt"][0])
     output_len: LengthDistribution = field(default_factory=lambda: PRESETS["sharegpt"][1])
     seed: int = 0
+    prefix: SharedPrefix = field(default_factory=SharedPrefix)  # none by default: every prompt its own
 
     def __post_init__(self) -> None:
         if self.num_requests < 1:
@@ -46,8 +48,10 @@ class WorkloadSpec:
 
     @classmethod
     def parse(cls, text: str) -> WorkloadSpec:
-        """``"sharegpt,rate=20,num=500"`` or ``"input=fixed:128,output=uniform:16:64,arrival=gamma,cv=2"``."""
+        """``"sharegpt,rate=20,num=500"`` or ``"input=fixed:128,output=uniform:16:64,arrival=gamma,cv=2"``;
+        ``prefix=N,prefix_groups=G``: prompts open with one of G shared N-token prefixes (then ``input`` tokens)."""
         values: dict = {}
+        prefix: dict = {}
         for item in filter(None, (part.strip() for part in text.split(","))):
             key, sep, value = item.partition("=")
             if not sep:
@@ -70,12 +74,24 @@ class WorkloadSpec:
                     values["input_len"] = LengthDistribution.parse(value, "input")
                 elif key in ("output", "output_len"):
                     values["output_len"] = LengthDistribution.parse(value, "output")
+                elif key in ("prefix", "prefix_len"):
+                    prefix["length"] = int(value)
+                elif key == "prefix_groups":
+                    prefix["groups"] = int(value)
                 else:
                     raise ValueError(f"unknown workload key {key!r}")
             except ValueError as error:
                 raise ValueError(
-                    f"bad workload item {item!r}: {error}. Keys: num, rate, arrival, cv, seed, input, output"
+                    f"bad workload item {item!r}: {error}. Keys: num, rate, arrival, cv, seed, input, output, "
+                    "prefix, prefix_groups"
                 ) from None
+        if prefix:
+            try:
+                values["prefix"] = SharedPrefix(**prefix)
+            except ValueError as error:
+                given = ",".join(f"{'prefix' if key == 'length' else 'prefix_groups'}={value}"
+                                 for key, value in prefix.items())
+                raise ValueError(f"bad workload items {given!r}: {error}") from None
         return cls(**values)
 
     def with_rate(self, rate: float) -> WorkloadSpec:
@@ -94,7 +110,8 @@ def arrival_times(spec: WorkloadSpec, rng: np.random.Generator) -> np.ndarray:
 
 
 def generate(spec: WorkloadSpec, vocab_size: int, max_model_len: int | None = None) -> list[TimedRequest]:
-    """The workload's requests in arrival order; prompts are random token ids (no shared prefixes).
+    """The workload's requests in arrival order; prompts are random token ids, behind a shared prefix if the spec
+    has one (drawn after everything else, so a spec without one gives the requests it always gave).
 
     With ``max_model_len`` lengths are trimmed so every request fits (prompt + output <= limit).
     """
@@ -102,8 +119,9 @@ def generate(spec: WorkloadSpec, vocab_size: int, max_model_len: int | None = No
     times = arrival_times(spec, rng)
     inputs = spec.input_len.sample(rng, spec.num_requests)
     outputs = spec.output_len.sample(rng, spec.num_requests)
-    inputs, outputs = fit_lengths(inputs, outputs, max_model_len)
+    inputs, outputs = fit_lengths(inputs, outputs, max_model_len, spec.prefix.length)
     prompts = random_token_prompts(inputs, 0, vocab_size, rng)
+    prompts = spec.prefix.apply(prompts, spec.prefix.prefixes(0, vocab_size, rng))
     return [
         TimedRequest(f"sim-{index}", float(times[index]), SyntheticRequest(prompts[index], int(outputs[index])))
         for index in range(spec.num_requests)

@@ -114,6 +114,7 @@ class _Replica:
         self.index = index
         self.now = 0.0
         self.busy = False
+        self.free_at = -math.inf  # when its last step ends: a request arriving before then waits for it
         num_blocks = config.simulated_kv_blocks(model)
         max_model_len = min(config.max_model_len, num_blocks * config.block_size, model.max_position_embeddings)
         scheduler_config = SchedulerConfig(
@@ -224,8 +225,11 @@ class ClusterSimulator:
             replica.outstanding_tokens += len(request.prompt_token_ids) + request.max_tokens
             if not replica.busy:
                 replica.busy = True
-                replica.executor.after_idle = True  # its first step pays the wake-up (profile.wake_overhead_s)
-                heapq.heappush(steps, (timed.arrival_time, replica.index))
+                # A replica that emptied in its last step is still running it: an arrival before that step ends
+                # waits for it (as the engine adds requests between steps) and finds it awake; one after, wakes
+                # it, and that first step pays the wake-up (profile.wake_overhead_s).
+                replica.executor.after_idle = timed.arrival_time > replica.free_at
+                heapq.heappush(steps, (max(timed.arrival_time, replica.free_at), replica.index))
         return result
 
     def _step(self, replica: _Replica, time: float, records: dict, result: SimulationResult, steps: list) -> None:
@@ -268,7 +272,7 @@ class ClusterSimulator:
         if replica.core.has_unfinished_requests():
             heapq.heappush(steps, (end, replica.index))
         else:
-            replica.busy = False
+            replica.busy, replica.free_at = False, end
 
     def plans(self, replica_index: int = 0):
         """Recorded plans of one replica (with ``record_plans=True``)."""

@@ -117,6 +117,45 @@ def test_a_run_plan_is_seeded_and_scales_with_the_rate():
     assert all(r.tenant is None and r.send_at == 0 and len(r.prompt.split()) == 128 for r in untenanted)
 
 
+def test_prompts_behind_shared_prefixes_take_them_in_turn_and_fit_the_model_length():
+    from joule.bench.workload import SharedPrefix
+
+    options = WorkloadOptions(num_prompts=12, input_len=LengthDistribution("uniform", 8, 64),
+                              output_len=LengthDistribution("fixed", 40), max_model_len=100, seed=2,
+                              prefix=SharedPrefix(32, 3))
+    planned = plan_run(options, [], math.inf, SLO())
+    assert all(len(r.prompt) == r.prompt_len and r.prompt_len + r.output_len <= 100 for r in planned)
+    prefixes = [tuple(r.prompt[:32]) for r in planned]
+    assert len(set(prefixes)) == 3 and prefixes[:3] * 4 == prefixes  # request n takes prefix n % 3
+    plain = plan_run(WorkloadOptions(num_prompts=12, input_len=LengthDistribution("uniform", 8, 64),
+                                     output_len=LengthDistribution("fixed", 40), max_model_len=100 - 32, seed=2),
+                     [], math.inf, SLO())
+    assert [r.prompt[32:] for r in planned] == [r.prompt for r in plain]  # each prompt's own part as before
+    text = plan_run(WorkloadOptions(num_prompts=4, prompt_kind="random-text", prefix=SharedPrefix(5, 1)), [],
+                    math.inf, SLO())
+    assert len({" ".join(r.prompt.split()[:5]) for r in text}) == 1 and all(r.prompt_len == 133 for r in text)
+    with pytest.raises(ValueError, match="groups must be at least 1"):
+        SharedPrefix(8, 0)
+    with pytest.raises(ValueError, match="not to --dataset"):
+        plan_run(options, [], math.inf, SLO(), dataset=[])
+    with pytest.raises(ValueError, match="shared prefix"):
+        plan_run(WorkloadOptions(max_model_len=20, prefix=SharedPrefix(32, 1)), [], math.inf, SLO())
+
+
+def test_the_simulators_workload_text_takes_a_shared_prefix_and_keeps_older_specs_requests():
+    from joule.perf.arrivals import WorkloadSpec, generate
+
+    spec = WorkloadSpec.parse("input=fixed:20,output=fixed:4,num=6,seed=1,prefix=16,prefix_groups=2")
+    requests = generate(spec, 5000)
+    assert [len(r.request.prompt_token_ids) for r in requests] == [36] * 6
+    assert requests[0].request.prompt_token_ids[:16] == requests[2].request.prompt_token_ids[:16]
+    assert requests[0].request.prompt_token_ids[:16] != requests[1].request.prompt_token_ids[:16]
+    without = generate(WorkloadSpec.parse("input=fixed:20,output=fixed:4,num=6,seed=1"), 5000)
+    assert [r.request.prompt_token_ids[16:] for r in requests] == [r.request.prompt_token_ids for r in without]
+    with pytest.raises(ValueError, match="prefix_groups"):
+        WorkloadSpec.parse("prefix=16,prefix_groups=0")
+
+
 def test_sharegpt_file_gives_first_human_prompt_and_gpt_reply(tmp_path):
     path = tmp_path / "sharegpt.json"
     path.write_text(json.dumps([

@@ -12,7 +12,7 @@ from joule.engine.plan import StepPlan, StepResult
 from joule.engine.request import Request, SampledToken
 from joule.engine.scheduler import SchedulerConfig
 from joule.model.config import ModelConfig
-from joule.perf.arrivals import LengthDistribution, WorkloadSpec, generate
+from joule.perf.arrivals import LengthDistribution, SyntheticRequest, TimedRequest, WorkloadSpec, generate
 from joule.perf.metrics import SLO
 from joule.perf.simulated_executor import PlannedSequence, SimulatedExecutor
 from joule.perf.simulator import ClusterSimulator, ReplicaConfig
@@ -277,3 +277,54 @@ def test_simulator_charges_streamed_outputs_and_metering_only_when_the_run_has_t
     steps = ClusterSimulator(model, [metered]).run(requests).replicas[0].num_steps
     assert (ClusterSimulator(model, [metered]).run(requests).summary()["makespan_s"]
             - ClusterSimulator(model, [unmetered]).run(requests).summary()["makespan_s"]) == pytest.approx(steps * 1e-2)
+
+
+def test_shared_prefixes_hit_the_prefix_cache_alike_in_the_simulator_and_the_real_engine():
+    """Prompts behind two shared 48-token prefixes: the second request of each group skips the cached prefix
+    blocks (its first chunk starts past position 0), and both sides plan the same steps."""
+    from joule.bench.workload import SharedPrefix
+
+    model = small_model()
+    workload = WorkloadSpec(16, rate=10.0, input_len=LengthDistribution("uniform", 8, 40),
+                            output_len=LengthDistribution("uniform", 2, 12), seed=4, prefix=SharedPrefix(48, 2))
+    requests = generate(workload, model.vocab_size, max_model_len=512)
+    assert [r.request.prompt_token_ids[:48] for r in requests[:4:2]] == [requests[0].request.prompt_token_ids[:48]] * 2
+    assert requests[0].request.prompt_token_ids[:48] != requests[1].request.prompt_token_ids[:48]
+    settings = dict(max_num_seqs=8, max_num_batched_tokens=128, max_model_len=512)
+    real_plans, _ = run_real_engine(requests, 200, 16, settings)
+    simulator = ClusterSimulator(model, [replica(200, max_num_seqs=8, max_num_batched_tokens=128, max_model_len=512,
+                                                 decode_lookahead=False)],
+                                 record_plans=True, fixed_step_seconds=STEP_SECONDS)
+    simulator.run(requests)
+    assert simulator.plans(0) == real_plans
+    first_chunks = {}
+    for plan in real_plans:
+        for sequence in plan:
+            first_chunks.setdefault(sequence.request_id, sequence.start_position)
+    assert sum(start >= 48 for start in first_chunks.values()) >= 10  # 3 blocks of 16 cached per group
+
+
+def test_a_request_arriving_during_a_replicas_last_step_waits_for_that_step_to_end():
+    """The engine adds requests between steps: one that arrives while the replica runs the step that empties it
+    starts at that step's end, and does not pay the wake-up of an idle replica."""
+    import dataclasses
+
+    model = small_model()
+    first = TimedRequest("a", 0.0, SyntheticRequest([5] * 10, 1))
+    during = TimedRequest("b", 0.02, SyntheticRequest([6] * 10, 1))
+    after = TimedRequest("c", 1.0, SyntheticRequest([7] * 10, 1))
+    records = ClusterSimulator(model, [replica(decode_lookahead=False)], fixed_step_seconds=STEP_SECONDS).run(
+        [first, during, after]).records
+    ttft = {record.request_id: record.first_token_time - record.arrival_time for record in records}
+    assert ttft == pytest.approx({"a": STEP_SECONDS, "b": 2 * STEP_SECONDS - 0.02, "c": STEP_SECONDS})
+    plain = replica(decode_lookahead=False)
+    waking = dataclasses.replace(plain, profile=dataclasses.replace(plain.profile, wake_overhead_s=0.5))
+    during = TimedRequest("b", 1e-6, SyntheticRequest([6] * 10, 1))  # inside any predicted step
+    ttft_plain = {r.request_id: r.first_token_time - r.arrival_time
+                  for r in ClusterSimulator(model, [plain]).run([first, during, after]).records}
+    ttft_waking = {r.request_id: r.first_token_time - r.arrival_time
+                   for r in ClusterSimulator(model, [waking]).run([first, during, after]).records}
+    # "a" and "c" wake an idle replica; "b" found it still running "a"'s step.
+    assert ttft_waking["a"] - ttft_plain["a"] == pytest.approx(0.5)
+    assert ttft_waking["c"] - ttft_plain["c"] == pytest.approx(0.5)
+    assert ttft_waking["b"] - ttft_plain["b"] == pytest.approx(0.5)  # it waited for "a"'s longer step
