@@ -114,7 +114,7 @@ class RunResult:
             "requests": [
                 {"tenant": r.tenant, "success": r.success, "prompt_len": r.prompt_len, "output_tokens": r.output_tokens,
                  "ttft_s": r.ttft, "tpot_s": r.tpot, "max_itl_s": r.max_itl, "e2el_s": r.latency,
-                 "energy_joules": r.energy_joules,
+                 "energy_joules": r.energy_joules, "cached_tokens": r.cached_tokens,
                  "met_slo": r.meets_slo() if r.has_slo else None}
                 for r in self.results
             ],

@@ -68,6 +68,9 @@ async def send_request(session, url: str, headers: dict, payload: dict, request:
                 if usage:
                     result.output_tokens = usage.get("completion_tokens") or 0
                     result.prompt_len = usage.get("prompt_tokens") or result.prompt_len
+                    details = usage.get("prompt_tokens_details")
+                    if isinstance(details, dict) and details.get("cached_tokens") is not None:
+                        result.cached_tokens = int(details["cached_tokens"])
                     _read_energy(usage, result)
             result.latency = time.perf_counter() - started
             result.output_tokens = result.output_tokens or chunks

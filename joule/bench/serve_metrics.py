@@ -38,6 +38,7 @@ class RequestResult:
     tbt_slo: float | None = None  # bound on the largest gap between two consecutive tokens
     energy_joules: float | None = None  # as reported by the server
     energy_source: str | None = None
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, where the server reports it
 
     @property
     def tpot(self) -> float:
@@ -104,6 +105,9 @@ class BenchmarkMetrics:
     max_itl_ms: LatencyStats | None = None  # per request with 2+ tokens, its largest gap between tokens
     worst_itl_ms: float | None = None  # the largest gap between tokens of any request
     has_tbt_slo: bool = False  # some request carried a TBT SLO: tables show the largest gaps
+    # Prompt tokens the server's prefix cache served, over the prompt tokens of the requests that said (None when
+    # none did: a server that does not report ``prompt_tokens_details``).
+    prefix_cache_hit_rate: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -140,6 +144,8 @@ def compute_metrics(results: list[RequestResult], duration_s: float, percentiles
     joules = sum(r.energy_joules for r in metered) if metered else None
     metered_tokens = sum(r.output_tokens for r in metered)
     sources = sorted({r.energy_source for r in metered if r.energy_source})
+    reported = [r for r in done if r.cached_tokens is not None]
+    reported_prompt_tokens = sum(r.prompt_len for r in reported)
     return BenchmarkMetrics(
         completed=len(done),
         failed=len(results) - len(done),
@@ -163,6 +169,8 @@ def compute_metrics(results: list[RequestResult], duration_s: float, percentiles
         max_itl_ms=LatencyStats.of(max_itls, percentiles),
         worst_itl_ms=1000.0 * max(max_itls) if max_itls else None,
         has_tbt_slo=any(result.tbt_slo is not None for result in results),
+        prefix_cache_hit_rate=(sum(r.cached_tokens for r in reported) / reported_prompt_tokens
+                               if reported_prompt_tokens else None),
     )
 
 
@@ -183,6 +191,8 @@ def format_table(metrics: BenchmarkMetrics, request_rate: float, max_concurrency
     if metrics.goodput is not None:
         rows += [("Request goodput (req/s)", f"{metrics.goodput:.2f}"),
                  ("SLO attainment (%)", f"{100 * metrics.slo_attainment:.1f}")]
+    if metrics.prefix_cache_hit_rate is not None:
+        rows.append(("Prefix cache hit rate (%)", f"{100 * metrics.prefix_cache_hit_rate:.1f}"))
     rows.append(("Joules per output token", _or_none(metrics.joules_per_output_token, ".4f")))
     rows.append(("Joules per request", _or_none(metrics.joules_per_request, ".3f")))
     lines = ["{:=^60}".format(" Serving Benchmark Result ")]

@@ -160,30 +160,38 @@ class DetokenizeRequest(_Request):
 
 
 # -- responses -------------------------------------------------------------------------------
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache (OpenAI's field)
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
     # Joule's extra: what the request cost, and whether a meter measured it or it is an estimate.
     energy_joules: float | None = None
     energy_source: str | None = None
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int, energy: "EnergyTally | None" = None) -> "UsageInfo":
+    def of(cls, prompt_tokens: int, completion_tokens: int, tally: "OutputTally | None" = None) -> "UsageInfo":
         return cls(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
-            energy_joules=energy.joules if energy is not None else None,
-            energy_source=energy.source if energy is not None else None,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=tally.cached_tokens) if tally is not None else None,
+            energy_joules=tally.joules if tally is not None else None,
+            energy_source=tally.source if tally is not None else None,
         )
 
 
-class EnergyTally:
-    """The joules of the engine requests behind one API call (one per prompt), from their latest outputs."""
+class OutputTally:
+    """What the engine requests behind one API call (one per prompt) report beyond their tokens, from their latest
+    outputs: joules, and prompt tokens found in the prefix cache."""
 
     def __init__(self) -> None:
         self._by_prompt: dict[int, float] = {}
+        self._cached_by_prompt: dict[int, int] = {}
         self.source: str | None = None
 
     def update(self, prompt_index: int, output) -> None:
@@ -191,6 +199,12 @@ class EnergyTally:
         if metrics is not None and metrics.energy_joules is not None:
             self._by_prompt[prompt_index] = metrics.energy_joules
             self.source = metrics.energy_source
+        if output.num_cached_tokens:
+            self._cached_by_prompt[prompt_index] = output.num_cached_tokens
+
+    @property
+    def cached_tokens(self) -> int:
+        return sum(self._cached_by_prompt.values())
 
     @property
     def joules(self) -> float | None:

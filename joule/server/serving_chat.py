@@ -23,7 +23,7 @@ from joule.server.protocol import (
     ChatResponseMessage,
     ChatStreamChoice,
     ChatTokenLogprob,
-    EnergyTally,
+    OutputTally,
     TopLogprob,
     UsageInfo,
     random_id,
@@ -118,7 +118,7 @@ class _Chat:
         self.created = int(time.time())
         self.choices = [_ChatChoiceState() for _ in range(body.n)]
         self.top = body.top_logprobs or 0
-        self.energy = EnergyTally()
+        self.tally = OutputTally()
 
     def _update(self, completion: CompletionOutput) -> list[ChatTokenLogprob] | None:
         """Fold one delta in; None when the choice had already ended (a repeated final delta)."""
@@ -136,12 +136,12 @@ class _Chat:
         return new_logprobs
 
     def _usage(self) -> UsageInfo:
-        return UsageInfo.of(self.prompt_len, sum(choice.num_tokens for choice in self.choices), self.energy)
+        return UsageInfo.of(self.prompt_len, sum(choice.num_tokens for choice in self.choices), self.tally)
 
     async def collect(self) -> Response:
         try:
             async for _, output in self.engine_stream:
-                self.energy.update(0, output)
+                self.tally.update(0, output)
                 for completion in output.outputs:
                     self._update(completion)
         except Exception as error:
@@ -159,13 +159,13 @@ class _Chat:
         response = ChatCompletionResponse(
             id=self.request_id, model=self.model, created=self.created, choices=choices, usage=self._usage()
         )
-        return JSONResponse(response.model_dump(), headers=self.energy.header())
+        return JSONResponse(response.model_dump(), headers=self.tally.header())
 
     def _chunk(self, choices: list[ChatStreamChoice], usage: UsageInfo | None = None, final: bool = False) -> str:
         """``final``: the last content chunk, which carries the request's joules as a trailing field."""
         return sse(ChatCompletionChunk(
             id=self.request_id, model=self.model, created=self.created, choices=choices, usage=usage,
-            energy_joules=self.energy.joules if final else None, energy_source=self.energy.source if final else None,
+            energy_joules=self.tally.joules if final else None, energy_source=self.tally.source if final else None,
         ))
 
     async def stream(self) -> AsyncIterator[str]:
@@ -177,7 +177,7 @@ class _Chat:
             for index in range(self.body.n):  # OpenAI opens every choice with the role
                 yield self._chunk([ChatStreamChoice(index=index, delta=ChatDelta(role="assistant", content=""))])
             async for _, output in self.engine_stream:
-                self.energy.update(0, output)
+                self.tally.update(0, output)
                 for completion in output.outputs:
                     new_logprobs = self._update(completion)
                     if new_logprobs is None:

@@ -16,7 +16,7 @@ from joule.server.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
-    EnergyTally,
+    OutputTally,
     UsageInfo,
     random_id,
 )
@@ -118,7 +118,7 @@ class _Completion:
         self.prompts, self.engine_stream = prompts, stream
         self.created = int(time.time())
         self.choices = [_ChoiceState() for _ in range(len(prompts) * body.n)]
-        self.energy = EnergyTally()
+        self.tally = OutputTally()
 
     def _update(self, prompt_index: int, completion: CompletionOutput) -> tuple[int, _ChoiceState, bool]:
         """Fold one delta in; returns the choice index, its state and whether anything new arrived."""
@@ -142,12 +142,12 @@ class _Completion:
 
     def _usage(self) -> UsageInfo:
         return UsageInfo.of(sum(len(ids) for ids in self.prompts), sum(c.num_tokens for c in self.choices),
-                            self.energy)
+                            self.tally)
 
     async def collect(self) -> Response:
         try:
             async for prompt_index, output in self.engine_stream:
-                self.energy.update(prompt_index, output)
+                self.tally.update(prompt_index, output)
                 for completion in output.outputs:
                     self._update(prompt_index, completion)
         except Exception as error:
@@ -163,7 +163,7 @@ class _Completion:
         ]
         response = CompletionResponse(id=self.request_id, model=self.model, created=self.created, choices=choices,
                                       usage=self._usage())
-        return JSONResponse(response.model_dump(), headers=self.energy.header())
+        return JSONResponse(response.model_dump(), headers=self.tally.header())
 
     async def stream(self) -> AsyncIterator[str]:
         options = self.body.stream_options
@@ -172,7 +172,7 @@ class _Completion:
         plain = PlainChunks(self.request_id, "text_completion", self.created, self.model)
         try:
             async for prompt_index, output in self.engine_stream:
-                self.energy.update(prompt_index, output)
+                self.tally.update(prompt_index, output)
                 for completion in output.outputs:
                     index, choice, changed = self._update(prompt_index, completion)
                     if not changed:
@@ -189,8 +189,8 @@ class _Completion:
                             finish_reason=completion.finish_reason, stop_reason=completion.stop_reason,
                         )],
                         usage=self._usage() if continuous else None,
-                        energy_joules=self.energy.joules if final else None,
-                        energy_source=self.energy.source if final else None,
+                        energy_joules=self.tally.joules if final else None,
+                        energy_source=self.tally.source if final else None,
                     )
                     yield sse(chunk)
             if include_usage:

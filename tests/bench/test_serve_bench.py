@@ -168,6 +168,22 @@ def test_sharegpt_dataset_is_tokenized_by_the_server(live_server, tmp_path):  # 
     assert 3 < metrics["total_output_tokens"] / 3 < 12  # the reply's token count, not a default length
 
 
+def test_prompts_behind_a_shared_prefix_report_the_servers_prefix_cache_hits(live_server, tmp_path):  # noqa: F811
+    """Requests 100 ms apart behind one 48-token prefix: after the first, the server serves the prefix's whole
+    blocks from its cache, and the run reports the share of prompt tokens it did (from each response's usage)."""
+    output = tmp_path / "b.json"
+    args = _args("--base-url", live_server.base_url, "--num-prompts", "5", "--request-rate", "10",
+                 "--arrival", "fixed", "--input-len", "8", "--output-len", "2", "--shared-prefix-len", "48",
+                 "--token-id-range", "5", "200", "--no-warmup", "--seed", "9", "--output-json", str(output))
+    assert run_serve_bench(args) == 0
+    run = json.loads(output.read_text())["runs"][0]
+    assert run["metrics"]["total_input_tokens"] == 5 * 56
+    assert all(request["cached_tokens"] is not None for request in run["requests"])
+    hits = sorted(request["cached_tokens"] for request in run["requests"])
+    assert hits[0] == 0 and all(32 <= hit < 56 for hit in hits[1:])  # whole blocks of the prefix, never the last
+    assert run["metrics"]["prefix_cache_hit_rate"] == pytest.approx(sum(hits) / (5 * 56))
+
+
 def test_failures_are_counted_and_the_exit_code_says_so(live_server, tmp_path):  # noqa: F811
     args = _args("--base-url", live_server.base_url, "--num-prompts", "2", "--input-len", "600",
                  "--output-len", "5", "--no-warmup", "--output-json", str(tmp_path / "b.json"))

@@ -23,6 +23,24 @@ def test_completion_counts_usage_and_respects_max_tokens(client):
     assert result.usage.total_tokens == result.usage.prompt_tokens + 7
 
 
+def test_usage_says_how_many_prompt_tokens_the_prefix_cache_served(client):
+    """OpenAI's ``usage.prompt_tokens_details.cached_tokens``: 0 for a prompt never seen, whole cached blocks of
+    it when the same prompt comes again (the last token is always computed), for completions and chat."""
+    import random
+
+    ids = [random.Random(11).randrange(5, 200) for _ in range(45)]
+    greedy = dict(model="tiny", max_tokens=2, temperature=0.0, extra_body={"ignore_eos": True})
+    first = client.completions.create(prompt=ids, **greedy).usage
+    again = client.completions.create(prompt=ids, **greedy).usage
+    assert first.prompt_tokens == again.prompt_tokens == 45
+    assert first.prompt_tokens_details.cached_tokens == 0
+    assert 0 < again.prompt_tokens_details.cached_tokens < 45
+    message = [{"role": "user", "content": "tell me about the sea and the mountains and rivers " * 4}]
+    client.chat.completions.create(messages=message, **greedy)
+    chat = client.chat.completions.create(messages=message, **greedy).usage
+    assert 0 < chat.prompt_tokens_details.cached_tokens < chat.prompt_tokens
+
+
 def client_tokenize(client, text: str) -> list[int]:
     response = httpx.post(str(client.base_url).replace("/v1/", "/tokenize"), json={"prompt": text})
     response.raise_for_status()
