@@ -1,0 +1,124 @@
+"""Property: with equal step times, the simulator and a real ``EngineCore`` make the same scheduling decisions.
+
+Hypothesis draws workloads (arrival rates, prompt and output lengths, shared prefixes) and engine settings (KV
+cache size down to preempting, token budget, sequences per step, fcfs or deadline, greedy or predicted admission,
+chunked or prefill-first, the decode lookahead on or off). The real side is the engine's core with a stand-in
+model that returns a token per sampled sequence in a fixed time, driven as a server drives it: requests that have
+arrived are added between steps, an idle engine waits for the next arrival.
+"""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from joule.bench.workload import SharedPrefix
+from joule.engine.core import EngineCore
+from joule.engine.kv_blocks import KVBlockManager
+from joule.engine.plan import StepPlan, StepResult
+from joule.engine.request import Request, RequestSLO, SampledToken
+from joule.engine.scheduler import SchedulerConfig
+from joule.model.config import ModelConfig
+from joule.perf.arrivals import LengthDistribution, WorkloadSpec, generate
+from joule.perf.simulated_executor import PlannedSequence
+from joule.perf.simulator import ClusterSimulator, ReplicaConfig
+from joule.sampling_params import SamplingParams
+
+STEP_SECONDS = 0.05
+BLOCK_SIZE = 16
+MODEL = ModelConfig(architecture="LlamaForCausalLM", vocab_size=5000, hidden_size=256, intermediate_size=512,
+                    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                    max_position_embeddings=4096)
+
+
+class FixedTimeModel:
+    """Executes (or launches and collects, for the lookahead) a plan in a fixed time; records each plan."""
+
+    def __init__(self):
+        self.plans: list[list[PlannedSequence]] = []
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        self.plans.append([PlannedSequence(s.request_id, s.num_tokens, s.start_position, s.samples)
+                           for s in plan.sequences])
+        sampled = {s.request_id: SampledToken(7) for s in plan.sequences if s.samples}
+        return StepResult(sampled=sampled, elapsed_seconds=STEP_SECONDS)
+
+    def launch(self, plan: StepPlan, previous: StepResult | None = None) -> StepResult:
+        return self.execute(plan)
+
+    def can_continue(self, launched: StepResult) -> bool:
+        return True
+
+    def collect(self, launched: StepResult) -> StepResult:
+        return launched
+
+
+def run_engine(requests, scheduler_config: SchedulerConfig, num_blocks: int, lookahead: bool,
+               slo: RequestSLO | None) -> list[list[PlannedSequence]]:
+    model = FixedTimeModel()
+    now = 0.0
+    core = EngineCore(scheduler_config, KVBlockManager(num_blocks, BLOCK_SIZE), model, clock=lambda: now,
+                      decode_lookahead=lookahead)
+    pending = sorted(requests, key=lambda timed: timed.arrival_time)
+    index = 0
+    while index < len(pending) or core.has_unfinished_requests():
+        while index < len(pending) and pending[index].arrival_time <= now:
+            timed = pending[index]
+            index += 1
+            params = SamplingParams(max_tokens=timed.request.output_len, ignore_eos=True, temperature=0.0)
+            core.add_request(Request(timed.request_id, timed.request.prompt_token_ids, params,
+                                     timed.request.output_len, arrival_time=timed.arrival_time, slo=slo))
+        if not core.has_unfinished_requests():
+            now = pending[index].arrival_time
+            continue
+        core.step()
+        stats = core.last_step
+        if stats.num_sequences:
+            now += STEP_SECONDS
+        elif not stats.preempted_request_ids:
+            raise AssertionError("the engine stalled with requests it can never schedule")
+    return model.plans
+
+
+@st.composite
+def cases(draw):
+    prefix = SharedPrefix(draw(st.sampled_from([0, 16, 40])), draw(st.integers(1, 3)))
+    low = draw(st.integers(1, 120))
+    workload = WorkloadSpec(
+        num_requests=draw(st.integers(1, 20)), rate=draw(st.sampled_from([2.0, 10.0, 40.0, float("inf")])),
+        arrival=draw(st.sampled_from(["poisson", "fixed"])),
+        input_len=LengthDistribution("uniform", low, low + draw(st.integers(0, 120))),
+        output_len=LengthDistribution("uniform", 1, draw(st.integers(1, 30))), seed=draw(st.integers(0, 10**6)),
+        prefix=prefix)
+    longest = prefix.length + low + 120 + 30
+    chunked = draw(st.booleans())
+    max_model_len = 512
+    budget = draw(st.sampled_from([16, 32, 64, 256])) if chunked else max_model_len
+    # From barely one request's blocks (preemptions) to plenty.
+    num_blocks = draw(st.integers(-(-longest // BLOCK_SIZE) + 1, 120))
+    return dict(workload=workload, chunked=chunked, budget=budget, num_blocks=num_blocks,
+                max_num_seqs=draw(st.integers(1, 8)), policy=draw(st.sampled_from(["fcfs", "deadline"])),
+                admission=draw(st.sampled_from(["greedy", "predicted"])), lookahead=draw(st.booleans()),
+                max_model_len=max_model_len)
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=cases())
+def test_the_simulator_plans_every_step_as_the_engine_does(case):
+    requests = generate(case["workload"], MODEL.vocab_size, max_model_len=case["max_model_len"])
+    slo = RequestSLO(ttft_seconds=0.5, tpot_seconds=0.1) if case["policy"] == "deadline" else None
+    replica = ReplicaConfig.for_hardware(
+        "L4", num_kv_blocks=case["num_blocks"], max_num_seqs=case["max_num_seqs"],
+        max_num_batched_tokens=case["budget"], max_model_len=case["max_model_len"], block_size=BLOCK_SIZE,
+        scheduling_policy=case["policy"], admission_policy=case["admission"],
+        enable_chunked_prefill=case["chunked"], decode_lookahead=case["lookahead"])
+    simulator = ClusterSimulator(MODEL, [replica], record_plans=True, fixed_step_seconds=STEP_SECONDS,
+                                 request_slo=slo)
+    result = simulator.run(requests)
+    # The simulator's engine sees the same limit: the model length, capped by what its KV cache holds.
+    max_model_len = min(case["max_model_len"], case["num_blocks"] * BLOCK_SIZE)
+    config = SchedulerConfig(case["max_num_seqs"], case["budget"], max_model_len, policy=case["policy"],
+                             admission=case["admission"], enable_chunked_prefill=case["chunked"])
+    engine_plans = run_engine(requests, config, case["num_blocks"], case["lookahead"], slo)
+    assert simulator.plans(0) == engine_plans
+    assert len(result.finished) == len(requests)
