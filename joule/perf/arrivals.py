@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 import joule.bench.workload as shared_workload
+from joule.perf.metrics import SLO
 from joule.bench.workload import (  # noqa: F401  (re-exported for the simulator's callers)
     ARRIVAL_KINDS,
     LENGTH_KINDS,
@@ -103,6 +104,26 @@ class TimedRequest:
     request_id: str
     arrival_time: float
     request: SyntheticRequest
+    tenant: str | None = None  # billed for fairness, as the API's ``user``
+    slo: SLO | None = None  # its own targets (a tenant's), over any given to the whole run
+
+
+def tenant_requests(spec: WorkloadSpec, tenants: list, vocab_size: int, max_model_len: int | None = None,
+                    default_slo: SLO | None = None) -> list[TimedRequest]:
+    """The requests ``joule bench serve`` would send for ``spec`` with these tenants (``TenantSpec``s, its
+    ``--tenant``): each tenant's rate or share of ``spec.rate``, lengths and SLOs, built by the very same planner
+    (``joule.bench.serve_workload.plan_run``), as token ids."""
+    from joule.bench.serve_workload import WorkloadOptions, plan_run
+
+    options = WorkloadOptions(
+        num_prompts=spec.num_requests, input_len=spec.input_len, output_len=spec.output_len, arrival=spec.arrival,
+        burstiness=spec.cv, max_model_len=max_model_len, token_id_range=(0, vocab_size), seed=spec.seed,
+        prefix=spec.prefix)
+    planned = plan_run(options, tenants, spec.rate, default_slo or SLO())
+    return [TimedRequest(f"{request.tenant}-{index}", request.send_at,
+                         SyntheticRequest(list(request.prompt), request.output_len), request.tenant,
+                         request.slo if request.slo.is_set else None)
+            for index, request in enumerate(planned)]
 
 
 def arrival_times(spec: WorkloadSpec, rng: np.random.Generator) -> np.ndarray:

@@ -71,6 +71,10 @@ def add_perf_commands(subparsers) -> None:
     simulate.add_argument("--decode-lookahead", action=argparse.BooleanOptionalAction, default=None,
                           help="the engine's --decode-lookahead: greedy decode steps queued ahead, host work hidden "
                           "(default: as the engine, on for a GPU, off for a CPU)")
+    simulate.add_argument("--tenant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                          help="a tenant (repeatable), as `joule bench serve --tenant`: rate=, share=, num=, input=, "
+                               "output=, ttft=, tpot=, tbt=; requests are billed to it (the fair policy) and judged by "
+                               "its SLOs, and the summary has a line per tenant")
     simulate.add_argument("--final-only", action="store_true",
                           help="clients take one output per request at its end, as LLM.generate (default: they "
                                "stream, as a server's clients do: host work for an output every step)")
@@ -171,16 +175,23 @@ def _print_summary(summary: dict) -> None:
     if "slo_attainment" in summary:
         print(f"  SLO         attainment {summary['slo_attainment']:.1%}, goodput "
               f"{summary['goodput_requests_per_s']:.2f} req/s ({'meets' if summary['meets_slo'] else 'misses'} SLO)")
+    for name, tenant in summary.get("tenants", {}).items():
+        attainment = f", SLO attainment {tenant['slo_attainment']:.1%}" if "slo_attainment" in tenant else ""
+        print(f"  tenant {name}: {tenant['num_finished']}/{tenant['num_requests']} requests, "
+              f"{tenant['output_throughput']:.1f} output tok/s, TTFT p50 {tenant['ttft_s']['p50'] * 1e3:.1f} / p99 "
+              f"{tenant['ttft_s']['p99'] * 1e3:.1f} ms, TPOT p50 {tenant['tpot_s']['p50'] * 1e3:.2f} ms{attainment}")
 
 
 def run_simulate(args: argparse.Namespace) -> int:
     from joule.engine.request import RequestSLO
-    from joule.perf.arrivals import WorkloadSpec, generate
+    from joule.bench.serve_workload import TenantSpec
+    from joule.perf.arrivals import WorkloadSpec, generate, tenant_requests
     from joule.perf.metrics import SLO
     from joule.perf.simulator import ClusterSimulator
 
     model = load_model_config(args.model)
     workload = WorkloadSpec.parse(args.workload)
+    tenants = [TenantSpec.parse(text) for text in args.tenant]
     slo = SLO.parse(args.slo) if args.slo else None
     replicas = _replica_list(args, model)
     request_slo = RequestSLO(ttft_seconds=slo.ttft_s, tpot_seconds=slo.tpot_s) if slo else None
@@ -188,7 +199,10 @@ def run_simulate(args: argparse.Namespace) -> int:
     rows, last = [], None
     for rate in rates:
         started = time.perf_counter()
-        requests = generate(workload.with_rate(rate), model.vocab_size, args.max_model_len)
+        if tenants:
+            requests = tenant_requests(workload.with_rate(rate), tenants, model.vocab_size, args.max_model_len, slo)
+        else:
+            requests = generate(workload.with_rate(rate), model.vocab_size, args.max_model_len)
         last = ClusterSimulator(model, replicas, args.router, request_slo=request_slo,
                                 streamed_outputs=not args.final_only).run(requests)
         summary = last.summary(slo)

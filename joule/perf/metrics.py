@@ -87,6 +87,8 @@ class RequestRecord:
     num_output_tokens: int = 0
     finish_time: float | None = None
     max_itl: float = 0.0  # largest gap between consecutive tokens, for a TBT SLO
+    tenant: str | None = None
+    slo: SLO | None = None  # its own targets (its tenant's), over the run's
 
     @property
     def ttft(self) -> float:
@@ -177,12 +179,37 @@ class SimulationResult:
             "cost_usd": self.cost_usd(),
             "usd_per_million_output_tokens": self.cost_usd() / tokens * 1e6 if tokens else math.nan,
         }
-        if slo is not None:
-            good = [r for r in finished if slo.met(r.ttft, r.tpot, r.max_itl)]
-            result["slo"] = {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s, "tbt_s": slo.tbt_s,
-                             "attainment": slo.attainment}
+        own_targets = any(r.slo is not None for r in self.records)
+        if slo is not None or own_targets:
+            run_slo = slo or SLO()
+            good = [r for r in finished if _targets(r, run_slo).met(r.ttft, r.tpot, r.max_itl)]
+            result["slo"] = {"ttft_s": run_slo.ttft_s, "tpot_s": run_slo.tpot_s, "tbt_s": run_slo.tbt_s,
+                             "attainment": run_slo.attainment, "per_tenant": own_targets}
             result["slo_attainment"] = len(good) / len(self.records)
             result["goodput_requests_per_s"] = len(good) / span
             result["goodput_output_tokens_per_s"] = sum(r.num_output_tokens for r in good) / span
-            result["meets_slo"] = result["slo_attainment"] >= slo.attainment
+            result["meets_slo"] = result["slo_attainment"] >= run_slo.attainment
+        tenants = sorted({r.tenant for r in self.records if r.tenant is not None})
+        if tenants:
+            result["tenants"] = {name: self._tenant_summary(name, slo or SLO()) for name in tenants}
         return result
+
+    def _tenant_summary(self, tenant: str, run_slo: SLO) -> dict:
+        """One tenant's requests: latencies, throughput over the whole run, and SLO attainment (its own targets)."""
+        records = [r for r in self.records if r.tenant == tenant]
+        finished = [r for r in records if r.finish_time is not None]
+        span = self.makespan or math.nan
+        summary = {
+            "num_requests": len(records), "num_finished": len(finished),
+            "output_throughput": sum(r.num_output_tokens for r in finished) / span,
+            "ttft_s": percentiles([r.ttft for r in finished]),
+            "tpot_s": percentiles([r.tpot for r in finished if r.num_output_tokens > 1]),
+        }
+        if any(_targets(r, run_slo).is_set for r in records):
+            good = [r for r in finished if _targets(r, run_slo).met(r.ttft, r.tpot, r.max_itl)]
+            summary["slo_attainment"] = len(good) / len(records)
+        return summary
+
+
+def _targets(record: RequestRecord, run_slo: SLO) -> SLO:
+    return record.slo.merged_over(run_slo) if record.slo is not None else run_slo

@@ -196,9 +196,13 @@ class ClusterSimulator:
         params = SamplingParams(
             max_tokens=output_len, ignore_eos=self.ignore_eos, temperature=0.0, output_kind=self.output_kind,
         )
+        slo = self.request_slo
+        if timed.slo is not None and (timed.slo.ttft_s is not None or timed.slo.tpot_s is not None):
+            slo = RequestSLO(ttft_seconds=timed.slo.ttft_s, tpot_seconds=timed.slo.tpot_s)  # its tenant's targets
         return Request(
             request_id=timed.request_id, prompt_token_ids=timed.request.prompt_token_ids, sampling_params=params,
-            max_tokens=output_len, eos_token_ids=self.eos_ids, arrival_time=timed.arrival_time, slo=self.request_slo,
+            max_tokens=output_len, eos_token_ids=self.eos_ids, arrival_time=timed.arrival_time, slo=slo,
+            tenant=timed.tenant,
         )
 
     def run(self, requests: list[TimedRequest]) -> SimulationResult:
@@ -218,7 +222,8 @@ class ClusterSimulator:
             replica = self.router.choose(self.replicas)
             request = self._make_request(timed)
             replica.core.add_request(request)  # raises if it can never fit, as the engine does
-            record = RequestRecord(timed.request_id, timed.arrival_time, len(request.prompt_token_ids), replica.index)
+            record = RequestRecord(timed.request_id, timed.arrival_time, len(request.prompt_token_ids), replica.index,
+                                   tenant=timed.tenant, slo=timed.slo)
             records[timed.request_id] = record
             result.records.append(record)
             replica.outstanding += 1

@@ -58,6 +58,19 @@ def test_simulate_charges_streamed_outputs_and_metering_unless_told_the_run_has_
     assert makespans[1] - makespans[2] == pytest.approx(32 * 1e-3, rel=1e-6)
 
 
+def test_simulate_with_tenants_prints_a_line_per_tenant(tmp_path, capsys):
+    output = tmp_path / "run.json"
+    assert main(["simulate", "--model", "qwen3-0.6b", "--hardware", "H100", "--workload",
+                 "input=fixed:64,output=fixed:16,num=20,rate=10", "--tenant", "light:rate=2,num=4,ttft=1s",
+                 "--tenant", "heavy:share=1", "--scheduling-policy", "fair", "--output-json", str(output)]) == 0
+    printed = capsys.readouterr().out
+    assert "tenant light: 4/4 requests" in printed and "tenant heavy: 20/20 requests" in printed
+    row = json.loads(output.read_text())[0]
+    assert row["tenants"]["light"]["slo_attainment"] == 1.0
+    assert main(["simulate", "--model", "qwen3-0.6b", "--workload", "num=4", "--tenant", "bad name"]) == 2
+    assert "tenant name must be" in capsys.readouterr().err
+
+
 def test_plan_prints_plans_and_errors_are_clear(tmp_path, capsys):
     code = main([
         "plan", "--model", "qwen3-0.6b", "--hardware", "L4", "--workload", "input=fixed:64,output=fixed:16,rate=4,num=40",

@@ -9,7 +9,7 @@ import pytest
 from joule.engine.core import EngineCore
 from joule.engine.kv_blocks import KVBlockManager
 from joule.engine.plan import StepPlan, StepResult
-from joule.engine.request import Request, SampledToken
+from joule.engine.request import Request, RequestSLO, SampledToken
 from joule.engine.scheduler import SchedulerConfig
 from joule.model.config import ModelConfig
 from joule.perf.arrivals import LengthDistribution, SyntheticRequest, TimedRequest, WorkloadSpec, generate
@@ -328,3 +328,32 @@ def test_a_request_arriving_during_a_replicas_last_step_waits_for_that_step_to_e
     assert ttft_waking["a"] - ttft_plain["a"] == pytest.approx(0.5)
     assert ttft_waking["c"] - ttft_plain["c"] == pytest.approx(0.5)
     assert ttft_waking["b"] - ttft_plain["b"] == pytest.approx(0.5)  # it waited for "a"'s longer step
+
+
+def test_tenants_from_the_serving_benchmarks_planner_are_billed_and_judged_by_their_own_slos():
+    """``joule simulate --tenant``: the requests ``joule bench serve`` would send (its planner), billed to their
+    tenants (the fair policy sees them) and judged by their tenant's SLOs; the summary has a line per tenant."""
+    from joule.bench.serve_workload import TenantSpec, WorkloadOptions, plan_run
+    from joule.perf.arrivals import tenant_requests
+
+    model = small_model()
+    spec = WorkloadSpec.parse("input=fixed:64,output=fixed:8,num=30,rate=20,seed=3")
+    tenants = [TenantSpec.parse("light:rate=2,num=4,ttft=0.5"), TenantSpec.parse("heavy:share=1,input=256")]
+    requests = tenant_requests(spec, tenants, model.vocab_size, max_model_len=1024, default_slo=SLO(tpot_s=1.0))
+    planned = plan_run(WorkloadOptions(num_prompts=30, input_len=spec.input_len, output_len=spec.output_len,
+                                       max_model_len=1024, token_id_range=(0, model.vocab_size), seed=3),
+                       tenants, 20.0, SLO(tpot_s=1.0))
+    assert [r.request.prompt_token_ids for r in requests] == [p.prompt for p in planned]
+    assert {r.tenant for r in requests} == {"light", "heavy"} and sum(r.tenant == "light" for r in requests) == 4
+    assert all(r.slo == (SLO(0.5, 1.0) if r.tenant == "light" else SLO(None, 1.0)) for r in requests)
+    assert all(len(r.request.prompt_token_ids) == (64 if r.tenant == "light" else 256) for r in requests)
+    simulator = ClusterSimulator(model, [replica(scheduling_policy="fair")])
+    seen = []
+    add = simulator.replicas[0].core.add_request
+    simulator.replicas[0].core.add_request = lambda request: seen.append((request.tenant, request.slo)) or add(request)
+    summary = simulator.run(requests).summary()
+    assert ("light", RequestSLO(0.5, 1.0)) in seen and ("heavy", RequestSLO(None, 1.0)) in seen
+    assert set(summary["tenants"]) == {"light", "heavy"}
+    assert summary["tenants"]["light"]["num_requests"] == 4 and summary["slo"]["per_tenant"]
+    assert summary["tenants"]["light"]["slo_attainment"] == 1.0  # a roomy replica meets every target
+    assert summary["slo_attainment"] == 1.0
