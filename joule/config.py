@@ -27,6 +27,7 @@ class EngineConfig:
     admission_policy: str = "greedy"
     fair_prompt_cap: int = DEFAULT_FAIR_PROMPT_CAP
     fair_split_decodes: bool = False
+    fair_keep_up: bool = False
     enable_chunked_prefill: bool = True
     enforce_eager: bool = False
     decode_lookahead: bool | None = None  # None: on where it pays (a GPU), off on the CPU (engine.core.lookahead_on)
@@ -40,8 +41,9 @@ class EngineConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        if not isinstance(self.fair_split_decodes, bool):
-            raise ValueError(f"fair_split_decodes must be True or False, got {self.fair_split_decodes!r}.")
+        for name in ("fair_split_decodes", "fair_keep_up"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         if self.decode_lookahead is not None and not isinstance(self.decode_lookahead, bool):
             raise ValueError(f"decode_lookahead must be True, False or None (auto), got {self.decode_lookahead!r}.")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

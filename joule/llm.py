@@ -46,6 +46,7 @@ class LLM:
         enable_chunked_prefill: bool = True,
         fair_prompt_cap: int = DEFAULT_FAIR_PROMPT_CAP,
         fair_split_decodes: bool = False,
+        fair_keep_up: bool = False,
         decode_lookahead: bool | None = None,
         **kwargs,
     ):
@@ -73,6 +74,7 @@ class LLM:
             enable_chunked_prefill=enable_chunked_prefill,
             fair_prompt_cap=fair_prompt_cap,
             fair_split_decodes=fair_split_decodes,
+            fair_keep_up=fair_keep_up,
             decode_lookahead=decode_lookahead,
         )
         self.llm_engine = LLMEngine(config)

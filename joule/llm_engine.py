@@ -86,6 +86,7 @@ class LLMEngine:
             enable_chunked_prefill=config.enable_chunked_prefill,
             fair_prompt_cap=config.fair_prompt_cap,
             fair_split_decodes=config.fair_split_decodes,
+            fair_keep_up=config.fair_keep_up,
         )
         self.energy_meter = energy_meter if energy_meter is not None else select_energy_meter(
             self.device, model_config=self.model_config, dtype=str(self.dtype).removeprefix("torch."))

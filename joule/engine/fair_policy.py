@@ -5,11 +5,12 @@ so one heavy tenant cannot starve the others. Latency too: a less-served tenant'
 own (the fast lane), and while a tenant with nothing waiting is about, the others' prompt chunks are cut short so
 no step runs long when that tenant's next request arrives (``StepShape.prompt_token_cap``).
 
-The cut is work-conserving: it is never shorter than what the others' prompt work needs to keep up (their prompt
-tokens arriving per second, plus their backlog spread over the same window, at the scheduler's step-time
-estimate). Only when even whole-budget steps could not keep up (a flood) does the fixed cap hold, so the flood
-waits, not the light tenant. Without this, a heavy tenant that fcfs served with 12 ms TTFT waited 3 s (simulated
-H100, docs/benchmarks.md).
+The cut is work-conserving: never shorter than what the others' prompt work needs to keep up (the prompt tokens
+they sent over the last ``recent_seconds`` plus those pending, per second), at the cost a step pays per prompt
+token, measured from executed steps (their time beyond the step-time estimate for their decodes alone). Only when
+no step size could keep up (a flood), or before that cost is known, does the fixed cap hold, so a flood waits, not
+the light tenant. Before, a heavy tenant that fcfs served at 12 ms TTFT waited 3 s (simulated H100, 20 req/s,
+docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -27,15 +28,18 @@ from joule.engine.policies import (
 from joule.engine.request import Request
 from joule.engine.step_time import StepTimeEstimator
 
-# Prompt throughput the cut must leave the unprotected tenants, as a multiple of their recent demand.
+# Prompt throughput the cut leaves the other tenants, as a multiple of their demand.
 KEEP_UP_MARGIN = 1.25
+# Steps with at least this many prompt tokens teach the per-token cost; each new sample weighs this much.
+MIN_PROMPT_TOKENS_OBSERVED = 64
+PROMPT_COST_WEIGHT = 0.1
 
 
 class VirtualTokenCounterFairness(FirstComeFirstServed):
     name = "fair"
 
     def __init__(self, protected_prompt_tokens: int = DEFAULT_FAIR_PROMPT_CAP, recent_seconds: float = 2.0,
-                 split_decodes: bool = False) -> None:
+                 split_decodes: bool = False, keep_up: bool = False) -> None:
         """``protected_prompt_tokens``: the prompt tokens a step may carry while a tenant with nothing waiting
         is about (it arrived within ``recent_seconds`` or has requests in) and another has prompts to compute;
         ``split_decodes``: meanwhile, that other tenant's decodes may run half per step (``StepShape``). Off by
@@ -43,9 +47,13 @@ class VirtualTokenCounterFairness(FirstComeFirstServed):
         docs/benchmarks.md)."""
         self.counters: dict[str | None, float] = {}
         self.last_arrival: dict[str | None, float] = {}
+        # (arrival time, prompt tokens) of each tenant's requests within ``recent_seconds``: their demand.
+        self.recent_prompts: dict[str | None, deque[tuple[float, int]]] = {}
+        self.seconds_per_prompt_token: float | None = None  # measured (``observe_step``)
         self.protected_prompt_tokens = protected_prompt_tokens
         self.recent_seconds = recent_seconds
         self.split_decodes = split_decodes
+        self.keep_up = keep_up
 
     def next_waiting(self, waiting: deque[Request]) -> Request:
         return min(waiting, key=lambda request: self.counters.get(request.tenant, 0.0))
@@ -57,6 +65,8 @@ class VirtualTokenCounterFairness(FirstComeFirstServed):
         """A tenant returning from idle starts at the least-served active tenant's counter, no lower."""
         self.last_arrival[request.tenant] = max(self.last_arrival.get(request.tenant, request.arrival_time),
                                                 request.arrival_time)
+        self.recent_prompts.setdefault(request.tenant, deque()).append((request.arrival_time,
+                                                                        request.num_prompt_tokens))
         others = [other for other in [*waiting, *running] if other is not request]
         if any(other.tenant == request.tenant for other in others):
             return  # already backlogged: keeps its counter
@@ -84,7 +94,21 @@ class VirtualTokenCounterFairness(FirstComeFirstServed):
         weight = DECODE_TOKEN_WEIGHT if is_decode else PROMPT_TOKEN_WEIGHT
         self.counters[request.tenant] = self.counters.get(request.tenant, 0.0) + weight * num_tokens
 
-    def step_shape(self, waiting: deque[Request], running: list[Request], now: float) -> StepShape | None:
+    def observe_step(self, num_prefill_tokens: int, num_decode_tokens: int, elapsed_seconds: float,
+                     step_time: StepTimeEstimator) -> None:
+        """The cost per prompt token: a step's time beyond what the estimate gives its decodes alone, per prompt
+        token. Measured, not taken from the estimate's own per-token term, which cannot be told apart from
+        the rest once every step carries the same capped chunk."""
+        coefficients = step_time.coefficients()
+        if num_prefill_tokens < MIN_PROMPT_TOKENS_OBSERVED or coefficients is None or elapsed_seconds <= 0:
+            return
+        sample = max(0.0, elapsed_seconds - coefficients.predict(0, num_decode_tokens)) / num_prefill_tokens
+        previous = self.seconds_per_prompt_token
+        self.seconds_per_prompt_token = sample if previous is None else (
+            previous + PROMPT_COST_WEIGHT * (sample - previous))
+
+    def step_shape(self, waiting: deque[Request], running: list[Request], now: float,
+                   step_time: StepTimeEstimator | None = None) -> StepShape | None:
         """The fast lane when a less-served tenant has prompts waiting; short chunks while a tenant is about
         that has nothing waiting and others have prompts to compute.
 
@@ -102,7 +126,7 @@ class VirtualTokenCounterFairness(FirstComeFirstServed):
         if not pending:
             return None
         protected = self._protected_tenants(waiting_tokens, running, pending, now)
-        cap = self.protected_prompt_tokens if protected else None
+        cap = self._protecting_cap(protected, pending, running, now, step_time) if protected else None
         lane_tenant, lane_tokens = self._fast_lane(waiting_tokens, pending)
         if cap is not None and lane_tokens > cap:
             lane_tokens = cap
@@ -112,7 +136,35 @@ class VirtualTokenCounterFairness(FirstComeFirstServed):
         if protected and self.split_decodes:  # a lane tenant's decodes all run in its lane step
             split = frozenset(pending) - protected - {lane_tenant} if lane_tokens else frozenset(pending) - protected
         return StepShape(prompt_token_cap=cap, lane_tenant=lane_tenant, lane_prompt_tokens=lane_tokens,
-                         split_decode_tenants=split)
+                         split_decode_tenants=split, lane_finishes_prompts=self.keep_up)
+
+    def _protecting_cap(self, protected: frozenset, pending: dict[str | None, int], running: list[Request],
+                        now: float, step_time: StepTimeEstimator | None) -> int:
+        """Prompt tokens a step may carry while ``protected`` tenants are about: the fixed cap, or more where the
+        others' prompt work needs more to keep up.
+
+        A step carrying ``c`` prompt tokens takes ``base + cost x c`` (``base``: the estimate for its decodes
+        alone; ``cost``: measured per prompt token), so the others keep up with a demand of ``D`` tokens a
+        second when ``c >= D x base / (1 - D x cost)``. ``D`` is what they sent over the last ``recent_seconds``
+        plus what is still pending, over ``recent_seconds``, times ``KEEP_UP_MARGIN``.
+        """
+        coefficients = step_time.coefficients() if step_time is not None and self.keep_up else None
+        cost = self.seconds_per_prompt_token
+        if coefficients is None or not cost:
+            return self.protected_prompt_tokens
+        horizon = now - self.recent_seconds
+        sent = 0
+        for tenant in set(pending) - protected:
+            arrivals = self.recent_prompts.get(tenant)
+            while arrivals and arrivals[0][0] < horizon:
+                arrivals.popleft()
+            sent += sum(tokens for _, tokens in arrivals or ()) + pending[tenant]
+        demand = KEEP_UP_MARGIN * sent / self.recent_seconds
+        room = 1.0 - demand * cost
+        if room <= 0:
+            return self.protected_prompt_tokens  # a flood: no step size keeps up, so it waits, not the light
+        decodes = sum(1 for request in running if not request.is_prefilling)
+        return max(self.protected_prompt_tokens, math.ceil(demand * coefficients.predict(0, decodes) / room))
 
     def _fast_lane(self, waiting_tokens: dict[str | None, int],
                    pending: dict[str | None, int]) -> tuple[str | None, int]:
@@ -125,9 +177,16 @@ class VirtualTokenCounterFairness(FirstComeFirstServed):
         # Least served first; on a tie (a tenant back from idle is lifted to the others' counter) the one
         # with fewer prompt tokens pending, then by name, so the choice never depends on set order.
         lowest = min(pending, key=lambda tenant: (counter(tenant, 0.0), pending[tenant], str(tenant)))
-        if lowest not in waiting_tokens:
-            return None, 0  # the least-served tenant has nothing waiting: its chunks run in the normal order
-        return lowest, waiting_tokens[lowest]
+        if lowest in waiting_tokens:
+            return lowest, pending[lowest] if self.keep_up else waiting_tokens[lowest]
+        if self.keep_up:
+            # The cap may be wide: a short prompt in progress (the rest of one a lane step cut) is finished in a
+            # lane of its own, or it would wait behind the others' chunks, however less served they are.
+            short = [tenant for tenant in pending if pending[tenant] <= self.protected_prompt_tokens]
+            if short:
+                finishing = min(short, key=lambda tenant: (pending[tenant], str(tenant)))
+                return finishing, pending[finishing]
+        return None, 0  # the least-served tenant has nothing waiting: its chunks run in the normal order
 
     def _protected_tenants(self, waiting_tokens: dict[str | None, int], running: list[Request],
                            pending: dict[str | None, int], now: float) -> frozenset:

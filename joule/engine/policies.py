@@ -42,13 +42,16 @@ class StepShape:
     (``lane_prompt_tokens`` > 0) carries only ``lane_tenant``'s decodes and that many of its waiting
     prompts' tokens; everyone else's work waits for this one short step. ``split_decode_tenants``: these
     tenants' decodes may run half per step, the half that waited longest, when the scheduler's step-time
-    estimate says that shortens the step by more than a step's fixed cost.
+    estimate says that shortens the step by more than a step's fixed cost. ``lane_finishes_prompts``: the lane
+    step also carries the lane tenant's prompt chunks in progress, and is bounded by its own tokens only, not by
+    ``prompt_token_cap`` (the fair policy keeping others up, whose cap may be wide).
     """
 
     prompt_token_cap: int | None = None
     lane_tenant: str | None = None
     lane_prompt_tokens: int = 0
     split_decode_tenants: frozenset = frozenset()
+    lane_finishes_prompts: bool = False
 
     @property
     def is_lane(self) -> bool:
@@ -71,7 +74,11 @@ class SchedulingPolicy(Protocol):
     def token_budget(self, decodes: list[Request], max_tokens: int, step_time: StepTimeEstimator,
                      min_prefill_tokens: int) -> int: ...
 
-    def step_shape(self, waiting: deque[Request], running: list[Request], now: float) -> StepShape | None: ...
+    def step_shape(self, waiting: deque[Request], running: list[Request], now: float,
+                   step_time: StepTimeEstimator | None = None) -> StepShape | None: ...
+
+    def observe_step(self, num_prefill_tokens: int, num_decode_tokens: int, elapsed_seconds: float,
+                     step_time: StepTimeEstimator) -> None: ...
 
 
 class FirstComeFirstServed:
@@ -97,9 +104,14 @@ class FirstComeFirstServed:
         """Tokens this step may carry; every policy but ``deadline`` uses the whole budget."""
         return max_tokens
 
-    def step_shape(self, waiting: deque[Request], running: list[Request], now: float) -> StepShape | None:
+    def step_shape(self, waiting: deque[Request], running: list[Request], now: float,
+                   step_time: StepTimeEstimator | None = None) -> StepShape | None:
         """A narrower step than the budget allows, or None (``fair`` only)."""
         return None
+
+    def observe_step(self, num_prefill_tokens: int, num_decode_tokens: int, elapsed_seconds: float,
+                     step_time: StepTimeEstimator) -> None:
+        """An executed step (after the scheduler's estimator has seen it); only ``fair`` learns from it."""
 
 
 class PriorityFirst(FirstComeFirstServed):
@@ -150,11 +162,13 @@ class EarliestDeadlineFirst(FirstComeFirstServed):
 POLICIES = ("fcfs", "priority", "fair", "deadline")
 
 
-def make_policy(name: str, fair_prompt_cap: int = DEFAULT_FAIR_PROMPT_CAP, fair_split_decodes: bool = False) -> SchedulingPolicy:
+def make_policy(name: str, fair_prompt_cap: int = DEFAULT_FAIR_PROMPT_CAP, fair_split_decodes: bool = False,
+                fair_keep_up: bool = False) -> SchedulingPolicy:
     if name not in POLICIES:
         raise ValueError(f"scheduling policy must be one of {', '.join(POLICIES)}, got {name!r}.")
     if name == "fair":
         from joule.engine.fair_policy import VirtualTokenCounterFairness  # it builds on the classes here
 
-        return VirtualTokenCounterFairness(protected_prompt_tokens=fair_prompt_cap, split_decodes=fair_split_decodes)
+        return VirtualTokenCounterFairness(protected_prompt_tokens=fair_prompt_cap, split_decodes=fair_split_decodes,
+                                           keep_up=fair_keep_up)
     return {"fcfs": FirstComeFirstServed, "priority": PriorityFirst, "deadline": EarliestDeadlineFirst}[name]()

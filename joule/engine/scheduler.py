@@ -46,6 +46,7 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     fair_prompt_cap: int = DEFAULT_FAIR_PROMPT_CAP  # the fair policy's prompt tokens per step while it protects a tenant
     fair_split_decodes: bool = False  # the fair policy runs flooding tenants' decodes half per step meanwhile
+    fair_keep_up: bool = False  # the fair policy's cap never below what the other tenants need to keep up
     # The engine's lookahead (EngineCore) queues steps with prompt chunks and admissions too, not only decodes.
     lookahead_prompts: bool = True
 
@@ -58,7 +59,7 @@ class SchedulerConfig:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}.")
         if self.admission not in ADMISSION_POLICIES:
             raise ValueError(f"admission must be one of {', '.join(ADMISSION_POLICIES)}, got {self.admission!r}.")
-        for name in ("enable_chunked_prefill", "fair_split_decodes", "lookahead_prompts"):
+        for name in ("enable_chunked_prefill", "fair_split_decodes", "fair_keep_up", "lookahead_prompts"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
@@ -79,7 +80,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
         self.policy = make_policy(config.policy, fair_prompt_cap=config.fair_prompt_cap,
-                                  fair_split_decodes=config.fair_split_decodes)
+                                  fair_split_decodes=config.fair_split_decodes, fair_keep_up=config.fair_keep_up)
         self.admission = make_admission_policy(
             config.admission, block_manager.num_blocks, block_manager.block_size, config.max_model_len
         )
@@ -150,6 +151,7 @@ class Scheduler:
     def observe_step(self, num_prefill_tokens: int, num_decode_tokens: int, elapsed_seconds: float) -> None:
         """Teach the step-time estimator how long an executed step took (EngineCore calls this)."""
         self.step_time.observe(num_prefill_tokens, num_decode_tokens, elapsed_seconds)
+        self.policy.observe_step(num_prefill_tokens, num_decode_tokens, elapsed_seconds, self.step_time)
 
     # -- one step ----------------------------------------------------------------------
     def schedule(self, now: float = 0.0) -> StepPlan:
@@ -164,24 +166,30 @@ class Scheduler:
         budget = self.policy.token_budget(
             decodes, self.config.max_num_batched_tokens, self.step_time, self.block_manager.block_size
         )
-        shape = self.policy.step_shape(self.waiting, self.running, now)
+        shape = self.policy.step_shape(self.waiting, self.running, now, self.step_time)
         if shape is not None and shape.split_decode_tenants:
             decodes = self._split_decodes(decodes, shape.split_decode_tenants)
+        uncapped = budget
         if shape is not None and shape.prompt_token_cap is not None:
             budget = min(budget, len(decodes) + max(shape.prompt_token_cap, 1))
         if shape is not None and shape.is_lane:
-            lane_decodes = [request for request in decodes if request.tenant == shape.lane_tenant]
-            if len(lane_decodes) + shape.lane_prompt_tokens < budget:
-                # A short step of the less-served tenant's own: its decodes and waiting prompts.
-                left = self._schedule_running(lane_decodes, len(lane_decodes) + shape.lane_prompt_tokens, plan,
+            finishing = shape.lane_finishes_prompts
+            lane = [request for request in (decodes + prefills if finishing else decodes)
+                    if request.tenant == shape.lane_tenant]
+            lane_decodes = [request for request in lane if not request.is_prefilling]
+            if len(lane_decodes) + shape.lane_prompt_tokens < (uncapped if finishing else budget):
+                # A short step of the less-served tenant's own: its decodes, its prompt chunks in progress and
+                # its waiting prompts.
+                left = self._schedule_running(lane, len(lane_decodes) + shape.lane_prompt_tokens, plan,
                                               scheduled)
                 if plan.preempted_request_ids:
                     return plan
-                if self._admit_waiting(left, plan, scheduled, now, only_tenant=shape.lane_tenant) < left:
-                    return plan
+                if left == 0 or self._admit_waiting(left, plan, scheduled, now, only_tenant=shape.lane_tenant) < left:
+                    return plan  # the lane's chunks in progress took it all, or its waiting prompts started
                 # Its prompts could not be admitted: a normal step after all, with what is left.
-                budget -= sum(sequence.num_tokens for sequence in plan.sequences)
+                budget = max(0, budget - sum(sequence.num_tokens for sequence in plan.sequences))
                 decodes = [request for request in decodes if request.request_id not in scheduled]
+                prefills = [request for request in prefills if request.request_id not in scheduled]
         budget = self._schedule_running(decodes + prefills, budget, plan, scheduled)
         if not plan.preempted_request_ids:
             budget = self._admit_waiting(budget, plan, scheduled, now)

@@ -56,6 +56,7 @@ class ReplicaConfig:
     enable_chunked_prefill: bool = True  # False: the prefill-first baseline
     fair_prompt_cap: int = DEFAULT_FAIR_PROMPT_CAP  # the fair policy's prompt tokens per step while it protects a tenant
     fair_split_decodes: bool = False  # ... and runs the flooding tenants' decodes half per step
+    fair_keep_up: bool = False  # ... or cuts their chunks no shorter than they need to keep up
     # The engine's --decode-lookahead (continuation steps' host work overlaps); None: the engine's default,
     # on for a GPU, off for a CPU.
     decode_lookahead: bool | None = None
@@ -121,6 +122,7 @@ class _Replica:
             config.max_num_seqs, config.max_num_batched_tokens, max_model_len, policy=config.scheduling_policy,
             admission=config.admission_policy, enable_chunked_prefill=config.enable_chunked_prefill,
             fair_prompt_cap=config.fair_prompt_cap, fair_split_decodes=config.fair_split_decodes,
+            fair_keep_up=config.fair_keep_up,
             lookahead_prompts=config.lookahead_prompts,
         )
         self.executor = SimulatedExecutor(

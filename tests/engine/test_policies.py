@@ -269,8 +269,10 @@ def test_fair_tenants_holding_their_share_do_not_preempt_each_other():
     extra_blocks=st.integers(0, 12),
     budget=st.integers(4, 48),
     max_num_seqs=st.integers(1, 6),
+    keep_up=st.booleans(),
 )
-def test_fair_lanes_and_caps_never_change_outputs_or_strand_a_request(specs, extra_blocks, budget, max_num_seqs):
+def test_fair_lanes_and_caps_never_change_outputs_or_strand_a_request(specs, extra_blocks, budget, max_num_seqs,
+                                                                      keep_up):
     """Tenants arriving at random steps under tight blocks, budgets and slots: every request finishes with the
     outputs it would have alone, no block leaks, and the checked engine's invariants hold every step."""
     requests = [RequestSpec(f"{tenant}-{index}", [2 + index % 5] * prompt, max_tokens, with_eos=index % 3 == 0,
@@ -284,6 +286,9 @@ def test_fair_lanes_and_caps_never_change_outputs_or_strand_a_request(specs, ext
     # Decodes cost much more than a step's fixed time: the flooding tenants' decodes split whenever they may.
     engine.scheduler.step_time.prior = StepTimeCoefficients(1e-4, 1e-5, 1e-3)
     engine.scheduler.policy.split_decodes = True
+    # --fair-keep-up: lanes that finish short prompts in progress, and a measured prompt cost that widens the cap.
+    engine.scheduler.policy.keep_up = keep_up
+    engine.scheduler.policy.seconds_per_prompt_token = 1e-5 if keep_up else None
     arrivals = sorted(zip((delay for *_, delay in specs), range(len(requests))))
     step = 0
     while arrivals or engine.core.has_unfinished_requests():

@@ -357,3 +357,28 @@ def test_tenants_from_the_serving_benchmarks_planner_are_billed_and_judged_by_th
     assert summary["tenants"]["light"]["num_requests"] == 4 and summary["slo"]["per_tenant"]
     assert summary["tenants"]["light"]["slo_attainment"] == 1.0  # a roomy replica meets every target
     assert summary["slo_attainment"] == 1.0
+
+
+def test_the_fair_policy_keeping_up_serves_a_heavy_tenant_below_capacity_as_fcfs_does():
+    """Simulated H100, Llama-3.2-1B shape: a light tenant (4 req/s) beside a heavy one at 40 req/s, which fcfs
+    serves easily. The default fair policy protects the light tenant by starving the heavy one; with
+    ``fair_keep_up`` the heavy tenant keeps fcfs's throughput and the light one still beats fcfs."""
+    from joule.bench.serve_workload import TenantSpec
+    from joule.perf.arrivals import tenant_requests
+    from joule.perf.cli import load_model_config
+
+    model = load_model_config("llama-3.2-1b")
+    spec = WorkloadSpec.parse("input=fixed:256,output=fixed:32,num=176,seed=5")
+    tenants = [TenantSpec.parse("light:rate=4,num=16"),
+               TenantSpec.parse("heavy:rate=40,num=160,input=uniform:1024:3072,output=uniform:64:192")]
+    requests = tenant_requests(spec, tenants, model.vocab_size, max_model_len=4096)
+    summaries = {}
+    for name, settings in (("fcfs", dict(scheduling_policy="fcfs")), ("fair", dict(scheduling_policy="fair")),
+                           ("keep-up", dict(scheduling_policy="fair", fair_keep_up=True))):
+        replica = ReplicaConfig.for_hardware("H100", max_num_batched_tokens=8192, **settings)
+        summaries[name] = ClusterSimulator(model, [replica]).run(requests).summary()["tenants"]
+    heavy = {name: summary["heavy"] for name, summary in summaries.items()}
+    light = {name: summary["light"]["ttft_s"]["p99"] for name, summary in summaries.items()}
+    assert heavy["fair"]["ttft_s"]["p50"] > 1.0 > 0.3 > heavy["keep-up"]["ttft_s"]["p50"]
+    assert heavy["keep-up"]["output_throughput"] >= 0.95 * heavy["fcfs"]["output_throughput"]
+    assert light["fair"] < light["keep-up"] < light["fcfs"]
