@@ -5,16 +5,16 @@ from __future__ import annotations
 import math
 
 import pytest
+from helpers.fixed_time_model import FixedTimeModel
 
 from joule.engine.core import EngineCore
 from joule.engine.kv_blocks import KVBlockManager
-from joule.engine.plan import StepPlan, StepResult
-from joule.engine.request import Request, RequestSLO, SampledToken
+from joule.engine.request import Request, RequestSLO
 from joule.engine.scheduler import SchedulerConfig
 from joule.model.config import ModelConfig
 from joule.perf.arrivals import LengthDistribution, SyntheticRequest, TimedRequest, WorkloadSpec, generate
 from joule.perf.metrics import SLO
-from joule.perf.simulated_executor import PlannedSequence, SimulatedExecutor
+from joule.perf.simulated_executor import SimulatedExecutor
 from joule.perf.simulator import ClusterSimulator, ReplicaConfig
 from joule.sampling_params import SamplingParams
 
@@ -31,23 +31,11 @@ def replica(num_kv_blocks=None, **settings) -> ReplicaConfig:
     return ReplicaConfig.for_hardware("L4", num_kv_blocks=num_kv_blocks, **settings)
 
 
-class FixedTimeExecutor:
-    """The real side's stand-in for the model: fixed step time, records each plan."""
-
-    def __init__(self):
-        self.plans: list[list[PlannedSequence]] = []
-
-    def execute(self, plan: StepPlan) -> StepResult:
-        self.plans.append([PlannedSequence(s.request_id, s.num_tokens, s.start_position, s.samples)
-                           for s in plan.sequences])
-        sampled = {s.request_id: SampledToken(7) for s in plan.sequences if s.samples}
-        return StepResult(sampled=sampled, elapsed_seconds=STEP_SECONDS)
-
-
 def run_real_engine(requests, num_blocks, block_size, settings) -> tuple[list, dict]:
     """EngineCore driven the way a server drives it: add what has arrived, step, repeat."""
-    executor = FixedTimeExecutor()
+    executor = FixedTimeModel(STEP_SECONDS)
     now = 0.0
+    # No lookahead: the simulator's replicas here run one step at a time too.
     core = EngineCore(SchedulerConfig(**settings), KVBlockManager(num_blocks, block_size), executor, clock=lambda: now)
     pending = sorted(requests, key=lambda r: r.arrival_time)
     first_token: dict[str, float] = {}

@@ -9,14 +9,14 @@ arrived are added between steps, an idle engine waits for the next arrival.
 
 from __future__ import annotations
 
+from helpers.fixed_time_model import FixedTimeModel
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from joule.bench.workload import SharedPrefix
 from joule.engine.core import EngineCore
 from joule.engine.kv_blocks import KVBlockManager
-from joule.engine.plan import StepPlan, StepResult
-from joule.engine.request import Request, RequestSLO, SampledToken
+from joule.engine.request import Request, RequestSLO
 from joule.engine.scheduler import SchedulerConfig
 from joule.model.config import ModelConfig
 from joule.perf.arrivals import LengthDistribution, WorkloadSpec, generate
@@ -31,31 +31,9 @@ MODEL = ModelConfig(architecture="LlamaForCausalLM", vocab_size=5000, hidden_siz
                     max_position_embeddings=4096)
 
 
-class FixedTimeModel:
-    """Executes (or launches and collects, for the lookahead) a plan in a fixed time; records each plan."""
-
-    def __init__(self):
-        self.plans: list[list[PlannedSequence]] = []
-
-    def execute(self, plan: StepPlan) -> StepResult:
-        self.plans.append([PlannedSequence(s.request_id, s.num_tokens, s.start_position, s.samples)
-                           for s in plan.sequences])
-        sampled = {s.request_id: SampledToken(7) for s in plan.sequences if s.samples}
-        return StepResult(sampled=sampled, elapsed_seconds=STEP_SECONDS)
-
-    def launch(self, plan: StepPlan, previous: StepResult | None = None) -> StepResult:
-        return self.execute(plan)
-
-    def can_continue(self, launched: StepResult) -> bool:
-        return True
-
-    def collect(self, launched: StepResult) -> StepResult:
-        return launched
-
-
 def run_engine(requests, scheduler_config: SchedulerConfig, num_blocks: int, lookahead: bool,
                slo: RequestSLO | None) -> list[list[PlannedSequence]]:
-    model = FixedTimeModel()
+    model = FixedTimeModel(STEP_SECONDS)
     now = 0.0
     core = EngineCore(scheduler_config, KVBlockManager(num_blocks, BLOCK_SIZE), model, clock=lambda: now,
                       decode_lookahead=lookahead)
