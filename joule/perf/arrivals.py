@@ -13,18 +13,18 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 import joule.bench.workload as shared_workload
-from joule.perf.metrics import SLO
 from joule.bench.workload import (  # noqa: F401  (re-exported for the simulator's callers)
     ARRIVAL_KINDS,
     LENGTH_KINDS,
     PRESETS,
     LengthDistribution,
+    SharedPrefix,
     SyntheticRequest,
     fit_lengths,
-    SharedPrefix,
     random_token_prompts,
     validate_arrival,
 )
+from joule.perf.metrics import SLO
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ def tenant_requests(spec: WorkloadSpec, tenants: list, vocab_size: int, max_mode
         burstiness=spec.cv, max_model_len=max_model_len, token_id_range=(0, vocab_size), seed=spec.seed,
         prefix=spec.prefix)
     planned = plan_run(options, tenants, spec.rate, default_slo or SLO())
-    return [TimedRequest(f"{request.tenant}-{index}", request.send_at,
+    return [TimedRequest(f"{request.tenant or 'request'}-{index}", request.send_at,
                          SyntheticRequest(list(request.prompt), request.output_len), request.tenant,
                          request.slo if request.slo.is_set else None)
             for index, request in enumerate(planned)]
