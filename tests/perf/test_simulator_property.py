@@ -1,10 +1,11 @@
 """Property: with equal step times, the simulator and a real ``EngineCore`` make the same scheduling decisions.
 
 Hypothesis draws workloads (arrival rates, prompt and output lengths, shared prefixes) and engine settings (KV
-cache size down to preempting, token budget, sequences per step, fcfs or deadline, greedy or predicted admission,
-chunked or prefill-first, the decode lookahead on or off). The real side is the engine's core with a stand-in
-model that returns a token per sampled sequence in a fixed time, driven as a server drives it: requests that have
-arrived are added between steps, an idle engine waits for the next arrival.
+cache size down to preempting, token budget, sequences per step, fcfs, deadline or fair (with or without keep-up;
+requests billed to random tenants), greedy or predicted admission, chunked or prefill-first, the decode lookahead
+on or off). The real side is the engine's core with a stand-in model that returns a token per sampled sequence in
+a fixed time, driven as a server drives it: requests that have arrived are added between steps, an idle engine
+waits for the next arrival.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def run_engine(requests, scheduler_config: SchedulerConfig, num_blocks: int, loo
             index += 1
             params = SamplingParams(max_tokens=timed.request.output_len, ignore_eos=True, temperature=0.0)
             core.add_request(Request(timed.request_id, timed.request.prompt_token_ids, params,
-                                     timed.request.output_len, arrival_time=timed.arrival_time, slo=slo))
+                                     timed.request.output_len, arrival_time=timed.arrival_time, slo=slo,
+                                     tenant=timed.tenant))
         if not core.has_unfinished_requests():
             now = pending[index].arrival_time
             continue
@@ -75,7 +77,9 @@ def cases(draw):
     # From barely one request's blocks (preemptions) to plenty.
     num_blocks = draw(st.integers(-(-longest // BLOCK_SIZE) + 1, 120))
     return dict(workload=workload, chunked=chunked, budget=budget, num_blocks=num_blocks,
-                max_num_seqs=draw(st.integers(1, 8)), policy=draw(st.sampled_from(["fcfs", "deadline"])),
+                max_num_seqs=draw(st.integers(1, 8)),
+                policy=draw(st.sampled_from(["fcfs", "deadline", "fair", "fair-keep-up"])),
+                tenants=draw(st.lists(st.sampled_from(["a", "b", "c"]), min_size=1, max_size=20)),
                 admission=draw(st.sampled_from(["greedy", "predicted"])), lookahead=draw(st.booleans()),
                 max_model_len=max_model_len)
 
@@ -84,19 +88,22 @@ def cases(draw):
 @given(case=cases())
 def test_the_simulator_plans_every_step_as_the_engine_does(case):
     requests = generate(case["workload"], MODEL.vocab_size, max_model_len=case["max_model_len"])
+    for index, timed in enumerate(requests):  # tenants, for the fair policy to be fair between
+        timed.tenant = case["tenants"][index % len(case["tenants"])]
     slo = RequestSLO(ttft_seconds=0.5, tpot_seconds=0.1) if case["policy"] == "deadline" else None
+    policy, keep_up = case["policy"].removesuffix("-keep-up"), case["policy"].endswith("keep-up")
     replica = ReplicaConfig.for_hardware(
         "L4", num_kv_blocks=case["num_blocks"], max_num_seqs=case["max_num_seqs"],
         max_num_batched_tokens=case["budget"], max_model_len=case["max_model_len"], block_size=BLOCK_SIZE,
-        scheduling_policy=case["policy"], admission_policy=case["admission"],
+        scheduling_policy=policy, admission_policy=case["admission"], fair_keep_up=keep_up,
         enable_chunked_prefill=case["chunked"], decode_lookahead=case["lookahead"])
     simulator = ClusterSimulator(MODEL, [replica], record_plans=True, fixed_step_seconds=STEP_SECONDS,
                                  request_slo=slo)
     result = simulator.run(requests)
     # The simulator's engine sees the same limit: the model length, capped by what its KV cache holds.
     max_model_len = min(case["max_model_len"], case["num_blocks"] * BLOCK_SIZE)
-    config = SchedulerConfig(case["max_num_seqs"], case["budget"], max_model_len, policy=case["policy"],
-                             admission=case["admission"], enable_chunked_prefill=case["chunked"])
+    config = SchedulerConfig(case["max_num_seqs"], case["budget"], max_model_len, policy=policy,
+                             admission=case["admission"], enable_chunked_prefill=case["chunked"], fair_keep_up=keep_up)
     engine_plans = run_engine(requests, config, case["num_blocks"], case["lookahead"], slo)
     assert simulator.plans(0) == engine_plans
     assert len(result.finished) == len(requests)
