@@ -12,7 +12,7 @@ the last ``recent_seconds`` plus those pending, per second), at the cost a step 
 executed steps (their time beyond the step-time estimate for their decodes alone). Only when no step size could
 keep up (a flood), or before that cost is known, does the fixed cap hold, so a flood waits, not the light tenant.
 With the fixed cap, a heavy tenant that fcfs served at 12 ms TTFT waited 3 s (simulated H100, 20 req/s); keeping
-up, 73 ms (docs/benchmarks.md).
+up, 70 ms (docs/benchmarks.md). Demand is read over the time since the first arrival while the window fills.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ KEEP_UP_MARGIN = 1.25
 # Steps with at least this many prompt tokens teach the per-token cost; each new sample weighs this much.
 MIN_PROMPT_TOKENS_OBSERVED = 64
 PROMPT_COST_WEIGHT = 0.1
+MIN_DEMAND_SPAN = 0.25  # seconds: the shortest time a demand rate is taken over
 
 
 class VirtualTokenCounterFairness(FirstComeFirstServed):
@@ -52,6 +53,7 @@ class VirtualTokenCounterFairness(FirstComeFirstServed):
         # (arrival time, prompt tokens) of each tenant's requests within ``recent_seconds``: their demand.
         self.recent_prompts: dict[str | None, deque[tuple[float, int]]] = {}
         self.seconds_per_prompt_token: float | None = None  # measured (``observe_step``)
+        self.first_arrival: float | None = None  # keeping up: demand is a rate over the time seen, up to the window
         self.protected_prompt_tokens = protected_prompt_tokens
         self.recent_seconds = recent_seconds
         self.split_decodes = split_decodes
@@ -68,6 +70,8 @@ class VirtualTokenCounterFairness(FirstComeFirstServed):
         self.last_arrival[request.tenant] = max(self.last_arrival.get(request.tenant, request.arrival_time),
                                                 request.arrival_time)
         if self.keep_up:
+            if self.first_arrival is None:
+                self.first_arrival = request.arrival_time
             arrivals = self.recent_prompts.setdefault(request.tenant, deque())
             arrivals.append((request.arrival_time, request.num_prompt_tokens))
             while arrivals[0][0] < request.arrival_time - self.recent_seconds:
@@ -164,7 +168,12 @@ class VirtualTokenCounterFairness(FirstComeFirstServed):
             while arrivals and arrivals[0][0] < horizon:
                 arrivals.popleft()
             sent += sum(tokens for _, tokens in arrivals or ()) + pending[tenant]
-        demand = KEEP_UP_MARGIN * sent / self.recent_seconds
+        # Over the window, or over the time since the first arrival while the window is still filling (else the
+        # first seconds of a flood read as a fraction of it).
+        span = self.recent_seconds
+        if self.first_arrival is not None:
+            span = min(span, max(now - self.first_arrival, MIN_DEMAND_SPAN))
+        demand = KEEP_UP_MARGIN * sent / span
         room = 1.0 - demand * cost
         if room <= 0:
             return self.protected_prompt_tokens  # a flood: no step size keeps up, so it waits, not the light

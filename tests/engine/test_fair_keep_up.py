@@ -32,20 +32,20 @@ def test_the_cap_keeps_the_others_up_with_what_they_sent_and_falls_back_to_the_f
     for index in range(20):  # 40,000 prompt tokens over the last two seconds
         policy.on_added(_prompt(f"heavy-{index}", "heavy", 2000, index * 0.1), deque(), [])
     light, pending, step_time = frozenset({"light"}), {"heavy": 4000}, _estimate(2e-3, 1e-4)
-    assert policy._protecting_cap(light, pending, [], 1.95, step_time) == 32  # no measured cost yet
+    assert policy._protecting_cap(light, pending, [], 2.0, step_time) == 32  # no measured cost yet
     policy.seconds_per_prompt_token = 2e-6
     # Demand 1.25 x (40,000 + 4,000) / 2 s = 27,500 tokens/s; a step of c tokens takes 2 ms + 2 us x c, so
     # c >= 27,500 x 2 ms / (1 - 27,500 x 2 us) = 58.2.
-    assert policy._protecting_cap(light, pending, [], 1.95, step_time) == 59
+    assert policy._protecting_cap(light, pending, [], 2.0, step_time) == 59
     policy.seconds_per_prompt_token = 4e-5  # no step size serves 27,500 tokens/s: a flood
-    assert policy._protecting_cap(light, pending, [], 1.95, step_time) == 32
+    assert policy._protecting_cap(light, pending, [], 2.0, step_time) == 32
     policy.seconds_per_prompt_token = 2e-6
     # Arrivals older than the recent window are forgotten: only the pending tokens count.
     assert policy._protecting_cap(light, pending, [], 30.0, step_time) == 32
     assert all(not arrivals for arrivals in policy.recent_prompts.values())
     strict = VirtualTokenCounterFairness(protected_prompt_tokens=32)  # the default: the fixed cap, always
     strict.seconds_per_prompt_token = 2e-6
-    assert strict._protecting_cap(light, pending, [], 1.95, step_time) == 32
+    assert strict._protecting_cap(light, pending, [], 2.0, step_time) == 32
 
 
 def test_the_prompt_cost_is_measured_from_steps_with_many_prompt_tokens():
@@ -102,3 +102,17 @@ def test_keep_up_is_an_engine_option_down_to_the_policy():
     assert engine_config_from_args(args).fair_keep_up is True
     with pytest.raises(ValueError, match="fair_keep_up"):
         EngineConfig(fair_keep_up="yes")
+
+
+def test_demand_is_a_rate_over_the_time_seen_while_the_window_fills():
+    """Half a second into a run, 10,000 prompt tokens are 20,000 tokens a second, not 5,000 (the two-second window
+    is not full yet): read over the whole window, the start of a flood would look like a light load."""
+    policy = VirtualTokenCounterFairness(protected_prompt_tokens=32, keep_up=True)
+    for index in range(5):
+        policy.on_added(_prompt(f"heavy-{index}", "heavy", 2000, index * 0.1), deque(), [])
+    policy.seconds_per_prompt_token = 2e-5
+    light, step_time = frozenset({"light"}), _estimate(2e-3, 1e-4)
+    # At 0.5 s: 1.25 x 10,000 / 0.5 s = 25,000 tokens/s, kept up with by c >= 25,000 x 2 ms / (1 - 0.5) = 100.
+    assert policy._protecting_cap(light, {"heavy": 0}, [], 0.5, step_time) == 100
+    # The same tokens over the full window (at 2.0 s): 6,250 tokens/s, c >= 14.3: the fixed cap of 32 does.
+    assert policy._protecting_cap(light, {"heavy": 0}, [], 2.0, step_time) == 32
