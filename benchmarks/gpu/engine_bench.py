@@ -161,9 +161,9 @@ def main() -> None:
     raw["b"] = latency
     engine.core.executor.use_cuda_graphs = graphs
     workload_three = fixed_length_workload(256, 512, 128, vocab, seed=2)
-    # The default on CUDA last (lookahead on, prompt steps queued ahead too): the peers' ratios use it.
-    for lookahead, prompts, label in ((False, False, " no lookahead"), (True, False, " decode-only lookahead"),
-                                      (True, True, "")):
+    # The default on CUDA last (lookahead on, decode steps queued ahead only): the peers' ratios use it.
+    for lookahead, prompts, label in ((False, False, " no lookahead"), (True, True, " prompt steps queued too"),
+                                      (True, False, "")):
         engine.core.decode_lookahead = lookahead
         engine.core.scheduler.config.lookahead_prompts = prompts
         result = throughput(engine, workload_three)

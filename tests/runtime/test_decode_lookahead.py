@@ -28,8 +28,12 @@ def model_dir(tmp_path_factory):
 
 
 def _engine(model_dir, lookahead: bool) -> LLMEngine:
-    return LLMEngine.from_kwargs(model=str(model_dir), device="cpu", dtype="float32", kv_cache_memory_bytes=1 << 21,
-                                 max_model_len=128, block_size=4, decode_lookahead=lookahead)
+    """With prompt steps queued ahead too (``lookahead_prompts``, off by default since the H200 measured workload 3
+    slower with it): what these tests exercise."""
+    engine = LLMEngine.from_kwargs(model=str(model_dir), device="cpu", dtype="float32", kv_cache_memory_bytes=1 << 21,
+                                   max_model_len=128, block_size=4, decode_lookahead=lookahead)
+    engine.core.scheduler.config.lookahead_prompts = True
+    return engine
 
 
 def _params(**changes) -> SamplingParams:
@@ -213,6 +217,7 @@ def test_prompt_lookahead_gives_the_plain_loops_tokens_with_chunks_stops_and_a_f
                                        kv_cache_memory_bytes=cache_bytes, block_size=4, max_num_batched_tokens=64,
                                        decode_lookahead=lookahead)
         engine.core.scheduler.config.max_num_batched_tokens = 12  # prompts of 5-26 tokens run in chunks
+        engine.core.scheduler.config.lookahead_prompts = True
         return engine
 
     reference = _run(engine_for(False, 1 << 21), workload(), arrivals=late)

@@ -57,6 +57,7 @@ def test_lookahead_matches_the_plain_loop_on_random_workloads(model_dir, request
                                        max_num_batched_tokens=32, decode_lookahead=lookahead,
                                        scheduling_policy=policy)
         engine.core.scheduler.config.max_num_batched_tokens = budget
+        engine.core.scheduler.config.lookahead_prompts = True  # prompt steps queued ahead too (not the default)
         return engine
 
     def params(spec, stop_ids=()) -> SamplingParams:
