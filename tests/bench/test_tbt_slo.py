@@ -142,8 +142,10 @@ def test_a_tbt_slo_is_judged_against_a_live_server(live_server, tmp_path):  # no
     output = tmp_path / "bench.json"
     parser = argparse.ArgumentParser()
     add_serve_bench_arguments(parser)
+    # 32 tokens a request: with 5, a fresh-clone CI once saw all four streams arrive fully coalesced (no gap to
+    # judge at all), which the last assertions need.
     args = parser.parse_args(["--base-url", live_server.base_url, "--num-prompts", "4", "--input-len", "8",
-                              "--output-len", "5", "--no-warmup", "--tenant", "strict:tbt=0.001ms",
+                              "--output-len", "32", "--no-warmup", "--tenant", "strict:tbt=0.001ms",
                               "--tenant", "loose:tbt=30", "--output-json", str(output)])
     assert run_serve_bench(args) == 0
     run = json.loads(output.read_text())["runs"][0]
