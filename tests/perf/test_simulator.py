@@ -5,10 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
-from helpers.fixed_time_model import FixedTimeModel
+from helpers.fixed_time_model import run_fixed_time_engine
 
-from joule.engine.core import EngineCore
-from joule.engine.kv_blocks import KVBlockManager
 from joule.engine.request import Request, RequestSLO
 from joule.engine.scheduler import SchedulerConfig
 from joule.model.config import ModelConfig
@@ -32,30 +30,8 @@ def replica(num_kv_blocks=None, **settings) -> ReplicaConfig:
 
 
 def run_real_engine(requests, num_blocks, block_size, settings) -> tuple[list, dict]:
-    """EngineCore driven the way a server drives it: add what has arrived, step, repeat."""
-    executor = FixedTimeModel(STEP_SECONDS)
-    now = 0.0
-    # No lookahead: the simulator's replicas here run one step at a time too.
-    core = EngineCore(SchedulerConfig(**settings), KVBlockManager(num_blocks, block_size), executor, clock=lambda: now)
-    pending = sorted(requests, key=lambda r: r.arrival_time)
-    first_token: dict[str, float] = {}
-    index = 0
-    while index < len(pending) or core.has_unfinished_requests():
-        while index < len(pending) and pending[index].arrival_time <= now:
-            timed = pending[index]
-            index += 1
-            params = SamplingParams(max_tokens=timed.request.output_len, ignore_eos=True, temperature=0.0)
-            core.add_request(Request(timed.request_id, timed.request.prompt_token_ids, params,
-                                     timed.request.output_len, arrival_time=timed.arrival_time))
-        if not core.has_unfinished_requests():
-            now = pending[index].arrival_time
-            continue
-        progressed = core.step()
-        now += STEP_SECONDS
-        for request in progressed:
-            if request.num_output_tokens == 1 and request.request_id not in first_token:
-                first_token[request.request_id] = now
-    return executor.plans, first_token
+    """EngineCore driven the way a server drives it, one step at a time (no lookahead, as the replicas here)."""
+    return run_fixed_time_engine(SchedulerConfig(**settings), num_blocks, block_size, requests, STEP_SECONDS)
 
 
 @pytest.mark.parametrize("num_blocks,budget", [(400, 256), (24, 64)])  # roomy; tight: chunking and preemption

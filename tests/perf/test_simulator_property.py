@@ -10,54 +10,22 @@ waits for the next arrival.
 
 from __future__ import annotations
 
-from helpers.fixed_time_model import FixedTimeModel
+from helpers.fixed_time_model import run_fixed_time_engine
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from joule.bench.workload import SharedPrefix
-from joule.engine.core import EngineCore
-from joule.engine.kv_blocks import KVBlockManager
-from joule.engine.request import Request, RequestSLO
+from joule.engine.request import RequestSLO
 from joule.engine.scheduler import SchedulerConfig
 from joule.model.config import ModelConfig
 from joule.perf.arrivals import LengthDistribution, WorkloadSpec, generate
-from joule.perf.simulated_executor import PlannedSequence
 from joule.perf.simulator import ClusterSimulator, ReplicaConfig
-from joule.sampling_params import SamplingParams
 
 STEP_SECONDS = 0.05
 BLOCK_SIZE = 16
 MODEL = ModelConfig(architecture="LlamaForCausalLM", vocab_size=5000, hidden_size=256, intermediate_size=512,
                     num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
                     max_position_embeddings=4096)
-
-
-def run_engine(requests, scheduler_config: SchedulerConfig, num_blocks: int, lookahead: bool,
-               slo: RequestSLO | None) -> list[list[PlannedSequence]]:
-    model = FixedTimeModel(STEP_SECONDS)
-    now = 0.0
-    core = EngineCore(scheduler_config, KVBlockManager(num_blocks, BLOCK_SIZE), model, clock=lambda: now,
-                      decode_lookahead=lookahead)
-    pending = sorted(requests, key=lambda timed: timed.arrival_time)
-    index = 0
-    while index < len(pending) or core.has_unfinished_requests():
-        while index < len(pending) and pending[index].arrival_time <= now:
-            timed = pending[index]
-            index += 1
-            params = SamplingParams(max_tokens=timed.request.output_len, ignore_eos=True, temperature=0.0)
-            core.add_request(Request(timed.request_id, timed.request.prompt_token_ids, params,
-                                     timed.request.output_len, arrival_time=timed.arrival_time, slo=slo,
-                                     tenant=timed.tenant))
-        if not core.has_unfinished_requests():
-            now = pending[index].arrival_time
-            continue
-        core.step()
-        stats = core.last_step
-        if stats.num_sequences:
-            now += STEP_SECONDS
-        elif not stats.preempted_request_ids:
-            raise AssertionError("the engine stalled with requests it can never schedule")
-    return model.plans
 
 
 @st.composite
@@ -104,6 +72,7 @@ def test_the_simulator_plans_every_step_as_the_engine_does(case):
     max_model_len = min(case["max_model_len"], case["num_blocks"] * BLOCK_SIZE)
     config = SchedulerConfig(case["max_num_seqs"], case["budget"], max_model_len, policy=policy,
                              admission=case["admission"], enable_chunked_prefill=case["chunked"], fair_keep_up=keep_up)
-    engine_plans = run_engine(requests, config, case["num_blocks"], case["lookahead"], slo)
+    engine_plans, _ = run_fixed_time_engine(config, case["num_blocks"], BLOCK_SIZE, requests, STEP_SECONDS,
+                                            case["lookahead"], slo)
     assert simulator.plans(0) == engine_plans
     assert len(result.finished) == len(requests)
