@@ -15,7 +15,7 @@ Only this module (and ``validate``) touches torch and the runtime, lazily.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from joule.perf.hardware import get_hardware
 from joule.perf.measure import (  # noqa: F401  (re-exported: the calibration API in one place)
@@ -189,8 +189,7 @@ def _cheapest_output_costs(costs: list[OutputCosts | None]) -> OutputCosts | Non
     known = [cost for cost in costs if cost is not None]
     if not known:
         return None
-    return OutputCosts(*(min(getattr(cost, name) for cost in known) for name in
-                         ("streamed_sequence_s", "metered_sequence_s", "metered_step_s")))
+    return OutputCosts(*(min(getattr(cost, term.name) for cost in known) for term in fields(OutputCosts)))
 
 
 def chunk_graphs_of(engine) -> tuple[int, int]:

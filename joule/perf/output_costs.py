@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from joule.heap import heap_frozen_while_running
 
@@ -27,9 +27,9 @@ class OutputCosts:
     metered_step_s: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("streamed_sequence_s", "metered_sequence_s", "metered_step_s"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)!r}")
+        for term in fields(self):
+            if getattr(self, term.name) < 0:
+                raise ValueError(f"{term.name} must be non-negative, got {getattr(self, term.name)!r}")
 
 
 def measure_output_costs(engine, max_sequences: int = 256, steps: int = 24, repeats: int = 5,
