@@ -117,7 +117,9 @@ def add_perf_commands(subparsers) -> None:
                            help="comma-separated saved measurement files: merge (fastest of each) and fit, no measuring")
     calibrate.set_defaults(perf_handler=run_calibrate)
     validate.add_argument("--profile", required=True)
-    validate.add_argument("--offline", default="32,128,64", help="NUM_PROMPTS,INPUT_LEN,OUTPUT_LEN ('' to skip)")
+    validate.add_argument("--offline", default=None,
+                          help="NUM_PROMPTS,INPUT_LEN,OUTPUT_LEN ('' to skip; default 32,128,64, or with --recheck "
+                               "the saved run's own)")
     validate.add_argument("--serving", default="", help="WORKLOAD spec served in real time ('' to skip)")
     validate.add_argument("--skip-steps", action="store_true")
     validate.add_argument("--decode-lookahead", action=argparse.BooleanOptionalAction, default=None,
@@ -127,7 +129,8 @@ def add_perf_commands(subparsers) -> None:
                           help="check steps on a fresh random grid of compositions drawn from this seed "
                                "(default: the fixed grid of validate.py)")
     validate.add_argument("--recheck", default=None,
-                          help="a saved validation JSON (.gz ok): re-predict its measured steps with --profile, no engine")
+                          help="a saved validation JSON (.gz ok): re-predict its measured steps and re-simulate its "
+                               "offline and serving runs with --profile, no engine")
     validate.add_argument("--output-json", default=None)
     validate.set_defaults(perf_handler=run_validate)
 
@@ -296,10 +299,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
 
 def run_validate(args: argparse.Namespace) -> int:
-    from joule.bench.workload import fixed_length_workload
-    from joule.perf.arrivals import TimedRequest, WorkloadSpec, generate
     from joule.perf.measure import build_engine
     from joule.perf.profile import DeviceProfile
+    from joule.perf.resimulate import offline_requests, serving_requests
     from joule.perf.validate import compare_run, random_validation_grid, summarize_checks, validate_steps
 
     profile = DeviceProfile.load(args.profile)
@@ -319,18 +321,19 @@ def run_validate(args: argparse.Namespace) -> int:
         for name, row in report["steps"]["by_scenario"].items():
             print(f"  {name:<26} measured {row['median_measured_s'] * 1e3:8.1f} ms  predicted "
                   f"{row['median_predicted_s'] * 1e3:8.1f} ms  error {row['median_error']:+.1%}")
-    if args.offline:
-        num, input_len, output_len = (int(v) for v in _csv(args.offline))
-        prompts = fixed_length_workload(num, input_len, output_len, engine.model_config.vocab_size, seed=0)
-        requests = [TimedRequest(f"offline-{i}", 0.0, request) for i, request in enumerate(prompts)]
+    offline = "32,128,64" if args.offline is None else args.offline
+    if offline:
+        requests = offline_requests(offline, engine.model_config.vocab_size)
         # As LLM.generate asks: one output per request, at its end (the serving run below streams).
         report["offline"] = compare_run(engine, profile, requests, args.repeats,
                                         decode_lookahead=args.decode_lookahead, streamed=False)
-        _print_comparison(f"offline {num} x ({input_len} -> {output_len}), FINAL_ONLY outputs", report["offline"])
+        report["offline"]["workload"] = {"kind": "offline", "spec": offline}
+        _print_comparison(f"offline {len(requests)} requests ({offline}), FINAL_ONLY outputs", report["offline"])
     if args.serving:
-        requests = generate(WorkloadSpec.parse(args.serving), engine.model_config.vocab_size, engine.max_model_len)
+        requests = serving_requests(args.serving, engine.model_config.vocab_size, engine.max_model_len)
         report["serving"] = compare_run(engine, profile, requests, args.repeats,
                                         decode_lookahead=args.decode_lookahead)
+        report["serving"]["workload"] = {"kind": "serving", "spec": args.serving}
         _print_comparison(f"serving {args.serving}, DELTA outputs", report["serving"])
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(report, indent=2, default=str) + "\n")
@@ -338,26 +341,38 @@ def run_validate(args: argparse.Namespace) -> int:
 
 
 def _recheck(args: argparse.Namespace, profile) -> int:
-    """Saved measured steps against another profile's predictions (e.g. after a --refit)."""
+    """Saved measured steps against another profile's predictions (e.g. after a --refit), and the saved offline and
+    serving runs simulated again with it."""
     import gzip
 
     from joule.model.loader import resolve_model_path
+    from joule.perf.resimulate import resimulate
     from joule.perf.step_model import StepModel
     from joule.perf.validate import checks_from_report, recheck, summarize_checks
 
     opener = gzip.open if args.recheck.endswith(".gz") else open
     with opener(args.recheck, "rt", encoding="utf-8") as handle:
         report = json.load(handle)
-    model = StepModel(ModelConfig.from_file(resolve_model_path(args.model) / "config.json"), profile)
+    model_config = ModelConfig.from_file(resolve_model_path(args.model) / "config.json")
+    model = StepModel(model_config, profile)
+    rechecked: dict = {"profile": args.profile, "recheck_of": args.recheck}
     for name in ("steps", "offline", "serving"):
         section = report.get(name)
-        section = section if name == "steps" else (section or {}).get("run_steps")
-        checks = recheck(checks_from_report(section or {}), model)
+        steps = section if name == "steps" else (section or {}).get("run_steps")
+        checks = recheck(checks_from_report(steps or {}), model)
         if checks:
             summary = summarize_checks(checks, keep_steps=False)
             kinds = ", ".join(f"{kind} {row['median_abs_error']:.1%} ({row['steps']})"
                               for kind, row in summary["by_kind"].items())
             print(f"{name}: median |error| {summary['median_abs_error']:.1%} over {len(checks)} steps [{kinds}]")
+            rechecked[name] = {"steps": summary}
+        if name != "steps" and section:
+            comparison = resimulate(section, name, model_config, profile, getattr(args, name))
+            guessed = f" (inferred: {', '.join(comparison['inferred'])})" if comparison["inferred"] else ""
+            _print_comparison(f"{name} {comparison['workload']['spec']}, simulated again{guessed}", comparison)
+            rechecked[name] = rechecked.get(name, {}) | {"run": comparison}
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps(rechecked, indent=2, default=str) + "\n")
     return 0
 
 

@@ -18,11 +18,10 @@ import numpy as np
 from joule.engine.core import lookahead_on
 from joule.heap import heap_frozen_while_running
 from joule.perf.arrivals import TimedRequest
-from joule.perf.hardware import get_hardware
 from joule.perf.measure import Scenario, infer_step_events, measure_steps
 from joule.perf.metrics import percentiles
 from joule.perf.profile import DeviceProfile
-from joule.perf.simulator import ClusterSimulator, ReplicaConfig
+from joule.perf.resimulate import replica_settings, simulate_with
 from joule.perf.step_model import BatchShape, SequenceWork, StepModel
 
 VALIDATION_SCENARIOS = (
@@ -273,15 +272,7 @@ def _measure_run(engine, requests: list[TimedRequest], streamed: bool) -> dict:
 def simulate_like_engine(engine, profile: DeviceProfile, requests: list[TimedRequest], streamed: bool = True) -> dict:
     """The same requests in the simulator, with the engine's KV capacity, scheduler settings and metering, and the
     run's output kind."""
-    config = engine.core.scheduler.config
-    replica = ReplicaConfig(
-        hardware=get_hardware(profile.hardware), profile=profile, max_num_seqs=config.max_num_seqs,
-        max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=config.max_model_len,
-        block_size=engine.block_manager.block_size, num_kv_blocks=engine.block_manager.num_blocks,
-        enable_prefix_caching=engine.block_manager.enable_prefix_caching,
-        decode_lookahead=engine.core.decode_lookahead, metered=engine.core.step_observer is not None,
-    )
-    return ClusterSimulator(engine.model_config, [replica], streamed_outputs=streamed).run(requests).summary()
+    return simulate_with(engine.model_config, profile, replica_settings(engine, streamed), requests)
 
 
 def compare_run(engine, profile: DeviceProfile, requests: list[TimedRequest], repeats: int = 3,
@@ -363,6 +354,7 @@ def _compare_run(engine, profile: DeviceProfile, requests: list[TimedRequest], r
         for run in all_runs
     ]
     comparison["simulated_steps"] = simulated["num_steps"]
+    comparison["simulation"] = replica_settings(engine, streamed)  # what re-simulating it later needs (resimulate.py)
     model = StepModel(engine.model_config, profile)
     checks = [StepCheck.of("run", shape, seconds, model) for run in runs for shape, seconds in run["steps"]]
     if checks:

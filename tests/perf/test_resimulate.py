@@ -1,0 +1,83 @@
+"""A saved validation's runs simulated again from the report alone (``perf validate --recheck``)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from joule.perf.hardware import get_hardware
+from joule.perf.measure import build_engine
+from joule.perf.profile import DeviceProfile
+from joule.perf.resimulate import inferred_settings, offline_requests, resimulate, serving_requests
+from joule.perf.validate import compare_run
+from tests.perf.test_measure_validate import TINY_LLAMA
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny-llama-resimulate")
+    (directory / "config.json").write_text(json.dumps(TINY_LLAMA))
+    return build_engine(str(directory), "float32", "dummy", "cpu")
+
+
+def _saved(comparison: dict, kind: str, spec: str) -> dict:
+    """The section as a report file holds it (JSON round trip)."""
+    return json.loads(json.dumps(comparison | {"workload": {"kind": kind, "spec": spec}}, default=str))
+
+
+def test_a_saved_run_simulated_again_with_its_profile_gives_the_numbers_it_saved(engine):
+    profile = DeviceProfile.from_hardware(get_hardware("CPU-2core"), "float32")
+    spec = "fixed,input=12,output=5,rate=40,num=6,seed=3"
+    requests = serving_requests(spec, engine.model_config.vocab_size, engine.max_model_len)
+    saved = _saved(compare_run(engine, profile, requests, repeats=1, warmup=False, quiet_wait_s=0.0,
+                               decode_lookahead=True), "serving", spec)
+    assert saved["simulation"]["decode_lookahead"] is True and saved["simulation"]["streamed"] is True
+    again = resimulate(saved, "serving", engine.model_config, profile)
+    assert again["inferred"] == []
+    for key in ("output_throughput", "ttft_s_p50", "tpot_s_p50", "makespan_s"):
+        assert again[key]["measured"] == saved[key]["measured"]
+        assert again[key]["simulated"] == pytest.approx(saved[key]["simulated"], rel=1e-12)
+    # Another profile moves only the simulated side.
+    slower = DeviceProfile.from_hardware(get_hardware("CPU-2core"), "float32")
+    slower.step_overhead_s += 0.01
+    moved = resimulate(saved, "serving", engine.model_config, slower)
+    assert moved["tpot_s_p50"]["simulated"] > again["tpot_s_p50"]["simulated"]
+    assert moved["tpot_s_p50"]["measured"] == saved["tpot_s_p50"]["measured"]
+
+
+def test_an_offline_run_saved_without_settings_or_workload_gets_them_inferred_and_named(engine):
+    profile = DeviceProfile.from_hardware(get_hardware("CPU-2core"), "float32")
+    requests = offline_requests("5,20,4", engine.model_config.vocab_size)
+    saved = _saved(compare_run(engine, profile, requests, repeats=1, warmup=False, quiet_wait_s=0.0,
+                               streamed=False), "offline", "5,20,4")
+    settings, workload = saved.pop("simulation"), saved.pop("workload")
+    with pytest.raises(ValueError, match="--offline"):
+        resimulate(saved, "offline", engine.model_config, profile)
+    guessed = inferred_settings(saved, streamed=False)
+    assert guessed["max_num_batched_tokens"] == max(step["num_tokens"] for step in saved["run_steps"]["step_checks"])
+    assert guessed["decode_lookahead"] is settings["decode_lookahead"] is False
+    assert guessed["lookahead_prompts"] is False and guessed["streamed"] is False
+    again = resimulate(saved, "offline", engine.model_config, profile, workload["spec"])
+    assert again["inferred"] == ["settings", "workload"]
+    # Five 20-token prompts fit one step under the saved 2048-token budget and the guessed 100: same schedule.
+    assert again["ttft_s_p50"]["simulated"] == pytest.approx(saved["ttft_s_p50"]["simulated"], rel=1e-9)
+
+
+def test_inferred_settings_read_the_lookahead_from_queued_steps():
+    def step(tokens, rows, queued):
+        return {"num_tokens": tokens, "queued": queued, "sequences": rows}
+
+    decode_only = {"run_steps": {"step_checks": [step(300, [[300, 0, 1, 0]], False), step(2, [[1, 300, 1, 0]] * 2, True)]}}
+    expected = {"decode_lookahead": True, "lookahead_prompts": False, "max_num_batched_tokens": 300, "metered": False}
+    assert inferred_settings(decode_only, True).items() >= expected.items()
+    with_prompts = {"run_steps": {"step_checks": [step(40, [[1, 9, 1, 0], [39, 0, 1, 0]], True)]}, "energy_j": {}}
+    assert inferred_settings(with_prompts, True)["lookahead_prompts"] is True
+    assert inferred_settings(with_prompts, True)["metered"] is True
+    with pytest.raises(ValueError, match="settings"):
+        inferred_settings({}, True)
+
+
+def test_offline_spec_errors_name_the_option():
+    with pytest.raises(ValueError, match="--offline"):
+        offline_requests("5,20", 100)
