@@ -211,7 +211,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         else:
             requests = generate(workload.with_rate(rate), model.vocab_size, args.max_model_len)
         last = ClusterSimulator(model, replicas, args.router, request_slo=request_slo,
-                                streamed_outputs=not args.final_only).run(requests)
+                                streamed_outputs=not args.final_only).run(requests, progress=True)
         summary = last.summary(slo)
         summary["offered_rate"] = rate
         summary["wall_s"] = time.perf_counter() - started

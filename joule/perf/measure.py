@@ -343,9 +343,13 @@ def measure_steps(engine, scenarios, repeats: int = 3, reduce=None, max_extra_ru
     explicit = reduce is not None
     reduce = reduce or default_reduce(engine)
     max_extra_runs = repeats if max_extra_runs is None else max_extra_runs
+    from tqdm.auto import tqdm
+
     run_scenario(engine, Scenario("warm-up", (64, 16), 3))
     result: list[StepSample] = []
-    for scenario in scenarios:
+    # A bar on a terminal only (disable=None); tqdm draws between scenarios, never inside a timed step.
+    for scenario in tqdm(scenarios, desc="step scenarios", unit="scenario", disable=None, leave=False,
+                         dynamic_ncols=True):
         runs, clean_runs, seed = [], [], 0
         while len(clean_runs) < repeats and seed < repeats + (max_extra_runs if on_cpu else 0):
             wait_for_quiet()

@@ -207,7 +207,15 @@ class ClusterSimulator:
             tenant=timed.tenant,
         )
 
-    def run(self, requests: list[TimedRequest]) -> SimulationResult:
+    def run(self, requests: list[TimedRequest], progress: bool = False) -> SimulationResult:
+        """Every request served in simulated time; ``progress`` shows a bar of finished requests (stderr)."""
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(requests), desc="simulated requests", unit="req", disable=not progress,
+                  dynamic_ncols=True, leave=False) as bar:
+            return self._run(requests, bar)
+
+    def _run(self, requests: list[TimedRequest], bar) -> SimulationResult:
         ordered = sorted(requests, key=lambda timed: timed.arrival_time)
         records: dict[str, RequestRecord] = {}
         result = SimulationResult([], [replica.totals for replica in self.replicas])
@@ -217,7 +225,7 @@ class ClusterSimulator:
             arrival_time = ordered[next_arrival].arrival_time if next_arrival < len(ordered) else math.inf
             if steps and steps[0][0] < arrival_time:
                 time, index = heapq.heappop(steps)
-                self._step(self.replicas[index], time, records, result, steps)
+                bar.update(self._step(self.replicas[index], time, records, result, steps))
                 continue
             timed = ordered[next_arrival]
             next_arrival += 1
@@ -239,7 +247,8 @@ class ClusterSimulator:
                 heapq.heappush(steps, (max(timed.arrival_time, replica.free_at), replica.index))
         return result
 
-    def _step(self, replica: _Replica, time: float, records: dict, result: SimulationResult, steps: list) -> None:
+    def _step(self, replica: _Replica, time: float, records: dict, result: SimulationResult, steps: list) -> int:
+        """One step of one replica; returns how many requests it finished."""
         replica.now = time
         progressed = replica.core.step()
         stats = replica.core.last_step
@@ -248,15 +257,16 @@ class ClusterSimulator:
         if stats.num_sequences == 0:
             if stats.preempted_request_ids:  # it preempted itself: try again at once with the freed blocks
                 heapq.heappush(steps, (time, replica.index))
-                return
+                return 0
             scheduler = replica.core.scheduler
             if scheduler.waiting and not scheduler.running:
                 raise RuntimeError(
                     f"replica {replica.index} stalled: {len(scheduler.waiting)} waiting requests and none can be scheduled"
                 )
             replica.busy = False  # nothing runnable: sleep until the next arrival wakes it
-            return
+            return 0
         end = time + stats.elapsed_seconds
+        finished = 0
         totals.num_steps += 1
         totals.busy_seconds += stats.elapsed_seconds
         totals.busy_joules += stats.energy_joules or 0.0
@@ -273,6 +283,7 @@ class ClusterSimulator:
                 record.last_token_time = end
                 record.num_output_tokens = count
             if request.is_finished:
+                finished += 1
                 record.finish_time = end
                 replica.outstanding -= 1
                 replica.outstanding_tokens -= request.num_prompt_tokens + request.max_tokens
@@ -280,6 +291,7 @@ class ClusterSimulator:
             heapq.heappush(steps, (end, replica.index))
         else:
             replica.busy, replica.free_at = False, end
+        return finished
 
     def plans(self, replica_index: int = 0):
         """Recorded plans of one replica (with ``record_plans=True``)."""

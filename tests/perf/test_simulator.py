@@ -66,6 +66,21 @@ def test_simulation_is_deterministic_for_a_seed():
     assert third["ttft_s"] != first["ttft_s"]
 
 
+def test_the_progress_bar_counts_every_finished_request_and_changes_nothing():
+    class CountingBar:
+        count = 0
+
+        def update(self, finished):
+            self.count += finished
+
+    model = small_model()
+    spec = WorkloadSpec.parse("sharegpt,rate=30,num=40,seed=5")
+    bar = CountingBar()
+    shown = ClusterSimulator(model, [replica()] * 2)._run(generate(spec, model.vocab_size, 2048), bar).summary()
+    assert bar.count == 40
+    assert shown == ClusterSimulator(model, [replica()] * 2).run(generate(spec, model.vocab_size, 2048)).summary()
+
+
 def test_metrics_of_an_offline_run_with_fixed_steps():
     """Two requests admitted together, 1 s steps: TTFT 1 s, one token per step after that."""
     model = small_model()
