@@ -49,6 +49,13 @@ def run_validate(args: argparse.Namespace) -> int:
         _print_comparison(f"serving {args.serving}, DELTA outputs", report["serving"])
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    if args.plot:
+        from joule.perf.validate import checks_from_report
+
+        step_checks = {"steps": checks_from_report(report["steps"]) if "steps" in report else []}
+        for name in ("offline", "serving"):
+            step_checks[name] = checks_from_report(report.get(name, {}).get("run_steps") or {})
+        _plot(args, step_checks, {name: report.get(name) for name in ("offline", "serving")})
     return 0
 
 
@@ -68,10 +75,11 @@ def _recheck(args: argparse.Namespace, profile) -> int:
     model_config = ModelConfig.from_file(resolve_model_path(args.model) / "config.json")
     model = StepModel(model_config, profile)
     rechecked: dict = {"profile": args.profile, "recheck_of": args.recheck}
+    step_checks, runs = {}, {}
     for name in ("steps", "offline", "serving"):
         section = report.get(name)
         steps = section if name == "steps" else (section or {}).get("run_steps")
-        checks = recheck(checks_from_report(steps or {}), model)
+        checks = step_checks[name] = recheck(checks_from_report(steps or {}), model)
         if checks:
             summary = summarize_checks(checks, keep_steps=False)
             kinds = ", ".join(f"{kind} {row['median_abs_error']:.1%} ({row['steps']})"
@@ -83,9 +91,19 @@ def _recheck(args: argparse.Namespace, profile) -> int:
             guessed = f" (inferred: {', '.join(comparison['inferred'])})" if comparison["inferred"] else ""
             _print_comparison(f"{name} {comparison['workload']['spec']}, simulated again{guessed}", comparison)
             rechecked[name] = rechecked.get(name, {}) | {"run": comparison}
+            runs[name] = comparison
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(rechecked, indent=2, default=str) + "\n")
+    if args.plot:
+        _plot(args, step_checks, runs)
     return 0
+
+
+def _plot(args: argparse.Namespace, step_checks: dict, runs: dict) -> None:
+    from joule.perf.validation_plots import plot_validation
+
+    title = f"{Path(args.profile).name} against {Path(args.recheck).name if args.recheck else 'this machine'}"
+    print(f"plot: {plot_validation(step_checks, runs, args.plot, title)}")
 
 
 def _print_comparison(title: str, comparison: dict) -> None:

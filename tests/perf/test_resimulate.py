@@ -81,3 +81,14 @@ def test_inferred_settings_read_the_lookahead_from_queued_steps():
 def test_offline_spec_errors_name_the_option():
     with pytest.raises(ValueError, match="--offline"):
         offline_requests("5,20", 100)
+
+
+def test_the_validation_plot_draws_steps_and_run_errors(tmp_path):
+    from joule.perf.validate import StepCheck
+    from joule.perf.validation_plots import plot_validation
+
+    checks = [StepCheck("s", kind, 1, tokens, measured, measured * 1.05)
+              for kind, tokens, measured in (("prefill", 300, 0.02), ("decode", 4, 0.003), ("mixed", 90, 0.01))]
+    runs = {"offline": {"output_throughput": {"error": 0.04}, "ttft_s_p50": {"error": -0.2}}, "serving": None}
+    path = plot_validation({"steps": checks, "offline": checks[:1], "serving": []}, runs, tmp_path / "v.png", "t")
+    assert path.exists() and path.stat().st_size > 10_000
