@@ -44,7 +44,7 @@ def sample_stacks(py_spy: str, pid: int, delay_s: float, duration_s: float, out:
 
         time.sleep(delay_s)
         command = [py_spy, "record", "--pid", str(pid), "--subprocesses", "--nonblocking", "--rate", "200",
-                   "--format", "raw", "--duration", f"{duration_s:g}", "--output", str(out)]
+                   "--format", "raw", "--duration", str(max(1, round(duration_s))), "--output", str(out)]  # whole seconds only
         result = subprocess.run(command, capture_output=True, text=True)
         log(f"py-spy exited {result.returncode}: {(result.stderr or result.stdout)[-400:].strip()}")
 
@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         records = [json.loads(line) for line in request_log.read_text().splitlines() if line.strip()]
         results["solo"]["server_side_ms"] = server_side_breakdown(records, "light", until=flood_started)
         results["fair"]["server_side_ms"] = server_side_breakdown(records, "light", since=flood_started)
+        # The flood's own wait: what --fair-keep-up is for (the default policy can leave it queued for seconds).
+        results["fair"]["heavy_server_side_ms"] = server_side_breakdown(records, "heavy", since=flood_started)
         (out / "probe.json").write_text(json.dumps(results, indent=2))
     if request_log.exists():  # one file, compressed: a device call returns few files
         with request_log.open("rb") as source, gzip.open(out / "requests.jsonl.gz", "wb") as target:
@@ -162,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
                           if stage != "requests")
         if parts:
             print(f"{label:5} server side, light requests, p50/p99 ms: {parts}")
+    heavy = results["fair"].get("heavy_server_side_ms", {}).get("server ttft")
+    if heavy:
+        print(f"fair  heavy tenant server TTFT p50/p90/p99 ms: {heavy['p50']}/{heavy['p90']}/{heavy['p99']}")
     print(f"SUMMARY fair light p99 TTFT {results['fair']['light_p99_ttft_ms']:.1f} ms = {ratio:.2f}x solo "
           f"(heavy {results['fair']['heavy_output_tok_s'] or 0:.0f} output tok/s)")
     return 0
