@@ -20,7 +20,6 @@ weight tiles load while the previous kernel finishes.
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -167,18 +166,7 @@ WIDE_WEIGHT_ELEMENTS = 24 << 20
 MAX_PROGRAM_BYTES = 16 << 10
 
 
-def whole_row_prefetch() -> bool:
-    """``JOULE_GEMV_WHOLE_ROW=1``: a narrow projection's program (<= MAX_PROGRAM_BYTES of weights: q/k/v, o, down at
-    batch 1) loads its whole weight slice as one tile before its PDL wait, instead of two 512-column tiles.
-
-    Why: o follows attention and its merge, which leave the memory bus idle; with the whole slice in registers
-    before the wait, only the dot with the new input remains after it (docs/benchmarks.md (f): o adds 5.2 us to
-    a layer for 2.0 us of weight reads). Off until measured on a GPU (``benchmarks/gpu/bs1_ab.py``)."""
-    return os.environ.get("JOULE_GEMV_WHOLE_ROW", "0") not in ("", "0", "false", "off")
-
-
-def gemv_config(out_features: int, in_features: int, num_sms: int = 132,
-                whole_row: bool | None = None) -> GemvConfig:
+def gemv_config(out_features: int, in_features: int, num_sms: int = 132) -> GemvConfig:
     """Blocks for one ``[out, in]`` weight: >= 4 programs per SM where the layer is wide enough.
 
     benchmarks/gpu/gemv_sweep.py on the H200 (chained in a graph, PDL on): two prefetched tiles take qkv
@@ -194,11 +182,6 @@ def gemv_config(out_features: int, in_features: int, num_sms: int = 132,
     while block_n > 1 and (triton.cdiv(out_features, block_n) < 4 * num_sms
                            or block_n * in_features * 2 > MAX_PROGRAM_BYTES):
         block_n //= 2
-    whole_row = whole_row_prefetch() if whole_row is None else whole_row
-    padded = triton.next_power_of_2(in_features)
-    if whole_row and block_n * padded * 2 <= MAX_PROGRAM_BYTES:
-        # 8 warps: a [block_n, K] tile and its float32 products spread over twice the registers of 4.
-        return GemvConfig(block_n=block_n, block_k=padded, num_warps=8, num_stages=1, prefetch_tiles=1)
     return GemvConfig(block_n=block_n, block_k=block_k, num_warps=4, num_stages=3, prefetch_tiles=2)
 
 

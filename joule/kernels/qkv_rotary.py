@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from joule.kernels.common import gemv_l2_prefetch_lines, pdl_launch
-from joule.kernels.gemv import MAX_PROGRAM_BYTES, _row_sets_gemv, check_norm_inputs, whole_row_prefetch
+from joule.kernels.gemv import _row_sets_gemv, check_norm_inputs
 from joule.kernels.kv_write import check_cache_pair, saturate_for_cache
 
 
@@ -91,7 +91,7 @@ def qkv_rotary_gemv(
     eps: float = 1e-6,
     residual: torch.Tensor | None = None,
     pairs: int = 2,
-    block_k: int | None = None,  # None: 512, or the whole row with JOULE_GEMV_WHOLE_ROW (gemv.whole_row_prefetch)
+    block_k: int = 512,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rotated queries ``[1, Hq * D]`` (keys and values go to the cache) and, with ``residual``, the new
     residual ``hidden + residual`` (else None); ``norm_weight`` applies RMSNorm to the input first."""
@@ -112,10 +112,7 @@ def qkv_rotary_gemv(
     check_norm_inputs("qkv_rotary_gemv", hidden, norm_weight, residual)
     query = torch.empty((1, num_query_heads * head_dim), dtype=hidden.dtype, device=hidden.device)
     residual_output = torch.empty_like(hidden) if residual is not None else None
-    padded = triton.next_power_of_2(in_features)
-    whole_row = (block_k is None and whole_row_prefetch()
-                 and 2 * pairs * padded * hidden.element_size() <= MAX_PROGRAM_BYTES)
-    block_k = padded if whole_row else min(block_k or 512, padded)
+    block_k = min(block_k, triton.next_power_of_2(in_features))
     use_pdl = pdl_launch(hidden.device)
     grid = ((num_query_heads + 2 * num_kv_heads) * (half // pairs),)
     _qkv_rotary_kernel[grid](
@@ -129,6 +126,6 @@ def qkv_rotary_gemv(
         HAS_RESIDUAL=residual is not None, K_PAD=triton.next_power_of_2(in_features), HAS_BIAS=bias is not None,
         BLOCK_SIZE=key_cache.shape[1], SATURATE=key_cache.dtype == torch.float8_e4m3fn,
         L2_LINES=gemv_l2_prefetch_lines(use_pdl, in_features, weight.element_size()),
-        num_warps=8 if whole_row else 4, num_stages=1 if whole_row else 3, launch_pdl=use_pdl,
+        num_warps=4, num_stages=3, launch_pdl=use_pdl,
     )
     return query, residual_output

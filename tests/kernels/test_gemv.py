@@ -45,27 +45,6 @@ def test_gemv_prefetched_tiles_add_in_the_loop_order(in_features):
     assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
 
 
-@pytest.mark.parametrize("in_features", [100, 256])
-def test_whole_row_configs_load_each_programs_slice_as_one_tile(in_features, monkeypatch):
-    """JOULE_GEMV_WHOLE_ROW: narrow projections get one padded-row tile, prefetched before the wait; the same
-    results as the tiled config (to float rounding: the sum runs in another order)."""
-    assert gemv_config(2048, 2048, num_sms=132, whole_row=True) == GemvConfig(2, 2048, 8, 1, prefetch_tiles=1)
-    assert gemv_config(2048, 8192, num_sms=132, whole_row=True).block_k == 8192  # down: 1-row programs, 16 KB
-    assert gemv_config(128256, 2048, num_sms=132, whole_row=True).block_k == 256  # wide weights keep their tiles
-    monkeypatch.setenv("JOULE_GEMV_WHOLE_ROW", "1")
-    config = gemv_config(29, in_features, num_sms=4)
-    assert config.block_k == triton_next_power_of_2(in_features) and config.prefetch_tiles == 1
-    generator = torch.Generator().manual_seed(in_features)
-    weight = torch.randn(29, in_features, generator=generator).to(DEVICE, torch.bfloat16)
-    x = torch.randn(1, in_features, generator=generator).to(DEVICE, torch.bfloat16)
-    tiled = gemv(x, weight, config=GemvConfig(8, 32, 4, 1, prefetch_tiles=2))
-    torch.testing.assert_close(gemv(x, weight).float(), tiled.float(), atol=0.05, rtol=2e-2)
-
-
-def triton_next_power_of_2(value: int) -> int:
-    return 1 << (value - 1).bit_length()
-
-
 def test_gemv_rejects_more_than_one_row():
     with pytest.raises(ValueError, match="one contiguous row"):
         gemv(torch.ones(2, 8, device=DEVICE), torch.ones(4, 8, device=DEVICE))

@@ -20,12 +20,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.mark.parametrize("with_residual,with_bias", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("slot", [21, -1])  # -1: a padding row writes no cache slot
 @pytest.mark.parametrize("l2_prefetch", ["0", "1"])  # JOULE_GEMV_L2_PREFETCH: takes effect on a GPU under PDL only
-@pytest.mark.parametrize("whole_row", [False, True])  # JOULE_GEMV_WHOLE_ROW: one tile of the whole (padded) row
 def test_qkv_rotary_matches_norm_gemv_then_rotary_with_cache(cache_dtype, with_residual, with_bias, slot,
-                                                             l2_prefetch, whole_row, monkeypatch):
+                                                             l2_prefetch, monkeypatch):
     monkeypatch.setenv("JOULE_GEMV_L2_PREFETCH", l2_prefetch)
-    monkeypatch.setenv("JOULE_GEMV_WHOLE_ROW", "1" if whole_row else "0")
-    block_k = 128 if whole_row else 32  # the fused kernel's tile: the padded row, or the one asked for
     generator = torch.Generator().manual_seed(31 + with_residual + 2 * with_bias)
     num_heads, num_kv_heads, head_dim, hidden_size = 4, 2, 16, 96
     rows = (num_heads + 2 * num_kv_heads) * head_dim
@@ -40,7 +37,7 @@ def test_qkv_rotary_matches_norm_gemv_then_rotary_with_cache(cache_dtype, with_r
     caches = [KVCache.allocate(1, 3, 8, num_kv_heads, head_dim, cache_dtype, DEVICE) for _ in range(2)]
 
     # Unfused: norm + GEMV (same 32-column tiles), then rotary writing the cache.
-    result = gemv(hidden, weight, bias, config=GemvConfig(4, block_k, 4, 1, prefetch_tiles=1), norm_weight=norm_weight,
+    result = gemv(hidden, weight, bias, config=GemvConfig(4, 32, 4, 1, prefetch_tiles=1), norm_weight=norm_weight,
                   eps=1e-5, residual=residual)
     qkv, expected_residual = result if with_residual else (result, None)
     query, key, value = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=1)
@@ -49,7 +46,7 @@ def test_qkv_rotary_matches_norm_gemv_then_rotary_with_cache(cache_dtype, with_r
 
     fused_query, fused_residual = qkv_rotary_gemv(
         hidden, weight, bias, cos, sin, caches[1].key_caches[0], caches[1].value_caches[0], slots, num_heads,
-        norm_weight=norm_weight, eps=1e-5, residual=residual, pairs=4, block_k=None if whole_row else 32)
+        norm_weight=norm_weight, eps=1e-5, residual=residual, pairs=4, block_k=32)
     assert torch.equal(fused_query.view(1, num_heads, head_dim), query)
     if with_residual:
         assert torch.equal(fused_residual, expected_residual)
