@@ -34,8 +34,9 @@ _HELP = {
     "fair_split_decodes": "fair policy: meanwhile, run a flooding tenant's decodes half per step (shorter steps for "
     "the protected tenant to wait behind, at the flooding tenant's time per output token)",
     "fair_keep_up": "fair policy: cut the other tenants' prompt chunks no shorter than they need to keep up with "
-    "what they send (their throughput as under fcfs unless they flood; the protected tenant waits a little "
-    "longer). Default: the fixed cap, which protects it more at loads the others could be served at",
+    "what they send (default: their throughput as under fcfs unless they flood, as a work-conserving VTC serves "
+    "them; the protected tenant waits a little longer). --no-fair-keep-up: always the fixed cap, which protects "
+    "it more but leaves the others waiting seconds at loads they could be served at",
     "enable_chunked_prefill": "stall-free chunked prefill (default); --no-enable-chunked-prefill is the prefill-first "
     "baseline: whole prompts whenever one can be admitted, decodes wait (max_num_batched_tokens defaults to "
     "max_model_len or more)",

@@ -27,7 +27,7 @@ class EngineConfig:
     admission_policy: str = "greedy"
     fair_prompt_cap: int = DEFAULT_FAIR_PROMPT_CAP
     fair_split_decodes: bool = False
-    fair_keep_up: bool = False
+    fair_keep_up: bool = True
     enable_chunked_prefill: bool = True
     enforce_eager: bool = False
     decode_lookahead: bool | None = None  # None: on where it pays (a GPU), off on the CPU (engine.core.lookahead_on)

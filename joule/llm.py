@@ -46,7 +46,7 @@ class LLM:
         enable_chunked_prefill: bool = True,
         fair_prompt_cap: int = DEFAULT_FAIR_PROMPT_CAP,
         fair_split_decodes: bool = False,
-        fair_keep_up: bool = False,
+        fair_keep_up: bool = True,
         decode_lookahead: bool | None = None,
         **kwargs,
     ):

@@ -1,7 +1,7 @@
 """Fairness in simulation: the engine's own scheduler on simulated time, no GPU needed.
 
 Usage: PYTHONPATH=. python benchmarks/sim/fairness.py [HEAVY_REQ_PER_S] [BUDGETS] [PROFILE_JSON] [FAIR_PROMPT_CAP]
-       [keep-up]   (the fair policy with --fair-keep-up; PROFILE_JSON "" for the shipped H100 profile)
+       [keep-up]   (the fair policy keeping up, the engine's default; without it the fixed cap, --no-fair-keep-up)
 A light tenant (4 req/s, 256 -> 32 tokens) beside a heavy one (prompts uniform 1024-3072, outputs 64-192)
 for 20 s of Poisson arrivals, Llama-3.2-1B shape on the shipped (or given) H100 profile; prints the light tenant's
 TTFT alone and under the flood for fcfs and fair, at each token budget (default 2048,8192), and the heavy

@@ -5,14 +5,14 @@ so one heavy tenant cannot starve the others. Latency too: a less-served tenant'
 own (the fast lane), and while a tenant with nothing waiting is about, the others' prompt chunks are cut short so
 no step runs long when that tenant's next request arrives (``StepShape.prompt_token_cap``).
 
-By default the cut is the fixed cap, whatever the others' load: the issue's fairness target (the light tenant's
-p99 TTFT within 2x solo) was measured that way, at a load fcfs serves. With ``keep_up`` (``--fair-keep-up``) it is
-work-conserving: never shorter than what the others' prompt work needs to keep up (the prompt tokens they sent over
+By default (``keep_up``, ``--fair-keep-up``) the cut is work-conserving, as VTC is: never shorter than what the others' prompt work needs to keep up (the prompt tokens they sent over
 the last ``recent_seconds`` plus those pending, per second), at the cost a step pays per prompt token, measured from
 executed steps (their time beyond the step-time estimate for their decodes alone). Only when no step size could
 keep up (a flood), or before that cost is known, does the fixed cap hold, so a flood waits, not the light tenant.
-With the fixed cap, a heavy tenant that fcfs served at 12 ms TTFT waited 3 s (simulated H100, 20 req/s); keeping
-up, 70 ms (docs/benchmarks.md). Demand is read over the time since the first arrival while the window fills.
+With the fixed cap alone (``--no-fair-keep-up``, the default until 2026-12-05), a heavy tenant that fcfs serves at
+tens of milliseconds waited 2.2 / 11.5 s on an H200 at 20 / 40 req/s; keeping up, 0.14 / 0.12 s, while the light
+tenant's p99 TTFT went from 1.30x / 1.76x solo to 1.50x / 2.41x (measured, docs/benchmarks.md). Demand is read over
+the time since the first arrival while the window fills.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class VirtualTokenCounterFairness(FirstComeFirstServed):
     name = "fair"
 
     def __init__(self, protected_prompt_tokens: int = DEFAULT_FAIR_PROMPT_CAP, recent_seconds: float = 2.0,
-                 split_decodes: bool = False, keep_up: bool = False) -> None:
+                 split_decodes: bool = False, keep_up: bool = True) -> None:
         """``protected_prompt_tokens``: the prompt tokens a step may carry while a tenant with nothing waiting
         is about (it arrived within ``recent_seconds`` or has requests in) and another has prompts to compute;
         ``split_decodes``: meanwhile, that other tenant's decodes may run half per step (``StepShape``). Off by

@@ -163,7 +163,7 @@ POLICIES = ("fcfs", "priority", "fair", "deadline")
 
 
 def make_policy(name: str, fair_prompt_cap: int = DEFAULT_FAIR_PROMPT_CAP, fair_split_decodes: bool = False,
-                fair_keep_up: bool = False) -> SchedulingPolicy:
+                fair_keep_up: bool = True) -> SchedulingPolicy:
     if name not in POLICIES:
         raise ValueError(f"scheduling policy must be one of {', '.join(POLICIES)}, got {name!r}.")
     if name == "fair":

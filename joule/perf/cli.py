@@ -75,9 +75,9 @@ def add_perf_commands(subparsers) -> None:
                           help="a tenant (repeatable), as `joule bench serve --tenant`: rate=, share=, num=, input=, "
                                "output=, ttft=, tpot=, tbt=; requests are billed to it (the fair policy) and judged by "
                                "its SLOs, and the summary has a line per tenant")
-    simulate.add_argument("--fair-keep-up", action="store_true",
+    simulate.add_argument("--fair-keep-up", action=argparse.BooleanOptionalAction, default=True,
                           help="the fair policy cuts the other tenants' prompt chunks no shorter than they need to "
-                               "keep up (as the engine's --fair-keep-up)")
+                               "keep up (default, as the engine's --fair-keep-up); --no-fair-keep-up: the fixed cap")
     simulate.add_argument("--final-only", action="store_true",
                           help="clients take one output per request at its end, as LLM.generate (default: they "
                                "stream, as a server's clients do: host work for an output every step)")
@@ -161,7 +161,7 @@ def _replica_list(args, model: ModelConfig):
             admission_policy=getattr(args, "admission_policy", "greedy"),
             enable_chunked_prefill=getattr(args, "enable_chunked_prefill", True),
             decode_lookahead=getattr(args, "decode_lookahead", None), metered=not getattr(args, "unmetered", False),
-            fair_keep_up=getattr(args, "fair_keep_up", False),
+            fair_keep_up=getattr(args, "fair_keep_up", True),
         )
         if replica.hardware.name in prices:
             replica.hardware = with_price(replica.hardware, prices[replica.hardware.name])

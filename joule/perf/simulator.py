@@ -56,7 +56,7 @@ class ReplicaConfig:
     enable_chunked_prefill: bool = True  # False: the prefill-first baseline
     fair_prompt_cap: int = DEFAULT_FAIR_PROMPT_CAP  # the fair policy's prompt tokens per step while it protects a tenant
     fair_split_decodes: bool = False  # ... and runs the flooding tenants' decodes half per step
-    fair_keep_up: bool = False  # ... or cuts their chunks no shorter than they need to keep up
+    fair_keep_up: bool = True  # ... but never shorter than they need to keep up (the engine's default)
     # The engine's --decode-lookahead (continuation steps' host work overlaps); None: the engine's default,
     # on for a GPU, off for a CPU.
     decode_lookahead: bool | None = None

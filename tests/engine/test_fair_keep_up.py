@@ -43,7 +43,7 @@ def test_the_cap_keeps_the_others_up_with_what_they_sent_and_falls_back_to_the_f
     # Arrivals older than the recent window are forgotten: only the pending tokens count.
     assert policy._protecting_cap(light, pending, [], 30.0, step_time) == 32
     assert all(not arrivals for arrivals in policy.recent_prompts.values())
-    strict = VirtualTokenCounterFairness(protected_prompt_tokens=32)  # the default: the fixed cap, always
+    strict = VirtualTokenCounterFairness(protected_prompt_tokens=32, keep_up=False)  # the fixed cap, always
     strict.seconds_per_prompt_token = 2e-6
     assert strict._protecting_cap(light, pending, [], 2.0, step_time) == 32
 
@@ -86,7 +86,7 @@ def test_keeping_up_the_lane_also_finishes_a_short_prompt_in_progress():
     """Otherwise the rest of the light prompt waits behind the heavy tenant's chunks (with a wide cap, for as
     long as those take)."""
     assert _light_prompt_split_by_the_cap(keep_up=True) == [{"light": 32}, {"light": 8}]
-    # The default, unchanged: a lane as wide as the cap does not fit the capped step; the heavy chunk goes first.
+    # The fixed cap alone: a lane as wide as the cap does not fit the capped step; the heavy chunk goes first.
     assert _light_prompt_split_by_the_cap(keep_up=False)[0] == {"heavy": 32}
 
 
@@ -97,9 +97,13 @@ def test_keep_up_is_an_engine_option_down_to_the_policy():
 
     engine = EngineCore(SchedulerConfig(policy="fair", fair_keep_up=True), KVBlockManager(64, 4), TokenExecutor())
     assert engine.scheduler.policy.keep_up
-    assert not EngineCore(SchedulerConfig(policy="fair"), KVBlockManager(64, 4), TokenExecutor()).scheduler.policy.keep_up
-    args = _build_parser().parse_args(["serve", "--scheduling-policy", "fair", "--fair-keep-up"])
-    assert engine_config_from_args(args).fair_keep_up is True
+    assert EngineCore(SchedulerConfig(policy="fair"), KVBlockManager(64, 4), TokenExecutor()).scheduler.policy.keep_up
+    fixed = EngineCore(SchedulerConfig(policy="fair", fair_keep_up=False), KVBlockManager(64, 4), TokenExecutor())
+    assert not fixed.scheduler.policy.keep_up
+    args = _build_parser().parse_args(["serve", "--scheduling-policy", "fair"])
+    assert engine_config_from_args(args).fair_keep_up is True  # the default since 2026-12-05
+    args = _build_parser().parse_args(["serve", "--scheduling-policy", "fair", "--no-fair-keep-up"])
+    assert engine_config_from_args(args).fair_keep_up is False
     with pytest.raises(ValueError, match="fair_keep_up"):
         EngineConfig(fair_keep_up="yes")
 

@@ -209,7 +209,7 @@ def test_fair_fast_lane_falls_back_to_a_normal_step_when_its_prompt_cannot_start
 
 
 def test_fair_fast_lane_stays_shut_when_nobody_is_behind():
-    policy = make_policy("fair")
+    policy = make_policy("fair", fair_keep_up=False)  # keeping up, lanes also finish short prompts (test_fair_keep_up)
     waiting_same_tenant = [_request("a", tenant="t")]
     assert policy.step_shape(waiting_same_tenant, [], now=0.0) is None  # one tenant: nobody to favour
     assert policy.step_shape([], [_request("b", tenant="u")], now=0.0) is None

@@ -340,8 +340,8 @@ def test_tenants_from_the_serving_benchmarks_planner_are_billed_and_judged_by_th
 
 def test_the_fair_policy_keeping_up_serves_a_heavy_tenant_below_capacity_as_fcfs_does():
     """Simulated H100, Llama-3.2-1B shape: a light tenant (4 req/s) beside a heavy one at 40 req/s, which fcfs
-    serves easily. The default fair policy protects the light tenant by starving the heavy one; with
-    ``fair_keep_up`` the heavy tenant keeps fcfs's throughput and the light one still beats fcfs."""
+    serves easily. The fixed cap alone (``fair_keep_up=False``) protects the light tenant by starving the heavy one;
+    keeping up (the default) the heavy tenant keeps fcfs's throughput and the light one still beats fcfs."""
     from joule.bench.serve_workload import TenantSpec
     from joule.perf.arrivals import tenant_requests
     from joule.perf.cli import load_model_config
@@ -352,8 +352,9 @@ def test_the_fair_policy_keeping_up_serves_a_heavy_tenant_below_capacity_as_fcfs
                TenantSpec.parse("heavy:rate=40,num=160,input=uniform:1024:3072,output=uniform:64:192")]
     requests = tenant_requests(spec, tenants, model.vocab_size, max_model_len=4096)
     summaries = {}
-    for name, settings in (("fcfs", dict(scheduling_policy="fcfs")), ("fair", dict(scheduling_policy="fair")),
-                           ("keep-up", dict(scheduling_policy="fair", fair_keep_up=True))):
+    for name, settings in (("fcfs", dict(scheduling_policy="fcfs")),
+                           ("fair", dict(scheduling_policy="fair", fair_keep_up=False)),
+                           ("keep-up", dict(scheduling_policy="fair"))):
         replica = ReplicaConfig.for_hardware("H100", max_num_batched_tokens=8192, **settings)
         summaries[name] = ClusterSimulator(model, [replica]).run(requests).summary()["tenants"]
     heavy = {name: summary["heavy"] for name, summary in summaries.items()}
