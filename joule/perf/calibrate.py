@@ -210,9 +210,12 @@ def refit(measurement_paths: list[str], model: str | None = None) -> tuple[Devic
     from joule.model.config import ModelConfig
     from joule.model.loader import resolve_model_path
 
+    import gzip
+
     runs = []
     for path in measurement_paths:
-        with open(path, encoding="utf-8") as handle:
+        opener = gzip.open if str(path).endswith(".gz") else open  # saved measurements travel compressed
+        with opener(path, "rt", encoding="utf-8") as handle:
             runs.append(Measurements.from_dict(json.load(handle)))
     merged = merge_measurements(runs)
     model_path = resolve_model_path(model)

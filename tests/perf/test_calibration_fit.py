@@ -16,6 +16,7 @@ from joule.perf.calibrate import (
     fit_profile,
     gemm_curves,
 )
+from joule.perf import step_fit
 from joule.perf.fitting import (
     fit_gemm_curve,
     fit_relative_l1,
@@ -335,3 +336,35 @@ def test_energy_fit_recovers_idle_power_and_per_flop_and_per_byte_energies_from_
     assert len(merge_measurements([with_windows, with_windows]).energy_windows) == 8
     with pytest.raises(ValueError, match="seconds must be positive"):
         EnergyWindow("bad", 0.0, 1.0, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("truth_overlaps", [False, True])
+def test_a_fit_with_queued_steps_keeps_the_eager_form_it_was_fitted_in(truth_overlaps):
+    """The queued steps' refit solves the summed form's features, so its profiles are the summed form (they once
+    took the GPU default, the max form, and predicted eager prompt steps with a structure they were not fitted
+    in). Where the max form wins the steps run alone, the summed form refitted with the queued steps competes on
+    every step, and the fit keeps whichever predicts all of them better."""
+    config = model_config()
+    measured = synthetic_measurements(config, StepModel(config, _true_profile(config)))
+    measured = dataclasses.replace(measured, hardware="H200", dtype="bfloat16", attention_backend="triton",
+                                   chunk_graph_max_tokens=512)
+    truth = base_profile(config, measured)
+    truth.host_overlaps_device = truth_overlaps
+    truth.step_overhead_s, truth.sequence_overhead_s, truth.chunk_layer_overhead_s = 2e-3, 4e-5, 1e-3
+    model = StepModel(config, truth)
+    plain = [dataclasses.replace(step, seconds=model.predict(step.shape).elapsed_seconds) for step in measured.steps]
+    plain = [dataclasses.replace(step, executor_seconds=step.seconds - 5e-4) for step in plain]
+    queued = [StepSample("queued", shape, cost.elapsed_seconds, cost.elapsed_seconds)
+              for shape in (dataclasses.replace(BatchShape.decode(b, c), queued=True)
+                            for b in (1, 8, 64, 200) for c in (50, 800))
+              for cost in (model.predict(shape),)]
+    steps = plain + queued
+    fitted = fit_profile(config, dataclasses.replace(measured, steps=steps))
+    fitted_model = StepModel(config, fitted)
+    errors = [abs(fitted_model.predict(s.shape).elapsed_seconds / s.seconds - 1) for s in steps]
+    assert np.median(errors) < 0.05
+    if not truth_overlaps:
+        assert not fitted.host_overlaps_device
+    summed = step_fit._fit_with_queued(config, measured, plain, queued,
+                                       step_fit._fit_plain(config, measured, plain, 4, allow_max_form=False), 4)
+    assert not summed.host_overlaps_device
