@@ -180,9 +180,11 @@ def _fit_plain(model_config, measured: Measurements, samples: list[StepSample], 
     For the max form, each such step is assigned the regime the previous fit predicts for it, only
     that regime's features are kept, and the fit is repeated until the assignment settles.
 
-    The sum won on every GPU calibration so far (H100, H200: eager steps run ~3-6 ms over their
+    The sum won on the GPU calibrations up to 2026-12-04 (H100, H200: eager steps run ~3-6 ms over their
     device time, growing with the step's sequences), which the max form, fitted from a handful of
-    eager steps, turned into a flat ~30 ms of "launches" that over-predicted every smaller eager step."""
+    eager steps, turned into a flat ~30 ms of "launches" that over-predicted every smaller eager step. On
+    2026-12-05 the max form won the H200's plain steps narrowly; ``_fit_once`` then lets the summed form,
+    refitted with the queued steps, compete on all of them (it won: a fresh grid at 7.7 % against 13.1 %)."""
     profile = base_profile(model_config, measured)
     if not samples:
         return profile
