@@ -5,9 +5,10 @@ so one heavy tenant cannot starve the others. Latency too: a less-served tenant'
 own (the fast lane), and while a tenant with nothing waiting is about, the others' prompt chunks are cut short so
 no step runs long when that tenant's next request arrives (``StepShape.prompt_token_cap``).
 
-By default (``keep_up``, ``--fair-keep-up``) the cut is work-conserving, as VTC is: never shorter than what the others' prompt work needs to keep up (the prompt tokens they sent over
-the last ``recent_seconds`` plus those pending, per second), at the cost a step pays per prompt token, measured from
-executed steps (their time beyond the step-time estimate for their decodes alone). Only when no step size could
+By default (``keep_up``, ``--fair-keep-up``) the cut is work-conserving, as VTC is: never shorter than what the
+others' prompt work needs to keep up (the prompt tokens they sent over the last ``recent_seconds`` plus those
+pending, per second), at the cost a step pays per prompt token, measured from executed steps (their time beyond the
+step-time estimate for their decodes alone). Only when no step size could
 keep up (a flood), or before that cost is known, does the fixed cap hold, so a flood waits, not the light tenant.
 With the fixed cap alone (``--no-fair-keep-up``, the default until 2026-12-05), a heavy tenant that fcfs serves at
 tens of milliseconds waited 2.2 / 11.5 s on an H200 at 20 / 40 req/s; keeping up, 0.14 / 0.12 s, while the light

@@ -46,7 +46,7 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     fair_prompt_cap: int = DEFAULT_FAIR_PROMPT_CAP  # the fair policy's prompt tokens per step while it protects a tenant
     fair_split_decodes: bool = False  # the fair policy runs flooding tenants' decodes half per step meanwhile
-    fair_keep_up: bool = True  # the fair policy's cap never below what the other tenants need to keep up (VTC is work-conserving)
+    fair_keep_up: bool = True  # the fair cap never below what the others need to keep up (VTC is work-conserving)
     # The engine's lookahead (EngineCore) queues steps with prompt chunks and admissions too, not only decodes. Off:
     # on the H200 (2026-12-05) workload 3 ran at 27,586 output tok/s with it against 29,212 with decodes only.
     lookahead_prompts: bool = False

@@ -63,9 +63,10 @@ def requests_for(workload: dict, vocab_size: int, max_model_len: int) -> list[Ti
 
 
 def inferred_settings(section: dict, streamed: bool) -> dict:
-    """Settings of a run saved without them: the step budget is the largest measured step's tokens, the lookahead
-    was on when any step was queued, and queued prompt chunks too when a queued step has one, metering when the run has a measured energy; KV blocks ample (the sections
-    validation writes run far below a GPU's capacity); other limits the engine's defaults."""
+    """Settings of a run saved without them: the step budget is the largest measured step's tokens; the lookahead
+    was on when any step was queued, and queued prompt chunks too when a queued step has one; metering when the run
+    has a measured energy; KV blocks ample (the runs validation makes stay far below a GPU's capacity); other limits
+    the engine's defaults."""
     steps = (section.get("run_steps") or {}).get("step_checks", [])
     if not steps:
         raise ValueError("the saved run has neither its settings nor its steps to infer them from")
