@@ -131,7 +131,7 @@ def add_perf_commands(subparsers) -> None:
     validate.add_argument("--recheck", default=None,
                           help="a saved validation JSON (.gz ok): re-predict its measured steps and re-simulate its "
                                "offline and serving runs with --profile, no engine")
-    validate.add_argument("--output-json", default=None)
+    validate.add_argument("--output-json", default=None, help="the report (JSON; gzip-compressed if it ends in .gz)")
     validate.add_argument("--plot", default=None, help="PNG: steps predicted vs measured, run errors vs targets")
     validate.set_defaults(perf_handler=run_validate)
 

@@ -48,7 +48,7 @@ def run_validate(args: argparse.Namespace) -> int:
         report["serving"]["workload"] = {"kind": "serving", "spec": args.serving}
         _print_comparison(f"serving {args.serving}, DELTA outputs", report["serving"])
     if args.output_json:
-        Path(args.output_json).write_text(json.dumps(report, indent=2, default=str) + "\n")
+        write_report(args.output_json, report)
     if args.plot:
         from joule.perf.validate import checks_from_report
 
@@ -93,10 +93,23 @@ def _recheck(args: argparse.Namespace, profile) -> int:
             rechecked[name] = rechecked.get(name, {}) | {"run": comparison}
             runs[name] = comparison
     if args.output_json:
-        Path(args.output_json).write_text(json.dumps(rechecked, indent=2, default=str) + "\n")
+        write_report(args.output_json, rechecked)
     if args.plot:
         _plot(args, step_checks, runs)
     return 0
+
+
+def write_report(path: str, report: dict) -> None:
+    """JSON, gzip-compressed when ``path`` ends in .gz: a GPU validation keeps every serving step (tens of MB), more
+    than a device call brings back uncompressed; ``--recheck`` reads either."""
+    import gzip
+
+    text = json.dumps(report, indent=2, default=str) + "\n"
+    if path.endswith(".gz"):
+        with gzip.open(path, "wt", encoding="utf-8") as handle:
+            handle.write(text)
+    else:
+        Path(path).write_text(text)
 
 
 def _plot(args: argparse.Namespace, step_checks: dict, runs: dict) -> None:

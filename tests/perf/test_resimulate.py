@@ -92,3 +92,33 @@ def test_the_validation_plot_draws_steps_and_run_errors(tmp_path):
     runs = {"offline": {"output_throughput": {"error": 0.04}, "ttft_s_p50": {"error": -0.2}}, "serving": None}
     path = plot_validation({"steps": checks, "offline": checks[:1], "serving": []}, runs, tmp_path / "v.png", "t")
     assert path.exists() and path.stat().st_size > 10_000
+
+
+def test_recheck_from_the_command_line_reads_and_writes_compressed_reports(engine, tmp_path):
+    """`joule perf validate --recheck` on a saved .json.gz: steps re-predicted, runs simulated again, the report
+    written compressed (a GPU validation's JSON is too large to bring back otherwise) and the plot drawn."""
+    import gzip
+
+    from joule.perf.cli import main
+    from joule.perf.validate_command import write_report
+
+    profile = DeviceProfile.from_hardware(get_hardware("CPU-2core"), "float32")
+    profile_path = tmp_path / "profile.json"
+    profile.save(profile_path)
+    spec = "5,20,4"
+    saved = compare_run(engine, profile, offline_requests(spec, engine.model_config.vocab_size), repeats=1,
+                        warmup=False, quiet_wait_s=0.0, streamed=False)
+    report_path = str(tmp_path / "validation.json.gz")
+    write_report(report_path, {"offline": saved | {"workload": {"kind": "offline", "spec": spec}}})
+    out = tmp_path / "recheck.json.gz"
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps(TINY_LLAMA))
+    assert main(["perf", "validate", "--profile", str(profile_path), "--model", str(model_dir), "--recheck",
+                 report_path, "--output-json", str(out), "--plot", str(tmp_path / "v.png")]) == 0
+    with gzip.open(out, "rt", encoding="utf-8") as handle:
+        rechecked = json.load(handle)
+    run = rechecked["offline"]["run"]
+    assert run["inferred"] == [] and run["ttft_s_p50"]["simulated"] == pytest.approx(saved["ttft_s_p50"]["simulated"])
+    assert rechecked["offline"]["steps"]["steps"] == len(saved["run_steps"]["step_checks"])
+    assert (tmp_path / "v.png").exists()
