@@ -208,10 +208,11 @@ class ClusterSimulator:
         )
 
     def run(self, requests: list[TimedRequest], progress: bool = False) -> SimulationResult:
-        """Every request served in simulated time; ``progress`` shows a bar of finished requests (stderr)."""
+        """Every request served in simulated time; ``progress`` shows a bar of finished requests (stderr, on a
+        terminal only: logs stay clean)."""
         from tqdm.auto import tqdm
 
-        with tqdm(total=len(requests), desc="simulated requests", unit="req", disable=not progress,
+        with tqdm(total=len(requests), desc="simulated requests", unit="req", disable=None if progress else True,
                   dynamic_ncols=True, leave=False) as bar:
             return self._run(requests, bar)
 
