@@ -29,6 +29,11 @@ if TYPE_CHECKING:
 # measured on the model's own GEMMs; weak for attention, which the micro-benchmarks model least.
 _RIDGE = {"linear": 0.3, "attention_prefill": 0.05, "attention_decode": 0.02, "elementwise": 0.1,
           "linear_decode": 0.1, "linear_memory": 0.1}
+# On a CPU every pull is at most this. Eager CPU steps identify the scales on their own, and the full pull held a bf16
+# fit on an AMX CPU at the micro-benchmarks' speeds: prompt steps predicted a quarter short. Refits of the saved CPU
+# measurements, rechecked on their saved validations (docs/perf-model.md, 2026-12-05 (f)): bf16 offline TTFT -19 %
+# -> +1 %, float32 grid 7.3 -> 4.2 %; on the H200's the full pull did better (grid 7.7 % against 9.7 % without it).
+_CPU_RIDGE_CAP = 0.002
 
 
 def gemm_curves(model_config, measured: Measurements) -> tuple[list[list[float]], list[list[float]]]:
@@ -192,7 +197,7 @@ def _fit_plain(model_config, measured: Measurements, samples: list[StepSample], 
     features = np.array([step_features(model_config, profile, s.shape) for s in samples])
     targets = np.array([max(s.seconds - step_overhead, 1e-6) for s in samples])
     measured_seconds = np.array([s.seconds for s in samples])
-    ridge = _ridge(len(samples))
+    ridge = _ridge(len(samples), measured.hardware)
     unidentified = _unidentified(measured, features, host_step=False)  # alone, steps cannot tell host_step
 
     def solve(matrix: np.ndarray) -> np.ndarray:
@@ -242,7 +247,7 @@ def _fit_with_queued(model_config, measured: Measurements, plain: list[StepSampl
     features = np.array([step_features(model_config, base, s.shape) for s in samples])
     measured_seconds = np.array([s.seconds for s in samples])
     targets = np.maximum(measured_seconds - step_overhead, 1e-6)
-    ridge = _ridge(len(samples))
+    ridge = _ridge(len(samples), measured.hardware)
     unidentified = _unidentified(measured, features[:len(plain)], host_step=True)
     device_columns = _DEVICE_FEATURES + [_LINEAR_MEMORY] + (_LAYER_FEATURES if base.graph_layer_overhead_on_device
                                                             else [])
@@ -281,11 +286,12 @@ def _fit_with_queued(model_config, measured: Measurements, plain: list[StepSampl
     return best[1]
 
 
-def _ridge(num_samples: int) -> np.ndarray:
+def _ridge(num_samples: int, hardware: str) -> np.ndarray:
     """Rows pulling each class scale toward 1, weighted like ``num_samples`` steps (see ``_RIDGE``)."""
+    cpu = get_hardware(hardware).kind == "cpu"
     ridge = np.zeros((len(_RIDGE), len(FIT_FEATURES)))
     for row, (name, pull) in enumerate(_RIDGE.items()):
-        ridge[row, FIT_FEATURES.index(name)] = pull * np.sqrt(num_samples)
+        ridge[row, FIT_FEATURES.index(name)] = (min(pull, _CPU_RIDGE_CAP) if cpu else pull) * np.sqrt(num_samples)
     return ridge
 
 
