@@ -36,6 +36,7 @@ from joule.perf.measure import (  # noqa: F401  (re-exported: the calibration AP
     wait_for_quiet,
 )
 from joule.perf.energy_fit import ENERGY_SCENARIOS, GPU_ENERGY_SCENARIOS, EnergyWindow, measure_energy_windows
+from joule.perf.host_probe import host_probe_seconds
 from joule.perf.output_costs import OutputCosts, measure_output_costs
 from joule.perf.profile import DeviceProfile
 from joule.perf.step_fit import (  # noqa: F401  (re-exported: the calibration API in one place)
@@ -66,6 +67,7 @@ class Measurements:
     # What a hardware meter counted over windows of steady work (``joule.perf.energy_fit``); none without one.
     energy_windows: list[EnergyWindow] = field(default_factory=list)
     energy_meter: str = ""
+    host_probe_s: float = 0.0  # ``joule.perf.host_probe`` on the calibrating host; 0 in files saved before it
 
     @classmethod
     def from_dict(cls, data: dict) -> Measurements:
@@ -85,7 +87,7 @@ class Measurements:
                    data.get("max_graphed_chunks", 4),
                    OutputCosts(**data["output_costs"]) if data.get("output_costs") else None,
                    [EnergyWindow(**window) for window in data.get("energy_windows", [])],
-                   data.get("energy_meter", ""))
+                   data.get("energy_meter", ""), data.get("host_probe_s", 0.0))
 
 
 def measure_micro(model_config, dtype_name: str, device_name: str, hardware: str, repeats: int = 5) -> Measurements:
@@ -181,7 +183,8 @@ def merge_measurements(runs: list[Measurements]) -> Measurements:
                         first.staging_max_copy_bytes, first.chunk_graph_max_tokens, first.max_graphed_chunks,
                         _cheapest_output_costs([run.output_costs for run in runs]),
                         [window for run in runs for window in run.energy_windows],  # more windows, a steadier fit
-                        next((run.energy_meter for run in runs if run.energy_meter), ""))
+                        next((run.energy_meter for run in runs if run.energy_meter), ""),
+                        min((run.host_probe_s for run in runs if run.host_probe_s), default=0.0))
 
 
 def _cheapest_output_costs(costs: list[OutputCosts | None]) -> OutputCosts | None:
@@ -252,6 +255,8 @@ def calibrate(model: str | None = None, dtype: str = "auto", device: str = "auto
     log(f"  host output costs: streamed {1e6 * costs.streamed_sequence_s:.2f} us a sequence, metering "
         f"{1e6 * costs.metered_step_s:.1f} us a step + {1e6 * costs.metered_sequence_s:.2f} us a sequence")
     measure_energy(engine, measured, log)
+    measured.host_probe_s = host_probe_seconds()
+    log(f"  host probe: {1e3 * measured.host_probe_s:.0f} ms")
     profile = fit_profile(engine.model_config, measured)
     profile.source = (
         f"joule perf calibrate on {hardware}, {dtype_name}, model {engine.model_path.name}, "

@@ -124,6 +124,8 @@ class DeviceProfile:
     # hardware meter (``joule.perf.energy_fit``).
     energy_source: str = "catalog: board power split 60/40 over peak FLOP/s and bandwidth"
     source: str = ""
+    # The host probe (``joule.perf.host_probe``) on the calibration's host, seconds; None before it was recorded.
+    host_probe_s: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("gemm_flops", "attention_flops", "memory_bandwidth"):

@@ -132,6 +132,7 @@ def fit_profile(model_config, measured: Measurements, samples: list[StepSample] 
         profile = _fit_once(model_config, measured, samples)
     if measured.output_costs is not None:
         split_output_costs(profile, measured.output_costs)
+    profile.host_probe_s = measured.host_probe_s or None
     if measured.energy_windows and not fit_energy(profile, measured.energy_windows, measured.energy_meter):
         profile.energy_source += f" (a fit to {measured.energy_meter}'s windows was refused)"
     return profile

@@ -13,6 +13,8 @@ from joule.model.config import ModelConfig
 def run_validate(args: argparse.Namespace) -> int:
     from joule.perf.measure import build_engine
     from joule.perf.profile import DeviceProfile
+    from joule.perf.host_probe import describe as describe_probe
+    from joule.perf.host_probe import host_probe_seconds
     from joule.perf.resimulate import offline_requests, serving_requests
     from joule.perf.validate import compare_run, random_validation_grid, summarize_checks, validate_steps
 
@@ -20,7 +22,8 @@ def run_validate(args: argparse.Namespace) -> int:
     if args.recheck:
         return _recheck(args, profile)
     engine = build_engine(args.model, args.dtype, args.load_format, args.device)
-    report: dict = {"profile": args.profile}
+    report: dict = {"profile": args.profile, "host_probe_s": host_probe_seconds()}
+    print(describe_probe(report["host_probe_s"], profile.host_probe_s))
     if not args.skip_steps:
         scenarios = None
         if args.grid_seed is not None:
@@ -65,6 +68,7 @@ def _recheck(args: argparse.Namespace, profile) -> int:
     import gzip
 
     from joule.model.loader import resolve_model_path
+    from joule.perf.host_probe import describe as describe_probe
     from joule.perf.resimulate import resimulate
     from joule.perf.step_model import StepModel
     from joule.perf.validate import checks_from_report, recheck, summarize_checks
@@ -75,6 +79,8 @@ def _recheck(args: argparse.Namespace, profile) -> int:
     model_config = ModelConfig.from_file(resolve_model_path(args.model) / "config.json")
     model = StepModel(model_config, profile)
     rechecked: dict = {"profile": args.profile, "recheck_of": args.recheck}
+    if report.get("host_probe_s"):  # the host the saved runs were measured on, against the profile's
+        print("measured on a host with a " + describe_probe(report["host_probe_s"], profile.host_probe_s))
     step_checks, runs = {}, {}
     for name in ("steps", "offline", "serving"):
         section = report.get(name)
