@@ -208,18 +208,11 @@ def chunk_graphs_of(engine) -> tuple[int, int]:
 
 def refit(measurement_paths: list[str], model: str | None = None) -> tuple[DeviceProfile, Measurements]:
     """Fit a profile from saved measurements (merged when several), without measuring again."""
-    import json
-
     from joule.model.config import ModelConfig
     from joule.model.loader import resolve_model_path
+    from joule.perf.json_files import read_json
 
-    import gzip
-
-    runs = []
-    for path in measurement_paths:
-        opener = gzip.open if str(path).endswith(".gz") else open  # saved measurements travel compressed
-        with opener(path, "rt", encoding="utf-8") as handle:
-            runs.append(Measurements.from_dict(json.load(handle)))
+    runs = [Measurements.from_dict(read_json(path)) for path in measurement_paths]
     merged = merge_measurements(runs)
     model_path = resolve_model_path(model)
     profile = fit_profile(ModelConfig.from_file(model_path / "config.json"), merged)

@@ -4,10 +4,10 @@ a saved validation's measurements with ``--recheck`` (no engine)."""
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from joule.model.config import ModelConfig
+from joule.perf.json_files import write_json
 
 
 def run_validate(args: argparse.Namespace) -> int:
@@ -51,7 +51,7 @@ def run_validate(args: argparse.Namespace) -> int:
         report["serving"]["workload"] = {"kind": "serving", "spec": args.serving}
         _print_comparison(f"serving {args.serving}, DELTA outputs", report["serving"])
     if args.output_json:
-        write_report(args.output_json, report)
+        write_json(args.output_json, report)
     if args.plot:
         from joule.perf.validate import checks_from_report
 
@@ -65,17 +65,14 @@ def run_validate(args: argparse.Namespace) -> int:
 def _recheck(args: argparse.Namespace, profile) -> int:
     """Saved measured steps against another profile's predictions (e.g. after a --refit), and the saved offline and
     serving runs simulated again with it."""
-    import gzip
-
     from joule.model.loader import resolve_model_path
+    from joule.perf.json_files import read_json
     from joule.perf.host_probe import describe as describe_probe
     from joule.perf.resimulate import resimulate
     from joule.perf.step_model import StepModel
     from joule.perf.validate import checks_from_report, recheck, summarize_checks
 
-    opener = gzip.open if args.recheck.endswith(".gz") else open
-    with opener(args.recheck, "rt", encoding="utf-8") as handle:
-        report = json.load(handle)
+    report = read_json(args.recheck)
     model_config = ModelConfig.from_file(resolve_model_path(args.model) / "config.json")
     model = StepModel(model_config, profile)
     rechecked: dict = {"profile": args.profile, "recheck_of": args.recheck}
@@ -99,23 +96,10 @@ def _recheck(args: argparse.Namespace, profile) -> int:
             rechecked[name] = rechecked.get(name, {}) | {"run": comparison}
             runs[name] = comparison
     if args.output_json:
-        write_report(args.output_json, rechecked)
+        write_json(args.output_json, rechecked)
     if args.plot:
         _plot(args, step_checks, runs)
     return 0
-
-
-def write_report(path: str, report: dict) -> None:
-    """JSON, gzip-compressed when ``path`` ends in .gz: a GPU validation keeps every serving step (tens of MB), more
-    than a device call brings back uncompressed; ``--recheck`` reads either."""
-    import gzip
-
-    text = json.dumps(report, indent=2, default=str) + "\n"
-    if path.endswith(".gz"):
-        with gzip.open(path, "wt", encoding="utf-8") as handle:
-            handle.write(text)
-    else:
-        Path(path).write_text(text)
 
 
 def _plot(args: argparse.Namespace, step_checks: dict, runs: dict) -> None:

@@ -100,7 +100,7 @@ def test_recheck_from_the_command_line_reads_and_writes_compressed_reports(engin
     import gzip
 
     from joule.perf.cli import main
-    from joule.perf.validate_command import write_report
+    from joule.perf.json_files import write_json
 
     profile = DeviceProfile.from_hardware(get_hardware("CPU-2core"), "float32")
     profile_path = tmp_path / "profile.json"
@@ -109,7 +109,7 @@ def test_recheck_from_the_command_line_reads_and_writes_compressed_reports(engin
     saved = compare_run(engine, profile, offline_requests(spec, engine.model_config.vocab_size), repeats=1,
                         warmup=False, quiet_wait_s=0.0, streamed=False)
     report_path = str(tmp_path / "validation.json.gz")
-    write_report(report_path, {"offline": saved | {"workload": {"kind": "offline", "spec": spec}}})
+    write_json(report_path, {"offline": saved | {"workload": {"kind": "offline", "spec": spec}}})
     out = tmp_path / "recheck.json.gz"
     model_dir = tmp_path / "model"
     model_dir.mkdir()
