@@ -8,8 +8,8 @@ no step runs long when that tenant's next request arrives (``StepShape.prompt_to
 By default (``keep_up``, ``--fair-keep-up``) the cut is work-conserving, as VTC is: never shorter than what the
 others' prompt work needs to keep up (the prompt tokens they sent over the last ``recent_seconds`` plus those
 pending, per second), at the cost a step pays per prompt token, measured from executed steps (their time beyond the
-step-time estimate for their decodes alone). Only when no step size could
-keep up (a flood), or before that cost is known, does the fixed cap hold, so a flood waits, not the light tenant.
+step-time estimate for their decodes alone). Only when no step size could keep up (a flood), or before that cost is
+known, does the fixed cap hold, so a flood waits, not the light tenant.
 With the fixed cap alone (``--no-fair-keep-up``, the default until 2026-12-05), a heavy tenant that fcfs serves at
 tens of milliseconds waited 2.2 / 11.5 s on an H200 at 20 / 40 req/s; keeping up, 0.14 / 0.12 s, while the light
 tenant's p99 TTFT went from 1.30x / 1.76x solo to 1.50x / 2.41x (measured, docs/benchmarks.md). Demand is read over
@@ -73,10 +73,10 @@ class VirtualTokenCounterFairness(FirstComeFirstServed):
         if self.keep_up:
             if self.first_arrival is None:
                 self.first_arrival = request.arrival_time
-            arrivals = self.recent_prompts.setdefault(request.tenant, deque())
-            arrivals.append((request.arrival_time, request.num_prompt_tokens))
-            while arrivals[0][0] < request.arrival_time - self.recent_seconds:
-                arrivals.popleft()  # bounded by what one tenant sends in the window, however long a server runs
+            self.recent_prompts.setdefault(request.tenant, deque()).append(
+                (request.arrival_time, request.num_prompt_tokens))
+            # Bounded by what one tenant sends in the window, however long a server runs.
+            self._recent_arrivals(request.tenant, request.arrival_time - self.recent_seconds)
         others = [other for other in [*waiting, *running] if other is not request]
         if any(other.tenant == request.tenant for other in others):
             return  # already backlogged: keeps its counter
@@ -163,12 +163,8 @@ class VirtualTokenCounterFairness(FirstComeFirstServed):
         if coefficients is None or not cost:
             return self.protected_prompt_tokens
         horizon = now - self.recent_seconds
-        sent = 0
-        for tenant in set(pending) - protected:
-            arrivals = self.recent_prompts.get(tenant)
-            while arrivals and arrivals[0][0] < horizon:
-                arrivals.popleft()
-            sent += sum(tokens for _, tokens in arrivals or ()) + pending[tenant]
+        sent = sum(sum(tokens for _, tokens in self._recent_arrivals(tenant, horizon)) + pending[tenant]
+                   for tenant in set(pending) - protected)
         # Over the window, or over the time since the first arrival while the window is still filling (else the
         # first seconds of a flood read as a fraction of it).
         span = self.recent_seconds
@@ -180,6 +176,13 @@ class VirtualTokenCounterFairness(FirstComeFirstServed):
             return self.protected_prompt_tokens  # a flood: no step size keeps up, so it waits, not the light
         decodes = sum(1 for request in running if not request.is_prefilling)
         return max(self.protected_prompt_tokens, math.ceil(demand * coefficients.predict(0, decodes) / room))
+
+    def _recent_arrivals(self, tenant: str | None, horizon: float) -> deque[tuple[float, int]]:
+        """(arrival time, prompt tokens) of ``tenant``'s requests since ``horizon``; older ones are dropped."""
+        arrivals = self.recent_prompts.get(tenant, deque())
+        while arrivals and arrivals[0][0] < horizon:
+            arrivals.popleft()
+        return arrivals
 
     def _fast_lane(self, waiting_tokens: dict[str | None, int],
                    pending: dict[str | None, int]) -> tuple[str | None, int]:
