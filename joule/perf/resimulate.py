@@ -7,6 +7,8 @@ the command line; the re-simulation says so."""
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 from joule.model.config import ModelConfig
 from joule.perf.arrivals import TimedRequest, WorkloadSpec, generate
 from joule.perf.hardware import get_hardware
@@ -65,14 +67,14 @@ def requests_for(workload: dict, vocab_size: int, max_model_len: int) -> list[Ti
 def inferred_settings(section: dict, streamed: bool) -> dict:
     """Settings of a run saved without them: the step budget is the largest measured step's tokens; the lookahead
     was on when any step was queued, and queued prompt chunks too when a queued step has one; metering when the run
-    has a measured energy; KV blocks ample (the runs validation makes stay far below a GPU's capacity); other limits
-    the engine's defaults."""
+    has a measured energy; KV blocks ample (the runs validation makes stay far below a GPU's capacity); the rest
+    ``ReplicaConfig``'s defaults (the engine's)."""
     steps = (section.get("run_steps") or {}).get("step_checks", [])
     if not steps:
         raise ValueError("the saved run has neither its settings nor its steps to infer them from")
-    return {
-        "max_num_seqs": 256, "max_num_batched_tokens": max(step["num_tokens"] for step in steps),
-        "max_model_len": 4096, "block_size": 16, "num_kv_blocks": None, "enable_prefix_caching": True,
+    defaults = {item.name: item.default for item in fields(ReplicaConfig) if item.name in REPLICA_KEYS}
+    return defaults | {
+        "max_num_batched_tokens": max(step["num_tokens"] for step in steps), "num_kv_blocks": None,
         "decode_lookahead": any(step.get("queued", False) for step in steps),
         "lookahead_prompts": any(step.get("queued", False) and any(row[0] > 1 for row in step["sequences"])
                                  for step in steps),

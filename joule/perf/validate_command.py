@@ -85,9 +85,8 @@ def _recheck(args: argparse.Namespace, profile) -> int:
         checks = step_checks[name] = recheck(checks_from_report(steps or {}), model)
         if checks:
             summary = summarize_checks(checks, keep_steps=False)
-            kinds = ", ".join(f"{kind} {row['median_abs_error']:.1%} ({row['steps']})"
-                              for kind, row in summary["by_kind"].items())
-            print(f"{name}: median |error| {summary['median_abs_error']:.1%} over {len(checks)} steps [{kinds}]")
+            print(f"{name}: median |error| {summary['median_abs_error']:.1%} over {len(checks)} steps "
+                  f"[{_by_kind(summary)}]")
             rechecked[name] = {"steps": summary}
         if name != "steps" and section:
             comparison = resimulate(section, name, model_config, profile, getattr(args, name))
@@ -124,6 +123,10 @@ def _print_comparison(title: str, comparison: dict) -> None:
             f"copy {run.get('host_copy_gbps_before', float('nan')):.1f} GB/s" for run in runs))
     steps = comparison.get("run_steps")
     if steps:
-        kinds = ", ".join(f"{kind} {row['median_abs_error']:.1%} ({row['steps']})" for kind, row in steps["by_kind"].items())
-        print(f"  steps of the measured run: median |error| {steps['median_abs_error']:.1%} [{kinds}]; "
+        print(f"  steps of the measured run: median |error| {steps['median_abs_error']:.1%} [{_by_kind(steps)}]; "
               f"total measured {steps['measured_total_s']:.2f} s vs predicted {steps['predicted_total_s']:.2f} s")
+
+
+def _by_kind(summary: dict) -> str:
+    """``summarize_checks``' per-kind errors on one line: "prefill 6.7% (9), decode 5.8% (44), ..."."""
+    return ", ".join(f"{kind} {row['median_abs_error']:.1%} ({row['steps']})" for kind, row in summary["by_kind"].items())

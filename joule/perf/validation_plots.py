@@ -3,6 +3,7 @@ run's errors against the issue's targets, since a scatter shows where a model is
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 from joule.perf.plots import pyplot_module, save_figure
@@ -39,8 +40,7 @@ def _scatter(axis, name: str, checks) -> None:
     axis.plot(line, line, color="black", linewidth=0.8)
     for factor in (1 - STEP_TARGET, 1 + STEP_TARGET):
         axis.plot(line, [value * factor for value in line], color="grey", linestyle="--", linewidth=0.6)
-    errors = sorted(abs(check.error) for check in checks)
-    median = errors[len(errors) // 2] if len(errors) % 2 else sum(errors[len(errors) // 2 - 1:len(errors) // 2 + 1]) / 2
+    median = statistics.median(abs(check.error) for check in checks)
     axis.set_xscale("log")
     axis.set_yscale("log")
     for scale in (axis.xaxis, axis.yaxis):  # labelled decades only: minor labels overlap on narrow ranges
