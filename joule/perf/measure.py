@@ -339,12 +339,12 @@ def measure_steps(engine, scenarios, repeats: int = 3, reduce=None, max_extra_ru
     (contention only ever adds time). A serving run sees typical step times, not the best of
     several, hence the median of clean runs rather than their minimum.
     """
+    from tqdm.auto import tqdm
+
     on_cpu = engine.device.type == "cpu"
     explicit = reduce is not None
     reduce = reduce or default_reduce(engine)
     max_extra_runs = repeats if max_extra_runs is None else max_extra_runs
-    from tqdm.auto import tqdm
-
     run_scenario(engine, Scenario("warm-up", (64, 16), 3))
     result: list[StepSample] = []
     # A bar on a terminal only (disable=None); tqdm draws between scenarios, never inside a timed step.

@@ -11,10 +11,10 @@ from joule.perf.json_files import write_json
 
 
 def run_validate(args: argparse.Namespace) -> int:
-    from joule.perf.measure import build_engine
-    from joule.perf.profile import DeviceProfile
     from joule.perf.host_probe import describe as describe_probe
     from joule.perf.host_probe import host_probe_seconds
+    from joule.perf.measure import build_engine
+    from joule.perf.profile import DeviceProfile
     from joule.perf.resimulate import offline_requests, serving_requests
     from joule.perf.validate import compare_run, random_validation_grid, summarize_checks, validate_steps
 
