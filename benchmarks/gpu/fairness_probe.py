@@ -44,7 +44,8 @@ def sample_stacks(py_spy: str, pid: int, delay_s: float, duration_s: float, out:
 
         time.sleep(delay_s)
         command = [py_spy, "record", "--pid", str(pid), "--subprocesses", "--nonblocking", "--rate", "200",
-                   "--format", "raw", "--duration", str(max(1, round(duration_s))), "--output", str(out)]  # whole seconds only
+                   "--format", "raw", "--duration", str(max(1, round(duration_s))),  # py-spy takes whole seconds
+                   "--output", str(out)]
         result = subprocess.run(command, capture_output=True, text=True)
         log(f"py-spy exited {result.returncode}: {(result.stderr or result.stdout)[-400:].strip()}")
 
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         records = [json.loads(line) for line in request_log.read_text().splitlines() if line.strip()]
         results["solo"]["server_side_ms"] = server_side_breakdown(records, "light", until=flood_started)
         results["fair"]["server_side_ms"] = server_side_breakdown(records, "light", since=flood_started)
-        # The flood's own wait: what --fair-keep-up is for (the default policy can leave it queued for seconds).
+        # The flood's own wait: what --fair-keep-up is for (the fixed cap, --no-fair-keep-up, left it queued seconds).
         results["fair"]["heavy_server_side_ms"] = server_side_breakdown(records, "heavy", since=flood_started)
         (out / "probe.json").write_text(json.dumps(results, indent=2))
     if request_log.exists():  # one file, compressed: a device call returns few files
