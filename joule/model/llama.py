@@ -219,6 +219,14 @@ class LlamaForCausalLM(nn.Module):
         self.output_projection = MergedLinear([_as_linear(weight)], transpose_weight)
         self.lm_head = None  # the merged copy replaces it
 
+    def pack_for_onednn(self) -> None:
+        """Every merged projection in oneDNN's layout (CPU, 16-bit; after ``merge_projections(False)``).
+
+        Packing copies, so a tied output projection leaves the embedding its plain matrix."""
+        for module in self.modules():
+            if isinstance(module, MergedLinear):
+                module.pack_for_onednn()
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, context: ForwardContext) -> torch.Tensor:
         """Final-normed hidden states ``[T, hidden_size]`` for ``input_ids``/``positions`` ``[T]``."""
         return self.model(input_ids, positions, context)

@@ -13,6 +13,7 @@ import pytest
 import torch
 import transformers
 
+from joule.model.layers import onednn_packs_weights
 from joule.model.loader import load_model
 from joule.runtime.attention.base import AttentionMetadata, ForwardContext, KVCache
 from joule.runtime.attention.portable import PortableAttentionBackend
@@ -210,5 +211,39 @@ def test_cuda_mixed_batch_is_as_accurate_as_transformers(checkpoints, name, dtyp
             ours[sid].append(logits)
     for sid in sequences:
         our_error = (torch.cat(ours[sid]) - expected[sid]).abs().max().item()
+        their_error = (theirs[sid] - expected[sid]).abs().max().item()
+        assert our_error <= 2 * their_error + 1e-3, (sid, our_error, their_error)
+
+
+def _bfloat16_cpu_logits(directory, sequences: dict, pack: bool) -> dict:
+    """Logits of a bf16 CPU model run as the engine merges (and, with ``pack``, packs) it."""
+    model = load_model(str(directory), torch.bfloat16, "cpu").model
+    model.merge_projections(transpose_weight=not pack)
+    if pack:
+        model.pack_for_onednn()
+    runner = PagedRunner(model, seed=3)
+    ours = {sid: [] for sid in sequences}
+    for step in ([(0, 0, 7), (1, 0, 4)], [(0, 7, 1), (1, 4, 5)], [(0, 8, 1), (1, 9, 1)], [(0, 9, 4)]):
+        chunks = [(sid, sequences[sid][start : start + length], start) for sid, start, length in step]
+        for (sid, _, _), logits in zip(step, runner.step(chunks)):
+            ours[sid].append(logits.float())
+    return {sid: torch.cat(rows) for sid, rows in ours.items()}
+
+
+@pytest.mark.skipif(not onednn_packs_weights(torch.device("cpu"), torch.bfloat16), reason="no oneDNN bf16 here")
+@pytest.mark.parametrize("name", ["llama-gqa4-tied", "qwen2-bias-tied", "qwen3-qknorm-headdim32-gqa4"])
+def test_cpu_bfloat16_packed_weights_are_as_accurate_as_transformers(checkpoints, name):
+    """Packed oneDNN weights (bf16 on a CPU) change no logit, and bf16 stays as close as transformers' own."""
+    reference, _, directory = checkpoints(name)
+    sequences = {0: prompt(6, 13), 1: prompt(7, 10)}
+    expected = {sid: reference_logits(reference, tokens) for sid, tokens in sequences.items()}
+    bf16_reference = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        theirs = {sid: bf16_reference(torch.tensor([tokens])).logits[0].float() for sid, tokens in sequences.items()}
+    packed = _bfloat16_cpu_logits(directory, sequences, pack=True)
+    plain = _bfloat16_cpu_logits(directory, sequences, pack=False)
+    for sid in sequences:
+        torch.testing.assert_close(packed[sid], plain[sid], atol=0, rtol=0)
+        our_error = (packed[sid] - expected[sid]).abs().max().item()
         their_error = (theirs[sid] - expected[sid]).abs().max().item()
         assert our_error <= 2 * their_error + 1e-3, (sid, our_error, their_error)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from joule.model.layers import RMSNorm, apply_rotary, whole_head_tables
+from joule.model.layers import RMSNorm, apply_rotary, onednn_packs_weights, whole_head_tables
 
 
 def reference_rms_norm(hidden, weight, eps):
@@ -108,3 +108,31 @@ def test_one_cuda_row_fuses_the_norm_into_the_gemv(gated, with_residual):
     two_rows, two_residuals = norm_then_project(projection, norm, hidden, residual, gated=gated)
     assert torch.equal(one_residual, two_residuals[:1])
     torch.testing.assert_close(one_row.float(), two_rows[:1].float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(not onednn_packs_weights(torch.device("cpu"), torch.bfloat16), reason="no oneDNN bf16 here")
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_projection_gives_the_plain_projections_values(bias):
+    from joule.model.layers import MergedLinear
+
+    generator = torch.Generator().manual_seed(11)
+    linears = [torch.nn.Linear(48, out, bias=bias) for out in (40, 24)]
+    for linear in linears:
+        linear.weight.data = torch.randn(linear.weight.shape, generator=generator)
+        if bias:
+            linear.bias.data = torch.randn(linear.bias.shape, generator=generator)
+    plain = MergedLinear(linears, transpose_weight=False).to(torch.bfloat16)
+    packed = MergedLinear(linears, transpose_weight=True).to(torch.bfloat16)
+    packed.pack_for_onednn()
+    for rows in (1, 7, 33):
+        hidden = torch.randn(rows, 48, generator=generator).to(torch.bfloat16)
+        assert torch.equal(packed(hidden), plain(hidden))
+        assert [part.shape[-1] for part in packed.split(packed(hidden))] == [40, 24]
+
+
+def test_packing_refuses_a_float32_weight():
+    from joule.model.layers import MergedLinear
+
+    projection = MergedLinear([torch.nn.Linear(8, 4)], transpose_weight=True)
+    with pytest.raises(ValueError, match="16-bit CPU weight"):
+        projection.pack_for_onednn()

@@ -242,6 +242,15 @@ def _attend_one_row_each(
     """``query`` ``[S, Hq, D]`` over padded ``keys``/``values`` ``[S, Hkv, L, D]`` in one call."""
     num_sequences, num_heads, head_dim = query.shape
     num_kv_heads = keys.shape[1]
+    if query.element_size() == 2 and not query.is_cuda:
+        # One query row per head with the KV heads shared (``enable_gqa``): the CPU kernel ran 16-bit
+        # decode attention ~1.2x faster this way (17.2 vs 14.0 ms a step, SmolLM2, 32 rows); in float32
+        # folding the group into query rows is faster, and is what keeps it token-identical to the reference.
+        output = F.scaled_dot_product_attention(
+            query.view(num_sequences, num_heads, 1, head_dim), keys, values, attn_mask=mask.to(query.dtype),
+            scale=scale, enable_gqa=num_heads != num_kv_heads,
+        )
+        return output.view(num_sequences, num_heads, head_dim)
     grouped_query = query.reshape(num_sequences, num_kv_heads, num_heads // num_kv_heads, head_dim)
     output = F.scaled_dot_product_attention(grouped_query, keys, values, attn_mask=mask.to(query.dtype), scale=scale)
     return output.reshape(num_sequences, num_heads, head_dim)
