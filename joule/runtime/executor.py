@@ -27,7 +27,7 @@ from joule.runtime.attention.base import (
 from joule.runtime.cuda_graphs import DecodeGraphRunner, graphs_disabled_reason
 from joule.runtime.kernel_warmup import warmup_plans
 from joule.runtime.prefill_graphs import PrefillChunkGraphRunner, can_run_mixed_step, run_mixed_step
-from joule.runtime.sampler import Sampler, SamplingRow
+from joule.runtime.sampler import Sampler, SamplingRow, greedy_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ class ModelExecutor:
 
                 token_ids = argmax_rows(logits)  # torch reduces a row on one SM: 36 us of a batch-1 step
             else:
-                token_ids = logits.argmax(dim=-1)
+                token_ids = greedy_tokens(logits)
             return self._tokens_on_device(requests, started, token_ids)
         if all(_samples_on_device(request) for request in requests):
             # Temperature, top-k/p, min-p and seeds need no host either: the tokens stay on the device, so the

@@ -151,11 +151,11 @@ class Sampler:
         sampled = [i for i, row in enumerate(rows) if not row.is_greedy and row.seed is None]
         sampled += [i for i, row in enumerate(rows) if not row.is_greedy and row.seed is not None]
         if not sampled:
-            return _greedy(processed)
+            return greedy_tokens(processed)
         token_ids = torch.empty(num_rows, dtype=torch.int64, device=device)
         if greedy:
             greedy_index = _index_tensor(greedy, device)
-            token_ids[greedy_index] = _greedy(processed.index_select(0, greedy_index))
+            token_ids[greedy_index] = greedy_tokens(processed.index_select(0, greedy_index))
         sampled_index = _index_tensor(sampled, device)
         in_order = sampled == list(range(num_rows))
         sampled_logits = processed if in_order else processed.index_select(0, sampled_index)
@@ -191,7 +191,7 @@ class Sampler:
         return scaled.sub_(noise).argmax(dim=-1)
 
 
-def _greedy(logits: torch.Tensor) -> torch.Tensor:
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     """Each row's first maximum, as argmax: torch.max returns the first index of equal maxima too, and on a
     CPU it is ~4x faster than argmax over 16-bit logits (0.6 vs 2.9 ms for 32 x 49152 bf16)."""
     return logits.max(dim=-1).indices
