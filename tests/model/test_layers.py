@@ -110,9 +110,11 @@ def test_one_cuda_row_fuses_the_norm_into_the_gemv(gated, with_residual):
     torch.testing.assert_close(one_row.float(), two_rows[:1].float(), atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.skipif(not onednn_packs_weights(torch.device("cpu"), torch.bfloat16), reason="no oneDNN bf16 here")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bias", [False, True])
-def test_packed_projection_gives_the_plain_projections_values(bias):
+def test_packed_projection_gives_the_plain_projections_values(dtype, bias):
+    if not onednn_packs_weights(torch.device("cpu"), dtype):
+        pytest.skip(f"oneDNN has no {dtype} on this CPU")
     from joule.model.layers import MergedLinear
 
     generator = torch.Generator().manual_seed(11)
@@ -121,11 +123,11 @@ def test_packed_projection_gives_the_plain_projections_values(bias):
         linear.weight.data = torch.randn(linear.weight.shape, generator=generator)
         if bias:
             linear.bias.data = torch.randn(linear.bias.shape, generator=generator)
-    plain = MergedLinear(linears, transpose_weight=False).to(torch.bfloat16)
-    packed = MergedLinear(linears, transpose_weight=True).to(torch.bfloat16)
+    plain = MergedLinear(linears, transpose_weight=False).to(dtype)
+    packed = MergedLinear(linears, transpose_weight=True).to(dtype)
     packed.pack_for_onednn()
     for rows in (1, 7, 33):
-        hidden = torch.randn(rows, 48, generator=generator).to(torch.bfloat16)
+        hidden = torch.randn(rows, 48, generator=generator).to(dtype)
         assert torch.equal(packed(hidden), plain(hidden))
         assert [part.shape[-1] for part in packed.split(packed(hidden))] == [40, 24]
 
