@@ -240,7 +240,7 @@ def test_mixed_step_batches_decodes_and_runs_of_equal_fresh_prompts(monkeypatch,
         (3, num_kv_heads, group, 8),  # the three one-row sequences, one padded call
         (3, num_heads, 5, 8),  # the run of three fresh 5-token prompts
         (1, num_heads, 3, 8),
-        (1, num_kv_heads, group * 4, 8),  # the chunk after 2 cached tokens
+        (1, num_heads, 4, 8),  # the chunk after 2 cached tokens
         (1, num_heads, 5, 8),
     ])
 

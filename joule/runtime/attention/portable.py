@@ -12,9 +12,10 @@ others (what it holds depends only on the step's metadata):
 - Any other prompt chunk (after a prefix-cache hit or an earlier chunk) attends
   alone over its gathered context with its own causal mask.
 
-GQA is handled without copying KV heads where the kernel allows it: the query
-heads that share a KV head are folded into the query-row dimension,
-``[Hkv, group * rows, D]``, so one batched matmul covers the whole group.
+GQA is handled without copying KV heads: attention calls share the KV heads
+(``enable_gqa``), except float32 decode, which folds the query heads of a KV
+head into rows (``[S, Hkv, group, D]``): faster there, and what keeps it
+token-identical to the reference.
 ``scaled_dot_product_attention`` accumulates the softmax in float32 for
 half-precision inputs on both devices.
 """
@@ -289,17 +290,13 @@ def _causal_attention(
     context_length: int,
     scale: float,
 ) -> torch.Tensor:
-    query_length, num_heads, head_dim = query.shape
-    num_kv_heads = keys.shape[1]
-    group = num_heads // num_kv_heads
-    # Fold each KV head's query heads into rows: [Hkv, group * Q, D], row = g * Q + j.
-    grouped = query.view(query_length, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
-    grouped = grouped.reshape(num_kv_heads, group * query_length, head_dim)
-    query_positions = torch.arange(context_length, context_length + query_length, device=query.device)
+    """A prompt chunk over its context: one call with the KV heads shared (``enable_gqa``), which gave the
+    same values as folding each KV head's query heads into rows, 5-15 % faster on the CPU."""
+    query_positions = torch.arange(context_length, context_length + query.shape[0], device=query.device)
     key_positions = torch.arange(keys.shape[0], device=query.device)
-    mask = (key_positions[None, :] <= query_positions[:, None]).repeat(group, 1)  # [group * Q, L]
+    mask = key_positions[None, :] <= query_positions[:, None]  # [Q, L]
     attended = F.scaled_dot_product_attention(
-        grouped[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None], attn_mask=mask, scale=scale
+        query.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None], attn_mask=mask,
+        scale=scale, enable_gqa=query.shape[1] != keys.shape[1],
     )[0]
-    attended = attended.view(num_kv_heads, group, query_length, head_dim).permute(2, 0, 1, 3)
-    return attended.reshape(query_length, num_heads, head_dim)
+    return attended.transpose(0, 1)
