@@ -84,6 +84,9 @@ def add_perf_commands(subparsers) -> None:
     simulate.add_argument("--unmetered", action="store_true",
                           help="the engine's energy ledger is off, as in benchmarks that time the engine alone")
     simulate.add_argument("--sweep-rates", default=None, help="comma-separated request rates to sweep")
+    simulate.add_argument("--per-request", action="store_true",
+                          help="--output-json also lists every request (arrival, TTFT, TPOT, end-to-end), with "
+                               "`joule bench serve --output-json`'s per-request keys")
     simulate.add_argument("--plot-dir", default=None, help="write PNG plots here")
     simulate.set_defaults(perf_handler=run_simulate)
 
@@ -216,6 +219,8 @@ def run_simulate(args: argparse.Namespace) -> int:
         summary = last.summary(slo)
         summary["offered_rate"] = rate
         summary["wall_s"] = time.perf_counter() - started
+        if args.per_request:
+            summary["requests"] = last.request_rows(slo)
         rows.append(summary)
         print(f"\n== offered load {rate} req/s (simulated in {summary['wall_s']:.1f} s wall)")
         _print_summary(summary)

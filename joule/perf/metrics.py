@@ -194,6 +194,25 @@ class SimulationResult:
             result["tenants"] = {name: self._tenant_summary(name, slo or SLO()) for name in tenants}
         return result
 
+    def request_rows(self, slo: SLO | None = None) -> list[dict]:
+        """One row per request in arrival order, with `joule bench serve --output-json`'s per-request keys (plus
+        its id, arrival and replica), so a simulated run can be set beside a measured one request by request."""
+        run_slo = slo or SLO()
+        rows = []
+        for record in sorted(self.records, key=lambda r: r.arrival_time):
+            done = record.finish_time is not None
+            targets = _targets(record, run_slo)
+            rows.append({
+                "request_id": record.request_id, "arrival_s": record.arrival_time, "replica": record.replica,
+                "tenant": record.tenant, "success": done, "prompt_len": record.prompt_len,
+                "output_tokens": record.num_output_tokens,
+                "ttft_s": record.ttft if record.first_token_time is not None else None,
+                "tpot_s": record.tpot if done else None, "max_itl_s": record.max_itl,
+                "e2el_s": record.e2e if done else None,
+                "met_slo": targets.met(record.ttft, record.tpot, record.max_itl) if done and targets.is_set else None,
+            })
+        return rows
+
     def _tenant_summary(self, tenant: str, run_slo: SLO) -> dict:
         """One tenant's requests: latencies, throughput over the whole run, and SLO attainment (its own targets)."""
         records = [r for r in self.records if r.tenant == tenant]

@@ -71,6 +71,27 @@ def test_simulate_with_tenants_prints_a_line_per_tenant(tmp_path, capsys):
     assert "tenant name must be" in capsys.readouterr().err
 
 
+def test_simulate_lists_every_request_with_bench_serves_keys_when_asked(tmp_path):
+    output = tmp_path / "run.json"
+    assert main(["simulate", "--model", "qwen3-0.6b", "--hardware", "H100", "--workload",
+                 "input=fixed:64,output=fixed:16,num=12,rate=10", "--tenant", "light:rate=2,num=3,ttft=1s",
+                 "--tenant", "heavy:share=1", "--scheduling-policy", "fair", "--per-request",
+                 "--output-json", str(output)]) == 0
+    row = json.loads(output.read_text())[0]
+    requests = row["requests"]
+    assert len(requests) == row["num_requests"] == 15
+    assert [r["arrival_s"] for r in requests] == sorted(r["arrival_s"] for r in requests)
+    assert {r["tenant"] for r in requests} == {"light", "heavy"}
+    assert sum(r["tenant"] == "light" for r in requests) == 3
+    for request in requests:
+        assert request["success"] and request["prompt_len"] == 64 and request["output_tokens"] == 16
+        assert 0 < request["ttft_s"] <= request["e2el_s"] and request["tpot_s"] > 0
+        assert request["met_slo"] is (request["ttft_s"] <= 1.0 if request["tenant"] == "light" else None)
+    assert sorted(r["ttft_s"] for r in requests)[len(requests) // 2] == pytest.approx(row["ttft_s"]["p50"])
+    assert main(["simulate", "--model", "qwen3-0.6b", "--workload", "num=4", "--output-json", str(output)]) == 0
+    assert "requests" not in json.loads(output.read_text())[0]
+
+
 def test_plan_prints_plans_and_errors_are_clear(tmp_path, capsys):
     code = main([
         "plan", "--model", "qwen3-0.6b", "--hardware", "L4", "--workload", "input=fixed:64,output=fixed:16,rate=4,num=40",
