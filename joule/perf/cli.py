@@ -84,6 +84,10 @@ def add_perf_commands(subparsers) -> None:
     simulate.add_argument("--unmetered", action="store_true",
                           help="the engine's energy ledger is off, as in benchmarks that time the engine alone")
     simulate.add_argument("--sweep-rates", default=None, help="comma-separated request rates to sweep")
+    simulate.add_argument("--replay-log", default=None, metavar="FILE",
+                          help="a `joule serve --request-log` file (.gz ok): simulate its requests (arrivals, "
+                               "tenants, lengths, prefix-cache hits) instead of --workload/--tenant, and print the "
+                               "logged latencies beside the simulated ones; give the server's engine flags too")
     simulate.add_argument("--per-request", action="store_true",
                           help="--output-json also lists every request (arrival, TTFT, TPOT, end-to-end), with "
                                "`joule bench serve --output-json`'s per-request keys")
@@ -207,6 +211,8 @@ def run_simulate(args: argparse.Namespace) -> int:
     replicas = _replica_list(args, model)
     request_slo = RequestSLO(ttft_seconds=slo.ttft_s, tpot_seconds=slo.tpot_s) if slo else None
     rates = [float(rate) for rate in _csv(args.sweep_rates)] if args.sweep_rates else [workload.rate]
+    if args.replay_log:
+        return _replay_log(args, model, replicas, request_slo, slo)
     rows, last = [], None
     for rate in rates:
         started = time.perf_counter()
@@ -235,6 +241,33 @@ def run_simulate(args: argparse.Namespace) -> int:
             print(f"plot: {plot_sweep(rows, directory / 'sweep.png', title)}")
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(rows, indent=2, default=str) + "\n")
+    return 0
+
+
+def _replay_log(args, model: ModelConfig, replicas, request_slo, slo) -> int:
+    from joule.perf.log_replay import comparison_lines, logged_latencies, read_request_log, replay_requests
+    from joule.perf.simulator import ClusterSimulator
+
+    if args.tenant or args.sweep_rates:
+        raise ValueError("--replay-log takes its requests and tenants from the log: drop --tenant and --sweep-rates")
+    log = read_request_log(args.replay_log)
+    requests = replay_requests(log, model.vocab_size)
+    started = time.perf_counter()
+    result = ClusterSimulator(model, replicas, args.router, request_slo=request_slo,
+                              streamed_outputs=not args.final_only).run(requests, progress=True)
+    summary = result.summary(slo)
+    summary["wall_s"] = time.perf_counter() - started
+    summary["logged"] = logged_latencies(log)
+    summary["logged_requests_left_out"] = log.skipped
+    print(f"\n== {len(requests)} requests of {args.replay_log}"
+          + (f" ({log.skipped} aborted or incomplete left out)" if log.skipped else "")
+          + f" (simulated in {summary['wall_s']:.1f} s wall)")
+    _print_summary(summary)
+    print("\n" + "\n".join(comparison_lines(summary["logged"], summary)))
+    if args.per_request:
+        summary["requests"] = result.request_rows(slo)
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps([summary], indent=2, default=str) + "\n")
     return 0
 
 

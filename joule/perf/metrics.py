@@ -223,6 +223,7 @@ class SimulationResult:
             "output_throughput": sum(r.num_output_tokens for r in finished) / span,
             "ttft_s": percentiles([r.ttft for r in finished]),
             "tpot_s": percentiles([r.tpot for r in finished if r.num_output_tokens > 1]),
+            "e2e_s": percentiles([r.e2e for r in finished]),
         }
         if any(_targets(r, run_slo).is_set for r in records):
             good = [r for r in finished if _targets(r, run_slo).met(r.ttft, r.tpot, r.max_itl)]

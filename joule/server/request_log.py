@@ -5,6 +5,7 @@ it to the engine, after tokenization), ``first_scheduled`` and ``first_token`` (
 same ``time.time()`` base), ``first_token_handed_over`` (the API process had the first output and gave
 it to the event loop to write) and ``finished``. A client's TTFT minus ``first_token_handed_over -
 arrival`` is the HTTP side: reading and tokenizing the request, writing the chunk, the network.
+`joule simulate --replay-log FILE` sends the logged traffic through the simulator (``joule.perf.log_replay``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class RequestLog:
             "request_id": output.request_id,
             "tenant": route.tenant,
             "prompt_tokens": route.prompt_tokens,
+            "cached_tokens": output.num_cached_tokens,  # of the prompt, served by the prefix cache
             "generated_tokens": route.generated_tokens,
             "finish_reason": output.outputs[0].finish_reason if output.outputs else None,
             "arrival": metrics.arrival_time if metrics is not None else None,

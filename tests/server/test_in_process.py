@@ -196,11 +196,17 @@ def test_the_request_log_has_one_line_of_ordered_timings_per_request(engine, tmp
     app = build_app(engine, ServerConfig(served_model_names=["tiny"], request_log=str(log_path)))
     with TestClient(app) as http:
         for user in ("alice", "bob"):
-            body = {"prompt": "hello", "max_tokens": 4, "ignore_eos": True, "user": user, "stream": user == "bob"}
+            body = {"prompt": "hello " * 40, "max_tokens": 4, "ignore_eos": True, "user": user,
+                    "stream": user == "bob"}
             assert http.post("/v1/completions", json=body).status_code == 200
     records = [json.loads(line) for line in log_path.read_text().splitlines()]
     assert [(r["tenant"], r["generated_tokens"], r["finish_reason"]) for r in records] == [
         ("alice", 4, "length"), ("bob", 4, "length")]
+    # The same prompt again: bob's whole blocks come from the prefix cache (what --replay-log rebuilds).
+    block_size = engine.block_manager.block_size
+    assert records[0]["cached_tokens"] == 0
+    assert 0 < records[1]["cached_tokens"] < records[1]["prompt_tokens"]
+    assert records[1]["cached_tokens"] % block_size == 0
     for record in records:
         times = [record[key] for key in ("arrival", "first_scheduled", "first_token", "first_token_handed_over",
                                          "finished")]
