@@ -88,6 +88,9 @@ def add_perf_commands(subparsers) -> None:
                           help="a `joule serve --request-log` file (.gz ok): simulate its requests (arrivals, "
                                "tenants, lengths, prefix-cache hits) instead of --workload/--tenant, and print the "
                                "logged latencies beside the simulated ones; give the server's engine flags too")
+    simulate.add_argument("--step-log", default=None, metavar="FILE",
+                          help="with --replay-log: the same server's `--step-log`; every logged step is predicted "
+                               "with the profile (median error by kind, total time), beside the simulated steps")
     simulate.add_argument("--per-request", action="store_true",
                           help="--output-json also lists every request (arrival, TTFT, TPOT, end-to-end), with "
                                "`joule bench serve --output-json`'s per-request keys")
@@ -264,11 +267,33 @@ def _replay_log(args, model: ModelConfig, replicas, request_slo, slo) -> int:
           + f" (simulated in {summary['wall_s']:.1f} s wall)")
     _print_summary(summary)
     print("\n" + "\n".join(comparison_lines(summary["logged"], summary)))
+    if args.step_log:
+        summary["logged_steps"] = _logged_steps(args.step_log, model, replicas[0].profile, summary)
     if args.per_request:
         summary["requests"] = result.request_rows(slo)
     if args.output_json:
         Path(args.output_json).write_text(json.dumps([summary], indent=2, default=str) + "\n")
     return 0
+
+
+def _logged_steps(path: str, model: ModelConfig, profile, simulated: dict) -> dict:
+    """A server's logged steps, each predicted by the step model: are they slower than it says, or other steps?"""
+    from joule.perf.step_log import read_step_log
+    from joule.perf.step_model import StepModel
+    from joule.perf.validate import recheck, summarize_checks
+
+    checks = recheck(read_step_log(path), StepModel(model, profile))
+    summary = summarize_checks(checks, keep_steps=False)
+    summary.pop("by_scenario", None)
+    summary["measured_s"] = sum(check.measured_s for check in checks)
+    summary["predicted_s"] = sum(check.predicted_s for check in checks)
+    kinds = ", ".join(f"{kind} {row['median_abs_error']:.1%} ({row['steps']})"
+                      for kind, row in summary["by_kind"].items())
+    print(f"\nlogged steps: {summary['steps']}, {summary['measured_s']:.2f} s, each predicted from its shape: "
+          f"{summary['predicted_s']:.2f} s, median |error| {summary['median_abs_error']:.1%} [{kinds}]")
+    print(f"simulated steps: {simulated['num_steps']} (other steps than logged: the scheduler saw other step times)"
+          if simulated["num_steps"] != summary["steps"] else f"simulated steps: {simulated['num_steps']}")
+    return summary
 
 
 # -- plan --------------------------------------------------------------------------------------

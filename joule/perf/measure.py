@@ -229,11 +229,11 @@ def build_engine(model: str | None, dtype: str, load_format: str, device: str = 
         max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory_bytes=kv_cache_memory_bytes,
         decode_lookahead=False,  # each step timed on its own: the step model predicts unoverlapped steps
     ))
-    engine.core.executor = RecordingExecutor(engine.core.executor, _staging_of(engine))
+    engine.core.executor = RecordingExecutor(engine.core.executor, decode_staging_of(engine))
     return engine
 
 
-def _staging_of(engine) -> DecodeStaging | None:
+def decode_staging_of(engine) -> DecodeStaging | None:
     """The portable backend on a CPU keeps dense decode copies, bounded to half the KV cache."""
     if engine.device.type != "cpu" or attention_backend_name(engine) != "portable":
         return None

@@ -46,6 +46,7 @@ class ServerConfig:
     # Per-tenant token and joule budgets and the max_tokens cap (on by default: 4096).
     abuse_guard: AbuseGuardConfig = field(default_factory=AbuseGuardConfig)
     request_log: str | None = None  # a JSONL file: one line of timings per request that ends
+    step_log: str | None = None  # one line per step (joule.perf.step_log), for an engine stepped on a thread
 
     def __post_init__(self) -> None:
         if not self.served_model_names or not all(isinstance(n, str) and n for n in self.served_model_names):
@@ -89,7 +90,7 @@ def build_app(engine, config: ServerConfig, clock: Callable[[], float] = time.mo
     abuse_guard = AbuseGuard(config.abuse_guard, clock=clock)
     request_log = RequestLog(config.request_log) if config.request_log else None
     async_engine = AsyncEngine(engine, metrics=metrics, max_queue=config.max_queue, abuse_guard=abuse_guard,
-                               request_log=request_log)
+                               request_log=request_log, step_log=config.step_log)
     info = async_engine.channel.info
     context = ServingContext(
         engine=async_engine,

@@ -138,15 +138,16 @@ class AsyncEngine:
     ``EngineChannel`` (a ``ProcessEngineChannel`` whose process runs one)."""
 
     def __init__(self, engine, metrics=None, max_queue: int | None = None, idle_poll_seconds: float = 0.5,
-                 abuse_guard=None, request_log=None):
+                 abuse_guard=None, request_log=None, step_log: str | None = None):
         """``abuse_guard`` (an AbuseGuard) is charged each request's tokens and joules as it ends;
-        ``request_log`` (a ``RequestLog``) gets one line of timings per request that ends."""
+        ``request_log`` (a ``RequestLog``) gets one line of timings per request that ends; ``step_log`` (a
+        path) one line per step, written by an engine stepped here (a ``ProcessEngineChannel`` takes its own)."""
         if max_queue is not None and max_queue < 1:
             raise ValueError(f"max_queue must be a positive integer or None, got {max_queue}.")
         if isinstance(engine, EngineChannel):
             self.channel = engine
         else:
-            self.channel = ThreadEngineChannel(engine, idle_poll_seconds)
+            self.channel = ThreadEngineChannel(engine, idle_poll_seconds, step_log=step_log)
         self.metrics = metrics
         self.abuse_guard = abuse_guard
         self.request_log = request_log

@@ -43,6 +43,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--request-log", default=None, metavar="FILE",
                        help="append one JSON line of timings per request that ends (arrival, first scheduled, first "
                             "token, handed to the event loop, finished), to find where a slow request's time went")
+    group.add_argument("--step-log", default=None, metavar="FILE",
+                       help="append one JSON line per engine step (each sequence's new and cached tokens, wall time; "
+                            ".gz: compressed), for `joule simulate --replay-log REQUESTS --step-log FILE`")
     group.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
                        help="run the engine loop in a process of its own, so the HTTP event loop and the engine do "
                             "not share one interpreter lock (default); --no-engine-process keeps it on a thread")
@@ -147,10 +150,11 @@ def run_serve(args: argparse.Namespace) -> int:
     server_config = ServerConfig(
         served_model_names=names, api_key=args.api_key, max_queue=args.max_queue,
         shutdown_timeout_seconds=args.shutdown_timeout, abuse_guard=abuse_guard_config_from_args(args),
-        request_log=args.request_log,
+        request_log=args.request_log, step_log=args.step_log,
     )
     engine_config = engine_config_from_args(args)
-    engine = ProcessEngineChannel(engine_config) if args.engine_process else LLMEngine(engine_config)
+    engine = (ProcessEngineChannel(engine_config, step_log=args.step_log) if args.engine_process
+              else LLMEngine(engine_config))
     with api_process_collector():
         app = build_app(engine, server_config)
         uvicorn_config = uvicorn.Config(

@@ -52,12 +52,13 @@ class EngineChannel(Protocol):
 class ThreadEngineChannel:
     """The engine loop on a thread beside the event loop (``build_app(engine)``, tests, embedding)."""
 
-    def __init__(self, engine, idle_poll_seconds: float = 0.5):
+    def __init__(self, engine, idle_poll_seconds: float = 0.5, step_log: str | None = None):
         self.info = EngineInfo(engine.tokenizer, engine.max_model_len, engine.model_config.vocab_size,
                                str(getattr(engine, "model_path", "") or ""))
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._reports: queue.SimpleQueue = queue.SimpleQueue()
-        self._loop = EngineLoop(engine, self._receive_command, self._reports.put, idle_poll_seconds)
+        self._loop = EngineLoop(engine, self._receive_command, self._reports.put, idle_poll_seconds,
+                                step_log=step_log)
         self._thread: threading.Thread | None = None
 
     def _receive_command(self, timeout: float | None) -> Command:
@@ -96,14 +97,15 @@ class ProcessEngineChannel:
     not wait on a long step to write (~100 commands of 3,000-token prompts).
     """
 
-    def __init__(self, config, idle_poll_seconds: float = 0.5):
+    def __init__(self, config, idle_poll_seconds: float = 0.5, step_log: str | None = None):
+        """``step_log``: a file the engine process writes one line per step to (``joule.perf.step_log``)."""
         context = multiprocessing.get_context("spawn")
         commands, self._commands = context.Pipe(duplex=False)
         self._reports, writer = context.Pipe(duplex=False)
         _grow_pipe(self._commands.fileno())
         self._send_lock = threading.Lock()  # the event loop and shutdown's thread both send
         self._process = context.Process(
-            target=_engine_process_main, args=(config, commands, writer, idle_poll_seconds),
+            target=_engine_process_main, args=(config, commands, writer, idle_poll_seconds, step_log),
             name="joule-engine", daemon=True,
         )
         self._process.start()
@@ -167,7 +169,7 @@ def _grow_pipe(fileno: int, size: int = 1 << 20) -> None:
         pass
 
 
-def _engine_process_main(config, commands, reports, idle_poll_seconds: float) -> None:
+def _engine_process_main(config, commands, reports, idle_poll_seconds: float, step_log: str | None = None) -> None:
     """The child: load the engine, say what the API side needs, run the loop until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us in order
     from joule.llm_engine import LLMEngine
@@ -199,7 +201,7 @@ def _engine_process_main(config, commands, reports, idle_poll_seconds: float) ->
 
     gc_pauses = GcPauseRecorder().install()
     try:
-        EngineLoop(engine, receive, reports.send, idle_poll_seconds, gc_pauses=gc_pauses).run()
+        EngineLoop(engine, receive, reports.send, idle_poll_seconds, gc_pauses=gc_pauses, step_log=step_log).run()
     except (BrokenPipeError, EOFError):
         pass  # the API side went away
     finally:

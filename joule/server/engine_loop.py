@@ -101,8 +101,12 @@ class EngineLoop:
     """
 
     def __init__(self, engine, receive: Callable[[float | None], Command], send: Callable[[EngineReport], None],
-                 idle_poll_seconds: float = 0.5, gc_pauses: GcPauseRecorder | None = None):
+                 idle_poll_seconds: float = 0.5, gc_pauses: GcPauseRecorder | None = None,
+                 step_log: str | None = None):
+        """``step_log``: a file for one line per step (``joule.perf.step_log``), opened where the loop runs."""
         self.engine = engine
+        self._step_log_path = step_log
+        self._step_recorder = None
         self._gc_pauses = gc_pauses
         self._receive = receive
         self._send = send
@@ -114,16 +118,28 @@ class EngineLoop:
         self._prompt_sent: set[str] = set()
 
     def run(self) -> None:
+        if self._step_log_path is not None:
+            from joule.perf.step_log import StepRecorder
+
+            self._step_recorder = StepRecorder(self.engine, self._step_log_path)
+        try:
+            self._run()
+        finally:
+            if self._step_recorder is not None:
+                self._step_recorder.close()
+
+    def _run(self) -> None:
         self._send(self._report(EngineReport()))  # the first stats, before any request
         stopping = False
         while not stopping:
             report = EngineReport()
             stepped = False
             try:
-                stopping = self._apply_commands(report, block=not self.engine.has_unfinished_requests())
+                idle = not self.engine.has_unfinished_requests()
+                stopping = self._apply_commands(report, block=idle)
                 if not stopping and self.engine.has_unfinished_requests():
                     stepped = True
-                    self._step(report)
+                    self._step(report, after_idle=idle)
             except Exception as error:  # a bug outside step(): fail what is in flight, keep serving
                 logger.exception("engine loop error")
                 self._fail_all(report, STEP_FAILED, f"engine error: {type(error).__name__}")
@@ -179,13 +195,16 @@ class EngineLoop:
             joules = ledger.released_joules - released_before if ledger is not None else 0.0
             report.aborted.append(Aborted(request_id, joules, reason))
 
-    def _step(self, report: EngineReport) -> None:
+    def _step(self, report: EngineReport, after_idle: bool = False) -> None:
+        started, clock = time.time(), time.perf_counter()
         try:
             outputs = self.engine.step()
         except Exception as error:
             logger.exception("engine step failed; failing the %d requests in flight", len(self._live))
             self._fail_all(report, STEP_FAILED, f"the engine failed while generating: {type(error).__name__}")
             return
+        if self._step_recorder is not None:
+            self._step_recorder.write(outputs, started, time.perf_counter() - clock, after_idle)
         prompt_sent = self._prompt_sent
         for output in outputs:
             request_id = output.request_id

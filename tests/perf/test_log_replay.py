@@ -109,3 +109,42 @@ def test_unreadable_logs_are_clear_errors(tmp_path, capsys):
                                 "finished": 1.2}) + "\n")
     assert main([*SIMULATE, "--replay-log", str(good), "--tenant", "a:rate=1"]) == 2
     assert "drop --tenant" in capsys.readouterr().err
+
+
+def test_a_step_log_is_predicted_step_by_step_beside_the_replay(tmp_path, capsys):
+    from joule.perf.simulator import ReplicaConfig
+    from joule.perf.step_log import read_step_log
+    from joule.perf.step_model import StepModel
+    from joule.perf.cli import load_model_config
+
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(json.dumps({"tenant": "a", "prompt_tokens": 300, "generated_tokens": 3, "arrival": 5.0,
+                                    "first_token": 5.02, "finished": 5.05}) + "\n")
+    rows = [  # as `joule serve --step-log` writes them: the prompt, then two decodes, 25 and 9 ms measured
+        {"scenario": "server", "kind": "prefill", "num_sequences": 1, "num_tokens": 300, "measured_s": 0.025,
+         "predicted_s": 0.0, "sequences": [[300, 0, 1, 0]], "after_idle": True, "time": 5.0},
+        {"scenario": "server", "kind": "decode", "num_sequences": 1, "num_tokens": 1, "measured_s": 0.009,
+         "predicted_s": 0.0, "sequences": [[1, 300, 1, 0]], "time": 5.03},
+        {"scenario": "server", "kind": "decode", "num_sequences": 1, "num_tokens": 1, "measured_s": 0.009,
+         "predicted_s": 0.0, "sequences": [[1, 301, 1, 1]], "time": 5.04},
+    ]
+    steps = tmp_path / "steps.jsonl"
+    steps.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    output = tmp_path / "out.json"
+    assert main([*SIMULATE, "--replay-log", str(requests), "--step-log", str(steps), "--output-json", str(output)]) == 0
+    assert "logged steps: 3" in capsys.readouterr().out
+    logged = json.loads(output.read_text())[0]["logged_steps"]
+    model = StepModel(load_model_config("qwen3-0.6b"), ReplicaConfig.for_hardware("H100").profile)
+    predicted = [model.predict(check.shape).elapsed_seconds for check in read_step_log(steps)]
+    first = read_step_log(steps)[0].shape
+    assert first.after_idle and [(s.num_new_tokens, s.context_length, s.samples) for s in first.sequences] == \
+        [(300, 0, True)]
+    assert read_step_log(steps)[2].shape.sequences[0].finishes
+    assert logged["steps"] == 3 and logged["measured_s"] == pytest.approx(0.043)
+    assert logged["predicted_s"] == pytest.approx(sum(predicted)) and logged["predicted_s"] > 0
+    errors = sorted(abs(p - row["measured_s"]) / row["measured_s"] for p, row in zip(predicted, rows))
+    assert logged["median_abs_error"] == pytest.approx(errors[1])
+    assert set(logged["by_kind"]) == {"prefill", "decode"}
+    steps.write_text("{not json\n")
+    with pytest.raises(ValueError, match="line 1 is not a step-log line"):
+        read_step_log(steps)

@@ -211,3 +211,20 @@ def test_the_request_log_has_one_line_of_ordered_timings_per_request(engine, tmp
         times = [record[key] for key in ("arrival", "first_scheduled", "first_token", "first_token_handed_over",
                                          "finished")]
         assert times == sorted(times) and record["prompt_tokens"] > 0 and record["energy_joules"] > 0
+
+
+def test_the_step_log_has_every_step_the_engine_ran(engine, tmp_path):
+    from joule.perf.step_log import read_step_log
+
+    log_path = tmp_path / "steps.jsonl.gz"
+    executor = engine.core.executor
+    app = build_app(engine, ServerConfig(served_model_names=["tiny"], step_log=str(log_path)))
+    with TestClient(app) as http:
+        body = {"prompt": [5, 6, 7, 8, 9, 10, 11], "max_tokens": 4, "ignore_eos": True}
+        assert http.post("/v1/completions", json=body).status_code == 200
+    assert engine.core.executor is executor  # the recorder's wrapper is gone with the loop
+    steps = read_step_log(log_path)
+    assert [step.kind for step in steps] == ["prefill", "decode", "decode", "decode"]
+    assert [step.sequences for step in steps] == [[[7, 0, 1, 0]], [[1, 7, 1, 0]], [[1, 8, 1, 0]], [[1, 9, 1, 1]]]
+    assert steps[0].after_idle and not any(step.after_idle for step in steps[1:])
+    assert all(step.measured_s > 0 and step.predicted_s == 0 and step.scenario == "server" for step in steps)
