@@ -5,7 +5,9 @@ the engine process (on-CPU stacks, collapsed) in the middle of the flooded run.
 Usage (GPU machine): PYTHONPATH=. python benchmarks/gpu/fairness_probe.py --out $OUT [--py-spy /tmp/site/bin/py-spy]
     [--server-args "--fair-prompt-cap 128"] [--heavy-rate 67.1] [--duration-s 30]
 CPU smoke run: python benchmarks/gpu/fairness_probe.py --tiny --out /tmp/probe --heavy-rate 12 --duration-s 3
-Writes OUT/probe.json (TTFTs, the server's pauses) and OUT/pyspy-*.txt (collapsed stacks, when py-spy runs).
+Writes OUT/probe.json (TTFTs, the server's pauses), OUT/requests.jsonl.gz and OUT/steps.jsonl.gz (the server's request
+and step logs, replayed in the simulator at the end: OUT/replay.json) and OUT/pyspy-*.txt (collapsed stacks, when
+py-spy runs).
 """
 
 from __future__ import annotations
@@ -91,6 +93,37 @@ def server_side_breakdown(records: list[dict], tenant: str, since: float = float
     return summary
 
 
+def replay_in_simulator(out: Path, server_args: list[str]) -> None:
+    """The server's own requests (solo and flooded runs, warm-up included) through the simulator with the shipped
+    profile of this device, and its logged steps predicted one by one (`joule simulate --replay-log`): whether the
+    server's latencies differ from the simulation through slower steps or through other steps."""
+    from joule.perf.cli import main as perf_main
+
+    def flag(name: str, default: str | None = None) -> str | None:
+        return server_args[server_args.index(name) + 1] if name in server_args else default
+
+    hardware = "CPU-2core"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            name = torch.cuda.get_device_name()
+            hardware = next((kind for kind in ("H200", "H100") if kind in name), hardware)
+    except ImportError:
+        pass
+    command = ["simulate", "--model", flag("--model"), "--hardware", hardware, "--dtype", flag("--dtype", "bfloat16"),
+               "--scheduling-policy", "fair", "--max-num-batched-tokens", flag("--max-num-batched-tokens", "2048"),
+               "--max-model-len", flag("--max-model-len", "4096"), "--replay-log", str(out / "requests.jsonl.gz"),
+               "--step-log", str(out / "steps.jsonl.gz"), "--output-json", str(out / "replay.json")]
+    if "--no-fair-keep-up" in server_args:
+        command.append("--no-fair-keep-up")
+    print(f"\nreplayed in the simulator ({hardware} profile): joule {' '.join(command)}")
+    try:
+        perf_main(command)
+    except Exception as error:  # the probe's own results stand without it
+        print(f"replay failed: {type(error).__name__}: {error}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -116,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             build_tiny_chat_model(model_dir)
         engine_args = ["--model", str(model_dir), *engine_args]
     server_args = [*engine_args, "--max-num-batched-tokens", str(args.chunk_budget), "--scheduling-policy", "fair",
-                   "--request-log", str(out / "requests.jsonl"), *shlex.split(args.server_args)]
+                   "--request-log", str(out / "requests.jsonl"), "--step-log", str(out / "steps.jsonl.gz"),
+                   *shlex.split(args.server_args)]
     logs = Path(tempfile.mkdtemp(prefix="fairness-probe-"))
     results: dict = {"server_args": server_args, "heavy_rate": args.heavy_rate}
     with goodput.Server("probe", server_args, logs, scale) as server:
@@ -150,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         with request_log.open("rb") as source, gzip.open(out / "requests.jsonl.gz", "wb") as target:
             shutil.copyfileobj(source, target)
         request_log.unlink()
+    if (out / "requests.jsonl.gz").exists() and (out / "steps.jsonl.gz").exists():
+        replay_in_simulator(out, server_args)
     stacks = out / "pyspy-flooded.txt"
     if stacks.exists():
         print("\nhottest frames (inclusive samples) while flooded:")
