@@ -56,6 +56,10 @@ def test_replaying_a_simulated_runs_log_gives_back_its_latencies(tmp_path, capsy
         assert after["ttft_s"] == pytest.approx(before["ttft_s"], abs=1e-6)  # log stamps: ~0.2 us of rounding
         assert after["e2el_s"] == pytest.approx(before["e2el_s"], abs=1e-6)
     logged = replayed["logged"]
+    assert logged["output_throughput"] == pytest.approx(replayed["output_throughput"], rel=1e-4)
+    for tenant in ("light", "heavy"):  # over the whole run, as the simulator counts a tenant's throughput
+        assert logged["tenants"][tenant]["output_throughput"] == pytest.approx(
+            replayed["tenants"][tenant]["output_throughput"], rel=1e-4)
     for key in ("ttft_s", "tpot_s", "e2e_s"):
         assert logged[key]["p50"] == pytest.approx(replayed[key]["p50"], rel=1e-4)
         for tenant in ("light", "heavy"):
