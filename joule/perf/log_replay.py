@@ -13,13 +13,12 @@ aborted, or without timings, are left out and counted.
 
 from __future__ import annotations
 
-import gzip
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from joule.perf.arrivals import SyntheticRequest, TimedRequest
+from joule.perf.json_files import read_json_lines
 from joule.perf.metrics import percentiles
 
 _REQUIRED = ("arrival", "first_token", "finished", "prompt_tokens", "generated_tokens")
@@ -33,20 +32,12 @@ class RequestLog:
 
 def read_request_log(path: str | Path) -> RequestLog:
     """The finished requests of a request log (``.gz`` read compressed); a malformed line is an error naming it."""
-    opener = gzip.open if str(path).endswith(".gz") else open
     records, skipped = [], 0
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}: line {number} is not JSON ({error.msg})") from None
-            if any(record.get(key) is None for key in _REQUIRED) or record["generated_tokens"] < 1:
-                skipped += 1
-                continue
-            records.append(record)
+    for _, record in read_json_lines(path):
+        if any(record.get(key) is None for key in _REQUIRED) or record["generated_tokens"] < 1:
+            skipped += 1
+            continue
+        records.append(record)
     if not records:
         raise ValueError(f"{path}: no finished request with arrival, first_token and finished times")
     records.sort(key=lambda record: record["arrival"])

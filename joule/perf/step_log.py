@@ -14,6 +14,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from joule.perf.json_files import read_json_lines
 from joule.perf.validate import StepCheck
 
 
@@ -53,18 +54,13 @@ class StepRecorder:
 
 def read_step_log(path: str | Path) -> list[StepCheck]:
     """The logged steps as step checks (predicted 0 until ``validate.recheck`` predicts them), in order."""
-    opener = gzip.open if str(path).endswith(".gz") else open
     checks = []
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                row.pop("time", None)
-                checks.append(StepCheck(**row))
-            except (json.JSONDecodeError, TypeError) as error:
-                raise ValueError(f"{path}: line {number} is not a step-log line ({error})") from None
+    for number, row in read_json_lines(path):
+        row.pop("time", None)
+        try:
+            checks.append(StepCheck(**row))
+        except TypeError as error:
+            raise ValueError(f"{path}: line {number} is not a step-log line ({error})") from None
     if not checks:
         raise ValueError(f"{path}: no steps")
     return checks

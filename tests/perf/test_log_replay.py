@@ -150,5 +150,8 @@ def test_a_step_log_is_predicted_step_by_step_beside_the_replay(tmp_path, capsys
     assert logged["median_abs_error"] == pytest.approx(errors[1])
     assert set(logged["by_kind"]) == {"prefill", "decode"}
     steps.write_text("{not json\n")
+    with pytest.raises(ValueError, match="line 1 is not JSON"):
+        read_step_log(steps)
+    steps.write_text(json.dumps({"scenario": "server", "unknown": 1}) + "\n")
     with pytest.raises(ValueError, match="line 1 is not a step-log line"):
         read_step_log(steps)
