@@ -31,11 +31,17 @@ _REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30
                     120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 
 
+_TOKEN_COUNT_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
+
+
 @dataclass
 class _RequestTiming:
     arrival_time: float
+    first_token_time: float | None = None
     last_token_time: float | None = None
     num_tokens: int = 0
+    prompt_tokens: int = 0
+    samples: int = 1  # n: completions seen (their indices)
     energy_counted: float = 0.0
 
 
@@ -94,6 +100,20 @@ class ServerMetrics:
         self.itl = histogram("joule:inter_token_latency_seconds", "Time between output tokens.", _LATENCY_BUCKETS)
         self.e2e = histogram("joule:e2e_request_latency_seconds", "Arrival to finish.", _REQUEST_BUCKETS)
         self.queue_time = histogram("joule:request_queue_time_seconds", "Arrival to first scheduled.", _REQUEST_BUCKETS)
+        # Per finished request, as vLLM's dashboards read them.
+        self.request_tpot = histogram("joule:request_time_per_output_token_seconds",
+                                      "A request's first to last token over its later tokens.", _LATENCY_BUCKETS)
+        self.request_prefill = histogram("joule:request_prefill_time_seconds",
+                                         "First scheduled to first token (the steps of its prompt).", _REQUEST_BUCKETS)
+        self.request_decode = histogram("joule:request_decode_time_seconds", "First token to last token.",
+                                        _REQUEST_BUCKETS)
+        self.request_inference = histogram("joule:request_inference_time_seconds",
+                                           "First scheduled to last token.", _REQUEST_BUCKETS)
+        self.request_prompt_tokens = histogram("joule:request_prompt_tokens", "Prompt tokens of a finished request.",
+                                               _TOKEN_COUNT_BUCKETS)
+        self.request_generation_tokens = histogram("joule:request_generation_tokens",
+                                                   "Tokens a finished request generated (all its samples).",
+                                                   _TOKEN_COUNT_BUCKETS)
         energy_labels = ["model_name", "source"]  # source: measured (a hardware counter) or estimated
         self.energy_total = Counter(
             "joule:energy_joules", "Joules the engine's meter counted: charged to requests (finished or aborted) "
@@ -152,23 +172,46 @@ class ServerMetrics:
             timing = self._timings[output.request_id] = _RequestTiming(arrival)
         new_tokens = sum(len(completion.token_ids) for completion in output.outputs)
         timing.num_tokens += new_tokens
+        timing.samples = max([timing.samples, *(completion.index + 1 for completion in output.outputs)])
         self._count_energy(output, timing)
         if new_tokens:
             self.generation_tokens.inc(new_tokens)
             if timing.last_token_time is None:
                 self.ttft.observe(now - timing.arrival_time)
-                self.prompt_tokens.inc(len(output.prompt_token_ids))
+                timing.prompt_tokens = len(output.prompt_token_ids)
+                self.prompt_tokens.inc(timing.prompt_tokens)
+                timing.first_token_time = now
             else:
                 self.itl.observe(now - timing.last_token_time)
             timing.last_token_time = now
         if output.finished:
             del self._timings[output.request_id]
             self.e2e.observe(now - timing.arrival_time)
-            if output.metrics is not None and output.metrics.time_in_queue is not None:
-                self.queue_time.observe(output.metrics.time_in_queue)
+            self._observe_finished(output, timing)
             for completion in output.outputs:
                 if completion.finish_reason is not None:
                     self._finished.labels(self._model_name, completion.finish_reason).inc()
+
+    def _observe_finished(self, output: RequestOutput, timing: _RequestTiming) -> None:
+        """The per-request histograms: queue, prefill, decode and inference times (engine clock), lengths, TPOT."""
+        metrics = output.metrics
+        if metrics is not None:
+            if metrics.time_in_queue is not None:
+                self.queue_time.observe(metrics.time_in_queue)
+            scheduled, first, last = metrics.first_scheduled_time, metrics.first_token_time, metrics.last_token_time
+            if scheduled is not None and first is not None:
+                self.request_prefill.observe(first - scheduled)
+            if first is not None and last is not None:
+                self.request_decode.observe(last - first)
+            if scheduled is not None and last is not None:
+                self.request_inference.observe(last - scheduled)
+        if timing.last_token_time is None:  # ended before its first token: no lengths to report
+            return
+        self.request_prompt_tokens.observe(timing.prompt_tokens)
+        self.request_generation_tokens.observe(timing.num_tokens)
+        per_sample = timing.num_tokens / timing.samples
+        if per_sample > 1:
+            self.request_tpot.observe((timing.last_token_time - timing.first_token_time) / (per_sample - 1))
 
     def _count_energy(self, output: RequestOutput, timing: _RequestTiming) -> None:
         """Outputs carry a request's joules so far; a finished one adds its joules per output token."""

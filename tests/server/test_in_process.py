@@ -153,6 +153,18 @@ def test_metrics_count_exactly_what_was_served_per_app(engine):
     assert values["joule:inter_token_latency_seconds_count"] == 4
     assert values["joule:e2e_request_latency_seconds_count"] == 1
     assert values["joule:request_queue_time_seconds_count"] == 1
+    for name in ("prefill", "decode", "inference"):
+        assert values[f"joule:request_{name}_time_seconds_count"] == 1
+    assert values["joule:request_decode_time_seconds_sum"] <= values["joule:request_inference_time_seconds_sum"]
+    assert values["joule:request_prompt_tokens_sum"] == prompt_len
+    assert values["joule:request_generation_tokens_sum"] == 5
+    assert values["joule:request_time_per_output_token_seconds_count"] == 1
+    assert 0 < values["joule:request_time_per_output_token_seconds_sum"] <= (
+        values["joule:e2e_request_latency_seconds_sum"] / 4)
+    # n=2: one more request, 10 tokens in all (5 a sample), one TPOT: its samples' later tokens, 4 each.
+    assert after_n2["joule:request_generation_tokens_sum"] == 15
+    assert after_n2["joule:request_time_per_output_token_seconds_count"] == 2
+    assert after_n2["joule:request_success_total[length]"] == 3
     assert values["joule:request_success_total[length]"] == 1
     assert values["joule:num_requests_running"] == 0 and values["joule:kv_cache_blocks_used"] == 0
     assert values["joule:kv_cache_blocks_total"] == engine.block_manager.num_blocks

@@ -187,6 +187,8 @@ def test_health_and_metrics_endpoints(live_server, client):
                  "joule:num_requests_running", "joule:num_requests_waiting", "joule:kv_cache_usage_perc",
                  "joule:kv_cache_blocks_used", "joule:prompt_tokens_total", "joule:generation_tokens_total",
                  "joule:prefix_cache_queries_total", "joule:prefix_cache_hits_total", "joule:num_preemptions_total",
+                 "joule:request_time_per_output_token_seconds_count", "joule:request_prefill_time_seconds_sum",
+                 "joule:request_prompt_tokens_bucket", "joule:request_generation_tokens_count",
                  'joule:request_success_total{finished_reason="length",model_name="tiny"}'):
         assert name in text, name
 
