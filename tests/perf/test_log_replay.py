@@ -113,6 +113,8 @@ def test_unreadable_logs_are_clear_errors(tmp_path, capsys):
                                 "finished": 1.2}) + "\n")
     assert main([*SIMULATE, "--replay-log", str(good), "--tenant", "a:rate=1"]) == 2
     assert "drop --tenant" in capsys.readouterr().err
+    assert main([*SIMULATE, "--workload", "num=2", "--step-log", str(good)]) == 2
+    assert "--step-log goes with --replay-log" in capsys.readouterr().err
 
 
 def test_a_step_log_is_predicted_step_by_step_beside_the_replay(tmp_path, capsys):
