@@ -123,6 +123,12 @@ class RecordingExecutor:
         self.last_request_ids: list[str] = []
         self._launched: dict[int, tuple[BatchShape, list[str]]] = {}
 
+    def __getattr__(self, name: str):
+        """Anything else is the wrapped executor's (a server keeps using it as its own)."""
+        if name == "inner":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
     def with_events(self, outputs, after_idle: bool, metered: bool = True) -> BatchShape | None:
         """The last step's shape marked with its request events: the sequences whose requests the step
         finished (``outputs`` of ``LLMEngine.step()``) and whether the engine sat idle before it; and

@@ -235,6 +235,10 @@ def test_the_step_log_has_every_step_the_engine_ran(engine, tmp_path):
         body = {"prompt": [5, 6, 7, 8, 9, 10, 11], "max_tokens": 4, "ignore_eos": True}
         assert http.post("/v1/completions", json=body).status_code == 200
     assert engine.core.executor is executor  # the recorder's wrapper is gone with the loop
+    from joule.perf.measure import RecordingExecutor
+
+    wrapped = RecordingExecutor(executor)
+    assert wrapped.kv_cache is executor.kv_cache  # while it is on, the engine's executor reads through it
     steps = read_step_log(log_path)
     assert [step.kind for step in steps] == ["prefill", "decode", "decode", "decode"]
     assert [step.sequences for step in steps] == [[[7, 0, 1, 0]], [[1, 7, 1, 0]], [[1, 8, 1, 0]], [[1, 9, 1, 1]]]
