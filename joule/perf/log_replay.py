@@ -7,8 +7,9 @@ traffic a server really had, not only for a workload generated to match.
 
 Prompts are random token ids of the logged lengths. A request that found ``cached_tokens`` of its prompt in the
 prefix cache gets that many leading tokens from the latest earlier request long enough to lend them, so the
-simulated cache can find them too (which earlier request really lent them is not logged). Requests the log shows
-aborted, or without timings, are left out and counted.
+simulated cache can find them too (which earlier request really lent them is not logged). A request with several
+samples (``n`` > 1) replays as one sequence generating all of their tokens. Requests the log shows aborted, or
+without timings, are left out and counted.
 """
 
 from __future__ import annotations
