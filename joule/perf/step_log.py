@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import gzip
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 from joule.perf.json_files import read_json_lines
-from joule.perf.validate import StepCheck
+from joule.perf.validate import StepCheck, step_kind
 
 
 class StepRecorder:
@@ -39,11 +38,20 @@ class StepRecorder:
         core = self.engine.core
         if not core.last_step.num_sequences:
             return
-        shape = core.executor.with_events(outputs, after_idle, metered=core.step_observer is not None)
+        executor = core.executor
+        shape = executor.last_shape
         if shape is None:
             return
-        row = asdict(StepCheck.of("server", shape, seconds, None))
-        row["time"] = started
+        # A StepCheck row, built directly: with_events + asdict took 1.4 ms for 256 sequences on the dev CPU.
+        finished = {output.request_id for output in outputs if output.finished}
+        row = {
+            "scenario": "server", "kind": step_kind(shape), "num_sequences": len(shape.sequences),
+            "num_tokens": shape.num_tokens, "measured_s": seconds, "predicted_s": 0.0,
+            "sequences": [[s.num_new_tokens, s.context_length, int(s.samples), int(request_id in finished)]
+                          for s, request_id in zip(shape.sequences, executor.last_request_ids)],
+            "staging": shape.staging, "staging_capacity": shape.staging_capacity, "after_idle": after_idle,
+            "queued": shape.queued, "time": started,
+        }
         self._file.write(json.dumps(row, separators=(",", ":")) + "\n")
 
     def close(self) -> None:

@@ -133,11 +133,11 @@ class StepCheck:
         """``model`` None: not predicted yet (0), as a server's step log keeps them."""
         compact = [[s.num_new_tokens, s.context_length, int(s.samples), int(s.finishes)] for s in shape.sequences]
         predicted = model.predict(shape).elapsed_seconds if model is not None else 0.0
-        return cls(scenario, _kind(shape), len(shape.sequences), shape.num_tokens, measured_s, predicted, compact,
+        return cls(scenario, step_kind(shape), len(shape.sequences), shape.num_tokens, measured_s, predicted, compact,
                    shape.staging, shape.staging_capacity, shape.after_idle, shape.queued)
 
 
-def _kind(shape) -> str:
+def step_kind(shape) -> str:
     if shape.is_decode_only:
         return "decode"
     if all(s.num_new_tokens > 1 for s in shape.sequences):

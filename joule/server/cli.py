@@ -45,7 +45,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                             "token, handed to the event loop, finished), to find where a slow request's time went")
     group.add_argument("--step-log", default=None, metavar="FILE",
                        help="append one JSON line per engine step (each sequence's new and cached tokens, wall time; "
-                            ".gz: compressed), for `joule simulate --replay-log REQUESTS --step-log FILE`")
+                            ".gz: compressed), for `joule simulate --replay-log REQUESTS --step-log FILE`; costs the "
+                            "engine loop ~0.1-0.5 ms a step at 256 sequences")
     group.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
                        help="run the engine loop in a process of its own, so the HTTP event loop and the engine do "
                             "not share one interpreter lock (default); --no-engine-process keeps it on a thread")
