@@ -258,8 +258,9 @@ def _replay_log(args, model: ModelConfig, replicas, request_slo, slo) -> int:
     log = read_request_log(args.replay_log)
     requests = replay_requests(log, model.vocab_size)
     started = time.perf_counter()
-    result = ClusterSimulator(model, replicas, args.router, request_slo=request_slo,
-                              streamed_outputs=not args.final_only).run(requests, progress=True)
+    simulator = ClusterSimulator(model, replicas, args.router, request_slo=request_slo,
+                                 streamed_outputs=not args.final_only, record_plans=bool(args.step_log))
+    result = simulator.run(requests, progress=True)
     summary = result.summary(slo)
     summary["wall_s"] = time.perf_counter() - started
     summary["logged"] = logged_latencies(log)
@@ -270,7 +271,8 @@ def _replay_log(args, model: ModelConfig, replicas, request_slo, slo) -> int:
     _print_summary(summary)
     print("\n" + "\n".join(comparison_lines(summary["logged"], summary)))
     if args.step_log:
-        summary["logged_steps"] = _logged_steps(args.step_log, model, replicas[0].profile, summary)
+        simulated_steps = [[sequence.num_tokens for sequence in plan] for plan in simulator.plans(0)]
+        summary["logged_steps"] = _logged_steps(args.step_log, model, replicas[0].profile, simulated_steps)
     if args.per_request:
         summary["requests"] = result.request_rows(slo)
     if args.output_json:
@@ -278,8 +280,10 @@ def _replay_log(args, model: ModelConfig, replicas, request_slo, slo) -> int:
     return 0
 
 
-def _logged_steps(path: str, model: ModelConfig, profile, simulated: dict) -> dict:
-    """A server's logged steps, each predicted by the step model: are they slower than it says, or other steps?"""
+def _logged_steps(path: str, model: ModelConfig, profile, simulated_steps: list[list[int]]) -> dict:
+    """A server's logged steps, each predicted by the step model: are they slower than it says, or other steps?
+    ``simulated_steps``: each simulated step's new tokens per sequence (the first replica's)."""
+    from joule.perf.log_replay import prompt_work
     from joule.perf.step_log import read_step_log
     from joule.perf.step_model import StepModel
     from joule.perf.validate import recheck, summarize_checks
@@ -293,7 +297,13 @@ def _logged_steps(path: str, model: ModelConfig, profile, simulated: dict) -> di
                       for kind, row in summary["by_kind"].items())
     print(f"\nlogged steps: {summary['steps']}, {summary['measured_s']:.2f} s, each predicted from its shape: "
           f"{summary['predicted_s']:.2f} s, median |error| {summary['median_abs_error']:.1%} [{kinds}]")
-    print(f"simulated steps: {simulated['num_steps']} (the server ran {summary['steps']})")
+    summary["prompt_work"] = {"logged": prompt_work([[row[0] for row in check.sequences] for check in checks]),
+                              "simulated": prompt_work(simulated_steps)}
+    print(f"simulated steps: {len(simulated_steps)} (the server ran {summary['steps']})")
+    for side, work in summary["prompt_work"].items():
+        if work["steps"]:
+            print(f"  {side:>9}: {work['steps']} steps carried prompt tokens, per step p50 {work['p50']} / "
+                  f"p90 {work['p90']} / max {work['max']}")
     return summary
 
 

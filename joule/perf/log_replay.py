@@ -108,3 +108,15 @@ def comparison_lines(logged: dict, simulated: dict) -> list[str]:
         error = (guess - value) / value if value else float("nan")
         lines.append(f"{label:<16}{'output tok/s':<14}{value:>10.1f}{guess:>11.1f}{error:>+9.1%}")
     return lines
+
+
+def prompt_work(steps_new_tokens: list[list[int]]) -> dict:
+    """Prompt tokens a step carried, over the steps that carried any (a sequence computing more than one token is
+    a prompt chunk): how many such steps, and the median, p90 and largest. Logged and simulated steps alike, to see
+    whether a server ran other step shapes than its simulation."""
+    per_step = [sum(tokens for tokens in step if tokens > 1) for step in steps_new_tokens]
+    per_step = sorted(tokens for tokens in per_step if tokens)
+    if not per_step:
+        return {"steps": 0}
+    return {"steps": len(per_step), "p50": per_step[len(per_step) // 2],
+            "p90": per_step[min(len(per_step) - 1, int(0.9 * len(per_step)))], "max": per_step[-1]}

@@ -138,8 +138,11 @@ def test_a_step_log_is_predicted_step_by_step_beside_the_replay(tmp_path, capsys
     steps.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
     output = tmp_path / "out.json"
     assert main([*SIMULATE, "--replay-log", str(requests), "--step-log", str(steps), "--output-json", str(output)]) == 0
-    assert "logged steps: 3" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "logged steps: 3" in printed and "logged: 1 steps carried prompt tokens, per step p50 300" in printed
     logged = json.loads(output.read_text())[0]["logged_steps"]
+    assert logged["prompt_work"]["logged"] == {"steps": 1, "p50": 300, "p90": 300, "max": 300}
+    assert logged["prompt_work"]["simulated"]["max"] == 300  # one 300-token prompt, in one step under the budget
     model = StepModel(load_model_config("qwen3-0.6b"), ReplicaConfig.for_hardware("H100").profile)
     predicted = [model.predict(check.shape).elapsed_seconds for check in read_step_log(steps)]
     first = read_step_log(steps)[0].shape
@@ -157,3 +160,11 @@ def test_a_step_log_is_predicted_step_by_step_beside_the_replay(tmp_path, capsys
     steps.write_text(json.dumps({"scenario": "server", "unknown": 1}) + "\n")
     with pytest.raises(ValueError, match="line 1 is not a step-log line"):
         read_step_log(steps)
+
+
+def test_prompt_work_counts_the_prompt_tokens_of_steps_that_carried_any():
+    from joule.perf.log_replay import prompt_work
+
+    steps = [[1, 1, 1], [128, 1], [1, 64, 64], [300], [1]]  # new tokens per sequence; 1 = a decode
+    assert prompt_work(steps) == {"steps": 3, "p50": 128, "p90": 300, "max": 300}
+    assert prompt_work([[1], [1, 1]]) == {"steps": 0}
