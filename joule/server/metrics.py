@@ -172,7 +172,8 @@ class ServerMetrics:
             timing = self._timings[output.request_id] = _RequestTiming(arrival)
         new_tokens = sum(len(completion.token_ids) for completion in output.outputs)
         timing.num_tokens += new_tokens
-        timing.samples = max([timing.samples, *(completion.index + 1 for completion in output.outputs)])
+        for completion in output.outputs:
+            timing.samples = max(timing.samples, completion.index + 1)
         self._count_energy(output, timing)
         if new_tokens:
             self.generation_tokens.inc(new_tokens)
