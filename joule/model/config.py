@@ -38,6 +38,8 @@ _ARCHITECTURE_BY_MODEL_TYPE = {traits.model_type: name for name, traits in ARCHI
 ROPE_SCALING_KEYS = {
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    # Joule's own: one divisor per rotary pair, as llama.cpp's GGUF files store Llama 3.1+ scaling (rope_freqs).
+    "frequency_factors": ("factors",),
 }
 SUPPORTED_ROPE_TYPES = ("default", *ROPE_SCALING_KEYS)
 
@@ -52,7 +54,7 @@ class ModelConfig:
 
     Field names follow Hugging Face so a reader can check them against config.json.
     ``rope_scaling`` is ``None`` for plain rope, else a dict with ``rope_type``
-    ("linear" or "llama3") and that type's parameters.
+    ("linear", "llama3" or "frequency_factors") and that type's parameters.
     """
 
     architecture: str
@@ -108,6 +110,15 @@ class ModelConfig:
             missing = [key for key in ROPE_SCALING_KEYS[rope_type] if key not in self.rope_scaling]
             if missing:
                 raise ModelLoadError(f"rope_scaling of type {rope_type!r} is missing {', '.join(missing)}")
+            if rope_type == "frequency_factors":
+                self._check_frequency_factors(self.rope_scaling["factors"])
+
+    def _check_frequency_factors(self, factors) -> None:
+        pairs = self.head_dim // 2
+        if not isinstance(factors, (list, tuple)) or len(factors) != pairs:
+            raise ModelLoadError(f"rope_scaling factors must be a list of head_dim / 2 = {pairs} numbers")
+        if not all(isinstance(factor, (int, float)) and factor > 0 for factor in factors):
+            raise ModelLoadError("rope_scaling factors must all be positive numbers")
 
     @classmethod
     def from_hf_config(cls, hf_config: dict) -> "ModelConfig":

@@ -52,6 +52,7 @@ _LAYER_TENSOR_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+ROPE_FREQUENCIES_TENSOR = "rope_freqs.weight"
 _LAYER_TENSOR_PATTERN = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
@@ -157,10 +158,6 @@ def hf_config_from_gguf(reader, gguf_path: Path) -> dict:
             f"supported GGUF architectures: {', '.join(GGUF_ARCHITECTURES)}"
         )
     tensor_shapes = {tensor.name: [int(size) for size in tensor.shape] for tensor in reader.tensors}
-    if "rope_freqs.weight" in tensor_shapes:
-        raise ModelLoadError(
-            f"GGUF file {gguf_path} stores rope frequency factors (rope_freqs, Llama 3.1 style); not supported yet"
-        )
     if "token_embd.weight" not in tensor_shapes:
         raise ModelLoadError(f"GGUF file {gguf_path} has no token_embd.weight tensor")
 
@@ -197,7 +194,25 @@ def hf_config_from_gguf(reader, gguf_path: Path) -> dict:
         if scaling_type != "linear":
             raise ModelLoadError(f"GGUF rope scaling type {scaling_type!r} is not supported (only linear)")
         config["rope_scaling"] = {"rope_type": "linear", "factor": float(required("rope.scaling.factor"))}
+    factors = _rope_frequency_factors(reader)
+    if factors is not None:
+        if "rope_scaling" in config:
+            raise ModelLoadError(
+                f"GGUF file {gguf_path} has both rope scaling {scaling_type!r} and rope_freqs; Joule supports one"
+            )
+        config["rope_scaling"] = {"rope_type": "frequency_factors", "factors": factors}
     return config
+
+
+def _rope_frequency_factors(reader) -> list[float] | None:
+    """Llama 3.1+ rope scaling as llama.cpp stores it: a divisor per rotary pair (``rope_freqs``), or None."""
+    from gguf.quants import dequantize
+
+    for tensor in reader.tensors:
+        if tensor.name == ROPE_FREQUENCIES_TENSOR:
+            values = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(-1)
+            return [float(value) for value in values]
+    return None
 
 
 def hf_tensor_name(gguf_name: str) -> str:
@@ -235,6 +250,8 @@ def dequantized_tensors(reader, hf_config: dict) -> dict[str, torch.Tensor]:
     undo_permutation = hf_config["model_type"] == "llama"
     tensors = {}
     for tensor in reader.tensors:
+        if tensor.name == ROPE_FREQUENCIES_TENSOR:  # in config.json's rope_scaling, not a weight
+            continue
         name = hf_tensor_name(tensor.name)
         shape = tuple(int(size) for size in reversed(tensor.shape))  # GGUF lists the fastest axis first
         weights = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(shape)

@@ -58,6 +58,8 @@ def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
         return inverse_frequencies / float(scaling["factor"])
     if rope_type == "llama3":
         return _llama3_scaled(inverse_frequencies, scaling)
+    if rope_type == "frequency_factors":  # what llama.cpp does with a GGUF's rope_freqs tensor
+        return inverse_frequencies / torch.tensor(scaling["factors"], dtype=torch.float32, device="cpu")
     raise ValueError(f"unsupported rope_type {rope_type!r}")
 
 

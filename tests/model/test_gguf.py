@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 import transformers
 
-from joule.model.config import ModelLoadError
+from joule.model.config import ModelConfig, ModelLoadError
 from joule.model.default_model import default_gguf_path
 from joule.model.gguf_loader import convert_gguf, undo_rope_permutation
 from joule.model.loader import load_model, resolve_model_path
@@ -135,7 +136,7 @@ def gguf_name(hf_name: str) -> str:
     return f"blk.{layer}.{GGUF_NAMES[module]}.{suffix}"
 
 
-def write_gguf(path, architecture: str, reference, config) -> None:
+def write_gguf(path, architecture: str, reference, config, rope_frequency_factors=None) -> None:
     writer = gguf.GGUFWriter(str(path), architecture)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
@@ -157,6 +158,8 @@ def write_gguf(path, architecture: str, reference, config) -> None:
         elif architecture == "llama" and ".k_proj." in name:
             weights = llama_cpp_permute(weights, config.num_key_value_heads)
         writer.add_tensor(gguf_name(name), weights)
+    if rope_frequency_factors is not None:
+        writer.add_tensor("rope_freqs.weight", np.asarray(rope_frequency_factors, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -170,11 +173,8 @@ SYNTHETIC = {
 }
 
 
-@pytest.mark.parametrize("architecture", SYNTHETIC)
-def test_synthetic_gguf_converts_to_matching_model(tmp_path, monkeypatch, architecture):
-    monkeypatch.setenv("JOULE_CACHE_DIR", str(tmp_path / "cache"))
-    config_class, overrides = SYNTHETIC[architecture]
-    config = getattr(transformers, config_class)(**TINY, **overrides)
+def random_reference(config):
+    """A transformers model with random weights large enough that every layer matters (norms near 1)."""
     torch.manual_seed(0)
     reference = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     generator = torch.Generator().manual_seed(1)
@@ -182,6 +182,15 @@ def test_synthetic_gguf_converts_to_matching_model(tmp_path, monkeypatch, archit
         for name, parameter in reference.named_parameters():
             noise = torch.randn(parameter.shape, generator=generator)
             parameter.copy_(1.0 + 0.2 * noise if "norm" in name else 0.15 * noise)
+    return reference
+
+
+@pytest.mark.parametrize("architecture", SYNTHETIC)
+def test_synthetic_gguf_converts_to_matching_model(tmp_path, monkeypatch, architecture):
+    monkeypatch.setenv("JOULE_CACHE_DIR", str(tmp_path / "cache"))
+    config_class, overrides = SYNTHETIC[architecture]
+    config = getattr(transformers, config_class)(**TINY, **overrides)
+    reference = random_reference(config)
     gguf_path = tmp_path / f"tiny-{architecture}.gguf"
     write_gguf(gguf_path, architecture, reference, config)
 
@@ -192,6 +201,62 @@ def test_synthetic_gguf_converts_to_matching_model(tmp_path, monkeypatch, archit
     with torch.no_grad():
         expected = reference(torch.tensor([tokens])).logits[0]
     torch.testing.assert_close(prefill_logits(loaded.model, tokens), expected, atol=1e-4, rtol=1e-4)
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 48, "rope_theta": 500000.0}
+
+
+def llama_cpp_rope_factors(head_dim: int, rope: dict) -> list[float]:
+    """The per-pair divisors llama.cpp's converter stores as ``rope_freqs`` for a Llama 3.1+ checkpoint."""
+    original = rope["original_max_position_embeddings"]
+    low, high, factor = rope["low_freq_factor"], rope["high_freq_factor"], rope["factor"]
+    factors = []
+    for pair in range(head_dim // 2):
+        wavelength = 2 * math.pi * rope["rope_theta"] ** (2 * pair / head_dim)
+        if wavelength < original / high:
+            factors.append(1.0)
+        elif wavelength > original / low:
+            factors.append(factor)
+        else:
+            smooth = (original / wavelength - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return factors
+
+
+def test_llama3_gguf_with_rope_frequency_factors_matches_transformers(tmp_path, monkeypatch):
+    """Llama 3.1 / 3.2 GGUFs carry their rope scaling as a rope_freqs tensor, not as metadata."""
+    monkeypatch.setenv("JOULE_CACHE_DIR", str(tmp_path / "cache"))
+    config = transformers.LlamaConfig(**TINY, num_key_value_heads=2, rope_parameters=LLAMA3_ROPE)
+    reference = random_reference(config)
+    factors = llama_cpp_rope_factors(config.hidden_size // config.num_attention_heads, LLAMA3_ROPE)
+    assert factors[0] == 1.0 and factors[-1] == 8.0 and 1.0 < factors[1] < 8.0, "all three bands exercised"
+    gguf_path = tmp_path / "tiny-llama3.gguf"
+    write_gguf(gguf_path, "llama", reference, config, rope_frequency_factors=factors)
+
+    loaded = load_model(str(gguf_path), torch.float32, "cpu")
+    assert loaded.config.rope_scaling["rope_type"] == "frequency_factors"
+    assert loaded.config.rope_scaling["factors"] == pytest.approx(factors, rel=1e-6)
+    tokens = [(7 * position + 3) % TINY["vocab_size"] for position in range(60)]
+    with torch.no_grad():
+        expected = reference(torch.tensor([tokens])).logits[0]
+    actual = prefill_logits(loaded.model, tokens)
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+    assert torch.equal(actual.argmax(-1), expected.argmax(-1))
+
+    # Without the factors the far positions rotate differently: the test would notice a loader that dropped them.
+    plain_path = tmp_path / "tiny-llama3-plain.gguf"
+    write_gguf(plain_path, "llama", reference, config)
+    plain = prefill_logits(load_model(str(plain_path), torch.float32, "cpu").model, tokens)
+    assert (plain - expected).abs().max() > 1e-2
+
+
+def test_rope_frequency_factors_of_the_wrong_length_are_refused():
+    config = {**transformers.LlamaConfig(**TINY).to_dict(), "architectures": ["LlamaForCausalLM"]}
+    config["rope_scaling"] = {"rope_type": "frequency_factors", "factors": [1.0, 2.0]}
+    config.pop("rope_parameters", None)
+    with pytest.raises(ModelLoadError, match="head_dim / 2 = 8"):
+        ModelConfig.from_hf_config(config)
 
 
 def test_undo_rope_permutation_inverts_llama_cpp_order():
