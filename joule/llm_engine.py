@@ -201,7 +201,9 @@ class LLMEngine:
             child_id = request_id if params.n == 1 else f"{index}_{request_id}"
             child_params = params
             if params.n > 1 and params.seed is not None:
-                child_params = params.clone(seed=params.seed + index)
+                child_params = child_params.clone(seed=params.seed + index)
+            if index > 0 and params.prompt_logprobs is not None:  # the first sample scores the prompt for all
+                child_params = child_params.clone(prompt_logprobs=None)
             request = Request(
                 request_id=child_id,
                 prompt_token_ids=prompt_ids,

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from joule.detokenizer import IncrementalDetokenizer
 from joule.energy import EnergyLedger
-from joule.engine.request import Request, RequestStatus
+from joule.engine.request import Request, RequestStatus, SampledToken
 from joule.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from joule.sampling_params import RequestOutputKind, SamplingParams
 from joule.tokenizer import Tokenizer
@@ -43,6 +43,10 @@ class RequestState:
     params: SamplingParams
     metrics: RequestMetrics
     samples: list[SampleState] = field(default_factory=list)
+    # vLLM's ``RequestOutput.prompt_logprobs`` once every prompt token is scored (built once), and whether a
+    # DELTA output carried it already (it goes out once).
+    prompt_logprobs: list | None = None
+    prompt_logprobs_sent: bool = False
 
     @property
     def finished(self) -> bool:
@@ -123,6 +127,10 @@ class OutputBuilder:
                 )
             )
             sample.num_tokens_sent, sample.num_chars_sent = seen, len(sample.text)
+        prompt_logprobs = self._prompt_logprobs(state)
+        if delta and prompt_logprobs is not None:
+            prompt_logprobs, state.prompt_logprobs_sent = (None if state.prompt_logprobs_sent else prompt_logprobs,
+                                                           True)
         return RequestOutput(
             request_id=state.request_id,
             prompt=state.prompt,
@@ -131,7 +139,16 @@ class OutputBuilder:
             finished=finished,
             metrics=state.metrics,
             num_cached_tokens=max(state.samples[0].request.num_cached_tokens, 0),
+            prompt_logprobs=prompt_logprobs,
         )
+
+    def _prompt_logprobs(self, state: RequestState) -> list | None:
+        """None for the first prompt token (nothing comes before it), then one entry per token, as vLLM's."""
+        if state.prompt_logprobs is None and state.params.prompt_logprobs is not None:
+            scored = state.samples[0].request.prompt_logprobs  # the first sample computes them for all n
+            if len(scored) == len(state.prompt_token_ids) - 1:
+                state.prompt_logprobs = [None, *(self._logprob_entry(token) for token in scored)]
+        return state.prompt_logprobs
 
     @staticmethod
     def _cumulative_logprob(sample: SampleState) -> float | None:
@@ -148,13 +165,14 @@ class OutputBuilder:
     def _logprobs(self, sample: SampleState, start: int) -> list[dict[int, Logprob]] | None:
         if sample.request.sampling_params.logprobs is None:
             return None
-        result = []
-        for token in sample.request.output_logprobs[start : sample.num_tokens_seen]:
-            entry = {token.token_id: Logprob(token.logprob, token.rank, self._decode_one(token.token_id))}
-            for rank, (token_id, logprob) in enumerate(token.top or [], start=1):
-                entry.setdefault(token_id, Logprob(logprob, rank, self._decode_one(token_id)))
-            result.append(entry)
-        return result
+        return [self._logprob_entry(token) for token in sample.request.output_logprobs[start : sample.num_tokens_seen]]
+
+    def _logprob_entry(self, token: SampledToken) -> dict[int, Logprob]:
+        """The token itself first, then its top alternatives by rank."""
+        entry = {token.token_id: Logprob(token.logprob, token.rank, self._decode_one(token.token_id))}
+        for rank, (token_id, logprob) in enumerate(token.top or [], start=1):
+            entry.setdefault(token_id, Logprob(logprob, rank, self._decode_one(token_id)))
+        return entry
 
     def _decode_one(self, token_id: int) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode([token_id])

@@ -38,6 +38,8 @@ class SamplingParams:
     max_tokens: int | None = 16
     min_tokens: int = 0
     logprobs: int | None = None
+    # Per prompt token (after the first): its logprob given the tokens before it, plus this many top alternatives.
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     extra_args: dict = field(default_factory=dict)
@@ -78,6 +80,8 @@ class SamplingParams:
             )
         if self.logprobs is not None:
             _check_int(self.logprobs, "logprobs", minimum=0)
+        if self.prompt_logprobs is not None:
+            _check_int(self.prompt_logprobs, "prompt_logprobs", minimum=0)
         if self.seed is not None:
             _check_int(self.seed, "seed")
         if not isinstance(self.output_kind, RequestOutputKind):

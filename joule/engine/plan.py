@@ -76,6 +76,8 @@ class StepResult:
     sampled: dict[str, SampledToken] = field(default_factory=dict)
     elapsed_seconds: float = 0.0
     energy_joules: float | None = None
+    # Request id -> (index of the first prompt logprob it holds, those logprobs), for requests asking for them.
+    prompt_logprobs: dict[str, tuple[int, list[SampledToken]]] = field(default_factory=dict)
 
 
 class Executor(Protocol):

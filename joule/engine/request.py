@@ -75,6 +75,8 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[SampledToken] = field(default_factory=list)
+    # Entry i: prompt token i + 1 given the tokens before it (``sampling_params.prompt_logprobs``).
+    prompt_logprobs: list[SampledToken] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = -1  # prefix-cache hit at first schedule; -1 until then
     block_ids: list[int] = field(default_factory=list)
@@ -113,6 +115,21 @@ class Request:
                 max_model_len is not None and self.num_prompt_tokens + num_output_tokens >= max_model_len):
             return RequestStatus.FINISHED_LENGTH, None
         return None
+
+    @property
+    def needs_prompt_logits(self) -> bool:
+        """Prompt logprobs are asked for and not all known: every prompt position must be computed here, so no
+        prefix-cache hit may skip any."""
+        return (self.sampling_params.prompt_logprobs is not None
+                and len(self.prompt_logprobs) < len(self.prompt_token_ids) - 1)
+
+    def prompt_logprob_positions(self, start: int, count: int) -> range:
+        """Of the positions ``start .. start + count`` a step computes, those whose next prompt token's logprob
+        is still missing (a recomputation after preemption scores nothing twice)."""
+        if self.sampling_params.prompt_logprobs is None:
+            return range(0)
+        first = max(start, len(self.prompt_logprobs))
+        return range(first, max(first, min(start + count, len(self.prompt_token_ids) - 1)))
 
     def token_id_at(self, position: int) -> int:
         prompt_length = len(self.prompt_token_ids)

@@ -283,7 +283,7 @@ class Scheduler:
                 break  # every running request must fit one step's decodes (a lane step plans only its own)
             has_room = len(self.running) < self.config.max_num_seqs
             if has_room:
-                cached_blocks = self.block_manager.find_cached_prefix(request)
+                cached_blocks = [] if request.needs_prompt_logits else self.block_manager.find_cached_prefix(request)
                 num_computed = len(cached_blocks) * size
                 num_new = min(request.num_tokens - num_computed, budget)
                 if whole_prompts and num_new < request.num_tokens - num_computed:
@@ -380,6 +380,9 @@ class Scheduler:
                 if request.sampling_params.logprobs is not None:
                     request.output_logprobs.append(sampled)
                 self._check_stop(request, sampled.token_id)
+            scored = result.prompt_logprobs.get(request.request_id) if result.prompt_logprobs else None
+            if scored is not None and scored[0] == len(request.prompt_logprobs):
+                request.prompt_logprobs.extend(scored[1])
             if request.status in FINISHED_STATUSES:
                 self._release(request)
             elif computed_after // block_size != computed_before // block_size:  # a block just filled up

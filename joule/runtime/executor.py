@@ -27,7 +27,7 @@ from joule.runtime.attention.base import (
 from joule.runtime.cuda_graphs import DecodeGraphRunner, graphs_disabled_reason
 from joule.runtime.kernel_warmup import warmup_plans
 from joule.runtime.prefill_graphs import PrefillChunkGraphRunner, can_run_mixed_step, run_mixed_step
-from joule.runtime.sampler import Sampler, SamplingRow, greedy_tokens
+from joule.runtime.sampler import Sampler, SamplingRow, greedy_tokens, prompt_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ class LaunchedStep:
     logits: torch.Tensor | None = None
     host_token_ids: torch.Tensor | None = None
     copied: torch.cuda.Event | None = None
+    prompt_logprobs: dict | None = None  # StepResult.prompt_logprobs, scored at launch
 
 
 class ModelExecutor:
@@ -142,7 +143,9 @@ class ModelExecutor:
         all_continued = len(continued_rows) == len(plan.sequences)
         runner = self.graph_runner
         chunks = self.chunk_runner
-        graphs = self.use_cuda_graphs and runner is not None and runner.backend is self.backend
+        scored_rows = _prompt_logprob_rows(plan)  # graphs keep only the sampled rows' hidden states: eager then
+        graphs = (self.use_cuda_graphs and runner is not None and runner.backend is self.backend
+                  and not scored_rows)
         if graphs and runner.can_run(plan) and (previous is None or all_continued):
             hidden = runner.run(plan, continued_tokens)
             sample_rows = [(row, sequence) for row, sequence in enumerate(plan.sequences) if sequence.samples]
@@ -162,6 +165,13 @@ class ModelExecutor:
                     input_ids.index_copy_(0, self._index(offsets), continued_tokens)
             context = ForwardContext(self.backend, self.kv_cache, metadata)
             hidden = self.model(input_ids, positions, context)
+        scored = self._score_prompts(hidden, scored_rows) if scored_rows else None
+        launched = self._launch_sampling(hidden, sample_rows, started, previous)
+        launched.prompt_logprobs = scored
+        return launched
+
+    def _launch_sampling(self, hidden: torch.Tensor, sample_rows: list, started: float,
+                         previous: LaunchedStep | None) -> LaunchedStep:
         if not sample_rows:
             return LaunchedStep([], started, result=StepResult(elapsed_seconds=time.perf_counter() - started))
         rows = [row for row, _ in sample_rows]
@@ -199,9 +209,27 @@ class ModelExecutor:
         copied.record()
         return LaunchedStep(requests, started, token_ids=token_ids, host_token_ids=host_token_ids, copied=copied)
 
+    def _score_prompts(self, hidden: torch.Tensor, scored_rows: list[tuple[Request, range, int]]) -> dict:
+        """Prompt logprobs of ``_prompt_logprob_rows``' positions, as ``StepResult.prompt_logprobs`` holds them."""
+        scored = {}
+        for request, positions, row in scored_rows:
+            next_tokens = request.prompt_token_ids[positions.start + 1 : positions.stop + 1]
+            entries = prompt_logprobs(self.model.compute_logits, hidden[row : row + len(positions)], next_tokens,
+                                      request.sampling_params.prompt_logprobs)
+            scored[request.request_id] = (
+                positions.start, [SampledToken(entry.token_id, entry.logprob, entry.rank, entry.top) for entry in entries]
+            )
+        return scored
+
     def collect(self, launched: LaunchedStep) -> StepResult:
         """Wait for a launched step's tokens. A step's time runs from its launch or, for a continuation launched
         while the step ahead of it still ran, from when that step's tokens arrived: step times never overlap."""
+        result = self._collect_tokens(launched)
+        if launched.prompt_logprobs:
+            result.prompt_logprobs = launched.prompt_logprobs
+        return result
+
+    def _collect_tokens(self, launched: LaunchedStep) -> StepResult:
         if launched.logits is not None:
             result = self._sample(launched.logits, launched.requests, max(launched.started, self._last_collected))
             self._last_collected = time.perf_counter()
@@ -293,6 +321,20 @@ class ModelExecutor:
             sequence_lengths=sequence_lengths,
         )
         return _to_device(input_ids, device), _to_device(positions, device), metadata, sample_rows
+
+
+def _prompt_logprob_rows(plan: StepPlan) -> list[tuple[Request, range, int]]:
+    """Per request that wants prompt logprobs from this step: the positions to score and the row (in the step's
+    flat tokens) of the first."""
+    scored, offset = [], 0
+    for sequence in plan.sequences:
+        request = sequence.request
+        if request.sampling_params.prompt_logprobs is not None:
+            positions = request.prompt_logprob_positions(sequence.start_position, sequence.num_tokens)
+            if positions:
+                scored.append((request, positions, offset + positions.start - sequence.start_position))
+        offset += sequence.num_tokens
+    return scored
 
 
 def _token_offsets(plan: StepPlan, rows: list[int]) -> list[int]:

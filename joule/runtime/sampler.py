@@ -221,28 +221,42 @@ def _gather_logprobs(
     wanted = [i for i, row in enumerate(rows) if row.num_logprobs is not None]
     if not wanted:
         return [None] * len(rows)
-    device = logits.device
-    vocab_size = logits.shape[1]
-    index = _index_tensor(wanted, device)
+    index = _index_tensor(wanted, logits.device)
     subset = logits if len(wanted) == len(rows) else logits.index_select(0, index)
-    logprobs = torch.log_softmax(subset.float(), dim=-1)
-    chosen = token_ids[index]
-    chosen_logprobs = logprobs.gather(1, chosen.unsqueeze(1))
-    ranks = (logprobs > chosen_logprobs).sum(dim=-1) + 1
-
-    top_count = min(max(rows[i].num_logprobs for i in wanted), vocab_size)
-    top_values: list[list[float]] = [[] for _ in wanted]
-    top_ids: list[list[int]] = [[] for _ in wanted]
-    if top_count > 0:
-        top = logprobs.topk(top_count, dim=-1)
-        top_values, top_ids = top.values.tolist(), top.indices.tolist()
-
+    ranked = ranked_logprobs(subset, token_ids[index], max(rows[i].num_logprobs for i in wanted))
     result: list[TokenLogprobs | None] = [None] * len(rows)
-    values = zip(chosen_logprobs.squeeze(1).tolist(), ranks.tolist())
-    for position, (row_id, (logprob, rank)) in enumerate(zip(wanted, values)):
-        count = min(rows[row_id].num_logprobs, vocab_size)
-        top_pairs = list(zip(top_ids[position][:count], top_values[position][:count]))
-        result[row_id] = TokenLogprobs(token_list[row_id], logprob, rank, top_pairs)
+    for row_id, token in zip(wanted, ranked):
+        token.top = token.top[: rows[row_id].num_logprobs]
+        result[row_id] = token
     return result
 
 
+def ranked_logprobs(logits: torch.Tensor, chosen: torch.Tensor, num_top: int) -> list[TokenLogprobs]:
+    """Per row of ``logits``: the raw logprob and rank of ``chosen``'s token and the ``num_top`` likeliest."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen_logprobs = logprobs.gather(1, chosen.unsqueeze(1))
+    ranks = (logprobs > chosen_logprobs).sum(dim=-1) + 1
+    top_count = min(num_top, logprobs.shape[1])
+    top_values: list[list[float]] = [[] for _ in range(logits.shape[0])]
+    top_ids: list[list[int]] = [[] for _ in range(logits.shape[0])]
+    if top_count > 0:
+        top = logprobs.topk(top_count, dim=-1)
+        top_values, top_ids = top.values.tolist(), top.indices.tolist()
+    values = zip(chosen.tolist(), chosen_logprobs.squeeze(1).tolist(), ranks.tolist(), top_ids, top_values)
+    return [TokenLogprobs(token_id, logprob, rank, list(zip(ids, tops)))
+            for token_id, logprob, rank, ids, tops in values]
+
+
+def prompt_logprobs(compute_logits, hidden: torch.Tensor, next_tokens: list[int], num_top: int,
+                    rows_per_pass: int = 256) -> list[TokenLogprobs]:
+    """How likely each prompt token was after those before it: ``hidden`` row i scores ``next_tokens[i]``.
+
+    The vocabulary-wide logits of a long prompt would not fit at once (8,192 rows x 128k tokens in float32 is
+    4 GiB), so they are made ``rows_per_pass`` rows at a time.
+    """
+    targets = torch.tensor(next_tokens, dtype=torch.int64, device=hidden.device)
+    result: list[TokenLogprobs] = []
+    for start in range(0, hidden.shape[0], rows_per_pass):
+        end = start + rows_per_pass
+        result.extend(ranked_logprobs(compute_logits(hidden[start:end]), targets[start:end], num_top))
+    return result
