@@ -68,10 +68,11 @@ class _SamplingFields(_Request):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # vLLM's: each prompt token's logprob (after the first), with this many likeliest alternatives.
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     # Accepted so that using them gives a clear 400 rather than being silently ignored.
     logit_bias: dict[str, float] | None = None
     response_format: dict[str, Any] | None = None
-    prompt_logprobs: int | None = None
 
     def slo(self) -> RequestSLO | None:
         """The latency targets as the engine takes them (seconds), or None when the request sets none."""
@@ -84,7 +85,7 @@ class _SamplingFields(_Request):
 
     def unsupported_fields(self) -> list[str]:
         """Fields set to something this server cannot honour."""
-        names = [name for name in ("logit_bias", "prompt_logprobs") if getattr(self, name)]
+        names = ["logit_bias"] if self.logit_bias else []
         if self.response_format and self.response_format.get("type", "text") != "text":
             names.append("response_format")
         return names
@@ -102,7 +103,7 @@ class CompletionRequest(_SamplingFields):
     best_of: int | None = None
 
     def unsupported_fields(self) -> list[str]:
-        names = super().unsupported_fields() + [name for name in ("echo", "suffix") if getattr(self, name)]
+        names = super().unsupported_fields() + (["suffix"] if self.suffix else [])
         if self.best_of is not None and self.best_of != self.n:
             names.append("best_of")
         return names
@@ -241,7 +242,48 @@ class CompletionLogprobs(BaseModel):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
-class CompletionChoice(BaseModel):
+class PromptLogprob(BaseModel):
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+class _PromptLogprobsTrailer(BaseModel):
+    """vLLM's ``prompt_logprobs`` on a choice: None for the first prompt token, then token id -> logprob (the
+    prompt token itself and the likeliest alternatives). Last in the JSON, and absent unless asked for."""
+
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_absent_prompt_logprobs(self, handler):
+        data = handler(self)
+        if isinstance(data, dict) and "prompt_logprobs" in data:
+            prompt_logprobs = data.pop("prompt_logprobs")
+            if prompt_logprobs is not None:
+                data["prompt_logprobs"] = prompt_logprobs
+        return data
+
+    @staticmethod
+    def of(entries: list | None, limit: int) -> list[dict[str, PromptLogprob] | None] | None:
+        """``RequestOutput.prompt_logprobs`` in the wire shape, each position cut to its token and ``limit``
+        alternatives."""
+        if entries is None:
+            return None
+        result: list[dict[str, PromptLogprob] | None] = []
+        for entry in entries:
+            if entry is None:
+                result.append(None)
+                continue
+            kept = {}
+            for position, (token_id, logprob) in enumerate(entry.items()):
+                if position == 0 or (logprob.rank is not None and logprob.rank <= limit):
+                    kept[str(token_id)] = PromptLogprob(logprob=logprob.logprob, rank=logprob.rank,
+                                                        decoded_token=logprob.decoded_token)
+            result.append(kept)
+        return result
+
+
+class CompletionChoice(_PromptLogprobsTrailer):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
@@ -277,7 +319,7 @@ class ChatResponseMessage(BaseModel):
     content: str | None = None
 
 
-class ChatChoice(BaseModel):
+class ChatChoice(_PromptLogprobsTrailer):
     index: int
     message: ChatResponseMessage
     logprobs: ChatLogprobs | None = None

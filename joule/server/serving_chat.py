@@ -100,7 +100,7 @@ async def create_chat_completion(
     context.check_context(len(prompt_ids), max_tokens, param=param)
     max_tokens = context.limit_max_tokens(max_tokens, param=param)  # omitted: the server's cap
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = build_sampling_params(body, max_tokens, logprobs)
+    params = build_sampling_params(body, max_tokens, logprobs, body.prompt_logprobs)
     request_id = random_id("chatcmpl")
     stream = await context.submit([prompt_ids], params, request_id, body.priority, body.user, body.slo())
     handler = _Chat(body, model, request_id, len(prompt_ids), stream)
@@ -119,6 +119,7 @@ class _Chat:
         self.choices = [_ChatChoiceState() for _ in range(body.n)]
         self.top = body.top_logprobs or 0
         self.tally = OutputTally()
+        self.prompt_logprobs: list | None = None  # RequestOutput.prompt_logprobs, once it came
 
     def _update(self, completion: CompletionOutput) -> list[ChatTokenLogprob] | None:
         """Fold one delta in; None when the choice had already ended (a repeated final delta)."""
@@ -142,6 +143,8 @@ class _Chat:
         try:
             async for _, output in self.engine_stream:
                 self.tally.update(0, output)
+                if output.prompt_logprobs is not None:
+                    self.prompt_logprobs = output.prompt_logprobs
                 for completion in output.outputs:
                     self._update(completion)
         except Exception as error:
@@ -153,6 +156,7 @@ class _Chat:
                 index=index, message=ChatResponseMessage(content=choice.text),
                 logprobs=ChatLogprobs(content=choice.logprobs) if self.body.logprobs else None,
                 finish_reason=choice.finish_reason, stop_reason=choice.stop_reason,
+                prompt_logprobs=ChatChoice.of(self.prompt_logprobs, self.body.prompt_logprobs or 0),
             )
             for index, choice in enumerate(self.choices)
         ]

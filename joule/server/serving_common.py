@@ -27,7 +27,7 @@ from joule.server.errors import APIError, bad_request, from_value_error
 _SAMPLING_FIELDS = {
     "n", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "presence_penalty",
     "frequency_penalty", "repetition_penalty", "ignore_eos", "min_tokens", "max_tokens", "logprobs",
-    "max_completion_tokens", "top_logprobs", "prompt", "prompt_token_ids", "messages", "priority",
+    "max_completion_tokens", "top_logprobs", "prompt", "prompt_token_ids", "messages", "priority", "prompt_logprobs",
 }
 
 
@@ -140,14 +140,17 @@ def check_request(request) -> None:
         raise bad_request(f"{unsupported[0]} is not supported by this server", param=unsupported[0])
     if request.stream_options is not None and not request.stream:
         raise bad_request("stream_options can only be set when stream is true", param="stream_options")
+    if request.prompt_logprobs is not None and request.stream:
+        raise bad_request("prompt_logprobs are not available when stream is true", param="prompt_logprobs")
 
 
-def build_sampling_params(request, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def build_sampling_params(request, max_tokens: int | None, logprobs: int | None,
+                          prompt_logprobs: int | None = None) -> SamplingParams:
     """The request's sampling fields as SamplingParams (DELTA outputs: the server accumulates)."""
     values = dict(
         n=request.n, presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
         seed=request.seed, stop=request.stop, stop_token_ids=request.stop_token_ids, ignore_eos=request.ignore_eos,
-        min_tokens=request.min_tokens, max_tokens=max_tokens, logprobs=logprobs,
+        min_tokens=request.min_tokens, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
         skip_special_tokens=request.skip_special_tokens,
         include_stop_str_in_output=request.include_stop_str_in_output, output_kind=RequestOutputKind.DELTA,
     )

@@ -47,16 +47,21 @@ class _ChoiceState:
     chars_before: int = 0
     done: bool = False
     last_logprobs: CompletionLogprobs | None = None
+    echoed: bool = False  # echo: the prompt went out ahead of the first delta
+
+
+def _prompt_items(prompt) -> list:
+    """The four prompt forms as a list of texts or token-id lists."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and isinstance(prompt[0], int):
+        return [prompt]
+    return list(prompt)
 
 
 def _prompts(context: ServingContext, prompt) -> list[list[int]]:
     """Normalise the four prompt forms to lists of token ids."""
-    if isinstance(prompt, str):
-        texts_or_ids: list = [prompt]
-    elif prompt and isinstance(prompt[0], int):
-        texts_or_ids = [prompt]
-    else:
-        texts_or_ids = list(prompt)
+    texts_or_ids = _prompt_items(prompt)
     if not texts_or_ids:
         raise bad_request("prompt is empty: it must contain at least one prompt", param="prompt")
     prompts = []
@@ -66,8 +71,9 @@ def _prompts(context: ServingContext, prompt) -> list[list[int]]:
     return prompts
 
 
-def _completion_logprobs(entries: list[dict[int, Logprob]], limit: int, text_offset: int) -> CompletionLogprobs:
-    result = CompletionLogprobs()
+def _completion_logprobs(entries: list[dict[int, Logprob]], limit: int, text_offset: int,
+                         into: CompletionLogprobs | None = None) -> CompletionLogprobs:
+    result = CompletionLogprobs() if into is None else into
     for entry in entries:
         token_id, sampled = next(iter(entry.items()))
         token = sampled.decoded_token if sampled.decoded_token is not None else str(token_id)
@@ -79,6 +85,12 @@ def _completion_logprobs(entries: list[dict[int, Logprob]], limit: int, text_off
         top.setdefault(token, sampled.logprob)
         result.top_logprobs.append(top)
     return result
+
+
+def _echoed_prompt_logprobs(first_token: str, entries: list, limit: int) -> CompletionLogprobs:
+    """An echoed prompt's part of ``logprobs``: its first token has none (nothing comes before it), as OpenAI's."""
+    result = CompletionLogprobs(tokens=[first_token], token_logprobs=[None], top_logprobs=[None], text_offset=[0])
+    return _completion_logprobs(entries[1:], limit, len(first_token), into=result)
 
 
 def _merge_logprobs(into: CompletionLogprobs | None, new: CompletionLogprobs) -> CompletionLogprobs:
@@ -95,50 +107,90 @@ async def create_completion(context: ServingContext, body: CompletionRequest, ht
     model = context.check_model(body.model)
     check_request(body)
     context.check_tenant(body.user)
-    max_tokens = context.limit_max_tokens(body.max_tokens, explicit="max_tokens" in body.model_fields_set)
+    echo_only = body.echo and body.max_tokens == 0  # vLLM's: the prompt and its logprobs, nothing generated
+    if body.max_tokens == 0 and not body.echo:
+        raise bad_request("max_tokens must be at least 1 (0 only with echo)", param="max_tokens")
+    max_tokens = context.limit_max_tokens(1 if echo_only else body.max_tokens,
+                                          explicit="max_tokens" in body.model_fields_set)
     text_size = sum(len(item) for item in ([body.prompt] if isinstance(body.prompt, str) else body.prompt)
                     if isinstance(item, str))
     prompts = await off_loop_if_large(text_size, _prompts, context, body.prompt)
     for ids in prompts:
         context.check_context(len(ids), body.max_tokens)
-    params = build_sampling_params(body, max_tokens, body.logprobs)
+    scored = [k for k in (body.prompt_logprobs, body.logprobs if body.echo else None) if k is not None]
+    params = build_sampling_params(body, max_tokens, body.logprobs, max(scored) if scored else None)
     request_id = random_id("cmpl")
+    echoes = _echo_texts(context, body.prompt, prompts) if body.echo else None
     stream = await context.submit(prompts, params, request_id, body.priority, body.user, body.slo())
-    handler = _Completion(context, body, model, request_id, prompts, stream)
+    handler = _Completion(context, body, model, request_id, prompts, stream, echoes, echo_only)
     if body.stream:
         return EventStreamResponse(handler.stream())
     return await unless_disconnected(http_request, handler.collect())
 
 
+def _echo_texts(context: ServingContext, prompt, prompts: list[list[int]]) -> list[str]:
+    """What ``echo`` puts ahead of each completion: a text prompt as sent, token ids decoded."""
+    return [item if isinstance(item, str) else context.require_tokenizer().decode(ids)
+            for item, ids in zip(_prompt_items(prompt), prompts)]
+
+
 class _Completion:
     """One completions call in flight: folds engine deltas into choices or SSE chunks."""
 
-    def __init__(self, context, body: CompletionRequest, model: str, request_id: str, prompts, stream):
+    def __init__(self, context, body: CompletionRequest, model: str, request_id: str, prompts, stream,
+                 echoes: list[str] | None = None, echo_only: bool = False):
         self.context, self.body, self.model, self.request_id = context, body, model, request_id
         self.prompts, self.engine_stream = prompts, stream
+        self.echoes, self.echo_only = echoes, echo_only
         self.created = int(time.time())
         self.choices = [_ChoiceState() for _ in range(len(prompts) * body.n)]
         self.tally = OutputTally()
+        self.prompt_logprobs: dict[int, list] = {}  # by prompt: RequestOutput.prompt_logprobs, once it came
 
-    def _update(self, prompt_index: int, completion: CompletionOutput) -> tuple[int, _ChoiceState, bool]:
-        """Fold one delta in; returns the choice index, its state and whether anything new arrived."""
+    def _take(self, prompt_index: int, output) -> None:
+        self.tally.update(prompt_index, output)
+        if output.prompt_logprobs is not None:
+            self.prompt_logprobs[prompt_index] = output.prompt_logprobs
+
+    def _update(self, prompt_index: int, completion: CompletionOutput) -> tuple[int, _ChoiceState, str | None]:
+        """Fold one delta in; returns the choice index, its state and the new text (None: nothing new arrived)."""
         index = prompt_index * self.body.n + completion.index
         choice = self.choices[index]
         if choice.done:
-            return index, choice, False
-        choice.chars_before = len(choice.text)
-        choice.text += completion.text
-        choice.num_tokens += len(completion.token_ids)
+            return index, choice, None
+        text, token_ids, logprobs = completion.text, completion.token_ids, completion.logprobs
+        if self.echo_only:  # the one token generated to finish the prompt's forward is not shown
+            text, token_ids, logprobs = "", [], None
+        echoed = self._echo(prompt_index, choice)
+        choice.chars_before = len(choice.text) + len(echoed)
+        choice.text += echoed + text
+        choice.num_tokens += len(token_ids)
         new_logprobs = None
-        if self.body.logprobs is not None and completion.logprobs:
-            new_logprobs = _completion_logprobs(completion.logprobs, self.body.logprobs, choice.chars_before)
+        if self.body.logprobs is not None and (logprobs or echoed):
+            new_logprobs = choice.last_logprobs if echoed else None  # the echo's part, set by _echo
+            if logprobs:
+                new_logprobs = _completion_logprobs(logprobs, self.body.logprobs, choice.chars_before,
+                                                    into=new_logprobs)
             choice.logprobs = _merge_logprobs(choice.logprobs, new_logprobs.model_copy(deep=True))
         choice.last_logprobs = new_logprobs
         if completion.finish_reason is not None:
+            finish_reason = "length" if self.echo_only else completion.finish_reason
             choice.finish_reason, choice.stop_reason, choice.done = (
-                completion.finish_reason, completion.stop_reason, True
+                finish_reason, None if self.echo_only else completion.stop_reason, True
             )
-        return index, choice, True
+        return index, choice, echoed + text
+
+    def _echo(self, prompt_index: int, choice: _ChoiceState) -> str:
+        """The prompt's text the first time its choice moves (with ``echo``), its logprobs in ``last_logprobs``."""
+        if self.echoes is None or choice.echoed:
+            return ""
+        choice.echoed = True
+        if self.body.logprobs is not None:
+            prompt_ids = self.prompts[prompt_index]
+            first_token = self.context.require_tokenizer().decode([prompt_ids[0]])
+            entries = self.prompt_logprobs.get(prompt_index) or [None]
+            choice.last_logprobs = _echoed_prompt_logprobs(first_token, entries, self.body.logprobs)
+        return self.echoes[prompt_index]
 
     def _usage(self) -> UsageInfo:
         return UsageInfo.of(sum(len(ids) for ids in self.prompts), sum(c.num_tokens for c in self.choices),
@@ -147,7 +199,7 @@ class _Completion:
     async def collect(self) -> Response:
         try:
             async for prompt_index, output in self.engine_stream:
-                self.tally.update(prompt_index, output)
+                self._take(prompt_index, output)
                 for completion in output.outputs:
                     self._update(prompt_index, completion)
         except Exception as error:
@@ -158,6 +210,9 @@ class _Completion:
             CompletionChoice(
                 index=index, text=choice.text, finish_reason=choice.finish_reason, stop_reason=choice.stop_reason,
                 logprobs=choice.logprobs if self.body.logprobs is not None else None,
+                prompt_logprobs=(CompletionChoice.of(self.prompt_logprobs.get(index // self.body.n),
+                                                     self.body.prompt_logprobs)
+                                 if self.body.prompt_logprobs is not None else None),
             )
             for index, choice in enumerate(self.choices)
         ]
@@ -172,21 +227,22 @@ class _Completion:
         plain = PlainChunks(self.request_id, "text_completion", self.created, self.model)
         try:
             async for prompt_index, output in self.engine_stream:
-                self.tally.update(prompt_index, output)
+                self._take(prompt_index, output)
                 for completion in output.outputs:
-                    index, choice, changed = self._update(prompt_index, completion)
-                    if not changed:
+                    index, choice, text = self._update(prompt_index, completion)
+                    if text is None:
                         continue
                     final = all(c.done for c in self.choices)  # the last content chunk carries the joules
+                    finish_reason = choice.finish_reason if choice.done else None
+                    stop_reason = choice.stop_reason if choice.done else None
                     if not final and not continuous and choice.last_logprobs is None:
-                        yield plain.completion(index, completion.text, completion.finish_reason,
-                                               completion.stop_reason)
+                        yield plain.completion(index, text, finish_reason, stop_reason)
                         continue
                     chunk = CompletionResponse(
                         id=self.request_id, model=self.model, created=self.created,
                         choices=[CompletionChoice(
-                            index=index, text=completion.text, logprobs=choice.last_logprobs,
-                            finish_reason=completion.finish_reason, stop_reason=completion.stop_reason,
+                            index=index, text=text, logprobs=choice.last_logprobs,
+                            finish_reason=finish_reason, stop_reason=stop_reason,
                         )],
                         usage=self._usage() if continuous else None,
                         energy_joules=self.tally.joules if final else None,
