@@ -185,6 +185,10 @@ class LLMEngine:
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}.")
         if request_id in self._states:
             raise ValueError(f"request_id {request_id!r} is already in use.")
+        vocab_size = self.model_config.vocab_size
+        outside = [token_id for token_id in params.logit_bias or () if token_id >= vocab_size]
+        if outside:
+            raise ValueError(f"logit_bias token id {outside[0]} is outside the vocabulary [0, {vocab_size}).")
         prompt_text, prompt_ids = self.tokenize_prompt(prompt)
         if not prompt_ids:
             raise ValueError("prompt is empty: it must contain at least one token.")

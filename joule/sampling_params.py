@@ -40,6 +40,8 @@ class SamplingParams:
     logprobs: int | None = None
     # Per prompt token (after the first): its logprob given the tokens before it, plus this many top alternatives.
     prompt_logprobs: int | None = None
+    # Token id -> a number added to its logit before sampling (OpenAI's and vLLM's), each in [-100, 100].
+    logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     extra_args: dict = field(default_factory=dict)
@@ -82,6 +84,8 @@ class SamplingParams:
             _check_int(self.logprobs, "logprobs", minimum=0)
         if self.prompt_logprobs is not None:
             _check_int(self.prompt_logprobs, "prompt_logprobs", minimum=0)
+        if self.logit_bias is not None:
+            self.logit_bias = _normalize_logit_bias(self.logit_bias)
         if self.seed is not None:
             _check_int(self.seed, "seed")
         if not isinstance(self.output_kind, RequestOutputKind):
@@ -107,8 +111,25 @@ class SamplingParams:
         values["stop"] = list(self.stop or [])
         values["stop_token_ids"] = list(self.stop_token_ids or [])
         values["extra_args"] = dict(self.extra_args)
+        values["logit_bias"] = dict(self.logit_bias) if self.logit_bias is not None else None
         values.update(changes)
         return SamplingParams(**values)
+
+
+def _normalize_logit_bias(logit_bias) -> dict[int, float]:
+    if not isinstance(logit_bias, dict):
+        raise ValueError(f"logit_bias must be a dict of token id -> bias, got {type(logit_bias).__name__}.")
+    normalized = {}
+    for token_id, bias in logit_bias.items():
+        if isinstance(token_id, str) and token_id.lstrip("-").isdigit():
+            token_id = int(token_id)  # JSON object keys are strings
+        if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
+            raise ValueError(f"logit_bias keys must be token ids (non-negative integers), got {token_id!r}.")
+        _check_number(bias, "logit_bias")
+        if not -100.0 <= bias <= 100.0:
+            raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {token_id}.")
+        normalized[token_id] = float(bias)
+    return normalized
 
 
 def _normalize_stop(stop) -> list[str]:

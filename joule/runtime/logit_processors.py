@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 _CPU_TOP_P_CANDIDATE_WIDTHS = (512, 4096)
 
 def apply_bans_and_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """Banned tokens, repetition, frequency and presence penalties as float32 logits.
+    """Logit biases, banned tokens, repetition, frequency and presence penalties as float32 logits.
 
     Returns ``logits`` itself (in its own dtype) when no row needs any of them, else a
     new float32 tensor; the caller's logits are never modified, so raw logprobs stay raw.
@@ -29,12 +29,18 @@ def apply_bans_and_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> t
     """
     vocab_size = logits.shape[1]
     banned = [row.banned_token_ids for row in rows]
-    if not any(row.has_penalties for row in rows) and not any(len(ids) for ids in banned):
+    biased = [row.logit_bias or {} for row in rows]
+    if (not any(row.has_penalties for row in rows) and not any(len(ids) for ids in banned)
+            and not any(biased)):
         return logits
     device = logits.device
     result = logits.to(torch.float32, copy=True)
     flat = result.view(-1)
 
+    bias_index = flat_token_index([list(bias) for bias in biased], vocab_size, device)
+    if bias_index is not None:  # before the bans: a banned token stays banned whatever its bias
+        values = [value for bias in biased for value in bias.values()]
+        flat.index_add_(0, bias_index, torch.tensor(values, dtype=torch.float32).to(device))
     banned_index = flat_token_index(banned, vocab_size, device, skip_out_of_range=True)
     if banned_index is not None:
         flat.index_fill_(0, banned_index, -math.inf)

@@ -70,8 +70,8 @@ class _SamplingFields(_Request):
     include_stop_str_in_output: bool = False
     # vLLM's: each prompt token's logprob (after the first), with this many likeliest alternatives.
     prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    # Accepted so that using them gives a clear 400 rather than being silently ignored.
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (a string, as JSON keys are) -> bias in [-100, 100]
+    # Accepted so that using it gives a clear 400 rather than being silently ignored.
     response_format: dict[str, Any] | None = None
 
     def slo(self) -> RequestSLO | None:
@@ -85,7 +85,7 @@ class _SamplingFields(_Request):
 
     def unsupported_fields(self) -> list[str]:
         """Fields set to something this server cannot honour."""
-        names = ["logit_bias"] if self.logit_bias else []
+        names = []
         if self.response_format and self.response_format.get("type", "text") != "text":
             names.append("response_format")
         return names

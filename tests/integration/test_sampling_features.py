@@ -183,3 +183,18 @@ def test_streamed_cumulative_logprob_is_the_sum_so_far(checkpoint, kind):
             assert completion.cumulative_logprob == sum(logprobs)
             checked += 1
     assert checked >= 9 and len(logprobs) == 9
+
+
+def test_logit_bias_steers_greedy_and_sampled_tokens(llm):
+    greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    reference = llm.generate([_prompt(8)], greedy, use_tqdm=False)[0].outputs[0].token_ids
+    forced = llm.generate([_prompt(8)], greedy.clone(logit_bias={17: 100.0}), use_tqdm=False)[0]
+    assert forced.outputs[0].token_ids == [17] * 6
+    avoided = llm.generate([_prompt(8)], greedy.clone(logit_bias={reference[0]: -100.0}), use_tqdm=False)[0]
+    assert avoided.outputs[0].token_ids[0] != reference[0]
+    sampled = SamplingParams(temperature=1.0, seed=3, max_tokens=4, ignore_eos=True, logit_bias={"23": 100})
+    assert llm.generate([_prompt(8)], sampled, use_tqdm=False)[0].outputs[0].token_ids == [23] * 4
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias={5: 250.0})
+    bad = llm.generate([_prompt(8), _prompt(9)], [greedy.clone(logit_bias={10**6: 1.0}), greedy], use_tqdm=False)
+    assert "logit_bias" in str(bad[0].error) and bad[1].outputs[0].token_ids

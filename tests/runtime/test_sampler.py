@@ -214,6 +214,25 @@ def test_bans_survive_penalties():
 _FOUR = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
 
 
+def test_logit_bias_is_added_before_penalties_and_bans_win(device):
+    logits = _random_logits(3, 40, seed=5, device=device)
+    best = logits.argmax(dim=-1).tolist()
+    rows = [
+        SamplingRow(temperature=0.0, logit_bias={7: 100.0}),
+        SamplingRow(temperature=0.0, logit_bias={best[1]: -100.0}),
+        SamplingRow(temperature=0.0, logit_bias={9: 100.0}, banned_token_ids=[9]),
+    ]
+    processed = apply_bans_and_penalties(logits, rows)
+    assert processed[0, 7].item() == pytest.approx(logits[0, 7].item() + 100.0)
+    assert processed[1, best[1]].item() == pytest.approx(logits[1, best[1]].item() - 100.0)
+    assert torch.equal(processed[0, :7], logits[0, :7].float()), "only the biased token moves"
+    tokens = Sampler().sample(logits, rows).token_ids
+    second_best = logits[1].topk(2).indices[1].item()
+    assert tokens == [7, second_best, best[2]]
+    seeded = [SamplingRow(temperature=1.0, seed=1, logit_bias={3: 100.0})]
+    assert Sampler().sample(logits[:1], seeded).token_ids == [3]
+
+
 def test_top_k_one_equals_greedy():
     logits = _random_logits(32, 300, seed=4)
     rows = [SamplingRow(temperature=1.5, top_k=1, seed=i) for i in range(32)]

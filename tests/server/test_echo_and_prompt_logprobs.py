@@ -1,5 +1,6 @@
 """Scoring prompts through the API, as evaluation harnesses do: completions' ``echo`` with ``logprobs`` (and
-``max_tokens: 0``), and vLLM's ``prompt_logprobs`` on completions and chat, checked against transformers."""
+``max_tokens: 0``), and vLLM's ``prompt_logprobs`` on completions and chat, checked against transformers; and
+``logit_bias``, which classification-style callers pair with them."""
 
 from __future__ import annotations
 
@@ -99,3 +100,25 @@ def test_prompt_logprobs_field_in_vllm_shape(live_server, reference, path):
             assert item["logprob"] == pytest.approx(expected[position - 1][token_id].item(), abs=1e-3)
     plain = _post(live_server, path, {**body, "max_tokens": 2})
     assert "prompt_logprobs" not in plain["choices"][0], "absent unless asked for"
+
+
+@pytest.mark.parametrize("path", ["/completions", "/chat/completions"])
+def test_logit_bias_forces_and_forbids_tokens(live_server, reference, tiny_model_dir, path):
+    from joule.tokenizer import Tokenizer
+
+    prompt_ids, expected = reference
+    body = {"prompt": PROMPT} if path == "/completions" else {"messages": [{"role": "user", "content": "Hi"}]}
+    forced_id = prompt_ids[2]
+    forced = _post(live_server, path, {**body, "max_tokens": 3, "temperature": 0.0,
+                                       "logit_bias": {str(forced_id): 100}})
+    choice = forced["choices"][0]
+    text = choice["text"] if path == "/completions" else choice["message"]["content"]
+    assert text == Tokenizer.from_pretrained(tiny_model_dir).decode([forced_id] * 3)
+    assert forced["usage"]["completion_tokens"] == 3
+
+    greedy_id = int(expected[-1].argmax())  # what the model says after the whole prompt
+    plain = _post(live_server, "/completions", {"prompt": PROMPT, "max_tokens": 1, "temperature": 0.0})
+    avoided = _post(live_server, "/completions", {"prompt": PROMPT, "max_tokens": 1, "temperature": 0.0,
+                                                  "logit_bias": {str(greedy_id): -100}})
+    assert plain["choices"][0]["text"] == Tokenizer.from_pretrained(tiny_model_dir).decode([greedy_id])
+    assert avoided["choices"][0]["text"] != plain["choices"][0]["text"]

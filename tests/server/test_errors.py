@@ -136,7 +136,7 @@ def test_max_tokens_cap_flag_reaches_the_server(guarded_server):
 
 @pytest.mark.parametrize("path, extra", [
     ("/v1/completions", {"suffix": "end"}),
-    ("/v1/completions", {"best_of": 3}), ("/v1/completions", {"logit_bias": {"5": 10}}),
+    ("/v1/completions", {"best_of": 3}),
     ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}),
     ("/v1/chat/completions", {"response_format": {"type": "json_object"}}),
     ("/v1/chat/completions", {"stream_options": {"include_usage": True}}),
@@ -152,8 +152,11 @@ def test_unsupported_features_are_400_not_silently_ignored(live_server, path, ex
     ("/v1/chat/completions", {"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
     ("/v1/completions", {"prompt_logprobs": -1}, "prompt_logprobs"),
     ("/v1/completions", {"max_tokens": 0}, "max_tokens"),  # nothing to return without echo
+    ("/v1/completions", {"logit_bias": {"abc": 5}}, "logit_bias"),
+    ("/v1/completions", {"logit_bias": {"5": 101}}, "logit_bias"),
+    ("/v1/chat/completions", {"logit_bias": {"99999999": 1}}, "logit_bias"),
 ])
-def test_prompt_logprobs_and_echo_misuse_is_400(live_server, path, extra, param):
+def test_prompt_logprobs_echo_and_logit_bias_misuse_is_400(live_server, path, extra, param):
     body = {"prompt": "hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]}
     error = _error(_post(live_server, path, json={**body, **extra}), 400)
     assert error["param"] == param
