@@ -1,7 +1,7 @@
 """Joule: an LLM inference engine that knows what every token costs."""
 
 from joule.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from joule.sampling_params import RequestOutputKind, SamplingParams
+from joule.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
 __version__ = "0.1.0"
 
@@ -28,6 +28,7 @@ __all__ = [
     "LLMEngine",
     "EngineConfig",
     "SamplingParams",
+    "StructuredOutputsParams",
     "RequestOutputKind",
     "RequestOutput",
     "CompletionOutput",

@@ -26,6 +26,7 @@ from joule.runtime.device import default_kv_cache_bytes, resolve_device, resolve
 from joule.runtime.executor import ModelExecutor
 from joule.runtime.memory_profile import gpu_kv_cache_budget, profile_step_memory
 from joule.runtime.sampler import Sampler
+from joule.runtime.structured_output import GrammarCompiler, TokenConstraint
 from joule.sampling_params import RequestOutputKind, SamplingParams
 from joule.tokenizer import Tokenizer
 
@@ -103,6 +104,7 @@ class LLMEngine:
         self._outputs = OutputBuilder(self.tokenizer, self.energy_ledger, lambda request_id, stop_string:
                                       self.core.finish_request(request_id, stop_reason=stop_string))
         self.eos_token_ids = _eos_ids(self.tokenizer, self.model_config)
+        self._grammars: GrammarCompiler | None = None  # built at the first structured_outputs request
         self._states: dict[str, RequestState] = {}
         self._sample_owner: dict[str, tuple[RequestState, int]] = {}
         logger.info(
@@ -199,6 +201,7 @@ class LLMEngine:
             )
         room = self.max_model_len - len(prompt_ids)
         max_tokens = min(params.max_tokens or room, room)
+        constraints = [self._constraint(params) for _ in range(params.n)] if params.structured_outputs else None
         arrival = time.time() if arrival_time is None else arrival_time
         state = RequestState(request_id, prompt_text, prompt_ids, params, RequestMetrics(arrival_time=arrival))
         for index in range(params.n):
@@ -219,12 +222,21 @@ class LLMEngine:
                 tenant=tenant,
                 slo=slo,
                 group_id=request_id if params.n > 1 else None,
+                constraint=constraints[index] if constraints else None,
             )
             state.samples.append(SampleState(request, self._outputs.detokenizer(prompt_ids, params)))
         for index, sample in enumerate(state.samples):
             self.core.add_request(sample.request)
             self._sample_owner[sample.request.request_id] = (state, index)
         self._states[request_id] = state
+
+    def _constraint(self, params: SamplingParams) -> TokenConstraint:
+        """A fresh grammar state for one sample; ValueError naming ``structured_outputs`` when it cannot be made."""
+        if self._grammars is None:
+            tokenizer = self._require_tokenizer()
+            self._grammars = GrammarCompiler(tokenizer.backend.to_str(), self.model_config.vocab_size,
+                                             sorted(self.eos_token_ids))
+        return self._grammars.constraint(params.structured_outputs)
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now; its KV blocks are free before the next step."""

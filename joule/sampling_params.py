@@ -21,6 +21,40 @@ class RequestOutputKind(str, Enum):
 
 
 @dataclass
+class StructuredOutputsParams:
+    """What the output must match (vLLM's ``StructuredOutputsParams``): set exactly one field.
+
+    ``json``: a JSON schema (a dict or its text); ``regex``: a regular expression; ``choice``: one of these strings;
+    ``grammar``: a Lark or GBNF (llama.cpp) grammar; ``json_object``: any JSON object.
+    """
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self) -> None:
+        chosen = [name for name in ("json", "regex", "choice", "grammar", "json_object") if getattr(self, name)]
+        if len(chosen) != 1:
+            raise ValueError("structured_outputs must set exactly one of json, regex, choice, grammar, json_object; "
+                             f"got {', '.join(chosen) or 'none'}.")
+        if self.choice is not None and (not isinstance(self.choice, list)
+                                        or not all(isinstance(item, str) and item for item in self.choice)):
+            raise ValueError("structured_outputs choice must be a list of non-empty strings.")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"structured_outputs {name} must be a string, got {type(value).__name__}.")
+        if self.json is not None and not isinstance(self.json, (str, dict)):
+            raise ValueError(f"structured_outputs json must be a JSON schema (dict or text), got {type(self.json).__name__}.")
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in ("json", "regex", "choice", "grammar", "json_object") if getattr(self, name))
+
+
+@dataclass
 class SamplingParams:
     n: int = 1
     presence_penalty: float = 0.0
@@ -42,6 +76,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     # Token id -> a number added to its logit before sampling (OpenAI's and vLLM's), each in [-100, 100].
     logit_bias: dict[int, float] | None = None
+    structured_outputs: StructuredOutputsParams | None = None  # constrained decoding (llguidance)
     skip_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     extra_args: dict = field(default_factory=dict)
@@ -86,6 +121,9 @@ class SamplingParams:
             _check_int(self.prompt_logprobs, "prompt_logprobs", minimum=0)
         if self.logit_bias is not None:
             self.logit_bias = _normalize_logit_bias(self.logit_bias)
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError("structured_outputs must be a StructuredOutputsParams, "
+                             f"got {type(self.structured_outputs).__name__}.")
         if self.seed is not None:
             _check_int(self.seed, "seed")
         if not isinstance(self.output_kind, RequestOutputKind):

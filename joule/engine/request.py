@@ -75,6 +75,9 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[SampledToken] = field(default_factory=list)
+    # Where the output stands in its grammar (``sampling_params.structured_outputs``): a runtime object the
+    # executor asks for allowed tokens and advances; the scheduler never looks at it.
+    constraint: object | None = None
     # Entry i: prompt token i + 1 given the tokens before it (``sampling_params.prompt_logprobs``).
     prompt_logprobs: list[SampledToken] = field(default_factory=list)
     num_computed_tokens: int = 0

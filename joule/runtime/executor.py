@@ -273,6 +273,8 @@ class ModelExecutor:
         sampled: dict[str, SampledToken] = {}
         output = self.sampler.sample(logits, [_sampling_row(request) for request in requests])
         for index, request in enumerate(requests):
+            if request.constraint is not None:
+                request.constraint.accept(output.token_ids[index])
             token_logprobs = output.logprobs[index]
             if token_logprobs is None:
                 sampled[request.request_id] = SampledToken(output.token_ids[index])
@@ -362,10 +364,10 @@ def _plain_greedy(request: Request) -> bool:
 
 
 def _samples_on_device(request: Request) -> bool:
-    """Sampling that needs nothing from the host but the parameters: no logprobs, penalties (which read the
-    token history) or bans (EOS before ``min_tokens``)."""
+    """Sampling that needs nothing from the host but the parameters: no logprobs, grammars, penalties (which read
+    the token history) or bans (EOS before ``min_tokens``)."""
     params = request.sampling_params
-    return (params.logprobs is None
+    return (params.logprobs is None and request.constraint is None
             and params.repetition_penalty == 1.0 and params.frequency_penalty == 0.0
             and params.presence_penalty == 0.0 and len(request.output_token_ids) >= params.min_tokens)
 
@@ -391,5 +393,6 @@ def _sampling_row(request: Request, num_pending_tokens: int = 0) -> SamplingRow:
         num_logprobs=params.logprobs,
         banned_token_ids=banned,
         logit_bias=params.logit_bias,
+        constraint=request.constraint,
         num_pending_tokens=num_pending_tokens,
     )

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 _CPU_TOP_P_CANDIDATE_WIDTHS = (512, 4096)
 
 def apply_bans_and_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """Logit biases, banned tokens, repetition, frequency and presence penalties as float32 logits.
+    """Logit biases, banned tokens, grammar masks, repetition, frequency and presence penalties as float32 logits.
 
     Returns ``logits`` itself (in its own dtype) when no row needs any of them, else a
     new float32 tensor; the caller's logits are never modified, so raw logprobs stay raw.
@@ -30,8 +30,9 @@ def apply_bans_and_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> t
     vocab_size = logits.shape[1]
     banned = [row.banned_token_ids for row in rows]
     biased = [row.logit_bias or {} for row in rows]
+    constraints = [row.constraint for row in rows]
     if (not any(row.has_penalties for row in rows) and not any(len(ids) for ids in banned)
-            and not any(biased)):
+            and not any(biased) and not any(constraint is not None for constraint in constraints)):
         return logits
     device = logits.device
     result = logits.to(torch.float32, copy=True)
@@ -44,6 +45,10 @@ def apply_bans_and_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> t
     banned_index = flat_token_index(banned, vocab_size, device, skip_out_of_range=True)
     if banned_index is not None:
         flat.index_fill_(0, banned_index, -math.inf)
+    if any(constraint is not None for constraint in constraints):
+        from joule.runtime.structured_output import apply_token_masks
+
+        apply_token_masks(result, constraints)
 
     # Rows with neutral values (repetition 1, frequency and presence 0) may be
     # included below: their updates are exact no-ops.
