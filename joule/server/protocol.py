@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from joule.engine.request import RequestSLO
+from joule.sampling_params import StructuredOutputsParams
 
 MAX_LOGPROBS = 20
 
@@ -71,8 +72,13 @@ class _SamplingFields(_Request):
     # vLLM's: each prompt token's logprob (after the first), with this many likeliest alternatives.
     prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     logit_bias: dict[str, float] | None = None  # token id (a string, as JSON keys are) -> bias in [-100, 100]
-    # Accepted so that using it gives a clear 400 rather than being silently ignored.
+    # What the output must match: OpenAI's response_format, vLLM's structured_outputs and its older guided_*.
     response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def slo(self) -> RequestSLO | None:
         """The latency targets as the engine takes them (seconds), or None when the request sets none."""
@@ -85,10 +91,48 @@ class _SamplingFields(_Request):
 
     def unsupported_fields(self) -> list[str]:
         """Fields set to something this server cannot honour."""
-        names = []
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            names.append("response_format")
-        return names
+        return []
+
+    def structured_outputs_spec(self) -> tuple[StructuredOutputsParams | None, str | None]:
+        """The output constraint and the field that asked for it; ValueError starting with that field's name."""
+        asked = {name: getattr(self, name) for name in _CONSTRAINT_FIELDS if getattr(self, name) is not None}
+        if self.response_format is not None and self.response_format.get("type", "text") == "text":
+            asked.pop("response_format")
+        if len(asked) > 1:
+            first = next(iter(asked))
+            raise ValueError(f"{first} cannot be combined with {', '.join(list(asked)[1:])}: set one of them")
+        if not asked:
+            return None, None
+        (name, value), = asked.items()
+        try:
+            if name == "response_format":
+                return _response_format_spec(value), name
+            if name == "structured_outputs":
+                if not isinstance(value, dict):
+                    raise ValueError("must be an object such as {\"json\": {...}}")
+                known = {"json", "regex", "choice", "grammar", "json_object"}
+                return StructuredOutputsParams(**{key: item for key, item in value.items() if key in known}), name
+            return StructuredOutputsParams(**{name.removeprefix("guided_"): value}), name
+        except (TypeError, ValueError) as error:
+            message = str(error).removeprefix("structured_outputs ")
+            raise ValueError(f"{name} {message}") from None
+
+
+_CONSTRAINT_FIELDS = ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                      "guided_grammar")
+
+
+def _response_format_spec(response_format: dict) -> StructuredOutputsParams:
+    kind = response_format.get("type")
+    if kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if kind == "json_schema":
+        described = response_format.get("json_schema")
+        schema = described.get("schema") if isinstance(described, dict) else None
+        if not isinstance(schema, dict):
+            raise ValueError("of type json_schema needs json_schema.schema, a JSON schema object")
+        return StructuredOutputsParams(json=schema)
+    raise ValueError(f"type must be text, json_object or json_schema, got {kind!r}")
 
 
 PromptField = StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]

@@ -102,7 +102,8 @@ async def create_chat_completion(
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = build_sampling_params(body, max_tokens, logprobs, body.prompt_logprobs)
     request_id = random_id("chatcmpl")
-    stream = await context.submit([prompt_ids], params, request_id, body.priority, body.user, body.slo())
+    stream = await context.submit([prompt_ids], params, request_id, body.priority, body.user, body.slo(),
+                                  constraint_field=body.structured_outputs_spec()[1])
     handler = _Chat(body, model, request_id, len(prompt_ids), stream)
     if body.stream:
         return EventStreamResponse(handler.stream())

@@ -28,7 +28,7 @@ _SAMPLING_FIELDS = {
     "n", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "presence_penalty",
     "frequency_penalty", "repetition_penalty", "ignore_eos", "min_tokens", "max_tokens", "logprobs",
     "max_completion_tokens", "top_logprobs", "prompt", "prompt_token_ids", "messages", "priority", "prompt_logprobs",
-    "logit_bias",
+    "logit_bias", "structured_outputs",
 }
 
 
@@ -121,9 +121,10 @@ class ServingContext:
 
     async def submit(
         self, prompts: list[list[int]], params: SamplingParams, request_id: str, priority: int, tenant: str | None,
-        slo: RequestSLO | None = None,
+        slo: RequestSLO | None = None, constraint_field: str | None = None,
     ):
-        """Hand the request to the engine; 429 with Retry-After when the waiting queue is full."""
+        """Hand the request to the engine; 429 with Retry-After when the waiting queue is full. The engine names
+        a bad constraint ``structured_outputs``; ``constraint_field`` is the request field it came from."""
         outside = [token_id for token_id in params.logit_bias or () if token_id >= self.vocab_size]
         if outside:
             raise bad_request(f"logit_bias token id {outside[0]} is outside the vocabulary [0, {self.vocab_size})",
@@ -135,7 +136,10 @@ class ServingContext:
         except EngineStoppedError as error:
             raise APIError(503, str(error)) from None
         except ValueError as error:
-            raise from_value_error(error, _SAMPLING_FIELDS) from None
+            api_error = from_value_error(error, _SAMPLING_FIELDS)
+            if api_error.param == "structured_outputs" and constraint_field is not None:
+                api_error.param = constraint_field
+            raise api_error from None
 
 
 def check_request(request) -> None:
@@ -164,6 +168,10 @@ def build_sampling_params(request, max_tokens: int | None, logprobs: int | None,
         value = getattr(request, name)
         if value is not None:
             values[name] = value
+    try:
+        values["structured_outputs"], _ = request.structured_outputs_spec()
+    except ValueError as error:
+        raise bad_request(str(error), param=str(error).split(" ", 1)[0]) from None
     if max_tokens is not None and request.min_tokens > max_tokens:
         raise bad_request(f"min_tokens ({request.min_tokens}) must not exceed max_tokens ({max_tokens})", "min_tokens")
     try:

@@ -121,7 +121,8 @@ async def create_completion(context: ServingContext, body: CompletionRequest, ht
     params = build_sampling_params(body, max_tokens, body.logprobs, max(scored) if scored else None)
     request_id = random_id("cmpl")
     echoes = _echo_texts(context, body.prompt, prompts) if body.echo else None
-    stream = await context.submit(prompts, params, request_id, body.priority, body.user, body.slo())
+    stream = await context.submit(prompts, params, request_id, body.priority, body.user, body.slo(),
+                                  constraint_field=body.structured_outputs_spec()[1])
     handler = _Completion(context, body, model, request_id, prompts, stream, echoes, echo_only)
     if body.stream:
         return EventStreamResponse(handler.stream())

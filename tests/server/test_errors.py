@@ -138,7 +138,6 @@ def test_max_tokens_cap_flag_reaches_the_server(guarded_server):
     ("/v1/completions", {"suffix": "end"}),
     ("/v1/completions", {"best_of": 3}),
     ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}),
-    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}),
     ("/v1/chat/completions", {"stream_options": {"include_usage": True}}),
 ])
 def test_unsupported_features_are_400_not_silently_ignored(live_server, path, extra):
@@ -155,6 +154,15 @@ def test_unsupported_features_are_400_not_silently_ignored(live_server, path, ex
     ("/v1/completions", {"logit_bias": {"abc": 5}}, "logit_bias"),
     ("/v1/completions", {"logit_bias": {"5": 101}}, "logit_bias"),
     ("/v1/chat/completions", {"logit_bias": {"99999999": 1}}, "logit_bias"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+     "response_format"),
+    ("/v1/chat/completions", {"response_format": {"type": "xml"}}, "response_format"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema",
+                                                  "json_schema": {"schema": {"type": "nonsense"}}}}, "response_format"),
+    ("/v1/completions", {"guided_regex": "[a-"}, "guided_regex"),
+    ("/v1/completions", {"guided_choice": []}, "guided_choice"),
+    ("/v1/completions", {"structured_outputs": {"grammar": "root ::= ("}}, "structured_outputs"),
+    ("/v1/completions", {"guided_regex": "a", "guided_choice": ["a"]}, "guided_regex"),
 ])
 def test_prompt_logprobs_echo_and_logit_bias_misuse_is_400(live_server, path, extra, param):
     body = {"prompt": "hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]}
