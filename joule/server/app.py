@@ -30,6 +30,7 @@ from joule.server.serving_chat import create_chat_completion
 from joule.server.serving_common import ServingContext
 from joule.server.serving_completions import create_completion
 from joule.server.serving_tokenize import detokenize, tokenize
+from joule.server.tool_calls import TOOL_CALL_PARSERS
 
 _PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
 
@@ -47,6 +48,7 @@ class ServerConfig:
     abuse_guard: AbuseGuardConfig = field(default_factory=AbuseGuardConfig)
     request_log: str | None = None  # a JSONL file: one line of timings per request that ends
     step_log: str | None = None  # one line per step (joule.perf.step_log), for an engine stepped on a thread
+    tool_call_parser: str | None = None  # tool_choice "auto": hermes or llama3_json (None: auto is a 400)
 
     def __post_init__(self) -> None:
         if not self.served_model_names or not all(isinstance(n, str) and n for n in self.served_model_names):
@@ -55,6 +57,9 @@ class ServerConfig:
             raise ValueError(f"max_queue must be a positive integer or None, got {self.max_queue!r}.")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty.")
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_CALL_PARSERS)}, "
+                             f"got {self.tool_call_parser!r}.")
         if not isinstance(self.abuse_guard, AbuseGuardConfig):
             raise ValueError(f"abuse_guard must be an AbuseGuardConfig, got {type(self.abuse_guard).__name__}.")
 
@@ -101,6 +106,7 @@ def build_app(engine, config: ServerConfig, clock: Callable[[], float] = time.mo
         retry_after_seconds=config.retry_after_seconds,
         abuse_guard=abuse_guard,
         metrics=metrics,
+        tool_call_parser=config.tool_call_parser,
     )
 
     @asynccontextmanager

@@ -47,6 +47,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                        help="append one JSON line per engine step (each sequence's new and cached tokens, wall time; "
                             ".gz: compressed), for `joule simulate --replay-log REQUESTS --step-log FILE`; costs the "
                             "engine loop ~0.1-0.5 ms a step at 256 sequences")
+    group.add_argument("--enable-auto-tool-choice", action="store_true",
+                       help='let the model decide on tool calls (tool_choice "auto", the default with tools); '
+                            "needs --tool-call-parser")
+    group.add_argument("--tool-call-parser", choices=["hermes", "llama3_json"], default=None,
+                       help="how replies name their tool calls: hermes (Qwen 2.5/3, Hermes: <tool_call> tags) or "
+                            "llama3_json (Llama 3.1+: a JSON object)")
     group.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
                        help="run the engine loop in a process of its own, so the HTTP event loop and the engine do "
                             "not share one interpreter lock (default); --no-engine-process keeps it on a thread")
@@ -148,7 +154,10 @@ def run_serve(args: argparse.Namespace) -> int:
     from joule.server.engine_channels import ProcessEngineChannel
 
     names = args.served_model_name or [args.model or "smollm2-135m"]
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (hermes or llama3_json)")
     server_config = ServerConfig(
+        tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
         served_model_names=names, api_key=args.api_key, max_queue=args.max_queue,
         shutdown_timeout_seconds=args.shutdown_timeout, abuse_guard=abuse_guard_config_from_args(args),
         request_log=args.request_log, step_log=args.step_log,

@@ -159,9 +159,11 @@ class ChatContentPart(_Request):
 
 
 class ChatMessage(_Request):
-    role: Literal["system", "user", "assistant", "developer"]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ChatContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     def text(self) -> str:
         if self.content is None:
@@ -182,13 +184,6 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
 
-    def unsupported_fields(self) -> list[str]:
-        names = super().unsupported_fields()
-        if self.tools:
-            names.append("tools")
-        if self.tool_choice not in (None, "none"):
-            names.append("tool_choice")
-        return names
 
 
 class TokenizeRequest(_Request):
@@ -358,9 +353,36 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
-class ChatResponseMessage(BaseModel):
+class _OmitsAbsentToolCalls(BaseModel):
+    """``tool_calls`` appears in the JSON only when there are calls (every plain chunk stays as it was)."""
+
+    @model_serializer(mode="wrap")
+    def _without_absent_tool_calls(self, handler):
+        data = handler(self)
+        if isinstance(data, dict) and data.get("tool_calls", 0) is None:
+            del data["tool_calls"]
+        return data
+
+
+class ToolCallFunction(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
+class ToolCallDelta(ToolCall):
+    index: int
+
+
+class ChatResponseMessage(_OmitsAbsentToolCalls):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(_PromptLogprobsTrailer):
@@ -380,9 +402,10 @@ class ChatCompletionResponse(BaseModel):
     usage: UsageInfo
 
 
-class ChatDelta(BaseModel):
+class ChatDelta(_OmitsAbsentToolCalls):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatStreamChoice(BaseModel):

@@ -24,6 +24,9 @@ from joule.server.protocol import (
     ChatStreamChoice,
     ChatTokenLogprob,
     OutputTally,
+    ToolCall,
+    ToolCallDelta,
+    ToolCallFunction,
     TopLogprob,
     UsageInfo,
     random_id,
@@ -41,19 +44,33 @@ from joule.server.serving_common import (
     stream_error,
     unless_disconnected,
 )
+from joule.server.tool_calls import ParsedToolCall, ToolMode, arguments_for_template, tool_mode
+
+
+def _template_message(message: ChatMessage) -> dict:
+    """One message as chat templates read it: tool calls' arguments as objects, a tool reply's call id."""
+    entry = {"role": message.role, "content": message.text()}
+    if message.tool_calls:
+        entry["tool_calls"] = arguments_for_template(message.tool_calls)
+        if message.content is None:
+            entry["content"] = None
+    for name in ("tool_call_id", "name"):
+        if getattr(message, name) is not None:
+            entry[name] = getattr(message, name)
+    return entry
 
 
 def render_chat_prompt(
     context: ServingContext, messages: list[ChatMessage], add_generation_prompt: bool = True,
-    continue_final_message: bool = False,
+    continue_final_message: bool = False, tools: list[dict] | None = None,
 ) -> list[int]:
     """The conversation as token ids via the model's own chat template; template errors are 400s."""
     tokenizer = context.require_tokenizer()
-    conversation = [{"role": message.role, "content": message.text()} for message in messages]
+    conversation = [_template_message(message) for message in messages]
     try:
         text = tokenizer.apply_chat_template(
             conversation, add_generation_prompt=add_generation_prompt and not continue_final_message,
-            continue_final_message=continue_final_message,
+            continue_final_message=continue_final_message, tools=tools or None,
         )
     except (ValueError, TypeError, jinja2.TemplateError) as error:
         raise bad_request(f"cannot apply the chat template: {error}", param="messages") from None
@@ -92,30 +109,51 @@ async def create_chat_completion(
     context.check_tenant(body.user)
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
+    tools = _tool_mode(context, body)
     text_size = sum(len(message.text()) for message in body.messages)
     prompt_ids = await off_loop_if_large(text_size, render_chat_prompt, context, body.messages,
-                                         body.add_generation_prompt, body.continue_final_message)
+                                         body.add_generation_prompt, body.continue_final_message, body.tools)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     context.check_context(len(prompt_ids), max_tokens, param=param)
     max_tokens = context.limit_max_tokens(max_tokens, param=param)  # omitted: the server's cap
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = build_sampling_params(body, max_tokens, logprobs, body.prompt_logprobs)
+    constraint_field = body.structured_outputs_spec()[1]
+    if tools is not None and tools.constraint is not None:
+        params.structured_outputs, constraint_field = tools.constraint, "tools"
     request_id = random_id("chatcmpl")
     stream = await context.submit([prompt_ids], params, request_id, body.priority, body.user, body.slo(),
-                                  constraint_field=body.structured_outputs_spec()[1])
-    handler = _Chat(body, model, request_id, len(prompt_ids), stream)
+                                  constraint_field=constraint_field)
+    handler = _Chat(body, model, request_id, len(prompt_ids), stream, tools)
     if body.stream:
         return EventStreamResponse(handler.stream())
     return await unless_disconnected(http_request, handler.collect())
 
 
+def _tool_mode(context: ServingContext, body: ChatCompletionRequest) -> ToolMode | None:
+    try:
+        tools = tool_mode(body.tools, body.tool_choice, context.tool_call_parser)
+    except ValueError as error:
+        raise bad_request(str(error), param=str(error).split(" ", 1)[0].split("[", 1)[0]) from None
+    if tools is not None and tools.constraint is not None and body.structured_outputs_spec()[0] is not None:
+        raise bad_request(f"tool_choice {body.tool_choice!r} constrains the reply already; drop "
+                          f"{body.structured_outputs_spec()[1]}", param="tool_choice")
+    return tools
+
+
+def _tool_call_list(calls: list[ParsedToolCall]) -> list[ToolCall]:
+    return [ToolCall(id=call.id, function=ToolCallFunction(name=call.name, arguments=call.arguments))
+            for call in calls]
+
+
 class _Chat:
     """One chat call in flight: folds engine deltas into choices or chunks."""
 
-    def __init__(self, body: ChatCompletionRequest, model: str, request_id: str, prompt_len: int, stream):
+    def __init__(self, body: ChatCompletionRequest, model: str, request_id: str, prompt_len: int, stream,
+                 tools: ToolMode | None = None):
         self.body, self.model, self.request_id, self.prompt_len = body, model, request_id, prompt_len
-        self.engine_stream = stream
+        self.engine_stream, self.tools = stream, tools
         self.created = int(time.time())
         self.choices = [_ChatChoiceState() for _ in range(body.n)]
         self.top = body.top_logprobs or 0
@@ -152,15 +190,15 @@ class _Chat:
             return stream_error(error).response()
         finally:
             self.engine_stream.abort()
-        choices = [
-            ChatChoice(
-                index=index, message=ChatResponseMessage(content=choice.text),
+        choices = []
+        for index, choice in enumerate(self.choices):
+            content, calls = self.tools.split(choice.text) if self.tools is not None else (choice.text, [])
+            choices.append(ChatChoice(
+                index=index, message=ChatResponseMessage(content=content, tool_calls=_tool_call_list(calls) or None),
                 logprobs=ChatLogprobs(content=choice.logprobs) if self.body.logprobs else None,
-                finish_reason=choice.finish_reason, stop_reason=choice.stop_reason,
+                finish_reason=_finish_reason(choice.finish_reason, calls), stop_reason=choice.stop_reason,
                 prompt_logprobs=ChatChoice.of(self.prompt_logprobs, self.body.prompt_logprobs or 0),
-            )
-            for index, choice in enumerate(self.choices)
-        ]
+            ))
         response = ChatCompletionResponse(
             id=self.request_id, model=self.model, created=self.created, choices=choices, usage=self._usage()
         )
@@ -174,6 +212,10 @@ class _Chat:
         ))
 
     async def stream(self) -> AsyncIterator[str]:
+        if self.tools is not None:
+            async for event in self._stream_with_tools():
+                yield event
+            return
         options = self.body.stream_options
         include_usage = bool(options and options.include_usage)
         continuous = include_usage and options.continuous_usage_stats
@@ -207,3 +249,48 @@ class _Chat:
         finally:
             self.engine_stream.abort()
         yield SSE_DONE
+
+    async def _stream_with_tools(self) -> AsyncIterator[str]:
+        """Text streams while it surely is content; a choice's calls go out whole, in its last chunk."""
+        options = self.body.stream_options
+        include_usage = bool(options and options.include_usage)
+        sent = [0] * self.body.n  # characters of each choice's text streamed as content
+        try:
+            for index in range(self.body.n):
+                yield self._chunk([ChatStreamChoice(index=index, delta=ChatDelta(role="assistant", content=""))])
+            async for _, output in self.engine_stream:
+                self.tally.update(0, output)
+                for completion in output.outputs:
+                    if self._update(completion) is None:
+                        continue
+                    index, choice = completion.index, self.choices[completion.index]
+                    if not choice.done:
+                        end = self.tools.content_end(choice.text)
+                        if end > sent[index]:
+                            delta = ChatDelta(content=choice.text[sent[index]:end])
+                            sent[index] = end
+                            yield self._chunk([ChatStreamChoice(index=index, delta=delta)])
+                        continue
+                    _, calls = self.tools.split(choice.text)
+                    rest = choice.text[sent[index]:self.tools.content_end(choice.text) if calls else None]
+                    deltas = [ToolCallDelta(index=position, **call.model_dump())
+                              for position, call in enumerate(_tool_call_list(calls))]
+                    last = ChatStreamChoice(
+                        index=index, delta=ChatDelta(content=(rest.rstrip() if calls else rest) or None,
+                                                     tool_calls=deltas or None),
+                        logprobs=ChatLogprobs(content=choice.logprobs) if self.body.logprobs else None,
+                        finish_reason=_finish_reason(choice.finish_reason, calls), stop_reason=choice.stop_reason,
+                    )
+                    yield self._chunk([last], final=all(c.done for c in self.choices))
+            if include_usage:
+                yield self._chunk([], usage=self._usage())
+        except Exception as error:
+            yield stream_error(error).sse_payload()
+        finally:
+            self.engine_stream.abort()
+        yield SSE_DONE
+
+
+def _finish_reason(reason: str | None, calls: list) -> str | None:
+    """OpenAI's ``tool_calls`` when a reply that ended by itself made calls."""
+    return "tool_calls" if calls and reason == "stop" else reason

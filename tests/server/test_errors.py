@@ -137,7 +137,6 @@ def test_max_tokens_cap_flag_reaches_the_server(guarded_server):
 @pytest.mark.parametrize("path, extra", [
     ("/v1/completions", {"suffix": "end"}),
     ("/v1/completions", {"best_of": 3}),
-    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}),
     ("/v1/chat/completions", {"stream_options": {"include_usage": True}}),
 ])
 def test_unsupported_features_are_400_not_silently_ignored(live_server, path, extra):
