@@ -20,6 +20,12 @@ def _build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompts-file", help="a text file with one prompt per line")
     _add_sampling_arguments(generate)
     generate.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    constraint = generate.add_argument_group("structured output (one of)").add_mutually_exclusive_group()
+    constraint.add_argument("--json-schema", metavar="SCHEMA", help="a JSON schema the output must match "
+                            "(inline JSON, or @FILE)")
+    constraint.add_argument("--grammar-file", metavar="FILE", help="a GBNF (as llama.cpp's) or Lark grammar file")
+    constraint.add_argument("--regex", help="a regular expression the output must match")
+    constraint.add_argument("--choice", action="append", help="an allowed output (repeatable)")
 
     chat = commands.add_parser("chat", help="interactive streaming chat that keeps history")
     add_engine_arguments(chat)
@@ -68,7 +74,28 @@ def _sampling_params(args):
         top_p=args.top_p,
         top_k=args.top_k,
         seed=args.sampling_seed,
+        structured_outputs=_structured_outputs(args),
     )
+
+
+def _structured_outputs(args):
+    """``joule generate``'s constraint flags as StructuredOutputsParams (None without one)."""
+    from joule import StructuredOutputsParams
+
+    schema = getattr(args, "json_schema", None)
+    if schema is not None:
+        if schema.startswith("@"):
+            with open(schema[1:], encoding="utf-8") as handle:
+                schema = handle.read()
+        return StructuredOutputsParams(json=schema)
+    if getattr(args, "grammar_file", None):
+        with open(args.grammar_file, encoding="utf-8") as handle:
+            return StructuredOutputsParams(grammar=handle.read())
+    if getattr(args, "regex", None):
+        return StructuredOutputsParams(regex=args.regex)
+    if getattr(args, "choice", None):
+        return StructuredOutputsParams(choice=args.choice)
+    return None
 
 
 def _make_llm(args):

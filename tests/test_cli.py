@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import re
 
 import pytest
 
@@ -58,3 +59,18 @@ def test_bench_throughput_writes_json(tmp_path, capsys):
     result = json.loads(output.read_text())
     assert result["results"][0]["output_tokens"] == 16
     assert "output tok/s" in capsys.readouterr().out
+
+
+def test_generate_with_a_gbnf_grammar_file_and_a_json_schema(tmp_path, capsys):
+    grammar = tmp_path / "answer.gbnf"
+    grammar.write_text('root ::= "Answer: " ("yes" | "no")\n')
+    assert main(["generate", *SMALL_ENGINE, "--prompt", "Is water wet?", "--max-tokens", "8",
+                 "--grammar-file", str(grammar)]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"finish: stop\):\nAnswer: (yes|no)\n", printed), printed
+    schema = '{"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": false}'
+    assert main(["generate", *SMALL_ENGINE, "--prompt", "Status?", "--max-tokens", "12", "--json-schema", schema]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r'finish: stop\):\n\{"ok": (true|false)\}\n', printed), printed
+    assert main(["generate", *SMALL_ENGINE, "--prompt", "x", "--regex", "[a-"]) == 0
+    assert "error: structured_outputs regex is invalid" in capsys.readouterr().out
