@@ -69,6 +69,19 @@ def test_required_calls_survive_a_cut_reply():
     assert calls_from_required("[]") == [] and calls_from_required("nothing") == []
 
 
+def test_earlier_calls_reach_templates_with_arguments_as_objects():
+    from joule.server.protocol import ChatMessage
+    from joule.server.serving_chat import _template_message
+
+    message = ChatMessage(role="assistant", content=None, tool_calls=[{"id": "c1", "type": "function", "function": {
+        "name": "get_time", "arguments": '{"zone": "UTC"}'}}])
+    entry = _template_message(message)
+    assert entry["content"] is None and entry["tool_calls"][0]["function"]["arguments"] == {"zone": "UTC"}
+    assert message.tool_calls[0]["function"]["arguments"] == '{"zone": "UTC"}', "the request is not changed"
+    reply = _template_message(ChatMessage(role="tool", content="12:00", tool_call_id="c1"))
+    assert reply == {"role": "tool", "content": "12:00", "tool_call_id": "c1"}
+
+
 def test_llama3_json_parser_reads_one_or_several_calls():
     parser = Llama3JsonParser()
     content, calls = parser.parse('{"name": "get_time", "parameters": {"zone": "CET"}}')
