@@ -22,6 +22,7 @@ from pydantic import (
 
 from joule.engine.request import RequestSLO
 from joule.sampling_params import StructuredOutputsParams
+from joule.server.constraint_fields import structured_outputs_of
 
 MAX_LOGPROBS = 20
 
@@ -94,45 +95,8 @@ class _SamplingFields(_Request):
         return []
 
     def structured_outputs_spec(self) -> tuple[StructuredOutputsParams | None, str | None]:
-        """The output constraint and the field that asked for it; ValueError starting with that field's name."""
-        asked = {name: getattr(self, name) for name in _CONSTRAINT_FIELDS if getattr(self, name) is not None}
-        if self.response_format is not None and self.response_format.get("type", "text") == "text":
-            asked.pop("response_format")
-        if len(asked) > 1:
-            first = next(iter(asked))
-            raise ValueError(f"{first} cannot be combined with {', '.join(list(asked)[1:])}: set one of them")
-        if not asked:
-            return None, None
-        (name, value), = asked.items()
-        try:
-            if name == "response_format":
-                return _response_format_spec(value), name
-            if name == "structured_outputs":
-                if not isinstance(value, dict):
-                    raise ValueError("must be an object such as {\"json\": {...}}")
-                known = {"json", "regex", "choice", "grammar", "json_object"}
-                return StructuredOutputsParams(**{key: item for key, item in value.items() if key in known}), name
-            return StructuredOutputsParams(**{name.removeprefix("guided_"): value}), name
-        except (TypeError, ValueError) as error:
-            message = str(error).removeprefix("structured_outputs ")
-            raise ValueError(f"{name} {message}") from None
-
-
-_CONSTRAINT_FIELDS = ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
-                      "guided_grammar")
-
-
-def _response_format_spec(response_format: dict) -> StructuredOutputsParams:
-    kind = response_format.get("type")
-    if kind == "json_object":
-        return StructuredOutputsParams(json_object=True)
-    if kind == "json_schema":
-        described = response_format.get("json_schema")
-        schema = described.get("schema") if isinstance(described, dict) else None
-        if not isinstance(schema, dict):
-            raise ValueError("of type json_schema needs json_schema.schema, a JSON schema object")
-        return StructuredOutputsParams(json=schema)
-    raise ValueError(f"type must be text, json_object or json_schema, got {kind!r}")
+        """The output constraint and the field that asked for it (``joule.server.constraint_fields``)."""
+        return structured_outputs_of(self)
 
 
 PromptField = StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]

@@ -212,36 +212,15 @@ class _Chat:
         ))
 
     async def stream(self) -> AsyncIterator[str]:
-        if self.tools is not None:
-            async for event in self._stream_with_tools():
-                yield event
-            return
         options = self.body.stream_options
         include_usage = bool(options and options.include_usage)
         continuous = include_usage and options.continuous_usage_stats
-        plain = PlainChunks(self.request_id, "chat.completion.chunk", self.created, self.model)
+        body = self._tool_chunks() if self.tools is not None else self._content_chunks(continuous)
         try:
             for index in range(self.body.n):  # OpenAI opens every choice with the role
                 yield self._chunk([ChatStreamChoice(index=index, delta=ChatDelta(role="assistant", content=""))])
-            async for _, output in self.engine_stream:
-                self.tally.update(0, output)
-                for completion in output.outputs:
-                    new_logprobs = self._update(completion)
-                    if new_logprobs is None:
-                        continue
-                    if not completion.text and not completion.finish_reason and not new_logprobs:
-                        continue
-                    final = all(c.done for c in self.choices)
-                    if not final and not continuous and not self.body.logprobs:
-                        yield plain.chat(completion.index, completion.text, completion.finish_reason,
-                                         completion.stop_reason)
-                        continue
-                    choice = ChatStreamChoice(
-                        index=completion.index, delta=ChatDelta(content=completion.text),
-                        logprobs=ChatLogprobs(content=new_logprobs) if self.body.logprobs else None,
-                        finish_reason=completion.finish_reason, stop_reason=completion.stop_reason,
-                    )
-                    yield self._chunk([choice], usage=self._usage() if continuous else None, final=final)
+            async for event in body:
+                yield event
             if include_usage:
                 yield self._chunk([], usage=self._usage())
         except Exception as error:
@@ -250,45 +229,55 @@ class _Chat:
             self.engine_stream.abort()
         yield SSE_DONE
 
-    async def _stream_with_tools(self) -> AsyncIterator[str]:
+    async def _content_chunks(self, continuous: bool) -> AsyncIterator[str]:
+        plain = PlainChunks(self.request_id, "chat.completion.chunk", self.created, self.model)
+        async for _, output in self.engine_stream:
+            self.tally.update(0, output)
+            for completion in output.outputs:
+                new_logprobs = self._update(completion)
+                if new_logprobs is None:
+                    continue
+                if not completion.text and not completion.finish_reason and not new_logprobs:
+                    continue
+                final = all(c.done for c in self.choices)
+                if not final and not continuous and not self.body.logprobs:
+                    yield plain.chat(completion.index, completion.text, completion.finish_reason,
+                                     completion.stop_reason)
+                    continue
+                choice = ChatStreamChoice(
+                    index=completion.index, delta=ChatDelta(content=completion.text),
+                    logprobs=ChatLogprobs(content=new_logprobs) if self.body.logprobs else None,
+                    finish_reason=completion.finish_reason, stop_reason=completion.stop_reason,
+                )
+                yield self._chunk([choice], usage=self._usage() if continuous else None, final=final)
+
+    async def _tool_chunks(self) -> AsyncIterator[str]:
         """Text streams while it surely is content; a choice's calls go out whole, in its last chunk."""
-        options = self.body.stream_options
-        include_usage = bool(options and options.include_usage)
         sent = [0] * self.body.n  # characters of each choice's text streamed as content
-        try:
-            for index in range(self.body.n):
-                yield self._chunk([ChatStreamChoice(index=index, delta=ChatDelta(role="assistant", content=""))])
-            async for _, output in self.engine_stream:
-                self.tally.update(0, output)
-                for completion in output.outputs:
-                    if self._update(completion) is None:
-                        continue
-                    index, choice = completion.index, self.choices[completion.index]
-                    if not choice.done:
-                        end = self.tools.content_end(choice.text)
-                        if end > sent[index]:
-                            delta = ChatDelta(content=choice.text[sent[index]:end])
-                            sent[index] = end
-                            yield self._chunk([ChatStreamChoice(index=index, delta=delta)])
-                        continue
-                    _, calls = self.tools.split(choice.text)
-                    rest = choice.text[sent[index]:self.tools.content_end(choice.text) if calls else None]
-                    deltas = [ToolCallDelta(index=position, **call.model_dump())
-                              for position, call in enumerate(_tool_call_list(calls))]
-                    last = ChatStreamChoice(
-                        index=index, delta=ChatDelta(content=(rest.rstrip() if calls else rest) or None,
-                                                     tool_calls=deltas or None),
-                        logprobs=ChatLogprobs(content=choice.logprobs) if self.body.logprobs else None,
-                        finish_reason=_finish_reason(choice.finish_reason, calls), stop_reason=choice.stop_reason,
-                    )
-                    yield self._chunk([last], final=all(c.done for c in self.choices))
-            if include_usage:
-                yield self._chunk([], usage=self._usage())
-        except Exception as error:
-            yield stream_error(error).sse_payload()
-        finally:
-            self.engine_stream.abort()
-        yield SSE_DONE
+        async for _, output in self.engine_stream:
+            self.tally.update(0, output)
+            for completion in output.outputs:
+                if self._update(completion) is None:
+                    continue
+                index, choice = completion.index, self.choices[completion.index]
+                if not choice.done:
+                    end = self.tools.content_end(choice.text)
+                    if end > sent[index]:
+                        delta = ChatDelta(content=choice.text[sent[index]:end])
+                        sent[index] = end
+                        yield self._chunk([ChatStreamChoice(index=index, delta=delta)])
+                    continue
+                _, calls = self.tools.split(choice.text)
+                rest = choice.text[sent[index]:self.tools.content_end(choice.text) if calls else None]
+                deltas = [ToolCallDelta(index=position, **call.model_dump())
+                          for position, call in enumerate(_tool_call_list(calls))]
+                last = ChatStreamChoice(
+                    index=index, delta=ChatDelta(content=(rest.rstrip() if calls else rest) or None,
+                                                 tool_calls=deltas or None),
+                    logprobs=ChatLogprobs(content=choice.logprobs) if self.body.logprobs else None,
+                    finish_reason=_finish_reason(choice.finish_reason, calls), stop_reason=choice.stop_reason,
+                )
+                yield self._chunk([last], final=all(c.done for c in self.choices))
 
 
 def _finish_reason(reason: str | None, calls: list) -> str | None:
