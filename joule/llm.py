@@ -105,14 +105,21 @@ class LLM:
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict | None = None,
+        *,
+        chat_template: str | None = None,
+        continue_final_message: bool = False,
+        tools: list[dict] | None = None,
     ) -> list[RequestOutput]:
-        """Generate replies to one conversation or a list of them, with the model's chat template."""
+        """Generate replies to one conversation or a list of them, with the model's chat template (or
+        ``chat_template``: a template's text or name). ``tools`` (OpenAI's function list) reach the template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tokenizer = self.llm_engine._require_tokenizer()
         prompts = []
         for conversation in conversations:
             text = tokenizer.apply_chat_template(
-                conversation, add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {})
+                conversation, add_generation_prompt=add_generation_prompt and not continue_final_message,
+                tools=tools, chat_template=chat_template, continue_final_message=continue_final_message,
+                **(chat_template_kwargs or {})
             )
             prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
         return self._run(prompts, _as_params_list(sampling_params, len(prompts)), use_tqdm)

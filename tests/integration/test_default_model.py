@@ -66,6 +66,17 @@ def test_chat_uses_the_model_template_and_stops_at_end_of_turn(llm, reference_mo
     assert completion.token_ids == reference
 
 
+def test_chat_takes_a_template_tools_and_a_final_message_to_continue(llm):
+    template = ("{% for tool in tools or [] %}[tool {{ tool.function.name }}]{% endfor %}"
+                "{% for message in messages %}<{{ message.role }}>{{ message.content }}{% endfor %}")
+    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello, I am"}]
+    params = SamplingParams(temperature=0.0, max_tokens=2)
+    output = llm.chat(messages, params, use_tqdm=False, chat_template=template, tools=tools,
+                      continue_final_message=True)[0]
+    assert output.prompt == "[tool get_time]<user>Hi<assistant>Hello, I am"
+
+
 def test_stop_strings_cut_the_text(llm):
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     full = llm.generate(["The capital of France is"], params, use_tqdm=False)[0].outputs[0].text
