@@ -192,6 +192,9 @@ class LLMEngine:
         if outside:
             raise ValueError(f"logit_bias token id {outside[0]} is outside the vocabulary [0, {vocab_size}).")
         prompt_text, prompt_ids = self.tokenize_prompt(prompt)
+        keep = params.truncate_prompt_tokens
+        if keep is not None and len(prompt_ids) > keep:  # the text no longer matches the ids: drop it
+            prompt_text, prompt_ids = None, prompt_ids[-keep:]
         if not prompt_ids:
             raise ValueError("prompt is empty: it must contain at least one token.")
         if len(prompt_ids) >= self.max_model_len:

@@ -77,6 +77,7 @@ class SamplingParams:
     # Token id -> a number added to its logit before sampling (OpenAI's and vLLM's), each in [-100, 100].
     logit_bias: dict[int, float] | None = None
     structured_outputs: StructuredOutputsParams | None = None  # constrained decoding (llguidance)
+    truncate_prompt_tokens: int | None = None  # keep only the prompt's last this-many tokens
     skip_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     extra_args: dict = field(default_factory=dict)
@@ -121,6 +122,8 @@ class SamplingParams:
             _check_int(self.prompt_logprobs, "prompt_logprobs", minimum=0)
         if self.logit_bias is not None:
             self.logit_bias = _normalize_logit_bias(self.logit_bias)
+        if self.truncate_prompt_tokens is not None:
+            _check_int(self.truncate_prompt_tokens, "truncate_prompt_tokens", minimum=1)
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
             raise ValueError("structured_outputs must be a StructuredOutputsParams, "
                              f"got {type(self.structured_outputs).__name__}.")

@@ -72,6 +72,7 @@ class _SamplingFields(_Request):
     include_stop_str_in_output: bool = False
     # vLLM's: each prompt token's logprob (after the first), with this many likeliest alternatives.
     prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    truncate_prompt_tokens: int | None = Field(default=None, ge=1)  # keep the prompt's last N tokens
     logit_bias: dict[str, float] | None = None  # token id (a string, as JSON keys are) -> bias in [-100, 100]
     # What the output must match: OpenAI's response_format, vLLM's structured_outputs and its older guided_*.
     response_format: dict[str, Any] | None = None

@@ -62,7 +62,7 @@ def _template_message(message: ChatMessage) -> dict:
 
 def render_chat_prompt(
     context: ServingContext, messages: list[ChatMessage], add_generation_prompt: bool = True,
-    continue_final_message: bool = False, tools: list[dict] | None = None,
+    continue_final_message: bool = False, tools: list[dict] | None = None, keep_last: int | None = None,
 ) -> list[int]:
     """The conversation as token ids via the model's own chat template; template errors are 400s."""
     tokenizer = context.require_tokenizer()
@@ -74,7 +74,8 @@ def render_chat_prompt(
         )
     except (ValueError, TypeError, jinja2.TemplateError) as error:
         raise bad_request(f"cannot apply the chat template: {error}", param="messages") from None
-    return context.check_token_ids(tokenizer.encode(text, add_special_tokens=False), param="messages")
+    return context.check_token_ids(tokenizer.encode(text, add_special_tokens=False), param="messages",
+                                   keep_last=keep_last)
 
 
 def _token_logprobs(entries: list[dict[int, Logprob]], top: int) -> list[ChatTokenLogprob]:
@@ -112,7 +113,8 @@ async def create_chat_completion(
     tools = _tool_mode(context, body)
     text_size = sum(len(message.text()) for message in body.messages)
     prompt_ids = await off_loop_if_large(text_size, render_chat_prompt, context, body.messages,
-                                         body.add_generation_prompt, body.continue_final_message, body.tools)
+                                         body.add_generation_prompt, body.continue_final_message, body.tools,
+                                         body.truncate_prompt_tokens)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     context.check_context(len(prompt_ids), max_tokens, param=param)

@@ -96,7 +96,10 @@ class ServingContext:
             raise bad_request("this model has no tokenizer: send prompts as token ids", param="prompt")
         return self.tokenizer
 
-    def check_token_ids(self, token_ids: list[int], param: str = "prompt") -> list[int]:
+    def check_token_ids(self, token_ids: list[int], param: str = "prompt", keep_last: int | None = None) -> list[int]:
+        """The prompt's ids (only the last ``keep_last``: ``truncate_prompt_tokens``), each in the vocabulary."""
+        if keep_last is not None:
+            token_ids = token_ids[-keep_last:]
         if not token_ids:
             raise bad_request(f"{param} is empty: it must contain at least one token", param=param)
         for token_id in token_ids:
@@ -161,7 +164,7 @@ def build_sampling_params(request, max_tokens: int | None, logprobs: int | None,
         n=request.n, presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
         seed=request.seed, stop=request.stop, stop_token_ids=request.stop_token_ids, ignore_eos=request.ignore_eos,
         min_tokens=request.min_tokens, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-        logit_bias=request.logit_bias,
+        logit_bias=request.logit_bias, truncate_prompt_tokens=request.truncate_prompt_tokens,
         skip_special_tokens=request.skip_special_tokens,
         include_stop_str_in_output=request.include_stop_str_in_output, output_kind=RequestOutputKind.DELTA,
     )

@@ -59,15 +59,15 @@ def _prompt_items(prompt) -> list:
     return list(prompt)
 
 
-def _prompts(context: ServingContext, prompt) -> list[list[int]]:
-    """Normalise the four prompt forms to lists of token ids."""
+def _prompts(context: ServingContext, prompt, keep_last: int | None = None) -> list[list[int]]:
+    """Normalise the four prompt forms to lists of token ids (each cut to its last ``keep_last``)."""
     texts_or_ids = _prompt_items(prompt)
     if not texts_or_ids:
         raise bad_request("prompt is empty: it must contain at least one prompt", param="prompt")
     prompts = []
     for item in texts_or_ids:
         ids = context.require_tokenizer().encode(item) if isinstance(item, str) else list(item)
-        prompts.append(context.check_token_ids(ids))
+        prompts.append(context.check_token_ids(ids, keep_last=keep_last))
     return prompts
 
 
@@ -114,13 +114,13 @@ async def create_completion(context: ServingContext, body: CompletionRequest, ht
                                           explicit="max_tokens" in body.model_fields_set)
     text_size = sum(len(item) for item in ([body.prompt] if isinstance(body.prompt, str) else body.prompt)
                     if isinstance(item, str))
-    prompts = await off_loop_if_large(text_size, _prompts, context, body.prompt)
+    prompts = await off_loop_if_large(text_size, _prompts, context, body.prompt, body.truncate_prompt_tokens)
     for ids in prompts:
         context.check_context(len(ids), body.max_tokens)
     scored = [k for k in (body.prompt_logprobs, body.logprobs if body.echo else None) if k is not None]
     params = build_sampling_params(body, max_tokens, body.logprobs, max(scored) if scored else None)
     request_id = random_id("cmpl")
-    echoes = _echo_texts(context, body.prompt, prompts) if body.echo else None
+    echoes = _echo_texts(context, body.prompt, prompts, body.truncate_prompt_tokens is not None) if body.echo else None
     stream = await context.submit(prompts, params, request_id, body.priority, body.user, body.slo(),
                                   constraint_field=body.structured_outputs_spec()[1])
     handler = _Completion(context, body, model, request_id, prompts, stream, echoes, echo_only)
@@ -129,9 +129,9 @@ async def create_completion(context: ServingContext, body: CompletionRequest, ht
     return await unless_disconnected(http_request, handler.collect())
 
 
-def _echo_texts(context: ServingContext, prompt, prompts: list[list[int]]) -> list[str]:
-    """What ``echo`` puts ahead of each completion: a text prompt as sent, token ids decoded."""
-    return [item if isinstance(item, str) else context.require_tokenizer().decode(ids)
+def _echo_texts(context: ServingContext, prompt, prompts: list[list[int]], truncated: bool = False) -> list[str]:
+    """What ``echo`` puts ahead of each completion: a text prompt as sent, token ids (or a cut prompt) decoded."""
+    return [item if isinstance(item, str) and not truncated else context.require_tokenizer().decode(ids)
             for item, ids in zip(_prompt_items(prompt), prompts)]
 
 

@@ -198,3 +198,14 @@ def test_logit_bias_steers_greedy_and_sampled_tokens(llm):
         SamplingParams(logit_bias={5: 250.0})
     bad = llm.generate([_prompt(8), _prompt(9)], [greedy.clone(logit_bias={10**6: 1.0}), greedy], use_tqdm=False)
     assert "logit_bias" in str(bad[0].error) and bad[1].outputs[0].token_ids
+
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens(llm):
+    prompt = _prompt(11, length=30)
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    cut = llm.generate([prompt], params.clone(truncate_prompt_tokens=7), use_tqdm=False)[0]
+    tail = llm.generate([{"prompt_token_ids": prompt["prompt_token_ids"][-7:]}], params, use_tqdm=False)[0]
+    assert cut.prompt_token_ids == prompt["prompt_token_ids"][-7:]
+    assert cut.outputs[0].token_ids == tail.outputs[0].token_ids
+    with pytest.raises(ValueError, match="truncate_prompt_tokens"):
+        SamplingParams(truncate_prompt_tokens=0)

@@ -122,3 +122,17 @@ def test_logit_bias_forces_and_forbids_tokens(live_server, reference, tiny_model
                                                   "logit_bias": {str(greedy_id): -100}})
     assert plain["choices"][0]["text"] == Tokenizer.from_pretrained(tiny_model_dir).decode([greedy_id])
     assert avoided["choices"][0]["text"] != plain["choices"][0]["text"]
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_end(live_server, reference, tiny_model_dir):
+    prompt_ids, _ = reference
+    result = _post(live_server, "/completions", {"prompt": PROMPT, "max_tokens": 0, "echo": True,
+                                                 "truncate_prompt_tokens": 4})
+    assert result["usage"]["prompt_tokens"] == 4
+    from joule.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_pretrained(tiny_model_dir)
+    assert result["choices"][0]["text"] == tokenizer.decode(prompt_ids[-4:]), "echo shows what the model read"
+    chat = _post(live_server, "/chat/completions", {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 1,
+                                                    "truncate_prompt_tokens": 5})
+    assert chat["usage"]["prompt_tokens"] == 5
