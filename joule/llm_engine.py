@@ -188,9 +188,10 @@ class LLMEngine:
         if request_id in self._states:
             raise ValueError(f"request_id {request_id!r} is already in use.")
         vocab_size = self.model_config.vocab_size
-        outside = [token_id for token_id in params.logit_bias or () if token_id >= vocab_size]
-        if outside:
-            raise ValueError(f"logit_bias token id {outside[0]} is outside the vocabulary [0, {vocab_size}).")
+        for name, token_ids in (("logit_bias", params.logit_bias), ("allowed_token_ids", params.allowed_token_ids)):
+            outside = [token_id for token_id in token_ids or () if token_id >= vocab_size]
+            if outside:
+                raise ValueError(f"{name} token id {outside[0]} is outside the vocabulary [0, {vocab_size}).")
         prompt_text, prompt_ids = self.tokenize_prompt(prompt)
         keep = params.truncate_prompt_tokens
         if keep is not None and len(prompt_ids) > keep:  # the text no longer matches the ids: drop it

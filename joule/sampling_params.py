@@ -76,6 +76,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     # Token id -> a number added to its logit before sampling (OpenAI's and vLLM's), each in [-100, 100].
     logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None  # sample only among these
     structured_outputs: StructuredOutputsParams | None = None  # constrained decoding (llguidance)
     truncate_prompt_tokens: int | None = None  # keep only the prompt's last this-many tokens
     skip_special_tokens: bool = True
@@ -122,6 +123,10 @@ class SamplingParams:
             _check_int(self.prompt_logprobs, "prompt_logprobs", minimum=0)
         if self.logit_bias is not None:
             self.logit_bias = _normalize_logit_bias(self.logit_bias)
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = _normalize_token_ids(self.allowed_token_ids, "allowed_token_ids")
+            if not self.allowed_token_ids:
+                raise ValueError("allowed_token_ids must not be empty.")
         if self.truncate_prompt_tokens is not None:
             _check_int(self.truncate_prompt_tokens, "truncate_prompt_tokens", minimum=1)
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
@@ -153,6 +158,7 @@ class SamplingParams:
         values["stop_token_ids"] = list(self.stop_token_ids or [])
         values["extra_args"] = dict(self.extra_args)
         values["logit_bias"] = dict(self.logit_bias) if self.logit_bias is not None else None
+        values["allowed_token_ids"] = list(self.allowed_token_ids) if self.allowed_token_ids is not None else None
         values.update(changes)
         return SamplingParams(**values)
 

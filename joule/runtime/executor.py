@@ -360,7 +360,8 @@ def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
 def _plain_greedy(request: Request) -> bool:
     params = request.sampling_params
-    return params.is_greedy and not params.logit_bias and _samples_on_device(request)
+    return (params.is_greedy and not params.logit_bias and params.allowed_token_ids is None
+            and _samples_on_device(request))
 
 
 def _samples_on_device(request: Request) -> bool:
@@ -393,6 +394,7 @@ def _sampling_row(request: Request, num_pending_tokens: int = 0) -> SamplingRow:
         num_logprobs=params.logprobs,
         banned_token_ids=banned,
         logit_bias=params.logit_bias,
+        allowed_token_ids=params.allowed_token_ids,
         constraint=request.constraint,
         num_pending_tokens=num_pending_tokens,
     )

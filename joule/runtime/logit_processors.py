@@ -31,8 +31,10 @@ def apply_bans_and_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> t
     banned = [row.banned_token_ids for row in rows]
     biased = [row.logit_bias or {} for row in rows]
     constraints = [row.constraint for row in rows]
+    allowed = [row.allowed_token_ids for row in rows]
     if (not any(row.has_penalties for row in rows) and not any(len(ids) for ids in banned)
-            and not any(biased) and not any(constraint is not None for constraint in constraints)):
+            and not any(biased) and not any(constraint is not None for constraint in constraints)
+            and not any(ids is not None for ids in allowed)):
         return logits
     device = logits.device
     result = logits.to(torch.float32, copy=True)
@@ -45,6 +47,13 @@ def apply_bans_and_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> t
     banned_index = flat_token_index(banned, vocab_size, device, skip_out_of_range=True)
     if banned_index is not None:
         flat.index_fill_(0, banned_index, -math.inf)
+    restricted = [row for row, ids in enumerate(allowed) if ids is not None]
+    if restricted:
+        keep = torch.zeros(len(restricted), vocab_size, dtype=torch.bool, device=device)
+        keep.view(-1)[flat_token_index([allowed[row] for row in restricted], vocab_size, device,
+                                       skip_out_of_range=True)] = True
+        index = torch.tensor(restricted, dtype=torch.int64).to(device)
+        result[index] = result[index].masked_fill(~keep, -math.inf)
     if any(constraint is not None for constraint in constraints):
         from joule.runtime.structured_output import apply_token_masks
 

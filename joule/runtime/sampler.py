@@ -49,6 +49,7 @@ class SamplingRow:
     num_logprobs: int | None = None  # None: no logprobs; k >= 0: sampled token + top-k
     banned_token_ids: Sequence[int] = ()  # e.g. EOS/stop ids before min_tokens is reached
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before penalties
+    allowed_token_ids: Sequence[int] | None = None  # only these may be drawn
     constraint: object | None = None  # a structured_output.TokenConstraint: only what its grammar allows
     # Tokens sampled for the row and not yet in ``output_token_ids``: a lookahead continuation samples the
     # token after one still on its way to the host, so its seeded noise is one generation step further on.

@@ -74,6 +74,7 @@ class _SamplingFields(_Request):
     prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     truncate_prompt_tokens: int | None = Field(default=None, ge=1)  # keep the prompt's last N tokens
     logit_bias: dict[str, float] | None = None  # token id (a string, as JSON keys are) -> bias in [-100, 100]
+    allowed_token_ids: list[int] | None = None  # vLLM's: sample only among these
     # What the output must match: OpenAI's response_format, vLLM's structured_outputs and its older guided_*.
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None

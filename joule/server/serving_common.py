@@ -28,7 +28,7 @@ _SAMPLING_FIELDS = {
     "n", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "presence_penalty",
     "frequency_penalty", "repetition_penalty", "ignore_eos", "min_tokens", "max_tokens", "logprobs",
     "max_completion_tokens", "top_logprobs", "prompt", "prompt_token_ids", "messages", "priority", "prompt_logprobs",
-    "logit_bias", "structured_outputs",
+    "logit_bias", "structured_outputs", "allowed_token_ids", "truncate_prompt_tokens",
 }
 
 
@@ -129,10 +129,11 @@ class ServingContext:
     ):
         """Hand the request to the engine; 429 with Retry-After when the waiting queue is full. The engine names
         a bad constraint ``structured_outputs``; ``constraint_field`` is the request field it came from."""
-        outside = [token_id for token_id in params.logit_bias or () if token_id >= self.vocab_size]
-        if outside:
-            raise bad_request(f"logit_bias token id {outside[0]} is outside the vocabulary [0, {self.vocab_size})",
-                              param="logit_bias")
+        for name, token_ids in (("logit_bias", params.logit_bias), ("allowed_token_ids", params.allowed_token_ids)):
+            outside = [token_id for token_id in token_ids or () if token_id >= self.vocab_size]
+            if outside:
+                raise bad_request(f"{name} token id {outside[0]} is outside the vocabulary [0, {self.vocab_size})",
+                                  param=name)
         try:
             return await self.engine.submit(prompts, params, request_id, priority, tenant, slo)
         except QueueFullError as error:
@@ -165,6 +166,7 @@ def build_sampling_params(request, max_tokens: int | None, logprobs: int | None,
         seed=request.seed, stop=request.stop, stop_token_ids=request.stop_token_ids, ignore_eos=request.ignore_eos,
         min_tokens=request.min_tokens, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
         logit_bias=request.logit_bias, truncate_prompt_tokens=request.truncate_prompt_tokens,
+        allowed_token_ids=request.allowed_token_ids,
         skip_special_tokens=request.skip_special_tokens,
         include_stop_str_in_output=request.include_stop_str_in_output, output_kind=RequestOutputKind.DELTA,
     )

@@ -209,3 +209,19 @@ def test_truncate_prompt_tokens_keeps_the_last_tokens(llm):
     assert cut.outputs[0].token_ids == tail.outputs[0].token_ids
     with pytest.raises(ValueError, match="truncate_prompt_tokens"):
         SamplingParams(truncate_prompt_tokens=0)
+
+
+def test_allowed_token_ids_limit_what_is_drawn(llm):
+    allowed = [5, 17, 99]
+    greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, allowed_token_ids=allowed)
+    sampled = SamplingParams(temperature=1.5, seed=2, max_tokens=12, ignore_eos=True, allowed_token_ids=allowed)
+    plain = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    outputs = llm.generate([_prompt(12)] * 3, [greedy, sampled, plain], use_tqdm=False)
+    assert set(outputs[0].outputs[0].token_ids) <= set(allowed) and set(outputs[1].outputs[0].token_ids) <= set(allowed)
+    assert len(set(outputs[1].outputs[0].token_ids)) > 1, "sampling still chooses among them"
+    alone = llm.generate([_prompt(12)], plain, use_tqdm=False)[0]
+    assert outputs[2].outputs[0].token_ids == alone.outputs[0].token_ids, "neighbours are not restricted"
+    with pytest.raises(ValueError, match="allowed_token_ids"):
+        SamplingParams(allowed_token_ids=[])
+    bad = llm.generate([_prompt(12)], [plain.clone(allowed_token_ids=[10**6])], use_tqdm=False)[0]
+    assert "allowed_token_ids" in str(bad.error)

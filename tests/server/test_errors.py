@@ -153,6 +153,8 @@ def test_unsupported_features_are_400_not_silently_ignored(live_server, path, ex
     ("/v1/completions", {"logit_bias": {"abc": 5}}, "logit_bias"),
     ("/v1/completions", {"logit_bias": {"5": 101}}, "logit_bias"),
     ("/v1/chat/completions", {"logit_bias": {"99999999": 1}}, "logit_bias"),
+    ("/v1/completions", {"allowed_token_ids": [99999999]}, "allowed_token_ids"),
+    ("/v1/completions", {"allowed_token_ids": []}, "allowed_token_ids"),
     ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
      "response_format"),
     ("/v1/chat/completions", {"response_format": {"type": "xml"}}, "response_format"),
