@@ -58,6 +58,15 @@ def apply_bans_and_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> t
         from joule.runtime.structured_output import apply_token_masks
 
         apply_token_masks(result, constraints)
+        # The grammar wins where the bans left it nothing (e.g. only EOS may come and min_tokens bans it).
+        constrained = [row for row, constraint in enumerate(constraints) if constraint is not None]
+        index = torch.tensor(constrained, dtype=torch.int64).to(device)
+        emptied = torch.isneginf(result[index]).all(dim=1).nonzero().flatten().tolist()
+        if emptied:
+            rows_left = [constrained[position] for position in emptied]
+            own = logits[torch.tensor(rows_left, dtype=torch.int64).to(device)].float()
+            apply_token_masks(own, [constraints[row] for row in rows_left])
+            result[torch.tensor(rows_left, dtype=torch.int64).to(device)] = own
 
     # Rows with neutral values (repetition 1, frequency and presence 0) may be
     # included below: their updates are exact no-ops.

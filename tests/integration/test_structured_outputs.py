@@ -91,3 +91,11 @@ def test_invalid_specs_fail_their_request_only(llm):
     assert outputs[-1].error is None and len(outputs[-1].outputs[0].token_ids) == 8
     engine = llm.llm_engine
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_a_grammar_that_ends_before_min_tokens_still_ends(llm):
+    params = SamplingParams(temperature=0.0, max_tokens=10, min_tokens=4,
+                            structured_outputs=StructuredOutputsParams(regex="[0-9]"))
+    completion = llm.generate(["A digit:"], params, use_tqdm=False)[0].outputs[0]
+    assert re.fullmatch(r"[0-9]", completion.text) and completion.finish_reason == "stop"
+    assert len(completion.token_ids) == 5, "the digit, then EOS until min_tokens lets it stop"

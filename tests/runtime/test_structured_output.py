@@ -73,3 +73,15 @@ def test_masks_apply_per_row_and_win_over_logit_bias(compiler, tokenizer):
 def test_invalid_grammars_are_value_errors_naming_the_field(compiler, spec, message):
     with pytest.raises(ValueError, match=message):
         compiler.constraint(spec)
+
+
+def test_the_grammar_wins_where_bans_leave_no_token(compiler, tokenizer):
+    constraint = compiler.constraint(StructuredOutputsParams(regex="[0-9]"))
+    constraint.accept(tokenizer.convert_tokens_to_ids("7"))  # now only EOS may come, and min_tokens bans it
+    logits = torch.randn(2, tokenizer.vocab_size, generator=torch.Generator().manual_seed(1))
+    rows = [SamplingRow(temperature=0.0, banned_token_ids=[EOS], constraint=constraint),
+            SamplingRow(temperature=0.0, banned_token_ids=[EOS])]
+    processed = apply_bans_and_penalties(logits, rows)
+    assert torch.isfinite(processed[0]).nonzero().flatten().tolist() == [EOS]
+    assert processed[1, EOS] == -math.inf, "a row without a grammar keeps its bans"
+    assert Sampler().sample(logits, rows).token_ids[0] == EOS
