@@ -33,6 +33,7 @@ TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+_MAX_COMPILED_TEMPLATES = 32
 CHAT_TEMPLATE_DIR = "additional_chat_templates"
 
 # The named special tokens transformers exposes to chat templates, in its order.
@@ -288,6 +289,8 @@ class Tokenizer:
         template = self.get_chat_template(chat_template, tools)
         compiled = self._compiled.get(template)
         if compiled is None:
+            if len(self._compiled) >= _MAX_COMPILED_TEMPLATES:  # templates sent with requests must not pile up
+                self._compiled.pop(next(iter(self._compiled)))
             compiled = self._compiled[template] = self._environment.from_string(template)
         chat = normalize_messages(messages)
         final_text = None

@@ -261,3 +261,12 @@ def test_none_fields_are_dropped_and_objects_rejected(tmp_path):
         ours.apply_chat_template([{"role": "user", "content": object()}])
     with pytest.raises(ValueError, match="empty"):
         ours.apply_chat_template([])
+
+
+def test_templates_sent_with_requests_do_not_pile_up(smollm_dir):
+    tokenizer = Tokenizer.from_pretrained(smollm_dir)
+    messages = [{"role": "user", "content": "hi"}]
+    for index in range(50):
+        rendered = tokenizer.apply_chat_template(messages, chat_template=f"{index}:{{{{ messages[0].content }}}}")
+        assert rendered == f"{index}:hi"
+    assert len(tokenizer._compiled) <= 32

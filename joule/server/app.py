@@ -49,6 +49,7 @@ class ServerConfig:
     request_log: str | None = None  # a JSONL file: one line of timings per request that ends
     step_log: str | None = None  # one line per step (joule.perf.step_log), for an engine stepped on a thread
     tool_call_parser: str | None = None  # tool_choice "auto": hermes or llama3_json (None: auto is a 400)
+    chat_template: str | None = None  # a template's text, used instead of the model's
 
     def __post_init__(self) -> None:
         if not self.served_model_names or not all(isinstance(n, str) and n for n in self.served_model_names):
@@ -107,6 +108,7 @@ def build_app(engine, config: ServerConfig, clock: Callable[[], float] = time.mo
         abuse_guard=abuse_guard,
         metrics=metrics,
         tool_call_parser=config.tool_call_parser,
+        chat_template=config.chat_template,
     )
 
     @asynccontextmanager

@@ -11,6 +11,7 @@ import gc
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from joule.logger import get_logger
 from joule.server.abuse_guard import DEFAULT_MAX_TOKENS_CAP, AbuseGuardConfig
@@ -47,6 +48,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                        help="append one JSON line per engine step (each sequence's new and cached tokens, wall time; "
                             ".gz: compressed), for `joule simulate --replay-log REQUESTS --step-log FILE`; costs the "
                             "engine loop ~0.1-0.5 ms a step at 256 sequences")
+    group.add_argument("--chat-template", default=None, metavar="FILE_OR_TEXT",
+                       help="a Jinja chat template (a file, or the template itself) used instead of the model's, "
+                            "e.g. for a base model that ships none")
     group.add_argument("--enable-auto-tool-choice", action="store_true",
                        help='let the model decide on tool calls (tool_choice "auto", the default with tools); '
                             "needs --tool-call-parser")
@@ -97,6 +101,18 @@ def _graceful_server_class(ready_message: str):
                     signal.signal(sig, handler)
 
     return GracefulServer
+
+
+def read_chat_template(value: str | None) -> str | None:
+    """``--chat-template``: a file's text, or the value itself when it reads as a template (vLLM's rule)."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    if "{{" in value or "{%" in value:
+        return value
+    raise ValueError(f"--chat-template {value!r} is neither a file nor a Jinja template")
 
 
 def abuse_guard_config_from_args(args: argparse.Namespace) -> AbuseGuardConfig:
@@ -158,6 +174,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (hermes or llama3_json)")
     server_config = ServerConfig(
         tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
+        chat_template=read_chat_template(args.chat_template),
         served_model_names=names, api_key=args.api_key, max_queue=args.max_queue,
         shutdown_timeout_seconds=args.shutdown_timeout, abuse_guard=abuse_guard_config_from_args(args),
         request_log=args.request_log, step_log=args.step_log,

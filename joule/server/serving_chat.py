@@ -60,17 +60,27 @@ def _template_message(message: ChatMessage) -> dict:
     return entry
 
 
+_RESERVED_TEMPLATE_NAMES = {"messages", "tools", "documents", "add_generation_prompt", "continue_final_message",
+                            "chat_template", "tokenize"}
+
+
 def render_chat_prompt(
     context: ServingContext, messages: list[ChatMessage], add_generation_prompt: bool = True,
     continue_final_message: bool = False, tools: list[dict] | None = None, keep_last: int | None = None,
+    chat_template: str | None = None, template_kwargs: dict | None = None,
 ) -> list[int]:
-    """The conversation as token ids via the model's own chat template; template errors are 400s."""
+    """The conversation as token ids via the chat template (the request's, the server's or the model's);
+    template errors are 400s."""
     tokenizer = context.require_tokenizer()
     conversation = [_template_message(message) for message in messages]
+    reserved = sorted(_RESERVED_TEMPLATE_NAMES & set(template_kwargs or {}))
+    if reserved:
+        raise bad_request(f"chat_template_kwargs may not set {', '.join(reserved)}", param="chat_template_kwargs")
     try:
         text = tokenizer.apply_chat_template(
             conversation, add_generation_prompt=add_generation_prompt and not continue_final_message,
             continue_final_message=continue_final_message, tools=tools or None,
+            chat_template=chat_template or context.chat_template, **(template_kwargs or {}),
         )
     except (ValueError, TypeError, jinja2.TemplateError) as error:
         raise bad_request(f"cannot apply the chat template: {error}", param="messages") from None
@@ -114,7 +124,7 @@ async def create_chat_completion(
     text_size = sum(len(message.text()) for message in body.messages)
     prompt_ids = await off_loop_if_large(text_size, render_chat_prompt, context, body.messages,
                                          body.add_generation_prompt, body.continue_final_message, body.tools,
-                                         body.truncate_prompt_tokens)
+                                         body.truncate_prompt_tokens, body.chat_template, body.chat_template_kwargs)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     context.check_context(len(prompt_ids), max_tokens, param=param)

@@ -56,6 +56,7 @@ class ServingContext:
     abuse_guard: AbuseGuard | None = None
     metrics: object | None = None  # a ServerMetrics, counting rejections
     tool_call_parser: str | None = None  # how tool_choice "auto" reads replies (joule.server.tool_calls)
+    chat_template: str | None = None  # joule serve --chat-template: used instead of the model's
 
     def limit_max_tokens(self, requested: int | None, param: str = "max_tokens", explicit: bool = True) -> int | None:
         """The max_tokens to generate with: ``requested`` if within the cap (else 400), the cap if omitted."""

@@ -191,3 +191,27 @@ def test_auto_tool_choice_without_a_parser_is_a_clear_400(live_server):
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["param"] == "tool_choice" and "--tool-call-parser" in error["message"]
+
+
+def test_request_chat_template_and_its_kwargs(live_server):
+    template = "{% for m in messages %}{{ m.content }}{% endfor %}{% if shout %} LOUDLY LOUDLY LOUDLY{% endif %}"
+    quiet = _chat(live_server, max_tokens=1, chat_template=template)["usage"]["prompt_tokens"]
+    loud = _chat(live_server, max_tokens=1, chat_template=template, chat_template_kwargs={"shout": True})
+    assert loud["usage"]["prompt_tokens"] > quiet
+    default = _chat(live_server, max_tokens=1)["usage"]["prompt_tokens"]
+    assert default != quiet, "the model's own template wraps the message in its role markers"
+    response = httpx.post(live_server.api_url + "/chat/completions", timeout=30.0, json={
+        "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"messages": []}})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "chat_template_kwargs"
+
+
+def test_serve_chat_template_flag_reads_a_file_or_a_template(tmp_path):
+    from joule.server.cli import read_chat_template
+
+    path = tmp_path / "t.jinja"
+    path.write_text("{{ messages[0].content }}")
+    assert read_chat_template(str(path)) == "{{ messages[0].content }}"
+    assert read_chat_template("{% for m in messages %}{{ m.content }}{% endfor %}").startswith("{%")
+    assert read_chat_template(None) is None
+    with pytest.raises(ValueError, match="neither a file nor a Jinja template"):
+        read_chat_template(str(tmp_path / "missing.jinja"))
