@@ -145,7 +145,7 @@ async def create_chat_completion(
 
 def _tool_mode(context: ServingContext, body: ChatCompletionRequest) -> ToolMode | None:
     try:
-        tools = tool_mode(body.tools, body.tool_choice, context.tool_call_parser)
+        tools = tool_mode(body.tools, body.tool_choice, context.tool_call_parser, body.parallel_tool_calls)
     except ValueError as error:
         raise bad_request(str(error), param=str(error).split(" ", 1)[0].split("[", 1)[0]) from None
     if tools is not None and tools.constraint is not None and body.structured_outputs_spec()[0] is not None:

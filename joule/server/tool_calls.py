@@ -61,12 +61,16 @@ def chosen_function(tool_choice, functions: dict[str, dict]) -> str | None:
     return name
 
 
-def required_constraint(functions: dict[str, dict]) -> StructuredOutputsParams:
-    """At least one call, each to one of ``functions`` with arguments matching its schema (vLLM's shape)."""
+def required_constraint(functions: dict[str, dict], parallel: bool = True) -> StructuredOutputsParams:
+    """At least one call (exactly one unless ``parallel``), each to one of ``functions`` with arguments matching
+    its schema (vLLM's shape)."""
     call = [{"type": "object", "properties": {"name": {"const": name}, "parameters": schema},
              "required": ["name", "parameters"], "additionalProperties": False}
             for name, schema in functions.items()]
-    return StructuredOutputsParams(json={"type": "array", "minItems": 1, "items": {"anyOf": call}})
+    calls = {"type": "array", "minItems": 1, "items": {"anyOf": call}}
+    if not parallel:
+        calls["maxItems"] = 1
+    return StructuredOutputsParams(json=calls)
 
 
 def calls_from_required(text: str) -> list[ParsedToolCall]:
@@ -209,6 +213,7 @@ class ToolMode:
     constraint: StructuredOutputsParams | None = None
     function: str | None = None
     parser: HermesParser | Llama3JsonParser | None = None
+    parallel: bool = True  # False: a parsed reply keeps its first call only
 
     def split(self, text: str) -> tuple[str | None, list[ParsedToolCall]]:
         """The reply's content (None when it is all calls) and its calls."""
@@ -217,14 +222,16 @@ class ToolMode:
         if self.kind == "required":
             calls = calls_from_required(text)
             return (None, calls) if calls else (text, [])
-        return self.parser.parse(text)
+        content, calls = self.parser.parse(text)
+        return content, calls if self.parallel else calls[:1]
 
     def content_end(self, text: str) -> int:
         """How much of a reply still being generated can stream as content."""
         return self.parser.content_end(text) if self.kind == "auto" else 0
 
 
-def tool_mode(tools: list[dict] | None, tool_choice, parser_name: str | None) -> ToolMode | None:
+def tool_mode(tools: list[dict] | None, tool_choice, parser_name: str | None,
+              parallel: bool = True) -> ToolMode | None:
     """None when the request asks for no tool calls; ValueError starting with the field at fault otherwise."""
     if not tools or tool_choice == "none":
         if isinstance(tool_choice, (dict, str)) and tool_choice not in ("none", "auto") and not tools:
@@ -235,11 +242,11 @@ def tool_mode(tools: list[dict] | None, tool_choice, parser_name: str | None) ->
     if named is not None:
         return ToolMode("named", StructuredOutputsParams(json=functions[named]), function=named)
     if tool_choice == "required":
-        return ToolMode("required", required_constraint(functions))
+        return ToolMode("required", required_constraint(functions, parallel))
     if tool_choice not in (None, "auto"):
         raise ValueError(f'tool_choice must be "none", "auto", "required" or a named function, got {tool_choice!r}')
     if parser_name is None:
         raise ValueError('tool_choice "auto" (the default with tools) needs the server started with '
                          "--enable-auto-tool-choice --tool-call-parser NAME (hermes or llama3_json); "
                          'or pass tool_choice "required", "none" or a named function')
-    return ToolMode("auto", parser=make_parser(parser_name))
+    return ToolMode("auto", parser=make_parser(parser_name), parallel=parallel)

@@ -144,6 +144,18 @@ def test_named_and_required_tool_choice_always_give_valid_calls(tool_server):
                                                                     ("get_time", {"zone"}))
 
 
+def test_parallel_tool_calls_false_allows_one_call(tool_server):
+    single = _chat(tool_server, tools=[WEATHER, TIME], max_tokens=60, temperature=1.0, seed=1, n=4,
+                   tool_choice="required", parallel_tool_calls=False)
+    assert all(len(choice["message"]["tool_calls"]) == 1 and choice["finish_reason"] == "tool_calls"
+               for choice in single["choices"])
+    two_calls = FORCED_CALL + r"\n" + FORCED_CALL.replace("Oslo", "Paris")
+    auto = _chat(tool_server, tools=[WEATHER], max_tokens=90, temperature=0.0, guided_regex=two_calls,
+                 parallel_tool_calls=False)
+    assert [json.loads(call["function"]["arguments"])["city"] for call in auto["choices"][0]["message"]["tool_calls"]] \
+        == ["Oslo"]
+
+
 def test_auto_reads_hermes_calls_streamed_or_not(tool_server):
     body = dict(tools=[WEATHER], max_tokens=60, temperature=0.0, guided_regex="Checking\\. " + FORCED_CALL)
     result = _chat(tool_server, **body)["choices"][0]
