@@ -30,6 +30,7 @@ from joule.server.serving_chat import create_chat_completion
 from joule.server.serving_common import ServingContext
 from joule.server.serving_completions import create_completion
 from joule.server.serving_tokenize import detokenize, tokenize
+from joule.server.reasoning import REASONING_PARSERS
 from joule.server.tool_calls import TOOL_CALL_PARSERS
 
 _PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
@@ -50,6 +51,7 @@ class ServerConfig:
     step_log: str | None = None  # one line per step (joule.perf.step_log), for an engine stepped on a thread
     tool_call_parser: str | None = None  # tool_choice "auto": hermes or llama3_json (None: auto is a 400)
     chat_template: str | None = None  # a template's text, used instead of the model's
+    reasoning_parser: str | None = None  # deepseek_r1 or qwen3: <think> text goes to reasoning_content
 
     def __post_init__(self) -> None:
         if not self.served_model_names or not all(isinstance(n, str) and n for n in self.served_model_names):
@@ -58,6 +60,9 @@ class ServerConfig:
             raise ValueError(f"max_queue must be a positive integer or None, got {self.max_queue!r}.")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty.")
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)}, "
+                             f"got {self.reasoning_parser!r}.")
         if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
             raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_CALL_PARSERS)}, "
                              f"got {self.tool_call_parser!r}.")
@@ -109,6 +114,7 @@ def build_app(engine, config: ServerConfig, clock: Callable[[], float] = time.mo
         metrics=metrics,
         tool_call_parser=config.tool_call_parser,
         chat_template=config.chat_template,
+        reasoning_parser=config.reasoning_parser,
     )
 
     @asynccontextmanager

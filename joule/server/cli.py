@@ -51,6 +51,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--chat-template", default=None, metavar="FILE_OR_TEXT",
                        help="a Jinja chat template (a file, or the template itself) used instead of the model's, "
                             "e.g. for a base model that ships none")
+    group.add_argument("--reasoning-parser", choices=["deepseek_r1", "qwen3"], default=None,
+                       help="put a reasoning model's <think> text in reasoning_content, apart from content")
     group.add_argument("--enable-auto-tool-choice", action="store_true",
                        help='let the model decide on tool calls (tool_choice "auto", the default with tools); '
                             "needs --tool-call-parser")
@@ -174,7 +176,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (hermes or llama3_json)")
     server_config = ServerConfig(
         tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
-        chat_template=read_chat_template(args.chat_template),
+        chat_template=read_chat_template(args.chat_template), reasoning_parser=args.reasoning_parser,
         served_model_names=names, api_key=args.api_key, max_queue=args.max_queue,
         shutdown_timeout_seconds=args.shutdown_timeout, abuse_guard=abuse_guard_config_from_args(args),
         request_log=args.request_log, step_log=args.step_log,

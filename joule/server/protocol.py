@@ -322,14 +322,17 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
-class _OmitsAbsentToolCalls(BaseModel):
-    """``tool_calls`` appears in the JSON only when there are calls (every plain chunk stays as it was)."""
+class _OmitsAbsentExtras(BaseModel):
+    """``reasoning_content`` and ``tool_calls`` appear in the JSON only when there are some (every plain chunk
+    stays as it was)."""
 
     @model_serializer(mode="wrap")
-    def _without_absent_tool_calls(self, handler):
+    def _without_absent_extras(self, handler):
         data = handler(self)
-        if isinstance(data, dict) and data.get("tool_calls", 0) is None:
-            del data["tool_calls"]
+        if isinstance(data, dict):
+            for name in ("reasoning_content", "tool_calls"):
+                if name in data and data[name] is None:
+                    del data[name]
         return data
 
 
@@ -348,9 +351,10 @@ class ToolCallDelta(ToolCall):
     index: int
 
 
-class ChatResponseMessage(_OmitsAbsentToolCalls):
+class ChatResponseMessage(_OmitsAbsentExtras):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None  # a reasoning model's thinking (joule serve --reasoning-parser)
     tool_calls: list[ToolCall] | None = None
 
 
@@ -371,9 +375,10 @@ class ChatCompletionResponse(BaseModel):
     usage: UsageInfo
 
 
-class ChatDelta(_OmitsAbsentToolCalls):
+class ChatDelta(_OmitsAbsentExtras):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
 
 

@@ -44,6 +44,8 @@ from joule.server.serving_common import (
     stream_error,
     unless_disconnected,
 )
+from joule.server.chat_replies import ReplyParts, ReplySplitter
+from joule.server.reasoning import make_reasoning_parser
 from joule.server.tool_calls import ParsedToolCall, ToolMode, arguments_for_template, tool_mode
 
 
@@ -137,7 +139,9 @@ async def create_chat_completion(
     request_id = random_id("chatcmpl")
     stream = await context.submit([prompt_ids], params, request_id, body.priority, body.user, body.slo(),
                                   constraint_field=constraint_field)
-    handler = _Chat(body, model, request_id, len(prompt_ids), stream, tools)
+    reasoning = make_reasoning_parser(context.reasoning_parser) if context.reasoning_parser else None
+    splitter = ReplySplitter(reasoning, tools, body.n) if reasoning is not None or tools is not None else None
+    handler = _Chat(body, model, request_id, len(prompt_ids), stream, splitter)
     if body.stream:
         return EventStreamResponse(handler.stream())
     return await unless_disconnected(http_request, handler.collect())
@@ -163,9 +167,9 @@ class _Chat:
     """One chat call in flight: folds engine deltas into choices or chunks."""
 
     def __init__(self, body: ChatCompletionRequest, model: str, request_id: str, prompt_len: int, stream,
-                 tools: ToolMode | None = None):
+                 splitter: ReplySplitter | None = None):
         self.body, self.model, self.request_id, self.prompt_len = body, model, request_id, prompt_len
-        self.engine_stream, self.tools = stream, tools
+        self.engine_stream, self.splitter = stream, splitter
         self.created = int(time.time())
         self.choices = [_ChatChoiceState() for _ in range(body.n)]
         self.top = body.top_logprobs or 0
@@ -204,9 +208,11 @@ class _Chat:
             self.engine_stream.abort()
         choices = []
         for index, choice in enumerate(self.choices):
-            content, calls = self.tools.split(choice.text) if self.tools is not None else (choice.text, [])
+            parts = self.splitter.whole(choice.text) if self.splitter is not None else ReplyParts(content=choice.text)
+            calls = parts.calls or []
             choices.append(ChatChoice(
-                index=index, message=ChatResponseMessage(content=content, tool_calls=_tool_call_list(calls) or None),
+                index=index, message=ChatResponseMessage(content=parts.content, reasoning_content=parts.reasoning,
+                                                         tool_calls=_tool_call_list(calls) or None),
                 logprobs=ChatLogprobs(content=choice.logprobs) if self.body.logprobs else None,
                 finish_reason=_finish_reason(choice.finish_reason, calls), stop_reason=choice.stop_reason,
                 prompt_logprobs=ChatChoice.of(self.prompt_logprobs, self.body.prompt_logprobs or 0),
@@ -227,7 +233,7 @@ class _Chat:
         options = self.body.stream_options
         include_usage = bool(options and options.include_usage)
         continuous = include_usage and options.continuous_usage_stats
-        body = self._tool_chunks() if self.tools is not None else self._content_chunks(continuous)
+        body = self._parsed_chunks() if self.splitter is not None else self._content_chunks(continuous)
         try:
             for index in range(self.body.n):  # OpenAI opens every choice with the role
                 yield self._chunk([ChatStreamChoice(index=index, delta=ChatDelta(role="assistant", content=""))])
@@ -263,33 +269,33 @@ class _Chat:
                 )
                 yield self._chunk([choice], usage=self._usage() if continuous else None, final=final)
 
-    async def _tool_chunks(self) -> AsyncIterator[str]:
-        """Text streams while it surely is content; a choice's calls go out whole, in its last chunk."""
-        sent = [0] * self.body.n  # characters of each choice's text streamed as content
+    async def _parsed_chunks(self) -> AsyncIterator[str]:
+        """Thinking, answer and calls apart (``ReplySplitter``): text goes out once it is sure what it is, a
+        choice's calls whole in its last chunk, logprobs with the first chunk after their tokens."""
+        pending_logprobs: list[list[ChatTokenLogprob]] = [[] for _ in range(self.body.n)]
         async for _, output in self.engine_stream:
             self.tally.update(0, output)
             for completion in output.outputs:
-                if self._update(completion) is None:
+                new_logprobs = self._update(completion)
+                if new_logprobs is None:
                     continue
                 index, choice = completion.index, self.choices[completion.index]
-                if not choice.done:
-                    end = self.tools.content_end(choice.text)
-                    if end > sent[index]:
-                        delta = ChatDelta(content=choice.text[sent[index]:end])
-                        sent[index] = end
-                        yield self._chunk([ChatStreamChoice(index=index, delta=delta)])
+                pending_logprobs[index] += new_logprobs
+                parts = self.splitter.advance(index, choice.text, choice.done)
+                if parts.reasoning is None and parts.content is None and not choice.done:
                     continue
-                _, calls = self.tools.split(choice.text)
-                rest = choice.text[sent[index]:self.tools.content_end(choice.text) if calls else None]
+                calls = parts.calls or []
                 deltas = [ToolCallDelta(index=position, **call.model_dump())
                           for position, call in enumerate(_tool_call_list(calls))]
-                last = ChatStreamChoice(
-                    index=index, delta=ChatDelta(content=(rest.rstrip() if calls else rest) or None,
+                chunk = ChatStreamChoice(
+                    index=index, delta=ChatDelta(content=parts.content, reasoning_content=parts.reasoning,
                                                  tool_calls=deltas or None),
-                    logprobs=ChatLogprobs(content=choice.logprobs) if self.body.logprobs else None,
-                    finish_reason=_finish_reason(choice.finish_reason, calls), stop_reason=choice.stop_reason,
+                    logprobs=ChatLogprobs(content=pending_logprobs[index]) if self.body.logprobs else None,
+                    finish_reason=_finish_reason(choice.finish_reason, calls) if choice.done else None,
+                    stop_reason=choice.stop_reason if choice.done else None,
                 )
-                yield self._chunk([last], final=all(c.done for c in self.choices))
+                pending_logprobs[index] = []
+                yield self._chunk([chunk], final=all(c.done for c in self.choices))
 
 
 def _finish_reason(reason: str | None, calls: list) -> str | None:

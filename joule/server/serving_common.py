@@ -57,6 +57,7 @@ class ServingContext:
     metrics: object | None = None  # a ServerMetrics, counting rejections
     tool_call_parser: str | None = None  # how tool_choice "auto" reads replies (joule.server.tool_calls)
     chat_template: str | None = None  # joule serve --chat-template: used instead of the model's
+    reasoning_parser: str | None = None  # joule serve --reasoning-parser: thinking apart from the answer
 
     def limit_max_tokens(self, requested: int | None, param: str = "max_tokens", explicit: bool = True) -> int | None:
         """The max_tokens to generate with: ``requested`` if within the cap (else 400), the cap if omitted."""

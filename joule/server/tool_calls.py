@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass
 
 from joule.sampling_params import StructuredOutputsParams
+from joule.server.reasoning import partial_suffix
 
 TOOL_CALL_PARSERS = ("hermes", "llama3_json")
 
@@ -178,10 +179,7 @@ def _before_marker(text: str, marker: str) -> int:
     index = text.find(marker)
     if index >= 0:
         return index
-    for keep in range(min(len(marker) - 1, len(text)), 0, -1):  # a marker may be arriving token by token
-        if marker.startswith(text[-keep:]):
-            return len(text) - keep
-    return len(text)
+    return len(text) - partial_suffix(text, marker)  # a marker may be arriving token by token
 
 
 def _split_top_level(text: str, separator: str) -> list[str]:

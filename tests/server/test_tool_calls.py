@@ -1,4 +1,5 @@
-"""Tool calls: the parsers on their own, then a server whose model's chat template renders tools."""
+"""Tool calls and reasoning: the parsers on their own, then a server whose model's chat template renders tools
+(started with a tool-call parser and a reasoning parser)."""
 
 from __future__ import annotations
 
@@ -110,7 +111,7 @@ def tool_server(tmp_path_factory):
     directory = build_tiny_chat_model(tmp_path_factory.mktemp("tiny-tool-model"))
     (directory / "chat_template.jinja").write_text(TOOL_TEMPLATE)
     server = start_server(directory, tmp_path_factory.mktemp("tool-server-logs"), "--enable-auto-tool-choice",
-                          "--tool-call-parser", "hermes")
+                          "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3")
     yield server
     server.stop()
 
@@ -227,3 +228,23 @@ def test_serve_chat_template_flag_reads_a_file_or_a_template(tmp_path):
     assert read_chat_template(None) is None
     with pytest.raises(ValueError, match="neither a file nor a Jinja template"):
         read_chat_template(str(tmp_path / "missing.jinja"))
+
+
+def test_reasoning_goes_apart_from_the_answer_streamed_or_not(tool_server):
+    forced = "<think>\nThe user greets me\\.\n</think>\n\nHello there\\!"
+    reply = _chat(tool_server, max_tokens=40, temperature=0.0, guided_regex=forced)["choices"][0]["message"]
+    assert reply["reasoning_content"] == "The user greets me." and reply["content"] == "Hello there!"
+    plain = _chat(tool_server, max_tokens=5, temperature=0.0, guided_regex="Hi you")["choices"][0]["message"]
+    assert plain["content"] == "Hi you" and "reasoning_content" not in plain, "no <think>: all answer"
+
+    from openai import OpenAI
+
+    client = OpenAI(base_url=tool_server.api_url, api_key="unused", max_retries=0)
+    stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], stream=True,
+                                            max_tokens=40, temperature=0.0, extra_body={"guided_regex": forced})
+    thinking = answer = ""
+    for chunk in stream:
+        delta = chunk.choices[0].delta
+        thinking += (delta.model_extra or {}).get("reasoning_content") or ""
+        answer += delta.content or ""
+    assert "</think" not in thinking and thinking.strip() == "The user greets me." and answer == "Hello there!"
