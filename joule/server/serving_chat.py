@@ -247,55 +247,53 @@ class _Chat:
             self.engine_stream.abort()
         yield SSE_DONE
 
-    async def _content_chunks(self, continuous: bool) -> AsyncIterator[str]:
-        plain = PlainChunks(self.request_id, "chat.completion.chunk", self.created, self.model)
+    async def _deltas(self) -> AsyncIterator[tuple[CompletionOutput, list[ChatTokenLogprob]]]:
+        """Each engine delta of a choice still open, folded in, with its new logprobs."""
         async for _, output in self.engine_stream:
             self.tally.update(0, output)
             for completion in output.outputs:
                 new_logprobs = self._update(completion)
-                if new_logprobs is None:
-                    continue
-                if not completion.text and not completion.finish_reason and not new_logprobs:
-                    continue
-                final = all(c.done for c in self.choices)
-                if not final and not continuous and not self.body.logprobs:
-                    yield plain.chat(completion.index, completion.text, completion.finish_reason,
-                                     completion.stop_reason)
-                    continue
-                choice = ChatStreamChoice(
-                    index=completion.index, delta=ChatDelta(content=completion.text),
-                    logprobs=ChatLogprobs(content=new_logprobs) if self.body.logprobs else None,
-                    finish_reason=completion.finish_reason, stop_reason=completion.stop_reason,
-                )
-                yield self._chunk([choice], usage=self._usage() if continuous else None, final=final)
+                if new_logprobs is not None:
+                    yield completion, new_logprobs
+
+    async def _content_chunks(self, continuous: bool) -> AsyncIterator[str]:
+        plain = PlainChunks(self.request_id, "chat.completion.chunk", self.created, self.model)
+        async for completion, new_logprobs in self._deltas():
+            if not completion.text and not completion.finish_reason and not new_logprobs:
+                continue
+            final = all(c.done for c in self.choices)
+            if not final and not continuous and not self.body.logprobs:
+                yield plain.chat(completion.index, completion.text, completion.finish_reason, completion.stop_reason)
+                continue
+            choice = ChatStreamChoice(
+                index=completion.index, delta=ChatDelta(content=completion.text),
+                logprobs=ChatLogprobs(content=new_logprobs) if self.body.logprobs else None,
+                finish_reason=completion.finish_reason, stop_reason=completion.stop_reason,
+            )
+            yield self._chunk([choice], usage=self._usage() if continuous else None, final=final)
 
     async def _parsed_chunks(self) -> AsyncIterator[str]:
         """Thinking, answer and calls apart (``ReplySplitter``): text goes out once it is sure what it is, a
         choice's calls whole in its last chunk, logprobs with the first chunk after their tokens."""
         pending_logprobs: list[list[ChatTokenLogprob]] = [[] for _ in range(self.body.n)]
-        async for _, output in self.engine_stream:
-            self.tally.update(0, output)
-            for completion in output.outputs:
-                new_logprobs = self._update(completion)
-                if new_logprobs is None:
-                    continue
-                index, choice = completion.index, self.choices[completion.index]
-                pending_logprobs[index] += new_logprobs
-                parts = self.splitter.advance(index, choice.text, choice.done)
-                if parts.reasoning is None and parts.content is None and not choice.done:
-                    continue
-                calls = parts.calls or []
-                deltas = [ToolCallDelta(index=position, **call.model_dump())
-                          for position, call in enumerate(_tool_call_list(calls))]
-                chunk = ChatStreamChoice(
-                    index=index, delta=ChatDelta(content=parts.content, reasoning_content=parts.reasoning,
-                                                 tool_calls=deltas or None),
-                    logprobs=ChatLogprobs(content=pending_logprobs[index]) if self.body.logprobs else None,
-                    finish_reason=_finish_reason(choice.finish_reason, calls) if choice.done else None,
-                    stop_reason=choice.stop_reason if choice.done else None,
-                )
-                pending_logprobs[index] = []
-                yield self._chunk([chunk], final=all(c.done for c in self.choices))
+        async for completion, new_logprobs in self._deltas():
+            index, choice = completion.index, self.choices[completion.index]
+            pending_logprobs[index] += new_logprobs
+            parts = self.splitter.advance(index, choice.text, choice.done)
+            if parts.reasoning is None and parts.content is None and not choice.done:
+                continue
+            calls = parts.calls or []
+            deltas = [ToolCallDelta(index=position, **call.model_dump())
+                      for position, call in enumerate(_tool_call_list(calls))]
+            chunk = ChatStreamChoice(
+                index=index, delta=ChatDelta(content=parts.content, reasoning_content=parts.reasoning,
+                                             tool_calls=deltas or None),
+                logprobs=ChatLogprobs(content=pending_logprobs[index]) if self.body.logprobs else None,
+                finish_reason=_finish_reason(choice.finish_reason, calls) if choice.done else None,
+                stop_reason=choice.stop_reason if choice.done else None,
+            )
+            pending_logprobs[index] = []
+            yield self._chunk([chunk], final=all(c.done for c in self.choices))
 
 
 def _finish_reason(reason: str | None, calls: list) -> str | None:
