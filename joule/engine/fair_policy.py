@@ -12,8 +12,8 @@ step-time estimate for their decodes alone). Only when no step size could keep u
 known, does the fixed cap hold, so a flood waits, not the light tenant.
 With the fixed cap alone (``--no-fair-keep-up``, the default until 2026-12-05), a heavy tenant that fcfs serves at
 tens of milliseconds waited 2.2 / 11.5 s on an H200 at 20 / 40 req/s; keeping up, 0.14 / 0.12 s, while the light
-tenant's p99 TTFT went from 1.30x / 1.76x solo to 1.50x / 2.41x (measured, docs/benchmarks.md). Demand is read over
-the time since the first arrival while the window fills.
+tenant's p99 TTFT went from 1.30x / 1.76x solo to 1.50x / 2.41x (measured, docs/benchmarks.md). Demand is read
+per tenant over the time since its earliest arrival in the window, so a flood is known as one from its start.
 """
 
 from __future__ import annotations
@@ -37,28 +37,34 @@ KEEP_UP_MARGIN = 1.25
 MIN_PROMPT_TOKENS_OBSERVED = 64
 PROMPT_COST_WEIGHT = 0.1
 MIN_DEMAND_SPAN = 0.25  # seconds: the shortest time a demand rate is taken over
+# A request of the others not yet started after this long means they are not kept up with: a flood. (Kept up
+# with, their TTFTs were tens of milliseconds in simulation and on the H200; a flood's grow by seconds a second.)
+FLOOD_WAIT_SECONDS = 1.0
 
 
 class VirtualTokenCounterFairness(FirstComeFirstServed):
     name = "fair"
 
     def __init__(self, protected_prompt_tokens: int = DEFAULT_FAIR_PROMPT_CAP, recent_seconds: float = 2.0,
-                 split_decodes: bool = False, keep_up: bool = True) -> None:
+                 split_decodes: bool = False, keep_up: bool = True, step_token_budget: int | None = None) -> None:
         """``protected_prompt_tokens``: the prompt tokens a step may carry while a tenant with nothing waiting
         is about (it arrived within ``recent_seconds`` or has requests in) and another has prompts to compute;
         ``split_decodes``: meanwhile, that other tenant's decodes may run half per step (``StepShape``). Off by
         default: on the H200 fairness run it raised the light tenant's p50 TTFT (16.2 vs 11.6 ms, see
-        docs/benchmarks.md). ``keep_up``: the cap never below what the others need to keep up (module doc)."""
+        docs/benchmarks.md). ``keep_up``: the cap never below what the others need to keep up (module doc);
+        ``step_token_budget``: the most tokens a step may carry (the scheduler's ``max_num_batched_tokens``): a
+        demand that needs wider steps than that cannot be kept up with."""
         self.counters: dict[str | None, float] = {}
         self.last_arrival: dict[str | None, float] = {}
         # (arrival time, prompt tokens) of each tenant's requests within ``recent_seconds``: their demand.
         self.recent_prompts: dict[str | None, deque[tuple[float, int]]] = {}
         self.seconds_per_prompt_token: float | None = None  # measured (``observe_step``)
-        self.first_arrival: float | None = None  # keeping up: demand is a rate over the time seen, up to the window
+        self.prompt_cost_line = _DecayingLine(PROMPT_COST_WEIGHT)
         self.protected_prompt_tokens = protected_prompt_tokens
         self.recent_seconds = recent_seconds
         self.split_decodes = split_decodes
         self.keep_up = keep_up
+        self.step_token_budget = step_token_budget
 
     def next_waiting(self, waiting: deque[Request]) -> Request:
         return min(waiting, key=lambda request: self.counters.get(request.tenant, 0.0))
@@ -71,8 +77,6 @@ class VirtualTokenCounterFairness(FirstComeFirstServed):
         self.last_arrival[request.tenant] = max(self.last_arrival.get(request.tenant, request.arrival_time),
                                                 request.arrival_time)
         if self.keep_up:
-            if self.first_arrival is None:
-                self.first_arrival = request.arrival_time
             self.recent_prompts.setdefault(request.tenant, deque()).append(
                 (request.arrival_time, request.num_prompt_tokens))
             # Bounded by what one tenant sends in the window, however long a server runs.
@@ -106,16 +110,20 @@ class VirtualTokenCounterFairness(FirstComeFirstServed):
 
     def observe_step(self, num_prefill_tokens: int, num_decode_tokens: int, elapsed_seconds: float,
                      step_time: StepTimeEstimator) -> None:
-        """The cost per prompt token: a step's time beyond what the estimate gives its decodes alone, per prompt
-        token. Measured, not taken from the estimate's own per-token term, which cannot be told apart from
-        the rest once every step carries the same capped chunk."""
+        """What prompt tokens cost: a step's time beyond what the estimate gives its decodes alone, per prompt token
+        (a moving average: ``seconds_per_prompt_token``), and as a line ``overhead + cost x tokens`` fitted over
+        recent steps (``prompt_cost_line``: a step that carries a chunk pays a fixed part too, so a token of a
+        2,048-token chunk costs less than one of a 128-token chunk; the average, dominated by capped steps, reads
+        high, which keeps the flood test below cautious). Measured, not taken from the estimate's own per-token
+        term, which cannot be told apart from the rest once every step carries the same capped chunk."""
         coefficients = step_time.coefficients()
         if num_prefill_tokens < MIN_PROMPT_TOKENS_OBSERVED or coefficients is None or elapsed_seconds <= 0:
             return
-        sample = max(0.0, elapsed_seconds - coefficients.predict(0, num_decode_tokens)) / num_prefill_tokens
-        previous = self.seconds_per_prompt_token
+        excess = max(0.0, elapsed_seconds - coefficients.predict(0, num_decode_tokens))
+        sample, previous = excess / num_prefill_tokens, self.seconds_per_prompt_token
         self.seconds_per_prompt_token = sample if previous is None else (
             previous + PROMPT_COST_WEIGHT * (sample - previous))
+        self.prompt_cost_line.add(num_prefill_tokens, excess)
 
     def step_shape(self, waiting: deque[Request], running: list[Request], now: float,
                    step_time: StepTimeEstimator | None = None) -> StepShape | None:
@@ -136,7 +144,13 @@ class VirtualTokenCounterFairness(FirstComeFirstServed):
         if not pending:
             return None
         protected = self._protected_tenants(waiting_tokens, running, pending, now)
-        cap = self._protecting_cap(protected, pending, running, now, step_time) if protected else None
+        cap = None
+        if protected:
+            # The others' oldest request still without its first token (waiting, or its prompt in progress).
+            unstarted = [*waiting, *(request for request in running if request.is_prefilling)]
+            oldest = min((request.arrival_time for request in unstarted if request.tenant not in protected),
+                         default=None)
+            cap = self._protecting_cap(protected, pending, running, now, step_time, oldest)
         lane_tenant, lane_tokens = self._fast_lane(waiting_tokens, pending)
         if cap is not None and lane_tokens > cap:
             lane_tokens = cap
@@ -149,33 +163,44 @@ class VirtualTokenCounterFairness(FirstComeFirstServed):
                          split_decode_tenants=split, lane_finishes_prompts=self.keep_up)
 
     def _protecting_cap(self, protected: frozenset, pending: dict[str | None, int], running: list[Request],
-                        now: float, step_time: StepTimeEstimator | None) -> int:
+                        now: float, step_time: StepTimeEstimator | None, oldest_unstarted: float | None = None) -> int:
         """Prompt tokens a step may carry while ``protected`` tenants are about: the fixed cap, or more where the
         others' prompt work needs more to keep up.
 
-        A step carrying ``c`` prompt tokens takes ``base + cost x c`` (``base``: the estimate for its decodes
-        alone; ``cost``: measured per prompt token), so the others keep up with a demand of ``D`` tokens a
-        second when ``c >= D x base / (1 - D x cost)``. ``D`` is what they sent over the last ``recent_seconds``
-        plus what is still pending, over ``recent_seconds``, times ``KEEP_UP_MARGIN``.
+        A step carrying ``c`` prompt tokens takes ``base + overhead + cost x c`` (``base``: the estimate for its
+        decodes alone; ``overhead`` and ``cost``: the prompt cost line measured from executed steps), so the others
+        keep up with a demand of ``D`` tokens a second when ``c >= D x (base + overhead) / (1 - D x cost)``. ``D``
+        is, per tenant, what it sent over the last ``recent_seconds`` plus what is still pending, over the time
+        since its earliest arrival in that window (at least ``MIN_DEMAND_SPAN``), summed, times
+        ``KEEP_UP_MARGIN``. It is a flood, and the fixed cap holds (a flood waits, not the light tenant), where no
+        ``c`` keeps up, where only one wider than the token budget does, or where the others' oldest request
+        still without a token (``oldest_unstarted``, its arrival) has waited over ``FLOOD_WAIT_SECONDS``: the
+        estimate leaves out that wider steps also keep more decodes in flight, so near capacity it can promise
+        more than a GPU does.
         """
         coefficients = step_time.coefficients() if step_time is not None and self.keep_up else None
-        cost = self.seconds_per_prompt_token
-        if coefficients is None or not cost:
+        if coefficients is None or self.seconds_per_prompt_token is None:
             return self.protected_prompt_tokens
+        if oldest_unstarted is not None and now - oldest_unstarted > FLOOD_WAIT_SECONDS:
+            return self.protected_prompt_tokens  # keeping up has failed, whatever the estimate says
         horizon = now - self.recent_seconds
-        sent = sum(sum(tokens for _, tokens in self._recent_arrivals(tenant, horizon)) + pending[tenant]
-                   for tenant in set(pending) - protected)
-        # Over the window, or over the time since the first arrival while the window is still filling (else the
-        # first seconds of a flood read as a fraction of it).
-        span = self.recent_seconds
-        if self.first_arrival is not None:
-            span = min(span, max(now - self.first_arrival, MIN_DEMAND_SPAN))
-        demand = KEEP_UP_MARGIN * sent / span
+        demand = 0.0
+        for tenant in set(pending) - protected:
+            arrivals = self._recent_arrivals(tenant, horizon)
+            sent = sum(tokens for _, tokens in arrivals) + pending[tenant]
+            # Over the time since the tenant's earliest arrival in the window, not the whole window: a flood that
+            # began half a second ago would read as a quarter of itself, and its first seconds run uncapped.
+            since = arrivals[0][0] if arrivals else horizon
+            demand += KEEP_UP_MARGIN * sent / min(self.recent_seconds, max(now - since, MIN_DEMAND_SPAN))
+        cost, overhead = self.prompt_cost_line.slope_and_intercept() or (self.seconds_per_prompt_token, 0.0)
         room = 1.0 - demand * cost
         if room <= 0:
-            return self.protected_prompt_tokens  # a flood: no step size keeps up, so it waits, not the light
+            return self.protected_prompt_tokens  # no step size keeps up
         decodes = sum(1 for request in running if not request.is_prefilling)
-        return max(self.protected_prompt_tokens, math.ceil(demand * coefficients.predict(0, decodes) / room))
+        needed = math.ceil(demand * (coefficients.predict(0, decodes) + overhead) / room)
+        if self.step_token_budget is not None and needed > self.step_token_budget - decodes:
+            return self.protected_prompt_tokens  # keeping up needs steps wider than the budget allows
+        return max(self.protected_prompt_tokens, needed)
 
     def _recent_arrivals(self, tenant: str | None, horizon: float) -> deque[tuple[float, int]]:
         """(arrival time, prompt tokens) of ``tenant``'s requests since ``horizon``; older ones are dropped."""
@@ -215,6 +240,31 @@ class VirtualTokenCounterFairness(FirstComeFirstServed):
             del self.last_arrival[tenant]
         present = {request.tenant for request in running} | set(waiting_tokens) | set(self.last_arrival)
         return frozenset(tenant for tenant in present - set(waiting_tokens) if set(pending) - {tenant})
+
+
+class _DecayingLine:
+    """A least-squares line ``y = intercept + slope x x`` over samples whose weight decays by ``1 - weight`` at
+    each new one (an exponential moving fit). Through zero while the samples' x are too alike to tell apart."""
+
+    def __init__(self, weight: float) -> None:
+        self.keep = 1.0 - weight
+        self.sums = [0.0] * 5  # weights, x, x*x, y, x*y
+
+    def add(self, x: float, y: float) -> None:
+        self.sums = [self.keep * total + value for total, value in zip(self.sums, (1.0, x, x * x, y, x * y))]
+
+    def slope_and_intercept(self) -> tuple[float, float] | None:
+        """(slope, intercept), or None before any sample."""
+        weights, x, xx, y, xy = self.sums
+        if x <= 0:
+            return None
+        spread = weights * xx - x * x  # weights^2 x the variance of x
+        if spread > 0.01 * weights * xx:  # x varies by more than ~10 % of its scale
+            slope = (weights * xy - x * y) / spread
+            intercept = (y - slope * x) / weights
+            if slope > 0 and intercept >= 0:
+                return slope, intercept
+        return y / x, 0.0  # through zero
 
 
 def _slots_held(running: list[Request]) -> dict[str | None, int]:

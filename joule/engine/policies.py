@@ -163,12 +163,12 @@ POLICIES = ("fcfs", "priority", "fair", "deadline")
 
 
 def make_policy(name: str, fair_prompt_cap: int = DEFAULT_FAIR_PROMPT_CAP, fair_split_decodes: bool = False,
-                fair_keep_up: bool = True) -> SchedulingPolicy:
+                fair_keep_up: bool = True, step_token_budget: int | None = None) -> SchedulingPolicy:
     if name not in POLICIES:
         raise ValueError(f"scheduling policy must be one of {', '.join(POLICIES)}, got {name!r}.")
     if name == "fair":
         from joule.engine.fair_policy import VirtualTokenCounterFairness  # it builds on the classes here
 
         return VirtualTokenCounterFairness(protected_prompt_tokens=fair_prompt_cap, split_decodes=fair_split_decodes,
-                                           keep_up=fair_keep_up)
+                                           keep_up=fair_keep_up, step_token_budget=step_token_budget)
     return {"fcfs": FirstComeFirstServed, "priority": PriorityFirst, "deadline": EarliestDeadlineFirst}[name]()

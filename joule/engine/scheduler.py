@@ -81,7 +81,8 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
         self.policy = make_policy(config.policy, fair_prompt_cap=config.fair_prompt_cap,
-                                  fair_split_decodes=config.fair_split_decodes, fair_keep_up=config.fair_keep_up)
+                                  fair_split_decodes=config.fair_split_decodes, fair_keep_up=config.fair_keep_up,
+                                  step_token_budget=config.max_num_batched_tokens)
         self.admission = make_admission_policy(
             config.admission, block_manager.num_blocks, block_manager.block_size, config.max_model_len
         )

@@ -97,6 +97,7 @@ def test_keep_up_is_an_engine_option_down_to_the_policy():
 
     engine = EngineCore(SchedulerConfig(policy="fair", fair_keep_up=True), KVBlockManager(64, 4), TokenExecutor())
     assert engine.scheduler.policy.keep_up
+    assert engine.scheduler.policy.step_token_budget == SchedulerConfig().max_num_batched_tokens  # its flood test
     assert EngineCore(SchedulerConfig(policy="fair"), KVBlockManager(64, 4), TokenExecutor()).scheduler.policy.keep_up
     fixed = EngineCore(SchedulerConfig(policy="fair", fair_keep_up=False), KVBlockManager(64, 4), TokenExecutor())
     assert not fixed.scheduler.policy.keep_up
@@ -120,3 +121,61 @@ def test_demand_is_a_rate_over_the_time_seen_while_the_window_fills():
     assert policy._protecting_cap(light, {"heavy": 0}, [], 0.5, step_time) == 100
     # The same tokens over the full window (at 2.0 s): 6,250 tokens/s, c >= 14.3: the fixed cap of 32 does.
     assert policy._protecting_cap(light, {"heavy": 0}, [], 2.0, step_time) == 32
+
+
+def test_a_tenant_that_began_sending_lately_is_read_over_its_own_time_not_the_window():
+    """The H100's flood of 2026-12-05: the server had run for minutes, so the heavy tenant's first half second was
+    averaged over the whole two-second window, read as a quarter of itself, and ran uncapped."""
+    policy = VirtualTokenCounterFairness(protected_prompt_tokens=32, keep_up=True)
+    policy.on_added(_prompt("early", "light", 10, 0.0), deque(), [])  # the server has been up since 0
+    for index in range(5):  # the heavy tenant starts at 100 s: 10,000 tokens in half a second
+        policy.on_added(_prompt(f"heavy-{index}", "heavy", 2000, 100.0 + index * 0.1), deque(), [])
+    policy.seconds_per_prompt_token = 2e-5
+    light, step_time = frozenset({"light"}), _estimate(2e-3, 1e-4)
+    # 1.25 x 10,000 / 0.5 s = 25,000 tokens/s: c >= 25,000 x 2 ms / (1 - 25,000 x 20 us) = 100.
+    assert policy._protecting_cap(light, {"heavy": 0}, [], 100.5, step_time) == 100
+
+
+def test_keeping_up_with_steps_wider_than_the_budget_is_a_flood():
+    """Needing 59 prompt tokens a step (the first test's numbers) is kept up with under a budget of 64 with
+    no decodes, and is a flood (the fixed cap) under a budget of 50, where the old cap was clipped to the budget
+    and every step ran as long as it could while the light tenant waited behind it."""
+    pending, light, step_time = {"heavy": 4000}, frozenset({"light"}), _estimate(2e-3, 1e-4)
+    for budget, expected in ((64, 59), (50, 32)):
+        policy = VirtualTokenCounterFairness(protected_prompt_tokens=32, keep_up=True, step_token_budget=budget)
+        for index in range(20):
+            policy.on_added(_prompt(f"heavy-{index}", "heavy", 2000, index * 0.1), deque(), [])
+        policy.seconds_per_prompt_token = 2e-6
+        assert policy._protecting_cap(light, pending, [], 2.0, step_time) == expected
+
+
+def test_a_request_of_the_others_waiting_over_a_second_means_they_are_not_kept_up_with():
+    policy = VirtualTokenCounterFairness(protected_prompt_tokens=32, keep_up=True)
+    for index in range(20):
+        policy.on_added(_prompt(f"heavy-{index}", "heavy", 2000, index * 0.1), deque(), [])
+    policy.seconds_per_prompt_token = 2e-6
+    light, pending, step_time = frozenset({"light"}), {"heavy": 4000}, _estimate(2e-3, 1e-4)
+    assert policy._protecting_cap(light, pending, [], 2.0, step_time, oldest_unstarted=1.5) == 59
+    assert policy._protecting_cap(light, pending, [], 2.0, step_time, oldest_unstarted=0.9) == 32
+    # Through step_shape: the heavy tenant's oldest unstarted request is the one waiting since 0.5 s.
+    waiting = deque([_prompt("heavy-old", "heavy", 2000, 0.5)])
+    policy.last_arrival["light"] = 1.9
+    shape = policy.step_shape(waiting, [], 2.0, step_time)
+    assert shape is not None and shape.prompt_token_cap == 32
+
+
+def test_the_prompt_cost_line_tells_a_steps_fixed_part_from_the_cost_per_token():
+    """A 128-token chunk costs more per token than a 2,048-token one when a step with any chunk pays a fixed
+    part: the line keeps the two apart, where the moving average per token reads between them."""
+    policy = VirtualTokenCounterFairness(keep_up=True)
+    step_time = StepTimeEstimator(prior=StepTimeCoefficients(1e-3, 0.0, 1e-4))  # its own per-token term: 0
+    for tokens in (128, 2048, 128, 1024, 2048, 128, 512):
+        policy.observe_step(tokens, 2, 1e-3 + 2e-4 + 1.5e-3 + tokens * 4e-6, step_time)
+    cost, overhead = policy.prompt_cost_line.slope_and_intercept()
+    assert cost == pytest.approx(4e-6) and overhead == pytest.approx(1.5e-3)
+    # All chunks alike: nothing tells the fixed part apart, so the line goes through zero.
+    alike = VirtualTokenCounterFairness(keep_up=True)
+    for _ in range(4):
+        alike.observe_step(128, 2, 1e-3 + 2e-4 + 128 * 5e-6, step_time)
+    assert alike.prompt_cost_line.slope_and_intercept() == (pytest.approx(5e-6), 0.0)
+    assert VirtualTokenCounterFairness().prompt_cost_line.slope_and_intercept() is None
