@@ -8,8 +8,9 @@ no step runs long when that tenant's next request arrives (``StepShape.prompt_to
 By default (``keep_up``, ``--fair-keep-up``) the cut is work-conserving, as VTC is: never shorter than what the
 others' prompt work needs to keep up (the prompt tokens they sent over the last ``recent_seconds`` plus those
 pending, per second), at the cost a step pays per prompt token, measured from executed steps (their time beyond the
-step-time estimate for their decodes alone). Only when no step size could keep up (a flood), or before that cost is
-known, does the fixed cap hold, so a flood waits, not the light tenant.
+step-time estimate for their decodes alone). The fixed cap holds before that cost is known and in a flood, so a flood
+waits, not the light tenant: when no step size could keep up, when only steps wider than the token budget could,
+or when one of the others' requests has waited over ``FLOOD_WAIT_SECONDS`` without a token.
 With the fixed cap alone (``--no-fair-keep-up``, the default until 2026-12-05), a heavy tenant that fcfs serves at
 tens of milliseconds waited 2.2 / 11.5 s on an H200 at 20 / 40 req/s; keeping up, 0.14 / 0.12 s, while the light
 tenant's p99 TTFT went from 1.30x / 1.76x solo to 1.50x / 2.41x (measured, docs/benchmarks.md). Demand is read
