@@ -147,10 +147,11 @@ class VirtualTokenCounterFairness(FirstComeFirstServed):
         protected = self._protected_tenants(waiting_tokens, running, pending, now)
         cap = None
         if protected:
-            # The others' oldest request still without its first token (waiting, or its prompt in progress).
+            # The others' oldest request still without its first token (waiting, or its prompt in progress; not one
+            # preempted after it had some, which waits again for reasons of its own).
             unstarted = [*waiting, *(request for request in running if request.is_prefilling)]
-            oldest = min((request.arrival_time for request in unstarted if request.tenant not in protected),
-                         default=None)
+            oldest = min((request.arrival_time for request in unstarted
+                          if request.tenant not in protected and request.num_output_tokens == 0), default=None)
             cap = self._protecting_cap(protected, pending, running, now, step_time, oldest)
         lane_tenant, lane_tokens = self._fast_lane(waiting_tokens, pending)
         if cap is not None and lane_tokens > cap:

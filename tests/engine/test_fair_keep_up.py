@@ -179,3 +179,15 @@ def test_the_prompt_cost_line_tells_a_steps_fixed_part_from_the_cost_per_token()
         alike.observe_step(128, 2, 1e-3 + 2e-4 + 128 * 5e-6, step_time)
     assert alike.prompt_cost_line.slope_and_intercept() == (pytest.approx(5e-6), 0.0)
     assert VirtualTokenCounterFairness().prompt_cost_line.slope_and_intercept() is None
+
+
+def test_a_preempted_request_that_had_tokens_is_no_sign_of_a_flood():
+    policy = VirtualTokenCounterFairness(protected_prompt_tokens=32, keep_up=True)
+    for index in range(20):
+        policy.on_added(_prompt(f"heavy-{index}", "heavy", 2000, index * 0.1), deque(), [])
+    policy.seconds_per_prompt_token = 2e-6
+    preempted = _prompt("heavy-preempted", "heavy", 2000, 0.5)
+    preempted.output_token_ids.append(7)  # it had a token before it was preempted
+    policy.last_arrival["light"] = 1.9
+    shape = policy.step_shape(deque([preempted]), [], 2.0, _estimate(2e-3, 1e-4))
+    assert shape is not None and shape.prompt_token_cap > 32  # kept up with, as without it
