@@ -111,12 +111,12 @@ class VirtualTokenCounterFairness(FirstComeFirstServed):
 
     def observe_step(self, num_prefill_tokens: int, num_decode_tokens: int, elapsed_seconds: float,
                      step_time: StepTimeEstimator) -> None:
-        """What prompt tokens cost: a step's time beyond what the estimate gives its decodes alone, per prompt token
-        (a moving average: ``seconds_per_prompt_token``), and as a line ``overhead + cost x tokens`` fitted over
-        recent steps (``prompt_cost_line``: a step that carries a chunk pays a fixed part too, so a token of a
-        2,048-token chunk costs less than one of a 128-token chunk; the average, dominated by capped steps, reads
-        high, which keeps the flood test below cautious). Measured, not taken from the estimate's own per-token
-        term, which cannot be told apart from the rest once every step carries the same capped chunk."""
+        """What prompt tokens cost: a step's time beyond what the estimate gives its decodes alone, as a line
+        ``overhead + cost x tokens`` fitted over recent steps (``prompt_cost_line``, which the cap uses: a step that
+        carries a chunk pays a fixed part too, so a token of a 2,048-token chunk costs less than one of a 128-token
+        chunk), and per prompt token as a moving average (``seconds_per_prompt_token``: None until a step has
+        taught the cost). Measured, not taken from the estimate's own per-token term, which cannot be told apart
+        from the rest once every step carries the same capped chunk."""
         coefficients = step_time.coefficients()
         if num_prefill_tokens < MIN_PROMPT_TOKENS_OBSERVED or coefficients is None or elapsed_seconds <= 0:
             return
