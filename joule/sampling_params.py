@@ -34,8 +34,10 @@ class StructuredOutputsParams:
     grammar: str | None = None
     json_object: bool | None = None
 
+    KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
     def __post_init__(self) -> None:
-        chosen = [name for name in ("json", "regex", "choice", "grammar", "json_object") if getattr(self, name)]
+        chosen = [name for name in self.KINDS if getattr(self, name)]
         if len(chosen) != 1:
             raise ValueError("structured_outputs must set exactly one of json, regex, choice, grammar, json_object; "
                              f"got {', '.join(chosen) or 'none'}.")
@@ -47,11 +49,12 @@ class StructuredOutputsParams:
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"structured_outputs {name} must be a string, got {type(value).__name__}.")
         if self.json is not None and not isinstance(self.json, (str, dict)):
-            raise ValueError(f"structured_outputs json must be a JSON schema (dict or text), got {type(self.json).__name__}.")
+            raise ValueError("structured_outputs json must be a JSON schema (dict or text), "
+                             f"got {type(self.json).__name__}.")
 
     @property
     def kind(self) -> str:
-        return next(name for name in ("json", "regex", "choice", "grammar", "json_object") if getattr(self, name))
+        return next(name for name in self.KINDS if getattr(self, name))
 
 
 @dataclass

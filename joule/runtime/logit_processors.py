@@ -64,9 +64,10 @@ def apply_bans_and_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> t
         emptied = torch.isneginf(result[index]).all(dim=1).nonzero().flatten().tolist()
         if emptied:
             rows_left = [constrained[position] for position in emptied]
-            own = logits[torch.tensor(rows_left, dtype=torch.int64).to(device)].float()
+            left_index = torch.tensor(rows_left, dtype=torch.int64).to(device)
+            own = logits[left_index].float()
             apply_token_masks(own, [constraints[row] for row in rows_left])
-            result[torch.tensor(rows_left, dtype=torch.int64).to(device)] = own
+            result[left_index] = own
 
     # Rows with neutral values (repetition 1, frequency and presence 0) may be
     # included below: their updates are exact no-ops.

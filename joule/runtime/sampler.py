@@ -135,7 +135,7 @@ class Sampler:
             return SamplerOutput(token_ids=[], logprobs=[])
         token_ids = self._token_ids(logits, rows)
         token_list = token_ids.tolist()
-        return SamplerOutput(token_list, _gather_logprobs(logits, token_ids, token_list, rows))
+        return SamplerOutput(token_list, _gather_logprobs(logits, token_ids, rows))
 
     @torch.no_grad()
     def sample_on_device(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -217,9 +217,8 @@ def _log_exponential_(uniform: torch.Tensor) -> None:
     uniform.clamp_(min=tiny).log_().neg_().clamp_(min=tiny).log_()
 
 
-def _gather_logprobs(
-    logits: torch.Tensor, token_ids: torch.Tensor, token_list: list[int], rows: list[SamplingRow]
-) -> list[TokenLogprobs | None]:
+def _gather_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
+                     rows: list[SamplingRow]) -> list[TokenLogprobs | None]:
     """Raw logprob, rank and top-k alternatives for the rows that asked for them."""
     wanted = [i for i, row in enumerate(rows) if row.num_logprobs is not None]
     if not wanted:

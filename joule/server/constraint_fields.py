@@ -26,7 +26,7 @@ def structured_outputs_of(request) -> tuple[StructuredOutputsParams | None, str 
         if name == "structured_outputs":
             if not isinstance(value, dict):
                 raise ValueError("must be an object such as {\"json\": {...}}")
-            known = {"json", "regex", "choice", "grammar", "json_object"}
+            known = StructuredOutputsParams.KINDS
             return StructuredOutputsParams(**{key: item for key, item in value.items() if key in known}), name
         return StructuredOutputsParams(**{name.removeprefix("guided_"): value}), name
     except (TypeError, ValueError) as error:

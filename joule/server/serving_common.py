@@ -130,12 +130,8 @@ class ServingContext:
         slo: RequestSLO | None = None, constraint_field: str | None = None,
     ):
         """Hand the request to the engine; 429 with Retry-After when the waiting queue is full. The engine names
-        a bad constraint ``structured_outputs``; ``constraint_field`` is the request field it came from."""
-        for name, token_ids in (("logit_bias", params.logit_bias), ("allowed_token_ids", params.allowed_token_ids)):
-            outside = [token_id for token_id in token_ids or () if token_id >= self.vocab_size]
-            if outside:
-                raise bad_request(f"{name} token id {outside[0]} is outside the vocabulary [0, {self.vocab_size})",
-                                  param=name)
+        a bad constraint ``structured_outputs``; ``constraint_field`` is the request field it came from. Other
+        ValueErrors (token ids outside the vocabulary, say) name their field first and become 400s for it."""
         try:
             return await self.engine.submit(prompts, params, request_id, priority, tenant, slo)
         except QueueFullError as error:
