@@ -1,0 +1,107 @@
+"""Why workload 3 runs faster run after run on one engine (23k -> 35k tok/s on the H100, 2026-12-05).
+
+Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/w3_runs_probe.py [runs] [out.json]
+Builds the engine as engine_bench.py does (Llama-3.2-1B shape, bf16, dummy weights, graphs, the defaults) and runs
+workload 3 (256 x (512 -> 128), seed 2) ``runs`` times. The scheduler is deterministic, so step i of one run is
+step i of the next: per-step wall times are compared across runs, split into steps with prompt tokens and
+decode-only steps, beside what each run newly compiled (Triton variants), the allocator's new device allocations
+and the GPU's clocks, temperature and power after the run. Prints a table; raw per-step times go to the JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+
+sys.path.insert(0, "benchmarks/gpu")
+import torch  # noqa: E402
+from engine_bench import LLAMA_1B, build, generate  # noqa: E402
+from profile_engine import compiled_variants  # noqa: E402
+
+from joule.bench.workload import fixed_length_workload  # noqa: E402
+
+
+def gpu_state() -> dict:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        return {"sm_mhz": pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM),
+                "mem_mhz": pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_MEM),
+                "temp_c": pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU),
+                "power_w": pynvml.nvmlDeviceGetPowerUsage(handle) / 1e3,
+                "throttle": int(pynvml.nvmlDeviceGetCurrentClocksThrottleReasons(handle))}
+    except Exception as error:  # noqa: BLE001 - the probe still times steps without NVML
+        return {"error": repr(error)}
+
+
+def timed_steps(engine) -> list[tuple[float, int, int]]:
+    """Wrap ``engine.step`` so each call's wall time and its step's prompt / decode token counts are recorded."""
+    records, original = [], engine.step
+
+    def step():
+        started = time.perf_counter()
+        outputs = original()
+        last = engine.core.last_step
+        records.append((time.perf_counter() - started, last.num_prefill_tokens, last.num_decode_tokens))
+        return outputs
+
+    engine.step = step
+    return records
+
+
+def main() -> None:
+    runs = int(sys.argv[1]) if len(sys.argv) > 1 else 5
+    out_path = sys.argv[2] if len(sys.argv) > 2 else "w3_runs_probe.json"
+    engine, graphs, capture_s = build(LLAMA_1B, dtype="bfloat16", max_model_len=4096)
+    requests = fixed_length_workload(256, 512, 128, engine.model_config.vocab_size, seed=2)
+    prompts, output_lens = [r.prompt_token_ids for r in requests], [r.output_len for r in requests]
+    output_tokens = sum(output_lens)
+    print(f"{torch.cuda.get_device_name()}, graphs {graphs} ({capture_s:.1f} s), start {gpu_state()}", flush=True)
+    generate(engine, [prompts[0][:32]] * 4, [4] * 4)  # engine_bench's warm-up
+    results = []
+    for index in range(runs):
+        variants_before = compiled_variants()
+        allocations_before = torch.cuda.memory_stats().get("num_device_alloc", 0)
+        records = timed_steps(engine)
+        _, seconds = generate(engine, prompts, output_lens)
+        del engine.step  # back to the class's method
+        variants = {name: count - variants_before.get(name, 0) for name, count in compiled_variants().items()
+                    if count != variants_before.get(name, 0)}
+        prompt_steps = [seconds for seconds, prefill, _ in records if prefill]
+        decode_steps = [seconds for seconds, prefill, decodes in records if not prefill and decodes]
+        result = {"tok_per_s": output_tokens / seconds, "seconds": seconds, "steps": len(records),
+                  "prompt_step_s": sum(prompt_steps), "decode_step_s": sum(decode_steps),
+                  "decode_step_median_ms": 1e3 * statistics.median(decode_steps) if decode_steps else None,
+                  "slowest_ms": sorted((round(1e3 * s, 1), p, d) for s, p, d in records)[-5:],
+                  "compiled": variants,
+                  "new_device_allocations": torch.cuda.memory_stats().get("num_device_alloc", 0) - allocations_before,
+                  "gpu_after": gpu_state(), "step_ms": [round(1e3 * s, 3) for s, _, _ in records],
+                  "step_tokens": [(p, d) for _, p, d in records]}
+        results.append(result)
+        print(f"run {index}: {result['tok_per_s']:.0f} tok/s, {seconds:.3f} s, {len(records)} steps, prompt steps "
+              f"{result['prompt_step_s']:.3f} s, decode steps {result['decode_step_s']:.3f} s (median "
+              f"{result['decode_step_median_ms']:.2f} ms), compiled {variants}, new allocations "
+              f"{result['new_device_allocations']}, slowest {result['slowest_ms']}, gpu {result['gpu_after']}",
+              flush=True)
+    first, last = results[0], results[-1]
+    if first["step_tokens"] == last["step_tokens"]:
+        deltas = sorted(((a - b, i, first["step_tokens"][i]) for i, (a, b) in
+                         enumerate(zip(first["step_ms"], last["step_ms"]))), reverse=True)
+        print("steps slower in the first run than the last (ms, index, (prompt, decode tokens)):",
+              [(round(d, 1), i, t) for d, i, t in deltas[:12]])
+    else:
+        print("the runs scheduled different steps; no per-step comparison")
+    print(f"\n{'run':>4} {'tok/s':>8} {'s':>7} {'steps':>6} {'prompt s':>9} {'decode s':>9} {'dec med ms':>10}")
+    for index, result in enumerate(results):
+        print(f"{index:>4} {result['tok_per_s']:>8.0f} {result['seconds']:>7.3f} {result['steps']:>6} "
+              f"{result['prompt_step_s']:>9.3f} {result['decode_step_s']:>9.3f} {result['decode_step_median_ms']:>10.2f}")
+    with open(out_path, "w") as file:
+        json.dump({"device": torch.cuda.get_device_name(), "runs": results}, file)
+
+
+if __name__ == "__main__":
+    main()
