@@ -85,7 +85,8 @@ class Attention(nn.Module):
         """``norm(hidden [+ residual])`` through attention and the output projection; also the new residual.
 
         One CUDA row (batch-1 decode) whose backend lets the model write the cache: the norm, the q/k/v GEMV,
-        the rotation and the cache write are one kernel (``joule.kernels.qkv_rotary``)."""
+        the rotation and the cache write are one kernel (``joule.kernels.qkv_rotary``), and where the backend
+        serves it the attention and the output projection another (``joule.kernels.attention_output``)."""
         destination = context.kv_destination(self.layer_index) if hidden.is_cuda else None
         if (destination is not None and not self.uses_qk_norm and self.qkv_proj.runs_row_gemv(hidden)
                 and norm.weight.dtype == hidden.dtype and cos.dtype == torch.float32):
@@ -94,9 +95,13 @@ class Attention(nn.Module):
             query, new_residual = qkv_rotary_gemv(
                 hidden, self.qkv_proj.weight, self.qkv_proj.bias, cos, sin, *destination, self.num_heads,
                 norm_weight=norm.weight, eps=norm.eps, residual=residual)
-            attended = context.attend(self.layer_index, query.view(1, self.num_heads, self.head_dim), None, None,
-                                      self.scale, kv_stored=True)
-            output = self.o_proj(attended.reshape(1, self.num_heads * self.head_dim))
+            query = query.view(1, self.num_heads, self.head_dim)
+            output = None
+            if self.o_proj.bias is None and not self.o_proj.transposed:  # attention and o in one kernel if served
+                output = context.attend_and_project(self.layer_index, query, self.o_proj.weight, self.scale)
+            if output is None:
+                attended = context.attend(self.layer_index, query, None, None, self.scale, kv_stored=True)
+                output = self.o_proj(attended.reshape(1, self.num_heads * self.head_dim))
             return output, hidden if new_residual is None else new_residual
         qkv, residual = norm_then_project(self.qkv_proj, norm, hidden, residual)
         return self.attend_projected(qkv, cos, sin, context), residual

@@ -167,6 +167,14 @@ class AttentionBackend(ABC):
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
         """Write ``key``/``value`` into the cache at ``metadata.slot_mapping`` (unless ``kv_stored``), then attend."""
 
+    def attend_and_project(
+        self, layer_index: int, query: torch.Tensor, weight: torch.Tensor, kv_cache: KVCache,
+        metadata: AttentionMetadata, scale: float,
+    ) -> torch.Tensor | None:
+        """``attention(query) @ weight.T`` in one go (keys and values already in the cache), ``[T, out]``, or
+        None where this backend has no fused path for the step (the caller attends, then projects)."""
+        return None
+
 
 @dataclass
 class ForwardContext:
@@ -190,6 +198,11 @@ class ForwardContext:
         return self.backend.forward(
             layer_index, query, key, value, self.kv_cache, self.metadata, scale, kv_stored=kv_stored
         )
+
+    def attend_and_project(self, layer_index: int, query: torch.Tensor, weight: torch.Tensor,
+                           scale: float) -> torch.Tensor | None:
+        """The attention output already through the output projection ``weight``, or None (see the backend's)."""
+        return self.backend.attend_and_project(layer_index, query, weight, self.kv_cache, self.metadata, scale)
 
     def kv_destination(self, layer_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """The layer's key cache, value cache and slot mapping when the backend lets the model write them

@@ -16,10 +16,18 @@ are built once per step and reused by every layer.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 
+from joule.kernels.attention_output import (
+    FUSED_MAX_CONTEXT,
+    FusedAttentionOutputBuffers,
+    decode_attention_output,
+    fits_fused_attention_output,
+    launch_shape,
+)
 from joule.kernels.kv_write import write_kv_cache
 from joule.kernels.paged_decode import MIN_SPLIT_TOKENS, choose_num_splits, paged_decode_attention
 from joule.kernels.paged_prefill import (
@@ -28,6 +36,8 @@ from joule.kernels.paged_prefill import (
     rows_per_tile,
 )
 from joule.runtime.attention.base import AttentionBackend, AttentionMetadata, KVCache, check_attention_inputs
+
+FUSED_OUTPUT_ENV = "JOULE_FUSED_ATTENTION_OUTPUT"  # "0": batch-1 attention and the o projection as separate kernels
 
 
 @dataclass
@@ -118,10 +128,14 @@ class TritonAttentionBackend(AttentionBackend):
     name = "triton"
     accepts_stored_kv = True
 
-    def __init__(self, decode_num_splits: int | None = None):
+    def __init__(self, decode_num_splits: int | None = None, fuse_output_projection: bool | None = None):
         self.decode_num_splits = decode_num_splits
+        if fuse_output_projection is None:
+            fuse_output_projection = os.environ.get(FUSED_OUTPUT_ENV, "1") not in ("0", "false", "off")
+        self.fuse_output_projection = fuse_output_projection
         self._step: _StepTensors | None = None
         self._num_processors: dict[torch.device, int] = {}
+        self._fused_buffers: dict[tuple, FusedAttentionOutputBuffers] = {}
 
     def forward(
         self,
@@ -164,6 +178,32 @@ class TritonAttentionBackend(AttentionBackend):
                 step.sequence_lengths, scale, tiles=tiles, output=output,
             )
         return output
+
+    def attend_and_project(
+        self, layer_index: int, query: torch.Tensor, weight: torch.Tensor, kv_cache: KVCache,
+        metadata: AttentionMetadata, scale: float,
+    ) -> torch.Tensor | None:
+        """One decode row of at most FUSED_MAX_CONTEXT tokens: attention and the output projection in one kernel
+        (``joule.kernels.attention_output``), two launches fewer a layer. A captured graph qualifies by its length
+        bound (the short-context variant), an eager step by its row's length; otherwise None."""
+        if not self.fuse_output_projection or metadata.num_sequences != 1 or metadata.query_lengths[0] != 1:
+            return None
+        key_cache, value_cache = kv_cache.key_caches[layer_index], kv_cache.value_caches[layer_index]
+        num_heads, head_dim = query.shape[-2], query.shape[-1]
+        num_kv_heads = key_cache.shape[2]
+        if not fits_fused_attention_output(num_heads, num_kv_heads, head_dim, weight, key_cache.dtype, query.dtype):
+            return None
+        check_attention_inputs(query.view(1, num_heads, head_dim), None, key_cache, metadata)
+        step = self._step_tensors(metadata, query.device)
+        bound = metadata.max_length_bound if isinstance(metadata, StaticDecodeMetadata) else step.decode_max_length
+        if bound > FUSED_MAX_CONTEXT:
+            return None
+        shape = launch_shape(num_heads, num_kv_heads, head_dim)
+        key = (num_kv_heads, weight.shape[0], shape["columns_pad"], shape["block_rows"], query.dtype, query.device)
+        if key not in self._fused_buffers:
+            self._fused_buffers[key] = FusedAttentionOutputBuffers(*key)
+        return decode_attention_output(query, key_cache, value_cache, metadata.block_tables[0], step.sequence_lengths,
+                                       weight, scale, buffers=self._fused_buffers[key])
 
     def _step_tensors(self, metadata: AttentionMetadata, device: torch.device) -> _StepTensors:
         if self._step is None or self._step.metadata is not metadata:
