@@ -1,9 +1,11 @@
 """Batch-1 decode graph replay time against the split-K factor of decode attention, by context length.
 
-Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/short_context_sweep.py [out.json]
+Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/short_context_sweep.py [out.json] [--fused]
 Llama-3.2-1B shape, bf16, dummy weights. For each forced split count (default: the graph's own choice for
 max_model_len) the decode graphs are captured again, a request is brought to each context length, and its
 batch-1 graph is replayed back to back. One split writes the output directly (no merge launch).
+``--fused``: instead of split counts, the graphs' own choice with the fused attention + o projection kernel
+(``joule.kernels.attention_output``) on and off, alternated twice.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def replay_us(engine: LLMEngine, prompt: list[int]) -> float:
     return elapsed
 
 
-def main(out_path: str | None) -> None:
+def main(out_path: str | None, fused_ab: bool = False) -> None:
     engine = LLMEngine.from_kwargs(model="benchmarks/configs/llama-3.2-1b", load_format="dummy", dtype="bfloat16",
                                    max_model_len=4096, decode_lookahead=False)
     engine.core.step_observer = None
@@ -52,14 +54,19 @@ def main(out_path: str | None) -> None:
     prompts = {length: fixed_length_workload(1, length, 4, engine.model_config.vocab_size, seed=length)[0]
                .prompt_token_ids for length in CONTEXTS}
     table = {}
-    for splits in SPLITS:
+    variants = [(None, fused) for _ in range(2) for fused in (True, False)] if fused_ab else [
+        (splits, executor.backend.fuse_output_projection) for splits in SPLITS]
+    for round_index, (splits, fused) in enumerate(variants):
         executor.backend.decode_num_splits = splits
+        executor.backend.fuse_output_projection = fused
         executor.graph_runner = None
         executor.chunk_runner = None
         if not enable_engine_cuda_graphs(engine):
             raise SystemExit("no CUDA graphs")
         chosen = executor.graph_runner.metadata[1].num_splits
         label = f"{'auto' if splits is None else splits} ({chosen})"
+        if fused_ab:
+            label += f" {'fused' if fused else 'unfused'} #{round_index // 2}"
         table[label] = {length: replay_us(engine, prompts[length]) for length in CONTEXTS}
         print(label, {length: round(value, 1) for length, value in table[label].items()}, flush=True)
     print(f"{'splits (graph)':>16}" + "".join(f"{length:>8}" for length in CONTEXTS))
@@ -72,4 +79,5 @@ def main(out_path: str | None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else None)
+    arguments = [argument for argument in sys.argv[1:] if argument != "--fused"]
+    main(arguments[0] if arguments else None, fused_ab="--fused" in sys.argv[1:])
