@@ -29,7 +29,7 @@ def _decode_once(fused: bool, monkeypatch, with_bias: bool):
             parameter.data = 1 + 0.1 * torch.randn_like(parameter.data)
     model = model.to("cuda", torch.bfloat16)
     model.merge_projections()
-    backend = TritonAttentionBackend()
+    backend = TritonAttentionBackend(fuse_output_projection=fused)  # the attention + o kernel too
     if not fused:  # every projection through cuBLAS, the backend writing the cache
         monkeypatch.setattr(MergedLinear, "runs_row_gemv", lambda self, hidden: False)
         monkeypatch.setattr(TritonAttentionBackend, "accepts_stored_kv", False)

@@ -49,7 +49,7 @@ def _inputs(count: int = 1):
 def test_one_decode_row_is_attended_and_projected_in_one_call():
     cache, metadata = _cache(8), _metadata([75], 8)
     query, weight = _inputs()
-    context = ForwardContext(TritonAttentionBackend(), cache, metadata)
+    context = ForwardContext(TritonAttentionBackend(fuse_output_projection=True), cache, metadata)
     fused = context.attend_and_project(1, query, weight, 0.25)
     separate = context.attend(1, query, None, None, 0.25, kv_stored=True).reshape(1, -1) @ weight.T
     assert fused is not None and fused.shape == (1, HIDDEN)
@@ -61,7 +61,7 @@ def test_a_graph_qualifies_by_its_length_bound():
     query, weight = _inputs()
     plain = _metadata([40], 8)
     lengths = torch.tensor([40], dtype=torch.int32, device=DEVICE)
-    backend = TritonAttentionBackend()
+    backend = TritonAttentionBackend(fuse_output_projection=True)
 
     def static(bound: int) -> StaticDecodeMetadata:
         return StaticDecodeMetadata(plain.query_start_locations, plain.slot_mapping, plain.block_tables, [1], [39],
@@ -77,7 +77,7 @@ def test_a_graph_qualifies_by_its_length_bound():
 def test_other_steps_fall_back_to_attend_then_project():
     cache = _cache(2 * (FUSED_MAX_CONTEXT // BLOCK_SIZE + 1))
     query, weight = _inputs()
-    backend = TritonAttentionBackend()
+    backend = TritonAttentionBackend(fuse_output_projection=True)
     two_rows, _ = _inputs(2)
     assert backend.attend_and_project(0, two_rows, weight, cache, _metadata([30, 31], 2), 0.25) is None
     long_context = _metadata([FUSED_MAX_CONTEXT + 1], FUSED_MAX_CONTEXT // BLOCK_SIZE + 1)
@@ -92,3 +92,13 @@ def test_the_portable_backend_has_no_fused_path():
     query, weight = _inputs()
     context = ForwardContext(PortableAttentionBackend(), _cache(2), _metadata([20], 2))
     assert context.attend_and_project(0, query, weight, 0.25) is None
+
+
+def test_the_environment_switch_sets_the_default(monkeypatch):
+    from joule.runtime.attention.triton_backend import FUSED_OUTPUT_ENV
+
+    monkeypatch.delenv(FUSED_OUTPUT_ENV, raising=False)
+    assert TritonAttentionBackend().fuse_output_projection is False  # off until measured on a GPU
+    monkeypatch.setenv(FUSED_OUTPUT_ENV, "1")
+    assert TritonAttentionBackend().fuse_output_projection is True
+    assert TritonAttentionBackend(fuse_output_projection=False).fuse_output_projection is False

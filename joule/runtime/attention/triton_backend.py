@@ -37,7 +37,9 @@ from joule.kernels.paged_prefill import (
 )
 from joule.runtime.attention.base import AttentionBackend, AttentionMetadata, KVCache, check_attention_inputs
 
-FUSED_OUTPUT_ENV = "JOULE_FUSED_ATTENTION_OUTPUT"  # "0": batch-1 attention and the o projection as separate kernels
+# "1": batch-1 attention and the o projection in one kernel. Off until measured on a GPU (written on 2026-12-05
+# when none was lent; CPU-tested under the interpreter only).
+FUSED_OUTPUT_ENV = "JOULE_FUSED_ATTENTION_OUTPUT"
 
 
 @dataclass
@@ -131,7 +133,7 @@ class TritonAttentionBackend(AttentionBackend):
     def __init__(self, decode_num_splits: int | None = None, fuse_output_projection: bool | None = None):
         self.decode_num_splits = decode_num_splits
         if fuse_output_projection is None:
-            fuse_output_projection = os.environ.get(FUSED_OUTPUT_ENV, "1") not in ("0", "false", "off")
+            fuse_output_projection = os.environ.get(FUSED_OUTPUT_ENV, "0") in ("1", "true", "on")
         self.fuse_output_projection = fuse_output_projection
         self._step: _StepTensors | None = None
         self._num_processors: dict[torch.device, int] = {}
