@@ -19,7 +19,15 @@ import torch
 import triton
 import triton.language as tl
 
-from joule.kernels.common import LOG2_E, dot_precision, interpreting, pdl_launch, tile_dot, wait_for_previous_grid
+from joule.kernels.common import (
+    LOG2_E,
+    dot_precision,
+    interpreting,
+    pdl_launch,
+    prefetch_l2,
+    tile_dot,
+    wait_for_previous_grid,
+)
 
 # The weight tile a program holds in registers (elements): 128 rows x 256 columns with 8 warps.
 TILE_ELEMENTS = 32768
@@ -37,6 +45,7 @@ def _attention_output_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     COLUMNS_PAD: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, USE_PDL: tl.constexpr,
+    PREFETCH_LINES: tl.constexpr, LINE_ELEMENTS: tl.constexpr,
 ):
     kv_head = tl.program_id(0)
     row_block = tl.program_id(1)
@@ -46,6 +55,17 @@ def _attention_output_kernel(
     column_mask = columns < GROUP * HEAD_DIM
     weight = tl.load(weight_ptr + out_rows[:, None].to(tl.int64) * IN_FEATURES + kv_head * (GROUP * HEAD_DIM)
                      + columns[None, :], mask=out_mask[:, None] & column_mask[None, :], other=0.0)
+    if PREFETCH_LINES > 0:
+        # The length, the block table and the earlier tokens' cache lines are in place before the step's kernels
+        # run: row block j asks L2 for the KV head's context tile j, so the row blocks together pull in the whole
+        # short context while the previous kernel finishes (L2 is coherent: the newest token reads correctly later).
+        positions = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
+        valid = positions < tl.load(sequence_length_ptr)
+        block_ids = tl.load(block_table_ptr + positions // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        lines = (block_ids * stride_cache_block + (positions % BLOCK_SIZE) * stride_cache_offset
+                 + kv_head * stride_cache_head)[:, None] + (tl.arange(0, PREFETCH_LINES) * LINE_ELEMENTS)[None, :]
+        prefetch_l2(key_cache_ptr + lines, valid[:, None])
+        prefetch_l2(value_cache_ptr + lines, valid[:, None])
     wait_for_previous_grid(USE_PDL)
 
     rows = tl.arange(0, GROUP_PAD)
@@ -127,7 +147,7 @@ def launch_shape(num_heads: int, num_kv_heads: int, head_dim: int, launch: dict 
     columns_pad = triton.next_power_of_2((num_heads // num_kv_heads) * head_dim)
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
     shape = {"block_rows": max(16, min(128, TILE_ELEMENTS // columns_pad)), "num_warps": 8,
-             "block_n": 128 if head_dim_pad <= 64 else 64, "num_stages": 2}
+             "block_n": 128 if head_dim_pad <= 64 else 64, "num_stages": 2, "prefetch": True}
     shape.update(launch or {})
     shape["columns_pad"] = columns_pad
     return shape
@@ -170,6 +190,7 @@ def decode_attention_output(
         HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)), COLUMNS_PAD=shape["columns_pad"],
         BLOCK_ROWS=shape["block_rows"], BLOCK_SIZE=block_size, BLOCK_N=shape["block_n"],
         DOT_PRECISION=dot_precision(query.dtype), UPCAST_DOT=interpreting(), USE_PDL=use_pdl,
-        num_warps=shape["num_warps"], num_stages=shape["num_stages"], launch_pdl=use_pdl,
+        PREFETCH_LINES=max(1, head_dim * key_cache.element_size() // 128) if use_pdl and shape["prefetch"] else 0,
+        LINE_ELEMENTS=128 // key_cache.element_size(), num_warps=shape["num_warps"], num_stages=shape["num_stages"], launch_pdl=use_pdl,
     )
     return output
