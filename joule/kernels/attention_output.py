@@ -19,15 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from joule.kernels.common import (
-    LOG2_E,
-    dot_precision,
-    interpreting,
-    pdl_launch,
-    prefetch_l2,
-    tile_dot,
-    wait_for_previous_grid,
-)
+from joule.kernels.common import LOG2_E, dot_precision, interpreting, pdl_launch, wait_for_previous_grid
+from joule.kernels.paged_decode import attend_context_range, prefetch_context_tile
 
 # The weight tile a program holds in registers (elements): 128 rows x 256 columns with 8 warps.
 TILE_ELEMENTS = 32768
@@ -58,14 +51,10 @@ def _attention_output_kernel(
     if PREFETCH_LINES > 0:
         # The length, the block table and the earlier tokens' cache lines are in place before the step's kernels
         # run: row block j asks L2 for the KV head's context tile j, so the row blocks together pull in the whole
-        # short context while the previous kernel finishes (L2 is coherent: the newest token reads correctly later).
-        positions = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
-        valid = positions < tl.load(sequence_length_ptr)
-        block_ids = tl.load(block_table_ptr + positions // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        lines = (block_ids * stride_cache_block + (positions % BLOCK_SIZE) * stride_cache_offset
-                 + kv_head * stride_cache_head)[:, None] + (tl.arange(0, PREFETCH_LINES) * LINE_ELEMENTS)[None, :]
-        prefetch_l2(key_cache_ptr + lines, valid[:, None])
-        prefetch_l2(value_cache_ptr + lines, valid[:, None])
+        # short context while the previous kernel finishes.
+        prefetch_context_tile(key_cache_ptr, value_cache_ptr, block_table_ptr, row_block * BLOCK_N,
+                              tl.load(sequence_length_ptr), kv_head, stride_cache_block, stride_cache_offset,
+                              stride_cache_head, BLOCK_SIZE, BLOCK_N, PREFETCH_LINES, LINE_ELEMENTS)
     wait_for_previous_grid(USE_PDL)
 
     rows = tl.arange(0, GROUP_PAD)
@@ -75,28 +64,10 @@ def _attention_output_kernel(
     query = tl.load(query_ptr + (kv_head * GROUP + rows)[:, None] * HEAD_DIM + dims[None, :],
                     mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
     sequence_length = tl.load(sequence_length_ptr)
-    running_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    running_sum = tl.zeros([GROUP_PAD], tl.float32)
-    accumulator = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
-    for start in range(0, sequence_length, BLOCK_N):
-        positions = start + tl.arange(0, BLOCK_N)
-        valid = positions < sequence_length
-        block_ids = tl.load(block_table_ptr + positions // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        token_offsets = (block_ids * stride_cache_block + (positions % BLOCK_SIZE) * stride_cache_offset
-                         + kv_head * stride_cache_head)
-        kv_mask = valid[:, None] & dim_mask[None, :]
-        keys = tl.load(key_cache_ptr + token_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        scores = tile_dot(query, tl.trans(keys.to(query.dtype)), DOT_PRECISION, UPCAST_DOT) * scale_log2
-        scores = tl.where(valid[None, :], scores, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(scores, 1))
-        correction = tl.exp2(running_max - new_max)
-        probabilities = tl.exp2(scores - new_max[:, None])
-        running_sum = running_sum * correction + tl.sum(probabilities, 1)
-        values = tl.load(value_cache_ptr + token_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        values = values.to(query.dtype)
-        accumulator = accumulator * correction[:, None] + tile_dot(probabilities.to(values.dtype), values,
-                                                                   DOT_PRECISION, UPCAST_DOT)
-        running_max = new_max
+    accumulator, running_max, running_sum = attend_context_range(
+        query, key_cache_ptr, value_cache_ptr, block_table_ptr, 0, sequence_length, kv_head, scale_log2,
+        stride_cache_block, stride_cache_offset, stride_cache_head, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE,
+        BLOCK_N, DOT_PRECISION, UPCAST_DOT, False)
     denominator = tl.where(running_sum > 0, running_sum, 1.0)  # an empty context attends to zeros
     attended = (accumulator / denominator[:, None]).to(output_ptr.dtype.element_ty)
 

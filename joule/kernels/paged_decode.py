@@ -77,6 +77,63 @@ def _e4m3_to_f16(raw):
     )
 
 
+@triton.jit
+def prefetch_context_tile(key_cache_ptr, value_cache_ptr, table_row, start, end, kv_head,
+                          stride_cache_block, stride_cache_offset, stride_cache_head, BLOCK_SIZE: tl.constexpr,
+                          BLOCK_N: tl.constexpr, PREFETCH_LINES: tl.constexpr, LINE_ELEMENTS: tl.constexpr):
+    """Ask L2 for the K and V lines of one KV head's tokens ``start .. start + BLOCK_N`` (below ``end``) without
+    holding registers. Before a PDL wait only: L2 is coherent, so a token an earlier kernel of the step writes
+    still reads correctly later."""
+    positions = start + tl.arange(0, BLOCK_N)
+    valid = positions < end
+    block_ids = tl.load(table_row + positions // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    lines = (block_ids * stride_cache_block + (positions % BLOCK_SIZE) * stride_cache_offset
+             + kv_head * stride_cache_head)[:, None] + (tl.arange(0, PREFETCH_LINES) * LINE_ELEMENTS)[None, :]
+    prefetch_l2(key_cache_ptr + lines, valid[:, None])
+    prefetch_l2(value_cache_ptr + lines, valid[:, None])
+
+
+@triton.jit
+def attend_context_range(
+    query, key_cache_ptr, value_cache_ptr, table_row, start_position, end_position, kv_head, scale_log2,
+    stride_cache_block, stride_cache_offset, stride_cache_head, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, FP8_ASM: tl.constexpr,
+):
+    """Online softmax (float32, base 2) of ``query``'s rows (``[GROUP_PAD, HEAD_DIM_PAD]``, one KV head's group)
+    over that head's cached tokens ``start_position .. end_position``, gathered through the block table row.
+    Returns the unnormalised accumulator, the running max and the running sum."""
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    dim_mask = dims < HEAD_DIM
+    running_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    running_sum = tl.zeros([GROUP_PAD], tl.float32)
+    accumulator = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
+    for start in range(start_position, end_position, BLOCK_N):
+        positions = start + tl.arange(0, BLOCK_N)
+        valid = positions < end_position
+        block_ids = tl.load(table_row + positions // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        token_offsets = (block_ids * stride_cache_block + (positions % BLOCK_SIZE) * stride_cache_offset
+                         + kv_head * stride_cache_head)
+        kv_mask = valid[:, None] & dim_mask[None, :]
+        keys = tl.load(key_cache_ptr + token_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        if FP8_ASM:
+            keys = _e4m3_to_f16(keys.to(tl.uint8, bitcast=True))
+        scores = tile_dot(query, tl.trans(keys.to(query.dtype)), DOT_PRECISION, UPCAST_DOT) * scale_log2
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, 1))
+        correction = tl.exp2(running_max - new_max)
+        probabilities = tl.exp2(scores - new_max[:, None])
+        running_sum = running_sum * correction + tl.sum(probabilities, 1)
+        values = tl.load(value_cache_ptr + token_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        if FP8_ASM:
+            values = _e4m3_to_f16(values.to(tl.uint8, bitcast=True))
+        values = values.to(query.dtype)
+        attended = tile_dot(probabilities.to(values.dtype), values, DOT_PRECISION, UPCAST_DOT)
+        accumulator = accumulator * correction[:, None] + attended
+        running_max = new_max
+    return accumulator, running_max, running_sum
+
+
 # Step-to-step values are not specialised on: each "== 1" / "divisible by 16" pattern is a ~1 s compile.
 @triton.jit(do_not_specialize=["min_split_length", "num_splits", "stride_table_sequence"])
 def _decode_partial_kernel(
@@ -110,15 +167,10 @@ def _decode_partial_kernel(
     table_row = block_tables_ptr + sequence.to(tl.int64) * stride_table_sequence
     if PREFETCH_LINES > 0:
         # Lengths, block tables and the cache lines of earlier tokens are in place before this step's kernels
-        # run: pull the first tile's lines into L2 while the previous kernel finishes (no registers held; L2 is
-        # coherent, so the newest token, written by an earlier kernel of this step, reads correctly later).
-        positions = split_start + tl.arange(0, BLOCK_N)
-        valid = positions < split_end
-        block_ids = tl.load(table_row + positions // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        lines = (block_ids * stride_cache_block + (positions % BLOCK_SIZE) * stride_cache_offset
-                 + kv_head * stride_cache_head)[:, None] + (tl.arange(0, PREFETCH_LINES) * LINE_ELEMENTS)[None, :]
-        prefetch_l2(key_cache_ptr + lines, valid[:, None])
-        prefetch_l2(value_cache_ptr + lines, valid[:, None])
+        # run: pull the first tile's lines into L2 while the previous kernel finishes.
+        prefetch_context_tile(key_cache_ptr, value_cache_ptr, table_row, split_start, split_end, kv_head,
+                              stride_cache_block, stride_cache_offset, stride_cache_head, BLOCK_SIZE, BLOCK_N,
+                              PREFETCH_LINES, LINE_ELEMENTS)
     wait_for_previous_grid(USE_PDL)
 
     rows = tl.arange(0, GROUP_PAD)
@@ -132,32 +184,10 @@ def _decode_partial_kernel(
     )
     if FP16_DOT or FP8_ASM:  # fp8 tiles widen to fp16 in one instruction per pair (bf16 takes several)
         query = query.to(tl.float16)
-    running_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    running_sum = tl.zeros([GROUP_PAD], tl.float32)
-    accumulator = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
-    for start in range(split_start, split_end, BLOCK_N):
-        positions = start + tl.arange(0, BLOCK_N)
-        valid = positions < split_end
-        block_ids = tl.load(table_row + positions // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        token_offsets = (block_ids * stride_cache_block + (positions % BLOCK_SIZE) * stride_cache_offset
-                         + kv_head * stride_cache_head)
-        kv_mask = valid[:, None] & dim_mask[None, :]
-        keys = tl.load(key_cache_ptr + token_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        if FP8_ASM:
-            keys = _e4m3_to_f16(keys.to(tl.uint8, bitcast=True))
-        scores = tile_dot(query, tl.trans(keys.to(query.dtype)), DOT_PRECISION, UPCAST_DOT) * scale_log2
-        scores = tl.where(valid[None, :], scores, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(scores, 1))
-        correction = tl.exp2(running_max - new_max)
-        probabilities = tl.exp2(scores - new_max[:, None])
-        running_sum = running_sum * correction + tl.sum(probabilities, 1)
-        values = tl.load(value_cache_ptr + token_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        if FP8_ASM:
-            values = _e4m3_to_f16(values.to(tl.uint8, bitcast=True))
-        values = values.to(query.dtype)
-        attended = tile_dot(probabilities.to(values.dtype), values, DOT_PRECISION, UPCAST_DOT)
-        accumulator = accumulator * correction[:, None] + attended
-        running_max = new_max
+    accumulator, running_max, running_sum = attend_context_range(
+        query, key_cache_ptr, value_cache_ptr, table_row, split_start, split_end, kv_head, scale_log2,
+        stride_cache_block, stride_cache_offset, stride_cache_head, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE,
+        BLOCK_N, DOT_PRECISION, UPCAST_DOT, FP8_ASM)
 
     denominator = tl.where(running_sum > 0, running_sum, 1.0)  # a length-0 (padding) row writes zeros
     out_offsets = row * stride_output_token + heads[:, None] * stride_output_head + dims[None, :]
