@@ -51,6 +51,7 @@ def reference(query, cache, table, weight, length, scale):
     (37, 8, 2, 32, 100, False),    # GQA 4, ragged row block
     (130, 6, 3, 16, 64, True),     # GQA 2 (a padded group), two tiles, head-major blocks
     (300, 4, 1, 64, 40, False),    # one KV head: every row block's partials are a single group
+    (1024, 4, 2, 16, 32, False),   # the longest context the backend fuses (FUSED_MAX_CONTEXT)
 ])
 def test_fused_matches_reference(length, num_heads, num_kv_heads, head_dim, out_features, head_major):
     query, cache, table, weight = make_case(length, num_heads, num_kv_heads, head_dim, out_features,
