@@ -1,22 +1,38 @@
 #!/usr/bin/env bash
-# The GPU checks the last sessions could not run, in one device call (~7 minutes on an H200):
-#   1. the fair policy (keep-up, the default) at 40 and 67.1 heavy req/s, with the server's request and step logs
-#      replayed in the simulator at the end of each probe (is the heavy tenant's TTFT gap slower steps or other ones?);
-#   2. a fresh calibration of this GPU (the fit fix and the host probe are in), validated on a new grid beside the
-#      shipped profile.
-# Usage (repository root, joule importable): OUT=/some/dir bash benchmarks/gpu/pending_checks.sh [fair|perf|all]
+# The GPU checks the last sessions could not run (fused ~5, fair ~6, w3 ~2 minutes; a device call takes at most 10):
+#   fused: the fused batch-1 attention + o projection kernel (joule/kernels/attention_output.py, off by default):
+#          its tests on the GPU, then batch-1 tok/s with it off and on (bs1_ab.py, alternated) and graph replay
+#          time by context (short_context_sweep.py --fused);
+#   fair:  the fair policy (keep-up, the default) at 40 and 67.1 heavy req/s, with the server's request and step
+#          logs replayed in the simulator at the end of each probe;
+#   w3:    workload 3 repeated on one engine, step by step (w3_runs_probe.py): why its runs grow 23k -> 35k tok/s;
+#   perf:  a fresh calibration of this GPU, validated on a new grid beside the shipped profile (not in "all").
+# Usage (repository root, joule importable): OUT=/some/dir bash benchmarks/gpu/pending_checks.sh PART... (fused, fair,
+# w3, perf; "all" is fused fair w3, more than one call's 10 minutes)
 # Every step has its own timeout, so one that hangs leaves the others their time; big JSON is gzipped.
 # DRY=1 prints the commands instead of running them.
 set -u
 RUN=""
 [[ ${DRY:-0} == 1 ]] && RUN="echo"
 OUT=${OUT:?set OUT to a directory for the results}
-WHAT=${1:-all}
+WHAT=" ${*:-all} "
+wants() { [[ $WHAT == *" all "* && $1 != perf ]] || [[ $WHAT == *" $1 "* ]]; }
 MODEL=benchmarks/configs/llama-3.2-1b
 mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:-.}
 
-if [[ $WHAT == all || $WHAT == fair ]]; then
+if wants fused; then
+  $RUN timeout 120 python -m pytest -q -p no:cacheprovider tests/kernels/test_attention_output.py \
+    tests/runtime/test_fused_attention_output.py tests/model/test_row_decode_cuda.py > "$OUT/fused_tests.log" 2>&1
+  echo "fused tests: exit $? ($(tail -1 "$OUT/fused_tests.log"))"
+  $RUN timeout 200 python benchmarks/gpu/bs1_ab.py "$OUT/bs1_ab" 2 JOULE_FUSED_ATTENTION_OUTPUT=0,1 \
+    > "$OUT/bs1_ab.log" 2>&1
+  echo "bs1 A/B: exit $?"; tail -4 "$OUT/bs1_ab.log"
+  $RUN timeout 150 python benchmarks/gpu/short_context_sweep.py "$OUT/sweep_fused.json" --fused > "$OUT/sweep_fused.log" 2>&1
+  echo "sweep: exit $?"; tail -5 "$OUT/sweep_fused.log"
+fi
+
+if wants fair; then
   for RATE in 40 67.1; do
     $RUN timeout 170 python benchmarks/gpu/fairness_probe.py --out "$OUT/fair_$RATE" --heavy-rate "$RATE" \
       --duration-s 20 --py-spy "" > "$OUT/fair_$RATE.log" 2>&1
@@ -24,7 +40,13 @@ if [[ $WHAT == all || $WHAT == fair ]]; then
   done
 fi
 
-if [[ $WHAT == all || $WHAT == perf ]]; then
+if wants w3; then
+  $RUN timeout 150 python benchmarks/gpu/w3_runs_probe.py 6 "$OUT/w3_runs_probe.json" > "$OUT/w3_runs_probe.log" 2>&1
+  echo "w3 probe: exit $?"; tail -9 "$OUT/w3_runs_probe.log"
+  $RUN gzip -f "$OUT/w3_runs_probe.json" 2>/dev/null
+fi
+
+if wants perf; then
   $RUN timeout 150 python -m joule.cli perf calibrate --model "$MODEL" --load-format dummy --dtype bfloat16 \
     --output "$OUT/profile.json" --measurements "$OUT/measurements.json" > "$OUT/calibrate.log" 2>&1
   echo "calibrate: exit $?"
