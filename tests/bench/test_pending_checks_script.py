@@ -13,16 +13,31 @@ SCRIPT = BENCHMARKS / "gpu" / "pending_checks.sh"
 REPO = BENCHMARKS.parent
 
 
-def test_the_dry_run_names_every_check_and_where_its_output_goes(tmp_path):
+def _dry_run(tmp_path, *parts: str) -> list[str]:
+    """The checks a dry run reports, in order (the lines ending in an exit status or a summary)."""
     environment = {**os.environ, "DRY": "1", "OUT": str(tmp_path), "PYTHONPATH": str(REPO),
                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    result = subprocess.run(["bash", str(SCRIPT), "all"], cwd=REPO, env=environment, capture_output=True, text=True,
+    result = subprocess.run(["bash", str(SCRIPT), *parts], cwd=REPO, env=environment, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
-    assert [line.split(":")[0] for line in result.stdout.splitlines() if line.endswith(("exit 0", "summary)"))] == [
-        "fair 40", "fair 67.1", "calibrate", "validate profile", f"validate {_shipped_name()}"]
+    return [line.split(":")[0] for line in result.stdout.splitlines() if line.endswith(("exit 0", "summary)"))]
+
+
+def test_all_runs_the_fused_kernel_fairness_and_workload_three_checks(tmp_path):
+    assert _dry_run(tmp_path, "all") == ["bs1 A/B", "sweep", "fair 40", "fair 67.1", "w3 probe"]
+    tests = (tmp_path / "fused_tests.log").read_text()
+    assert "tests/kernels/test_attention_output.py" in tests and "test_row_decode_cuda.py" in tests
+    ab = (tmp_path / "bs1_ab.log").read_text()
+    assert "bs1_ab.py" in ab and "JOULE_FUSED_ATTENTION_OUTPUT=0,1" in ab
     probe = (tmp_path / "fair_67.1.log").read_text()
     assert "fairness_probe.py" in probe and "--heavy-rate 67.1" in probe and f"--out {tmp_path}/fair_67.1" in probe
+    assert f"w3_runs_probe.py 6 {tmp_path}/w3_runs_probe.json" in (tmp_path / "w3_runs_probe.log").read_text()
+
+
+def test_parts_run_alone_or_together(tmp_path):
+    assert _dry_run(tmp_path, "fair") == ["fair 40", "fair 67.1"]
+    assert _dry_run(tmp_path, "fused", "w3") == ["bs1 A/B", "sweep", "w3 probe"]
+    assert _dry_run(tmp_path, "perf") == ["calibrate", "validate profile", f"validate {_shipped_name()}"]
     calibrate = (tmp_path / "calibrate.log").read_text()
     assert "perf calibrate" in calibrate and f"--measurements {tmp_path}/measurements.json" in calibrate
     validate = (tmp_path / "validate_profile.log").read_text()
