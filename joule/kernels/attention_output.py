@@ -107,7 +107,6 @@ class FusedAttentionOutputBuffers:
     def __init__(self, num_kv_heads: int, out_features: int, columns_pad: int, block_rows: int,
                  dtype: torch.dtype, device: torch.device):
         num_blocks = -(-out_features // block_rows)
-        self.key = (num_kv_heads, out_features, columns_pad, block_rows, dtype, device)
         self.attended = torch.empty((num_kv_heads * num_blocks, columns_pad), dtype=dtype, device=device)
         self.partials = torch.empty((num_kv_heads, out_features), dtype=torch.float32, device=device)
         self.counters = torch.zeros(num_blocks, dtype=torch.int32, device=device)
@@ -132,10 +131,13 @@ def decode_attention_output(
     sequence_length: torch.Tensor,  # [1] int32, device
     weight: torch.Tensor,  # [out_features, num_heads * head_dim]
     scale: float,
-    buffers: FusedAttentionOutputBuffers | None = None,
+    scratch: dict[tuple, FusedAttentionOutputBuffers] | None = None,
     launch: dict | None = None,
 ) -> torch.Tensor:
-    """``attention(query) @ weight.T`` for one decode row: ``[1, out_features]`` in the query's dtype."""
+    """``attention(query) @ weight.T`` for one decode row: ``[1, out_features]`` in the query's dtype.
+
+    ``scratch``: where the launch's buffers are kept between calls (by shape; a caller's dict, so every layer and
+    step of a model reuses one set); without it they are allocated for this call."""
     num_heads, head_dim = query.shape[-2], query.shape[-1]
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
     if not fits_fused_attention_output(num_heads, num_kv_heads, head_dim, weight, key_cache.dtype, query.dtype):
@@ -146,8 +148,11 @@ def decode_attention_output(
     shape = launch_shape(num_heads, num_kv_heads, head_dim, launch)
     out_features = weight.shape[0]
     key = (num_kv_heads, out_features, shape["columns_pad"], shape["block_rows"], query.dtype, query.device)
-    if buffers is None or buffers.key != key:
+    buffers = scratch.get(key) if scratch is not None else None
+    if buffers is None:
         buffers = FusedAttentionOutputBuffers(*key)
+        if scratch is not None:
+            scratch[key] = buffers
     output = torch.empty((1, out_features), dtype=query.dtype, device=query.device)
     use_pdl = pdl_launch(query.device)
     group = num_heads // num_kv_heads

@@ -13,12 +13,7 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
 
-from joule.kernels.attention_output import (  # noqa: E402
-    FusedAttentionOutputBuffers,
-    decode_attention_output,
-    fits_fused_attention_output,
-    launch_shape,
-)
+from joule.kernels.attention_output import decode_attention_output, fits_fused_attention_output  # noqa: E402
 from joule.kernels.reference import paged_attention_reference  # noqa: E402
 from joule.runtime.attention.base import KVCache  # noqa: E402
 
@@ -70,12 +65,11 @@ def test_reused_buffers_give_identical_results_and_reset_counters():
     """Counters return to zero after each launch, so persistent buffers serve every layer and step alike."""
     query, cache, table, weight = make_case(70, 8, 2, 16, 64, seed=3)
     lengths = torch.tensor([70], dtype=torch.int32, device=DEVICE)
-    shape = launch_shape(8, 2, 16, {"block_rows": 16, "block_n": 32})
-    buffers = FusedAttentionOutputBuffers(2, 64, shape["columns_pad"], shape["block_rows"], query.dtype,
-                                          torch.device(DEVICE))
+    scratch = {}
     runs = [decode_attention_output(query, cache.key_caches[0], cache.value_caches[0], table, lengths, weight,
-                                    0.25, buffers=buffers, launch={"block_rows": 16, "block_n": 32})
+                                    0.25, scratch=scratch, launch={"block_rows": 16, "block_n": 32})
             for _ in range(3)]
+    (buffers,) = scratch.values()  # one set, reused by all three launches
     assert torch.equal(buffers.counters, torch.zeros_like(buffers.counters))
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[1], runs[2])
     expected = reference(query, cache, table, weight, 70, 0.25)

@@ -26,7 +26,6 @@ from joule.kernels.attention_output import (
     FusedAttentionOutputBuffers,
     decode_attention_output,
     fits_fused_attention_output,
-    launch_shape,
 )
 from joule.kernels.kv_write import write_kv_cache
 from joule.kernels.paged_decode import MIN_SPLIT_TOKENS, choose_num_splits, paged_decode_attention
@@ -200,12 +199,8 @@ class TritonAttentionBackend(AttentionBackend):
         bound = metadata.max_length_bound if isinstance(metadata, StaticDecodeMetadata) else step.decode_max_length
         if bound > FUSED_MAX_CONTEXT:
             return None
-        shape = launch_shape(num_heads, num_kv_heads, head_dim)
-        key = (num_kv_heads, weight.shape[0], shape["columns_pad"], shape["block_rows"], query.dtype, query.device)
-        if key not in self._fused_buffers:
-            self._fused_buffers[key] = FusedAttentionOutputBuffers(*key)
         return decode_attention_output(query, key_cache, value_cache, metadata.block_tables[0], step.sequence_lengths,
-                                       weight, scale, buffers=self._fused_buffers[key])
+                                       weight, scale, scratch=self._fused_buffers)
 
     def _step_tensors(self, metadata: AttentionMetadata, device: torch.device) -> _StepTensors:
         if self._step is None or self._step.metadata is not metadata:
