@@ -1,6 +1,10 @@
 """Why workload 3 runs faster run after run on one engine (23k -> 35k tok/s on the H100, 2026-12-05).
 
-Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/w3_runs_probe.py [runs] [out.json]
+Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/w3_runs_probe.py [runs] [out.json] [after-bs1]
+``after-bs1``: then engine_bench.py's batch-1 latency runs on the same engine (graphs, lookahead, sampling and eager
+variants, with its execute() timer), ``runs`` more runs, and ``runs`` more after a full collection and an emptied
+allocator cache: whether what engine_bench runs first is what slows its workload-3 runs (25.6-28.1k tok/s there
+against 28.2-33.5k here, H100 2026-12-05 (d)).
 Builds the engine as engine_bench.py does (Llama-3.2-1B shape, bf16, dummy weights, graphs, the defaults) and runs
 workload 3 (256 x (512 -> 128), seed 2) ``runs`` times. The scheduler is deterministic, so step i of one run is
 step i of the next: per-step wall times are compared across runs, split into steps with prompt tokens and
@@ -17,9 +21,10 @@ import time
 
 sys.path.insert(0, "benchmarks/gpu")
 import torch  # noqa: E402
-from engine_bench import LLAMA_1B, build, generate  # noqa: E402
+from engine_bench import LLAMA_1B, build, generate, timed_execute  # noqa: E402
 from profile_engine import compiled_variants  # noqa: E402
 
+from joule.bench.latency import measure_latency  # noqa: E402
 from joule.bench.workload import fixed_length_workload  # noqa: E402
 
 
@@ -62,7 +67,43 @@ def main() -> None:
     output_tokens = sum(output_lens)
     print(f"{torch.cuda.get_device_name()}, graphs {graphs} ({capture_s:.1f} s), start {gpu_state()}", flush=True)
     generate(engine, [prompts[0][:32]] * 4, [4] * 4)  # engine_bench's warm-up
+    if "after-bs1" in sys.argv[3:]:
+        engine.core.step_observer = None  # as engine_bench.py's workload 3 runs (no NVML reads a step)
     results = []
+    phases = [("fresh", runs)]
+    if "after-bs1" in sys.argv[3:]:
+        phases += [("after bs1", runs), ("after gc + empty_cache", runs)]
+    for phase, count in phases:
+        if phase == "after bs1":
+            batch_one(engine, graphs)
+        elif phase.startswith("after gc"):
+            import gc
+
+            gc.collect()
+            torch.cuda.empty_cache()
+        print(f"-- {phase}", flush=True)
+        run_phase(engine, prompts, output_lens, output_tokens, count, results, phase)
+    summarize(results, out_path)
+
+
+def batch_one(engine, graphs: bool) -> None:
+    """engine_bench.py's batch-1 section on this engine, settings restored as it leaves them."""
+    prompt = fixed_length_workload(1, 128, 256, engine.model_config.vocab_size, seed=1)[0].prompt_token_ids
+    observer = engine.core.step_observer
+    timed_execute(engine)
+    for use_graphs, metered, lookahead, temperature in (
+            (graphs, True, False, 0.0), (graphs, False, False, 0.0), (graphs, False, True, 0.0),
+            (graphs, False, False, 0.8), (graphs, False, True, 0.8), (False, False, False, 0.0)):
+        engine.core.executor.use_cuda_graphs = use_graphs
+        engine.core.step_observer = observer if metered else None
+        engine.core.decode_lookahead = lookahead
+        measure_latency(engine, [prompt], 256, num_iters=2, temperature=temperature)
+    engine.core.step_observer = None
+    engine.core.executor.use_cuda_graphs = graphs
+    engine.core.decode_lookahead = True
+
+
+def run_phase(engine, prompts, output_lens, output_tokens, runs, results, phase) -> None:
     for index in range(runs):
         variants_before = compiled_variants()
         allocations_before = torch.cuda.memory_stats().get("num_device_alloc", 0)
@@ -81,12 +122,16 @@ def main() -> None:
                   "new_device_allocations": torch.cuda.memory_stats().get("num_device_alloc", 0) - allocations_before,
                   "gpu_after": gpu_state(), "step_ms": [round(1e3 * s, 3) for s, _, _ in records],
                   "step_tokens": [(p, d) for _, p, d in records]}
+        result["phase"] = phase
         results.append(result)
         print(f"run {index}: {result['tok_per_s']:.0f} tok/s, {seconds:.3f} s, {len(records)} steps, prompt steps "
               f"{result['prompt_step_s']:.3f} s, decode steps {result['decode_step_s']:.3f} s (median "
               f"{result['decode_step_median_ms']:.2f} ms), compiled {variants}, new allocations "
               f"{result['new_device_allocations']}, slowest {result['slowest_ms']}, gpu {result['gpu_after']}",
               flush=True)
+
+
+def summarize(results: list[dict], out_path: str) -> None:
     first, last = results[0], results[-1]
     if first["step_tokens"] == last["step_tokens"]:
         deltas = sorted(((a - b, i, first["step_tokens"][i]) for i, (a, b) in
@@ -95,9 +140,9 @@ def main() -> None:
               [(round(d, 1), i, t) for d, i, t in deltas[:12]])
     else:
         print("the runs scheduled different steps; no per-step comparison")
-    print(f"\n{'run':>4} {'tok/s':>8} {'s':>7} {'steps':>6} {'prompt s':>9} {'decode s':>9} {'dec med ms':>10}")
+    print(f"\n{'phase':>24} {'run':>4} {'tok/s':>8} {'s':>7} {'steps':>6} {'prompt s':>9} {'decode s':>9} {'dec med ms':>10}")
     for index, result in enumerate(results):
-        print(f"{index:>4} {result['tok_per_s']:>8.0f} {result['seconds']:>7.3f} {result['steps']:>6} "
+        print(f"{result['phase']:>24} {index:>4} {result['tok_per_s']:>8.0f} {result['seconds']:>7.3f} {result['steps']:>6} "
               f"{result['prompt_step_s']:>9.3f} {result['decode_step_s']:>9.3f} {result['decode_step_median_ms']:>10.2f}")
     with open(out_path, "w") as file:
         json.dump({"device": torch.cuda.get_device_name(), "runs": results}, file)
