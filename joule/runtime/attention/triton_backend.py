@@ -36,8 +36,9 @@ from joule.kernels.paged_prefill import (
 )
 from joule.runtime.attention.base import AttentionBackend, AttentionMetadata, KVCache, check_attention_inputs
 
-# "1": batch-1 attention and the o projection in one kernel. Off until measured on a GPU (written on 2026-12-05
-# when none was lent; CPU-tested under the interpreter only).
+# "1": batch-1 attention and the o projection in one kernel. Off: on the H100 (2026-12-05 (d), docs/benchmarks.md)
+# it saved 48 us a step at 64 tokens of context and cost 41-89 us at 512-768, and graphs choose it by their 1,024
+# bound, not the context they replay (batch 1 at 128 -> 256: +1.1 %).
 FUSED_OUTPUT_ENV = "JOULE_FUSED_ATTENTION_OUTPUT"
 
 
