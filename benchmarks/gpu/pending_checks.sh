@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks the last sessions could not run (fused ~5, fair ~6, w3 ~2 minutes; a device call takes at most 10):
+# The GPU checks the last sessions could not run (all run on the H100 on 2026-12-05 (d), docs/benchmarks.md) (fused ~5, fair ~6, w3 ~2 minutes; a device call takes at most 10):
 #   fused: the fused batch-1 attention + o projection kernel (joule/kernels/attention_output.py, off by default):
 #          its tests on the GPU, then batch-1 tok/s with it off and on (bs1_ab.py, alternated) and graph replay
 #          time by context (short_context_sweep.py --fused);
