@@ -25,11 +25,11 @@ from joule.kernels.paged_decode import choose_num_splits, paged_decode_attention
 CONTEXTS = (64, 128, 256, 384, 512, 768, 1024)
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, HIDDEN, BLOCK = 16, 32, 8, 64, 2048, 16
 REPLAYS = 200
-FUSED_SHAPES = [dict(block_n=n, num_warps=w, num_stages=s, early_values=e, prefetch=p)
-                for n, w, s, e, p in itertools.product((64, 128, 256), (4, 8), (1, 2, 3), (False, True), (True,))]
-FUSED_SHAPES += [dict(block_n=128, num_warps=8, num_stages=2, early_values=e, prefetch=False) for e in (False, True)]
-FUSED_SHAPES += [dict(block_n=128, num_warps=8, num_stages=2, early_values=e, block_rows=64) for e in (False, True)]
-UNFUSED_SHAPES = [dict(early_values=e) for e in (False, True)] + [dict(early_values=e, num_splits=1) for e in (False, True)]
+FUSED_SHAPES = [dict(block_n=n, num_warps=w, num_stages=s)
+                for n, w, s in itertools.product((64, 128, 256), (4, 8), (1, 2, 3))]
+FUSED_SHAPES += [dict(block_n=128, num_warps=8, num_stages=2, prefetch=False),
+                 dict(block_n=128, num_warps=8, num_stages=2, block_rows=64)]
+UNFUSED_SHAPES = [{}, dict(num_splits=1)]
 
 
 def label(shape: dict) -> str:

@@ -38,7 +38,7 @@ def _attention_output_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     COLUMNS_PAD: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, USE_PDL: tl.constexpr,
-    PREFETCH_LINES: tl.constexpr, LINE_ELEMENTS: tl.constexpr, EARLY_VALUES: tl.constexpr,
+    PREFETCH_LINES: tl.constexpr, LINE_ELEMENTS: tl.constexpr,
 ):
     kv_head = tl.program_id(0)
     row_block = tl.program_id(1)
@@ -67,7 +67,7 @@ def _attention_output_kernel(
     accumulator, running_max, running_sum = attend_context_range(
         query, key_cache_ptr, value_cache_ptr, block_table_ptr, 0, sequence_length, kv_head, scale_log2,
         stride_cache_block, stride_cache_offset, stride_cache_head, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE,
-        BLOCK_N, DOT_PRECISION, UPCAST_DOT, False, EARLY_VALUES)
+        BLOCK_N, DOT_PRECISION, UPCAST_DOT, False)
     denominator = tl.where(running_sum > 0, running_sum, 1.0)  # an empty context attends to zeros
     attended = (accumulator / denominator[:, None]).to(output_ptr.dtype.element_ty)
 
@@ -117,8 +117,7 @@ def launch_shape(num_heads: int, num_kv_heads: int, head_dim: int, launch: dict 
     columns_pad = triton.next_power_of_2((num_heads // num_kv_heads) * head_dim)
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
     shape = {"block_rows": max(16, min(128, TILE_ELEMENTS // columns_pad)), "num_warps": 8,
-             "block_n": 128 if head_dim_pad <= 64 else 64, "num_stages": 2, "prefetch": True,
-             "early_values": False}
+             "block_n": 128 if head_dim_pad <= 64 else 64, "num_stages": 2, "prefetch": True}
     shape.update(launch or {})
     shape["columns_pad"] = columns_pad
     return shape
@@ -168,7 +167,6 @@ def decode_attention_output(
         BLOCK_ROWS=shape["block_rows"], BLOCK_SIZE=block_size, BLOCK_N=shape["block_n"],
         DOT_PRECISION=dot_precision(query.dtype), UPCAST_DOT=interpreting(), USE_PDL=use_pdl,
         PREFETCH_LINES=max(1, head_dim * key_cache.element_size() // 128) if use_pdl and shape["prefetch"] else 0,
-        LINE_ELEMENTS=128 // key_cache.element_size(), EARLY_VALUES=shape["early_values"],
-        num_warps=shape["num_warps"], num_stages=shape["num_stages"], launch_pdl=use_pdl,
+        LINE_ELEMENTS=128 // key_cache.element_size(), num_warps=shape["num_warps"], num_stages=shape["num_stages"], launch_pdl=use_pdl,
     )
     return output

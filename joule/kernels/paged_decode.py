@@ -98,13 +98,11 @@ def attend_context_range(
     query, key_cache_ptr, value_cache_ptr, table_row, start_position, end_position, kv_head, scale_log2,
     stride_cache_block, stride_cache_offset, stride_cache_head, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, FP8_ASM: tl.constexpr, EARLY_VALUES: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, FP8_ASM: tl.constexpr,
 ):
     """Online softmax (float32, base 2) of ``query``'s rows (``[GROUP_PAD, HEAD_DIM_PAD]``, one KV head's group)
     over that head's cached tokens ``start_position .. end_position``, gathered through the block table row.
-    Returns the unnormalised accumulator, the running max and the running sum. ``EARLY_VALUES``: a tile's values
-    are loaded beside its keys, before the scores, so the two loads wait together (one round trip a tile, not two,
-    for more registers held)."""
+    Returns the unnormalised accumulator, the running max and the running sum."""
     dims = tl.arange(0, HEAD_DIM_PAD)
     dim_mask = dims < HEAD_DIM
     running_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
@@ -118,8 +116,6 @@ def attend_context_range(
                          + kv_head * stride_cache_head)
         kv_mask = valid[:, None] & dim_mask[None, :]
         keys = tl.load(key_cache_ptr + token_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        if EARLY_VALUES:
-            values = tl.load(value_cache_ptr + token_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0)
         if FP8_ASM:
             keys = _e4m3_to_f16(keys.to(tl.uint8, bitcast=True))
         scores = tile_dot(query, tl.trans(keys.to(query.dtype)), DOT_PRECISION, UPCAST_DOT) * scale_log2
@@ -128,8 +124,7 @@ def attend_context_range(
         correction = tl.exp2(running_max - new_max)
         probabilities = tl.exp2(scores - new_max[:, None])
         running_sum = running_sum * correction + tl.sum(probabilities, 1)
-        if not EARLY_VALUES:
-            values = tl.load(value_cache_ptr + token_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        values = tl.load(value_cache_ptr + token_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0)
         if FP8_ASM:
             values = _e4m3_to_f16(values.to(tl.uint8, bitcast=True))
         values = values.to(query.dtype)
@@ -151,7 +146,7 @@ def _decode_partial_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT_OUTPUT: tl.constexpr,
     HAS_SEQUENCE_IDS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     FP16_DOT: tl.constexpr, FP8_ASM: tl.constexpr, HEADS_FIRST: tl.constexpr, USE_PDL: tl.constexpr,
-    PREFETCH_LINES: tl.constexpr, LINE_ELEMENTS: tl.constexpr, EARLY_VALUES: tl.constexpr,
+    PREFETCH_LINES: tl.constexpr, LINE_ELEMENTS: tl.constexpr,
 ):
     # HEADS_FIRST: programs launched in a row serve the KV heads of one sequence, which lie side by side in each
     # token's cache row, instead of one head of neighbouring sequences (scattered blocks).
@@ -192,7 +187,7 @@ def _decode_partial_kernel(
     accumulator, running_max, running_sum = attend_context_range(
         query, key_cache_ptr, value_cache_ptr, table_row, split_start, split_end, kv_head, scale_log2,
         stride_cache_block, stride_cache_offset, stride_cache_head, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE,
-        BLOCK_N, DOT_PRECISION, UPCAST_DOT, FP8_ASM, EARLY_VALUES)
+        BLOCK_N, DOT_PRECISION, UPCAST_DOT, FP8_ASM)
 
     denominator = tl.where(running_sum > 0, running_sum, 1.0)  # a length-0 (padding) row writes zeros
     out_offsets = row * stride_output_token + heads[:, None] * stride_output_head + dims[None, :]
@@ -306,8 +301,7 @@ def paged_decode_attention(
     # against 249 us for `.to()` with bf16 dots (benchmarks/gpu/fp8_decode_check.py).
     # heads_first: the grid walks the KV heads of a sequence before the next sequence (not measured yet).
     launch = {"block_n": block_n, "num_warps": 4, "num_stages": 3 if fp8 else 2, "fp16_dot": False,
-              "fp8_asm": fp8 and native_fp8_convert(query.device), "heads_first": False, "early_values": False,
-              **(launch or {})}
+              "fp8_asm": fp8 and native_fp8_convert(query.device), "heads_first": False, **(launch or {})}
     if launch["fp8_asm"] and (not fp8 or interpreting()):
         raise ValueError("paged_decode_attention: fp8_asm needs an fp8 cache on a CUDA GPU (sm_89+)")
     block_n = launch["block_n"]
@@ -338,8 +332,7 @@ def paged_decode_attention(
         HAS_SEQUENCE_IDS=sequence_ids is not None, DOT_PRECISION=dot_precision(query.dtype), UPCAST_DOT=interpreting(),
         FP16_DOT=bool(launch["fp16_dot"]) and fp8, FP8_ASM=bool(launch["fp8_asm"]),
         HEADS_FIRST=bool(launch["heads_first"]), USE_PDL=use_pdl,
-        PREFETCH_LINES=prefetch_lines, LINE_ELEMENTS=128 // key_cache.element_size(),
-        EARLY_VALUES=bool(launch["early_values"]), num_warps=launch["num_warps"],
+        PREFETCH_LINES=prefetch_lines, LINE_ELEMENTS=128 // key_cache.element_size(), num_warps=launch["num_warps"],
         num_stages=launch["num_stages"], launch_pdl=use_pdl,
     )
     if not direct:

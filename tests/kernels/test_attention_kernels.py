@@ -130,21 +130,6 @@ def test_decode_grid_order_heads_first_gives_the_same_output(num_splits):
     assert_close(outputs[1], expected, torch.float32)
 
 
-@pytest.mark.parametrize("num_splits", [1, 3])
-def test_decode_values_loaded_beside_the_keys_give_the_same_output(num_splits):
-    """``launch={"early_values": True}`` only moves a tile's value load before its scores; nothing computed
-    changes, so the output is bit for bit the same."""
-    batch = make_batch(DECODE_STEPS, 8, 2, 32, 16, seed=6)
-    expected = reference_output(batch, 0.2)
-    cache, metadata = batch["cache"], batch["metadata"]
-    outputs = [paged_decode_attention(
-        batch["query"], cache.key_caches[0], cache.value_caches[0], metadata.block_tables, device_lengths(metadata),
-        metadata.max_sequence_length, 0.2, num_splits=num_splits, launch={"early_values": early, "block_n": 16})
-        for early in (False, True)]
-    assert torch.equal(outputs[0], outputs[1])
-    assert_close(outputs[1], expected, torch.float32)
-
-
 @pytest.mark.parametrize("min_split_tokens", [None, 256])
 def test_decode_splits_each_sequence_by_its_own_length_under_a_large_length_bound(min_split_tokens):
     """As inside a CUDA graph: the host bound is max_model_len, far above every context, and each

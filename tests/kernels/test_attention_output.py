@@ -76,23 +76,6 @@ def test_reused_buffers_give_identical_results_and_reset_counters():
     torch.testing.assert_close(runs[0].double(), expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("launch", [
-    {"early_values": True},                                        # values loaded beside the keys
-    {"block_n": 64, "num_warps": 4, "num_stages": 1, "prefetch": False},
-])
-def test_launch_shapes_give_the_default_shapes_result(launch):
-    """The launch shapes a sweep tries (benchmarks/gpu/fused_attention_sweep.py) compute the same thing."""
-    query, cache, table, weight = make_case(150, 8, 2, 16, 64, seed=9)
-    lengths = torch.tensor([150], dtype=torch.int32, device=DEVICE)
-    base = {"block_rows": 32, "block_n": 32}
-    default, shaped = (decode_attention_output(query, cache.key_caches[0], cache.value_caches[0], table, lengths,
-                                               weight, 0.25, launch={**base, **extra}) for extra in ({}, launch))
-    expected = reference(query, cache, table, weight, 150, 0.25)
-    torch.testing.assert_close(shaped.double(), expected, rtol=1e-4, atol=1e-4)
-    if launch.get("block_n", base["block_n"]) == base["block_n"]:  # same tiles: same sums, bit for bit
-        assert torch.equal(default, shaped)
-
-
 def test_bfloat16_within_tolerance():
     query, cache, table, weight = make_case(90, 8, 2, 32, 64, dtype=torch.bfloat16, seed=5)
     lengths = torch.tensor([90], dtype=torch.int32, device=DEVICE)
