@@ -72,6 +72,9 @@ def main() -> None:
     parser.add_argument("--energy", action="store_true",
                         help="keep the per-request energy attribution on (the engine's default; off here by default)")
     parser.add_argument("--phase", default="decode", choices=["decode", "prefill", "run"])
+    parser.add_argument("--lookahead", action="store_true",
+                        help="decode: plan each step's successor before its tokens are known, as the engine does on "
+                             "a GPU (scheduler.schedule_continuation instead of schedule)")
     parser.add_argument("--no-freeze", action="store_true", help="--phase run: leave the start-up heap unfrozen")
     parser.add_argument("--runs", type=int, default=8, help="--phase run: runs timed")
     parser.add_argument("--prompt-len", type=int, default=512, help="--phase prefill: every prompt's length")
@@ -104,7 +107,13 @@ def main() -> None:
                 tokens[sequence.request.request_id] = sampled[turn[0]]
         return StepResult(sampled=tokens, elapsed_seconds=0.0)
 
-    engine.core.executor.execute = execute
+    executor = engine.core.executor
+    executor.execute = execute
+    if args.lookahead:  # the GPU's path: each step's successor planned while it is "in flight"
+        executor.launch = lambda plan, previous=None: plan
+        executor.collect = execute
+        executor.can_continue = lambda launched: True
+        engine.core.decode_lookahead = True
     rng = random.Random(0)
     params = SamplingParams(temperature=0.0, max_tokens=100_000, ignore_eos=True,
                             output_kind=RequestOutputKind(args.output_kind))
@@ -121,7 +130,8 @@ def main() -> None:
             engine.step()
         best = min(best, (time.perf_counter() - started) / args.steps)
     print(f"host work per decode step of {args.sequences} sequences ({args.output_kind}"
-          f"{', energy attribution' if args.energy else ''}{', detokenized' if args.tokenizer else ''}): "
+          f"{', energy attribution' if args.energy else ''}{', detokenized' if args.tokenizer else ''}"
+          f"{', lookahead' if args.lookahead else ''}): "
           f"{best * 1e3:.3f} ms "
           f"(best of {args.repeats} x {args.steps} steps)")
     if args.profile:

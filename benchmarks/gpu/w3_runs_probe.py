@@ -1,6 +1,7 @@
 """Why workload 3 runs faster run after run on one engine (23k -> 35k tok/s on the H100, 2026-12-05).
 
-Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/w3_runs_probe.py [runs] [out.json] [after-bs1]
+Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/w3_runs_probe.py [runs] [out.json] [after-bs1 | ab-metering]
+``ab-metering``: ``runs`` pairs of runs with the engine's NVML energy metering on and off, alternated (ABBA).
 ``after-bs1``: then engine_bench.py's batch-1 latency runs on the same engine (graphs, lookahead, sampling and eager
 variants, with its execute() timer), ``runs`` more runs, and ``runs`` more after a full collection and an emptied
 allocator cache: whether what engine_bench runs first is what slows its workload-3 runs (25.6-28.1k tok/s there
@@ -70,6 +71,16 @@ def main() -> None:
     if "after-bs1" in sys.argv[3:]:
         engine.core.step_observer = None  # as engine_bench.py's workload 3 runs (no NVML reads a step)
     results = []
+    if "ab-metering" in sys.argv[3:]:
+        # Metered runs were the fast ones (2026-12-05 (d)): alternated on one engine, ABBA, to tell.
+        observer = engine.core.step_observer
+        for index in range(runs):
+            for metered in ((True, False) if index % 2 == 0 else (False, True)):
+                engine.core.step_observer = observer if metered else None
+                run_phase(engine, prompts, output_lens, output_tokens, 1, results,
+                          "metered" if metered else "unmetered")
+        summarize(results, out_path)
+        return
     phases = [("fresh", runs)]
     if "after-bs1" in sys.argv[3:]:
         phases += [("after bs1", runs), ("after gc + empty_cache", runs)]
