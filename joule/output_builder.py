@@ -72,15 +72,18 @@ class OutputBuilder:
         if metrics.first_scheduled_time is None and request.first_scheduled_time is not None:
             metrics.first_scheduled_time = request.first_scheduled_time
             metrics.time_in_queue = request.first_scheduled_time - metrics.arrival_time
-        new_ids = request.output_token_ids[sample.num_tokens_seen :]
-        sample.num_tokens_seen = len(request.output_token_ids)
-        if new_ids:
+        output_ids = request.output_token_ids
+        seen, sample.num_tokens_seen = sample.num_tokens_seen, len(output_ids)
+        grew = sample.num_tokens_seen > seen
+        if grew:
             if metrics.first_token_time is None:
                 metrics.first_token_time = now
             metrics.last_token_time = now
-        metrics.num_preemptions = max(metrics.num_preemptions, request.num_preemptions)
+        if request.num_preemptions > metrics.num_preemptions:
+            metrics.num_preemptions = request.num_preemptions
         stop_string = None
-        if sample.detokenizer is not None and new_ids:
+        if sample.detokenizer is not None and grew:
+            new_ids = output_ids[seen:]
             # vLLM leaves the text of a final EOS / stop-id token out of the output.
             stop_terminated = (
                 request.status == RequestStatus.FINISHED_STOPPED

@@ -8,7 +8,7 @@ from typing import Callable, Iterable, Protocol
 
 from joule.engine.kv_blocks import KVBlockManager
 from joule.engine.plan import Executor, StepPlan, StepResult
-from joule.engine.request import Request, RequestStatus
+from joule.engine.request import FINISHED_STATUSES, Request, RequestStatus
 from joule.engine.scheduler import Scheduler, SchedulerConfig
 
 
@@ -88,7 +88,8 @@ class EngineCore:
             self._ahead = None
             # Requests that ended with the step before (stop token or string, abort) computed one token more:
             # dropped here, so neither the update nor the energy ledger sees them again.
-            plan.sequences = [sequence for sequence in plan.sequences if not sequence.request.is_finished]
+            finished = FINISHED_STATUSES
+            plan.sequences = [sequence for sequence in plan.sequences if sequence.request.status not in finished]
             if plan.is_empty:
                 self.executor.collect(launched)
         else:

@@ -115,7 +115,7 @@ class Request:
             if token_id in params.stop_token_ids:
                 return RequestStatus.FINISHED_STOPPED, token_id
         if num_output_tokens >= self.max_tokens or (
-                max_model_len is not None and self.num_prompt_tokens + num_output_tokens >= max_model_len):
+                max_model_len is not None and len(self.prompt_token_ids) + num_output_tokens >= max_model_len):
             return RequestStatus.FINISHED_LENGTH, None
         return None
 

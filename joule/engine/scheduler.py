@@ -368,8 +368,10 @@ class Scheduler:
         """Apply a step's result; returns the requests that progressed (finished ones included)."""
         progressed: list[Request] = []
         block_size = self.block_manager.block_size
+        max_model_len = self.config.max_model_len
         sampled_tokens = result.sampled
-        for sequence in plan.sequences:
+        prompt_logprobs = result.prompt_logprobs
+        for sequence in plan.sequences:  # every row of every step: kept to plain attribute and list work
             request = sequence.request
             if request.status in FINISHED_STATUSES:
                 continue
@@ -377,26 +379,25 @@ class Scheduler:
             request.num_computed_tokens = computed_after = computed_before + len(sequence.token_ids)
             if sequence.samples:
                 sampled = sampled_tokens[request.request_id]
-                request.output_token_ids.append(sampled.token_id)
+                outputs = request.output_token_ids
+                outputs.append(sampled.token_id)
                 if request.sampling_params.logprobs is not None:
                     request.output_logprobs.append(sampled)
-                self._check_stop(request, sampled.token_id)
-            scored = result.prompt_logprobs.get(request.request_id) if result.prompt_logprobs else None
-            if scored is not None and scored[0] == len(request.prompt_logprobs):
-                request.prompt_logprobs.extend(scored[1])
+                stop = request.stop_after(sampled.token_id, len(outputs), max_model_len)
+                if stop is not None:
+                    request.status, reason = stop
+                    if reason is not None:
+                        request.stop_reason = reason
+            if prompt_logprobs:
+                scored = prompt_logprobs.get(request.request_id)
+                if scored is not None and scored[0] == len(request.prompt_logprobs):
+                    request.prompt_logprobs.extend(scored[1])
             if request.status in FINISHED_STATUSES:
                 self._release(request)
             elif computed_after // block_size != computed_before // block_size:  # a block just filled up
                 self.block_manager.cache_full_blocks(request)
             progressed.append(request)
         return progressed
-
-    def _check_stop(self, request: Request, token_id: int) -> None:
-        stop = request.stop_after(token_id, request.num_output_tokens, self.config.max_model_len)
-        if stop is not None:
-            request.status, reason = stop
-            if reason is not None:
-                request.stop_reason = reason
 
     def _release(self, request: Request) -> None:
         self.block_manager.cache_full_blocks(request)
