@@ -1,11 +1,14 @@
 """The engine's host work per step, without a model: scheduling, the scheduler's update and output processing.
 
-Usage: PYTHONPATH=. python benchmarks/cpu/host_step.py [--sequences 256] [--steps 200] [--profile]
+Usage: PYTHONPATH=. python benchmarks/cpu/host_step.py [--sequences 256] [--steps 200] [--profile] [--lookahead]
        PYTHONPATH=. python benchmarks/cpu/host_step.py --phase prefill [--prompt-len 512] [--profile]
 A tiny random model (one layer; Qwen's 151,936-token vocabulary) whose executor is replaced by one that
 returns a token for every sampling sequence at once, so what is timed is what the GPU engine pays on its host
 between graph replays: ``num_sequences`` requests (prompts uniform 100-1,024 tokens, greedy, FINAL_ONLY
 outputs, prefix caching on), timed over ``steps`` decode-only steps once every prompt is in.
+
+``--lookahead``: each step's successor is planned before its tokens are in (``Scheduler.schedule_continuation``),
+as the engine runs on a GPU, instead of a full ``schedule``.
 
 ``--phase run`` times whole runs of workload 3's shape (256 x (512 -> 128), outputs kept as LLM.generate keeps
 them) and the garbage collector's pauses in them, with the start-up heap frozen as LLM.generate runs
