@@ -263,17 +263,19 @@ class LLMEngine:
         progressed = self.core.step()
         now = time.time()
         changed: dict[str, RequestState] = {}
+        owners, advance = self._sample_owner, self._outputs.advance  # every row of every step passes here
         for request in progressed:
-            owner = self._sample_owner.get(request.request_id)
+            owner = owners.get(request.request_id)
             if owner is None:
                 continue
             state, index = owner
-            self._outputs.advance(state, state.samples[index], now)
+            advance(state, state.samples[index], now)
             changed[state.request_id] = state
         outputs = []
+        final_only = RequestOutputKind.FINAL_ONLY
         for state in changed.values():
             finished = state.finished
-            if finished or state.params.output_kind != RequestOutputKind.FINAL_ONLY:
+            if finished or state.params.output_kind != final_only:
                 outputs.append(self._outputs.make_output(state, finished))
             if finished:
                 state.metrics.finished_time = now
