@@ -179,7 +179,7 @@ class ModelExecutor:
             hidden = hidden.index_select(0, self._index(rows))  # no stream sync: a continuation queues behind
         logits = self.model.compute_logits(hidden)
         requests = [sequence.request for _, sequence in sample_rows]
-        if all(_plain_greedy(request) for request in requests):
+        if _all_rows_pass(requests, _params_plain_greedy):
             # What the sampler does for such rows (no bans, penalties or logprobs: an argmax), without
             # building a SamplingRow per request (~0.5 ms per 256 rows on the dev CPU) or a host sync.
             if logits.device.type == "cuda":
@@ -189,7 +189,7 @@ class ModelExecutor:
             else:
                 token_ids = greedy_tokens(logits)
             return self._tokens_on_device(requests, started, token_ids)
-        if all(_samples_on_device(request) for request in requests):
+        if _all_rows_pass(requests, _params_on_device):
             # Temperature, top-k/p, min-p and seeds need no host either: the tokens stay on the device, so the
             # lookahead goes on past sampled requests as it does past greedy ones. A continuation's decode
             # samples the token after one still on its way to the host (its seeded noise is keyed on that).
@@ -359,18 +359,35 @@ def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def _plain_greedy(request: Request) -> bool:
-    params = request.sampling_params
+    return _all_rows_pass([request], _params_plain_greedy)
+
+
+def _params_plain_greedy(params) -> bool:
     return (params.is_greedy and not params.logit_bias and params.allowed_token_ids is None
-            and _samples_on_device(request))
+            and _params_on_device(params))
 
 
-def _samples_on_device(request: Request) -> bool:
-    """Sampling that needs nothing from the host but the parameters: no logprobs, grammars, penalties (which read
-    the token history) or bans (EOS before ``min_tokens``)."""
-    params = request.sampling_params
-    return (params.logprobs is None and request.constraint is None
-            and params.repetition_penalty == 1.0 and params.frequency_penalty == 0.0
-            and params.presence_penalty == 0.0 and len(request.output_token_ids) >= params.min_tokens)
+def _params_on_device(params) -> bool:
+    """Sampling that needs nothing from the host but the parameters: no logprobs or penalties (which read the token
+    history); ``_all_rows_pass`` adds the request's own: no grammar, no bans (EOS before ``min_tokens``)."""
+    return (params.logprobs is None and params.repetition_penalty == 1.0 and params.frequency_penalty == 0.0
+            and params.presence_penalty == 0.0)
+
+
+def _all_rows_pass(requests: list[Request], params_pass) -> bool:
+    """``params_pass`` holds for every request's parameters, and no request has a grammar or is short of its
+    ``min_tokens``. Asked of every row of every step: a params object is tested once per run of requests that
+    share it (one ``generate`` call's do), the rest is two attribute reads a row."""
+    passed = None
+    for request in requests:
+        params = request.sampling_params
+        if params is not passed:
+            if not params_pass(params):
+                return False
+            passed = params
+        if request.constraint is not None or len(request.output_token_ids) < params.min_tokens:
+            return False
+    return True
 
 
 def _sampling_row(request: Request, num_pending_tokens: int = 0) -> SamplingRow:
