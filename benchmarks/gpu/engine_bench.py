@@ -89,6 +89,19 @@ def timed_execute(engine: LLMEngine) -> list[float]:
     return times
 
 
+def batch_one_variants(graphs: bool) -> tuple[tuple[bool, bool, bool, float], ...]:
+    """(CUDA graphs, NVML-metered, lookahead, temperature) of each batch-1 run. Sampled rows (temperature 0.8,
+    seeded) as well as greedy: the lookahead continues past them too."""
+    return ((graphs, True, False, 0.0), (graphs, False, False, 0.0), (graphs, False, True, 0.0),
+            (graphs, False, False, 0.8), (graphs, False, True, 0.8), (False, False, False, 0.0))
+
+
+def apply_batch_one_variant(engine: LLMEngine, observer, use_graphs: bool, metered: bool, lookahead: bool) -> None:
+    engine.core.executor.use_cuda_graphs = use_graphs
+    engine.core.step_observer = observer if metered else None
+    engine.core.decode_lookahead = lookahead
+
+
 def throughput(engine: LLMEngine, requests) -> dict:
     generate(engine, [requests[0].prompt_token_ids[:32]] * 4, [4] * 4)  # warm-up
     _, seconds = generate(engine, [r.prompt_token_ids for r in requests], [r.output_len for r in requests])
@@ -134,13 +147,8 @@ def main() -> None:
     latency = []
     observer = engine.core.step_observer  # the energy ledger reads NVML twice a step
     step_times = timed_execute(engine)
-    # Sampled rows (temperature 0.8, seeded) as well as greedy: the lookahead now continues past them too.
-    for use_graphs, metered, lookahead, temperature in (
-            (graphs, True, False, 0.0), (graphs, False, False, 0.0), (graphs, False, True, 0.0),
-            (graphs, False, False, 0.8), (graphs, False, True, 0.8), (False, False, False, 0.0)):
-        engine.core.executor.use_cuda_graphs = use_graphs
-        engine.core.step_observer = observer if metered else None
-        engine.core.decode_lookahead = lookahead
+    for use_graphs, metered, lookahead, temperature in batch_one_variants(graphs):
+        apply_batch_one_variant(engine, observer, use_graphs, metered, lookahead)
         step_times.clear()
         result = measure_latency(engine, [prompt], 256, num_iters=2, temperature=temperature)
         decode_steps = sorted(step_times)[: len(step_times) * 9 // 10]  # drop prefills

@@ -14,13 +14,14 @@ from __future__ import annotations
 import itertools
 import json
 import sys
-import time
 
-import torch
+sys.path.insert(0, "benchmarks/gpu")
+import torch  # noqa: E402
+from short_context_sweep import replay_seconds  # noqa: E402
 
-from joule.kernels.attention_output import decode_attention_output
-from joule.kernels.gemv import gemv
-from joule.kernels.paged_decode import choose_num_splits, paged_decode_attention
+from joule.kernels.attention_output import decode_attention_output  # noqa: E402
+from joule.kernels.gemv import gemv  # noqa: E402
+from joule.kernels.paged_decode import choose_num_splits, paged_decode_attention  # noqa: E402
 
 CONTEXTS = (64, 128, 256, 384, 512, 768, 1024)
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, HIDDEN, BLOCK = 16, 32, 8, 64, 2048, 16
@@ -45,14 +46,7 @@ def timed_graph(launch_layers) -> float:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=stream):
             launch_layers()
-    for _ in range(10):
-        graph.replay()
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(REPLAYS):
-        graph.replay()
-    torch.cuda.synchronize()
-    return 1e6 * (time.perf_counter() - started) / (REPLAYS * LAYERS)
+    return 1e6 * replay_seconds(graph, REPLAYS, warmup=10) / LAYERS
 
 
 def main(out_path: str | None) -> None:

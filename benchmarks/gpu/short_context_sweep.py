@@ -26,6 +26,18 @@ SPLITS = (None, 1, 2, 3, 4, 8)
 REPLAYS = 300
 
 
+def replay_seconds(graph: torch.cuda.CUDAGraph, replays: int, warmup: int) -> float:
+    """Mean wall seconds of one replay, ``replays`` back to back after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        graph.replay()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(replays):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - started) / replays
+
+
 def replay_us(engine: LLMEngine, prompt: list[int]) -> float:
     params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
     engine.add_request(f"sweep-{time.monotonic_ns()}", {"prompt_token_ids": prompt}, params)
@@ -33,14 +45,7 @@ def replay_us(engine: LLMEngine, prompt: list[int]) -> float:
     engine.step()  # one decode: the batch-1 graph's inputs hold this context
     runner = engine.core.executor.graph_runner  # the variant a step of this context replays
     graph = (runner.short_graphs if runner.is_short(1, len(prompt) + 2) else runner.graphs)[1]
-    for _ in range(20):
-        graph.replay()
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(REPLAYS):
-        graph.replay()
-    torch.cuda.synchronize()
-    elapsed = (time.perf_counter() - started) / REPLAYS * 1e6
+    elapsed = replay_seconds(graph, REPLAYS, warmup=20) * 1e6
     while engine.has_unfinished_requests():
         engine.step()
     return elapsed

@@ -15,6 +15,7 @@ and the GPU's clocks, temperature and power after the run. Prints a table; raw p
 
 from __future__ import annotations
 
+import gc
 import json
 import statistics
 import sys
@@ -22,7 +23,9 @@ import time
 
 sys.path.insert(0, "benchmarks/gpu")
 import torch  # noqa: E402
-from engine_bench import LLAMA_1B, build, generate, timed_execute  # noqa: E402
+from engine_bench import (  # noqa: E402
+    LLAMA_1B, apply_batch_one_variant, batch_one_variants, build, generate, timed_execute,
+)
 from profile_engine import compiled_variants  # noqa: E402
 
 from joule.bench.latency import measure_latency  # noqa: E402
@@ -88,8 +91,6 @@ def main() -> None:
         if phase == "after bs1":
             batch_one(engine, graphs)
         elif phase.startswith("after gc"):
-            import gc
-
             gc.collect()
             torch.cuda.empty_cache()
         print(f"-- {phase}", flush=True)
@@ -102,16 +103,10 @@ def batch_one(engine, graphs: bool) -> None:
     prompt = fixed_length_workload(1, 128, 256, engine.model_config.vocab_size, seed=1)[0].prompt_token_ids
     observer = engine.core.step_observer
     timed_execute(engine)
-    for use_graphs, metered, lookahead, temperature in (
-            (graphs, True, False, 0.0), (graphs, False, False, 0.0), (graphs, False, True, 0.0),
-            (graphs, False, False, 0.8), (graphs, False, True, 0.8), (False, False, False, 0.0)):
-        engine.core.executor.use_cuda_graphs = use_graphs
-        engine.core.step_observer = observer if metered else None
-        engine.core.decode_lookahead = lookahead
+    for use_graphs, metered, lookahead, temperature in batch_one_variants(graphs):
+        apply_batch_one_variant(engine, observer, use_graphs, metered, lookahead)
         measure_latency(engine, [prompt], 256, num_iters=2, temperature=temperature)
-    engine.core.step_observer = None
-    engine.core.executor.use_cuda_graphs = graphs
-    engine.core.decode_lookahead = True
+    apply_batch_one_variant(engine, None, graphs, False, True)  # as engine_bench.py leaves it for workload 3
 
 
 def run_phase(engine, prompts, output_lens, output_tokens, runs, results, phase) -> None:

@@ -75,7 +75,7 @@ def plan_continuation(scheduler: Scheduler, plan: StepPlan, now: float) -> StepP
     for request, end in growing:
         manager.allocate(request, end + 1 - request.num_computed_tokens)
     sequences, on_scheduled = continuation.sequences, scheduler.policy.on_scheduled
-    for request, end in decodes:  # ``_add`` inlined: the one loop a continuation runs over every row
+    for request, end in decodes:  # every row of a decode step passes here: no call but the policy's
         sequences.append(ScheduledSequence(request, [CONTINUATION_TOKEN], end, request.block_ids, True))
         request.last_scheduled_step = step
         on_scheduled(request, 1, True)
@@ -83,8 +83,8 @@ def plan_continuation(scheduler: Scheduler, plan: StepPlan, now: float) -> StepP
         num_new = min(request.num_tokens - end, budget)
         if num_new <= 0 or not manager.allocate(request, end + num_new - request.num_computed_tokens):
             break
-        _add(scheduler, continuation, request, request.token_ids_between(end, end + num_new), end,
-             end + num_new == request.num_tokens)
+        _add_chunk(scheduler, continuation, request, request.token_ids_between(end, end + num_new), end,
+                   end + num_new == request.num_tokens)
         budget -= num_new
     if with_prompts and budget > 0 and scheduler.waiting:
         scheduler.admit_waiting(budget, continuation, now, may_preempt=False)
@@ -103,8 +103,9 @@ def lookahead_prompts(scheduler: Scheduler) -> bool:
             and type(scheduler.policy) in (FirstComeFirstServed, PriorityFirst))
 
 
-def _add(scheduler: Scheduler, plan: StepPlan, request: Request, token_ids: list[int], start: int,
-         samples: bool) -> None:
+def _add_chunk(scheduler: Scheduler, plan: StepPlan, request: Request, token_ids: list[int], start: int,
+               samples: bool) -> None:
+    """A prompt chunk's row (the decode rows are added in ``plan_continuation``'s own loop)."""
     plan.sequences.append(ScheduledSequence(request, token_ids, start, request.block_ids, samples))
     request.last_scheduled_step = scheduler.num_steps
-    scheduler.policy.on_scheduled(request, len(token_ids), token_ids == [CONTINUATION_TOKEN])
+    scheduler.policy.on_scheduled(request, len(token_ids), False)
