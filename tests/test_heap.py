@@ -27,12 +27,44 @@ def test_frozen_inside_and_handed_back_after_even_on_error(unfrozen_heap):
     assert gc.get_freeze_count() == 0
 
 
-def test_a_heap_frozen_by_someone_else_stays_frozen(unfrozen_heap):
+def test_no_full_collection_inside_and_thresholds_restored_after(unfrozen_heap):
+    """Thresholds set so low that young collections would start a full one within a few allocations: inside the
+    block only young generations are collected, and the caller's thresholds come back after it."""
+    previous = gc.get_threshold()
+    collected = []
+
+    def on_collection(phase, info):
+        if phase == "start":
+            collected.append(info["generation"])
+
+    gc.set_threshold(50, 1, 1)
+    gc.callbacks.append(on_collection)
+    try:
+        with heap_frozen_while_running():
+            kept = []
+            for index in range(20_000):
+                node = {"index": index}
+                node["self"] = node  # a cycle, so the collector tracks and promotes it
+                kept.append(node)
+            inside = list(collected)
+        thresholds_after = gc.get_threshold()
+    finally:
+        gc.callbacks.remove(on_collection)
+        gc.set_threshold(*previous)
+    assert len(kept) == 20_000
+    assert inside and 2 not in inside and 1 in inside
+    assert thresholds_after == (50, 1, 1)
+
+
+def test_a_heap_frozen_by_someone_else_stays_frozen_and_still_gets_no_full_collection(unfrozen_heap):
     gc.freeze()
     before = gc.get_freeze_count()
+    thresholds = gc.get_threshold()
     with heap_frozen_while_running():
-        pass
+        inside = gc.get_threshold()
     assert gc.get_freeze_count() == before > 0
+    assert inside[:2] == thresholds[:2] and inside[2] > 1_000_000
+    assert gc.get_threshold() == thresholds
 
 
 def test_llm_generate_runs_with_the_heap_frozen(unfrozen_heap, tmp_path, monkeypatch):

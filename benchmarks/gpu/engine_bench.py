@@ -7,7 +7,7 @@ Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/engine_bench.
 (d) 256 x (512 -> 128), Llama-3.2-1B bf16; (e) Llama-3.1-8B on workload 2 when time is left.
 Weights are random (``load_format="dummy"``); every workload has a fixed seed. Batch 1, workload 2 and workload 3
 also run with the decode lookahead off (it is on by default with CUDA), so both sit in the same table; workload 3
-also with the lookahead queuing decode steps only (``lookahead_prompts=False``, the engine before 2026-12-04 g).
+also with the lookahead queuing decode steps only (``lookahead_prompts=False``, the default before 2026-12-05 e).
 """
 
 from __future__ import annotations
@@ -169,11 +169,11 @@ def main() -> None:
     raw["b"] = latency
     engine.core.executor.use_cuda_graphs = graphs
     workload_three = fixed_length_workload(256, 512, 128, vocab, seed=2)
-    # The default on CUDA last (lookahead on, decode steps queued ahead only), run three times on the engine: its
-    # median is what the peers' ratios use. One run moves by up to ~15 % (28-33k tok/s on the H100 on 2026-12-05
-    # (d), benchmarks/gpu/w3_runs_probe.py: one 163 ms step in one run, slower last steps in the first).
+    # The default on CUDA last (lookahead on, prompt steps queued ahead too), run three times on the engine: its
+    # median is what the peers' ratios use. One run moved by up to ~15 % (28-33k tok/s on the H100 on 2026-12-05
+    # (d), benchmarks/gpu/w3_runs_probe.py: full garbage collections of ~160 ms inside some runs, since held off).
     for lookahead, prompts, label, repeats in ((False, False, " no lookahead", 1),
-                                               (True, True, " prompt steps queued too", 1), (True, False, "", 3)):
+                                               (True, False, " decode steps queued only", 1), (True, True, "", 3)):
         engine.core.decode_lookahead = lookahead
         engine.core.scheduler.config.lookahead_prompts = prompts
         runs = [throughput(engine, workload_three) for _ in range(repeats)]

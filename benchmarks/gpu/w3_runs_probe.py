@@ -1,7 +1,9 @@
 """Why workload 3 runs faster run after run on one engine (23k -> 35k tok/s on the H100, 2026-12-05).
 
-Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/w3_runs_probe.py [runs] [out.json] [after-bs1 | ab-metering]
+Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/w3_runs_probe.py [runs] [out.json] [after-bs1 | ab-metering | ab-prompts] [gc-stats]
 ``ab-metering``: ``runs`` pairs of runs with the engine's NVML energy metering on and off, alternated (ABBA).
+``ab-prompts``: ``runs`` pairs with prompt steps queued ahead too (``SchedulerConfig.lookahead_prompts``) and not.
+``gc-stats`` (with any mode): the collector's own statistics of every collection on stderr (``gc.DEBUG_STATS``).
 ``after-bs1``: then engine_bench.py's batch-1 latency runs on the same engine (graphs, lookahead, sampling and eager
 variants, with its execute() timer), ``runs`` more runs, and ``runs`` more after a full collection and an emptied
 allocator cache: whether what engine_bench runs first is what slows its workload-3 runs (25.6-28.1k tok/s there
@@ -74,14 +76,26 @@ def main() -> None:
     if "after-bs1" in sys.argv[3:]:
         engine.core.step_observer = None  # as engine_bench.py's workload 3 runs (no NVML reads a step)
     results = []
-    if "ab-metering" in sys.argv[3:]:
+    if "gc-stats" in sys.argv[3:]:
+        gc.set_debug(gc.DEBUG_STATS)  # every collection's generation sizes and time, on stderr
+    observer = engine.core.step_observer
+    switches = {
         # Metered runs were the fast ones (2026-12-05 (d)): alternated on one engine, ABBA, to tell.
-        observer = engine.core.step_observer
+        "ab-metering": ("metered", "unmetered",
+                        lambda on: setattr(engine.core, "step_observer", observer if on else None)),
+        # Prompt steps queued ahead too, against decode steps only (engine_bench's default), unmetered as there.
+        "ab-prompts": ("prompt steps queued", "decode steps queued",
+                       lambda on: setattr(engine.core.scheduler.config, "lookahead_prompts", on)),
+    }
+    for mode, (on_label, off_label, switch) in switches.items():
+        if mode not in sys.argv[3:]:
+            continue
+        if mode == "ab-prompts":
+            engine.core.step_observer = None
         for index in range(runs):
-            for metered in ((True, False) if index % 2 == 0 else (False, True)):
-                engine.core.step_observer = observer if metered else None
-                run_phase(engine, prompts, output_lens, output_tokens, 1, results,
-                          "metered" if metered else "unmetered")
+            for on in ((True, False) if index % 2 == 0 else (False, True)):
+                switch(on)
+                run_phase(engine, prompts, output_lens, output_tokens, 1, results, on_label if on else off_label)
         summarize(results, out_path)
         return
     phases = [("fresh", runs)]
@@ -113,8 +127,18 @@ def run_phase(engine, prompts, output_lens, output_tokens, runs, results, phase)
     for index in range(runs):
         variants_before = compiled_variants()
         allocations_before = torch.cuda.memory_stats().get("num_device_alloc", 0)
-        records = timed_steps(engine)
+        records, collections = timed_steps(engine), []
+        started = {}
+
+        def on_collection(phase, info):  # whether the stalls are the cyclic collector's
+            if phase == "start":
+                started["at"] = time.perf_counter()
+            else:
+                collections.append((info["generation"], round(1e3 * (time.perf_counter() - started["at"]), 2)))
+
+        gc.callbacks.append(on_collection)
         _, seconds = generate(engine, prompts, output_lens)
+        gc.callbacks.remove(on_collection)
         del engine.step  # back to the class's method
         variants = {name: count - variants_before.get(name, 0) for name, count in compiled_variants().items()
                     if count != variants_before.get(name, 0)}
@@ -123,17 +147,22 @@ def run_phase(engine, prompts, output_lens, output_tokens, runs, results, phase)
         result = {"tok_per_s": output_tokens / seconds, "seconds": seconds, "steps": len(records),
                   "prompt_step_s": sum(prompt_steps), "decode_step_s": sum(decode_steps),
                   "decode_step_median_ms": 1e3 * statistics.median(decode_steps) if decode_steps else None,
+                  "prompt_step_median_ms": 1e3 * statistics.median(prompt_steps) if prompt_steps else None,
+                  # Time lost to decode steps over twice the median: the host stalls seen on 2026-12-05 (e).
+                  "decode_excess_s": sum(s - statistics.median(decode_steps) for s in decode_steps
+                                         if s > 2 * statistics.median(decode_steps)) if decode_steps else 0.0,
                   "slowest_ms": sorted((round(1e3 * s, 1), p, d) for s, p, d in records)[-5:],
                   "compiled": variants,
                   "new_device_allocations": torch.cuda.memory_stats().get("num_device_alloc", 0) - allocations_before,
-                  "gpu_after": gpu_state(), "step_ms": [round(1e3 * s, 3) for s, _, _ in records],
+                  "gpu_after": gpu_state(), "collections": collections, "step_ms": [round(1e3 * s, 3) for s, _, _ in records],
                   "step_tokens": [(p, d) for _, p, d in records]}
         result["phase"] = phase
         results.append(result)
         print(f"run {index}: {result['tok_per_s']:.0f} tok/s, {seconds:.3f} s, {len(records)} steps, prompt steps "
               f"{result['prompt_step_s']:.3f} s, decode steps {result['decode_step_s']:.3f} s (median "
               f"{result['decode_step_median_ms']:.2f} ms), compiled {variants}, new allocations "
-              f"{result['new_device_allocations']}, slowest {result['slowest_ms']}, gpu {result['gpu_after']}",
+              f"{result['new_device_allocations']}, collections {len(collections)} (slowest "
+              f"{max(collections, key=lambda c: c[1], default=None)}), slowest {result['slowest_ms']}, gpu {result['gpu_after']}",
               flush=True)
 
 
@@ -146,10 +175,11 @@ def summarize(results: list[dict], out_path: str) -> None:
               [(round(d, 1), i, t) for d, i, t in deltas[:12]])
     else:
         print("the runs scheduled different steps; no per-step comparison")
-    print(f"\n{'phase':>24} {'run':>4} {'tok/s':>8} {'s':>7} {'steps':>6} {'prompt s':>9} {'decode s':>9} {'dec med ms':>10}")
+    print(f"\n{'phase':>24} {'run':>4} {'tok/s':>8} {'s':>7} {'steps':>6} {'prompt s':>9} {'decode s':>9} {'dec med ms':>10} {'prm med ms':>10} {'stalls s':>8}")
     for index, result in enumerate(results):
         print(f"{result['phase']:>24} {index:>4} {result['tok_per_s']:>8.0f} {result['seconds']:>7.3f} {result['steps']:>6} "
-              f"{result['prompt_step_s']:>9.3f} {result['decode_step_s']:>9.3f} {result['decode_step_median_ms']:>10.2f}")
+              f"{result['prompt_step_s']:>9.3f} {result['decode_step_s']:>9.3f} {result['decode_step_median_ms']:>10.2f} "
+              f"{result['prompt_step_median_ms']:>10.2f} {result['decode_excess_s']:>8.3f}")
     with open(out_path, "w") as file:
         json.dump({"device": torch.cuda.get_device_name(), "runs": results}, file)
 

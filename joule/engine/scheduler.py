@@ -47,9 +47,11 @@ class SchedulerConfig:
     fair_prompt_cap: int = DEFAULT_FAIR_PROMPT_CAP  # the fair policy's prompt tokens per step while it protects a tenant
     fair_split_decodes: bool = False  # the fair policy runs flooding tenants' decodes half per step meanwhile
     fair_keep_up: bool = True  # the fair cap never below what the others need to keep up (VTC is work-conserving)
-    # The engine's lookahead (EngineCore) queues steps with prompt chunks and admissions too, not only decodes. Off:
-    # on the H200 (2026-12-05) workload 3 ran at 27,586 output tok/s with it against 29,212 with decodes only.
-    lookahead_prompts: bool = False
+    # The engine's lookahead (EngineCore) queues steps with prompt chunks and admissions too, not only decodes: a
+    # prompt step's host work (~5 ms of 35 on the H100) then overlaps the step before it. Workload 3's prompt steps
+    # went 35 -> 30 ms (H100, 2026-12-05 (e), alternated on one engine); earlier A/Bs that saw no gain were blurred
+    # by full garbage collections inside runs (joule/heap.py).
+    lookahead_prompts: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "fair_prompt_cap"):

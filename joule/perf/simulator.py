@@ -60,7 +60,7 @@ class ReplicaConfig:
     # The engine's --decode-lookahead (continuation steps' host work overlaps); None: the engine's default,
     # on for a GPU, off for a CPU.
     decode_lookahead: bool | None = None
-    lookahead_prompts: bool = False  # ... which also queues steps with prompt chunks under fcfs (the engine: off)
+    lookahead_prompts: bool = True  # ... which also queues steps with prompt chunks under fcfs (the engine's default)
     metered: bool = True  # the energy ledger meters every step (benchmarks that time the engine alone turn it off)
 
     @classmethod

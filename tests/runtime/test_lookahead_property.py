@@ -49,15 +49,16 @@ request_strategy = st.fixed_dictionaries({
                                                                   HealthCheck.too_slow])
 @given(requests=st.lists(request_strategy, min_size=1, max_size=6), budget=st.integers(4, 20),
        num_blocks=st.integers(8, 30), abort=st.none() | st.tuples(st.integers(0, 5), st.integers(1, 8)),
-       policy=st.sampled_from(["fcfs", "priority"]))
-def test_lookahead_matches_the_plain_loop_on_random_workloads(model_dir, requests, budget, num_blocks, abort, policy):
+       policy=st.sampled_from(["fcfs", "priority"]), queue_prompts=st.booleans())
+def test_lookahead_matches_the_plain_loop_on_random_workloads(model_dir, requests, budget, num_blocks, abort, policy,
+                                                               queue_prompts):
     def engine_for(lookahead: bool) -> LLMEngine:
         engine = LLMEngine.from_kwargs(model=str(model_dir), device="cpu", dtype="float32", max_model_len=32,
                                        kv_cache_memory_bytes=num_blocks * BYTES_PER_BLOCK, block_size=BLOCK_SIZE,
                                        max_num_batched_tokens=32, decode_lookahead=lookahead,
                                        scheduling_policy=policy)
         engine.core.scheduler.config.max_num_batched_tokens = budget
-        engine.core.scheduler.config.lookahead_prompts = True  # prompt steps queued ahead too (not the default)
+        engine.core.scheduler.config.lookahead_prompts = queue_prompts  # prompt steps queued ahead too, or decodes only
         return engine
 
     def params(spec, stop_ids=()) -> SamplingParams:
