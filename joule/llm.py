@@ -125,6 +125,11 @@ class LLM:
         return self._run(prompts, _as_params_list(sampling_params, len(prompts)), use_tqdm)
 
     def _run(self, prompts: list, params_list: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+        # No full collections of the start-up heap mid-run (joule/heap.py), from the first request added.
+        with heap_frozen_while_running():
+            return self._add_and_step(prompts, params_list, use_tqdm)
+
+    def _add_and_step(self, prompts: list, params_list: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine
         results: list[RequestOutput | None] = [None] * len(prompts)
         index_of: dict[str, int] = {}
@@ -143,27 +148,26 @@ class LLM:
         progress = tqdm(total=len(index_of), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
         started = time.perf_counter()
         prompt_tokens = output_tokens = 0
-        with heap_frozen_while_running():  # no full collections of the start-up heap mid-run
-            try:
-                while engine.has_unfinished_requests():
-                    for output in engine.step():
-                        if not output.finished:
-                            continue
-                        results[index_of[output.request_id]] = output
-                        prompt_tokens += len(output.prompt_token_ids)
-                        output_tokens += sum(len(completion.token_ids) for completion in output.outputs)
-                        elapsed = max(time.perf_counter() - started, 1e-9)
-                        progress.set_postfix_str(
-                            f"input: {prompt_tokens / elapsed:.1f} tok/s, output: {output_tokens / elapsed:.1f} tok/s",
-                            refresh=False,
-                        )
-                        progress.update(1)
-            except BaseException:
-                for request_id in index_of:
-                    engine.abort_request(request_id)
-                raise
-            finally:
-                progress.close()
+        try:
+            while engine.has_unfinished_requests():
+                for output in engine.step():
+                    if not output.finished:
+                        continue
+                    results[index_of[output.request_id]] = output
+                    prompt_tokens += len(output.prompt_token_ids)
+                    output_tokens += sum(len(completion.token_ids) for completion in output.outputs)
+                    elapsed = max(time.perf_counter() - started, 1e-9)
+                    progress.set_postfix_str(
+                        f"input: {prompt_tokens / elapsed:.1f} tok/s, output: {output_tokens / elapsed:.1f} tok/s",
+                        refresh=False,
+                    )
+                    progress.update(1)
+        except BaseException:
+            for request_id in index_of:
+                engine.abort_request(request_id)
+            raise
+        finally:
+            progress.close()
         return results  # type: ignore[return-value]
 
 

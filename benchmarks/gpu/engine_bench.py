@@ -43,12 +43,12 @@ def generate(engine: LLMEngine, prompts: list[list[int]], output_lens: list[int]
     torch.cuda.synchronize()
     started = time.perf_counter()
     tag = time.monotonic_ns()
-    for index, (prompt, length) in enumerate(zip(prompts, output_lens)):
-        params = SamplingParams(temperature=0.0, max_tokens=length, ignore_eos=True,
-                                output_kind=RequestOutputKind.FINAL_ONLY)
-        engine.add_request(f"{tag}-{index}", {"prompt_token_ids": prompt}, params)
     results = {}
-    with heap_frozen_while_running():  # as LLM.generate runs (joule/heap.py)
+    with heap_frozen_while_running():  # as LLM.generate runs (joule/heap.py), from the first request added
+        for index, (prompt, length) in enumerate(zip(prompts, output_lens)):
+            params = SamplingParams(temperature=0.0, max_tokens=length, ignore_eos=True,
+                                    output_kind=RequestOutputKind.FINAL_ONLY)
+            engine.add_request(f"{tag}-{index}", {"prompt_token_ids": prompt}, params)
         while engine.has_unfinished_requests():
             for output in engine.step():
                 results[output.request_id] = list(output.outputs[0].token_ids)

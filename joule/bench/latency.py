@@ -148,10 +148,10 @@ def _generate(engine, prompts: list[list[int]], max_tokens: int, temperature: fl
     params = SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True,
                             seed=0 if temperature > 0 else None, output_kind=RequestOutputKind.FINAL_ONLY)
     _sync(engine.device)
-    started = time.perf_counter()
-    for index, prompt in enumerate(prompts):
-        engine.add_request(f"latency-{time.monotonic_ns()}-{index}", {"prompt_token_ids": prompt}, params)
-    with heap_frozen_while_running():  # as LLM.generate runs (joule/heap.py)
+    with heap_frozen_while_running():  # as LLM.generate runs (joule/heap.py), from the first request added
+        started = time.perf_counter()
+        for index, prompt in enumerate(prompts):
+            engine.add_request(f"latency-{time.monotonic_ns()}-{index}", {"prompt_token_ids": prompt}, params)
         while engine.has_unfinished_requests():
             engine.step()
     _sync(engine.device)

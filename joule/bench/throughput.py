@@ -120,15 +120,14 @@ def _run_joule(engine, requests, round_index: int = 0) -> dict:
         engine.step()
     engine.block_manager.reset_prefix_cache()
 
-    started = time.perf_counter()
-    for index, request in enumerate(requests):
-        params = SamplingParams(
-            max_tokens=request.output_len, ignore_eos=True, temperature=0.0, output_kind=RequestOutputKind.FINAL_ONLY
-        )
-        engine.add_request(f"bench-{round_index}-{index}", {"prompt_token_ids": request.prompt_token_ids}, params)
     output_tokens = 0
     # As LLM.generate runs: no full collections of the start-up heap mid-run (joule/heap.py).
     with tqdm(total=len(requests), desc="joule", dynamic_ncols=True) as progress, heap_frozen_while_running():
+        started = time.perf_counter()
+        for index, request in enumerate(requests):
+            params = SamplingParams(max_tokens=request.output_len, ignore_eos=True, temperature=0.0,
+                                    output_kind=RequestOutputKind.FINAL_ONLY)
+            engine.add_request(f"bench-{round_index}-{index}", {"prompt_token_ids": request.prompt_token_ids}, params)
         while engine.has_unfinished_requests():
             for output in engine.step():
                 if output.finished:
