@@ -20,12 +20,7 @@ import triton
 import triton.language as tl
 
 from joule.kernels.common import LOG2_E, dot_precision, interpreting, pdl_launch, wait_for_previous_grid
-from joule.kernels.paged_decode import (
-    DecodePartials,
-    attend_context_range,
-    prefetch_context_tile,
-    tokens_per_split,
-)
+from joule.kernels.paged_decode import attend_context_range, prefetch_context_tile
 
 # The weight tile a program holds in registers (elements): 128 rows x 256 columns with 8 warps.
 TILE_ELEMENTS = 32768
@@ -47,8 +42,12 @@ def _attention_output_kernel(
 ):
     kv_head = tl.program_id(0)
     row_block = tl.program_id(1)
-    weight = _weight_tile(weight_ptr, kv_head, row_block, OUT_FEATURES, IN_FEATURES, GROUP * HEAD_DIM, COLUMNS_PAD,
-                          BLOCK_ROWS)
+    out_rows = row_block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    out_mask = out_rows < OUT_FEATURES
+    columns = tl.arange(0, COLUMNS_PAD)
+    column_mask = columns < GROUP * HEAD_DIM
+    weight = tl.load(weight_ptr + out_rows[:, None].to(tl.int64) * IN_FEATURES + kv_head * (GROUP * HEAD_DIM)
+                     + columns[None, :], mask=out_mask[:, None] & column_mask[None, :], other=0.0)
     if PREFETCH_LINES > 0:
         # The length, the block table and the earlier tokens' cache lines are in place before the step's kernels
         # run: row block j asks L2 for the KV head's context tile j, so the row blocks together pull in the whole
@@ -76,34 +75,8 @@ def _attention_output_kernel(
     # scratch slot; the barrier makes every thread's store visible to the whole program.
     slot = attended_ptr + (kv_head * tl.num_programs(1) + row_block) * COLUMNS_PAD
     tl.store(slot + rows[:, None] * HEAD_DIM + dims[None, :], attended, mask=row_mask[:, None] & dim_mask[None, :])
-    _project_and_sum_groups(weight, slot, partial_ptr, counter_ptr, output_ptr, kv_head, row_block, OUT_FEATURES,
-                            GROUP * HEAD_DIM, COLUMNS_PAD, NUM_KV_HEADS, BLOCK_ROWS)
-
-
-@triton.jit
-def _weight_tile(weight_ptr, kv_head, row_block, OUT_FEATURES: tl.constexpr, IN_FEATURES: tl.constexpr,
-                 GROUP_COLUMNS: tl.constexpr, COLUMNS_PAD: tl.constexpr, BLOCK_ROWS: tl.constexpr):
-    """W_o's rows of ``row_block`` and the columns of ``kv_head``'s query heads. No kernel of a step writes
-    weights, so it loads before the wait for the previous kernel."""
-    out_rows = row_block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    columns = tl.arange(0, COLUMNS_PAD)
-    return tl.load(weight_ptr + out_rows[:, None].to(tl.int64) * IN_FEATURES + kv_head * GROUP_COLUMNS
-                   + columns[None, :], mask=(out_rows < OUT_FEATURES)[:, None] & (columns < GROUP_COLUMNS)[None, :],
-                   other=0.0)
-
-
-@triton.jit
-def _project_and_sum_groups(weight, slot, partial_ptr, counter_ptr, output_ptr, kv_head, row_block,
-                            OUT_FEATURES: tl.constexpr, GROUP_COLUMNS: tl.constexpr, COLUMNS_PAD: tl.constexpr,
-                            NUM_KV_HEADS: tl.constexpr, BLOCK_ROWS: tl.constexpr):
-    """The group's attended rows (stored head by head in this program's ``slot``, as W_o's columns run) times the
-    weight tile; each row block's last program to arrive sums the KV heads' partials in a fixed order, so the
-    result does not depend on which program ran first."""
-    out_rows = row_block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    out_mask = out_rows < OUT_FEATURES
-    columns = tl.arange(0, COLUMNS_PAD)
-    tl.debug_barrier()  # every thread's store to the slot visible to the whole program
-    vector = tl.load(slot + columns, mask=columns < GROUP_COLUMNS, other=0.0).to(tl.float32)
+    tl.debug_barrier()
+    vector = tl.load(slot + columns, mask=column_mask, other=0.0).to(tl.float32)
     partial = tl.sum(weight.to(tl.float32) * vector[None, :], axis=1)
     tl.store(partial_ptr + kv_head * OUT_FEATURES + out_rows, partial, mask=out_mask)
     tl.debug_barrier()
@@ -115,42 +88,6 @@ def _project_and_sum_groups(weight, slot, partial_ptr, counter_ptr, output_ptr, 
                              cache_modifier=".cg")
         tl.store(output_ptr + out_rows, total.to(output_ptr.dtype.element_ty), mask=out_mask)
         tl.atomic_xchg(counter_ptr + row_block, 0)  # ready for the next launch
-
-
-@triton.jit(do_not_specialize=["min_split_length", "num_splits"])
-def _merge_output_kernel(
-    partial_output_ptr, partial_lse_ptr, sequence_length_ptr, weight_ptr, attended_ptr, partial_ptr, counter_ptr,
-    output_ptr, min_split_length, num_splits,
-    NUM_KV_HEADS: tl.constexpr, OUT_FEATURES: tl.constexpr, IN_FEATURES: tl.constexpr, GROUP: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, COLUMNS_PAD: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr,
-):
-    """Program (KV head g, row block j): merges g's query heads' split partials (as ``_decode_merge_kernel``
-    does, rounded to the model's dtype as it stores them) and projects them on W_o's rows of block j."""
-    kv_head = tl.program_id(0)
-    row_block = tl.program_id(1)
-    weight = _weight_tile(weight_ptr, kv_head, row_block, OUT_FEATURES, IN_FEATURES, GROUP * HEAD_DIM, COLUMNS_PAD,
-                          BLOCK_ROWS)
-    wait_for_previous_grid(USE_PDL)
-    sequence_length = tl.load(sequence_length_ptr)
-    used_splits = tl.cdiv(sequence_length, tokens_per_split(sequence_length, min_split_length, num_splits, BLOCK_N))
-    splits = tl.arange(0, SPLITS_PAD)
-    dims = tl.arange(0, HEAD_DIM_PAD)
-    split_mask = splits < used_splits
-    slot = attended_ptr + (kv_head * tl.num_programs(1) + row_block) * COLUMNS_PAD
-    for row in tl.static_range(GROUP):
-        base = (kv_head * GROUP + row) * num_splits  # partial layout: [1, Hq, num_splits(, HEAD_DIM_PAD)]
-        lse = tl.load(partial_lse_ptr + base + splits, mask=split_mask, other=float("-inf"))
-        largest = tl.max(lse, 0)
-        largest = tl.where(largest == float("-inf"), 0.0, largest)  # an empty context: zeros
-        weights = tl.exp2(lse - largest)
-        weights = weights / tl.maximum(tl.sum(weights, 0), 1e-30)
-        partial = tl.load(partial_output_ptr + (base + splits)[:, None] * HEAD_DIM_PAD + dims[None, :],
-                          mask=split_mask[:, None], other=0.0)
-        attended = tl.sum(partial * weights[:, None], 0).to(output_ptr.dtype.element_ty)
-        tl.store(slot + row * HEAD_DIM + dims, attended, mask=dims < HEAD_DIM)
-    _project_and_sum_groups(weight, slot, partial_ptr, counter_ptr, output_ptr, kv_head, row_block, OUT_FEATURES,
-                            GROUP * HEAD_DIM, COLUMNS_PAD, NUM_KV_HEADS, BLOCK_ROWS)
 
 
 def fits_fused_attention_output(num_heads: int, num_kv_heads: int, head_dim: int, weight: torch.Tensor,
@@ -231,54 +168,5 @@ def decode_attention_output(
         DOT_PRECISION=dot_precision(query.dtype), UPCAST_DOT=interpreting(), USE_PDL=use_pdl,
         PREFETCH_LINES=max(1, head_dim * key_cache.element_size() // 128) if use_pdl and shape["prefetch"] else 0,
         LINE_ELEMENTS=128 // key_cache.element_size(), num_warps=shape["num_warps"], num_stages=shape["num_stages"], launch_pdl=use_pdl,
-    )
-    return output
-
-
-def fits_merge_output_projection(num_heads: int, num_kv_heads: int, head_dim: int, weight: torch.Tensor,
-                                 query_dtype: torch.dtype) -> bool:
-    """Shapes the merge + o projection kernel serves: as the fused kernel's, any cache dtype (it reads the
-    split partials, float32)."""
-    group_columns = (num_heads // num_kv_heads) * head_dim
-    return (num_heads % num_kv_heads == 0 and triton.next_power_of_2(group_columns) <= MAX_GROUP_COLUMNS
-            and weight.dtype == query_dtype and weight.dim() == 2 and weight.shape[1] == num_heads * head_dim
-            and weight.is_contiguous())
-
-
-def merge_output_projection(
-    partials: DecodePartials,  # of one decode row (``decode_attention_partials`` with several splits)
-    sequence_length: torch.Tensor,  # [1] int32, device
-    weight: torch.Tensor,  # [out_features, num_heads * head_dim]
-    num_kv_heads: int,
-    head_dim: int,
-    scratch: dict[tuple, FusedAttentionOutputBuffers] | None = None,
-    launch: dict | None = None,
-) -> torch.Tensor:
-    """``merge(partials) @ weight.T`` for one decode row, ``[1, out_features]`` in the weight's dtype: the split
-    merge done by the o projection's programs, one launch where there were two (the merge's own hop, ~2.4 us a
-    layer at batch 1 on the H200, is what it removes)."""
-    num_sequences, num_heads, num_splits, head_dim_pad = partials.output.shape
-    if num_sequences != 1 or not fits_merge_output_projection(num_heads, num_kv_heads, head_dim, weight,
-                                                              weight.dtype):
-        raise ValueError(f"merge_output_projection: partials {tuple(partials.output.shape)}, {num_kv_heads} KV "
-                         f"heads, weight {tuple(weight.shape)} {weight.dtype} are not served")
-    shape = launch_shape(num_heads, num_kv_heads, head_dim, launch)
-    out_features = weight.shape[0]
-    key = (num_kv_heads, out_features, shape["columns_pad"], shape["block_rows"], weight.dtype, weight.device)
-    buffers = scratch.get(key) if scratch is not None else None
-    if buffers is None:
-        buffers = FusedAttentionOutputBuffers(*key)
-        if scratch is not None:
-            scratch[key] = buffers
-    output = torch.empty((1, out_features), dtype=weight.dtype, device=weight.device)
-    use_pdl = pdl_launch(weight.device)
-    _merge_output_kernel[(num_kv_heads, buffers.counters.shape[0])](
-        partials.output, partials.lse, sequence_length, weight, buffers.attended, buffers.partials,
-        buffers.counters, output, partials.min_split_length, num_splits,
-        NUM_KV_HEADS=num_kv_heads, OUT_FEATURES=out_features, IN_FEATURES=num_heads * head_dim,
-        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-        SPLITS_PAD=triton.next_power_of_2(num_splits), COLUMNS_PAD=shape["columns_pad"],
-        BLOCK_ROWS=shape["block_rows"], BLOCK_N=partials.block_n, USE_PDL=use_pdl,
-        num_warps=shape["num_warps"], launch_pdl=use_pdl,
     )
     return output

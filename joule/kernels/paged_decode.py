@@ -18,8 +18,6 @@ cache block size works.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
@@ -56,7 +54,7 @@ def _sequence_and_row(item, sequence_ids_ptr, query_start_locations_ptr, HAS_SEQ
 
 
 @triton.jit
-def tokens_per_split(sequence_length, min_split_length, num_splits, BLOCK_N: tl.constexpr):
+def _split_length(sequence_length, min_split_length, num_splits, BLOCK_N: tl.constexpr):
     """Tokens per split for this sequence: its length over ``num_splits``, whole tiles, at least
     ``min_split_length`` (a multiple of BLOCK_N), so short sequences use fewer splits."""
     length = tl.cdiv(tl.cdiv(sequence_length, num_splits), BLOCK_N) * BLOCK_N
@@ -163,7 +161,7 @@ def _decode_partial_kernel(
     split = tl.program_id(2)
     sequence, row = _sequence_and_row(item, sequence_ids_ptr, query_start_locations_ptr, HAS_SEQUENCE_IDS)
     sequence_length = tl.load(sequence_lengths_ptr + sequence)
-    split_length = tokens_per_split(sequence_length, min_split_length, num_splits, BLOCK_N)
+    split_length = _split_length(sequence_length, min_split_length, num_splits, BLOCK_N)
     split_start = split * split_length
     split_end = tl.minimum(sequence_length, split_start + split_length)
     table_row = block_tables_ptr + sequence.to(tl.int64) * stride_table_sequence
@@ -219,7 +217,7 @@ def _decode_merge_kernel(
     head = tl.program_id(1)
     sequence, row = _sequence_and_row(item, sequence_ids_ptr, query_start_locations_ptr, HAS_SEQUENCE_IDS)
     sequence_length = tl.load(sequence_lengths_ptr + sequence)
-    used_splits = tl.cdiv(sequence_length, tokens_per_split(sequence_length, min_split_length, num_splits, BLOCK_N))
+    used_splits = tl.cdiv(sequence_length, _split_length(sequence_length, min_split_length, num_splits, BLOCK_N))
     splits = tl.arange(0, SPLITS_PAD)
     dims = tl.arange(0, HEAD_DIM_PAD)
     split_mask = splits < used_splits
@@ -255,46 +253,6 @@ def native_fp8_convert(device: torch.device) -> bool:
     return device_capability(device) >= (8, 9)
 
 
-@dataclass
-class DecodePartials:
-    """One split launch's normalised partial outputs and log-sum-exps (base 2), for a merge: the merge kernel's,
-    or the batch-1 o projection's (``joule.kernels.attention_output.merge_output_projection``)."""
-
-    output: torch.Tensor  # float32 [S, Hq, num_splits, head_dim_pad]
-    lse: torch.Tensor  # float32 [S, Hq, num_splits]
-    min_split_length: int
-    num_splits: int
-    block_n: int
-
-
-def _launch_settings(query: torch.Tensor, key_cache: torch.Tensor, launch: dict | None) -> dict:
-    head_dim_pad = max(16, triton.next_power_of_2(query.shape[-1]))
-    # head_dim 64, bf16, B=64 x 4k context on an H200: block_n 128 read at 3.8 TB/s, 64 at 3.5 TB/s.
-    # An fp8 cache at head_dim 128 (benchmarks/gpu/decode_sweep.py, H100, graph-timed, one layer of
-    # Qwen3-0.6B): 128-token tiles and 3 stages take 253 us at B=256 x 1k (64-token tiles: 313 us; the
-    # bf16 cache: 359 us) and 280 us at B=64 x 4k (389 us; bf16 356 us).
-    fp8 = key_cache.element_size() == 1
-    block_n = 128 if head_dim_pad <= (128 if fp8 else 64) else 64 if head_dim_pad <= 128 else 32
-    # fp8 caches: fp8_asm (the default where the GPU has the convert) widens tiles in registers and dots in fp16
-    # (see _e4m3_to_f16); fp16_dot keeps `.to()` but dots in fp16. H200, workload 2's layer: 232 / 233 us
-    # against 249 us for `.to()` with bf16 dots (benchmarks/gpu/fp8_decode_check.py).
-    # heads_first: the grid walks the KV heads of a sequence before the next sequence (not measured yet).
-    settings = {"block_n": block_n, "num_warps": 4, "num_stages": 3 if fp8 else 2, "fp16_dot": False,
-                "fp8_asm": fp8 and native_fp8_convert(query.device), "heads_first": False, **(launch or {})}
-    if settings["fp8_asm"] and (not fp8 or interpreting()):
-        raise ValueError("paged_decode_attention: fp8_asm needs an fp8 cache on a CUDA GPU (sm_89+)")
-    return settings
-
-
-def split_plan(query: torch.Tensor, key_cache: torch.Tensor, num_splits: int, max_sequence_length: int,
-               min_split_tokens: int | None, launch: dict | None = None) -> tuple[int, int]:
-    """(tokens per split at least, splits launched) for these arguments of ``paged_decode_attention``: one split
-    writes the output directly, more leave partials to merge. Host arithmetic only."""
-    block_n = _launch_settings(query, key_cache, launch)["block_n"]
-    min_split_length = -(-max(1, min_split_tokens or block_n) // block_n) * block_n
-    return min_split_length, max(1, min(int(num_splits), -(-max(1, max_sequence_length) // min_split_length)))
-
-
 def paged_decode_attention(
     query: torch.Tensor,  # [S, Hq, D], one row per sequence
     key_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
@@ -316,34 +274,6 @@ def paged_decode_attention(
     of a mixed step) sequence ``sequence_ids[j]`` reads and writes row ``query_start_locations[seq]``.
     A sequence of length 0 (a padding row) gets zeros.
     """
-    if output is None:
-        output = torch.empty_like(query)
-    partials = decode_attention_partials(
-        query, key_cache, value_cache, block_tables, sequence_lengths, max_sequence_length, scale, num_splits,
-        output, min_split_tokens, launch, sequence_ids, query_start_locations)
-    if partials is not None:
-        use_pdl = pdl_launch(query.device)
-        head_dim, head_dim_pad = query.shape[2], partials.output.shape[-1]
-        _decode_merge_kernel[(partials.output.shape[0], query.shape[1])](
-            output, partials.output, partials.lse, sequence_lengths,
-            sequence_ids if sequence_ids is not None else sequence_lengths,
-            query_start_locations if query_start_locations is not None else sequence_lengths,
-            partials.min_split_length, partials.num_splits, output.stride(0), output.stride(1),
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, SPLITS_PAD=triton.next_power_of_2(partials.num_splits),
-            HAS_SEQUENCE_IDS=sequence_ids is not None, BLOCK_N=partials.block_n, USE_PDL=use_pdl,
-            num_warps=1 if head_dim_pad <= 64 else 2, launch_pdl=use_pdl,
-        )
-    return output
-
-
-def decode_attention_partials(
-    query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_tables: torch.Tensor,
-    sequence_lengths: torch.Tensor, max_sequence_length: int, scale: float, num_splits: int = 1,
-    output: torch.Tensor | None = None, min_split_tokens: int | None = None, launch: dict | None = None,
-    sequence_ids: torch.Tensor | None = None, query_start_locations: torch.Tensor | None = None,
-) -> DecodePartials | None:
-    """The split launch of ``paged_decode_attention`` (same arguments) without its merge: with one split it
-    writes ``output`` and returns None, otherwise it returns the partials for the caller to merge."""
     num_rows, num_heads, head_dim = query.shape
     num_sequences = num_rows if sequence_ids is None else sequence_ids.shape[0]
     if sequence_ids is not None and query_start_locations is None:
@@ -354,26 +284,36 @@ def decode_attention_partials(
                          f"{tuple(key_cache.shape)} (query heads must be a multiple of KV heads)")
     if query.stride(2) != 1 or key_cache.stride(3) != 1 or value_cache.stride() != key_cache.stride():
         raise ValueError("paged_decode_attention: head dims must be contiguous; K and V caches alike")
+    if output is None:
+        output = torch.empty_like(query)
     if num_sequences == 0:
-        return None
+        return output
     group = num_heads // num_kv_heads
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
-    launch = _launch_settings(query, key_cache, launch)
+    # head_dim 64, bf16, B=64 x 4k context on an H200: block_n 128 read at 3.8 TB/s, 64 at 3.5 TB/s.
+    # An fp8 cache at head_dim 128 (benchmarks/gpu/decode_sweep.py, H100, graph-timed, one layer of
+    # Qwen3-0.6B): 128-token tiles and 3 stages take 253 us at B=256 x 1k (64-token tiles: 313 us; the
+    # bf16 cache: 359 us) and 280 us at B=64 x 4k (389 us; bf16 356 us).
     fp8 = key_cache.element_size() == 1
+    block_n = 128 if head_dim_pad <= (128 if fp8 else 64) else 64 if head_dim_pad <= 128 else 32
+    # fp8 caches: fp8_asm (the default where the GPU has the convert) widens tiles in registers and dots in fp16
+    # (see _e4m3_to_f16); fp16_dot keeps `.to()` but dots in fp16. H200, workload 2's layer: 232 / 233 us
+    # against 249 us for `.to()` with bf16 dots (benchmarks/gpu/fp8_decode_check.py).
+    # heads_first: the grid walks the KV heads of a sequence before the next sequence (not measured yet).
+    launch = {"block_n": block_n, "num_warps": 4, "num_stages": 3 if fp8 else 2, "fp16_dot": False,
+              "fp8_asm": fp8 and native_fp8_convert(query.device), "heads_first": False, **(launch or {})}
+    if launch["fp8_asm"] and (not fp8 or interpreting()):
+        raise ValueError("paged_decode_attention: fp8_asm needs an fp8 cache on a CUDA GPU (sm_89+)")
     block_n = launch["block_n"]
-    min_split_length, num_splits = split_plan(query, key_cache, num_splits, max_sequence_length, min_split_tokens,
-                                              launch)
+    min_split_length = -(-max(1, min_split_tokens or block_n) // block_n) * block_n
+    num_splits = max(1, min(int(num_splits), -(-max(1, max_sequence_length) // min_split_length)))
     direct = num_splits == 1
     if direct:
-        if output is None:
-            raise ValueError("decode_attention_partials: one split writes the output directly; give it one")
         partial_output = partial_lse = output  # unused
     else:
         partial_output = torch.empty((num_sequences, num_heads, num_splits, head_dim_pad),
                                      dtype=torch.float32, device=query.device)
         partial_lse = torch.empty((num_sequences, num_heads, num_splits), dtype=torch.float32, device=query.device)
-        # Not written with several splits; the query has the output's shape and strides (the same compiled variant).
-        output = query if output is None else output
     use_pdl = pdl_launch(query.device)
     # Under PDL the first tile's cache lines are prefetched into L2 while the previous kernel finishes.
     prefetch_lines = max(1, head_dim * key_cache.element_size() // 128) if use_pdl else 0
@@ -395,6 +335,14 @@ def decode_attention_partials(
         PREFETCH_LINES=prefetch_lines, LINE_ELEMENTS=128 // key_cache.element_size(), num_warps=launch["num_warps"],
         num_stages=launch["num_stages"], launch_pdl=use_pdl,
     )
-    if direct:
-        return None
-    return DecodePartials(partial_output, partial_lse, min_split_length, num_splits, block_n)
+    if not direct:
+        _decode_merge_kernel[(num_sequences, num_heads)](
+            output, partial_output, partial_lse, sequence_lengths,
+            sequence_ids if sequence_ids is not None else sequence_lengths,
+            query_start_locations if query_start_locations is not None else sequence_lengths,
+            min_split_length, num_splits, output.stride(0), output.stride(1),
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, SPLITS_PAD=triton.next_power_of_2(num_splits),
+            HAS_SEQUENCE_IDS=sequence_ids is not None, BLOCK_N=block_n, USE_PDL=use_pdl,
+            num_warps=1 if head_dim_pad <= 64 else 2, launch_pdl=use_pdl,
+        )
+    return output

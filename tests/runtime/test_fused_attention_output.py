@@ -1,6 +1,5 @@
-"""When the Triton backend runs a batch-1 decode's attention and output projection in fewer launches (attention and
-projection in one kernel; or the split merge inside the projection's), and that the result equals attending first
-and projecting after (Triton's interpreter on the CPU)."""
+"""When the Triton backend runs a batch-1 decode's attention and output projection as one kernel, and that the
+result equals attending first and projecting after (Triton's interpreter on the CPU)."""
 
 from __future__ import annotations
 
@@ -103,54 +102,3 @@ def test_the_environment_switch_sets_the_default(monkeypatch):
     monkeypatch.setenv(FUSED_OUTPUT_ENV, "1")
     assert TritonAttentionBackend().fuse_output_projection is True
     assert TritonAttentionBackend(fuse_output_projection=False).fuse_output_projection is False
-
-
-def _static(plain: AttentionMetadata, length: int, bound: int, num_splits: int) -> StaticDecodeMetadata:
-    lengths = torch.tensor([length], dtype=torch.int32, device=DEVICE)
-    return StaticDecodeMetadata(plain.query_start_locations, plain.slot_mapping, plain.block_tables, [1],
-                                [length - 1], [length], sequence_lengths_device=lengths, max_length_bound=bound,
-                                num_splits=num_splits)
-
-
-@pytest.mark.parametrize("length,bound,num_splits", [
-    (40, 1024, 8),     # a short context in the short-context graph: one of eight splits ran
-    (300, 1024, 8),    # three splits ran
-    (300, 4096, 32),   # the long-context graph's split count
-])
-def test_the_split_merge_runs_in_the_projection(length, bound, num_splits):
-    cache = _cache(bound // BLOCK_SIZE)
-    query, weight = _inputs()
-    plain = _metadata([length], bound // BLOCK_SIZE)
-    backend = TritonAttentionBackend(merge_output_projection=True)
-    merged = backend.attend_and_project(0, query, weight, cache, _static(plain, length, bound, num_splits), 0.25)
-    assert merged is not None and merged.shape == (1, HIDDEN)
-    separate = backend.forward(0, query, None, None, cache, plain, 0.25, kv_stored=True).reshape(1, -1) @ weight.T
-    torch.testing.assert_close(merged, separate, rtol=1e-4, atol=1e-5)
-
-
-def test_merging_needs_a_split_and_the_fused_kernel_goes_first(monkeypatch):
-    import joule.runtime.attention.triton_backend as backend_module
-
-    cache = _cache(8)
-    query, weight = _inputs()
-    plain = _metadata([40], 8)
-    merging = TritonAttentionBackend(merge_output_projection=True)
-    # One split (a graph captured with one; an eager step this short) writes its output directly: nothing to fold.
-    assert merging.attend_and_project(0, query, weight, cache, _static(plain, 40, 1024, 1), 0.25) is None
-    assert merging.attend_and_project(0, query, weight, cache, plain, 0.25) is None
-    both = TritonAttentionBackend(fuse_output_projection=True, merge_output_projection=True)
-    calls = []
-    original = backend_module.decode_attention_output
-    monkeypatch.setattr(backend_module, "decode_attention_output",
-                        lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
-    fused = both.attend_and_project(0, query, weight, cache, _static(plain, 40, 1024, 8), 0.25)
-    assert fused is not None and calls == [1]
-
-
-def test_the_merge_switch_defaults_to_off(monkeypatch):
-    from joule.runtime.attention.triton_backend import MERGE_OUTPUT_ENV
-
-    monkeypatch.delenv(MERGE_OUTPUT_ENV, raising=False)
-    assert TritonAttentionBackend().merge_output_projection is False  # off until measured on a GPU
-    monkeypatch.setenv(MERGE_OUTPUT_ENV, "1")
-    assert TritonAttentionBackend().merge_output_projection is True

@@ -26,17 +26,9 @@ from joule.kernels.attention_output import (
     FusedAttentionOutputBuffers,
     decode_attention_output,
     fits_fused_attention_output,
-    fits_merge_output_projection,
-    merge_output_projection,
 )
 from joule.kernels.kv_write import write_kv_cache
-from joule.kernels.paged_decode import (
-    MIN_SPLIT_TOKENS,
-    choose_num_splits,
-    decode_attention_partials,
-    paged_decode_attention,
-    split_plan,
-)
+from joule.kernels.paged_decode import MIN_SPLIT_TOKENS, choose_num_splits, paged_decode_attention
 from joule.kernels.paged_prefill import (
     build_tiles,
     paged_prefill_attention,
@@ -48,9 +40,6 @@ from joule.runtime.attention.base import AttentionBackend, AttentionMetadata, KV
 # it saved 48 us a step at 64 tokens of context and cost 41-89 us at 512-768, and graphs choose it by their 1,024
 # bound, not the context they replay (batch 1 at 128 -> 256: +1.1 %).
 FUSED_OUTPUT_ENV = "JOULE_FUSED_ATTENTION_OUTPUT"
-# "1": batch-1 decode's split merge done by the o projection's kernel (one launch fewer a layer, any context). Off
-# until a GPU has measured it (built 2026-12-05 (e), checked under the CPU interpreter only).
-MERGE_OUTPUT_ENV = "JOULE_MERGE_OUTPUT_PROJECTION"
 
 
 @dataclass
@@ -141,15 +130,11 @@ class TritonAttentionBackend(AttentionBackend):
     name = "triton"
     accepts_stored_kv = True
 
-    def __init__(self, decode_num_splits: int | None = None, fuse_output_projection: bool | None = None,
-                 merge_output_projection: bool | None = None):
+    def __init__(self, decode_num_splits: int | None = None, fuse_output_projection: bool | None = None):
         self.decode_num_splits = decode_num_splits
         if fuse_output_projection is None:
             fuse_output_projection = os.environ.get(FUSED_OUTPUT_ENV, "0") in ("1", "true", "on")
-        if merge_output_projection is None:
-            merge_output_projection = os.environ.get(MERGE_OUTPUT_ENV, "0") in ("1", "true", "on")
         self.fuse_output_projection = fuse_output_projection
-        self.merge_output_projection = merge_output_projection
         self._step: _StepTensors | None = None
         self._num_processors: dict[torch.device, int] = {}
         self._fused_buffers: dict[tuple, FusedAttentionOutputBuffers] = {}
@@ -176,10 +161,15 @@ class TritonAttentionBackend(AttentionBackend):
             return output
         step = self._step_tensors(metadata, query.device)
         if step.num_decodes > 0:
+            num_splits = step.fixed_num_splits or self.decode_num_splits
+            if num_splits is None:
+                num_splits = choose_num_splits(
+                    step.num_decodes, num_kv_heads, step.decode_max_length, self._processors(query.device)
+                )
             paged_decode_attention(
                 query, key_cache, value_cache, metadata.block_tables, step.sequence_lengths,
-                step.decode_max_length, scale, num_splits=self._decode_splits(step, num_kv_heads, query.device),
-                output=output, min_split_tokens=self._min_split_tokens(),
+                step.decode_max_length, scale, num_splits=num_splits, output=output,
+                min_split_tokens=None if self.decode_num_splits is not None else MIN_SPLIT_TOKENS,
                 sequence_ids=step.decode_sequence_ids, query_start_locations=metadata.query_start_locations,
             )
         if step.num_decodes < metadata.num_sequences:
@@ -195,49 +185,23 @@ class TritonAttentionBackend(AttentionBackend):
         self, layer_index: int, query: torch.Tensor, weight: torch.Tensor, kv_cache: KVCache,
         metadata: AttentionMetadata, scale: float,
     ) -> torch.Tensor | None:
-        """One decode row (its K/V already in the cache), through the output projection, in fewer launches
-        (``joule.kernels.attention_output``), or None where neither way is on or served. Fused: attention and
-        projection in one kernel, for at most FUSED_MAX_CONTEXT tokens (a captured graph qualifies by its length
-        bound, the short-context variant; an eager step by its row's length). Merged: the split attention as usual,
-        its merge done by the projection's kernel, whenever the context is split."""
-        if (not (self.fuse_output_projection or self.merge_output_projection) or metadata.num_sequences != 1
-                or metadata.query_lengths[0] != 1):
+        """One decode row of at most FUSED_MAX_CONTEXT tokens: attention and the output projection in one kernel
+        (``joule.kernels.attention_output``), two launches fewer a layer. A captured graph qualifies by its length
+        bound (the short-context variant), an eager step by its row's length; otherwise None."""
+        if not self.fuse_output_projection or metadata.num_sequences != 1 or metadata.query_lengths[0] != 1:
             return None
         key_cache, value_cache = kv_cache.key_caches[layer_index], kv_cache.value_caches[layer_index]
         num_heads, head_dim = query.shape[-2], query.shape[-1]
         num_kv_heads = key_cache.shape[2]
-        rows = query.view(1, num_heads, head_dim)
-        check_attention_inputs(rows, None, key_cache, metadata)
-        step = self._step_tensors(metadata, query.device)
-        bound = step.decode_max_length  # a graph's length bound, or this step's length
-        if (self.fuse_output_projection and bound <= FUSED_MAX_CONTEXT
-                and fits_fused_attention_output(num_heads, num_kv_heads, head_dim, weight, key_cache.dtype,
-                                                query.dtype)):
-            return decode_attention_output(query, key_cache, value_cache, metadata.block_tables[0],
-                                           step.sequence_lengths, weight, scale, scratch=self._fused_buffers)
-        if not (self.merge_output_projection
-                and fits_merge_output_projection(num_heads, num_kv_heads, head_dim, weight, query.dtype)):
+        if not fits_fused_attention_output(num_heads, num_kv_heads, head_dim, weight, key_cache.dtype, query.dtype):
             return None
-        num_splits = self._decode_splits(step, num_kv_heads, query.device)
-        if split_plan(rows, key_cache, num_splits, bound, self._min_split_tokens())[1] == 1:
-            return None  # one split writes its output directly: no merge to fold into the projection
-        partials = decode_attention_partials(rows, key_cache, value_cache, metadata.block_tables,
-                                             step.sequence_lengths, bound, scale, num_splits=num_splits,
-                                             min_split_tokens=self._min_split_tokens())
-        return merge_output_projection(partials, step.sequence_lengths, weight, num_kv_heads, head_dim,
-                                       scratch=self._fused_buffers)
-
-    def _decode_splits(self, step: _StepTensors, num_kv_heads: int, device: torch.device) -> int:
-        """The split count of this step's decode attention: a graph's fixed one, the tests' override, or chosen
-        from the batch, the longest context and the GPU's processor count."""
-        num_splits = step.fixed_num_splits or self.decode_num_splits
-        if num_splits is None:
-            num_splits = choose_num_splits(step.num_decodes, num_kv_heads, step.decode_max_length,
-                                           self._processors(device))
-        return num_splits
-
-    def _min_split_tokens(self) -> int | None:
-        return None if self.decode_num_splits is not None else MIN_SPLIT_TOKENS
+        check_attention_inputs(query.view(1, num_heads, head_dim), None, key_cache, metadata)
+        step = self._step_tensors(metadata, query.device)
+        bound = metadata.max_length_bound if isinstance(metadata, StaticDecodeMetadata) else step.decode_max_length
+        if bound > FUSED_MAX_CONTEXT:
+            return None
+        return decode_attention_output(query, key_cache, value_cache, metadata.block_tables[0], step.sequence_lengths,
+                                       weight, scale, scratch=self._fused_buffers)
 
     def _step_tensors(self, metadata: AttentionMetadata, device: torch.device) -> _StepTensors:
         if self._step is None or self._step.metadata is not metadata:
