@@ -14,6 +14,9 @@ as the engine runs on a GPU, instead of a full ``schedule``.
 them) and the garbage collector's pauses in them, with the start-up heap frozen as LLM.generate runs
 (``joule/heap.py``) or, with ``--no-freeze``, not.
 
+``--phase graph-fill`` times the decode graph runner's host mirrors filled for ``--sequences`` rows of 512-token
+prompts decoding (``DecodeGraphRunner._fill``: what a graphed decode step pays on its host before its copies).
+
 ``--phase prefill`` times the prompt steps instead, as workload 3 runs them (256 prompts of ``--prompt-len``
 random tokens, 8,192-token steps): scheduling, the executor's input arrays (``ModelExecutor._prepare``, which
 an eager prompt step pays before its first kernel) and the update, from the first step until every prompt is in.
@@ -74,7 +77,7 @@ def main() -> None:
                         help="final_only (offline) or delta (what a streaming server asks for)")
     parser.add_argument("--energy", action="store_true",
                         help="keep the per-request energy attribution on (the engine's default; off here by default)")
-    parser.add_argument("--phase", default="decode", choices=["decode", "prefill", "run"])
+    parser.add_argument("--phase", default="decode", choices=["decode", "prefill", "run", "graph-fill"])
     parser.add_argument("--lookahead", action="store_true",
                         help="decode: plan each step's successor before its tokens are known, as the engine does on "
                              "a GPU (scheduler.schedule_continuation instead of schedule)")
@@ -90,6 +93,9 @@ def main() -> None:
         return
     if args.phase == "run":
         time_runs(args)
+        return
+    if args.phase == "graph-fill":
+        time_graph_fill(args)
         return
     if args.tokenizer:  # ~46 KB of float32 KV a token: 256 prompts of <= 1,024 + 600 outputs
         engine = LLMEngine.from_kwargs(model=None, dtype="float32", max_model_len=4096, kv_cache_memory_bytes=20 << 30,
@@ -216,6 +222,36 @@ def time_runs(args) -> None:
           f"{'not frozen' if args.no_freeze else 'frozen'}: runs {', '.join(f'{wall * 1e3:.0f}' for wall in walls)} ms "
           f"(median {sorted(walls)[len(walls) // 2] * 1e3:.0f}); collector per run: {pauses}; "
           f"longest pause {longest * 1e3:.1f} ms")
+
+
+def time_graph_fill(args) -> None:
+    from joule.engine.plan import ScheduledSequence, StepPlan
+    from joule.engine.request import Request
+    from joule.runtime.attention.triton_backend import TritonAttentionBackend
+    from joule.runtime.cuda_graphs import DecodeGraphRunner
+
+    engine = tiny_engine(args, kv_cache_memory_bytes=1 << 26, max_num_seqs=args.sequences)
+    executor = engine.core.executor
+    runner = DecodeGraphRunner(executor.model, executor.kv_cache, TritonAttentionBackend(), executor.device,
+                               max_num_seqs=args.sequences, max_model_len=4096)
+    params = SamplingParams(temperature=0.0, max_tokens=args.steps)
+    requests = [Request(f"r{index}", [1] * 512, params, 4) for index in range(args.sequences)]
+    times = []
+    for _ in range(args.repeats):
+        for index, request in enumerate(requests):
+            request.block_ids = list(range(index * 64, index * 64 + 33))  # 512 tokens and the next one's block
+        for position in range(512, 512 + args.steps):
+            if position % 16 == 0:  # every row's next block, as the block manager appends it
+                for index, request in enumerate(requests):
+                    request.block_ids.append(index * 64 + position // 16)
+            plan = StepPlan([ScheduledSequence(request, [1], position, request.block_ids, True)
+                             for request in requests])
+            started = time.perf_counter()
+            runner._fill(plan)
+            times.append(time.perf_counter() - started)
+    times.sort()
+    print(f"graph runner fill of {args.sequences} decode rows: median {1e3 * times[len(times) // 2]:.3f} ms, "
+          f"p10 {1e3 * times[len(times) // 10]:.3f} ms ({len(times)} steps)")
 
 
 if __name__ == "__main__":

@@ -122,6 +122,7 @@ class DecodeGraphRunner:
         self.query_start_locations = torch.arange(rows + 1, dtype=torch.int64, device=device)
         self._copied = torch.cuda.Event() if pin else None
         self._block_arrays: dict[str, tuple[list[int], int, np.ndarray]] = {}  # request id -> its blocks
+        self._table_rows: list[tuple[list[int], int, np.ndarray]] = []  # the entry each table row holds now
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.metadata: dict[int, AttentionMetadata] = {}
@@ -220,7 +221,11 @@ class DecodeGraphRunner:
         # Copying a Python list of block ids into a table row costs ~4x copying an array (0.77 vs 0.20 ms
         # for 256 rows on the dev CPU), and a request's blocks change once per block_size steps: keep an
         # array per request, rebuilt when its list grows or is replaced (the held list keeps `is` sound).
+        # A row that holds the same request's same blocks as last step is not copied again at all: only this
+        # method writes the table mirror, and decode rows keep their order from step to step.
         previous, arrays = self._block_arrays, {}
+        previous_rows, rows = self._table_rows, []
+        num_previous_rows = len(previous_rows)
         for row, sequence in enumerate(plan.sequences):
             position = sequence.start_position
             blocks = sequence.block_ids
@@ -229,12 +234,15 @@ class DecodeGraphRunner:
             if entry is None or entry[0] is not blocks or entry[1] != count:
                 entry = (blocks, count, np.asarray(blocks, dtype=np.int32))
             arrays[sequence.request.request_id] = entry
+            rows.append(entry)
             input_ids[row] = sequence.token_ids[0]
             positions[row] = position
             slots[row] = blocks[position // block_size] * block_size + position % block_size
-            tables[row, :count] = entry[2]
+            if row >= num_previous_rows or previous_rows[row] is not entry:
+                tables[row, :count] = entry[2]
             lengths[row] = position + 1
         self._block_arrays = arrays
+        self._table_rows = rows
 
     def _fill_padding(self, start: int, stop: int) -> None:
         """Padding rows: token 0 at position 0, no cache write (slot -1), empty context (length 0)."""

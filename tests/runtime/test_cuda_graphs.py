@@ -206,7 +206,8 @@ def test_mixed_steps_through_static_chunk_buffers_match_eager_tokens(tiny_dir, m
 
 def test_block_table_rows_follow_a_request_whose_blocks_grow_or_are_replaced(tiny_dir):
     """The runner keeps an array of each request's blocks between steps: it must be rebuilt when the list
-    grows (a new block) or is replaced (preemption frees it; recomputing allocates anew, maybe as long)."""
+    grows (a new block) or is replaced (preemption frees it; recomputing allocates anew, maybe as long), and a
+    table row rewritten whenever it held anything else last step."""
     from joule.engine.plan import ScheduledSequence, StepPlan
     from joule.engine.request import Request
     from joule.runtime.attention.triton_backend import TritonAttentionBackend
@@ -231,6 +232,12 @@ def test_block_table_rows_follow_a_request_whose_blocks_grow_or_are_replaced(tin
     first.block_ids = [7, 8, 6]  # replaced by a list just as long
     assert fill(second, first) == [[9], [7, 8, 6]]  # rows swapped too
     assert runner.host_slots[1].item() == 8 * runner.block_size + 19 % runner.block_size  # position 19: block 8
+    # Rows holding what they held last step are not copied again; every other row is, whatever came before.
+    assert fill(second, first) == [[9], [7, 8, 6]]
+    assert fill(first) == [[7, 8, 6]]  # first moved up a row, second left
+    assert fill(second, first) == [[9], [7, 8, 6]]  # back, after a step without them in place
+    second.block_ids.append(2)
+    assert fill(second, first) == [[9, 2], [7, 8, 6]]
 
 
 def test_short_context_variants_split_less_and_give_the_same_tokens(tiny_dir):
