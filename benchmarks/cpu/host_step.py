@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 from joule.engine.plan import StepResult
-from joule.engine.request import SampledToken
 from joule.llm_engine import LLMEngine
 from joule.sampling_params import RequestOutputKind, SamplingParams
 
@@ -61,8 +60,8 @@ def fake_model_with_inputs(engine: LLMEngine) -> None:
 
     def execute(plan):
         executor._prepare(plan)
-        tokens = {sequence.request.request_id: SampledToken(7) for sequence in plan.sequences if sequence.samples}
-        return StepResult(sampled=tokens, elapsed_seconds=0.0)
+        tokens = {sequence.request.request_id: 7 for sequence in plan.sequences if sequence.samples}
+        return StepResult(token_ids=tokens, elapsed_seconds=0.0)
 
     executor.execute = execute
 
@@ -104,8 +103,9 @@ def main() -> None:
             engine.core.step_observer = None
     else:
         engine = tiny_engine(args, max_num_seqs=args.sequences)
-    # Ordinary word-piece ids (a fixed token would detokenize unrealistically: one cached piece).
-    sampled = [SampledToken(token_id) for token_id in random.Random(1).choices(range(200, 20000), k=4099)]
+    # Ordinary word-piece ids (a fixed token would detokenize unrealistically: one cached piece), handed over as
+    # bare ids, as the executor does for rows sampled on the device.
+    sampled = random.Random(1).choices(range(200, 20000), k=4099)
     turn = [0]
 
     def execute(plan):
@@ -114,7 +114,7 @@ def main() -> None:
             if sequence.samples:
                 turn[0] = (turn[0] + 1) % len(sampled)
                 tokens[sequence.request.request_id] = sampled[turn[0]]
-        return StepResult(sampled=tokens, elapsed_seconds=0.0)
+        return StepResult(token_ids=tokens, elapsed_seconds=0.0)
 
     executor = engine.core.executor
     executor.execute = execute

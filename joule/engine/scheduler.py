@@ -371,7 +371,7 @@ class Scheduler:
         progressed: list[Request] = []
         block_size = self.block_manager.block_size
         max_model_len = self.config.max_model_len
-        sampled_tokens = result.sampled
+        sampled_tokens, token_ids = result.sampled, result.token_ids
         prompt_logprobs = result.prompt_logprobs
         for sequence in plan.sequences:  # every row of every step: kept to plain attribute and list work
             request = sequence.request
@@ -380,12 +380,16 @@ class Scheduler:
             computed_before = request.num_computed_tokens
             request.num_computed_tokens = computed_after = computed_before + len(sequence.token_ids)
             if sequence.samples:
-                sampled = sampled_tokens[request.request_id]
+                if token_ids is None:
+                    sampled = sampled_tokens[request.request_id]
+                    token_id = sampled.token_id
+                    if request.sampling_params.logprobs is not None:
+                        request.output_logprobs.append(sampled)
+                else:  # sampled on the device: no row asks for logprobs
+                    token_id = token_ids[request.request_id]
                 outputs = request.output_token_ids
-                outputs.append(sampled.token_id)
-                if request.sampling_params.logprobs is not None:
-                    request.output_logprobs.append(sampled)
-                stop = request.stop_after(sampled.token_id, len(outputs), max_model_len)
+                outputs.append(token_id)
+                stop = request.stop_after(token_id, len(outputs), max_model_len)
                 if stop is not None:
                     request.status, reason = stop
                     if reason is not None:

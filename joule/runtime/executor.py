@@ -242,8 +242,8 @@ class ModelExecutor:
         token_ids = launched.host_token_ids.tolist()
         now = time.perf_counter()
         started, self._last_collected = max(launched.started, self._last_collected), now
-        return StepResult(sampled={request.request_id: SampledToken(token_id)
-                                   for request, token_id in zip(launched.requests, token_ids)},
+        return StepResult(token_ids={request.request_id: token_id
+                                     for request, token_id in zip(launched.requests, token_ids)},
                           elapsed_seconds=now - started)
 
     def _continuation_inputs(self, plan: StepPlan, previous: LaunchedStep) -> tuple[list[int], torch.Tensor | None]:

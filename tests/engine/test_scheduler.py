@@ -248,3 +248,29 @@ def test_every_accepted_request_finishes(num_blocks, block_size, prompt_length, 
     for outputs, reason, _ in results.values():
         assert reason == "length"
         assert len(outputs) == min(max_tokens, max_model_len - prompt_length)
+
+
+def test_bare_token_ids_from_the_device_update_requests_as_sampled_tokens_do():
+    """An executor that sampled every row on its device hands over bare ids (``StepResult.token_ids``): the same
+    outputs, stops and released blocks as ``SampledToken``s."""
+    from joule.engine.plan import StepResult
+    from joule.engine.request import SampledToken
+
+    finished = {}
+    for form in ("sampled", "token_ids"):
+        scheduler = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=32),
+                              KVBlockManager(16, 2))
+        requests = [Request("stops", [2, 3], SamplingParams(stop_token_ids=[9]), 5),
+                    Request("runs", [4], SamplingParams(ignore_eos=True), 5)]
+        for request in requests:
+            scheduler.add_request(request)
+        for tokens in ({"stops": 5, "runs": 9}, {"stops": 9, "runs": 6}):
+            plan = scheduler.schedule()
+            result = (StepResult(sampled={key: SampledToken(value) for key, value in tokens.items()})
+                      if form == "sampled" else StepResult(token_ids=tokens))
+            scheduler.update(plan, result)
+        finished[form] = ([(r.request_id, r.output_token_ids, r.status) for r in requests],
+                          scheduler.block_manager.num_free_blocks)
+    assert finished["sampled"] == finished["token_ids"]
+    assert finished["token_ids"][0] == [("stops", [5, 9], RequestStatus.FINISHED_STOPPED),
+                                        ("runs", [9, 6], RequestStatus.RUNNING)]
