@@ -27,7 +27,8 @@ from joule.runtime.attention.base import (
 from joule.runtime.cuda_graphs import DecodeGraphRunner, graphs_disabled_reason
 from joule.runtime.kernel_warmup import warmup_plans
 from joule.runtime.prefill_graphs import PrefillChunkGraphRunner, can_run_mixed_step, run_mixed_step
-from joule.runtime.sampler import Sampler, SamplingRow, greedy_tokens, prompt_logprobs
+from joule.runtime.sampler import Sampler, greedy_tokens, prompt_logprobs
+from joule.runtime.sampling_rows import all_rows_pass, params_on_device, params_plain_greedy, sampling_row
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ class ModelExecutor:
             hidden = hidden.index_select(0, self._index(rows))  # no stream sync: a continuation queues behind
         logits = self.model.compute_logits(hidden)
         requests = [sequence.request for _, sequence in sample_rows]
-        if _all_rows_pass(requests, _params_plain_greedy):
+        if all_rows_pass(requests, params_plain_greedy):
             # What the sampler does for such rows (no bans, penalties or logprobs: an argmax), without
             # building a SamplingRow per request (~0.5 ms per 256 rows on the dev CPU) or a host sync.
             if logits.device.type == "cuda":
@@ -189,11 +190,11 @@ class ModelExecutor:
             else:
                 token_ids = greedy_tokens(logits)
             return self._tokens_on_device(requests, started, token_ids)
-        if _all_rows_pass(requests, _params_on_device):
+        if all_rows_pass(requests, params_on_device):
             # Temperature, top-k/p, min-p and seeds need no host either: the tokens stay on the device, so the
             # lookahead goes on past sampled requests as it does past greedy ones. A continuation's decode
             # samples the token after one still on its way to the host (its seeded noise is keyed on that).
-            rows = [_sampling_row(sequence.request, int(sequence.token_ids[0] == CONTINUATION_TOKEN))
+            rows = [sampling_row(sequence.request, int(sequence.token_ids[0] == CONTINUATION_TOKEN))
                     for _, sequence in sample_rows]
             return self._tokens_on_device(requests, started, self.sampler.sample_on_device(logits, rows))
         if previous is not None:  # a continuation's new prompts may sample on the host: not before collect
@@ -271,7 +272,7 @@ class ModelExecutor:
 
     def _sample(self, logits: torch.Tensor, requests: list[Request], started: float) -> StepResult:
         sampled: dict[str, SampledToken] = {}
-        output = self.sampler.sample(logits, [_sampling_row(request) for request in requests])
+        output = self.sampler.sample(logits, [sampling_row(request) for request in requests])
         for index, request in enumerate(requests):
             if request.constraint is not None:
                 request.constraint.accept(output.token_ids[index])
@@ -356,62 +357,3 @@ def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     if device.type == "cpu":
         return tensor
     return tensor.pin_memory().to(device, non_blocking=True)
-
-
-def _plain_greedy(request: Request) -> bool:
-    return _all_rows_pass([request], _params_plain_greedy)
-
-
-def _params_plain_greedy(params) -> bool:
-    return (params.is_greedy and not params.logit_bias and params.allowed_token_ids is None
-            and _params_on_device(params))
-
-
-def _params_on_device(params) -> bool:
-    """Sampling that needs nothing from the host but the parameters: no logprobs or penalties (which read the token
-    history); ``_all_rows_pass`` adds the request's own: no grammar, no bans (EOS before ``min_tokens``)."""
-    return (params.logprobs is None and params.repetition_penalty == 1.0 and params.frequency_penalty == 0.0
-            and params.presence_penalty == 0.0)
-
-
-def _all_rows_pass(requests: list[Request], params_pass) -> bool:
-    """``params_pass`` holds for every request's parameters, and no request has a grammar or is short of its
-    ``min_tokens``. Asked of every row of every step: a params object is tested once per run of requests that
-    share it (one ``generate`` call's do), the rest is two attribute reads a row."""
-    passed = None
-    for request in requests:
-        params = request.sampling_params
-        if params is not passed:
-            if not params_pass(params):
-                return False
-            passed = params
-        if request.constraint is not None or len(request.output_token_ids) < params.min_tokens:
-            return False
-    return True
-
-
-def _sampling_row(request: Request, num_pending_tokens: int = 0) -> SamplingRow:
-    params = request.sampling_params
-    banned: list[int] = []
-    if request.num_output_tokens < params.min_tokens:
-        banned = list(params.stop_token_ids)
-        if not params.ignore_eos:
-            banned.extend(request.eos_token_ids)
-    return SamplingRow(
-        temperature=params.temperature,
-        top_p=params.top_p,
-        top_k=params.top_k,
-        min_p=params.min_p,
-        presence_penalty=params.presence_penalty,
-        frequency_penalty=params.frequency_penalty,
-        repetition_penalty=params.repetition_penalty,
-        seed=params.seed,
-        prompt_token_ids=request.prompt_token_ids,
-        output_token_ids=request.output_token_ids,
-        num_logprobs=params.logprobs,
-        banned_token_ids=banned,
-        logit_bias=params.logit_bias,
-        allowed_token_ids=params.allowed_token_ids,
-        constraint=request.constraint,
-        num_pending_tokens=num_pending_tokens,
-    )

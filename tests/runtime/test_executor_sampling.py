@@ -7,7 +7,7 @@ import pytest
 from helpers.tiny_models import build_tiny_checkpoint
 
 from joule.llm_engine import LLMEngine
-from joule.runtime.executor import _plain_greedy
+from joule.runtime.sampling_rows import plain_greedy
 from joule.runtime.sampler import Sampler
 from joule.sampling_params import RequestOutputKind, SamplingParams
 
@@ -50,10 +50,10 @@ def test_rows_needing_the_sampler_are_not_plain(engine):
         params = SamplingParams(temperature=0.0, max_tokens=4).clone(**changes)
         return Request("x", [1, 2], params, 4, eos_token_ids=frozenset({2}))
 
-    assert _plain_greedy(request())
+    assert plain_greedy(request())
     for changes in ({"temperature": 0.7}, {"logprobs": 2}, {"repetition_penalty": 1.2},
                     {"frequency_penalty": 0.5}, {"presence_penalty": 0.5}, {"min_tokens": 2}):
-        assert not _plain_greedy(request(**changes)), changes
+        assert not plain_greedy(request(**changes)), changes
     done = request(min_tokens=1)
     done.output_token_ids.append(7)
-    assert _plain_greedy(done)  # past min_tokens nothing is banned any more
+    assert plain_greedy(done)  # past min_tokens nothing is banned any more
