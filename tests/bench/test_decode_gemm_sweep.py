@@ -1,0 +1,34 @@
+"""benchmarks/gpu/decode_gemm_sweep.py on the CPU: its shapes are the models' projections, and the two layouts it
+times compute the same product."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from helpers.scripts import BENCHMARKS, load_script
+
+sweep = load_script(BENCHMARKS / "gpu" / "decode_gemm_sweep.py", "decode_gemm_sweep")
+
+
+def test_shapes_are_the_configs_projections():
+    for model in ("llama-3.2-1b", "qwen3-0.6b"):
+        config = json.loads((BENCHMARKS / "configs" / model / "config.json").read_text())
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        expected = {
+            "qkv": ((config["num_attention_heads"] + 2 * config["num_key_value_heads"]) * head_dim,
+                    config["hidden_size"]),
+            "o": (config["hidden_size"], config["num_attention_heads"] * head_dim),
+            "gate_up": (2 * config["intermediate_size"], config["hidden_size"]),
+            "down": (config["hidden_size"], config["intermediate_size"]),
+            "lm_head": (config["vocab_size"], config["hidden_size"]),
+        }
+        found = {projection: (out, inp) for name, projection, out, inp in sweep.SHAPES if name == model}
+        assert found == expected
+
+
+def test_both_layouts_compute_the_same_product():
+    calls, results = sweep.products(5, 48, 32, torch.float32, "cpu")
+    assert set(calls) == set(sweep.LAYOUTS)
+    torch.testing.assert_close(results["out_in"], results["in_out"])
+    assert results["out_in"].shape == (5, 48) and results["out_in"].abs().sum() > 0
