@@ -1,6 +1,7 @@
 """Why workload 3 runs faster run after run on one engine (23k -> 35k tok/s on the H100, 2026-12-05).
 
-Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/w3_runs_probe.py [runs] [out.json] [after-bs1 | ab-metering | ab-prompts] [gc-stats]
+Usage (GPU machine, repo root):
+    PYTHONPATH=. python benchmarks/gpu/w3_runs_probe.py [runs] [out.json] [after-bs1|ab-metering|ab-prompts] [gc-stats]
 ``ab-metering``: ``runs`` pairs of runs with the engine's NVML energy metering on and off, alternated (ABBA).
 ``ab-prompts``: ``runs`` pairs with prompt steps queued ahead too (``SchedulerConfig.lookahead_prompts``) and not.
 ``gc-stats`` (with any mode): the collector's own statistics of every collection on stderr (``gc.DEBUG_STATS``).
@@ -154,7 +155,8 @@ def run_phase(engine, prompts, output_lens, output_tokens, runs, results, phase)
                   "slowest_ms": sorted((round(1e3 * s, 1), p, d) for s, p, d in records)[-5:],
                   "compiled": variants,
                   "new_device_allocations": torch.cuda.memory_stats().get("num_device_alloc", 0) - allocations_before,
-                  "gpu_after": gpu_state(), "collections": collections, "step_ms": [round(1e3 * s, 3) for s, _, _ in records],
+                  "gpu_after": gpu_state(), "collections": collections,
+                  "step_ms": [round(1e3 * s, 3) for s, _, _ in records],
                   "step_tokens": [(p, d) for _, p, d in records]}
         result["phase"] = phase
         results.append(result)
@@ -162,7 +164,8 @@ def run_phase(engine, prompts, output_lens, output_tokens, runs, results, phase)
               f"{result['prompt_step_s']:.3f} s, decode steps {result['decode_step_s']:.3f} s (median "
               f"{result['decode_step_median_ms']:.2f} ms), compiled {variants}, new allocations "
               f"{result['new_device_allocations']}, collections {len(collections)} (slowest "
-              f"{max(collections, key=lambda c: c[1], default=None)}), slowest {result['slowest_ms']}, gpu {result['gpu_after']}",
+              f"{max(collections, key=lambda c: c[1], default=None)}), slowest {result['slowest_ms']}, "
+              f"gpu {result['gpu_after']}",
               flush=True)
 
 
@@ -175,10 +178,12 @@ def summarize(results: list[dict], out_path: str) -> None:
               [(round(d, 1), i, t) for d, i, t in deltas[:12]])
     else:
         print("the runs scheduled different steps; no per-step comparison")
-    print(f"\n{'phase':>24} {'run':>4} {'tok/s':>8} {'s':>7} {'steps':>6} {'prompt s':>9} {'decode s':>9} {'dec med ms':>10} {'prm med ms':>10} {'stalls s':>8}")
+    print(f"\n{'phase':>24} {'run':>4} {'tok/s':>8} {'s':>7} {'steps':>6} {'prompt s':>9} {'decode s':>9} "
+          f"{'dec med ms':>10} {'prm med ms':>10} {'stalls s':>8}")
     for index, result in enumerate(results):
         print(f"{result['phase']:>24} {index:>4} {result['tok_per_s']:>8.0f} {result['seconds']:>7.3f} {result['steps']:>6} "
-              f"{result['prompt_step_s']:>9.3f} {result['decode_step_s']:>9.3f} {result['decode_step_median_ms']:>10.2f} "
+              f"{result['prompt_step_s']:>9.3f} {result['decode_step_s']:>9.3f} "
+              f"{result['decode_step_median_ms']:>10.2f} "
               f"{result['prompt_step_median_ms']:>10.2f} {result['decode_excess_s']:>8.3f}")
     with open(out_path, "w") as file:
         json.dump({"device": torch.cuda.get_device_name(), "runs": results}, file)
