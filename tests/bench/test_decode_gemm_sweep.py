@@ -1,12 +1,18 @@
-"""benchmarks/gpu/decode_gemm_sweep.py on the CPU: its shapes are the models' projections, and the two layouts it
-times compute the same product."""
+"""benchmarks/gpu/decode_gemm_sweep.py on the CPU: its shapes are the models' projections, and the two layouts and
+the Triton GEMM it times compute the same product (Triton's interpreter)."""
 
 from __future__ import annotations
 
 import json
+import os
 
+import pytest
 import torch
 from helpers.scripts import BENCHMARKS, load_script
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the script defines its kernel
+pytest.importorskip("triton", reason="triton is not installed")
 
 sweep = load_script(BENCHMARKS / "gpu" / "decode_gemm_sweep.py", "decode_gemm_sweep")
 
@@ -29,6 +35,15 @@ def test_shapes_are_the_configs_projections():
 
 def test_both_layouts_compute_the_same_product():
     calls, results = sweep.products(5, 48, 32, torch.float32, "cpu")
-    assert set(calls) == set(sweep.LAYOUTS)
+    assert set(calls) == set(sweep.LAYOUTS)  # a handful of rows: no Triton tile
     torch.testing.assert_close(results["out_in"], results["in_out"])
     assert results["out_in"].shape == (5, 48) and results["out_in"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("tile", [(64, 64, 64, 4, 4), (32, 64, 128, 4, 4)])
+def test_the_triton_gemm_matches_at_ragged_shapes(tile):
+    """Rows, outputs and the inner dimension all leave partial tiles."""
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(70, 200, generator=generator)
+    weight = torch.randn(100, 200, generator=generator)
+    torch.testing.assert_close(sweep.triton_gemm(hidden, weight, tile), hidden @ weight.T, rtol=1e-4, atol=1e-4)
