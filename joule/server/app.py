@@ -18,14 +18,8 @@ from joule.server.errors import APIError, install_error_handlers
 from joule.server.metrics import ServerMetrics
 from joule.server.pause_monitor import EventLoopLagMonitor, GcPauseRecorder, IdleCollector
 from joule.server.request_log import RequestLog
-from joule.server.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    DetokenizeRequest,
-    ModelCard,
-    ModelList,
-    TokenizeRequest,
-)
+from joule.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from joule.server.responses import ModelCard, ModelList
 from joule.server.serving_chat import create_chat_completion
 from joule.server.serving_common import ServingContext
 from joule.server.serving_completions import create_completion

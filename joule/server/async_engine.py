@@ -18,7 +18,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from joule.engine.request import RequestSLO
 from joule.logger import get_logger

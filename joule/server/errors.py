@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from joule.logger import get_logger
-from joule.server.protocol import ErrorInfo, ErrorResponse
+from joule.server.responses import ErrorInfo, ErrorResponse
 
 logger = get_logger()
 

@@ -12,14 +12,13 @@ from fastapi.responses import JSONResponse, Response
 
 from joule.outputs import CompletionOutput, Logprob
 from joule.server.errors import bad_request
-from joule.server.protocol import (
+from joule.server.protocol import ChatCompletionRequest, ChatMessage, random_id
+from joule.server.responses import (
     ChatChoice,
     ChatCompletionChunk,
-    ChatCompletionRequest,
     ChatCompletionResponse,
     ChatDelta,
     ChatLogprobs,
-    ChatMessage,
     ChatResponseMessage,
     ChatStreamChoice,
     ChatTokenLogprob,
@@ -29,7 +28,6 @@ from joule.server.protocol import (
     ToolCallFunction,
     TopLogprob,
     UsageInfo,
-    random_id,
 )
 from joule.server.serving_common import (
     SSE_DONE,

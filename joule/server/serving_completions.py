@@ -11,15 +11,8 @@ from fastapi.responses import JSONResponse, Response
 
 from joule.outputs import CompletionOutput, Logprob
 from joule.server.errors import bad_request
-from joule.server.protocol import (
-    CompletionChoice,
-    CompletionLogprobs,
-    CompletionRequest,
-    CompletionResponse,
-    OutputTally,
-    UsageInfo,
-    random_id,
-)
+from joule.server.protocol import CompletionRequest, random_id
+from joule.server.responses import CompletionChoice, CompletionLogprobs, CompletionResponse, OutputTally, UsageInfo
 from joule.server.serving_common import (
     SSE_DONE,
     EventStreamResponse,

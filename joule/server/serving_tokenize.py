@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from joule.server.errors import bad_request
-from joule.server.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
+from joule.server.protocol import DetokenizeRequest, TokenizeRequest
+from joule.server.responses import DetokenizeResponse, TokenizeResponse
 from joule.server.serving_chat import render_chat_prompt
 from joule.server.serving_common import ServingContext
 

@@ -102,7 +102,7 @@ def test_first_tokens_are_delivered_before_later_tokens_of_running_streams():
 def test_plain_chunks_render_the_same_json_as_the_pydantic_models():
     import json
 
-    from joule.server.protocol import (
+    from joule.server.responses import (
         ChatCompletionChunk,
         ChatDelta,
         ChatStreamChoice,
