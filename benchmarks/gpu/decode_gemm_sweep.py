@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_sweep import graph_ms  # noqa: E402
 
 # (model, projection, out features, in features)
 SHAPES = [
@@ -82,27 +86,9 @@ def products(rows: int, out_features: int, in_features: int, dtype: torch.dtype,
     return calls, {name: call() for name, call in calls.items()}
 
 
-def graph_us(function, calls: int = 20, repeats: int = 7) -> float:
-    """Median microseconds a call, from a CUDA graph of ``calls`` calls (no launch gaps, no profiler)."""
-    function()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        function()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            function()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(1e3 * start.elapsed_time(end) / calls)
-    return sorted(times)[len(times) // 2]
+def graph_us(function) -> float:
+    """Median microseconds a call, from a CUDA graph of 20 calls (no launch gaps, no profiler)."""
+    return 1e3 * graph_ms(function)
 
 
 def main(out_path: str) -> None:
