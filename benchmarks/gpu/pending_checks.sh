@@ -6,9 +6,12 @@
 #   fair:  the fair policy (keep-up, the default) at 40 and 67.1 heavy req/s, with the server's request and step
 #          logs replayed in the simulator at the end of each probe;
 #   w3:    workload 3 repeated on one engine, step by step (w3_runs_probe.py): why its runs grow 23k -> 35k tok/s;
-#   perf:  a fresh calibration of this GPU, validated on a new grid beside the shipped profile (not in "all").
+#   perf:  a fresh calibration of this GPU, validated on a new grid beside the shipped profile (not in "all");
+#   next:  what 2026-12-05 (e) left for the next call (~6 minutes, not in "all"): engine_bench.py (the host-side
+#          cuts measured on the dev CPU only), the decode GEMM sweep (decode_gemm_sweep.py) and workload 3 with
+#          prompt steps queued or not (w3_runs_probe.py ab-prompts).
 # Usage (repository root, joule importable): OUT=/some/dir bash benchmarks/gpu/pending_checks.sh PART... (fused, fair,
-# w3, perf; "all" is fused fair w3, more than one call's 10 minutes)
+# w3, perf, next; "all" is fused fair w3, more than one call's 10 minutes)
 # Every step has its own timeout, so one that hangs leaves the others their time; big JSON is gzipped.
 # DRY=1 prints the commands instead of running them.
 set -u
@@ -16,7 +19,7 @@ RUN=""
 [[ ${DRY:-0} == 1 ]] && RUN="echo"
 OUT=${OUT:?set OUT to a directory for the results}
 WHAT=" ${*:-all} "
-wants() { [[ $WHAT == *" all "* && $1 != perf ]] || [[ $WHAT == *" $1 "* ]]; }
+wants() { [[ $WHAT == *" all "* && $1 != perf && $1 != next ]] || [[ $WHAT == *" $1 "* ]]; }
 MODEL=benchmarks/configs/llama-3.2-1b
 mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:-.}
@@ -44,6 +47,17 @@ if wants w3; then
   $RUN timeout 150 python benchmarks/gpu/w3_runs_probe.py 6 "$OUT/w3_runs_probe.json" > "$OUT/w3_runs_probe.log" 2>&1
   echo "w3 probe: exit $?"; tail -9 "$OUT/w3_runs_probe.log"
   $RUN gzip -f "$OUT/w3_runs_probe.json" 2>/dev/null
+fi
+
+if wants next; then
+  $RUN timeout 240 python benchmarks/gpu/engine_bench.py "$OUT/engine_bench.json" > "$OUT/engine_bench.log" 2>&1
+  echo "engine bench: exit $?"; tail -22 "$OUT/engine_bench.log"
+  $RUN timeout 150 python benchmarks/gpu/decode_gemm_sweep.py "$OUT/decode_gemm_sweep.json" \
+    > "$OUT/decode_gemm_sweep.log" 2>&1
+  echo "decode GEMM sweep: exit $?"; grep -E " (64|256) " "$OUT/decode_gemm_sweep.log" | head -24
+  $RUN timeout 90 python benchmarks/gpu/w3_runs_probe.py 3 "$OUT/ab_prompts.json" ab-prompts > "$OUT/ab_prompts.log" 2>&1
+  echo "w3 ab-prompts: exit $?"; grep -A8 "^ *phase" "$OUT/ab_prompts.log"
+  $RUN gzip -f "$OUT/decode_gemm_sweep.json" "$OUT/ab_prompts.json" 2>/dev/null
 fi
 
 if wants perf; then
