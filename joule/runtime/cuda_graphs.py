@@ -123,6 +123,7 @@ class DecodeGraphRunner:
         self._copied = torch.cuda.Event() if pin else None
         self._block_arrays: dict[str, tuple[list[int], int, np.ndarray]] = {}  # request id -> its blocks
         self._table_rows: list[tuple[list[int], int, np.ndarray]] = []  # the entry each table row holds now
+        self._runnable_rows: list | None = None  # the rows ``can_run`` last passed
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.metadata: dict[int, AttentionMetadata] = {}
@@ -162,6 +163,7 @@ class DecodeGraphRunner:
         for sequence in sequences:  # a plain loop: asked of every decode step's rows (cProfile, H100 2026-12-05 (d))
             if len(sequence.token_ids) != 1 or len(sequence.block_ids) > max_blocks:
                 return False
+        self._runnable_rows = sequences  # ``run`` of this plan next need not walk its rows again
         return True
 
     def _forward(self, size: int, short: bool = False) -> torch.Tensor:
@@ -194,7 +196,7 @@ class DecodeGraphRunner:
         the host inputs."""
         count = len(plan.sequences)
         size = padded_batch_size(count, self.batch_sizes)
-        if size is None or not self.can_run(plan):
+        if size is None or (plan.sequences is not self._runnable_rows and not self.can_run(plan)):
             raise ValueError(f"step of {count} sequences cannot run as a decode graph "
                              f"(sizes {self.batch_sizes}, {self.max_blocks} blocks per sequence)")
         if self._copied is not None:
