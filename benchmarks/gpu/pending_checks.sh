@@ -7,9 +7,9 @@
 #          logs replayed in the simulator at the end of each probe;
 #   w3:    workload 3 repeated on one engine, step by step (w3_runs_probe.py): why its runs grow 23k -> 35k tok/s;
 #   perf:  a fresh calibration of this GPU, validated on a new grid beside the shipped profile (not in "all");
-#   next:  what 2026-12-05 (e) left for the next call (~6 minutes, not in "all"): engine_bench.py (the host-side
-#          cuts measured on the dev CPU only), the decode GEMM sweep (decode_gemm_sweep.py) and workload 3 with
-#          prompt steps queued or not (w3_runs_probe.py ab-prompts).
+#   next:  what 2026-12-05 (f) left for the next call (~8 minutes, not in "all"): the GEMV kernels' tests on the GPU,
+#          then batch 1 with the wider GEMV head (JOULE_GEMV_HEAD_COLUMNS unset, 2048, 8192; bs1_ab.py, alternated),
+#          then engine_bench.py.
 # Usage (repository root, joule importable): OUT=/some/dir bash benchmarks/gpu/pending_checks.sh PART... (fused, fair,
 # w3, perf, next; "all" is fused fair w3, more than one call's 10 minutes)
 # Every step has its own timeout, so one that hangs leaves the others their time; big JSON is gzipped.
@@ -50,14 +50,14 @@ if wants w3; then
 fi
 
 if wants next; then
+  $RUN timeout 120 python -m pytest -q -p no:cacheprovider tests/kernels/test_gemv.py tests/kernels/test_qkv_rotary.py \
+    tests/model/test_row_decode_cuda.py > "$OUT/gemv_tests.log" 2>&1
+  echo "GEMV tests: exit $? ($(tail -1 "$OUT/gemv_tests.log"))"
+  $RUN timeout 300 python benchmarks/gpu/bs1_ab.py "$OUT/bs1_head" 2 JOULE_GEMV_HEAD_COLUMNS=,2048,8192 \
+    > "$OUT/bs1_head.log" 2>&1
+  echo "bs1 head A/B: exit $?"; tail -5 "$OUT/bs1_head.log"
   $RUN timeout 240 python benchmarks/gpu/engine_bench.py "$OUT/engine_bench.json" > "$OUT/engine_bench.log" 2>&1
   echo "engine bench: exit $?"; tail -22 "$OUT/engine_bench.log"
-  $RUN timeout 150 python benchmarks/gpu/decode_gemm_sweep.py "$OUT/decode_gemm_sweep.json" \
-    > "$OUT/decode_gemm_sweep.log" 2>&1
-  echo "decode GEMM sweep: exit $?"; grep -E " (64|256) " "$OUT/decode_gemm_sweep.log" | head -24
-  $RUN timeout 90 python benchmarks/gpu/w3_runs_probe.py 3 "$OUT/ab_prompts.json" ab-prompts > "$OUT/ab_prompts.log" 2>&1
-  echo "w3 ab-prompts: exit $?"; grep -A8 "^ *phase" "$OUT/ab_prompts.log"
-  $RUN gzip -f "$OUT/decode_gemm_sweep.json" "$OUT/ab_prompts.json" 2>/dev/null
 fi
 
 if wants perf; then

@@ -20,6 +20,7 @@ weight tiles load while the previous kernel finishes.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +36,7 @@ class GemvConfig:
     block_k: int
     num_warps: int
     num_stages: int
-    prefetch_tiles: int = 2  # weight tiles loaded before waiting for the previous kernel (0-2)
+    prefetch_tiles: int = 2  # weight tiles loaded before waiting for the previous kernel (0 or a power of two)
 
 
 @triton.jit
@@ -84,17 +85,24 @@ def _row_sets_gemv(
 ):
     """Dot products of the (normed) input row with one or two sets of weight rows (by row offsets), float32.
 
-    The first PREFETCH_TILES (0-2) weight tiles load before waiting for the previous kernel (under PDL they
-    stream in while it finishes): no kernel of a step writes weights. They are added in the loop's order.
+    The first PREFETCH_TILES weight tiles load before waiting for the previous kernel (under PDL they stream in
+    while it finishes): no kernel of a step writes weights. One or two are added in the loop's order; more (a
+    power of two, ``JOULE_GEMV_HEAD_COLUMNS``) load as one wide head tile whose row sums are added at the end.
     With L2_LINES (a power of two >= the 128-byte lines of a row), the rest of the program's rows are asked
     of L2 before the wait too (no registers held).
     """
     columns = tl.arange(0, BLOCK_K)
-    if PREFETCH_TILES >= 1:
+    WIDE: tl.constexpr = PREFETCH_TILES > 2
+    if WIDE:
+        head_columns = tl.arange(0, PREFETCH_TILES * BLOCK_K)
+        first_head = _weight_tile(weight_ptr, first_offsets, row_mask, head_columns, K)
+        if SECOND:
+            second_head = _weight_tile(weight_ptr, second_offsets, row_mask, head_columns, K)
+    if PREFETCH_TILES >= 1 and not WIDE:
         first_tile = _weight_tile(weight_ptr, first_offsets, row_mask, columns, K)
         if SECOND:
             second_tile = _weight_tile(weight_ptr, second_offsets, row_mask, columns, K)
-    if PREFETCH_TILES >= 2:
+    if PREFETCH_TILES == 2:
         first_next = _weight_tile(weight_ptr, first_offsets, row_mask, BLOCK_K + columns, K)
         if SECOND:
             second_next = _weight_tile(weight_ptr, second_offsets, row_mask, BLOCK_K + columns, K)
@@ -111,12 +119,12 @@ def _row_sets_gemv(
         inverse_rms = _row_inverse_rms(x_ptr, residual_ptr, residual_out_ptr, eps, K, K_PAD, HAS_RESIDUAL)
     first_sum = tl.zeros((first_offsets.shape[0], BLOCK_K), dtype=tl.float32)
     second_sum = tl.zeros((first_offsets.shape[0], BLOCK_K), dtype=tl.float32)
-    if PREFETCH_TILES >= 1:
+    if PREFETCH_TILES >= 1 and not WIDE:
         x = _input_tile(x_ptr, residual_ptr, norm_weight_ptr, columns, columns < K, inverse_rms, NORM, HAS_RESIDUAL)
         first_sum += first_tile.to(tl.float32) * x[None, :]
         if SECOND:
             second_sum += second_tile.to(tl.float32) * x[None, :]
-    if PREFETCH_TILES >= 2:
+    if PREFETCH_TILES == 2:
         x = _input_tile(x_ptr, residual_ptr, norm_weight_ptr, BLOCK_K + columns, BLOCK_K + columns < K,
                         inverse_rms, NORM, HAS_RESIDUAL)
         first_sum += first_next.to(tl.float32) * x[None, :]
@@ -130,7 +138,15 @@ def _row_sets_gemv(
         if SECOND:
             second_sum += (_weight_tile(weight_ptr, second_offsets, row_mask, tile_columns, K).to(tl.float32)
                            * x[None, :])
-    return tl.sum(first_sum, axis=1), tl.sum(second_sum, axis=1)
+    first_result = tl.sum(first_sum, axis=1)
+    second_result = tl.sum(second_sum, axis=1)
+    if WIDE:
+        head_x = _input_tile(x_ptr, residual_ptr, norm_weight_ptr, head_columns, head_columns < K, inverse_rms,
+                             NORM, HAS_RESIDUAL)
+        first_result += tl.sum(first_head.to(tl.float32) * head_x[None, :], axis=1)
+        if SECOND:
+            second_result += tl.sum(second_head.to(tl.float32) * head_x[None, :], axis=1)
+    return first_result, second_result
 
 
 @triton.jit
@@ -213,8 +229,7 @@ def gemv(
         raise ValueError(f"gemv: gated needs an even number of weight rows (gate over up), got {out_features}")
     if config is None:
         config = gemv_config(out_features, in_features, _num_sms(x.device))
-    if config.prefetch_tiles not in (0, 1, 2):
-        raise ValueError(f"gemv: prefetch_tiles must be 0, 1 or 2, got {config.prefetch_tiles}")
+    prefetch_tiles = head_tiles(config.prefetch_tiles, config.block_k, in_features)
     outputs = out_features // 2 if gated else out_features
     block_n = max(1, config.block_n // 2) if gated else config.block_n  # the same bytes per program
     use_pdl = pdl_launch(x.device)
@@ -225,12 +240,29 @@ def gemv(
         residual if residual is not None else x, norm_weight if norm_weight is not None else x,
         residual_output if residual_output is not None else x, eps,
         K=in_features, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=config.block_k,
-        PREFETCH_TILES=config.prefetch_tiles, USE_PDL=use_pdl, NORM=norm_weight is not None,
+        PREFETCH_TILES=prefetch_tiles, USE_PDL=use_pdl, NORM=norm_weight is not None,
         HAS_RESIDUAL=residual is not None, K_PAD=triton.next_power_of_2(in_features), GATED=gated,
         L2_LINES=gemv_l2_prefetch_lines(use_pdl, in_features, weight.element_size()),
         num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=use_pdl,
     )
     return output if residual_output is None else (output, residual_output)
+
+
+def head_tiles(requested: int, block_k: int, in_features: int) -> int:
+    """Weight tiles a GEMV program loads before its PDL wait: ``requested`` (0 or a power of two), or as many as
+    ``JOULE_GEMV_HEAD_COLUMNS`` columns where that is set (benchmarks compare; 0 turns the head off), never
+    more than the padded row holds.
+
+    Why: the wait lasts until the previous kernel's last program ends (~2-4 us of a batch-1 layer's hops), and
+    only what a resident program loaded before it overlaps that time.
+    """
+    override = os.environ.get("JOULE_GEMV_HEAD_COLUMNS", "")
+    if override:
+        columns = int(override)
+        requested = 0 if columns <= 0 else max(1, triton.next_power_of_2(columns) // block_k)
+    if requested < 0 or requested & (requested - 1):
+        raise ValueError(f"gemv: prefetch_tiles must be 0 or a power of two, got {requested}")
+    return min(requested, max(1, triton.next_power_of_2(in_features) // block_k))
 
 
 def check_norm_inputs(caller: str, x: torch.Tensor, norm_weight: torch.Tensor | None,

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from joule.kernels.common import gemv_l2_prefetch_lines, pdl_launch
-from joule.kernels.gemv import _row_sets_gemv, check_norm_inputs
+from joule.kernels.gemv import _row_sets_gemv, check_norm_inputs, head_tiles
 from joule.kernels.kv_write import check_cache_pair, saturate_for_cache
 
 
@@ -122,7 +122,8 @@ def qkv_rotary_gemv(
         cos, sin, query, key_cache, value_cache, slot_mapping,
         weight.stride(0), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         K=in_features, NUM_QUERY_HEADS=num_query_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
-        PAIRS=pairs, BLOCK_K=block_k, PREFETCH_TILES=1, USE_PDL=use_pdl, NORM=norm_weight is not None,
+        PAIRS=pairs, BLOCK_K=block_k, PREFETCH_TILES=head_tiles(1, block_k, in_features), USE_PDL=use_pdl,
+        NORM=norm_weight is not None,
         HAS_RESIDUAL=residual is not None, K_PAD=triton.next_power_of_2(in_features), HAS_BIAS=bias is not None,
         BLOCK_SIZE=key_cache.shape[1], SATURATE=key_cache.dtype == torch.float8_e4m3fn,
         L2_LINES=gemv_l2_prefetch_lines(use_pdl, in_features, weight.element_size()),

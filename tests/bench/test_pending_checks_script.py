@@ -34,11 +34,12 @@ def test_all_runs_the_fused_kernel_fairness_and_workload_three_checks(tmp_path):
     assert f"w3_runs_probe.py 6 {tmp_path}/w3_runs_probe.json" in (tmp_path / "w3_runs_probe.log").read_text()
 
 
-def test_next_runs_the_bench_the_gemm_sweep_and_the_prompt_lookahead_probe(tmp_path):
-    assert _dry_run(tmp_path, "next") == ["engine bench", "decode GEMM sweep", "w3 ab-prompts"]
+def test_next_runs_the_gemv_tests_the_head_ab_and_the_bench(tmp_path):
+    assert _dry_run(tmp_path, "next") == ["bs1 head A/B", "engine bench"]  # the tests line ends in their summary
+    assert "tests/kernels/test_gemv.py" in (tmp_path / "gemv_tests.log").read_text()
+    ab = (tmp_path / "bs1_head.log").read_text()
+    assert f"bs1_ab.py {tmp_path}/bs1_head 2" in ab and "JOULE_GEMV_HEAD_COLUMNS=,2048,8192" in ab
     assert f"engine_bench.py {tmp_path}/engine_bench.json" in (tmp_path / "engine_bench.log").read_text()
-    assert f"decode_gemm_sweep.py {tmp_path}/decode_gemm_sweep.json" in (tmp_path / "decode_gemm_sweep.log").read_text()
-    assert f"w3_runs_probe.py 3 {tmp_path}/ab_prompts.json ab-prompts" in (tmp_path / "ab_prompts.log").read_text()
 
 
 def test_parts_run_alone_or_together(tmp_path):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
 
-from joule.kernels.gemv import GemvConfig, gemv, gemv_config  # noqa: E402
+from joule.kernels.gemv import GemvConfig, gemv, gemv_config, head_tiles  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -43,6 +43,36 @@ def test_gemv_prefetched_tiles_add_in_the_loop_order(in_features):
     expected = F.linear(x.float(), weight.float())
     torch.testing.assert_close(outputs[0].float(), expected, atol=0.2, rtol=3e-2)
     assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
+
+
+@pytest.mark.parametrize("in_features", [100, 256])  # a head of 4 or 8 tiles of 32 columns, or the whole padded row
+@pytest.mark.parametrize("gated", [False, True])
+def test_gemv_wide_head_tiles_sum_the_same_products(in_features, gated):
+    """A head of 4 or 8 tiles (summed as a tree, not in the loop's order) agrees with no head to float32 rounding."""
+    generator = torch.Generator().manual_seed(in_features + gated)
+    weight = torch.randn(32, in_features, generator=generator).to(DEVICE, torch.float32)
+    x = torch.randn(1, in_features, generator=generator).to(DEVICE, torch.float32)
+    outputs = [gemv(x, weight, config=GemvConfig(8, 32, 4, 1, prefetch_tiles=tiles), gated=gated)
+               for tiles in (0, 4, 8)]
+    for output in outputs[1:]:
+        torch.testing.assert_close(output, outputs[0], atol=1e-5, rtol=1e-5)
+        assert output.abs().sum() > 0
+
+
+def test_head_tiles_are_capped_by_the_row_and_follow_the_override(monkeypatch):
+    monkeypatch.delenv("JOULE_GEMV_HEAD_COLUMNS", raising=False)
+    assert head_tiles(2, 512, 2048) == 2 and head_tiles(8, 512, 2048) == 4 and head_tiles(0, 512, 2048) == 0
+    assert head_tiles(4, 32, 40) == 2  # 40 columns pad to 64: two tiles hold the whole row
+    monkeypatch.setenv("JOULE_GEMV_HEAD_COLUMNS", "2048")
+    assert head_tiles(1, 512, 2048) == 4 and head_tiles(2, 256, 2048) == 8 and head_tiles(2, 512, 8192) == 4
+    monkeypatch.setenv("JOULE_GEMV_HEAD_COLUMNS", "0")
+    assert head_tiles(2, 512, 2048) == 0
+    monkeypatch.setenv("JOULE_GEMV_HEAD_COLUMNS", "1024")
+    generator = torch.Generator().manual_seed(7)
+    weight = torch.randn(24, 256, generator=generator).to(DEVICE, torch.float32)
+    x = torch.randn(1, 256, generator=generator).to(DEVICE, torch.float32)
+    torch.testing.assert_close(gemv(x, weight, config=GemvConfig(8, 32, 4, 1)), F.linear(x, weight),
+                               atol=1e-4, rtol=1e-4)
 
 
 def test_gemv_rejects_more_than_one_row():

@@ -20,9 +20,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.mark.parametrize("with_residual,with_bias", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("slot", [21, -1])  # -1: a padding row writes no cache slot
 @pytest.mark.parametrize("l2_prefetch", ["0", "1"])  # JOULE_GEMV_L2_PREFETCH: takes effect on a GPU under PDL only
+@pytest.mark.parametrize("head_columns", ["", "128"])  # JOULE_GEMV_HEAD_COLUMNS: the whole padded row before the wait
 def test_qkv_rotary_matches_norm_gemv_then_rotary_with_cache(cache_dtype, with_residual, with_bias, slot,
-                                                             l2_prefetch, monkeypatch):
+                                                             l2_prefetch, head_columns, monkeypatch):
     monkeypatch.setenv("JOULE_GEMV_L2_PREFETCH", l2_prefetch)
+    monkeypatch.setenv("JOULE_GEMV_HEAD_COLUMNS", head_columns)
     generator = torch.Generator().manual_seed(31 + with_residual + 2 * with_bias)
     num_heads, num_kv_heads, head_dim, hidden_size = 4, 2, 16, 96
     rows = (num_heads + 2 * num_kv_heads) * head_dim

@@ -1,0 +1,63 @@
+"""The batch-1 GEMV kernels compile for an H100 (sm_90) on a machine without a GPU.
+
+Why: the CPU interpreter runs a kernel's Python, not Triton's compiler, so a kernel can pass every interpreter test
+and still fail to compile on the GPU (a loop-carried value whose shape changes did, 2026-12-05 (f)). Triton compiles
+to a cubin for a named target with no device present; each case is a configuration the engine launches. The
+compiles run in a child process: this test session's kernels are the interpreter's (``conftest.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton", reason="triton is not installed")
+
+COMPILE = textwrap.dedent("""
+    import sys
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+    from joule.kernels.gemv import _gemv_kernel
+    from joule.kernels.qkv_rotary import _qkv_rotary_kernel
+
+    def compile_for_hopper(kernel, signature, constants, num_warps=4, num_stages=1):
+        signature = {**signature, **{name: "constexpr" for name in constants}}
+        source = ASTSource(kernel, signature, constexprs=constants)
+        compiled = compile(source, target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": num_warps, "num_stages": num_stages})
+        assert len(compiled.asm["cubin"]) > 0
+
+    gemv_signature = {"x_ptr": "*bf16", "weight_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32",
+                      "stride_weight": "i32", "residual_ptr": "*bf16", "norm_weight_ptr": "*bf16",
+                      "residual_out_ptr": "*bf16", "eps": "fp32"}
+    for tiles in (0, 2, 8):
+        for gated in (False, True):
+            compile_for_hopper(_gemv_kernel, gemv_signature, {
+                "K": 2048, "HAS_BIAS": False, "BLOCK_N": 4, "BLOCK_K": 256, "PREFETCH_TILES": tiles, "USE_PDL": True,
+                "NORM": gated, "HAS_RESIDUAL": gated, "K_PAD": 2048, "GATED": gated, "L2_LINES": 0})
+            print("gemv", tiles, gated, "ok", flush=True)
+    qkv_signature = {name: "*bf16" for name in ("x_ptr", "weight_ptr", "bias_ptr", "residual_ptr", "norm_weight_ptr",
+                                                "residual_out_ptr", "query_out_ptr", "key_cache_ptr",
+                                                "value_cache_ptr")}
+    qkv_signature.update({"eps": "fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "slot_mapping_ptr": "*i64",
+                          "stride_weight": "i32", "stride_cache_block": "i32", "stride_cache_offset": "i32",
+                          "stride_cache_head": "i32"})
+    for tiles in (1, 4):
+        compile_for_hopper(_qkv_rotary_kernel, qkv_signature, {
+            "K": 2048, "NUM_QUERY_HEADS": 32, "NUM_KV_HEADS": 8, "HEAD_DIM": 64, "PAIRS": 2, "BLOCK_K": 512,
+            "PREFETCH_TILES": tiles, "USE_PDL": True, "NORM": True, "HAS_RESIDUAL": True, "K_PAD": 2048,
+            "HAS_BIAS": False, "BLOCK_SIZE": 16, "SATURATE": False, "L2_LINES": 0}, num_stages=3)
+        print("qkv_rotary", tiles, "ok", flush=True)
+""")
+
+
+def test_gemv_kernels_compile_for_hopper_with_any_head():
+    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    completed = subprocess.run([sys.executable, "-c", COMPILE], env=environment, capture_output=True, text=True,
+                               timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.count(" ok") == 8
