@@ -9,7 +9,9 @@
 #   perf:  a fresh calibration of this GPU, validated on a new grid beside the shipped profile (not in "all");
 #   next:  what 2026-12-05 (f) left for the next call (~8 minutes, not in "all"): the GEMV kernels' tests on the GPU,
 #          then batch 1 with the wider GEMV head (JOULE_GEMV_HEAD_COLUMNS unset, 2048, 8192; bs1_ab.py, alternated),
-#          then engine_bench.py.
+#          then the gate/up GEMM with SiLU-and-mul in its epilogue against cuBLAS + silu_and_mul
+#          (gate_up_silu_sweep.py);
+#   bench: engine_bench.py, the issue's four workloads (~4 minutes, not in "all").
 # Usage (repository root, joule importable): OUT=/some/dir bash benchmarks/gpu/pending_checks.sh PART... (fused, fair,
 # w3, perf, next; "all" is fused fair w3, more than one call's 10 minutes)
 # Every step has its own timeout, so one that hangs leaves the others their time; big JSON is gzipped.
@@ -19,7 +21,7 @@ RUN=""
 [[ ${DRY:-0} == 1 ]] && RUN="echo"
 OUT=${OUT:?set OUT to a directory for the results}
 WHAT=" ${*:-all} "
-wants() { [[ $WHAT == *" all "* && $1 != perf && $1 != next ]] || [[ $WHAT == *" $1 "* ]]; }
+wants() { [[ $WHAT == *" all "* && $1 != perf && $1 != next && $1 != bench ]] || [[ $WHAT == *" $1 "* ]]; }
 MODEL=benchmarks/configs/llama-3.2-1b
 mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:-.}
@@ -56,6 +58,12 @@ if wants next; then
   $RUN timeout 300 python benchmarks/gpu/bs1_ab.py "$OUT/bs1_head" 2 JOULE_GEMV_HEAD_COLUMNS=,2048,8192 \
     > "$OUT/bs1_head.log" 2>&1
   echo "bs1 head A/B: exit $?"; tail -5 "$OUT/bs1_head.log"
+  $RUN timeout 200 python benchmarks/gpu/gate_up_silu_sweep.py "$OUT/gate_up_silu_sweep.json" \
+    > "$OUT/gate_up_silu_sweep.log" 2>&1
+  echo "gate/up SiLU sweep: exit $?"; tail -11 "$OUT/gate_up_silu_sweep.log"
+fi
+
+if wants bench; then
   $RUN timeout 240 python benchmarks/gpu/engine_bench.py "$OUT/engine_bench.json" > "$OUT/engine_bench.log" 2>&1
   echo "engine bench: exit $?"; tail -22 "$OUT/engine_bench.log"
 fi
