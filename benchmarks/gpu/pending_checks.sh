@@ -10,7 +10,8 @@
 #   next:  what 2026-12-05 (f) left for the next call (~8 minutes, not in "all"): the GEMV kernels' tests on the GPU,
 #          then batch 1 with the wider GEMV head (JOULE_GEMV_HEAD_COLUMNS unset, 2048, 8192; bs1_ab.py, alternated),
 #          then the gate/up GEMM with SiLU-and-mul in its epilogue against cuBLAS + silu_and_mul
-#          (gate_up_silu_sweep.py);
+#          (gate_up_silu_sweep.py) and the decode GEMMs with their weights from DRAM and split-K tiles
+#          (decode_gemm_sweep.py); every step's timeout together stays under a call's 600 s;
 #   bench: engine_bench.py, the issue's four workloads (~4 minutes, not in "all").
 # Usage (repository root, joule importable): OUT=/some/dir bash benchmarks/gpu/pending_checks.sh PART... (fused, fair,
 # w3, perf, next; "all" is fused fair w3, more than one call's 10 minutes)
@@ -52,15 +53,19 @@ if wants w3; then
 fi
 
 if wants next; then
-  $RUN timeout 120 python -m pytest -q -p no:cacheprovider tests/kernels/test_gemv.py tests/kernels/test_qkv_rotary.py \
+  $RUN timeout 60 python -m pytest -q -p no:cacheprovider tests/kernels/test_gemv.py tests/kernels/test_qkv_rotary.py \
     tests/model/test_row_decode_cuda.py > "$OUT/gemv_tests.log" 2>&1
   echo "GEMV tests: exit $? ($(tail -1 "$OUT/gemv_tests.log"))"
-  $RUN timeout 300 python benchmarks/gpu/bs1_ab.py "$OUT/bs1_head" 2 JOULE_GEMV_HEAD_COLUMNS=,2048,8192 \
+  $RUN timeout 250 python benchmarks/gpu/bs1_ab.py "$OUT/bs1_head" 2 JOULE_GEMV_HEAD_COLUMNS=,2048,8192 \
     > "$OUT/bs1_head.log" 2>&1
   echo "bs1 head A/B: exit $?"; tail -5 "$OUT/bs1_head.log"
-  $RUN timeout 200 python benchmarks/gpu/gate_up_silu_sweep.py "$OUT/gate_up_silu_sweep.json" \
+  $RUN timeout 150 python benchmarks/gpu/gate_up_silu_sweep.py "$OUT/gate_up_silu_sweep.json" \
     > "$OUT/gate_up_silu_sweep.log" 2>&1
   echo "gate/up SiLU sweep: exit $?"; tail -11 "$OUT/gate_up_silu_sweep.log"
+  $RUN timeout 120 python benchmarks/gpu/decode_gemm_sweep.py "$OUT/decode_gemm_sweep.json" \
+    > "$OUT/decode_gemm_sweep.log" 2>&1
+  echo "decode GEMM sweep: exit $?"; grep -E " 256 " "$OUT/decode_gemm_sweep.log"
+  $RUN gzip -f "$OUT/decode_gemm_sweep.json" "$OUT/gate_up_silu_sweep.json" 2>/dev/null
 fi
 
 if wants bench; then

@@ -47,3 +47,20 @@ def test_the_triton_gemm_matches_at_ragged_shapes(tile):
     hidden = torch.randn(70, 200, generator=generator)
     weight = torch.randn(100, 200, generator=generator)
     torch.testing.assert_close(sweep.triton_gemm(hidden, weight, tile), hidden @ weight.T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("tile", [(32, 64, 32, 4, 1, 3), (64, 32, 64, 4, 1, 2)])
+def test_split_k_sums_the_inner_ranges(tile):
+    """Inner-dimension splits summed by atomics, the last range partial, then cast back to the input's dtype."""
+    generator = torch.Generator().manual_seed(5)
+    hidden = torch.randn(40, 200, generator=generator)
+    weight = torch.randn(72, 200, generator=generator)
+    torch.testing.assert_close(sweep.triton_gemm(hidden, weight, tile), hidden @ weight.T, rtol=1e-4, atol=1e-4)
+
+
+def test_rotating_copies_give_the_same_product_call_after_call():
+    calls, results = sweep.products(16, 48, 32, torch.float32, "cpu", copies=3)
+    assert any(name.startswith("triton") for name in calls)
+    for name, call in calls.items():
+        for _ in range(4):  # every copy in turn, then the first again
+            torch.testing.assert_close(call(), results["out_in"], rtol=1e-4, atol=1e-4)

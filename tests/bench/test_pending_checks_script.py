@@ -34,13 +34,15 @@ def test_all_runs_the_fused_kernel_fairness_and_workload_three_checks(tmp_path):
     assert f"w3_runs_probe.py 6 {tmp_path}/w3_runs_probe.json" in (tmp_path / "w3_runs_probe.log").read_text()
 
 
-def test_next_runs_the_gemv_tests_the_head_ab_and_the_gate_up_sweep(tmp_path):
-    assert _dry_run(tmp_path, "next") == ["bs1 head A/B", "gate/up SiLU sweep"]  # the tests line ends in a summary
+def test_next_runs_the_gemv_tests_the_head_ab_and_the_two_gemm_sweeps(tmp_path):
+    # the tests' line ends in their summary, not an exit status
+    assert _dry_run(tmp_path, "next") == ["bs1 head A/B", "gate/up SiLU sweep", "decode GEMM sweep"]
     assert "tests/kernels/test_gemv.py" in (tmp_path / "gemv_tests.log").read_text()
     ab = (tmp_path / "bs1_head.log").read_text()
     assert f"bs1_ab.py {tmp_path}/bs1_head 2" in ab and "JOULE_GEMV_HEAD_COLUMNS=,2048,8192" in ab
     sweep = (tmp_path / "gate_up_silu_sweep.log").read_text()
     assert f"gate_up_silu_sweep.py {tmp_path}/gate_up_silu_sweep.json" in sweep
+    assert f"decode_gemm_sweep.py {tmp_path}/decode_gemm_sweep.json" in (tmp_path / "decode_gemm_sweep.log").read_text()
 
 
 def test_bench_runs_the_engine_bench_alone(tmp_path):
