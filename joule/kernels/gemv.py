@@ -229,7 +229,7 @@ def gemv(
         raise ValueError(f"gemv: gated needs an even number of weight rows (gate over up), got {out_features}")
     if config is None:
         config = gemv_config(out_features, in_features, _num_sms(x.device))
-    prefetch_tiles = head_tiles(config.prefetch_tiles, config.block_k, in_features)
+    prefetch_tiles = head_tiles(config.prefetch_tiles, config.block_k, in_features, config.block_n)
     outputs = out_features // 2 if gated else out_features
     block_n = max(1, config.block_n // 2) if gated else config.block_n  # the same bytes per program
     use_pdl = pdl_launch(x.device)
@@ -248,21 +248,24 @@ def gemv(
     return output if residual_output is None else (output, residual_output)
 
 
-def head_tiles(requested: int, block_k: int, in_features: int) -> int:
-    """Weight tiles a GEMV program loads before its PDL wait: ``requested`` (0 or a power of two), or as many as
-    ``JOULE_GEMV_HEAD_COLUMNS`` columns where that is set (benchmarks compare; 0 turns the head off), never
-    more than the padded row holds.
+def head_tiles(requested: int, block_k: int, in_features: int, rows: int) -> int:
+    """Weight tiles a GEMV program of ``rows`` weight rows loads before its PDL wait: ``requested`` (0 or a power
+    of two), or as many as ``JOULE_GEMV_HEAD_COLUMNS`` columns where that is set (benchmarks compare; 0 turns the
+    head off) and the program's rows hold at most MAX_PROGRAM_BYTES, never more than the padded row holds.
 
     Why: the wait lasts until the previous kernel's last program ends (~2-4 us of a batch-1 layer's hops), and
-    only what a resident program loaded before it overlaps that time.
+    only what a resident program loaded before it overlaps that time. Narrow projections (q/k/v, o, down: one
+    wave of programs of <= 16 KB) can hold their whole slice; the gated gate/up's 32 KB programs cannot without
+    losing residency (ptxas, sm_90: 64 registers a thread with two tiles, 168 with the whole row).
     """
+    padded = triton.next_power_of_2(in_features)
     override = os.environ.get("JOULE_GEMV_HEAD_COLUMNS", "")
-    if override:
+    if override and rows * padded * 2 <= MAX_PROGRAM_BYTES:
         columns = int(override)
         requested = 0 if columns <= 0 else max(1, triton.next_power_of_2(columns) // block_k)
     if requested < 0 or requested & (requested - 1):
         raise ValueError(f"gemv: prefetch_tiles must be 0 or a power of two, got {requested}")
-    return min(requested, max(1, triton.next_power_of_2(in_features) // block_k))
+    return min(requested, max(1, padded // block_k))
 
 
 def check_norm_inputs(caller: str, x: torch.Tensor, norm_weight: torch.Tensor | None,

@@ -122,7 +122,7 @@ def qkv_rotary_gemv(
         cos, sin, query, key_cache, value_cache, slot_mapping,
         weight.stride(0), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         K=in_features, NUM_QUERY_HEADS=num_query_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
-        PAIRS=pairs, BLOCK_K=block_k, PREFETCH_TILES=head_tiles(1, block_k, in_features), USE_PDL=use_pdl,
+        PAIRS=pairs, BLOCK_K=block_k, PREFETCH_TILES=head_tiles(1, block_k, in_features, 2 * pairs), USE_PDL=use_pdl,
         NORM=norm_weight is not None,
         HAS_RESIDUAL=residual is not None, K_PAD=triton.next_power_of_2(in_features), HAS_BIAS=bias is not None,
         BLOCK_SIZE=key_cache.shape[1], SATURATE=key_cache.dtype == torch.float8_e4m3fn,

@@ -59,15 +59,17 @@ def test_gemv_wide_head_tiles_sum_the_same_products(in_features, gated):
         assert output.abs().sum() > 0
 
 
-def test_head_tiles_are_capped_by_the_row_and_follow_the_override(monkeypatch):
+def test_head_tiles_are_capped_by_the_row_and_follow_the_override_for_narrow_programs(monkeypatch):
     monkeypatch.delenv("JOULE_GEMV_HEAD_COLUMNS", raising=False)
-    assert head_tiles(2, 512, 2048) == 2 and head_tiles(8, 512, 2048) == 4 and head_tiles(0, 512, 2048) == 0
-    assert head_tiles(4, 32, 40) == 2  # 40 columns pad to 64: two tiles hold the whole row
+    assert head_tiles(2, 512, 2048, 2) == 2 and head_tiles(8, 512, 2048, 2) == 4 and head_tiles(0, 512, 2048, 2) == 0
+    assert head_tiles(4, 32, 40, 8) == 2  # 40 columns pad to 64: two tiles hold the whole row
     monkeypatch.setenv("JOULE_GEMV_HEAD_COLUMNS", "2048")
-    assert head_tiles(1, 512, 2048) == 4 and head_tiles(2, 256, 2048) == 8 and head_tiles(2, 512, 8192) == 4
+    # Llama-3.2-1B's batch-1 programs: q/k/v (4 rows), o (2 rows), down (1 row of 8192) take the head ...
+    assert head_tiles(1, 512, 2048, 4) == 4 and head_tiles(2, 512, 2048, 2) == 4 and head_tiles(2, 512, 8192, 1) == 4
+    assert head_tiles(2, 256, 2048, 8) == 2  # ... the gated gate/up's 8-row (32 KB) programs keep theirs
     monkeypatch.setenv("JOULE_GEMV_HEAD_COLUMNS", "0")
-    assert head_tiles(2, 512, 2048) == 0
-    monkeypatch.setenv("JOULE_GEMV_HEAD_COLUMNS", "1024")
+    assert head_tiles(2, 512, 2048, 2) == 0
+    monkeypatch.setenv("JOULE_GEMV_HEAD_COLUMNS", "128")
     generator = torch.Generator().manual_seed(7)
     weight = torch.randn(24, 256, generator=generator).to(DEVICE, torch.float32)
     x = torch.randn(1, 256, generator=generator).to(DEVICE, torch.float32)
