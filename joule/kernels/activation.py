@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from joule.kernels.common import pdl_launch, wait_for_previous_grid
+from joule.kernels.common import cdiv, next_power_of_2, pdl_launch, wait_for_previous_grid
 
 
 @triton.jit
@@ -38,9 +38,9 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     output = torch.empty((num_rows, intermediate), dtype=gate_up.dtype, device=gate_up.device)
     if num_rows == 0:
         return output
-    block = min(1024, triton.next_power_of_2(intermediate))
+    block = min(1024, next_power_of_2(intermediate))
     use_pdl = pdl_launch(gate_up.device)
-    _silu_and_mul_kernel[(num_rows, triton.cdiv(intermediate, block))](
+    _silu_and_mul_kernel[(num_rows, cdiv(intermediate, block))](
         gate_up, output, gate_up.stride(0), output.stride(0),
         INTERMEDIATE=intermediate, BLOCK=block, USE_PDL=use_pdl, num_warps=4 if block >= 512 else 1,
         launch_pdl=use_pdl,

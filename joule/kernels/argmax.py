@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from joule.kernels.common import pdl_launch, wait_for_previous_grid
+from joule.kernels.common import cdiv, next_power_of_2, pdl_launch, wait_for_previous_grid
 
 CHUNK = 4096  # logits per program: 8 KB of bf16, ~32 programs per row of a 128k vocabulary
 
@@ -59,7 +59,7 @@ def argmax_rows(logits: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
         return output
     if vocab_size == 0:
         raise ValueError("argmax_rows: the vocabulary is empty")
-    num_chunks = triton.cdiv(vocab_size, chunk)
+    num_chunks = cdiv(vocab_size, chunk)
     best_values = torch.empty((rows, num_chunks), dtype=torch.float32, device=logits.device)
     best_indices = torch.empty((rows, num_chunks), dtype=torch.int64, device=logits.device)
     use_pdl = pdl_launch(logits.device)
@@ -67,6 +67,6 @@ def argmax_rows(logits: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
                                              num_chunks, CHUNK=chunk, USE_PDL=use_pdl, num_warps=4,
                                              launch_pdl=use_pdl)
     _row_argmax_kernel[(rows,)](best_values, best_indices, output, num_chunks,
-                                CHUNKS_PAD=max(16, triton.next_power_of_2(num_chunks)), USE_PDL=use_pdl,
+                                CHUNKS_PAD=max(16, next_power_of_2(num_chunks)), USE_PDL=use_pdl,
                                 num_warps=1, launch_pdl=use_pdl)
     return output

@@ -19,7 +19,14 @@ import torch
 import triton
 import triton.language as tl
 
-from joule.kernels.common import LOG2_E, dot_precision, interpreting, pdl_launch, wait_for_previous_grid
+from joule.kernels.common import (
+    LOG2_E,
+    dot_precision,
+    interpreting,
+    next_power_of_2,
+    pdl_launch,
+    wait_for_previous_grid,
+)
 from joule.kernels.paged_decode import attend_context_range, prefetch_context_tile
 
 # The weight tile a program holds in registers (elements): 128 rows x 256 columns with 8 warps.
@@ -95,7 +102,7 @@ def fits_fused_attention_output(num_heads: int, num_kv_heads: int, head_dim: int
     """Shapes and dtypes the fused kernel serves: a group narrow enough for one register tile, a cache of the
     query's dtype (no fp8), a 16-bit or float32 weight ``[hidden, num_heads * head_dim]``."""
     group_columns = (num_heads // num_kv_heads) * head_dim
-    return (num_heads % num_kv_heads == 0 and triton.next_power_of_2(group_columns) <= MAX_GROUP_COLUMNS
+    return (num_heads % num_kv_heads == 0 and next_power_of_2(group_columns) <= MAX_GROUP_COLUMNS
             and cache_dtype == query_dtype and weight.dtype == query_dtype and weight.dim() == 2
             and weight.shape[1] == num_heads * head_dim and weight.is_contiguous())
 
@@ -114,8 +121,8 @@ class FusedAttentionOutputBuffers:
 
 def launch_shape(num_heads: int, num_kv_heads: int, head_dim: int, launch: dict | None = None) -> dict:
     """Block sizes and warps (``launch`` overrides them, for sweeps)."""
-    columns_pad = triton.next_power_of_2((num_heads // num_kv_heads) * head_dim)
-    head_dim_pad = max(16, triton.next_power_of_2(head_dim))
+    columns_pad = next_power_of_2((num_heads // num_kv_heads) * head_dim)
+    head_dim_pad = max(16, next_power_of_2(head_dim))
     shape = {"block_rows": max(16, min(128, TILE_ELEMENTS // columns_pad)), "num_warps": 8,
              "block_n": 128 if head_dim_pad <= 64 else 64, "num_stages": 2, "prefetch": True}
     shape.update(launch or {})
@@ -162,8 +169,8 @@ def decode_attention_output(
         buffers.attended, buffers.partials, buffers.counters, output, scale * LOG2_E,
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         NUM_KV_HEADS=num_kv_heads, OUT_FEATURES=out_features, IN_FEATURES=num_heads * head_dim,
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)), COLUMNS_PAD=shape["columns_pad"],
+        GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)), HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=max(16, next_power_of_2(head_dim)), COLUMNS_PAD=shape["columns_pad"],
         BLOCK_ROWS=shape["block_rows"], BLOCK_SIZE=block_size, BLOCK_N=shape["block_n"],
         DOT_PRECISION=dot_precision(query.dtype), UPCAST_DOT=interpreting(), USE_PDL=use_pdl,
         PREFETCH_LINES=max(1, head_dim * key_cache.element_size() // 128) if use_pdl and shape["prefetch"] else 0,

@@ -17,6 +17,21 @@ except ImportError:  # pragma: no cover - older Triton: pdl_launch() is False, t
 LOG2_E = 1.4426950408889634
 
 
+def next_power_of_2(value: int) -> int:
+    """The smallest power of two >= ``value`` (0 for 0), on the host.
+
+    Why not ``triton.next_power_of_2``: in recent Triton it and ``triton.cdiv`` are constexpr functions whose host
+    calls unwrap their arguments through the compiler's machinery (~8 us each with triton 3.9); a kernel wrapper
+    calls them several times a launch, an eager step ~1,000 times.
+    """
+    return 1 << (value - 1).bit_length() if value > 0 else 0
+
+
+def cdiv(numerator: int, denominator: int) -> int:
+    """``numerator / denominator`` rounded up, on the host (see ``next_power_of_2`` for why not Triton's)."""
+    return -(-numerator // denominator)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """float32 inputs keep full precision (tf32 would cost ~3e-4 relative error)."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -63,7 +78,7 @@ def gemv_l2_prefetch_lines(use_pdl: bool, in_features: int, element_bytes: int) 
     """
     if not use_pdl or os.environ.get("JOULE_GEMV_L2_PREFETCH", "0") in ("", "0", "false", "off"):
         return 0
-    return triton.next_power_of_2(-(-in_features * element_bytes // 128))
+    return next_power_of_2(-(-in_features * element_bytes // 128))
 
 
 def device_capability(device: torch.device) -> tuple[int, int]:

@@ -27,7 +27,14 @@ import torch
 import triton
 import triton.language as tl
 
-from joule.kernels.common import gemv_l2_prefetch_lines, pdl_launch, prefetch_l2, wait_for_previous_grid
+from joule.kernels.common import (
+    cdiv,
+    gemv_l2_prefetch_lines,
+    next_power_of_2,
+    pdl_launch,
+    prefetch_l2,
+    wait_for_previous_grid,
+)
 
 
 @dataclass(frozen=True)
@@ -191,11 +198,11 @@ def gemv_config(out_features: int, in_features: int, num_sms: int = 132) -> Gemv
     cuBLAS's 18.3 and 127.5 us.
     """
     if out_features * in_features >= WIDE_WEIGHT_ELEMENTS:
-        return GemvConfig(block_n=8, block_k=min(256, triton.next_power_of_2(in_features)), num_warps=4,
+        return GemvConfig(block_n=8, block_k=min(256, next_power_of_2(in_features)), num_warps=4,
                           num_stages=1, prefetch_tiles=2)
-    block_k = min(512, triton.next_power_of_2(in_features))
+    block_k = min(512, next_power_of_2(in_features))
     block_n = 32
-    while block_n > 1 and (triton.cdiv(out_features, block_n) < 4 * num_sms
+    while block_n > 1 and (cdiv(out_features, block_n) < 4 * num_sms
                            or block_n * in_features * 2 > MAX_PROGRAM_BYTES):
         block_n //= 2
     return GemvConfig(block_n=block_n, block_k=block_k, num_warps=4, num_stages=3, prefetch_tiles=2)
@@ -235,13 +242,13 @@ def gemv(
     use_pdl = pdl_launch(x.device)
     output = torch.empty((1, outputs), dtype=x.dtype, device=x.device)
     residual_output = torch.empty_like(x) if residual is not None else None
-    _gemv_kernel[(triton.cdiv(outputs, block_n),)](
+    _gemv_kernel[(cdiv(outputs, block_n),)](
         x, weight, bias if bias is not None else weight, output, outputs, weight.stride(0),
         residual if residual is not None else x, norm_weight if norm_weight is not None else x,
         residual_output if residual_output is not None else x, eps,
         K=in_features, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=config.block_k,
         PREFETCH_TILES=prefetch_tiles, USE_PDL=use_pdl, NORM=norm_weight is not None,
-        HAS_RESIDUAL=residual is not None, K_PAD=triton.next_power_of_2(in_features), GATED=gated,
+        HAS_RESIDUAL=residual is not None, K_PAD=next_power_of_2(in_features), GATED=gated,
         L2_LINES=gemv_l2_prefetch_lines(use_pdl, in_features, weight.element_size()),
         num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=use_pdl,
     )
@@ -258,11 +265,11 @@ def head_tiles(requested: int, block_k: int, in_features: int, rows: int) -> int
     wave of programs of <= 16 KB) can hold their whole slice; the gated gate/up's 32 KB programs cannot without
     losing residency (ptxas, sm_90: 64 registers a thread with two tiles, 168 with the whole row).
     """
-    padded = triton.next_power_of_2(in_features)
+    padded = next_power_of_2(in_features)
     override = os.environ.get("JOULE_GEMV_HEAD_COLUMNS", "")
     if override and rows * padded * 2 <= MAX_PROGRAM_BYTES:
         columns = int(override)
-        requested = 0 if columns <= 0 else max(1, triton.next_power_of_2(columns) // block_k)
+        requested = 0 if columns <= 0 else max(1, next_power_of_2(columns) // block_k)
     if requested < 0 or requested & (requested - 1):
         raise ValueError(f"gemv: prefetch_tiles must be 0 or a power of two, got {requested}")
     return min(requested, max(1, padded // block_k))

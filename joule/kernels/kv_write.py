@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from joule.kernels.common import pdl_launch, wait_for_previous_grid
+from joule.kernels.common import next_power_of_2, pdl_launch, wait_for_previous_grid
 
 FP8_E4M3_MAX: tl.constexpr = tl.constexpr(448.0)
 
@@ -89,7 +89,7 @@ def write_kv_cache(
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         BLOCK_SIZE=key_cache.shape[1], NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
-        HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
+        HEADS_PAD=next_power_of_2(num_kv_heads), HEAD_DIM_PAD=next_power_of_2(head_dim),
         SATURATE=key_cache.dtype == torch.float8_e4m3fn, USE_PDL=use_pdl,
         num_warps=4 if num_kv_heads * head_dim >= 1024 else 1, launch_pdl=use_pdl,
     )

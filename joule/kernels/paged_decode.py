@@ -27,6 +27,7 @@ from joule.kernels.common import (
     device_capability,
     dot_precision,
     interpreting,
+    next_power_of_2,
     pdl_launch,
     prefetch_l2,
     tile_dot,
@@ -289,7 +290,7 @@ def paged_decode_attention(
     if num_sequences == 0:
         return output
     group = num_heads // num_kv_heads
-    head_dim_pad = max(16, triton.next_power_of_2(head_dim))
+    head_dim_pad = max(16, next_power_of_2(head_dim))
     # head_dim 64, bf16, B=64 x 4k context on an H200: block_n 128 read at 3.8 TB/s, 64 at 3.5 TB/s.
     # An fp8 cache at head_dim 128 (benchmarks/gpu/decode_sweep.py, H100, graph-timed, one layer of
     # Qwen3-0.6B): 128-token tiles and 3 stages take 253 us at B=256 x 1k (64-token tiles: 313 us; the
@@ -327,7 +328,7 @@ def paged_decode_attention(
         scale * LOG2_E, min_split_length, num_splits,
         query.stride(0), query.stride(1), output.stride(0), output.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)), HEAD_DIM=head_dim,
         HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size, BLOCK_N=block_n, DIRECT_OUTPUT=direct,
         HAS_SEQUENCE_IDS=sequence_ids is not None, DOT_PRECISION=dot_precision(query.dtype), UPCAST_DOT=interpreting(),
         FP16_DOT=bool(launch["fp16_dot"]) and fp8, FP8_ASM=bool(launch["fp8_asm"]),
@@ -341,7 +342,7 @@ def paged_decode_attention(
             sequence_ids if sequence_ids is not None else sequence_lengths,
             query_start_locations if query_start_locations is not None else sequence_lengths,
             min_split_length, num_splits, output.stride(0), output.stride(1),
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, SPLITS_PAD=triton.next_power_of_2(num_splits),
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, SPLITS_PAD=next_power_of_2(num_splits),
             HAS_SEQUENCE_IDS=sequence_ids is not None, BLOCK_N=block_n, USE_PDL=use_pdl,
             num_warps=1 if head_dim_pad <= 64 else 2, launch_pdl=use_pdl,
         )

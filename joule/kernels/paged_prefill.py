@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from joule.kernels.common import LOG2_E, dot_precision, interpreting, tile_dot
+from joule.kernels.common import LOG2_E, dot_precision, interpreting, next_power_of_2, tile_dot
 
 
 @triton.jit
@@ -141,12 +141,12 @@ def prefill_config(group: int, head_dim: int, dtype: torch.dtype) -> dict:
     """Launch shape. bf16, head_dim 64: (128, 64, 8 warps, 3 stages) was fastest of 24 configs on an
     H200 (8k prompt, 0.88 ms vs 1.05 for 4 warps/2 stages). float32 and wide heads take smaller
     tiles to fit shared memory."""
-    head_dim_pad = max(16, triton.next_power_of_2(head_dim))
+    head_dim_pad = max(16, next_power_of_2(head_dim))
     if dtype == torch.float32 or head_dim_pad > 128:
         config = dict(block_m=64, block_n=32, num_warps=4, num_stages=2)
     else:
         config = dict(block_m=128, block_n=64, num_warps=8, num_stages=3 if head_dim_pad <= 64 else 2)
-    config["block_m"] = max(config["block_m"], triton.next_power_of_2(group))
+    config["block_m"] = max(config["block_m"], next_power_of_2(group))
     return config
 
 
@@ -192,7 +192,7 @@ def paged_prefill_attention(
     group = num_heads // num_kv_heads
     default = prefill_config(group, head_dim, query.dtype)
     launch = {**default, **(launch or {})}
-    block_m, block_n = max(launch["block_m"], triton.next_power_of_2(group)), launch["block_n"]
+    block_m, block_n = max(launch["block_m"], next_power_of_2(group)), launch["block_n"]
     if tiles is not None and block_m != default["block_m"]:
         raise ValueError("paged_prefill_attention: a block_m override needs tiles built here (tiles=None)")
     if tiles is None:
@@ -209,7 +209,7 @@ def paged_prefill_attention(
         scale * LOG2_E, num_tiles,
         query.stride(0), query.stride(1), output.stride(0), output.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
-        GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)),
+        GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, next_power_of_2(head_dim)),
         BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
         ROWS_PER_TILE=block_m // group, DOT_PRECISION=dot_precision(query.dtype),
         UPCAST_DOT=interpreting(),

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from joule.kernels.common import gemv_l2_prefetch_lines, pdl_launch
+from joule.kernels.common import gemv_l2_prefetch_lines, next_power_of_2, pdl_launch
 from joule.kernels.gemv import _row_sets_gemv, check_norm_inputs, head_tiles
 from joule.kernels.kv_write import check_cache_pair, saturate_for_cache
 
@@ -112,7 +112,7 @@ def qkv_rotary_gemv(
     check_norm_inputs("qkv_rotary_gemv", hidden, norm_weight, residual)
     query = torch.empty((1, num_query_heads * head_dim), dtype=hidden.dtype, device=hidden.device)
     residual_output = torch.empty_like(hidden) if residual is not None else None
-    block_k = min(block_k, triton.next_power_of_2(in_features))
+    block_k = min(block_k, next_power_of_2(in_features))
     use_pdl = pdl_launch(hidden.device)
     grid = ((num_query_heads + 2 * num_kv_heads) * (half // pairs),)
     _qkv_rotary_kernel[grid](
@@ -124,7 +124,7 @@ def qkv_rotary_gemv(
         K=in_features, NUM_QUERY_HEADS=num_query_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         PAIRS=pairs, BLOCK_K=block_k, PREFETCH_TILES=head_tiles(1, block_k, in_features, 2 * pairs), USE_PDL=use_pdl,
         NORM=norm_weight is not None,
-        HAS_RESIDUAL=residual is not None, K_PAD=triton.next_power_of_2(in_features), HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=residual is not None, K_PAD=next_power_of_2(in_features), HAS_BIAS=bias is not None,
         BLOCK_SIZE=key_cache.shape[1], SATURATE=key_cache.dtype == torch.float8_e4m3fn,
         L2_LINES=gemv_l2_prefetch_lines(use_pdl, in_features, weight.element_size()),
         num_warps=4, num_stages=3, launch_pdl=use_pdl,

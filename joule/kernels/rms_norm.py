@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from joule.kernels.common import pdl_launch, wait_for_previous_grid
+from joule.kernels.common import next_power_of_2, pdl_launch, wait_for_previous_grid
 
 
 @triton.jit
@@ -53,7 +53,7 @@ def rms_norm(
     output = torch.empty(hidden.shape, dtype=torch.promote_types(hidden.dtype, weight.dtype), device=hidden.device)
     residual_output = torch.empty_like(hidden) if residual is not None else output
     if num_rows > 0:
-        block = triton.next_power_of_2(hidden_size)
+        block = next_power_of_2(hidden_size)
         use_pdl = pdl_launch(hidden.device)
         _rms_norm_kernel[(num_rows,)](
             hidden, residual if residual is not None else hidden, weight, output, residual_output, eps,

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from joule.kernels.common import pdl_launch, wait_for_previous_grid
+from joule.kernels.common import next_power_of_2, pdl_launch, wait_for_previous_grid
 from joule.kernels.kv_write import check_cache_pair, saturate_for_cache
 
 
@@ -139,7 +139,7 @@ def rotary_embedding_(
     norm_query = query_norm_weight if has_norm else cos
     norm_key = key_norm_weight if has_norm else cos
     num_key_heads = key.shape[1]
-    half_pad = triton.next_power_of_2(half)
+    half_pad = next_power_of_2(half)
     use_pdl = pdl_launch(query.device)
     if cache is None:
         value, key_cache, value_cache, slot_mapping = key, key, key, cos  # unused
@@ -149,7 +149,7 @@ def rotary_embedding_(
         value, key_cache, value_cache, slot_mapping, value.stride(0), value.stride(1),
         key_cache.stride(0) if cache else 0, key_cache.stride(1) if cache else 0, key_cache.stride(2) if cache else 0,
         NUM_QUERY_HEADS=num_query_heads, NUM_KEY_HEADS=num_key_heads,
-        QUERY_HEADS_PAD=triton.next_power_of_2(num_query_heads), KEY_HEADS_PAD=triton.next_power_of_2(num_key_heads),
+        QUERY_HEADS_PAD=next_power_of_2(num_query_heads), KEY_HEADS_PAD=next_power_of_2(num_key_heads),
         HALF=half, HALF_PAD=half_pad, HAS_NORM=has_norm, USE_PDL=use_pdl, WRITE_CACHE=cache is not None,
         BLOCK_SIZE=key_cache.shape[1] if cache else 1, SATURATE=cache is not None and key_cache.dtype == torch.float8_e4m3fn,
         num_warps=4 if num_query_heads * half_pad >= 1024 else 1, launch_pdl=use_pdl,
