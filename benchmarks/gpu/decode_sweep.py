@@ -1,8 +1,10 @@
 """Decode-attention launch configs, bf16 vs fp8 KV cache, graph-timed (one GPU call, ~1 minute).
 
-Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/decode_sweep.py [--focus] [out.json]
+Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/decode_sweep.py [--focus | --splits] [out.json]
 (``--focus``: only workload 2's step shape, compact and spread caches: bf16 and fp8 with each launch variant, the
-grid order ``heads_first`` and a head-major cache layout, the last two not measured yet.)
+grid order ``heads_first`` and a head-major cache layout, the last two not measured yet.
+``--splits``: Qwen3-0.6B's layer at the batch sizes workload 2 passes through as its requests finish (16-256 rows,
+1-2k tokens), every split count 1-8 against ``choose_num_splits``'s and ``wave_balanced_splits``'s choices.)
 
 Shapes of workload 2 (Qwen3-0.6B: 16 query / 8 KV heads of 128) and of Llama-3.2-1B (32 / 8 of 64),
 block size 16, shuffled block tables. For every (cache dtype, block_n, num_warps, num_stages) it prints
@@ -18,7 +20,7 @@ import sys
 
 import torch
 
-from joule.kernels.paged_decode import paged_decode_attention
+from joule.kernels.paged_decode import MIN_SPLIT_TOKENS, choose_num_splits, paged_decode_attention
 
 DEVICE = torch.device("cuda")
 
@@ -100,7 +102,64 @@ def focus() -> list[dict]:
     return rows
 
 
+def wave_balanced_splits(num_sequences: int, num_kv_heads: int, max_sequence_length: int, num_processors: int,
+                         low: float = 0.85, enough: float = 0.9) -> int:
+    """A candidate rule (measured here before it replaces ``choose_num_splits``): that rule's count, raised while
+    its programs fill less than ``low`` of the processors' last wave, to the first count filling ``enough``. Why:
+    at 40 rows x 8 KV heads, 320 unsplit programs on 132 processors take three waves for 2.4 waves of work
+    (workload 2's tail steps read KV at ~2.3 TB/s against ~3.0 at 256 rows, docs/benchmarks.md (f)); two splits
+    fill 4.85 of 5."""
+    programs = max(1, num_sequences * num_kv_heads)
+
+    def filled(splits: int) -> float:
+        return programs * splits / (-(-programs * splits // num_processors) * num_processors)
+
+    chosen = choose_num_splits(num_sequences, num_kv_heads, max_sequence_length, num_processors)
+    if filled(chosen) >= low:
+        return chosen
+    for splits in range(chosen + 1, chosen + 5):
+        if max_sequence_length // splits < MIN_SPLIT_TOKENS:
+            break
+        if filled(splits) >= enough:
+            return splits
+    return chosen
+
+
+def split_sweep() -> list[dict]:
+    """Each (batch, context) of Qwen3-0.6B's layer at 1-8 splits; the two rules' picks beside the best."""
+    rows = []
+    processors = torch.cuda.get_device_properties(DEVICE).multi_processor_count
+    for batch, context in itertools.product((16, 24, 40, 50, 64, 100, 120, 160, 256), (1024, 2048)):
+        query, keys, values, tables, lengths = make_inputs(batch, context, 16, 8, 128, torch.bfloat16)
+        kv_bytes = 2 * batch * context * 8 * 128 * keys.element_size()
+        output = torch.empty_like(query)
+        times = {}
+        for splits in range(1, 9):
+            times[splits] = 1e3 * graph_ms(lambda splits=splits: paged_decode_attention(
+                query, keys, values, tables, lengths, context, 128**-0.5, num_splits=splits, output=output,
+                min_split_tokens=MIN_SPLIT_TOKENS))
+        current = choose_num_splits(batch, 8, context, processors)
+        balanced = wave_balanced_splits(batch, 8, context, processors)
+        best = min(times, key=times.get)
+        row = dict(batch=batch, context=context, us=times, best=best, current=current, balanced=balanced,
+                   gbps_best=kv_bytes / times[best] / 1e3)
+        rows.append(row)
+        print(f"splits: B={batch:3d} ctx={context:4d}  best {best} {times[best]:7.1f} us ({row['gbps_best']:5.0f} GB/s)"
+              f"  current {current} {times[current]:7.1f}  balanced {balanced} {times[balanced]:7.1f}  "
+              + " ".join(f"{s}:{t:.0f}" for s, t in times.items()), flush=True)
+        del query, keys, values
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
+    if "--splits" in sys.argv:
+        rows = split_sweep()
+        out = [arg for arg in sys.argv[1:] if arg != "--splits"]
+        if out:
+            with open(out[0], "w") as handle:
+                json.dump(rows, handle, indent=1)
+        return
     if "--focus" in sys.argv:
         rows = focus()
         out = [arg for arg in sys.argv[1:] if arg != "--focus"]

@@ -12,7 +12,9 @@
 #          then the gate/up GEMM with SiLU-and-mul in its epilogue against cuBLAS + silu_and_mul
 #          (gate_up_silu_sweep.py) and the decode GEMMs with their weights from DRAM and split-K tiles
 #          (decode_gemm_sweep.py); every step's timeout together stays under a call's 600 s;
-#   bench: engine_bench.py, the issue's four workloads (~4 minutes, not in "all").
+#   bench: engine_bench.py, the issue's four workloads (~4 minutes, not in "all");
+#   splits: decode attention's split count at workload 2's shrinking batches, every count 1-8 against the current
+#          rule and a wave-balanced candidate (decode_sweep.py --splits; ~2 minutes, not in "all").
 # Usage (repository root, joule importable): OUT=/some/dir bash benchmarks/gpu/pending_checks.sh PART... (fused, fair,
 # w3, perf, next; "all" is fused fair w3, more than one call's 10 minutes)
 # Every step has its own timeout, so one that hangs leaves the others their time; big JSON is gzipped.
@@ -22,7 +24,7 @@ RUN=""
 [[ ${DRY:-0} == 1 ]] && RUN="echo"
 OUT=${OUT:?set OUT to a directory for the results}
 WHAT=" ${*:-all} "
-wants() { [[ $WHAT == *" all "* && $1 != perf && $1 != next && $1 != bench ]] || [[ $WHAT == *" $1 "* ]]; }
+wants() { [[ $WHAT == *" all "* && $1 != perf && $1 != next && $1 != bench && $1 != splits ]] || [[ $WHAT == *" $1 "* ]]; }
 MODEL=benchmarks/configs/llama-3.2-1b
 mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:-.}
@@ -66,6 +68,11 @@ if wants next; then
     > "$OUT/decode_gemm_sweep.log" 2>&1
   echo "decode GEMM sweep: exit $?"; grep -E " 256 " "$OUT/decode_gemm_sweep.log"
   $RUN gzip -f "$OUT/decode_gemm_sweep.json" "$OUT/gate_up_silu_sweep.json" 2>/dev/null
+fi
+
+if wants splits; then
+  $RUN timeout 240 python benchmarks/gpu/decode_sweep.py --splits "$OUT/decode_splits.json" > "$OUT/decode_splits.log" 2>&1
+  echo "decode splits: exit $?"; grep "^splits" "$OUT/decode_splits.log"
 fi
 
 if wants bench; then
