@@ -13,10 +13,12 @@
 #          (gate_up_silu_sweep.py) and the decode GEMMs with their weights from DRAM and split-K tiles
 #          (decode_gemm_sweep.py); every step's timeout together stays under a call's 600 s;
 #   bench: engine_bench.py, the issue's four workloads (~4 minutes, not in "all");
+#   mlp:   the fused gate/up + SiLU GEMM (joule/kernels/gate_up_silu.py, off by default): its tests on the GPU, then
+#          workload 3 with it off and on (bs1_ab.py --w3, alternated; ~4 minutes, not in "all");
 #   splits: decode attention's split count at workload 2's shrinking batches, every count 1-8 against the current
 #          rule and a wave-balanced candidate (decode_sweep.py --splits; ~2 minutes, not in "all").
 # Usage (repository root, joule importable): OUT=/some/dir bash benchmarks/gpu/pending_checks.sh PART... (fused, fair,
-# w3, perf, next; "all" is fused fair w3, more than one call's 10 minutes)
+# w3, perf, next, bench, mlp, splits; "all" is fused fair w3, more than one call's 10 minutes)
 # Every step has its own timeout, so one that hangs leaves the others their time; big JSON is gzipped.
 # DRY=1 prints the commands instead of running them.
 set -u
@@ -24,7 +26,8 @@ RUN=""
 [[ ${DRY:-0} == 1 ]] && RUN="echo"
 OUT=${OUT:?set OUT to a directory for the results}
 WHAT=" ${*:-all} "
-wants() { [[ $WHAT == *" all "* && $1 != perf && $1 != next && $1 != bench && $1 != splits ]] || [[ $WHAT == *" $1 "* ]]; }
+wants() { [[ $WHAT == *" all "* && $1 != perf && $1 != next && $1 != bench && $1 != splits && $1 != mlp ]] ||
+  [[ $WHAT == *" $1 "* ]]; }
 MODEL=benchmarks/configs/llama-3.2-1b
 mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:-.}
@@ -68,6 +71,13 @@ if wants next; then
     > "$OUT/decode_gemm_sweep.log" 2>&1
   echo "decode GEMM sweep: exit $?"; grep -E " 256 " "$OUT/decode_gemm_sweep.log"
   $RUN gzip -f "$OUT/decode_gemm_sweep.json" "$OUT/gate_up_silu_sweep.json" 2>/dev/null
+fi
+
+if wants mlp; then
+  $RUN timeout 60 python -m pytest -q -p no:cacheprovider tests/kernels/test_gate_up_silu.py > "$OUT/mlp_tests.log" 2>&1
+  echo "MLP tests: exit $? ($(tail -1 "$OUT/mlp_tests.log"))"
+  $RUN timeout 300 python benchmarks/gpu/bs1_ab.py "$OUT/w3_mlp" 2 --w3 JOULE_FUSED_GATE_UP=0,1 > "$OUT/w3_mlp.log" 2>&1
+  echo "w3 MLP A/B: exit $?"; tail -4 "$OUT/w3_mlp.log"
 fi
 
 if wants splits; then

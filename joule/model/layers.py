@@ -233,6 +233,12 @@ def norm_then_project(
         residual, hidden = hidden, norm(hidden)
     else:
         hidden, residual = norm(hidden, residual)
+    if (gated and hidden.is_cuda and projection.bias is None and not projection.transposed
+            and hidden.dtype == projection.weight.dtype):
+        from joule.kernels.gate_up_silu import fused_gate_up_enabled, gate_up_silu
+
+        if fused_gate_up_enabled():  # one GEMM with SwiGLU in its epilogue (off until measured)
+            return gate_up_silu(hidden.reshape(-1, hidden.shape[-1]), projection.weight), residual
     output = projection(hidden)
     return (swiglu(output) if gated else output), residual
 
