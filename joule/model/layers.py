@@ -221,7 +221,8 @@ def norm_then_project(
     ``gated``: SwiGLU's ``silu(gate) * up`` of the output's halves.
 
     On one CUDA row the norm and the activation run inside the Triton GEMV: a batch-1 decode step saves
-    three launches a layer. Elsewhere: the norm, the GEMM and the activation one after another.
+    three launches a layer. Elsewhere: the norm, the GEMM and the activation one after another (with
+    ``JOULE_FUSED_GATE_UP=1`` on CUDA, the GEMM and the activation as one Triton GEMM: ``gate_up_silu.py``).
     """
     if projection.runs_row_gemv(hidden) and norm.weight.dtype == hidden.dtype:
         from joule.kernels.gemv import gemv
