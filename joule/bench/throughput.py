@@ -14,8 +14,10 @@ def add_throughput_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_engine_arguments(parser)
     parser.add_argument("--num-prompts", type=int, default=32)
-    parser.add_argument("--input-len", type=int, default=128)
-    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--input-len", default="128",
+                        help="prompt tokens: N, uniform:LO:HI (inclusive) or lognormal:MEDIAN:SIGMA[:MAX]; "
+                        "uniform:100:1024 for both is nano-vllm's workload")
+    parser.add_argument("--output-len", default="64", help="output tokens, as --input-len")
     parser.add_argument("--workload-seed", type=int, default=0)
     parser.add_argument("--compare", choices=["hf"], default=None, help="also run transformers generate")
     parser.add_argument("--hf-batch-size", type=int, default=None, help="transformers batch (default: all prompts)")
@@ -30,16 +32,20 @@ def add_throughput_arguments(parser: argparse.ArgumentParser) -> None:
 def run_throughput(args: argparse.Namespace) -> int:
     import torch
 
-    from joule.bench.workload import fixed_length_workload
+    from joule.bench.workload import distribution_workload
     from joule.cli_args import engine_config_from_args
     from joule.llm_engine import LLMEngine
 
     if args.repeat < 1:
         raise ValueError(f"--repeat must be at least 1, got {args.repeat}")
+    input_len, output_len = _length_argument(args.input_len, "input"), _length_argument(args.output_len, "output")
+    if args.compare == "hf" and not (input_len.kind == output_len.kind == "fixed"):
+        raise ValueError("--compare hf needs fixed --input-len and --output-len: transformers generate runs its "
+                         "batch at one prompt and one output length")
     engine = LLMEngine(engine_config_from_args(args))
     special = set(engine.tokenizer.all_special_ids) if engine.tokenizer is not None else set()
-    requests = fixed_length_workload(
-        args.num_prompts, args.input_len, args.output_len, engine.model_config.vocab_size, args.workload_seed, special
+    requests = distribution_workload(
+        args.num_prompts, input_len, output_len, engine.model_config.vocab_size, args.workload_seed, special
     )
     load_before = os.getloadavg()[0]
     if args.repeat == 1:
@@ -56,8 +62,8 @@ def run_throughput(args: argparse.Namespace) -> int:
         "model": args.model or "smollm2-135m",
         "dtype": results[0]["dtype"],
         "num_prompts": args.num_prompts,
-        "input_len": args.input_len,
-        "output_len": args.output_len,
+        "input_len": input_len.describe(),
+        "output_len": output_len.describe(),
         "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
@@ -80,6 +86,16 @@ def run_throughput(args: argparse.Namespace) -> int:
         with open(args.output_json, "w") as handle:
             json.dump({"info": info, "results": results}, handle, indent=2)
     return 0
+
+
+def _length_argument(text: str, role: str):
+    """``--input-len`` / ``--output-len`` parsed, a bad value named by its option."""
+    from joule.bench.workload import LengthDistribution
+
+    try:
+        return LengthDistribution.parse(str(text), role)
+    except ValueError as error:
+        raise ValueError(f"--{role}-len: {error}") from None
 
 
 def _run_alternating(engine, requests, args) -> list[dict]:

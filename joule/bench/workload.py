@@ -64,6 +64,34 @@ def uniform_length_workload(
     return requests
 
 
+def distribution_workload(
+    num_prompts: int, input_len: LengthDistribution, output_len: LengthDistribution, vocab_size: int, seed: int = 0,
+    avoid_ids=frozenset(),
+) -> list[SyntheticRequest]:
+    """Random token prompts with lengths drawn from ``input_len`` and ``output_len`` (``joule bench throughput``).
+
+    Fixed lengths give ``fixed_length_workload``'s requests, and equal uniform ranges with no ids to avoid give
+    ``uniform_length_workload``'s (nano-vllm's workload, as the GPU benchmarks draw it), so the CLI and the
+    scripts run the very same prompts; other shapes draw lengths from a seeded numpy generator.
+    """
+    if input_len.kind == "fixed" and output_len.kind == "fixed":
+        return fixed_length_workload(num_prompts, int(input_len.low), int(output_len.low), vocab_size, seed, avoid_ids)
+    if input_len.kind == output_len.kind == "uniform" and input_len == output_len and not avoid_ids:
+        return uniform_length_workload(num_prompts, int(input_len.low), int(input_len.high), vocab_size, seed)
+    lengths = np.random.default_rng(seed)
+    inputs, outputs = input_len.sample(lengths, num_prompts), output_len.sample(lengths, num_prompts)
+    generator = random.Random(seed)
+    candidates = [token for token in range(vocab_size) if token not in avoid_ids] if avoid_ids else None
+    requests = []
+    for prompt_len, output in zip(inputs.tolist(), outputs.tolist()):
+        if candidates is not None:
+            ids = [generator.choice(candidates) for _ in range(prompt_len)]
+        else:
+            ids = [generator.randrange(vocab_size) for _ in range(prompt_len)]
+        requests.append(SyntheticRequest(ids, output))
+    return requests
+
+
 @dataclass(frozen=True)
 class LengthDistribution:
     kind: str
