@@ -1,8 +1,9 @@
 """Batch-1 decode A/B of environment switches, alternating, in fresh processes: `joule bench latency` per variant.
 
-Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/bs1_ab.py $OUT [rounds] [--w3] [VAR=a,b ...]
+Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/bs1_ab.py $OUT [rounds] [--w2|--w3] [VAR=a,b ...]
 Default: JOULE_GEMV_L2_PREFETCH=0,1 over 2 rounds (Llama-3.2-1B shape, bf16, dummy weights, 128 -> 256).
-``--w3``: workload 3 instead (`joule bench throughput`, 256 x (512 -> 128), output tok/s; the engine alone). Each
+``--w3``: workload 3 instead (`joule bench throughput`, 256 x (512 -> 128), output tok/s; the engine alone);
+``--w2``: workload 2 (Qwen3-0.6B, 256 x uniform [100, 1024] in and out). Each
 variant's runs are interleaved with the others', so a machine that drifts (host speed varied ~2x between calls in
 docs/benchmarks.md (f)) moves all of them alike; the table gives each variant's best and median tok/s.
 """
@@ -23,15 +24,19 @@ COMMAND = [sys.executable, "-m", "joule.cli", "bench", "latency", "--model", "be
 WORKLOAD_THREE = [sys.executable, "-m", "joule.cli", "bench", "throughput", "--model", "benchmarks/configs/llama-3.2-1b",
                   "--load-format", "dummy", "--dtype", "bfloat16", "--max-model-len", "4096", "--num-prompts", "256",
                   "--input-len", "512", "--output-len", "128"]
+WORKLOAD_TWO = [sys.executable, "-m", "joule.cli", "bench", "throughput", "--model", "benchmarks/configs/qwen3-0.6b",
+                "--load-format", "dummy", "--dtype", "bfloat16", "--max-model-len", "4096", "--num-prompts", "256",
+                "--input-len", "uniform:100:1024", "--output-len", "uniform:100:1024"]
+THROUGHPUT = {"--w2": ("w2", WORKLOAD_TWO), "--w3": ("w3", WORKLOAD_THREE)}
 
 
 def main() -> None:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else os.environ.get("OUT", "out"))
     out.mkdir(parents=True, exist_ok=True)
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 2
-    workload_three = "--w3" in sys.argv[3:]
-    command = WORKLOAD_THREE if workload_three else COMMAND
-    switches = ([argument.split("=", 1) for argument in sys.argv[3:] if argument != "--w3"]
+    workload = next((THROUGHPUT[flag] for flag in sys.argv[3:] if flag in THROUGHPUT), None)
+    prefix, command = workload or ("latency", COMMAND)
+    switches = ([argument.split("=", 1) for argument in sys.argv[3:] if argument not in THROUGHPUT]
                 or [["JOULE_GEMV_L2_PREFETCH", "0,1"]])
     names = [name for name, _ in switches]
     variants = list(itertools.product(*(values.split(",") for _, values in switches)))
@@ -40,7 +45,7 @@ def main() -> None:
         for variant in variants:
             label = ",".join(f"{name}={value}" for name, value in zip(names, variant))
             file_label = label.replace(",", "_").replace("=", "-")  # no "=" in names the device tool returns
-            path = out / f"{'w3' if workload_three else 'latency'}-{file_label}-{round_index}.json"
+            path = out / f"{prefix}-{file_label}-{round_index}.json"
             env = {**os.environ, **dict(zip(names, variant))}
             completed = subprocess.run([*command, "--output-json", str(path)], env=env, capture_output=True, text=True)
             if completed.returncode != 0:
@@ -48,7 +53,7 @@ def main() -> None:
                 continue
             with open(path) as handle:
                 result = json.load(handle)
-            if workload_three:
+            if workload is not None:
                 results[variant].append(result["results"][0]["output_tok_per_s"])
                 print(f"round {round_index}: {label}: {results[variant][-1]:.1f} output tok/s", flush=True)
                 continue

@@ -20,7 +20,7 @@ import sys
 
 import torch
 
-from joule.kernels.paged_decode import MIN_SPLIT_TOKENS, choose_num_splits, paged_decode_attention
+from joule.kernels.paged_decode import MIN_SPLIT_TOKENS, choose_num_splits, paged_decode_attention, wave_balanced_splits
 
 DEVICE = torch.device("cuda")
 
@@ -100,29 +100,6 @@ def focus() -> list[dict]:
             del query, keys, values
             torch.cuda.empty_cache()
     return rows
-
-
-def wave_balanced_splits(num_sequences: int, num_kv_heads: int, max_sequence_length: int, num_processors: int,
-                         low: float = 0.85, enough: float = 0.9) -> int:
-    """A candidate rule (measured here before it replaces ``choose_num_splits``): that rule's count, raised while
-    its programs fill less than ``low`` of the processors' last wave, to the first count filling ``enough``. Why:
-    at 40 rows x 8 KV heads, 320 unsplit programs on 132 processors take three waves for 2.4 waves of work
-    (workload 2's tail steps read KV at ~2.3 TB/s against ~3.0 at 256 rows, docs/benchmarks.md (f)); two splits
-    fill 4.85 of 5."""
-    programs = max(1, num_sequences * num_kv_heads)
-
-    def filled(splits: int) -> float:
-        return programs * splits / (-(-programs * splits // num_processors) * num_processors)
-
-    chosen = choose_num_splits(num_sequences, num_kv_heads, max_sequence_length, num_processors)
-    if filled(chosen) >= low:
-        return chosen
-    for splits in range(chosen + 1, chosen + 5):
-        if max_sequence_length // splits < MIN_SPLIT_TOKENS:
-            break
-        if filled(splits) >= enough:
-            return splits
-    return chosen
 
 
 def split_sweep() -> list[dict]:

@@ -16,7 +16,8 @@
 #   mlp:   the fused gate/up + SiLU GEMM (joule/kernels/gate_up_silu.py, off by default): its tests on the GPU, then
 #          workload 3 with it off and on (bs1_ab.py --w3, alternated; ~4 minutes, not in "all");
 #   splits: decode attention's split count at workload 2's shrinking batches, every count 1-8 against the current
-#          rule and a wave-balanced candidate (decode_sweep.py --splits; ~2 minutes, not in "all").
+#          rule and the wave-balanced one (decode_sweep.py --splits), then workload 2 with each rule
+#          (JOULE_DECODE_SPLITS=current,wave; bs1_ab.py --w2, alternated; ~5 minutes, not in "all").
 # Usage (repository root, joule importable): OUT=/some/dir bash benchmarks/gpu/pending_checks.sh PART... (fused, fair,
 # w3, perf, next, bench, mlp, splits; "all" is fused fair w3, more than one call's 10 minutes)
 # Every step has its own timeout, so one that hangs leaves the others their time; big JSON is gzipped.
@@ -81,8 +82,11 @@ if wants mlp; then
 fi
 
 if wants splits; then
-  $RUN timeout 240 python benchmarks/gpu/decode_sweep.py --splits "$OUT/decode_splits.json" > "$OUT/decode_splits.log" 2>&1
+  $RUN timeout 200 python benchmarks/gpu/decode_sweep.py --splits "$OUT/decode_splits.json" > "$OUT/decode_splits.log" 2>&1
   echo "decode splits: exit $?"; grep "^splits" "$OUT/decode_splits.log"
+  $RUN timeout 300 python benchmarks/gpu/bs1_ab.py "$OUT/w2_splits" 2 --w2 JOULE_DECODE_SPLITS=current,wave \
+    > "$OUT/w2_splits.log" 2>&1
+  echo "w2 split rule A/B: exit $?"; tail -4 "$OUT/w2_splits.log"
 fi
 
 if wants bench; then

@@ -46,7 +46,9 @@ def test_next_runs_the_gemv_tests_the_head_ab_and_the_two_gemm_sweeps(tmp_path):
 
 
 def test_mlp_splits_and_bench_run_alone_or_together(tmp_path):
-    assert _dry_run(tmp_path, "mlp", "splits", "bench") == ["w3 MLP A/B", "decode splits", "engine bench"]
+    assert _dry_run(tmp_path, "mlp", "splits", "bench") == ["w3 MLP A/B", "decode splits", "w2 split rule A/B",
+                                                             "engine bench"]
+    assert "--w2 JOULE_DECODE_SPLITS=current,wave" in (tmp_path / "w2_splits.log").read_text()
     assert "tests/kernels/test_gate_up_silu.py" in (tmp_path / "mlp_tests.log").read_text()
     assert f"bs1_ab.py {tmp_path}/w3_mlp 2 --w3 JOULE_FUSED_GATE_UP=0,1" in (tmp_path / "w3_mlp.log").read_text()
     assert f"decode_sweep.py --splits {tmp_path}/decode_splits.json" in (tmp_path / "decode_splits.log").read_text()

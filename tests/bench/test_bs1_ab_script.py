@@ -1,0 +1,26 @@
+"""benchmarks/gpu/bs1_ab.py on the CPU, its commands shrunk to the default model: each variant runs in its own
+process with its switch set, and the table reports every variant (the throughput modes read the engine's row)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from helpers.scripts import BENCHMARKS, load_script
+
+pytestmark = pytest.mark.slow
+script = load_script(BENCHMARKS / "gpu" / "bs1_ab.py", "bs1_ab")
+SMALL = ["--dtype", "float32", "--kv-cache-memory-bytes", str(64 << 20), "--max-model-len", "256"]
+
+
+def test_a_throughput_ab_runs_each_variant_and_tabulates(tmp_path, monkeypatch, capsys):
+    command = [sys.executable, "-m", "joule.cli", "bench", "throughput", *SMALL, "--num-prompts", "2",
+               "--input-len", "uniform:4:8", "--output-len", "uniform:2:3"]
+    monkeypatch.setitem(script.THROUGHPUT, "--w2", ("w2", command))
+    monkeypatch.setattr(sys, "argv", ["bs1_ab.py", str(tmp_path), "1", "--w2", "JOULE_DECODE_SPLITS=current,wave"])
+    script.main()
+    out = capsys.readouterr().out
+    assert "round 0: JOULE_DECODE_SPLITS=current:" in out and "round 0: JOULE_DECODE_SPLITS=wave:" in out
+    assert "failed" not in out
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "w2-JOULE_DECODE_SPLITS-current-0.json", "w2-JOULE_DECODE_SPLITS-wave-0.json"]
