@@ -130,20 +130,14 @@ def split_sweep() -> list[dict]:
 
 
 def main() -> None:
-    if "--splits" in sys.argv:
-        rows = split_sweep()
-        out = [arg for arg in sys.argv[1:] if arg != "--splits"]
-        if out:
-            with open(out[0], "w") as handle:
-                json.dump(rows, handle, indent=1)
-        return
-    if "--focus" in sys.argv:
-        rows = focus()
-        out = [arg for arg in sys.argv[1:] if arg != "--focus"]
-        if out:
-            with open(out[0], "w") as handle:
-                json.dump(rows, handle, indent=1)
-        return
+    for flag, sweep in (("--splits", split_sweep), ("--focus", focus)):
+        if flag in sys.argv:
+            rows = sweep()
+            out = [arg for arg in sys.argv[1:] if arg != flag]
+            if out:
+                with open(out[0], "w") as handle:
+                    json.dump(rows, handle, indent=1)
+            return
     results = []
     shapes = (("qwen3-0.6b", 16, 8, 128), ("llama-3.2-1b", 32, 8, 64))
     for (name, heads, kv_heads, head_dim), (batch, context) in itertools.product(shapes, ((256, 1024), (64, 4096))):

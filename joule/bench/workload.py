@@ -41,14 +41,15 @@ def fixed_length_workload(
     """Random token prompts of one length; ids in ``avoid_ids`` (special tokens) are skipped."""
     generator = random.Random(seed)
     candidates = [token for token in range(vocab_size) if token not in avoid_ids] if avoid_ids else None
-    requests = []
-    for _ in range(num_prompts):
-        if candidates is not None:
-            ids = [generator.choice(candidates) for _ in range(input_len)]
-        else:
-            ids = [generator.randrange(vocab_size) for _ in range(input_len)]
-        requests.append(SyntheticRequest(ids, output_len))
-    return requests
+    return [SyntheticRequest(_random_prompt(generator, input_len, vocab_size, candidates), output_len)
+            for _ in range(num_prompts)]
+
+
+def _random_prompt(generator: random.Random, length: int, vocab_size: int, candidates: list[int] | None) -> list[int]:
+    """``length`` token ids drawn from ``candidates`` (when some ids are to be avoided) or the whole vocabulary."""
+    if candidates is not None:
+        return [generator.choice(candidates) for _ in range(length)]
+    return [generator.randrange(vocab_size) for _ in range(length)]
 
 
 def uniform_length_workload(
@@ -82,14 +83,8 @@ def distribution_workload(
     inputs, outputs = input_len.sample(lengths, num_prompts), output_len.sample(lengths, num_prompts)
     generator = random.Random(seed)
     candidates = [token for token in range(vocab_size) if token not in avoid_ids] if avoid_ids else None
-    requests = []
-    for prompt_len, output in zip(inputs.tolist(), outputs.tolist()):
-        if candidates is not None:
-            ids = [generator.choice(candidates) for _ in range(prompt_len)]
-        else:
-            ids = [generator.randrange(vocab_size) for _ in range(prompt_len)]
-        requests.append(SyntheticRequest(ids, output))
-    return requests
+    return [SyntheticRequest(_random_prompt(generator, prompt_len, vocab_size, candidates), output)
+            for prompt_len, output in zip(inputs.tolist(), outputs.tolist())]
 
 
 @dataclass(frozen=True)
