@@ -13,13 +13,15 @@
 #          (gate_up_silu_sweep.py) and the decode GEMMs with their weights from DRAM and split-K tiles
 #          (decode_gemm_sweep.py); every step's timeout together stays under a call's 600 s;
 #   bench: engine_bench.py, the issue's four workloads (~4 minutes, not in "all");
+#   pdl:   batch 1 with the next kernel let in before each wait (JOULE_PDL_EARLY_TRIGGER=0,1) crossed with the
+#          wider GEMV head (JOULE_GEMV_HEAD_COLUMNS unset, 2048); bs1_ab.py, alternated (~5 minutes, not in "all");
 #   mlp:   the fused gate/up + SiLU GEMM (joule/kernels/gate_up_silu.py, off by default): its tests on the GPU, then
 #          workload 3 with it off and on (bs1_ab.py --w3, alternated; ~4 minutes, not in "all");
 #   splits: decode attention's split count at workload 2's shrinking batches, every count 1-8 against the current
 #          rule and the wave-balanced one (decode_sweep.py --splits), then workload 2 with each rule
 #          (JOULE_DECODE_SPLITS=current,wave; bs1_ab.py --w2, alternated; ~5 minutes, not in "all").
 # Usage (repository root, joule importable): OUT=/some/dir bash benchmarks/gpu/pending_checks.sh PART... (fused, fair,
-# w3, perf, next, bench, mlp, splits; "all" is fused fair w3, more than one call's 10 minutes)
+# w3, perf, next, bench, pdl, mlp, splits; "all" is fused fair w3, more than one call's 10 minutes)
 # Every step has its own timeout, so one that hangs leaves the others their time; big JSON is gzipped.
 # DRY=1 prints the commands instead of running them.
 set -u
@@ -27,8 +29,8 @@ RUN=""
 [[ ${DRY:-0} == 1 ]] && RUN="echo"
 OUT=${OUT:?set OUT to a directory for the results}
 WHAT=" ${*:-all} "
-wants() { [[ $WHAT == *" all "* && $1 != perf && $1 != next && $1 != bench && $1 != splits && $1 != mlp ]] ||
-  [[ $WHAT == *" $1 "* ]]; }
+NOT_IN_ALL=" perf next bench pdl mlp splits "
+wants() { [[ $WHAT == *" all "* && $NOT_IN_ALL != *" $1 "* ]] || [[ $WHAT == *" $1 "* ]]; }
 MODEL=benchmarks/configs/llama-3.2-1b
 mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:-.}
@@ -72,6 +74,12 @@ if wants next; then
     > "$OUT/decode_gemm_sweep.log" 2>&1
   echo "decode GEMM sweep: exit $?"; grep -E " 256 " "$OUT/decode_gemm_sweep.log"
   $RUN gzip -f "$OUT/decode_gemm_sweep.json" "$OUT/gate_up_silu_sweep.json" 2>/dev/null
+fi
+
+if wants pdl; then
+  $RUN timeout 330 python benchmarks/gpu/bs1_ab.py "$OUT/bs1_pdl" 2 JOULE_PDL_EARLY_TRIGGER=0,1 \
+    JOULE_GEMV_HEAD_COLUMNS=,2048 > "$OUT/bs1_pdl.log" 2>&1
+  echo "bs1 PDL trigger A/B: exit $?"; tail -6 "$OUT/bs1_pdl.log"
 fi
 
 if wants mlp; then

@@ -92,16 +92,35 @@ def _capability(index: int) -> tuple[int, int]:
 
 
 @triton.jit
-def wait_for_previous_grid(USE_PDL: tl.constexpr):
+def _wait_then_let_next_launch(USE_PDL: tl.constexpr):
     """Under PDL: block until the previous kernel's writes are visible, then let the next kernel start.
 
-    Every PDL-launched kernel calls this before it reads another kernel's output or writes anything (a buffer
-    it writes may still be read by the previous kernel). Kernels before it in the stream are complete too,
-    because each of them waited for its own predecessor before finishing.
+    Every PDL-launched kernel calls this (as ``wait_for_previous_grid``) before it reads another kernel's output or
+    writes anything (a buffer it writes may still be read by the previous kernel). Kernels before it in the stream
+    are complete too, because each of them waited for its own predecessor before finishing.
     """
     if USE_PDL:
         gdc_wait()
         gdc_launch_dependents()
+
+
+@triton.jit
+def _let_next_launch_then_wait(USE_PDL: tl.constexpr):
+    """``_wait_then_let_next_launch`` with the next kernel let in first: its programs load what does not depend on
+    this kernel (a GEMV's weights) one kernel further ahead. Safe: a grid launches only once every program of the
+    one before it has started, so the oldest waiting grid is always resident, and each wait still waits for the
+    previous grid to complete."""
+    if USE_PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+
+
+# Chosen once, when the kernels are defined: ``JOULE_PDL_EARLY_TRIGGER=1`` lets each kernel's successor launch before
+# the kernel's own wait (benchmarks compare the two in fresh processes; off until measured). Two functions rather
+# than a flag, so each choice compiles into kernels of its own in Triton's cache.
+wait_for_previous_grid = (_let_next_launch_then_wait
+                          if os.environ.get("JOULE_PDL_EARLY_TRIGGER", "0") in ("1", "true", "on")
+                          else _wait_then_let_next_launch)
 
 
 @triton.jit

@@ -45,6 +45,12 @@ def test_next_runs_the_gemv_tests_the_head_ab_and_the_two_gemm_sweeps(tmp_path):
     assert f"decode_gemm_sweep.py {tmp_path}/decode_gemm_sweep.json" in (tmp_path / "decode_gemm_sweep.log").read_text()
 
 
+def test_pdl_runs_the_trigger_and_head_ab(tmp_path):
+    assert _dry_run(tmp_path, "pdl") == ["bs1 PDL trigger A/B"]
+    ab = (tmp_path / "bs1_pdl.log").read_text()
+    assert "JOULE_PDL_EARLY_TRIGGER=0,1" in ab and "JOULE_GEMV_HEAD_COLUMNS=,2048" in ab
+
+
 def test_mlp_splits_and_bench_run_alone_or_together(tmp_path):
     assert _dry_run(tmp_path, "mlp", "splits", "bench") == ["w3 MLP A/B", "decode splits", "w2 split rule A/B",
                                                              "engine bench"]

@@ -31,6 +31,10 @@ COMPILE = textwrap.dedent("""
         compiled = compile(source, target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": num_warps, "num_stages": num_stages})
         assert len(compiled.asm["cubin"]) > 0
+        ptx = compiled.asm["ptx"]
+        if constants.get("USE_PDL"):  # where the next kernel may launch: after this one's wait, or with the switch before
+            trigger, wait = ptx.index("griddepcontrol.launch_dependents"), ptx.index("griddepcontrol.wait")
+            print("early trigger" if trigger < wait else "late trigger", flush=True)
 
     gemv_signature = {"x_ptr": "*bf16", "weight_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32",
                       "stride_weight": "i32", "residual_ptr": "*bf16", "norm_weight_ptr": "*bf16",
@@ -68,9 +72,13 @@ COMPILE = textwrap.dedent("""
 """)
 
 
-def test_gemv_kernels_compile_for_hopper_with_any_head():
+@pytest.mark.parametrize("early_trigger", ["0", "1"])  # JOULE_PDL_EARLY_TRIGGER, read when the kernels are defined
+def test_gemv_kernels_compile_for_hopper_with_any_head(early_trigger):
     environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    environment["JOULE_PDL_EARLY_TRIGGER"] = early_trigger
     completed = subprocess.run([sys.executable, "-c", COMPILE], env=environment, capture_output=True, text=True,
                                timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert completed.stdout.count(" ok") == 11
+    order = "early trigger" if early_trigger == "1" else "late trigger"
+    assert completed.stdout.count(order) == 9 and completed.stdout.count("trigger") == 9  # the 9 PDL kernels
