@@ -121,8 +121,9 @@ def split_sweep() -> list[dict]:
         row = dict(batch=batch, context=context, us=times, best=best, current=current, balanced=balanced,
                    gbps_best=kv_bytes / times[best] / 1e3)
         rows.append(row)
+        nan = float("nan")  # a rule's pick beyond the eight counts timed
         print(f"splits: B={batch:3d} ctx={context:4d}  best {best} {times[best]:7.1f} us ({row['gbps_best']:5.0f} GB/s)"
-              f"  current {current} {times[current]:7.1f}  balanced {balanced} {times[balanced]:7.1f}  "
+              f"  current {current} {times.get(current, nan):7.1f}  balanced {balanced} {times.get(balanced, nan):7.1f}  "
               + " ".join(f"{s}:{t:.0f}" for s, t in times.items()), flush=True)
         del query, keys, values
         torch.cuda.empty_cache()
