@@ -123,7 +123,8 @@ def split_sweep() -> list[dict]:
         rows.append(row)
         nan = float("nan")  # a rule's pick beyond the eight counts timed
         print(f"splits: B={batch:3d} ctx={context:4d}  best {best} {times[best]:7.1f} us ({row['gbps_best']:5.0f} GB/s)"
-              f"  current {current} {times.get(current, nan):7.1f}  balanced {balanced} {times.get(balanced, nan):7.1f}  "
+              f"  current {current} {times.get(current, nan):7.1f}"
+              f"  balanced {balanced} {times.get(balanced, nan):7.1f}  "
               + " ".join(f"{s}:{t:.0f}" for s, t in times.items()), flush=True)
         del query, keys, values
         torch.cuda.empty_cache()
