@@ -25,11 +25,11 @@ from collections import defaultdict
 sys.path.insert(0, "benchmarks/gpu")
 import torch  # noqa: E402
 from engine_bench import LLAMA_1B, QWEN3_06B, build, generate  # noqa: E402
+from profile_engine import add_all  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 from joule.bench.workload import fixed_length_workload, uniform_length_workload  # noqa: E402
 from joule.heap import heap_frozen_while_running  # noqa: E402
-from joule.sampling_params import RequestOutputKind, SamplingParams  # noqa: E402
 
 GAP_US = 5.0
 W2_WINDOWS = ((0, 24), (150, 180), (500, 530), (850, 880))  # step ranges: prompts, then 256, ~150, ~40 decoding
@@ -126,20 +126,12 @@ def report(result: dict) -> None:
               f"{gap['before'][:34]:34s} host: {' > '.join(gap['host'])}")
 
 
-def add_requests(engine, prompts: list[list[int]], lengths: list[int]) -> None:
-    tag = time.monotonic_ns()
-    for index, (prompt, length) in enumerate(zip(prompts, lengths)):
-        params = SamplingParams(temperature=0.0, max_tokens=length, ignore_eos=True,
-                                output_kind=RequestOutputKind.FINAL_ONLY)
-        engine.add_request(f"{tag}-{index}", {"prompt_token_ids": prompt}, params)
-
-
 def profiled_windows(engine, prompts, lengths, windows, out_dir: str, name: str) -> list[dict]:
     """One run of the workload, the profiler on only for the step ranges in ``windows``; a result per window."""
     engine.block_manager.reset_prefix_cache()
     results, step = [], 0
     with heap_frozen_while_running():
-        add_requests(engine, prompts, lengths)
+        add_all(engine, prompts, lengths)
         for first, last in windows:
             while step < first and engine.has_unfinished_requests():
                 engine.step()
