@@ -77,6 +77,7 @@ class _StepTensors:
         self.metadata = metadata
         self.tiles: dict[int, torch.Tensor] = {}  # by rows per tile
         self.fixed_num_splits: int | None = None
+        self.chosen_num_splits: int | None = None  # the split rule's pick, made by the step's first layer
         self.static_tiles: torch.Tensor | None = None  # StaticPrefillMetadata's precomputed tiles
         if isinstance(metadata, StaticDecodeMetadata):
             if not metadata.is_decode_only or metadata.sequence_lengths_device is None:
@@ -163,9 +164,11 @@ class TritonAttentionBackend(AttentionBackend):
         if step.num_decodes > 0:
             num_splits = step.fixed_num_splits or self.decode_num_splits
             if num_splits is None:
-                num_splits = decode_num_splits(
-                    step.num_decodes, num_kv_heads, step.decode_max_length, self._processors(query.device)
-                )
+                if step.chosen_num_splits is None:  # the same for every layer of the step
+                    step.chosen_num_splits = decode_num_splits(
+                        step.num_decodes, num_kv_heads, step.decode_max_length, self._processors(query.device)
+                    )
+                num_splits = step.chosen_num_splits
             paged_decode_attention(
                 query, key_cache, value_cache, metadata.block_tables, step.sequence_lengths,
                 step.decode_max_length, scale, num_splits=num_splits, output=output,
