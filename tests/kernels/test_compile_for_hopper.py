@@ -82,3 +82,42 @@ def test_gemv_kernels_compile_for_hopper_with_any_head(early_trigger):
     assert completed.stdout.count(" ok") == 11
     order = "early trigger" if early_trigger == "1" else "late trigger"
     assert completed.stdout.count(order) == 9 and completed.stdout.count("trigger") == 9  # the 9 PDL kernels
+
+
+DECODE_WARM = textwrap.dedent("""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+    from joule.kernels.paged_decode import _decode_partial_kernel
+
+    signature = {name: "*bf16" for name in ("query_ptr", "key_cache_ptr", "value_cache_ptr", "output_ptr",
+                                            "warm_first_ptr", "warm_second_ptr", "warm_third_ptr")}
+    signature.update({name: "*i32" for name in ("block_tables_ptr", "sequence_lengths_ptr", "sequence_ids_ptr",
+                                                "query_start_locations_ptr")})
+    signature.update({"partial_output_ptr": "*fp32", "partial_lse_ptr": "*fp32", "scale_log2": "fp32"})
+    signature.update({name: "i32" for name in (
+        "min_split_length", "num_splits", "warm_first_bytes", "warm_second_bytes", "warm_third_bytes",
+        "stride_query_token", "stride_query_head", "stride_output_token", "stride_output_head", "stride_cache_block",
+        "stride_cache_offset", "stride_cache_head", "stride_table_sequence")})
+    constants = dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=64, HEAD_DIM_PAD=64, BLOCK_SIZE=16, BLOCK_N=128,
+                     DIRECT_OUTPUT=False, HAS_SEQUENCE_IDS=False, DOT_PRECISION="tf32", UPCAST_DOT=False,
+                     FP16_DOT=False, FP8_ASM=False, HEADS_FIRST=False, USE_PDL=True, PREFETCH_LINES=1,
+                     LINE_ELEMENTS=64, WARM_LANES=128)
+    for warm in (False, True):
+        source = ASTSource(_decode_partial_kernel, {**signature, **{name: "constexpr" for name in constants},
+                                                    "WARM": "constexpr"}, constexprs={**constants, "WARM": warm})
+        compiled = compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2})
+        ptx = compiled.asm["ptx"]
+        prefetches = ptx.count("cp.async.bulk.prefetch.L2.global")
+        before_wait = prefetches > 0 and ptx.index("cp.async.bulk.prefetch.L2") < ptx.index("griddepcontrol.wait")
+        print("warm" if warm else "plain", prefetches, "before wait" if before_wait else "-", flush=True)
+""")
+
+
+def test_decode_attention_warms_l2_before_its_wait_only_when_asked():
+    """JOULE_L2_WARM_MB: one bulk prefetch per range (three), issued before the PDL wait; none without it."""
+    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    completed = subprocess.run([sys.executable, "-c", DECODE_WARM], env=environment, capture_output=True, text=True,
+                               timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "plain 0 -" in completed.stdout
+    assert "warm 3 before wait" in completed.stdout
