@@ -115,12 +115,13 @@ def _let_next_launch_then_wait(USE_PDL: tl.constexpr):
         gdc_wait()
 
 
-# Chosen once, when the kernels are defined: ``JOULE_PDL_EARLY_TRIGGER=1`` lets each kernel's successor launch before
-# the kernel's own wait (benchmarks compare the two in fresh processes; off until measured). Two functions rather
-# than a flag, so each choice compiles into kernels of its own in Triton's cache.
-wait_for_previous_grid = (_let_next_launch_then_wait
-                          if os.environ.get("JOULE_PDL_EARLY_TRIGGER", "0") in ("1", "true", "on")
-                          else _wait_then_let_next_launch)
+# Chosen once, when the kernels are defined: each kernel lets its successor launch before its own wait, the default
+# since batch 1 on the H100 ran 938.9 against 907.0 tok/s with the successor let in after the wait
+# (``JOULE_PDL_EARLY_TRIGGER=0``; docs/benchmarks.md, H100 2026-12-05 (g)). Two functions rather than a flag, so
+# each choice compiles into kernels of its own in Triton's cache.
+wait_for_previous_grid = (_wait_then_let_next_launch
+                          if os.environ.get("JOULE_PDL_EARLY_TRIGGER", "1") in ("0", "false", "off")
+                          else _let_next_launch_then_wait)
 
 
 @triton.jit

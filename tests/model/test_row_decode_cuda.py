@@ -12,7 +12,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 def _decode_once(fused: bool, monkeypatch, with_bias: bool, fuse_output: bool | None = None):
     from joule.model.config import ModelConfig
-    from joule.model.layers import MergedLinear
+    from joule.model.layers import MergedLinear, RotaryEmbedding
     from joule.model.llama import LlamaForCausalLM
     from joule.runtime.attention.base import AttentionMetadata, ForwardContext, KVCache
     from joule.runtime.attention.triton_backend import TritonAttentionBackend
@@ -28,6 +28,8 @@ def _decode_once(fused: bool, monkeypatch, with_bias: bool, fuse_output: bool | 
         if "norm" in name:
             parameter.data = 1 + 0.1 * torch.randn_like(parameter.data)
     model = model.to("cuda", torch.bfloat16)
+    # The rotary table stays float32, as the loader keeps it: the fused q/k/v + rotary kernel's condition.
+    model.model.rotary_emb.cos_sin_table = RotaryEmbedding(config).cos_sin_table.to("cuda")
     model.merge_projections()
     backend = TritonAttentionBackend(fuse_output_projection=fused if fuse_output is None else fuse_output)
     if not fused:  # every projection through cuBLAS, the backend writing the cache
