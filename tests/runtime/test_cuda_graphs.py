@@ -276,3 +276,56 @@ def test_short_context_variants_split_less_and_give_the_same_tokens(tiny_dir):
     static = [_generate(engine, [prompt], 12)[0] for prompt in prompts]
     assert static == eager
     assert True in variants and False in variants  # 40 + 12 tokens stay short; 60 + 12 cross the bound
+
+
+def test_batch_one_greedy_steps_take_the_logits_and_argmax_in_the_replay(tiny_dir):
+    """GREEDY_GRAPH_SIZES: a one-row step whose row samples plain greedy runs ``run_greedy`` (on CUDA one replay
+    through the argmax) with the eager path's tokens; two rows, or a sampled row, take the hidden-state graph."""
+    from joule.runtime.attention.triton_backend import TritonAttentionBackend
+    from joule.runtime.cuda_graphs import GREEDY_GRAPH_SIZES
+
+    assert GREEDY_GRAPH_SIZES == (1,)
+    engine = LLMEngine.from_kwargs(model=str(tiny_dir), device="cpu", dtype="float32",
+                                   kv_cache_memory_bytes=1 << 22, max_model_len=256, max_num_seqs=4)
+    executor = engine.core.executor
+    executor.backend = TritonAttentionBackend()
+    generator = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, 200, (length,), generator=generator).tolist() for length in (7, 19)]
+    eager_single = _generate(engine, prompts[:1], 6)
+    eager_pair = _generate(engine, prompts, 6)
+
+    engine.block_manager.reset_prefix_cache()
+    runner = DecodeGraphRunner(executor.model, executor.kv_cache, executor.backend, executor.device,
+                               max_num_seqs=4, max_model_len=256)
+    assert runner.serves_greedy(1) and not runner.serves_greedy(2)
+    executor.graph_runner, executor.use_cuda_graphs = runner, True
+    greedy_rows, hidden_rows = [], []
+    original_greedy, original_run = runner.run_greedy, runner.run
+    runner.run_greedy = lambda plan, source=None: greedy_rows.append(len(plan.sequences)) or original_greedy(plan,
+                                                                                                           source)
+    runner.run = lambda plan, source=None: hidden_rows.append(len(plan.sequences)) or original_run(plan, source)
+    assert _generate(engine, prompts[:1], 6) == eager_single
+    assert greedy_rows == [1] * 5 and hidden_rows == []  # five decode steps after the prompt's
+    greedy_rows.clear()
+    assert _generate(engine, prompts, 6) == eager_pair
+    assert greedy_rows == [] and set(hidden_rows) == {2}
+
+    hidden_rows.clear()
+    sampled = SamplingParams(temperature=0.8, seed=5, max_tokens=4, ignore_eos=True)
+    engine.add_request("sampled", {"prompt_token_ids": prompts[0]}, sampled)
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert greedy_rows == [] and hidden_rows == [1, 1, 1]
+
+
+def test_greedy_graphs_switch_off(tiny_dir, monkeypatch):
+    from joule.runtime.attention.triton_backend import TritonAttentionBackend
+    from joule.runtime.cuda_graphs import GREEDY_GRAPHS_ENV
+
+    monkeypatch.setenv(GREEDY_GRAPHS_ENV, "0")
+    engine = LLMEngine.from_kwargs(model=str(tiny_dir), device="cpu", dtype="float32",
+                                   kv_cache_memory_bytes=1 << 22, max_model_len=256, max_num_seqs=4)
+    executor = engine.core.executor
+    runner = DecodeGraphRunner(executor.model, executor.kv_cache, TritonAttentionBackend(), executor.device,
+                               max_num_seqs=4, max_model_len=256)
+    assert runner.greedy_sizes == () and not runner.serves_greedy(1)
