@@ -22,6 +22,9 @@
 #          (JOULE_DECODE_SPLITS=current,wave; bs1_ab.py --w2, alternated; ~5 minutes, not in "all").
 #   warm:  batch-1 attention asking L2 for the o and gate/up weights (JOULE_L2_WARM_MB unset, 0, 8, 16, 24 MB of
 #          gate/up; joule/kernels/l2_warm.py): its CUDA tests, then bs1_ab.py, one round (~4 minutes, not in "all");
+#   greedy: batch-1 greedy steps with the logits GEMV and the argmax inside the decode graph (JOULE_GREEDY_GRAPHS=0,1)
+#          crossed with the fused attention + o kernel (JOULE_FUSED_ATTENTION_OUTPUT=0,1): graphs == eager in float32
+#          (graphs_check.py), the decode-graph tests, then bs1_ab.py, two rounds (~4 minutes, not in "all");
 # Usage (repository root, joule importable): OUT=/some/dir bash benchmarks/gpu/pending_checks.sh PART... (fused, fair,
 # w3, perf, next, bench, pdl, mlp, splits; "all" is fused fair w3, more than one call's 10 minutes)
 # Every step has its own timeout, so one that hangs leaves the others their time; big JSON is gzipped.
@@ -31,7 +34,7 @@ RUN=""
 [[ ${DRY:-0} == 1 ]] && RUN="echo"
 OUT=${OUT:?set OUT to a directory for the results}
 WHAT=" ${*:-all} "
-NOT_IN_ALL=" perf next bench pdl mlp splits warm "
+NOT_IN_ALL=" perf next bench pdl mlp splits warm greedy "
 wants() { [[ $WHAT == *" all "* && $NOT_IN_ALL != *" $1 "* ]] || [[ $WHAT == *" $1 "* ]]; }
 MODEL=benchmarks/configs/llama-3.2-1b
 mkdir -p "$OUT"
@@ -90,6 +93,17 @@ if wants warm; then
   echo "warm tests: exit $? ($(tail -1 "$OUT/warm_tests.log"))"
   $RUN timeout 260 python benchmarks/gpu/bs1_ab.py "$OUT/bs1_warm" 1 JOULE_L2_WARM_MB=,0,8,16,24 > "$OUT/bs1_warm.log" 2>&1
   echo "bs1 L2 warm A/B: exit $?"; tail -7 "$OUT/bs1_warm.log"
+fi
+
+if wants greedy; then
+  $RUN timeout 90 python benchmarks/gpu/graphs_check.py > "$OUT/graphs_check.log" 2>&1
+  echo "graphs check: exit $? ($(tail -1 "$OUT/graphs_check.log"))"
+  $RUN timeout 90 python -m pytest -q -p no:cacheprovider tests/runtime/test_cuda_graphs.py tests/runtime/test_decode_lookahead.py \
+    tests/model/test_row_decode_cuda.py > "$OUT/greedy_tests.log" 2>&1
+  echo "greedy tests: exit $? ($(tail -1 "$OUT/greedy_tests.log"))"
+  $RUN timeout 150 python benchmarks/gpu/bs1_ab.py "$OUT/bs1_greedy" 2 JOULE_GREEDY_GRAPHS=0,1 \
+    JOULE_FUSED_ATTENTION_OUTPUT=0,1 > "$OUT/bs1_greedy.log" 2>&1
+  echo "bs1 greedy graph A/B: exit $?"; tail -6 "$OUT/bs1_greedy.log"
 fi
 
 if wants mlp; then
