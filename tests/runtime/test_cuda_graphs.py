@@ -278,13 +278,14 @@ def test_short_context_variants_split_less_and_give_the_same_tokens(tiny_dir):
     assert True in variants and False in variants  # 40 + 12 tokens stay short; 60 + 12 cross the bound
 
 
-def test_batch_one_greedy_steps_take_the_logits_and_argmax_in_the_replay(tiny_dir):
+def test_batch_one_greedy_steps_take_the_logits_and_argmax_in_the_replay(tiny_dir, monkeypatch):
     """GREEDY_GRAPH_SIZES: a one-row step whose row samples plain greedy runs ``run_greedy`` (on CUDA one replay
     through the argmax) with the eager path's tokens; two rows, or a sampled row, take the hidden-state graph."""
     from joule.runtime.attention.triton_backend import TritonAttentionBackend
-    from joule.runtime.cuda_graphs import GREEDY_GRAPH_SIZES
+    from joule.runtime.cuda_graphs import GREEDY_GRAPH_SIZES, GREEDY_GRAPHS_ENV
 
     assert GREEDY_GRAPH_SIZES == (1,)
+    monkeypatch.setenv(GREEDY_GRAPHS_ENV, "1")
     engine = LLMEngine.from_kwargs(model=str(tiny_dir), device="cpu", dtype="float32",
                                    kv_cache_memory_bytes=1 << 22, max_model_len=256, max_num_seqs=4)
     executor = engine.core.executor
@@ -318,11 +319,15 @@ def test_batch_one_greedy_steps_take_the_logits_and_argmax_in_the_replay(tiny_di
     assert greedy_rows == [] and hidden_rows == [1, 1, 1]
 
 
-def test_greedy_graphs_switch_off(tiny_dir, monkeypatch):
+@pytest.mark.parametrize("setting", [None, "0"])
+def test_greedy_graphs_are_off_by_default_and_when_switched_off(tiny_dir, monkeypatch, setting):
     from joule.runtime.attention.triton_backend import TritonAttentionBackend
     from joule.runtime.cuda_graphs import GREEDY_GRAPHS_ENV
 
-    monkeypatch.setenv(GREEDY_GRAPHS_ENV, "0")
+    if setting is None:
+        monkeypatch.delenv(GREEDY_GRAPHS_ENV, raising=False)
+    else:
+        monkeypatch.setenv(GREEDY_GRAPHS_ENV, setting)
     engine = LLMEngine.from_kwargs(model=str(tiny_dir), device="cpu", dtype="float32",
                                    kv_cache_memory_bytes=1 << 22, max_model_len=256, max_num_seqs=4)
     executor = engine.core.executor
