@@ -185,7 +185,9 @@ class DecodeGraphRunner:
                           ForwardContext(self.backend, self.kv_cache, metadata))
 
     def _greedy_forward(self, size: int, short: bool = False) -> torch.Tensor:
-        logits = self.model.compute_logits(self._forward(size, short))
+        metadata = (self.short_metadata if short else self.metadata)[size]
+        logits = self.model.forward_logits(self.input_ids[:size], self.positions[:size],
+                                           ForwardContext(self.backend, self.kv_cache, metadata))
         if logits.is_cuda:
             from joule.kernels.argmax import argmax_rows  # Triton: imported only where CUDA is
 
