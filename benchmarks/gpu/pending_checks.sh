@@ -20,8 +20,6 @@
 #   splits: decode attention's split count at workload 2's shrinking batches, every count 1-8 against the current
 #          rule and the wave-balanced one (decode_sweep.py --splits), then workload 2 with each rule
 #          (JOULE_DECODE_SPLITS=current,wave; bs1_ab.py --w2, alternated; ~5 minutes, not in "all").
-#   warm:  batch-1 attention asking L2 for the o and gate/up weights (JOULE_L2_WARM_MB unset, 0, 8, 16, 24 MB of
-#          gate/up; joule/kernels/l2_warm.py): its CUDA tests, then bs1_ab.py, one round (~4 minutes, not in "all");
 #   greedy: batch-1 greedy steps with the logits GEMV and the argmax inside the decode graph (JOULE_GREEDY_GRAPHS=0,1)
 #          crossed with the fused attention + o kernel (JOULE_FUSED_ATTENTION_OUTPUT=0,1): graphs == eager in float32
 #          (graphs_check.py), the decode-graph tests, then bs1_ab.py, two rounds (~4 minutes, not in "all");
@@ -34,7 +32,7 @@ RUN=""
 [[ ${DRY:-0} == 1 ]] && RUN="echo"
 OUT=${OUT:?set OUT to a directory for the results}
 WHAT=" ${*:-all} "
-NOT_IN_ALL=" perf next bench pdl mlp splits warm greedy "
+NOT_IN_ALL=" perf next bench pdl mlp splits greedy "
 wants() { [[ $WHAT == *" all "* && $NOT_IN_ALL != *" $1 "* ]] || [[ $WHAT == *" $1 "* ]]; }
 MODEL=benchmarks/configs/llama-3.2-1b
 mkdir -p "$OUT"
@@ -85,14 +83,6 @@ if wants pdl; then
   $RUN timeout 330 python benchmarks/gpu/bs1_ab.py "$OUT/bs1_pdl" 2 JOULE_PDL_EARLY_TRIGGER=0,1 \
     JOULE_GEMV_HEAD_COLUMNS=,2048 > "$OUT/bs1_pdl.log" 2>&1
   echo "bs1 PDL trigger A/B: exit $?"; tail -6 "$OUT/bs1_pdl.log"
-fi
-
-if wants warm; then
-  $RUN timeout 90 python -m pytest -q -p no:cacheprovider tests/model/test_row_decode_cuda.py tests/kernels/test_gemv.py \
-    tests/kernels/test_qkv_rotary.py > "$OUT/warm_tests.log" 2>&1
-  echo "warm tests: exit $? ($(tail -1 "$OUT/warm_tests.log"))"
-  $RUN timeout 260 python benchmarks/gpu/bs1_ab.py "$OUT/bs1_warm" 1 JOULE_L2_WARM_MB=,0,8,16,24 > "$OUT/bs1_warm.log" 2>&1
-  echo "bs1 L2 warm A/B: exit $?"; tail -7 "$OUT/bs1_warm.log"
 fi
 
 if wants greedy; then

@@ -35,7 +35,6 @@ from joule.kernels.common import (
     tile_dot,
     wait_for_previous_grid,
 )
-from joule.kernels.l2_warm import WarmRange, bulk_prefetch_available, warm_arguments, warm_l2
 
 # Below this another split costs more than it gains. H200, batch-1 Llama-3.2-1B decode at 128-384 tokens:
 # 128 gave 1141.6 tok/s against 1105.8 for 256 (`joule bench latency`; measured while an in-kernel split merge,
@@ -139,20 +138,18 @@ def attend_context_range(
 
 
 # Step-to-step values are not specialised on: each "== 1" / "divisible by 16" pattern is a ~1 s compile.
-@triton.jit(do_not_specialize=["min_split_length", "num_splits", "stride_table_sequence", "warm_first_bytes",
-                              "warm_second_bytes", "warm_third_bytes"])
+@triton.jit(do_not_specialize=["min_split_length", "num_splits", "stride_table_sequence"])
 def _decode_partial_kernel(
     query_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, sequence_lengths_ptr,
     sequence_ids_ptr, query_start_locations_ptr, output_ptr, partial_output_ptr, partial_lse_ptr,
     scale_log2, min_split_length, num_splits,
-    warm_first_ptr, warm_first_bytes, warm_second_ptr, warm_second_bytes, warm_third_ptr, warm_third_bytes,
     stride_query_token, stride_query_head, stride_output_token, stride_output_head,
     stride_cache_block, stride_cache_offset, stride_cache_head, stride_table_sequence,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT_OUTPUT: tl.constexpr,
     HAS_SEQUENCE_IDS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     FP16_DOT: tl.constexpr, FP8_ASM: tl.constexpr, HEADS_FIRST: tl.constexpr, USE_PDL: tl.constexpr,
-    PREFETCH_LINES: tl.constexpr, LINE_ELEMENTS: tl.constexpr, WARM: tl.constexpr, WARM_LANES: tl.constexpr,
+    PREFETCH_LINES: tl.constexpr, LINE_ELEMENTS: tl.constexpr,
 ):
     # HEADS_FIRST: programs launched in a row serve the KV heads of one sequence, which lie side by side in each
     # token's cache row, instead of one head of neighbouring sequences (scattered blocks).
@@ -177,10 +174,6 @@ def _decode_partial_kernel(
         prefetch_context_tile(key_cache_ptr, value_cache_ptr, table_row, split_start, split_end, kv_head,
                               stride_cache_block, stride_cache_offset, stride_cache_head, BLOCK_SIZE, BLOCK_N,
                               PREFETCH_LINES, LINE_ELEMENTS)
-    if WARM:  # the next kernels' weights towards L2 while this latency-bound kernel leaves the bus idle (l2_warm.py)
-        program = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + split
-        warm_l2(warm_first_ptr, warm_first_bytes, warm_second_ptr, warm_second_bytes, warm_third_ptr,
-                warm_third_bytes, program, tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2), WARM_LANES)
     wait_for_previous_grid(USE_PDL)
 
     rows = tl.arange(0, GROUP_PAD)
@@ -309,7 +302,6 @@ def paged_decode_attention(
     launch: dict | None = None,  # overrides of block_n / num_warps / num_stages (tuning sweeps)
     sequence_ids: torch.Tensor | None = None,  # int32 [N]: only these sequences, rows from query_start_locations
     query_start_locations: torch.Tensor | None = None,
-    l2_warm: tuple[WarmRange, ...] = (),  # weights the next kernels read, asked of L2 (Hopper; joule.kernels.l2_warm)
 ) -> torch.Tensor:
     """Attention of each sequence's single new row over its first ``sequence_length`` cached tokens.
 
@@ -360,7 +352,6 @@ def paged_decode_attention(
     use_pdl = pdl_launch(query.device)
     # Under PDL the first tile's cache lines are prefetched into L2 while the previous kernel finishes.
     prefetch_lines = max(1, head_dim * key_cache.element_size() // 128) if use_pdl else 0
-    warm = bool(l2_warm) and bulk_prefetch_available(query.device)
     grid = ((num_kv_heads, num_sequences, num_splits) if launch["heads_first"]
             else (num_sequences, num_kv_heads, num_splits))
     _decode_partial_kernel[grid](
@@ -368,7 +359,7 @@ def paged_decode_attention(
         sequence_ids if sequence_ids is not None else sequence_lengths,
         query_start_locations if query_start_locations is not None else sequence_lengths,
         output, partial_output, partial_lse,
-        scale * LOG2_E, min_split_length, num_splits, *warm_arguments(l2_warm if warm else (), query),
+        scale * LOG2_E, min_split_length, num_splits,
         query.stride(0), query.stride(1), output.stride(0), output.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)), HEAD_DIM=head_dim,
@@ -376,8 +367,7 @@ def paged_decode_attention(
         HAS_SEQUENCE_IDS=sequence_ids is not None, DOT_PRECISION=dot_precision(query.dtype), UPCAST_DOT=interpreting(),
         FP16_DOT=bool(launch["fp16_dot"]) and fp8, FP8_ASM=bool(launch["fp8_asm"]),
         HEADS_FIRST=bool(launch["heads_first"]), USE_PDL=use_pdl,
-        PREFETCH_LINES=prefetch_lines, LINE_ELEMENTS=128 // key_cache.element_size(), WARM=warm,
-        WARM_LANES=32 * launch["num_warps"], num_warps=launch["num_warps"],
+        PREFETCH_LINES=prefetch_lines, LINE_ELEMENTS=128 // key_cache.element_size(), num_warps=launch["num_warps"],
         num_stages=launch["num_stages"], launch_pdl=use_pdl,
     )
     if not direct:

@@ -48,7 +48,6 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.qkv_proj: MergedLinear | None = None
-        self._warm_cache: tuple = (None, ())  # (gate/up bytes, the L2 warm ranges built for them)
 
     def merge_projections(self, transpose_weight: bool) -> None:
         """Replace q/k/v by one GEMM (after the checkpoint is loaded by its names)."""
@@ -81,15 +80,13 @@ class Attention(nn.Module):
 
     def forward_normed(
         self, norm: RMSNorm, hidden: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
-        sin: torch.Tensor, context: ForwardContext, next_weight: torch.Tensor | None = None,
+        sin: torch.Tensor, context: ForwardContext,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``norm(hidden [+ residual])`` through attention and the output projection; also the new residual.
 
         One CUDA row (batch-1 decode) whose backend lets the model write the cache: the norm, the q/k/v GEMV,
         the rotation and the cache write are one kernel (``joule.kernels.qkv_rotary``), and where the backend
-        serves it the attention and the output projection another (``joule.kernels.attention_output``).
-        There the attention may ask L2 for the o weight and the head of ``next_weight`` (the gate/up projection's;
-        ``JOULE_L2_WARM_MB``, ``joule.kernels.l2_warm``)."""
+        serves it the attention and the output projection another (``joule.kernels.attention_output``)."""
         destination = context.kv_destination(self.layer_index) if hidden.is_cuda else None
         if (destination is not None and not self.uses_qk_norm and self.qkv_proj.runs_row_gemv(hidden)
                 and norm.weight.dtype == hidden.dtype and cos.dtype == torch.float32):
@@ -103,25 +100,11 @@ class Attention(nn.Module):
             if self.o_proj.bias is None and not self.o_proj.transposed:  # attention and o in one kernel if served
                 output = context.attend_and_project(self.layer_index, query, self.o_proj.weight, self.scale)
             if output is None:
-                attended = context.attend(self.layer_index, query, None, None, self.scale, kv_stored=True,
-                                          l2_warm=self._warm_ranges(next_weight))
+                attended = context.attend(self.layer_index, query, None, None, self.scale, kv_stored=True)
                 output = self.o_proj(attended.reshape(1, self.num_heads * self.head_dim))
             return output, hidden if new_residual is None else new_residual
         qkv, residual = norm_then_project(self.qkv_proj, norm, hidden, residual)
         return self.attend_projected(qkv, cos, sin, context), residual
-
-    def _warm_ranges(self, next_weight: torch.Tensor | None) -> tuple:
-        """What the batch-1 attention asks of L2 for the kernels after it (empty: warming off); built once per
-        setting, since an eager step asks every layer."""
-        from joule.kernels.l2_warm import decode_layer_warm_ranges, warm_gate_up_bytes
-
-        gate_up_bytes = warm_gate_up_bytes()
-        if gate_up_bytes is None or next_weight is None or self.o_proj.transposed:
-            return ()
-        if self._warm_cache[0] != gate_up_bytes:
-            self._warm_cache = (gate_up_bytes,
-                                decode_layer_warm_ranges(self.o_proj.weight, next_weight, gate_up_bytes))
-        return self._warm_cache[1]
 
     def attend_projected(
         self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, context: ForwardContext
@@ -190,8 +173,7 @@ class DecoderLayer(nn.Module):
             hidden, residual = self.post_attention_layernorm(hidden, residual)
             return mlp(hidden), residual
         # Merged: each norm (and SwiGLU's activation) may run inside the projection's kernel (one CUDA row).
-        hidden, residual = attention.forward_normed(self.input_layernorm, hidden, residual, cos, sin, context,
-                                                    next_weight=mlp.gate_up_proj.weight)
+        hidden, residual = attention.forward_normed(self.input_layernorm, hidden, residual, cos, sin, context)
         activated, residual = norm_then_project(mlp.gate_up_proj, self.post_attention_layernorm, hidden, residual,
                                                 gated=True)
         return mlp.down_proj(activated), residual

@@ -10,7 +10,7 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def _decode_once(fused: bool, monkeypatch, with_bias: bool, fuse_output: bool | None = None):
+def _decode_once(fused: bool, monkeypatch, with_bias: bool):
     from joule.model.config import ModelConfig
     from joule.model.layers import MergedLinear, RotaryEmbedding
     from joule.model.llama import LlamaForCausalLM
@@ -31,7 +31,7 @@ def _decode_once(fused: bool, monkeypatch, with_bias: bool, fuse_output: bool | 
     # The rotary table stays float32, as the loader keeps it: the fused q/k/v + rotary kernel's condition.
     model.model.rotary_emb.cos_sin_table = RotaryEmbedding(config).cos_sin_table.to("cuda")
     model.merge_projections()
-    backend = TritonAttentionBackend(fuse_output_projection=fused if fuse_output is None else fuse_output)
+    backend = TritonAttentionBackend(fuse_output_projection=fused)  # the attention + o kernel too
     if not fused:  # every projection through cuBLAS, the backend writing the cache
         monkeypatch.setattr(MergedLinear, "runs_row_gemv", lambda self, hidden: False)
         monkeypatch.setattr(TritonAttentionBackend, "accepts_stored_kv", False)
@@ -60,25 +60,6 @@ def test_fused_batch_one_step_matches_the_unfused_kernels(monkeypatch, with_bias
             new_slot = fused.flatten(0, 1)[52].float(), unfused.flatten(0, 1)[52].float()
             assert new_slot[1].abs().sum() > 0
             assert (new_slot[0] - new_slot[1]).abs().max().item() <= 0.03 * new_slot[1].abs().max().item()
-
-
-def test_l2_warm_leaves_the_batch_one_step_unchanged(monkeypatch):
-    """The attention asking L2 for the o and gate/up weights (JOULE_L2_WARM_MB) is a hint: bit-identical results."""
-    import joule.kernels.paged_decode as paged_decode
-
-    warmed = []
-    original = paged_decode.warm_arguments
-    monkeypatch.setattr(paged_decode, "warm_arguments",
-                        lambda ranges, fallback: warmed.append(len(ranges)) or original(ranges, fallback))
-    monkeypatch.delenv("JOULE_L2_WARM_MB", raising=False)
-    plain_hidden, plain_cache = _decode_once(True, monkeypatch, False, fuse_output=False)
-    monkeypatch.setenv("JOULE_L2_WARM_MB", "0.25")
-    warm_hidden, warm_cache = _decode_once(True, monkeypatch, False, fuse_output=False)
-    if torch.cuda.get_device_capability() >= (9, 0):
-        assert 3 in warmed  # the o weight and the first gate and up rows, in the decode step's attention
-    assert torch.equal(warm_hidden, plain_hidden)
-    for layer in range(2):
-        assert torch.equal(warm_cache.key_caches[layer], plain_cache.key_caches[layer])
 
 
 def test_logits_with_the_final_norm_in_the_gemv_match_norm_then_logits(monkeypatch):

@@ -164,12 +164,8 @@ class AttentionBackend(ABC):
         metadata: AttentionMetadata,
         scale: float,
         kv_stored: bool = False,
-        l2_warm: tuple = (),
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
-        """Write ``key``/``value`` into the cache at ``metadata.slot_mapping`` (unless ``kv_stored``), then attend.
-
-        ``l2_warm``: ``joule.kernels.l2_warm.WarmRange`` s of weights the next kernels read, which a backend may ask
-        of L2 while it attends (a hint: results are the same without it)."""
+        """Write ``key``/``value`` into the cache at ``metadata.slot_mapping`` (unless ``kv_stored``), then attend."""
 
     def attend_and_project(
         self, layer_index: int, query: torch.Tensor, weight: torch.Tensor, kv_cache: KVCache,
@@ -196,12 +192,11 @@ class ForwardContext:
         value: torch.Tensor | None,
         scale: float,
         kv_stored: bool = False,
-        l2_warm: tuple = (),
     ) -> torch.Tensor:
         if (key is None or value is None) and not kv_stored:
             raise ValueError("attend: key and value are needed unless kv_stored")
         return self.backend.forward(
-            layer_index, query, key, value, self.kv_cache, self.metadata, scale, kv_stored=kv_stored, l2_warm=l2_warm
+            layer_index, query, key, value, self.kv_cache, self.metadata, scale, kv_stored=kv_stored
         )
 
     def attend_and_project(self, layer_index: int, query: torch.Tensor, weight: torch.Tensor,

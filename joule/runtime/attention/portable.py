@@ -88,7 +88,6 @@ class PortableAttentionBackend(AttentionBackend):
         metadata: AttentionMetadata,
         scale: float,
         kv_stored: bool = False,
-        l2_warm: tuple = (),  # a GPU hint; nothing to warm here
     ) -> torch.Tensor:
         if kv_stored:  # it reads the new rows themselves as well as the cache
             raise ValueError("the portable attention backend writes the cache itself: kv_stored must be False")

@@ -150,7 +150,6 @@ class TritonAttentionBackend(AttentionBackend):
         metadata: AttentionMetadata,
         scale: float,
         kv_stored: bool = False,
-        l2_warm: tuple = (),
     ) -> torch.Tensor:
         key_cache = kv_cache.key_caches[layer_index]
         value_cache = kv_cache.value_caches[layer_index]
@@ -175,7 +174,6 @@ class TritonAttentionBackend(AttentionBackend):
                 step.decode_max_length, scale, num_splits=num_splits, output=output,
                 min_split_tokens=None if self.decode_num_splits is not None else MIN_SPLIT_TOKENS,
                 sequence_ids=step.decode_sequence_ids, query_start_locations=metadata.query_start_locations,
-                l2_warm=l2_warm,
             )
         if step.num_decodes < metadata.num_sequences:
             group = query.shape[1] // num_kv_heads
