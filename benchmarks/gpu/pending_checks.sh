@@ -23,6 +23,8 @@
 #   greedy: batch-1 greedy steps with the logits GEMV and the argmax inside the decode graph (JOULE_GREEDY_GRAPHS=0,1)
 #          crossed with the fused attention + o kernel (JOULE_FUSED_ATTENTION_OUTPUT=0,1): graphs == eager in float32
 #          (graphs_check.py), the decode-graph tests, then bs1_ab.py, two rounds (~4 minutes, not in "all");
+#   trigger: workloads 3 and 2 with the early PDL trigger off and on (JOULE_PDL_EARLY_TRIGGER=0,1; the default since
+#          2026-12-05 (g), measured at batch 1 only): bs1_ab.py --w3 and --w2, one round each (~4 minutes, not in "all");
 # Usage (repository root, joule importable): OUT=/some/dir bash benchmarks/gpu/pending_checks.sh PART... (fused, fair,
 # w3, perf, next, bench, pdl, mlp, splits; "all" is fused fair w3, more than one call's 10 minutes)
 # Every step has its own timeout, so one that hangs leaves the others their time; big JSON is gzipped.
@@ -32,7 +34,7 @@ RUN=""
 [[ ${DRY:-0} == 1 ]] && RUN="echo"
 OUT=${OUT:?set OUT to a directory for the results}
 WHAT=" ${*:-all} "
-NOT_IN_ALL=" perf next bench pdl mlp splits greedy "
+NOT_IN_ALL=" perf next bench pdl mlp splits greedy trigger "
 wants() { [[ $WHAT == *" all "* && $NOT_IN_ALL != *" $1 "* ]] || [[ $WHAT == *" $1 "* ]]; }
 MODEL=benchmarks/configs/llama-3.2-1b
 mkdir -p "$OUT"
@@ -94,6 +96,14 @@ if wants greedy; then
   $RUN timeout 150 python benchmarks/gpu/bs1_ab.py "$OUT/bs1_greedy" 2 JOULE_GREEDY_GRAPHS=0,1 \
     JOULE_FUSED_ATTENTION_OUTPUT=0,1 > "$OUT/bs1_greedy.log" 2>&1
   echo "bs1 greedy graph A/B: exit $?"; tail -6 "$OUT/bs1_greedy.log"
+fi
+
+if wants trigger; then
+  for WORKLOAD in w3 w2; do
+    $RUN timeout 140 python benchmarks/gpu/bs1_ab.py "$OUT/${WORKLOAD}_trigger" 1 "--$WORKLOAD" JOULE_PDL_EARLY_TRIGGER=0,1 \
+      > "$OUT/${WORKLOAD}_trigger.log" 2>&1
+    echo "$WORKLOAD trigger A/B: exit $?"; tail -3 "$OUT/${WORKLOAD}_trigger.log"
+  done
 fi
 
 if wants mlp; then

@@ -59,6 +59,13 @@ def test_greedy_runs_its_tests_and_batch_one_ab(tmp_path):
     assert "graphs_check.py" in (tmp_path / "graphs_check.log").read_text()
 
 
+def test_trigger_runs_workloads_three_and_two_with_the_trigger_off_and_on(tmp_path):
+    assert _dry_run(tmp_path, "trigger") == ["w3 trigger A/B", "w2 trigger A/B"]
+    for workload in ("w3", "w2"):
+        ab = (tmp_path / f"{workload}_trigger.log").read_text()
+        assert f"bs1_ab.py {tmp_path}/{workload}_trigger 1 --{workload} JOULE_PDL_EARLY_TRIGGER=0,1" in ab
+
+
 def test_mlp_splits_and_bench_run_alone_or_together(tmp_path):
     assert _dry_run(tmp_path, "mlp", "splits", "bench") == ["w3 MLP A/B", "decode splits", "w2 split rule A/B",
                                                              "engine bench"]
