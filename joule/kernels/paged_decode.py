@@ -26,6 +26,7 @@ import triton.language as tl
 
 from joule.kernels.common import (
     LOG2_E,
+    cdiv,
     device_capability,
     dot_precision,
     interpreting,
@@ -261,7 +262,7 @@ def wave_balanced_splits(num_sequences: int, num_kv_heads: int, max_sequence_len
     programs = max(1, num_sequences * num_kv_heads)
 
     def filled(splits: int) -> float:
-        return programs * splits / (-(-programs * splits // num_processors) * num_processors)
+        return programs * splits / (cdiv(programs * splits, num_processors) * num_processors)
 
     chosen = choose_num_splits(num_sequences, num_kv_heads, max_sequence_length, num_processors)
     if filled(chosen) >= low:

@@ -40,6 +40,7 @@ from joule.runtime.attention.base import (
     ForwardContext,
     KVCache,
 )
+from joule.runtime.sampler import greedy_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -179,21 +180,20 @@ class DecodeGraphRunner:
         self._runnable_rows = sequences  # ``run`` of this plan next need not walk its rows again
         return True
 
-    def _forward(self, size: int, short: bool = False) -> torch.Tensor:
+    def _inputs(self, size: int, short: bool) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
+        """The static token ids, positions and attention context of a ``size``-row step (its short variant)."""
         metadata = (self.short_metadata if short else self.metadata)[size]
-        return self.model(self.input_ids[:size], self.positions[:size],
-                          ForwardContext(self.backend, self.kv_cache, metadata))
+        return self.input_ids[:size], self.positions[:size], ForwardContext(self.backend, self.kv_cache, metadata)
+
+    def _forward(self, size: int, short: bool = False) -> torch.Tensor:
+        return self.model(*self._inputs(size, short))
 
     def _greedy_forward(self, size: int, short: bool = False) -> torch.Tensor:
-        metadata = (self.short_metadata if short else self.metadata)[size]
-        logits = self.model.forward_logits(self.input_ids[:size], self.positions[:size],
-                                           ForwardContext(self.backend, self.kv_cache, metadata))
+        logits = self.model.forward_logits(*self._inputs(size, short))
         if logits.is_cuda:
             from joule.kernels.argmax import argmax_rows  # Triton: imported only where CUDA is
 
             return argmax_rows(logits)
-        from joule.runtime.sampler import greedy_tokens
-
         return greedy_tokens(logits)
 
     def serves_greedy(self, num_sequences: int) -> bool:
