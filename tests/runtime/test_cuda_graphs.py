@@ -15,6 +15,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
 
+from helpers.markers import interpreted_triton_on_cpu
 from helpers.tiny_models import build_tiny_checkpoint
 
 from joule.llm_engine import LLMEngine
@@ -86,6 +87,7 @@ def test_cpu_engine_builds_no_graph_runner(tiny_dir):
     assert not executor.enable_cuda_graphs(max_model_len=256, max_num_seqs=8)  # cpu: refused, stays eager
 
 
+@interpreted_triton_on_cpu
 def test_padded_static_decode_matches_eager_tokens(tiny_dir):
     from joule.runtime.attention.triton_backend import TritonAttentionBackend
 
@@ -150,6 +152,7 @@ def test_chunk_pieces_split_off_captured_sizes_while_padding_would_waste_rows():
     assert chunk_pieces(9000, sizes) == [8192, 808]  # longer than every graph: the largest first
 
 
+@interpreted_triton_on_cpu
 @pytest.mark.parametrize("min_padding_to_split", [256, 4])
 def test_mixed_steps_through_static_chunk_buffers_match_eager_tokens(tiny_dir, monkeypatch, min_padding_to_split):
     """Decodes through the decode runner, each prompt chunk through the padded chunk runner (what the
@@ -240,6 +243,7 @@ def test_block_table_rows_follow_a_request_whose_blocks_grow_or_are_replaced(tin
     assert fill(second, first) == [[9, 2], [7, 8, 6]]
 
 
+@interpreted_triton_on_cpu
 def test_short_context_variants_split_less_and_give_the_same_tokens(tiny_dir):
     """Small batches get a second metadata (graph on CUDA) split for short contexts; the runner picks it
     while every row is within the bound and the long one after, with the eager path's tokens either way."""
@@ -278,6 +282,7 @@ def test_short_context_variants_split_less_and_give_the_same_tokens(tiny_dir):
     assert True in variants and False in variants  # 40 + 12 tokens stay short; 60 + 12 cross the bound
 
 
+@interpreted_triton_on_cpu
 def test_batch_one_greedy_steps_take_the_logits_and_argmax_in_the_replay(tiny_dir, monkeypatch):
     """GREEDY_GRAPH_SIZES: a one-row step whose row samples plain greedy runs ``run_greedy`` (on CUDA one replay
     through the argmax) with the eager path's tokens; two rows, or a sampled row, take the hidden-state graph."""

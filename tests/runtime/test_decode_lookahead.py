@@ -12,6 +12,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
 
+from helpers.markers import interpreted_triton_on_cpu
 from helpers.tiny_models import build_tiny_checkpoint
 
 from joule.engine.plan import CONTINUATION_TOKEN
@@ -263,6 +264,7 @@ def _static_buffer_engine(model_dir, lookahead: bool, chunk_tokens: int | None =
     return engine
 
 
+@interpreted_triton_on_cpu
 def test_lookahead_through_the_static_decode_buffers(model_dir):
     """Continuations replayed through the decode graph runner's padded static buffers (what a CUDA graph
     captures; run eagerly on the CPU through the Triton backend): inputs copied from the previous step's
@@ -282,6 +284,7 @@ def test_lookahead_through_the_static_decode_buffers(model_dir):
     assert results[True] == results[False]
 
 
+@interpreted_triton_on_cpu
 def test_prompt_continuations_through_the_static_graph_buffers(model_dir, monkeypatch):
     """Continuations that carry prompt chunks beside decodes go through the mixed-step runners (what CUDA
     graphs capture; eager through the Triton backend on the CPU): the decodes' inputs copied from the step

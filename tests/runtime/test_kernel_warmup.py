@@ -11,6 +11,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
 
+from helpers.markers import interpreted_triton_on_cpu
 from helpers.tiny_models import build_tiny_checkpoint
 
 from joule.kernels.paged_decode import MAX_SPLITS, MIN_SPLIT_TOKENS, choose_num_splits
@@ -53,6 +54,7 @@ def test_plans_are_mixed_and_decode_only_steps_within_the_cache():
     assert len(warmup_plans(4096, block_size=16, num_blocks=70)) == 8  # 2048 needs 129 blocks: stops there
 
 
+@interpreted_triton_on_cpu
 def test_warmup_steps_leave_generation_unchanged(tmp_path):
     from joule.runtime.attention.triton_backend import TritonAttentionBackend
 
