@@ -190,15 +190,6 @@ class DecoderModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(config)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, context: ForwardContext) -> torch.Tensor:
-        hidden, residual = self.run_layers(input_ids, positions, context)
-        if residual is None:  # no layers
-            return self.norm(hidden)
-        return self.norm(hidden, residual)[0]
-
-    def run_layers(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                   context: ForwardContext) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The last layer's output and the residual stream before it (None without layers): the final norm's
-        inputs."""
         hidden = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(positions)
         if not hidden.is_cuda:  # once per step, not per layer
@@ -206,7 +197,9 @@ class DecoderModel(nn.Module):
         residual = None
         for layer in self.layers:
             hidden, residual = layer(hidden, residual, cos, sin, context)
-        return hidden, residual
+        if residual is None:  # no layers
+            return self.norm(hidden)
+        return self.norm(hidden, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):
@@ -242,17 +235,6 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, context: ForwardContext) -> torch.Tensor:
         """Final-normed hidden states ``[T, hidden_size]`` for ``input_ids``/``positions`` ``[T]``."""
         return self.model(input_ids, positions, context)
-
-    def forward_logits(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                       context: ForwardContext) -> torch.Tensor:
-        """Logits of every row (``compute_logits(forward(...))``); on one CUDA row the final norm runs inside the
-        logits GEMV (a batch-1 greedy decode graph: one kernel fewer)."""
-        hidden, residual = self.model.run_layers(input_ids, positions, context)
-        if residual is None:  # no layers
-            return self.compute_logits(self.model.norm(hidden))
-        if self.output_projection is None:  # projections not merged
-            return self.compute_logits(self.model.norm(hidden, residual)[0])
-        return norm_then_project(self.output_projection, self.model.norm, hidden, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits ``[N, vocab_size]`` in the model's dtype for the rows of ``hidden`` that sample (the

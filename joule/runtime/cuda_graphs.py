@@ -189,7 +189,7 @@ class DecodeGraphRunner:
         return self.model(*self._inputs(size, short))
 
     def _greedy_forward(self, size: int, short: bool = False) -> torch.Tensor:
-        logits = self.model.forward_logits(*self._inputs(size, short))
+        logits = self.model.compute_logits(self._forward(size, short))
         if logits.is_cuda:
             from joule.kernels.argmax import argmax_rows  # Triton: imported only where CUDA is
 

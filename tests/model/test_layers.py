@@ -138,30 +138,3 @@ def test_packing_refuses_a_float32_weight():
     projection = MergedLinear([torch.nn.Linear(8, 4)], transpose_weight=True)
     with pytest.raises(ValueError, match="16-bit CPU weight"):
         projection.pack_for_onednn()
-
-
-def test_forward_logits_are_the_logits_of_the_forward_on_cpu():
-    """A greedy decode graph's ``forward_logits``: off CUDA the final norm then the output projection, bit for bit."""
-    from joule.model.config import ModelConfig
-    from joule.model.llama import LlamaForCausalLM
-    from joule.runtime.attention.base import AttentionMetadata, ForwardContext, KVCache
-    from joule.runtime.attention.portable import PortableAttentionBackend
-
-    torch.manual_seed(3)
-    config = ModelConfig(architecture="LlamaForCausalLM", vocab_size=64, hidden_size=32, intermediate_size=48,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
-    model = LlamaForCausalLM(config)
-    for parameter in model.parameters():
-        parameter.data.normal_(0, 0.3)
-    model.merge_projections(transpose_weight=True)
-    results = []
-    for fused in (False, True):
-        cache = KVCache.allocate(2, 4, 4, 2, 8, torch.float32, "cpu")
-        metadata = AttentionMetadata(torch.tensor([0, 3]), torch.tensor([0, 1, 2]), torch.tensor([[0]]),
-                                     [3], [0], [3])
-        context = ForwardContext(PortableAttentionBackend(), cache, metadata)
-        tokens, positions = torch.tensor([5, 9, 11]), torch.arange(3)
-        with torch.inference_mode():
-            results.append(model.forward_logits(tokens, positions, context) if fused
-                           else model.compute_logits(model(tokens, positions, context)))
-    assert torch.equal(results[0], results[1])

@@ -62,34 +62,3 @@ def test_fused_batch_one_step_matches_the_unfused_kernels(monkeypatch, with_bias
             assert (new_slot[0] - new_slot[1]).abs().max().item() <= 0.03 * new_slot[1].abs().max().item()
 
 
-def test_logits_with_the_final_norm_in_the_gemv_match_norm_then_logits(monkeypatch):
-    """``forward_logits`` (a greedy decode graph's model call): the final norm inside the logits GEMV gives the
-    logits of the norm kernel followed by the GEMV, and the same greedy token."""
-    from joule.model.config import ModelConfig
-    from joule.model.llama import LlamaForCausalLM
-    from joule.runtime.attention.base import AttentionMetadata, ForwardContext, KVCache
-    from joule.runtime.attention.triton_backend import TritonAttentionBackend
-
-    torch.manual_seed(1)
-    config = ModelConfig(architecture="LlamaForCausalLM", vocab_size=1024, hidden_size=256, intermediate_size=512,
-                         num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=32)
-    model = LlamaForCausalLM(config)
-    for parameter in model.parameters():
-        parameter.data.normal_(0, 0.2)
-    model = model.to("cuda", torch.bfloat16)
-    model.merge_projections()
-    cache = KVCache.allocate(2, 4, 16, 2, 32, torch.bfloat16, "cuda")
-    table = torch.tensor([[1, 3]], dtype=torch.int32, device="cuda")
-    backend = TritonAttentionBackend()
-    results = []
-    with torch.inference_mode():
-        for fused in (False, True):
-            metadata = AttentionMetadata(torch.tensor([0, 1], device="cuda"), torch.tensor([20], device="cuda"),
-                                         table, [1], [4], [5])
-            context = ForwardContext(backend, cache, metadata)
-            tokens, positions = torch.tensor([17], device="cuda"), torch.tensor([4], device="cuda")
-            results.append(model.forward_logits(tokens, positions, context) if fused
-                           else model.compute_logits(model(tokens, positions, context)))
-    plain, fused = (logits.float() for logits in results)
-    assert (plain - fused).abs().max().item() <= 0.02 * plain.abs().max().item()
-    assert torch.equal(plain.argmax(-1), fused.argmax(-1))
