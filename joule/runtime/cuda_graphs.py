@@ -18,9 +18,8 @@ How:
   second graph split for ``SHORT_CONTEXT_TOKENS``, replayed while every row is that short (the kernel
   is right at any length; the choice is speed only).
 - Prefill and mixed steps never come here; the executor runs them eagerly.
-The graphs return final hidden states; logits and sampling stay eager, except, with ``JOULE_GREEDY_GRAPHS=1``, for
-sizes in ``GREEDY_GRAPH_SIZES``: their steps whose rows all sample plain greedy replay a second graph that also takes
-the logits and the argmax.
+The graphs return final hidden states; logits and sampling stay eager, except for sizes in ``GREEDY_GRAPH_SIZES``:
+their steps whose rows all sample plain greedy replay a second graph that also takes the logits and the argmax.
 """
 
 from __future__ import annotations
@@ -50,8 +49,8 @@ DISABLE_ENV = "JOULE_ENFORCE_EAGER"  # "1" turns CUDA graphs off
 SHORT_CONTEXT_TOKENS = 1024
 # Batch sizes whose greedy steps replay the logits GEMV and the argmax inside the graph. Why: after a graph the
 # logits GEMV cannot start under programmatic dependent launch (its first weight tiles wait for the replay to end),
-# and the argmax follows it; batch 1 on the H100 spends ~0.17 of its ~1.07 ms a step there. ``JOULE_GREEDY_GRAPHS=1``
-# captures them: off until measured on a GPU (``pending_checks.sh greedy``; CPU tests run the path uncaptured).
+# and the argmax follows it; batch 1 on the H100 spends ~0.17 of its ~1.07 ms a step there. ``JOULE_GREEDY_GRAPHS=0``
+# captures none (benchmarks compare).
 GREEDY_GRAPH_SIZES = (1,)
 GREEDY_GRAPHS_ENV = "JOULE_GREEDY_GRAPHS"
 
@@ -141,8 +140,8 @@ class DecodeGraphRunner:
         self.short_outputs: dict[int, torch.Tensor] = {}
         self.short_metadata: dict[int, AttentionMetadata] = {}
         # Greedy variants (GREEDY_GRAPH_SIZES), by (size, short): token ids [size] out.
-        self.greedy_sizes = (tuple(size for size in GREEDY_GRAPH_SIZES if size in self.batch_sizes)
-                             if os.environ.get(GREEDY_GRAPHS_ENV, "0") in ("1", "true", "on") else ())
+        self.greedy_sizes = (() if os.environ.get(GREEDY_GRAPHS_ENV, "1") in ("0", "false", "off")
+                             else tuple(size for size in GREEDY_GRAPH_SIZES if size in self.batch_sizes))
         self.greedy_graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self.greedy_outputs: dict[tuple[int, bool], torch.Tensor] = {}
         short_bound = min(short_context_tokens, max_model_len)
