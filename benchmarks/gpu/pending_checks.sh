@@ -20,9 +20,6 @@
 #   splits: decode attention's split count at workload 2's shrinking batches, every count 1-8 against the current
 #          rule and the wave-balanced one (decode_sweep.py --splits), then workload 2 with each rule
 #          (JOULE_DECODE_SPLITS=current,wave; bs1_ab.py --w2, alternated; ~5 minutes, not in "all").
-#   greedy: batch-1 greedy steps with the logits GEMV and the argmax inside the decode graph (JOULE_GREEDY_GRAPHS=0,1)
-#          crossed with the fused attention + o kernel (JOULE_FUSED_ATTENTION_OUTPUT=0,1): graphs == eager in float32
-#          (graphs_check.py), the decode-graph tests, then bs1_ab.py, two rounds (~4 minutes, not in "all");
 #   trigger: workloads 3 and 2 with the early PDL trigger off and on (JOULE_PDL_EARLY_TRIGGER=0,1; the default since
 #          2026-12-05 (g), measured at batch 1 only): bs1_ab.py --w3 and --w2, one round each (~4 minutes, not in "all");
 # Usage (repository root, joule importable): OUT=/some/dir bash benchmarks/gpu/pending_checks.sh PART... (fused, fair,
@@ -34,7 +31,7 @@ RUN=""
 [[ ${DRY:-0} == 1 ]] && RUN="echo"
 OUT=${OUT:?set OUT to a directory for the results}
 WHAT=" ${*:-all} "
-NOT_IN_ALL=" perf next bench pdl mlp splits greedy trigger "
+NOT_IN_ALL=" perf next bench pdl mlp splits trigger "
 wants() { [[ $WHAT == *" all "* && $NOT_IN_ALL != *" $1 "* ]] || [[ $WHAT == *" $1 "* ]]; }
 MODEL=benchmarks/configs/llama-3.2-1b
 mkdir -p "$OUT"
@@ -85,17 +82,6 @@ if wants pdl; then
   $RUN timeout 330 python benchmarks/gpu/bs1_ab.py "$OUT/bs1_pdl" 2 JOULE_PDL_EARLY_TRIGGER=0,1 \
     JOULE_GEMV_HEAD_COLUMNS=,2048 > "$OUT/bs1_pdl.log" 2>&1
   echo "bs1 PDL trigger A/B: exit $?"; tail -6 "$OUT/bs1_pdl.log"
-fi
-
-if wants greedy; then
-  $RUN timeout 90 python benchmarks/gpu/graphs_check.py > "$OUT/graphs_check.log" 2>&1
-  echo "graphs check: exit $? ($(tail -1 "$OUT/graphs_check.log"))"
-  $RUN timeout 90 python -m pytest -q -p no:cacheprovider tests/runtime/test_cuda_graphs.py tests/runtime/test_decode_lookahead.py \
-    tests/model/test_row_decode_cuda.py > "$OUT/greedy_tests.log" 2>&1
-  echo "greedy tests: exit $? ($(tail -1 "$OUT/greedy_tests.log"))"
-  $RUN timeout 150 python benchmarks/gpu/bs1_ab.py "$OUT/bs1_greedy" 2 JOULE_GREEDY_GRAPHS=0,1 \
-    JOULE_FUSED_ATTENTION_OUTPUT=0,1 > "$OUT/bs1_greedy.log" 2>&1
-  echo "bs1 greedy graph A/B: exit $?"; tail -6 "$OUT/bs1_greedy.log"
 fi
 
 if wants trigger; then

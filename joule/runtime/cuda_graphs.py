@@ -18,8 +18,7 @@ How:
   second graph split for ``SHORT_CONTEXT_TOKENS``, replayed while every row is that short (the kernel
   is right at any length; the choice is speed only).
 - Prefill and mixed steps never come here; the executor runs them eagerly.
-The graphs return final hidden states; logits and sampling stay eager, except for sizes in ``GREEDY_GRAPH_SIZES``:
-their steps whose rows all sample plain greedy replay a second graph that also takes the logits and the argmax.
+The graphs return final hidden states; logits and sampling stay eager.
 """
 
 from __future__ import annotations
@@ -39,7 +38,6 @@ from joule.runtime.attention.base import (
     ForwardContext,
     KVCache,
 )
-from joule.runtime.sampler import greedy_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +45,6 @@ DISABLE_ENV = "JOULE_ENFORCE_EAGER"  # "1" turns CUDA graphs off
 # H200, Llama-3.2-1B, batch-1 graph replay (benchmarks/gpu/short_context_sweep.py): 8 splits take 741-747 us at
 # contexts 64-768 against 752-758 us for the 32 that max_model_len 4096 asks for; at 2048 tokens 828 against 771.
 SHORT_CONTEXT_TOKENS = 1024
-# Batch sizes whose greedy steps replay the logits GEMV and the argmax inside the graph. Why: after a graph the
-# logits GEMV cannot start under programmatic dependent launch (its first weight tiles wait for the replay to end),
-# and the argmax follows it; batch 1 on the H100 spends ~0.17 of its ~1.07 ms a step there. ``JOULE_GREEDY_GRAPHS=0``
-# captures none (benchmarks compare).
-GREEDY_GRAPH_SIZES = (1,)
-GREEDY_GRAPHS_ENV = "JOULE_GREEDY_GRAPHS"
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -139,11 +131,6 @@ class DecodeGraphRunner:
         self.short_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.short_outputs: dict[int, torch.Tensor] = {}
         self.short_metadata: dict[int, AttentionMetadata] = {}
-        # Greedy variants (GREEDY_GRAPH_SIZES), by (size, short): token ids [size] out.
-        self.greedy_sizes = (() if os.environ.get(GREEDY_GRAPHS_ENV, "1") in ("0", "false", "off")
-                             else tuple(size for size in GREEDY_GRAPH_SIZES if size in self.batch_sizes))
-        self.greedy_graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
-        self.greedy_outputs: dict[tuple[int, bool], torch.Tensor] = {}
         short_bound = min(short_context_tokens, max_model_len)
         num_kv_heads = kv_cache.key_caches[0].shape[2]
         for size in self.batch_sizes:
@@ -179,25 +166,10 @@ class DecodeGraphRunner:
         self._runnable_rows = sequences  # ``run`` of this plan next need not walk its rows again
         return True
 
-    def _inputs(self, size: int, short: bool) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
-        """The static token ids, positions and attention context of a ``size``-row step (its short variant)."""
-        metadata = (self.short_metadata if short else self.metadata)[size]
-        return self.input_ids[:size], self.positions[:size], ForwardContext(self.backend, self.kv_cache, metadata)
-
     def _forward(self, size: int, short: bool = False) -> torch.Tensor:
-        return self.model(*self._inputs(size, short))
-
-    def _greedy_forward(self, size: int, short: bool = False) -> torch.Tensor:
-        logits = self.model.compute_logits(self._forward(size, short))
-        if logits.is_cuda:
-            from joule.kernels.argmax import argmax_rows  # Triton: imported only where CUDA is
-
-            return argmax_rows(logits)
-        return greedy_tokens(logits)
-
-    def serves_greedy(self, num_sequences: int) -> bool:
-        """Whether a greedy step of ``num_sequences`` rows runs ``run_greedy`` (its padded size has the variant)."""
-        return padded_batch_size(num_sequences, self.batch_sizes) in self.greedy_sizes
+        metadata = (self.short_metadata if short else self.metadata)[size]
+        return self.model(self.input_ids[:size], self.positions[:size],
+                          ForwardContext(self.backend, self.kv_cache, metadata))
 
     def is_short(self, size: int, max_length: int) -> bool:
         """Whether a step of ``size`` rows, none longer than ``max_length`` tokens, runs the short variant."""
@@ -214,39 +186,14 @@ class DecodeGraphRunner:
         if self.short_metadata:
             self.short_graphs, self.short_outputs = capture_graphs(
                 list(self.short_metadata), lambda size: self._forward(size, short=True), self.device)
-        greedy = list(self.greedy_sizes)
-        for short, sizes in ((False, greedy), (True, [size for size in greedy if size in self.short_metadata])):
-            graphs, outputs = capture_graphs(sizes, lambda size: self._greedy_forward(size, short), self.device)
-            self.greedy_graphs.update({(size, short): graph for size, graph in graphs.items()})
-            self.greedy_outputs.update({(size, short): output for size, output in outputs.items()})
-        logger.info("captured %d decode CUDA graphs (batch sizes %s; short-context variants for %s; greedy for %s) "
-                    "in %.1f s", len(self.graphs) + len(self.short_graphs) + len(self.greedy_graphs),
-                    self.batch_sizes, list(self.short_graphs), list(self.greedy_graphs),
+        logger.info("captured %d decode CUDA graphs (batch sizes %s; short-context variants for %s) in %.1f s",
+                    len(self.graphs) + len(self.short_graphs), self.batch_sizes, list(self.short_graphs),
                     time.perf_counter() - started)
 
     def run(self, plan: StepPlan, token_source: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states ``[len(plan.sequences), hidden]`` of a decode-only step (graph replay on CUDA).
         ``token_source``: the rows' input token ids on the device (a continuation step's), copied in after
         the host inputs."""
-        count, size, short = self._stage(plan, token_source)
-        graphs, outputs = (self.short_graphs, self.short_outputs) if short else (self.graphs, self.outputs)
-        if size in graphs:
-            graphs[size].replay()
-            return outputs[size][:count]
-        return self._forward(size, short)[:count]
-
-    def run_greedy(self, plan: StepPlan, token_source: torch.Tensor | None = None) -> torch.Tensor:
-        """Greedy token ids ``[len(plan.sequences)]`` of a decode-only step whose rows all sample plain greedy
-        (``serves_greedy``): the forward, the logits and the argmax in one replay on CUDA."""
-        count, size, short = self._stage(plan, token_source)
-        graph = self.greedy_graphs.get((size, short))
-        if graph is not None:
-            graph.replay()
-            return self.greedy_outputs[(size, short)][:count]
-        return self._greedy_forward(size, short)[:count]
-
-    def _stage(self, plan: StepPlan, token_source: torch.Tensor | None) -> tuple[int, int, bool]:
-        """Fill and upload the static inputs; the rows, the padded size and whether the short variant serves."""
         count = len(plan.sequences)
         size = padded_batch_size(count, self.batch_sizes)
         if size is None or (plan.sequences is not self._runnable_rows and not self.can_run(plan)):
@@ -259,7 +206,12 @@ class DecodeGraphRunner:
         self._upload(size)
         if token_source is not None:
             self.input_ids[:count].copy_(token_source)
-        return count, size, self.is_short(size, int(self.host_sequence_lengths.numpy()[:count].max()))
+        short = self.is_short(size, int(self.host_sequence_lengths.numpy()[:count].max()))
+        graphs, outputs = (self.short_graphs, self.short_outputs) if short else (self.graphs, self.outputs)
+        if size in graphs:
+            graphs[size].replay()
+            return outputs[size][:count]
+        return self._forward(size, short)[:count]
 
     def _fill(self, plan: StepPlan) -> None:
         block_size = self.block_size

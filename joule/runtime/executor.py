@@ -148,10 +148,6 @@ class ModelExecutor:
         graphs = (self.use_cuda_graphs and runner is not None and runner.backend is self.backend
                   and not scored_rows)
         if graphs and runner.can_run(plan) and (previous is None or all_continued):
-            if runner.serves_greedy(len(plan.sequences)) and all(sequence.samples for sequence in plan.sequences):
-                requests = [sequence.request for sequence in plan.sequences]
-                if all_rows_pass(requests, params_plain_greedy):  # logits and argmax inside the replay too
-                    return self._tokens_on_device(requests, started, runner.run_greedy(plan, continued_tokens))
             hidden = runner.run(plan, continued_tokens)
             sample_rows = [(row, sequence) for row, sequence in enumerate(plan.sequences) if sequence.samples]
         elif graphs and chunks is not None and chunks.backend is self.backend and (

@@ -51,14 +51,6 @@ def test_pdl_runs_the_trigger_and_head_ab(tmp_path):
     assert "JOULE_PDL_EARLY_TRIGGER=0,1" in ab and "JOULE_GEMV_HEAD_COLUMNS=,2048" in ab
 
 
-def test_greedy_runs_its_tests_and_batch_one_ab(tmp_path):
-    assert _dry_run(tmp_path, "greedy") == ["bs1 greedy graph A/B"]
-    assert "tests/runtime/test_cuda_graphs.py" in (tmp_path / "greedy_tests.log").read_text()
-    ab = (tmp_path / "bs1_greedy.log").read_text()
-    assert f"bs1_ab.py {tmp_path}/bs1_greedy 2" in ab and "JOULE_GREEDY_GRAPHS=0,1" in ab
-    assert "graphs_check.py" in (tmp_path / "graphs_check.log").read_text()
-
-
 def test_trigger_runs_workloads_three_and_two_with_the_trigger_off_and_on(tmp_path):
     assert _dry_run(tmp_path, "trigger") == ["w3 trigger A/B", "w2 trigger A/B"]
     for workload in ("w3", "w2"):
