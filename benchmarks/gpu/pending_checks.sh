@@ -9,21 +9,18 @@
 #   perf:  a fresh calibration of this GPU, validated on a new grid beside the shipped profile (not in "all");
 #   next:  what 2026-12-05 (f) left for the next call (~8 minutes, not in "all"): the GEMV kernels' tests on the GPU,
 #          then batch 1 with the wider GEMV head (JOULE_GEMV_HEAD_COLUMNS unset, 2048, 8192; bs1_ab.py, alternated),
-#          then the gate/up GEMM with SiLU-and-mul in its epilogue against cuBLAS + silu_and_mul
-#          (gate_up_silu_sweep.py) and the decode GEMMs with their weights from DRAM and split-K tiles
-#          (decode_gemm_sweep.py); every step's timeout together stays under a call's 600 s;
+#          then the decode GEMMs with their weights from DRAM and split-K tiles (decode_gemm_sweep.py); every
+#          step's timeout together stays under a call's 600 s;
 #   bench: engine_bench.py, the issue's four workloads (~4 minutes, not in "all");
 #   pdl:   batch 1 with the next kernel let in before each wait (JOULE_PDL_EARLY_TRIGGER=0,1) crossed with the
 #          wider GEMV head (JOULE_GEMV_HEAD_COLUMNS unset, 2048); bs1_ab.py, alternated (~5 minutes, not in "all");
-#   mlp:   the fused gate/up + SiLU GEMM (joule/kernels/gate_up_silu.py, off by default): its tests on the GPU, then
-#          workload 3 with it off and on (bs1_ab.py --w3, alternated; ~4 minutes, not in "all");
 #   splits: decode attention's split count at workload 2's shrinking batches, every count 1-8 against the current
 #          rule and the wave-balanced one (decode_sweep.py --splits), then workload 2 with each rule
 #          (JOULE_DECODE_SPLITS=current,wave; bs1_ab.py --w2, alternated; ~5 minutes, not in "all").
 #   trigger: workloads 3 and 2 with the early PDL trigger off and on (JOULE_PDL_EARLY_TRIGGER=0,1; the default since
 #          2026-12-05 (g), measured at batch 1 only): bs1_ab.py --w3 and --w2, one round each (~4 minutes, not in "all");
 # Usage (repository root, joule importable): OUT=/some/dir bash benchmarks/gpu/pending_checks.sh PART... (fused, fair,
-# w3, perf, next, bench, pdl, mlp, splits; "all" is fused fair w3, more than one call's 10 minutes)
+# w3, perf, next, bench, pdl, splits, trigger; "all" is fused fair w3, more than one call's 10 minutes)
 # Every step has its own timeout, so one that hangs leaves the others their time; big JSON is gzipped.
 # DRY=1 prints the commands instead of running them.
 set -u
@@ -31,7 +28,7 @@ RUN=""
 [[ ${DRY:-0} == 1 ]] && RUN="echo"
 OUT=${OUT:?set OUT to a directory for the results}
 WHAT=" ${*:-all} "
-NOT_IN_ALL=" perf next bench pdl mlp splits trigger "
+NOT_IN_ALL=" perf next bench pdl splits trigger "
 wants() { [[ $WHAT == *" all "* && $NOT_IN_ALL != *" $1 "* ]] || [[ $WHAT == *" $1 "* ]]; }
 MODEL=benchmarks/configs/llama-3.2-1b
 mkdir -p "$OUT"
@@ -69,13 +66,10 @@ if wants next; then
   $RUN timeout 250 python benchmarks/gpu/bs1_ab.py "$OUT/bs1_head" 2 JOULE_GEMV_HEAD_COLUMNS=,2048,8192 \
     > "$OUT/bs1_head.log" 2>&1
   echo "bs1 head A/B: exit $?"; tail -5 "$OUT/bs1_head.log"
-  $RUN timeout 150 python benchmarks/gpu/gate_up_silu_sweep.py "$OUT/gate_up_silu_sweep.json" \
-    > "$OUT/gate_up_silu_sweep.log" 2>&1
-  echo "gate/up SiLU sweep: exit $?"; tail -11 "$OUT/gate_up_silu_sweep.log"
   $RUN timeout 120 python benchmarks/gpu/decode_gemm_sweep.py "$OUT/decode_gemm_sweep.json" \
     > "$OUT/decode_gemm_sweep.log" 2>&1
   echo "decode GEMM sweep: exit $?"; grep -E " 256 " "$OUT/decode_gemm_sweep.log"
-  $RUN gzip -f "$OUT/decode_gemm_sweep.json" "$OUT/gate_up_silu_sweep.json" 2>/dev/null
+  $RUN gzip -f "$OUT/decode_gemm_sweep.json" 2>/dev/null
 fi
 
 if wants pdl; then
@@ -90,13 +84,6 @@ if wants trigger; then
       > "$OUT/${WORKLOAD}_trigger.log" 2>&1
     echo "$WORKLOAD trigger A/B: exit $?"; tail -3 "$OUT/${WORKLOAD}_trigger.log"
   done
-fi
-
-if wants mlp; then
-  $RUN timeout 60 python -m pytest -q -p no:cacheprovider tests/kernels/test_gate_up_silu.py > "$OUT/mlp_tests.log" 2>&1
-  echo "MLP tests: exit $? ($(tail -1 "$OUT/mlp_tests.log"))"
-  $RUN timeout 300 python benchmarks/gpu/bs1_ab.py "$OUT/w3_mlp" 2 --w3 JOULE_FUSED_GATE_UP=0,1 > "$OUT/w3_mlp.log" 2>&1
-  echo "w3 MLP A/B: exit $?"; tail -4 "$OUT/w3_mlp.log"
 fi
 
 if wants splits; then

@@ -34,14 +34,12 @@ def test_all_runs_the_fused_kernel_fairness_and_workload_three_checks(tmp_path):
     assert f"w3_runs_probe.py 6 {tmp_path}/w3_runs_probe.json" in (tmp_path / "w3_runs_probe.log").read_text()
 
 
-def test_next_runs_the_gemv_tests_the_head_ab_and_the_two_gemm_sweeps(tmp_path):
+def test_next_runs_the_gemv_tests_the_head_ab_and_the_gemm_sweep(tmp_path):
     # the tests' line ends in their summary, not an exit status
-    assert _dry_run(tmp_path, "next") == ["bs1 head A/B", "gate/up SiLU sweep", "decode GEMM sweep"]
+    assert _dry_run(tmp_path, "next") == ["bs1 head A/B", "decode GEMM sweep"]
     assert "tests/kernels/test_gemv.py" in (tmp_path / "gemv_tests.log").read_text()
     ab = (tmp_path / "bs1_head.log").read_text()
     assert f"bs1_ab.py {tmp_path}/bs1_head 2" in ab and "JOULE_GEMV_HEAD_COLUMNS=,2048,8192" in ab
-    sweep = (tmp_path / "gate_up_silu_sweep.log").read_text()
-    assert f"gate_up_silu_sweep.py {tmp_path}/gate_up_silu_sweep.json" in sweep
     assert f"decode_gemm_sweep.py {tmp_path}/decode_gemm_sweep.json" in (tmp_path / "decode_gemm_sweep.log").read_text()
 
 
@@ -58,12 +56,9 @@ def test_trigger_runs_workloads_three_and_two_with_the_trigger_off_and_on(tmp_pa
         assert f"bs1_ab.py {tmp_path}/{workload}_trigger 1 --{workload} JOULE_PDL_EARLY_TRIGGER=0,1" in ab
 
 
-def test_mlp_splits_and_bench_run_alone_or_together(tmp_path):
-    assert _dry_run(tmp_path, "mlp", "splits", "bench") == ["w3 MLP A/B", "decode splits", "w2 split rule A/B",
-                                                             "engine bench"]
+def test_splits_and_bench_run_alone_or_together(tmp_path):
+    assert _dry_run(tmp_path, "splits", "bench") == ["decode splits", "w2 split rule A/B", "engine bench"]
     assert "--w2 JOULE_DECODE_SPLITS=current,wave" in (tmp_path / "w2_splits.log").read_text()
-    assert "tests/kernels/test_gate_up_silu.py" in (tmp_path / "mlp_tests.log").read_text()
-    assert f"bs1_ab.py {tmp_path}/w3_mlp 2 --w3 JOULE_FUSED_GATE_UP=0,1" in (tmp_path / "w3_mlp.log").read_text()
     assert f"decode_sweep.py --splits {tmp_path}/decode_splits.json" in (tmp_path / "decode_splits.log").read_text()
     assert f"engine_bench.py {tmp_path}/engine_bench.json" in (tmp_path / "engine_bench.log").read_text()
 
