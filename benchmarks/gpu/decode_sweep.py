@@ -4,7 +4,7 @@ Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/decode_sweep.
 (``--focus``: only workload 2's step shape, compact and spread caches: bf16 and fp8 with each launch variant, the
 grid order ``heads_first`` and a head-major cache layout, the last two not measured yet.
 ``--splits``: Qwen3-0.6B's layer at the batch sizes workload 2 passes through as its requests finish (16-256 rows,
-1-2k tokens), every split count 1-8 against ``choose_num_splits``'s and ``wave_balanced_splits``'s choices.)
+1-2k tokens), every split count 1-8 against ``choose_num_splits``'s choice.)
 
 Shapes of workload 2 (Qwen3-0.6B: 16 query / 8 KV heads of 128) and of Llama-3.2-1B (32 / 8 of 64),
 block size 16, shuffled block tables. For every (cache dtype, block_n, num_warps, num_stages) it prints
@@ -20,7 +20,7 @@ import sys
 
 import torch
 
-from joule.kernels.paged_decode import MIN_SPLIT_TOKENS, choose_num_splits, paged_decode_attention, wave_balanced_splits
+from joule.kernels.paged_decode import MIN_SPLIT_TOKENS, choose_num_splits, paged_decode_attention
 
 DEVICE = torch.device("cuda")
 
@@ -103,7 +103,7 @@ def focus() -> list[dict]:
 
 
 def split_sweep() -> list[dict]:
-    """Each (batch, context) of Qwen3-0.6B's layer at 1-8 splits; the two rules' picks beside the best."""
+    """Each (batch, context) of Qwen3-0.6B's layer at 1-8 splits; the rule's pick beside the best."""
     rows = []
     processors = torch.cuda.get_device_properties(DEVICE).multi_processor_count
     for batch, context in itertools.product((16, 24, 40, 50, 64, 100, 120, 160, 256), (1024, 2048)):
@@ -116,15 +116,13 @@ def split_sweep() -> list[dict]:
                 query, keys, values, tables, lengths, context, 128**-0.5, num_splits=splits, output=output,
                 min_split_tokens=MIN_SPLIT_TOKENS))
         current = choose_num_splits(batch, 8, context, processors)
-        balanced = wave_balanced_splits(batch, 8, context, processors)
         best = min(times, key=times.get)
-        row = dict(batch=batch, context=context, us=times, best=best, current=current, balanced=balanced,
+        row = dict(batch=batch, context=context, us=times, best=best, current=current,
                    gbps_best=kv_bytes / times[best] / 1e3)
         rows.append(row)
-        nan = float("nan")  # a rule's pick beyond the eight counts timed
+        nan = float("nan")  # the rule's pick beyond the eight counts timed
         print(f"splits: B={batch:3d} ctx={context:4d}  best {best} {times[best]:7.1f} us ({row['gbps_best']:5.0f} GB/s)"
-              f"  current {current} {times.get(current, nan):7.1f}"
-              f"  balanced {balanced} {times.get(balanced, nan):7.1f}  "
+              f"  current {current} {times.get(current, nan):7.1f}  "
               + " ".join(f"{s}:{t:.0f}" for s, t in times.items()), flush=True)
         del query, keys, values
         torch.cuda.empty_cache()

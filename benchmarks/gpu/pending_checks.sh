@@ -14,9 +14,8 @@
 #   bench: engine_bench.py, the issue's four workloads (~4 minutes, not in "all");
 #   pdl:   batch 1 with the next kernel let in before each wait (JOULE_PDL_EARLY_TRIGGER=0,1) crossed with the
 #          wider GEMV head (JOULE_GEMV_HEAD_COLUMNS unset, 2048); bs1_ab.py, alternated (~5 minutes, not in "all");
-#   splits: decode attention's split count at workload 2's shrinking batches, every count 1-8 against the current
-#          rule and the wave-balanced one (decode_sweep.py --splits), then workload 2 with each rule
-#          (JOULE_DECODE_SPLITS=current,wave; bs1_ab.py --w2, alternated; ~5 minutes, not in "all").
+#   splits: decode attention's split count at workload 2's shrinking batches, every count 1-8 against the rule's
+#          (decode_sweep.py --splits; ~3 minutes, not in "all").
 #   trigger: workloads 3 and 2 with the early PDL trigger off and on (JOULE_PDL_EARLY_TRIGGER=0,1; the default since
 #          2026-12-05 (g), measured at batch 1 only): bs1_ab.py --w3 and --w2, one round each (~4 minutes, not in "all");
 # Usage (repository root, joule importable): OUT=/some/dir bash benchmarks/gpu/pending_checks.sh PART... (fused, fair,
@@ -89,9 +88,6 @@ fi
 if wants splits; then
   $RUN timeout 200 python benchmarks/gpu/decode_sweep.py --splits "$OUT/decode_splits.json" > "$OUT/decode_splits.log" 2>&1
   echo "decode splits: exit $?"; grep "^splits" "$OUT/decode_splits.log"
-  $RUN timeout 300 python benchmarks/gpu/bs1_ab.py "$OUT/w2_splits" 2 --w2 JOULE_DECODE_SPLITS=current,wave \
-    > "$OUT/w2_splits.log" 2>&1
-  echo "w2 split rule A/B: exit $?"; tail -4 "$OUT/w2_splits.log"
 fi
 
 if wants bench; then

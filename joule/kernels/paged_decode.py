@@ -18,15 +18,12 @@ cache block size works.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from joule.kernels.common import (
     LOG2_E,
-    cdiv,
     device_capability,
     dot_precision,
     interpreting,
@@ -250,36 +247,11 @@ def choose_num_splits(num_sequences: int, num_kv_heads: int, max_sequence_length
     return max(1, min(wanted, by_length, MAX_SPLITS))
 
 
-def wave_balanced_splits(num_sequences: int, num_kv_heads: int, max_sequence_length: int, num_processors: int,
-                         low: float = 0.85, enough: float = 0.9) -> int:
-    """``choose_num_splits``'s count, raised while its programs fill less than ``low`` of the processors' last wave,
-    to the first count filling ``enough`` (each split at least MIN_SPLIT_TOKENS long).
-
-    Why: at 40 rows x 8 KV heads, 320 unsplit programs on 132 processors take three waves for 2.4 waves of work
-    (workload 2's tail steps read KV at ~2.3 TB/s against ~3.0 at 256 rows on the H100, docs/benchmarks.md (f));
-    two splits fill 4.85 of 5. Off until measured (``decode_num_splits``; ``decode_sweep.py --splits``).
-    """
-    programs = max(1, num_sequences * num_kv_heads)
-
-    def filled(splits: int) -> float:
-        return programs * splits / (cdiv(programs * splits, num_processors) * num_processors)
-
-    chosen = choose_num_splits(num_sequences, num_kv_heads, max_sequence_length, num_processors)
-    if filled(chosen) >= low:
-        return chosen
-    for splits in range(chosen + 1, min(chosen + 5, MAX_SPLITS + 1)):
-        if max_sequence_length // splits < MIN_SPLIT_TOKENS:
-            break
-        if filled(splits) >= enough:
-            return splits
-    return chosen
-
-
 def decode_num_splits(num_sequences: int, num_kv_heads: int, max_sequence_length: int, num_processors: int) -> int:
-    """The split count the engine's decode attention uses: ``choose_num_splits``, or ``wave_balanced_splits`` with
-    ``JOULE_DECODE_SPLITS=wave`` (benchmarks compare the two)."""
-    rule = wave_balanced_splits if os.environ.get("JOULE_DECODE_SPLITS", "") == "wave" else choose_num_splits
-    return rule(num_sequences, num_kv_heads, max_sequence_length, num_processors)
+    """The split count the engine's decode attention uses. A wave-balanced rule (more splits where the programs
+    leave the last wave of processors mostly idle) measured the same on workload 2 (H100, 2026-12-06: 20,203 vs
+    20,182 tok/s) and was removed."""
+    return choose_num_splits(num_sequences, num_kv_heads, max_sequence_length, num_processors)
 
 
 def native_fp8_convert(device: torch.device) -> bool:

@@ -17,10 +17,10 @@ def test_a_throughput_ab_runs_each_variant_and_tabulates(tmp_path, monkeypatch, 
     command = [sys.executable, "-m", "joule.cli", "bench", "throughput", *SMALL, "--num-prompts", "2",
                "--input-len", "uniform:4:8", "--output-len", "uniform:2:3"]
     monkeypatch.setitem(script.THROUGHPUT, "--w2", ("w2", command))
-    monkeypatch.setattr(sys, "argv", ["bs1_ab.py", str(tmp_path), "1", "--w2", "JOULE_DECODE_SPLITS=current,wave"])
+    monkeypatch.setattr(sys, "argv", ["bs1_ab.py", str(tmp_path), "1", "--w2", "JOULE_PDL_EARLY_TRIGGER=0,1"])
     script.main()
     out = capsys.readouterr().out
-    assert "round 0: JOULE_DECODE_SPLITS=current:" in out and "round 0: JOULE_DECODE_SPLITS=wave:" in out
+    assert "round 0: JOULE_PDL_EARLY_TRIGGER=0:" in out and "round 0: JOULE_PDL_EARLY_TRIGGER=1:" in out
     assert "failed" not in out
     assert sorted(path.name for path in tmp_path.iterdir()) == [
-        "w2-JOULE_DECODE_SPLITS-current-0.json", "w2-JOULE_DECODE_SPLITS-wave-0.json"]
+        "w2-JOULE_PDL_EARLY_TRIGGER-0-0.json", "w2-JOULE_PDL_EARLY_TRIGGER-1-0.json"]
