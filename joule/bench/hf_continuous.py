@@ -17,7 +17,22 @@ import torch
 
 from joule.bench.workload import SyntheticRequest
 
-PAGED_ATTENTION = "paged|sdpa"
+PAGED_ATTENTION = "paged|sdpa"  # the issue's peer (`generate_batch` over transformers' paged cache)
+
+
+def load_paged_model(model_path: Path, dtype: torch.dtype, device: torch.device):
+    """The model for ``generate_batch`` with ``PAGED_ATTENTION``, and the attention name it took. Why the fallback:
+    recent transformers deprecate the ``paged|`` prefix (a FutureWarning announcing its removal; generate_batch
+    pages the cache whatever the name); where the prefix is refused, the plain name gives the same path."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*paged\\|.*prefix", category=FutureWarning)
+        try:
+            return load_transformers_model(model_path, dtype, device, PAGED_ATTENTION), PAGED_ATTENTION
+        except (ValueError, KeyError):
+            plain = PAGED_ATTENTION.removeprefix("paged|")
+            return load_transformers_model(model_path, dtype, device, plain), plain
 
 
 def load_transformers_model(model_path: Path, dtype: torch.dtype, device: torch.device,
@@ -48,7 +63,7 @@ def run_transformers_generate_batch(
     if len(output_lens) != 1:
         raise ValueError("the transformers generate_batch baseline needs one output length for all requests")
     max_new_tokens = output_lens.pop()
-    model = load_transformers_model(model_path, dtype, device, PAGED_ATTENTION)
+    model, attention = load_paged_model(model_path, dtype, device)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
     prompts = [list(request.prompt_token_ids) for request in requests]
     model.generate_batch(inputs=prompts[:2], generation_config=config, progress_bar=False)  # warm-up
@@ -61,6 +76,6 @@ def run_transformers_generate_batch(
     elapsed = time.perf_counter() - started
     output_tokens = sum(len(output.generated_tokens) for output in outputs.values())
     failed = sum(1 for output in outputs.values() if getattr(output, "error", None))
-    return {"engine": f"transformers generate_batch ({PAGED_ATTENTION})", "elapsed_s": elapsed,
+    return {"engine": f"transformers generate_batch ({attention})", "elapsed_s": elapsed,
             "output_tokens": output_tokens, "output_tok_per_s": output_tokens / elapsed,
             "requests": len(outputs), "failed_requests": failed}

@@ -7,6 +7,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+from joule.bench import hf_continuous  # noqa: E402
 from joule.bench.hf_continuous import load_transformers_model, run_transformers_generate_batch  # noqa: E402
 from joule.bench.workload import fixed_length_workload  # noqa: E402
 
@@ -47,3 +48,29 @@ def test_transformers_generate_peer_counts_fixed_batches(config_only_model):
     requests = fixed_length_workload(5, 10, 4, 500, seed=2)
     result = run_transformers_generate(config_only_model, requests, torch.float32, torch.device("cpu"), batch_size=2)
     assert result["output_tokens"] == 20 and result["batch_size"] == 2
+
+
+def test_the_paged_prefix_loads_without_its_deprecation_warning(config_only_model):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, attention = hf_continuous.load_paged_model(config_only_model, torch.float32, torch.device("cpu"))
+    assert attention == "paged|sdpa" and model.config.hidden_size == 32
+    assert not [warning for warning in caught if "paged|" in str(warning.message)]
+
+
+def test_a_transformers_without_the_paged_prefix_gets_the_plain_name(config_only_model, monkeypatch):
+    original, asked = hf_continuous.load_transformers_model, []
+
+    def refusing_the_prefix(model_path, dtype, device, attn_implementation=None):
+        asked.append(attn_implementation)
+        if attn_implementation and attn_implementation.startswith("paged|"):
+            raise ValueError(f"Specified `attn_implementation={attn_implementation}` is not supported")
+        return original(model_path, dtype, device, attn_implementation)
+
+    monkeypatch.setattr(hf_continuous, "load_transformers_model", refusing_the_prefix)
+    requests = fixed_length_workload(2, 8, 3, 500, seed=3)
+    result = run_transformers_generate_batch(config_only_model, requests, torch.float32, torch.device("cpu"))
+    assert asked == ["paged|sdpa", "sdpa"]
+    assert result["engine"] == "transformers generate_batch (sdpa)" and result["output_tokens"] == 6
