@@ -11,6 +11,7 @@ the values; the outputs are not compared).
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,8 +25,6 @@ def load_paged_model(model_path: Path, dtype: torch.dtype, device: torch.device)
     """The model for ``generate_batch`` with ``PAGED_ATTENTION``, and the attention name it took. Why the fallback:
     recent transformers deprecate the ``paged|`` prefix (a FutureWarning announcing its removal; generate_batch
     pages the cache whatever the name); where the prefix is refused, the plain name gives the same path."""
-    import warnings
-
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*paged\\|.*prefix", category=FutureWarning)
         try:
