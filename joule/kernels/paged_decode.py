@@ -240,18 +240,12 @@ def choose_num_splits(num_sequences: int, num_kv_heads: int, max_sequence_length
 
     Graph-timed on an H200 (8 KV heads, head_dim 64, bf16), the best of 1..32 splits vs this choice:
     B=1 x 8k: 32 best (9.4 us; 88 us unsplit), chosen 32; B=16 x 4k: 4 best (39 us), chosen 3;
-    B=64 x 1k and B=256 x 1k: 1 best, chosen 1.
+    B=64 x 1k and B=256 x 1k: 1 best, chosen 1. A wave-balanced variant (more splits where the programs leave the
+    last wave of processors mostly idle) measured the same on workload 2 (H100, 2026-12-06) and was removed.
     """
     wanted = -(-2 * num_processors // max(1, num_sequences * num_kv_heads))
     by_length = max(1, max_sequence_length // MIN_SPLIT_TOKENS)
     return max(1, min(wanted, by_length, MAX_SPLITS))
-
-
-def decode_num_splits(num_sequences: int, num_kv_heads: int, max_sequence_length: int, num_processors: int) -> int:
-    """The split count the engine's decode attention uses. A wave-balanced rule (more splits where the programs
-    leave the last wave of processors mostly idle) measured the same on workload 2 (H100, 2026-12-06: 20,203 vs
-    20,182 tok/s) and was removed."""
-    return choose_num_splits(num_sequences, num_kv_heads, max_sequence_length, num_processors)
 
 
 def native_fp8_convert(device: torch.device) -> bool:

@@ -28,7 +28,7 @@ from joule.kernels.attention_output import (
     fits_fused_attention_output,
 )
 from joule.kernels.kv_write import write_kv_cache
-from joule.kernels.paged_decode import MIN_SPLIT_TOKENS, decode_num_splits, paged_decode_attention
+from joule.kernels.paged_decode import MIN_SPLIT_TOKENS, choose_num_splits, paged_decode_attention
 from joule.kernels.paged_prefill import (
     build_tiles,
     paged_prefill_attention,
@@ -165,7 +165,7 @@ class TritonAttentionBackend(AttentionBackend):
             num_splits = step.fixed_num_splits or self.decode_num_splits
             if num_splits is None:
                 if step.chosen_num_splits is None:  # the same for every layer of the step
-                    step.chosen_num_splits = decode_num_splits(
+                    step.chosen_num_splits = choose_num_splits(
                         step.num_decodes, num_kv_heads, step.decode_max_length, self._processors(query.device)
                     )
                 num_splits = step.chosen_num_splits
@@ -216,7 +216,7 @@ class TritonAttentionBackend(AttentionBackend):
         """The fixed split-K factor a captured decode graph of ``batch_size`` rows uses."""
         if self.decode_num_splits is not None:
             return self.decode_num_splits
-        return decode_num_splits(batch_size, num_kv_heads, max_length_bound, self._processors(device))
+        return choose_num_splits(batch_size, num_kv_heads, max_length_bound, self._processors(device))
 
     def _processors(self, device: torch.device) -> int:
         if device not in self._num_processors:
