@@ -1,7 +1,9 @@
 """Where a throughput workload's GPU time goes: kernel time by kernel, and every gap between kernels with what the
 host did meanwhile.
 
-Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/step_gaps.py [out_dir] [w3|w2] [plain runs]
+Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/step_gaps.py [out_dir] [w3|w2|b1] [plain runs]
+(b1: issue 3's batch-1 workload, 128 -> 256, profiled over decode steps 100-110, then every device event of the
+window's last two steps in order, with its gap from the event before: what sits between two graph replays.)
 Why: a prompt step of workload 3 takes ~29.5 ms with prompt steps queued ahead, but its kernels added up to
 ~26.6 ms under profile_engine.py (H100 2026-12-05 (e)): either the GPU idles ~3 ms a step or the profiler's
 kernel table was short. Builds the engine as engine_bench.py does (defaults: decode and prompt lookahead on,
@@ -33,6 +35,8 @@ from joule.heap import heap_frozen_while_running  # noqa: E402
 
 GAP_US = 5.0
 W2_WINDOWS = ((0, 24), (150, 180), (500, 530), (850, 880))  # step ranges: prompts, then 256, ~150, ~40 decoding
+B1_WINDOWS = ((100, 110),)
+SEQUENCE_EVENTS = 240  # batch 1: the window's last ~two steps (~110 device events a step)
 DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 LAUNCH_NAMES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC", "cudaGraphLaunch",
                 "cudaMemcpyAsync", "cudaMemsetAsync")
@@ -95,7 +99,13 @@ def analyse(trace: dict, top: int = 25) -> dict:
     for gap in gaps:
         by_kind[gap["kind"]] += gap["us"]
         by_host[" > ".join(gap["host"]) or "(none)"] += gap["us"]
-    return {"kernels": len(device), "span_us": end - start_all, "busy_us": busy,
+    sequence, previous_end = [], None
+    for event in device[-SEQUENCE_EVENTS:]:
+        gap = 0.0 if previous_end is None else event["ts"] - previous_end
+        sequence.append({"at": event["ts"] - start_all, "us": event["dur"], "gap": gap, "name": event["name"][:70]})
+        previous_end = event["ts"] + event["dur"] if previous_end is None else max(previous_end,
+                                                                                     event["ts"] + event["dur"])
+    return {"kernels": len(device), "span_us": end - start_all, "busy_us": busy, "sequence": sequence,
             "idle_us": sum(gap["us"] for gap in gaps), "gaps": len(gaps),
             "by_kernel": [{"name": name, "us": us, "calls": calls[name]}
                           for name, us in sorted(by_kernel.items(), key=lambda item: -item[1])[:top]],
@@ -126,6 +136,13 @@ def report(result: dict) -> None:
               f"{gap['before'][:34]:34s} host: {' > '.join(gap['host'])}")
 
 
+def print_sequence(result: dict) -> None:
+    """Every device event of the window's tail, in order; a gap < 0 overlapped the event before (PDL)."""
+    print(f"the last {len(result.get('sequence', []))} device events:")
+    for event in result.get("sequence", []):
+        print(f"  {event['at']:10.1f} {event['us']:7.1f} us  gap {event['gap']:6.1f}  {event['name']}")
+
+
 def profiled_windows(engine, prompts, lengths, windows, out_dir: str, name: str) -> list[dict]:
     """One run of the workload, the profiler on only for the step ranges in ``windows``; a result per window."""
     engine.block_manager.reset_prefix_cache()
@@ -154,6 +171,8 @@ def profiled_windows(engine, prompts, lengths, windows, out_dir: str, name: str)
             print(f"--- {name} steps {first}-{step}: {1e3 * seconds:.1f} ms wall "
                   f"({engine.core.scheduler.num_running} running at the end)")
             report(result)
+            if name == "b1":
+                print_sequence(result)
             results.append(result)
             with open(trace_path, "rb") as source, gzip.open(trace_path + ".gz", "wb") as target:
                 target.write(source.read())
@@ -167,16 +186,17 @@ def main() -> None:
     out_dir = sys.argv[1] if len(sys.argv) > 1 else "step_gaps"
     workload = sys.argv[2] if len(sys.argv) > 2 else "w3"
     runs = int(sys.argv[3]) if len(sys.argv) > 3 else 1
-    if workload not in ("w2", "w3"):
-        raise SystemExit(f"workload must be w2 or w3, not {workload!r}")
+    if workload not in ("w2", "w3", "b1"):
+        raise SystemExit(f"workload must be w2, w3 or b1, not {workload!r}")
     os.makedirs(out_dir, exist_ok=True)
-    model = LLAMA_1B if workload == "w3" else QWEN3_06B
+    model = QWEN3_06B if workload == "w2" else LLAMA_1B
     engine, graphs, _ = build(model, dtype="bfloat16", max_model_len=4096)
     engine.core.step_observer = None
     print(torch.cuda.get_device_name(), torch.__version__, workload, "graphs", graphs, flush=True)
     vocab = engine.model_config.vocab_size
-    requests = (fixed_length_workload(256, 512, 128, vocab, seed=2) if workload == "w3"
-                else uniform_length_workload(256, 100, 1024, vocab, seed=0))
+    requests = {"w3": lambda: fixed_length_workload(256, 512, 128, vocab, seed=2),
+                "w2": lambda: uniform_length_workload(256, 100, 1024, vocab, seed=0),
+                "b1": lambda: fixed_length_workload(1, 128, 256, vocab, seed=1)}[workload]()
     prompts, lengths = [r.prompt_token_ids for r in requests], [r.output_len for r in requests]
     generate(engine, [prompts[0][:32]] * 4, [4] * 4)
     for _ in range(runs):
@@ -186,7 +206,7 @@ def main() -> None:
     mark(executor, "launch", plan_label)
     mark(executor, "collect", "collect")
     mark(engine, "step", "step")
-    windows = ((0, 10**9),) if workload == "w3" else W2_WINDOWS
+    windows = {"w3": ((0, 10**9),), "w2": W2_WINDOWS, "b1": B1_WINDOWS}[workload]
     results = profiled_windows(engine, prompts, lengths, windows, out_dir, workload)
     with open(os.path.join(out_dir, f"gaps_{workload}.json"), "w") as handle:
         json.dump(results, handle, indent=1)

@@ -30,6 +30,7 @@ import triton.language as tl
 from joule.kernels.common import (
     cdiv,
     gemv_l2_prefetch_lines,
+    gemv_pipelined,
     next_power_of_2,
     pdl_launch,
     prefetch_l2,
@@ -44,6 +45,7 @@ class GemvConfig:
     num_warps: int
     num_stages: int
     prefetch_tiles: int = 2  # weight tiles loaded before waiting for the previous kernel (0 or a power of two)
+    pipelined: bool = False  # keep the head's tiles in flight through the row (``_row_sets_gemv``'s PIPELINE)
 
 
 @triton.jit
@@ -88,7 +90,7 @@ def _row_sets_gemv(
     x_ptr, residual_ptr, norm_weight_ptr, residual_out_ptr, eps, weight_ptr, first_offsets, second_offsets,
     row_mask, K: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH_TILES: tl.constexpr, USE_PDL: tl.constexpr,
     NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, K_PAD: tl.constexpr, SECOND: tl.constexpr,
-    L2_LINES: tl.constexpr = 0,
+    L2_LINES: tl.constexpr = 0, PIPELINE: tl.constexpr = False,
 ):
     """Dot products of the (normed) input row with one or two sets of weight rows (by row offsets), float32.
 
@@ -96,7 +98,9 @@ def _row_sets_gemv(
     while it finishes): no kernel of a step writes weights. One or two are added in the loop's order; more (a
     power of two, ``JOULE_GEMV_HEAD_COLUMNS``) load as one wide head tile whose row sums are added at the end.
     With L2_LINES (a power of two >= the 128-byte lines of a row), the rest of the program's rows are asked
-    of L2 before the wait too (no registers held).
+    of L2 before the wait too (no registers held). With PIPELINE (one or two head tiles), each step of the loop
+    loads the tile that many steps ahead before it adds the current one, so a program keeps that many tiles in
+    flight to the end of its row instead of one; the sums are added in the same order either way.
     """
     columns = tl.arange(0, BLOCK_K)
     WIDE: tl.constexpr = PREFETCH_TILES > 2
@@ -126,25 +130,48 @@ def _row_sets_gemv(
         inverse_rms = _row_inverse_rms(x_ptr, residual_ptr, residual_out_ptr, eps, K, K_PAD, HAS_RESIDUAL)
     first_sum = tl.zeros((first_offsets.shape[0], BLOCK_K), dtype=tl.float32)
     second_sum = tl.zeros((first_offsets.shape[0], BLOCK_K), dtype=tl.float32)
-    if PREFETCH_TILES >= 1 and not WIDE:
+    if PIPELINE:  # the loads stay PREFETCH_TILES (1 or 2) tiles ahead of the sums through the whole row
+        for start in range(0, K, BLOCK_K):
+            ahead = start + PREFETCH_TILES * BLOCK_K + columns  # past K: masked, no memory traffic
+            first_ahead = _weight_tile(weight_ptr, first_offsets, row_mask, ahead, K)
+            if SECOND:
+                second_ahead = _weight_tile(weight_ptr, second_offsets, row_mask, ahead, K)
+            x = _input_tile(x_ptr, residual_ptr, norm_weight_ptr, start + columns, start + columns < K, inverse_rms,
+                            NORM, HAS_RESIDUAL)
+            first_sum += first_tile.to(tl.float32) * x[None, :]
+            if SECOND:
+                second_sum += second_tile.to(tl.float32) * x[None, :]
+            if PREFETCH_TILES == 2:
+                first_tile = first_next
+                first_next = first_ahead
+                if SECOND:
+                    second_tile = second_next
+                    second_next = second_ahead
+            else:
+                first_tile = first_ahead
+                if SECOND:
+                    second_tile = second_ahead
+    elif PREFETCH_TILES >= 1 and not WIDE:
         x = _input_tile(x_ptr, residual_ptr, norm_weight_ptr, columns, columns < K, inverse_rms, NORM, HAS_RESIDUAL)
         first_sum += first_tile.to(tl.float32) * x[None, :]
         if SECOND:
             second_sum += second_tile.to(tl.float32) * x[None, :]
-    if PREFETCH_TILES == 2:
+    if PREFETCH_TILES == 2 and not PIPELINE:
         x = _input_tile(x_ptr, residual_ptr, norm_weight_ptr, BLOCK_K + columns, BLOCK_K + columns < K,
                         inverse_rms, NORM, HAS_RESIDUAL)
         first_sum += first_next.to(tl.float32) * x[None, :]
         if SECOND:
             second_sum += second_next.to(tl.float32) * x[None, :]
-    for start in range(PREFETCH_TILES * BLOCK_K, K, BLOCK_K):
-        tile_columns = start + columns
-        x = _input_tile(x_ptr, residual_ptr, norm_weight_ptr, tile_columns, tile_columns < K, inverse_rms,
-                        NORM, HAS_RESIDUAL)
-        first_sum += _weight_tile(weight_ptr, first_offsets, row_mask, tile_columns, K).to(tl.float32) * x[None, :]
-        if SECOND:
-            second_sum += (_weight_tile(weight_ptr, second_offsets, row_mask, tile_columns, K).to(tl.float32)
-                           * x[None, :])
+    if not PIPELINE:
+        for start in range(PREFETCH_TILES * BLOCK_K, K, BLOCK_K):
+            tile_columns = start + columns
+            x = _input_tile(x_ptr, residual_ptr, norm_weight_ptr, tile_columns, tile_columns < K, inverse_rms,
+                            NORM, HAS_RESIDUAL)
+            first_sum += (_weight_tile(weight_ptr, first_offsets, row_mask, tile_columns, K).to(tl.float32)
+                          * x[None, :])
+            if SECOND:
+                second_sum += (_weight_tile(weight_ptr, second_offsets, row_mask, tile_columns, K).to(tl.float32)
+                               * x[None, :])
     first_result = tl.sum(first_sum, axis=1)
     second_result = tl.sum(second_sum, axis=1)
     if WIDE:
@@ -163,7 +190,7 @@ def _gemv_kernel(
     K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PREFETCH_TILES: tl.constexpr, USE_PDL: tl.constexpr,
     NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, K_PAD: tl.constexpr, GATED: tl.constexpr,
-    L2_LINES: tl.constexpr,
+    L2_LINES: tl.constexpr, PIPELINE: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
@@ -171,7 +198,7 @@ def _gemv_kernel(
     result, up = _row_sets_gemv(
         x_ptr, residual_ptr, norm_weight_ptr, residual_out_ptr, eps, weight_ptr,
         rows.to(tl.int64) * stride_weight, (rows + N).to(tl.int64) * stride_weight, row_mask,
-        K, BLOCK_K, PREFETCH_TILES, USE_PDL, NORM, HAS_RESIDUAL, K_PAD, GATED, L2_LINES)
+        K, BLOCK_K, PREFETCH_TILES, USE_PDL, NORM, HAS_RESIDUAL, K_PAD, GATED, L2_LINES, PIPELINE)
     if HAS_BIAS:
         result += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
     if GATED:  # silu(gate) * up from the rounded projections, as silu_and_mul computes it
@@ -197,15 +224,17 @@ def gemv_config(out_features: int, in_features: int, num_sms: int = 132) -> Gemv
     16384x2048, lm_head 128256x2048) run best as 8-row blocks of 256-column tiles, 17.7 and 121.8 us against
     cuBLAS's 18.3 and 127.5 us.
     """
+    pipelined = gemv_pipelined()
     if out_features * in_features >= WIDE_WEIGHT_ELEMENTS:
         return GemvConfig(block_n=8, block_k=min(256, next_power_of_2(in_features)), num_warps=4,
-                          num_stages=1, prefetch_tiles=2)
+                          num_stages=1, prefetch_tiles=2, pipelined=pipelined)
     block_k = min(512, next_power_of_2(in_features))
     block_n = 32
     while block_n > 1 and (cdiv(out_features, block_n) < 4 * num_sms
                            or block_n * in_features * 2 > MAX_PROGRAM_BYTES):
         block_n //= 2
-    return GemvConfig(block_n=block_n, block_k=block_k, num_warps=4, num_stages=3, prefetch_tiles=2)
+    return GemvConfig(block_n=block_n, block_k=block_k, num_warps=4, num_stages=3, prefetch_tiles=2,
+                      pipelined=pipelined)
 
 
 def gemv(
@@ -250,6 +279,7 @@ def gemv(
         PREFETCH_TILES=prefetch_tiles, USE_PDL=use_pdl, NORM=norm_weight is not None,
         HAS_RESIDUAL=residual is not None, K_PAD=next_power_of_2(in_features), GATED=gated,
         L2_LINES=gemv_l2_prefetch_lines(use_pdl, in_features, weight.element_size()),
+        PIPELINE=config.pipelined and prefetch_tiles in (1, 2),
         num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=use_pdl,
     )
     return output if residual_output is None else (output, residual_output)

@@ -45,6 +45,35 @@ def test_gemv_prefetched_tiles_add_in_the_loop_order(in_features):
     assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
 
 
+@pytest.mark.parametrize("in_features", [40, 100, 256])  # 40: the head covers the row; 100: the last tile partial
+@pytest.mark.parametrize("tiles", [1, 2])
+@pytest.mark.parametrize("gated,with_norm", [(False, False), (True, True)])
+def test_pipelined_gemv_gives_the_same_bits(in_features, tiles, gated, with_norm):
+    """Loads kept one or two tiles ahead through the row (``pipelined``) add the same products in the same order."""
+    generator = torch.Generator().manual_seed(3 * in_features + tiles)
+    weight = torch.randn(2 * 29, in_features, generator=generator).to(DEVICE, torch.bfloat16)
+    x = torch.randn(1, in_features, generator=generator).to(DEVICE, torch.bfloat16)
+    norm = {}
+    if with_norm:
+        norm = {"norm_weight": (1 + 0.1 * torch.randn(in_features, generator=generator)).to(DEVICE, torch.bfloat16),
+                "residual": torch.randn(1, in_features, generator=generator).to(DEVICE, torch.bfloat16), "eps": 1e-5}
+    plain, pipelined = (gemv(x, weight, config=GemvConfig(8, 32, 4, 1, prefetch_tiles=tiles, pipelined=flag),
+                             gated=gated, **norm) for flag in (False, True))
+    for expected, output in zip(plain if with_norm else (plain,), pipelined if with_norm else (pipelined,)):
+        assert torch.equal(output, expected)
+    output = pipelined[0] if with_norm else pipelined
+    assert output.shape == (1, 29 if gated else 58) and output.float().abs().sum() > 0
+    if not gated:
+        torch.testing.assert_close(output.float(), F.linear(x.float(), weight.float()), atol=0.2, rtol=3e-2)
+
+
+def test_gemv_config_pipelines_only_when_switched_on(monkeypatch):
+    monkeypatch.delenv("JOULE_GEMV_PIPELINE", raising=False)
+    assert not gemv_config(16384, 2048).pipelined and not gemv_config(2048, 2048).pipelined
+    monkeypatch.setenv("JOULE_GEMV_PIPELINE", "1")
+    assert gemv_config(16384, 2048).pipelined and gemv_config(2048, 8192).pipelined
+
+
 @pytest.mark.parametrize("in_features", [100, 256])  # a head of 4 or 8 tiles of 32 columns, or the whole padded row
 @pytest.mark.parametrize("gated", [False, True])
 def test_gemv_wide_head_tiles_sum_the_same_products(in_features, gated):

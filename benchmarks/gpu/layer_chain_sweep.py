@@ -1,0 +1,152 @@
+"""Batch-1 GEMV blocks timed where they run: 16 layers' q/k/v -> o -> gate/up -> down chained in one CUDA graph.
+
+Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/layer_chain_sweep.py [out.json]
+Why: ``gemv_sweep.py`` times one projection against copies of itself, but in a decode step each GEMV follows a
+different kernel under programmatic dependent launch, and the hop between them is where batch 1 loses its time
+(docs/benchmarks.md, the H100 layer table of 2026-12-05 (f)). Llama-3.2-1B shapes, bf16, distinct weights per
+layer (~1.9 GB, so they stream from DRAM as in the engine); the q/k/v kernel is the engine's (norm, rotary and
+the cache write inside), attention is left out (its output stands in by the queries). The default blocks are
+timed several times between the variants (the noise), then one projection's blocks at a time, each with its
+loop pipelined or not (``GemvConfig.pipelined``; q/k/v through ``JOULE_GEMV_PIPELINE``). Prints us a layer
+against the layer's weight bytes at the copy bandwidth, best first per projection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import sys
+
+import torch
+
+from joule.bench.latency import copy_bandwidth
+from joule.runtime.attention.base import KVCache
+from joule.kernels.gemv import GemvConfig, gemv, gemv_config
+from joule.kernels.qkv_rotary import qkv_rotary_gemv
+
+LAYERS = 16
+HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM = 2048, 8192, 32, 8, 64
+REPLAYS = 7
+
+
+def main() -> None:
+    out_path = sys.argv[1] if len(sys.argv) > 1 else None
+    device = torch.device("cuda")
+    bandwidth = copy_bandwidth(device)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    qkv_rows = (HEADS + 2 * KV_HEADS) * HEAD_DIM
+
+    def weight(rows: int, columns: int) -> torch.Tensor:
+        return torch.randn(rows, columns, device=device, dtype=torch.bfloat16) * 0.02
+
+    layers = [{"qkv": weight(qkv_rows, HIDDEN), "o": weight(HIDDEN, HIDDEN), "gate_up": weight(2 * INTERMEDIATE, HIDDEN),
+               "down": weight(HIDDEN, INTERMEDIATE),
+               "norms": [(1 + 0.1 * torch.randn(HIDDEN, device=device)).to(torch.bfloat16) for _ in range(2)]}
+              for _ in range(LAYERS)]
+    layer_bytes = sum(layers[0][name].numel() * 2 for name in ("qkv", "o", "gate_up", "down"))
+    cache = KVCache.allocate(LAYERS, 64, 16, KV_HEADS, HEAD_DIM, torch.bfloat16, device)
+    angles = torch.rand(1, HEAD_DIM // 2, device=device) * 40
+    cos, sin = angles.cos(), angles.sin()
+    slots = torch.tensor([21], device=device)
+    hidden0 = torch.randn(1, HIDDEN, device=device, dtype=torch.bfloat16)
+    residual0 = torch.randn(1, HIDDEN, device=device, dtype=torch.bfloat16)
+    defaults = {name: gemv_config(rows, columns, sms) for name, (rows, columns) in
+                {"o": (HIDDEN, HIDDEN), "gate_up": (2 * INTERMEDIATE, HIDDEN), "down": (HIDDEN, INTERMEDIATE)}.items()}
+
+    def chain(configs: dict[str, GemvConfig]) -> torch.Tensor:
+        hidden, residual = hidden0, residual0
+        for index, layer in enumerate(layers):
+            query, residual = qkv_rotary_gemv(hidden, layer["qkv"], None, cos, sin, cache.key_caches[index],
+                                              cache.value_caches[index], slots, HEADS,
+                                              norm_weight=layer["norms"][0], eps=1e-5, residual=residual)
+            attended = gemv(query, layer["o"], config=configs["o"])
+            activated, residual = gemv(attended, layer["gate_up"], config=configs["gate_up"],
+                                       norm_weight=layer["norms"][1], eps=1e-5, residual=residual, gated=True)
+            hidden = gemv(activated, layer["down"], config=configs["down"])
+        return hidden
+
+    def timed(configs: dict[str, GemvConfig], pipelined_qkv: bool = False) -> tuple[float, torch.Tensor]:
+        """Microseconds a layer (best of REPLAYS graph replays) and the chain's output."""
+        os.environ["JOULE_GEMV_PIPELINE"] = "1" if pipelined_qkv else "0"
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            chain(configs)  # compiles
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            output = chain(configs)
+        graph.replay()
+        torch.cuda.synchronize()
+        best = float("inf")
+        for _ in range(REPLAYS):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            best = min(best, start.elapsed_time(end) * 1e3 / LAYERS)
+        return best, output.clone()
+
+    print(f"{torch.cuda.get_device_name()}  copy bandwidth {bandwidth / 1e9:.0f} GB/s  SMs {sms}  layer weights "
+          f"{layer_bytes / 1e6:.1f} MB = {layer_bytes / bandwidth * 1e6:.1f} us at the copy bandwidth", flush=True)
+    print("defaults:", {name: dataclasses.asdict(config) for name, config in defaults.items()}, flush=True)
+    rows, baseline_times = [], []
+    reference_output = None
+
+    def record(label: str, projection: str, configs: dict[str, GemvConfig], pipelined_qkv: bool = False) -> None:
+        nonlocal reference_output
+        try:
+            us, output = timed(configs, pipelined_qkv)
+        except Exception as failure:  # noqa: BLE001 - a block shape the compiler rejects
+            print(f"  {label}: {failure!r}"[:200], flush=True)
+            return
+        if reference_output is None:
+            reference_output = output
+        same = bool(torch.equal(output, reference_output))
+        rows.append({"label": label, "projection": projection, "us_per_layer": us, "same_bits": same,
+                     "configs": {name: dataclasses.asdict(config) for name, config in configs.items()},
+                     "pipelined_qkv": pipelined_qkv})
+        if projection == "default":
+            baseline_times.append(us)
+        print(f"  {us:7.2f} us/layer  {'same' if same else 'DIFFERENT'} bits  {label}", flush=True)
+
+    def with_config(projection: str, config: GemvConfig) -> dict[str, GemvConfig]:
+        return {**defaults, projection: config}
+
+    grids = {
+        "gate_up": [GemvConfig(n, k, w, 1, 2, p) for n, k, w, p in itertools.product(
+            (4, 8, 16), (128, 256, 512), (4, 8), (False, True))],
+        "down": [GemvConfig(n, k, w, s, 2, p) for n, k, w, s, p in itertools.product(
+            (1, 2), (512, 1024), (4, 8), (1, 3), (False, True))],
+        "o": [GemvConfig(n, k, 4, 3, 2, p) for n, k, p in itertools.product((1, 2, 4), (512, 1024), (False, True))],
+    }
+    record("default", "default", defaults)
+    record("all pipelined (q/k/v too)", "all", {name: dataclasses.replace(config, pipelined=True)
+                                              for name, config in defaults.items()}, pipelined_qkv=True)
+    record("q/k/v pipelined", "qkv", defaults, pipelined_qkv=True)
+    for projection, grid in grids.items():
+        record("default", "default", defaults)
+        for config in grid:
+            record(f"{projection} {config}", projection, with_config(projection, config))
+    record("default", "default", defaults)
+
+    base = min(baseline_times)
+    print(f"\ndefault: {', '.join(f'{value:.2f}' for value in baseline_times)} us/layer "
+          f"(weights at the copy bandwidth: {layer_bytes / bandwidth * 1e6:.1f} us)")
+    for projection in ("all", "qkv", *grids):
+        best = sorted((row for row in rows if row["projection"] == projection), key=lambda row: row["us_per_layer"])
+        gains = ", ".join(f"{row['us_per_layer'] - base:+.2f}" for row in best[:3])
+        print(f"{projection}: best {gains} us/layer against the best default")
+        for row in best[:3]:
+            print(f"    {row['us_per_layer']:7.2f}  {row['label']}")
+    if out_path:
+        with open(out_path, "w") as handle:
+            json.dump({"device": torch.cuda.get_device_name(), "bandwidth": bandwidth, "layer_bytes": layer_bytes,
+                       "rows": rows}, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
