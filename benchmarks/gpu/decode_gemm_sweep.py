@@ -9,7 +9,8 @@ Why: the 2026-12-05 (e) profile of workload 3's decode steps (H100, 256 rows) pu
 without the profiler, beside the layout cuBLAS may serve better. Prints us a call, the weight bytes' rate and
 TFLOP/s, Llama-3.2-1B and Qwen3-0.6B shapes, bf16; the raw rows go to the JSON. Its first run (2026-12-05 (f))
 called one weight 20 times, so weights under 50 MB came from L2; each call now takes the next of several copies
-(``ROTATE_BYTES``), and split-K tiles (``SPLIT_TILES``) are tried beside the plain ones.
+(``ROTATE_BYTES``), and split-K tiles (``SPLIT_TILES``) are tried beside the plain ones; cuBLASLt's choice
+(``out_in_lt``) stands beside cuBLAS's, and 8,192 rows (a prompt step) beside the decode sizes.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ SHAPES = [
     ("qwen3-0.6b", "qkv", 4096, 1024), ("qwen3-0.6b", "o", 1024, 2048), ("qwen3-0.6b", "gate_up", 6144, 1024),
     ("qwen3-0.6b", "down", 1024, 3072), ("qwen3-0.6b", "lm_head", 151936, 1024),
 ]
-ROWS = [1, 16, 64, 128, 256, 512]
-LAYOUTS = ("out_in", "in_out")
+ROWS = [1, 16, 64, 128, 256, 512, 8192]  # 8192: a prompt step of workload 3 (not for lm_head: prompts sample one row)
+LAYOUTS = ("out_in", "in_out", "out_in_lt")
 # (block_m, block_n, block_k, num_warps, num_stages) of the Triton GEMM tried at each shape.
 TRITON_TILES = [(64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 128, 64, 8, 3),
                 (64, 32, 128, 4, 4), (32, 64, 128, 4, 4)]
@@ -114,12 +115,24 @@ def products(rows: int, out_features: int, in_features: int, dtype: torch.dtype,
         return lambda: call(pool[next(turn) % len(pool)])
 
     calls = {"out_in": rotating(lambda w: torch.nn.functional.linear(hidden, w), weights),
-             "in_out": rotating(lambda w: hidden @ w, transposed)}
-    if rows >= 16:  # tl.dot's smallest tile; a single row is the GEMV's
+             "in_out": rotating(lambda w: hidden @ w, transposed),
+             "out_in_lt": rotating(lambda w: lt_linear(hidden, w), weights)}
+    if 16 <= rows <= 512:  # tl.dot's smallest tile; a single row is the GEMV's
         for tile in TRITON_TILES + SPLIT_TILES:
             calls["triton " + "x".join(map(str, tile))] = rotating(
                 lambda w, tile=tile: triton_gemm(hidden, w, tile), weights)
     return calls, {name: call() for name, call in calls.items()}
+
+
+def lt_linear(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear`` through cuBLASLt (``TORCH_BLAS_PREFER_CUBLASLT=1`` for the whole process): its heuristics may
+    pick other tiles (split-K among them) than cuBLAS's for the decode step's 256 rows."""
+    previous = torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library("cublaslt")
+    try:
+        return torch.nn.functional.linear(hidden, weight)
+    finally:
+        torch.backends.cuda.preferred_blas_library(previous)
 
 
 def graph_us(function) -> float:
@@ -131,9 +144,12 @@ def main(out_path: str) -> None:
     rows_out = []
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16")
     print(f"{'model':<13} {'proj':<8} {'rows':>5} {'[out,in] us':>12} {'TB/s':>6} {'TFLOP/s':>8} "
-          f"{'[in,out] us':>12} {'TB/s':>6} {'TFLOP/s':>8} {'triton us':>10} {'tile':>16} {'max diff':>9}")
+          f"{'[in,out] us':>12} {'TB/s':>6} {'TFLOP/s':>8} {'Lt us':>12} {'TB/s':>6} {'TFLOP/s':>8} "
+          f"{'triton us':>10} {'tile':>16} {'max diff':>9}")
     for model, projection, out_features, in_features in SHAPES:
         for rows in ROWS:
+            if rows > 512 and projection == "lm_head":
+                continue
             copies = max(1, -(-ROTATE_BYTES // (2 * out_features * in_features)))
             calls, results = products(rows, out_features, in_features, torch.bfloat16, "cuda", copies)
             difference = max((result.float() - results["out_in"].float()).abs().max().item()
@@ -150,7 +166,8 @@ def main(out_path: str) -> None:
             best = min(tiles, key=tiles.get) if tiles else None
             triton_cell = f"{tiles[best]:>10.2f} {best[7:]:>16}" if best else f"{'-':>10} {'-':>16}"
             rows_out.append(row)
-            print(f"{model:<13} {projection:<8} {rows:>5} {cells[0]} {cells[1]} {triton_cell} {difference:>9.3g}",
+            print(f"{model:<13} {projection:<8} {rows:>5} {cells[0]} {cells[1]} {cells[2]} {triton_cell} "
+                  f"{difference:>9.3g}",
                   flush=True)
     with open(out_path, "w") as file:
         json.dump({"device": torch.cuda.get_device_name(), "rows": rows_out}, file)
