@@ -106,19 +106,20 @@ class DecodeGraphRunner:
         def host(shape, dtype, fill=0):
             return torch.full(shape, fill, dtype=dtype, pin_memory=pin)
 
-        # Pinned host mirrors, filled through numpy views, and their device twins, packed by dtype: a step
-        # uploads in two copies, not five (each copy takes a few microseconds of the GPU's timeline between
-        # graph replays, which the decode lookahead leaves back to back).
-        self._host_int64 = host((3, rows), torch.int64)
-        self._host_int64[2] = -1  # slots: no cache write
-        self._host_int32 = host((rows * (1 + self.max_blocks),), torch.int32)
+        # One pinned host buffer, filled through numpy views, and its device twin: the int64 inputs (ids,
+        # positions, slots), then the int32 ones (lengths, block tables), so a step uploads in one copy, not
+        # five (each copy takes a few microseconds of the GPU's timeline between graph replays, which the
+        # decode lookahead leaves back to back).
+        self._int64_bytes = 3 * rows * 8
+        self._host_inputs = host((self._int64_bytes + rows * (1 + self.max_blocks) * 4,), torch.uint8)
         # Copies even on a CPU, so the CPU tests run the same uploads as a GPU.
-        self._device_int64 = self._host_int64.to(device, copy=True)
-        self._device_int32 = self._host_int32.to(device, copy=True)
-        self.host_input_ids, self.host_positions, self.host_slots = self._host_int64
-        self.input_ids, self.positions, self.slots = self._device_int64
-        self.host_sequence_lengths, self.host_block_tables = self._split_int32(self._host_int32, rows)
-        self.sequence_lengths, self.block_tables = self._split_int32(self._device_int32, rows)
+        self._device_inputs = self._host_inputs.to(device, copy=True)
+        self.host_input_ids, self.host_positions, self.host_slots = self._int64_rows(self._host_inputs, rows)
+        self.host_slots.fill_(-1)  # no cache write
+        self.input_ids, self.positions, self.slots = self._int64_rows(self._device_inputs, rows)
+        self.slots.fill_(-1)
+        self.host_sequence_lengths, self.host_block_tables = self._split_int32(self._host_inputs, rows)
+        self.sequence_lengths, self.block_tables = self._split_int32(self._device_inputs, rows)
         self.query_start_locations = torch.arange(rows + 1, dtype=torch.int64, device=device)
         self._copied = torch.cuda.Event() if pin else None
         self._block_arrays: dict[str, tuple[list[int], int, np.ndarray]] = {}  # request id -> its blocks
@@ -253,14 +254,19 @@ class DecodeGraphRunner:
         self.host_slots[start:stop] = -1
         self.host_sequence_lengths[start:stop] = 0
 
+    def _int64_rows(self, packed: torch.Tensor, rows: int) -> torch.Tensor:
+        """Input ids, positions and slots: ``[3, rows]`` int64 at the start of the packed bytes."""
+        return packed[: self._int64_bytes].view(torch.int64).view(3, rows)
+
     def _split_int32(self, packed: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Sequence lengths, then the block tables: a step's first ``size`` rows of both are one prefix."""
-        return packed[:rows], packed[rows:].view(rows, self.max_blocks)
+        int32 = packed[self._int64_bytes:].view(torch.int32)
+        return int32[:rows], int32[rows:].view(rows, self.max_blocks)
 
     def _upload(self, size: int) -> None:
-        self._device_int64.copy_(self._host_int64, non_blocking=True)  # 3 x max rows: a few KB
-        extent = self.max_batch_size + size * self.max_blocks
-        self._device_int32[:extent].copy_(self._host_int32[:extent], non_blocking=True)
+        """The int64 rows whole (3 x max rows: a few KB) and the int32 ones up to ``size`` rows' tables."""
+        extent = self._int64_bytes + (self.max_batch_size + size * self.max_blocks) * 4
+        self._device_inputs[:extent].copy_(self._host_inputs[:extent], non_blocking=True)
         if self._copied is not None:
             self._copied.record()
 
