@@ -18,8 +18,13 @@
 #          (decode_sweep.py --splits; ~3 minutes, not in "all").
 #   trigger: workloads 3 and 2 with the early PDL trigger off and on (JOULE_PDL_EARLY_TRIGGER=0,1; the default since
 #          2026-12-05 (g), measured at batch 1 only): bs1_ab.py --w3 and --w2, one round each (~4 minutes, not in "all");
+#   chain: batch 1's GEMV blocks in a 16-layer chain (layer_chain_sweep.py, pipelined loops among them), the device
+#          events between two batch-1 replays (step_gaps.py b1), then batch 1 with the pipelined GEMV loops off and
+#          on (JOULE_GEMV_PIPELINE=0,1; bs1_ab.py, one round) (~7 minutes, not in "all");
+#   blas:  the decode and prompt GEMMs under cuBLAS and cuBLASLt (decode_gemm_sweep.py), then workload 3 with
+#          TORCH_BLAS_PREFER_CUBLASLT=0,1 (bs1_ab.py --w3, one round) (~5 minutes, not in "all").
 # Usage (repository root, joule importable): OUT=/some/dir bash benchmarks/gpu/pending_checks.sh PART... (fused, fair,
-# w3, perf, next, bench, pdl, splits, trigger; "all" is fused fair w3, more than one call's 10 minutes)
+# w3, perf, next, bench, pdl, splits, trigger, chain, blas; "all" is fused fair w3, more than one call's 10 minutes)
 # Every step has its own timeout, so one that hangs leaves the others their time; big JSON is gzipped.
 # DRY=1 prints the commands instead of running them.
 set -u
@@ -27,7 +32,7 @@ RUN=""
 [[ ${DRY:-0} == 1 ]] && RUN="echo"
 OUT=${OUT:?set OUT to a directory for the results}
 WHAT=" ${*:-all} "
-NOT_IN_ALL=" perf next bench pdl splits trigger "
+NOT_IN_ALL=" perf next bench pdl splits trigger chain blas "
 wants() { [[ $WHAT == *" all "* && $NOT_IN_ALL != *" $1 "* ]] || [[ $WHAT == *" $1 "* ]]; }
 MODEL=benchmarks/configs/llama-3.2-1b
 mkdir -p "$OUT"
@@ -88,6 +93,26 @@ fi
 if wants splits; then
   $RUN timeout 200 python benchmarks/gpu/decode_sweep.py --splits "$OUT/decode_splits.json" > "$OUT/decode_splits.log" 2>&1
   echo "decode splits: exit $?"; grep "^splits" "$OUT/decode_splits.log"
+fi
+
+if wants chain; then
+  $RUN timeout 60 python -m pytest -q -p no:cacheprovider tests/kernels/test_gemv.py tests/kernels/test_qkv_rotary.py \
+    -k pipelin > "$OUT/pipeline_tests.log" 2>&1
+  echo "pipelined GEMV tests: exit $? ($(tail -1 "$OUT/pipeline_tests.log"))"
+  $RUN timeout 220 python benchmarks/gpu/layer_chain_sweep.py "$OUT/layer_chain.json" > "$OUT/layer_chain.log" 2>&1
+  echo "layer chain sweep: exit $?"; tail -22 "$OUT/layer_chain.log"
+  $RUN timeout 100 python benchmarks/gpu/step_gaps.py "$OUT/b1_gaps" b1 1 > "$OUT/b1_gaps.log" 2>&1
+  echo "batch-1 gaps: exit $?"; grep -E "plain run|device events|idle" "$OUT/b1_gaps.log" | head -6
+  $RUN timeout 130 python benchmarks/gpu/bs1_ab.py "$OUT/bs1_pipeline" 1 JOULE_GEMV_PIPELINE=0,1 > "$OUT/bs1_pipeline.log" 2>&1
+  echo "bs1 pipeline A/B: exit $?"; tail -3 "$OUT/bs1_pipeline.log"
+fi
+
+if wants blas; then
+  $RUN timeout 150 python benchmarks/gpu/decode_gemm_sweep.py "$OUT/decode_gemm_sweep.json" > "$OUT/decode_gemm_sweep.log" 2>&1
+  echo "decode GEMM sweep: exit $?"; grep -E " (256|8192) " "$OUT/decode_gemm_sweep.log"
+  $RUN gzip -f "$OUT/decode_gemm_sweep.json" 2>/dev/null
+  $RUN timeout 140 python benchmarks/gpu/bs1_ab.py "$OUT/w3_blas" 1 --w3 TORCH_BLAS_PREFER_CUBLASLT=0,1 > "$OUT/w3_blas.log" 2>&1
+  echo "w3 cuBLASLt A/B: exit $?"; tail -3 "$OUT/w3_blas.log"
 fi
 
 if wants bench; then
