@@ -6,9 +6,10 @@ different kernel under programmatic dependent launch, and the hop between them i
 (docs/benchmarks.md, the H100 layer table of 2026-12-05 (f)). Llama-3.2-1B shapes, bf16, distinct weights per
 layer (~1.9 GB, so they stream from DRAM as in the engine); the q/k/v kernel is the engine's (norm, rotary and
 the cache write inside), attention is left out (its output stands in by the queries). The default blocks are
-timed several times between the variants (the noise), then one projection's blocks at a time, each with its
-loop pipelined or not (``GemvConfig.pipelined``; q/k/v through ``JOULE_GEMV_PIPELINE``). Prints us a layer
-against the layer's weight bytes at the copy bandwidth, best first per projection.
+timed several times between the variants (the noise), beside the blocks ``gemv_config`` chose before 2026-12-06 (i)
+(``PREVIOUS``), then one projection's blocks at a time. Prints us a layer against the layer's weight bytes at the
+copy bandwidth, best first per projection. (2026-12-06 (i), H100: loads kept one or two tiles ahead through the row
+gained nothing here and lost 1.8 % at batch 1, 924 against 941 tok/s: not kept.)
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import os
 import sys
 
 import torch
@@ -29,6 +29,9 @@ from joule.kernels.qkv_rotary import qkv_rotary_gemv
 LAYERS = 16
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM = 2048, 8192, 32, 8, 64
 REPLAYS = 7
+# gemv_config's blocks before 2026-12-06 (i): this sweep's first run put o at 1-row programs and gate/up at 4 x 512
+# blocks 1.3 and 1.8 us a layer ahead of these.
+PREVIOUS = {"o": GemvConfig(2, 512, 4, 3), "gate_up": GemvConfig(8, 256, 4, 1), "down": GemvConfig(1, 512, 4, 3)}
 
 
 def main() -> None:
@@ -52,8 +55,8 @@ def main() -> None:
     slots = torch.tensor([21], device=device)
     hidden0 = torch.randn(1, HIDDEN, device=device, dtype=torch.bfloat16)
     residual0 = torch.randn(1, HIDDEN, device=device, dtype=torch.bfloat16)
-    defaults = {name: gemv_config(rows, columns, sms) for name, (rows, columns) in
-                {"o": (HIDDEN, HIDDEN), "gate_up": (2 * INTERMEDIATE, HIDDEN), "down": (HIDDEN, INTERMEDIATE)}.items()}
+    defaults = {"o": gemv_config(HIDDEN, HIDDEN, sms), "gate_up": gemv_config(2 * INTERMEDIATE, HIDDEN, sms, gated=True),
+                "down": gemv_config(HIDDEN, INTERMEDIATE, sms)}
 
     def chain(configs: dict[str, GemvConfig]) -> torch.Tensor:
         hidden, residual = hidden0, residual0
@@ -67,9 +70,8 @@ def main() -> None:
             hidden = gemv(activated, layer["down"], config=configs["down"])
         return hidden
 
-    def timed(configs: dict[str, GemvConfig], pipelined_qkv: bool = False) -> tuple[float, torch.Tensor]:
+    def timed(configs: dict[str, GemvConfig]) -> tuple[float, torch.Tensor]:
         """Microseconds a layer (best of REPLAYS graph replays) and the chain's output."""
-        os.environ["JOULE_GEMV_PIPELINE"] = "1" if pipelined_qkv else "0"
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -96,10 +98,10 @@ def main() -> None:
     rows, baseline_times = [], []
     reference_output = None
 
-    def record(label: str, projection: str, configs: dict[str, GemvConfig], pipelined_qkv: bool = False) -> None:
+    def record(label: str, projection: str, configs: dict[str, GemvConfig]) -> None:
         nonlocal reference_output
         try:
-            us, output = timed(configs, pipelined_qkv)
+            us, output = timed(configs)
         except Exception as failure:  # noqa: BLE001 - a block shape the compiler rejects
             print(f"  {label}: {failure!r}"[:200], flush=True)
             return
@@ -107,8 +109,7 @@ def main() -> None:
             reference_output = output
         same = bool(torch.equal(output, reference_output))
         rows.append({"label": label, "projection": projection, "us_per_layer": us, "same_bits": same,
-                     "configs": {name: dataclasses.asdict(config) for name, config in configs.items()},
-                     "pipelined_qkv": pipelined_qkv})
+                     "configs": {name: dataclasses.asdict(config) for name, config in configs.items()}})
         if projection == "default":
             baseline_times.append(us)
         print(f"  {us:7.2f} us/layer  {'same' if same else 'DIFFERENT'} bits  {label}", flush=True)
@@ -117,16 +118,13 @@ def main() -> None:
         return {**defaults, projection: config}
 
     grids = {
-        "gate_up": [GemvConfig(n, k, w, 1, 2, p) for n, k, w, p in itertools.product(
-            (4, 8, 16), (128, 256, 512), (4, 8), (False, True))],
-        "down": [GemvConfig(n, k, w, s, 2, p) for n, k, w, s, p in itertools.product(
-            (1, 2), (512, 1024), (4, 8), (1, 3), (False, True))],
-        "o": [GemvConfig(n, k, 4, 3, 2, p) for n, k, p in itertools.product((1, 2, 4), (512, 1024), (False, True))],
+        "gate_up": [GemvConfig(n, k, w, s) for n, k, w, s in itertools.product(
+            (2, 4, 8, 16), (256, 512, 1024), (4, 8), (1, 2))],
+        "down": [GemvConfig(n, k, w, s) for n, k, w, s in itertools.product((1, 2), (512, 1024), (4, 8), (1, 3))],
+        "o": [GemvConfig(n, k, w, 3) for n, k, w in itertools.product((1, 2), (256, 512, 1024), (4, 8))],
     }
     record("default", "default", defaults)
-    record("all pipelined (q/k/v too)", "all", {name: dataclasses.replace(config, pipelined=True)
-                                              for name, config in defaults.items()}, pipelined_qkv=True)
-    record("q/k/v pipelined", "qkv", defaults, pipelined_qkv=True)
+    record("previous", "previous", PREVIOUS)
     for projection, grid in grids.items():
         record("default", "default", defaults)
         for config in grid:
@@ -136,7 +134,7 @@ def main() -> None:
     base = min(baseline_times)
     print(f"\ndefault: {', '.join(f'{value:.2f}' for value in baseline_times)} us/layer "
           f"(weights at the copy bandwidth: {layer_bytes / bandwidth * 1e6:.1f} us)")
-    for projection in ("all", "qkv", *grids):
+    for projection in ("previous", *grids):
         best = sorted((row for row in rows if row["projection"] == projection), key=lambda row: row["us_per_layer"])
         gains = ", ".join(f"{row['us_per_layer'] - base:+.2f}" for row in best[:3])
         print(f"{projection}: best {gains} us/layer against the best default")

@@ -18,9 +18,9 @@
 #          (decode_sweep.py --splits; ~3 minutes, not in "all").
 #   trigger: workloads 3 and 2 with the early PDL trigger off and on (JOULE_PDL_EARLY_TRIGGER=0,1; the default since
 #          2026-12-05 (g), measured at batch 1 only): bs1_ab.py --w3 and --w2, one round each (~4 minutes, not in "all");
-#   chain: batch 1's GEMV blocks in a 16-layer chain (layer_chain_sweep.py, pipelined loops among them), the device
-#          events between two batch-1 replays (step_gaps.py b1), then batch 1 with the pipelined GEMV loops off and
-#          on (JOULE_GEMV_PIPELINE=0,1; bs1_ab.py, one round) (~7 minutes, not in "all");
+#   chain: batch 1's GEMV blocks in a 16-layer chain (layer_chain_sweep.py), the device events between two batch-1
+#          replays (step_gaps.py b1), then batch 1 with gemv_config's blocks before and after 2026-12-06 (i)
+#          (JOULE_GEMV_BLOCKS=previous,new; bs1_ab.py, two rounds) (~4 minutes, not in "all");
 #   blas:  the decode and prompt GEMMs under cuBLAS and cuBLASLt (decode_gemm_sweep.py), then workload 3 with
 #          TORCH_BLAS_PREFER_CUBLASLT=0,1 (bs1_ab.py --w3, one round) (~5 minutes, not in "all").
 # Usage (repository root, joule importable): OUT=/some/dir bash benchmarks/gpu/pending_checks.sh PART... (fused, fair,
@@ -96,15 +96,15 @@ if wants splits; then
 fi
 
 if wants chain; then
-  $RUN timeout 60 python -m pytest -q -p no:cacheprovider tests/kernels/test_gemv.py tests/kernels/test_qkv_rotary.py \
-    -k pipelin > "$OUT/pipeline_tests.log" 2>&1
-  echo "pipelined GEMV tests: exit $? ($(tail -1 "$OUT/pipeline_tests.log"))"
+  $RUN timeout 90 python -m pytest -q -p no:cacheprovider tests/kernels/test_gemv.py tests/kernels/test_qkv_rotary.py \
+    tests/model/test_row_decode_cuda.py > "$OUT/gemv_tests.log" 2>&1
+  echo "GEMV tests: exit $? ($(tail -1 "$OUT/gemv_tests.log"))"
   $RUN timeout 220 python benchmarks/gpu/layer_chain_sweep.py "$OUT/layer_chain.json" > "$OUT/layer_chain.log" 2>&1
   echo "layer chain sweep: exit $?"; tail -22 "$OUT/layer_chain.log"
   $RUN timeout 100 python benchmarks/gpu/step_gaps.py "$OUT/b1_gaps" b1 1 > "$OUT/b1_gaps.log" 2>&1
   echo "batch-1 gaps: exit $?"; grep -E "plain run|device events|idle" "$OUT/b1_gaps.log" | head -6
-  $RUN timeout 130 python benchmarks/gpu/bs1_ab.py "$OUT/bs1_pipeline" 1 JOULE_GEMV_PIPELINE=0,1 > "$OUT/bs1_pipeline.log" 2>&1
-  echo "bs1 pipeline A/B: exit $?"; tail -3 "$OUT/bs1_pipeline.log"
+  $RUN timeout 150 python benchmarks/gpu/bs1_ab.py "$OUT/bs1_blocks" 2 JOULE_GEMV_BLOCKS=previous,new > "$OUT/bs1_blocks.log" 2>&1
+  echo "bs1 GEMV blocks A/B: exit $?"; tail -3 "$OUT/bs1_blocks.log"
 fi
 
 if wants blas; then

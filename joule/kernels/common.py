@@ -81,13 +81,6 @@ def gemv_l2_prefetch_lines(use_pdl: bool, in_features: int, element_bytes: int) 
     return next_power_of_2(-(-in_features * element_bytes // 128))
 
 
-def gemv_pipelined() -> bool:
-    """Whether batch-1 GEMV programs keep their head tiles in flight through the whole row (``_row_sets_gemv``'s
-    PIPELINE). Why: a program of the loop as written waits for each tile before it asks for the next, so the
-    memory bus sees one tile a program once the head is used up; off until measured (``JOULE_GEMV_PIPELINE=1``)."""
-    return os.environ.get("JOULE_GEMV_PIPELINE", "0") not in ("", "0", "false", "off")
-
-
 def device_capability(device: torch.device) -> tuple[int, int]:
     """The CUDA device's compute capability (cached: the query is a driver call)."""
     return _capability(device.index if device.index is not None else torch.cuda.current_device())

@@ -30,7 +30,6 @@ import triton.language as tl
 from joule.kernels.common import (
     cdiv,
     gemv_l2_prefetch_lines,
-    gemv_pipelined,
     next_power_of_2,
     pdl_launch,
     prefetch_l2,
@@ -45,7 +44,6 @@ class GemvConfig:
     num_warps: int
     num_stages: int
     prefetch_tiles: int = 2  # weight tiles loaded before waiting for the previous kernel (0 or a power of two)
-    pipelined: bool = False  # keep the head's tiles in flight through the row (``_row_sets_gemv``'s PIPELINE)
 
 
 @triton.jit
@@ -90,7 +88,7 @@ def _row_sets_gemv(
     x_ptr, residual_ptr, norm_weight_ptr, residual_out_ptr, eps, weight_ptr, first_offsets, second_offsets,
     row_mask, K: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH_TILES: tl.constexpr, USE_PDL: tl.constexpr,
     NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, K_PAD: tl.constexpr, SECOND: tl.constexpr,
-    L2_LINES: tl.constexpr = 0, PIPELINE: tl.constexpr = False,
+    L2_LINES: tl.constexpr = 0,
 ):
     """Dot products of the (normed) input row with one or two sets of weight rows (by row offsets), float32.
 
@@ -98,9 +96,7 @@ def _row_sets_gemv(
     while it finishes): no kernel of a step writes weights. One or two are added in the loop's order; more (a
     power of two, ``JOULE_GEMV_HEAD_COLUMNS``) load as one wide head tile whose row sums are added at the end.
     With L2_LINES (a power of two >= the 128-byte lines of a row), the rest of the program's rows are asked
-    of L2 before the wait too (no registers held). With PIPELINE (one or two head tiles), each step of the loop
-    loads the tile that many steps ahead before it adds the current one, so a program keeps that many tiles in
-    flight to the end of its row instead of one; the sums are added in the same order either way.
+    of L2 before the wait too (no registers held).
     """
     columns = tl.arange(0, BLOCK_K)
     WIDE: tl.constexpr = PREFETCH_TILES > 2
@@ -130,48 +126,25 @@ def _row_sets_gemv(
         inverse_rms = _row_inverse_rms(x_ptr, residual_ptr, residual_out_ptr, eps, K, K_PAD, HAS_RESIDUAL)
     first_sum = tl.zeros((first_offsets.shape[0], BLOCK_K), dtype=tl.float32)
     second_sum = tl.zeros((first_offsets.shape[0], BLOCK_K), dtype=tl.float32)
-    if PIPELINE:  # the loads stay PREFETCH_TILES (1 or 2) tiles ahead of the sums through the whole row
-        for start in range(0, K, BLOCK_K):
-            ahead = start + PREFETCH_TILES * BLOCK_K + columns  # past K: masked, no memory traffic
-            first_ahead = _weight_tile(weight_ptr, first_offsets, row_mask, ahead, K)
-            if SECOND:
-                second_ahead = _weight_tile(weight_ptr, second_offsets, row_mask, ahead, K)
-            x = _input_tile(x_ptr, residual_ptr, norm_weight_ptr, start + columns, start + columns < K, inverse_rms,
-                            NORM, HAS_RESIDUAL)
-            first_sum += first_tile.to(tl.float32) * x[None, :]
-            if SECOND:
-                second_sum += second_tile.to(tl.float32) * x[None, :]
-            if PREFETCH_TILES == 2:
-                first_tile = first_next
-                first_next = first_ahead
-                if SECOND:
-                    second_tile = second_next
-                    second_next = second_ahead
-            else:
-                first_tile = first_ahead
-                if SECOND:
-                    second_tile = second_ahead
-    elif PREFETCH_TILES >= 1 and not WIDE:
+    if PREFETCH_TILES >= 1 and not WIDE:
         x = _input_tile(x_ptr, residual_ptr, norm_weight_ptr, columns, columns < K, inverse_rms, NORM, HAS_RESIDUAL)
         first_sum += first_tile.to(tl.float32) * x[None, :]
         if SECOND:
             second_sum += second_tile.to(tl.float32) * x[None, :]
-    if PREFETCH_TILES == 2 and not PIPELINE:
+    if PREFETCH_TILES == 2:
         x = _input_tile(x_ptr, residual_ptr, norm_weight_ptr, BLOCK_K + columns, BLOCK_K + columns < K,
                         inverse_rms, NORM, HAS_RESIDUAL)
         first_sum += first_next.to(tl.float32) * x[None, :]
         if SECOND:
             second_sum += second_next.to(tl.float32) * x[None, :]
-    if not PIPELINE:
-        for start in range(PREFETCH_TILES * BLOCK_K, K, BLOCK_K):
-            tile_columns = start + columns
-            x = _input_tile(x_ptr, residual_ptr, norm_weight_ptr, tile_columns, tile_columns < K, inverse_rms,
-                            NORM, HAS_RESIDUAL)
-            first_sum += (_weight_tile(weight_ptr, first_offsets, row_mask, tile_columns, K).to(tl.float32)
-                          * x[None, :])
-            if SECOND:
-                second_sum += (_weight_tile(weight_ptr, second_offsets, row_mask, tile_columns, K).to(tl.float32)
-                               * x[None, :])
+    for start in range(PREFETCH_TILES * BLOCK_K, K, BLOCK_K):
+        tile_columns = start + columns
+        x = _input_tile(x_ptr, residual_ptr, norm_weight_ptr, tile_columns, tile_columns < K, inverse_rms,
+                        NORM, HAS_RESIDUAL)
+        first_sum += _weight_tile(weight_ptr, first_offsets, row_mask, tile_columns, K).to(tl.float32) * x[None, :]
+        if SECOND:
+            second_sum += (_weight_tile(weight_ptr, second_offsets, row_mask, tile_columns, K).to(tl.float32)
+                           * x[None, :])
     first_result = tl.sum(first_sum, axis=1)
     second_result = tl.sum(second_sum, axis=1)
     if WIDE:
@@ -190,7 +163,7 @@ def _gemv_kernel(
     K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PREFETCH_TILES: tl.constexpr, USE_PDL: tl.constexpr,
     NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, K_PAD: tl.constexpr, GATED: tl.constexpr,
-    L2_LINES: tl.constexpr, PIPELINE: tl.constexpr,
+    L2_LINES: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
@@ -198,7 +171,7 @@ def _gemv_kernel(
     result, up = _row_sets_gemv(
         x_ptr, residual_ptr, norm_weight_ptr, residual_out_ptr, eps, weight_ptr,
         rows.to(tl.int64) * stride_weight, (rows + N).to(tl.int64) * stride_weight, row_mask,
-        K, BLOCK_K, PREFETCH_TILES, USE_PDL, NORM, HAS_RESIDUAL, K_PAD, GATED, L2_LINES, PIPELINE)
+        K, BLOCK_K, PREFETCH_TILES, USE_PDL, NORM, HAS_RESIDUAL, K_PAD, GATED, L2_LINES)
     if HAS_BIAS:
         result += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
     if GATED:  # silu(gate) * up from the rounded projections, as silu_and_mul computes it
@@ -216,25 +189,30 @@ WIDE_WEIGHT_ELEMENTS = 24 << 20
 MAX_PROGRAM_BYTES = 16 << 10
 
 
-def gemv_config(out_features: int, in_features: int, num_sms: int = 132) -> GemvConfig:
-    """Blocks for one ``[out, in]`` weight: >= 4 programs per SM where the layer is wide enough.
+def gemv_config(out_features: int, in_features: int, num_sms: int = 132, gated: bool = False) -> GemvConfig:
+    """Blocks for one ``[out, in]`` weight: >= 8 programs per SM where the layer is wide enough.
 
-    benchmarks/gpu/gemv_sweep.py on the H200 (chained in a graph, PDL on): two prefetched tiles take qkv
-    3072x2048 from 5.5 to 4.3 us and o 2048x2048 from 4.5 to 3.8 us; weights of 24M+ elements (gate/up
-    16384x2048, lm_head 128256x2048) run best as 8-row blocks of 256-column tiles, 17.7 and 121.8 us against
-    cuBLAS's 18.3 and 127.5 us.
+    Measured where they run, in a 16-layer chain of batch-1 GEMVs under PDL (benchmarks/gpu/layer_chain_sweep.py,
+    H100, 2026-12-06 (i)): o 2048x2048 as 1-row programs, 1.3 us a layer ahead of 2-row ones (the old rule of >= 4
+    programs per SM); the gated gate/up 16384x2048 as 4-row blocks (2 gate + 2 up rows) of 512 columns, 1.8 us a
+    layer ahead of 8 x 256. Other weights of 24M+ elements (lm_head 128256x2048) keep 8 x 256, best in
+    gemv_sweep.py on the H200 (121.8 us against cuBLAS's 127.5). ``JOULE_GEMV_BLOCKS=previous`` gives the blocks
+    chosen before (benchmarks compare).
     """
-    pipelined = gemv_pipelined()
+    previous = os.environ.get("JOULE_GEMV_BLOCKS", "") == "previous"
     if out_features * in_features >= WIDE_WEIGHT_ELEMENTS:
+        if gated and not previous:
+            return GemvConfig(block_n=4, block_k=min(512, next_power_of_2(in_features)), num_warps=4,
+                              num_stages=1, prefetch_tiles=2)
         return GemvConfig(block_n=8, block_k=min(256, next_power_of_2(in_features)), num_warps=4,
-                          num_stages=1, prefetch_tiles=2, pipelined=pipelined)
+                          num_stages=1, prefetch_tiles=2)
     block_k = min(512, next_power_of_2(in_features))
+    programs_per_sm = 4 if previous else 8
     block_n = 32
-    while block_n > 1 and (cdiv(out_features, block_n) < 4 * num_sms
+    while block_n > 1 and (cdiv(out_features, block_n) < programs_per_sm * num_sms
                            or block_n * in_features * 2 > MAX_PROGRAM_BYTES):
         block_n //= 2
-    return GemvConfig(block_n=block_n, block_k=block_k, num_warps=4, num_stages=3, prefetch_tiles=2,
-                      pipelined=pipelined)
+    return GemvConfig(block_n=block_n, block_k=block_k, num_warps=4, num_stages=3, prefetch_tiles=2)
 
 
 def gemv(
@@ -264,7 +242,7 @@ def gemv(
     if gated and out_features % 2:
         raise ValueError(f"gemv: gated needs an even number of weight rows (gate over up), got {out_features}")
     if config is None:
-        config = gemv_config(out_features, in_features, _num_sms(x.device))
+        config = gemv_config(out_features, in_features, _num_sms(x.device), gated)
     prefetch_tiles = head_tiles(config.prefetch_tiles, config.block_k, in_features, config.block_n)
     outputs = out_features // 2 if gated else out_features
     block_n = max(1, config.block_n // 2) if gated else config.block_n  # the same bytes per program
@@ -279,7 +257,6 @@ def gemv(
         PREFETCH_TILES=prefetch_tiles, USE_PDL=use_pdl, NORM=norm_weight is not None,
         HAS_RESIDUAL=residual is not None, K_PAD=next_power_of_2(in_features), GATED=gated,
         L2_LINES=gemv_l2_prefetch_lines(use_pdl, in_features, weight.element_size()),
-        PIPELINE=config.pipelined and prefetch_tiles in (1, 2),
         num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=use_pdl,
     )
     return output if residual_output is None else (output, residual_output)

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from joule.kernels.common import gemv_l2_prefetch_lines, gemv_pipelined, next_power_of_2, pdl_launch
+from joule.kernels.common import gemv_l2_prefetch_lines, next_power_of_2, pdl_launch
 from joule.kernels.gemv import _row_sets_gemv, check_norm_inputs, head_tiles
 from joule.kernels.kv_write import check_cache_pair, saturate_for_cache
 
@@ -33,7 +33,7 @@ def _qkv_rotary_kernel(
     K: tl.constexpr, NUM_QUERY_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAIRS: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH_TILES: tl.constexpr, USE_PDL: tl.constexpr,
     NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, K_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, SATURATE: tl.constexpr, L2_LINES: tl.constexpr, PIPELINE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, SATURATE: tl.constexpr, L2_LINES: tl.constexpr,
 ):
     HALF: tl.constexpr = HEAD_DIM // 2
     program = tl.program_id(0)
@@ -44,7 +44,7 @@ def _qkv_rotary_kernel(
         x_ptr, residual_ptr, norm_weight_ptr, residual_out_ptr, eps, weight_ptr,
         first_rows.to(tl.int64) * stride_weight, (first_rows + HALF).to(tl.int64) * stride_weight,
         pairs < HALF,  # every row exists: the grid covers whole heads
-        K, BLOCK_K, PREFETCH_TILES, USE_PDL, NORM, HAS_RESIDUAL, K_PAD, True, L2_LINES, PIPELINE)
+        K, BLOCK_K, PREFETCH_TILES, USE_PDL, NORM, HAS_RESIDUAL, K_PAD, True, L2_LINES)
     if HAS_BIAS:
         first += tl.load(bias_ptr + first_rows).to(tl.float32)
         second += tl.load(bias_ptr + first_rows + HALF).to(tl.float32)
@@ -115,7 +115,6 @@ def qkv_rotary_gemv(
     block_k = min(block_k, next_power_of_2(in_features))
     use_pdl = pdl_launch(hidden.device)
     grid = ((num_query_heads + 2 * num_kv_heads) * (half // pairs),)
-    prefetch_tiles = head_tiles(1, block_k, in_features, 2 * pairs)
     _qkv_rotary_kernel[grid](
         hidden, weight, bias if bias is not None else weight, residual if residual is not None else hidden,
         norm_weight if norm_weight is not None else hidden,
@@ -123,12 +122,11 @@ def qkv_rotary_gemv(
         cos, sin, query, key_cache, value_cache, slot_mapping,
         weight.stride(0), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         K=in_features, NUM_QUERY_HEADS=num_query_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
-        PAIRS=pairs, BLOCK_K=block_k, PREFETCH_TILES=prefetch_tiles, USE_PDL=use_pdl,
+        PAIRS=pairs, BLOCK_K=block_k, PREFETCH_TILES=head_tiles(1, block_k, in_features, 2 * pairs), USE_PDL=use_pdl,
         NORM=norm_weight is not None, HAS_RESIDUAL=residual is not None, K_PAD=next_power_of_2(in_features),
         HAS_BIAS=bias is not None,
         BLOCK_SIZE=key_cache.shape[1], SATURATE=key_cache.dtype == torch.float8_e4m3fn,
         L2_LINES=gemv_l2_prefetch_lines(use_pdl, in_features, weight.element_size()),
-        PIPELINE=gemv_pipelined() and prefetch_tiles in (1, 2),
         num_warps=4, num_stages=3, launch_pdl=use_pdl,
     )
     return query, residual_output

@@ -45,35 +45,6 @@ def test_gemv_prefetched_tiles_add_in_the_loop_order(in_features):
     assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
 
 
-@pytest.mark.parametrize("in_features", [40, 100, 256])  # 40: the head covers the row; 100: the last tile partial
-@pytest.mark.parametrize("tiles", [1, 2])
-@pytest.mark.parametrize("gated,with_norm", [(False, False), (True, True)])
-def test_pipelined_gemv_gives_the_same_bits(in_features, tiles, gated, with_norm):
-    """Loads kept one or two tiles ahead through the row (``pipelined``) add the same products in the same order."""
-    generator = torch.Generator().manual_seed(3 * in_features + tiles)
-    weight = torch.randn(2 * 29, in_features, generator=generator).to(DEVICE, torch.bfloat16)
-    x = torch.randn(1, in_features, generator=generator).to(DEVICE, torch.bfloat16)
-    norm = {}
-    if with_norm:
-        norm = {"norm_weight": (1 + 0.1 * torch.randn(in_features, generator=generator)).to(DEVICE, torch.bfloat16),
-                "residual": torch.randn(1, in_features, generator=generator).to(DEVICE, torch.bfloat16), "eps": 1e-5}
-    plain, pipelined = (gemv(x, weight, config=GemvConfig(8, 32, 4, 1, prefetch_tiles=tiles, pipelined=flag),
-                             gated=gated, **norm) for flag in (False, True))
-    for expected, output in zip(plain if with_norm else (plain,), pipelined if with_norm else (pipelined,)):
-        assert torch.equal(output, expected)
-    output = pipelined[0] if with_norm else pipelined
-    assert output.shape == (1, 29 if gated else 58) and output.float().abs().sum() > 0
-    if not gated:
-        torch.testing.assert_close(output.float(), F.linear(x.float(), weight.float()), atol=0.2, rtol=3e-2)
-
-
-def test_gemv_config_pipelines_only_when_switched_on(monkeypatch):
-    monkeypatch.delenv("JOULE_GEMV_PIPELINE", raising=False)
-    assert not gemv_config(16384, 2048).pipelined and not gemv_config(2048, 2048).pipelined
-    monkeypatch.setenv("JOULE_GEMV_PIPELINE", "1")
-    assert gemv_config(16384, 2048).pipelined and gemv_config(2048, 8192).pipelined
-
-
 @pytest.mark.parametrize("in_features", [100, 256])  # a head of 4 or 8 tiles of 32 columns, or the whole padded row
 @pytest.mark.parametrize("gated", [False, True])
 def test_gemv_wide_head_tiles_sum_the_same_products(in_features, gated):
@@ -115,14 +86,26 @@ def test_gemv_rejects_more_than_one_row():
         gemv(torch.ones(1, 8, device=DEVICE), torch.ones(4, 8, device=DEVICE), config=GemvConfig(4, 8, 1, 1, 3))
 
 
-def test_gemv_config_keeps_several_programs_per_sm():
+def test_gemv_config_keeps_several_programs_per_sm(monkeypatch):
+    monkeypatch.delenv("JOULE_GEMV_BLOCKS", raising=False)
     narrow = gemv_config(2048, 2048, num_sms=132)
-    assert (2048 + narrow.block_n - 1) // narrow.block_n >= 4 * 132 and narrow.block_n == 2
+    assert (2048 + narrow.block_n - 1) // narrow.block_n >= 8 * 132 and narrow.block_n == 1  # layer_chain_sweep
     assert gemv_config(2048, 8192, num_sms=132).block_n == 1  # a 2-row block would read 32 KB a program
-    assert gemv_config(3072, 2048, num_sms=132).block_n == 4
+    assert gemv_config(3072, 2048, num_sms=132).block_n == 2
     wide = gemv_config(128256, 2048, num_sms=132)
     assert wide.block_n == 8 and wide.block_k == 256 and wide.num_stages == 1  # gemv_sweep's best on the H200
+    gate_up = gemv_config(16384, 2048, num_sms=132, gated=True)
+    assert gate_up.block_n == 4 and gate_up.block_k == 512 and gate_up.num_stages == 1  # layer_chain_sweep's best
     assert gemv_config(1000, 100).block_k == 128  # never wider than the input rounded up
+
+
+def test_gemv_config_gives_the_previous_blocks_when_asked(monkeypatch):
+    """``JOULE_GEMV_BLOCKS=previous``: the rule before 2026-12-06 (i), for benchmarks to compare against."""
+    monkeypatch.setenv("JOULE_GEMV_BLOCKS", "previous")
+    assert gemv_config(2048, 2048, num_sms=132).block_n == 2
+    assert gemv_config(3072, 2048, num_sms=132).block_n == 4
+    gate_up = gemv_config(16384, 2048, num_sms=132, gated=True)
+    assert (gate_up.block_n, gate_up.block_k) == (8, 256)
 
 
 @pytest.mark.parametrize("with_residual", [False, True])
