@@ -11,7 +11,9 @@ How:
   write skips them) and sequence length 0 (decode attention writes zeros).
 - Graphs read static device buffers (token ids, positions, slots, block tables
   of ``max_model_len / block_size`` columns, sequence lengths); each step fills
-  pinned host mirrors and copies them over with non-blocking copies.
+  a pinned host mirror, and one kernel (``joule/kernels/graph_feed.py``) reads it
+  and lays the continued tokens sampled on the device over the token ids
+  (``JOULE_GRAPH_FEED=0``: a non-blocking copy and a device copy instead).
 - Attention sees a ``StaticDecodeMetadata``: the decode grid is sized from
   ``max_model_len`` with a fixed split count per batch size, so no host value of
   the step enters the graph. Small batches, whose split count for ``max_model_len`` is large, get a
@@ -42,6 +44,7 @@ from joule.runtime.attention.base import (
 logger = logging.getLogger(__name__)
 
 DISABLE_ENV = "JOULE_ENFORCE_EAGER"  # "1" turns CUDA graphs off
+FEED_ENV = "JOULE_GRAPH_FEED"  # "0": the inputs go up as copies instead of through the feed kernel
 # H200, Llama-3.2-1B, batch-1 graph replay (benchmarks/gpu/short_context_sweep.py): 8 splits take 741-747 us at
 # contexts 64-768 against 752-758 us for the 32 that max_model_len 4096 asks for; at 2048 tokens 828 against 771.
 SHORT_CONTEXT_TOKENS = 1024
@@ -122,6 +125,10 @@ class DecodeGraphRunner:
         self.sequence_lengths, self.block_tables = self._split_int32(self._device_inputs, rows)
         self.query_start_locations = torch.arange(rows + 1, dtype=torch.int64, device=device)
         self._copied = torch.cuda.Event() if pin else None
+        # The feed kernel on CUDA, and under Triton's interpreter so CPU tests run it too.
+        from joule.kernels.common import interpreting
+
+        self._feeds = (pin or interpreting()) and os.environ.get(FEED_ENV, "1") not in ("0", "false", "off")
         self._block_arrays: dict[str, tuple[list[int], int, np.ndarray]] = {}  # request id -> its blocks
         self._table_rows: list[tuple[list[int], int, np.ndarray]] = []  # the entry each table row holds now
         self._runnable_rows: list | None = None  # the rows ``can_run`` last passed
@@ -182,7 +189,7 @@ class DecodeGraphRunner:
         """Warm up then capture each ladder size, largest first, into one shared memory pool."""
         started = time.perf_counter()
         self._fill_padding(0, self.max_batch_size)
-        self._upload(self.max_batch_size)
+        self._send(self.max_batch_size)
         self.graphs, self.outputs = capture_graphs(self.batch_sizes, self._forward, self.device)
         if self.short_metadata:
             self.short_graphs, self.short_outputs = capture_graphs(
@@ -204,9 +211,7 @@ class DecodeGraphRunner:
             self._copied.synchronize()  # the last step's copies have left the pinned buffers
         self._fill(plan)
         self._fill_padding(count, size)
-        self._upload(size)
-        if token_source is not None:
-            self.input_ids[:count].copy_(token_source)
+        self._send(size, token_source)
         short = self.is_short(size, int(self.host_sequence_lengths.numpy()[:count].max()))
         graphs, outputs = (self.short_graphs, self.short_outputs) if short else (self.graphs, self.outputs)
         if size in graphs:
@@ -263,12 +268,30 @@ class DecodeGraphRunner:
         int32 = packed[self._int64_bytes:].view(torch.int32)
         return int32[:rows], int32[rows:].view(rows, self.max_blocks)
 
+    def _send(self, size: int, token_source: torch.Tensor | None = None) -> None:
+        """The first ``size`` rows of the inputs to the device, the first ``len(token_source)`` token ids (a
+        continuation's, sampled on the device) from ``token_source``."""
+        if token_source is not None and (token_source.dtype != torch.int64 or not token_source.is_contiguous()):
+            token_source = token_source.to(torch.int64).contiguous()
+        if self._feeds:
+            from joule.kernels.graph_feed import feed_graph_inputs
+
+            row_words = 2 * self.max_batch_size  # one int64 row of the packed buffer, in int32 words
+            segments = [(0, 2 * size), (row_words, 2 * size), (2 * row_words, 2 * size),  # ids, positions, slots
+                        (3 * row_words, self.max_batch_size + size * self.max_blocks)]  # lengths, then the tables
+            feed_graph_inputs(self._host_inputs.view(torch.int32), self._device_inputs.view(torch.int32), segments,
+                              token_source)
+        else:
+            self._upload(size)
+            if token_source is not None:
+                self.input_ids[: token_source.shape[0]].copy_(token_source)
+        if self._copied is not None:
+            self._copied.record()
+
     def _upload(self, size: int) -> None:
         """The int64 rows whole (3 x max rows: a few KB) and the int32 ones up to ``size`` rows' tables."""
         extent = self._int64_bytes + (self.max_batch_size + size * self.max_blocks) * 4
         self._device_inputs[:extent].copy_(self._host_inputs[:extent], non_blocking=True)
-        if self._copied is not None:
-            self._copied.record()
 
 
 def capture_graphs(sizes: list[int], forward, device: torch.device):

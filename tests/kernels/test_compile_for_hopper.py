@@ -1,4 +1,4 @@
-"""The batch-1 GEMV kernels (and the fused q/k/v + rotary one) compile for an H100 (sm_90) on a machine without a GPU.
+"""The batch-1 GEMV kernels (the fused q/k/v + rotary one and the graph feed too) compile for an H100 (sm_90) on a machine without a GPU.
 
 Why: the CPU interpreter runs a kernel's Python, not Triton's compiler, so a kernel can pass every interpreter test
 and still fail to compile on the GPU (a loop-carried value whose shape changes did, 2026-12-05 (f)). Triton compiles
@@ -60,6 +60,11 @@ COMPILE = textwrap.dedent("""
             "PREFETCH_TILES": tiles, "USE_PDL": True, "NORM": True, "HAS_RESIDUAL": True, "K_PAD": 2048,
             "HAS_BIAS": False, "BLOCK_SIZE": 16, "SATURATE": False, "L2_LINES": 0}, num_stages=3)
         print("qkv_rotary", tiles, "ok", flush=True)
+    from joule.kernels.graph_feed import _graph_feed_kernel
+    feed_signature = {"host_ptr": "*i32", "device_ptr": "*i32", "tokens_ptr": "*i32", "token_words": "i32",
+                      **{f"{kind}{index}": "i32" for kind in ("start", "length") for index in range(4)}}
+    compile_for_hopper(_graph_feed_kernel, feed_signature, {"HAS_TOKENS": True, "BLOCK": 1024, "USE_PDL": True})
+    print("graph feed ok", flush=True)
 """)
 
 
@@ -70,6 +75,6 @@ def test_gemv_kernels_compile_for_hopper_with_any_head(early_trigger):
     completed = subprocess.run([sys.executable, "-c", COMPILE], env=environment, capture_output=True, text=True,
                                timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert completed.stdout.count(" ok") == 9
+    assert completed.stdout.count(" ok") == 10
     order = "early trigger" if early_trigger == "1" else "late trigger"
-    assert completed.stdout.count(order) == 9 and completed.stdout.count("trigger") == 9  # the 9 PDL kernels
+    assert completed.stdout.count(order) == 10 and completed.stdout.count("trigger") == 10  # the 10 PDL kernels

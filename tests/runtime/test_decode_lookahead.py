@@ -265,16 +265,19 @@ def _static_buffer_engine(model_dir, lookahead: bool, chunk_tokens: int | None =
 
 
 @interpreted_triton_on_cpu
-def test_lookahead_through_the_static_decode_buffers(model_dir):
+@pytest.mark.parametrize("feed", ["1", "0"])  # JOULE_GRAPH_FEED: the feed kernel, or a copy and a device copy
+def test_lookahead_through_the_static_decode_buffers(model_dir, feed, monkeypatch):
     """Continuations replayed through the decode graph runner's padded static buffers (what a CUDA graph
     captures; run eagerly on the CPU through the Triton backend): inputs copied from the previous step's
     tokens into the device buffer, rows padded and re-mapped when a request drops out by length."""
+    monkeypatch.setenv("JOULE_GRAPH_FEED", feed)
     workload = [(f"r{index}", [3 + index, 20, 30 + index, 9], _params(max_tokens=4 + 3 * index))
                 for index in range(3)]
     results = {}
     for lookahead in (False, True):
         engine = _static_buffer_engine(model_dir, lookahead)
         executor = engine.core.executor
+        assert executor.graph_runner._feeds == (feed == "1")
         sources = []
         run = executor.graph_runner.run
         executor.graph_runner.run = lambda plan, token_source=None: (
