@@ -21,10 +21,10 @@
 #   chain: batch 1's GEMV blocks in a 16-layer chain (layer_chain_sweep.py), the device events between two batch-1
 #          replays (step_gaps.py b1), then batch 1 with gemv_config's blocks before and after 2026-12-06 (i)
 #          (JOULE_GEMV_BLOCKS=previous,new; bs1_ab.py, two rounds) (~4 minutes, not in "all");
-#   feed:  batch 1's step boundary (2026-12-06 (i)): kernel tests, graphs == eager in float32 (graphs_check.py, with
-#          the feed kernel and the token copy stream on), the device events between two batch-1 replays (step_gaps.py
-#          b1), batch 1 with JOULE_GRAPH_FEED=0,1 x JOULE_TOKEN_COPY_STREAM=0,1 (one round) and with
-#          JOULE_GEMV_BLOCKS=previous,new (two rounds; bs1_ab.py) (~5 minutes, not in "all");
+#   feed:  batch 1's GEMV blocks and step boundary (2026-12-06 (i)): kernel tests, graphs == eager in float32
+#          (graphs_check.py, the feed kernel and the token copy stream on), then batch 1 with
+#          JOULE_GEMV_BLOCKS=previous,new x JOULE_GRAPH_FEED=0,1 x JOULE_TOKEN_COPY_STREAM=0,1 (bs1_ab.py, one round
+#          of the eight) (~4 minutes, not in "all");
 #   blas:  the decode and prompt GEMMs under cuBLAS and cuBLASLt (decode_gemm_sweep.py), then workload 3 with
 #          TORCH_BLAS_PREFER_CUBLASLT=0,1 (bs1_ab.py --w3, one round) (~5 minutes, not in "all").
 # Usage (repository root, joule importable): OUT=/some/dir bash benchmarks/gpu/pending_checks.sh PART... (fused, fair,
@@ -113,18 +113,14 @@ if wants chain; then
 fi
 
 if wants feed; then
-  $RUN timeout 120 python -m pytest -q -p no:cacheprovider tests/kernels/test_graph_feed.py tests/kernels/test_gemv.py \
+  $RUN timeout 60 python -m pytest -q -p no:cacheprovider tests/kernels/test_graph_feed.py tests/kernels/test_gemv.py \
     tests/model/test_row_decode_cuda.py > "$OUT/feed_tests.log" 2>&1
   echo "feed and GEMV tests: exit $? ($(tail -1 "$OUT/feed_tests.log"))"
-  $RUN timeout 150 python benchmarks/gpu/graphs_check.py > "$OUT/graphs_check.log" 2>&1
+  $RUN timeout 100 python benchmarks/gpu/graphs_check.py > "$OUT/graphs_check.log" 2>&1
   echo "graphs check: exit $? ($(grep "graphs == eager" "$OUT/graphs_check.log"))"
-  $RUN timeout 100 python benchmarks/gpu/step_gaps.py "$OUT/b1_gaps" b1 1 > "$OUT/b1_gaps.log" 2>&1
-  echo "batch-1 gaps: exit $?"; grep -E "plain run" "$OUT/b1_gaps.log"
-  $RUN timeout 150 python benchmarks/gpu/bs1_ab.py "$OUT/bs1_feed" 1 JOULE_GRAPH_FEED=0,1 JOULE_TOKEN_COPY_STREAM=0,1 \
-    > "$OUT/bs1_feed.log" 2>&1
-  echo "bs1 feed x copy stream A/B: exit $?"; tail -5 "$OUT/bs1_feed.log"
-  $RUN timeout 150 python benchmarks/gpu/bs1_ab.py "$OUT/bs1_blocks" 2 JOULE_GEMV_BLOCKS=previous,new > "$OUT/bs1_blocks.log" 2>&1
-  echo "bs1 GEMV blocks A/B: exit $?"; tail -3 "$OUT/bs1_blocks.log"
+  $RUN timeout 180 python benchmarks/gpu/bs1_ab.py "$OUT/bs1_boundary" 1 JOULE_GEMV_BLOCKS=previous,new \
+    JOULE_GRAPH_FEED=0,1 JOULE_TOKEN_COPY_STREAM=0,1 > "$OUT/bs1_boundary.log" 2>&1
+  echo "bs1 blocks x feed x copy stream A/B: exit $?"; tail -9 "$OUT/bs1_boundary.log"
 fi
 
 if wants blas; then
