@@ -18,13 +18,11 @@
 #          (decode_sweep.py --splits; ~3 minutes, not in "all").
 #   trigger: workloads 3 and 2 with the early PDL trigger off and on (JOULE_PDL_EARLY_TRIGGER=0,1; the default since
 #          2026-12-05 (g), measured at batch 1 only): bs1_ab.py --w3 and --w2, one round each (~4 minutes, not in "all");
-#   chain: batch 1's GEMV blocks in a 16-layer chain (layer_chain_sweep.py), the device events between two batch-1
-#          replays (step_gaps.py b1), then batch 1 with gemv_config's blocks before and after 2026-12-06 (i)
-#          (JOULE_GEMV_BLOCKS=previous,new; bs1_ab.py, two rounds) (~4 minutes, not in "all");
-#   feed:  batch 1's GEMV blocks and step boundary (2026-12-06 (i)): kernel tests, graphs == eager in float32
-#          (graphs_check.py, the feed kernel and the token copy stream on), then batch 1 with
-#          JOULE_GEMV_BLOCKS=previous,new x JOULE_GRAPH_FEED=0,1 x JOULE_TOKEN_COPY_STREAM=0,1 (bs1_ab.py, one round
-#          of the eight) (~4 minutes, not in "all");
+#   chain: batch 1's GEMV blocks in a 16-layer chain (layer_chain_sweep.py, against the blocks before 2026-12-06 (i))
+#          and the device events between two batch-1 replays (step_gaps.py b1) (~2 minutes, not in "all");
+#   feed:  batch 1's step boundary (2026-12-06 (i)): kernel tests, graphs == eager in float32 (graphs_check.py),
+#          then batch 1 with JOULE_GRAPH_FEED=0,1 x JOULE_TOKEN_COPY_STREAM=0,1 (bs1_ab.py, one round of the four;
+#          in (i) crossed with the GEMV blocks before and after) (~3 minutes, not in "all");
 #   blas:  the decode and prompt GEMMs under cuBLAS and cuBLASLt (decode_gemm_sweep.py), then workload 3 with
 #          TORCH_BLAS_PREFER_CUBLASLT=0,1 (bs1_ab.py --w3, one round) (~5 minutes, not in "all").
 # Usage (repository root, joule importable): OUT=/some/dir bash benchmarks/gpu/pending_checks.sh PART... (fused, fair,
@@ -108,8 +106,6 @@ if wants chain; then
   echo "layer chain sweep: exit $?"; tail -22 "$OUT/layer_chain.log"
   $RUN timeout 100 python benchmarks/gpu/step_gaps.py "$OUT/b1_gaps" b1 1 > "$OUT/b1_gaps.log" 2>&1
   echo "batch-1 gaps: exit $?"; grep -E "plain run|device events|idle" "$OUT/b1_gaps.log" | head -6
-  $RUN timeout 150 python benchmarks/gpu/bs1_ab.py "$OUT/bs1_blocks" 2 JOULE_GEMV_BLOCKS=previous,new > "$OUT/bs1_blocks.log" 2>&1
-  echo "bs1 GEMV blocks A/B: exit $?"; tail -3 "$OUT/bs1_blocks.log"
 fi
 
 if wants feed; then
@@ -118,9 +114,9 @@ if wants feed; then
   echo "feed and GEMV tests: exit $? ($(tail -1 "$OUT/feed_tests.log"))"
   $RUN timeout 100 python benchmarks/gpu/graphs_check.py > "$OUT/graphs_check.log" 2>&1
   echo "graphs check: exit $? ($(grep "graphs == eager" "$OUT/graphs_check.log"))"
-  $RUN timeout 180 python benchmarks/gpu/bs1_ab.py "$OUT/bs1_boundary" 1 JOULE_GEMV_BLOCKS=previous,new \
-    JOULE_GRAPH_FEED=0,1 JOULE_TOKEN_COPY_STREAM=0,1 > "$OUT/bs1_boundary.log" 2>&1
-  echo "bs1 blocks x feed x copy stream A/B: exit $?"; tail -9 "$OUT/bs1_boundary.log"
+  $RUN timeout 120 python benchmarks/gpu/bs1_ab.py "$OUT/bs1_boundary" 1 JOULE_GRAPH_FEED=0,1 \
+    JOULE_TOKEN_COPY_STREAM=0,1 > "$OUT/bs1_boundary.log" 2>&1
+  echo "bs1 feed x copy stream A/B: exit $?"; tail -5 "$OUT/bs1_boundary.log"
 fi
 
 if wants blas; then

@@ -195,21 +195,18 @@ def gemv_config(out_features: int, in_features: int, num_sms: int = 132, gated: 
     Measured where they run, in a 16-layer chain of batch-1 GEMVs under PDL (benchmarks/gpu/layer_chain_sweep.py,
     H100, 2026-12-06 (i)): o 2048x2048 as 1-row programs, 1.3 us a layer ahead of 2-row ones (the old rule of >= 4
     programs per SM); the gated gate/up 16384x2048 as 4-row blocks (2 gate + 2 up rows) of 512 columns, 1.8 us a
-    layer ahead of 8 x 256. Other weights of 24M+ elements (lm_head 128256x2048) keep 8 x 256, best in
-    gemv_sweep.py on the H200 (121.8 us against cuBLAS's 127.5). ``JOULE_GEMV_BLOCKS=previous`` gives the blocks
-    chosen before (benchmarks compare).
+    layer ahead of 8 x 256. Batch 1 went 955 -> 997 tok/s with both (bs1_ab.py, two rounds). Other weights of 24M+
+    elements (lm_head 128256x2048) keep 8 x 256, best in gemv_sweep.py on the H200 (121.8 us against cuBLAS's 127.5).
     """
-    previous = os.environ.get("JOULE_GEMV_BLOCKS", "") == "previous"
     if out_features * in_features >= WIDE_WEIGHT_ELEMENTS:
-        if gated and not previous:
+        if gated:
             return GemvConfig(block_n=4, block_k=min(512, next_power_of_2(in_features)), num_warps=4,
                               num_stages=1, prefetch_tiles=2)
         return GemvConfig(block_n=8, block_k=min(256, next_power_of_2(in_features)), num_warps=4,
                           num_stages=1, prefetch_tiles=2)
     block_k = min(512, next_power_of_2(in_features))
-    programs_per_sm = 4 if previous else 8
     block_n = 32
-    while block_n > 1 and (cdiv(out_features, block_n) < programs_per_sm * num_sms
+    while block_n > 1 and (cdiv(out_features, block_n) < 8 * num_sms
                            or block_n * in_features * 2 > MAX_PROGRAM_BYTES):
         block_n //= 2
     return GemvConfig(block_n=block_n, block_k=block_k, num_warps=4, num_stages=3, prefetch_tiles=2)

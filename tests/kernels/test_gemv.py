@@ -86,8 +86,7 @@ def test_gemv_rejects_more_than_one_row():
         gemv(torch.ones(1, 8, device=DEVICE), torch.ones(4, 8, device=DEVICE), config=GemvConfig(4, 8, 1, 1, 3))
 
 
-def test_gemv_config_keeps_several_programs_per_sm(monkeypatch):
-    monkeypatch.delenv("JOULE_GEMV_BLOCKS", raising=False)
+def test_gemv_config_keeps_several_programs_per_sm():
     narrow = gemv_config(2048, 2048, num_sms=132)
     assert (2048 + narrow.block_n - 1) // narrow.block_n >= 8 * 132 and narrow.block_n == 1  # layer_chain_sweep
     assert gemv_config(2048, 8192, num_sms=132).block_n == 1  # a 2-row block would read 32 KB a program
@@ -97,15 +96,6 @@ def test_gemv_config_keeps_several_programs_per_sm(monkeypatch):
     gate_up = gemv_config(16384, 2048, num_sms=132, gated=True)
     assert gate_up.block_n == 4 and gate_up.block_k == 512 and gate_up.num_stages == 1  # layer_chain_sweep's best
     assert gemv_config(1000, 100).block_k == 128  # never wider than the input rounded up
-
-
-def test_gemv_config_gives_the_previous_blocks_when_asked(monkeypatch):
-    """``JOULE_GEMV_BLOCKS=previous``: the rule before 2026-12-06 (i), for benchmarks to compare against."""
-    monkeypatch.setenv("JOULE_GEMV_BLOCKS", "previous")
-    assert gemv_config(2048, 2048, num_sms=132).block_n == 2
-    assert gemv_config(3072, 2048, num_sms=132).block_n == 4
-    gate_up = gemv_config(16384, 2048, num_sms=132, gated=True)
-    assert (gate_up.block_n, gate_up.block_k) == (8, 256)
 
 
 @pytest.mark.parametrize("with_residual", [False, True])
