@@ -110,9 +110,9 @@ class DecodeGraphRunner:
             return torch.full(shape, fill, dtype=dtype, pin_memory=pin)
 
         # One pinned host buffer, filled through numpy views, and its device twin: the int64 inputs (ids,
-        # positions, slots), then the int32 ones (lengths, block tables), so a step uploads in one copy, not
-        # five (each copy takes a few microseconds of the GPU's timeline between graph replays, which the
-        # decode lookahead leaves back to back).
+        # positions, slots), then the int32 ones (lengths, block tables), so a step's inputs go up in one feed
+        # kernel (or one copy), not five copies (each took a few microseconds of the GPU's timeline between
+        # graph replays, which the decode lookahead leaves back to back).
         self._int64_bytes = 3 * rows * 8
         self._host_inputs = host((self._int64_bytes + rows * (1 + self.max_blocks) * 4,), torch.uint8)
         # Copies even on a CPU, so the CPU tests run the same uploads as a GPU.
