@@ -18,13 +18,17 @@ import dataclasses
 import itertools
 import json
 import sys
+from pathlib import Path
 
 import torch
 
-from joule.bench.latency import copy_bandwidth
-from joule.runtime.attention.base import KVCache
-from joule.kernels.gemv import GemvConfig, gemv, gemv_config
-from joule.kernels.qkv_rotary import qkv_rotary_gemv
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gemv_sweep import timed_graph  # noqa: E402
+
+from joule.bench.latency import copy_bandwidth  # noqa: E402
+from joule.runtime.attention.base import KVCache  # noqa: E402
+from joule.kernels.gemv import GemvConfig, gemv, gemv_config  # noqa: E402
+from joule.kernels.qkv_rotary import qkv_rotary_gemv  # noqa: E402
 
 LAYERS = 16
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM = 2048, 8192, 32, 8, 64
@@ -72,25 +76,9 @@ def main() -> None:
 
     def timed(configs: dict[str, GemvConfig]) -> tuple[float, torch.Tensor]:
         """Microseconds a layer (best of REPLAYS graph replays) and the chain's output."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            chain(configs)  # compiles
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            output = chain(configs)
-        graph.replay()
-        torch.cuda.synchronize()
-        best = float("inf")
-        for _ in range(REPLAYS):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-            best = min(best, start.elapsed_time(end) * 1e3 / LAYERS)
-        return best, output.clone()
+        outputs = []  # the warm-up's, then the captured graph's (which the replays refresh)
+        seconds = timed_graph(lambda _: outputs.append(chain(configs)), 1, REPLAYS)
+        return seconds * 1e6 / LAYERS, outputs[-1].clone()
 
     print(f"{torch.cuda.get_device_name()}  copy bandwidth {bandwidth / 1e9:.0f} GB/s  SMs {sms}  layer weights "
           f"{layer_bytes / 1e6:.1f} MB = {layer_bytes / bandwidth * 1e6:.1f} us at the copy bandwidth", flush=True)
