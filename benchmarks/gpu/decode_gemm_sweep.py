@@ -126,7 +126,10 @@ def products(rows: int, out_features: int, in_features: int, dtype: torch.dtype,
 
 def lt_linear(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``F.linear`` through cuBLASLt (``TORCH_BLAS_PREFER_CUBLASLT=1`` for the whole process): its heuristics may
-    pick other tiles (split-K among them) than cuBLAS's for the decode step's 256 rows."""
+    pick other tiles (split-K among them) than cuBLAS's for the decode step's 256 rows. Plain ``F.linear`` off CUDA
+    (the CPU tests)."""
+    if not hidden.is_cuda:
+        return torch.nn.functional.linear(hidden, weight)
     previous = torch.backends.cuda.preferred_blas_library()
     torch.backends.cuda.preferred_blas_library("cublaslt")
     try:

@@ -37,6 +37,7 @@ def test_both_layouts_compute_the_same_product():
     calls, results = sweep.products(5, 48, 32, torch.float32, "cpu")
     assert set(calls) == set(sweep.LAYOUTS)  # a handful of rows: no Triton tile
     torch.testing.assert_close(results["out_in"], results["in_out"])
+    torch.testing.assert_close(results["out_in"], results["out_in_lt"])  # cuBLASLt's call (plain F.linear on a CPU)
     assert results["out_in"].shape == (5, 48) and results["out_in"].abs().sum() > 0
 
 
