@@ -62,6 +62,19 @@ def test_splits_and_bench_run_alone_or_together(tmp_path):
     assert f"engine_bench.py {tmp_path}/engine_bench.json" in (tmp_path / "engine_bench.log").read_text()
 
 
+def test_chain_feed_and_blas_run_the_batch_one_and_gemm_checks(tmp_path):
+    assert _dry_run(tmp_path, "chain") == ["layer chain sweep", "batch-1 gaps"]
+    assert f"layer_chain_sweep.py {tmp_path}/layer_chain.json" in (tmp_path / "layer_chain.log").read_text()
+    assert f"step_gaps.py {tmp_path}/b1_gaps b1 1" in (tmp_path / "b1_gaps.log").read_text()
+    assert _dry_run(tmp_path, "feed") == ["bs1 feed x copy stream A/B"]  # the tests' and graphs' lines end in results
+    assert "tests/kernels/test_graph_feed.py" in (tmp_path / "feed_tests.log").read_text()
+    assert "graphs_check.py" in (tmp_path / "graphs_check.log").read_text()
+    ab = (tmp_path / "bs1_boundary.log").read_text()
+    assert "JOULE_GRAPH_FEED=0,1" in ab and "JOULE_TOKEN_COPY_STREAM=0,1" in ab
+    assert _dry_run(tmp_path, "blas") == ["decode GEMM sweep", "w3 cuBLASLt A/B"]
+    assert "--w3 TORCH_BLAS_PREFER_CUBLASLT=0,1" in (tmp_path / "w3_blas.log").read_text()
+
+
 def test_parts_run_alone_or_together(tmp_path):
     assert _dry_run(tmp_path, "fair") == ["fair 40", "fair 67.1"]
     assert _dry_run(tmp_path, "fused", "w3") == ["bs1 A/B", "sweep", "w3 probe"]

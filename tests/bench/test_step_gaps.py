@@ -34,6 +34,10 @@ def test_gaps_are_found_sized_and_attributed():
     assert gap["host"] == ["step"]  # mid-gap (110 us) only the step range is open
     assert result["idle_by_launch_kind"] == {"collect": 80}
     assert [row["name"] for row in result["by_kernel"]] == ["gemm", "norm", "attention"]
+    # the tail in order, each with its gap from the latest end before it (negative: it overlapped, as under PDL)
+    assert [(event["name"], event["gap"]) for event in result["sequence"]] == [
+        ("gemm", 0.0), ("norm", -10.0), ("attention", 80.0)]
+    assert [event["at"] for event in result["sequence"]] == [0, 30, 130]
 
 
 def test_small_gaps_are_ignored_and_an_empty_trace_says_so():
