@@ -115,12 +115,11 @@ class DecodeGraphRunner:
         # graph replays, which the decode lookahead leaves back to back).
         self._int64_bytes = 3 * rows * 8
         self._host_inputs = host((self._int64_bytes + rows * (1 + self.max_blocks) * 4,), torch.uint8)
-        # Copies even on a CPU, so the CPU tests run the same uploads as a GPU.
-        self._device_inputs = self._host_inputs.to(device, copy=True)
         self.host_input_ids, self.host_positions, self.host_slots = self._int64_rows(self._host_inputs, rows)
         self.host_slots.fill_(-1)  # no cache write
+        # Copies even on a CPU, so the CPU tests run the same uploads as a GPU.
+        self._device_inputs = self._host_inputs.to(device, copy=True)
         self.input_ids, self.positions, self.slots = self._int64_rows(self._device_inputs, rows)
-        self.slots.fill_(-1)
         self.host_sequence_lengths, self.host_block_tables = self._split_int32(self._host_inputs, rows)
         self.sequence_lengths, self.block_tables = self._split_int32(self._device_inputs, rows)
         self.query_start_locations = torch.arange(rows + 1, dtype=torch.int64, device=device)

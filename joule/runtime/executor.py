@@ -83,7 +83,9 @@ class ModelExecutor:
         self.graph_runner: DecodeGraphRunner | None = None
         self.chunk_runner: PrefillChunkGraphRunner | None = None  # prompt chunks of mixed steps
         self.use_cuda_graphs = False  # False sends decode steps down the eager path (comparisons)
-        self._token_stream: torch.cuda.Stream | None = None  # sampled tokens go to the host on it (CUDA)
+        # Sampled tokens go to the host on a stream of their own (CUDA), made at the first such step.
+        self._token_copy_on_own_stream = os.environ.get(TOKEN_COPY_STREAM_ENV, "1") not in ("0", "false", "off")
+        self._token_stream: torch.cuda.Stream | None = None
         if max_model_len is not None and max_num_seqs is not None:
             self.enable_cuda_graphs(max_model_len, max_num_seqs, enforce_eager, max_num_batched_tokens)
 
@@ -212,7 +214,7 @@ class ModelExecutor:
         if token_ids.device.type != "cuda":
             return LaunchedStep(requests, started, token_ids=token_ids, host_token_ids=token_ids)
         copied = torch.cuda.Event()
-        if os.environ.get(TOKEN_COPY_STREAM_ENV, "1") in ("0", "false", "off"):
+        if not self._token_copy_on_own_stream:
             host_token_ids = token_ids.to("cpu", non_blocking=True)  # into pinned memory, stream-ordered
             copied.record()
         else:
