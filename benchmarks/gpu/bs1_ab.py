@@ -44,7 +44,7 @@ def main() -> None:
     for round_index in range(rounds):
         for variant in variants:
             label = ",".join(f"{name}={value}" for name, value in zip(names, variant))
-            file_label = label.replace(",", "_").replace("=", "-")  # no "=" in names the device tool returns
+            file_label = label.replace(",", "_").replace("=", "-").replace("+", "_")  # names the device returns
             path = out / f"{prefix}-{file_label}-{round_index}.json"
             env = {**os.environ, **dict(zip(names, variant))}
             completed = subprocess.run([*command, "--output-json", str(path)], env=env, capture_output=True, text=True)

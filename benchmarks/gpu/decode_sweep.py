@@ -1,10 +1,12 @@
 """Decode-attention launch configs, bf16 vs fp8 KV cache, graph-timed (one GPU call, ~1 minute).
 
-Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/decode_sweep.py [--focus | --splits] [out.json]
+Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/decode_sweep.py [--focus | --splits | --w3] [out.json]
 (``--focus``: only workload 2's step shape, compact and spread caches: bf16 and fp8 with each launch variant, the
 grid order ``heads_first`` and a head-major cache layout, the last two not measured yet.
 ``--splits``: Qwen3-0.6B's layer at the batch sizes workload 2 passes through as its requests finish (16-256 rows,
-1-2k tokens), every split count 1-8 against ``choose_num_splits``'s choice.)
+1-2k tokens), every split count 1-8 against ``choose_num_splits``'s choice.
+``--w3``: workload 3's decode step (Llama-3.2-1B layer, 256 sequences x 576 tokens, the cache spread 20x as an
+engine's): the grid order, the head-major layout and every tile / warps / stages setting against the default.)
 
 Shapes of workload 2 (Qwen3-0.6B: 16 query / 8 KV heads of 128) and of Llama-3.2-1B (32 / 8 of 64),
 block size 16, shuffled block tables. For every (cache dtype, block_n, num_warps, num_stages) it prints
@@ -54,6 +56,7 @@ def make_inputs(batch: int, context: int, heads: int, kv_heads: int, head_dim: i
     (an engine's cache spans ~100 GB: page-table reach may matter where a compact test cache hides it).
     ``head_major``: blocks stored head by head (``KVCache.allocate(head_major=True)``), same logical shape."""
     generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the same cache and query contents in every layout, so outputs compare
     block_size = 16
     blocks_per_sequence = -(-context // block_size)
     num_blocks = batch * blocks_per_sequence * spread + 1
@@ -129,8 +132,39 @@ def split_sweep() -> list[dict]:
     return rows
 
 
+def workload_three() -> list[dict]:
+    """Llama-3.2-1B's decode attention at workload 3's decode steps: which launch reads its KV fastest."""
+    rows = []
+    batch, context = 256, 576
+    variants = [({}, False), ({"heads_first": True}, False), ({}, True), ({"heads_first": True}, True)]
+    variants += [(dict(block_n=block_n, num_warps=warps, num_stages=stages), False)
+                 for block_n, warps, stages in itertools.product((64, 128, 256), (4, 8), (2, 3, 4))]
+    reference = None
+    for launch, head_major in variants:
+        query, keys, values, tables, lengths = make_inputs(batch, context, 32, 8, 64, torch.bfloat16, spread=20,
+                                                           head_major=head_major)
+        kv_bytes = 2 * batch * context * 8 * 64 * keys.element_size()
+        output = torch.empty_like(query)
+        try:
+            milliseconds = graph_ms(lambda: paged_decode_attention(
+                query, keys, values, tables, lengths, context, 64**-0.5, num_splits=1, output=output, launch=launch))
+        except Exception as error:  # e.g. out of shared memory
+            print(f"w3: {launch} head_major={head_major}: {type(error).__name__}", flush=True)
+            continue
+        if reference is None:
+            reference = output.float().clone()
+        row = dict(launch=launch, head_major=head_major, us=milliseconds * 1e3, gbps=kv_bytes / milliseconds / 1e6,
+                   max_diff=(output.float() - reference).abs().max().item())
+        rows.append(row)
+        print(f"w3: {str(launch):55s} {'head-major' if head_major else 'token-major'} {row['us']:7.1f} us  "
+              f"{row['gbps']:6.0f} GB/s  max|diff| {row['max_diff']:.4f}", flush=True)
+        del query, keys, values
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
-    for flag, sweep in (("--splits", split_sweep), ("--focus", focus)):
+    for flag, sweep in (("--splits", split_sweep), ("--focus", focus), ("--w3", workload_three)):
         if flag in sys.argv:
             rows = sweep()
             out = [arg for arg in sys.argv[1:] if arg != flag]

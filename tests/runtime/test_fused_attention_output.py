@@ -102,3 +102,29 @@ def test_the_environment_switch_sets_the_default(monkeypatch):
     monkeypatch.setenv(FUSED_OUTPUT_ENV, "1")
     assert TritonAttentionBackend().fuse_output_projection is True
     assert TritonAttentionBackend(fuse_output_projection=False).fuse_output_projection is False
+
+
+@pytest.mark.parametrize("setting", ["heads_first=1", "block_n=32+num_warps=2+num_stages=1"])
+def test_the_decode_launch_switch_keeps_the_attention(monkeypatch, setting):
+    from joule.runtime.attention.triton_backend import DECODE_LAUNCH_ENV
+
+    cache, metadata = _cache(16), _metadata([75, 33], 8)
+    query, _ = _inputs(2)
+    monkeypatch.delenv(DECODE_LAUNCH_ENV, raising=False)
+    default = TritonAttentionBackend()
+    assert default.decode_launch is None
+    expected = default.forward(0, query, None, None, cache, metadata, 0.25, kv_stored=True)
+    monkeypatch.setenv(DECODE_LAUNCH_ENV, setting)
+    switched = TritonAttentionBackend()
+    assert switched.decode_launch and set(switched.decode_launch) == {item.split("=")[0] for item in setting.split("+")}
+    torch.testing.assert_close(switched.forward(0, query, None, None, cache, metadata, 0.25, kv_stored=True),
+                               expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("setting", ["heads_first", "block_size=64", "num_warps=four"])
+def test_a_bad_decode_launch_switch_names_the_variable(monkeypatch, setting):
+    from joule.runtime.attention.triton_backend import DECODE_LAUNCH_ENV
+
+    monkeypatch.setenv(DECODE_LAUNCH_ENV, setting)
+    with pytest.raises(ValueError, match=DECODE_LAUNCH_ENV):
+        TritonAttentionBackend()

@@ -40,6 +40,23 @@ from joule.runtime.attention.base import AttentionBackend, AttentionMetadata, KV
 # it saved 48 us a step at 64 tokens of context and cost 41-89 us at 512-768, and graphs choose it by their 1,024
 # bound, not the context they replay (batch 1 at 128 -> 256: +1.1 %).
 FUSED_OUTPUT_ENV = "JOULE_FUSED_ATTENTION_OUTPUT"
+# Decode attention's launch settings for A/Bs on a GPU (`benchmarks/gpu/decode_sweep.py --w3`), items joined by "+":
+# "heads_first=1+num_warps=8". Unset: the kernel's own choice.
+DECODE_LAUNCH_ENV = "JOULE_DECODE_LAUNCH"
+DECODE_LAUNCH_KEYS = ("block_n", "num_warps", "num_stages", "heads_first")
+
+
+def decode_launch_from_environment() -> dict:
+    """``JOULE_DECODE_LAUNCH``'s overrides of the decode kernel's launch (empty: none)."""
+    text = os.environ.get(DECODE_LAUNCH_ENV, "").strip()
+    launch = {}
+    for item in filter(None, text.split("+")):
+        key, _, value = item.partition("=")
+        if key not in DECODE_LAUNCH_KEYS or not value.strip().isdigit():
+            raise ValueError(f"{DECODE_LAUNCH_ENV}: {item!r} is not KEY=NUMBER with KEY one of "
+                             f"{', '.join(DECODE_LAUNCH_KEYS)} (items joined by '+')")
+        launch[key] = bool(int(value)) if key == "heads_first" else int(value)
+    return launch
 
 
 @dataclass
@@ -136,6 +153,7 @@ class TritonAttentionBackend(AttentionBackend):
         if fuse_output_projection is None:
             fuse_output_projection = os.environ.get(FUSED_OUTPUT_ENV, "0") in ("1", "true", "on")
         self.fuse_output_projection = fuse_output_projection
+        self.decode_launch = decode_launch_from_environment() or None
         self._step: _StepTensors | None = None
         self._num_processors: dict[torch.device, int] = {}
         self._fused_buffers: dict[tuple, FusedAttentionOutputBuffers] = {}
@@ -174,6 +192,7 @@ class TritonAttentionBackend(AttentionBackend):
                 step.decode_max_length, scale, num_splits=num_splits, output=output,
                 min_split_tokens=None if self.decode_num_splits is not None else MIN_SPLIT_TOKENS,
                 sequence_ids=step.decode_sequence_ids, query_start_locations=metadata.query_start_locations,
+                launch=self.decode_launch,
             )
         if step.num_decodes < metadata.num_sequences:
             group = query.shape[1] // num_kv_heads
