@@ -7,6 +7,9 @@ activation alone on the H100 (2026-12-05 (f)), ~4.6 % of workload 3. In chunks o
 (~34 MB) fits the 50 MB L2, so the activation and down read it from there, at the price of smaller GEMMs.
 16 layers' MLPs with distinct weights (~1.6 GB, from DRAM as in the engine) chained in one CUDA graph; prints
 us a layer and TFLOP/s for each chunk size, with the largest difference to the whole-step result.
+Result (H100 80GB, 2026-12-06 (j)): every chunk size was slower at 8,192 rows (whole 1,215.5 us a layer, 678
+TFLOP/s; chunks of 4,096-512 rows 1,261-1,465 us) and workload 3 did not move (32,263 against 32,089 tok/s median of
+two rounds, `bs1_ab.py --w3 JOULE_MLP_ROW_CHUNK=0,2048`): the engine's switch was removed.
 """
 
 from __future__ import annotations

@@ -8,15 +8,12 @@ float32 model matches it to rounding error.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from joule.model.config import ModelConfig
-
-MLP_ROW_CHUNK_ENV = "JOULE_MLP_ROW_CHUNK"
 
 
 class RMSNorm(nn.Module):
@@ -197,13 +194,6 @@ class MergedLinear(nn.Module):
             return hidden @ self.weight
         return torch.addmm(self.bias, hidden, self.weight)
 
-    def forward_into(self, hidden: torch.Tensor, output: torch.Tensor) -> None:
-        """``forward(hidden)`` written into ``output`` (contiguous rows), without a temporary where BLAS can."""
-        if self.packed or self.bias is not None or self.runs_row_gemv(hidden):
-            output.copy_(self.forward(hidden))
-            return
-        torch.mm(hidden, self.weight if self.transposed else self.weight.t(), out=output)
-
     def runs_row_gemv(self, hidden: torch.Tensor) -> bool:
         """One contiguous CUDA row of the weight's dtype, and a weight the Triton GEMV serves well."""
         return (hidden.is_cuda and hidden.shape[0] == 1 and hidden.stride(-1) == 1
@@ -258,14 +248,6 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate, inplace=True).mul_(up)
 
 
-def mlp_row_chunk_from_environment() -> int:
-    """Rows per MLP pass of a long step from ``JOULE_MLP_ROW_CHUNK`` (unset or 0: the whole step at once)."""
-    value = os.environ.get(MLP_ROW_CHUNK_ENV, "").strip() or "0"
-    if not value.isdigit():
-        raise ValueError(f"{MLP_ROW_CHUNK_ENV} must be a whole number of rows (0: off), got {value!r}")
-    return int(value)
-
-
 class GatedMLP(nn.Module):
     """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
 
@@ -275,34 +257,14 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
         self.gate_up_proj: MergedLinear | None = None
-        # Rows per pass of a long step (0: all at once): in chunks of ~1k rows the gate/up output fits in L2, where
-        # the activation and down read it back instead of from DRAM (benchmarks/gpu/mlp_chunk_sweep.py).
-        self.row_chunk = 0
 
     def merge_projections(self, transpose_weight: bool) -> None:
         """Replace gate/up by one GEMM (after the checkpoint is loaded by its names)."""
         self.gate_up_proj = MergedLinear([self.gate_proj, self.up_proj], transpose_weight)
         self.down_proj = MergedLinear([self.down_proj], transpose_weight)
-        self.row_chunk = mlp_row_chunk_from_environment()
         del self.gate_proj, self.up_proj
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is None:
             return self.down_proj(F.silu(self.gate_proj(hidden)) * self.up_proj(hidden))
-        if self.runs_in_row_chunks(hidden):
-            return self.forward_in_row_chunks(hidden)
         return self.down_proj(swiglu(self.gate_up_proj(hidden)))
-
-    def runs_in_row_chunks(self, hidden: torch.Tensor) -> bool:
-        return self.gate_up_proj is not None and 0 < self.row_chunk < hidden.shape[0]
-
-    def forward_in_row_chunks(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The MLP over equal row chunks of at most ``row_chunk`` rows, each written into its slice of the output."""
-        rows = hidden.shape[0]
-        num_chunks = -(-rows // self.row_chunk)
-        chunk = -(-rows // num_chunks)
-        output = hidden.new_empty((rows, self.down_proj.split_sizes[0]))
-        for start in range(0, rows, chunk):
-            activated = swiglu(self.gate_up_proj(hidden[start:start + chunk]))
-            self.down_proj.forward_into(activated, output[start:start + chunk])
-        return output

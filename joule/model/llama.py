@@ -174,9 +174,6 @@ class DecoderLayer(nn.Module):
             return mlp(hidden), residual
         # Merged: each norm (and SwiGLU's activation) may run inside the projection's kernel (one CUDA row).
         hidden, residual = attention.forward_normed(self.input_layernorm, hidden, residual, cos, sin, context)
-        if mlp.runs_in_row_chunks(hidden):
-            hidden, residual = self.post_attention_layernorm(hidden, residual)
-            return mlp.forward_in_row_chunks(hidden), residual
         activated, residual = norm_then_project(mlp.gate_up_proj, self.post_attention_layernorm, hidden, residual,
                                                 gated=True)
         return mlp.down_proj(activated), residual

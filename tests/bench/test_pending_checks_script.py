@@ -93,25 +93,10 @@ def _shipped_name() -> str:
     return shipped_profile_path(detect_hardware(), "bfloat16").stem
 
 
-def test_w3levers_sweeps_both_levers_then_runs_workload_three_with_their_best(tmp_path):
-    assert _dry_run(tmp_path, "w3levers") == ["decode w3 sweep", "MLP chunk sweep", "w3 levers A/B"]
-    assert f"decode_sweep.py --w3 {tmp_path}/decode_w3.json" in (tmp_path / "decode_w3.log").read_text()
-    assert f"mlp_chunk_sweep.py {tmp_path}/mlp_chunks.json" in (tmp_path / "mlp_chunks.log").read_text()
-    ab = (tmp_path / "w3_levers.log").read_text()  # no sweep results in a dry run: the candidates they were built for
-    assert (f"bs1_ab.py {tmp_path}/w3_levers 1 --w3 JOULE_MLP_ROW_CHUNK=0,1024 JOULE_DECODE_LAUNCH=,heads_first=1"
-            in ab)
 
-
-def test_the_w3_lever_picker_reads_the_sweeps(tmp_path):
-    import json
-
-    mlp, decode = tmp_path / "mlp.json", tmp_path / "decode.json"
-    mlp.write_text(json.dumps([{"rows": 8192, "chunk": 0, "us": 100.0}, {"rows": 8192, "chunk": 2048, "us": 90.0},
-                               {"rows": 8192, "chunk": 1024, "us": 95.0}, {"rows": 4096, "chunk": 512, "us": 10.0}]))
-    decode.write_text(json.dumps([{"launch": {}, "head_major": False, "us": 50.0},
-                                  {"launch": {"heads_first": True}, "head_major": True, "us": 30.0},
-                                  {"launch": {"block_n": 64, "num_warps": 8, "num_stages": 3}, "head_major": False,
-                                   "us": 40.0}]))
-    picked = subprocess.run([sys.executable, str(BENCHMARKS / "gpu" / "pick_w3_levers.py"), str(mlp), str(decode)],
-                            capture_output=True, text=True, check=True).stdout.split()
-    assert picked == ["2048", "block_n=64+num_warps=8+num_stages=3"]
+def test_layout_sweeps_the_cache_layouts_then_runs_workloads_three_and_two_with_them(tmp_path):
+    assert _dry_run(tmp_path, "layout") == ["decode focus sweep", "w3 layout A/B", "w2 layout A/B"]
+    assert f"decode_sweep.py --focus {tmp_path}/decode_focus.json" in (tmp_path / "decode_focus.log").read_text()
+    w3 = (tmp_path / "w3_layout.log").read_text()
+    assert f"bs1_ab.py {tmp_path}/w3_layout 2 --w3 JOULE_KV_HEAD_MAJOR=0,1 JOULE_DECODE_LAUNCH=,heads_first=1" in w3
+    assert f"bs1_ab.py {tmp_path}/w2_layout 2 --w2 JOULE_KV_HEAD_MAJOR=0,1" in (tmp_path / "w2_layout.log").read_text()

@@ -101,20 +101,3 @@ def test_prefill_first_needs_a_budget_for_the_longest_prompt(checkpoint):
               enable_chunked_prefill=False, max_num_seqs=4)
     config = llm.llm_engine.core.scheduler.config
     assert not config.enable_chunked_prefill and config.max_num_batched_tokens >= config.max_model_len
-
-
-def test_mlp_in_row_chunks_keeps_the_greedy_tokens(checkpoint, monkeypatch):
-    directory, prompts, expected = checkpoint
-    monkeypatch.setenv("JOULE_MLP_ROW_CHUNK", "7")  # steps of up to 64 rows run their MLP in chunks of <= 7 rows
-    llm = LLM(model=str(directory), dtype="float32", device="cpu", kv_cache_memory_bytes=1 << 22,
-              max_num_batched_tokens=64, block_size=4)
-    mlps = [layer.mlp for layer in llm.llm_engine.core.executor.model.model.layers]
-    assert all(mlp.row_chunk == 7 for mlp in mlps)
-    chunked_calls = []
-    original = type(mlps[0]).forward_in_row_chunks
-    monkeypatch.setattr(type(mlps[0]), "forward_in_row_chunks",
-                        lambda self, hidden: chunked_calls.append(hidden.shape[0]) or original(self, hidden))
-    outputs = llm.generate([{"prompt_token_ids": prompt} for prompt in prompts],
-                           SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True))
-    assert [output.outputs[0].token_ids for output in outputs] == expected
-    assert chunked_calls and max(chunked_calls) > 7

@@ -138,32 +138,3 @@ def test_packing_refuses_a_float32_weight():
     projection = MergedLinear([torch.nn.Linear(8, 4)], transpose_weight=True)
     with pytest.raises(ValueError, match="16-bit CPU weight"):
         projection.pack_for_onednn()
-
-
-@pytest.mark.parametrize("transpose_weight", [False, True])
-def test_mlp_in_row_chunks_matches_the_whole_pass(transpose_weight, monkeypatch):
-    from joule.model.layers import GatedMLP
-
-    generator = torch.Generator().manual_seed(11)
-    monkeypatch.setenv("JOULE_MLP_ROW_CHUNK", "8")
-    mlp = GatedMLP(32, 48)
-    for parameter in mlp.parameters():
-        parameter.data = torch.randn(parameter.shape, generator=generator) * 0.2
-    mlp.merge_projections(transpose_weight)
-    assert mlp.row_chunk == 8
-    hidden = torch.randn(37, 32, generator=generator)
-    with torch.inference_mode():
-        chunked = mlp(hidden)  # 37 rows: five chunks of 8 rows or fewer
-        mlp.row_chunk = 0
-        whole = mlp(hidden)
-    assert mlp.runs_in_row_chunks(hidden) is False
-    assert chunked.shape == whole.shape == (37, 32)
-    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
-
-
-def test_mlp_row_chunk_setting_must_be_a_whole_number(monkeypatch):
-    from joule.model.layers import GatedMLP
-
-    monkeypatch.setenv("JOULE_MLP_ROW_CHUNK", "1k")
-    with pytest.raises(ValueError, match="JOULE_MLP_ROW_CHUNK"):
-        GatedMLP(8, 16).merge_projections(False)
