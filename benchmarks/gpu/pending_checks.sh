@@ -28,8 +28,11 @@
 #   layout: the head-major KV cache (JOULE_KV_HEAD_MAJOR, 2026-12-06 (j)) and the heads-first decode grid: workload 2's
 #          decode attention in both layouts (decode_sweep.py --focus), then workload 3 crossed with both switches and
 #          workload 2 with the layout (bs1_ab.py --w3 / --w2, two rounds each) (~6 minutes, not in "all").
+#   fusedmlp: the TMA-fed fused gate/up + SiLU GEMM (joule/kernels/gate_up_silu.py, 2026-12-06 (j)): its tests on the
+#          GPU, its tiles against cuBLAS + silu_and_mul (gate_up_silu_sweep.py), then workloads 3 and 2 with the best
+#          tile at 8,192 rows (JOULE_FUSED_GATE_UP=0,TILE; bs1_ab.py, two rounds / one round) (~6 minutes, not in "all").
 # Usage (repository root, joule importable): OUT=/some/dir bash benchmarks/gpu/pending_checks.sh PART... (fused, fair,
-# w3, perf, next, bench, pdl, splits, trigger, chain, blas, feed, layout; "all" is fused fair w3, more than one call's 10
+# w3, perf, next, bench, pdl, splits, trigger, chain, blas, feed, layout, fusedmlp; "all" is fused fair w3, more than one call's 10
 # minutes)
 # Every step has its own timeout, so one that hangs leaves the others their time; big JSON is gzipped.
 # DRY=1 prints the commands instead of running them.
@@ -38,7 +41,7 @@ RUN=""
 [[ ${DRY:-0} == 1 ]] && RUN="echo"
 OUT=${OUT:?set OUT to a directory for the results}
 WHAT=" ${*:-all} "
-NOT_IN_ALL=" perf next bench pdl splits trigger chain blas feed layout "
+NOT_IN_ALL=" perf next bench pdl splits trigger chain blas feed layout fusedmlp "
 wants() { [[ $WHAT == *" all "* && $NOT_IN_ALL != *" $1 "* ]] || [[ $WHAT == *" $1 "* ]]; }
 MODEL=benchmarks/configs/llama-3.2-1b
 mkdir -p "$OUT"
@@ -138,6 +141,20 @@ if wants layout; then
   echo "w3 layout A/B: exit $?"; tail -6 "$OUT/w3_layout.log"
   $RUN timeout 200 python benchmarks/gpu/bs1_ab.py "$OUT/w2_layout" 2 --w2 JOULE_KV_HEAD_MAJOR=0,1 > "$OUT/w2_layout.log" 2>&1
   echo "w2 layout A/B: exit $?"; tail -4 "$OUT/w2_layout.log"
+fi
+
+if wants fusedmlp; then
+  $RUN timeout 90 python -m pytest -q -p no:cacheprovider tests/kernels/test_gate_up_silu.py > "$OUT/gate_up_tests.log" 2>&1
+  echo "fused gate/up tests: exit $? ($(tail -1 "$OUT/gate_up_tests.log"))"
+  $RUN timeout 150 python benchmarks/gpu/gate_up_silu_sweep.py "$OUT/gate_up_silu.json" > "$OUT/gate_up_silu.log" 2>&1
+  echo "fused gate/up sweep: exit $?"; grep -E "^gate_up" "$OUT/gate_up_silu.log"
+  TILE=$(python -c "import json, sys
+rows = [row for row in json.load(open(sys.argv[1])) if row['rows'] == 8192 and 'best' in row]
+print(rows[0]['best'] if rows else '1')" "$OUT/gate_up_silu.json" 2>/dev/null || echo 1)
+  $RUN timeout 230 python benchmarks/gpu/bs1_ab.py "$OUT/w3_fused" 2 --w3 "JOULE_FUSED_GATE_UP=0,$TILE" > "$OUT/w3_fused.log" 2>&1
+  echo "w3 fused gate/up A/B: exit $?"; tail -4 "$OUT/w3_fused.log"
+  $RUN timeout 120 python benchmarks/gpu/bs1_ab.py "$OUT/w2_fused" 1 --w2 "JOULE_FUSED_GATE_UP=0,$TILE" > "$OUT/w2_fused.log" 2>&1
+  echo "w2 fused gate/up A/B: exit $?"; tail -3 "$OUT/w2_fused.log"
 fi
 
 if wants bench; then

@@ -8,6 +8,7 @@ float32 model matches it to rounding error.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -194,6 +195,14 @@ class MergedLinear(nn.Module):
             return hidden @ self.weight
         return torch.addmm(self.bias, hidden, self.weight)
 
+    def runs_fused_gate_up(self, hidden: torch.Tensor) -> bool:
+        """A plain 16-bit CUDA weight and a step long enough for the fused gate/up + SiLU GEMM."""
+        from joule.kernels.gate_up_silu import FUSED_MIN_ROWS
+
+        return (hidden.is_cuda and hidden.shape[0] >= FUSED_MIN_ROWS and not self.transposed and not self.packed
+                and self.bias is None and self.weight.dtype in (torch.bfloat16, torch.float16)
+                and hidden.dtype == self.weight.dtype and hidden.stride(-1) == 1)
+
     def runs_row_gemv(self, hidden: torch.Tensor) -> bool:
         """One contiguous CUDA row of the weight's dtype, and a weight the Triton GEMV serves well."""
         return (hidden.is_cuda and hidden.shape[0] == 1 and hidden.stride(-1) == 1
@@ -215,7 +224,7 @@ class MergedLinear(nn.Module):
 
 def norm_then_project(
     projection: MergedLinear, norm: RMSNorm, hidden: torch.Tensor, residual: torch.Tensor | None,
-    gated: bool = False,
+    gated: bool = False, fused_tile=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``projection(norm(hidden [+ residual]))`` and the new residual (``hidden`` itself when none was given);
     ``gated``: SwiGLU's ``silu(gate) * up`` of the output's halves.
@@ -223,6 +232,8 @@ def norm_then_project(
     On one CUDA row the norm and the activation run inside the Triton GEMV: a batch-1 decode step saves
     three launches a layer. Elsewhere: the norm, the GEMM and the activation one after another (a Triton GEMM
     with the activation in its epilogue lost 8.4 % on workload 3 against cuBLAS + ``silu_and_mul``, H100, 2026-12-06).
+    ``fused_tile`` (a ``GateUpTile``, from ``JOULE_FUSED_GATE_UP``): gated CUDA steps of ``FUSED_MIN_ROWS`` rows or
+    more run the TMA-fed fused GEMM (``joule.kernels.gate_up_silu``) instead.
     """
     if projection.runs_row_gemv(hidden) and norm.weight.dtype == hidden.dtype:
         from joule.kernels.gemv import gemv
@@ -234,6 +245,10 @@ def norm_then_project(
         residual, hidden = hidden, norm(hidden)
     else:
         hidden, residual = norm(hidden, residual)
+    if gated and fused_tile is not None and projection.runs_fused_gate_up(hidden):
+        from joule.kernels.gate_up_silu import gate_up_silu
+
+        return gate_up_silu(hidden, projection.weight, fused_tile), residual
     output = projection(hidden)
     return (swiglu(output) if gated else output), residual
 
@@ -257,14 +272,23 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
         self.gate_up_proj: MergedLinear | None = None
+        self.fused_tile = None  # a GateUpTile where JOULE_FUSED_GATE_UP asks for the fused gate/up + SiLU GEMM
 
     def merge_projections(self, transpose_weight: bool) -> None:
         """Replace gate/up by one GEMM (after the checkpoint is loaded by its names)."""
         self.gate_up_proj = MergedLinear([self.gate_proj, self.up_proj], transpose_weight)
         self.down_proj = MergedLinear([self.down_proj], transpose_weight)
         del self.gate_proj, self.up_proj
+        if os.environ.get("JOULE_FUSED_GATE_UP", "").strip() not in ("", "0"):  # Triton is imported only then
+            from joule.kernels.gate_up_silu import fused_gate_up_tile
+
+            self.fused_tile = fused_gate_up_tile()
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is None:
             return self.down_proj(F.silu(self.gate_proj(hidden)) * self.up_proj(hidden))
+        if self.fused_tile is not None and self.gate_up_proj.runs_fused_gate_up(hidden):
+            from joule.kernels.gate_up_silu import gate_up_silu
+
+            return self.down_proj(gate_up_silu(hidden, self.gate_up_proj.weight, self.fused_tile))
         return self.down_proj(swiglu(self.gate_up_proj(hidden)))

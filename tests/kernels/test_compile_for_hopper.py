@@ -78,3 +78,34 @@ def test_gemv_kernels_compile_for_hopper_with_any_head(early_trigger):
     assert completed.stdout.count(" ok") == 10
     order = "early trigger" if early_trigger == "1" else "late trigger"
     assert completed.stdout.count(order) == 10 and completed.stdout.count("trigger") == 10  # the 10 PDL kernels
+
+
+FUSED_GATE_UP = textwrap.dedent("""
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+    from joule.kernels.gate_up_silu import _gate_up_silu_kernel
+
+    for block_m, block_n, block_k, warps, stages in ((128, 128, 64, 8, 3), (128, 64, 64, 4, 4)):
+        signature = {"x_descriptor": f"tensordesc<bf16[{block_m},{block_k}]>",
+                     "weight_descriptor": f"tensordesc<bf16[{block_n},{block_k}]>",
+                     "output_descriptor": f"tensordesc<bf16[{block_m},{block_n}]>",
+                     "rows": "i32", "intermediate": "i32", "hidden": "i32", "num_programs": "i32"}
+        constants = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8, "ELEMENT": tl.bfloat16,
+                     "PRECISION": "tf32", "UPCAST": False}
+        source = ASTSource(_gate_up_silu_kernel, {**signature, **{name: "constexpr" for name in constants}},
+                           constexprs=constants)
+        compiled = compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+        ptx = compiled.asm["ptx"]
+        # Hopper's path: tiles by tensor-memory bulk copies, products by warpgroup MMAs
+        assert "cp.async.bulk.tensor" in ptx and "wgmma.mma_async" in ptx, (block_m, block_n)
+        print("fused gate/up", block_m, block_n, "ok", flush=True)
+""")
+
+
+def test_the_fused_gate_up_kernel_compiles_for_hopper_with_tma_and_wgmma():
+    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    completed = subprocess.run([sys.executable, "-c", FUSED_GATE_UP], env=environment, capture_output=True, text=True,
+                               timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.count(" ok") == 2

@@ -1,0 +1,71 @@
+"""The fused gate/up + SiLU GEMM (TMA descriptors) against cuBLAS + ``silu_and_mul``, graph-timed (~1 minute).
+
+Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/gate_up_silu_sweep.py [out.json]
+Llama-3.2-1B's MLP (hidden 2048, intermediate 8192), bf16, 16 distinct weights called in turn (from DRAM, as in the
+engine), at a prompt step's 8,192 rows, a mixed step's 8,432, 2,048 and a decode step's 256. For each shape: the
+engine's path (cuBLAS GEMM, then ``silu_and_mul``), the GEMM alone, and every tile of ``TILES`` with its largest
+difference to the engine's path. The last line per shape names the best tile as ``JOULE_FUSED_GATE_UP`` takes it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gemv_sweep import timed_graph  # noqa: E402
+
+from joule.kernels.activation import silu_and_mul  # noqa: E402
+from joule.kernels.gate_up_silu import GateUpTile, gate_up_silu, tile_setting  # noqa: E402
+
+COPIES = 16
+HIDDEN, INTERMEDIATE = 2048, 8192
+TILES = [GateUpTile(128, 128, 64, 8, 3, 8, False), GateUpTile(128, 128, 64, 8, 4, 8, False),
+         GateUpTile(128, 128, 64, 8, 3, 8, True), GateUpTile(128, 128, 32, 8, 4, 8, False),
+         GateUpTile(128, 64, 64, 4, 4, 8, False), GateUpTile(128, 64, 64, 8, 4, 8, False),
+         GateUpTile(128, 64, 64, 4, 4, 8, True), GateUpTile(64, 128, 64, 4, 3, 8, False),
+         GateUpTile(256, 64, 64, 8, 3, 8, False), GateUpTile(64, 64, 64, 4, 4, 8, False)]
+
+
+def main() -> None:
+    out_path = sys.argv[1] if len(sys.argv) > 1 else None
+    device = torch.device("cuda")
+    weights = [torch.randn(2 * INTERMEDIATE, HIDDEN, device=device, dtype=torch.bfloat16) * 0.02
+               for _ in range(COPIES)]
+    results = []
+    for rows in (8192, 8432, 2048, 256):
+        hidden = torch.randn(rows, HIDDEN, device=device, dtype=torch.bfloat16)
+        flops = 2 * rows * HIDDEN * 2 * INTERMEDIATE
+        expected = silu_and_mul(F.linear(hidden, weights[0])).float()
+        engine_us = 1e6 * timed_graph(lambda index: silu_and_mul(F.linear(hidden, weights[index])), COPIES)
+        gemm_us = 1e6 * timed_graph(lambda index: F.linear(hidden, weights[index]), COPIES)
+        row = dict(rows=rows, engine_us=engine_us, gemm_only_us=gemm_us, tiles={})
+        print(f"gate_up {rows:5d}: cuBLAS + silu_and_mul {engine_us:7.1f} us ({flops / engine_us / 1e6:5.0f} TFLOP/s),"
+              f" GEMM alone {gemm_us:7.1f} us", flush=True)
+        for tile in TILES:
+            try:
+                difference = (gate_up_silu(hidden, weights[0], tile).float() - expected).abs().max().item()
+                micros = 1e6 * timed_graph(lambda index, tile=tile: gate_up_silu(hidden, weights[index], tile), COPIES)
+            except Exception as failure:  # noqa: BLE001 - a tile the compiler or the GPU rejects
+                print(f"  {tile_setting(tile)}: {failure!r}"[:200], flush=True)
+                continue
+            row["tiles"][tile_setting(tile)] = {"us": micros, "max_difference": difference, **asdict(tile)}
+            print(f"  fused {tile_setting(tile):22s} {micros:7.1f} us ({flops / micros / 1e6:5.0f} TFLOP/s) "
+                  f"{100 * (micros / engine_us - 1):+6.1f} % vs engine  max|diff| {difference:.4f}", flush=True)
+        if row["tiles"]:
+            best = min(row["tiles"], key=lambda name: row["tiles"][name]["us"])
+            row["best"] = best
+            print(f"gate_up {rows:5d} best {best} {row['tiles'][best]['us']:.1f} us against {engine_us:.1f}", flush=True)
+        results.append(row)
+    if out_path:
+        with open(out_path, "w") as handle:
+            json.dump(results, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""The MLP's gate/up projection with SiLU-and-mul in its epilogue, operands through TMA descriptors.
+
+Why: a ~8k-token prompt step's layer on the H100 spends ~137 us in SiLU-and-mul after cuBLAS's gate/up GEMM
+(~790 us), reading the GEMM's [T, 2I] output back from DRAM and writing [T, I] (docs/benchmarks.md, 2026-12-05 (f)):
+~4.6 % of workload 3. A first fused GEMM with pointer loads lost 8.4 % end to end (2026-12-06 (h)): it ran far
+below cuBLAS. This one loads its tiles through tensor-memory-accelerator descriptors (asynchronous bulk copies on
+sm_90, the path Triton's fast Hopper GEMMs take) and can run persistently; off in the engine until measured
+(``benchmarks/gpu/gate_up_silu_sweep.py``).
+How: each tile of the [T, I] output takes the gate rows ``n`` and the up rows ``I + n`` of the merged [2I, K] weight
+(the engine's layout) into two float32 accumulators; the projections are rounded to the activation dtype before the
+SiLU, as the unfused path rounds them; tiles are walked GROUP_M row blocks per column block so neighbours share
+weight tiles in L2.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from joule.kernels.common import cdiv, dot_precision, interpreting
+
+
+@dataclass(frozen=True)
+class GateUpTile:
+    """One launch shape: output tile, inner step, warps, pipeline stages, L2 grouping, persistent programs."""
+
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+    group_m: int = 8
+    persistent: bool = False
+
+
+ELEMENT_TYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+@triton.jit
+def _gate_up_silu_kernel(x_descriptor, weight_descriptor, output_descriptor, rows, intermediate, hidden,
+                         num_programs, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         GROUP_M: tl.constexpr, ELEMENT: tl.constexpr, PRECISION: tl.constexpr,
+                         UPCAST: tl.constexpr):
+    row_blocks = tl.cdiv(rows, BLOCK_M)
+    column_blocks = tl.cdiv(intermediate, BLOCK_N)
+    per_group = GROUP_M * column_blocks
+    for tile in tl.range(tl.program_id(0), row_blocks * column_blocks, num_programs):
+        first_row_block = (tile // per_group) * GROUP_M
+        group_rows = tl.minimum(row_blocks - first_row_block, GROUP_M)
+        row = (first_row_block + (tile % per_group) % group_rows) * BLOCK_M
+        column = ((tile % per_group) // group_rows) * BLOCK_N
+        gate_sum = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        up_sum = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for inner in range(0, hidden, BLOCK_K):
+            x = x_descriptor.load([row, inner])
+            gate = weight_descriptor.load([column, inner])
+            up = weight_descriptor.load([intermediate + column, inner])
+            if UPCAST:  # the interpreter's tl.dot mishandles 16-bit operands
+                gate_sum += tl.dot(x.to(tl.float32), gate.to(tl.float32).T, input_precision="ieee")
+                up_sum += tl.dot(x.to(tl.float32), up.to(tl.float32).T, input_precision="ieee")
+            else:
+                gate_sum = tl.dot(x, gate.T, gate_sum, input_precision=PRECISION)
+                up_sum = tl.dot(x, up.T, up_sum, input_precision=PRECISION)
+        gate_value = gate_sum.to(ELEMENT).to(tl.float32)
+        up_value = up_sum.to(ELEMENT).to(tl.float32)
+        # Columns past ``intermediate`` (a last partial tile) read up rows as gate rows; the store clips them.
+        output_descriptor.store([row, column], (gate_value / (1.0 + tl.exp(-gate_value)) * up_value).to(ELEMENT))
+
+
+def gate_up_silu(hidden: torch.Tensor, weight: torch.Tensor, tile: GateUpTile | None = None) -> torch.Tensor:
+    """``silu(hidden @ weight[:I].T) * (hidden @ weight[I:].T)`` for a merged ``[2I, K]`` weight, ``[T, I]``."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if hidden.dim() != 2 or hidden.stride(1) != 1:
+        raise ValueError(f"gate_up_silu: hidden must be [T, K] with contiguous rows, got {tuple(hidden.shape)}")
+    rows, hidden_size = hidden.shape
+    if weight.dim() != 2 or weight.shape[1] != hidden_size or weight.shape[0] % 2 or weight.stride(1) != 1:
+        raise ValueError(f"gate_up_silu: weight {tuple(weight.shape)} must be [2I, {hidden_size}] (gate rows over up "
+                         "rows) with contiguous rows")
+    if weight.dtype != hidden.dtype or hidden.dtype not in ELEMENT_TYPES:
+        raise ValueError(f"gate_up_silu: weight dtype {weight.dtype} and hidden's {hidden.dtype} must be one of "
+                         "bfloat16, float16, float32, alike")
+    if (hidden.stride(0) * hidden.element_size()) % 16 or (weight.stride(0) * weight.element_size()) % 16:
+        raise ValueError("gate_up_silu: row strides must be multiples of 16 bytes (tensor-memory descriptors)")
+    intermediate = weight.shape[0] // 2
+    output = torch.empty((rows, intermediate), dtype=hidden.dtype, device=hidden.device)
+    if rows == 0:
+        return output
+    tile = tile or GateUpTile()
+    tiles = cdiv(rows, tile.block_m) * cdiv(intermediate, tile.block_n)
+    programs = tiles
+    if tile.persistent and hidden.is_cuda:
+        programs = min(tiles, torch.cuda.get_device_properties(hidden.device).multi_processor_count)
+    _gate_up_silu_kernel[(programs,)](
+        TensorDescriptor.from_tensor(hidden, [tile.block_m, tile.block_k]),
+        TensorDescriptor.from_tensor(weight, [tile.block_n, tile.block_k]),
+        TensorDescriptor.from_tensor(output, [tile.block_m, tile.block_n]),
+        rows, intermediate, hidden_size, programs,
+        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m,
+        ELEMENT=ELEMENT_TYPES[hidden.dtype], PRECISION=dot_precision(hidden.dtype), UPCAST=interpreting(),
+        num_warps=tile.num_warps, num_stages=tile.num_stages,
+    )
+    return output
+
+
+FUSED_GATE_UP_ENV = "JOULE_FUSED_GATE_UP"
+# Steps with fewer rows keep cuBLAS + silu_and_mul: the fused GEMM was written for the prompt steps' ~8k rows.
+FUSED_MIN_ROWS = 1024
+
+
+def tile_setting(tile: GateUpTile) -> str:
+    """``tile`` as ``JOULE_FUSED_GATE_UP`` takes it: its seven numbers joined by "x"."""
+    return "x".join(str(int(value)) for value in (tile.block_m, tile.block_n, tile.block_k, tile.num_warps,
+                                                  tile.num_stages, tile.group_m, tile.persistent))
+
+
+def fused_gate_up_tile() -> GateUpTile | None:
+    """``JOULE_FUSED_GATE_UP``: unset or "0" off (the default until measured), "1" the default tile, or a tile as
+    ``tile_setting`` writes it (block_m x block_n x block_k x warps x stages x group_m x persistent)."""
+    text = os.environ.get(FUSED_GATE_UP_ENV, "").strip()
+    if text in ("", "0"):
+        return None
+    if text == "1":
+        return GateUpTile()
+    parts = text.split("x")
+    if len(parts) != 7 or not all(part.isdigit() for part in parts):
+        raise ValueError(f"{FUSED_GATE_UP_ENV} must be 0, 1 or seven numbers joined by 'x' (block_m x block_n x "
+                         f"block_k x warps x stages x group_m x persistent), got {text!r}")
+    numbers = [int(part) for part in parts]
+    return GateUpTile(*numbers[:6], persistent=bool(numbers[6]))

@@ -1,0 +1,119 @@
+"""The fused gate/up + SiLU GEMM against the unfused path's rounding (Triton's interpreter on the CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
+
+from joule.kernels.activation import silu_and_mul  # noqa: E402
+from joule.kernels.gate_up_silu import GateUpTile, gate_up_silu  # noqa: E402
+from joule.kernels.reference import silu_and_mul_reference  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SMALL = GateUpTile(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=2, group_m=2)
+
+
+def _operands(rows: int, hidden: int, intermediate: int, dtype: torch.dtype, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, hidden, generator=generator).to(DEVICE, dtype)
+    weight = (torch.randn(2 * intermediate, hidden, generator=generator) / hidden**0.5).to(DEVICE, dtype)
+    return x, weight
+
+
+def _unfused(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The engine's path: the GEMM rounded to the activation dtype, then SiLU-and-mul in float32, rounded once."""
+    projected = (x.float() @ weight.float().T).to(x.dtype)
+    return silu_and_mul_reference(projected) if DEVICE == "cpu" else silu_and_mul(projected)
+
+
+@pytest.mark.parametrize("rows,hidden,intermediate", [(1, 32, 16), (37, 48, 40), (64, 64, 32), (70, 32, 56)])
+@pytest.mark.parametrize("persistent", [False, True])
+def test_fused_gate_up_silu_matches_the_unfused_rounding(rows, hidden, intermediate, persistent):
+    x, weight = _operands(rows, hidden, intermediate, torch.bfloat16, seed=rows + intermediate)
+    tile = GateUpTile(**{**SMALL.__dict__, "persistent": persistent})
+    fused = gate_up_silu(x, weight, tile)
+    assert fused.shape == (rows, intermediate) and fused.dtype == torch.bfloat16
+    expected = _unfused(x, weight)
+    assert expected.abs().max() > 0.1  # random inputs, not a zero tensor both sides would match
+    torch.testing.assert_close(fused.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_fused_gate_up_silu_in_float32_matches_closely():
+    x, weight = _operands(33, 32, 24, torch.float32, seed=5)
+    gate, up = (x @ weight.T).chunk(2, dim=-1)
+    torch.testing.assert_close(gate_up_silu(x, weight, SMALL), torch.nn.functional.silu(gate) * up,
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_no_rows_gives_an_empty_output():
+    x, weight = _operands(0, 32, 16, torch.bfloat16, seed=1)
+    assert gate_up_silu(x, weight, SMALL).shape == (0, 16)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda x, w: (x.t(), w), "hidden must be"),
+    (lambda x, w: (x, w[:-1]), "weight"),
+    (lambda x, w: (x, w.float()), "dtype"),
+])
+def test_bad_operands_are_named(change, message):
+    x, weight = _operands(8, 32, 16, torch.bfloat16, seed=2)
+    with pytest.raises(ValueError, match=message):
+        gate_up_silu(*change(x, weight), SMALL)
+
+
+def test_the_setting_names_a_tile_or_turns_the_kernel_off(monkeypatch):
+    from joule.kernels.gate_up_silu import FUSED_GATE_UP_ENV, fused_gate_up_tile, tile_setting
+
+    for off in ("", "0"):
+        monkeypatch.setenv(FUSED_GATE_UP_ENV, off)
+        assert fused_gate_up_tile() is None
+    monkeypatch.setenv(FUSED_GATE_UP_ENV, "1")
+    assert fused_gate_up_tile() == GateUpTile()
+    tile = GateUpTile(128, 64, 64, 4, 4, 8, persistent=True)
+    assert tile_setting(tile) == "128x64x64x4x4x8x1"
+    monkeypatch.setenv(FUSED_GATE_UP_ENV, tile_setting(tile))
+    assert fused_gate_up_tile() == tile
+    for bad in ("yes", "128x64x64", "128x64x64x4x4x8xtrue"):
+        monkeypatch.setenv(FUSED_GATE_UP_ENV, bad)
+        with pytest.raises(ValueError, match=FUSED_GATE_UP_ENV):
+            fused_gate_up_tile()
+
+
+def test_the_mlp_takes_the_tile_from_the_setting_and_keeps_cpu_steps_unfused(monkeypatch):
+    from joule.model.layers import GatedMLP
+
+    monkeypatch.setenv("JOULE_FUSED_GATE_UP", "64x64x64x4x4x8x0")
+    mlp = GatedMLP(32, 48)
+    mlp.merge_projections(False)
+    assert mlp.fused_tile == GateUpTile(64, 64, 64, 4, 4, 8, False)
+    hidden = torch.randn(2048, 32)
+    assert not mlp.gate_up_proj.runs_fused_gate_up(hidden)  # a CPU step: cuBLAS's place is the CPU BLAS's
+    monkeypatch.delenv("JOULE_FUSED_GATE_UP")
+    plain = GatedMLP(32, 48)
+    plain.merge_projections(False)
+    assert plain.fused_tile is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_long_cuda_step_runs_the_fused_kernel_and_matches_the_unfused_mlp(monkeypatch):
+    from joule.model.layers import GatedMLP, RMSNorm, norm_then_project
+
+    generator = torch.Generator().manual_seed(9)
+    mlp = GatedMLP(256, 512)
+    for parameter in mlp.parameters():
+        parameter.data = torch.randn(parameter.shape, generator=generator) * 0.05
+    monkeypatch.setenv("JOULE_FUSED_GATE_UP", "1")
+    mlp.merge_projections(False)
+    mlp = mlp.to("cuda", torch.bfloat16)
+    norm = RMSNorm(256, 1e-6).to("cuda", torch.bfloat16)
+    hidden = torch.randn(1500, 256, generator=generator).to("cuda", torch.bfloat16)
+    residual = torch.randn(1500, 256, generator=generator).to("cuda", torch.bfloat16)
+    fused, fused_residual = norm_then_project(mlp.gate_up_proj, norm, hidden, residual, gated=True,
+                                              fused_tile=mlp.fused_tile)
+    unfused, unfused_residual = norm_then_project(mlp.gate_up_proj, norm, hidden, residual, gated=True)
+    assert torch.equal(fused_residual, unfused_residual)
+    torch.testing.assert_close(fused.float(), unfused.float(), rtol=2e-2, atol=2e-2)
+    normed, _ = norm(hidden, residual)
+    torch.testing.assert_close(mlp(normed).float(), mlp.down_proj(unfused).float(), rtol=3e-2, atol=3e-2)
