@@ -72,8 +72,7 @@ class LLMEngine:
             batched_tokens = max(batched_tokens, self.max_model_len)  # any prompt fits one step, as in vLLM
 
         self.kv_cache = KVCache.allocate(
-            layers, num_blocks, config.block_size, kv_heads, head_dim, self.kv_cache_dtype, self.device,
-            head_major=backend.head_major_cache,
+            layers, num_blocks, config.block_size, kv_heads, head_dim, self.kv_cache_dtype, self.device
         )
         executor = ModelExecutor(
             self.model, self.kv_cache, backend, Sampler(config.seed, self.device),

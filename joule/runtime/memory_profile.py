@@ -57,7 +57,7 @@ def profile_step_memory(
     lengths = [num_tokens // num_sequences + (index < num_tokens % num_sequences) for index in range(num_sequences)]
     blocks_per_sequence = [-(-length // block_size) for length in lengths]
     scratch_cache = KVCache.allocate(num_layers, sum(blocks_per_sequence), block_size, num_kv_heads, head_dim,
-                                     kv_cache_dtype, device, head_major=backend.head_major_cache)
+                                     kv_cache_dtype, device)
     executor = ModelExecutor(model, scratch_cache, backend, Sampler(0, device), device)
     generator = torch.Generator().manual_seed(0)
     # Nucleus and top-k rows make the sampler sort full-vocabulary rows: its worst case.

@@ -359,21 +359,3 @@ def test_step_times_do_not_overlap_with_the_lookahead(model_dir):
         engine.step()
         total += engine.core.last_step.elapsed_seconds
     assert 0 < total <= time.perf_counter() - started
-
-
-@interpreted_triton_on_cpu
-def test_a_head_major_cache_keeps_the_tokens(model_dir, monkeypatch):
-    """JOULE_KV_HEAD_MAJOR=1: the engine allocates its cache head by head for the Triton backend (run eagerly on
-    the CPU here) and every request's tokens stay those of the portable backend's token-major cache."""
-    from joule.runtime.attention.triton_backend import KV_HEAD_MAJOR_ENV, TritonAttentionBackend
-
-    workload = [(f"r{index}", [3 + index, 20, 30 + index, 9] * (1 + index), _params(max_tokens=6 + 2 * index))
-                for index in range(3)]
-    expected = _run(_engine(model_dir, lookahead=False), workload)
-    monkeypatch.setenv(KV_HEAD_MAJOR_ENV, "1")
-    monkeypatch.setattr("joule.llm_engine.select_attention_backend", lambda device: TritonAttentionBackend())
-    engine = _engine(model_dir, lookahead=False)
-    assert engine.core.executor.backend.head_major_cache
-    keys = engine.kv_cache.key_caches[0]
-    assert not keys.is_contiguous() and keys.stride(2) == keys.shape[1] * keys.shape[3]  # heads outer in a block
-    assert _run(engine, workload) == expected

@@ -152,9 +152,6 @@ class AttentionBackend(ABC):
     # Whether forward() takes ``kv_stored=True``: the model's rotary kernel already wrote this step's keys and
     # values into the cache (one launch fewer per layer), so only the attention runs.
     accepts_stored_kv: bool = False
-    # Whether the engine should allocate its cache head-major (``KVCache.allocate(head_major=True)``): only backends
-    # whose kernels address the cache through its strides can.
-    head_major_cache: bool = False
 
     @abstractmethod
     def forward(

@@ -44,10 +44,6 @@ FUSED_OUTPUT_ENV = "JOULE_FUSED_ATTENTION_OUTPUT"
 # "heads_first=1+num_warps=8". Unset: the kernel's own choice.
 DECODE_LAUNCH_ENV = "JOULE_DECODE_LAUNCH"
 DECODE_LAUNCH_KEYS = ("block_n", "num_warps", "num_stages", "heads_first")
-# "1": the engine stores each cache block head by head, so a KV head's tokens of a block are contiguous (decode
-# attention at workload 3's decode step, H100, 2026-12-06 (j): 109.2 against 114.2 us a layer); off until measured
-# end to end.
-KV_HEAD_MAJOR_ENV = "JOULE_KV_HEAD_MAJOR"
 
 
 def decode_launch_from_environment() -> dict:
@@ -158,7 +154,6 @@ class TritonAttentionBackend(AttentionBackend):
             fuse_output_projection = os.environ.get(FUSED_OUTPUT_ENV, "0") in ("1", "true", "on")
         self.fuse_output_projection = fuse_output_projection
         self.decode_launch = decode_launch_from_environment() or None
-        self.head_major_cache = os.environ.get(KV_HEAD_MAJOR_ENV, "0") in ("1", "true", "on")
         self._step: _StepTensors | None = None
         self._num_processors: dict[torch.device, int] = {}
         self._fused_buffers: dict[tuple, FusedAttentionOutputBuffers] = {}
