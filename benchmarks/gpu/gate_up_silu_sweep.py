@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gemv_sweep import timed_graph  # noqa: E402
 
 from joule.kernels.activation import silu_and_mul  # noqa: E402
-from joule.kernels.gate_up_silu import GateUpTile, gate_up_silu, tile_setting  # noqa: E402
+from joule.kernels.gate_up_config import GateUpTile, tile_setting  # noqa: E402
+from joule.kernels.gate_up_silu import gate_up_silu  # noqa: E402
 
 COPIES = 16
 HIDDEN, INTERMEDIATE = 2048, 8192

@@ -25,14 +25,11 @@
 #          in (i) crossed with the GEMV blocks before and after) (~3 minutes, not in "all");
 #   blas:  the decode and prompt GEMMs under cuBLAS and cuBLASLt (decode_gemm_sweep.py), then workload 3 with
 #          TORCH_BLAS_PREFER_CUBLASLT=0,1 (bs1_ab.py --w3, one round) (~5 minutes, not in "all").
-#   layout: the head-major KV cache (JOULE_KV_HEAD_MAJOR, 2026-12-06 (j)) and the heads-first decode grid: workload 2's
-#          decode attention in both layouts (decode_sweep.py --focus), then workload 3 crossed with both switches and
-#          workload 2 with the layout (bs1_ab.py --w3 / --w2, two rounds each) (~6 minutes, not in "all").
 #   fusedmlp: the TMA-fed fused gate/up + SiLU GEMM (joule/kernels/gate_up_silu.py, 2026-12-06 (j)): its tests on the
 #          GPU, its tiles against cuBLAS + silu_and_mul (gate_up_silu_sweep.py), then workloads 3 and 2 with the best
 #          tile at 8,192 rows (JOULE_FUSED_GATE_UP=0,TILE; bs1_ab.py, two rounds / one round) (~6 minutes, not in "all").
 # Usage (repository root, joule importable): OUT=/some/dir bash benchmarks/gpu/pending_checks.sh PART... (fused, fair,
-# w3, perf, next, bench, pdl, splits, trigger, chain, blas, feed, layout, fusedmlp; "all" is fused fair w3, more than one call's 10
+# w3, perf, next, bench, pdl, splits, trigger, chain, blas, feed, fusedmlp; "all" is fused fair w3, more than one call's 10
 # minutes)
 # Every step has its own timeout, so one that hangs leaves the others their time; big JSON is gzipped.
 # DRY=1 prints the commands instead of running them.
@@ -41,7 +38,7 @@ RUN=""
 [[ ${DRY:-0} == 1 ]] && RUN="echo"
 OUT=${OUT:?set OUT to a directory for the results}
 WHAT=" ${*:-all} "
-NOT_IN_ALL=" perf next bench pdl splits trigger chain blas feed layout fusedmlp "
+NOT_IN_ALL=" perf next bench pdl splits trigger chain blas feed fusedmlp "
 wants() { [[ $WHAT == *" all "* && $NOT_IN_ALL != *" $1 "* ]] || [[ $WHAT == *" $1 "* ]]; }
 MODEL=benchmarks/configs/llama-3.2-1b
 mkdir -p "$OUT"
@@ -131,16 +128,6 @@ if wants blas; then
   $RUN gzip -f "$OUT/decode_gemm_sweep.json" 2>/dev/null
   $RUN timeout 140 python benchmarks/gpu/bs1_ab.py "$OUT/w3_blas" 1 --w3 TORCH_BLAS_PREFER_CUBLASLT=0,1 > "$OUT/w3_blas.log" 2>&1
   echo "w3 cuBLASLt A/B: exit $?"; tail -3 "$OUT/w3_blas.log"
-fi
-
-if wants layout; then
-  $RUN timeout 100 python benchmarks/gpu/decode_sweep.py --focus "$OUT/decode_focus.json" > "$OUT/decode_focus.log" 2>&1
-  echo "decode focus sweep: exit $?"; grep "^focus" "$OUT/decode_focus.log"
-  $RUN timeout 250 python benchmarks/gpu/bs1_ab.py "$OUT/w3_layout" 2 --w3 JOULE_KV_HEAD_MAJOR=0,1 \
-    "JOULE_DECODE_LAUNCH=,heads_first=1" > "$OUT/w3_layout.log" 2>&1
-  echo "w3 layout A/B: exit $?"; tail -6 "$OUT/w3_layout.log"
-  $RUN timeout 200 python benchmarks/gpu/bs1_ab.py "$OUT/w2_layout" 2 --w2 JOULE_KV_HEAD_MAJOR=0,1 > "$OUT/w2_layout.log" 2>&1
-  echo "w2 layout A/B: exit $?"; tail -4 "$OUT/w2_layout.log"
 fi
 
 if wants fusedmlp; then

@@ -5,7 +5,7 @@ Why: a ~8k-token prompt step's layer on the H100 spends ~137 us in SiLU-and-mul 
 ~4.6 % of workload 3. A first fused GEMM with pointer loads lost 8.4 % end to end (2026-12-06 (h)): it ran far
 below cuBLAS. This one loads its tiles through tensor-memory-accelerator descriptors (asynchronous bulk copies on
 sm_90, the path Triton's fast Hopper GEMMs take) and can run persistently; off in the engine until measured
-(``benchmarks/gpu/gate_up_silu_sweep.py``).
+(``benchmarks/gpu/gate_up_silu_sweep.py``); the tiles and the switch are in ``gate_up_config``.
 How: each tile of the [T, I] output takes the gate rows ``n`` and the up rows ``I + n`` of the merged [2I, K] weight
 (the engine's layout) into two float32 accumulators; the projections are rounded to the activation dtype before the
 SiLU, as the unfused path rounds them; tiles are walked GROUP_M row blocks per column block so neighbours share
@@ -14,27 +14,12 @@ weight tiles in L2.
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
 from joule.kernels.common import cdiv, dot_precision, interpreting
-
-
-@dataclass(frozen=True)
-class GateUpTile:
-    """One launch shape: output tile, inner step, warps, pipeline stages, L2 grouping, persistent programs."""
-
-    block_m: int = 128
-    block_n: int = 128
-    block_k: int = 64
-    num_warps: int = 8
-    num_stages: int = 3
-    group_m: int = 8
-    persistent: bool = False
+from joule.kernels.gate_up_config import GateUpTile
 
 
 ELEMENT_TYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
@@ -106,29 +91,3 @@ def gate_up_silu(hidden: torch.Tensor, weight: torch.Tensor, tile: GateUpTile | 
     )
     return output
 
-
-FUSED_GATE_UP_ENV = "JOULE_FUSED_GATE_UP"
-# Steps with fewer rows keep cuBLAS + silu_and_mul: the fused GEMM was written for the prompt steps' ~8k rows.
-FUSED_MIN_ROWS = 1024
-
-
-def tile_setting(tile: GateUpTile) -> str:
-    """``tile`` as ``JOULE_FUSED_GATE_UP`` takes it: its seven numbers joined by "x"."""
-    return "x".join(str(int(value)) for value in (tile.block_m, tile.block_n, tile.block_k, tile.num_warps,
-                                                  tile.num_stages, tile.group_m, tile.persistent))
-
-
-def fused_gate_up_tile() -> GateUpTile | None:
-    """``JOULE_FUSED_GATE_UP``: unset or "0" off (the default until measured), "1" the default tile, or a tile as
-    ``tile_setting`` writes it (block_m x block_n x block_k x warps x stages x group_m x persistent)."""
-    text = os.environ.get(FUSED_GATE_UP_ENV, "").strip()
-    if text in ("", "0"):
-        return None
-    if text == "1":
-        return GateUpTile()
-    parts = text.split("x")
-    if len(parts) != 7 or not all(part.isdigit() for part in parts):
-        raise ValueError(f"{FUSED_GATE_UP_ENV} must be 0, 1 or seven numbers joined by 'x' (block_m x block_n x "
-                         f"block_k x warps x stages x group_m x persistent), got {text!r}")
-    numbers = [int(part) for part in parts]
-    return GateUpTile(*numbers[:6], persistent=bool(numbers[6]))

@@ -8,12 +8,12 @@ float32 model matches it to rounding error.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from joule.kernels.gate_up_config import FUSED_MIN_ROWS, fused_gate_up_tile
 from joule.model.config import ModelConfig
 
 
@@ -196,12 +196,14 @@ class MergedLinear(nn.Module):
         return torch.addmm(self.bias, hidden, self.weight)
 
     def runs_fused_gate_up(self, hidden: torch.Tensor) -> bool:
-        """A plain 16-bit CUDA weight and a step long enough for the fused gate/up + SiLU GEMM."""
-        from joule.kernels.gate_up_silu import FUSED_MIN_ROWS
-
-        return (hidden.is_cuda and hidden.shape[0] >= FUSED_MIN_ROWS and not self.transposed and not self.packed
+        """A plain 16-bit weight on an sm_90+ GPU and a step long enough for the fused gate/up + SiLU GEMM."""
+        if not (hidden.is_cuda and hidden.shape[0] >= FUSED_MIN_ROWS and not self.transposed and not self.packed
                 and self.bias is None and self.weight.dtype in (torch.bfloat16, torch.float16)
-                and hidden.dtype == self.weight.dtype and hidden.stride(-1) == 1)
+                and hidden.dtype == self.weight.dtype and hidden.stride(-1) == 1):
+            return False
+        from joule.kernels.common import device_capability, interpreting
+
+        return not interpreting() and device_capability(hidden.device) >= (9, 0)
 
     def runs_row_gemv(self, hidden: torch.Tensor) -> bool:
         """One contiguous CUDA row of the weight's dtype, and a weight the Triton GEMV serves well."""
@@ -232,8 +234,8 @@ def norm_then_project(
     On one CUDA row the norm and the activation run inside the Triton GEMV: a batch-1 decode step saves
     three launches a layer. Elsewhere: the norm, the GEMM and the activation one after another (a Triton GEMM
     with the activation in its epilogue lost 8.4 % on workload 3 against cuBLAS + ``silu_and_mul``, H100, 2026-12-06).
-    ``fused_tile`` (a ``GateUpTile``, from ``JOULE_FUSED_GATE_UP``): gated CUDA steps of ``FUSED_MIN_ROWS`` rows or
-    more run the TMA-fed fused GEMM (``joule.kernels.gate_up_silu``) instead.
+    ``fused_tile`` (a ``GateUpTile``, from ``JOULE_FUSED_GATE_UP``): gated steps of ``FUSED_MIN_ROWS`` rows or more
+    on sm_90+ run the TMA-fed fused GEMM (``joule.kernels.gate_up_silu``) instead, measured faster there.
     """
     if projection.runs_row_gemv(hidden) and norm.weight.dtype == hidden.dtype:
         from joule.kernels.gemv import gemv
@@ -272,17 +274,14 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
         self.gate_up_proj: MergedLinear | None = None
-        self.fused_tile = None  # a GateUpTile where JOULE_FUSED_GATE_UP asks for the fused gate/up + SiLU GEMM
+        self.fused_tile = None  # the fused gate/up + SiLU GEMM's tile (JOULE_FUSED_GATE_UP), set when merged
 
     def merge_projections(self, transpose_weight: bool) -> None:
         """Replace gate/up by one GEMM (after the checkpoint is loaded by its names)."""
         self.gate_up_proj = MergedLinear([self.gate_proj, self.up_proj], transpose_weight)
         self.down_proj = MergedLinear([self.down_proj], transpose_weight)
         del self.gate_proj, self.up_proj
-        if os.environ.get("JOULE_FUSED_GATE_UP", "").strip() not in ("", "0"):  # Triton is imported only then
-            from joule.kernels.gate_up_silu import fused_gate_up_tile
-
-            self.fused_tile = fused_gate_up_tile()
+        self.fused_tile = fused_gate_up_tile()
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is None:

@@ -94,14 +94,6 @@ def _shipped_name() -> str:
 
 
 
-def test_layout_sweeps_the_cache_layouts_then_runs_workloads_three_and_two_with_them(tmp_path):
-    assert _dry_run(tmp_path, "layout") == ["decode focus sweep", "w3 layout A/B", "w2 layout A/B"]
-    assert f"decode_sweep.py --focus {tmp_path}/decode_focus.json" in (tmp_path / "decode_focus.log").read_text()
-    w3 = (tmp_path / "w3_layout.log").read_text()
-    assert f"bs1_ab.py {tmp_path}/w3_layout 2 --w3 JOULE_KV_HEAD_MAJOR=0,1 JOULE_DECODE_LAUNCH=,heads_first=1" in w3
-    assert f"bs1_ab.py {tmp_path}/w2_layout 2 --w2 JOULE_KV_HEAD_MAJOR=0,1" in (tmp_path / "w2_layout.log").read_text()
-
-
 def test_fusedmlp_tests_sweeps_then_runs_workloads_three_and_two_with_the_best_tile(tmp_path):
     assert _dry_run(tmp_path, "fusedmlp") == ["fused gate/up sweep", "w3 fused gate/up A/B", "w2 fused gate/up A/B"]
     assert "tests/kernels/test_gate_up_silu.py" in (tmp_path / "gate_up_tests.log").read_text()
