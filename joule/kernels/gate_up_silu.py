@@ -25,7 +25,8 @@ from joule.kernels.gate_up_config import GateUpTile
 ELEMENT_TYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
-@triton.jit
+# One binary for every step length: a new rows % 16 pattern would be a ~2 s compile inside a step.
+@triton.jit(do_not_specialize=["rows", "num_programs"])
 def _gate_up_silu_kernel(x_descriptor, weight_descriptor, output_descriptor, rows, intermediate, hidden,
                          num_programs, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          GROUP_M: tl.constexpr, ELEMENT: tl.constexpr, PRECISION: tl.constexpr,
