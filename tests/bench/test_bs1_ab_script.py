@@ -15,12 +15,18 @@ SMALL = ["--dtype", "float32", "--kv-cache-memory-bytes", str(64 << 20), "--max-
 
 def test_a_throughput_ab_runs_each_variant_and_tabulates(tmp_path, monkeypatch, capsys):
     command = [sys.executable, "-m", "joule.cli", "bench", "throughput", *SMALL, "--num-prompts", "2",
-               "--input-len", "uniform:4:8", "--output-len", "uniform:2:3"]
+               "--input-len", "uniform:4:8", "--output-len", "uniform:2:3", "--repeat", "2"]
     monkeypatch.setitem(script.THROUGHPUT, "--w2", ("w2", command))
     monkeypatch.setattr(sys, "argv", ["bs1_ab.py", str(tmp_path), "1", "--w2", "JOULE_PDL_EARLY_TRIGGER=0,1"])
     script.main()
     out = capsys.readouterr().out
     assert "round 0: JOULE_PDL_EARLY_TRIGGER=0:" in out and "round 0: JOULE_PDL_EARLY_TRIGGER=1:" in out
     assert "failed" not in out
+    assert out.count("(median of ") == 2  # each variant's row: the median of its two warm runs
     assert sorted(path.name for path in tmp_path.iterdir()) == [
         "w2-JOULE_PDL_EARLY_TRIGGER-0-0.json", "w2-JOULE_PDL_EARLY_TRIGGER-1-0.json"]
+
+
+def test_throughput_variants_run_warm_repeats():
+    for _, command in script.THROUGHPUT.values():
+        assert command[-2:] == ["--repeat", str(script.WARM_RUNS)] and script.WARM_RUNS >= 3
