@@ -70,9 +70,9 @@ def gate_up_silu(hidden: torch.Tensor, weight: torch.Tensor, tile: GateUpTile | 
     if weight.dtype != hidden.dtype or hidden.dtype not in ELEMENT_TYPES:
         raise ValueError(f"gate_up_silu: weight dtype {weight.dtype} and hidden's {hidden.dtype} must be one of "
                          "bfloat16, float16, float32, alike")
-    if (hidden.stride(0) * hidden.element_size()) % 16 or (weight.stride(0) * weight.element_size()) % 16:
-        raise ValueError("gate_up_silu: row strides must be multiples of 16 bytes (tensor-memory descriptors)")
     intermediate = weight.shape[0] // 2
+    if any((stride * hidden.element_size()) % 16 for stride in (hidden.stride(0), weight.stride(0), intermediate)):
+        raise ValueError("gate_up_silu: row strides must be multiples of 16 bytes (tensor-memory descriptors)")
     output = torch.empty((rows, intermediate), dtype=hidden.dtype, device=hidden.device)
     if rows == 0:
         return output

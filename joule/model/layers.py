@@ -199,8 +199,10 @@ class MergedLinear(nn.Module):
         """A plain 16-bit weight on an sm_90+ GPU and a step long enough for the fused gate/up + SiLU GEMM."""
         if not (hidden.is_cuda and hidden.shape[0] >= FUSED_MIN_ROWS and not self.transposed and not self.packed
                 and self.bias is None and self.weight.dtype in (torch.bfloat16, torch.float16)
-                and hidden.dtype == self.weight.dtype and hidden.stride(-1) == 1):
-            return False
+                and hidden.dtype == self.weight.dtype and hidden.stride(-1) == 1
+                and hidden.data_ptr() % 16 == 0 and (hidden.stride(0) * hidden.element_size()) % 16 == 0
+                and hidden.shape[1] % 8 == 0 and (self.weight.shape[0] // 2) % 8 == 0):
+            return False  # tensor-memory descriptors need 16-byte aligned bases and row strides
         from joule.kernels.common import device_capability, interpreting
 
         return not interpreting() and device_capability(hidden.device) >= (9, 0)

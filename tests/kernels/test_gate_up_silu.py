@@ -29,7 +29,7 @@ def _unfused(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return silu_and_mul_reference(projected) if DEVICE == "cpu" else silu_and_mul(projected)
 
 
-@pytest.mark.parametrize("rows,hidden,intermediate", [(1, 32, 16), (37, 48, 40), (64, 64, 32), (70, 32, 56)])
+@pytest.mark.parametrize("rows,hidden,intermediate", [(1, 32, 16), (37, 48, 40), (64, 64, 32), (70, 32, 56), (5, 24, 8)])
 @pytest.mark.parametrize("persistent", [False, True])
 def test_fused_gate_up_silu_matches_the_unfused_rounding(rows, hidden, intermediate, persistent):
     x, weight = _operands(rows, hidden, intermediate, torch.bfloat16, seed=rows + intermediate)
@@ -57,6 +57,7 @@ def test_no_rows_gives_an_empty_output():
     (lambda x, w: (x.t(), w), "hidden must be"),
     (lambda x, w: (x, w[:-1]), "weight"),
     (lambda x, w: (x, w.float()), "dtype"),
+    (lambda x, w: (x, torch.cat([w[:12], w[16:28]])), "16 bytes"),  # I = 12: 24-byte output rows
 ])
 def test_bad_operands_are_named(change, message):
     x, weight = _operands(8, 32, 16, torch.bfloat16, seed=2)
