@@ -137,6 +137,7 @@ def workload_three() -> list[dict]:
     rows = []
     batch, context = 256, 576
     variants = [({}, False), ({"heads_first": True}, False), ({}, True), ({"heads_first": True}, True)]
+    variants += [({"splits": splits}, False) for splits in (2, 3, 4)]  # shorter programs: more, fuller waves
     variants += [(dict(block_n=block_n, num_warps=warps, num_stages=stages), False)
                  for block_n, warps, stages in itertools.product((64, 128, 256), (4, 8), (2, 3, 4))]
     reference = None
@@ -145,9 +146,11 @@ def workload_three() -> list[dict]:
                                                            head_major=head_major)
         kv_bytes = 2 * batch * context * 8 * 64 * keys.element_size()
         output = torch.empty_like(query)
+        kernel_launch = {key: value for key, value in launch.items() if key != "splits"}
         try:
             milliseconds = graph_ms(lambda: paged_decode_attention(
-                query, keys, values, tables, lengths, context, 64**-0.5, num_splits=1, output=output, launch=launch))
+                query, keys, values, tables, lengths, context, 64**-0.5, num_splits=launch.get("splits", 1),
+                output=output, launch=kernel_launch, min_split_tokens=MIN_SPLIT_TOKENS))
         except Exception as error:  # e.g. out of shared memory
             print(f"w3: {launch} head_major={head_major}: {type(error).__name__}", flush=True)
             continue

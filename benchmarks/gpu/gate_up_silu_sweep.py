@@ -1,6 +1,6 @@
 """The fused gate/up + SiLU GEMM (TMA descriptors) against cuBLAS + ``silu_and_mul``, graph-timed (~1 minute).
 
-Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/gate_up_silu_sweep.py [out.json]
+Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/gate_up_silu_sweep.py [out.json [ROWS,...]]
 Llama-3.2-1B's MLP (hidden 2048, intermediate 8192), bf16, 16 distinct weights called in turn (from DRAM, as in the
 engine), at a prompt step's 8,192 rows, a mixed step's 8,432, 2,048 and a decode step's 256. For each shape: the
 engine's path (cuBLAS GEMM, then ``silu_and_mul``), the GEMM alone, and every tile of ``TILES`` with its largest
@@ -39,7 +39,8 @@ def main() -> None:
     weights = [torch.randn(2 * INTERMEDIATE, HIDDEN, device=device, dtype=torch.bfloat16) * 0.02
                for _ in range(COPIES)]
     results = []
-    for rows in (8192, 8432, 2048, 256):
+    rows_to_time = [int(value) for value in sys.argv[2].split(",")] if len(sys.argv) > 2 else [8192, 8432, 2048, 256]
+    for rows in rows_to_time:
         hidden = torch.randn(rows, HIDDEN, device=device, dtype=torch.bfloat16)
         flops = 2 * rows * HIDDEN * 2 * INTERMEDIATE
         expected = silu_and_mul(F.linear(hidden, weights[0])).float()

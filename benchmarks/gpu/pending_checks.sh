@@ -28,8 +28,12 @@
 #   fusedmlp: the TMA-fed fused gate/up + SiLU GEMM (joule/kernels/gate_up_silu.py, 2026-12-06 (j)): its tests on the
 #          GPU, its tiles against cuBLAS + silu_and_mul (gate_up_silu_sweep.py), then workloads 3 and 2 with the best
 #          tile at 8,192 rows (JOULE_FUSED_GATE_UP=0,TILE; bs1_ab.py, two rounds / one round) (~6 minutes, not in "all").
+#   decoderows: what a workload-3 decode step could still take (2026-12-06 (j)): the fused gate/up + SiLU GEMM's tiles
+#          at 16-256 rows against cuBLAS + silu_and_mul (gate_up_silu_sweep.py; the engine uses it from 1,024 rows),
+#          and decode attention at 256 x 576 tokens with 2-4 splits beside the launches (decode_sweep.py --w3)
+#          (~2 minutes, not in "all").
 # Usage (repository root, joule importable): OUT=/some/dir bash benchmarks/gpu/pending_checks.sh PART... (fused, fair,
-# w3, perf, next, bench, pdl, splits, trigger, chain, blas, feed, fusedmlp; "all" is fused fair w3, more than one call's 10
+# w3, perf, next, bench, pdl, splits, trigger, chain, blas, feed, fusedmlp, decoderows; "all" is fused fair w3, more than one call's 10
 # minutes)
 # Every step has its own timeout, so one that hangs leaves the others their time; big JSON is gzipped.
 # DRY=1 prints the commands instead of running them.
@@ -38,7 +42,7 @@ RUN=""
 [[ ${DRY:-0} == 1 ]] && RUN="echo"
 OUT=${OUT:?set OUT to a directory for the results}
 WHAT=" ${*:-all} "
-NOT_IN_ALL=" perf next bench pdl splits trigger chain blas feed fusedmlp "
+NOT_IN_ALL=" perf next bench pdl splits trigger chain blas feed fusedmlp decoderows "
 wants() { [[ $WHAT == *" all "* && $NOT_IN_ALL != *" $1 "* ]] || [[ $WHAT == *" $1 "* ]]; }
 MODEL=benchmarks/configs/llama-3.2-1b
 mkdir -p "$OUT"
@@ -142,6 +146,14 @@ print(rows[0]['best'] if rows else '1')" "$OUT/gate_up_silu.json" 2>/dev/null ||
   echo "w3 fused gate/up A/B: exit $?"; tail -4 "$OUT/w3_fused.log"
   $RUN timeout 120 python benchmarks/gpu/bs1_ab.py "$OUT/w2_fused" 1 --w2 "JOULE_FUSED_GATE_UP=0,$TILE" > "$OUT/w2_fused.log" 2>&1
   echo "w2 fused gate/up A/B: exit $?"; tail -3 "$OUT/w2_fused.log"
+fi
+
+if wants decoderows; then
+  $RUN timeout 100 python benchmarks/gpu/gate_up_silu_sweep.py "$OUT/gate_up_decode.json" 16,64,128,256 \
+    > "$OUT/gate_up_decode.log" 2>&1
+  echo "fused gate/up at decode rows: exit $?"; grep -E "^gate_up" "$OUT/gate_up_decode.log"
+  $RUN timeout 120 python benchmarks/gpu/decode_sweep.py --w3 "$OUT/decode_w3.json" > "$OUT/decode_w3.log" 2>&1
+  echo "decode w3 sweep: exit $?"; grep "^w3" "$OUT/decode_w3.log" | head -8
 fi
 
 if wants bench; then

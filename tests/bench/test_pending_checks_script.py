@@ -101,3 +101,10 @@ def test_fusedmlp_tests_sweeps_then_runs_workloads_three_and_two_with_the_best_t
     # no sweep results in a dry run: the default tile ("1")
     assert f"bs1_ab.py {tmp_path}/w3_fused 2 --w3 JOULE_FUSED_GATE_UP=0,1" in (tmp_path / "w3_fused.log").read_text()
     assert f"bs1_ab.py {tmp_path}/w2_fused 1 --w2 JOULE_FUSED_GATE_UP=0,1" in (tmp_path / "w2_fused.log").read_text()
+
+
+def test_decoderows_sweeps_the_fused_gemm_at_decode_rows_and_the_w3_decode_step(tmp_path):
+    assert _dry_run(tmp_path, "decoderows") == ["fused gate/up at decode rows", "decode w3 sweep"]
+    assert (f"gate_up_silu_sweep.py {tmp_path}/gate_up_decode.json 16,64,128,256"
+            in (tmp_path / "gate_up_decode.log").read_text())
+    assert f"decode_sweep.py --w3 {tmp_path}/decode_w3.json" in (tmp_path / "decode_w3.log").read_text()
