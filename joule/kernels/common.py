@@ -81,6 +81,19 @@ def gemv_l2_prefetch_lines(use_pdl: bool, in_features: int, element_bytes: int) 
     return next_power_of_2(-(-in_features * element_bytes // 128))
 
 
+def processor_count(device: torch.device) -> int:
+    """The GPU's streaming multiprocessors (cached: kernels size their grids by it every launch); 4 off CUDA, where
+    the interpreter runs a kernel's programs one after another."""
+    if device.type != "cuda":
+        return 4
+    return _processor_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _processor_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def device_capability(device: torch.device) -> tuple[int, int]:
     """The CUDA device's compute capability (cached: the query is a driver call)."""
     return _capability(device.index if device.index is not None else torch.cuda.current_device())

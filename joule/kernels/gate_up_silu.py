@@ -4,8 +4,9 @@ Why: a ~8k-token prompt step's layer on the H100 spends ~137 us in SiLU-and-mul 
 (~790 us), reading the GEMM's [T, 2I] output back from DRAM and writing [T, I] (docs/benchmarks.md, 2026-12-05 (f)):
 ~4.6 % of workload 3. A first fused GEMM with pointer loads lost 8.4 % end to end (2026-12-06 (h)): it ran far
 below cuBLAS. This one loads its tiles through tensor-memory-accelerator descriptors (asynchronous bulk copies on
-sm_90, the path Triton's fast Hopper GEMMs take) and can run persistently; off in the engine until measured
-(``benchmarks/gpu/gate_up_silu_sweep.py``); the tiles and the switch are in ``gate_up_config``.
+sm_90, the path Triton's fast Hopper GEMMs take) and can run persistently: on the H100 it beat cuBLAS + SiLU-and-mul
+at 2k-8k rows (``benchmarks/gpu/gate_up_silu_sweep.py``, 2026-12-06 (j)); the tiles and the switch are in
+``gate_up_config``.
 How: each tile of the [T, I] output takes the gate rows ``n`` and the up rows ``I + n`` of the merged [2I, K] weight
 (the engine's layout) into two float32 accumulators; the projections are rounded to the activation dtype before the
 SiLU, as the unfused path rounds them; tiles are walked GROUP_M row blocks per column block so neighbours share
@@ -18,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from joule.kernels.common import cdiv, dot_precision, interpreting
+from joule.kernels.common import cdiv, dot_precision, interpreting, processor_count
 from joule.kernels.gate_up_config import GateUpTile
 
 
@@ -78,9 +79,7 @@ def gate_up_silu(hidden: torch.Tensor, weight: torch.Tensor, tile: GateUpTile | 
         return output
     tile = tile or GateUpTile()
     tiles = cdiv(rows, tile.block_m) * cdiv(intermediate, tile.block_n)
-    programs = tiles
-    if tile.persistent and hidden.is_cuda:
-        programs = min(tiles, torch.cuda.get_device_properties(hidden.device).multi_processor_count)
+    programs = min(tiles, processor_count(hidden.device)) if tile.persistent else tiles
     _gate_up_silu_kernel[(programs,)](
         TensorDescriptor.from_tensor(hidden, [tile.block_m, tile.block_k]),
         TensorDescriptor.from_tensor(weight, [tile.block_n, tile.block_k]),

@@ -19,7 +19,6 @@ weight tiles load while the previous kernel finishes.
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 
@@ -33,6 +32,7 @@ from joule.kernels.common import (
     next_power_of_2,
     pdl_launch,
     prefetch_l2,
+    processor_count,
     wait_for_previous_grid,
 )
 
@@ -239,7 +239,7 @@ def gemv(
     if gated and out_features % 2:
         raise ValueError(f"gemv: gated needs an even number of weight rows (gate over up), got {out_features}")
     if config is None:
-        config = gemv_config(out_features, in_features, _num_sms(x.device), gated)
+        config = gemv_config(out_features, in_features, processor_count(x.device), gated)
     prefetch_tiles = head_tiles(config.prefetch_tiles, config.block_k, in_features, config.block_n)
     outputs = out_features // 2 if gated else out_features
     block_n = max(1, config.block_n // 2) if gated else config.block_n  # the same bytes per program
@@ -290,12 +290,3 @@ def check_norm_inputs(caller: str, x: torch.Tensor, norm_weight: torch.Tensor | 
                          f"{tuple(norm_weight.shape)} {norm_weight.dtype}")
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return _processor_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _processor_count(index: int) -> int:  # eager batch-1 steps ask once per projection
-    return torch.cuda.get_device_properties(index).multi_processor_count

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from joule.kernels.gate_up_config import FUSED_MIN_ROWS, fused_gate_up_tile
+from joule.kernels.gate_up_config import FUSED_MIN_ROWS, GateUpTile, fused_gate_up_tile
 from joule.model.config import ModelConfig
 
 
@@ -228,16 +228,16 @@ class MergedLinear(nn.Module):
 
 def norm_then_project(
     projection: MergedLinear, norm: RMSNorm, hidden: torch.Tensor, residual: torch.Tensor | None,
-    gated: bool = False, fused_tile=None,
+    gated: bool = False, fused_tile: GateUpTile | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``projection(norm(hidden [+ residual]))`` and the new residual (``hidden`` itself when none was given);
     ``gated``: SwiGLU's ``silu(gate) * up`` of the output's halves.
 
     On one CUDA row the norm and the activation run inside the Triton GEMV: a batch-1 decode step saves
-    three launches a layer. Elsewhere: the norm, the GEMM and the activation one after another (a Triton GEMM
-    with the activation in its epilogue lost 8.4 % on workload 3 against cuBLAS + ``silu_and_mul``, H100, 2026-12-06).
-    ``fused_tile`` (a ``GateUpTile``, from ``JOULE_FUSED_GATE_UP``): gated steps of ``FUSED_MIN_ROWS`` rows or more
-    on sm_90+ run the TMA-fed fused GEMM (``joule.kernels.gate_up_silu``) instead, measured faster there.
+    three launches a layer. Elsewhere: the norm, the GEMM and the activation one after another, except that with
+    ``fused_tile`` (``JOULE_FUSED_GATE_UP``'s, on by default) gated steps of ``FUSED_MIN_ROWS`` rows or more on sm_90+
+    run the GEMM with the activation inside (``joule.kernels.gate_up_silu``; faster than cuBLAS + ``silu_and_mul``
+    there on the H100, 2026-12-06 (j), where a pointer-loaded version had lost 8.4 % on workload 3 in (h)).
     """
     if projection.runs_row_gemv(hidden) and norm.weight.dtype == hidden.dtype:
         from joule.kernels.gemv import gemv
@@ -276,7 +276,8 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
         self.gate_up_proj: MergedLinear | None = None
-        self.fused_tile = None  # the fused gate/up + SiLU GEMM's tile (JOULE_FUSED_GATE_UP), set when merged
+        # The fused gate/up + SiLU GEMM's tile (JOULE_FUSED_GATE_UP), set when the projections are merged.
+        self.fused_tile: GateUpTile | None = None
 
     def merge_projections(self, transpose_weight: bool) -> None:
         """Replace gate/up by one GEMM (after the checkpoint is loaded by its names)."""
