@@ -32,8 +32,11 @@
 #          at 16-256 rows against cuBLAS + silu_and_mul (gate_up_silu_sweep.py; the engine uses it from 1,024 rows),
 #          and decode attention at 256 x 576 tokens with 2-4 splits beside the launches (decode_sweep.py --w3)
 #          (~2 minutes, not in "all").
+#   overlap: a workload-3 decode step and a prompt chunk of 512-4,096 rows replayed on two streams at once against
+#          one after the other (overlap_probe.py): whether spreading prompts over decode steps could pay (~1 minute,
+#          not in "all").
 # Usage (repository root, joule importable): OUT=/some/dir bash benchmarks/gpu/pending_checks.sh PART... (fused, fair,
-# w3, perf, next, bench, pdl, splits, trigger, chain, blas, feed, fusedmlp, decoderows; "all" is fused fair w3, more than one call's 10
+# w3, perf, next, bench, pdl, splits, trigger, chain, blas, feed, fusedmlp, decoderows, overlap; "all" is fused fair w3, more than one call's 10
 # minutes)
 # Every step has its own timeout, so one that hangs leaves the others their time; big JSON is gzipped.
 # DRY=1 prints the commands instead of running them.
@@ -42,7 +45,7 @@ RUN=""
 [[ ${DRY:-0} == 1 ]] && RUN="echo"
 OUT=${OUT:?set OUT to a directory for the results}
 WHAT=" ${*:-all} "
-NOT_IN_ALL=" perf next bench pdl splits trigger chain blas feed fusedmlp decoderows "
+NOT_IN_ALL=" perf next bench pdl splits trigger chain blas feed fusedmlp decoderows overlap "
 wants() { [[ $WHAT == *" all "* && $NOT_IN_ALL != *" $1 "* ]] || [[ $WHAT == *" $1 "* ]]; }
 MODEL=benchmarks/configs/llama-3.2-1b
 mkdir -p "$OUT"
@@ -154,6 +157,11 @@ if wants decoderows; then
   echo "fused gate/up at decode rows: exit $?"; grep -E "^gate_up" "$OUT/gate_up_decode.log"
   $RUN timeout 120 python benchmarks/gpu/decode_sweep.py --w3 "$OUT/decode_w3.json" > "$OUT/decode_w3.log" 2>&1
   echo "decode w3 sweep: exit $?"; grep "^w3" "$OUT/decode_w3.log" | head -8
+fi
+
+if wants overlap; then
+  $RUN timeout 150 python benchmarks/gpu/overlap_probe.py "$OUT/overlap_probe.json" > "$OUT/overlap_probe.log" 2>&1
+  echo "overlap probe: exit $?"; grep -E "^(decode|prompt)" "$OUT/overlap_probe.log"
 fi
 
 if wants bench; then

@@ -108,3 +108,8 @@ def test_decoderows_sweeps_the_fused_gemm_at_decode_rows_and_the_w3_decode_step(
     assert (f"gate_up_silu_sweep.py {tmp_path}/gate_up_decode.json 16,64,128,256"
             in (tmp_path / "gate_up_decode.log").read_text())
     assert f"decode_sweep.py --w3 {tmp_path}/decode_w3.json" in (tmp_path / "decode_w3.log").read_text()
+
+
+def test_overlap_runs_the_two_stream_probe(tmp_path):
+    assert _dry_run(tmp_path, "overlap") == ["overlap probe"]
+    assert f"overlap_probe.py {tmp_path}/overlap_probe.json" in (tmp_path / "overlap_probe.log").read_text()

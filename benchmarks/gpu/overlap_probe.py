@@ -1,0 +1,140 @@
+"""Do a decode step and a prompt chunk overlap when replayed on two CUDA streams? (one GPU call, ~1 minute)
+
+Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/overlap_probe.py [out.json]
+Why: workload 3's decode steps are memory-bound (attention at ~2.7 TB/s, tensor cores idle) and its prompt steps
+compute-bound (GEMMs at ~690 TFLOP/s); run one after the other they add up (docs/benchmarks.md (j): ~81 % of a
+rough floor). If the GPU runs a decode step beside a prompt chunk of other requests at close to the slower of the
+two, a scheduler that spreads the prompts over the decode steps could take up to ~30 % off the run; if the
+kernels only time-slice, it cannot. This measures that before any engine change.
+What: Llama-3.2-1B's 16 layers with one set of weights (shared by both, as in one engine): a decode step of 256 rows
+(q/k/v, attention over 576 cached tokens each, o, gate/up + SiLU, down; cuBLAS and the engine's kernels) and a
+prompt chunk of N rows (the same GEMMs and prefill attention over its own N tokens), each captured in a CUDA graph,
+timed alone and both replayed at once on two streams. Prints alone / together / their sum and max, and the overlap
+(the share of the shorter one hidden).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from joule.kernels.activation import silu_and_mul
+from joule.kernels.paged_decode import paged_decode_attention
+from joule.kernels.paged_prefill import build_tiles, paged_prefill_attention, rows_per_tile
+from joule.runtime.attention.base import KVCache
+
+LAYERS, HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM = 16, 2048, 8192, 32, 8, 64
+DECODE_ROWS, CONTEXT, BLOCK = 256, 576, 16
+
+
+def capture(function) -> torch.cuda.CUDAGraph:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        function()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        function()
+    return graph
+
+
+def timed(replays, streams, repeats: int = 7) -> float:
+    """Median ms for replaying every graph of ``replays`` on its stream, all started together."""
+    times = []
+    main = torch.cuda.current_stream()
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(main)
+        for graph, stream in zip(replays, streams):
+            stream.wait_event(start)
+            with torch.cuda.stream(stream):
+                graph.replay()
+        for stream in streams:
+            main.wait_stream(stream)
+        end.record(main)
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    out_path = sys.argv[1] if len(sys.argv) > 1 else None
+    device = torch.device("cuda")
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def weight(rows: int, columns: int) -> torch.Tensor:
+        return torch.randn(rows, columns, device=device, dtype=torch.bfloat16, generator=generator) * 0.02
+
+    qkv_rows = (HEADS + 2 * KV_HEADS) * HEAD_DIM
+    layers = [(weight(qkv_rows, HIDDEN), weight(HIDDEN, HEADS * HEAD_DIM), weight(2 * INTERMEDIATE, HIDDEN),
+               weight(HIDDEN, INTERMEDIATE)) for _ in range(LAYERS)]
+    blocks_each = -(-CONTEXT // BLOCK)
+    cache = KVCache.allocate(1, DECODE_ROWS * blocks_each + 2 * 8192 // BLOCK + 8, BLOCK, KV_HEADS, HEAD_DIM,
+                             torch.bfloat16, device)
+    keys, values = cache.key_caches[0], cache.value_caches[0]
+    keys.normal_(generator=generator)
+    values.normal_(generator=generator)
+    tables = torch.randperm(DECODE_ROWS * blocks_each, device=device, generator=generator).view(
+        DECODE_ROWS, blocks_each).to(torch.int32)
+    lengths = torch.full((DECODE_ROWS,), CONTEXT, dtype=torch.int32, device=device)
+    decode_in = torch.randn(DECODE_ROWS, HIDDEN, device=device, dtype=torch.bfloat16, generator=generator)
+
+    def layer(hidden, qkv_weight, o_weight, gate_up_weight, down_weight, attend):
+        qkv = F.linear(hidden, qkv_weight)
+        query = qkv[:, :HEADS * HEAD_DIM].reshape(-1, HEADS, HEAD_DIM)
+        attended = attend(query.contiguous())
+        hidden = F.linear(attended.reshape(-1, HEADS * HEAD_DIM), o_weight)
+        return F.linear(silu_and_mul(F.linear(hidden, gate_up_weight)), down_weight)
+
+    def decode_step():
+        hidden = decode_in
+        for weights in layers:
+            hidden = layer(hidden, *weights, lambda query: paged_decode_attention(
+                query, keys, values, tables, lengths, CONTEXT, HEAD_DIM**-0.5))
+
+    results = {"decode_rows": DECODE_ROWS, "context": CONTEXT, "chunks": []}
+    decode_graph = capture(decode_step)
+    stream_a, stream_b = torch.cuda.Stream(), torch.cuda.Stream()
+    decode_ms = timed([decode_graph], [stream_a])
+    results["decode_ms"] = decode_ms
+    print(f"decode step alone ({DECODE_ROWS} rows x {CONTEXT} tokens, 16 layers): {decode_ms:.3f} ms", flush=True)
+    first_free_block = DECODE_ROWS * blocks_each
+    for rows in (512, 1024, 2048, 4096):
+        prompt_in = torch.randn(rows, HIDDEN, device=device, dtype=torch.bfloat16, generator=generator)
+        prompt_blocks = -(-rows // BLOCK)
+        prompt_table = torch.arange(first_free_block, first_free_block + prompt_blocks, device=device,
+                                    dtype=torch.int32).view(1, -1)
+        starts = torch.tensor([0, rows], dtype=torch.int32, device=device)
+        prompt_lengths = torch.tensor([rows], dtype=torch.int32, device=device)
+        tiles = build_tiles([rows], [rows], rows_per_tile(HEADS // KV_HEADS, HEAD_DIM, torch.bfloat16), device)
+
+        def prompt_chunk(prompt_in=prompt_in, prompt_table=prompt_table, starts=starts, prompt_lengths=prompt_lengths,
+                         tiles=tiles):
+            hidden = prompt_in
+            for weights in layers:
+                hidden = layer(hidden, *weights, lambda query: paged_prefill_attention(
+                    query, keys, values, prompt_table, starts, prompt_lengths, HEAD_DIM**-0.5, tiles=tiles))
+
+        prompt_graph = capture(prompt_chunk)
+        prompt_ms = timed([prompt_graph], [stream_b])
+        together_ms = timed([decode_graph, prompt_graph], [stream_a, stream_b])
+        serial_ms = decode_ms + prompt_ms
+        hidden_share = (serial_ms - together_ms) / min(decode_ms, prompt_ms)
+        row = dict(prompt_rows=rows, prompt_ms=prompt_ms, together_ms=together_ms, serial_ms=serial_ms,
+                   max_ms=max(decode_ms, prompt_ms), overlap=hidden_share)
+        results["chunks"].append(row)
+        print(f"prompt chunk {rows:5d} rows: alone {prompt_ms:7.3f} ms; with the decode step on another stream "
+              f"{together_ms:7.3f} ms (serial {serial_ms:7.3f}, max {row['max_ms']:7.3f}): "
+              f"{100 * hidden_share:5.1f} % of the shorter hidden", flush=True)
+        del prompt_graph
+    if out_path:
+        with open(out_path, "w") as handle:
+            json.dump(results, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
