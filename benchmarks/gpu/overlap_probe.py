@@ -1,6 +1,6 @@
 """Do a decode step and a prompt chunk overlap when replayed on two CUDA streams? (one GPU call, ~1 minute)
 
-Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/overlap_probe.py [out.json]
+Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/overlap_probe.py [--partition] [out.json]
 Why: workload 3's decode steps are memory-bound (attention at ~2.7 TB/s, tensor cores idle) and its prompt steps
 compute-bound (GEMMs at ~690 TFLOP/s); run one after the other they add up (docs/benchmarks.md (j): ~81 % of a
 rough floor). If the GPU runs a decode step beside a prompt chunk of other requests at close to the slower of the
@@ -10,7 +10,10 @@ What: Llama-3.2-1B's 16 layers with one set of weights (shared by both, as in on
 (q/k/v, attention over 576 cached tokens each, o, gate/up + SiLU, down; cuBLAS and the engine's kernels) and a
 prompt chunk of N rows (the same GEMMs and prefill attention over its own N tokens), each captured in a CUDA graph,
 timed alone and both replayed at once on two streams. Prints alone / together / their sum and max, and the overlap
-(the share of the shorter one hidden).
+(the share of the shorter one hidden). Result (H100, 2026-12-06 (j)): 4-26 % hidden; the kernels take turns.
+``--partition``: whether leaving processors free helps: 16 layers' fused gate/up + SiLU GEMMs of a 1k-2k-row prompt
+chunk as persistent kernels of P programs (one an SM) beside 16 layers' decode attention of the 256-row step, P from
+all processors down to half.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from joule.kernels.activation import silu_and_mul
+from joule.kernels.common import processor_count
+from joule.kernels.gate_up_silu import gate_up_silu
 from joule.kernels.paged_decode import paged_decode_attention
 from joule.kernels.paged_prefill import build_tiles, paged_prefill_attention, rows_per_tile
 from joule.runtime.attention.base import KVCache
@@ -61,9 +66,60 @@ def timed(replays, streams, repeats: int = 7) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def partition_probe(device: torch.device) -> dict:
+    """Persistent fused gate/up GEMMs on P processors beside decode attention on the rest (see the module doc)."""
+    generator = torch.Generator(device=device).manual_seed(1)
+    weights = [torch.randn(2 * INTERMEDIATE, HIDDEN, device=device, dtype=torch.bfloat16, generator=generator) * 0.02
+               for _ in range(LAYERS)]
+    blocks_each = -(-CONTEXT // BLOCK)
+    cache = KVCache.allocate(1, DECODE_ROWS * blocks_each, BLOCK, KV_HEADS, HEAD_DIM, torch.bfloat16, device)
+    keys, values = cache.key_caches[0], cache.value_caches[0]
+    keys.normal_(generator=generator)
+    values.normal_(generator=generator)
+    tables = torch.randperm(DECODE_ROWS * blocks_each, device=device, generator=generator).view(
+        DECODE_ROWS, blocks_each).to(torch.int32)
+    lengths = torch.full((DECODE_ROWS,), CONTEXT, dtype=torch.int32, device=device)
+    query = torch.randn(DECODE_ROWS, HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16, generator=generator)
+
+    def attention():
+        for _ in range(LAYERS):
+            paged_decode_attention(query, keys, values, tables, lengths, CONTEXT, HEAD_DIM**-0.5)
+
+    attention_graph = capture(attention)
+    stream_a, stream_b = torch.cuda.Stream(), torch.cuda.Stream()
+    attention_ms = timed([attention_graph], [stream_b])
+    print(f"partition: decode attention alone (16 layers, {DECODE_ROWS} x {CONTEXT}): {attention_ms:.3f} ms",
+          flush=True)
+    processors = processor_count(device)
+    rows_out = []
+    for rows in (1024, 2048):
+        hidden = torch.randn(rows, HIDDEN, device=device, dtype=torch.bfloat16, generator=generator)
+        for programs in sorted({processors, processors * 7 // 8, processors * 3 // 4, processors * 5 // 8,
+                                processors // 2}, reverse=True):
+            gemm_graph = capture(lambda programs=programs: [gate_up_silu(hidden, weight, max_programs=programs)
+                                                            for weight in weights])
+            gemm_ms = timed([gemm_graph], [stream_a])
+            together_ms = timed([gemm_graph, attention_graph], [stream_a, stream_b])
+            hidden_share = (gemm_ms + attention_ms - together_ms) / min(gemm_ms, attention_ms)
+            rows_out.append(dict(rows=rows, programs=programs, gemm_ms=gemm_ms, attention_ms=attention_ms,
+                                 together_ms=together_ms, overlap=hidden_share))
+            print(f"partition: {rows:5d} rows, GEMMs on {programs:3d} programs: alone {gemm_ms:6.3f} ms, with the "
+                  f"attention {together_ms:6.3f} ms (serial {gemm_ms + attention_ms:6.3f}): "
+                  f"{100 * hidden_share:5.1f} % of the shorter hidden", flush=True)
+            del gemm_graph
+    return {"attention_ms": attention_ms, "rows": rows_out}
+
+
 def main() -> None:
-    out_path = sys.argv[1] if len(sys.argv) > 1 else None
+    arguments = [argument for argument in sys.argv[1:] if argument != "--partition"]
+    out_path = arguments[0] if arguments else None
     device = torch.device("cuda")
+    if "--partition" in sys.argv:
+        results = partition_probe(device)
+        if out_path:
+            with open(out_path, "w") as handle:
+                json.dump(results, handle, indent=1)
+        return
     generator = torch.Generator(device=device).manual_seed(0)
 
     def weight(rows: int, columns: int) -> torch.Tensor:

@@ -33,8 +33,8 @@
 #          and decode attention at 256 x 576 tokens with 2-4 splits beside the launches (decode_sweep.py --w3)
 #          (~2 minutes, not in "all").
 #   overlap: a workload-3 decode step and a prompt chunk of 512-4,096 rows replayed on two streams at once against
-#          one after the other (overlap_probe.py): whether spreading prompts over decode steps could pay (~1 minute,
-#          not in "all").
+#          one after the other (overlap_probe.py): whether spreading prompts over decode steps could pay; then the
+#          fused gate/up GEMMs on fewer processors beside decode attention (--partition) (~2 minutes, not in "all").
 # Usage (repository root, joule importable): OUT=/some/dir bash benchmarks/gpu/pending_checks.sh PART... (fused, fair,
 # w3, perf, next, bench, pdl, splits, trigger, chain, blas, feed, fusedmlp, decoderows, overlap; "all" is fused fair w3, more than one call's 10
 # minutes)
@@ -162,6 +162,9 @@ fi
 if wants overlap; then
   $RUN timeout 150 python benchmarks/gpu/overlap_probe.py "$OUT/overlap_probe.json" > "$OUT/overlap_probe.log" 2>&1
   echo "overlap probe: exit $?"; grep -E "^(decode|prompt)" "$OUT/overlap_probe.log"
+  $RUN timeout 150 python benchmarks/gpu/overlap_probe.py --partition "$OUT/overlap_partition.json" \
+    > "$OUT/overlap_partition.log" 2>&1
+  echo "overlap partition probe: exit $?"; grep -E "^partition" "$OUT/overlap_partition.log"
 fi
 
 if wants bench; then

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from joule.kernels.common import cdiv, dot_precision, interpreting, processor_count
-from joule.kernels.gate_up_config import GateUpTile
+from joule.kernels.gate_up_config import DEFAULT_TILE, GateUpTile
 
 
 ELEMENT_TYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
@@ -58,8 +58,12 @@ def _gate_up_silu_kernel(x_descriptor, weight_descriptor, output_descriptor, row
         output_descriptor.store([row, column], (gate_value / (1.0 + tl.exp(-gate_value)) * up_value).to(ELEMENT))
 
 
-def gate_up_silu(hidden: torch.Tensor, weight: torch.Tensor, tile: GateUpTile | None = None) -> torch.Tensor:
-    """``silu(hidden @ weight[:I].T) * (hidden @ weight[I:].T)`` for a merged ``[2I, K]`` weight, ``[T, I]``."""
+def gate_up_silu(hidden: torch.Tensor, weight: torch.Tensor, tile: GateUpTile | None = None,
+                 max_programs: int | None = None) -> torch.Tensor:
+    """``silu(hidden @ weight[:I].T) * (hidden @ weight[I:].T)`` for a merged ``[2I, K]`` weight, ``[T, I]``.
+
+    ``max_programs``: a persistent tile's programs (default one per processor); fewer leave processors free for a
+    kernel running beside it on another stream (``benchmarks/gpu/overlap_probe.py --partition``)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     if hidden.dim() != 2 or hidden.stride(1) != 1:
@@ -77,9 +81,11 @@ def gate_up_silu(hidden: torch.Tensor, weight: torch.Tensor, tile: GateUpTile | 
     output = torch.empty((rows, intermediate), dtype=hidden.dtype, device=hidden.device)
     if rows == 0:
         return output
-    tile = tile or GateUpTile()
+    if max_programs is not None and max_programs < 1:
+        raise ValueError(f"gate_up_silu: max_programs must be at least 1, got {max_programs}")
+    tile = tile or DEFAULT_TILE
     tiles = cdiv(rows, tile.block_m) * cdiv(intermediate, tile.block_n)
-    programs = min(tiles, processor_count(hidden.device)) if tile.persistent else tiles
+    programs = min(tiles, max_programs or processor_count(hidden.device)) if tile.persistent else tiles
     _gate_up_silu_kernel[(programs,)](
         TensorDescriptor.from_tensor(hidden, [tile.block_m, tile.block_k]),
         TensorDescriptor.from_tensor(weight, [tile.block_n, tile.block_k]),

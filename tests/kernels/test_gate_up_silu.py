@@ -48,6 +48,16 @@ def test_fused_gate_up_silu_in_float32_matches_closely():
                                rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("max_programs", [1, 3])
+def test_fewer_persistent_programs_walk_every_tile(max_programs):
+    x, weight = _operands(50, 32, 40, torch.bfloat16, seed=13)  # 4 x 3 tiles of 16 x 16
+    tile = GateUpTile(**{**SMALL.__dict__, "persistent": True})
+    torch.testing.assert_close(gate_up_silu(x, weight, tile, max_programs=max_programs).float(),
+                               _unfused(x, weight).float(), rtol=2e-2, atol=2e-2)
+    with pytest.raises(ValueError, match="max_programs"):
+        gate_up_silu(x, weight, tile, max_programs=0)
+
+
 def test_no_rows_gives_an_empty_output():
     x, weight = _operands(0, 32, 16, torch.bfloat16, seed=1)
     assert gate_up_silu(x, weight, SMALL).shape == (0, 16)
