@@ -36,6 +36,18 @@ def test_generate_batch_produces_every_requested_token(config_only_model):
     assert result["output_tok_per_s"] > 0
 
 
+@pytest.mark.slow
+def test_generate_batch_repeats_report_the_median_run(config_only_model):
+    requests = fixed_length_workload(2, 8, 3, 500, seed=4)
+    result = run_transformers_generate_batch(config_only_model, requests, torch.float32, torch.device("cpu"),
+                                             repeats=3)
+    runs = result["runs_tok_per_s"]
+    assert len(runs) == 3 and result["output_tokens"] == 6
+    assert result["output_tok_per_s"] == sorted(runs)[1]
+    with pytest.raises(ValueError, match="repeats"):
+        run_transformers_generate_batch(config_only_model, requests, torch.float32, torch.device("cpu"), repeats=0)
+
+
 def test_generate_batch_needs_one_output_length(config_only_model):
     requests = fixed_length_workload(2, 8, 4, 500, seed=0) + fixed_length_workload(1, 8, 6, 500, seed=1)
     with pytest.raises(ValueError, match="one output length"):
