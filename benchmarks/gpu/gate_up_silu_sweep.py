@@ -1,10 +1,13 @@
 """The fused gate/up + SiLU GEMM (TMA descriptors) against cuBLAS + ``silu_and_mul``, graph-timed (~1 minute).
 
-Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/gate_up_silu_sweep.py [out.json [ROWS,...]]
+Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/gate_up_silu_sweep.py [--plain] [out.json [ROWS,...]]
 Llama-3.2-1B's MLP (hidden 2048, intermediate 8192), bf16, 16 distinct weights called in turn (from DRAM, as in the
 engine), at a prompt step's 8,192 rows, a mixed step's 8,432, 2,048 and a decode step's 256. For each shape: the
 engine's path (cuBLAS GEMM, then ``silu_and_mul``), the GEMM alone, and every tile of ``TILES`` with its largest
 difference to the engine's path. The last line per shape names the best tile as ``JOULE_FUSED_GATE_UP`` takes it.
+``--plain``: the other projections (q/k/v, o, down) through ``tma_linear`` against cuBLAS, at 8,192 and 256 rows:
+whether a persistent TMA GEMM could stand in for cuBLAS everywhere (what running prompt chunks on part of the
+processors would need).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from gemv_sweep import timed_graph  # noqa: E402
 
 from joule.kernels.activation import silu_and_mul  # noqa: E402
 from joule.kernels.gate_up_config import GateUpTile, tile_setting  # noqa: E402
-from joule.kernels.gate_up_silu import gate_up_silu  # noqa: E402
+from joule.kernels.gate_up_silu import gate_up_silu, tma_linear  # noqa: E402
 
 COPIES = 16
 HIDDEN, INTERMEDIATE = 2048, 8192
@@ -33,13 +36,54 @@ TILES = [GateUpTile(128, 128, 64, 8, 3, 8, False), GateUpTile(128, 128, 64, 8, 4
          GateUpTile(256, 64, 64, 8, 3, 8, False), GateUpTile(64, 64, 64, 4, 4, 8, False)]
 
 
+PLAIN = {"qkv": (3072, HIDDEN), "o": (HIDDEN, HIDDEN), "down": (HIDDEN, INTERMEDIATE)}
+
+
+def plain_sweep(device: torch.device, rows_to_time: list[int]) -> list[dict]:
+    """Each projection without an epilogue: cuBLAS against ``tma_linear`` with every tile of ``TILES``."""
+    results = []
+    for name, (out_features, in_features) in PLAIN.items():
+        weights = [torch.randn(out_features, in_features, device=device, dtype=torch.bfloat16) * 0.02
+                   for _ in range(COPIES)]
+        for rows in rows_to_time:
+            hidden = torch.randn(rows, in_features, device=device, dtype=torch.bfloat16)
+            expected = F.linear(hidden, weights[0]).float()
+            cublas_us = 1e6 * timed_graph(lambda index: F.linear(hidden, weights[index]), COPIES)
+            row = dict(projection=name, rows=rows, cublas_us=cublas_us, tiles={})
+            for tile in TILES:
+                try:
+                    difference = (tma_linear(hidden, weights[0], tile).float() - expected).abs().max().item()
+                    micros = 1e6 * timed_graph(lambda index, tile=tile: tma_linear(hidden, weights[index], tile),
+                                               COPIES)
+                except Exception as failure:  # noqa: BLE001 - a tile the compiler or the GPU rejects
+                    print(f"  {name} {rows} {tile_setting(tile)}: {failure!r}"[:200], flush=True)
+                    continue
+                row["tiles"][tile_setting(tile)] = {"us": micros, "max_difference": difference}
+            if row["tiles"]:
+                best = min(row["tiles"], key=lambda key: row["tiles"][key]["us"])
+                row["best"] = best
+                print(f"plain {name:4s} {rows:5d}: cuBLAS {cublas_us:7.1f} us, best TMA {best} "
+                      f"{row['tiles'][best]['us']:7.1f} us ({100 * (row['tiles'][best]['us'] / cublas_us - 1):+.1f} %)"
+                      f", max|diff| {row['tiles'][best]['max_difference']:.4f}", flush=True)
+            results.append(row)
+    return results
+
+
 def main() -> None:
-    out_path = sys.argv[1] if len(sys.argv) > 1 else None
+    arguments = [argument for argument in sys.argv[1:] if argument != "--plain"]
+    out_path = arguments[0] if arguments else None
     device = torch.device("cuda")
+    if "--plain" in sys.argv:
+        rows = [int(value) for value in arguments[1].split(",")] if len(arguments) > 1 else [8192, 256]
+        results = plain_sweep(device, rows)
+        if out_path:
+            with open(out_path, "w") as handle:
+                json.dump(results, handle, indent=1)
+        return
     weights = [torch.randn(2 * INTERMEDIATE, HIDDEN, device=device, dtype=torch.bfloat16) * 0.02
                for _ in range(COPIES)]
     results = []
-    rows_to_time = [int(value) for value in sys.argv[2].split(",")] if len(sys.argv) > 2 else [8192, 8432, 2048, 256]
+    rows_to_time = [int(value) for value in arguments[1].split(",")] if len(arguments) > 1 else [8192, 8432, 2048, 256]
     for rows in rows_to_time:
         hidden = torch.randn(rows, HIDDEN, device=device, dtype=torch.bfloat16)
         flops = 2 * rows * HIDDEN * 2 * INTERMEDIATE
@@ -62,7 +106,8 @@ def main() -> None:
         if row["tiles"]:
             best = min(row["tiles"], key=lambda name: row["tiles"][name]["us"])
             row["best"] = best
-            print(f"gate_up {rows:5d} best {best} {row['tiles'][best]['us']:.1f} us against {engine_us:.1f}", flush=True)
+            print(f"gate_up {rows:5d} best {best} {row['tiles'][best]['us']:.1f} us against {engine_us:.1f}",
+                  flush=True)
         results.append(row)
     if out_path:
         with open(out_path, "w") as handle:

@@ -34,7 +34,8 @@
 #          (~2 minutes, not in "all").
 #   overlap: a workload-3 decode step and a prompt chunk of 512-4,096 rows replayed on two streams at once against
 #          one after the other (overlap_probe.py): whether spreading prompts over decode steps could pay; then the
-#          fused gate/up GEMMs on fewer processors beside decode attention (--partition) (~2 minutes, not in "all").
+#          fused gate/up GEMMs on fewer processors beside decode attention (--partition), and the other projections
+#          through the plain TMA GEMM against cuBLAS (gate_up_silu_sweep.py --plain) (~3 minutes, not in "all").
 # Usage (repository root, joule importable): OUT=/some/dir bash benchmarks/gpu/pending_checks.sh PART... (fused, fair,
 # w3, perf, next, bench, pdl, splits, trigger, chain, blas, feed, fusedmlp, decoderows, overlap; "all" is fused fair w3, more than one call's 10
 # minutes)
@@ -165,6 +166,8 @@ if wants overlap; then
   $RUN timeout 150 python benchmarks/gpu/overlap_probe.py --partition "$OUT/overlap_partition.json" \
     > "$OUT/overlap_partition.log" 2>&1
   echo "overlap partition probe: exit $?"; grep -E "^partition" "$OUT/overlap_partition.log"
+  $RUN timeout 120 python benchmarks/gpu/gate_up_silu_sweep.py --plain "$OUT/tma_linear.json" > "$OUT/tma_linear.log" 2>&1
+  echo "plain TMA GEMM sweep: exit $?"; grep -E "^plain" "$OUT/tma_linear.log"
 fi
 
 if wants bench; then

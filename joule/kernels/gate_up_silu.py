@@ -26,6 +26,16 @@ from joule.kernels.gate_up_config import DEFAULT_TILE, GateUpTile
 ELEMENT_TYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
+@triton.jit
+def _tile_origin(tile, row_blocks, column_blocks, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 GROUP_M: tl.constexpr):
+    """First row and column of output tile ``tile``, walked GROUP_M row blocks per column block."""
+    per_group = GROUP_M * column_blocks
+    first_row_block = (tile // per_group) * GROUP_M
+    group_rows = tl.minimum(row_blocks - first_row_block, GROUP_M)
+    return (first_row_block + (tile % per_group) % group_rows) * BLOCK_M, ((tile % per_group) // group_rows) * BLOCK_N
+
+
 # One binary for every step length: a new rows % 16 pattern would be a ~2 s compile inside a step.
 @triton.jit(do_not_specialize=["rows", "num_programs"])
 def _gate_up_silu_kernel(x_descriptor, weight_descriptor, output_descriptor, rows, intermediate, hidden,
@@ -34,12 +44,8 @@ def _gate_up_silu_kernel(x_descriptor, weight_descriptor, output_descriptor, row
                          UPCAST: tl.constexpr):
     row_blocks = tl.cdiv(rows, BLOCK_M)
     column_blocks = tl.cdiv(intermediate, BLOCK_N)
-    per_group = GROUP_M * column_blocks
     for tile in tl.range(tl.program_id(0), row_blocks * column_blocks, num_programs):
-        first_row_block = (tile // per_group) * GROUP_M
-        group_rows = tl.minimum(row_blocks - first_row_block, GROUP_M)
-        row = (first_row_block + (tile % per_group) % group_rows) * BLOCK_M
-        column = ((tile % per_group) // group_rows) * BLOCK_N
+        row, column = _tile_origin(tile, row_blocks, column_blocks, BLOCK_M, BLOCK_N, GROUP_M)
         gate_sum = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         up_sum = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for inner in range(0, hidden, BLOCK_K):
@@ -58,6 +64,33 @@ def _gate_up_silu_kernel(x_descriptor, weight_descriptor, output_descriptor, row
         output_descriptor.store([row, column], (gate_value / (1.0 + tl.exp(-gate_value)) * up_value).to(ELEMENT))
 
 
+def _check_operands(hidden: torch.Tensor, weight: torch.Tensor, caller: str, gated: bool) -> tuple[int, int]:
+    """Rows and output columns; a bad operand raises, named. ``gated``: a merged [2I, K] gate/up weight."""
+    if hidden.dim() != 2 or hidden.stride(1) != 1:
+        raise ValueError(f"{caller}: hidden must be [T, K] with contiguous rows, got {tuple(hidden.shape)}")
+    rows, hidden_size = hidden.shape
+    if (weight.dim() != 2 or weight.shape[1] != hidden_size or weight.stride(1) != 1
+            or (gated and weight.shape[0] % 2)):
+        layout = "[2I, K] (gate rows over up rows)" if gated else "[N, K]"
+        raise ValueError(f"{caller}: weight {tuple(weight.shape)} must be {layout} with K = {hidden_size} and "
+                         "contiguous rows")
+    if weight.dtype != hidden.dtype or hidden.dtype not in ELEMENT_TYPES:
+        raise ValueError(f"{caller}: weight dtype {weight.dtype} and hidden's {hidden.dtype} must be one of "
+                         "bfloat16, float16, float32, alike")
+    columns = weight.shape[0] // 2 if gated else weight.shape[0]
+    if any((stride * hidden.element_size()) % 16 for stride in (hidden.stride(0), weight.stride(0), columns)):
+        raise ValueError(f"{caller}: row strides must be multiples of 16 bytes (tensor-memory descriptors)")
+    return rows, columns
+
+
+def _programs(rows: int, columns: int, tile: GateUpTile, max_programs: int | None, device: torch.device) -> int:
+    """One program per tile, or a persistent tile's programs: one per processor, or ``max_programs``."""
+    if max_programs is not None and max_programs < 1:
+        raise ValueError(f"max_programs must be at least 1, got {max_programs}")
+    tiles = cdiv(rows, tile.block_m) * cdiv(columns, tile.block_n)
+    return min(tiles, max_programs or processor_count(device)) if tile.persistent else tiles
+
+
 def gate_up_silu(hidden: torch.Tensor, weight: torch.Tensor, tile: GateUpTile | None = None,
                  max_programs: int | None = None) -> torch.Tensor:
     """``silu(hidden @ weight[:I].T) * (hidden @ weight[I:].T)`` for a merged ``[2I, K]`` weight, ``[T, I]``.
@@ -66,26 +99,13 @@ def gate_up_silu(hidden: torch.Tensor, weight: torch.Tensor, tile: GateUpTile | 
     kernel running beside it on another stream (``benchmarks/gpu/overlap_probe.py --partition``)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    if hidden.dim() != 2 or hidden.stride(1) != 1:
-        raise ValueError(f"gate_up_silu: hidden must be [T, K] with contiguous rows, got {tuple(hidden.shape)}")
-    rows, hidden_size = hidden.shape
-    if weight.dim() != 2 or weight.shape[1] != hidden_size or weight.shape[0] % 2 or weight.stride(1) != 1:
-        raise ValueError(f"gate_up_silu: weight {tuple(weight.shape)} must be [2I, {hidden_size}] (gate rows over up "
-                         "rows) with contiguous rows")
-    if weight.dtype != hidden.dtype or hidden.dtype not in ELEMENT_TYPES:
-        raise ValueError(f"gate_up_silu: weight dtype {weight.dtype} and hidden's {hidden.dtype} must be one of "
-                         "bfloat16, float16, float32, alike")
-    intermediate = weight.shape[0] // 2
-    if any((stride * hidden.element_size()) % 16 for stride in (hidden.stride(0), weight.stride(0), intermediate)):
-        raise ValueError("gate_up_silu: row strides must be multiples of 16 bytes (tensor-memory descriptors)")
+    rows, intermediate = _check_operands(hidden, weight, "gate_up_silu", gated=True)
+    hidden_size = hidden.shape[1]
     output = torch.empty((rows, intermediate), dtype=hidden.dtype, device=hidden.device)
     if rows == 0:
         return output
-    if max_programs is not None and max_programs < 1:
-        raise ValueError(f"gate_up_silu: max_programs must be at least 1, got {max_programs}")
     tile = tile or DEFAULT_TILE
-    tiles = cdiv(rows, tile.block_m) * cdiv(intermediate, tile.block_n)
-    programs = min(tiles, max_programs or processor_count(hidden.device)) if tile.persistent else tiles
+    programs = _programs(rows, intermediate, tile, max_programs, hidden.device)
     _gate_up_silu_kernel[(programs,)](
         TensorDescriptor.from_tensor(hidden, [tile.block_m, tile.block_k]),
         TensorDescriptor.from_tensor(weight, [tile.block_n, tile.block_k]),
@@ -97,3 +117,49 @@ def gate_up_silu(hidden: torch.Tensor, weight: torch.Tensor, tile: GateUpTile | 
     )
     return output
 
+
+
+@triton.jit(do_not_specialize=["rows", "num_programs"])
+def _linear_kernel(x_descriptor, weight_descriptor, output_descriptor, rows, out_features, hidden, num_programs,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                   ELEMENT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    row_blocks = tl.cdiv(rows, BLOCK_M)
+    column_blocks = tl.cdiv(out_features, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), row_blocks * column_blocks, num_programs):
+        row, column = _tile_origin(tile, row_blocks, column_blocks, BLOCK_M, BLOCK_N, GROUP_M)
+        total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for inner in range(0, hidden, BLOCK_K):
+            x = x_descriptor.load([row, inner])
+            weight = weight_descriptor.load([column, inner])
+            if UPCAST:
+                total += tl.dot(x.to(tl.float32), weight.to(tl.float32).T, input_precision="ieee")
+            else:
+                total = tl.dot(x, weight.T, total, input_precision=PRECISION)
+        output_descriptor.store([row, column], total.to(ELEMENT))
+
+
+def tma_linear(hidden: torch.Tensor, weight: torch.Tensor, tile: GateUpTile | None = None,
+               max_programs: int | None = None) -> torch.Tensor:
+    """``hidden @ weight.T`` (``[T, K]`` by ``[N, K]``) through the same TMA-fed, optionally persistent tiles.
+
+    Not used by the engine: the projections without an epilogue stay on cuBLAS unless this measures faster
+    (``gate_up_silu_sweep.py --plain``); a persistent version of every prompt-step GEMM is also what running them on
+    part of the processors beside decode work would need (``overlap_probe.py --partition``)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    rows, out_features = _check_operands(hidden, weight, "tma_linear", gated=False)
+    output = torch.empty((rows, out_features), dtype=hidden.dtype, device=hidden.device)
+    if rows == 0:
+        return output
+    tile = tile or DEFAULT_TILE
+    programs = _programs(rows, out_features, tile, max_programs, hidden.device)
+    _linear_kernel[(programs,)](
+        TensorDescriptor.from_tensor(hidden, [tile.block_m, tile.block_k]),
+        TensorDescriptor.from_tensor(weight, [tile.block_n, tile.block_k]),
+        TensorDescriptor.from_tensor(output, [tile.block_m, tile.block_n]),
+        rows, out_features, hidden.shape[1], programs,
+        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m,
+        ELEMENT=ELEMENT_TYPES[hidden.dtype], PRECISION=dot_precision(hidden.dtype), UPCAST=interpreting(),
+        num_warps=tile.num_warps, num_stages=tile.num_stages,
+    )
+    return output

@@ -111,7 +111,8 @@ def test_decoderows_sweeps_the_fused_gemm_at_decode_rows_and_the_w3_decode_step(
 
 
 def test_overlap_runs_the_two_stream_probe(tmp_path):
-    assert _dry_run(tmp_path, "overlap") == ["overlap probe", "overlap partition probe"]
+    assert _dry_run(tmp_path, "overlap") == ["overlap probe", "overlap partition probe", "plain TMA GEMM sweep"]
+    assert f"gate_up_silu_sweep.py --plain {tmp_path}/tma_linear.json" in (tmp_path / "tma_linear.log").read_text()
     assert f"overlap_probe.py {tmp_path}/overlap_probe.json" in (tmp_path / "overlap_probe.log").read_text()
     assert (f"overlap_probe.py --partition {tmp_path}/overlap_partition.json"
             in (tmp_path / "overlap_partition.log").read_text())

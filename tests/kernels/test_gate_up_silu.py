@@ -1,4 +1,5 @@
-"""The fused gate/up + SiLU GEMM against the unfused path's rounding (Triton's interpreter on the CPU)."""
+"""The fused gate/up + SiLU GEMM against the unfused path's rounding, and the plain TMA GEMM beside it (Triton's
+interpreter on the CPU)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ pytest.importorskip("triton", reason="triton is not installed: the Triton kernel
 
 from joule.kernels.activation import silu_and_mul  # noqa: E402
 from joule.kernels.gate_up_config import GateUpTile  # noqa: E402
-from joule.kernels.gate_up_silu import gate_up_silu  # noqa: E402
+from joule.kernels.gate_up_silu import gate_up_silu, tma_linear  # noqa: E402
 from joule.kernels.reference import silu_and_mul_reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -29,7 +30,8 @@ def _unfused(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return silu_and_mul_reference(projected) if DEVICE == "cpu" else silu_and_mul(projected)
 
 
-@pytest.mark.parametrize("rows,hidden,intermediate", [(1, 32, 16), (37, 48, 40), (64, 64, 32), (70, 32, 56), (5, 24, 8)])
+@pytest.mark.parametrize("rows,hidden,intermediate",
+                         [(1, 32, 16), (37, 48, 40), (64, 64, 32), (70, 32, 56), (5, 24, 8)])
 @pytest.mark.parametrize("persistent", [False, True])
 def test_fused_gate_up_silu_matches_the_unfused_rounding(rows, hidden, intermediate, persistent):
     x, weight = _operands(rows, hidden, intermediate, torch.bfloat16, seed=rows + intermediate)
@@ -56,6 +58,21 @@ def test_fewer_persistent_programs_walk_every_tile(max_programs):
                                _unfused(x, weight).float(), rtol=2e-2, atol=2e-2)
     with pytest.raises(ValueError, match="max_programs"):
         gate_up_silu(x, weight, tile, max_programs=0)
+
+
+@pytest.mark.parametrize("rows,hidden,out_features", [(1, 32, 16), (45, 48, 40), (70, 32, 72)])
+@pytest.mark.parametrize("persistent,max_programs", [(False, None), (True, None), (True, 2)])
+def test_the_plain_tma_gemm_matches_a_rounded_matmul(rows, hidden, out_features, persistent, max_programs):
+    generator = torch.Generator().manual_seed(rows * out_features)
+    x = torch.randn(rows, hidden, generator=generator).to(DEVICE, torch.bfloat16)
+    weight = (torch.randn(out_features, hidden, generator=generator) / hidden**0.5).to(DEVICE, torch.bfloat16)
+    tile = GateUpTile(**{**SMALL.__dict__, "persistent": persistent})
+    result = tma_linear(x, weight, tile, max_programs=max_programs)
+    expected = (x.float() @ weight.float().T).to(torch.bfloat16)
+    assert result.shape == (rows, out_features) and expected.abs().max() > 0.5
+    torch.testing.assert_close(result.float(), expected.float(), rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="tma_linear: weight"):
+        tma_linear(x, weight[:, :-8], tile)
 
 
 def test_no_rows_gives_an_empty_output():
