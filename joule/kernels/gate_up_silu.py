@@ -10,7 +10,7 @@ at 2k-8k rows (``benchmarks/gpu/gate_up_silu_sweep.py``, 2026-12-06 (j)); the ti
 How: each tile of the [T, I] output takes the gate rows ``n`` and the up rows ``I + n`` of the merged [2I, K] weight
 (the engine's layout) into two float32 accumulators; the projections are rounded to the activation dtype before the
 SiLU, as the unfused path rounds them; tiles are walked GROUP_M row blocks per column block so neighbours share
-weight tiles in L2.
+weight tiles in L2. ``tma_linear`` is the same GEMM without the epilogue, for sweeps against cuBLAS.
 """
 
 from __future__ import annotations
