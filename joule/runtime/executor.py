@@ -26,7 +26,7 @@ from joule.runtime.attention.base import (
     KVCache,
 )
 from joule.runtime.cuda_graphs import DecodeGraphRunner, graphs_disabled_reason
-from joule.runtime.kernel_warmup import warmup_plans
+from joule.runtime.kernel_warmup import compile_fused_gate_up, warmup_plans
 from joule.runtime.prefill_graphs import PrefillChunkGraphRunner, can_run_mixed_step, run_mixed_step
 from joule.runtime.sampler import Sampler, greedy_tokens, prompt_logprobs
 from joule.runtime.sampling_rows import all_rows_pass, params_on_device, params_plain_greedy, sampling_row
@@ -122,6 +122,7 @@ class ModelExecutor:
                 from joule.kernels.argmax import argmax_rows
 
                 argmax_rows(self.model.compute_logits(hidden[-1:]))
+            compile_fused_gate_up(self.model)
             torch.cuda.synchronize(self.device)
         logger.info("compiled the eager-step attention kernels (%d warm-up steps) in %.1f s",
                     len(plans), time.perf_counter() - started)

@@ -1,4 +1,4 @@
-"""Compile the attention kernels' eager-step variants at start-up instead of inside serving steps.
+"""Compile the eager steps' kernels (attention variants, the fused gate/up GEMM) at start-up, not inside steps.
 
 Why: Triton compiles one binary per combination of constexpr values, and an eager mixed step (more
 prompt chunks than the chunk graphs take) picks its decode split count from the step itself: direct
@@ -52,3 +52,31 @@ def warmup_plans(max_model_len: int, block_size: int, num_blocks: int) -> list[S
         plans.append(StepPlan(sequences=[decode, prompt]))
         plans.append(StepPlan(sequences=[decode]))
     return plans
+
+
+def compile_fused_gate_up(model) -> int:
+    """Compile the fused gate/up + SiLU GEMM (CUDA) before the first long step; returns how many shapes ran.
+
+    It runs only in steps of ``FUSED_MIN_ROWS`` rows or more, which the plans above are not: graph capture and the
+    memory profile run it at start-up, but an eager engine with a given KV budget runs neither, and its first
+    ~8k-token step would pay the compile (~2 s). One call of zeros per weight shape."""
+    import torch
+
+    from joule.kernels.gate_up_config import FUSED_MIN_ROWS
+    from joule.model.layers import GatedMLP
+
+    compiled = set()
+    for module in model.modules():
+        if not isinstance(module, GatedMLP) or module.fused_tile is None or module.gate_up_proj is None:
+            continue
+        weight = module.gate_up_proj.weight
+        key = (tuple(weight.shape), weight.dtype, module.fused_tile)
+        if key in compiled:
+            continue
+        rows = torch.zeros((FUSED_MIN_ROWS, weight.shape[1]), dtype=weight.dtype, device=weight.device)
+        if module.gate_up_proj.runs_fused_gate_up(rows):
+            from joule.kernels.gate_up_silu import gate_up_silu
+
+            gate_up_silu(rows, weight, module.fused_tile)
+            compiled.add(key)
+    return len(compiled)

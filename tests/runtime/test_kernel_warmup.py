@@ -78,3 +78,21 @@ def test_warmup_steps_leave_generation_unchanged(tmp_path):
     assert executor.compile_eager_step_kernels(engine.max_model_len) == 6  # contexts 16, 256 and 512
     assert executor.kv_cache.key_caches[0][:33].abs().sum() > 0  # it ran the model over those blocks
     assert generate("after") == before
+
+
+def test_the_fused_gate_up_gemm_compiles_once_per_weight_shape(monkeypatch):
+    from joule.kernels.gate_up_config import GateUpTile
+    from joule.model.layers import GatedMLP, MergedLinear
+    from joule.runtime.kernel_warmup import compile_fused_gate_up
+
+    monkeypatch.setenv("JOULE_FUSED_GATE_UP", "16x16x16x4x2x2x1")  # small tiles: the interpreter runs them
+    mlps = [GatedMLP(32, 48), GatedMLP(32, 48), GatedMLP(32, 24)]
+    for mlp in mlps:
+        mlp.merge_projections(False)
+    model = torch.nn.ModuleList(mlps).to(torch.bfloat16)
+    assert mlps[0].fused_tile == GateUpTile(16, 16, 16, 4, 2, 2, True)
+    assert compile_fused_gate_up(model) == 0  # on the CPU the MLPs never choose it
+    calls = []
+    monkeypatch.setattr(MergedLinear, "runs_fused_gate_up", lambda self, hidden: calls.append(hidden.shape) or True)
+    assert compile_fused_gate_up(model) == 2  # two weight shapes, three MLPs
+    assert all(shape[0] >= 1024 for shape in calls)  # FUSED_MIN_ROWS rows: what a long step passes
