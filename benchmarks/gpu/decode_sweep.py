@@ -19,26 +19,21 @@ from __future__ import annotations
 import itertools
 import json
 import sys
+from pathlib import Path
 
 import torch
 
-from joule.kernels.paged_decode import MIN_SPLIT_TOKENS, choose_num_splits, paged_decode_attention
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gemv_sweep import capture_graph  # noqa: E402
+
+from joule.kernels.paged_decode import MIN_SPLIT_TOKENS, choose_num_splits, paged_decode_attention  # noqa: E402
 
 DEVICE = torch.device("cuda")
 
 
 def graph_ms(function, calls: int = 20, repeats: int = 10) -> float:
     """Median milliseconds per call from a CUDA graph of ``calls`` calls."""
-    function()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        function()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            function()
+    graph = capture_graph(lambda: [function() for _ in range(calls)])
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

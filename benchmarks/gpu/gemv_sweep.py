@@ -27,18 +27,22 @@ SHAPES = {  # name: (out_features, in_features)
 }
 
 
-def timed_graph(call, copies: int, repeats: int = 5) -> float:
-    """Seconds per call: ``copies`` calls (one per weight copy) captured in one graph, best of ``repeats``."""
+def capture_graph(function) -> torch.cuda.CUDAGraph:
+    """``function``'s launches in a CUDA graph, after one warm-up run on a side stream (Triton compiles there)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for index in range(copies):
-            call(index)
+        function()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for index in range(copies):
-            call(index)
+        function()
+    return graph
+
+
+def timed_graph(call, copies: int, repeats: int = 5) -> float:
+    """Seconds per call: ``copies`` calls (one per weight copy) captured in one graph, best of ``repeats``."""
+    graph = capture_graph(lambda: [call(index) for index in range(copies)])
     graph.replay()
     torch.cuda.synchronize()
     best = float("inf")

@@ -20,31 +20,37 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from joule.kernels.activation import silu_and_mul
-from joule.kernels.common import processor_count
-from joule.kernels.gate_up_silu import gate_up_silu
-from joule.kernels.paged_decode import paged_decode_attention
-from joule.kernels.paged_prefill import build_tiles, paged_prefill_attention, rows_per_tile
-from joule.runtime.attention.base import KVCache
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gemv_sweep import capture_graph as capture  # noqa: E402
+
+from joule.kernels.activation import silu_and_mul  # noqa: E402
+from joule.kernels.common import processor_count  # noqa: E402
+from joule.kernels.gate_up_silu import gate_up_silu  # noqa: E402
+from joule.kernels.paged_decode import paged_decode_attention  # noqa: E402
+from joule.kernels.paged_prefill import build_tiles, paged_prefill_attention, rows_per_tile  # noqa: E402
+from joule.runtime.attention.base import KVCache  # noqa: E402
 
 LAYERS, HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM = 16, 2048, 8192, 32, 8, 64
 DECODE_ROWS, CONTEXT, BLOCK = 256, 576, 16
 
 
-def capture(function) -> torch.cuda.CUDAGraph:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        function()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        function()
-    return graph
+def decode_cache(device: torch.device, generator: torch.Generator, spare_blocks: int = 0):
+    """A random one-layer cache holding the decode step's 256 x 576 tokens over shuffled blocks (and
+    ``spare_blocks`` more after them), its block tables, lengths and the first spare block."""
+    blocks_each = -(-CONTEXT // BLOCK)
+    used = DECODE_ROWS * blocks_each
+    cache = KVCache.allocate(1, used + spare_blocks, BLOCK, KV_HEADS, HEAD_DIM, torch.bfloat16, device)
+    keys, values = cache.key_caches[0], cache.value_caches[0]
+    keys.normal_(generator=generator)
+    values.normal_(generator=generator)
+    tables = torch.randperm(used, device=device, generator=generator).view(DECODE_ROWS, blocks_each).to(torch.int32)
+    lengths = torch.full((DECODE_ROWS,), CONTEXT, dtype=torch.int32, device=device)
+    return keys, values, tables, lengths, used
 
 
 def timed(replays, streams, repeats: int = 7) -> float:
@@ -71,14 +77,7 @@ def partition_probe(device: torch.device) -> dict:
     generator = torch.Generator(device=device).manual_seed(1)
     weights = [torch.randn(2 * INTERMEDIATE, HIDDEN, device=device, dtype=torch.bfloat16, generator=generator) * 0.02
                for _ in range(LAYERS)]
-    blocks_each = -(-CONTEXT // BLOCK)
-    cache = KVCache.allocate(1, DECODE_ROWS * blocks_each, BLOCK, KV_HEADS, HEAD_DIM, torch.bfloat16, device)
-    keys, values = cache.key_caches[0], cache.value_caches[0]
-    keys.normal_(generator=generator)
-    values.normal_(generator=generator)
-    tables = torch.randperm(DECODE_ROWS * blocks_each, device=device, generator=generator).view(
-        DECODE_ROWS, blocks_each).to(torch.int32)
-    lengths = torch.full((DECODE_ROWS,), CONTEXT, dtype=torch.int32, device=device)
+    keys, values, tables, lengths, _ = decode_cache(device, generator)
     query = torch.randn(DECODE_ROWS, HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16, generator=generator)
 
     def attention():
@@ -128,15 +127,7 @@ def main() -> None:
     qkv_rows = (HEADS + 2 * KV_HEADS) * HEAD_DIM
     layers = [(weight(qkv_rows, HIDDEN), weight(HIDDEN, HEADS * HEAD_DIM), weight(2 * INTERMEDIATE, HIDDEN),
                weight(HIDDEN, INTERMEDIATE)) for _ in range(LAYERS)]
-    blocks_each = -(-CONTEXT // BLOCK)
-    cache = KVCache.allocate(1, DECODE_ROWS * blocks_each + 2 * 8192 // BLOCK + 8, BLOCK, KV_HEADS, HEAD_DIM,
-                             torch.bfloat16, device)
-    keys, values = cache.key_caches[0], cache.value_caches[0]
-    keys.normal_(generator=generator)
-    values.normal_(generator=generator)
-    tables = torch.randperm(DECODE_ROWS * blocks_each, device=device, generator=generator).view(
-        DECODE_ROWS, blocks_each).to(torch.int32)
-    lengths = torch.full((DECODE_ROWS,), CONTEXT, dtype=torch.int32, device=device)
+    keys, values, tables, lengths, first_free_block = decode_cache(device, generator, spare_blocks=4096 // BLOCK)
     decode_in = torch.randn(DECODE_ROWS, HIDDEN, device=device, dtype=torch.bfloat16, generator=generator)
 
     def layer(hidden, qkv_weight, o_weight, gate_up_weight, down_weight, attend):
@@ -158,7 +149,6 @@ def main() -> None:
     decode_ms = timed([decode_graph], [stream_a])
     results["decode_ms"] = decode_ms
     print(f"decode step alone ({DECODE_ROWS} rows x {CONTEXT} tokens, 16 layers): {decode_ms:.3f} ms", flush=True)
-    first_free_block = DECODE_ROWS * blocks_each
     for rows in (512, 1024, 2048, 4096):
         prompt_in = torch.randn(rows, HIDDEN, device=device, dtype=torch.bfloat16, generator=generator)
         prompt_blocks = -(-rows // BLOCK)

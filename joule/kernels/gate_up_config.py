@@ -28,10 +28,10 @@ class GateUpTile:
     num_warps: int = 8
     num_stages: int = 3
     group_m: int = 8
-    persistent: bool = False
+    persistent: bool = True
 
 
-DEFAULT_TILE = GateUpTile(128, 128, 64, 8, 3, 8, persistent=True)
+DEFAULT_TILE = GateUpTile()  # the persistent 128 x 128 x 64 tile, three stages (measured above)
 
 
 def tile_setting(tile: GateUpTile) -> str:

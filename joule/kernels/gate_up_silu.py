@@ -83,12 +83,31 @@ def _check_operands(hidden: torch.Tensor, weight: torch.Tensor, caller: str, gat
     return rows, columns
 
 
-def _programs(rows: int, columns: int, tile: GateUpTile, max_programs: int | None, device: torch.device) -> int:
-    """One program per tile, or a persistent tile's programs: one per processor, or ``max_programs``."""
+def _launch(kernel, hidden: torch.Tensor, weight: torch.Tensor, tile: GateUpTile | None, max_programs: int | None,
+            caller: str, gated: bool) -> torch.Tensor:
+    """Check the operands, then run ``kernel`` over descriptors of them and a new output: one program per tile, or
+    a persistent tile's programs (one per processor, or ``max_programs``)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    rows, columns = _check_operands(hidden, weight, caller, gated)
+    output = torch.empty((rows, columns), dtype=hidden.dtype, device=hidden.device)
+    if rows == 0:
+        return output
     if max_programs is not None and max_programs < 1:
-        raise ValueError(f"max_programs must be at least 1, got {max_programs}")
+        raise ValueError(f"{caller}: max_programs must be at least 1, got {max_programs}")
+    tile = tile or DEFAULT_TILE
     tiles = cdiv(rows, tile.block_m) * cdiv(columns, tile.block_n)
-    return min(tiles, max_programs or processor_count(device)) if tile.persistent else tiles
+    programs = min(tiles, max_programs or processor_count(hidden.device)) if tile.persistent else tiles
+    kernel[(programs,)](
+        TensorDescriptor.from_tensor(hidden, [tile.block_m, tile.block_k]),
+        TensorDescriptor.from_tensor(weight, [tile.block_n, tile.block_k]),
+        TensorDescriptor.from_tensor(output, [tile.block_m, tile.block_n]),
+        rows, columns, hidden.shape[1], programs,
+        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m,
+        ELEMENT=ELEMENT_TYPES[hidden.dtype], PRECISION=dot_precision(hidden.dtype), UPCAST=interpreting(),
+        num_warps=tile.num_warps, num_stages=tile.num_stages,
+    )
+    return output
 
 
 def gate_up_silu(hidden: torch.Tensor, weight: torch.Tensor, tile: GateUpTile | None = None,
@@ -97,25 +116,7 @@ def gate_up_silu(hidden: torch.Tensor, weight: torch.Tensor, tile: GateUpTile | 
 
     ``max_programs``: a persistent tile's programs (default one per processor); fewer leave processors free for a
     kernel running beside it on another stream (``benchmarks/gpu/overlap_probe.py --partition``)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    rows, intermediate = _check_operands(hidden, weight, "gate_up_silu", gated=True)
-    hidden_size = hidden.shape[1]
-    output = torch.empty((rows, intermediate), dtype=hidden.dtype, device=hidden.device)
-    if rows == 0:
-        return output
-    tile = tile or DEFAULT_TILE
-    programs = _programs(rows, intermediate, tile, max_programs, hidden.device)
-    _gate_up_silu_kernel[(programs,)](
-        TensorDescriptor.from_tensor(hidden, [tile.block_m, tile.block_k]),
-        TensorDescriptor.from_tensor(weight, [tile.block_n, tile.block_k]),
-        TensorDescriptor.from_tensor(output, [tile.block_m, tile.block_n]),
-        rows, intermediate, hidden_size, programs,
-        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m,
-        ELEMENT=ELEMENT_TYPES[hidden.dtype], PRECISION=dot_precision(hidden.dtype), UPCAST=interpreting(),
-        num_warps=tile.num_warps, num_stages=tile.num_stages,
-    )
-    return output
+    return _launch(_gate_up_silu_kernel, hidden, weight, tile, max_programs, "gate_up_silu", gated=True)
 
 
 
@@ -145,21 +146,4 @@ def tma_linear(hidden: torch.Tensor, weight: torch.Tensor, tile: GateUpTile | No
     Not used by the engine: the projections without an epilogue stay on cuBLAS unless this measures faster
     (``gate_up_silu_sweep.py --plain``); a persistent version of every prompt-step GEMM is also what running them on
     part of the processors beside decode work would need (``overlap_probe.py --partition``)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    rows, out_features = _check_operands(hidden, weight, "tma_linear", gated=False)
-    output = torch.empty((rows, out_features), dtype=hidden.dtype, device=hidden.device)
-    if rows == 0:
-        return output
-    tile = tile or DEFAULT_TILE
-    programs = _programs(rows, out_features, tile, max_programs, hidden.device)
-    _linear_kernel[(programs,)](
-        TensorDescriptor.from_tensor(hidden, [tile.block_m, tile.block_k]),
-        TensorDescriptor.from_tensor(weight, [tile.block_n, tile.block_k]),
-        TensorDescriptor.from_tensor(output, [tile.block_m, tile.block_n]),
-        rows, out_features, hidden.shape[1], programs,
-        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m,
-        ELEMENT=ELEMENT_TYPES[hidden.dtype], PRECISION=dot_precision(hidden.dtype), UPCAST=interpreting(),
-        num_warps=tile.num_warps, num_stages=tile.num_stages,
-    )
-    return output
+    return _launch(_linear_kernel, hidden, weight, tile, max_programs, "tma_linear", gated=False)

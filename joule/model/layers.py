@@ -249,12 +249,17 @@ def norm_then_project(
         residual, hidden = hidden, norm(hidden)
     else:
         hidden, residual = norm(hidden, residual)
-    if gated and fused_tile is not None and projection.runs_fused_gate_up(hidden):
+    return (gated_projection(projection, hidden, fused_tile) if gated else projection(hidden)), residual
+
+
+def gated_projection(projection: MergedLinear, hidden: torch.Tensor, fused_tile: GateUpTile | None) -> torch.Tensor:
+    """SwiGLU of the merged gate/up ``projection(hidden)``: the fused GEMM where it runs, else the GEMM and
+    ``swiglu``."""
+    if fused_tile is not None and projection.runs_fused_gate_up(hidden):
         from joule.kernels.gate_up_silu import gate_up_silu
 
-        return gate_up_silu(hidden, projection.weight, fused_tile), residual
-    output = projection(hidden)
-    return (swiglu(output) if gated else output), residual
+        return gate_up_silu(hidden, projection.weight, fused_tile)
+    return swiglu(projection(hidden))
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
@@ -289,8 +294,4 @@ class GatedMLP(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is None:
             return self.down_proj(F.silu(self.gate_proj(hidden)) * self.up_proj(hidden))
-        if self.fused_tile is not None and self.gate_up_proj.runs_fused_gate_up(hidden):
-            from joule.kernels.gate_up_silu import gate_up_silu
-
-            return self.down_proj(gate_up_silu(hidden, self.gate_up_proj.weight, self.fused_tile))
-        return self.down_proj(swiglu(self.gate_up_proj(hidden)))
+        return self.down_proj(gated_projection(self.gate_up_proj, hidden, self.fused_tile))

@@ -14,7 +14,7 @@ from joule.kernels.gate_up_silu import gate_up_silu, tma_linear  # noqa: E402
 from joule.kernels.reference import silu_and_mul_reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-SMALL = GateUpTile(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=2, group_m=2)
+SMALL = GateUpTile(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=2, group_m=2, persistent=False)
 
 
 def _operands(rows: int, hidden: int, intermediate: int, dtype: torch.dtype, seed: int):
