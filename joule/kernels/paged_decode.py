@@ -301,9 +301,13 @@ def paged_decode_attention(
     # fp8 caches: fp8_asm (the default where the GPU has the convert) widens tiles in registers and dots in fp16
     # (see _e4m3_to_f16); fp16_dot keeps `.to()` but dots in fp16. H200, workload 2's layer: 232 / 233 us
     # against 249 us for `.to()` with bf16 dots (benchmarks/gpu/fp8_decode_check.py).
-    # heads_first: the grid walks the KV heads of a sequence before the next sequence (not measured yet).
+    # heads_first: the grid walks the KV heads of a sequence before the next sequence, whose head rows lie side by
+    # side in each token's cache row. H100, graph-timed, 16-token token-major blocks spread over a cache 20x the
+    # blocks read (benchmarks/gpu/decode_sweep.py --w3 and decode_layouts.py, three calls on three machines):
+    # workload 3's step (Llama-3.2-1B, 256 x 576) 1.1 %, 2.4 % and 4.7 % faster; workload 2's (Qwen3-0.6B,
+    # 256 x 1k) 1.0-1.6 % faster in bf16; fp8 caches within 0.3 % either way.
     launch = {"block_n": block_n, "num_warps": 4, "num_stages": 3 if fp8 else 2, "fp16_dot": False,
-              "fp8_asm": fp8 and native_fp8_convert(query.device), "heads_first": False, **(launch or {})}
+              "fp8_asm": fp8 and native_fp8_convert(query.device), "heads_first": True, **(launch or {})}
     if launch["fp8_asm"] and (not fp8 or interpreting()):
         raise ValueError("paged_decode_attention: fp8_asm needs an fp8 cache on a CUDA GPU (sm_89+)")
     block_n = launch["block_n"]

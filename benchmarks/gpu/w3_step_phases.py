@@ -1,0 +1,130 @@
+"""Workload 3's host work step by step: where the steps that leave the GPU idle spend their time.
+
+Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/w3_step_phases.py [out.json]
+
+Why: under the profiler (H100, 2026-12-06 (k), ``step_gaps.py w3``) the GPU idled 25 ms of a 900 ms run, mostly in
+the steps around the first requests' last token (steps 125-128: 6.5-9.7 ms a step, the GPU's ~3.3) and in the
+tail's shrinking batches, with a few slow steps every ~15 steps before. This times each host phase of every step
+with ``perf_counter`` (cheap enough to leave the run's pace alone) and logs every garbage collection with its
+generation: the engine's step, the core's step, planning the continuation, launching it, collecting, the
+scheduler's update, and the outputs. Runs workload 3 twice plain (as engine_bench.py builds it), then once
+instrumented; prints the slow steps' phases and the phase totals, writes every step's phases as JSON.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import json
+import sys
+import time
+from collections import defaultdict
+
+sys.path.insert(0, "benchmarks/gpu")
+from engine_bench import LLAMA_1B, build, generate  # noqa: E402
+
+from joule.bench.workload import fixed_length_workload  # noqa: E402
+
+PHASES = {"engine step": ("engine", "step"), "core step": ("core", "step"),
+          "plan continuation": ("scheduler", "schedule_continuation"), "launch": ("executor", "launch"),
+          "collect": ("executor", "collect"), "update": ("scheduler", "update")}
+
+LAUNCH_PHASES = {"  continuation inputs": ("executor", "_continuation_inputs"), "  can_run": ("runner", "can_run"),
+                 "  wait for last copy": ("copied", "synchronize"), "  fill": ("runner", "_fill"),
+                 "  send": ("runner", "_send"), "  sampling": ("executor", "_launch_sampling"),
+                 "  logits": ("model", "compute_logits"), "  tokens to host": ("executor", "_tokens_on_device")}
+
+
+class StepLog:
+    def __init__(self) -> None:
+        self.step = -1
+        self.rows: list[dict] = []
+        self._gc_started = 0.0
+
+    def begin_step(self) -> None:
+        self.step += 1
+        self.rows.append(defaultdict(float))
+
+    def add(self, phase: str, seconds: float) -> None:
+        if self.rows:
+            self.rows[-1][phase] += seconds * 1e3
+
+    def on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            self.add(f"gc gen{info['generation']}", time.perf_counter() - self._gc_started)
+            self.add(f"gc gen{info['generation']} count", 1e-3)
+
+
+def wrap(log: StepLog, owner, method: str, phase: str, begins_step: bool = False) -> None:
+    original = getattr(owner, method)
+
+    def timed(*args, **kwargs):
+        if begins_step:
+            log.begin_step()
+        started = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            log.add(phase, time.perf_counter() - started)
+
+    try:
+        setattr(owner, method, timed)
+    except (AttributeError, TypeError) as error:  # a C++-backed object without instance attributes
+        print(f"not timed: {phase} ({type(error).__name__}: {error})", flush=True)
+
+
+def main() -> None:
+    out_path = sys.argv[1] if len(sys.argv) > 1 else "w3_step_phases.json"
+    engine, _, _ = build(LLAMA_1B, dtype="bfloat16", max_model_len=4096)
+    engine.core.step_observer = None
+    requests = fixed_length_workload(256, 512, 128, engine.model_config.vocab_size, seed=2)
+    prompts, lengths = [r.prompt_token_ids for r in requests], [r.output_len for r in requests]
+    generate(engine, [prompts[0][:32]] * 4, [4] * 4)
+    for _ in range(2):
+        print(f"plain run: {sum(lengths) / generate(engine, prompts, lengths)[1]:.0f} tok/s", flush=True)
+    log = StepLog()
+    owners = {"engine": engine, "core": engine.core, "scheduler": engine.core.scheduler,
+              "executor": engine.core.executor}
+    for phase, (owner, method) in PHASES.items():
+        wrap(log, owners[owner], method, phase, begins_step=phase == "engine step")
+    # Inside the launch: the graph runner's input work, the replay itself, and the sampling launches.
+    executor = engine.core.executor
+    runner = executor.graph_runner
+    owners.update(runner=runner, model=executor.model, copied=runner._copied)
+    owners.update({f"graph {size}": graph for size, graph in runner.graphs.items()})
+    for phase, (owner, method) in LAUNCH_PHASES.items():
+        wrap(log, owners[owner], method, phase)
+    for size in runner.graphs:
+        wrap(log, owners[f"graph {size}"], "replay", "  replay")
+    gc.callbacks.append(log.on_gc)
+    _, seconds = generate(engine, prompts, lengths)
+    gc.callbacks.remove(log.on_gc)
+    print(f"instrumented run: {sum(lengths) / seconds:.0f} tok/s ({seconds * 1e3:.1f} ms)", flush=True)
+    rows = [dict(row) for row in log.rows]
+    for row in rows:
+        row["outputs"] = row.get("engine step", 0.0) - row.get("core step", 0.0)
+        row["core other"] = row.get("core step", 0.0) - sum(
+            row.get(phase, 0.0) for phase in ("plan continuation", "launch", "collect", "update"))
+    columns = ["engine step", "plan continuation", "launch", "collect", "update", "core other", "outputs",
+               "gc gen0", "gc gen1", "gc gen2"]
+    detail = list(LAUNCH_PHASES) + ["  replay"]
+    for start, stop in ((18, 126), (126, len(rows))):
+        print(f"steps {start}-{stop - 1}, median ms: " + ", ".join(
+            f"{name.strip()} {statistics.median(row.get(name, 0.0) for row in rows[start:stop]):.3f}"
+            for name in columns[:7] + detail))
+    print("step  " + "  ".join(f"{column:>17s}" for column in columns))
+    for index, row in enumerate(rows):
+        if index < 18 or row["engine step"] > 3.6 or index >= len(rows) - 18:
+            print(f"{index:4d}  " + "  ".join(f"{row.get(column, 0.0):17.3f}" for column in columns))
+    totals = {column: sum(row.get(column, 0.0) for row in rows) for column in columns}
+    totals.update({f"gc gen{g} count": round(sum(row.get(f'gc gen{g} count', 0.0) for row in rows) * 1e3)
+                   for g in range(3)})
+    print("totals (ms): " + ", ".join(f"{name} {value:.1f}" for name, value in totals.items()))
+    with open(out_path, "w") as handle:
+        json.dump({"seconds": seconds, "steps": rows, "totals": totals}, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
