@@ -17,6 +17,10 @@ them) and the garbage collector's pauses in them, with the start-up heap frozen 
 ``--phase graph-fill`` times the decode graph runner's host mirrors filled for ``--sequences`` rows of 512-token
 prompts decoding (``DecodeGraphRunner._fill``: what a graphed decode step pays on its host before its copies).
 
+``--phase launch`` times the executor's launch of a graphed decode continuation of ``--sequences`` rows (what
+``ModelExecutor.launch`` pays on its host: the continuation's token rows, the graph runner's checks, mirrors and
+upload, the sampling launch) with the forward and the logits stubbed out (no model runs).
+
 ``--phase prefill`` times the prompt steps instead, as workload 3 runs them (256 prompts of ``--prompt-len``
 random tokens, 8,192-token steps): scheduling, the executor's input arrays (``ModelExecutor._prepare``, which
 an eager prompt step pays before its first kernel) and the update, from the first step until every prompt is in.
@@ -76,7 +80,7 @@ def main() -> None:
                         help="final_only (offline) or delta (what a streaming server asks for)")
     parser.add_argument("--energy", action="store_true",
                         help="keep the per-request energy attribution on (the engine's default; off here by default)")
-    parser.add_argument("--phase", default="decode", choices=["decode", "prefill", "run", "graph-fill"])
+    parser.add_argument("--phase", default="decode", choices=["decode", "prefill", "run", "graph-fill", "launch"])
     parser.add_argument("--lookahead", action="store_true",
                         help="decode: plan each step's successor before its tokens are known, as the engine does on "
                              "a GPU (scheduler.schedule_continuation instead of schedule)")
@@ -95,6 +99,9 @@ def main() -> None:
         return
     if args.phase == "graph-fill":
         time_graph_fill(args)
+        return
+    if args.phase == "launch":
+        time_launch(args)
         return
     if args.tokenizer:  # ~46 KB of float32 KV a token: 256 prompts of <= 1,024 + 600 outputs
         engine = LLMEngine.from_kwargs(model=None, dtype="float32", max_model_len=4096, kv_cache_memory_bytes=20 << 30,
@@ -252,6 +259,53 @@ def time_graph_fill(args) -> None:
     times.sort()
     print(f"graph runner fill of {args.sequences} decode rows: median {1e3 * times[len(times) // 2]:.3f} ms, "
           f"p10 {1e3 * times[len(times) // 10]:.3f} ms ({len(times)} steps)")
+
+
+def time_launch(args) -> None:
+    import torch
+
+    from joule.engine.plan import CONTINUATION_TOKEN, ScheduledSequence, StepPlan
+    from joule.engine.request import Request
+    from joule.runtime.attention.triton_backend import TritonAttentionBackend
+    from joule.runtime.cuda_graphs import DecodeGraphRunner
+    from joule.runtime.executor import LaunchedStep
+
+    engine = tiny_engine(args, kv_cache_memory_bytes=1 << 26, max_num_seqs=args.sequences)
+    executor = engine.core.executor
+    runner = DecodeGraphRunner(executor.model, executor.kv_cache, TritonAttentionBackend(), executor.device,
+                               max_num_seqs=args.sequences, max_model_len=4096)
+    hidden = torch.zeros(args.sequences, TINY["hidden_size"])
+    logits = torch.zeros(args.sequences, 8)
+    runner._forward = lambda size, short=False: hidden[:size]  # no model: the host work around it only
+    executor.model.compute_logits = lambda rows: logits[: rows.shape[0]]
+    executor.graph_runner, executor.use_cuda_graphs, executor.backend = runner, True, runner.backend
+    params = SamplingParams(temperature=0.0, max_tokens=args.steps)
+    requests = [Request(f"r{index}", [1] * 512, params, 4) for index in range(args.sequences)]
+    previous_tokens = torch.zeros(args.sequences, dtype=torch.int64)
+    times = []
+    profiler = cProfile.Profile() if args.profile else None
+    for _ in range(args.repeats):
+        for index, request in enumerate(requests):
+            request.block_ids = list(range(index * 64, index * 64 + 33))
+        previous = LaunchedStep(requests, 0.0, token_ids=previous_tokens, host_token_ids=previous_tokens)
+        for position in range(512, 512 + args.steps):
+            if position % 16 == 0:
+                for index, request in enumerate(requests):
+                    request.block_ids.append(index * 64 + position // 16)
+            plan = StepPlan([ScheduledSequence(request, [CONTINUATION_TOKEN], position, request.block_ids, True)
+                             for request in requests])
+            if profiler is not None:
+                profiler.enable()
+            started = time.perf_counter()
+            previous = executor.launch(plan, previous)
+            times.append(time.perf_counter() - started)
+            if profiler is not None:
+                profiler.disable()
+    times.sort()
+    print(f"executor launch of a {args.sequences}-row decode continuation: median {1e3 * times[len(times) // 2]:.3f} "
+          f"ms, p10 {1e3 * times[len(times) // 10]:.3f} ms ({len(times)} steps)")
+    if profiler is not None:
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
 
 
 if __name__ == "__main__":

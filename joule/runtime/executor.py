@@ -10,6 +10,7 @@ runs eagerly.
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import time
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from joule.engine.plan import CONTINUATION_TOKEN, StepPlan, StepResult
+from joule.engine.plan import CONTINUATION_TOKEN, ScheduledSequence, StepPlan, StepResult
 from joule.engine.request import Request, SampledToken
 from joule.runtime.attention.base import (
     AttentionBackend,
@@ -32,6 +33,11 @@ from joule.runtime.sampler import Sampler, greedy_tokens, prompt_logprobs
 from joule.runtime.sampling_rows import all_rows_pass, params_on_device, params_plain_greedy, sampling_row
 
 logger = logging.getLogger(__name__)
+_request_of = operator.attrgetter("request")
+_token_ids_of = operator.attrgetter("token_ids")
+_first_of = operator.itemgetter(0)
+_prompt_logprobs_of = operator.attrgetter("request.sampling_params.prompt_logprobs")
+_samples_of = operator.attrgetter("samples")
 TOKEN_COPY_STREAM_ENV = "JOULE_TOKEN_COPY_STREAM"  # "0": sampled tokens go to the host on the main stream
 
 
@@ -155,15 +161,21 @@ class ModelExecutor:
                   and not scored_rows)
         if graphs and runner.can_run(plan) and (previous is None or all_continued):
             hidden = runner.run(plan, continued_tokens)
-            sample_rows = [(row, sequence) for row, sequence in enumerate(plan.sequences) if sequence.samples]
+            sequences = plan.sequences
+            if all(map(_samples_of, sequences)):  # a decode step: every row, in order (one pass in C)
+                sample_rows = None, sequences
+            else:
+                sample_rows = _rows_and_sequences([(row, sequence) for row, sequence in enumerate(sequences)
+                                                  if sequence.samples])
         elif graphs and chunks is not None and chunks.backend is self.backend and (
                 can_run_mixed_step(plan, runner, chunks)) and (
                 previous is None or continued_rows == [row for row, s in enumerate(plan.sequences)
                                                        if s.num_tokens == 1]):
             hidden, sampling = run_mixed_step(plan, runner, chunks, continued_tokens)
-            sample_rows = list(enumerate(sampling))
+            sample_rows = None, sampling  # the hidden rows are the sampling ones
         else:
-            input_ids, positions, metadata, sample_rows = self._prepare(plan)
+            input_ids, positions, metadata, prepared_rows = self._prepare(plan)
+            sample_rows = _rows_and_sequences(prepared_rows)
             if continued_rows:
                 offsets = _token_offsets(plan, continued_rows)
                 if offsets == list(range(len(offsets))):  # decodes lead a plan: a plain copy
@@ -177,15 +189,16 @@ class ModelExecutor:
         launched.prompt_logprobs = scored
         return launched
 
-    def _launch_sampling(self, hidden: torch.Tensor, sample_rows: list, started: float,
-                         previous: LaunchedStep | None) -> LaunchedStep:
-        if not sample_rows:
+    def _launch_sampling(self, hidden: torch.Tensor, sample_rows: tuple[list[int] | None, list[ScheduledSequence]],
+                         started: float, previous: LaunchedStep | None) -> LaunchedStep:
+        """``sample_rows``: the rows of ``hidden`` that sample (None: every row, in order) and their sequences."""
+        rows, sequences = sample_rows
+        if not sequences:
             return LaunchedStep([], started, result=StepResult(elapsed_seconds=time.perf_counter() - started))
-        rows = [row for row, _ in sample_rows]
-        if rows != list(range(hidden.shape[0])):  # decode-only steps sample every row: no gather
+        if rows is not None and rows != list(range(hidden.shape[0])):
             hidden = hidden.index_select(0, self._index(rows))  # no stream sync: a continuation queues behind
         logits = self.model.compute_logits(hidden)
-        requests = [sequence.request for _, sequence in sample_rows]
+        requests = list(map(_request_of, sequences))
         if all_rows_pass(requests, params_plain_greedy):
             # What the sampler does for such rows (no bans, penalties or logprobs: an argmax), without
             # building a SamplingRow per request (~0.5 ms per 256 rows on the dev CPU) or a host sync.
@@ -200,9 +213,9 @@ class ModelExecutor:
             # Temperature, top-k/p, min-p and seeds need no host either: the tokens stay on the device, so the
             # lookahead goes on past sampled requests as it does past greedy ones. A continuation's decode
             # samples the token after one still on its way to the host (its seeded noise is keyed on that).
-            rows = [sampling_row(sequence.request, int(sequence.token_ids[0] == CONTINUATION_TOKEN))
-                    for _, sequence in sample_rows]
-            return self._tokens_on_device(requests, started, self.sampler.sample_on_device(logits, rows))
+            parameters = [sampling_row(sequence.request, int(sequence.token_ids[0] == CONTINUATION_TOKEN))
+                          for sequence in sequences]
+            return self._tokens_on_device(requests, started, self.sampler.sample_on_device(logits, parameters))
         if previous is not None:  # a continuation's new prompts may sample on the host: not before collect
             return LaunchedStep(requests, started, logits=logits)
         return LaunchedStep(requests, started, result=self._sample(logits, requests, started))
@@ -270,7 +283,14 @@ class ModelExecutor:
         without such rows)."""
         if previous.token_ids is None:
             raise ValueError("a continuation needs a previous step whose tokens stayed on the device")
-        row_of = {id(request): row for row, request in enumerate(previous.requests)}
+        sequences, previous_requests = plan.sequences, previous.requests
+        count = len(sequences)
+        if (count <= len(previous_requests) and all(map(operator.is_, map(_request_of, sequences), previous_requests))
+                and set(map(_first_of, map(_token_ids_of, sequences))) == {CONTINUATION_TOKEN}):
+            # Every row decodes the token its row of ``previous`` sampled (a decode step's continuation whose
+            # requests all go on, or whose last ones stopped): passes in C, not a loop over the rows.
+            return list(range(count)), previous.token_ids[:count]
+        row_of = {id(request): row for row, request in enumerate(previous_requests)}
         rows, sources = [], []
         for row, sequence in enumerate(plan.sequences):
             if sequence.token_ids[0] == CONTINUATION_TOKEN:
@@ -344,9 +364,16 @@ class ModelExecutor:
         return _to_device(input_ids, device), _to_device(positions, device), metadata, sample_rows
 
 
+def _rows_and_sequences(sample_rows: list[tuple[int, ScheduledSequence]]) -> tuple[list[int], list[ScheduledSequence]]:
+    """``(row, sequence)`` pairs as ``_launch_sampling`` takes them: the rows, and the sequences."""
+    return [row for row, _ in sample_rows], [sequence for _, sequence in sample_rows]
+
+
 def _prompt_logprob_rows(plan: StepPlan) -> list[tuple[Request, range, int]]:
     """Per request that wants prompt logprobs from this step: the positions to score and the row (in the step's
     flat tokens) of the first."""
+    if set(map(_prompt_logprobs_of, plan.sequences)) == {None}:  # the usual step: one pass in C
+        return []
     scored, offset = [], 0
     for sequence in plan.sequences:
         request = sequence.request

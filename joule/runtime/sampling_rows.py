@@ -5,8 +5,15 @@ attribute reads."""
 
 from __future__ import annotations
 
+import operator
+from itertools import repeat
+
 from joule.engine.request import Request
 from joule.runtime.sampler import SamplingRow
+
+
+_params_of = operator.attrgetter("sampling_params")
+_constraint_of = operator.attrgetter("constraint")
 
 
 def plain_greedy(request: Request) -> bool:
@@ -27,17 +34,14 @@ def params_on_device(params) -> bool:
 
 def all_rows_pass(requests: list[Request], params_pass) -> bool:
     """``params_pass`` holds for every request's parameters, and no request has a grammar or is short of its
-    ``min_tokens``. Asked of every row of every step: a params object is tested once per run of requests that
-    share it (one ``generate`` call's do), the rest is two attribute reads a row."""
-    passed = None
-    for request in requests:
-        params = request.sampling_params
-        if params is not passed:
-            if not params_pass(params):
-                return False
-            passed = params
-        if request.constraint is not None or len(request.output_token_ids) < params.min_tokens:
-            return False
+    ``min_tokens``. Asked of every row of every step: whole-list passes in C, each distinct params object (one
+    ``generate`` call's requests share one) tested once, the token counts read only where a ``min_tokens`` asks."""
+    all_params = list(map(_params_of, requests))
+    distinct = dict(zip(map(id, all_params), all_params)).values()  # by identity: params are not hashable
+    if not all(map(params_pass, distinct)) or any(map(operator.is_not, map(_constraint_of, requests), repeat(None))):
+        return False
+    if any(params.min_tokens for params in distinct):
+        return all(len(request.output_token_ids) >= request.sampling_params.min_tokens for request in requests)
     return True
 
 
