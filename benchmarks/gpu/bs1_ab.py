@@ -7,6 +7,8 @@ Default: JOULE_GEMV_L2_PREFETCH=0,1 over 2 rounds (Llama-3.2-1B shape, bf16, dum
 ``WARM_RUNS`` runs on one warm engine (`--repeat`): cold single runs moved up to ~25 % (2026-12-06 (j)). Each
 variant's runs are interleaved with the others', so a machine that drifts (host speed varied ~2x between calls in
 docs/benchmarks.md (f)) moves all of them alike; the table gives each variant's best and median tok/s.
+``JOULE_TREE=.,DIR``: a code A/B instead of a switch: the variant runs from source tree DIR (holding ``joule/`` and
+``benchmarks/configs/``, e.g. ``git archive OLD joule benchmarks/configs | tar -x -C DIR``), "." this checkout.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ WORKLOAD_TWO = [sys.executable, "-m", "joule.cli", "bench", "throughput", "--mod
                 "--load-format", "dummy", "--dtype", "bfloat16", "--max-model-len", "4096", "--num-prompts", "256",
                 "--input-len", "uniform:100:1024", "--output-len", "uniform:100:1024"]
 WARM_RUNS = 3
+TREE = "JOULE_TREE"  # not an environment variable: the source tree a variant runs from
 THROUGHPUT = {"--w2": ("w2", [*WORKLOAD_TWO, "--repeat", str(WARM_RUNS)]),
               "--w3": ("w3", [*WORKLOAD_THREE, "--repeat", str(WARM_RUNS)])}
 
@@ -47,10 +50,14 @@ def main() -> None:
     for round_index in range(rounds):
         for variant in variants:
             label = ",".join(f"{name}={value}" for name, value in zip(names, variant))
-            file_label = label.replace(",", "_").replace("=", "-").replace("+", "_")  # names the device returns
-            path = out / f"{prefix}-{file_label}-{round_index}.json"
+            file_label = label.replace(",", "_").replace("=", "-").replace("+", "_").replace("/", "_")  # device names
+            path = (out / f"{prefix}-{file_label}-{round_index}.json").resolve()
             env = {**os.environ, **dict(zip(names, variant))}
-            completed = subprocess.run([*command, "--output-json", str(path)], env=env, capture_output=True, text=True)
+            tree = env.pop(TREE, ".")
+            if tree != ".":  # `python -m` puts the working directory first on the path: run from the tree
+                env["PYTHONPATH"] = os.path.abspath(tree)
+            completed = subprocess.run([*command, "--output-json", str(path)], env=env, capture_output=True, text=True,
+                                       cwd=None if tree == "." else tree)
             if completed.returncode != 0:
                 print(label, "failed:", completed.stderr[-2000:], flush=True)
                 continue

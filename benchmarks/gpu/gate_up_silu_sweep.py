@@ -1,7 +1,8 @@
 """The fused gate/up + SiLU GEMM (TMA descriptors) against cuBLAS + ``silu_and_mul``, graph-timed (~1 minute).
 
-Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/gate_up_silu_sweep.py [--plain] [out.json [ROWS,...]]
-Llama-3.2-1B's MLP (hidden 2048, intermediate 8192), bf16, 16 distinct weights called in turn (from DRAM, as in the
+Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/gate_up_silu_sweep.py [--plain] [--model NAME]
+[out.json [ROWS,...]]
+Llama-3.2-1B's MLP (hidden 2048, intermediate 8192; ``--model`` qwen3-0.6b: 1024 / 3072, llama-3.1-8b: 4096 / 14336), bf16, 16 distinct weights called in turn (from DRAM, as in the
 engine), at a prompt step's 8,192 rows, a mixed step's 8,432, 2,048 and a decode step's 256. For each shape: the
 engine's path (cuBLAS GEMM, then ``silu_and_mul``), the GEMM alone, and every tile of ``TILES`` with its largest
 difference to the engine's path. The last line per shape names the best tile as ``JOULE_FUSED_GATE_UP`` takes it.
@@ -28,7 +29,9 @@ from joule.kernels.gate_up_config import GateUpTile, tile_setting  # noqa: E402
 from joule.kernels.gate_up_silu import gate_up_silu, tma_linear  # noqa: E402
 
 COPIES = 16
-HIDDEN, INTERMEDIATE = 2048, 8192
+MLP_SHAPES = {"llama-3.2-1b": (2048, 8192), "qwen3-0.6b": (1024, 3072), "llama-3.1-8b": (4096, 14336)}
+MODEL = sys.argv[sys.argv.index("--model") + 1] if "--model" in sys.argv else "llama-3.2-1b"
+HIDDEN, INTERMEDIATE = MLP_SHAPES[MODEL]
 TILES = [GateUpTile(128, 128, 64, 8, 3, 8, False), GateUpTile(128, 128, 64, 8, 4, 8, False),
          GateUpTile(128, 128, 64, 8, 3, 8, True), GateUpTile(128, 128, 32, 8, 4, 8, False),
          GateUpTile(128, 64, 64, 4, 4, 8, False), GateUpTile(128, 64, 64, 8, 4, 8, False),
@@ -70,7 +73,7 @@ def plain_sweep(device: torch.device, rows_to_time: list[int]) -> list[dict]:
 
 
 def main() -> None:
-    arguments = [argument for argument in sys.argv[1:] if argument != "--plain"]
+    arguments = [argument for argument in sys.argv[1:] if argument not in ("--plain", "--model", MODEL)]
     out_path = arguments[0] if arguments else None
     device = torch.device("cuda")
     if "--plain" in sys.argv:
@@ -90,8 +93,8 @@ def main() -> None:
         expected = silu_and_mul(F.linear(hidden, weights[0])).float()
         engine_us = 1e6 * timed_graph(lambda index: silu_and_mul(F.linear(hidden, weights[index])), COPIES)
         gemm_us = 1e6 * timed_graph(lambda index: F.linear(hidden, weights[index]), COPIES)
-        row = dict(rows=rows, engine_us=engine_us, gemm_only_us=gemm_us, tiles={})
-        print(f"gate_up {rows:5d}: cuBLAS + silu_and_mul {engine_us:7.1f} us ({flops / engine_us / 1e6:5.0f} TFLOP/s),"
+        row = dict(model=MODEL, rows=rows, engine_us=engine_us, gemm_only_us=gemm_us, tiles={})
+        print(f"gate_up {MODEL} {rows:5d}: cuBLAS + silu_and_mul {engine_us:7.1f} us ({flops / engine_us / 1e6:5.0f} TFLOP/s),"
               f" GEMM alone {gemm_us:7.1f} us", flush=True)
         for tile in TILES:
             try:
@@ -106,7 +109,7 @@ def main() -> None:
         if row["tiles"]:
             best = min(row["tiles"], key=lambda name: row["tiles"][name]["us"])
             row["best"] = best
-            print(f"gate_up {rows:5d} best {best} {row['tiles'][best]['us']:.1f} us against {engine_us:.1f}",
+            print(f"gate_up {MODEL} {rows:5d} best {best} {row['tiles'][best]['us']:.1f} us against {engine_us:.1f}",
                   flush=True)
         results.append(row)
     if out_path:

@@ -30,3 +30,21 @@ def test_a_throughput_ab_runs_each_variant_and_tabulates(tmp_path, monkeypatch, 
 def test_throughput_variants_run_warm_repeats():
     for _, command in script.THROUGHPUT.values():
         assert command[-2:] == ["--repeat", str(script.WARM_RUNS)] and script.WARM_RUNS >= 3
+
+
+def test_a_code_ab_runs_a_variant_from_another_source_tree(tmp_path, monkeypatch, capsys):
+    """``JOULE_TREE=.,DIR``: the second variant runs from DIR (its working directory and import path), the first
+    from this checkout; both produce their rows."""
+    tree = tmp_path / "old tree"
+    tree.mkdir()
+    (tree / "joule").symlink_to(BENCHMARKS.parent / "joule", target_is_directory=True)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "joule.cli", "bench", "throughput", *SMALL, "--num-prompts", "2",
+               "--input-len", "4", "--output-len", "2", "--repeat", "1"]
+    monkeypatch.setitem(script.THROUGHPUT, "--w3", ("w3", command))
+    monkeypatch.setattr(sys, "argv", ["bs1_ab.py", str(out), "1", "--w3", f"JOULE_TREE=.,{tree}"])
+    script.main()
+    printed = capsys.readouterr().out
+    assert "failed" not in printed
+    assert "round 0: JOULE_TREE=.:" in printed and f"round 0: JOULE_TREE={tree}:" in printed
+    assert len(list(out.iterdir())) == 2
