@@ -241,6 +241,15 @@ def test_block_table_rows_follow_a_request_whose_blocks_grow_or_are_replaced(tin
     assert fill(second, first) == [[9], [7, 8, 6]]  # back, after a step without them in place
     second.block_ids.append(2)
     assert fill(second, first) == [[9, 2], [7, 8, 6]]
+    first.block_ids.clear()  # emptied and refilled in place, shorter: the same list object, fewer blocks
+    first.block_ids.extend([11, 12])
+    assert fill(second, first) == [[9, 2], [11, 12]]
+    # The other mirrors, row by row: each row's token, its position, its slot and its length.
+    size = runner.block_size
+    assert runner.host_positions[:2].tolist() == [4, 19]
+    assert runner.host_sequence_lengths[:2].tolist() == [5, 20]
+    assert runner.host_slots[:2].tolist() == [9 * size + 4, 12 * size + 19 % size]
+    assert runner.host_input_ids[:2].tolist() == [1, 1]
 
 
 @interpreted_triton_on_cpu
