@@ -80,6 +80,7 @@ def test_warmup_steps_leave_generation_unchanged(tmp_path):
     assert generate("after") == before
 
 
+@interpreted_triton_on_cpu  # its small tiles run on CPU tensors: under the interpreter only
 def test_the_fused_gate_up_gemm_compiles_once_per_weight_shape(monkeypatch):
     from joule.kernels.gate_up_config import GateUpTile
     from joule.model.layers import GatedMLP, MergedLinear
