@@ -20,8 +20,9 @@ from engine_bench import LLAMA_1B, build, generate  # noqa: E402
 from joule.bench.workload import fixed_length_workload  # noqa: E402
 
 
-def main() -> None:
-    out_path = sys.argv[1] if len(sys.argv) > 1 else "w3_host_profile.txt"
+def warmed_workload_three():
+    """The engine as engine_bench.py builds it (metering off, as its workload-3 runs) and workload 3's prompts and
+    output lengths, after a warm-up and two plain runs (printed)."""
     engine, _, _ = build(LLAMA_1B, dtype="bfloat16", max_model_len=4096)
     engine.core.step_observer = None
     requests = fixed_length_workload(256, 512, 128, engine.model_config.vocab_size, seed=2)
@@ -29,6 +30,12 @@ def main() -> None:
     generate(engine, [prompts[0][:32]] * 4, [4] * 4)
     for _ in range(2):
         print(f"plain run: {sum(lengths) / generate(engine, prompts, lengths)[1]:.0f} tok/s", flush=True)
+    return engine, prompts, lengths
+
+
+def main() -> None:
+    out_path = sys.argv[1] if len(sys.argv) > 1 else "w3_host_profile.txt"
+    engine, prompts, lengths = warmed_workload_three()
     profiler = cProfile.Profile()
     profiler.enable()
     _, seconds = generate(engine, prompts, lengths)

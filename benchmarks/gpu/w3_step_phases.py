@@ -21,9 +21,8 @@ import time
 from collections import defaultdict
 
 sys.path.insert(0, "benchmarks/gpu")
-from engine_bench import LLAMA_1B, build, generate  # noqa: E402
-
-from joule.bench.workload import fixed_length_workload  # noqa: E402
+from engine_bench import generate  # noqa: E402
+from w3_host_profile import warmed_workload_three  # noqa: E402
 
 PHASES = {"engine step": ("engine", "step"), "core step": ("core", "step"),
           "plan continuation": ("scheduler", "schedule_continuation"), "launch": ("executor", "launch"),
@@ -77,13 +76,7 @@ def wrap(log: StepLog, owner, method: str, phase: str, begins_step: bool = False
 
 def main() -> None:
     out_path = sys.argv[1] if len(sys.argv) > 1 else "w3_step_phases.json"
-    engine, _, _ = build(LLAMA_1B, dtype="bfloat16", max_model_len=4096)
-    engine.core.step_observer = None
-    requests = fixed_length_workload(256, 512, 128, engine.model_config.vocab_size, seed=2)
-    prompts, lengths = [r.prompt_token_ids for r in requests], [r.output_len for r in requests]
-    generate(engine, [prompts[0][:32]] * 4, [4] * 4)
-    for _ in range(2):
-        print(f"plain run: {sum(lengths) / generate(engine, prompts, lengths)[1]:.0f} tok/s", flush=True)
+    engine, prompts, lengths = warmed_workload_three()
     log = StepLog()
     owners = {"engine": engine, "core": engine.core, "scheduler": engine.core.scheduler,
               "executor": engine.core.executor}
