@@ -36,9 +36,14 @@
 #          one after the other (overlap_probe.py): whether spreading prompts over decode steps could pay; then the
 #          fused gate/up GEMMs on fewer processors beside decode attention (--partition), and the other projections
 #          through the plain TMA GEMM against cuBLAS (gate_up_silu_sweep.py --plain) (~3 minutes, not in "all").
+#   host:  workload 3's host work step by step (w3_step_phases.py: each host phase of every step, the collector's
+#          passes), then, where an older source tree was unpacked into ab_old/ before the call (`git archive OLD joule
+#          benchmarks/configs | tar -x -C ab_old`; git ignores it: the device call carries it), workloads 3 and 2 from
+#          that tree and this one alternated (bs1_ab.py JOULE_TREE=ab_old,., two rounds / one round) (~1 minute, ~5
+#          with the A/B; not in "all").
 # Usage (repository root, joule importable): OUT=/some/dir bash benchmarks/gpu/pending_checks.sh PART... (fused, fair,
-# w3, perf, next, bench, pdl, splits, trigger, chain, blas, feed, fusedmlp, decoderows, overlap; "all" is fused fair w3, more than one call's 10
-# minutes)
+# w3, perf, next, bench, pdl, splits, trigger, chain, blas, feed, fusedmlp, decoderows, overlap, host; "all" is fused
+# fair w3, more than one call's 10 minutes)
 # Every step has its own timeout, so one that hangs leaves the others their time; big JSON is gzipped.
 # DRY=1 prints the commands instead of running them.
 set -u
@@ -46,7 +51,7 @@ RUN=""
 [[ ${DRY:-0} == 1 ]] && RUN="echo"
 OUT=${OUT:?set OUT to a directory for the results}
 WHAT=" ${*:-all} "
-NOT_IN_ALL=" perf next bench pdl splits trigger chain blas feed fusedmlp decoderows overlap "
+NOT_IN_ALL=" perf next bench pdl splits trigger chain blas feed fusedmlp decoderows overlap host "
 wants() { [[ $WHAT == *" all "* && $NOT_IN_ALL != *" $1 "* ]] || [[ $WHAT == *" $1 "* ]]; }
 MODEL=benchmarks/configs/llama-3.2-1b
 mkdir -p "$OUT"
@@ -168,6 +173,17 @@ if wants overlap; then
   echo "overlap partition probe: exit $?"; grep -E "^partition" "$OUT/overlap_partition.log"
   $RUN timeout 120 python benchmarks/gpu/gate_up_silu_sweep.py --plain "$OUT/tma_linear.json" > "$OUT/tma_linear.log" 2>&1
   echo "plain TMA GEMM sweep: exit $?"; grep -E "^plain" "$OUT/tma_linear.log"
+fi
+
+if wants host; then
+  $RUN timeout 150 python benchmarks/gpu/w3_step_phases.py "$OUT/w3_step_phases.json" > "$OUT/w3_step_phases.log" 2>&1
+  echo "w3 step phases: exit $?"; grep -E "^(plain|instrumented|steps)" "$OUT/w3_step_phases.log"
+  if [[ -d ab_old/joule || -n $RUN ]]; then
+    $RUN timeout 200 python benchmarks/gpu/bs1_ab.py "$OUT/w3_code" 2 --w3 JOULE_TREE=ab_old,. > "$OUT/w3_code.log" 2>&1
+    echo "w3 code A/B: exit $?"; tail -3 "$OUT/w3_code.log"
+    $RUN timeout 150 python benchmarks/gpu/bs1_ab.py "$OUT/w2_code" 1 --w2 JOULE_TREE=ab_old,. > "$OUT/w2_code.log" 2>&1
+    echo "w2 code A/B: exit $?"; tail -3 "$OUT/w2_code.log"
+  fi
 fi
 
 if wants bench; then

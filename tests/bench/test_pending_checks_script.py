@@ -116,3 +116,11 @@ def test_overlap_runs_the_two_stream_probe(tmp_path):
     assert f"overlap_probe.py {tmp_path}/overlap_probe.json" in (tmp_path / "overlap_probe.log").read_text()
     assert (f"overlap_probe.py --partition {tmp_path}/overlap_partition.json"
             in (tmp_path / "overlap_partition.log").read_text())
+
+
+def test_host_runs_the_step_phases_then_the_code_ab_against_the_unpacked_tree(tmp_path):
+    assert _dry_run(tmp_path, "host") == ["w3 step phases", "w3 code A/B", "w2 code A/B"]
+    assert f"w3_step_phases.py {tmp_path}/w3_step_phases.json" in (tmp_path / "w3_step_phases.log").read_text()
+    for workload, rounds in (("w3", 2), ("w2", 1)):
+        ab = (tmp_path / f"{workload}_code.log").read_text()
+        assert f"bs1_ab.py {tmp_path}/{workload}_code {rounds} --{workload} JOULE_TREE=ab_old,." in ab
