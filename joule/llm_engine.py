@@ -262,17 +262,21 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         progressed = self.core.step()
         now = time.time()
+        # The states with something to send: a FINAL_ONLY request's only once one of its samples finishes (most
+        # rows of most steps are neither, and skip the second loop).
         changed: dict[str, RequestState] = {}
         owners, advance = self._sample_owner, self._outputs.advance  # every row of every step passes here
+        final_only = RequestOutputKind.FINAL_ONLY
         for request in progressed:
             owner = owners.get(request.request_id)
             if owner is None:
                 continue
             state, index = owner
-            advance(state, state.samples[index], now)
-            changed[state.request_id] = state
+            sample = state.samples[index]
+            advance(state, sample, now)
+            if sample.finish_reason is not None or state.params.output_kind is not final_only:
+                changed[state.request_id] = state
         outputs = []
-        final_only = RequestOutputKind.FINAL_ONLY
         for state in changed.values():
             finished = state.finished
             if finished or state.params.output_kind != final_only:

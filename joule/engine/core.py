@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol
@@ -10,6 +11,8 @@ from joule.engine.kv_blocks import KVBlockManager
 from joule.engine.plan import Executor, StepPlan, StepResult
 from joule.engine.request import FINISHED_STATUSES, Request, RequestStatus
 from joule.engine.scheduler import Scheduler, SchedulerConfig
+
+_status_of = operator.attrgetter("request.status")
 
 
 @dataclass
@@ -89,7 +92,8 @@ class EngineCore:
             # Requests that ended with the step before (stop token or string, abort) computed one token more:
             # dropped here, so neither the update nor the energy ledger sees them again.
             finished = FINISHED_STATUSES
-            plan.sequences = [sequence for sequence in plan.sequences if sequence.request.status not in finished]
+            if not finished.isdisjoint(map(_status_of, plan.sequences)):  # one pass in C; a rebuild when needed
+                plan.sequences = [sequence for sequence in plan.sequences if sequence.request.status not in finished]
             if plan.is_empty:
                 self.executor.collect(launched)
         else:
