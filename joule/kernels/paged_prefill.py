@@ -193,8 +193,9 @@ def paged_prefill_attention(
     default = prefill_config(group, head_dim, query.dtype)
     launch = {**default, **(launch or {})}
     block_m, block_n = max(launch["block_m"], next_power_of_2(group)), launch["block_n"]
-    if tiles is not None and block_m != default["block_m"]:
-        raise ValueError("paged_prefill_attention: a block_m override needs tiles built here (tiles=None)")
+    if tiles is not None and block_m != default["block_m"] and launch.get("tile_rows") != block_m // group:
+        raise ValueError("paged_prefill_attention: a block_m override needs tiles built here (tiles=None) or for it "
+                         "(build_tiles with block_m // group rows, and launch['tile_rows'] saying so)")
     if tiles is None:
         if query_lengths is None or host_sequence_lengths is None:
             raise ValueError("paged_prefill_attention: pass tiles, or the host query/sequence lengths")

@@ -188,6 +188,29 @@ def test_prefill_half_precision_long_prompt(dtype):
     assert_close(output, expected, dtype)
 
 
+def test_prefill_tiles_built_ahead_for_a_block_m_override():
+    """A sweep builds its tiles outside a CUDA graph: tiles for a block_m override are taken when ``tile_rows`` says
+    they were built for it, and refused when it does not (tiles of another size would skip or repeat rows)."""
+    from joule.kernels.paged_prefill import build_tiles
+
+    batch = make_batch([(0, 40), (9, 23)], 8, 2, 32, 16, seed=4)
+    expected = reference_output(batch, 0.2)
+    cache, metadata = batch["cache"], batch["metadata"]
+    launch = dict(block_m=32, block_n=16, num_warps=4, num_stages=2)
+    tiles = build_tiles(metadata.query_lengths, metadata.sequence_lengths, 32 // 4, batch["query"].device)
+
+    def run(**settings):
+        return paged_prefill_attention(batch["query"], cache.key_caches[0], cache.value_caches[0],
+                                       metadata.block_tables, metadata.query_start_locations, device_lengths(metadata),
+                                       0.2, tiles=tiles, launch={**launch, **settings})
+
+    assert_close(run(tile_rows=8), expected, torch.float32)
+    with pytest.raises(ValueError, match="block_m override"):
+        run()
+    with pytest.raises(ValueError, match="block_m override"):
+        run(tile_rows=16)
+
+
 BACKEND_CASES = [
     ("decode only", [(0, 1), (31, 1), (32, 1), (100, 1)]),
     ("mixed decodes and chunks", [(9, 1), (0, 12), (20, 1), (16, 17), (48, 5), (3, 1), (0, 1), (150, 1)]),
