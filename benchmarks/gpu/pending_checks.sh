@@ -41,8 +41,10 @@
 #          benchmarks/configs | tar -x -C ab_old`; git ignores it: the device call carries it), workloads 3 and 2 from
 #          that tree and this one alternated (bs1_ab.py JOULE_TREE=ab_old,., two rounds / one round) (~1 minute, ~5
 #          with the A/B; not in "all").
+#   prefill: the prefill kernel's 54 launch settings at workload 3's prompt step, a workload-2-like one and one 8k
+#          prompt (prefill_sweep.py, 2026-12-06 (k); ~3-5 minutes of compiles, not in "all").
 # Usage (repository root, joule importable): OUT=/some/dir bash benchmarks/gpu/pending_checks.sh PART... (fused, fair,
-# w3, perf, next, bench, pdl, splits, trigger, chain, blas, feed, fusedmlp, decoderows, overlap, host; "all" is fused
+# w3, perf, next, bench, pdl, splits, trigger, chain, blas, feed, fusedmlp, decoderows, overlap, host, prefill; "all" is fused
 # fair w3, more than one call's 10 minutes)
 # Every step has its own timeout, so one that hangs leaves the others their time; big JSON is gzipped.
 # DRY=1 prints the commands instead of running them.
@@ -51,7 +53,7 @@ RUN=""
 [[ ${DRY:-0} == 1 ]] && RUN="echo"
 OUT=${OUT:?set OUT to a directory for the results}
 WHAT=" ${*:-all} "
-NOT_IN_ALL=" perf next bench pdl splits trigger chain blas feed fusedmlp decoderows overlap host "
+NOT_IN_ALL=" perf next bench pdl splits trigger chain blas feed fusedmlp decoderows overlap host prefill "
 wants() { [[ $WHAT == *" all "* && $NOT_IN_ALL != *" $1 "* ]] || [[ $WHAT == *" $1 "* ]]; }
 MODEL=benchmarks/configs/llama-3.2-1b
 mkdir -p "$OUT"
@@ -184,6 +186,11 @@ if wants host; then
     $RUN timeout 150 python benchmarks/gpu/bs1_ab.py "$OUT/w2_code" 1 --w2 JOULE_TREE=ab_old,. > "$OUT/w2_code.log" 2>&1
     echo "w2 code A/B: exit $?"; tail -3 "$OUT/w2_code.log"
   fi
+fi
+
+if wants prefill; then
+  $RUN timeout 330 python benchmarks/gpu/prefill_sweep.py "$OUT/prefill_sweep.json" > "$OUT/prefill_sweep.log" 2>&1
+  echo "prefill sweep: exit $?"; grep -A1 "default" "$OUT/prefill_sweep.log"
 fi
 
 if wants bench; then

@@ -124,3 +124,8 @@ def test_host_runs_the_step_phases_then_the_code_ab_against_the_unpacked_tree(tm
     for workload, rounds in (("w3", 2), ("w2", 1)):
         ab = (tmp_path / f"{workload}_code.log").read_text()
         assert f"bs1_ab.py {tmp_path}/{workload}_code {rounds} --{workload} JOULE_TREE=ab_old,." in ab
+
+
+def test_prefill_runs_the_prefill_launch_sweep(tmp_path):
+    assert _dry_run(tmp_path, "prefill") == ["prefill sweep"]
+    assert f"prefill_sweep.py {tmp_path}/prefill_sweep.json" in (tmp_path / "prefill_sweep.log").read_text()
