@@ -15,14 +15,12 @@ import os
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from joule.engine.plan import CONTINUATION_TOKEN, ScheduledSequence, StepPlan, StepResult
 from joule.engine.request import Request, SampledToken
 from joule.runtime.attention.base import (
     AttentionBackend,
-    AttentionMetadata,
     ForwardContext,
     KVCache,
 )
@@ -31,6 +29,7 @@ from joule.runtime.kernel_warmup import compile_fused_gate_up, warmup_plans
 from joule.runtime.prefill_graphs import PrefillChunkGraphRunner, can_run_mixed_step, run_mixed_step
 from joule.runtime.sampler import Sampler, greedy_tokens, prompt_logprobs
 from joule.runtime.sampling_rows import all_rows_pass, params_on_device, params_plain_greedy, sampling_row
+from joule.runtime.step_inputs import prepare_step_inputs
 
 logger = logging.getLogger(__name__)
 _request_of = operator.attrgetter("request")
@@ -324,44 +323,7 @@ class ModelExecutor:
         return StepResult(sampled=sampled, elapsed_seconds=time.perf_counter() - started)
 
     def _prepare(self, plan: StepPlan):
-        size = self.block_size
-        sequences = plan.sequences
-        total = plan.num_tokens
-        input_ids = np.empty(total, dtype=np.int64)
-        positions = np.empty(total, dtype=np.int64)
-        slots = np.empty(total, dtype=np.int64)
-        max_blocks = max(len(sequence.block_ids) for sequence in sequences)
-        block_tables = np.zeros((len(sequences), max_blocks), dtype=np.int32)
-        query_starts = [0]
-        query_lengths, context_lengths, sequence_lengths = [], [], []
-        sample_rows = []
-        offset = 0
-        for index, sequence in enumerate(sequences):
-            count = sequence.num_tokens
-            start = sequence.start_position
-            blocks = np.asarray(sequence.block_ids, dtype=np.int64)
-            block_tables[index, : len(blocks)] = blocks
-            seq_positions = np.arange(start, start + count, dtype=np.int64)
-            input_ids[offset : offset + count] = sequence.token_ids
-            positions[offset : offset + count] = seq_positions
-            slots[offset : offset + count] = blocks[seq_positions // size] * size + seq_positions % size
-            offset += count
-            query_starts.append(offset)
-            query_lengths.append(count)
-            context_lengths.append(start)
-            sequence_lengths.append(start + count)
-            if sequence.samples:
-                sample_rows.append((offset - 1, sequence))
-        device = self.device
-        metadata = AttentionMetadata(
-            query_start_locations=_to_device(np.asarray(query_starts, dtype=np.int64), device),
-            slot_mapping=_to_device(slots, device),
-            block_tables=_to_device(block_tables, device),
-            query_lengths=query_lengths,
-            context_lengths=context_lengths,
-            sequence_lengths=sequence_lengths,
-        )
-        return _to_device(input_ids, device), _to_device(positions, device), metadata, sample_rows
+        return prepare_step_inputs(plan, self.block_size, self.device)
 
 
 def _rows_and_sequences(sample_rows: list[tuple[int, ScheduledSequence]]) -> tuple[list[int], list[ScheduledSequence]]:
@@ -395,10 +357,3 @@ def _token_offsets(plan: StepPlan, rows: list[int]) -> list[int]:
             target = next(wanted, None)
         offset += sequence.num_tokens
     return offsets
-
-
-def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    tensor = torch.from_numpy(array)
-    if device.type == "cpu":
-        return tensor
-    return tensor.pin_memory().to(device, non_blocking=True)
