@@ -2,7 +2,7 @@
 
 Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/decode_sweep.py [--focus | --splits | --w3] [out.json]
 (``--focus``: only workload 2's step shape, compact and spread caches: bf16 and fp8 with each launch variant, the
-grid order ``heads_first`` and a head-major cache layout, the last two not measured yet.
+grid order (heads first, the default since 2026-12-06 (k), against sequences first) and a head-major cache layout.
 ``--splits``: Qwen3-0.6B's layer at the batch sizes workload 2 passes through as its requests finish (16-256 rows,
 1-2k tokens), every split count 1-8 against ``choose_num_splits``'s choice.
 ``--w3``: workload 3's decode step (Llama-3.2-1B layer, 256 sequences x 576 tokens, the cache spread 20x as an
@@ -76,10 +76,10 @@ def focus() -> list[dict]:
     """Workload 2's decode step shape (Qwen3-0.6B layer, 256 sequences x 1k context) with the default launch:
     bf16 vs fp8 vs fp8 with fp16 dots, on a compact cache and on one spread 40x (as an engine's)."""
     rows = []
-    variants = ((torch.bfloat16, {}, False), (torch.bfloat16, {"heads_first": True}, False),
+    variants = ((torch.bfloat16, {}, False), (torch.bfloat16, {"heads_first": False}, False),
                 (torch.bfloat16, {}, True), (torch.float8_e4m3fn, {"fp8_asm": False}, False),
                 (torch.float8_e4m3fn, {"fp8_asm": False, "fp16_dot": True}, False), (torch.float8_e4m3fn, {}, False),
-                (torch.float8_e4m3fn, {"heads_first": True}, False), (torch.float8_e4m3fn, {}, True))
+                (torch.float8_e4m3fn, {"heads_first": False}, False), (torch.float8_e4m3fn, {}, True))
     for spread in (1, 40):
         for cache_dtype, launch, head_major in variants:
             query, keys, values, tables, lengths = make_inputs(256, 1024, 16, 8, 128, cache_dtype, spread=spread,
@@ -131,7 +131,7 @@ def workload_three() -> list[dict]:
     """Llama-3.2-1B's decode attention at workload 3's decode steps: which launch reads its KV fastest."""
     rows = []
     batch, context = 256, 576
-    variants = [({}, False), ({"heads_first": True}, False), ({}, True), ({"heads_first": True}, True)]
+    variants = [({}, False), ({"heads_first": False}, False), ({}, True), ({"heads_first": False}, True)]
     variants += [({"splits": splits}, False) for splits in (2, 3, 4)]  # shorter programs: more, fuller waves
     variants += [(dict(block_n=block_n, num_warps=warps, num_stages=stages), False)
                  for block_n, warps, stages in itertools.product((64, 128, 256), (4, 8), (2, 3, 4))]

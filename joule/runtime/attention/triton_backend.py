@@ -41,7 +41,7 @@ from joule.runtime.attention.base import AttentionBackend, AttentionMetadata, KV
 # bound, not the context they replay (batch 1 at 128 -> 256: +1.1 %).
 FUSED_OUTPUT_ENV = "JOULE_FUSED_ATTENTION_OUTPUT"
 # Decode attention's launch settings for A/Bs on a GPU (`benchmarks/gpu/decode_sweep.py --w3`), items joined by "+":
-# "heads_first=1+num_warps=8". Unset: the kernel's own choice.
+# "heads_first=0+num_warps=8" (heads first is the default). Unset: the kernel's own choice.
 DECODE_LAUNCH_ENV = "JOULE_DECODE_LAUNCH"
 DECODE_LAUNCH_KEYS = ("block_n", "num_warps", "num_stages", "heads_first")
 
