@@ -119,7 +119,6 @@ def gate_up_silu(hidden: torch.Tensor, weight: torch.Tensor, tile: GateUpTile | 
     return _launch(_gate_up_silu_kernel, hidden, weight, tile, max_programs, "gate_up_silu", gated=True)
 
 
-
 @triton.jit(do_not_specialize=["rows", "num_programs"])
 def _linear_kernel(x_descriptor, weight_descriptor, output_descriptor, rows, out_features, hidden, num_programs,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,

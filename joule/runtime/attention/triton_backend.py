@@ -27,6 +27,7 @@ from joule.kernels.attention_output import (
     decode_attention_output,
     fits_fused_attention_output,
 )
+from joule.kernels.common import processor_count
 from joule.kernels.kv_write import write_kv_cache
 from joule.kernels.paged_decode import MIN_SPLIT_TOKENS, choose_num_splits, paged_decode_attention
 from joule.kernels.paged_prefill import (
@@ -155,7 +156,6 @@ class TritonAttentionBackend(AttentionBackend):
         self.fuse_output_projection = fuse_output_projection
         self.decode_launch = decode_launch_from_environment() or None
         self._step: _StepTensors | None = None
-        self._num_processors: dict[torch.device, int] = {}
         self._fused_buffers: dict[tuple, FusedAttentionOutputBuffers] = {}
 
     def forward(
@@ -238,9 +238,6 @@ class TritonAttentionBackend(AttentionBackend):
         return choose_num_splits(batch_size, num_kv_heads, max_length_bound, self._processors(device))
 
     def _processors(self, device: torch.device) -> int:
-        if device not in self._num_processors:
-            count = 1
-            if device.type == "cuda":
-                count = torch.cuda.get_device_properties(device).multi_processor_count
-            self._num_processors[device] = count
-        return self._num_processors[device]
+        """The GPU's processors (``common.processor_count``, cached there); one off CUDA, where the split rule
+        then never splits for want of processors."""
+        return processor_count(device) if device.type == "cuda" else 1
