@@ -138,15 +138,16 @@ def _prefill_kernel(
 
 
 def prefill_config(group: int, head_dim: int, dtype: torch.dtype) -> dict:
-    """Launch shape. bf16/fp16: (64, 64, 4 warps, 2 stages) was fastest of 54 settings on an H100 at
-    workload 3's prompt step (-9 % against the earlier 128-row tiles), a workload-2-like step at head_dim
-    128 (-10 %) and one 8k prompt (-3 %) (prefill_sweep.py, docs/benchmarks.md 2026-12-06 (l)).
-    float32 and wide heads take smaller tiles to fit shared memory."""
+    """Launch shape. bf16, head_dim 64: (128, 64, 8 warps, 3 stages) was fastest of 24 configs on an
+    H200 (8k prompt, 0.88 ms vs 1.05 for 4 warps/2 stages). On an H100, (64, 64, 4, 2) timed 9-10 %
+    faster per kernel at workload 3's prompt step but ran workload 3 1-7 % slower end to end in three
+    alternated rounds (docs/benchmarks.md 2026-12-06 (l)), so the default stays. float32 and wide heads
+    take smaller tiles to fit shared memory."""
     head_dim_pad = max(16, next_power_of_2(head_dim))
     if dtype == torch.float32 or head_dim_pad > 128:
         config = dict(block_m=64, block_n=32, num_warps=4, num_stages=2)
     else:
-        config = dict(block_m=64, block_n=64, num_warps=4, num_stages=2)
+        config = dict(block_m=128, block_n=64, num_warps=8, num_stages=3 if head_dim_pad <= 64 else 2)
     config["block_m"] = max(config["block_m"], next_power_of_2(group))
     return config
 
