@@ -84,6 +84,9 @@ def main() -> None:
     parser.add_argument("--lookahead", action="store_true",
                         help="decode: plan each step's successor before its tokens are known, as the engine does on "
                              "a GPU (scheduler.schedule_continuation instead of schedule)")
+    parser.add_argument("--recording", action="store_true",
+                        help="decode: the executor wrapped as calibration wraps it (perf.measure.RecordingExecutor), "
+                             "to see what the calibration's bookkeeping adds to the steps it times")
     parser.add_argument("--no-freeze", action="store_true", help="--phase run: leave the start-up heap unfrozen")
     parser.add_argument("--runs", type=int, default=8, help="--phase run: runs timed")
     parser.add_argument("--prompt-len", type=int, default=512, help="--phase prefill: every prompt's length")
@@ -130,6 +133,10 @@ def main() -> None:
         executor.collect = execute
         executor.can_continue = lambda launched: True
         engine.core.decode_lookahead = True
+    if args.recording:  # as `joule perf calibrate` times its steps: each plan's batch shape recorded
+        from joule.perf.measure import RecordingExecutor
+
+        engine.core.executor = RecordingExecutor(executor)
     rng = random.Random(0)
     params = SamplingParams(temperature=0.0, max_tokens=100_000, ignore_eos=True,
                             output_kind=RequestOutputKind(args.output_kind))

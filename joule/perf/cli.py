@@ -30,6 +30,16 @@ def load_model_config(text: str) -> ModelConfig:
     raise ValueError(f"model config {text!r} not found: give a config.json path or directory, or one of: {known}")
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def _csv(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
@@ -57,6 +67,10 @@ def add_perf_commands(subparsers) -> None:
     simulate.add_argument("--replicas", type=int, default=1, help="data-parallel replicas (single kind)")
     simulate.add_argument("--profile", default=None, help="DeviceProfile JSON (default: shipped or catalog)")
     simulate.add_argument("--dtype", default=None)
+    simulate.add_argument("--host-scale", type=_positive_float, default=1.0,
+                          help="the profile's host terms times this: a host this many times as slow as the "
+                               "calibration's (`joule perf validate` prints the factor that fits a machine's step "
+                               "grid; runs with the decode lookahead follow it less)")
     simulate.add_argument("--router", default="least_loaded", choices=["least_loaded", "round_robin"])
     simulate.add_argument("--max-num-seqs", type=int, default=256)
     simulate.add_argument("--max-num-batched-tokens", type=int, default=8192)
@@ -141,6 +155,9 @@ def add_perf_commands(subparsers) -> None:
     validate.add_argument("--recheck", default=None,
                           help="a saved validation JSON (.gz ok): re-predict its measured steps and re-simulate its "
                                "offline and serving runs with --profile, no engine")
+    validate.add_argument("--host-scale", type=_positive_float, default=1.0,
+                          help="--profile's host terms times this (a host this many times as slow as the "
+                               "calibration's); the step grid's best-fitting factor is printed either way")
     validate.add_argument("--output-json", default=None, help="the report (JSON; gzip-compressed if it ends in .gz)")
     validate.add_argument("--plot", default=None, help="PNG: steps predicted vs measured, run errors vs targets")
     validate.set_defaults(perf_handler=run_validate)
@@ -173,6 +190,8 @@ def _replica_list(args, model: ModelConfig):
             decode_lookahead=getattr(args, "decode_lookahead", None), metered=not getattr(args, "unmetered", False),
             fair_keep_up=getattr(args, "fair_keep_up", True),
         )
+        if getattr(args, "host_scale", 1.0) != 1.0:
+            replica.profile = replica.profile.with_host_scale(args.host_scale)
         if replica.hardware.name in prices:
             replica.hardware = with_price(replica.hardware, prices[replica.hardware.name])
         replicas += [replica] * count

@@ -9,7 +9,7 @@ current device and saves them as JSON, which the simulator and planner load.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +46,16 @@ _PAGED_ATTENTION = {"gpu": True, "cpu": False}
 # bandwidth, draws. Used to derive per-FLOP and per-byte energies from the board power.
 _FLOP_POWER_SHARE = 0.6
 _BYTE_POWER_SHARE = 0.4
+
+
+# The terms that are the host's (Python) work, not device time. Machines lent as one GPU kind differ up to 2x in host
+# speed, and the steps they time differ by one factor on these terms (docs/perf-model.md, H100 2026-12-06 (l)):
+# ``DeviceProfile.with_host_scale``, fitted to measured steps by ``joule.perf.host_scale``. A graph replay's per-layer
+# terms are gaps on the device and stay: ``chunk_pass_layer_overhead_s`` always, ``layer_overhead_s`` where the profile
+# says so (``graph_layer_overhead_on_device``; elsewhere it is launches, host work).
+HOST_TERMS = ("step_overhead_s", "sequence_overhead_s", "streamed_sequence_overhead_s", "metered_sequence_overhead_s",
+              "metered_step_overhead_s", "prefill_sequence_layer_overhead_s", "chunk_layer_overhead_s",
+              "finish_overhead_s", "finish_token_overhead_s", "wake_overhead_s")
 
 
 @dataclass
@@ -185,6 +195,13 @@ class DeviceProfile:
         )
 
     # -- files ---------------------------------------------------------------------------
+    def with_host_scale(self, scale: float) -> DeviceProfile:
+        """This profile on a host ``scale`` times as slow as the calibration's (0.5: twice as fast)."""
+        if not (isinstance(scale, (int, float)) and 0 < scale < float("inf")):
+            raise ValueError(f"host_scale must be a positive number, got {scale!r}")
+        terms = HOST_TERMS if self.graph_layer_overhead_on_device else HOST_TERMS + ("layer_overhead_s",)
+        return replace(self, **{name: getattr(self, name) * scale for name in terms})
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -18,7 +18,7 @@ def run_validate(args: argparse.Namespace) -> int:
     from joule.perf.resimulate import offline_requests, serving_requests
     from joule.perf.validate import compare_run, random_validation_grid, summarize_checks, validate_steps
 
-    profile = DeviceProfile.load(args.profile)
+    profile = DeviceProfile.load(args.profile).with_host_scale(getattr(args, "host_scale", 1.0))
     if args.recheck:
         return _recheck(args, profile)
     engine = build_engine(args.model, args.dtype, args.load_format, args.device)
@@ -36,6 +36,7 @@ def run_validate(args: argparse.Namespace) -> int:
         for name, row in report["steps"]["by_scenario"].items():
             print(f"  {name:<26} measured {row['median_measured_s'] * 1e3:8.1f} ms  predicted "
                   f"{row['median_predicted_s'] * 1e3:8.1f} ms  error {row['median_error']:+.1%}")
+        report["steps"]["host_scale"] = _print_host_scale(checks, engine.model_config, profile)
     offline = "32,128,64" if args.offline is None else args.offline
     if offline:
         requests = offline_requests(offline, engine.model_config.vocab_size)
@@ -88,6 +89,8 @@ def _recheck(args: argparse.Namespace, profile) -> int:
             print(f"{name}: median |error| {summary['median_abs_error']:.1%} over {len(checks)} steps "
                   f"[{_by_kind(summary)}]")
             rechecked[name] = {"steps": summary}
+            if name == "steps":
+                summary["host_scale"] = _print_host_scale(checks, model_config, profile)
         if name != "steps" and section:
             comparison = resimulate(section, name, model_config, profile, getattr(args, name))
             guessed = f" (inferred: {', '.join(comparison['inferred'])})" if comparison["inferred"] else ""
@@ -99,6 +102,16 @@ def _recheck(args: argparse.Namespace, profile) -> int:
     if args.plot:
         _plot(args, step_checks, runs)
     return 0
+
+
+def _print_host_scale(checks, model_config: ModelConfig, profile) -> dict:
+    """The factor on the profile's host terms that fits these steps (this host against the calibration's)."""
+    from joule.perf.host_scale import fit_host_scale
+
+    fit = fit_host_scale(checks, model_config, profile)
+    print("  " + fit.describe())
+    return {"scale": fit.scale, "median_abs_error": fit.median_abs_error,
+            "unscaled_median_abs_error": fit.unscaled_median_abs_error}
 
 
 def _plot(args: argparse.Namespace, step_checks: dict, runs: dict) -> None:
