@@ -43,8 +43,11 @@
 #          with the A/B; not in "all").
 #   prefill: the prefill kernel's 54 launch settings at workload 3's prompt step, a workload-2-like one and one 8k
 #          prompt (prefill_sweep.py, 2026-12-06 (k); ~3-5 minutes of compiles, not in "all").
+#   b1host: batch 1's host work step by step (w3_step_phases.py --batch-one; 2026-12-06 (l): one host ran batch 1 at
+#          79.3 % of the roofline, its eager steps at 59 % of another start's speed): two plain runs' tok/s, then
+#          each host phase of every step of an instrumented one (~1 minute, not in "all").
 # Usage (repository root, joule importable): OUT=/some/dir bash benchmarks/gpu/pending_checks.sh PART... (fused, fair,
-# w3, perf, next, bench, pdl, splits, trigger, chain, blas, feed, fusedmlp, decoderows, overlap, host, prefill; "all" is fused
+# w3, perf, next, bench, pdl, splits, trigger, chain, blas, feed, fusedmlp, decoderows, overlap, host, prefill, b1host; "all" is fused
 # fair w3, more than one call's 10 minutes)
 # Every step has its own timeout, so one that hangs leaves the others their time; big JSON is gzipped.
 # DRY=1 prints the commands instead of running them.
@@ -53,7 +56,7 @@ RUN=""
 [[ ${DRY:-0} == 1 ]] && RUN="echo"
 OUT=${OUT:?set OUT to a directory for the results}
 WHAT=" ${*:-all} "
-NOT_IN_ALL=" perf next bench pdl splits trigger chain blas feed fusedmlp decoderows overlap host prefill "
+NOT_IN_ALL=" perf next bench pdl splits trigger chain blas feed fusedmlp decoderows overlap host prefill b1host "
 wants() { [[ $WHAT == *" all "* && $NOT_IN_ALL != *" $1 "* ]] || [[ $WHAT == *" $1 "* ]]; }
 MODEL=benchmarks/configs/llama-3.2-1b
 mkdir -p "$OUT"
@@ -188,6 +191,11 @@ if wants host; then
   fi
 fi
 
+if wants b1host; then
+  $RUN timeout 120 python benchmarks/gpu/w3_step_phases.py "$OUT/b1_step_phases.json" --batch-one \
+    > "$OUT/b1_step_phases.log" 2>&1
+  echo "b1 step phases: exit $?"; grep -E "^(plain|instrumented|steps)" "$OUT/b1_step_phases.log"
+fi
 if wants prefill; then
   $RUN timeout 330 python benchmarks/gpu/prefill_sweep.py "$OUT/prefill_sweep.json" > "$OUT/prefill_sweep.log" 2>&1
   echo "prefill sweep: exit $?"; grep -A1 "default" "$OUT/prefill_sweep.log"

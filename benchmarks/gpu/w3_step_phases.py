@@ -1,6 +1,11 @@
 """Workload 3's host work step by step: where the steps that leave the GPU idle spend their time.
 
-Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/w3_step_phases.py [out.json]
+Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/w3_step_phases.py [out.json] [--batch-one]
+
+``--batch-one``: the same phases for workload 1 instead (one request, 128 -> 256, greedy, graphs and the lookahead on,
+unmetered, as engine_bench.py's "unmetered lookahead" row). On one host of 2026-12-06 (l) its step went 0.995 ->
+1.086 ms (79.3 % of the roofline) while eager steps ran at 59 % of another start's speed: whether the host binds
+a batch-1 step there, and in which phase, is what this tells.
 
 Why: under the profiler (H100, 2026-12-06 (k), ``step_gaps.py w3``) the GPU idled 25 ms of a 900 ms run, mostly in
 the steps around the first requests' last token (steps 125-128: 6.5-9.7 ms a step, the GPU's ~3.3) and in the
@@ -21,8 +26,10 @@ import time
 from collections import defaultdict
 
 sys.path.insert(0, "benchmarks/gpu")
-from engine_bench import generate  # noqa: E402
+from engine_bench import LLAMA_1B, build, generate  # noqa: E402
 from w3_host_profile import warmed_workload_three  # noqa: E402
+
+from joule.bench.workload import fixed_length_workload  # noqa: E402
 
 PHASES = {"engine step": ("engine", "step"), "core step": ("core", "step"),
           "plan continuation": ("scheduler", "schedule_continuation"), "launch": ("executor", "launch"),
@@ -74,9 +81,28 @@ def wrap(log: StepLog, owner, method: str, phase: str, begins_step: bool = False
         print(f"not timed: {phase} ({type(error).__name__}: {error})", flush=True)
 
 
+def warmed_batch_one():
+    """Workload 1 as engine_bench.py's unmetered lookahead row runs it, after a warm-up and two plain runs."""
+    engine, _, _ = build(LLAMA_1B, dtype="bfloat16", max_model_len=4096)
+    engine.core.step_observer = None
+    prompts = [fixed_length_workload(1, 128, 256, engine.model_config.vocab_size, seed=1)[0].prompt_token_ids]
+    lengths = [256]
+    generate(engine, [prompts[0][:32]] * 4, [4] * 4)
+    for _ in range(2):
+        print(f"plain run: {sum(lengths) / generate(engine, prompts, lengths)[1]:.0f} tok/s", flush=True)
+    return engine, prompts, lengths
+
+
+def step_ranges(num_steps: int, batch_one: bool) -> tuple[tuple[int, int], ...]:
+    """Workload 3: its 256-row decode steps, then the tail; workload 1: every decode step (the first is the prompt's)."""
+    return ((1, num_steps),) if batch_one else ((18, 126), (126, num_steps))
+
+
 def main() -> None:
-    out_path = sys.argv[1] if len(sys.argv) > 1 else "w3_step_phases.json"
-    engine, prompts, lengths = warmed_workload_three()
+    arguments = [argument for argument in sys.argv[1:] if argument != "--batch-one"]
+    batch_one = "--batch-one" in sys.argv[1:]
+    out_path = arguments[0] if arguments else "w3_step_phases.json"
+    engine, prompts, lengths = warmed_batch_one() if batch_one else warmed_workload_three()
     log = StepLog()
     owners = {"engine": engine, "core": engine.core, "scheduler": engine.core.scheduler,
               "executor": engine.core.executor}
@@ -103,13 +129,13 @@ def main() -> None:
     columns = ["engine step", "plan continuation", "launch", "collect", "update", "core other", "outputs",
                "gc gen0", "gc gen1", "gc gen2"]
     detail = list(LAUNCH_PHASES) + ["  replay"]
-    for start, stop in ((18, 126), (126, len(rows))):
+    for start, stop in step_ranges(len(rows), batch_one):
         print(f"steps {start}-{stop - 1}, median ms: " + ", ".join(
             f"{name.strip()} {statistics.median(row.get(name, 0.0) for row in rows[start:stop]):.3f}"
             for name in columns[:7] + detail))
     print("step  " + "  ".join(f"{column:>17s}" for column in columns))
     for index, row in enumerate(rows):
-        if index < 18 or row["engine step"] > 3.6 or index >= len(rows) - 18:
+        if index < 18 or row["engine step"] > (1.5 if batch_one else 3.6) or index >= len(rows) - 18:
             print(f"{index:4d}  " + "  ".join(f"{row.get(column, 0.0):17.3f}" for column in columns))
     totals = {column: sum(row.get(column, 0.0) for row in rows) for column in columns}
     totals.update({f"gc gen{g} count": round(sum(row.get(f'gc gen{g} count', 0.0) for row in rows) * 1e3)

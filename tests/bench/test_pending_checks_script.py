@@ -129,3 +129,9 @@ def test_host_runs_the_step_phases_then_the_code_ab_against_the_unpacked_tree(tm
 def test_prefill_runs_the_prefill_launch_sweep(tmp_path):
     assert _dry_run(tmp_path, "prefill") == ["prefill sweep"]
     assert f"prefill_sweep.py {tmp_path}/prefill_sweep.json" in (tmp_path / "prefill_sweep.log").read_text()
+
+
+def test_b1host_runs_the_step_phases_at_batch_one(tmp_path):
+    assert _dry_run(tmp_path, "b1host") == ["b1 step phases"]
+    assert (f"w3_step_phases.py {tmp_path}/b1_step_phases.json --batch-one"
+            in (tmp_path / "b1_step_phases.log").read_text())
