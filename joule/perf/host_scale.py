@@ -2,13 +2,13 @@
 
 Why: machines lent as one GPU kind differ up to 2x in host speed, and a profile's host terms describe the host it was
 calibrated on. The host probe (``joule.perf.host_probe``) was meant to tell the hosts apart, but it read 74-126 ms on
-one machine within minutes, while one factor on the host terms, fitted to a validation's step grid, was the same
-(1.5x) on both of that machine's grids and took a profile calibrated on the other host from 17-19 % to 4.5-5.7 %
-median step error (docs/perf-model.md, H100 2026-12-06 (l)). Fitting that factor needs only the measured steps a
-validation already saves.
+one machine within minutes, while one factor on the host terms, fitted to a validation's step grid, was about the
+same (x1.56, x1.72) on both of that machine's grids and took a profile calibrated on the other host from 17-19 % to
+3.5-3.9 % median step error (docs/perf-model.md, H100 2026-12-06 (l)). Fitting that factor needs only the measured
+steps a validation already saves.
 
-It describes steps timed one by one. Runs with the decode lookahead (queued continuation steps, a cheaper host path)
-follow it less: on that machine the offline run's simulation went from +11 % to -15 % in throughput with it, so it
+It describes steps timed one by one. Runs with the decode lookahead (queued steps, whose host work hides behind the
+device) follow it less: on that machine the offline run's simulation went from +11 % to -15 % in throughput with it, so it
 is a reading of the host, and ``joule simulate --host-scale`` a what-if, not a correction to apply blindly.
 """
 
