@@ -46,8 +46,11 @@
 #   b1host: batch 1's host work step by step (w3_step_phases.py --batch-one; 2026-12-06 (l): one host ran batch 1 at
 #          79.3 % of the roofline, its eager steps at 59 % of another start's speed): two plain runs' tok/s, then
 #          each host phase of every step of an instrumented one (~1 minute, not in "all").
+#   queued: the calibration's queued 64-row decode steps under each condition in turn (FINAL_ONLY or DELTA outputs,
+#          the energy ledger off or on, plans recorded or not; queued_steps.py): what makes calibration's lookahead
+#          steps slower than a run's (docs/perf-model.md (l)) (~1-2 minutes, not in "all").
 # Usage (repository root, joule importable): OUT=/some/dir bash benchmarks/gpu/pending_checks.sh PART... (fused, fair,
-# w3, perf, next, bench, pdl, splits, trigger, chain, blas, feed, fusedmlp, decoderows, overlap, host, prefill, b1host; "all" is fused
+# w3, perf, next, bench, pdl, splits, trigger, chain, blas, feed, fusedmlp, decoderows, overlap, host, prefill, b1host, queued; "all" is fused
 # fair w3, more than one call's 10 minutes)
 # Every step has its own timeout, so one that hangs leaves the others their time; big JSON is gzipped.
 # DRY=1 prints the commands instead of running them.
@@ -56,7 +59,7 @@ RUN=""
 [[ ${DRY:-0} == 1 ]] && RUN="echo"
 OUT=${OUT:?set OUT to a directory for the results}
 WHAT=" ${*:-all} "
-NOT_IN_ALL=" perf next bench pdl splits trigger chain blas feed fusedmlp decoderows overlap host prefill b1host "
+NOT_IN_ALL=" perf next bench pdl splits trigger chain blas feed fusedmlp decoderows overlap host prefill b1host queued "
 wants() { [[ $WHAT == *" all "* && $NOT_IN_ALL != *" $1 "* ]] || [[ $WHAT == *" $1 "* ]]; }
 MODEL=benchmarks/configs/llama-3.2-1b
 mkdir -p "$OUT"
@@ -195,6 +198,10 @@ if wants b1host; then
   $RUN timeout 120 python benchmarks/gpu/w3_step_phases.py "$OUT/b1_step_phases.json" --batch-one \
     > "$OUT/b1_step_phases.log" 2>&1
   echo "b1 step phases: exit $?"; grep -E "^(plain|instrumented|steps)" "$OUT/b1_step_phases.log"
+fi
+if wants queued; then
+  $RUN timeout 150 python benchmarks/gpu/queued_steps.py "$OUT/queued_steps.json" > "$OUT/queued_steps.log" 2>&1
+  echo "queued steps: exit $?"; grep -E "^(graphs|round)" "$OUT/queued_steps.log"
 fi
 if wants prefill; then
   $RUN timeout 330 python benchmarks/gpu/prefill_sweep.py "$OUT/prefill_sweep.json" > "$OUT/prefill_sweep.log" 2>&1

@@ -135,3 +135,8 @@ def test_b1host_runs_the_step_phases_at_batch_one(tmp_path):
     assert _dry_run(tmp_path, "b1host") == ["b1 step phases"]
     assert (f"w3_step_phases.py {tmp_path}/b1_step_phases.json --batch-one"
             in (tmp_path / "b1_step_phases.log").read_text())
+
+
+def test_queued_times_the_calibrations_queued_steps_under_each_condition(tmp_path):
+    assert _dry_run(tmp_path, "queued") == ["queued steps"]
+    assert f"queued_steps.py {tmp_path}/queued_steps.json" in (tmp_path / "queued_steps.log").read_text()
