@@ -14,7 +14,7 @@ from joule.logger import get_logger
 from joule.engine.core import EngineCore, lookahead_on
 from joule.engine.kv_blocks import KVBlockManager
 from joule.engine.request import Request, RequestSLO
-from joule.engine.scheduler import SchedulerConfig
+from joule.engine.scheduler_config import SchedulerConfig
 from joule.energy import AttributionWeights, EnergyLedger, EnergyMeter, select_energy_meter
 from joule.model.layers import onednn_packs_weights
 from joule.model.loader import load_model

@@ -16,7 +16,8 @@ import time
 import torch
 
 from joule.engine.request import RequestSLO
-from joule.engine.scheduler import Scheduler, SchedulerConfig
+from joule.engine.scheduler import Scheduler
+from joule.engine.scheduler_config import SchedulerConfig
 from joule.llm_engine import LLMEngine
 from joule.sampling_params import RequestOutputKind, SamplingParams
 

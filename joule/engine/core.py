@@ -10,7 +10,8 @@ from typing import Callable, Iterable, Protocol
 from joule.engine.kv_blocks import KVBlockManager
 from joule.engine.plan import Executor, StepPlan, StepResult
 from joule.engine.request import FINISHED_STATUSES, Request, RequestStatus
-from joule.engine.scheduler import Scheduler, SchedulerConfig
+from joule.engine.scheduler import Scheduler
+from joule.engine.scheduler_config import SchedulerConfig
 
 _status_of = operator.attrgetter("request.status")
 

@@ -23,7 +23,7 @@ from joule.engine.core import EngineCore, lookahead_on
 from joule.engine.kv_blocks import KVBlockManager
 from joule.engine.policies import DEFAULT_FAIR_PROMPT_CAP
 from joule.engine.request import Request, RequestSLO
-from joule.engine.scheduler import SchedulerConfig
+from joule.engine.scheduler_config import SchedulerConfig
 from joule.model.config import ModelConfig
 from joule.perf.arrivals import TimedRequest
 from joule.perf.hardware import HardwareSpec, get_hardware

@@ -14,7 +14,7 @@ from joule.engine.core import EngineCore
 from joule.engine.kv_blocks import KVBlockManager
 from joule.engine.plan import ScheduledSequence, StepPlan
 from joule.engine.request import Request
-from joule.engine.scheduler import SchedulerConfig
+from joule.engine.scheduler_config import SchedulerConfig
 from joule.sampling_params import SamplingParams
 
 

@@ -16,7 +16,7 @@ from joule.engine.admission import (
     peak_kv_blocks,
 )
 from joule.engine.request import Request
-from joule.engine.scheduler import SchedulerConfig
+from joule.engine.scheduler_config import SchedulerConfig
 from joule.sampling_params import SamplingParams
 
 CheckedEngine, RequestSpec, reference_results = helpers.CheckedEngine, helpers.RequestSpec, helpers.reference_results

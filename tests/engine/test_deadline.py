@@ -8,7 +8,7 @@ from joule.engine.core import EngineCore
 from joule.engine.kv_blocks import KVBlockManager
 from joule.engine.plan import StepResult
 from joule.engine.request import RequestSLO, SampledToken
-from joule.engine.scheduler import SchedulerConfig
+from joule.engine.scheduler_config import SchedulerConfig
 from joule.engine.step_time import StepTimeCoefficients, StepTimeEstimator
 
 CheckedEngine, RequestSpec, reference_results = helpers.CheckedEngine, helpers.RequestSpec, helpers.reference_results

@@ -12,7 +12,7 @@ from joule.engine.fair_policy import VirtualTokenCounterFairness
 from joule.engine.kv_blocks import KVBlockManager
 from joule.engine.plan import StepResult
 from joule.engine.request import Request, SampledToken
-from joule.engine.scheduler import SchedulerConfig
+from joule.engine.scheduler_config import SchedulerConfig
 from joule.engine.step_time import StepTimeCoefficients, StepTimeEstimator
 from joule.sampling_params import SamplingParams
 

@@ -12,7 +12,7 @@ from joule.engine.kv_blocks import KVBlockManager
 from joule.engine.plan import StepResult
 from joule.engine.policies import StepShape, make_policy
 from joule.engine.request import Request, RequestStatus, SampledToken
-from joule.engine.scheduler import SchedulerConfig
+from joule.engine.scheduler_config import SchedulerConfig
 from joule.engine.step_time import StepTimeCoefficients
 from joule.sampling_params import SamplingParams
 

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from joule.engine.kv_blocks import KVBlockManager
 from joule.engine.request import Request, RequestStatus
-from joule.engine.scheduler import Scheduler, SchedulerConfig
+from joule.engine.scheduler import Scheduler
+from joule.engine.scheduler_config import SchedulerConfig
 from joule.sampling_params import SamplingParams
 
 CheckedEngine, RequestSpec, reference_results = helpers.CheckedEngine, helpers.RequestSpec, helpers.reference_results

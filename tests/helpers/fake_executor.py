@@ -20,7 +20,7 @@ from joule.engine.core import EngineCore
 from joule.engine.kv_blocks import KVBlockManager
 from joule.engine.plan import StepPlan, StepResult
 from joule.engine.request import Request, RequestSLO, RequestStatus, SampledToken
-from joule.engine.scheduler import SchedulerConfig
+from joule.engine.scheduler_config import SchedulerConfig
 from joule.sampling_params import SamplingParams
 
 EOS_TOKEN_ID = 0

@@ -8,7 +8,7 @@ import pytest
 from helpers.fixed_time_model import run_fixed_time_engine
 
 from joule.engine.request import Request, RequestSLO
-from joule.engine.scheduler import SchedulerConfig
+from joule.engine.scheduler_config import SchedulerConfig
 from joule.model.config import ModelConfig
 from joule.perf.arrivals import LengthDistribution, SyntheticRequest, TimedRequest, WorkloadSpec, generate
 from joule.perf.metrics import SLO

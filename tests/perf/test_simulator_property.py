@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from joule.bench.workload import SharedPrefix
 from joule.engine.request import RequestSLO
-from joule.engine.scheduler import SchedulerConfig
+from joule.engine.scheduler_config import SchedulerConfig
 from joule.model.config import ModelConfig
 from joule.perf.arrivals import LengthDistribution, WorkloadSpec, generate
 from joule.perf.simulator import ClusterSimulator, ReplicaConfig
