@@ -7,7 +7,8 @@ import asyncio
 from helpers.silent_channel import SilentChannel
 
 from joule.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, merge_delta_outputs
-from joule.server.async_engine import AsyncEngine, GenerationStream
+from joule.server.async_engine import AsyncEngine
+from joule.server.generation_stream import GenerationStream
 
 
 def _delta(request_id: str, text: str, token_ids: list[int], finish: str | None = None,
