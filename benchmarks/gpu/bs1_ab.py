@@ -3,7 +3,8 @@
 Usage (GPU machine, repo root): PYTHONPATH=. python benchmarks/gpu/bs1_ab.py $OUT [rounds] [--w2|--w3] [VAR=a,b ...]
 Default: JOULE_GEMV_L2_PREFETCH=0,1 over 2 rounds (Llama-3.2-1B shape, bf16, dummy weights, 128 -> 256).
 ``--w3``: workload 3 instead (`joule bench throughput`, 256 x (512 -> 128), output tok/s; the engine alone);
-``--w2``: workload 2 (Qwen3-0.6B, 256 x uniform [100, 1024] in and out). A throughput run is the median of
+``--w2``: workload 2 (Qwen3-0.6B, 256 x uniform [100, 1024] in and out). ``--sampled``: batch 1 at temperature
+0.8, seeded. A throughput run is the median of
 ``WARM_RUNS`` runs on one warm engine (`--repeat`): cold single runs moved up to ~25 % (2026-12-06 (j)). Each
 variant's runs are interleaved with the others', so a machine that drifts (host speed varied ~2x between calls in
 docs/benchmarks.md (f)) moves all of them alike; the table gives each variant's best and median tok/s.
@@ -34,6 +35,7 @@ WARM_RUNS = 3
 TREE = "JOULE_TREE"  # not an environment variable: the source tree a variant runs from
 THROUGHPUT = {"--w2": ("w2", [*WORKLOAD_TWO, "--repeat", str(WARM_RUNS)]),
               "--w3": ("w3", [*WORKLOAD_THREE, "--repeat", str(WARM_RUNS)])}
+SAMPLED = "--sampled"  # batch 1 at temperature 0.8 (seeded), as engine_bench.py's "T=0.8" rows
 
 
 def main() -> None:
@@ -41,8 +43,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 2
     workload = next((THROUGHPUT[flag] for flag in sys.argv[3:] if flag in THROUGHPUT), None)
-    prefix, command = workload or ("latency", COMMAND)
-    switches = ([argument.split("=", 1) for argument in sys.argv[3:] if argument not in THROUGHPUT]
+    prefix, command = workload or (("latency_t08", [*COMMAND, "--temperature", "0.8"]) if SAMPLED in sys.argv[3:]
+                                   else ("latency", COMMAND))
+    switches = ([argument.split("=", 1) for argument in sys.argv[3:] if argument not in THROUGHPUT
+                 and argument != SAMPLED]
                 or [["JOULE_GEMV_L2_PREFETCH", "0,1"]])
     names = [name for name, _ in switches]
     variants = list(itertools.product(*(values.split(",") for _, values in switches)))

@@ -32,9 +32,11 @@ from joule.kernels.rms_norm import rms_norm  # noqa: E402
 from joule.kernels.activation import silu_and_mul  # noqa: E402
 from joule.kernels.reference import rotary_reference, silu_and_mul_reference  # noqa: E402
 from joule.kernels.rotary import rotary_embedding_  # noqa: E402
+from joule.kernels.sample_rows import draw_uniforms, reference_sample_rows, sample_rows, signed_seeds  # noqa: E402
 from joule.runtime.attention.base import AttentionMetadata, KVCache  # noqa: E402
 from joule.runtime.attention.portable import PortableAttentionBackend  # noqa: E402
 from joule.runtime.attention.triton_backend import TritonAttentionBackend  # noqa: E402
+from joule.runtime.sampler import Sampler, SamplingRow, mix_seed  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 LIMITS = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 2e-3}  # on ||err|| / ||ref||
@@ -187,6 +189,13 @@ def correctness(scale_down):
         gate_up = torch.randn(tokens, 2 * 8192, generator=generator, device=DEVICE, dtype=dtype) * 3
         compare(rows, "silu_and_mul", dtype, f"{tokens} x 2 x 8192", silu_and_mul(gate_up),
                 silu_and_mul_reference(gate_up))
+        # the fused temperature race: its tokens against the torch race on the same Philox uniforms
+        vocab = 128256 if not scale_down else 1000
+        logits = torch.randn(4, vocab, generator=generator, device=DEVICE, dtype=dtype) * 3
+        seeds, inverse, noise_on = sample_arguments(4)
+        compare(rows, "sample", dtype, f"4 x {vocab}: T 0.8 / 1 / greedy / 2, tokens",
+                sample_rows(logits, seeds, inverse, noise_on).float(),
+                reference_sample_rows(logits, draw_uniforms(seeds, vocab), inverse, noise_on).float(), exact=True)
         # whole backend against the portable one on a mixed batch
         steps = [(int(c), 1) for c in rng.integers(1, top // 2, 48)] + [(0, 700), (1500, 300), (33, 64)]
         outputs = []
@@ -196,6 +205,33 @@ def correctness(scale_down):
                                            batch["metadata"], scale))
         compare(rows, "backend", dtype, "triton vs portable: 48 decodes + 3 chunks", outputs[1], outputs[0])
     return rows
+
+
+def sample_arguments(rows: int):
+    """Per-row kernel arguments cycling through T=0.8 (seeded), T=1, greedy and T=2."""
+    temperatures = [(0.8, 1.0, 0.0, 2.0)[row % 4] for row in range(rows)]
+    seeds = signed_seeds([mix_seed(row, 3) for row in range(rows)])
+    return (torch.tensor(seeds, dtype=torch.int64, device=DEVICE),
+            torch.tensor([1.0 / t if t else 1.0 for t in temperatures], dtype=torch.float32, device=DEVICE),
+            torch.tensor([int(t != 0) for t in temperatures], dtype=torch.int32, device=DEVICE))
+
+
+def sampling_timings(rows_out):
+    """Sampling B rows of a 128k vocabulary at T=0.8: the fused kernels against the sampler's torch race."""
+    for batch in (1, 64, 256):
+        batch = small(batch, 16)
+        logits = torch.randn(batch, small(128256, 64), device=DEVICE, dtype=torch.bfloat16)
+        seeds, inverse, noise_on = sample_arguments(batch)
+        inverse.fill_(1 / 0.8)
+        noise_on.fill_(1)
+        rows = [SamplingRow(temperature=0.8, seed=row) for row in range(batch)]
+        torch_sampler = Sampler(0, DEVICE, fused=False)
+        fused_ms = bench(lambda: sample_rows(logits, seeds, inverse, noise_on))
+        torch_ms = bench(lambda: torch_sampler.sample_on_device(logits, rows))
+        rows_out.append(dict(what=f"sample T=0.8 B={batch} x {logits.shape[1]}", triton_ms=fused_ms,
+                             graph_ms=graph_ms(lambda: sample_rows(logits, seeds, inverse, noise_on)),
+                             portable_ms=torch_ms, rate="portable = the sampler's torch race, eager"))
+        print(rows_out[-1], flush=True)
 
 
 SMOKE = {"on": False}  # --smoke: tiny sizes, plain timers, no graphs (checks the script itself on CPU)
@@ -332,6 +368,7 @@ def timings(results, bandwidth):
     rows.append(dict(what="rms_norm+residual 8192x2048", triton_ms=fused_ms, graph_ms=graph_ms(
         lambda: rms_norm(hidden, weight, 1e-5, residual)), portable_ms=torch_ms,
         rate=f"{moved / fused_ms / 1e6:.0f} GB/s eager"))
+    sampling_timings(rows)
     results["timings"] = rows
     return rows
 

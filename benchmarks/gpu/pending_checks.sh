@@ -49,9 +49,12 @@
 #   queued: the calibration's queued 64-row decode steps under each condition in turn (FINAL_ONLY or DELTA outputs,
 #          the energy ledger off or on, plans recorded or not; queued_steps.py): what makes calibration's lookahead
 #          steps slower than a run's (docs/perf-model.md (l)) (~1-2 minutes, not in "all").
+#   sampling: the fused temperature race (joule/kernels/sample_rows.py, JOULE_FUSED_SAMPLING, off by default since
+#          2026-12-06 (l)): its tests on the GPU, then batch 1 at T=0.8 with it off and on (bs1_ab.py --sampled,
+#          two rounds) (~3 minutes, not in "all").
 # Usage (repository root, joule importable): OUT=/some/dir bash benchmarks/gpu/pending_checks.sh PART... (fused, fair,
-# w3, perf, next, bench, pdl, splits, trigger, chain, blas, feed, fusedmlp, decoderows, overlap, host, prefill, b1host, queued; "all" is fused
-# fair w3, more than one call's 10 minutes)
+# w3, perf, next, bench, pdl, splits, trigger, chain, blas, feed, fusedmlp, decoderows, overlap, host, prefill, b1host,
+# queued, sampling; "all" is fused fair w3, more than one call's 10 minutes)
 # Every step has its own timeout, so one that hangs leaves the others their time; big JSON is gzipped.
 # DRY=1 prints the commands instead of running them.
 set -u
@@ -59,7 +62,7 @@ RUN=""
 [[ ${DRY:-0} == 1 ]] && RUN="echo"
 OUT=${OUT:?set OUT to a directory for the results}
 WHAT=" ${*:-all} "
-NOT_IN_ALL=" perf next bench pdl splits trigger chain blas feed fusedmlp decoderows overlap host prefill b1host queued "
+NOT_IN_ALL=" perf next bench pdl splits trigger chain blas feed fusedmlp decoderows overlap host prefill b1host queued sampling "
 wants() { [[ $WHAT == *" all "* && $NOT_IN_ALL != *" $1 "* ]] || [[ $WHAT == *" $1 "* ]]; }
 MODEL=benchmarks/configs/llama-3.2-1b
 mkdir -p "$OUT"
@@ -202,6 +205,14 @@ fi
 if wants queued; then
   $RUN timeout 150 python benchmarks/gpu/queued_steps.py "$OUT/queued_steps.json" > "$OUT/queued_steps.log" 2>&1
   echo "queued steps: exit $?"; grep -E "^(graphs|round)" "$OUT/queued_steps.log"
+fi
+if wants sampling; then
+  $RUN timeout 200 python -m pytest -q -p no:cacheprovider tests/kernels/test_sample_rows.py \
+    tests/runtime/test_fused_sampling.py tests/runtime/test_sampler.py > "$OUT/sampling_tests.log" 2>&1
+  echo "sampling tests: exit $? ($(tail -1 "$OUT/sampling_tests.log"))"
+  $RUN timeout 240 python benchmarks/gpu/bs1_ab.py "$OUT/bs1_sampled" 2 --sampled JOULE_FUSED_SAMPLING=0,1 \
+    > "$OUT/bs1_sampled.log" 2>&1
+  echo "sampled bs1 A/B: exit $?"; tail -4 "$OUT/bs1_sampled.log"
 fi
 if wants prefill; then
   $RUN timeout 330 python benchmarks/gpu/prefill_sweep.py "$OUT/prefill_sweep.json" > "$OUT/prefill_sweep.log" 2>&1

@@ -27,7 +27,7 @@ from joule.runtime.attention.base import (
 from joule.runtime.cuda_graphs import DecodeGraphRunner, graphs_disabled_reason
 from joule.runtime.kernel_warmup import compile_fused_gate_up, warmup_plans
 from joule.runtime.prefill_graphs import PrefillChunkGraphRunner, can_run_mixed_step, run_mixed_step
-from joule.runtime.sampler import Sampler, greedy_tokens, prompt_logprobs
+from joule.runtime.sampler import Sampler, SamplingRow, greedy_tokens, prompt_logprobs
 from joule.runtime.sampling_rows import all_rows_pass, params_on_device, params_plain_greedy, sampling_row
 from joule.runtime.step_inputs import prepare_step_inputs
 
@@ -126,7 +126,10 @@ class ModelExecutor:
             if hidden is not None:  # the greedy argmax's compile too, out of the first real step
                 from joule.kernels.argmax import argmax_rows
 
-                argmax_rows(self.model.compute_logits(hidden[-1:]))
+                logits = self.model.compute_logits(hidden[-1:])
+                argmax_rows(logits)
+                if self.sampler.fused_sampling.applies(self.device):  # and the fused sampling kernel's
+                    self.sampler.sample_on_device(logits, [SamplingRow(temperature=1.0)])
             compile_fused_gate_up(self.model)
             torch.cuda.synchronize(self.device)
         logger.info("compiled the eager-step attention kernels (%d warm-up steps) in %.1f s",

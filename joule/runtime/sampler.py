@@ -20,6 +20,7 @@ from typing import Sequence
 
 import torch
 
+from joule.runtime.fused_sampling import FusedSampling, filters
 from joule.runtime.logit_processors import (  # noqa: F401  (re-exported: the sampler's filters)
     apply_bans_and_penalties,
     filter_cutoffs,
@@ -111,9 +112,10 @@ class Sampler:
     given engine seed and batch schedule.
     """
 
-    def __init__(self, seed: int = 0, device: torch.device | str | None = None) -> None:
+    def __init__(self, seed: int = 0, device: torch.device | str | None = None, fused: bool | None = None) -> None:
         self.seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
+        self.fused_sampling = FusedSampling(seed, fused)  # fused=None: JOULE_FUSED_SAMPLING on CUDA
         if device is not None:
             self._generator_for(torch.device(device))
 
@@ -143,7 +145,9 @@ class Sampler:
         them to the next step there). For rows that ask for no logprobs."""
         if any(row.num_logprobs is not None for row in rows):
             raise ValueError("sample_on_device: logprobs need the host; use sample()")
-        return self._token_ids(_checked_and_widened(logits, rows), rows)
+        # The fused mode reads the model's dtype itself: no float32 copy of [S, vocab] first.
+        widen = not self.fused_sampling.applies(logits.device)
+        return self._token_ids(_checked_and_widened(logits, rows, widen), rows)
 
     def _token_ids(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         num_rows = logits.shape[0]
@@ -155,6 +159,11 @@ class Sampler:
         sampled += [i for i, row in enumerate(rows) if not row.is_greedy and row.seed is not None]
         if not sampled:
             return greedy_tokens(processed)
+        seeds = None
+        if self.fused_sampling.applies(device):
+            seeds = self.fused_sampling.row_seeds(rows, device)
+            if not any(filters(rows[i], logits.shape[1]) for i in sampled):
+                return self.fused_sampling.tokens(processed, rows, seeds)
         token_ids = torch.empty(num_rows, dtype=torch.int64, device=device)
         if greedy:
             greedy_index = _index_tensor(greedy, device)
@@ -162,12 +171,24 @@ class Sampler:
         sampled_index = _index_tensor(sampled, device)
         in_order = sampled == list(range(num_rows))
         sampled_logits = processed if in_order else processed.index_select(0, sampled_index)
-        token_ids[sampled_index] = self._sample_rows(sampled_logits, [rows[i] for i in sampled])
+        uniforms = None if seeds is None else FusedSampling.uniforms(seeds.index_select(0, sampled_index),
+                                                                     logits.shape[1])
+        token_ids[sampled_index] = self._sample_rows(sampled_logits, [rows[i] for i in sampled], uniforms)
         return token_ids
 
-    def _sample_rows(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        """Temperature, filters and the exponential race for non-greedy rows."""
+    def _sample_rows(self, logits: torch.Tensor, rows: list[SamplingRow],
+                     uniforms: torch.Tensor | None = None) -> torch.Tensor:
+        """Temperature, filters and the exponential race for non-greedy rows; ``uniforms``: the fused mode's draws
+        (then scaled as its kernel scales, by the inverse temperature)."""
         device = logits.device
+        if uniforms is not None:
+            inverse = _row_values([1.0 / row.temperature for row in rows], device)
+            scaled = logits.float() * inverse.unsqueeze(1)
+            cutoffs = filter_cutoffs(scaled, rows)
+            if cutoffs is not None:
+                scaled.masked_fill_(scaled < cutoffs.unsqueeze(1), -math.inf)
+            _log_exponential_(uniforms)
+            return scaled.sub_(uniforms).argmax(dim=-1)
         temperatures = _row_values([row.temperature for row in rows], device)
         scaled = logits / temperatures.unsqueeze(1)
         cutoffs = filter_cutoffs(scaled, rows)
@@ -200,15 +221,16 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     return logits.max(dim=-1).indices
 
 
-def _checked_and_widened(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """``logits`` validated against ``rows``; float32 when any row samples (temperature, filters and noise)."""
+def _checked_and_widened(logits: torch.Tensor, rows: list[SamplingRow], widen: bool = True) -> torch.Tensor:
+    """``logits`` validated against ``rows``; float32 when any row samples (temperature, filters and noise) and
+    ``widen`` says so."""
     if logits.dim() != 2:
         raise ValueError(f"logits must be [num_rows, vocab_size], got shape {tuple(logits.shape)}.")
     if len(rows) != logits.shape[0]:
         raise ValueError(f"got {len(rows)} sampling rows for {logits.shape[0]} rows of logits.")
     # Greedy rows may stay in the model's dtype: widening is exact, so argmax picks the same token (first of
     # equals either way) without writing and reading a float32 copy of [S, vocab].
-    return logits.float() if any(not row.is_greedy for row in rows) else logits
+    return logits.float() if widen and any(not row.is_greedy for row in rows) else logits
 
 
 def _log_exponential_(uniform: torch.Tensor) -> None:

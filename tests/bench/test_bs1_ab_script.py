@@ -3,6 +3,7 @@ process with its switch set, and the table reports every variant (the throughput
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -48,3 +49,17 @@ def test_a_code_ab_runs_a_variant_from_another_source_tree(tmp_path, monkeypatch
     assert "failed" not in printed
     assert "round 0: JOULE_TREE=.:" in printed and f"round 0: JOULE_TREE={tree}:" in printed
     assert len(list(out.iterdir())) == 2
+
+
+def test_sampled_runs_batch_one_at_temperature_08(tmp_path, monkeypatch, capsys):
+    command = [sys.executable, "-m", "joule.cli", "bench", "latency", *SMALL, "--input-len", "4", "--output-len", "3",
+               "--batch-size", "1", "--num-iters", "1"]
+    monkeypatch.setattr(script, "COMMAND", command)
+    monkeypatch.setattr(sys, "argv", ["bs1_ab.py", str(tmp_path), "1", "--sampled", "JOULE_FUSED_SAMPLING=0,1"])
+    script.main()
+    printed = capsys.readouterr().out
+    assert "failed" not in printed and "round 0: JOULE_FUSED_SAMPLING=1:" in printed
+    saved = sorted(tmp_path.iterdir())
+    assert [path.name for path in saved] == ["latency_t08-JOULE_FUSED_SAMPLING-0-0.json",
+                                             "latency_t08-JOULE_FUSED_SAMPLING-1-0.json"]
+    assert json.loads(saved[0].read_text())["temperature"] == 0.8

@@ -140,3 +140,10 @@ def test_b1host_runs_the_step_phases_at_batch_one(tmp_path):
 def test_queued_times_the_calibrations_queued_steps_under_each_condition(tmp_path):
     assert _dry_run(tmp_path, "queued") == ["queued steps"]
     assert f"queued_steps.py {tmp_path}/queued_steps.json" in (tmp_path / "queued_steps.log").read_text()
+
+
+def test_sampling_tests_the_fused_race_then_ab_tests_it_at_batch_one(tmp_path):
+    assert _dry_run(tmp_path, "sampling") == ["sampled bs1 A/B"]  # the tests' line ends in their summary
+    assert "tests/kernels/test_sample_rows.py" in (tmp_path / "sampling_tests.log").read_text()
+    assert (f"bs1_ab.py {tmp_path}/bs1_sampled 2 --sampled JOULE_FUSED_SAMPLING=0,1"
+            in (tmp_path / "bs1_sampled.log").read_text())
