@@ -56,12 +56,12 @@ def test_greedy_rows_are_the_argmax_with_ties_to_the_lowest_index():
 
 def test_draws_follow_the_softmax_at_the_temperature():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5, -3.0, 1.5, 0.2]], device=DEVICE)
-    temperature, draws = 0.7, 3000
+    temperature, draws = 0.7, 1200
     expected = torch.softmax(logits[0].cpu() / temperature, dim=-1)
     seeds = [mix_seed(11, step) for step in range(draws)]
     tokens = sample_rows(logits.expand(draws, -1).contiguous(), *row_arguments(seeds, [temperature] * draws), chunk=16)
     frequencies = torch.bincount(tokens.cpu(), minlength=8).float() / draws
-    assert torch.allclose(frequencies, expected, atol=0.03), (frequencies, expected)
+    assert torch.allclose(frequencies, expected, atol=0.045), (frequencies, expected)  # ~3 standard deviations
 
 
 def test_a_seeded_row_draws_the_same_token_wherever_it_sits():
