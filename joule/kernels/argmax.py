@@ -49,23 +49,40 @@ def _row_argmax_kernel(best_value_ptr, best_index_ptr, output_ptr, num_chunks, C
 
 def argmax_rows(logits: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
     """``logits.argmax(dim=-1)`` for a 2-D ``[rows, vocab]`` tensor with contiguous rows (int64 result)."""
-    if logits.dim() != 2 or logits.stride(1) != 1:
-        raise ValueError(f"argmax_rows: logits must be [rows, vocab] with contiguous rows, got {tuple(logits.shape)}")
-    if chunk < 16 or chunk & (chunk - 1):
-        raise ValueError(f"argmax_rows: chunk must be a power of two >= 16, got {chunk}")
+    num_chunks = checked_chunks("argmax_rows", logits, chunk)
     rows, vocab_size = logits.shape
     output = torch.empty(rows, dtype=torch.int64, device=logits.device)
     if rows == 0:
         return output
-    if vocab_size == 0:
-        raise ValueError("argmax_rows: the vocabulary is empty")
-    num_chunks = cdiv(vocab_size, chunk)
-    best_values = torch.empty((rows, num_chunks), dtype=torch.float32, device=logits.device)
-    best_indices = torch.empty((rows, num_chunks), dtype=torch.int64, device=logits.device)
+    best_values, best_indices = chunk_buffers(rows, num_chunks, logits.device)
     use_pdl = pdl_launch(logits.device)
     _chunk_argmax_kernel[(rows, num_chunks)](logits, best_values, best_indices, vocab_size, logits.stride(0),
                                              num_chunks, CHUNK=chunk, USE_PDL=use_pdl, num_warps=4,
                                              launch_pdl=use_pdl)
+    return pick_best_chunks(best_values, best_indices, output, use_pdl)
+
+
+def checked_chunks(caller: str, logits: torch.Tensor, chunk: int) -> int:
+    """Chunks per row of a two-pass reduction over ``logits``, after checking what its kernels assume."""
+    if logits.dim() != 2 or logits.stride(1) != 1:
+        raise ValueError(f"{caller}: logits must be [rows, vocab] with contiguous rows, got {tuple(logits.shape)}")
+    if chunk < 16 or chunk & (chunk - 1):
+        raise ValueError(f"{caller}: chunk must be a power of two >= 16, got {chunk}")
+    if logits.shape[0] and not logits.shape[1]:
+        raise ValueError(f"{caller}: the vocabulary is empty")
+    return cdiv(logits.shape[1], chunk)
+
+
+def chunk_buffers(rows: int, num_chunks: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each chunk's best value and its column: what a first pass writes and ``pick_best_chunks`` reads."""
+    return (torch.empty((rows, num_chunks), dtype=torch.float32, device=device),
+            torch.empty((rows, num_chunks), dtype=torch.int64, device=device))
+
+
+def pick_best_chunks(best_values: torch.Tensor, best_indices: torch.Tensor, output: torch.Tensor,
+                     use_pdl: bool) -> torch.Tensor:
+    """The second pass: each row's column of its first best chunk, into ``output``."""
+    rows, num_chunks = best_values.shape
     _row_argmax_kernel[(rows,)](best_values, best_indices, output, num_chunks,
                                 CHUNKS_PAD=max(16, next_power_of_2(num_chunks)), USE_PDL=use_pdl,
                                 num_warps=1, launch_pdl=use_pdl)

@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from joule.kernels.argmax import CHUNK, _row_argmax_kernel
-from joule.kernels.common import cdiv, next_power_of_2, pdl_launch, wait_for_previous_grid
+from joule.kernels.argmax import CHUNK, checked_chunks, chunk_buffers, pick_best_chunks
+from joule.kernels.common import cdiv, pdl_launch, wait_for_previous_grid
 
 _TINY = 1.1754943508222875e-38  # float32's smallest normal: keeps log() finite
 
@@ -73,32 +73,22 @@ def sample_rows(logits: torch.Tensor, seeds: torch.Tensor, inverse_temperatures:
     """Each row's token (int64): ``argmax(logits * inverse_temperature - noise_on * log(E))``, ``E`` drawn from the
     row's seed. ``seeds`` int64 (``signed_seeds``), ``inverse_temperatures`` float32, ``noise_on`` int32; one per row,
     on the logits' device."""
-    if logits.dim() != 2 or logits.stride(1) != 1:
-        raise ValueError(f"sample_rows: logits must be [rows, vocab] with contiguous rows, got {tuple(logits.shape)}")
+    num_chunks = checked_chunks("sample_rows", logits, chunk)
     rows, vocab_size = logits.shape
     for name, tensor, dtype in (("seeds", seeds, torch.int64), ("inverse_temperatures", inverse_temperatures,
                                                                 torch.float32), ("noise_on", noise_on, torch.int32)):
         if tensor.shape != (rows,) or tensor.dtype != dtype or tensor.device != logits.device:
             raise ValueError(f"sample_rows: {name} must be {dtype} of shape ({rows},) on {logits.device}, got "
                              f"{tensor.dtype} {tuple(tensor.shape)} on {tensor.device}")
-    if chunk < 16 or chunk & (chunk - 1):
-        raise ValueError(f"sample_rows: chunk must be a power of two >= 16, got {chunk}")
     output = torch.empty(rows, dtype=torch.int64, device=logits.device)
     if rows == 0:
         return output
-    if vocab_size == 0:
-        raise ValueError("sample_rows: the vocabulary is empty")
-    num_chunks = cdiv(vocab_size, chunk)
-    best_values = torch.empty((rows, num_chunks), dtype=torch.float32, device=logits.device)
-    best_indices = torch.empty((rows, num_chunks), dtype=torch.int64, device=logits.device)
+    best_values, best_indices = chunk_buffers(rows, num_chunks, logits.device)
     use_pdl = pdl_launch(logits.device)
     _chunk_race_kernel[(rows, num_chunks)](logits, seeds, inverse_temperatures, noise_on, best_values, best_indices,
                                            vocab_size, logits.stride(0), num_chunks, CHUNK=chunk, USE_PDL=use_pdl,
                                            num_warps=4, launch_pdl=use_pdl)
-    _row_argmax_kernel[(rows,)](best_values, best_indices, output, num_chunks,
-                                CHUNKS_PAD=max(16, next_power_of_2(num_chunks)), USE_PDL=use_pdl,
-                                num_warps=1, launch_pdl=use_pdl)
-    return output
+    return pick_best_chunks(best_values, best_indices, output, use_pdl)
 
 
 def reference_sample_rows(logits: torch.Tensor, uniforms: torch.Tensor, inverse_temperatures: torch.Tensor,
