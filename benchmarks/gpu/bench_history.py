@@ -67,16 +67,23 @@ def collect_runs(root: Path, kind: str) -> list[BenchRun]:
         if not session.is_dir():
             continue
         paths = [path for path in session.rglob("engine_bench*.json*") if path.suffix in (".json", ".gz")]
-        for path in sorted(paths, key=lambda path: _call_number(path, session)):
-            call = _call_number(path, session)
-            runs.append(read_run(path, f"{session.name.split('_', 1)[1]} call{call or 1}"))
+        for path in sorted(paths, key=lambda path: (_call_number(path, session), str(path))):
+            runs.append(read_run(path, f"{session.name.split('_', 1)[1]} {_call_name(path, session)}"))
     return runs
 
 
+def _call_name(path: Path, session: Path) -> str:
+    """``callN`` from the folder or file name, with what else the file name says (``call1_before_fix``,
+    ``early_exit``); the session folder's own ``engine_bench.json`` is ``call1``."""
+    relative = str(path.relative_to(session)).replace("/", " ")
+    name = re.sub(r"\.json(\.gz)?$", "", relative).replace("engine_bench", "").strip(" _")
+    return name or "call1"
+
+
 def summary_lines(runs: list[BenchRun]) -> list[str]:
-    lines = [f"{'bench':<22} {'batch 1':>8} {'workload 2':>11} {'workload 3':>11} {'peer':>7} {'ratio':>7}"]
+    lines = [f"{'bench':<30} {'batch 1':>8} {'workload 2':>11} {'workload 3':>11} {'peer':>7} {'ratio':>7}"]
     for run in runs:
-        lines.append(f"{run.label:<22} {_text(run.batch1_roofline, '{:.1%}'):>8} {_text(run.workload2_tok_s, '{:,.0f}'):>11} "
+        lines.append(f"{run.label:<30} {_text(run.batch1_roofline, '{:.1%}'):>8} {_text(run.workload2_tok_s, '{:,.0f}'):>11} "
                      f"{_text(run.workload3_tok_s, '{:,.0f}'):>11} {_text(run.peer_tok_s, '{:,.0f}'):>7} "
                      f"{_text(run.workload3_ratio, '{:.1f}x'):>7}")
     for key, target in TARGETS.items():

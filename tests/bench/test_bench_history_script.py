@@ -61,3 +61,13 @@ def test_the_saved_h100_benches_are_all_read():
     assert len(runs) >= 15 and "2026-12-06l call6" in labels and labels.index("2026-12-06k call8") < labels.index(
         "2026-12-06l call1")
     assert all(run.workload3_ratio and 20 < run.workload3_ratio < 40 for run in runs)
+
+
+def test_files_named_for_what_they_measured_keep_those_names(tmp_path):
+    session = tmp_path / "h200_2026-01-03d"
+    for name in ("engine_bench.json", "engine_bench_call1_before_fix.json", "engine_bench_early_exit.json.gz",
+                 "engine_bench_call6_argmax.json"):
+        write(session / name, bench(0.5, 20_000, 30_000, [1_000]))
+    labels = [run.label for run in script.collect_runs(tmp_path, "h200")]
+    assert labels == ["2026-01-03d call1", "2026-01-03d early_exit", "2026-01-03d call1_before_fix",
+                      "2026-01-03d call6_argmax"]
