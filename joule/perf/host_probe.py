@@ -41,4 +41,5 @@ def describe(now_s: float, calibrated_s: float | None) -> str:
         return f"host probe {1e3 * now_s:.0f} ms (the profile predates the probe: no comparison)"
     ratio = calibrated_s / now_s
     return (f"host probe {1e3 * now_s:.0f} ms against {1e3 * calibrated_s:.0f} ms at calibration: this host is "
-            f"{ratio:.2f}x as fast (its host terms scale about so)")
+            f"{ratio:.2f}x as fast by this probe (noisy: it read 74-126 ms on one machine; the host factor fitted to "
+            "a validation's step grid is the better reading)")
