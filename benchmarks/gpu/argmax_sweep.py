@@ -8,7 +8,6 @@ Llama-3.2-1B's vocabulary (128,256), bf16 logits, 1-256 rows.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_sweep import graph_ms  # noqa: E402
 
 from joule.kernels.argmax import argmax_rows  # noqa: E402
+from joule.perf.json_files import write_json  # noqa: E402
 
 VOCAB = 128256
 
@@ -48,8 +48,7 @@ def main() -> None:
             print(f"argmax {rows:4d} rows {name:6s}: device {device_us:7.1f} us, host {row['host_us']:6.1f} us"
                   f" a launch, same tokens {same}", flush=True)
     if len(sys.argv) > 1:
-        with open(sys.argv[1], "w") as handle:
-            json.dump(rows_out, handle, indent=1)
+        write_json(sys.argv[1], rows_out, indent=1)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,12 @@ so the spread and the median of each target show at a glance.
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
+
+from joule.perf.json_files import read_json
 
 GPU_RESULTS = Path(__file__).resolve().parent
 TARGETS = {"batch1_roofline": 0.80, "workload2_tok_s": 20_000.0, "workload3_ratio": 30.0}
@@ -45,9 +45,7 @@ def _call_number(path: Path, session: Path) -> int:
 
 
 def read_run(path: Path, label: str) -> BenchRun:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        data = json.load(handle)
+    data = read_json(path)
     greedy_lookahead = [row for row in data.get("b", [])
                         if row.get("model", "").endswith("unmetered lookahead") and not row.get("temperature")]
     peer = data.get("d_generate_batch", {})

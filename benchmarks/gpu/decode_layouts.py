@@ -18,7 +18,6 @@ workload 2's (Qwen3-0.6B: 16 / 8 heads of 128, 256 x 1,024).
 from __future__ import annotations
 
 import itertools
-import json
 import sys
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from decode_sweep import graph_ms  # noqa: E402
 
 from joule.kernels.common import LOG2_E  # noqa: E402
 from joule.kernels.paged_decode import paged_decode_attention  # noqa: E402
+from joule.perf.json_files import write_json  # noqa: E402
 
 DEVICE = torch.device("cuda")
 SPREAD = 20
@@ -169,8 +169,7 @@ def main() -> None:
         print(f"best {name}: {best['us']:.1f} us ({best['tbps']:.2f} TB/s) block {best['block_size']} "
               f"{'head' if best['head_major'] else 'token'}-major {best['kernel']} {best['launch']}", flush=True)
     if len(sys.argv) > 1:
-        with open(sys.argv[1], "w") as handle:
-            json.dump(results, handle, indent=1)
+        write_json(sys.argv[1], results, indent=1)
 
 
 if __name__ == "__main__":

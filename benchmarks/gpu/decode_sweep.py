@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gemv_sweep import capture_graph  # noqa: E402
 
 from joule.kernels.paged_decode import MIN_SPLIT_TOKENS, choose_num_splits, paged_decode_attention  # noqa: E402
+from joule.perf.json_files import write_json  # noqa: E402
 
 DEVICE = torch.device("cuda")
 
@@ -204,8 +205,7 @@ def main() -> None:
             del query, keys, values
             torch.cuda.empty_cache()
     if len(sys.argv) > 1:
-        with open(sys.argv[1], "w") as handle:
-            json.dump(results, handle, indent=1)
+        write_json(sys.argv[1], results, indent=1)
 
 
 if __name__ == "__main__":

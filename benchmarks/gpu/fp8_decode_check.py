@@ -11,7 +11,6 @@ ran no faster than bf16 at half the bytes.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 
@@ -22,6 +21,7 @@ from decode_sweep import graph_ms, make_inputs  # beside this script
 from engine_bench import build, release, throughput
 from joule.bench.workload import uniform_length_workload
 from joule.kernels.reference import paged_attention_reference
+from joule.perf.json_files import write_json
 
 QWEN3_06B = "benchmarks/configs/qwen3-0.6b"
 
@@ -93,8 +93,7 @@ def main() -> None:
     raw["engine"] = engine_rows()
     print(f"total {time.perf_counter() - started:.0f} s")
     if len(sys.argv) > 1:
-        with open(sys.argv[1], "w") as handle:
-            json.dump(raw, handle, indent=1)
+        write_json(sys.argv[1], raw, indent=1)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ of 100-1,024 tokens, some chunks after a context) and at the 8k prompt, each out
 from __future__ import annotations
 
 import itertools
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from check_kernels import DEVICE, make_batch  # noqa: E402
 from decode_sweep import graph_ms  # noqa: E402
 
 from joule.kernels.paged_prefill import build_tiles, paged_prefill_attention, prefill_config  # noqa: E402
+from joule.perf.json_files import write_json  # noqa: E402
 
 # (name, heads, kv heads, head dim, (context, new tokens) per sequence)
 STEPS = (
@@ -91,8 +91,7 @@ def main() -> None:
         if DEVICE.type == "cuda":
             torch.cuda.empty_cache()
     if len(sys.argv) > 1:
-        with open(sys.argv[1], "w") as handle:
-            json.dump(results, handle, indent=1)
+        write_json(sys.argv[1], results, indent=1)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,13 @@ graphs captured, the lookahead on) under each condition in turn and reports both
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import time
 from dataclasses import asdict, dataclass
 
 from joule.engine.core import lookahead_on
+from joule.perf.json_files import write_json
 from joule.perf.measure import RecordingExecutor, build_engine
 from joule.runtime.cuda_graphs import enable_engine_cuda_graphs
 from joule.sampling_params import RequestOutputKind, SamplingParams
@@ -107,9 +107,8 @@ def main(argv: list[str] | None = None) -> list[ConditionResult]:
             results.append(result)
             print(f"round {round_index}: {result.outputs:>10} metered {result.metered!s:>5} recorded "
                   f"{result.recorded!s:>5}: step {result.step_ms:7.3f} ms, pace {result.pace_ms:7.3f} ms", flush=True)
-    with open(args.out, "w") as handle:
-        json.dump({"rows": args.rows, "context": args.context, "steps": args.steps,
-                   "results": [asdict(result) for result in results]}, handle, indent=1)
+    write_json(args.out, {"rows": args.rows, "context": args.context, "steps": args.steps,
+                          "results": [asdict(result) for result in results]}, indent=1)
     return results
 
 
