@@ -78,3 +78,11 @@ def default_kv_cache_bytes(device: torch.device, gpu_memory_utilization: float =
         budget = int(total * gpu_memory_utilization) - used - _GPU_ACTIVATION_RESERVE_BYTES
         return max(budget, 0)
     return min(int(available_host_memory_bytes() * _CPU_KV_SHARE_OF_AVAILABLE), _CPU_KV_MAX_BYTES)
+
+
+def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor to ``device`` without a stream sync (a plain copy would wait for the GPU): through pinned memory,
+    non-blocking; on the CPU, the tensor itself."""
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)

@@ -25,6 +25,7 @@ from joule.runtime.attention.base import (
     KVCache,
 )
 from joule.runtime.cuda_graphs import DecodeGraphRunner, graphs_disabled_reason
+from joule.runtime.device import upload
 from joule.runtime.kernel_warmup import compile_fused_gate_up, warmup_plans
 from joule.runtime.prefill_graphs import PrefillChunkGraphRunner, can_run_mixed_step, run_mixed_step
 from joule.runtime.sampler import Sampler, SamplingRow, greedy_tokens, prompt_logprobs
@@ -305,10 +306,7 @@ class ModelExecutor:
         return rows, previous.token_ids.index_select(0, self._index(sources))
 
     def _index(self, values: list[int]) -> torch.Tensor:
-        index = torch.tensor(values, dtype=torch.int64)
-        if self.device.type == "cuda":
-            index = index.pin_memory().to(self.device, non_blocking=True)
-        return index
+        return upload(torch.tensor(values, dtype=torch.int64), self.device)
 
     def _sample(self, logits: torch.Tensor, requests: list[Request], started: float) -> StepResult:
         sampled: dict[str, SampledToken] = {}

@@ -15,7 +15,8 @@ import random
 
 import torch
 
-from joule.runtime.logit_processors import row_values, upload
+from joule.runtime.device import upload
+from joule.runtime.logit_processors import row_values
 
 FUSED_SAMPLING_ENV = "JOULE_FUSED_SAMPLING"
 

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
+from joule.runtime.device import upload
+
 if TYPE_CHECKING:
     from joule.runtime.sampler import SamplingRow
 
@@ -189,13 +191,6 @@ def _nucleus_end(
     keep = ((cumulative < targets.unsqueeze(1)).sum(dim=-1) + 1).clamp_(max=width)
     cutoffs = ordered.gather(1, (keep - 1).unsqueeze(1)).squeeze(1)
     return cutoffs, cumulative[:, -1] >= targets
-
-
-def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host tensor to ``device`` without a stream sync (a plain copy would wait for the GPU)."""
-    if device.type == "cpu":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
 
 
 def index_tensor(indices: list[int], device: torch.device) -> torch.Tensor:

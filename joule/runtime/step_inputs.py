@@ -12,6 +12,7 @@ import torch
 
 from joule.engine.plan import ScheduledSequence, StepPlan
 from joule.runtime.attention.base import AttentionMetadata
+from joule.runtime.device import upload
 
 
 def prepare_step_inputs(plan: StepPlan, block_size: int, device: torch.device
@@ -59,7 +60,4 @@ def prepare_step_inputs(plan: StepPlan, block_size: int, device: torch.device
 
 def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     """``array`` on ``device``: as is on the CPU, else through pinned memory, non-blocking."""
-    tensor = torch.from_numpy(array)
-    if device.type == "cpu":
-        return tensor
-    return tensor.pin_memory().to(device, non_blocking=True)
+    return upload(torch.from_numpy(array), device)

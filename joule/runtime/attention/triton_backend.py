@@ -36,6 +36,7 @@ from joule.kernels.paged_prefill import (
     rows_per_tile,
 )
 from joule.runtime.attention.base import AttentionBackend, AttentionMetadata, KVCache, check_attention_inputs
+from joule.runtime.device import upload
 
 # "1": batch-1 attention and the o projection in one kernel. Off: on the H100 (2026-12-05 (d), docs/benchmarks.md)
 # it saved 48 us a step at 64 tokens of context and cost 41-89 us at 512-768, and graphs choose it by their 1,024
@@ -115,13 +116,13 @@ class _StepTensors:
             self.decode_sequence_ids = None
             self.static_tiles = metadata.tiles
             return
-        self.sequence_lengths = _upload(torch.tensor(metadata.sequence_lengths, dtype=torch.int32), device)
+        self.sequence_lengths = upload(torch.tensor(metadata.sequence_lengths, dtype=torch.int32), device)
         decodes = [index for index, length in enumerate(metadata.query_lengths) if length == 1]
         self.decode_max_length = max((metadata.sequence_lengths[index] for index in decodes), default=0)
         self.num_decodes = len(decodes)
         self.decode_sequence_ids = None
         if 0 < len(decodes) < metadata.num_sequences:
-            self.decode_sequence_ids = _upload(torch.tensor(decodes, dtype=torch.int32), device)
+            self.decode_sequence_ids = upload(torch.tensor(decodes, dtype=torch.int32), device)
 
     def prefill_tiles(self, rows: int, device: torch.device) -> torch.Tensor:
         """Tiles over the sequences with several new rows (decodes have their own kernel)."""
@@ -133,10 +134,6 @@ class _StepTensors:
         return self.tiles[rows]
 
 
-def _upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
 
 
 class TritonAttentionBackend(AttentionBackend):
