@@ -269,3 +269,43 @@ def test_runs_compare_energy_with_the_simulator_where_a_hardware_meter_measures_
     row = metered["energy_j"]
     assert row["measured"] == pytest.approx(20.0 * metered["makespan_s"]["measured"], rel=0.2)
     assert row["simulated"] > 0 and row["error"] == pytest.approx(row["simulated"] / row["measured"] - 1)
+
+
+def test_the_recording_executor_builds_shapes_only_when_read_and_keeps_each_launched_steps_own(monkeypatch):
+    """Calibration times ``step()``: building a shape there (~15 % of a 64-row step's host work) would be charged to
+    the engine, so the recorder keeps the plan and builds the shape when it is read, after the step."""
+    from joule.engine.plan import ScheduledSequence, StepPlan
+    from joule.engine.request import Request
+    from joule.perf import measure
+    from joule.perf.batch_shape import BatchShape
+    from joule.sampling_params import RequestOutputKind, SamplingParams
+
+    built = []
+    from_plan = BatchShape.from_plan
+    monkeypatch.setattr(measure.BatchShape, "from_plan", lambda plan, *args: (built.append(plan), from_plan(plan))[1])
+
+    class Inner:
+        def launch(self, plan, previous=None):
+            return object()
+
+        def collect(self, launched):
+            return "collected"
+
+    def plan_of(prefix: str, sizes: list[int], kind=RequestOutputKind.FINAL_ONLY) -> StepPlan:
+        params = SamplingParams(max_tokens=4, output_kind=kind)
+        return StepPlan([ScheduledSequence(Request(f"{prefix}{index}", list(range(1, 9)), params, 4), [7] * size, 8,
+                                           [0], True) for index, size in enumerate(sizes)])
+
+    recorder = measure.RecordingExecutor(Inner())
+    assert recorder.last_shape is None and recorder.last_request_ids == []
+    first, second = plan_of("a", [5, 1]), plan_of("b", [1, 1, 1], RequestOutputKind.DELTA)
+    launched_first = recorder.launch(first)
+    launched_second = recorder.launch(second, previous=launched_first)  # queued behind the first
+    assert recorder.collect(launched_first) == "collected" and built == []
+    assert recorder.last_shape == from_plan(first) and recorder.last_request_ids == ["a0", "a1"]
+    recorder.collect(launched_second)
+    shape = recorder.last_shape
+    assert shape.queued and [s.num_new_tokens for s in shape.sequences] == [1, 1, 1]
+    assert all(s.streams and s.context_length == 8 for s in shape.sequences)
+    assert recorder.with_events([], after_idle=False).sequences == shape.sequences
+    assert built == [first, second]  # each once, when read
