@@ -24,6 +24,7 @@ from joule.runtime.attention.base import KVCache
 from joule.runtime.attention.select import select_attention_backend
 from joule.runtime.device import default_kv_cache_bytes, resolve_device, resolve_dtype
 from joule.runtime.executor import ModelExecutor
+from joule.runtime.host_allocator import ENVIRONMENT_SWITCH, keep_freed_memory
 from joule.runtime.memory_profile import gpu_kv_cache_budget, profile_step_memory
 from joule.runtime.sampler import Sampler
 from joule.runtime.structured_output import GrammarCompiler, TokenConstraint
@@ -101,6 +102,8 @@ class LLMEngine:
         self.core = EngineCore(scheduler_config, self.block_manager, executor, step_observer=self.energy_ledger,
                                decode_lookahead=lookahead_on(config.decode_lookahead, self.device.type == "cuda"))
         logger.info("decode lookahead: %s", "on" if self.core.decode_lookahead else "off")
+        if self.device.type == "cpu" and keep_freed_memory():  # after loading: the loader's temporaries may leave
+            logger.info("host allocator: step temporaries reuse the heap (%s=0 turns this off)", ENVIRONMENT_SWITCH)
         self._outputs = OutputBuilder(self.tokenizer, self.energy_ledger, lambda request_id, stop_string:
                                       self.core.finish_request(request_id, stop_reason=stop_string))
         self.eos_token_ids = _eos_ids(self.tokenizer, self.model_config)
