@@ -56,13 +56,19 @@ def test_no_full_collection_inside_and_thresholds_restored_after(unfrozen_heap):
     assert thresholds_after == (50, 1, 1)
 
 
-def test_a_heap_frozen_by_someone_else_stays_frozen_and_still_gets_no_full_collection(unfrozen_heap):
+def test_a_heap_frozen_by_someone_else_stays_frozen_and_still_gets_no_full_collection(unfrozen_heap, monkeypatch):
     gc.freeze()
     before = gc.get_freeze_count()
     thresholds = gc.get_threshold()
+    calls = []
+    monkeypatch.setattr(gc, "freeze", lambda: calls.append("freeze"))
+    monkeypatch.setattr(gc, "unfreeze", lambda: calls.append("unfreeze"))
     with heap_frozen_while_running():
         inside = gc.get_threshold()
-    assert gc.get_freeze_count() == before > 0
+    assert calls == []  # neither frozen again nor handed back: it was not ours
+    # Frozen objects still leave the permanent generation when freed (a thread left by an earlier test may free a
+    # few while this runs: 693,013 -> 693,011 once), so the count stays, give or take those.
+    assert before > 0 and gc.get_freeze_count() > before * 0.99
     assert inside[:2] == thresholds[:2] and inside[2] > 1_000_000
     assert gc.get_threshold() == thresholds
 
