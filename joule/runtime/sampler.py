@@ -115,7 +115,7 @@ class Sampler:
     def __init__(self, seed: int = 0, device: torch.device | str | None = None, fused: bool | None = None) -> None:
         self.seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
-        self.fused_sampling = FusedSampling(seed, fused)  # fused=None: JOULE_FUSED_SAMPLING on CUDA
+        self.fused_sampling = FusedSampling(seed, fused)  # fused=None: on CUDA unless JOULE_FUSED_SAMPLING=0
         if device is not None:
             self._generator_for(torch.device(device))
 

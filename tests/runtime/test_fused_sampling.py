@@ -1,4 +1,4 @@
-"""The sampler's fused mode (``Sampler(fused=True)``; on a GPU ``JOULE_FUSED_SAMPLING=1``) under Triton's interpreter:
+"""The sampler's fused mode (``Sampler(fused=True)``; on a GPU by default, ``JOULE_FUSED_SAMPLING=0`` off) under Triton's interpreter:
 greedy rows stay the argmax, a seeded row draws the same token whatever else is in the batch (the kernel's steps and
 the filtered steps' torch race share its Philox noise), filters still filter, and the default mode is untouched."""
 
@@ -64,12 +64,15 @@ def test_unseeded_rows_are_reproducible_for_a_sampler_seed():
     assert first[0] == first[1] and other != first[0]
 
 
-def test_the_mode_is_off_unless_asked_and_only_on_cuda_by_environment(monkeypatch):
+def test_the_mode_is_on_with_cuda_unless_the_environment_turns_it_off(monkeypatch):
     monkeypatch.delenv(FUSED_SAMPLING_ENV, raising=False)
-    assert not FusedSampling(0, None).applies(torch.device("cuda"))
-    monkeypatch.setenv(FUSED_SAMPLING_ENV, "1")
     assert FusedSampling(0, None).applies(torch.device("cuda"))
     assert not FusedSampling(0, None).applies(torch.device("cpu"))
+    for off in ("0", "off", "false"):
+        monkeypatch.setenv(FUSED_SAMPLING_ENV, off)
+        assert not FusedSampling(0, None).applies(torch.device("cuda"))
+    monkeypatch.setenv(FUSED_SAMPLING_ENV, "1")
+    assert FusedSampling(0, None).applies(torch.device("cuda"))
     assert not FusedSampling(0, False).applies(torch.device("cuda")) and FusedSampling(0, True).applies(DEVICE)
     # The default mode's tokens are the torch race's, as before.
     logits = logits_of(2, seed=3)
