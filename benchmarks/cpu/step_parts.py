@@ -1,4 +1,4 @@
-"""Where a CPU run of the issue-2 workload spends its steps: each step's time and page faults, and a decode step's parts.
+"""Where a CPU run of the issue-2 workload spends its steps: each step's time and page faults, a decode step's parts.
 
 Usage: PYTHONPATH=. python benchmarks/cpu/step_parts.py [--dtype bfloat16] [--num-prompts 32] [--input-len 128]
        [--output-len 64] [--runs 2]
@@ -94,9 +94,11 @@ def main(argv: list[str] | None = None, patch=setattr) -> list[dict]:
               f"the run's warm-up request), {sum(step[3] for step in steps)} minor page faults")
         for prompt, decode, parts, faults in steps:
             if prompt or decode != args.num_prompts:
-                print(f"  {prompt:>5} prompt + {decode:>3} decode tokens: {parts['step'] * 1e3:7.1f} ms, {faults} faults")
+                print(f"  {prompt:>5} prompt + {decode:>3} decode tokens: {parts['step'] * 1e3:7.1f} ms, "
+                      f"{faults} faults")
         full = [parts for prompt, decode, parts, _ in steps if not prompt and decode == args.num_prompts]
-        median = {key: statistics.median(parts.get(key, 0.0) for parts in full) * 1e3 for key in full[0]} if full else {}
+        median = ({key: statistics.median(parts.get(key, 0.0) for parts in full) * 1e3 for key in full[0]}
+                  if full else {})
         summaries.append({"output_tok_per_s": result["output_tok_per_s"], "steps": list(steps),
                           "decode_step_ms": median})
         if median:

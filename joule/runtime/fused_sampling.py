@@ -1,12 +1,13 @@
 """The sampler's fused mode: temperature rows sampled by one Triton kernel pair, their noise Philox's.
 
 Why: the torch race costs a sampled row ~10 launches a step and a one-SM argmax (``joule/kernels/sample_rows.py``).
-On by default with CUDA since it was measured on the H100 (2026-12-06 (m): batch 1 at T=0.8 985 against 940 tok/s with
-the lookahead, 792 against 750 without; docs/benchmarks.md); ``JOULE_FUSED_SAMPLING=0`` goes back to the torch race,
-``Sampler(fused=True)`` runs it on any device (tests use it under Triton's interpreter). Noise in this mode is ``tl.rand(row seed, column)`` for every
-sampled row, in the kernel or, for steps with top-k/top-p/min-p rows (which the kernel does not filter), drawn by
-``draw_uniforms`` into the torch race: a seeded row's noise still depends on its seed and generation step alone,
-whatever else is in the batch. Its tokens differ from the default mode's for the same seed (another generator).
+On by default with CUDA since it was measured on the H100 (2026-12-06 (m): batch 1 at T=0.8 985 against 940 tok/s
+with the lookahead, 792 against 750 without; docs/benchmarks.md); ``JOULE_FUSED_SAMPLING=0`` goes back to the torch
+race, ``Sampler(fused=True)`` runs it on any device (tests use it under Triton's interpreter). Noise in this mode is
+``tl.rand(row seed, column)`` for every sampled row, in the kernel or, for steps with top-k/top-p/min-p rows (which
+the kernel does not filter), drawn by ``draw_uniforms`` into the torch race: a seeded row's noise still depends on its
+seed and generation step alone, whatever else is in the batch. Its tokens differ from the torch race's for the same
+seed (another generator).
 """
 
 from __future__ import annotations
