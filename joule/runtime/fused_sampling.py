@@ -38,13 +38,14 @@ class FusedSampling:
     seeded with the sampler's seed, so a run is reproducible for an engine seed and batch schedule, as before."""
 
     def __init__(self, seed: int, enabled: bool | None) -> None:
-        self.enabled = enabled  # None: on CUDA unless JOULE_FUSED_SAMPLING=0
+        self.enabled = enabled  # None: on CUDA unless JOULE_FUSED_SAMPLING=0 (read once, not every step)
+        self._on_cuda = fused_sampling_requested() if enabled is None else enabled
         self._unseeded = random.Random(seed)
 
     def applies(self, device: torch.device) -> bool:
         if self.enabled is not None:
             return self.enabled
-        return device.type == "cuda" and fused_sampling_requested()
+        return self._on_cuda and device.type == "cuda"
 
     def row_seeds(self, rows, device: torch.device) -> torch.Tensor:
         from joule.kernels.sample_rows import signed_seeds

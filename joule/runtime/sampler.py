@@ -181,21 +181,25 @@ class Sampler:
         """Temperature, filters and the exponential race for non-greedy rows; ``uniforms``: the fused mode's draws
         (then scaled as its kernel scales, by the inverse temperature)."""
         device = logits.device
-        if uniforms is not None:
-            inverse = _row_values([1.0 / row.temperature for row in rows], device)
-            scaled = logits.float() * inverse.unsqueeze(1)
-            cutoffs = filter_cutoffs(scaled, rows)
-            if cutoffs is not None:
-                scaled.masked_fill_(scaled < cutoffs.unsqueeze(1), -math.inf)
-            _log_exponential_(uniforms)
-            return scaled.sub_(uniforms).argmax(dim=-1)
-        temperatures = _row_values([row.temperature for row in rows], device)
-        scaled = logits / temperatures.unsqueeze(1)
+        if uniforms is None:
+            scaled = logits / _row_values([row.temperature for row in rows], device).unsqueeze(1)
+        else:
+            scaled = logits.float() * _row_values([1.0 / row.temperature for row in rows], device).unsqueeze(1)
         cutoffs = filter_cutoffs(scaled, rows)
         if cutoffs is not None:
             scaled.masked_fill_(scaled < cutoffs.unsqueeze(1), -math.inf)
-
+        if uniforms is None:
+            noise = self._race_noise(scaled, rows)
+        else:
+            noise = uniforms
+            _log_exponential_(noise)
         # argmax(probs / E) == argmax(scaled - log E) for E ~ Exponential(1).
+        return scaled.sub_(noise).argmax(dim=-1)
+
+    def _race_noise(self, scaled: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """``log E`` for every row, from torch's generators: the engine's for unseeded rows (they come first),
+        each seeded row's own (keyed on its seed and generation step)."""
+        device = scaled.device
         noise = torch.empty_like(scaled)
         num_unseeded = sum(1 for row in rows if row.seed is None)
         if num_unseeded:
@@ -212,7 +216,7 @@ class Sampler:
             if per_row_transform:
                 _log_exponential_(noise[position])
         _log_exponential_(noise[:num_unseeded] if per_row_transform else noise)
-        return scaled.sub_(noise).argmax(dim=-1)
+        return noise
 
 
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
