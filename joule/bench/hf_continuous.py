@@ -53,13 +53,15 @@ def load_transformers_model(model_path: Path, dtype: torch.dtype, device: torch.
 
 
 def run_transformers_generate_batch(
-    model_path: Path, requests: list[SyntheticRequest], dtype: torch.dtype, device: torch.device, repeats: int = 1
+    model_path: Path, requests: list[SyntheticRequest], dtype: torch.dtype, device: torch.device, repeats: int = 1,
+    loaded: tuple | None = None,
 ) -> dict:
     """Greedy ``generate_batch`` over all prompts at once, EOS off; timed without model loading.
 
     ``repeats`` > 1 times it that many times on the loaded model and reports the median run (as Joule's engine
     bench reports its own; of an even count the faster middle one, so a ratio against it never flatters Joule), with
-    every run's tok/s in ``runs_tok_per_s``."""
+    every run's tok/s in ``runs_tok_per_s``. ``loaded``: ``load_paged_model``'s (model, attention name), so runs
+    alternated with Joule's load it once."""
     from transformers import GenerationConfig
 
     if repeats < 1:
@@ -68,7 +70,7 @@ def run_transformers_generate_batch(
     if len(output_lens) != 1:
         raise ValueError("the transformers generate_batch baseline needs one output length for all requests")
     max_new_tokens = output_lens.pop()
-    model, attention = load_paged_model(model_path, dtype, device)
+    model, attention = loaded if loaded is not None else load_paged_model(model_path, dtype, device)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
     prompts = [list(request.prompt_token_ids) for request in requests]
     model.generate_batch(inputs=prompts[:2], generation_config=config, progress_bar=False)  # warm-up

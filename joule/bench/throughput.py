@@ -8,6 +8,12 @@ import os
 import platform
 import time
 
+# The peers `--compare` runs, each on the same prompts in the same process and dtype.
+PEERS = {
+    "hf": "transformers generate in fixed batches of --hf-batch-size (fixed input and output lengths)",
+    "hf-batch": "transformers generate_batch, its continuous batching over a paged cache (one output length)",
+}
+
 
 def add_throughput_arguments(parser: argparse.ArgumentParser) -> None:
     from joule.cli_args import add_engine_arguments
@@ -19,8 +25,13 @@ def add_throughput_arguments(parser: argparse.ArgumentParser) -> None:
                         "uniform:100:1024 for both is nano-vllm's workload")
     parser.add_argument("--output-len", default="64", help="output tokens, as --input-len")
     parser.add_argument("--workload-seed", type=int, default=0)
-    parser.add_argument("--compare", choices=["hf"], default=None, help="also run transformers generate")
-    parser.add_argument("--hf-batch-size", type=int, default=None, help="transformers batch (default: all prompts)")
+    parser.add_argument(
+        "--compare", nargs="+", choices=sorted(PEERS), default=[], metavar="PEER",
+        help="also run these peers on the same prompts, one after Joule: " + "; ".join(
+            f"{name}: {description}" for name, description in PEERS.items()),
+    )
+    parser.add_argument("--hf-batch-size", type=int, default=None,
+                        help="transformers generate's batch (default: all prompts)")
     parser.add_argument("--output-json", default=None, help="write raw results here")
     parser.add_argument(
         "--repeat", type=int, default=1,
@@ -39,9 +50,12 @@ def run_throughput(args: argparse.Namespace) -> int:
     if args.repeat < 1:
         raise ValueError(f"--repeat must be at least 1, got {args.repeat}")
     input_len, output_len = _length_argument(args.input_len, "input"), _length_argument(args.output_len, "output")
-    if args.compare == "hf" and not (input_len.kind == output_len.kind == "fixed"):
+    if "hf" in args.compare and not (input_len.kind == output_len.kind == "fixed"):
         raise ValueError("--compare hf needs fixed --input-len and --output-len: transformers generate runs its "
                          "batch at one prompt and one output length")
+    if "hf-batch" in args.compare and output_len.kind != "fixed":
+        raise ValueError("--compare hf-batch needs a fixed --output-len: transformers generate_batch takes one "
+                         "output length for all requests")
     engine = LLMEngine(engine_config_from_args(args))
     special = set(engine.tokenizer.all_special_ids) if engine.tokenizer is not None else set()
     requests = distribution_workload(
@@ -50,12 +64,11 @@ def run_throughput(args: argparse.Namespace) -> int:
     load_before = os.getloadavg()[0]
     if args.repeat == 1:
         results = [_run_joule(engine, requests)]
-        if args.compare == "hf":
-            from joule.bench.hf_baseline import run_transformers_generate
-
-            model_path, dtype, device = engine.model_path, engine.dtype, engine.device
-            del engine  # free its memory before transformers loads
-            results.append(run_transformers_generate(model_path, requests, dtype, device, args.hf_batch_size or len(requests)))
+        model_path, dtype, device = engine.model_path, engine.dtype, engine.device
+        del engine  # free its memory before transformers loads
+        for peer in _unique(args.compare):
+            _release_memory(device)
+            results.append(_run_peer(peer, model_path, requests, dtype, device, args))
     else:
         results = _run_alternating(engine, requests, args)
     info = {
@@ -71,16 +84,19 @@ def run_throughput(args: argparse.Namespace) -> int:
         "load_average_before": load_before,
         "load_average_after": os.getloadavg()[0],
     }
-    print(f"\n{'engine':<24}{'output tok/s':>14}{'elapsed s':>12}{'tokens':>10}")
+    width = max(24, *(len(result["engine"]) + 2 for result in results))
+    print(f"\n{'engine':<{width}}{'output tok/s':>14}{'elapsed s':>12}{'tokens':>10}")
     for result in results:
-        print(f"{result['engine']:<24}{result['output_tok_per_s']:>14.1f}{result['elapsed_s']:>12.2f}{result['output_tokens']:>10}")
+        print(f"{result['engine']:<{width}}{result['output_tok_per_s']:>14.1f}{result['elapsed_s']:>12.2f}{result['output_tokens']:>10}")
         if "all_output_tok_per_s" in result:
             print(f"  all {len(result['all_output_tok_per_s'])} runs: "
                   + ", ".join(f"{value:.1f}" for value in result["all_output_tok_per_s"]))
-    if len(results) == 2:
-        ratio = results[0]["output_tok_per_s"] / results[1]["output_tok_per_s"]
-        print(f"Joule / transformers: {ratio:.2f}x")
-        info["ratio"] = ratio
+    ratios = {peer["engine"]: results[0]["output_tok_per_s"] / peer["output_tok_per_s"] for peer in results[1:]}
+    for name, ratio in ratios.items():
+        print(f"Joule / {name}: {ratio:.2f}x")
+    if ratios:
+        info["ratios"] = ratios
+        info["ratio"] = next(iter(ratios.values()))  # the first peer's, as before several peers could run
     print(f"load average (1 min): {info['load_average_before']:.2f} before, {info['load_average_after']:.2f} after")
     if args.output_json:
         with open(args.output_json, "w") as handle:
@@ -99,28 +115,57 @@ def _length_argument(text: str, role: str):
 
 
 def _run_alternating(engine, requests, args) -> list[dict]:
-    """Joule, transformers, Joule, ...: the same interference can hit either; each keeps its best run."""
-    hf_model = None
-    if args.compare == "hf":
-        from joule.bench.hf_baseline import run_transformers_generate
-        from joule.bench.hf_continuous import load_transformers_model
-
-        hf_model = load_transformers_model(engine.model_path, engine.dtype, engine.device)
-    runs: dict[str, list[dict]] = {"joule": [], "hf": []}
+    """Joule, then each peer, then Joule again, ...: the same interference can hit any; each keeps its best run.
+    Every model stays loaded beside Joule's engine (on a GPU, leave room with --gpu-memory-utilization)."""
+    peers = _unique(args.compare)
+    loaded = {peer: _load_peer(peer, engine.model_path, engine.dtype, engine.device) for peer in peers}
+    runs: dict[str, list[dict]] = {"joule": [], **{peer: [] for peer in peers}}
     for round_index in range(args.repeat):
         runs["joule"].append(_run_joule(engine, requests, round_index))
-        if hf_model is not None:
-            runs["hf"].append(run_transformers_generate(
-                engine.model_path, requests, engine.dtype, engine.device, args.hf_batch_size or len(requests),
-                model=hf_model,
-            ))
+        for peer in peers:
+            runs[peer].append(_run_peer(peer, engine.model_path, requests, engine.dtype, engine.device, args,
+                                        loaded[peer]))
     results = []
-    for engine_runs in (runs["joule"], runs["hf"]):
-        if engine_runs:
-            best = dict(max(engine_runs, key=lambda run: run["output_tok_per_s"]))
-            best["all_output_tok_per_s"] = [run["output_tok_per_s"] for run in engine_runs]
-            results.append(best)
+    for engine_runs in runs.values():
+        best = dict(max(engine_runs, key=lambda run: run["output_tok_per_s"]))
+        best["all_output_tok_per_s"] = [run["output_tok_per_s"] for run in engine_runs]
+        results.append(best)
     return results
+
+
+def _unique(peers: list[str]) -> list[str]:
+    return list(dict.fromkeys(peers))
+
+
+def _load_peer(peer: str, model_path, dtype, device):
+    from joule.bench.hf_continuous import load_paged_model, load_transformers_model
+
+    if peer == "hf":
+        return load_transformers_model(model_path, dtype, device)
+    return load_paged_model(model_path, dtype, device)
+
+
+def _run_peer(peer: str, model_path, requests, dtype, device, args, loaded=None) -> dict:
+    """One timed run of ``peer``; ``loaded``: its model from ``_load_peer`` (else it loads its own, untimed)."""
+    if peer == "hf":
+        from joule.bench.hf_baseline import run_transformers_generate
+
+        return run_transformers_generate(model_path, requests, dtype, device, args.hf_batch_size or len(requests),
+                                         model=loaded)
+    from joule.bench.hf_continuous import run_transformers_generate_batch
+
+    return run_transformers_generate_batch(model_path, requests, dtype, device, loaded=loaded)
+
+
+def _release_memory(device) -> None:
+    """What the engine or the previous peer held goes back before the next model loads."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _run_joule(engine, requests, round_index: int = 0) -> dict:
