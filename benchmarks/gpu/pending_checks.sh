@@ -52,9 +52,13 @@
 #   sampling: the fused temperature race (joule/kernels/sample_rows.py, JOULE_FUSED_SAMPLING, off by default since
 #          2026-12-06 (l)): its tests on the GPU, then batch 1 at T=0.8 with it off and on (bs1_ab.py --sampled,
 #          two rounds) (~3 minutes, not in "all").
+#   cold:  workload 3's first run on a fresh engine against the next, phase by phase with each step's device
+#          allocations (w3_step_phases.py --cold; a fresh engine's first run was 25.6k tok/s against 35.8k in
+#          2026-12-06 (l)), then workload 3 from the CLI beside both transformers peers, as a user runs it
+#          (`joule bench throughput ... --compare hf-batch hf --hf-batch-size 64`) (~4 minutes, not in "all").
 # Usage (repository root, joule importable): OUT=/some/dir bash benchmarks/gpu/pending_checks.sh PART... (fused, fair,
 # w3, perf, next, bench, pdl, splits, trigger, chain, blas, feed, fusedmlp, decoderows, overlap, host, prefill, b1host,
-# queued, sampling; "all" is fused fair w3, more than one call's 10 minutes)
+# queued, sampling, cold; "all" is fused fair w3, more than one call's 10 minutes)
 # Every step has its own timeout, so one that hangs leaves the others their time; big JSON is gzipped.
 # DRY=1 prints the commands instead of running them.
 set -u
@@ -62,7 +66,7 @@ RUN=""
 [[ ${DRY:-0} == 1 ]] && RUN="echo"
 OUT=${OUT:?set OUT to a directory for the results}
 WHAT=" ${*:-all} "
-NOT_IN_ALL=" perf next bench pdl splits trigger chain blas feed fusedmlp decoderows overlap host prefill b1host queued sampling "
+NOT_IN_ALL=" perf next bench pdl splits trigger chain blas feed fusedmlp decoderows overlap host prefill b1host queued sampling cold "
 wants() { [[ $WHAT == *" all "* && $NOT_IN_ALL != *" $1 "* ]] || [[ $WHAT == *" $1 "* ]]; }
 MODEL=benchmarks/configs/llama-3.2-1b
 mkdir -p "$OUT"
@@ -217,6 +221,16 @@ fi
 if wants prefill; then
   $RUN timeout 330 python benchmarks/gpu/prefill_sweep.py "$OUT/prefill_sweep.json" > "$OUT/prefill_sweep.log" 2>&1
   echo "prefill sweep: exit $?"; grep -A1 "default" "$OUT/prefill_sweep.log"
+fi
+
+if wants cold; then
+  $RUN timeout 150 python benchmarks/gpu/w3_step_phases.py "$OUT/w3_cold.json" --cold > "$OUT/w3_cold.log" 2>&1
+  echo "w3 cold: exit $?"; grep -E "instrumented run|longer|^  step|totals, cold" "$OUT/w3_cold.log" | head -40
+  $RUN gzip -f "$OUT/w3_cold.json" 2>/dev/null
+  $RUN timeout 330 python -m joule.cli bench throughput --model "$MODEL" --load-format dummy --dtype bfloat16 \
+    --max-model-len 4096 --num-prompts 256 --input-len 512 --output-len 128 --workload-seed 2 \
+    --compare hf-batch hf --hf-batch-size 64 --output-json "$OUT/w3_cli.json" > "$OUT/w3_cli.log" 2>&1
+  echo "w3 from the CLI: exit $?"; grep -v "it/s\]\|^INFO\|^WARN" "$OUT/w3_cli.log" | tail -8
 fi
 
 if wants bench; then

@@ -20,15 +20,15 @@ from engine_bench import LLAMA_1B, build, generate  # noqa: E402
 from joule.bench.workload import fixed_length_workload  # noqa: E402
 
 
-def warmed_workload_three():
+def warmed_workload_three(plain_runs: int = 2):
     """The engine as engine_bench.py builds it (metering off, as its workload-3 runs) and workload 3's prompts and
-    output lengths, after a warm-up and two plain runs (printed)."""
+    output lengths, after a warm-up and ``plain_runs`` plain runs (printed)."""
     engine, _, _ = build(LLAMA_1B, dtype="bfloat16", max_model_len=4096)
     engine.core.step_observer = None
     requests = fixed_length_workload(256, 512, 128, engine.model_config.vocab_size, seed=2)
     prompts, lengths = [r.prompt_token_ids for r in requests], [r.output_len for r in requests]
     generate(engine, [prompts[0][:32]] * 4, [4] * 4)
-    for _ in range(2):
+    for _ in range(plain_runs):
         print(f"plain run: {sum(lengths) / generate(engine, prompts, lengths)[1]:.0f} tok/s", flush=True)
     return engine, prompts, lengths
 
