@@ -81,7 +81,7 @@ class LLMEngine:
             enforce_eager=config.enforce_eager, max_num_batched_tokens=batched_tokens,
         )
         if self.device.type == "cuda" and getattr(backend, "name", None) == "triton":
-            executor.compile_eager_step_kernels(self.max_model_len)
+            executor.compile_eager_step_kernels(self.max_model_len, config.max_num_seqs)
         self.block_manager = KVBlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         scheduler_config = SchedulerConfig(
             max_num_seqs=config.max_num_seqs,

@@ -194,6 +194,7 @@ class DecodeGraphRunner:
     def capture(self) -> None:
         """Warm up then capture each ladder size, largest first, into one shared memory pool."""
         started = time.perf_counter()
+        self._warm_feeds()
         self._fill_padding(0, self.max_batch_size)
         self._send(self.max_batch_size)
         self.graphs, self.outputs = capture_graphs(self.batch_sizes, self._forward, self.device)
@@ -203,6 +204,24 @@ class DecodeGraphRunner:
         logger.info("captured %d decode CUDA graphs (batch sizes %s; short-context variants for %s) in %.1f s",
                     len(self.graphs) + len(self.short_graphs), self.batch_sizes, list(self.short_graphs),
                     time.perf_counter() - started)
+
+    def _warm_feeds(self) -> None:
+        """Every variant of the feed kernel the steps can launch, now rather than inside a step.
+
+        Why: Triton compiles (or loads) one binary per pattern of its integer arguments (== 1, divisible by 16):
+        here each ladder size's segment lengths and a continuation's token count. The first step of a new pattern
+        paid for it while the decode lookahead had steps queued: a fresh engine's first run of issue 3's workload 3
+        spent ~72 ms in each of its first two 256-row feeds (H100, 2026-12-06 (n), ``w3_step_phases.py --cold``).
+        Sends every ladder size without tokens and with a full and a one-short row of them; the inputs written are
+        padding's, rewritten before any replay."""
+        if not self._feeds:
+            return
+        for size in self.batch_sizes:
+            for count in sorted({0, size, max(size - 1, 1)}):
+                tokens = torch.zeros(count, dtype=torch.int64, device=self.device) if count else None
+                self._send(size, tokens)
+        if self._copied is not None:
+            self._copied.synchronize()
 
     def run(self, plan: StepPlan, token_source: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states ``[len(plan.sequences), hidden]`` of a decode-only step (graph replay on CUDA).

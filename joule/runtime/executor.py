@@ -26,7 +26,7 @@ from joule.runtime.attention.base import (
 )
 from joule.runtime.cuda_graphs import DecodeGraphRunner, graphs_disabled_reason
 from joule.runtime.device import upload
-from joule.runtime.kernel_warmup import compile_fused_gate_up, warmup_plans
+from joule.runtime.kernel_warmup import compile_fused_gate_up, compile_logits_rows, warmup_plans
 from joule.runtime.prefill_graphs import PrefillChunkGraphRunner, can_run_mixed_step, run_mixed_step
 from joule.runtime.sampler import Sampler, SamplingRow, greedy_tokens, prompt_logprobs
 from joule.runtime.sampling_rows import all_rows_pass, params_on_device, params_plain_greedy, sampling_row
@@ -114,9 +114,10 @@ class ModelExecutor:
         return True
 
     @torch.inference_mode()
-    def compile_eager_step_kernels(self, max_model_len: int) -> int:
+    def compile_eager_step_kernels(self, max_model_len: int, max_num_seqs: int = 1) -> int:
         """Run ``joule.runtime.kernel_warmup``'s plans through the eager forward (the KV cache must still be
-        empty: they write its first blocks); returns how many ran."""
+        empty: they write its first blocks), and on CUDA the logits at every sampling row count up to
+        ``max_num_seqs``; returns how many plans ran."""
         started = time.perf_counter()
         plans = warmup_plans(max_model_len, self.block_size, self.kv_cache.num_blocks)
         hidden = None
@@ -124,13 +125,9 @@ class ModelExecutor:
             input_ids, positions, metadata, _ = self._prepare(plan)
             hidden = self.model(input_ids, positions, ForwardContext(self.backend, self.kv_cache, metadata))
         if self.device.type == "cuda":
-            if hidden is not None:  # the greedy argmax's compile too, out of the first real step
-                from joule.kernels.argmax import argmax_rows
-
-                logits = self.model.compute_logits(hidden[-1:])
-                argmax_rows(logits)
-                if self.sampler.fused_sampling.applies(self.device):  # and the fused sampling kernel's
-                    self.sampler.sample_on_device(logits, [SamplingRow(temperature=1.0)])
+            compile_logits_rows(self.model, max_num_seqs)  # the greedy argmax's compile too, out of the first step
+            if hidden is not None and self.sampler.fused_sampling.applies(self.device):  # and the fused sampling's
+                self.sampler.sample_on_device(self.model.compute_logits(hidden[-1:]), [SamplingRow(temperature=1.0)])
             compile_fused_gate_up(self.model)
             torch.cuda.synchronize(self.device)
         logger.info("compiled the eager-step attention kernels (%d warm-up steps) in %.1f s",

@@ -80,3 +80,23 @@ def compile_fused_gate_up(model) -> int:
             gate_up_silu(rows, weight, module.fused_tile)
             compiled.add(key)
     return len(compiled)
+
+
+def compile_logits_rows(model, max_rows: int) -> int:
+    """The logits GEMM and the greedy argmax at every row count a step can sample (1..``max_rows``), at start-up.
+
+    Why: the logits of a step's sampling rows are computed outside the CUDA graphs, on exactly those rows, and
+    cuBLAS picks its kernel by the row count. The first launch of a kernel the process has not loaded yet held the
+    host until the GPU had run everything queued: a fresh engine's first run of issue 3's workload 3 lost the decode
+    lookahead's queued steps in every prompt step (each sampling 16 more rows than the last: ~17 ms of host waiting
+    a step) and in the tail's shrinking batches (~3 ms a step), 28.0k against 36.7k tok/s for the next run (H100,
+    2026-12-06 (n), ``w3_step_phases.py --cold``). Returns how many row counts ran."""
+    import torch
+
+    from joule.kernels.argmax import argmax_rows
+
+    parameter = next(model.parameters())
+    hidden = torch.randn((max_rows, model.config.hidden_size), dtype=parameter.dtype, device=parameter.device)
+    for rows in range(1, max_rows + 1):
+        argmax_rows(model.compute_logits(hidden[:rows]))
+    return max_rows

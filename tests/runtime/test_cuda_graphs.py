@@ -105,6 +105,7 @@ def test_padded_static_decode_matches_eager_tokens(tiny_dir):
     runner = DecodeGraphRunner(executor.model, executor.kv_cache, executor.backend, executor.device,
                                max_num_seqs=5, max_model_len=256)
     assert runner.batch_sizes == [1, 2, 4, 5]
+    runner._warm_feeds()  # what capture() sends first: padding's inputs, rewritten before every step
     executor.graph_runner, executor.use_cuda_graphs = runner, True
     calls = []
     original_run = runner.run
@@ -120,6 +121,26 @@ def test_padded_static_decode_matches_eager_tokens(tiny_dir):
     assert calls, "no decode step went through the static-buffer path"
     assert 3 in calls  # a padded step (3 rows run as 4)
     assert [padded[f"g-{index}"] for index in range(len(prompts))] == eager
+
+
+@interpreted_triton_on_cpu
+def test_feeds_are_warmed_at_every_size_with_no_full_and_one_short_row_of_tokens(tiny_dir, monkeypatch):
+    from joule.runtime.attention.triton_backend import TritonAttentionBackend
+
+    engine = LLMEngine.from_kwargs(model=str(tiny_dir), device="cpu", dtype="float32",
+                                   kv_cache_memory_bytes=1 << 22, max_model_len=256, max_num_seqs=5)
+    executor = engine.core.executor
+    runner = DecodeGraphRunner(executor.model, executor.kv_cache, TritonAttentionBackend(), executor.device,
+                               max_num_seqs=5, max_model_len=256)
+    sent = []
+    monkeypatch.setattr(runner, "_send", lambda size, tokens=None: sent.append(
+        (size, 0 if tokens is None else tokens.numel())))
+    runner._warm_feeds()
+    assert sent == [(1, 0), (1, 1), (2, 0), (2, 1), (2, 2), (4, 0), (4, 3), (4, 4), (5, 0), (5, 4), (5, 5)]
+    sent.clear()
+    runner._feeds = False  # the plain copy path (JOULE_GRAPH_FEED=0) has no kernel to warm
+    runner._warm_feeds()
+    assert sent == []
 
 
 def test_chunk_graph_sizes_double_up_to_the_budget():

@@ -97,3 +97,23 @@ def test_the_fused_gate_up_gemm_compiles_once_per_weight_shape(monkeypatch):
     monkeypatch.setattr(MergedLinear, "runs_fused_gate_up", lambda self, hidden: calls.append(hidden.shape) or True)
     assert compile_fused_gate_up(model) == 2  # two weight shapes, three MLPs
     assert all(shape[0] >= 1024 for shape in calls)  # FUSED_MIN_ROWS rows: what a long step passes
+
+
+@interpreted_triton_on_cpu
+def test_logits_are_warmed_at_every_row_count_up_to_the_batch(tmp_path, monkeypatch):
+    from joule.runtime.kernel_warmup import compile_logits_rows
+
+    build_tiny_checkpoint("llama-gqa4-tied", tmp_path)
+    engine = LLMEngine.from_kwargs(model=str(tmp_path), device="cpu", dtype="float32",
+                                   kv_cache_memory_bytes=1 << 22, max_model_len=128)
+    model = engine.core.executor.model
+    original, rows = model.compute_logits, []
+
+    def counted(hidden):
+        rows.append(hidden.shape[0])
+        assert hidden.abs().sum() > 0  # random rows, not zeros
+        return original(hidden)
+
+    monkeypatch.setattr(model, "compute_logits", counted)
+    assert compile_logits_rows(model, 6) == 6
+    assert rows == [1, 2, 3, 4, 5, 6]
