@@ -29,6 +29,7 @@ from joule.runtime.cuda_graphs import capture_graphs
 logger = logging.getLogger(__name__)
 
 MAX_GRAPHED_CHUNKS = 4  # more chunks in one step: one eager forward is cheaper than N weight reads
+STAGING_SETS = 8  # pinned input sets the pieces cycle through (a step runs at most a few pieces per chunk)
 
 
 class PrefillChunkGraphRunner:
@@ -58,17 +59,19 @@ class PrefillChunkGraphRunner:
         def host(shape, dtype, fill=0):
             return torch.full(shape, fill, dtype=dtype, pin_memory=pin)
 
-        self.host_input_ids = host((rows,), torch.int64)
-        self.host_positions = host((rows,), torch.int64)
-        self.host_slots = host((rows,), torch.int64, -1)
-        self.host_block_table = host((1, self.max_blocks), torch.int32)
-        self.host_query_starts = host((2,), torch.int64)
-        self.host_sequence_length = host((1,), torch.int32)
-        self._host_views = [self.host_input_ids, self.host_positions, self.host_slots, self.host_block_table,
-                            self.host_query_starts, self.host_sequence_length]
+        # A ring of pinned staging sets, each with the event of its last upload: a step's pieces fill different sets.
+        # Why: an upload is queued behind everything the GPU has yet to run, so waiting for the last piece's copy
+        # before refilling one set waited for the whole queue: the second piece of a step stalled the host until the
+        # GPU drained, and the lookahead's queued steps were lost (H100, 2026-12-06 (n): workload 3's last prompt
+        # step took 37.7 ms against ~28.7 for the others, 33 ms of it in the launch).
+        self._staging = [(host((rows,), torch.int64), host((rows,), torch.int64), host((rows,), torch.int64, -1),
+                          host((1, self.max_blocks), torch.int32), host((2,), torch.int64), host((1,), torch.int32))
+                         for _ in range(STAGING_SETS)]
+        self._staged = [torch.cuda.Event() if pin else None for _ in range(STAGING_SETS)]
+        self._set = 0
+        self._use_set(0)
         (self.input_ids, self.positions, self.slots, self.block_table, self.query_starts,
-         self.sequence_length) = [tensor.to(device) for tensor in self._host_views]
-        self._copied = torch.cuda.Event() if pin else None
+         self.sequence_length) = [tensor.to(device) for tensor in self._staging[0]]
         key_cache = kv_cache.key_caches[0]
         group = model.config.num_attention_heads // key_cache.shape[2]
         tile_rows = rows_per_tile(group, key_cache.shape[3], _activation_dtype(model))
@@ -134,11 +137,18 @@ class PrefillChunkGraphRunner:
             offset += length
         return hidden
 
+    def _use_set(self, index: int) -> None:
+        """Point the host views at staging set ``index``, after its last upload has left it."""
+        if self._staged[index] is not None:
+            self._staged[index].synchronize()  # recorded STAGING_SETS pieces ago: long done unless the GPU lags
+        self._set = index
+        (self.host_input_ids, self.host_positions, self.host_slots, self.host_block_table, self.host_query_starts,
+         self.host_sequence_length) = self._staging[index]
+
     def _run_piece(self, sequence: ScheduledSequence) -> torch.Tensor:
         count = sequence.num_tokens
         size = self.padded_size(count)
-        if self._copied is not None:
-            self._copied.synchronize()  # the last replay's copies have left the pinned buffers
+        self._use_set((self._set + 1) % STAGING_SETS)
         self._fill(sequence, size)
         self._upload(size)
         if size in self.graphs:
@@ -175,8 +185,8 @@ class PrefillChunkGraphRunner:
                  (self.host_query_starts, self.query_starts), (self.host_sequence_length, self.sequence_length)]
         for host, device in pairs:
             device.copy_(host, non_blocking=True)
-        if self._copied is not None:
-            self._copied.record()
+        if self._staged[self._set] is not None:
+            self._staged[self._set].record()
 
 
 def can_run_mixed_step(plan: StepPlan, decode_runner, chunk_runner: PrefillChunkGraphRunner) -> bool:

@@ -179,7 +179,7 @@ def test_mixed_steps_through_static_chunk_buffers_match_eager_tokens(tiny_dir, m
     """Decodes through the decode runner, each prompt chunk through the padded chunk runner (what the
     graphs capture): the same greedy tokens as one eager forward, with chunks starting mid-prompt."""
     from joule.runtime.attention.triton_backend import TritonAttentionBackend
-    from joule.runtime.prefill_graphs import PrefillChunkGraphRunner, chunk_pieces
+    from joule.runtime.prefill_graphs import STAGING_SETS, PrefillChunkGraphRunner, chunk_pieces
 
     engine = LLMEngine.from_kwargs(model=str(tiny_dir), device="cpu", dtype="float32", kv_cache_memory_bytes=1 << 22,
                                    max_model_len=256, max_num_seqs=6, max_num_batched_tokens=40, block_size=8)
@@ -218,10 +218,14 @@ def test_mixed_steps_through_static_chunk_buffers_match_eager_tokens(tiny_dir, m
         return original_mixed(plan, decode_runner, chunk_runner, decode_tokens)
 
     monkeypatch.setattr(executor_module, "run_mixed_step", counting_mixed)
-    chunk_sizes = []
+    chunk_sizes, staging_sets = [], []
     original = executor.chunk_runner.run_chunk
     executor.chunk_runner.run_chunk = lambda sequence: chunk_sizes.append(sequence.num_tokens) or original(sequence)
+    original_use_set = executor.chunk_runner._use_set
+    executor.chunk_runner._use_set = lambda index: staging_sets.append(index) or original_use_set(index)
     assert run_all("static") == eager
+    # Each piece fills the next pinned staging set (a step's second piece must not wait for the first one's copy).
+    assert staging_sets == [(index + 1) % STAGING_SETS for index in range(len(staging_sets))]
     assert chunk_sizes and any(size not in executor.chunk_runner.sizes for size in chunk_sizes)  # padded chunks ran
     if min_padding_to_split == 4:  # some chunk ran as several passes (e.g. 33 tokens as 32 + 1)
         assert any(len(chunk_pieces(size, executor.chunk_runner.sizes, 4)) > 1 for size in chunk_sizes)
