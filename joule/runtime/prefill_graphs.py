@@ -61,9 +61,9 @@ class PrefillChunkGraphRunner:
 
         # A ring of pinned staging sets, each with the event of its last upload: a step's pieces fill different sets.
         # Why: an upload is queued behind everything the GPU has yet to run, so waiting for the last piece's copy
-        # before refilling one set waited for the whole queue: the second piece of a step stalled the host until the
-        # GPU drained, and the lookahead's queued steps were lost (H100, 2026-12-06 (n): workload 3's last prompt
-        # step took 37.7 ms against ~28.7 for the others, 33 ms of it in the launch).
+        # before refilling one set waited for the whole queue: the second piece of a step held the host until the GPU
+        # drained (H100, 2026-12-06 (n): 33 ms of workload 3's last prompt step's launch; with the ring 3.6 ms, the run
+        # unchanged there as the GPU set its pace, but a host near the edge loses its queued step to such a wait).
         self._staging = [(host((rows,), torch.int64), host((rows,), torch.int64), host((rows,), torch.int64, -1),
                           host((1, self.max_blocks), torch.int32), host((2,), torch.int64), host((1,), torch.int32))
                          for _ in range(STAGING_SETS)]
