@@ -56,6 +56,7 @@ def run_throughput(args: argparse.Namespace) -> int:
     if "hf-batch" in args.compare and output_len.kind != "fixed":
         raise ValueError("--compare hf-batch needs a fixed --output-len: transformers generate_batch takes one "
                          "output length for all requests")
+    peers = list(dict.fromkeys(args.compare))  # each peer once, in the order asked
     engine = LLMEngine(engine_config_from_args(args))
     special = set(engine.tokenizer.all_special_ids) if engine.tokenizer is not None else set()
     requests = distribution_workload(
@@ -66,11 +67,11 @@ def run_throughput(args: argparse.Namespace) -> int:
         results = [_run_joule(engine, requests)]
         model_path, dtype, device = engine.model_path, engine.dtype, engine.device
         del engine  # free its memory before transformers loads
-        for peer in _unique(args.compare):
+        for peer in peers:
             _release_memory(device)
             results.append(_run_peer(peer, model_path, requests, dtype, device, args))
     else:
-        results = _run_alternating(engine, requests, args)
+        results = _run_alternating(engine, requests, args, peers)
     info = {
         "model": args.model or "smollm2-135m",
         "dtype": results[0]["dtype"],
@@ -114,10 +115,9 @@ def _length_argument(text: str, role: str):
         raise ValueError(f"--{role}-len: {error}") from None
 
 
-def _run_alternating(engine, requests, args) -> list[dict]:
+def _run_alternating(engine, requests, args, peers: list[str]) -> list[dict]:
     """Joule, then each peer, then Joule again, ...: the same interference can hit any; each keeps its best run.
     Every model stays loaded beside Joule's engine (on a GPU, leave room with --gpu-memory-utilization)."""
-    peers = _unique(args.compare)
     loaded = {peer: _load_peer(peer, engine.model_path, engine.dtype, engine.device) for peer in peers}
     runs: dict[str, list[dict]] = {"joule": [], **{peer: [] for peer in peers}}
     for round_index in range(args.repeat):
@@ -131,10 +131,6 @@ def _run_alternating(engine, requests, args) -> list[dict]:
         best["all_output_tok_per_s"] = [run["output_tok_per_s"] for run in engine_runs]
         results.append(best)
     return results
-
-
-def _unique(peers: list[str]) -> list[str]:
-    return list(dict.fromkeys(peers))
 
 
 def _load_peer(peer: str, model_path, dtype, device):
