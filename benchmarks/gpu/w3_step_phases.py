@@ -51,18 +51,22 @@ class StepLog:
     def __init__(self) -> None:
         self.step = -1
         self.rows: list[dict] = []
+        self.before_steps: dict = defaultdict(float)  # phases timed before the first step (adding the requests)
+        self.first_step_at = self.last_step_end = 0.0
         self._gc_started = 0.0
 
     def begin_step(self) -> None:
         self.step += 1
         self.rows.append(defaultdict(float))
+        if self.step == 0:
+            self.first_step_at = time.perf_counter()
 
     def reset(self) -> None:
         self.step, self.rows = -1, []
+        self.before_steps = defaultdict(float)
 
     def add(self, phase: str, seconds: float) -> None:
-        if self.rows:
-            self.rows[-1][phase] += seconds * 1e3
+        (self.rows[-1] if self.rows else self.before_steps)[phase] += seconds * 1e3
 
     def on_gc(self, phase: str, info: dict) -> None:
         if phase == "start":
@@ -84,7 +88,10 @@ def wrap(log: StepLog, owner, method: str, phase: str, begins_step: bool = False
         try:
             return original(*args, **kwargs)
         finally:
-            log.add(phase, time.perf_counter() - started)
+            ended = time.perf_counter()
+            log.add(phase, ended - started)
+            if begins_step:
+                log.last_step_end = ended
             if count is not None:
                 log.add(phase + " count", (count() - before) * 1e-3)
 
@@ -120,6 +127,7 @@ def device_allocations() -> int:
 def instrument(engine, log: StepLog) -> None:
     owners = {"engine": engine, "core": engine.core, "scheduler": engine.core.scheduler,
               "executor": engine.core.executor}
+    wrap(log, engine, "add_request", "add_request")  # before the first step: lands in log.before_steps
     for phase, (owner, method) in PHASES.items():
         wrap(log, owners[owner], method, phase, begins_step=phase == "engine step",
              count=device_allocations if phase == "engine step" else None)
@@ -137,9 +145,16 @@ def instrument(engine, log: StepLog) -> None:
 def instrumented_run(engine, prompts, lengths, log: StepLog, batch_one: bool, label: str) -> dict:
     log.reset()
     gc.callbacks.append(log.on_gc)
+    called = time.perf_counter()
     _, seconds = generate(engine, prompts, lengths)
+    returned = time.perf_counter()
     gc.callbacks.remove(log.on_gc)
     print(f"{label} instrumented run: {sum(lengths) / seconds:.0f} tok/s ({seconds * 1e3:.1f} ms)", flush=True)
+    # Outside every step the GPU has nothing queued: the requests' admission before, the return after.
+    outside = {"before the first step": 1e3 * (log.first_step_at - called),
+               "after the last step": 1e3 * (returned - log.last_step_end),
+               **{f"{phase} (before the first step)": value for phase, value in log.before_steps.items()}}
+    print("outside the steps (ms): " + ", ".join(f"{name} {value:.1f}" for name, value in outside.items()), flush=True)
     rows = [dict(row) for row in log.rows]
     for row in rows:
         row["outputs"] = row.get("engine step", 0.0) - row.get("core step", 0.0)
@@ -159,7 +174,7 @@ def instrumented_run(engine, prompts, lengths, log: StepLog, batch_one: bool, la
     totals.update({f"gc gen{g} count": round(sum(row.get(f'gc gen{g} count', 0.0) for row in rows))
                    for g in range(3)})
     print("totals (ms): " + ", ".join(f"{name.strip()} {value:.1f}" for name, value in totals.items()))
-    return {"seconds": seconds, "steps": rows, "totals": totals}
+    return {"seconds": seconds, "steps": rows, "totals": totals, "outside": outside}
 
 
 def cold_against_warm(cold: list[dict], warm: list[dict], threshold_ms: float = 1.0) -> list[dict]:
