@@ -18,7 +18,9 @@ tail's shrinking batches, with a few slow steps every ~15 steps before. This tim
 with ``perf_counter`` (cheap enough to leave the run's pace alone) and logs every garbage collection with its
 generation: the engine's step, the core's step, planning the continuation, launching it, collecting, the
 scheduler's update, and the outputs. Runs workload 3 twice plain (as engine_bench.py builds it), then once
-instrumented; prints the slow steps' phases and the phase totals, writes every step's phases as JSON.
+instrumented; prints the slow steps' phases and the phase totals, writes every step's phases as JSON. Also the
+time outside the steps, when the GPU has nothing queued: before the first (adding the requests), between them and
+after the last.
 """
 
 from __future__ import annotations
@@ -124,13 +126,15 @@ def device_allocations() -> int:
     return torch.cuda.memory_stats().get("num_device_alloc", 0)
 
 
-def instrument(engine, log: StepLog) -> None:
+def instrument(engine, log: StepLog, count_allocations: bool = False) -> None:
+    """``count_allocations``: each step's device allocations too (``torch.cuda.memory_stats`` around every step:
+    ~0.15 ms a step on the H100's host, outside the step's own time but inside the run's)."""
     owners = {"engine": engine, "core": engine.core, "scheduler": engine.core.scheduler,
               "executor": engine.core.executor}
     wrap(log, engine, "add_request", "add_request")  # before the first step: lands in log.before_steps
     for phase, (owner, method) in PHASES.items():
         wrap(log, owners[owner], method, phase, begins_step=phase == "engine step",
-             count=device_allocations if phase == "engine step" else None)
+             count=device_allocations if phase == "engine step" and count_allocations else None)
     # Inside the launch: the graph runner's input work, the replay itself, and the sampling launches.
     executor = engine.core.executor
     runner = executor.graph_runner
@@ -153,6 +157,8 @@ def instrumented_run(engine, prompts, lengths, log: StepLog, batch_one: bool, la
     # Outside every step the GPU has nothing queued: the requests' admission before, the return after.
     outside = {"before the first step": 1e3 * (log.first_step_at - called),
                "after the last step": 1e3 * (returned - log.last_step_end),
+               "between the steps": 1e3 * (log.last_step_end - log.first_step_at)
+               - sum(row.get("engine step", 0.0) for row in log.rows),
                **{f"{phase} (before the first step)": value for phase, value in log.before_steps.items()}}
     print("outside the steps (ms): " + ", ".join(f"{name} {value:.1f}" for name, value in outside.items()), flush=True)
     rows = [dict(row) for row in log.rows]
@@ -201,7 +207,7 @@ def main() -> None:
     engine, prompts, lengths = (warmed_batch_one() if batch_one
                                 else warmed_workload_three(plain_runs=0 if cold else 2))
     log = StepLog()
-    instrument(engine, log)
+    instrument(engine, log, count_allocations=cold)
     runs = [instrumented_run(engine, prompts, lengths, log, batch_one, label)
             for label in (("cold", "warm") if cold else ("",))]
     result = runs[0] if not cold else {"cold": runs[0], "warm": runs[1]}
