@@ -12,6 +12,7 @@ from joule.config import EngineConfig
 from joule.engine.policies import DEFAULT_FAIR_PROMPT_CAP
 from joule.heap import heap_frozen_while_running
 from joule.logger import get_logger
+from joule.offline_loop import run_until_done
 from joule.llm_engine import LLMEngine, PromptType
 from joule.outputs import RequestMetrics, RequestOutput
 from joule.sampling_params import RequestOutputKind, SamplingParams
@@ -130,38 +131,34 @@ class LLM:
             return self._add_and_step(prompts, params_list, use_tqdm)
 
     def _add_and_step(self, prompts: list, params_list: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+        """Requests go in as the engine wants them (``joule/offline_loop.py``)."""
         engine = self.llm_engine
         results: list[RequestOutput | None] = [None] * len(prompts)
         index_of: dict[str, int] = {}
-        for index, (prompt, params) in enumerate(zip(prompts, params_list)):
-            request_id = str(next(self._request_counter))
-            final_params = params if params.output_kind == RequestOutputKind.FINAL_ONLY else params.clone(
-                output_kind=RequestOutputKind.FINAL_ONLY
-            )
-            try:
-                engine.add_request(request_id, prompt, final_params)
-            except ValueError as error:
-                results[index] = _error_output(request_id, prompt, error)
-                continue
-            index_of[request_id] = index
-
-        progress = tqdm(total=len(index_of), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
+        pending = iter(enumerate(zip(prompts, params_list)))
+        progress = tqdm(total=len(prompts), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
         started = time.perf_counter()
-        prompt_tokens = output_tokens = 0
+        counts = [0, 0]  # prompt and output tokens of the finished requests
+
+        def add_next() -> bool:
+            item = next(pending, None)
+            if item is not None:
+                self._add(*item, results, index_of, progress)
+            return item is not None
+
+        def on_output(output: RequestOutput) -> None:
+            if not output.finished:
+                return
+            results[index_of[output.request_id]] = output
+            counts[0] += len(output.prompt_token_ids)
+            counts[1] += sum(len(completion.token_ids) for completion in output.outputs)
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            progress.set_postfix_str(f"input: {counts[0] / elapsed:.1f} tok/s, output: {counts[1] / elapsed:.1f} tok/s",
+                                     refresh=False)
+            progress.update(1)
+
         try:
-            while engine.has_unfinished_requests():
-                for output in engine.step():
-                    if not output.finished:
-                        continue
-                    results[index_of[output.request_id]] = output
-                    prompt_tokens += len(output.prompt_token_ids)
-                    output_tokens += sum(len(completion.token_ids) for completion in output.outputs)
-                    elapsed = max(time.perf_counter() - started, 1e-9)
-                    progress.set_postfix_str(
-                        f"input: {prompt_tokens / elapsed:.1f} tok/s, output: {output_tokens / elapsed:.1f} tok/s",
-                        refresh=False,
-                    )
-                    progress.update(1)
+            run_until_done(engine, add_next, on_output)
         except BaseException:
             for request_id in index_of:
                 engine.abort_request(request_id)
@@ -169,6 +166,21 @@ class LLM:
         finally:
             progress.close()
         return results  # type: ignore[return-value]
+
+    def _add(self, index: int, prompt_and_params: tuple, results: list, index_of: dict[str, int], progress) -> None:
+        """Add one prompt; a refused one (ValueError) gets its error output at once and counts as processed."""
+        prompt, params = prompt_and_params
+        request_id = str(next(self._request_counter))
+        final_params = params if params.output_kind == RequestOutputKind.FINAL_ONLY else params.clone(
+            output_kind=RequestOutputKind.FINAL_ONLY
+        )
+        try:
+            self.llm_engine.add_request(request_id, prompt, final_params)
+        except ValueError as error:
+            results[index] = _error_output(request_id, prompt, error)
+            progress.update(1)
+            return
+        index_of[request_id] = index
 
 
 def _as_prompt_list(prompts) -> list:

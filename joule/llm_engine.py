@@ -34,6 +34,9 @@ from joule.tokenizer import Tokenizer
 logger = get_logger()
 
 _DEFAULT_BATCHED_TOKENS = {"cpu": 2048, "cuda": 8192}
+# An offline run keeps this many steps' budgets of prompt tokens waiting and adds the rest of its requests between
+# steps (``wants_more_requests``): enough that no step plans with fewer prompts than if all were added first.
+FEED_AHEAD_STEPS = 3
 PromptType = str | list[int] | dict
 
 
@@ -260,6 +263,23 @@ class LLMEngine:
 
     def get_num_unfinished_requests(self) -> int:
         return len(self._states)
+
+    def wants_more_requests(self) -> bool:
+        """Whether an offline loop (``LLM.generate``, the benchmarks) should add another request before the next
+        step. Why not add them all first: adding 256 requests took ~10 ms of host time on the H100 machine while the
+        GPU sat idle (~1 % of workload 3); between steps it overlaps the GPU's work. Under first-come-first-served
+        the steps are the same as long as the waiting queue holds ``FEED_AHEAD_STEPS`` budgets of prompt tokens
+        (the lookahead plans one step ahead); other policies reorder the whole queue, so they get everything."""
+        scheduler = self.core.scheduler
+        config = scheduler.config
+        if config.policy != "fcfs" or len(scheduler.waiting) >= config.max_num_seqs:
+            return config.policy != "fcfs"
+        wanted = FEED_AHEAD_STEPS * config.max_num_batched_tokens
+        for request in scheduler.waiting:
+            wanted -= request.num_tokens - request.num_computed_tokens
+            if wanted <= 0:
+                return False
+        return True
 
     # -- stepping ---------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

@@ -29,6 +29,7 @@ from joule.bench.latency import measure_latency, print_latency_table
 from joule.bench.workload import fixed_length_workload, uniform_length_workload
 from joule.heap import heap_frozen_while_running
 from joule.llm_engine import LLMEngine
+from joule.offline_loop import adder, run_until_done
 from joule.runtime.cuda_graphs import enable_engine_cuda_graphs
 from joule.sampling_params import RequestOutputKind, SamplingParams
 
@@ -45,13 +46,13 @@ def generate(engine: LLMEngine, prompts: list[list[int]], output_lens: list[int]
     tag = time.monotonic_ns()
     results = {}
     with heap_frozen_while_running():  # as LLM.generate runs (joule/heap.py), from the first request added
-        for index, (prompt, length) in enumerate(zip(prompts, output_lens)):
-            params = SamplingParams(temperature=0.0, max_tokens=length, ignore_eos=True,
-                                    output_kind=RequestOutputKind.FINAL_ONLY)
-            engine.add_request(f"{tag}-{index}", {"prompt_token_ids": prompt}, params)
-        while engine.has_unfinished_requests():
-            for output in engine.step():
-                results[output.request_id] = list(output.outputs[0].token_ids)
+        # Requests go in as LLM.generate adds them: the first steps' worth, then more between steps.
+        run_until_done(engine, adder(engine, (
+            (f"{tag}-{index}", {"prompt_token_ids": prompt},
+             SamplingParams(temperature=0.0, max_tokens=length, ignore_eos=True,
+                            output_kind=RequestOutputKind.FINAL_ONLY))
+            for index, (prompt, length) in enumerate(zip(prompts, output_lens)))),
+            lambda output: results.__setitem__(output.request_id, list(output.outputs[0].token_ids)))
     torch.cuda.synchronize()
     return [results[f"{tag}-{index}"] for index in range(len(prompts))], time.perf_counter() - started
 

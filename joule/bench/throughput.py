@@ -168,6 +168,7 @@ def _run_joule(engine, requests, round_index: int = 0) -> dict:
     from tqdm.auto import tqdm
 
     from joule.heap import heap_frozen_while_running
+    from joule.offline_loop import adder, run_until_done
     from joule.sampling_params import RequestOutputKind, SamplingParams
 
     # A short warm-up so one-time costs (allocator, first kernels) are not timed.
@@ -177,19 +178,23 @@ def _run_joule(engine, requests, round_index: int = 0) -> dict:
         engine.step()
     engine.block_manager.reset_prefix_cache()
 
-    output_tokens = 0
     # As LLM.generate runs: no full collections of the start-up heap mid-run (joule/heap.py).
     with tqdm(total=len(requests), desc="joule", dynamic_ncols=True) as progress, heap_frozen_while_running():
         started = time.perf_counter()
-        for index, request in enumerate(requests):
-            params = SamplingParams(max_tokens=request.output_len, ignore_eos=True, temperature=0.0,
-                                    output_kind=RequestOutputKind.FINAL_ONLY)
-            engine.add_request(f"bench-{round_index}-{index}", {"prompt_token_ids": request.prompt_token_ids}, params)
-        while engine.has_unfinished_requests():
-            for output in engine.step():
-                if output.finished:
-                    output_tokens += len(output.outputs[0].token_ids)
-                    progress.update(1)
+        counted = []
+
+        def on_output(output) -> None:
+            if output.finished:
+                counted.append(len(output.outputs[0].token_ids))
+                progress.update(1)
+
+        # As LLM.generate adds them: the first steps' worth, then more between steps (joule/offline_loop.py).
+        run_until_done(engine, adder(engine, (
+            (f"bench-{round_index}-{index}", {"prompt_token_ids": request.prompt_token_ids},
+             SamplingParams(max_tokens=request.output_len, ignore_eos=True, temperature=0.0,
+                            output_kind=RequestOutputKind.FINAL_ONLY))
+            for index, request in enumerate(requests))), on_output)
+        output_tokens = sum(counted)
     elapsed = time.perf_counter() - started
     return {"engine": "joule", "elapsed_s": elapsed, "output_tokens": output_tokens,
             "output_tok_per_s": output_tokens / elapsed, "dtype": str(engine.dtype)}
