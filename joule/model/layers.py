@@ -197,7 +197,11 @@ class MergedLinear(nn.Module):
 
     def runs_fused_gate_up(self, hidden: torch.Tensor) -> bool:
         """A plain 16-bit weight on an sm_90+ GPU and a step long enough for the fused gate/up + SiLU GEMM."""
-        if not (hidden.is_cuda and hidden.shape[0] >= FUSED_MIN_ROWS and not self.transposed and not self.packed
+        return hidden.shape[0] >= FUSED_MIN_ROWS and self.fits_fused_gate_up(hidden)
+
+    def fits_fused_gate_up(self, hidden: torch.Tensor) -> bool:
+        """A plain 16-bit weight on an sm_90+ GPU and operands the fused GEMM's descriptors take, at any row count."""
+        if not (hidden.is_cuda and not self.transposed and not self.packed
                 and self.bias is None and self.weight.dtype in (torch.bfloat16, torch.float16)
                 and hidden.dtype == self.weight.dtype and hidden.stride(-1) == 1
                 and hidden.data_ptr() % 16 == 0 and (hidden.stride(0) * hidden.element_size()) % 16 == 0
@@ -235,7 +239,8 @@ def norm_then_project(
 
     On one CUDA row the norm and the activation run inside the Triton GEMV: a batch-1 decode step saves
     three launches a layer. Elsewhere: the norm, the GEMM and the activation one after another, except that with
-    ``fused_tile`` (``JOULE_FUSED_GATE_UP``'s, on by default) gated steps of ``FUSED_MIN_ROWS`` rows or more on sm_90+
+    ``fused_tile`` (``GatedMLP.tile_for``'s: ``JOULE_FUSED_GATE_UP``'s, on by default, for steps of ``FUSED_MIN_ROWS``
+    rows or more on sm_90+, and at shorter row counts measured faster at start-up) gated steps
     run the GEMM with the activation inside (``joule.kernels.gate_up_silu``; faster than cuBLAS + ``silu_and_mul``
     there on the H100, 2026-12-06 (j), where a pointer-loaded version had lost 8.4 % on workload 3 in (h)).
     """
@@ -253,9 +258,9 @@ def norm_then_project(
 
 
 def gated_projection(projection: MergedLinear, hidden: torch.Tensor, fused_tile: GateUpTile | None) -> torch.Tensor:
-    """SwiGLU of the merged gate/up ``projection(hidden)``: the fused GEMM where it runs, else the GEMM and
-    ``swiglu``."""
-    if fused_tile is not None and projection.runs_fused_gate_up(hidden):
+    """SwiGLU of the merged gate/up ``projection(hidden)``: the fused GEMM with ``fused_tile`` (the MLP's choice
+    for this many rows, ``GatedMLP.tile_for``) where its operands fit, else the GEMM and ``swiglu``."""
+    if fused_tile is not None and projection.fits_fused_gate_up(hidden):
         from joule.kernels.gate_up_silu import gate_up_silu
 
         return gate_up_silu(hidden, projection.weight, fused_tile)
@@ -283,6 +288,8 @@ class GatedMLP(nn.Module):
         self.gate_up_proj: MergedLinear | None = None
         # The fused gate/up + SiLU GEMM's tile (JOULE_FUSED_GATE_UP), set when the projections are merged.
         self.fused_tile: GateUpTile | None = None
+        # Shorter steps' row counts that measured faster fused, and their tiles (joule/runtime/gate_up_tuning.py).
+        self.row_tiles: dict[int, GateUpTile] = {}
 
     def merge_projections(self, transpose_weight: bool) -> None:
         """Replace gate/up by one GEMM (after the checkpoint is loaded by its names)."""
@@ -291,7 +298,14 @@ class GatedMLP(nn.Module):
         del self.gate_proj, self.up_proj
         self.fused_tile = fused_gate_up_tile()
 
+    def tile_for(self, rows: int) -> GateUpTile | None:
+        """The fused GEMM's tile for a step of ``rows`` rows: the long steps' from ``FUSED_MIN_ROWS``, a measured one
+        at a shorter count (``row_tiles``), else None (cuBLAS + ``silu_and_mul``)."""
+        if self.fused_tile is None:
+            return None
+        return self.fused_tile if rows >= FUSED_MIN_ROWS else self.row_tiles.get(rows)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is None:
             return self.down_proj(F.silu(self.gate_proj(hidden)) * self.up_proj(hidden))
-        return self.down_proj(gated_projection(self.gate_up_proj, hidden, self.fused_tile))
+        return self.down_proj(gated_projection(self.gate_up_proj, hidden, self.tile_for(hidden.shape[0])))

@@ -175,7 +175,7 @@ class DecoderLayer(nn.Module):
         # Merged: each norm (and SwiGLU's activation) may run inside the projection's kernel (one CUDA row).
         hidden, residual = attention.forward_normed(self.input_layernorm, hidden, residual, cos, sin, context)
         activated, residual = norm_then_project(mlp.gate_up_proj, self.post_attention_layernorm, hidden, residual,
-                                                gated=True, fused_tile=mlp.fused_tile)
+                                                gated=True, fused_tile=mlp.tile_for(hidden.shape[0]))
         return mlp.down_proj(activated), residual
 
 
