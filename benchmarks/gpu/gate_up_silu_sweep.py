@@ -36,7 +36,10 @@ TILES = [GateUpTile(128, 128, 64, 8, 3, 8, False), GateUpTile(128, 128, 64, 8, 4
          GateUpTile(128, 128, 64, 8, 3, 8, True), GateUpTile(128, 128, 32, 8, 4, 8, False),
          GateUpTile(128, 64, 64, 4, 4, 8, False), GateUpTile(128, 64, 64, 8, 4, 8, False),
          GateUpTile(128, 64, 64, 4, 4, 8, True), GateUpTile(64, 128, 64, 4, 3, 8, False),
-         GateUpTile(256, 64, 64, 8, 3, 8, False), GateUpTile(64, 64, 64, 4, 4, 8, False)]
+         GateUpTile(256, 64, 64, 8, 3, 8, False), GateUpTile(64, 64, 64, 4, 4, 8, False),
+         # 2026-12-06 (o): persistent tiles with the tile loop and the inner loop pipelined as one (flatten)
+         GateUpTile(128, 128, 64, 8, 3, 8, True, flatten=True), GateUpTile(128, 128, 64, 8, 4, 8, True, flatten=True),
+         GateUpTile(128, 128, 64, 8, 2, 8, True, flatten=True)]
 
 
 PLAIN = {"qkv": (3072, HIDDEN), "o": (HIDDEN, HIDDEN), "down": (HIDDEN, INTERMEDIATE)}

@@ -29,15 +29,19 @@ class GateUpTile:
     num_stages: int = 3
     group_m: int = 8
     persistent: bool = True
+    # A persistent tile's loop over tiles and its inner loop pipelined as one (Triton's ``tl.range(flatten=...)``),
+    # so the next tile's first loads overlap this one's last steps and epilogue. Off until measured.
+    flatten: bool = False
 
 
 DEFAULT_TILE = GateUpTile()  # the persistent 128 x 128 x 64 tile, three stages (measured above)
 
 
 def tile_setting(tile: GateUpTile) -> str:
-    """``tile`` as ``JOULE_FUSED_GATE_UP`` takes it: its seven numbers joined by "x"."""
-    return "x".join(str(int(value)) for value in (tile.block_m, tile.block_n, tile.block_k, tile.num_warps,
-                                                  tile.num_stages, tile.group_m, tile.persistent))
+    """``tile`` as ``JOULE_FUSED_GATE_UP`` takes it: its seven numbers joined by "x" (an eighth, 1, if flattened)."""
+    values = (tile.block_m, tile.block_n, tile.block_k, tile.num_warps, tile.num_stages, tile.group_m,
+              tile.persistent) + ((True,) if tile.flatten else ())
+    return "x".join(str(int(value)) for value in values)
 
 
 def fused_gate_up_tile() -> GateUpTile | None:
@@ -49,8 +53,8 @@ def fused_gate_up_tile() -> GateUpTile | None:
     if text in ("", "1"):
         return DEFAULT_TILE
     parts = text.split("x")
-    if len(parts) != 7 or not all(part.isdigit() for part in parts):
+    if len(parts) not in (7, 8) or not all(part.isdigit() for part in parts):
         raise ValueError(f"{FUSED_GATE_UP_ENV} must be 0, 1 or seven numbers joined by 'x' (block_m x block_n x "
-                         f"block_k x warps x stages x group_m x persistent), got {text!r}")
+                         f"block_k x warps x stages x group_m x persistent, then x 1 to flatten), got {text!r}")
     numbers = [int(part) for part in parts]
-    return GateUpTile(*numbers[:6], persistent=bool(numbers[6]))
+    return GateUpTile(*numbers[:6], persistent=bool(numbers[6]), flatten=len(numbers) == 8 and bool(numbers[7]))

@@ -41,10 +41,10 @@ def _tile_origin(tile, row_blocks, column_blocks, BLOCK_M: tl.constexpr, BLOCK_N
 def _gate_up_silu_kernel(x_descriptor, weight_descriptor, output_descriptor, rows, intermediate, hidden,
                          num_programs, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          GROUP_M: tl.constexpr, ELEMENT: tl.constexpr, PRECISION: tl.constexpr,
-                         UPCAST: tl.constexpr):
+                         UPCAST: tl.constexpr, FLATTEN: tl.constexpr):
     row_blocks = tl.cdiv(rows, BLOCK_M)
     column_blocks = tl.cdiv(intermediate, BLOCK_N)
-    for tile in tl.range(tl.program_id(0), row_blocks * column_blocks, num_programs):
+    for tile in tl.range(tl.program_id(0), row_blocks * column_blocks, num_programs, flatten=FLATTEN):
         row, column = _tile_origin(tile, row_blocks, column_blocks, BLOCK_M, BLOCK_N, GROUP_M)
         gate_sum = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         up_sum = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -105,7 +105,7 @@ def _launch(kernel, hidden: torch.Tensor, weight: torch.Tensor, tile: GateUpTile
         rows, columns, hidden.shape[1], programs,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m,
         ELEMENT=ELEMENT_TYPES[hidden.dtype], PRECISION=dot_precision(hidden.dtype), UPCAST=interpreting(),
-        num_warps=tile.num_warps, num_stages=tile.num_stages,
+        FLATTEN=tile.flatten and tile.persistent, num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
     return output
 
@@ -122,10 +122,10 @@ def gate_up_silu(hidden: torch.Tensor, weight: torch.Tensor, tile: GateUpTile | 
 @triton.jit(do_not_specialize=["rows", "num_programs"])
 def _linear_kernel(x_descriptor, weight_descriptor, output_descriptor, rows, out_features, hidden, num_programs,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                   ELEMENT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                   ELEMENT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, FLATTEN: tl.constexpr):
     row_blocks = tl.cdiv(rows, BLOCK_M)
     column_blocks = tl.cdiv(out_features, BLOCK_N)
-    for tile in tl.range(tl.program_id(0), row_blocks * column_blocks, num_programs):
+    for tile in tl.range(tl.program_id(0), row_blocks * column_blocks, num_programs, flatten=FLATTEN):
         row, column = _tile_origin(tile, row_blocks, column_blocks, BLOCK_M, BLOCK_N, GROUP_M)
         total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for inner in range(0, hidden, BLOCK_K):

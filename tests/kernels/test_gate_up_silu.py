@@ -32,10 +32,10 @@ def _unfused(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("rows,hidden,intermediate",
                          [(1, 32, 16), (37, 48, 40), (64, 64, 32), (70, 32, 56), (5, 24, 8)])
-@pytest.mark.parametrize("persistent", [False, True])
-def test_fused_gate_up_silu_matches_the_unfused_rounding(rows, hidden, intermediate, persistent):
+@pytest.mark.parametrize("persistent,flatten", [(False, False), (True, False), (True, True)])
+def test_fused_gate_up_silu_matches_the_unfused_rounding(rows, hidden, intermediate, persistent, flatten):
     x, weight = _operands(rows, hidden, intermediate, torch.bfloat16, seed=rows + intermediate)
-    tile = GateUpTile(**{**SMALL.__dict__, "persistent": persistent})
+    tile = GateUpTile(**{**SMALL.__dict__, "persistent": persistent, "flatten": flatten})
     fused = gate_up_silu(x, weight, tile)
     assert fused.shape == (rows, intermediate) and fused.dtype == torch.bfloat16
     expected = _unfused(x, weight)
@@ -106,6 +106,10 @@ def test_the_setting_names_a_tile_or_turns_the_kernel_off(monkeypatch):
     assert tile_setting(tile) == "128x64x64x4x4x8x1"
     monkeypatch.setenv(FUSED_GATE_UP_ENV, tile_setting(tile))
     assert fused_gate_up_tile() == tile
+    flattened = GateUpTile(128, 64, 64, 4, 4, 8, persistent=True, flatten=True)
+    assert tile_setting(flattened) == "128x64x64x4x4x8x1x1"
+    monkeypatch.setenv(FUSED_GATE_UP_ENV, tile_setting(flattened))
+    assert fused_gate_up_tile() == flattened
     for bad in ("yes", "128x64x64", "128x64x64x4x4x8xtrue"):
         monkeypatch.setenv(FUSED_GATE_UP_ENV, bad)
         with pytest.raises(ValueError, match=FUSED_GATE_UP_ENV):
