@@ -48,13 +48,14 @@ def _recorded_llm(directory, **settings) -> tuple[LLM, list, list]:
 
 
 @pytest.mark.parametrize("lookahead", [False, True])
-def test_generate_plans_the_same_steps_as_adding_everything_first(checkpoint, lookahead):
+@pytest.mark.parametrize("max_num_seqs", [256, 3])  # 3: the batch cap, not the budget, bounds what waits
+def test_generate_plans_the_same_steps_as_adding_everything_first(checkpoint, lookahead, max_num_seqs):
     directory, prompts = checkpoint
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
-    fed, fed_plans, held = _recorded_llm(directory, decode_lookahead=lookahead)
+    fed, fed_plans, held = _recorded_llm(directory, decode_lookahead=lookahead, max_num_seqs=max_num_seqs)
     outputs = fed.generate([{"prompt_token_ids": prompt} for prompt in prompts], params, use_tqdm=False)
 
-    upfront, upfront_plans, _ = _recorded_llm(directory, decode_lookahead=lookahead)
+    upfront, upfront_plans, _ = _recorded_llm(directory, decode_lookahead=lookahead, max_num_seqs=max_num_seqs)
     engine = upfront.llm_engine
     for index, prompt in enumerate(prompts):
         engine.add_request(str(index), {"prompt_token_ids": prompt}, params)
@@ -66,10 +67,13 @@ def test_generate_plans_the_same_steps_as_adding_everything_first(checkpoint, lo
 
     assert fed_plans == upfront_plans
     assert [output.outputs[0].token_ids for output in outputs] == [finished[str(i)] for i in range(len(prompts))]
-    # The first step started with a few budgets of prompt tokens queued, not all 24 requests.
+    # The first step started with a few budgets of prompt tokens queued (or a batch's worth), not all 24 requests.
     first_tokens = sum(len(prompt) for prompt in prompts[: held[0]])
     assert held[0] < len(prompts)
-    assert first_tokens - len(prompts[held[0] - 1]) < FEED_AHEAD_STEPS * BUDGET <= first_tokens
+    if max_num_seqs == 3:  # three short prompts hold fewer tokens than three budgets: the cap stops the feed
+        assert held[0] == max_num_seqs and first_tokens < FEED_AHEAD_STEPS * BUDGET
+    else:
+        assert first_tokens - len(prompts[held[0] - 1]) < FEED_AHEAD_STEPS * BUDGET <= first_tokens
     assert fed.llm_engine.block_manager.num_free_blocks == fed.llm_engine.block_manager.num_blocks
 
 
