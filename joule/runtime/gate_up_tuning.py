@@ -88,7 +88,8 @@ def tune_decode_gate_up(model: torch.nn.Module, batch_sizes: list[int], timer: T
                     break  # the dtype, device or weight do not take it at any row count
                 projection, measured = mlp.gate_up_proj, True
                 unfused = timer(lambda: swiglu(projection(hidden)))
-                timed = [(timer(lambda tile=tile: gate_up_silu(hidden, weight, tile)), tile) for tile in DECODE_TILES]
+                timed = [(_time_or_inf(timer, lambda tile=tile: gate_up_silu(hidden, weight, tile), tile), tile)
+                         for tile in DECODE_TILES]
                 fastest, tile = min(timed, key=lambda pair: pair[0])
                 if fastest < (1.0 - MIN_GAIN) * unfused:
                     chosen[rows] = tile
@@ -100,3 +101,12 @@ def tune_decode_gate_up(model: torch.nn.Module, batch_sizes: list[int], timer: T
                             or "none faster than cuBLAS + silu_and_mul", time.perf_counter() - started)
         mlp.row_tiles = dict(chosen_by_shape[key])
     return sum(len(chosen) for chosen in chosen_by_shape.values())
+
+
+def _time_or_inf(timer: Timer, run: Callable[[], object], tile: GateUpTile) -> float:
+    """A tile the compiler or this GPU refuses is never chosen; the engine starts with cuBLAS there."""
+    try:
+        return timer(run)
+    except Exception as failure:  # noqa: BLE001 - any compile or launch failure: skip the tile, keep starting
+        logger.warning("fused gate/up tile %s not timed: %r", tile_setting(tile), failure)
+        return float("inf")

@@ -60,6 +60,21 @@ def test_a_tile_is_kept_only_where_it_beats_cublas_by_the_margin(monkeypatch):
     assert mlps[2].tile_for(256) is None
 
 
+def test_a_tile_that_fails_to_compile_is_skipped_not_fatal(monkeypatch):
+    mlps = _mlps(monkeypatch, [(32, 48)])
+    monkeypatch.setattr(MergedLinear, "fits_fused_gate_up", lambda self, hidden: True)
+    times = iter([10.0, None, 8.0, 9.5])  # cuBLAS, then the first tile fails, the second wins
+
+    def timer(run) -> float:
+        value = next(times)
+        if value is None:
+            raise RuntimeError("out of shared memory")
+        return value
+
+    assert tune_decode_gate_up(torch.nn.ModuleList(mlps), [64], timer) == 1
+    assert mlps[0].row_tiles == {64: DECODE_TILES[1]}
+
+
 def test_no_tuning_when_switched_off_or_where_the_kernel_cannot_run(monkeypatch):
     mlps = _mlps(monkeypatch, [(32, 48)])
     timer = ScriptedTimer([])
