@@ -18,6 +18,7 @@ decode graphs do not pay, stays out of the timing) and replayed; a tile is kept 
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -25,7 +26,6 @@ from collections.abc import Callable
 import torch
 
 from joule.kernels.gate_up_config import FUSED_MIN_ROWS, GateUpTile, tile_setting
-import logging
 
 logger = logging.getLogger(__name__)
 
