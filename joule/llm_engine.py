@@ -35,7 +35,7 @@ logger = get_logger()
 
 _DEFAULT_BATCHED_TOKENS = {"cpu": 2048, "cuda": 8192}
 # An offline run keeps this many steps' budgets of prompt tokens waiting and adds the rest of its requests between
-# steps (``wants_more_requests``): enough that no step plans with fewer prompts than if all were added first.
+# steps (``add_while_wanted``): enough that no step plans with fewer prompts than if all were added first.
 FEED_AHEAD_STEPS = 3
 PromptType = str | list[int] | dict
 
@@ -264,21 +264,31 @@ class LLMEngine:
     def get_num_unfinished_requests(self) -> int:
         return len(self._states)
 
-    def wants_more_requests(self) -> bool:
-        """Whether an offline loop (``LLM.generate``, the benchmarks) should add another request before the next
-        step. Why not add them all first: adding 256 requests took ~10 ms of host time on the H100 machine while the
-        GPU sat idle (~1 % of workload 3); between steps it overlaps the GPU's work. Under first-come-first-served
-        the steps are the same as long as the waiting queue holds ``FEED_AHEAD_STEPS`` budgets of prompt tokens
-        (the lookahead plans one step ahead); other policies reorder the whole queue, so they get everything."""
+    def add_while_wanted(self, add_next) -> bool:
+        """Call ``add_next()`` (adds one request, or refuses one; False once none is left) while the engine wants
+        more before its next step; returns False once ``add_next`` ran out. For offline loops (``LLM.generate``,
+        the benchmarks; ``joule/offline_loop.py``). Why not add them all first: adding 256 requests took ~10 ms of
+        host time on the H100 machine while the GPU sat idle (~1 % of workload 3); between steps it overlaps the
+        GPU's work. Under first-come-first-served the steps are the same as long as the waiting queue holds
+        ``FEED_AHEAD_STEPS`` budgets of prompt tokens (the lookahead plans one step ahead) or a batch of requests;
+        other policies reorder the whole queue, so they get everything. The queue is summed once a call and each
+        added request's own tokens counted on top, so a refill costs O(queue), not O(queue) per request."""
         scheduler = self.core.scheduler
         config = scheduler.config
-        if config.policy != "fcfs" or len(scheduler.waiting) >= config.max_num_seqs:
-            return config.policy != "fcfs"
+        if config.policy != "fcfs":
+            while add_next():
+                pass
+            return False
+        waiting = scheduler.waiting
         wanted = FEED_AHEAD_STEPS * config.max_num_batched_tokens
-        for request in scheduler.waiting:
-            wanted -= request.num_tokens - request.num_computed_tokens
-            if wanted <= 0:
+        wanted -= sum(request.num_tokens - request.num_computed_tokens for request in waiting)
+        while wanted > 0 and len(waiting) < config.max_num_seqs:
+            before = len(waiting)
+            if not add_next():
                 return False
+            for newest in range(1, len(waiting) - before + 1):  # its samples, at the queue's end
+                request = waiting[-newest]
+                wanted -= request.num_tokens - request.num_computed_tokens
         return True
 
     # -- stepping ---------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Why not add every request first: adding 256 requests took ~10 ms of host time on the H100 machine while the GPU sat
 idle (~1 % of issue 3's workload 3). Here the first steps' worth goes in, the first step starts, and the rest are
-added between steps, while the GPU runs the step queued before (``LLMEngine.wants_more_requests`` says when the
+added between steps, while the GPU runs the step queued before (``LLMEngine.add_while_wanted`` stops once the
 waiting queue holds enough that no step plans differently).
 """
 
@@ -18,12 +18,10 @@ def run_until_done(engine, add_next: Callable[[], bool], on_output: Callable[[Re
     request added) and returns False once none is left; ``on_output`` sees every output of every step."""
     all_added = False
     while True:
-        while not all_added and engine.wants_more_requests():
-            all_added = not add_next()
-        if not engine.has_unfinished_requests():
-            if all_added:
-                return
-            continue  # every request added so far was refused: add more
+        if not all_added:
+            all_added = not engine.add_while_wanted(add_next)
+        if not engine.has_unfinished_requests():  # add_while_wanted stops early only with requests waiting
+            return
         for output in engine.step():
             on_output(output)
 
