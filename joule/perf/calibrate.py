@@ -148,16 +148,9 @@ def _graph_timed(function, repeats: int, calls: int = GRAPHED_CALLS) -> float:
     single eager calls made every decode-sized GEMM look launch-bound."""
     import torch
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        function()  # warm-up outside the capture (cuBLAS picks its kernel and workspace)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            function()
-    return _timed(graph.replay, repeats, torch.cuda.synchronize) / calls
+    from joule.runtime.graph_timing import repeated_graph
+
+    return _timed(repeated_graph(function, calls).replay, repeats, torch.cuda.synchronize) / calls
 
 
 def merge_measurements(runs: list[Measurements]) -> Measurements:

@@ -26,6 +26,7 @@ from collections.abc import Callable
 import torch
 
 from joule.kernels.gate_up_config import FUSED_MIN_ROWS, GateUpTile, tile_setting
+from joule.runtime.graph_timing import repeated_graph
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +44,7 @@ Timer = Callable[[Callable[[], object]], float]
 
 def graph_time_us(run: Callable[[], object]) -> float:
     """Microseconds a launch of ``run``, the best of ``REPLAYS`` replays of a graph of ``LAUNCHES`` launches."""
-    run()  # compiles, and leaves lazily made state outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(LAUNCHES):
-            run()
+    graph = repeated_graph(run, LAUNCHES)
     graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     best = float("inf")
