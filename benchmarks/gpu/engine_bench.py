@@ -45,14 +45,17 @@ def generate(engine: LLMEngine, prompts: list[list[int]], output_lens: list[int]
     started = time.perf_counter()
     tag = time.monotonic_ns()
     results = {}
+
+    def keep(output) -> None:
+        results[output.request_id] = list(output.outputs[0].token_ids)
+
     with heap_frozen_while_running():  # as LLM.generate runs (joule/heap.py), from the first request added
         # Requests go in as LLM.generate adds them: the first steps' worth, then more between steps.
         run_until_done(engine, adder(engine, (
             (f"{tag}-{index}", {"prompt_token_ids": prompt},
              SamplingParams(temperature=0.0, max_tokens=length, ignore_eos=True,
                             output_kind=RequestOutputKind.FINAL_ONLY))
-            for index, (prompt, length) in enumerate(zip(prompts, output_lens)))),
-            lambda output: results.__setitem__(output.request_id, list(output.outputs[0].token_ids)))
+            for index, (prompt, length) in enumerate(zip(prompts, output_lens)))), keep)
     torch.cuda.synchronize()
     return [results[f"{tag}-{index}"] for index in range(len(prompts))], time.perf_counter() - started
 
