@@ -39,7 +39,15 @@ TILES = [GateUpTile(128, 128, 64, 8, 3, 8, False), GateUpTile(128, 128, 64, 8, 4
          GateUpTile(256, 64, 64, 8, 3, 8, False), GateUpTile(64, 64, 64, 4, 4, 8, False),
          # 2026-12-06 (o): persistent tiles with the tile loop and the inner loop pipelined as one (flatten)
          GateUpTile(128, 128, 64, 8, 3, 8, True, flatten=True), GateUpTile(128, 128, 64, 8, 4, 8, True, flatten=True),
-         GateUpTile(128, 128, 64, 8, 2, 8, True, flatten=True)]
+         GateUpTile(128, 128, 64, 8, 2, 8, True, flatten=True),
+         # 2026-12-06 (p): warp-specialized (a producer warpgroup, two consumers; 4 warps ask for one warpgroup each)
+         GateUpTile(128, 128, 64, 4, 3, 8, True, warp_specialize=True),
+         GateUpTile(128, 128, 64, 4, 4, 8, True, warp_specialize=True),
+         GateUpTile(128, 128, 64, 4, 2, 8, True, warp_specialize=True),
+         GateUpTile(128, 128, 64, 4, 3, 16, True, warp_specialize=True),
+         GateUpTile(128, 128, 64, 4, 3, 8, False, warp_specialize=True),
+         GateUpTile(128, 64, 64, 4, 4, 8, True, warp_specialize=True),
+         GateUpTile(128, 128, 32, 4, 6, 8, True, warp_specialize=True)]
 
 
 PLAIN = {"qkv": (3072, HIDDEN), "o": (HIDDEN, HIDDEN), "down": (HIDDEN, INTERMEDIATE)}

@@ -56,9 +56,14 @@
 #          allocations (w3_step_phases.py --cold; a fresh engine's first run was 25.6k tok/s against 35.8k in
 #          2026-12-06 (l)), then workload 3 from the CLI beside both transformers peers, as a user runs it
 #          (`joule bench throughput ... --compare hf-batch hf --hf-batch-size 64`) (~4 minutes, not in "all").
+#   wsfold: (2026-12-06 (p)) the warp-specialized tiles of the fused gate/up GEMM and the residual added inside the
+#          o and down projections' GEMMs (JOULE_RESIDUAL_IN_GEMM): the kernel and layer tests on the GPU, the gate/up
+#          tiles at 8,192 and 256 rows and the plain projections at 8,192 (gate_up_silu_sweep.py, --plain), then
+#          workload 3 with JOULE_RESIDUAL_IN_GEMM=0,1 crossed with the default tile and the sweep's best
+#          warp-specialized one (bs1_ab.py --w3, ROUNDS rounds, default 1) (~8 minutes, not in "all").
 # Usage (repository root, joule importable): OUT=/some/dir bash benchmarks/gpu/pending_checks.sh PART... (fused, fair,
 # w3, perf, next, bench, pdl, splits, trigger, chain, blas, feed, fusedmlp, decoderows, overlap, host, prefill, b1host,
-# queued, sampling, cold; "all" is fused fair w3, more than one call's 10 minutes)
+# queued, sampling, cold, wsfold; "all" is fused fair w3, more than one call's 10 minutes)
 # Every step has its own timeout, so one that hangs leaves the others their time; big JSON is gzipped.
 # DRY=1 prints the commands instead of running them.
 set -u
@@ -66,7 +71,7 @@ RUN=""
 [[ ${DRY:-0} == 1 ]] && RUN="echo"
 OUT=${OUT:?set OUT to a directory for the results}
 WHAT=" ${*:-all} "
-NOT_IN_ALL=" perf next bench pdl splits trigger chain blas feed fusedmlp decoderows overlap host prefill b1host queued sampling cold "
+NOT_IN_ALL=" perf next bench pdl splits trigger chain blas feed fusedmlp decoderows overlap host prefill b1host queued sampling cold wsfold "
 wants() { [[ $WHAT == *" all "* && $NOT_IN_ALL != *" $1 "* ]] || [[ $WHAT == *" $1 "* ]]; }
 MODEL=benchmarks/configs/llama-3.2-1b
 mkdir -p "$OUT"
@@ -186,7 +191,7 @@ if wants overlap; then
   $RUN timeout 150 python benchmarks/gpu/overlap_probe.py --partition "$OUT/overlap_partition.json" \
     > "$OUT/overlap_partition.log" 2>&1
   echo "overlap partition probe: exit $?"; grep -E "^partition" "$OUT/overlap_partition.log"
-  $RUN timeout 120 python benchmarks/gpu/gate_up_silu_sweep.py --plain "$OUT/tma_linear.json" > "$OUT/tma_linear.log" 2>&1
+  $RUN timeout 100 python benchmarks/gpu/gate_up_silu_sweep.py --plain "$OUT/tma_linear.json" > "$OUT/tma_linear.log" 2>&1
   echo "plain TMA GEMM sweep: exit $?"; grep -E "^plain" "$OUT/tma_linear.log"
 fi
 
@@ -255,4 +260,25 @@ print(shipped_profile_path(detect_hardware(), 'bfloat16'))")
     echo "validate $NAME: exit $?"
     grep -E "median \|error\||error [+-]" "$OUT/validate_$NAME.log" | head -12
   done
+fi
+
+if wants wsfold; then
+  $RUN timeout 120 python -m pytest -q -p no:cacheprovider tests/kernels/test_gate_up_silu.py tests/model/test_layers.py \
+    tests/kernels/test_compile_for_hopper.py > "$OUT/wsfold_tests.log" 2>&1
+  echo "tests: exit $? ($(tail -1 "$OUT/wsfold_tests.log"))"
+  $RUN timeout 130 python benchmarks/gpu/gate_up_silu_sweep.py "$OUT/gu_sweep.json" 8192,256 > "$OUT/gu_sweep.log" 2>&1
+  echo "gate/up sweep: exit $?"; grep -E "best|x1x0x1 |128x128x64x8x3x8x1 " "$OUT/gu_sweep.log"
+  $RUN timeout 100 python benchmarks/gpu/gate_up_silu_sweep.py --plain "$OUT/plain_sweep.json" 8192 \
+    > "$OUT/plain_sweep.log" 2>&1
+  echo "plain sweep: exit $?"; grep plain "$OUT/plain_sweep.log"
+  BEST=$(python -c "import json, sys
+rows = [row for row in json.load(open('$OUT/gu_sweep.json')) if row['rows'] == 8192]
+tiles = rows[0]['tiles'] if rows else {}
+specialized = [name for name, tile in tiles.items() if tile['warp_specialize']]
+print(min(specialized, key=lambda name: tiles[name]['us']) if specialized else '1')" 2>/dev/null || echo 1)
+  echo "warp-specialized tile for the A/B: $BEST"
+  $RUN timeout 240 python benchmarks/gpu/bs1_ab.py "$OUT/wsfold_ab" "${ROUNDS:-1}" --w3 JOULE_RESIDUAL_IN_GEMM=0,1 \
+    "JOULE_FUSED_GATE_UP=1,$BEST" > "$OUT/wsfold_ab.log" 2>&1
+  echo "w3 A/B: exit $?"; tail -6 "$OUT/wsfold_ab.log"
+  $RUN gzip -f "$OUT/gu_sweep.json" "$OUT/plain_sweep.json" 2>/dev/null
 fi

@@ -33,29 +33,39 @@ class GateUpTile:
     # so the next tile's first loads overlap this one's last steps and epilogue. Off: slower where measured (H100,
     # 2026-12-06 (o), gate_up_silu_sweep.py: 943-952 against 852 us at 8,192 rows, 34.9 against 33.3 at 256).
     flatten: bool = False
+    # A producer warpgroup loading tiles for two consumer warpgroups (Triton's ``tl.range(warp_specialize=True)``,
+    # Hopper's path since Triton 3.4): the structure of cuBLAS's sm_90 GEMMs. Takes ``num_warps`` 4 (one warpgroup;
+    # Triton adds the others) and descriptors the kernel makes itself.
+    warp_specialize: bool = False
 
 
 DEFAULT_TILE = GateUpTile()  # the persistent 128 x 128 x 64 tile, three stages (measured above)
 
 
 def tile_setting(tile: GateUpTile) -> str:
-    """``tile`` as ``JOULE_FUSED_GATE_UP`` takes it: its seven numbers joined by "x" (an eighth, 1, if flattened)."""
+    """``tile`` as ``JOULE_FUSED_GATE_UP`` takes it: its seven numbers joined by "x", then the flatten and warp
+    specialization switches if either is on."""
     values = (tile.block_m, tile.block_n, tile.block_k, tile.num_warps, tile.num_stages, tile.group_m,
-              tile.persistent) + ((True,) if tile.flatten else ())
+              tile.persistent)
+    if tile.flatten or tile.warp_specialize:
+        values += (tile.flatten, tile.warp_specialize)
     return "x".join(str(int(value)) for value in values)
 
 
 def fused_gate_up_tile() -> GateUpTile | None:
     """``JOULE_FUSED_GATE_UP``: unset or "1" the default tile, "0" off (cuBLAS + ``silu_and_mul``), or a tile as
-    ``tile_setting`` writes it (block_m x block_n x block_k x warps x stages x group_m x persistent)."""
+    ``tile_setting`` writes it (block_m x block_n x block_k x warps x stages x group_m x persistent [x flatten
+    [x warp_specialize]])."""
     text = os.environ.get(FUSED_GATE_UP_ENV, "").strip()
     if text == "0":
         return None
     if text in ("", "1"):
         return DEFAULT_TILE
     parts = text.split("x")
-    if len(parts) not in (7, 8) or not all(part.isdigit() for part in parts):
+    if len(parts) not in (7, 8, 9) or not all(part.isdigit() for part in parts):
         raise ValueError(f"{FUSED_GATE_UP_ENV} must be 0, 1 or seven numbers joined by 'x' (block_m x block_n x "
-                         f"block_k x warps x stages x group_m x persistent, then x 1 to flatten), got {text!r}")
-    numbers = [int(part) for part in parts]
-    return GateUpTile(*numbers[:6], persistent=bool(numbers[6]), flatten=len(numbers) == 8 and bool(numbers[7]))
+                         f"block_k x warps x stages x group_m x persistent, then x 1 to flatten, then x 1 to warp "
+                         f"specialize), got {text!r}")
+    numbers = [int(part) for part in parts] + [0, 0]
+    return GateUpTile(*numbers[:6], persistent=bool(numbers[6]), flatten=bool(numbers[7]),
+                      warp_specialize=bool(numbers[8]))

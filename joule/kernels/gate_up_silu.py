@@ -36,15 +36,15 @@ def _tile_origin(tile, row_blocks, column_blocks, BLOCK_M: tl.constexpr, BLOCK_N
     return (first_row_block + (tile % per_group) % group_rows) * BLOCK_M, ((tile % per_group) // group_rows) * BLOCK_N
 
 
-# One binary for every step length: a new rows % 16 pattern would be a ~2 s compile inside a step.
-@triton.jit(do_not_specialize=["rows", "num_programs"])
-def _gate_up_silu_kernel(x_descriptor, weight_descriptor, output_descriptor, rows, intermediate, hidden,
-                         num_programs, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         GROUP_M: tl.constexpr, ELEMENT: tl.constexpr, PRECISION: tl.constexpr,
-                         UPCAST: tl.constexpr, FLATTEN: tl.constexpr):
+@triton.jit
+def _gate_up_silu_tiles(x_descriptor, weight_descriptor, output_descriptor, rows, intermediate, hidden, num_programs,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                        ELEMENT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, FLATTEN: tl.constexpr,
+                        WARP_SPECIALIZE: tl.constexpr):
     row_blocks = tl.cdiv(rows, BLOCK_M)
     column_blocks = tl.cdiv(intermediate, BLOCK_N)
-    for tile in tl.range(tl.program_id(0), row_blocks * column_blocks, num_programs, flatten=FLATTEN):
+    for tile in tl.range(tl.program_id(0), row_blocks * column_blocks, num_programs, flatten=FLATTEN,
+                         warp_specialize=WARP_SPECIALIZE):
         row, column = _tile_origin(tile, row_blocks, column_blocks, BLOCK_M, BLOCK_N, GROUP_M)
         gate_sum = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         up_sum = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -62,6 +62,44 @@ def _gate_up_silu_kernel(x_descriptor, weight_descriptor, output_descriptor, row
         up_value = up_sum.to(ELEMENT).to(tl.float32)
         # Columns past ``intermediate`` (a last partial tile) read up rows as gate rows; the store clips them.
         output_descriptor.store([row, column], (gate_value / (1.0 + tl.exp(-gate_value)) * up_value).to(ELEMENT))
+
+
+# One binary for every step length: a new rows % 16 pattern would be a ~2 s compile inside a step.
+@triton.jit(do_not_specialize=["rows", "num_programs"])
+def _gate_up_silu_kernel(x_descriptor, weight_descriptor, output_descriptor, rows, intermediate, hidden,
+                         num_programs, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         GROUP_M: tl.constexpr, ELEMENT: tl.constexpr, PRECISION: tl.constexpr,
+                         UPCAST: tl.constexpr, FLATTEN: tl.constexpr):
+    _gate_up_silu_tiles(x_descriptor, weight_descriptor, output_descriptor, rows, intermediate, hidden, num_programs,
+                        BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, ELEMENT, PRECISION, UPCAST, FLATTEN, False)
+
+
+@triton.jit
+def _device_descriptors(x_ptr, weight_ptr, output_ptr, rows, columns, weight_rows, hidden, stride_x, stride_weight,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Descriptors made by the kernel: Hopper's warp specialization splits a tile's rows between two consumer
+    warpgroups and rewrites the loads' block shapes, which it can do only for descriptors it creates."""
+    x_descriptor = tl.make_tensor_descriptor(x_ptr, shape=[rows, hidden], strides=[stride_x, 1],
+                                             block_shape=[BLOCK_M, BLOCK_K])
+    weight_descriptor = tl.make_tensor_descriptor(weight_ptr, shape=[weight_rows, hidden], strides=[stride_weight, 1],
+                                                  block_shape=[BLOCK_N, BLOCK_K])
+    output_descriptor = tl.make_tensor_descriptor(output_ptr, shape=[rows, columns], strides=[columns, 1],
+                                                  block_shape=[BLOCK_M, BLOCK_N])
+    return x_descriptor, weight_descriptor, output_descriptor
+
+
+@triton.jit(do_not_specialize=["rows", "num_programs"])
+def _gate_up_silu_specialized_kernel(x_ptr, weight_ptr, output_ptr, rows, intermediate, hidden, stride_x,
+                                     stride_weight, num_programs, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, ELEMENT: tl.constexpr,
+                                     PRECISION: tl.constexpr, UPCAST: tl.constexpr, FLATTEN: tl.constexpr):
+    """The same tiles with a producer warpgroup feeding two consumer warpgroups (``tl.range(warp_specialize=True)``),
+    the structure of cuBLAS's Hopper GEMMs."""
+    x_descriptor, weight_descriptor, output_descriptor = _device_descriptors(
+        x_ptr, weight_ptr, output_ptr, rows, intermediate, 2 * intermediate, hidden, stride_x, stride_weight,
+        BLOCK_M, BLOCK_N, BLOCK_K)
+    _gate_up_silu_tiles(x_descriptor, weight_descriptor, output_descriptor, rows, intermediate, hidden, num_programs,
+                        BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, ELEMENT, PRECISION, UPCAST, FLATTEN, True)
 
 
 def _check_operands(hidden: torch.Tensor, weight: torch.Tensor, caller: str, gated: bool) -> tuple[int, int]:
@@ -83,10 +121,16 @@ def _check_operands(hidden: torch.Tensor, weight: torch.Tensor, caller: str, gat
     return rows, columns
 
 
-def _launch(kernel, hidden: torch.Tensor, weight: torch.Tensor, tile: GateUpTile | None, max_programs: int | None,
-            caller: str, gated: bool) -> torch.Tensor:
-    """Check the operands, then run ``kernel`` over descriptors of them and a new output: one program per tile, or
-    a persistent tile's programs (one per processor, or ``max_programs``)."""
+def _descriptor_workspace(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global memory for the descriptors a warp-specialized kernel writes at launch (Triton asks per launch)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _launch(kernels: tuple, hidden: torch.Tensor, weight: torch.Tensor, tile: GateUpTile | None,
+            max_programs: int | None, caller: str, gated: bool) -> torch.Tensor:
+    """Check the operands, then run the plain kernel over host descriptors (or with ``tile.warp_specialize`` the
+    specialized one, which makes its own) and a new output: one program per tile, or a persistent tile's programs
+    (one per processor, or ``max_programs``)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     rows, columns = _check_operands(hidden, weight, caller, gated)
@@ -98,15 +142,21 @@ def _launch(kernel, hidden: torch.Tensor, weight: torch.Tensor, tile: GateUpTile
     tile = tile or DEFAULT_TILE
     tiles = cdiv(rows, tile.block_m) * cdiv(columns, tile.block_n)
     programs = min(tiles, max_programs or processor_count(hidden.device)) if tile.persistent else tiles
-    kernel[(programs,)](
+    constants = dict(BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m,
+                     ELEMENT=ELEMENT_TYPES[hidden.dtype], PRECISION=dot_precision(hidden.dtype),
+                     UPCAST=interpreting(), FLATTEN=tile.flatten and tile.persistent, num_warps=tile.num_warps,
+                     num_stages=tile.num_stages)
+    plain, specialized = kernels
+    if tile.warp_specialize:
+        triton.set_allocator(_descriptor_workspace)  # a context variable: set on the launching thread
+        specialized[(programs,)](hidden, weight, output, rows, columns, hidden.shape[1], hidden.stride(0),
+                                 weight.stride(0), programs, **constants)
+        return output
+    plain[(programs,)](
         TensorDescriptor.from_tensor(hidden, [tile.block_m, tile.block_k]),
         TensorDescriptor.from_tensor(weight, [tile.block_n, tile.block_k]),
         TensorDescriptor.from_tensor(output, [tile.block_m, tile.block_n]),
-        rows, columns, hidden.shape[1], programs,
-        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m,
-        ELEMENT=ELEMENT_TYPES[hidden.dtype], PRECISION=dot_precision(hidden.dtype), UPCAST=interpreting(),
-        FLATTEN=tile.flatten and tile.persistent, num_warps=tile.num_warps, num_stages=tile.num_stages,
-    )
+        rows, columns, hidden.shape[1], programs, **constants)
     return output
 
 
@@ -116,16 +166,19 @@ def gate_up_silu(hidden: torch.Tensor, weight: torch.Tensor, tile: GateUpTile | 
 
     ``max_programs``: a persistent tile's programs (default one per processor); fewer leave processors free for a
     kernel running beside it on another stream (``benchmarks/gpu/overlap_probe.py --partition``)."""
-    return _launch(_gate_up_silu_kernel, hidden, weight, tile, max_programs, "gate_up_silu", gated=True)
+    return _launch((_gate_up_silu_kernel, _gate_up_silu_specialized_kernel), hidden, weight, tile, max_programs,
+                   "gate_up_silu", gated=True)
 
 
-@triton.jit(do_not_specialize=["rows", "num_programs"])
-def _linear_kernel(x_descriptor, weight_descriptor, output_descriptor, rows, out_features, hidden, num_programs,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                   ELEMENT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, FLATTEN: tl.constexpr):
+@triton.jit
+def _linear_tiles(x_descriptor, weight_descriptor, output_descriptor, rows, out_features, hidden, num_programs,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                  ELEMENT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, FLATTEN: tl.constexpr,
+                  WARP_SPECIALIZE: tl.constexpr):
     row_blocks = tl.cdiv(rows, BLOCK_M)
     column_blocks = tl.cdiv(out_features, BLOCK_N)
-    for tile in tl.range(tl.program_id(0), row_blocks * column_blocks, num_programs, flatten=FLATTEN):
+    for tile in tl.range(tl.program_id(0), row_blocks * column_blocks, num_programs, flatten=FLATTEN,
+                         warp_specialize=WARP_SPECIALIZE):
         row, column = _tile_origin(tile, row_blocks, column_blocks, BLOCK_M, BLOCK_N, GROUP_M)
         total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for inner in range(0, hidden, BLOCK_K):
@@ -138,6 +191,26 @@ def _linear_kernel(x_descriptor, weight_descriptor, output_descriptor, rows, out
         output_descriptor.store([row, column], total.to(ELEMENT))
 
 
+@triton.jit(do_not_specialize=["rows", "num_programs"])
+def _linear_kernel(x_descriptor, weight_descriptor, output_descriptor, rows, out_features, hidden, num_programs,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                   ELEMENT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, FLATTEN: tl.constexpr):
+    _linear_tiles(x_descriptor, weight_descriptor, output_descriptor, rows, out_features, hidden, num_programs,
+                  BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, ELEMENT, PRECISION, UPCAST, FLATTEN, False)
+
+
+@triton.jit(do_not_specialize=["rows", "num_programs"])
+def _linear_specialized_kernel(x_ptr, weight_ptr, output_ptr, rows, out_features, hidden, stride_x, stride_weight,
+                               num_programs, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                               GROUP_M: tl.constexpr, ELEMENT: tl.constexpr, PRECISION: tl.constexpr,
+                               UPCAST: tl.constexpr, FLATTEN: tl.constexpr):
+    x_descriptor, weight_descriptor, output_descriptor = _device_descriptors(
+        x_ptr, weight_ptr, output_ptr, rows, out_features, out_features, hidden, stride_x, stride_weight,
+        BLOCK_M, BLOCK_N, BLOCK_K)
+    _linear_tiles(x_descriptor, weight_descriptor, output_descriptor, rows, out_features, hidden, num_programs,
+                  BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, ELEMENT, PRECISION, UPCAST, FLATTEN, True)
+
+
 def tma_linear(hidden: torch.Tensor, weight: torch.Tensor, tile: GateUpTile | None = None,
                max_programs: int | None = None) -> torch.Tensor:
     """``hidden @ weight.T`` (``[T, K]`` by ``[N, K]``) through the same TMA-fed, optionally persistent tiles.
@@ -145,4 +218,5 @@ def tma_linear(hidden: torch.Tensor, weight: torch.Tensor, tile: GateUpTile | No
     Not used by the engine: the projections without an epilogue stay on cuBLAS unless this measures faster
     (``gate_up_silu_sweep.py --plain``); a persistent version of every prompt-step GEMM is also what running them on
     part of the processors beside decode work would need (``overlap_probe.py --partition``)."""
-    return _launch(_linear_kernel, hidden, weight, tile, max_programs, "tma_linear", gated=False)
+    return _launch((_linear_kernel, _linear_specialized_kernel), hidden, weight, tile, max_programs, "tma_linear",
+                   gated=False)

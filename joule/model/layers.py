@@ -8,6 +8,7 @@ float32 model matches it to rounding error.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -127,6 +128,7 @@ def apply_rotary(x: torch.Tensor, whole_cos: torch.Tensor, signed_sin: torch.Ten
     return (x * whole_cos).add_(swapped.mul_(signed_sin))
 
 
+RESIDUAL_IN_GEMM_ENV = "JOULE_RESIDUAL_IN_GEMM"
 GEMV_MAX_WEIGHT_ELEMENTS = 24 << 20  # benchmarks/gpu/gemv_sweep.py on the H200
 _ONEDNN_PACK_ROWS = 32  # the batch the packed layout is tuned for; any row count runs on it
 
@@ -165,6 +167,7 @@ class MergedLinear(nn.Module):
         self.bias = None
         if any(bias is not None for bias in biases):
             self.bias = nn.Parameter(torch.cat([bias.detach() for bias in biases]), requires_grad=False)
+        self.adds_residual = residual_in_gemm()  # see project_onto
 
     def pack_for_onednn(self) -> None:
         """Re-lay the weight out once in oneDNN's blocked format (CPU, 16-bit weights).
@@ -194,6 +197,23 @@ class MergedLinear(nn.Module):
         if self.bias is None:
             return hidden @ self.weight
         return torch.addmm(self.bias, hidden, self.weight)
+
+    def project_onto(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor,
+                                                                                         torch.Tensor | None]:
+        """``self(hidden)`` and the residual stream, for the next norm to add; or, on CUDA steps of several rows,
+        ``residual + self(hidden)`` from one GEMM whose epilogue adds it (cuBLAS's ``beta * C``) and None.
+
+        Why: a prompt step's fused add + norm reads the projection's output and the residual and writes both the sum
+        and the normed rows (four passes over [T, H]); with the sum made in the GEMM's epilogue the norm reads one
+        and writes one. The sum is rounded once, where the two-step path rounds the projection first."""
+        if residual is None or not self.folds_residual(hidden, residual):
+            return self(hidden), residual
+        return torch.addmm(residual, hidden, self.weight if self.transposed else self.weight.t()), None
+
+    def folds_residual(self, hidden: torch.Tensor, residual: torch.Tensor) -> bool:
+        """The switch on, a CUDA step of several rows (one row runs the Triton GEMV), an unpacked weight, no bias."""
+        return (self.adds_residual and hidden.is_cuda and not self.packed and self.bias is None
+                and residual.dtype == hidden.dtype and not self.runs_row_gemv(hidden))
 
     def runs_fused_gate_up(self, hidden: torch.Tensor) -> bool:
         """A plain 16-bit weight on an sm_90+ GPU and a step long enough for the fused gate/up + SiLU GEMM."""
@@ -228,6 +248,15 @@ class MergedLinear(nn.Module):
 
     def split(self, output: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return output.split(self.split_sizes, dim=-1)
+
+
+def residual_in_gemm() -> bool:
+    """``JOULE_RESIDUAL_IN_GEMM``: "1" adds the residual inside the o and down projections' GEMMs on CUDA
+    (``MergedLinear.project_onto``), "0" or unset in the next norm."""
+    text = os.environ.get(RESIDUAL_IN_GEMM_ENV, "").strip()
+    if text not in ("", "0", "1"):
+        raise ValueError(f"{RESIDUAL_IN_GEMM_ENV} must be 0 or 1, got {text!r}")
+    return text == "1"
 
 
 def norm_then_project(

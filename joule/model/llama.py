@@ -76,13 +76,15 @@ class Attention(nn.Module):
         whole-head tables from ``whole_head_tables`` elsewhere."""
         if self.qkv_proj is not None:
             return self.attend_projected(self.qkv_proj(hidden), cos, sin, context)
-        return self._attend(self.q_proj(hidden), self.k_proj(hidden), self.v_proj(hidden), cos, sin, context)
+        return self.o_proj(self._attend(self.q_proj(hidden), self.k_proj(hidden), self.v_proj(hidden), cos, sin,
+                                        context))
 
     def forward_normed(
         self, norm: RMSNorm, hidden: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
         sin: torch.Tensor, context: ForwardContext,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``norm(hidden [+ residual])`` through attention and the output projection; also the new residual.
+        """``norm(hidden [+ residual])`` through attention and the output projection; also the new residual, or
+        None where the projection's GEMM added it (``MergedLinear.project_onto``).
 
         One CUDA row (batch-1 decode) whose backend lets the model write the cache: the norm, the q/k/v GEMV,
         the rotation and the cache write are one kernel (``joule.kernels.qkv_rotary``), and where the backend
@@ -104,16 +106,22 @@ class Attention(nn.Module):
                 output = self.o_proj(attended.reshape(1, self.num_heads * self.head_dim))
             return output, hidden if new_residual is None else new_residual
         qkv, residual = norm_then_project(self.qkv_proj, norm, hidden, residual)
-        return self.attend_projected(qkv, cos, sin, context), residual
+        return self.o_proj.project_onto(self._attended_rows(qkv, cos, sin, context), residual)
 
     def attend_projected(
         self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, context: ForwardContext
     ) -> torch.Tensor:
         """Attention and the output projection from the merged q/k/v projection's output."""
+        return self.o_proj(self._attended_rows(qkv, cos, sin, context))
+
+    def _attended_rows(
+        self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, context: ForwardContext
+    ) -> torch.Tensor:
+        """Attention's output ``[T, heads * head_dim]`` from the merged q/k/v projection's output."""
         if not qkv.is_cuda and not self.uses_qk_norm:
             query, key, value = self._project_and_rotate_together(qkv, cos, sin)
             attended = context.attend(self.layer_index, query, key, value, self.scale)
-            return self.o_proj(attended.reshape(qkv.shape[0], self.num_heads * self.head_dim))
+            return attended.reshape(qkv.shape[0], self.num_heads * self.head_dim)
         return self._attend(*self.qkv_proj.split(qkv), cos, sin, context)
 
     def _attend(
@@ -141,7 +149,7 @@ class Attention(nn.Module):
             query = apply_rotary(query, cos, sin)
             key = apply_rotary(key, cos, sin)
         attended = context.attend(self.layer_index, query, key, value, self.scale, kv_stored=kv_stored)
-        return self.o_proj(attended.reshape(num_tokens, self.num_heads * self.head_dim))
+        return attended.reshape(num_tokens, self.num_heads * self.head_dim)
 
 
 class DecoderLayer(nn.Module):
@@ -161,7 +169,8 @@ class DecoderLayer(nn.Module):
         context: ForwardContext,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the MLP output and the residual stream before it; the next norm adds them
-        (fused on GPU), which is the same sum Hugging Face computes one line earlier."""
+        (fused on GPU), which is the same sum Hugging Face computes one line earlier. Where a projection's GEMM
+        adds the residual in its epilogue (``MergedLinear.project_onto``) it returns that sum and None."""
         attention, mlp = self.self_attn, self.mlp
         if attention.qkv_proj is None or mlp.gate_up_proj is None:  # projections not merged yet
             if residual is None:
@@ -176,7 +185,7 @@ class DecoderLayer(nn.Module):
         hidden, residual = attention.forward_normed(self.input_layernorm, hidden, residual, cos, sin, context)
         activated, residual = norm_then_project(mlp.gate_up_proj, self.post_attention_layernorm, hidden, residual,
                                                 gated=True, fused_tile=mlp.tile_for(hidden.shape[0]))
-        return mlp.down_proj(activated), residual
+        return mlp.down_proj.project_onto(activated, residual)
 
 
 class DecoderModel(nn.Module):
@@ -197,7 +206,7 @@ class DecoderModel(nn.Module):
         residual = None
         for layer in self.layers:
             hidden, residual = layer(hidden, residual, cos, sin, context)
-        if residual is None:  # no layers
+        if residual is None:  # no layers, or the last one's down projection added its residual
             return self.norm(hidden)
         return self.norm(hidden, residual)[0]
 

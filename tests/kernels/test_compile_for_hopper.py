@@ -111,6 +111,20 @@ FUSED_GATE_UP = textwrap.dedent("""
     ptx = compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 4}).asm["ptx"]
     assert "cp.async.bulk.tensor" in ptx and "wgmma.mma_async" in ptx
     print("plain TMA GEMM ok", flush=True)
+    from joule.kernels.gate_up_silu import _gate_up_silu_specialized_kernel, _linear_specialized_kernel
+    pointers = {"x_ptr": "*bf16", "weight_ptr": "*bf16", "output_ptr": "*bf16", "rows": "i32"}
+    for kernel, columns in ((_gate_up_silu_specialized_kernel, "intermediate"), (_linear_specialized_kernel,
+                                                                                "out_features")):
+        signature = {**pointers, columns: "i32", "hidden": "i32", "stride_x": "i32", "stride_weight": "i32",
+                     "num_programs": "i32"}
+        constants = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "ELEMENT": tl.bfloat16,
+                     "PRECISION": "tf32", "UPCAST": False, "FLATTEN": False}
+        source = ASTSource(kernel, {**signature, **{name: "constexpr" for name in constants}}, constexprs=constants)
+        compiled = compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+        ptx = compiled.asm["ptx"]
+        # warp specialized: a producer and two consumer warpgroups, their registers rebalanced
+        assert compiled.metadata.num_warps == 12 and "setmaxnreg" in ptx and "wgmma.mma_async" in ptx, kernel
+        print("warp-specialized", columns, "ok", flush=True)
 """)
 
 
@@ -119,4 +133,4 @@ def test_the_tma_gemm_kernels_compile_for_hopper_with_tma_and_wgmma():
     completed = subprocess.run([sys.executable, "-c", FUSED_GATE_UP], env=environment, capture_output=True, text=True,
                                timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert completed.stdout.count(" ok") == 4
+    assert completed.stdout.count(" ok") == 6

@@ -32,10 +32,13 @@ def _unfused(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("rows,hidden,intermediate",
                          [(1, 32, 16), (37, 48, 40), (64, 64, 32), (70, 32, 56), (5, 24, 8)])
-@pytest.mark.parametrize("persistent,flatten", [(False, False), (True, False), (True, True)])
-def test_fused_gate_up_silu_matches_the_unfused_rounding(rows, hidden, intermediate, persistent, flatten):
+@pytest.mark.parametrize("persistent,flatten,warp_specialize",
+                         [(False, False, False), (True, False, False), (True, True, False), (True, False, True)])
+def test_fused_gate_up_silu_matches_the_unfused_rounding(rows, hidden, intermediate, persistent, flatten,
+                                                         warp_specialize):
     x, weight = _operands(rows, hidden, intermediate, torch.bfloat16, seed=rows + intermediate)
-    tile = GateUpTile(**{**SMALL.__dict__, "persistent": persistent, "flatten": flatten})
+    tile = GateUpTile(**{**SMALL.__dict__, "persistent": persistent, "flatten": flatten,
+                         "warp_specialize": warp_specialize})
     fused = gate_up_silu(x, weight, tile)
     assert fused.shape == (rows, intermediate) and fused.dtype == torch.bfloat16
     expected = _unfused(x, weight)
@@ -61,12 +64,14 @@ def test_fewer_persistent_programs_walk_every_tile(max_programs):
 
 
 @pytest.mark.parametrize("rows,hidden,out_features", [(1, 32, 16), (45, 48, 40), (70, 32, 72)])
-@pytest.mark.parametrize("persistent,max_programs", [(False, None), (True, None), (True, 2)])
-def test_the_plain_tma_gemm_matches_a_rounded_matmul(rows, hidden, out_features, persistent, max_programs):
+@pytest.mark.parametrize("persistent,max_programs,warp_specialize",
+                         [(False, None, False), (True, None, False), (True, 2, False), (True, 2, True)])
+def test_the_plain_tma_gemm_matches_a_rounded_matmul(rows, hidden, out_features, persistent, max_programs,
+                                                     warp_specialize):
     generator = torch.Generator().manual_seed(rows * out_features)
     x = torch.randn(rows, hidden, generator=generator).to(DEVICE, torch.bfloat16)
     weight = (torch.randn(out_features, hidden, generator=generator) / hidden**0.5).to(DEVICE, torch.bfloat16)
-    tile = GateUpTile(**{**SMALL.__dict__, "persistent": persistent})
+    tile = GateUpTile(**{**SMALL.__dict__, "persistent": persistent, "warp_specialize": warp_specialize})
     result = tma_linear(x, weight, tile, max_programs=max_programs)
     expected = (x.float() @ weight.float().T).to(torch.bfloat16)
     assert result.shape == (rows, out_features) and expected.abs().max() > 0.5
@@ -107,9 +112,15 @@ def test_the_setting_names_a_tile_or_turns_the_kernel_off(monkeypatch):
     monkeypatch.setenv(FUSED_GATE_UP_ENV, tile_setting(tile))
     assert fused_gate_up_tile() == tile
     flattened = GateUpTile(128, 64, 64, 4, 4, 8, persistent=True, flatten=True)
-    assert tile_setting(flattened) == "128x64x64x4x4x8x1x1"
+    assert tile_setting(flattened) == "128x64x64x4x4x8x1x1x0"
     monkeypatch.setenv(FUSED_GATE_UP_ENV, tile_setting(flattened))
     assert fused_gate_up_tile() == flattened
+    monkeypatch.setenv(FUSED_GATE_UP_ENV, "128x64x64x4x4x8x1x1")  # the flatten switch alone, as (o) wrote it
+    assert fused_gate_up_tile() == flattened
+    specialized = GateUpTile(128, 128, 64, 4, 3, 8, persistent=True, warp_specialize=True)
+    assert tile_setting(specialized) == "128x128x64x4x3x8x1x0x1"
+    monkeypatch.setenv(FUSED_GATE_UP_ENV, tile_setting(specialized))
+    assert fused_gate_up_tile() == specialized
     for bad in ("yes", "128x64x64", "128x64x64x4x4x8xtrue"):
         monkeypatch.setenv(FUSED_GATE_UP_ENV, bad)
         with pytest.raises(ValueError, match=FUSED_GATE_UP_ENV):

@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 
-from joule.model.layers import onednn_packs_weights
+from joule.model.layers import MergedLinear, onednn_packs_weights
 from joule.model.loader import load_model
 from joule.runtime.attention.base import AttentionMetadata, ForwardContext, KVCache
 from joule.runtime.attention.portable import PortableAttentionBackend
@@ -181,6 +181,39 @@ def test_mixed_decode_and_chunks_batch_matches_transformers(checkpoints, name):
     assert covered == {sid: len(tokens) for sid, tokens in sequences.items()}
     # Sequences interleaved their block allocations: tables are non-contiguous.
     assert any(sorted(table) != list(range(min(table), min(table) + len(table))) for table in runner.block_tables.values())
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_residual_added_inside_the_projections_gemm_matches_transformers(checkpoints, name, monkeypatch):
+    """``JOULE_RESIDUAL_IN_GEMM``'s path (CUDA steps of several rows in the engine) forced on the CPU: the o and down
+    projections hand back the residual stream themselves (no residual left for the next norm) and the logits of a
+    mixed batch still match transformers'."""
+    reference, _, directory = checkpoints(name)
+    monkeypatch.setenv("JOULE_RESIDUAL_IN_GEMM", "1")
+    model = load_model(str(directory), torch.float32, "cpu").model
+    model.merge_projections(transpose_weight=True)  # as the engine runs a CPU model
+    monkeypatch.setattr(MergedLinear, "folds_residual",
+                        lambda self, hidden, residual: self.adds_residual and self.bias is None and not self.packed)
+    folded = []
+    project_onto = MergedLinear.project_onto
+
+    def recording(self, hidden, residual):
+        output, left = project_onto(self, hidden, residual)
+        folded.append(residual is not None and left is None)
+        return output, left
+
+    monkeypatch.setattr(MergedLinear, "project_onto", recording)
+    sequences = {0: prompt(8, 12), 1: prompt(9, 9)}
+    runner = PagedRunner(model, seed=3)
+    for step in ([(0, 0, 8), (1, 0, 7)], [(0, 8, 4), (1, 7, 2)]):
+        chunks = [(sid, sequences[sid][start:start + length], start) for sid, start, length in step]
+        for (sid, start, length), logits in zip(step, runner.step(chunks)):
+            full = sequences[sid][:start + length]
+            assert_logits_close(logits, reference_logits(reference, full)[start:start + length])
+    layers = model.config.num_hidden_layers
+    bias_free = not (model.config.attention_output_bias or model.config.mlp_bias)
+    assert len(folded) == 2 * 2 * layers  # o and down, every layer, two steps
+    assert sum(folded) == (2 * 2 * layers if bias_free else sum(folded)) and any(folded)
 
 
 def test_parameter_count_matches_transformers(checkpoints):

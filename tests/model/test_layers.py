@@ -138,3 +138,45 @@ def test_packing_refuses_a_float32_weight():
     projection = MergedLinear([torch.nn.Linear(8, 4)], transpose_weight=True)
     with pytest.raises(ValueError, match="16-bit CPU weight"):
         projection.pack_for_onednn()
+
+
+def test_the_residual_switch_reads_zero_one_or_unset(monkeypatch):
+    from joule.model.layers import RESIDUAL_IN_GEMM_ENV, residual_in_gemm
+
+    monkeypatch.delenv(RESIDUAL_IN_GEMM_ENV, raising=False)
+    assert residual_in_gemm() is False
+    monkeypatch.setenv(RESIDUAL_IN_GEMM_ENV, "1")
+    assert residual_in_gemm() is True
+    monkeypatch.setenv(RESIDUAL_IN_GEMM_ENV, "yes")
+    with pytest.raises(ValueError, match=RESIDUAL_IN_GEMM_ENV):
+        residual_in_gemm()
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_cpu_projections_leave_the_residual_to_the_norm(monkeypatch, on):
+    """The switch serves CUDA steps only: a CPU projection keeps the exact two-step sum whatever it says."""
+    from joule.model.layers import MergedLinear
+
+    monkeypatch.setenv("JOULE_RESIDUAL_IN_GEMM", "1" if on else "0")
+    linear = torch.nn.Linear(16, 8, bias=False)
+    projection = MergedLinear([linear], transpose_weight=False)
+    hidden, residual = torch.randn(4, 16), torch.randn(4, 8)
+    output, left = projection.project_onto(hidden, residual)
+    assert left is residual and torch.equal(output, linear(hidden))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("rows", [1, 7, 300])
+def test_cuda_projection_adds_the_residual_in_its_gemm(monkeypatch, rows):
+    from joule.model.layers import MergedLinear
+
+    monkeypatch.setenv("JOULE_RESIDUAL_IN_GEMM", "1")
+    linear = torch.nn.Linear(256, 128, bias=False).to("cuda", torch.bfloat16)
+    projection = MergedLinear([linear], transpose_weight=False)
+    hidden = torch.randn(rows, 256, device="cuda", dtype=torch.bfloat16)
+    residual = torch.randn(rows, 128, device="cuda", dtype=torch.bfloat16)
+    output, left = projection.project_onto(hidden, residual)
+    assert (left is None) == (rows > 1)  # one row: the Triton GEMV, the residual left to the next norm
+    projected = hidden.float() @ linear.weight.float().T
+    expected = projected if left is residual else residual.float() + projected
+    torch.testing.assert_close(output.float(), expected, rtol=2e-2, atol=5e-2)
