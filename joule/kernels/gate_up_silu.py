@@ -37,10 +37,13 @@ def _tile_origin(tile, row_blocks, column_blocks, BLOCK_M: tl.constexpr, BLOCK_N
 
 
 @triton.jit
-def _gate_up_silu_tiles(x_descriptor, weight_descriptor, output_descriptor, rows, intermediate, hidden, num_programs,
+def _gate_up_silu_tiles(x_descriptor, gate_descriptor, up_descriptor, output_descriptor, rows, intermediate, hidden,
+                        num_programs,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                         ELEMENT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, FLATTEN: tl.constexpr,
-                        WARP_SPECIALIZE: tl.constexpr):
+                        WARP_SPECIALIZE: tl.constexpr, UP_OFFSET: tl.constexpr):
+    """``UP_OFFSET``: 1 where one descriptor spans the merged weight (up rows ``intermediate`` below the gate rows), 0
+    where ``up_descriptor`` starts at the up rows."""
     row_blocks = tl.cdiv(rows, BLOCK_M)
     column_blocks = tl.cdiv(intermediate, BLOCK_N)
     for tile in tl.range(tl.program_id(0), row_blocks * column_blocks, num_programs, flatten=FLATTEN,
@@ -50,8 +53,8 @@ def _gate_up_silu_tiles(x_descriptor, weight_descriptor, output_descriptor, rows
         up_sum = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for inner in range(0, hidden, BLOCK_K):
             x = x_descriptor.load([row, inner])
-            gate = weight_descriptor.load([column, inner])
-            up = weight_descriptor.load([intermediate + column, inner])
+            gate = gate_descriptor.load([column, inner])
+            up = up_descriptor.load([column + UP_OFFSET * intermediate, inner])
             if UPCAST:  # the interpreter's tl.dot mishandles 16-bit operands
                 gate_sum += tl.dot(x.to(tl.float32), gate.to(tl.float32).T, input_precision="ieee")
                 up_sum += tl.dot(x.to(tl.float32), up.to(tl.float32).T, input_precision="ieee")
@@ -70,8 +73,9 @@ def _gate_up_silu_kernel(x_descriptor, weight_descriptor, output_descriptor, row
                          num_programs, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          GROUP_M: tl.constexpr, ELEMENT: tl.constexpr, PRECISION: tl.constexpr,
                          UPCAST: tl.constexpr, FLATTEN: tl.constexpr):
-    _gate_up_silu_tiles(x_descriptor, weight_descriptor, output_descriptor, rows, intermediate, hidden, num_programs,
-                        BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, ELEMENT, PRECISION, UPCAST, FLATTEN, False)
+    _gate_up_silu_tiles(x_descriptor, weight_descriptor, weight_descriptor, output_descriptor, rows, intermediate,
+                        hidden, num_programs, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, ELEMENT, PRECISION, UPCAST, FLATTEN,
+                        False, 1)
 
 
 @triton.jit
@@ -95,11 +99,15 @@ def _gate_up_silu_specialized_kernel(x_ptr, weight_ptr, output_ptr, rows, interm
                                      PRECISION: tl.constexpr, UPCAST: tl.constexpr, FLATTEN: tl.constexpr):
     """The same tiles with a producer warpgroup feeding two consumer warpgroups (``tl.range(warp_specialize=True)``),
     the structure of cuBLAS's Hopper GEMMs."""
-    x_descriptor, weight_descriptor, output_descriptor = _device_descriptors(
-        x_ptr, weight_ptr, output_ptr, rows, intermediate, 2 * intermediate, hidden, stride_x, stride_weight,
+    x_descriptor, gate_descriptor, output_descriptor = _device_descriptors(
+        x_ptr, weight_ptr, output_ptr, rows, intermediate, intermediate, hidden, stride_x, stride_weight,
         BLOCK_M, BLOCK_N, BLOCK_K)
-    _gate_up_silu_tiles(x_descriptor, weight_descriptor, output_descriptor, rows, intermediate, hidden, num_programs,
-                        BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, ELEMENT, PRECISION, UPCAST, FLATTEN, True)
+    # The up rows through a descriptor of their own: with one descriptor loaded twice a stage, the warp-specialized
+    # pipeline of three or more stages returned NaNs on an H200 (Triton 3.6, 2026-12-06 (p)); two stages were exact.
+    up_descriptor = tl.make_tensor_descriptor(weight_ptr + intermediate * stride_weight, shape=[intermediate, hidden],
+                                              strides=[stride_weight, 1], block_shape=[BLOCK_N, BLOCK_K])
+    _gate_up_silu_tiles(x_descriptor, gate_descriptor, up_descriptor, output_descriptor, rows, intermediate, hidden,
+                        num_programs, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, ELEMENT, PRECISION, UPCAST, FLATTEN, True, 0)
 
 
 def _check_operands(hidden: torch.Tensor, weight: torch.Tensor, caller: str, gated: bool) -> tuple[int, int]:

@@ -163,3 +163,15 @@ def test_a_long_cuda_step_runs_the_fused_kernel_and_matches_the_unfused_mlp(monk
     torch.testing.assert_close(fused.float(), unfused.float(), rtol=2e-2, atol=2e-2)
     normed, _ = norm(hidden, residual)
     torch.testing.assert_close(mlp(normed).float(), mlp.down_proj(unfused).float(), rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("stages", [2, 3, 4])
+def test_warp_specialized_tiles_are_exact_at_engine_sizes(stages):
+    """Full 128 x 128 tiles over many persistent rounds: where a pipeline race would show (an H200 gave NaNs at three
+    stages with the up rows loaded through the gate rows' descriptor)."""
+    x, weight = _operands(1000, 512, 1024, torch.bfloat16, seed=stages)
+    tile = GateUpTile(128, 128, 64, 4, stages, 8, persistent=True, warp_specialize=True)
+    fused = gate_up_silu(x, weight, tile, max_programs=7)
+    assert torch.isfinite(fused).all()
+    torch.testing.assert_close(fused.float(), _unfused(x, weight).float(), rtol=2e-2, atol=2e-2)
