@@ -37,24 +37,19 @@ def _tile_origin(tile, row_blocks, column_blocks, BLOCK_M: tl.constexpr, BLOCK_N
 
 
 @triton.jit
-def _gate_up_silu_tiles(x_descriptor, gate_descriptor, up_descriptor, output_descriptor, rows, intermediate, hidden,
-                        num_programs,
+def _gate_up_silu_tiles(x_descriptor, weight_descriptor, output_descriptor, rows, intermediate, hidden, num_programs,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                        ELEMENT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, FLATTEN: tl.constexpr,
-                        WARP_SPECIALIZE: tl.constexpr, UP_OFFSET: tl.constexpr):
-    """``UP_OFFSET``: 1 where one descriptor spans the merged weight (up rows ``intermediate`` below the gate rows), 0
-    where ``up_descriptor`` starts at the up rows."""
+                        ELEMENT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, FLATTEN: tl.constexpr):
     row_blocks = tl.cdiv(rows, BLOCK_M)
     column_blocks = tl.cdiv(intermediate, BLOCK_N)
-    for tile in tl.range(tl.program_id(0), row_blocks * column_blocks, num_programs, flatten=FLATTEN,
-                         warp_specialize=WARP_SPECIALIZE):
+    for tile in tl.range(tl.program_id(0), row_blocks * column_blocks, num_programs, flatten=FLATTEN):
         row, column = _tile_origin(tile, row_blocks, column_blocks, BLOCK_M, BLOCK_N, GROUP_M)
         gate_sum = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         up_sum = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for inner in range(0, hidden, BLOCK_K):
             x = x_descriptor.load([row, inner])
-            gate = gate_descriptor.load([column, inner])
-            up = up_descriptor.load([column + UP_OFFSET * intermediate, inner])
+            gate = weight_descriptor.load([column, inner])
+            up = weight_descriptor.load([intermediate + column, inner])
             if UPCAST:  # the interpreter's tl.dot mishandles 16-bit operands
                 gate_sum += tl.dot(x.to(tl.float32), gate.to(tl.float32).T, input_precision="ieee")
                 up_sum += tl.dot(x.to(tl.float32), up.to(tl.float32).T, input_precision="ieee")
@@ -73,9 +68,8 @@ def _gate_up_silu_kernel(x_descriptor, weight_descriptor, output_descriptor, row
                          num_programs, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          GROUP_M: tl.constexpr, ELEMENT: tl.constexpr, PRECISION: tl.constexpr,
                          UPCAST: tl.constexpr, FLATTEN: tl.constexpr):
-    _gate_up_silu_tiles(x_descriptor, weight_descriptor, weight_descriptor, output_descriptor, rows, intermediate,
-                        hidden, num_programs, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, ELEMENT, PRECISION, UPCAST, FLATTEN,
-                        False, 1)
+    _gate_up_silu_tiles(x_descriptor, weight_descriptor, output_descriptor, rows, intermediate, hidden, num_programs,
+                        BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, ELEMENT, PRECISION, UPCAST, FLATTEN)
 
 
 @triton.jit
@@ -92,6 +86,34 @@ def _device_descriptors(x_ptr, weight_ptr, output_ptr, rows, columns, weight_row
     return x_descriptor, weight_descriptor, output_descriptor
 
 
+@triton.jit
+def _stacked_gate_up_silu_tiles(x_descriptor, stacked_descriptor, output_descriptor, rows, intermediate, hidden,
+                                num_programs, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                GROUP_M: tl.constexpr, ELEMENT: tl.constexpr, PRECISION: tl.constexpr,
+                                UPCAST: tl.constexpr, FLATTEN: tl.constexpr):
+    """The warp-specialized walk: each step loads the gate and the up tile as one [2, BLOCK_N, BLOCK_K] box of the
+    weight seen as [2, I, K] and multiplies once into a [BLOCK_M, 2 * BLOCK_N] accumulator, split at the epilogue.
+    Why one product: with two per step (``_gate_up_silu_tiles``), Triton 3.6's Hopper warp specialization returned
+    NaNs at three or more pipeline stages on the H100 and the H200 (2026-12-06 (p)); two stages were exact but slower."""
+    row_blocks = tl.cdiv(rows, BLOCK_M)
+    column_blocks = tl.cdiv(intermediate, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), row_blocks * column_blocks, num_programs, flatten=FLATTEN,
+                         warp_specialize=True):
+        row, column = _tile_origin(tile, row_blocks, column_blocks, BLOCK_M, BLOCK_N, GROUP_M)
+        both_sum = tl.zeros([BLOCK_M, 2 * BLOCK_N], tl.float32)
+        for inner in range(0, hidden, BLOCK_K):
+            x = x_descriptor.load([row, inner])
+            both = stacked_descriptor.load([0, column, inner]).reshape(2 * BLOCK_N, BLOCK_K)
+            if UPCAST:  # the interpreter's tl.dot mishandles 16-bit operands
+                both_sum += tl.dot(x.to(tl.float32), both.to(tl.float32).T, input_precision="ieee")
+            else:
+                both_sum = tl.dot(x, both.T, both_sum, input_precision=PRECISION)
+        gate_sum, up_sum = both_sum.reshape(BLOCK_M, 2, BLOCK_N).permute(0, 2, 1).split()
+        gate_value = gate_sum.to(ELEMENT).to(tl.float32)
+        up_value = up_sum.to(ELEMENT).to(tl.float32)
+        output_descriptor.store([row, column], (gate_value / (1.0 + tl.exp(-gate_value)) * up_value).to(ELEMENT))
+
+
 @triton.jit(do_not_specialize=["rows", "num_programs"])
 def _gate_up_silu_specialized_kernel(x_ptr, weight_ptr, output_ptr, rows, intermediate, hidden, stride_x,
                                      stride_weight, num_programs, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -99,15 +121,14 @@ def _gate_up_silu_specialized_kernel(x_ptr, weight_ptr, output_ptr, rows, interm
                                      PRECISION: tl.constexpr, UPCAST: tl.constexpr, FLATTEN: tl.constexpr):
     """The same tiles with a producer warpgroup feeding two consumer warpgroups (``tl.range(warp_specialize=True)``),
     the structure of cuBLAS's Hopper GEMMs."""
-    x_descriptor, gate_descriptor, output_descriptor = _device_descriptors(
+    x_descriptor, _, output_descriptor = _device_descriptors(
         x_ptr, weight_ptr, output_ptr, rows, intermediate, intermediate, hidden, stride_x, stride_weight,
         BLOCK_M, BLOCK_N, BLOCK_K)
-    # The up rows through a descriptor of their own: with one descriptor loaded twice a stage, the warp-specialized
-    # pipeline of three or more stages returned NaNs on an H200 (Triton 3.6, 2026-12-06 (p)); two stages were exact.
-    up_descriptor = tl.make_tensor_descriptor(weight_ptr + intermediate * stride_weight, shape=[intermediate, hidden],
-                                              strides=[stride_weight, 1], block_shape=[BLOCK_N, BLOCK_K])
-    _gate_up_silu_tiles(x_descriptor, gate_descriptor, up_descriptor, output_descriptor, rows, intermediate, hidden,
-                        num_programs, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, ELEMENT, PRECISION, UPCAST, FLATTEN, True, 0)
+    stacked_descriptor = tl.make_tensor_descriptor(
+        weight_ptr, shape=[2, intermediate, hidden], strides=[intermediate * stride_weight, stride_weight, 1],
+        block_shape=[2, BLOCK_N, BLOCK_K])
+    _stacked_gate_up_silu_tiles(x_descriptor, stacked_descriptor, output_descriptor, rows, intermediate, hidden,
+                                num_programs, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, ELEMENT, PRECISION, UPCAST, FLATTEN)
 
 
 def _check_operands(hidden: torch.Tensor, weight: torch.Tensor, caller: str, gated: bool) -> tuple[int, int]:
