@@ -73,17 +73,16 @@ def _gate_up_silu_kernel(x_descriptor, weight_descriptor, output_descriptor, row
 
 
 @triton.jit
-def _device_descriptors(x_ptr, weight_ptr, output_ptr, rows, columns, weight_rows, hidden, stride_x, stride_weight,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Descriptors made by the kernel: Hopper's warp specialization splits a tile's rows between two consumer
-    warpgroups and rewrites the loads' block shapes, which it can do only for descriptors it creates."""
+def _device_descriptors(x_ptr, output_ptr, rows, columns, hidden, stride_x, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The input's and the output's descriptors, made by the kernel: Hopper's warp specialization splits a tile's rows
+    between two consumer warpgroups and rewrites the loads' block shapes, which it can do only for descriptors it
+    creates."""
     x_descriptor = tl.make_tensor_descriptor(x_ptr, shape=[rows, hidden], strides=[stride_x, 1],
                                              block_shape=[BLOCK_M, BLOCK_K])
-    weight_descriptor = tl.make_tensor_descriptor(weight_ptr, shape=[weight_rows, hidden], strides=[stride_weight, 1],
-                                                  block_shape=[BLOCK_N, BLOCK_K])
     output_descriptor = tl.make_tensor_descriptor(output_ptr, shape=[rows, columns], strides=[columns, 1],
                                                   block_shape=[BLOCK_M, BLOCK_N])
-    return x_descriptor, weight_descriptor, output_descriptor
+    return x_descriptor, output_descriptor
 
 
 @triton.jit
@@ -121,9 +120,8 @@ def _gate_up_silu_specialized_kernel(x_ptr, weight_ptr, output_ptr, rows, interm
                                      PRECISION: tl.constexpr, UPCAST: tl.constexpr, FLATTEN: tl.constexpr):
     """The same tiles with a producer warpgroup feeding two consumer warpgroups (``tl.range(warp_specialize=True)``),
     the structure of cuBLAS's Hopper GEMMs."""
-    x_descriptor, _, output_descriptor = _device_descriptors(
-        x_ptr, weight_ptr, output_ptr, rows, intermediate, intermediate, hidden, stride_x, stride_weight,
-        BLOCK_M, BLOCK_N, BLOCK_K)
+    x_descriptor, output_descriptor = _device_descriptors(x_ptr, output_ptr, rows, intermediate, hidden, stride_x,
+                                                          BLOCK_M, BLOCK_N, BLOCK_K)
     stacked_descriptor = tl.make_tensor_descriptor(
         weight_ptr, shape=[2, intermediate, hidden], strides=[intermediate * stride_weight, stride_weight, 1],
         block_shape=[2, BLOCK_N, BLOCK_K])
@@ -233,9 +231,10 @@ def _linear_specialized_kernel(x_ptr, weight_ptr, output_ptr, rows, out_features
                                num_programs, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                GROUP_M: tl.constexpr, ELEMENT: tl.constexpr, PRECISION: tl.constexpr,
                                UPCAST: tl.constexpr, FLATTEN: tl.constexpr):
-    x_descriptor, weight_descriptor, output_descriptor = _device_descriptors(
-        x_ptr, weight_ptr, output_ptr, rows, out_features, out_features, hidden, stride_x, stride_weight,
-        BLOCK_M, BLOCK_N, BLOCK_K)
+    x_descriptor, output_descriptor = _device_descriptors(x_ptr, output_ptr, rows, out_features, hidden, stride_x,
+                                                          BLOCK_M, BLOCK_N, BLOCK_K)
+    weight_descriptor = tl.make_tensor_descriptor(weight_ptr, shape=[out_features, hidden], strides=[stride_weight, 1],
+                                                  block_shape=[BLOCK_N, BLOCK_K])
     _linear_tiles(x_descriptor, weight_descriptor, output_descriptor, rows, out_features, hidden, num_programs,
                   BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, ELEMENT, PRECISION, UPCAST, FLATTEN, True)
 
