@@ -59,7 +59,7 @@
 #   wsfold: (2026-12-06 (p)) the warp-specialized tiles of the fused gate/up GEMM and the residual added inside the
 #          o and down projections' GEMMs (JOULE_RESIDUAL_IN_GEMM): the kernel and layer tests on the GPU, the gate/up
 #          tiles at 8,192 and 256 rows (gate_up_silu_sweep.py --specialized; with PLAIN=1 the plain projections too), then
-#          workload 3 with the default tile and the sweep's best exact warp-specialized one (with FOLD=1 crossed with
+#          workload 3 with the default tile and the sweep's best exact warp-specialized or stacked one (FOLD=1: crossed with
 #          JOULE_RESIDUAL_IN_GEMM=0,1) (bs1_ab.py --w3, ROUNDS rounds, default 1) (~5-8 minutes, not in "all").
 # Usage (repository root, joule importable): OUT=/some/dir bash benchmarks/gpu/pending_checks.sh PART... (fused, fair,
 # w3, perf, next, bench, pdl, splits, trigger, chain, blas, feed, fusedmlp, decoderows, overlap, host, prefill, b1host,
@@ -277,7 +277,8 @@ if wants wsfold; then
   BEST=$(python -c "import json, sys
 rows = [row for row in json.load(open('$OUT/gu_sweep.json')) if row['rows'] == 8192]
 tiles = rows[0]['tiles'] if rows else {}
-specialized = [name for name, tile in tiles.items() if tile['warp_specialize'] and tile['max_difference'] < 0.1]
+specialized = [name for name, tile in tiles.items()
+               if (tile['warp_specialize'] or tile.get('stacked')) and tile['max_difference'] < 0.1]
 print(min(specialized, key=lambda name: tiles[name]['us']) if specialized else '1')" 2>/dev/null || echo 1)
   echo "warp-specialized tile for the A/B: $BEST"
   $RUN timeout 370 python benchmarks/gpu/bs1_ab.py "$OUT/wsfold_ab" "${ROUNDS:-1}" --w3 \

@@ -37,35 +37,38 @@ class GateUpTile:
     # Hopper's path since Triton 3.4): the structure of cuBLAS's sm_90 GEMMs. Takes ``num_warps`` 4 (one warpgroup;
     # Triton adds the others) and descriptors the kernel makes itself.
     warp_specialize: bool = False
+    # The gate and up tiles loaded as one [2, N, K] box and multiplied once a step (the input tile read once, not
+    # twice). Warp-specialized tiles always run this way.
+    stacked: bool = False
 
 
 DEFAULT_TILE = GateUpTile()  # the persistent 128 x 128 x 64 tile, three stages (measured above)
 
 
 def tile_setting(tile: GateUpTile) -> str:
-    """``tile`` as ``JOULE_FUSED_GATE_UP`` takes it: its seven numbers joined by "x", then the flatten and warp
-    specialization switches if either is on."""
+    """``tile`` as ``JOULE_FUSED_GATE_UP`` takes it: its seven numbers joined by "x", then the flatten, warp
+    specialization and stacking switches if any is on."""
     values = (tile.block_m, tile.block_n, tile.block_k, tile.num_warps, tile.num_stages, tile.group_m,
               tile.persistent)
-    if tile.flatten or tile.warp_specialize:
-        values += (tile.flatten, tile.warp_specialize)
+    if tile.flatten or tile.warp_specialize or tile.stacked:
+        values += (tile.flatten, tile.warp_specialize, tile.stacked)
     return "x".join(str(int(value)) for value in values)
 
 
 def fused_gate_up_tile() -> GateUpTile | None:
     """``JOULE_FUSED_GATE_UP``: unset or "1" the default tile, "0" off (cuBLAS + ``silu_and_mul``), or a tile as
     ``tile_setting`` writes it (block_m x block_n x block_k x warps x stages x group_m x persistent [x flatten
-    [x warp_specialize]])."""
+    [x warp_specialize [x stacked]]])."""
     text = os.environ.get(FUSED_GATE_UP_ENV, "").strip()
     if text == "0":
         return None
     if text in ("", "1"):
         return DEFAULT_TILE
     parts = text.split("x")
-    if len(parts) not in (7, 8, 9) or not all(part.isdigit() for part in parts):
+    if len(parts) not in (7, 8, 9, 10) or not all(part.isdigit() for part in parts):
         raise ValueError(f"{FUSED_GATE_UP_ENV} must be 0, 1 or seven numbers joined by 'x' (block_m x block_n x "
                          f"block_k x warps x stages x group_m x persistent, then x 1 to flatten, then x 1 to warp "
-                         f"specialize), got {text!r}")
-    numbers = [int(part) for part in parts] + [0, 0]
+                         f"specialize, then x 1 to stack), got {text!r}")
+    numbers = [int(part) for part in parts] + [0, 0, 0]
     return GateUpTile(*numbers[:6], persistent=bool(numbers[6]), flatten=bool(numbers[7]),
-                      warp_specialize=bool(numbers[8]))
+                      warp_specialize=bool(numbers[8]), stacked=bool(numbers[9]))

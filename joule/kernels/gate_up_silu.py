@@ -89,15 +89,16 @@ def _device_descriptors(x_ptr, output_ptr, rows, columns, hidden, stride_x, BLOC
 def _stacked_gate_up_silu_tiles(x_descriptor, stacked_descriptor, output_descriptor, rows, intermediate, hidden,
                                 num_programs, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                 GROUP_M: tl.constexpr, ELEMENT: tl.constexpr, PRECISION: tl.constexpr,
-                                UPCAST: tl.constexpr, FLATTEN: tl.constexpr):
-    """The warp-specialized walk: each step loads the gate and the up tile as one [2, BLOCK_N, BLOCK_K] box of the
-    weight seen as [2, I, K] and multiplies once into a [BLOCK_M, 2 * BLOCK_N] accumulator, split at the epilogue.
-    Why one product: with two per step (``_gate_up_silu_tiles``), Triton 3.6's Hopper warp specialization returned
-    NaNs at three or more pipeline stages on the H100 and the H200 (2026-12-06 (p)); two stages were exact but slower."""
+                                UPCAST: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+    """Each step loads the gate and the up tile as one [2, BLOCK_N, BLOCK_K] box of the weight seen as [2, I, K] and
+    multiplies once into a [BLOCK_M, 2 * BLOCK_N] accumulator, split at the epilogue: the input tile is read once a
+    step, not once per product. The warp-specialized walk always takes this form: with two products a step
+    (``_gate_up_silu_tiles``), Triton 3.6's Hopper warp specialization returned NaNs at three or more pipeline stages
+    on the H100 and the H200 (2026-12-06 (p)); two stages were exact but slower."""
     row_blocks = tl.cdiv(rows, BLOCK_M)
     column_blocks = tl.cdiv(intermediate, BLOCK_N)
     for tile in tl.range(tl.program_id(0), row_blocks * column_blocks, num_programs, flatten=FLATTEN,
-                         warp_specialize=True):
+                         warp_specialize=WARP_SPECIALIZE):
         row, column = _tile_origin(tile, row_blocks, column_blocks, BLOCK_M, BLOCK_N, GROUP_M)
         both_sum = tl.zeros([BLOCK_M, 2 * BLOCK_N], tl.float32)
         for inner in range(0, hidden, BLOCK_K):
@@ -126,7 +127,18 @@ def _gate_up_silu_specialized_kernel(x_ptr, weight_ptr, output_ptr, rows, interm
         weight_ptr, shape=[2, intermediate, hidden], strides=[intermediate * stride_weight, stride_weight, 1],
         block_shape=[2, BLOCK_N, BLOCK_K])
     _stacked_gate_up_silu_tiles(x_descriptor, stacked_descriptor, output_descriptor, rows, intermediate, hidden,
-                                num_programs, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, ELEMENT, PRECISION, UPCAST, FLATTEN)
+                                num_programs, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, ELEMENT, PRECISION, UPCAST, FLATTEN,
+                                True)
+
+
+@triton.jit(do_not_specialize=["rows", "num_programs"])
+def _gate_up_silu_stacked_kernel(x_descriptor, stacked_descriptor, output_descriptor, rows, intermediate, hidden,
+                                 num_programs, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                 GROUP_M: tl.constexpr, ELEMENT: tl.constexpr, PRECISION: tl.constexpr,
+                                 UPCAST: tl.constexpr, FLATTEN: tl.constexpr):
+    _stacked_gate_up_silu_tiles(x_descriptor, stacked_descriptor, output_descriptor, rows, intermediate, hidden,
+                                num_programs, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, ELEMENT, PRECISION, UPCAST, FLATTEN,
+                                False)
 
 
 def _check_operands(hidden: torch.Tensor, weight: torch.Tensor, caller: str, gated: bool) -> tuple[int, int]:
@@ -155,9 +167,10 @@ def _descriptor_workspace(size: int, alignment: int, stream) -> torch.Tensor:
 
 def _launch(kernels: tuple, hidden: torch.Tensor, weight: torch.Tensor, tile: GateUpTile | None,
             max_programs: int | None, caller: str, gated: bool) -> torch.Tensor:
-    """Check the operands, then run the plain kernel over host descriptors (or with ``tile.warp_specialize`` the
-    specialized one, which makes its own) and a new output: one program per tile, or a persistent tile's programs
-    (one per processor, or ``max_programs``)."""
+    """Check the operands, then run the plain kernel over host descriptors (with ``tile.stacked`` the stacked one,
+    with ``tile.warp_specialize`` the specialized one, which makes its own) and a new output: one program per tile,
+    or a persistent tile's programs (one per processor, or ``max_programs``). ``kernels``: (plain, stacked or None,
+    specialized)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     rows, columns = _check_operands(hidden, weight, caller, gated)
@@ -173,17 +186,24 @@ def _launch(kernels: tuple, hidden: torch.Tensor, weight: torch.Tensor, tile: Ga
                      ELEMENT=ELEMENT_TYPES[hidden.dtype], PRECISION=dot_precision(hidden.dtype),
                      UPCAST=interpreting(), FLATTEN=tile.flatten and tile.persistent, num_warps=tile.num_warps,
                      num_stages=tile.num_stages)
-    plain, specialized = kernels
+    plain, stacked, specialized = kernels
     if tile.warp_specialize:
         triton.set_allocator(_descriptor_workspace)  # a context variable: set on the launching thread
         specialized[(programs,)](hidden, weight, output, rows, columns, hidden.shape[1], hidden.stride(0),
                                  weight.stride(0), programs, **constants)
         return output
-    plain[(programs,)](
-        TensorDescriptor.from_tensor(hidden, [tile.block_m, tile.block_k]),
-        TensorDescriptor.from_tensor(weight, [tile.block_n, tile.block_k]),
-        TensorDescriptor.from_tensor(output, [tile.block_m, tile.block_n]),
-        rows, columns, hidden.shape[1], programs, **constants)
+    x_descriptor = TensorDescriptor.from_tensor(hidden, [tile.block_m, tile.block_k])
+    output_descriptor = TensorDescriptor.from_tensor(output, [tile.block_m, tile.block_n])
+    if tile.stacked and stacked is not None:  # the merged weight as [2, I, K]: gate and up tiles in one box
+        if not weight.is_contiguous():
+            raise ValueError(f"{caller}: a stacked tile needs a contiguous weight")
+        weight_descriptor = TensorDescriptor.from_tensor(weight.view(2, columns, weight.shape[1]),
+                                                         [2, tile.block_n, tile.block_k])
+        stacked[(programs,)](x_descriptor, weight_descriptor, output_descriptor, rows, columns, hidden.shape[1],
+                             programs, **constants)
+        return output
+    plain[(programs,)](x_descriptor, TensorDescriptor.from_tensor(weight, [tile.block_n, tile.block_k]),
+                       output_descriptor, rows, columns, hidden.shape[1], programs, **constants)
     return output
 
 
@@ -193,8 +213,8 @@ def gate_up_silu(hidden: torch.Tensor, weight: torch.Tensor, tile: GateUpTile | 
 
     ``max_programs``: a persistent tile's programs (default one per processor); fewer leave processors free for a
     kernel running beside it on another stream (``benchmarks/gpu/overlap_probe.py --partition``)."""
-    return _launch((_gate_up_silu_kernel, _gate_up_silu_specialized_kernel), hidden, weight, tile, max_programs,
-                   "gate_up_silu", gated=True)
+    return _launch((_gate_up_silu_kernel, _gate_up_silu_stacked_kernel, _gate_up_silu_specialized_kernel), hidden,
+                   weight, tile, max_programs, "gate_up_silu", gated=True)
 
 
 @triton.jit
@@ -246,5 +266,5 @@ def tma_linear(hidden: torch.Tensor, weight: torch.Tensor, tile: GateUpTile | No
     Not used by the engine: the projections without an epilogue stay on cuBLAS unless this measures faster
     (``gate_up_silu_sweep.py --plain``); a persistent version of every prompt-step GEMM is also what running them on
     part of the processors beside decode work would need (``overlap_probe.py --partition``)."""
-    return _launch((_linear_kernel, _linear_specialized_kernel), hidden, weight, tile, max_programs, "tma_linear",
-                   gated=False)
+    return _launch((_linear_kernel, None, _linear_specialized_kernel), hidden, weight, tile, max_programs,
+                   "tma_linear", gated=False)

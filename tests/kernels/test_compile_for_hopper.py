@@ -111,6 +111,17 @@ FUSED_GATE_UP = textwrap.dedent("""
     ptx = compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 4}).asm["ptx"]
     assert "cp.async.bulk.tensor" in ptx and "wgmma.mma_async" in ptx
     print("plain TMA GEMM ok", flush=True)
+    from joule.kernels.gate_up_silu import _gate_up_silu_stacked_kernel
+    signature = {"x_descriptor": "tensordesc<bf16[128,64]>", "stacked_descriptor": "tensordesc<bf16[2,128,64]>",
+                 "output_descriptor": "tensordesc<bf16[128,128]>", "rows": "i32", "intermediate": "i32",
+                 "hidden": "i32", "num_programs": "i32"}
+    constants = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "ELEMENT": tl.bfloat16,
+                 "PRECISION": "tf32", "UPCAST": False, "FLATTEN": False}
+    source = ASTSource(_gate_up_silu_stacked_kernel, {**signature, **{name: "constexpr" for name in constants}},
+                       constexprs=constants)
+    ptx = compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 3}).asm["ptx"]
+    assert "cp.async.bulk.tensor.3d" in ptx and "wgmma.mma_async.sync.aligned.m64n256k16" in ptx
+    print("stacked gate/up ok", flush=True)
     from joule.kernels.gate_up_silu import _gate_up_silu_specialized_kernel, _linear_specialized_kernel
     pointers = {"x_ptr": "*bf16", "weight_ptr": "*bf16", "output_ptr": "*bf16", "rows": "i32"}
     for kernel, columns in ((_gate_up_silu_specialized_kernel, "intermediate"), (_linear_specialized_kernel,
@@ -133,4 +144,4 @@ def test_the_tma_gemm_kernels_compile_for_hopper_with_tma_and_wgmma():
     completed = subprocess.run([sys.executable, "-c", FUSED_GATE_UP], env=environment, capture_output=True, text=True,
                                timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert completed.stdout.count(" ok") == 6
+    assert completed.stdout.count(" ok") == 7

@@ -32,13 +32,14 @@ def _unfused(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("rows,hidden,intermediate",
                          [(1, 32, 16), (37, 48, 40), (64, 64, 32), (70, 32, 56), (5, 24, 8)])
-@pytest.mark.parametrize("persistent,flatten,warp_specialize",
-                         [(False, False, False), (True, False, False), (True, True, False), (True, False, True)])
+@pytest.mark.parametrize("persistent,flatten,warp_specialize,stacked",
+                         [(False, False, False, False), (True, False, False, False), (True, True, False, False),
+                          (True, False, True, False), (False, False, False, True), (True, False, False, True)])
 def test_fused_gate_up_silu_matches_the_unfused_rounding(rows, hidden, intermediate, persistent, flatten,
-                                                         warp_specialize):
+                                                         warp_specialize, stacked):
     x, weight = _operands(rows, hidden, intermediate, torch.bfloat16, seed=rows + intermediate)
     tile = GateUpTile(**{**SMALL.__dict__, "persistent": persistent, "flatten": flatten,
-                         "warp_specialize": warp_specialize})
+                         "warp_specialize": warp_specialize, "stacked": stacked})
     fused = gate_up_silu(x, weight, tile)
     assert fused.shape == (rows, intermediate) and fused.dtype == torch.bfloat16
     expected = _unfused(x, weight)
@@ -112,15 +113,21 @@ def test_the_setting_names_a_tile_or_turns_the_kernel_off(monkeypatch):
     monkeypatch.setenv(FUSED_GATE_UP_ENV, tile_setting(tile))
     assert fused_gate_up_tile() == tile
     flattened = GateUpTile(128, 64, 64, 4, 4, 8, persistent=True, flatten=True)
-    assert tile_setting(flattened) == "128x64x64x4x4x8x1x1x0"
+    assert tile_setting(flattened) == "128x64x64x4x4x8x1x1x0x0"
     monkeypatch.setenv(FUSED_GATE_UP_ENV, tile_setting(flattened))
     assert fused_gate_up_tile() == flattened
     monkeypatch.setenv(FUSED_GATE_UP_ENV, "128x64x64x4x4x8x1x1")  # the flatten switch alone, as (o) wrote it
     assert fused_gate_up_tile() == flattened
     specialized = GateUpTile(128, 128, 64, 4, 3, 8, persistent=True, warp_specialize=True)
-    assert tile_setting(specialized) == "128x128x64x4x3x8x1x0x1"
+    assert tile_setting(specialized) == "128x128x64x4x3x8x1x0x1x0"
     monkeypatch.setenv(FUSED_GATE_UP_ENV, tile_setting(specialized))
     assert fused_gate_up_tile() == specialized
+    monkeypatch.setenv(FUSED_GATE_UP_ENV, "128x128x64x4x3x8x1x0x1")  # before the stacking switch
+    assert fused_gate_up_tile() == specialized
+    stacked = GateUpTile(128, 128, 64, 8, 3, 8, persistent=True, stacked=True)
+    assert tile_setting(stacked) == "128x128x64x8x3x8x1x0x0x1"
+    monkeypatch.setenv(FUSED_GATE_UP_ENV, tile_setting(stacked))
+    assert fused_gate_up_tile() == stacked
     for bad in ("yes", "128x64x64", "128x64x64x4x4x8xtrue"):
         monkeypatch.setenv(FUSED_GATE_UP_ENV, bad)
         with pytest.raises(ValueError, match=FUSED_GATE_UP_ENV):
@@ -175,3 +182,11 @@ def test_warp_specialized_tiles_are_exact_at_engine_sizes(stages):
     fused = gate_up_silu(x, weight, tile, max_programs=7)
     assert torch.isfinite(fused).all()
     torch.testing.assert_close(fused.float(), _unfused(x, weight).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_a_stacked_tile_refuses_a_strided_weight():
+    x, weight = _operands(8, 32, 16, torch.bfloat16, seed=3)
+    wide = torch.zeros(32, 40, dtype=weight.dtype, device=weight.device)
+    wide[:, :32] = weight
+    with pytest.raises(ValueError, match="contiguous weight"):
+        gate_up_silu(x, wide[:, :32], GateUpTile(**{**SMALL.__dict__, "stacked": True}))
