@@ -13,7 +13,8 @@ and 256 rows for Llama-3.2-1B and nothing for Qwen3-0.6B or Llama-3.1-8B.
 How: for each captured batch size from ``MIN_TUNED_ROWS`` up (below ``FUSED_MIN_ROWS``, where long steps already run
 it), one layer's weight, each variant captured ``LAUNCHES`` times in a CUDA graph (a launch's host work, which the
 decode graphs do not pay, stays out of the timing) and replayed; a tile is kept where it beats cuBLAS +
-``silu_and_mul`` by ``MIN_GAIN``. ``JOULE_TUNE_DECODE_GATE_UP=0`` skips it (cuBLAS at every decode row count).
+``silu_and_mul`` by ``MIN_GAIN`` and its output matches theirs (a miscompiled tile is never chosen: Triton 3.6's
+warp-specialized pipeline returned NaNs for some tiles, 2026-12-06 (p)). ``JOULE_TUNE_DECODE_GATE_UP=0`` skips it (cuBLAS at every decode row count).
 """
 
 from __future__ import annotations
@@ -84,8 +85,9 @@ def tune_decode_gate_up(model: torch.nn.Module, batch_sizes: list[int], timer: T
                     break  # the dtype, device or weight do not take it at any row count
                 projection, measured = mlp.gate_up_proj, True
                 unfused = timer(lambda: swiglu(projection(hidden)))
-                timed = [(_time_or_inf(timer, lambda tile=tile: gate_up_silu(hidden, weight, tile), tile), tile)
-                         for tile in DECODE_TILES]
+                reference = swiglu(projection(hidden))
+                timed = [(_time_or_inf(timer, lambda tile=tile: gate_up_silu(hidden, weight, tile), tile, reference),
+                          tile) for tile in DECODE_TILES]
                 fastest, tile = min(timed, key=lambda pair: pair[0])
                 if fastest < (1.0 - MIN_GAIN) * unfused:
                     chosen[rows] = tile
@@ -99,10 +101,24 @@ def tune_decode_gate_up(model: torch.nn.Module, batch_sizes: list[int], timer: T
     return sum(len(chosen) for chosen in chosen_by_shape.values())
 
 
-def _time_or_inf(timer: Timer, run: Callable[[], object], tile: GateUpTile) -> float:
-    """A tile the compiler or this GPU refuses is never chosen; the engine starts with cuBLAS there."""
+def _time_or_inf(timer: Timer, run: Callable[[], torch.Tensor], tile: GateUpTile, reference: torch.Tensor) -> float:
+    """A tile the compiler or this GPU refuses, or whose output differs from ``reference``, is never chosen; the engine
+    starts with cuBLAS there."""
     try:
+        if not output_matches(run(), reference):
+            logger.warning("fused gate/up tile %s gave values unlike cuBLAS + silu_and_mul at %d rows: not used",
+                           tile_setting(tile), reference.shape[0])
+            return float("inf")
         return timer(run)
     except Exception as failure:  # noqa: BLE001 - any compile or launch failure: skip the tile, keep starting
         logger.warning("fused gate/up tile %s not timed: %r", tile_setting(tile), failure)
         return float("inf")
+
+
+def output_matches(output: torch.Tensor, reference: torch.Tensor) -> bool:
+    """Finite, of the reference's shape, and within 16-bit rounding of it (the fused GEMM rounds the projections
+    where the unfused path does: the sweeps measured differences of 0 to 1e-4)."""
+    if output.shape != reference.shape or not bool(torch.isfinite(output).all()):
+        return False
+    scale = float(reference.abs().max())
+    return float((output.float() - reference.float()).abs().max()) <= 1e-2 * scale + 1e-3

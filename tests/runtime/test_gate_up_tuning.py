@@ -32,6 +32,18 @@ def _mlps(monkeypatch, shapes) -> list[GatedMLP]:
     return mlps
 
 
+def _kernels_giving(monkeypatch, wrong_tiles=()) -> None:
+    """The fused GEMM replaced by the unfused values (or NaNs for ``wrong_tiles``): the scripted timings decide."""
+    import joule.kernels.gate_up_silu as kernels
+    from joule.model.layers import swiglu
+
+    def fake(hidden, weight, tile=None, max_programs=None):
+        values = swiglu(torch.nn.functional.linear(hidden, weight))
+        return torch.full_like(values, float("nan")) if tile in wrong_tiles else values
+
+    monkeypatch.setattr(kernels, "gate_up_silu", fake)
+
+
 class ScriptedTimer:
     """Hands out the scripted microseconds in call order (per row count: cuBLAS + silu_and_mul, then each tile)."""
 
@@ -46,6 +58,7 @@ class ScriptedTimer:
 def test_a_tile_is_kept_only_where_it_beats_cublas_by_the_margin(monkeypatch):
     mlps = _mlps(monkeypatch, [(32, 48), (32, 48), (32, 24)])
     monkeypatch.setattr(MergedLinear, "fits_fused_gate_up", lambda self, hidden: True)
+    _kernels_giving(monkeypatch)
     first_shape = [10.0, 10.0, 9.9, 9.8,   # 64 rows: 2 % faster at best, inside the margin: cuBLAS stays
                    10.0, 9.5, 9.0, 9.6,    # 128 rows: the second tile
                    10.0, 8.0, 9.0, 9.0]    # 256 rows: the first
@@ -63,6 +76,7 @@ def test_a_tile_is_kept_only_where_it_beats_cublas_by_the_margin(monkeypatch):
 def test_a_tile_that_fails_to_compile_is_skipped_not_fatal(monkeypatch):
     mlps = _mlps(monkeypatch, [(32, 48)])
     monkeypatch.setattr(MergedLinear, "fits_fused_gate_up", lambda self, hidden: True)
+    _kernels_giving(monkeypatch)
     times = iter([10.0, None, 8.0, 9.5])  # cuBLAS, then the first tile fails, the second wins
 
     def timer(run) -> float:
@@ -73,6 +87,27 @@ def test_a_tile_that_fails_to_compile_is_skipped_not_fatal(monkeypatch):
 
     assert tune_decode_gate_up(torch.nn.ModuleList(mlps), [64], timer) == 1
     assert mlps[0].row_tiles == {64: DECODE_TILES[1]}
+
+
+def test_a_tile_with_wrong_values_is_never_chosen_however_fast(monkeypatch):
+    mlps = _mlps(monkeypatch, [(32, 48)])
+    monkeypatch.setattr(MergedLinear, "fits_fused_gate_up", lambda self, hidden: True)
+    _kernels_giving(monkeypatch, wrong_tiles=(DECODE_TILES[0],))
+    timer = ScriptedTimer([10.0, 9.0, 9.5])  # cuBLAS, then the two right tiles: the wrong one is not even timed
+    assert tune_decode_gate_up(torch.nn.ModuleList(mlps), [64], timer) == 1
+    assert mlps[0].row_tiles == {64: DECODE_TILES[1]} and timer.calls == 3
+
+
+def test_outputs_match_only_when_finite_and_close():
+    from joule.runtime.gate_up_tuning import output_matches
+
+    reference = torch.randn(8, 16, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    assert output_matches(reference.clone(), reference)
+    assert output_matches((reference.float() * 1.001).to(torch.bfloat16), reference)
+    broken = reference.clone()
+    broken[3, 4] = float("nan")
+    assert not output_matches(broken, reference)
+    assert not output_matches(reference + 1.0, reference) and not output_matches(reference[:4], reference)
 
 
 def test_no_tuning_when_switched_off_or_where_the_kernel_cannot_run(monkeypatch):
