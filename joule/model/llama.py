@@ -82,7 +82,7 @@ class Attention(nn.Module):
     def forward_normed(
         self, norm: RMSNorm, hidden: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
         sin: torch.Tensor, context: ForwardContext,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``norm(hidden [+ residual])`` through attention and the output projection; also the new residual, or
         None where the projection's GEMM added it (``MergedLinear.project_onto``).
 
@@ -167,7 +167,7 @@ class DecoderLayer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         context: ForwardContext,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns the MLP output and the residual stream before it; the next norm adds them
         (fused on GPU), which is the same sum Hugging Face computes one line earlier. Where a projection's GEMM
         adds the residual in its epilogue (``MergedLinear.project_onto``) it returns that sum and None."""
