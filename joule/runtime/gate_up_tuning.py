@@ -14,7 +14,8 @@ How: for each captured batch size from ``MIN_TUNED_ROWS`` up (below ``FUSED_MIN_
 it), one layer's weight, each variant captured ``LAUNCHES`` times in a CUDA graph (a launch's host work, which the
 decode graphs do not pay, stays out of the timing) and replayed; a tile is kept where it beats cuBLAS +
 ``silu_and_mul`` by ``MIN_GAIN`` and its output matches theirs (a miscompiled tile is never chosen: Triton 3.6's
-warp-specialized pipeline returned NaNs for some tiles, 2026-12-06 (p)). ``JOULE_TUNE_DECODE_GATE_UP=0`` skips it (cuBLAS at every decode row count).
+warp-specialized pipeline returned NaNs for some tiles, 2026-12-06 (p)). ``JOULE_TUNE_DECODE_GATE_UP=0`` skips it
+(cuBLAS at every decode row count).
 """
 
 from __future__ import annotations
