@@ -275,16 +275,10 @@ def graph_ms(function, repeats=10):
     """Median GPU time of one call, from a CUDA graph of ``repeats`` calls (no Python launch cost)."""
     if DEVICE.type != "cuda":
         return bench(function)
+    from joule.runtime.graph_timing import repeated_graph
+
     function()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        function()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(repeats):
-            function()
+    graph = repeated_graph(function, repeats)
     return bench(graph.replay) / repeats
 
 

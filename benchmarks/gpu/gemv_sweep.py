@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from joule.bench.latency import copy_bandwidth
 from joule.kernels.gemv import GemvConfig, gemv, gemv_config
+from joule.runtime.graph_timing import repeated_graph
 
 SHAPES = {  # name: (out_features, in_features)
     "llama1b.qkv": (3072, 2048), "llama1b.o": (2048, 2048), "llama1b.gate_up": (16384, 2048),
@@ -29,15 +30,7 @@ SHAPES = {  # name: (out_features, in_features)
 
 def capture_graph(function) -> torch.cuda.CUDAGraph:
     """``function``'s launches in a CUDA graph, after one warm-up run on a side stream (Triton compiles there)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        function()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        function()
-    return graph
+    return repeated_graph(function, 1)
 
 
 def timed_graph(call, copies: int, repeats: int = 5) -> float:
