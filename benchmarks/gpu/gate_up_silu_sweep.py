@@ -6,7 +6,8 @@ Llama-3.2-1B's MLP (hidden 2048, intermediate 8192; ``--model`` qwen3-0.6b: 1024
 engine), at a prompt step's 8,192 rows, a mixed step's 8,432, 2,048 and a decode step's 256. For each shape: the
 engine's path (cuBLAS GEMM, then ``silu_and_mul``), the GEMM alone, and every tile of ``TILES`` with its largest
 difference to the engine's path. The last line per shape names the best tile as ``JOULE_FUSED_GATE_UP`` takes it.
-``--specialized``: the default tile and the warp-specialized and stacked ones only.
+``--specialized``: the two-product 128 x 128 tile (the default before 2026-12-06 (q)) and the warp-specialized and
+stacked ones only (the stacked 128 x 128 tile is the default now).
 ``--plain``: the other projections (q/k/v, o, down) through ``tma_linear`` against cuBLAS, at 8,192 and 256 rows:
 whether a persistent TMA GEMM could stand in for cuBLAS everywhere (what running prompt chunks on part of the
 processors would need).
@@ -54,7 +55,7 @@ TILES = [GateUpTile(128, 128, 64, 8, 3, 8, False), GateUpTile(128, 128, 64, 8, 4
          GateUpTile(128, 128, 64, 8, 3, 8, False, stacked=True)]
 
 
-if "--specialized" in sys.argv:  # the default tile and the warp-specialized and stacked ones only
+if "--specialized" in sys.argv:  # the two-product tile and the warp-specialized and stacked ones only
     TILES = [GateUpTile()] + [tile for tile in TILES if tile.warp_specialize or tile.stacked]
 PLAIN = {"qkv": (3072, HIDDEN), "o": (HIDDEN, HIDDEN), "down": (HIDDEN, INTERMEDIATE)}
 

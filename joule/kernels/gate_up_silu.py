@@ -15,6 +15,8 @@ weight tiles in L2. ``tma_linear`` is the same GEMM without the epilogue, for sw
 
 from __future__ import annotations
 
+import re
+
 import torch
 import triton
 import triton.language as tl
@@ -160,6 +162,11 @@ def _check_operands(hidden: torch.Tensor, weight: torch.Tensor, caller: str, gat
     return rows, columns
 
 
+def _triton_version() -> tuple[int, int]:
+    major, minor = (re.match(r"\d*", part).group() or "0" for part in (triton.__version__.split(".") + ["0"])[:2])
+    return int(major), int(minor)
+
+
 def _descriptor_workspace(size: int, alignment: int, stream) -> torch.Tensor:
     """Global memory for the descriptors a warp-specialized kernel writes at launch (Triton asks per launch)."""
     return torch.empty(size, dtype=torch.int8, device="cuda")
@@ -187,6 +194,11 @@ def _launch(kernels: tuple, hidden: torch.Tensor, weight: torch.Tensor, tile: Ga
                      UPCAST=interpreting(), FLATTEN=tile.flatten and tile.persistent, num_warps=tile.num_warps,
                      num_stages=tile.num_stages)
     plain, stacked, specialized = kernels
+    if tile.warp_specialize and gated and _triton_version() < (3, 7):
+        raise ValueError(f"{caller}: warp-specialized gate/up tiles need Triton 3.7 or later, this is "
+                         f"{triton.__version__}: 3.6's pipeline gave NaNs with two products a step and failed to "
+                         f"compile the stacked one (H100/H200, 2026-12-06 (p), (q)); set JOULE_FUSED_GATE_UP to a "
+                         f"tile without warp specialization")
     if tile.warp_specialize:
         triton.set_allocator(_descriptor_workspace)  # a context variable: set on the launching thread
         specialized[(programs,)](hidden, weight, output, rows, columns, hidden.shape[1], hidden.stride(0),

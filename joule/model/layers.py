@@ -223,6 +223,7 @@ class MergedLinear(nn.Module):
         """A plain 16-bit weight on an sm_90+ GPU and operands the fused GEMM's descriptors take, at any row count."""
         if not (hidden.is_cuda and not self.transposed and not self.packed
                 and self.bias is None and self.weight.dtype in (torch.bfloat16, torch.float16)
+                and self.weight.is_contiguous()  # the stacked tiles view it as [2, I, K]
                 and hidden.dtype == self.weight.dtype and hidden.stride(-1) == 1
                 and hidden.data_ptr() % 16 == 0 and (hidden.stride(0) * hidden.element_size()) % 16 == 0
                 and hidden.shape[1] % 8 == 0 and (self.weight.shape[0] // 2) % 8 == 0):

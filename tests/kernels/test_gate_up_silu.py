@@ -177,8 +177,14 @@ def test_a_long_cuda_step_runs_the_fused_kernel_and_matches_the_unfused_mlp(monk
 def test_warp_specialized_tiles_are_exact_at_engine_sizes(stages):
     """Full 128 x 128 tiles over many persistent rounds: where a pipeline race would show (an H200 gave NaNs at three
     stages with the up rows loaded through the gate rows' descriptor)."""
+    from joule.kernels import gate_up_silu as module
+
     x, weight = _operands(1000, 512, 1024, torch.bfloat16, seed=stages)
     tile = GateUpTile(128, 128, 64, 4, stages, 8, persistent=True, warp_specialize=True)
+    if module._triton_version() < (3, 7):  # the GPU machine's 3.6: refused with a clear error, never run
+        with pytest.raises(ValueError, match="Triton 3.7"):
+            gate_up_silu(x, weight, tile, max_programs=7)
+        return
     fused = gate_up_silu(x, weight, tile, max_programs=7)
     assert torch.isfinite(fused).all()
     torch.testing.assert_close(fused.float(), _unfused(x, weight).float(), rtol=2e-2, atol=2e-2)
@@ -190,3 +196,20 @@ def test_a_stacked_tile_refuses_a_strided_weight():
     wide[:, :32] = weight
     with pytest.raises(ValueError, match="contiguous weight"):
         gate_up_silu(x, wide[:, :32], GateUpTile(**{**SMALL.__dict__, "stacked": True}))
+
+
+def test_a_warp_specialized_gate_up_tile_is_refused_before_triton_3_7(monkeypatch):
+    from joule.kernels import gate_up_silu as module
+
+    x, weight = _operands(8, 32, 16, torch.bfloat16, seed=4)
+    monkeypatch.setattr(module, "_triton_version", lambda: (3, 6))
+    with pytest.raises(ValueError, match="JOULE_FUSED_GATE_UP"):
+        gate_up_silu(x, weight, GateUpTile(**{**SMALL.__dict__, "warp_specialize": True, "num_warps": 4}))
+
+
+def test_the_triton_version_is_read_as_numbers(monkeypatch):
+    from joule.kernels import gate_up_silu as module
+
+    for text, expected in (("3.6.0", (3, 6)), ("3.10.1", (3, 10)), ("3.7.0+git1234", (3, 7)), ("4.0rc1", (4, 0))):
+        monkeypatch.setattr(module.triton, "__version__", text)
+        assert module._triton_version() == expected

@@ -44,6 +44,12 @@ def _kernels_giving(monkeypatch, wrong_tiles=()) -> None:
     monkeypatch.setattr(kernels, "gate_up_silu", fake)
 
 
+def _row_count(cublas: float, *tile_times: float) -> list[float]:
+    """One row count's script: cuBLAS + silu_and_mul, the given tiles, then every other tile of DECODE_TILES slower
+    than cuBLAS (so adding a tile to the list keeps these scripts' meaning)."""
+    return [cublas, *tile_times] + [cublas + 1.0] * (len(DECODE_TILES) - len(tile_times))
+
+
 class ScriptedTimer:
     """Hands out the scripted microseconds in call order (per row count: cuBLAS + silu_and_mul, then each tile)."""
 
@@ -59,13 +65,13 @@ def test_a_tile_is_kept_only_where_it_beats_cublas_by_the_margin(monkeypatch):
     mlps = _mlps(monkeypatch, [(32, 48), (32, 48), (32, 24)])
     monkeypatch.setattr(MergedLinear, "fits_fused_gate_up", lambda self, hidden: True)
     _kernels_giving(monkeypatch)
-    first_shape = [10.0, 10.0, 9.9, 9.8,   # 64 rows: 2 % faster at best, inside the margin: cuBLAS stays
-                   10.0, 9.5, 9.0, 9.6,    # 128 rows: the second tile
-                   10.0, 8.0, 9.0, 9.0]    # 256 rows: the first
-    other_shape = [10.0, 11.0, 12.0, 10.5] * 3  # every tile slower
+    first_shape = (_row_count(10.0, 10.0, 9.9, 9.8)     # 64 rows: 2 % faster at best, inside the margin: cuBLAS stays
+                   + _row_count(10.0, 9.5, 9.0, 9.6)    # 128 rows: the second tile
+                   + _row_count(10.0, 8.0, 9.0, 9.0))   # 256 rows: the first
+    other_shape = _row_count(10.0, 11.0, 12.0, 10.5) * 3  # every tile slower
     timer = ScriptedTimer(first_shape + other_shape)
     chosen = tune_decode_gate_up(torch.nn.ModuleList(mlps), [1, 2, 32, 64, 128, 256, FUSED_MIN_ROWS], timer)
-    assert chosen == 2 and timer.calls == 24  # 1-32 rows and FUSED_MIN_ROWS are never timed
+    assert chosen == 2 and timer.calls == 6 * (1 + len(DECODE_TILES))  # 1-32 rows and FUSED_MIN_ROWS never timed
     assert mlps[0].row_tiles == mlps[1].row_tiles == {128: DECODE_TILES[1], 256: DECODE_TILES[0]}
     assert mlps[2].row_tiles == {}
     assert mlps[0].tile_for(128) == DECODE_TILES[1] and mlps[0].tile_for(64) is None
@@ -77,7 +83,7 @@ def test_a_tile_that_fails_to_compile_is_skipped_not_fatal(monkeypatch):
     mlps = _mlps(monkeypatch, [(32, 48)])
     monkeypatch.setattr(MergedLinear, "fits_fused_gate_up", lambda self, hidden: True)
     _kernels_giving(monkeypatch)
-    times = iter([10.0, None, 8.0, 9.5])  # cuBLAS, then the first tile fails, the second wins
+    times = iter(_row_count(10.0, None, 8.0, 9.5))  # cuBLAS, then the first tile fails, the second wins
 
     def timer(run) -> float:
         value = next(times)
@@ -93,9 +99,10 @@ def test_a_tile_with_wrong_values_is_never_chosen_however_fast(monkeypatch):
     mlps = _mlps(monkeypatch, [(32, 48)])
     monkeypatch.setattr(MergedLinear, "fits_fused_gate_up", lambda self, hidden: True)
     _kernels_giving(monkeypatch, wrong_tiles=(DECODE_TILES[0],))
-    timer = ScriptedTimer([10.0, 9.0, 9.5])  # cuBLAS, then the two right tiles: the wrong one is not even timed
+    # cuBLAS, then the right tiles: the wrong one is not even timed
+    timer = ScriptedTimer(_row_count(10.0, 9.0, 9.5)[:-1])
     assert tune_decode_gate_up(torch.nn.ModuleList(mlps), [64], timer) == 1
-    assert mlps[0].row_tiles == {64: DECODE_TILES[1]} and timer.calls == 3
+    assert mlps[0].row_tiles == {64: DECODE_TILES[1]} and timer.calls == len(DECODE_TILES)
 
 
 def test_outputs_match_only_when_finite_and_close():
