@@ -61,9 +61,12 @@
 #          tiles at 8,192 and 256 rows (gate_up_silu_sweep.py --specialized; with PLAIN=1 the plain projections too), then
 #          workload 3 with the default tile and the sweep's best exact warp-specialized or stacked one (FOLD=1: crossed with
 #          JOULE_RESIDUAL_IN_GEMM=0,1) (bs1_ab.py --w3, ROUNDS rounds, default 1) (~5-8 minutes, not in "all").
+#   stacked: (2026-12-06 (q)) the stacked gate/up tile, the default since (q), measured on an H200 only: the gate/up,
+#          tuner and layer tests on the GPU, then workload 3 with it against the two-product tile of before
+#          (JOULE_FUSED_GATE_UP=1,128x128x64x8x3x8x1; bs1_ab.py --w3, ROUNDS rounds, default 2) (~3 minutes, not in "all").
 # Usage (repository root, joule importable): OUT=/some/dir bash benchmarks/gpu/pending_checks.sh PART... (fused, fair,
 # w3, perf, next, bench, pdl, splits, trigger, chain, blas, feed, fusedmlp, decoderows, overlap, host, prefill, b1host,
-# queued, sampling, cold, wsfold; "all" is fused fair w3, more than one call's 10 minutes)
+# queued, sampling, cold, wsfold, stacked; "all" is fused fair w3, more than one call's 10 minutes)
 # Every step has its own timeout, so one that hangs leaves the others their time; big JSON is gzipped.
 # DRY=1 prints the commands instead of running them.
 set -u
@@ -71,7 +74,7 @@ RUN=""
 [[ ${DRY:-0} == 1 ]] && RUN="echo"
 OUT=${OUT:?set OUT to a directory for the results}
 WHAT=" ${*:-all} "
-NOT_IN_ALL=" perf next bench pdl splits trigger chain blas feed fusedmlp decoderows overlap host prefill b1host queued sampling cold wsfold "
+NOT_IN_ALL=" perf next bench pdl splits trigger chain blas feed fusedmlp decoderows overlap host prefill b1host queued sampling cold wsfold stacked "
 wants() { [[ $WHAT == *" all "* && $NOT_IN_ALL != *" $1 "* ]] || [[ $WHAT == *" $1 "* ]]; }
 MODEL=benchmarks/configs/llama-3.2-1b
 mkdir -p "$OUT"
@@ -260,6 +263,15 @@ print(shipped_profile_path(detect_hardware(), 'bfloat16'))")
     echo "validate $NAME: exit $?"
     grep -E "median \|error\||error [+-]" "$OUT/validate_$NAME.log" | head -12
   done
+fi
+
+if wants stacked; then
+  $RUN timeout 90 python -m pytest -q -p no:cacheprovider tests/kernels/test_gate_up_silu.py \
+    tests/runtime/test_gate_up_tuning.py tests/model/test_layers.py > "$OUT/stacked_tests.log" 2>&1
+  echo "tests: exit $? ($(tail -1 "$OUT/stacked_tests.log"))"
+  $RUN timeout 300 python benchmarks/gpu/bs1_ab.py "$OUT/stacked_ab" "${ROUNDS:-2}" --w3 \
+    JOULE_FUSED_GATE_UP=1,128x128x64x8x3x8x1 > "$OUT/stacked_ab.log" 2>&1
+  echo "w3 A/B: exit $?"; tail -4 "$OUT/stacked_ab.log"
 fi
 
 if wants wsfold; then
