@@ -63,7 +63,8 @@
 #          JOULE_RESIDUAL_IN_GEMM=0,1) (bs1_ab.py --w3, ROUNDS rounds, default 1) (~5-8 minutes, not in "all").
 #   stacked: (2026-12-06 (q)) the stacked gate/up tile, the default since (q), measured on an H200 only: the gate/up,
 #          tuner and layer tests on the GPU, then workload 3 with it against the two-product tile of before
-#          (JOULE_FUSED_GATE_UP=1,128x128x64x8x3x8x1; bs1_ab.py --w3, ROUNDS rounds, default 2) (~3 minutes, not in "all").
+#          (JOULE_FUSED_GATE_UP=1,128x128x64x8x3x8x1; bs1_ab.py --w3, ROUNDS rounds, default 2; then --w2, one round: the
+#          Qwen3-0.6B MLP's stacked tile was never swept) (~5 minutes, not in "all").
 # Usage (repository root, joule importable): OUT=/some/dir bash benchmarks/gpu/pending_checks.sh PART... (fused, fair,
 # w3, perf, next, bench, pdl, splits, trigger, chain, blas, feed, fusedmlp, decoderows, overlap, host, prefill, b1host,
 # queued, sampling, cold, wsfold, stacked; "all" is fused fair w3, more than one call's 10 minutes)
@@ -272,6 +273,9 @@ if wants stacked; then
   $RUN timeout 300 python benchmarks/gpu/bs1_ab.py "$OUT/stacked_ab" "${ROUNDS:-2}" --w3 \
     JOULE_FUSED_GATE_UP=1,128x128x64x8x3x8x1 > "$OUT/stacked_ab.log" 2>&1
   echo "w3 A/B: exit $?"; tail -4 "$OUT/stacked_ab.log"
+  $RUN timeout 150 python benchmarks/gpu/bs1_ab.py "$OUT/stacked_w2" 1 --w2 \
+    JOULE_FUSED_GATE_UP=1,128x128x64x8x3x8x1 > "$OUT/stacked_w2.log" 2>&1
+  echo "w2 A/B: exit $?"; tail -4 "$OUT/stacked_w2.log"
 fi
 
 if wants wsfold; then
