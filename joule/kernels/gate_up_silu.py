@@ -8,9 +8,10 @@ sm_90, the path Triton's fast Hopper GEMMs take) and can run persistently: on th
 at 2k-8k rows (``benchmarks/gpu/gate_up_silu_sweep.py``, 2026-12-06 (j)); the tiles and the switch are in
 ``gate_up_config``.
 How: each tile of the [T, I] output takes the gate rows ``n`` and the up rows ``I + n`` of the merged [2I, K] weight
-(the engine's layout) into two float32 accumulators; the projections are rounded to the activation dtype before the
-SiLU, as the unfused path rounds them; tiles are walked GROUP_M row blocks per column block so neighbours share
-weight tiles in L2. ``tma_linear`` is the same GEMM without the epilogue, for sweeps against cuBLAS.
+(the engine's layout) into two float32 accumulators (a stacked tile, the default since 2026-12-06 (q), loads both as
+one [2, N, K] box and runs one 256-column product a step, split at the epilogue); the projections are rounded to the
+activation dtype before the SiLU, as the unfused path rounds them; tiles are walked GROUP_M row blocks per column
+block so neighbours share weight tiles in L2. ``tma_linear`` is the same GEMM without the epilogue, for sweeps against cuBLAS.
 """
 
 from __future__ import annotations
@@ -163,6 +164,7 @@ def _check_operands(hidden: torch.Tensor, weight: torch.Tensor, caller: str, gat
 
 
 def _triton_version() -> tuple[int, int]:
+    """(major, minor) of the installed Triton: warp specialization is refused where it was measured broken."""
     major, minor = (re.match(r"\d*", part).group() or "0" for part in (triton.__version__.split(".") + ["0"])[:2])
     return int(major), int(minor)
 
