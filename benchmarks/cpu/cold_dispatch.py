@@ -47,7 +47,8 @@ def main() -> None:
         "empty float32 tensor": lambda: torch.empty(arguments.rows, arguments.hidden),
         "no-op view": lambda: hidden.view(-1),
     }
-    print(f"{arguments.rows} x {arguments.hidden} rows, one thread; after: nothing / a {arguments.stream_mib:g} MiB read")
+    print(f"{arguments.rows} x {arguments.hidden} rows, one thread; "
+          f"after: nothing / a {arguments.stream_mib:g} MiB read")
     print(f"{'operation':<24} {'alone us':>9} {'after us':>9}")
     for name, operation in operations.items():
         alone = median_microseconds(operation, lambda: None)

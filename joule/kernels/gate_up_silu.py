@@ -11,7 +11,8 @@ How: each tile of the [T, I] output takes the gate rows ``n`` and the up rows ``
 (the engine's layout) into two float32 accumulators (a stacked tile, the default since 2026-12-06 (q), loads both as
 one [2, N, K] box and runs one 256-column product a step, split at the epilogue); the projections are rounded to the
 activation dtype before the SiLU, as the unfused path rounds them; tiles are walked GROUP_M row blocks per column
-block so neighbours share weight tiles in L2. ``tma_linear`` is the same GEMM without the epilogue, for sweeps against cuBLAS.
+block so neighbours share weight tiles in L2. ``tma_linear`` is the same GEMM without the epilogue, for sweeps
+against cuBLAS.
 """
 
 from __future__ import annotations
