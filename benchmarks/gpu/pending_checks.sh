@@ -62,7 +62,8 @@
 #          workload 3 with the default tile and the sweep's best exact warp-specialized or stacked one (FOLD=1: crossed with
 #          JOULE_RESIDUAL_IN_GEMM=0,1) (bs1_ab.py --w3, ROUNDS rounds, default 1) (~5-8 minutes, not in "all").
 #   stacked: (2026-12-06 (q)) the stacked gate/up tile, the default since (q), measured on an H200 only: the gate/up,
-#          tuner and layer tests on the GPU, then workload 3 with it against the two-product tile of before
+#          tuner and layer tests on the GPU, the Qwen3-0.6B MLP's tiles at 8,192 and 256 rows (gate_up_silu_sweep.py
+#          --specialized --model qwen3-0.6b), then workload 3 with it against the two-product tile of before
 #          (JOULE_FUSED_GATE_UP=1,128x128x64x8x3x8x1; bs1_ab.py --w3, ROUNDS rounds, default 2; then --w2, one round: the
 #          Qwen3-0.6B MLP's stacked tile was never swept) (~5 minutes, not in "all").
 # Usage (repository root, joule importable): OUT=/some/dir bash benchmarks/gpu/pending_checks.sh PART... (fused, fair,
@@ -270,10 +271,13 @@ if wants stacked; then
   $RUN timeout 90 python -m pytest -q -p no:cacheprovider tests/kernels/test_gate_up_silu.py \
     tests/runtime/test_gate_up_tuning.py tests/model/test_layers.py > "$OUT/stacked_tests.log" 2>&1
   echo "tests: exit $? ($(tail -1 "$OUT/stacked_tests.log"))"
+  $RUN timeout 60 python benchmarks/gpu/gate_up_silu_sweep.py --specialized --model qwen3-0.6b \
+    "$OUT/stacked_qwen_sweep.json" 8192,256 > "$OUT/stacked_qwen_sweep.log" 2>&1
+  echo "Qwen3-0.6B gate/up sweep: exit $?"; grep -E "cuBLAS|x0x0x1 |best" "$OUT/stacked_qwen_sweep.log"
   $RUN timeout 300 python benchmarks/gpu/bs1_ab.py "$OUT/stacked_ab" "${ROUNDS:-2}" --w3 \
     JOULE_FUSED_GATE_UP=1,128x128x64x8x3x8x1 > "$OUT/stacked_ab.log" 2>&1
   echo "w3 A/B: exit $?"; tail -4 "$OUT/stacked_ab.log"
-  $RUN timeout 150 python benchmarks/gpu/bs1_ab.py "$OUT/stacked_w2" 1 --w2 \
+  $RUN timeout 120 python benchmarks/gpu/bs1_ab.py "$OUT/stacked_w2" 1 --w2 \
     JOULE_FUSED_GATE_UP=1,128x128x64x8x3x8x1 > "$OUT/stacked_w2.log" 2>&1
   echo "w2 A/B: exit $?"; tail -4 "$OUT/stacked_w2.log"
 fi
