@@ -147,3 +147,14 @@ def test_sampling_tests_the_fused_race_then_ab_tests_it_at_batch_one(tmp_path):
     assert "tests/kernels/test_sample_rows.py" in (tmp_path / "sampling_tests.log").read_text()
     assert (f"bs1_ab.py {tmp_path}/bs1_sampled 2 --sampled JOULE_FUSED_SAMPLING=0,1"
             in (tmp_path / "bs1_sampled.log").read_text())
+
+
+def test_stacked_tests_sweeps_qwen_then_alternates_the_stacked_and_two_product_tiles(tmp_path):
+    assert _dry_run(tmp_path, "stacked") == ["Qwen3-0.6B gate/up sweep", "w3 A/B", "w2 A/B"]
+    tests = (tmp_path / "stacked_tests.log").read_text()
+    assert "tests/kernels/test_gate_up_silu.py" in tests and "tests/runtime/test_gate_up_tuning.py" in tests
+    sweep = (tmp_path / "stacked_qwen_sweep.log").read_text()
+    assert f"--specialized --model qwen3-0.6b {tmp_path}/stacked_qwen_sweep.json 8192,256" in sweep
+    two_product = "JOULE_FUSED_GATE_UP=1,128x128x64x8x3x8x1"
+    assert f"bs1_ab.py {tmp_path}/stacked_ab 2 --w3 {two_product}" in (tmp_path / "stacked_ab.log").read_text()
+    assert f"bs1_ab.py {tmp_path}/stacked_w2 1 --w2 {two_product}" in (tmp_path / "stacked_w2.log").read_text()
