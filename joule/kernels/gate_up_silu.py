@@ -41,6 +41,15 @@ def _tile_origin(tile, row_blocks, column_blocks, BLOCK_M: tl.constexpr, BLOCK_N
 
 
 @triton.jit
+def _store_silu_product(output_descriptor, row, column, gate_sum, up_sum, ELEMENT: tl.constexpr):
+    """``silu(gate) * up`` of one tile, both projections rounded to the activation dtype first, as the unfused path
+    rounds its GEMM's output before ``silu_and_mul``."""
+    gate_value = gate_sum.to(ELEMENT).to(tl.float32)
+    up_value = up_sum.to(ELEMENT).to(tl.float32)
+    output_descriptor.store([row, column], (gate_value / (1.0 + tl.exp(-gate_value)) * up_value).to(ELEMENT))
+
+
+@triton.jit
 def _gate_up_silu_tiles(x_descriptor, weight_descriptor, output_descriptor, rows, intermediate, hidden, num_programs,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                         ELEMENT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, FLATTEN: tl.constexpr):
@@ -60,10 +69,8 @@ def _gate_up_silu_tiles(x_descriptor, weight_descriptor, output_descriptor, rows
             else:
                 gate_sum = tl.dot(x, gate.T, gate_sum, input_precision=PRECISION)
                 up_sum = tl.dot(x, up.T, up_sum, input_precision=PRECISION)
-        gate_value = gate_sum.to(ELEMENT).to(tl.float32)
-        up_value = up_sum.to(ELEMENT).to(tl.float32)
         # Columns past ``intermediate`` (a last partial tile) read up rows as gate rows; the store clips them.
-        output_descriptor.store([row, column], (gate_value / (1.0 + tl.exp(-gate_value)) * up_value).to(ELEMENT))
+        _store_silu_product(output_descriptor, row, column, gate_sum, up_sum, ELEMENT)
 
 
 # One binary for every step length: a new rows % 16 pattern would be a ~2 s compile inside a step.
@@ -113,9 +120,7 @@ def _stacked_gate_up_silu_tiles(x_descriptor, stacked_descriptor, output_descrip
             else:
                 both_sum = tl.dot(x, both.T, both_sum, input_precision=PRECISION)
         gate_sum, up_sum = both_sum.reshape(BLOCK_M, 2, BLOCK_N).permute(0, 2, 1).split()
-        gate_value = gate_sum.to(ELEMENT).to(tl.float32)
-        up_value = up_sum.to(ELEMENT).to(tl.float32)
-        output_descriptor.store([row, column], (gate_value / (1.0 + tl.exp(-gate_value)) * up_value).to(ELEMENT))
+        _store_silu_product(output_descriptor, row, column, gate_sum, up_sum, ELEMENT)
 
 
 @triton.jit(do_not_specialize=["rows", "num_programs"])
