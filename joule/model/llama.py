@@ -81,10 +81,11 @@ class Attention(nn.Module):
 
     def forward_normed(
         self, norm: RMSNorm, hidden: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
-        sin: torch.Tensor, context: ForwardContext,
+        sin: torch.Tensor, context: ForwardContext, keep_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``norm(hidden [+ residual])`` through attention and the output projection; also the new residual, or
-        None where the projection's GEMM added it (``MergedLinear.project_onto``).
+        None where the projection's GEMM added it (``MergedLinear.project_onto``). ``keep_rows``: only these
+        rows go on past attention (every row's keys and values are in the cache by then).
 
         One CUDA row (batch-1 decode) whose backend lets the model write the cache: the norm, the q/k/v GEMV,
         the rotation and the cache write are one kernel (``joule.kernels.qkv_rotary``), and where the backend
@@ -106,7 +107,10 @@ class Attention(nn.Module):
                 output = self.o_proj(attended.reshape(1, self.num_heads * self.head_dim))
             return output, hidden if new_residual is None else new_residual
         qkv, residual = norm_then_project(self.qkv_proj, norm, hidden, residual)
-        return self.o_proj.project_onto(self._attended_rows(qkv, cos, sin, context), residual)
+        attended = self._attended_rows(qkv, cos, sin, context)
+        if keep_rows is not None:
+            attended, residual = attended.index_select(0, keep_rows), residual.index_select(0, keep_rows)
+        return self.o_proj.project_onto(attended, residual)
 
     def attend_projected(
         self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, context: ForwardContext
@@ -167,10 +171,12 @@ class DecoderLayer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         context: ForwardContext,
+        keep_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns the MLP output and the residual stream before it; the next norm adds them
         (fused on GPU), which is the same sum Hugging Face computes one line earlier. Where a projection's GEMM
-        adds the residual in its epilogue (``MergedLinear.project_onto``) it returns that sum and None."""
+        adds the residual in its epilogue (``MergedLinear.project_onto``) it returns that sum and None.
+        ``keep_rows``: the rows past attention (the output projection and the MLP run on those only)."""
         attention, mlp = self.self_attn, self.mlp
         if attention.qkv_proj is None or mlp.gate_up_proj is None:  # projections not merged yet
             if residual is None:
@@ -179,10 +185,19 @@ class DecoderLayer(nn.Module):
             else:
                 hidden, residual = self.input_layernorm(hidden, residual)
             hidden = attention(hidden, cos, sin, context)
+            if keep_rows is not None:
+                hidden, residual = hidden.index_select(0, keep_rows), residual.index_select(0, keep_rows)
             hidden, residual = self.post_attention_layernorm(hidden, residual)
             return mlp(hidden), residual
         # Merged: each norm (and SwiGLU's activation) may run inside the projection's kernel (one CUDA row).
-        hidden, residual = attention.forward_normed(self.input_layernorm, hidden, residual, cos, sin, context)
+        hidden, residual = attention.forward_normed(self.input_layernorm, hidden, residual, cos, sin, context,
+                                                    keep_rows)
+        return self.feed_forward(hidden, residual)
+
+    def feed_forward(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor,
+                                                                                      torch.Tensor | None]:
+        """The merged layer's second half: ``norm(hidden + residual)`` through the MLP, as ``forward`` returns."""
+        mlp = self.mlp
         activated, residual = norm_then_project(mlp.gate_up_proj, self.post_attention_layernorm, hidden, residual,
                                                 gated=True, fused_tile=mlp.tile_for(hidden.shape[0]))
         return mlp.down_proj.project_onto(activated, residual)
@@ -198,14 +213,19 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, context: ForwardContext) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, context: ForwardContext,
+                output_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``output_rows``: see ``LlamaForCausalLM.forward``."""
         hidden = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(positions)
         if not hidden.is_cuda:  # once per step, not per layer
             cos, sin = whole_head_tables(cos, sin, hidden.dtype)
+        if output_rows is not None and not self.layers:
+            hidden = hidden.index_select(0, output_rows)
         residual = None
-        for layer in self.layers:
-            hidden, residual = layer(hidden, residual, cos, sin, context)
+        last = len(self.layers) - 1
+        for index, layer in enumerate(self.layers):
+            hidden, residual = layer(hidden, residual, cos, sin, context, output_rows if index == last else None)
         if residual is None:  # no layers, or the last one's down projection added its residual
             return self.norm(hidden)
         return self.norm(hidden, residual)[0]
@@ -241,9 +261,15 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(module, MergedLinear):
                 module.pack_for_onednn()
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, context: ForwardContext) -> torch.Tensor:
-        """Final-normed hidden states ``[T, hidden_size]`` for ``input_ids``/``positions`` ``[T]``."""
-        return self.model(input_ids, positions, context)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, context: ForwardContext,
+                output_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-normed hidden states ``[T, hidden_size]`` for ``input_ids``/``positions`` ``[T]``; given
+        ``output_rows`` (int64 row indices), those rows' only, in that order.
+
+        Why: no later layer reads the last layer's output, so a prompt chunk's rows that do not sample skip
+        its output projection and MLP (its attention still writes every row's keys and values): 1/L of a
+        prompt step's GEMMs, as llama.cpp does with its output ids."""
+        return self.model(input_ids, positions, context, output_rows)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits ``[N, vocab_size]`` in the model's dtype for the rows of ``hidden`` that sample (the

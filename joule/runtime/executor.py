@@ -27,7 +27,8 @@ from joule.runtime.attention.base import (
 from joule.runtime.cuda_graphs import DecodeGraphRunner, graphs_disabled_reason
 from joule.runtime.device import upload
 from joule.runtime.gate_up_tuning import tune_decode_gate_up
-from joule.runtime.kernel_warmup import compile_fused_gate_up, compile_logits_rows, warmup_plans
+from joule.runtime.kernel_warmup import (compile_fused_gate_up, compile_last_layer_rows, compile_logits_rows,
+                                         warmup_plans)
 from joule.runtime.prefill_graphs import PrefillChunkGraphRunner, can_run_mixed_step, run_mixed_step
 from joule.runtime.sampler import Sampler, SamplingRow, greedy_tokens, prompt_logprobs
 from joule.runtime.sampling_rows import all_rows_pass, params_on_device, params_plain_greedy, sampling_row
@@ -128,6 +129,7 @@ class ModelExecutor:
             hidden = self.model(input_ids, positions, ForwardContext(self.backend, self.kv_cache, metadata))
         if self.device.type == "cuda":
             compile_logits_rows(self.model, max_num_seqs)  # the greedy argmax's compile too, out of the first step
+            compile_last_layer_rows(self.model, max_num_seqs)
             if hidden is not None and self.sampler.fused_sampling.applies(self.device):  # and the fused sampling's
                 self.sampler.sample_on_device(self.model.compute_logits(hidden[-1:]), [SamplingRow(temperature=1.0)])
             compile_fused_gate_up(self.model)
@@ -178,6 +180,12 @@ class ModelExecutor:
         else:
             input_ids, positions, metadata, prepared_rows = self._prepare(plan)
             sample_rows = _rows_and_sequences(prepared_rows)
+            output_rows = None
+            if not scored_rows and len(sample_rows[0]) != plan.num_tokens:  # rows ascend: fewer means not all
+                # Only the sampling rows go through the last layer's output projection and MLP (a step of no
+                # sampling row keeps its last one: no kernel runs on zero rows).
+                output_rows = self._index(sample_rows[0] or [plan.num_tokens - 1])
+                sample_rows = None, sample_rows[1]
             if continued_rows:
                 offsets = _token_offsets(plan, continued_rows)
                 if offsets == list(range(len(offsets))):  # decodes lead a plan: a plain copy
@@ -185,7 +193,7 @@ class ModelExecutor:
                 else:
                     input_ids.index_copy_(0, self._index(offsets), continued_tokens)
             context = ForwardContext(self.backend, self.kv_cache, metadata)
-            hidden = self.model(input_ids, positions, context)
+            hidden = self.model(input_ids, positions, context, output_rows)
         scored = self._score_prompts(hidden, scored_rows) if scored_rows else None
         launched = self._launch_sampling(hidden, sample_rows, started, previous)
         launched.prompt_logprobs = scored

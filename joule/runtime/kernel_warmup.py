@@ -100,3 +100,26 @@ def compile_logits_rows(model, max_rows: int) -> int:
     for rows in range(1, max_rows + 1):
         argmax_rows(model.compute_logits(hidden[:rows]))
     return max_rows
+
+
+def compile_last_layer_rows(model, max_rows: int) -> int:
+    """The last layer's output projection and MLP at every row count a step can sample (1..``max_rows``), at
+    start-up; returns how many row counts ran.
+
+    Why: an eager prompt step runs them on its sampling rows only (``LlamaForCausalLM.forward``'s
+    ``output_rows``), at row counts the decode graphs' ladder never used, and cuBLAS picks its kernel by the row
+    count: the same first-load stall as ``compile_logits_rows``'."""
+    import torch
+
+    layers = model.model.layers
+    if not layers or layers[-1].self_attn.qkv_proj is None:  # projections not merged: no such steps
+        return 0
+    layer = layers[-1]
+    attention = layer.self_attn
+    parameter = next(model.parameters())
+    attended = torch.randn((max_rows, attention.num_heads * attention.head_dim), dtype=parameter.dtype,
+                           device=parameter.device)
+    residual = torch.randn((max_rows, model.config.hidden_size), dtype=parameter.dtype, device=parameter.device)
+    for rows in range(1, max_rows + 1):
+        layer.feed_forward(*attention.o_proj.project_onto(attended[:rows], residual[:rows]))
+    return max_rows

@@ -65,13 +65,14 @@ class PrefillChunkGraphRunner:
         # drained (H100, 2026-12-06 (n): 33 ms of workload 3's last prompt step's launch; with the ring 3.6 ms, the run
         # unchanged there as the GPU set its pace, but a host near the edge loses its queued step to such a wait).
         self._staging = [(host((rows,), torch.int64), host((rows,), torch.int64), host((rows,), torch.int64, -1),
-                          host((1, self.max_blocks), torch.int32), host((2,), torch.int64), host((1,), torch.int32))
-                         for _ in range(STAGING_SETS)]
+                          host((1, self.max_blocks), torch.int32), host((2,), torch.int64), host((1,), torch.int32),
+                          host((1,), torch.int64)) for _ in range(STAGING_SETS)]
         self._staged = [torch.cuda.Event() if pin else None for _ in range(STAGING_SETS)]
         self._set = 0
         self._use_set(0)
+        # output_row: the piece's last real row, the only one through the last layer's MLP (``model.forward``).
         (self.input_ids, self.positions, self.slots, self.block_table, self.query_starts,
-         self.sequence_length) = [tensor.to(device) for tensor in self._staging[0]]
+         self.sequence_length, self.output_row) = [tensor.to(device) for tensor in self._staging[0]]
         key_cache = kv_cache.key_caches[0]
         group = model.config.num_attention_heads // key_cache.shape[2]
         tile_rows = rows_per_tile(group, key_cache.shape[3], _activation_dtype(model))
@@ -109,7 +110,7 @@ class PrefillChunkGraphRunner:
 
     def _forward(self, size: int) -> torch.Tensor:
         context = ForwardContext(self.backend, self.kv_cache, self.metadata[size])
-        return self.model(self.input_ids[:size], self.positions[:size], context)
+        return self.model(self.input_ids[:size], self.positions[:size], context, self.output_row)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -122,8 +123,8 @@ class PrefillChunkGraphRunner:
                     len(self.graphs), self.sizes, time.perf_counter() - started)
 
     def run_chunk(self, sequence: ScheduledSequence) -> torch.Tensor:
-        """Hidden states of the chunk's last graph pass (``chunk_pieces``): its last row is the chunk's last
-        token. A view into a graph's output buffer."""
+        """The hidden state ``[1, H]`` of the chunk's last token (the last row of its last graph pass,
+        ``chunk_pieces``). A view into a graph's output buffer."""
         count = sequence.num_tokens
         if self.padded_size(count) is None or count < 2 or len(sequence.block_ids) > self.max_blocks:
             raise ValueError(f"a chunk of {count} tokens over {len(sequence.block_ids)} blocks has no graph "
@@ -143,7 +144,7 @@ class PrefillChunkGraphRunner:
             self._staged[index].synchronize()  # recorded STAGING_SETS pieces ago: long done unless the GPU lags
         self._set = index
         (self.host_input_ids, self.host_positions, self.host_slots, self.host_block_table, self.host_query_starts,
-         self.host_sequence_length) = self._staging[index]
+         self.host_sequence_length, self.host_output_row) = self._staging[index]
 
     def _run_piece(self, sequence: ScheduledSequence) -> torch.Tensor:
         count = sequence.num_tokens
@@ -153,8 +154,8 @@ class PrefillChunkGraphRunner:
         self._upload(size)
         if size in self.graphs:
             self.graphs[size].replay()
-            return self.outputs[size][:count]
-        return self._forward(size)[:count]
+            return self.outputs[size]
+        return self._forward(size)
 
     def _fill(self, sequence: ScheduledSequence, size: int) -> None:
         count, start, block_size = sequence.num_tokens, sequence.start_position, self.block_size
@@ -167,6 +168,7 @@ class PrefillChunkGraphRunner:
         self.host_block_table[0, : len(blocks)] = torch.as_tensor(blocks, dtype=torch.int32)
         self.host_query_starts[1] = count
         self.host_sequence_length[0] = start + count
+        self.host_output_row[0] = count - 1
         self.host_input_ids[count:size] = 0
         self.host_positions[count:size] = 0
         self.host_slots[count:size] = -1
@@ -178,11 +180,13 @@ class PrefillChunkGraphRunner:
         self.host_slots[:size] = -1
         self.host_query_starts.zero_()
         self.host_sequence_length.zero_()
+        self.host_output_row.zero_()
 
     def _upload(self, size: int) -> None:
         pairs = [(self.host_input_ids[:size], self.input_ids[:size]), (self.host_positions[:size], self.positions[:size]),
                  (self.host_slots[:size], self.slots[:size]), (self.host_block_table, self.block_table),
-                 (self.host_query_starts, self.query_starts), (self.host_sequence_length, self.sequence_length)]
+                 (self.host_query_starts, self.query_starts), (self.host_sequence_length, self.sequence_length),
+                 (self.host_output_row, self.output_row)]
         for host, device in pairs:
             device.copy_(host, non_blocking=True)
         if self._staged[self._set] is not None:

@@ -7,6 +7,7 @@ mixes decode rows with prompt chunks of other sequences.
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -88,8 +89,9 @@ class PagedRunner:
     def slot(self, sequence_id: int, position: int) -> int:
         return self.block_tables[sequence_id][position // BLOCK_SIZE] * BLOCK_SIZE + position % BLOCK_SIZE
 
-    def step(self, chunks: list[tuple[int, list[int], int]]) -> list[torch.Tensor]:
-        """Run (sequence_id, token_ids, start_position) chunks as one batch; logits per chunk."""
+    def step(self, chunks: list[tuple[int, list[int], int]], last_rows_only: bool = False) -> list[torch.Tensor]:
+        """Run (sequence_id, token_ids, start_position) chunks as one batch; logits per chunk (``last_rows_only``:
+        of each chunk's last token, the model given those rows as its ``output_rows``)."""
         input_ids, positions, slots = [], [], []
         for sequence_id, tokens, start in chunks:
             table = self.block_tables.setdefault(sequence_id, [])
@@ -114,10 +116,14 @@ class PagedRunner:
             sequence_lengths=[c + q for c, q in zip(context_lengths, query_lengths)],
         )
         context = ForwardContext(self.backend, self.cache, metadata)
+        output_rows = None
+        if last_rows_only:
+            output_rows = torch.tensor(query_lengths, device=device).cumsum(0) - 1
         with torch.no_grad():
-            hidden = self.model(torch.tensor(input_ids, device=device), torch.tensor(positions, device=device), context)
+            hidden = self.model(torch.tensor(input_ids, device=device), torch.tensor(positions, device=device), context,
+                                output_rows)
             logits = self.model.compute_logits(hidden).cpu()
-        return list(logits.split(query_lengths))
+        return list(logits.split([1] * len(chunks) if last_rows_only else query_lengths))
 
 
 def reference_logits(reference, tokens: list[int]) -> torch.Tensor:
@@ -181,6 +187,26 @@ def test_mixed_decode_and_chunks_batch_matches_transformers(checkpoints, name):
     assert covered == {sid: len(tokens) for sid, tokens in sequences.items()}
     # Sequences interleaved their block allocations: tables are non-contiguous.
     assert any(sorted(table) != list(range(min(table), min(table) + len(table))) for table in runner.block_tables.values())
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+def test_last_rows_only_match_transformers_and_leave_every_rows_cache(checkpoints, name, merged):
+    """Rows past the last layer's attention that are not asked for skip its output projection and MLP; their keys
+    and values still reach the cache, so the next steps' logits stay right."""
+    reference, model, _ = checkpoints(name)
+    if merged:
+        model = copy.deepcopy(model)
+        model.merge_projections()
+    sequences = {0: prompt(6, 13), 1: prompt(7, 10)}
+    expected = {sid: reference_logits(reference, tokens) for sid, tokens in sequences.items()}
+    schedule = [[(0, 0, 8), (1, 0, 9)], [(1, 9, 1), (0, 8, 5)]]  # chunks, then a decode beside the rest of a prompt
+    runner = PagedRunner(model, seed=3)
+    for step in schedule:
+        chunks = [(sid, sequences[sid][start : start + length], start) for sid, start, length in step]
+        for (sid, start, length), logits in zip(step, runner.step(chunks, last_rows_only=True)):
+            assert logits.shape[0] == 1
+            assert_logits_close(logits, expected[sid][start + length - 1 : start + length])
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)

@@ -57,3 +57,21 @@ def test_rows_needing_the_sampler_are_not_plain(engine):
     done = request(min_tokens=1)
     done.output_token_ids.append(7)
     assert plain_greedy(done)  # past min_tokens nothing is banned any more
+
+
+def test_prompt_steps_send_only_their_sampling_rows_past_the_last_layers_attention(engine, monkeypatch):
+    model = engine.core.executor.model
+    original, seen = model.forward, []
+
+    def recorded(input_ids, positions, context, output_rows=None):
+        seen.append((input_ids.shape[0], None if output_rows is None else output_rows.tolist()))
+        return original(input_ids, positions, context, output_rows)
+
+    monkeypatch.setattr(model, "forward", recorded)
+    plain = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
+    _run(engine, [plain, plain.clone()])
+    assert seen[0] == (8, [3, 7])  # two 4-token prompts: each one's last row samples
+    assert all(rows is None for _, rows in seen[1:])  # decode steps: every row samples
+    seen.clear()
+    _run(engine, [plain.clone(prompt_logprobs=1)])  # prompt logprobs score every prompt row
+    assert seen[0] == (4, None)

@@ -117,3 +117,27 @@ def test_logits_are_warmed_at_every_row_count_up_to_the_batch(tmp_path, monkeypa
     monkeypatch.setattr(model, "compute_logits", counted)
     assert compile_logits_rows(model, 6) == 6
     assert rows == [1, 2, 3, 4, 5, 6]
+
+
+def test_the_last_layers_tail_is_warmed_at_every_row_count_up_to_the_batch(tmp_path, monkeypatch):
+    from joule.runtime.kernel_warmup import compile_last_layer_rows
+
+    build_tiny_checkpoint("llama-gqa4-tied", tmp_path)
+    engine = LLMEngine.from_kwargs(model=str(tmp_path), device="cpu", dtype="float32",
+                                   kv_cache_memory_bytes=1 << 22, max_model_len=128)
+    model = engine.core.executor.model
+    last = model.model.layers[-1]
+    original, rows = last.feed_forward, []
+
+    def counted(hidden, residual):
+        rows.append(hidden.shape[0])
+        assert hidden.abs().sum() > 0 and residual is not None and residual.shape == hidden.shape
+        output, new_residual = original(hidden, residual)
+        assert output.shape == hidden.shape and torch.isfinite(output).all()
+        return output, new_residual
+
+    monkeypatch.setattr(last, "feed_forward", counted)
+    assert compile_last_layer_rows(model, 5) == 5
+    assert rows == [1, 2, 3, 4, 5]
+    model.model.layers[-1].self_attn.qkv_proj = None  # as before merging: no step runs such a tail
+    assert compile_last_layer_rows(model, 5) == 0
