@@ -66,6 +66,10 @@
 #          --specialized --model qwen3-0.6b), then workload 3 with it against the two-product tile of before
 #          (JOULE_FUSED_GATE_UP=1,128x128x64x8x3x8x1; bs1_ab.py --w3, ROUNDS rounds, default 2; then --w2, one round: the
 #          Qwen3-0.6B MLP's stacked tile was never swept) (~5 minutes, not in "all").
+#   lastrows: (2026-12-07 (r)) the last layer's output projection and MLP on a step's sampling rows only: its tests on
+#          the GPU (chunk graphs, warm-up, the mixed batch against transformers), then workloads 3 and 2 from the tree
+#          before it (unpacked into ab_old/ first: `git archive d861bfb~ joule benchmarks/configs | tar -x -C ab_old`)
+#          and this one, alternated (bs1_ab.py JOULE_TREE=ab_old,., two rounds / one round) (~7 minutes, not in "all").
 # Usage (repository root, joule importable): OUT=/some/dir bash benchmarks/gpu/pending_checks.sh PART... (fused, fair,
 # w3, perf, next, bench, pdl, splits, trigger, chain, blas, feed, fusedmlp, decoderows, overlap, host, prefill, b1host,
 # queued, sampling, cold, wsfold, stacked; "all" is fused fair w3, more than one call's 10 minutes)
@@ -76,7 +80,7 @@ RUN=""
 [[ ${DRY:-0} == 1 ]] && RUN="echo"
 OUT=${OUT:?set OUT to a directory for the results}
 WHAT=" ${*:-all} "
-NOT_IN_ALL=" perf next bench pdl splits trigger chain blas feed fusedmlp decoderows overlap host prefill b1host queued sampling cold wsfold stacked "
+NOT_IN_ALL=" perf next bench pdl splits trigger chain blas feed fusedmlp decoderows overlap host prefill b1host queued sampling cold wsfold stacked lastrows "
 wants() { [[ $WHAT == *" all "* && $NOT_IN_ALL != *" $1 "* ]] || [[ $WHAT == *" $1 "* ]]; }
 MODEL=benchmarks/configs/llama-3.2-1b
 mkdir -p "$OUT"
@@ -208,6 +212,23 @@ if wants host; then
     echo "w3 code A/B: exit $?"; tail -3 "$OUT/w3_code.log"
     $RUN timeout 150 python benchmarks/gpu/bs1_ab.py "$OUT/w2_code" 1 --w2 JOULE_TREE=ab_old,. > "$OUT/w2_code.log" 2>&1
     echo "w2 code A/B: exit $?"; tail -3 "$OUT/w2_code.log"
+  fi
+fi
+
+if wants lastrows; then
+  $RUN timeout 150 python -m pytest -q -p no:cacheprovider tests/runtime/test_cuda_graphs.py \
+    tests/runtime/test_kernel_warmup.py tests/runtime/test_executor_sampling.py tests/model/test_architectures.py \
+    > "$OUT/lastrows_tests.log" 2>&1
+  echo "tests: exit $? ($(tail -1 "$OUT/lastrows_tests.log"))"
+  if [[ -d ab_old/joule || -n $RUN ]]; then
+    $RUN timeout 230 python benchmarks/gpu/bs1_ab.py "$OUT/w3_lastrows" 2 --w3 JOULE_TREE=ab_old,. \
+      > "$OUT/w3_lastrows.log" 2>&1
+    echo "w3 A/B: exit $?"; tail -3 "$OUT/w3_lastrows.log"
+    $RUN timeout 170 python benchmarks/gpu/bs1_ab.py "$OUT/w2_lastrows" 1 --w2 JOULE_TREE=ab_old,. \
+      > "$OUT/w2_lastrows.log" 2>&1
+    echo "w2 A/B: exit $?"; tail -3 "$OUT/w2_lastrows.log"
+  else
+    echo "no ab_old/joule: A/B skipped"
   fi
 fi
 

@@ -158,3 +158,11 @@ def test_stacked_tests_sweeps_qwen_then_alternates_the_stacked_and_two_product_t
     two_product = "JOULE_FUSED_GATE_UP=1,128x128x64x8x3x8x1"
     assert f"bs1_ab.py {tmp_path}/stacked_ab 2 --w3 {two_product}" in (tmp_path / "stacked_ab.log").read_text()
     assert f"bs1_ab.py {tmp_path}/stacked_w2 1 --w2 {two_product}" in (tmp_path / "stacked_w2.log").read_text()
+
+
+def test_lastrows_tests_then_alternates_the_tree_before_and_this_one(tmp_path):
+    assert _dry_run(tmp_path, "lastrows") == ["w3 A/B", "w2 A/B"]  # the tests' line ends in their summary
+    tests = (tmp_path / "lastrows_tests.log").read_text()
+    assert "tests/runtime/test_cuda_graphs.py" in tests and "tests/model/test_architectures.py" in tests
+    assert f"bs1_ab.py {tmp_path}/w3_lastrows 2 --w3 JOULE_TREE=ab_old,." in (tmp_path / "w3_lastrows.log").read_text()
+    assert f"bs1_ab.py {tmp_path}/w2_lastrows 1 --w2 JOULE_TREE=ab_old,." in (tmp_path / "w2_lastrows.log").read_text()
