@@ -104,13 +104,27 @@ def chunk_graph_rows(num_tokens: int, largest: int) -> int:
 def count_linear(config: ModelConfig, batch: BatchShape, element_bytes: int,
                  passes: list[int] | None = None) -> list[tuple[int, OperatorCount]]:
     """(rows, count) of every GEMM in the step: the layers' over all rows (or once per graph pass, each
-    reading the weights again), lm_head over sampled rows."""
+    reading the weights again), lm_head over sampled rows (last).
+
+    The last layer's GEMMs after q/k/v run on the rows that sample only (``LlamaForCausalLM.forward``'s
+    ``output_rows``): an eager step's sampling rows (one where none samples), one row per prompt-chunk graph
+    pass, every row of a decode pass."""
     gemms = []
-    for rows in passes or [batch.num_tokens]:
-        for _, k, n in layer_gemm_shapes(config):
-            count = gemm_count(rows, k, n, element_bytes)
-            gemms.append((rows, OperatorCount(count.flops * config.num_hidden_layers, count.bytes * config.num_hidden_layers)))
+    layers = config.num_hidden_layers
     sampled = batch.num_sampled
+    decodes = sum(1 for sequence in batch.sequences if sequence.num_new_tokens == 1)
+    for index, rows in enumerate(passes or [batch.num_tokens]):
+        if passes is None:
+            tail = rows if sampled >= rows else max(1, sampled)
+        else:
+            tail = rows if index == 0 and decodes else 1  # graph_passes puts the decodes' pass first
+        for name, k, n in layer_gemm_shapes(config):
+            full_layers = layers if name == "qkv_proj" or tail == rows else max(layers - 1, 0)
+            count = gemm_count(rows, k, n, element_bytes)
+            if full_layers:
+                gemms.append((rows, OperatorCount(count.flops * full_layers, count.bytes * full_layers)))
+            if full_layers < layers:
+                gemms.append((tail, gemm_count(tail, k, n, element_bytes)))
     if sampled:
         gemms.append((sampled, gemm_count(sampled, config.hidden_size, config.vocab_size, element_bytes)))
     return gemms

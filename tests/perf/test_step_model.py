@@ -41,16 +41,28 @@ def test_linear_counts_for_one_layer_match_hand_computation():
     config = one_layer_config()
     batch = BatchShape([SequenceWork(3, 0, True), SequenceWork(1, 10, True), SequenceWork(4, 2, False)])
     gemms = count_linear(config, batch, element_bytes=2)
-    # rows = 3 + 1 + 4 = 8; qkv: 64 -> 4*16 + 2*2*16 = 128; o: 64 -> 64; gate_up: 64 -> 256; down: 128 -> 64
-    expected_flops = [2 * 8 * 64 * 128, 2 * 8 * 64 * 64, 2 * 8 * 64 * 256, 2 * 8 * 128 * 64]
-    expected_bytes = [2 * (64 * 128 + 8 * 64 + 8 * 128), 2 * (64 * 64 + 8 * 64 + 8 * 64),
-                      2 * (64 * 256 + 8 * 64 + 8 * 256), 2 * (128 * 64 + 8 * 128 + 8 * 64)]
-    assert [rows for rows, _ in gemms] == [8, 8, 8, 8, 2]  # lm_head only over the 2 sampled rows
+    # rows = 3 + 1 + 4 = 8; qkv: 64 -> 4*16 + 2*2*16 = 128; o: 64 -> 64; gate_up: 64 -> 256; down: 128 -> 64.
+    # The (only, so last) layer's o, gate_up and down run on the 2 sampled rows alone, as lm_head does.
+    expected_flops = [2 * 8 * 64 * 128, 2 * 2 * 64 * 64, 2 * 2 * 64 * 256, 2 * 2 * 128 * 64]
+    expected_bytes = [2 * (64 * 128 + 8 * 64 + 8 * 128), 2 * (64 * 64 + 2 * 64 + 2 * 64),
+                      2 * (64 * 256 + 2 * 64 + 2 * 256), 2 * (128 * 64 + 2 * 128 + 2 * 64)]
+    assert [rows for rows, _ in gemms] == [8, 2, 2, 2, 2]
     assert [count.flops for _, count in gemms[:4]] == expected_flops
     assert [count.bytes for _, count in gemms[:4]] == expected_bytes
     lm_head = gemms[4][1]
     assert lm_head.flops == 2 * 2 * 64 * 1000
     assert lm_head.bytes == 2 * (64 * 1000 + 2 * 64 + 2 * 1000)
+
+
+def test_the_last_layers_tail_runs_on_sampling_rows_of_eager_steps_only():
+    config = one_layer_config(num_hidden_layers=4)
+    decode = count_linear(config, BatchShape.decode(6, 30), 2)
+    assert [rows for rows, _ in decode] == [6] * 5  # every row samples: all four layers whole
+    prompt = count_linear(config, BatchShape.prefill([40, 24]), 2)
+    assert [rows for rows, _ in prompt] == [64, 64, 2, 64, 2, 64, 2, 2]
+    assert prompt[1][1].flops == 3 * 2 * 64 * 64 * 64  # o over every row in three layers
+    chunk_only = count_linear(config, BatchShape([SequenceWork(16, 0, False)]), 2)
+    assert [rows for rows, _ in chunk_only] == [16, 16, 1, 16, 1, 16, 1]  # no sampled row: one kept, no lm_head
 
 
 def test_layer_counts_scale_with_layers_but_lm_head_does_not():
@@ -170,7 +182,11 @@ def test_graphed_chunk_steps_replay_one_padded_pass_per_chunk():
     mixed = BatchShape([SequenceWork(1, 40, True)] * 3 + [SequenceWork(100, 0, True), SequenceWork(17, 5, False)])
     assert model.graph_passes(mixed) == [3, 128, 32]  # the decodes, then each chunk padded to 16 * 2^k
     gemms = count_linear(config, mixed, 2, model.graph_passes(mixed))
-    assert [rows for rows, _ in gemms] == [3] * 4 + [128] * 4 + [32] * 4 + [4]  # weights read per pass
+    # Weights read per pass; a chunk pass's last layer runs o, gate_up and down on its one last row.
+    chunk_pass = [128, 128, 1, 128, 1, 128, 1]
+    assert [rows for rows, _ in gemms] == [3] * 4 + chunk_pass + [32 if rows == 128 else 1 for rows in chunk_pass] + [4]
+    assert gemms[4][1].flops == 2 * 2 * 128 * 64 * 128  # q/k/v in both layers
+    assert gemms[5][1].flops == 2 * 128 * 64 * 64 and gemms[6][1].flops == 2 * 1 * 64 * 64  # o: first layer, tail
     assert model.host_layer_seconds(mixed) == pytest.approx(3 * 2 * 1e-5)  # replays: no eager launches
     device = sum(model.predict(mixed).seconds.values())
     assert model.predict(mixed).elapsed_seconds == pytest.approx(device + 3 * 2 * 1e-5)
