@@ -14,6 +14,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
 
 from helpers.markers import interpreted_triton_on_cpu  # noqa: E402
+from helpers.scripted_timer import ScriptedTimer  # noqa: E402
 
 from joule.kernels.gate_up_config import FUSED_MIN_ROWS, GateUpTile  # noqa: E402
 from joule.kernels.reference import silu_and_mul_reference  # noqa: E402
@@ -50,15 +51,6 @@ def _row_count(cublas: float, *tile_times: float) -> list[float]:
     return [cublas, *tile_times] + [cublas + 1.0] * (len(DECODE_TILES) - len(tile_times))
 
 
-class ScriptedTimer:
-    """Hands out the scripted microseconds in call order (per row count: cuBLAS + silu_and_mul, then each tile)."""
-
-    def __init__(self, times: list[float]) -> None:
-        self.times, self.calls = list(times), 0
-
-    def __call__(self, run) -> float:
-        self.calls += 1
-        return self.times.pop(0)
 
 
 def test_a_tile_is_kept_only_where_it_beats_cublas_by_the_margin(monkeypatch):

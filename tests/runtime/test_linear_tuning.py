@@ -13,6 +13,8 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
 
+from helpers.scripted_timer import ScriptedTimer  # noqa: E402
+
 from joule.model.layers import MergedLinear  # noqa: E402
 from joule.runtime.linear_tuning import TUNING_ENV, decode_split_tiles, tune_decode_linears  # noqa: E402
 
@@ -29,15 +31,6 @@ def _projections(shapes) -> torch.nn.ModuleList:
     return torch.nn.ModuleList(projections)
 
 
-class ScriptedTimer:
-    """Hands out the scripted microseconds in call order (per row count: cuBLAS, then each tile)."""
-
-    def __init__(self, times: list[float]) -> None:
-        self.times, self.calls = list(times), 0
-
-    def __call__(self, run) -> float:
-        self.calls += 1
-        return self.times.pop(0)
 
 
 def _row_count(cublas: float, *tile_times: float) -> list[float]:
