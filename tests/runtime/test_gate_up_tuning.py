@@ -51,8 +51,6 @@ def _row_count(cublas: float, *tile_times: float) -> list[float]:
     return [cublas, *tile_times] + [cublas + 1.0] * (len(DECODE_TILES) - len(tile_times))
 
 
-
-
 def test_a_tile_is_kept_only_where_it_beats_cublas_by_the_margin(monkeypatch):
     mlps = _mlps(monkeypatch, [(32, 48), (32, 48), (32, 24)])
     monkeypatch.setattr(MergedLinear, "fits_fused_gate_up", lambda self, hidden: True)
