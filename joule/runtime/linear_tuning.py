@@ -8,8 +8,8 @@ and the GPU (docs/benchmarks.md, 2026-12-07 (s)); a measurement on the engine's 
 How: for each captured batch size from ``MIN_TUNED_ROWS`` up and each projection shape of the model (q/k/v, o,
 gate/up, down and the output projection), every tile of ``DECODE_SPLIT_TILES`` that splits the inner dimension
 evenly is timed against cuBLAS in a CUDA graph (``gate_up_tuning.graph_time_us``); one that is ``MIN_GAIN`` faster and
-gives cuBLAS's values to 16-bit rounding is kept for that row count. ``JOULE_TUNE_DECODE_LINEAR=0`` skips it
-(cuBLAS at every row count).
+gives cuBLAS's values to 16-bit rounding is kept for that row count. Off until measured on a GPU end to end:
+``JOULE_TUNE_DECODE_LINEAR=1`` turns it on (unset or 0: cuBLAS at every row count).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def decode_split_tiles() -> tuple:
 
 
 def tuning_enabled() -> bool:
-    return os.environ.get(TUNING_ENV, "1").strip() not in ("0", "false", "off")
+    return os.environ.get(TUNING_ENV, "0").strip() not in ("", "0", "false", "off")
 
 
 def tune_decode_linears(model: torch.nn.Module, batch_sizes: list[int], timer: Timer = graph_time_us) -> int:

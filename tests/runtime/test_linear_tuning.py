@@ -38,6 +38,7 @@ def _row_count(cublas: float, *tile_times: float) -> list[float]:
 
 
 def test_a_tile_is_kept_only_where_it_beats_cublas_and_the_projection_runs_it(monkeypatch):
+    monkeypatch.setenv(TUNING_ENV, "1")
     monkeypatch.setattr(MergedLinear, "fits_split_k", lambda self: True)
     model = _projections([(48, 256), (48, 256), (32, 256)])
     timer = ScriptedTimer(_row_count(10.0, 9.9)             # 64 rows: 1 % faster, inside the margin: cuBLAS stays
@@ -65,6 +66,7 @@ def test_a_tile_is_kept_only_where_it_beats_cublas_and_the_projection_runs_it(mo
 def test_a_tile_giving_other_values_is_never_chosen(monkeypatch):
     import joule.kernels.split_k_linear as kernels
 
+    monkeypatch.setenv(TUNING_ENV, "1")
     monkeypatch.setattr(MergedLinear, "fits_split_k", lambda self: True)
     original = kernels.split_k_linear
 
@@ -79,12 +81,17 @@ def test_a_tile_giving_other_values_is_never_chosen(monkeypatch):
     assert model[0].row_tiles == {64: TILES[1]} and not timer.times
 
 
-def test_the_setting_turns_it_off_and_cpu_weights_never_take_it(monkeypatch):
+@pytest.mark.parametrize("setting", [None, "0"])
+def test_it_is_off_unless_asked_for_and_cpu_weights_never_take_it(monkeypatch, setting):
     model = _projections([(48, 256)])
-    monkeypatch.setenv(TUNING_ENV, "0")
+    if setting is None:
+        monkeypatch.delenv(TUNING_ENV, raising=False)
+    else:
+        monkeypatch.setenv(TUNING_ENV, setting)
     monkeypatch.setattr(MergedLinear, "fits_split_k", lambda self: True)
     assert tune_decode_linears(model, [64, 128], ScriptedTimer([])) == 0 and model[0].row_tiles == {}
     monkeypatch.undo()
+    monkeypatch.setenv(TUNING_ENV, "1")
     if not torch.cuda.is_available():
         assert not model[0].fits_split_k()
         assert tune_decode_linears(model, [64, 128], ScriptedTimer([])) == 0
