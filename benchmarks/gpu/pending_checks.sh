@@ -243,7 +243,8 @@ if wants splitk; then
   $RUN timeout 150 python benchmarks/gpu/split_k_sweep.py "$OUT/split_k_sweep.json" > "$OUT/split_k_sweep.log" 2>&1
   echo "sweep: exit $?"; cat "$OUT/split_k_sweep.log"
   $RUN timeout 150 python benchmarks/gpu/profile_engine.py "$OUT/profile" workload_three > "$OUT/profile_w3.log" 2>&1
-  echo "profile: exit $?"; grep -E "synchronised|decode-only|mixed/prefill|^ +[0-9.]+ us" "$OUT/profile_w3.log" | head -60
+  echo "profile: exit $?"
+  grep -E "synchronised|decode-only|mixed/prefill|^ +[0-9.]+ us" "$OUT/profile_w3.log" | head -60
   $RUN timeout 200 python benchmarks/gpu/bs1_ab.py "$OUT/w3_splitk" 1 --w3 JOULE_TUNE_DECODE_LINEAR=0,1 \
     > "$OUT/w3_splitk.log" 2>&1
   echo "w3 A/B: exit $?"; tail -3 "$OUT/w3_splitk.log"

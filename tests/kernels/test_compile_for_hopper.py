@@ -139,7 +139,8 @@ FUSED_GATE_UP = textwrap.dedent("""
     from joule.kernels.split_k_linear import _split_k_linear_kernel
     for block_m, block_n, splits, warps, stages in ((128, 128, 1, 8, 3), (128, 128, 4, 8, 3), (64, 128, 2, 4, 4)):
         signature = {"x_descriptor": f"tensordesc<bf16[{block_m},64]>",
-                     "weight_descriptor": f"tensordesc<bf16[{block_n},64]>", "output_ptr": "*bf16", "partial_ptr": "*fp32", "arrivals_ptr": "*i32", "rows": "i32",
+                     "weight_descriptor": f"tensordesc<bf16[{block_n},64]>", "output_ptr": "*bf16",
+                     "partial_ptr": "*fp32", "arrivals_ptr": "*i32", "rows": "i32",
                      "out_features": "i32", "stride_output": "i32", "split_length": "i32"}
         constants = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 64, "SPLITS": splits, "PRECISION": "tf32",
                      "UPCAST": False}
