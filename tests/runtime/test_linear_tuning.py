@@ -95,3 +95,34 @@ def test_it_is_off_unless_asked_for_and_cpu_weights_never_take_it(monkeypatch, s
     if not torch.cuda.is_available():
         assert not model[0].fits_split_k()
         assert tune_decode_linears(model, [64, 128], ScriptedTimer([])) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_the_gpu_a_four_split_tile_replays_in_a_graph_with_cublas_values(monkeypatch):
+    """The decode graphs replay the split tiles: every replay leaves the arrival counters at zero for the next, and
+    the sums stay cuBLAS's to 16-bit rounding."""
+    monkeypatch.setenv(TUNING_ENV, "1")
+    model = _projections([(3072, 2048), (2048, 8192)]).cuda()
+    four_splits = TILES.index(next(tile for tile in TILES if tile.block_m == 128 and tile.splits == 4))
+    script = [10.0] + [11.0] * len(TILES)
+    script[1 + four_splits] = 5.0
+    assert tune_decode_linears(model, [256], ScriptedTimer(script * 2)) == 2
+    hidden = [torch.randn(256, 2048, device="cuda", dtype=torch.bfloat16),
+              torch.randn(256, 8192, device="cuda", dtype=torch.bfloat16)]
+    static = [tensor.clone() for tensor in hidden]
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        [projection(tensor) for projection, tensor in zip(model, static)]  # warm-up (compiles) off the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = [projection(tensor) for projection, tensor in zip(model, static)]
+    for scale in (1.0, -0.5):
+        for source, target in zip(hidden, static):
+            target.copy_(source * scale)
+        graph.replay()
+        torch.cuda.synchronize()
+        for projection, tensor, output in zip(model, static, outputs):
+            torch.testing.assert_close(output.float(), torch.nn.functional.linear(tensor, projection.weight).float(),
+                                       rtol=2e-2, atol=2e-2)
+    assert int(model[0].split_workspace.arrivals.abs().sum()) == 0
