@@ -238,9 +238,7 @@ class MergedLinear(nn.Module):
                 and hidden.data_ptr() % 16 == 0 and (hidden.stride(0) * hidden.element_size()) % 16 == 0
                 and hidden.shape[1] % 8 == 0 and (self.weight.shape[0] // 2) % 8 == 0):
             return False  # tensor-memory descriptors need 16-byte aligned bases and row strides
-        from joule.kernels.common import device_capability, interpreting
-
-        return not interpreting() and device_capability(hidden.device) >= (9, 0)
+        return _runs_hopper_kernels(hidden.device)
 
     def fits_split_k(self) -> bool:
         """A plain contiguous 16-bit weight without bias on an sm_90+ GPU: what ``joule.kernels.split_k_linear``'s
@@ -250,9 +248,7 @@ class MergedLinear(nn.Module):
                 and weight.dtype in (torch.bfloat16, torch.float16) and weight.is_contiguous()
                 and (weight.shape[1] * weight.element_size()) % 16 == 0):
             return False
-        from joule.kernels.common import device_capability, interpreting
-
-        return not interpreting() and device_capability(weight.device) >= (9, 0)
+        return _runs_hopper_kernels(weight.device)
 
     def runs_row_gemv(self, hidden: torch.Tensor) -> bool:
         """One contiguous CUDA row of the weight's dtype, and a weight the Triton GEMV serves well."""
@@ -271,6 +267,13 @@ class MergedLinear(nn.Module):
 
     def split(self, output: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return output.split(self.split_sizes, dim=-1)
+
+
+def _runs_hopper_kernels(device: torch.device) -> bool:
+    """An sm_90+ GPU, not Triton's interpreter: where the tensor-memory-fed GEMMs compile."""
+    from joule.kernels.common import device_capability, interpreting
+
+    return not interpreting() and device_capability(device) >= (9, 0)
 
 
 def residual_in_gemm() -> bool:
