@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from joule.runtime.gate_up_tuning import MIN_GAIN, MIN_TUNED_ROWS, Timer, graph_time_us, output_matches
+from joule.runtime.gate_up_tuning import MIN_GAIN, MIN_TUNED_ROWS, Timer, graph_time_us, time_if_matching
 
 logger = logging.getLogger(__name__)
 
@@ -86,17 +86,8 @@ def _tune_shape(weight: torch.Tensor, row_counts: list[int], workspace, timer: T
         hidden = torch.randn((rows, weight.shape[1]), dtype=weight.dtype, device=weight.device) * 0.1
         reference = F.linear(hidden, weight)
         cublas = timer(lambda: F.linear(hidden, weight))
-        timed = []
-        for tile in tiles:
-            def run(tile=tile):
-                return split_k_linear(hidden, weight, tile, workspace)
-            try:
-                if not output_matches(run(), reference):
-                    logger.warning("split-K tile %s gave values unlike cuBLAS at %d rows: not used", tile, rows)
-                    continue
-                timed.append((timer(run), tile))
-            except Exception as failure:  # noqa: BLE001 - a compile or launch failure: skip the tile, keep starting
-                logger.warning("split-K tile %s not timed: %r", tile, failure)
+        timed = [(time_if_matching(timer, lambda tile=tile: split_k_linear(hidden, weight, tile, workspace), reference,
+                                   f"split-K tile {tile}", "cuBLAS"), tile) for tile in tiles]
         if timed:
             fastest, tile = min(timed, key=lambda pair: pair[0])
             if fastest < (1.0 - MIN_GAIN) * cublas:
