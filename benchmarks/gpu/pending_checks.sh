@@ -70,13 +70,9 @@
 #          the GPU (chunk graphs, warm-up, the mixed batch against transformers), then workloads 3 and 2 from the tree
 #          before it (unpacked into ab_old/ first: `git archive d861bfb~ joule benchmarks/configs | tar -x -C ab_old`)
 #          and this one, alternated (bs1_ab.py JOULE_TREE=ab_old,., two rounds / one round) (~7 minutes, not in "all").
-#   splitk: (2026-12-07 (s)) the split-K GEMM for decode rows (joule/kernels/split_k_linear.py): its and the start-up
-#          tuner's tests on the GPU, its tiles against cuBLAS (split_k_sweep.py), the profile of workload 3's steps
-#          (profile_engine.py), then workload 3 with the tuner off and on (JOULE_TUNE_DECODE_LINEAR=0,1; bs1_ab.py --w3,
-#          one round) (~7 minutes, not in "all").
 # Usage (repository root, joule importable): OUT=/some/dir bash benchmarks/gpu/pending_checks.sh PART... (fused, fair,
 # w3, perf, next, bench, pdl, splits, trigger, chain, blas, feed, fusedmlp, decoderows, overlap, host, prefill, b1host,
-# queued, sampling, cold, wsfold, stacked, lastrows, splitk; "all" is fused fair w3, more than one call's 10 minutes)
+# queued, sampling, cold, wsfold, stacked, lastrows; "all" is fused fair w3, more than one call's 10 minutes)
 # Every step has its own timeout, so one that hangs leaves the others their time; big JSON is gzipped.
 # DRY=1 prints the commands instead of running them.
 set -u
@@ -84,7 +80,7 @@ RUN=""
 [[ ${DRY:-0} == 1 ]] && RUN="echo"
 OUT=${OUT:?set OUT to a directory for the results}
 WHAT=" ${*:-all} "
-NOT_IN_ALL=" perf next bench pdl splits trigger chain blas feed fusedmlp decoderows overlap host prefill b1host queued sampling cold wsfold stacked lastrows splitk "
+NOT_IN_ALL=" perf next bench pdl splits trigger chain blas feed fusedmlp decoderows overlap host prefill b1host queued sampling cold wsfold stacked lastrows "
 wants() { [[ $WHAT == *" all "* && $NOT_IN_ALL != *" $1 "* ]] || [[ $WHAT == *" $1 "* ]]; }
 MODEL=benchmarks/configs/llama-3.2-1b
 mkdir -p "$OUT"
@@ -234,20 +230,6 @@ if wants lastrows; then
   else
     echo "no ab_old/joule: A/B skipped"
   fi
-fi
-
-if wants splitk; then
-  $RUN timeout 120 python -m pytest -q -p no:cacheprovider tests/kernels/test_split_k_linear.py \
-    tests/runtime/test_linear_tuning.py > "$OUT/splitk_tests.log" 2>&1
-  echo "tests: exit $? ($(tail -1 "$OUT/splitk_tests.log"))"
-  $RUN timeout 150 python benchmarks/gpu/split_k_sweep.py "$OUT/split_k_sweep.json" > "$OUT/split_k_sweep.log" 2>&1
-  echo "sweep: exit $?"; cat "$OUT/split_k_sweep.log"
-  $RUN timeout 150 python benchmarks/gpu/profile_engine.py "$OUT/profile" workload_three > "$OUT/profile_w3.log" 2>&1
-  echo "profile: exit $?"
-  grep -E "synchronised|decode-only|mixed/prefill|^ +[0-9.]+ us" "$OUT/profile_w3.log" | head -60
-  $RUN timeout 200 python benchmarks/gpu/bs1_ab.py "$OUT/w3_splitk" 1 --w3 JOULE_TUNE_DECODE_LINEAR=0,1 \
-    > "$OUT/w3_splitk.log" 2>&1
-  echo "w3 A/B: exit $?"; tail -3 "$OUT/w3_splitk.log"
 fi
 
 if wants b1host; then

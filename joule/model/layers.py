@@ -168,10 +168,6 @@ class MergedLinear(nn.Module):
         if any(bias is not None for bias in biases):
             self.bias = nn.Parameter(torch.cat([bias.detach() for bias in biases]), requires_grad=False)
         self.adds_residual = residual_in_gemm()  # see project_onto
-        # Decode row counts measured faster through the split-K GEMM, their tiles and the model's shared workspace
-        # (joule/runtime/linear_tuning.py); empty: cuBLAS at every row count.
-        self.row_tiles: dict = {}
-        self.split_workspace = None
 
     def pack_for_onednn(self) -> None:
         """Re-lay the weight out once in oneDNN's blocked format (CPU, 16-bit weights).
@@ -196,12 +192,6 @@ class MergedLinear(nn.Module):
             from joule.kernels.gemv import gemv
 
             return gemv(hidden, self.weight, self.bias)
-        tile = self.row_tiles.get(hidden.shape[0]) if self.row_tiles else None
-        if (tile is not None and hidden.dtype == self.weight.dtype and hidden.stride(-1) == 1
-                and (hidden.stride(0) * hidden.element_size()) % 16 == 0 and hidden.data_ptr() % 16 == 0):
-            from joule.kernels.split_k_linear import split_k_linear
-
-            return split_k_linear(hidden, self.weight, tile, self.split_workspace)
         if not self.transposed:
             return F.linear(hidden, self.weight, self.bias)
         if self.bias is None:
@@ -238,17 +228,9 @@ class MergedLinear(nn.Module):
                 and hidden.data_ptr() % 16 == 0 and (hidden.stride(0) * hidden.element_size()) % 16 == 0
                 and hidden.shape[1] % 8 == 0 and (self.weight.shape[0] // 2) % 8 == 0):
             return False  # tensor-memory descriptors need 16-byte aligned bases and row strides
-        return _runs_hopper_kernels(hidden.device)
+        from joule.kernels.common import device_capability, interpreting
 
-    def fits_split_k(self) -> bool:
-        """A plain contiguous 16-bit weight without bias on an sm_90+ GPU: what ``joule.kernels.split_k_linear``'s
-        descriptors take (the input's alignment is checked per call)."""
-        weight = self.weight
-        if not (weight.is_cuda and not self.transposed and not self.packed and self.bias is None
-                and weight.dtype in (torch.bfloat16, torch.float16) and weight.is_contiguous()
-                and (weight.shape[1] * weight.element_size()) % 16 == 0):
-            return False
-        return _runs_hopper_kernels(weight.device)
+        return not interpreting() and device_capability(hidden.device) >= (9, 0)
 
     def runs_row_gemv(self, hidden: torch.Tensor) -> bool:
         """One contiguous CUDA row of the weight's dtype, and a weight the Triton GEMV serves well."""
@@ -267,13 +249,6 @@ class MergedLinear(nn.Module):
 
     def split(self, output: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return output.split(self.split_sizes, dim=-1)
-
-
-def _runs_hopper_kernels(device: torch.device) -> bool:
-    """An sm_90+ GPU, not Triton's interpreter: where the tensor-memory-fed GEMMs compile."""
-    from joule.kernels.common import device_capability, interpreting
-
-    return not interpreting() and device_capability(device) >= (9, 0)
 
 
 def residual_in_gemm() -> bool:

@@ -27,7 +27,6 @@ from joule.runtime.attention.base import (
 from joule.runtime.cuda_graphs import DecodeGraphRunner, graphs_disabled_reason
 from joule.runtime.device import upload
 from joule.runtime.gate_up_tuning import tune_decode_gate_up
-from joule.runtime.linear_tuning import tune_decode_linears
 from joule.runtime.kernel_warmup import (compile_fused_gate_up, compile_last_layer_rows, compile_logits_rows,
                                          warmup_plans)
 from joule.runtime.prefill_graphs import PrefillChunkGraphRunner, can_run_mixed_step, run_mixed_step
@@ -107,8 +106,7 @@ class ModelExecutor:
             logger.info("CUDA graphs off: %s", reason)
             return False
         runner = DecodeGraphRunner(self.model, self.kv_cache, self.backend, self.device, max_num_seqs, max_model_len)
-        tune_decode_gate_up(self.model, runner.batch_sizes)  # before the capture: the graphs record the choices
-        tune_decode_linears(self.model, runner.batch_sizes)
+        tune_decode_gate_up(self.model, runner.batch_sizes)  # before the capture: the graphs record the choice
         runner.capture()
         self.graph_runner, self.use_cuda_graphs = runner, True
         if max_num_batched_tokens is not None and max_num_batched_tokens >= 2:

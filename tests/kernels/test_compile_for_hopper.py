@@ -136,22 +136,6 @@ FUSED_GATE_UP = textwrap.dedent("""
         # warp specialized: a producer and two consumer warpgroups, their registers rebalanced
         assert compiled.metadata.num_warps == 12 and "setmaxnreg" in ptx and "wgmma.mma_async" in ptx, kernel
         print("warp-specialized", columns, "ok", flush=True)
-    from joule.kernels.split_k_linear import _split_k_linear_kernel
-    for block_m, block_n, splits, warps, stages in ((128, 128, 1, 8, 3), (128, 128, 4, 8, 3), (64, 128, 2, 4, 4)):
-        signature = {"x_descriptor": f"tensordesc<bf16[{block_m},64]>",
-                     "weight_descriptor": f"tensordesc<bf16[{block_n},64]>", "output_ptr": "*bf16",
-                     "partial_ptr": "*fp32", "arrivals_ptr": "*i32", "rows": "i32",
-                     "out_features": "i32", "stride_output": "i32", "split_length": "i32"}
-        constants = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 64, "SPLITS": splits, "PRECISION": "tf32",
-                     "UPCAST": False}
-        source = ASTSource(_split_k_linear_kernel, {**signature, **{name: "constexpr" for name in constants}},
-                           constexprs=constants)
-        options = {"num_warps": warps, "num_stages": stages}
-        ptx = compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
-        assert "cp.async.bulk.tensor" in ptx and "wgmma.mma_async" in ptx
-        # split tiles: the arrival counted with acquire-release ordering, after every thread's partial is written
-        assert splits == 1 or "atom.global.gpu.acq_rel.add" in ptx
-        print("split-K", block_m, block_n, splits, "ok", flush=True)
 """)
 
 
@@ -160,4 +144,4 @@ def test_the_tma_gemm_kernels_compile_for_hopper_with_tma_and_wgmma():
     completed = subprocess.run([sys.executable, "-c", FUSED_GATE_UP], env=environment, capture_output=True, text=True,
                                timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert completed.stdout.count(" ok") == 10
+    assert completed.stdout.count(" ok") == 7
