@@ -70,9 +70,13 @@
 #          the GPU (chunk graphs, warm-up, the mixed batch against transformers), then workloads 3 and 2 from the tree
 #          before it (unpacked into ab_old/ first: `git archive d861bfb~ joule benchmarks/configs | tar -x -C ab_old`)
 #          and this one, alternated (bs1_ab.py JOULE_TREE=ab_old,., two rounds / one round) (~7 minutes, not in "all").
+#   gap:   (2026-12-07 (t)) workload 3 three ways on one host, to find why it ran 14 % slower inside engine_bench.py's
+#          process than from the CLI on a slow host: `joule bench throughput` alone in a fresh process (3 runs), then
+#          engine_bench.py --workload-three-only (the bench's engine and order with nothing run before workload 3;
+#          its peers after), then the whole engine bench (~8 minutes, not in "all").
 # Usage (repository root, joule importable): OUT=/some/dir bash benchmarks/gpu/pending_checks.sh PART... (fused, fair,
 # w3, perf, next, bench, pdl, splits, trigger, chain, blas, feed, fusedmlp, decoderows, overlap, host, prefill, b1host,
-# queued, sampling, cold, wsfold, stacked, lastrows; "all" is fused fair w3, more than one call's 10 minutes)
+# queued, sampling, cold, wsfold, stacked, lastrows, gap; "all" is fused fair w3, more than one call's 10 minutes)
 # Every step has its own timeout, so one that hangs leaves the others their time; big JSON is gzipped.
 # DRY=1 prints the commands instead of running them.
 set -u
@@ -80,7 +84,7 @@ RUN=""
 [[ ${DRY:-0} == 1 ]] && RUN="echo"
 OUT=${OUT:?set OUT to a directory for the results}
 WHAT=" ${*:-all} "
-NOT_IN_ALL=" perf next bench pdl splits trigger chain blas feed fusedmlp decoderows overlap host prefill b1host queued sampling cold wsfold stacked lastrows "
+NOT_IN_ALL=" perf next bench pdl splits trigger chain blas feed fusedmlp decoderows overlap host prefill b1host queued sampling cold wsfold stacked lastrows gap "
 wants() { [[ $WHAT == *" all "* && $NOT_IN_ALL != *" $1 "* ]] || [[ $WHAT == *" $1 "* ]]; }
 MODEL=benchmarks/configs/llama-3.2-1b
 mkdir -p "$OUT"
@@ -262,6 +266,18 @@ if wants cold; then
     --max-model-len 4096 --num-prompts 256 --input-len 512 --output-len 128 --workload-seed 2 \
     --compare hf-batch hf --hf-batch-size 64 --output-json "$OUT/w3_cli.json" > "$OUT/w3_cli.log" 2>&1
   echo "w3 from the CLI: exit $?"; grep -v "it/s\]\|^INFO\|^WARN" "$OUT/w3_cli.log" | tail -8
+fi
+
+if wants gap; then
+  $RUN timeout 120 python -m joule.cli bench throughput --model "$MODEL" --load-format dummy --dtype bfloat16 \
+    --max-model-len 4096 --num-prompts 256 --input-len 512 --output-len 128 --workload-seed 2 --repeat 3 \
+    --output-json "$OUT/w3_alone.json" > "$OUT/w3_alone.log" 2>&1
+  echo "w3 alone: exit $?"; grep -v "it/s\]\|^INFO\|^WARN" "$OUT/w3_alone.log" | tail -4
+  $RUN timeout 170 python benchmarks/gpu/engine_bench.py "$OUT/engine_bench_w3only.json" --workload-three-only \
+    > "$OUT/engine_bench_w3only.log" 2>&1
+  echo "engine bench, workload 3 only: exit $?"; tail -6 "$OUT/engine_bench_w3only.log"
+  $RUN timeout 240 python benchmarks/gpu/engine_bench.py "$OUT/engine_bench.json" > "$OUT/engine_bench.log" 2>&1
+  echo "engine bench: exit $?"; tail -22 "$OUT/engine_bench.log"
 fi
 
 if wants bench; then

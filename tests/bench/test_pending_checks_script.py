@@ -166,3 +166,12 @@ def test_lastrows_tests_then_alternates_the_tree_before_and_this_one(tmp_path):
     assert "tests/runtime/test_cuda_graphs.py" in tests and "tests/model/test_architectures.py" in tests
     assert f"bs1_ab.py {tmp_path}/w3_lastrows 2 --w3 JOULE_TREE=ab_old,." in (tmp_path / "w3_lastrows.log").read_text()
     assert f"bs1_ab.py {tmp_path}/w2_lastrows 1 --w2 JOULE_TREE=ab_old,." in (tmp_path / "w2_lastrows.log").read_text()
+
+
+def test_gap_runs_workload_three_alone_then_in_the_bench_without_and_with_the_runs_before_it(tmp_path):
+    assert _dry_run(tmp_path, "gap") == ["w3 alone", "engine bench, workload 3 only", "engine bench"]
+    alone = (tmp_path / "w3_alone.log").read_text()
+    assert "bench throughput" in alone and "--workload-seed 2 --repeat 3" in alone and "--compare" not in alone
+    only = (tmp_path / "engine_bench_w3only.log").read_text()
+    assert f"engine_bench.py {tmp_path}/engine_bench_w3only.json --workload-three-only" in only
+    assert f"engine_bench.py {tmp_path}/engine_bench.json" in (tmp_path / "engine_bench.log").read_text()
