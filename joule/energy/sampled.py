@@ -5,13 +5,15 @@ double a CUDA-graph decode step. ``BackgroundSampledMeter`` reads the inner mete
 every ``interval_seconds``; ``read_joules`` returns the last sample extrapolated at the last measured
 power, so steps between samples still see energy in proportion to their time. Readings never go
 backwards; an over-estimate is absorbed when the real counter catches up, so totals stay the
-meter's own to within one interval of power.
+meter's own to within one interval of power. The thread holds the meter only weakly and stops once the meter is
+collected, so an engine that is dropped (a benchmark builds several in one process) leaves no thread reading NVML.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import weakref
 from typing import Callable
 
 from joule.energy.meter import EnergyMeter
@@ -40,7 +42,10 @@ class BackgroundSampledMeter:
         self._stopped = threading.Event()
         self._thread = None
         if start_thread:
-            self._thread = threading.Thread(target=self._run, name="joule-energy-sampler", daemon=True)
+            self._thread = threading.Thread(target=_sample_until_stopped,
+                                            args=(weakref.ref(self), self._stopped, interval_seconds),
+                                            name="joule-energy-sampler", daemon=True)
+            weakref.finalize(self, self._stopped.set)
             self._thread.start()
 
     def sample(self) -> None:
@@ -64,9 +69,15 @@ class BackgroundSampledMeter:
         if self._thread is not None:
             self._thread.join(timeout=1.0)
 
-    def _run(self) -> None:
-        while not self._stopped.wait(self.interval_seconds):
-            try:
-                self.sample()
-            except Exception:  # a failed read keeps the last sample; the next one catches up
-                continue
+
+def _sample_until_stopped(meter_reference: weakref.ref, stopped: threading.Event, interval_seconds: float) -> None:
+    """The sampler thread's loop; it holds the meter only while it samples."""
+    while not stopped.wait(interval_seconds):
+        meter = meter_reference()
+        if meter is None:
+            return
+        try:
+            meter.sample()
+        except Exception:  # a failed read keeps the last sample; the next one catches up
+            pass
+        del meter

@@ -67,3 +67,24 @@ def test_thread_samples_and_stops():
     assert meter.read_joules() >= 5.0
     with pytest.raises(ValueError, match="interval_seconds"):
         BackgroundSampledMeter(inner, interval_seconds=0)
+
+
+def test_the_thread_stops_once_its_meter_is_dropped():
+    """An engine dropped without a close (a benchmark builds several in one process) leaves no thread sampling."""
+    import gc
+    import time
+
+    inner = ScriptedMeter()
+    meter = BackgroundSampledMeter(inner, interval_seconds=0.01)
+    thread = meter._thread
+    deadline = time.time() + 2.0
+    while inner.reads < 3 and time.time() < deadline:  # sampling
+        time.sleep(0.01)
+    assert inner.reads >= 3 and thread.is_alive()
+    del meter
+    gc.collect()
+    thread.join(timeout=2.0)
+    assert not thread.is_alive()
+    reads = inner.reads
+    time.sleep(0.05)
+    assert inner.reads == reads
