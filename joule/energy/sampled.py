@@ -45,7 +45,6 @@ class BackgroundSampledMeter:
             self._thread = threading.Thread(target=_sample_until_stopped,
                                             args=(weakref.ref(self), self._stopped, interval_seconds),
                                             name="joule-energy-sampler", daemon=True)
-            weakref.finalize(self, self._stopped.set)
             self._thread.start()
 
     def sample(self) -> None:

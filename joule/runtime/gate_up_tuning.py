@@ -90,8 +90,7 @@ def tune_decode_gate_up(model: torch.nn.Module, batch_sizes: list[int], timer: T
                 projection, measured = mlp.gate_up_proj, True
                 unfused = timer(lambda: swiglu(projection(hidden)))
                 reference = swiglu(projection(hidden))
-                timed = [(time_if_matching(timer, lambda tile=tile: gate_up_silu(hidden, weight, tile), reference,
-                                           f"fused gate/up tile {tile_setting(tile)}", "cuBLAS + silu_and_mul"),
+                timed = [(_time_or_inf(timer, lambda tile=tile: gate_up_silu(hidden, weight, tile), tile, reference),
                           tile) for tile in DECODE_TILES]
                 fastest, tile = min(timed, key=lambda pair: pair[0])
                 if fastest < (1.0 - MIN_GAIN) * unfused:
@@ -106,17 +105,17 @@ def tune_decode_gate_up(model: torch.nn.Module, batch_sizes: list[int], timer: T
     return sum(len(chosen) for chosen in chosen_by_shape.values())
 
 
-def time_if_matching(timer: Timer, run: Callable[[], torch.Tensor], reference: torch.Tensor, tile: str,
-                     path: str) -> float:
-    """``timer(run)``, or infinity for a ``tile`` the compiler or this GPU refuses or whose output differs from
-    ``reference`` (the cuBLAS ``path``'s): it is never chosen, and the engine starts with cuBLAS there."""
+def _time_or_inf(timer: Timer, run: Callable[[], torch.Tensor], tile: GateUpTile, reference: torch.Tensor) -> float:
+    """A tile the compiler or this GPU refuses, or whose output differs from ``reference``, is never chosen; the engine
+    starts with cuBLAS there."""
     try:
         if not output_matches(run(), reference):
-            logger.warning("%s gave values unlike %s at %d rows: not used", tile, path, reference.shape[0])
+            logger.warning("fused gate/up tile %s gave values unlike cuBLAS + silu_and_mul at %d rows: not used",
+                           tile_setting(tile), reference.shape[0])
             return float("inf")
         return timer(run)
     except Exception as failure:  # noqa: BLE001 - any compile or launch failure: skip the tile, keep starting
-        logger.warning("%s not timed: %r", tile, failure)
+        logger.warning("fused gate/up tile %s not timed: %r", tile_setting(tile), failure)
         return float("inf")
 
 
