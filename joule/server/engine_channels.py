@@ -8,6 +8,7 @@ then no longer share one interpreter lock, so neither waits on the other's Pytho
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import queue
 import signal
@@ -207,3 +208,6 @@ def _engine_process_main(config, commands, reports, idle_poll_seconds: float, st
     finally:
         gc_pauses.uninstall()
         reports.close()
+        # A heap left frozen is never freed at exit: Triton's objects outlived its bindings, and nanobind printed
+        # "leaked instances" into every server's log at shutdown.
+        gc.unfreeze()
