@@ -122,10 +122,14 @@ FUSED_GATE_UP = textwrap.dedent("""
     ptx = compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 3}).asm["ptx"]
     assert "cp.async.bulk.tensor.3d" in ptx and "wgmma.mma_async.sync.aligned.m64n256k16" in ptx
     print("stacked gate/up ok", flush=True)
-    from joule.kernels.gate_up_silu import _gate_up_silu_specialized_kernel, _linear_specialized_kernel
+    from joule.kernels.gate_up_silu import _gate_up_silu_specialized_kernel, _linear_specialized_kernel, _triton_version
     pointers = {"x_ptr": "*bf16", "weight_ptr": "*bf16", "output_ptr": "*bf16", "rows": "i32"}
     for kernel, columns in ((_gate_up_silu_specialized_kernel, "intermediate"), (_linear_specialized_kernel,
                                                                                 "out_features")):
+        if columns == "intermediate" and _triton_version() < (3, 7):
+            # Triton 3.6's warp-specialization pass fails on the gated kernel; the engine refuses it there too
+            print("warp-specialized", columns, "refused below Triton 3.7", flush=True)
+            continue
         signature = {**pointers, columns: "i32", "hidden": "i32", "stride_x": "i32", "stride_weight": "i32",
                      "num_programs": "i32"}
         constants = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "ELEMENT": tl.bfloat16,
@@ -144,4 +148,6 @@ def test_the_tma_gemm_kernels_compile_for_hopper_with_tma_and_wgmma():
     completed = subprocess.run([sys.executable, "-c", FUSED_GATE_UP], env=environment, capture_output=True, text=True,
                                timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert completed.stdout.count(" ok") == 7
+    from joule.kernels.gate_up_silu import _triton_version
+
+    assert completed.stdout.count(" ok") == (7 if _triton_version() >= (3, 7) else 6), completed.stdout
