@@ -135,37 +135,9 @@ def _run_generate(args) -> int:
 
 
 def _run_chat(args) -> int:
-    from joule.sampling_params import RequestOutputKind
+    from joule.chat_cli import run_chat
 
-    llm = _make_llm(args)
-    engine = llm.llm_engine
-    tokenizer = engine._require_tokenizer()
-    params = _sampling_params(args).clone(output_kind=RequestOutputKind.DELTA)
-    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
-    print("Chat with the model. Empty line or Ctrl-D quits.", flush=True)
-    turn = 0
-    while True:
-        try:
-            user_text = input("\nyou> ")
-        except EOFError:
-            break
-        if not user_text.strip():
-            break
-        history.append({"role": "user", "content": user_text})
-        prompt = tokenizer.apply_chat_template(history, add_generation_prompt=True)
-        request_id = f"chat-{turn}"
-        turn += 1
-        engine.add_request(request_id, {"prompt_token_ids": tokenizer.encode(prompt, add_special_tokens=False)}, params)
-        print("assistant> ", end="", flush=True)
-        reply = []
-        while engine.has_unfinished_requests():
-            for output in engine.step():
-                for completion in output.outputs:
-                    reply.append(completion.text)
-                    print(completion.text, end="", flush=True)
-        print()
-        history.append({"role": "assistant", "content": "".join(reply)})
-    return 0
+    return run_chat(_make_llm(args), _sampling_params(args), system=args.system)
 
 
 def _run_info(args) -> int:
