@@ -258,6 +258,14 @@ class LLMEngine:
             self._sample_owner.pop(sample.request.request_id, None)
             self.energy_ledger.release(sample.request.request_id)  # its joules stay in the attributed total
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prompt block (vLLM's call: benchmarks run cold, changed weights stay unshared).
+        False, and nothing forgotten, while requests are unfinished: their blocks could be cached again."""
+        if self.has_unfinished_requests():
+            return False
+        self.block_manager.reset_prefix_cache()
+        return True
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._states) or self.core.has_step_in_flight
 
