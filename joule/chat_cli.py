@@ -100,6 +100,8 @@ def _stream_reply(engine, request_id: str, write: Callable[[str], None], stop: S
             if stop():
                 engine.abort_request(request_id)
                 write(" [stopped]")
+                while engine.has_unfinished_requests():  # a step queued ahead (decode lookahead) still lands
+                    engine.step()
                 break
             for output in engine.step():
                 for completion in output.outputs:

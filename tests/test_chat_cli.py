@@ -62,8 +62,16 @@ def test_clear_starts_the_conversation_over_and_exit_leaves(llm):
     assert "never read" not in transcript
 
 
-def test_ctrl_c_stops_the_reply_frees_its_blocks_and_the_chat_goes_on(llm):
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_ctrl_c_stops_the_reply_frees_its_blocks_and_the_chat_goes_on(llm, lookahead):
+    """With decode lookahead (CUDA's default) a step queued ahead is still in flight when Ctrl-C comes."""
+    if lookahead:
+        llm = LLM(dtype="float32", kv_cache_memory_bytes=64 << 20, max_model_len=256, decode_lookahead=True)
     engine = llm.llm_engine
+    alone = chat(llm, ["Tell me a long story about a dragon."], stop=StopFlag(), stop_after_chunks=2)
+    assert replies(alone)[0].endswith(" [stopped]")
+    assert not engine.has_unfinished_requests()  # nothing left in flight once the chat is back at its prompt
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     transcript = chat(llm, ["Tell me a long story about a dragon.", "Thanks!"], stop=StopFlag(), stop_after_chunks=2)
     stopped, after = replies(transcript)
     assert stopped.endswith(" [stopped]") and not after.endswith("[stopped]") and after
