@@ -150,16 +150,26 @@ API_GC_THRESHOLDS = (1_000_000, 20, 100)
 
 
 @contextlib.contextmanager
-def api_process_collector():
-    """Freeze the start-up heap and raise the collector's thresholds for the life of the server."""
-    previous = gc.get_threshold()
+def startup_heap_frozen():
+    """``freeze_startup_heap`` for the block, unfrozen after it: a heap left frozen is never freed at exit (the engine
+    process's kept Triton's objects past its bindings, and nanobind printed "leaked instances" into every log)."""
     freeze_startup_heap()
-    gc.set_threshold(*API_GC_THRESHOLDS)
     try:
         yield
     finally:
-        gc.set_threshold(*previous)
-        gc.unfreeze()  # so interpreter shutdown frees the engine as usual
+        gc.unfreeze()
+
+
+@contextlib.contextmanager
+def api_process_collector():
+    """Freeze the start-up heap and raise the collector's thresholds for the life of the server."""
+    previous = gc.get_threshold()
+    with startup_heap_frozen():
+        gc.set_threshold(*API_GC_THRESHOLDS)
+        try:
+            yield
+        finally:
+            gc.set_threshold(*previous)
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -8,7 +8,6 @@ then no longer share one interpreter lock, so neither waits on the other's Pytho
 
 from __future__ import annotations
 
-import gc
 import multiprocessing
 import queue
 import signal
@@ -174,7 +173,7 @@ def _engine_process_main(config, commands, reports, idle_poll_seconds: float, st
     """The child: load the engine, say what the API side needs, run the loop until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us in order
     from joule.llm_engine import LLMEngine
-    from joule.server.cli import freeze_startup_heap
+    from joule.server.cli import startup_heap_frozen
 
     try:
         engine = LLMEngine(config)
@@ -185,7 +184,12 @@ def _engine_process_main(config, commands, reports, idle_poll_seconds: float, st
         logger.exception("the engine process could not load the model")
         reports.send(EngineProcessError(f"loading the model failed: {type(error).__name__}: {error}"))
         return
-    freeze_startup_heap()
+    with startup_heap_frozen():  # until the loop ends (joule/server/cli.py)
+        _serve_commands(engine, commands, reports, idle_poll_seconds, step_log)
+
+
+def _serve_commands(engine, commands, reports, idle_poll_seconds: float, step_log: str | None) -> None:
+    """Say what the API side needs, then run the engine loop on the pipes until told to stop."""
     model_path = str(engine.model_path) if engine.model_path is not None else ""
     reports.send(EngineInfo(engine.tokenizer, engine.max_model_len, engine.model_config.vocab_size, model_path))
     parent = multiprocessing.parent_process()
@@ -208,6 +212,3 @@ def _engine_process_main(config, commands, reports, idle_poll_seconds: float, st
     finally:
         gc_pauses.uninstall()
         reports.close()
-        # A heap left frozen is never freed at exit: Triton's objects outlived its bindings, and nanobind printed
-        # "leaked instances" into every server's log at shutdown.
-        gc.unfreeze()
