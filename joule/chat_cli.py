@@ -19,20 +19,10 @@ HELP = ("Chat with the model. /clear starts over, /exit (or an empty line, Ctrl-
         "Ctrl-C stops a reply.")
 
 
-class StopFlag:
+class StopFlag(threading.Event):
     """Set by Ctrl-C while a reply streams, read between engine steps, so a step is never cut in half."""
 
-    def __init__(self) -> None:
-        self._event = threading.Event()
-
-    def set(self) -> None:
-        self._event.set()
-
-    def clear(self) -> None:
-        self._event.clear()
-
-    def __call__(self) -> bool:
-        return self._event.is_set()
+    __call__ = threading.Event.is_set
 
     @contextlib.contextmanager
     def on_interrupt(self) -> Iterator[None]:
